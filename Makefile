@@ -1,0 +1,26 @@
+# The single entry point: `make install`, `make test`, `make bench`, `make lint`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test bench lint clean
+
+install:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@echo "installed: activate with 'source $(VENV)/bin/activate' (or run $(BIN)/fedml)"
+
+test:
+	$(BIN)/pytest -q
+
+bench:
+	$(BIN)/python bench/cli_startup.py
+	$(BIN)/python bench/launch_latency.py
+	$(BIN)/python bench/log_throughput.py
+
+lint:
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

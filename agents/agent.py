@@ -1,0 +1,328 @@
+"""The node agent: register, long-poll for assignments, run them, ship logs, report, obey stop.
+
+    python -m agents.agent --server URL --token-file F --home DIR      (or --state-file for the embedded one)
+
+State lives in HOME: node.json (our node id), runs/<run_id>/ (one per run, see runtime.process), and a lock
+file so that only one agent serves a HOME. Jobs run in their own sessions and write to files, so they keep
+running if the agent dies; a restarted agent re-attaches to them and ships what was not shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.base import ExitStatus, Handle, LaunchSpec, Runtime
+from runtime.env import run_env
+from runtime.process import ProcessRuntime
+from runtime.workspace import UnsafeArchive, unpack
+from scheduler.jobspec import JobSpec
+from scheduler.models import Assignment, NodeInfo, RunStatus
+
+from .client import AgentClient, Refused, Unreachable, server_from_state_file
+from .inventory import collect
+from .shipper import Shipper
+
+log = logging.getLogger("fedml.agent")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class RunWorker(threading.Thread):
+    """One rank of one run on this node, from download to the final report."""
+
+    def __init__(self, agent: Agent, run_id: str, assignment: Assignment | None = None,
+                 saved: dict[str, Any] | None = None) -> None:
+        super().__init__(name=f"run-{run_id}", daemon=True)
+        self.agent, self.run_id, self.assignment, self.saved = agent, run_id, assignment, saved or {}
+        self.dir = agent.home / "runs" / run_id
+        self.stop_event = threading.Event()
+        self.stop_reason = "stopped by user"
+        self.handle: Handle | None = None
+        self.done = False
+
+    def request_stop(self, reason: str = "stopped by user") -> None:
+        if not self.stop_event.is_set():
+            self.stop_reason = reason
+            self.stop_event.set()
+            self._save(stop_requested=True)
+
+    def _save(self, **fields: Any) -> None:
+        self.saved.update(fields)
+        if self.dir.exists():
+            _write_json(self.dir / "agent.json", self.saved)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # never leave a run hanging because of an agent bug
+            log.exception("run %s: agent error", self.run_id)
+            self._report_final(RunStatus.FAILED, None, f"agent error: {exc}")
+        finally:
+            self.done = True
+
+    def _run(self) -> None:
+        client = self.agent.client
+        if self.saved.get("handle"):  # re-attaching after an agent restart
+            self.handle = self.agent.runtime.reattach(self.saved["handle"], self.dir)
+            if self.saved.get("stop_requested"):
+                self.stop_event.set()
+            if self.handle is None:
+                self._report_final(RunStatus.FAILED, None, "lost: the agent restarted and the job is gone")
+                return
+        else:
+            assert self.assignment is not None
+            run = self.assignment.run
+            spec = JobSpec.model_validate(run.job)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.saved = {"run_id": run.id, "rank": self.assignment.rank, "max_duration": spec.max_duration,
+                          "started": time.time()}
+            self._save()
+            workspace = self.dir / "workspace"
+            try:
+                if run.workspace_sha:
+                    unpack(self.agent.blob(run.workspace_sha), workspace)
+                else:
+                    workspace.mkdir(parents=True, exist_ok=True)
+            except (UnsafeArchive, Refused, OSError) as exc:
+                self._report_final(RunStatus.FAILED, None, f"workspace: {exc}")
+                return
+            env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=self.assignment.rank,
+                          num_nodes=self.assignment.num_nodes, gpus=run.gpus, overrides=run.env)
+            launch = LaunchSpec(run_id=run.id, run_dir=self.dir, workspace=workspace,
+                                bootstrap=spec.bootstrap_commands(), job=spec.commands(), env=env,
+                                rank=self.assignment.rank)
+            if self.stop_event.is_set():
+                self._report_final(RunStatus.KILLED, None, self.stop_reason)
+                return
+            try:
+                self.handle = self.agent.runtime.start(launch)
+            except OSError as exc:
+                self._report_final(RunStatus.FAILED, None, f"could not start: {exc}")
+                return
+            self._save(handle=self.handle.state())
+            self._retry(lambda: client.report(self.run_id, self.agent.node_id, RunStatus.RUNNING))
+        self._follow()
+
+    def _follow(self) -> None:
+        assert self.handle is not None
+        h = self.handle
+        ck = self.saved.get("shipper", {})
+        shipper = Shipper(self.agent.client, self.run_id, int(self.saved.get("rank", 0)), h.log_files(),
+                          offsets=ck.get("offsets"), next_seq=int(ck.get("next_seq", 0)))
+        stopper: threading.Thread | None = None
+        deadline = None
+        if self.saved.get("max_duration"):
+            deadline = float(self.saved["started"]) + float(self.saved["max_duration"])
+        status: ExitStatus | None = None
+        while status is None:
+            if deadline and time.time() > deadline and not self.stop_event.is_set():
+                self.request_stop(f"exceeded max_duration ({self.saved['max_duration']:.0f} s)")
+            if self.stop_event.is_set() and stopper is None:
+                stopper = threading.Thread(target=h.stop, args=(self.agent.stop_grace,), daemon=True)
+                stopper.start()
+            status = h.poll()
+            try:
+                n = shipper.pump()
+                if n:
+                    self._save(shipper=shipper.checkpoint())
+            except Unreachable:
+                n = 0
+                time.sleep(0.5)
+            if status is None and not n:
+                time.sleep(0.02)
+        if stopper is not None:
+            stopper.join()
+        shipper.drain()
+        self._save(shipper=shipper.checkpoint())
+        shipper.close()
+        if self.stop_event.is_set():
+            self._report_final(RunStatus.KILLED, status.code, self.stop_reason)
+        elif status.code == 0:
+            self._report_final(RunStatus.FINISHED, 0, None)
+        elif status.phase == "bootstrap":
+            self._report_final(RunStatus.FAILED, status.code, f"bootstrap failed with exit code {status.code}")
+        elif status.signal:
+            self._report_final(RunStatus.FAILED, status.code, f"killed by signal {status.signal}")
+        else:
+            self._report_final(RunStatus.FAILED, status.code, f"job exited with code {status.code}")
+
+    def _report_final(self, status: RunStatus, code: int | None, reason: str | None) -> None:
+        self._save(final={"status": status.value, "exit_code": code, "reason": reason})
+
+        def send() -> None:
+            try:
+                self.agent.client.report(self.run_id, self.agent.node_id, status, code, reason)
+            except Refused as exc:
+                if exc.status not in (404, 409):  # 404/409: the scheduler has settled this run already
+                    raise
+        self._retry(send)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _retry(self, fn: Any) -> None:
+        delay = 0.2
+        while True:
+            try:
+                fn()
+                return
+            except Unreachable:
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Refused as exc:
+                log.warning("run %s: scheduler refused a report: %s", self.run_id, exc)
+                return
+
+
+class Agent:
+    def __init__(self, client: AgentClient, home: Path, info: NodeInfo, runtime: Runtime | None = None,
+                 stop_grace: float = 10.0) -> None:
+        self.client, self.home, self.info = client, home, info
+        self.runtime = runtime or ProcessRuntime()
+        self.stop_grace = stop_grace
+        self.node_id = ""
+        self.workers: dict[str, RunWorker] = {}
+        self.stopping = threading.Event()
+        (home / "runs").mkdir(parents=True, exist_ok=True)
+        (home / "blobs").mkdir(parents=True, exist_ok=True)
+
+    def blob(self, sha: str) -> Path:
+        path = self.home / "blobs" / sha
+        if not path.exists():
+            self.client.download(sha, path)
+        return path
+
+    def register(self) -> None:
+        saved = self.home / "node.json"
+        node_id = None
+        if saved.exists():
+            node_id = json.loads(saved.read_text()).get("id")
+        delay = 0.1
+        while not self.stopping.is_set():
+            try:
+                node = self.client.register(self.info, node_id)
+                break
+            except Unreachable as exc:
+                log.info("scheduler not reachable (%s); retrying", exc)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+        else:
+            return
+        self.node_id = node.id
+        _write_json(saved, {"id": node.id, "name": node.name})
+        log.info("registered as %s (%s)", node.name, node.id)
+
+    def reattach(self) -> None:
+        for d in sorted((self.home / "runs").iterdir()):
+            f = d / "agent.json"
+            if not f.exists():
+                shutil.rmtree(d, ignore_errors=True)  # died before anything started
+                continue
+            saved = json.loads(f.read_text())
+            w = RunWorker(self, d.name, saved=saved)
+            if saved.get("final"):  # finished; only the report was not acknowledged
+                fin = saved["final"]
+                w.dir = d
+                threading.Thread(target=w._report_final, daemon=True, args=(
+                    RunStatus(fin["status"]), fin["exit_code"], fin["reason"])).start()
+                continue
+            if not saved.get("handle"):
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            log.info("re-attaching to run %s", d.name)
+            self.workers[d.name] = w
+            w.start()
+
+    def serve(self) -> None:
+        self.register()
+        self.reattach()
+        delay = 0.2
+        while not self.stopping.is_set():
+            for rid in [r for r, w in self.workers.items() if w.done]:
+                del self.workers[rid]
+            try:
+                resp = self.client.poll(self.node_id, list(self.workers), wait=15.0)
+                delay = 0.2
+            except Unreachable:
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except Refused as exc:
+                if exc.status == 404:  # the scheduler forgot us (new database): register again
+                    self.register()
+                    continue
+                log.warning("poll refused: %s", exc)
+                self.stopping.wait(2.0)
+                continue
+            for a in resp.start:
+                if a.run.id not in self.workers:
+                    w = RunWorker(self, a.run.id, assignment=a)
+                    self.workers[a.run.id] = w
+                    w.start()
+            for rid in resp.stop:
+                if rid in self.workers:
+                    self.workers[rid].request_stop()
+
+
+class _SingleInstance:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another agent already serves {path.parent}") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(str(os.getpid()))
+        self.f.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedml-agent", description="fedml launch node agent")
+    p.add_argument("--server", help="scheduler URL")
+    p.add_argument("--state-file", type=Path, help="read the scheduler URL from this file (embedded mode)")
+    p.add_argument("--token-file", type=Path)
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--name")
+    p.add_argument("--gpus", help="declare GPUs where NVML is absent, e.g. A100-80G:4")
+    p.add_argument("--stop-grace", type=float, default=float(os.environ.get("FEDML_STOP_GRACE", "10")))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
+    lock = _SingleInstance(args.home / "agent.pid")
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("FEDML_API_KEY")
+    server: Any = server_from_state_file(args.state_file) if args.state_file else args.server
+    if not server:
+        p.error("give --server or --state-file")
+    agent = Agent(AgentClient(server, token), args.home, collect(args.name, args.gpus),
+                  stop_grace=args.stop_grace)
+
+    def on_term(*_: Any) -> None:
+        # Jobs keep running: they write to files and the next agent re-attaches to them.
+        log.info("agent stopping; %d run(s) keep running", len(agent.workers))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        agent.serve()
+    finally:
+        del lock
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

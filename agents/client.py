@@ -1,0 +1,119 @@
+"""The agent's HTTP client for the scheduler API. Connection failures become `Unreachable`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from scheduler.models import LogBatch, Node, NodeInfo, PollResponse, RunStatus, StatusReport
+
+API = "/api/v1"
+
+
+class Unreachable(Exception):
+    pass
+
+
+class Refused(Exception):
+    def __init__(self, status: int, detail: str, body: dict[str, Any] | None = None) -> None:
+        self.status, self.detail, self.body = status, detail, body or {}
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+def server_from_state_file(path: Path) -> Callable[[], str]:
+    """The embedded scheduler may come back on another port; read its address afresh each time."""
+
+    def resolve() -> str:
+        try:
+            return str(json.loads(path.read_text())["url"])
+        except (OSError, ValueError, KeyError):
+            raise Unreachable(f"no scheduler address in {path}") from None
+
+    return resolve
+
+
+class AgentClient:
+    def __init__(self, server: str | Callable[[], str], token: str | None, timeout: float = 30.0) -> None:
+        self._resolve = server if callable(server) else (lambda: server)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._http: httpx.Client | None = None
+        self._base: str | None = None
+
+    def _client(self) -> httpx.Client:
+        base = self._resolve().rstrip("/")
+        if self._http is None or base != self._base:
+            if self._http is not None:
+                self._http.close()
+            self._http = httpx.Client(base_url=base, headers=self._headers, timeout=self._timeout)
+            self._base = base
+        return self._http
+
+    def _call(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
+        try:
+            client = self._client()
+            r = client.request(method, API + path, timeout=timeout or self._timeout, **kw)
+        except httpx.TransportError as exc:
+            self._base = None  # re-resolve next time: the scheduler may have moved
+            raise Unreachable(str(exc) or type(exc).__name__) from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                detail = body.get("detail", r.text) if isinstance(body, dict) else r.text
+            except ValueError:
+                body, detail = None, r.text
+            raise Refused(r.status_code, str(detail), body if isinstance(body, dict) else None)
+        return r
+
+    def register(self, info: NodeInfo, node_id: str | None) -> Node:
+        params = {"node_id": node_id} if node_id else {}
+        return Node.model_validate(self._call("POST", "/nodes/register", json=info.model_dump(),
+                                              params=params).json())
+
+    def poll(self, node_id: str, running: list[str], wait: float) -> PollResponse:
+        r = self._call("POST", f"/nodes/{node_id}/poll", json={"running": running, "wait": wait},
+                       timeout=wait + 30)
+        return PollResponse.model_validate(r.json())
+
+    def report(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None = None,
+               reason: str | None = None) -> None:
+        body = StatusReport(status=status, exit_code=exit_code, reason=reason)
+        self._call("POST", f"/runs/{run_id}/status", params={"node_id": node_id},
+                   content=body.model_dump_json(), headers={"content-type": "application/json"})
+
+    def send_logs(self, run_id: str, batch: LogBatch) -> int:
+        """Returns the scheduler's next expected seq."""
+        try:
+            r = self._call("POST", f"/runs/{run_id}/logs", content=batch.model_dump_json(),
+                           headers={"content-type": "application/json"})
+        except Refused as exc:
+            if exc.status == 409 and "next_seq" in exc.body:
+                return int(exc.body["next_seq"])
+            raise
+        return int(r.json()["next_seq"])
+
+    def next_seq(self, run_id: str, rank: int) -> int:
+        return int(self._call("GET", f"/runs/{run_id}/logs/next_seq", params={"rank": rank}).json()["next_seq"])
+
+    def download(self, sha: str, dest: Path) -> None:
+        tmp = dest.with_suffix(".part")
+        try:
+            client = self._client()
+            with client.stream("GET", f"{API}/blobs/{sha}") as r:
+                if r.status_code != 200:
+                    raise Refused(r.status_code, f"workspace {sha[:12]} not available")
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+        except httpx.TransportError as exc:
+            self._base = None
+            raise Unreachable(str(exc)) from None
+        tmp.replace(dest)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()

@@ -1,0 +1,73 @@
+"""What this machine has: GPUs from NVML (nvidia-ml-py) when present, CPU and memory from psutil."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import psutil
+
+from scheduler.models import GpuInfo, NodeInfo
+
+
+def nvml_gpus() -> tuple[list[GpuInfo], str | None]:
+    """GPUs seen by NVML, or ([], why not)."""
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # pynvml.NVMLError and friends: no driver, no device
+        return [], f"NVML not available ({exc})"
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:
+                util = int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            except Exception:
+                util = None
+            out.append(GpuInfo(index=i, name=name, memory_mb=int(mem.total // (1024 * 1024)), utilization=util))
+        return out, None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def parse_gpu_decl(decl: str) -> list[GpuInfo]:
+    """`A100-80G:4` or `A100-80G:4:81920` (memory MB), comma-separated: declared GPUs, like Slurm's gres."""
+    out: list[GpuInfo] = []
+    for part in filter(None, (p.strip() for p in decl.split(","))):
+        bits = part.split(":")
+        if len(bits) not in (2, 3) or not bits[0]:
+            raise ValueError(f"--gpus {part!r}: expected TYPE:COUNT or TYPE:COUNT:MEMORY_MB")
+        try:
+            count = int(bits[1])
+            mem = int(bits[2]) if len(bits) == 3 else 0
+        except ValueError:
+            raise ValueError(f"--gpus {part!r}: COUNT and MEMORY_MB must be integers") from None
+        out.extend(GpuInfo(index=len(out) + i, name=bits[0], memory_mb=mem) for i in range(count))
+    return out
+
+
+def collect(name: str | None = None, gpus_decl: str | None = None, labels: dict[str, str] | None = None,
+            price: float | None = None, runtimes: list[str] | None = None) -> NodeInfo:
+    from fedml_cli import __version__
+
+    gpus = parse_gpu_decl(gpus_decl) if gpus_decl else nvml_gpus()[0]
+    return NodeInfo(
+        name=name or socket.gethostname(),
+        gpus=gpus,
+        cpus=os.cpu_count() or 1,
+        memory_mb=int(psutil.virtual_memory().total // (1024 * 1024)),
+        labels=labels or {},
+        price_per_gpu_hour=price,
+        runtimes=runtimes or ["process"],
+        agent_version=__version__,
+    )

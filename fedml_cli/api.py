@@ -1,0 +1,98 @@
+"""The CLI's HTTP client. Finds the scheduler (FEDML_SERVER, else the embedded local one, started on demand)
+and maps HTTP failures to CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from . import local
+from .errors import NOT_FOUND, UNREACHABLE, USAGE, CliError
+
+API = "/api/v1"
+
+
+class Api:
+    def __init__(self, url: str, token: str | None, *, embedded: bool = False) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.embedded = embedded
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, connect=5.0))
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code < 400:
+            return r
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        if isinstance(detail, list):  # FastAPI's request validation errors
+            detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" for d in detail)
+        if r.status_code == 401:
+            raise CliError(f"not authenticated with the scheduler at {self.url}: {detail}", UNREACHABLE)
+        if r.status_code == 404:
+            raise CliError(str(detail), NOT_FOUND)
+        if r.status_code in (400, 409, 413, 422):
+            raise CliError(str(detail), USAGE)
+        raise CliError(f"scheduler error (HTTP {r.status_code}): {detail}")
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            return self._check(self.http.request(method, API + path, **kw))
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the scheduler at {self.url}: {exc or type(exc).__name__}",
+                           UNREACHABLE) from None
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.request("GET", path, **kw).json()
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self.request("POST", path, **kw).json()
+
+    def has_blob(self, sha: str) -> bool:
+        try:
+            r = self.http.head(f"{API}/blobs/{sha}")
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the scheduler at {self.url}: {exc}", UNREACHABLE) from None
+        if r.status_code == 404:
+            return False
+        self._check(r)
+        return True
+
+    def put_blob(self, sha: str, path: str) -> None:
+        with open(path, "rb") as f:
+            self.request("PUT", f"/blobs/{sha}", content=f, headers={"content-type": "application/gzip"},
+                         timeout=httpx.Timeout(600.0, connect=5.0))
+
+    def stream_logs(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
+                    rank: int | None = None) -> Iterator[dict[str, Any]]:
+        params: dict[str, Any] = {"after": after, "follow": follow}
+        if tail is not None:
+            params["tail"] = tail
+        if rank is not None:
+            params["rank"] = rank
+        try:
+            with self.http.stream("GET", f"{API}/runs/{run_id}/logs", params=params,
+                                  timeout=httpx.Timeout(None, connect=5.0)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                for line in r.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
+
+
+def connect(*, start: bool = True) -> Api:
+    """The scheduler to talk to: FEDML_SERVER (+ FEDML_API_KEY), else the local one (started if needed)."""
+    server = os.environ.get("FEDML_SERVER")
+    if server:
+        return Api(server, os.environ.get("FEDML_API_KEY"))
+    url, token = local.ensure_running() if start else local.running()
+    return Api(url, token, embedded=True)

@@ -1,0 +1,481 @@
+"""`fedml`: the command line. Heavy modules (httpx, pydantic, rich tables) are imported inside commands so
+that `fedml --help` and `fedml version` stay fast; FastAPI, uvicorn, docker, kubernetes and torch are never
+imported here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from . import __version__
+from .errors import FAILED, INTERRUPTED, NOT_FOUND, OK, USAGE, CliError
+
+app = typer.Typer(
+    name="fedml",
+    help="fedml launch: run AI jobs on your own machines. `fedml launch job.yaml` runs a FedML job YAML and "
+         "streams its logs; a local scheduler starts on first use.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True)
+scheduler_app = typer.Typer(help="Run or stop the scheduler.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+app.add_typer(scheduler_app, name="scheduler")
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"{msg}\n")
+    sys.stderr.flush()
+
+
+def _fail(exc: CliError) -> typer.Exit:
+    _err(f"error: {exc}")
+    return typer.Exit(exc.code)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return _duration(time.time() - ts) + " ago"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _run_exit_code(run: dict[str, Any]) -> int:
+    if run["status"] == "FINISHED":
+        return OK
+    code = run.get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else FAILED
+
+
+# ---- launch ------------------------------------------------------------------------------------------------
+
+@app.command()
+def launch(
+    job_file: Annotated[str, typer.Argument(metavar="JOB.yaml", help="FedML job YAML.")],
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Submit, print the run id, do not follow.")] = False,
+    as_json: JsonOpt = False,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", metavar="K=V",
+                                                  help="Extra environment variable for the job; repeatable.")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Run name (default: job_name or file name).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved job; submit nothing.")] = False,
+    stop_on_interrupt: Annotated[bool, typer.Option("--stop-on-interrupt",
+                                                    help="Ctrl-C stops the run too (default: it keeps running).")] = False,
+) -> None:
+    """Validate JOB.yaml, upload its workspace, start a run and follow its logs.
+
+    Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on.
+    """
+    from scheduler.jobspec import JobSpecError, load_file
+
+    try:
+        loaded = load_file(job_file)
+    except JobSpecError as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(USAGE) from None
+    overrides: dict[str, str] = {}
+    for item in env or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            _err(f'error: --env: expected NAME=VALUE, got "{item}"')
+            raise typer.Exit(USAGE)
+        overrides[key] = val
+    spec = loaded.spec
+    job_doc = spec.model_dump(mode="json", exclude_none=True)
+    if dry_run:
+        _show_dry_run(job_file, loaded, job_doc, overrides, name, as_json)
+        return
+    if not spec.commands().strip():
+        _err(f"error: {job_file}: job: this file refers to a job stored on FedML's platform (job_args); "
+             "put the commands to run in `job`")
+        raise typer.Exit(USAGE)
+    try:
+        from .api import connect
+
+        api = connect()
+        sha = None
+        if loaded.workspace_dir is not None:
+            from .pack import pack
+
+            packed = pack(loaded.workspace_dir)
+            try:
+                sha = packed.sha256
+                if not api.has_blob(sha):
+                    api.put_blob(sha, packed.path)
+            finally:
+                os.unlink(packed.path)
+        run = api.post("/runs", json={"job": job_doc, "name": name, "job_file": os.path.basename(job_file),
+                                      "workspace_sha": sha, "env": overrides})
+    except CliError as exc:
+        raise _fail(exc) from None
+    if detach:
+        if as_json:
+            _print_json(run)
+        else:
+            sys.stdout.write(run["id"] + "\n")
+            _err(f"Run {run['id']} submitted ({run['status']}). Follow it with `fedml logs -f {run['id']}`.")
+        return
+    if not as_json:
+        _err(f"Run {run['id']} submitted; following its logs (Ctrl-C stops following, not the run).")
+    raise typer.Exit(_follow(api, run["id"], as_json=as_json, stop_on_interrupt=stop_on_interrupt))
+
+
+def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides: dict[str, str],
+                  name: str | None, as_json: bool) -> None:
+    ws = loaded.workspace_dir
+    resolved = {"file": str(loaded.path), "name": name or loaded.spec.job_name or loaded.path.stem,
+                "workspace_dir": str(ws) if ws else None, "job": job_doc, "env": overrides,
+                "exported_env": loaded.spec.fedml_env_vars()}
+    if as_json:
+        _print_json(resolved)
+        return
+    import yaml
+
+    sys.stdout.write(f"# {job_file}: valid (dry run, nothing submitted)\n")
+    sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False))
+
+
+def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: bool = False,
+            after: int = -1, tail: int | None = None) -> int:
+    """Print the run's log until it ends; reconnect if the scheduler restarts. Returns the exit code."""
+    out, err = sys.stdout, sys.stderr
+    end: dict[str, Any] | None = None
+    delay = 0.2
+    try:
+        while end is None:
+            try:
+                for rec in api.stream_logs(run_id, after=after, tail=tail, follow=True):
+                    if rec.get("end"):
+                        end = rec
+                        break
+                    after = rec["pos"]
+                    if as_json:
+                        out.write(json.dumps(rec) + "\n")
+                    else:
+                        (err if rec.get("stream") == "stderr" else out).write(rec["line"] + "\n")
+                    delay = 0.2
+                tail = None
+            except CliError as exc:
+                if exc.code in (NOT_FOUND, USAGE):
+                    raise
+                out.flush()
+                _err(f"(connection to the scheduler lost: {exc}; retrying)")
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                if api.embedded:
+                    from .api import connect
+
+                    api = connect()
+            out.flush()
+    except KeyboardInterrupt:
+        out.flush()
+        if stop_on_interrupt:
+            try:
+                api.post(f"/runs/{run_id}/stop")
+                _err(f"\nInterrupted: stop requested for run {run_id}.")
+            except CliError as exc:
+                _err(f"\nInterrupted; could not stop run {run_id}: {exc}")
+        else:
+            _err(f"\nStopped following. Run {run_id} keeps running: `fedml logs -f {run_id}` to follow it again, "
+                 f"`fedml run stop {run_id}` to stop it.")
+        return INTERRUPTED
+    except CliError as exc:
+        raise _fail(exc) from None
+    out.flush()
+    run = {"status": end["status"], "exit_code": end.get("exit_code")}
+    code = _run_exit_code(run)
+    if as_json:
+        out.write(json.dumps({"end": True, "run_id": run_id, **{k: end.get(k) for k in
+                                                                ("status", "exit_code", "reason")}}) + "\n")
+    elif end["status"] != "FINISHED":
+        why = f": {end['reason']}" if end.get("reason") else ""
+        _err(f"Run {run_id} {end['status']}{why}")
+    return code
+
+
+# ---- logs --------------------------------------------------------------------------------------------------
+
+@app.command()
+def logs(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", min=0, help="Only the last N lines.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="Only lines of this rank.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a run's log, during or after the run. With -f, exits with the run's exit code when it ends."""
+    from .api import connect
+
+    try:
+        api = connect()
+        if follow:
+            code = _follow(api, run_id, as_json=as_json, tail=tail)
+            raise typer.Exit(0 if code == OK or as_json else code)
+        for rec in api.stream_logs(run_id, tail=tail, rank=rank):
+            if rec.get("end"):
+                break
+            if as_json:
+                sys.stdout.write(json.dumps(rec) + "\n")
+            else:
+                (sys.stderr if rec.get("stream") == "stderr" else sys.stdout).write(rec["line"] + "\n")
+    except CliError as exc:
+        raise _fail(exc) from None
+
+
+# ---- run ---------------------------------------------------------------------------------------------------
+
+def _status_arg(status: list[str] | None) -> list[str]:
+    out = []
+    for s in status or []:
+        for part in s.split(","):
+            up = part.strip().upper()
+            if up not in STATUSES:
+                _err(f'error: --status: unknown status "{part}"; one of {", ".join(STATUSES)}')
+                raise typer.Exit(USAGE)
+            out.append(up)
+    return out
+
+
+@run_app.command("list")
+def run_list(
+    status: Annotated[list[str] | None, typer.Option("--status", "-s", help="Only runs in this state; repeatable.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest first).")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    wanted = _status_arg(status)
+    from .api import connect
+
+    try:
+        runs = connect().get("/runs", params={"status": wanted, "limit": limit})
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(runs)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("RUN", "NAME", "STATUS", "NODE", "CREATED", "DURATION", "EXIT"):
+        table.add_column(col)
+    for r in runs:
+        dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
+        table.add_row(r["id"], r["name"], _styled(r["status"]), r.get("node_id") or "-", _ago(r["created_at"]),
+                      _duration(dur), "-" if r.get("exit_code") is None else str(r["exit_code"]))
+    console = Console()
+    if not runs:
+        console.print("no runs" + (f" with status {', '.join(wanted)}" if wanted else ""))
+    else:
+        console.print(table)
+
+
+def _styled(status: str) -> str:
+    color = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "LOST": "red", "RUNNING": "cyan",
+             "STARTING": "cyan", "QUEUED": "blue"}.get(status, "white")
+    return f"[{color}]{status}[/{color}]"
+
+
+@run_app.command("status")
+def run_status(run_id: Annotated[str, typer.Argument(metavar="RUN_ID")], as_json: JsonOpt = False) -> None:
+    """Show one run: state, why it waits or failed, node, times, exit code."""
+    from .api import connect
+
+    try:
+        r = connect().get(f"/runs/{run_id}")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(r)
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
+    rows = [("run", r["id"]), ("name", r["name"]), ("status", _styled(r["status"])),
+            ("reason", escape(r["reason"]) if r.get("reason") else "-"),
+            ("exit code", "-" if r.get("exit_code") is None else str(r["exit_code"])),
+            ("node", r.get("node_id") or "-"), ("gpus", ",".join(map(str, r.get("gpus") or [])) or "-"),
+            ("job type", r["job"].get("job_type", "train")), ("file", r.get("job_file") or "-"),
+            ("created", _ago(r["created_at"])), ("duration", _duration(dur)), ("log lines", str(r["log_count"])),
+            ("attempt", str(r.get("attempt", 1)))]
+    console = Console()
+    for k, v in rows:
+        console.print(f"[bold]{k:>10}[/bold]  {v}")
+
+
+@run_app.command("stop")
+def run_stop(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the run has ended.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a run: its whole process tree gets SIGTERM, then SIGKILL after a grace period."""
+    from .api import connect
+
+    try:
+        api = connect()
+        r = api.post(f"/runs/{run_id}/stop")
+        deadline = time.monotonic() + timeout
+        while wait and r["status"] not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.1)
+            r = api.get(f"/runs/{run_id}")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(r)
+    elif r["status"] in TERMINAL:
+        _err(f"Run {run_id} {r['status']}" + (f" ({r['reason']})" if r.get("reason") else ""))
+    else:
+        _err(f"Stop requested for run {run_id} (now {r['status']}).")
+    if wait and r["status"] not in TERMINAL:
+        raise typer.Exit(FAILED)
+
+
+# ---- scheduler ---------------------------------------------------------------------------------------------
+
+@scheduler_app.command("start")
+def scheduler_start(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for a team).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8787,
+    agent: Annotated[bool, typer.Option("--agent/--no-agent", help="Also run a local agent on this machine.")] = True,
+    max_workspace_mb: Annotated[int, typer.Option(help="Largest workspace upload accepted.")] = 512,
+) -> None:
+    """Run a scheduler in the foreground (Ctrl-C stops it). State lives in the user data dir (FEDML_HOME)."""
+    from . import local
+
+    try:
+        local.running()
+        _err("error: a local scheduler is already running for this FEDML_HOME; `fedml scheduler stop` first")
+        raise typer.Exit(USAGE)
+    except CliError:
+        pass
+    from scheduler.server import main as serve
+
+    args = ["--host", host, "--port", str(port), "--max-workspace-mb", str(max_workspace_mb)]
+    if not agent:
+        args.append("--no-agent")
+    raise typer.Exit(serve(args))
+
+
+@scheduler_app.command("stop")
+def scheduler_stop() -> None:
+    """Stop the local scheduler and its agent. Running jobs keep running and are picked up again on restart."""
+    from . import local
+
+    stopped = local.stop()
+    if not stopped:
+        _err("no local scheduler is running")
+        return
+    for what in stopped:
+        _err(f"stopped {what}")
+
+
+@scheduler_app.command("status")
+def scheduler_status(as_json: JsonOpt = False) -> None:
+    """Is the local scheduler up, where, and what does it hold."""
+    from . import local
+
+    try:
+        url, _ = local.running()
+        from .api import connect
+
+        info = connect(start=False).get("/info")
+    except CliError as exc:
+        if as_json:
+            _print_json({"running": False, "error": str(exc)})
+        else:
+            _err(str(exc))
+        raise typer.Exit(exc.code) from None
+    if as_json:
+        _print_json({"running": True, "url": url, **info})
+    else:
+        sys.stdout.write(f"running at {url}: {info['nodes']} node(s), {info['gpus']} GPU(s), store {info['store']}\n")
+
+
+# ---- version, env ------------------------------------------------------------------------------------------
+
+@app.command()
+def version(as_json: JsonOpt = False) -> None:
+    """Print the version."""
+    if as_json:
+        _print_json({"version": __version__})
+    else:
+        sys.stdout.write(f"fedml launch {__version__}\n")
+
+
+@app.command("env")
+def env_cmd(as_json: JsonOpt = False) -> None:
+    """Versions, where state lives, which scheduler the CLI talks to, and the GPUs this machine has."""
+    import platform
+
+    from agents.inventory import nvml_gpus
+
+    from . import local, paths
+
+    server = os.environ.get("FEDML_SERVER")
+    if server:
+        sched = {"url": server, "kind": "remote (FEDML_SERVER)"}
+    else:
+        try:
+            url, _ = local.running()
+            sched = {"url": url, "kind": "local", "running": True}
+        except CliError:
+            sched = {"url": None, "kind": "local", "running": False}
+    gpus, why = nvml_gpus()
+    info = {"fedml_launch": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "home": str(paths.home()), "scheduler": sched,
+            "gpus": [g.model_dump() for g in gpus], "gpus_note": why}
+    if as_json:
+        _print_json(info)
+        return
+    w = sys.stdout.write
+    w(f"fedml launch  {__version__}\npython        {info['python']}\nplatform      {info['platform']}\n")
+    w(f"home          {info['home']}\n")
+    if server:
+        w(f"scheduler     {server} (FEDML_SERVER)\n")
+    else:
+        w(f"scheduler     {sched['url'] or 'not running (started by the first command that needs it)'}\n")
+    if gpus:
+        for g in gpus:
+            w(f"gpu {g.index}         {g.name}, {g.memory_mb} MiB\n")
+    else:
+        w(f"gpus          none seen ({why})\n")
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        _err(f"error: {exc}")
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The environment a run sees: FedML's variables, torch.distributed's, the job's own `envs` and `--env`."""
+
+from __future__ import annotations
+
+import os
+
+from scheduler.jobspec import JobSpec
+
+# Variables of the agent's own environment that a job should not inherit.
+_DROP = ("FEDML_API_KEY", "FEDML_SCHEDULER_TOKEN", "FEDML_SERVER")
+
+
+def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_nodes: int = 1,
+            node0_addr: str = "127.0.0.1", node0_port: int = 29500, gpus: list[int] | None = None,
+            overrides: dict[str, str] | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _DROP}
+    env.update(spec.fedml_env_vars())
+    env.update({
+        "FEDML_CURRENT_RUN_ID": run_id,
+        "FEDML_CURRENT_EDGE_ID": node_id,
+        "FEDML_CLIENT_RANK": str(rank),
+        "FEDML_NUM_NODES": str(num_nodes),
+        "FEDML_NODE_0_ADDR": node0_addr,
+        "FEDML_NODE_0_PORT": str(node0_port),
+        "FEDML_JOB_TYPE": spec.job_type,
+        "NODE_RANK": str(rank),
+        "WORLD_SIZE": str(num_nodes),
+        "MASTER_ADDR": node0_addr,
+        "MASTER_PORT": str(node0_port),
+        # Job output goes to files the agent tails; unbuffered Python makes it arrive as it is printed.
+        "PYTHONUNBUFFERED": "1",
+    })
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus or [])
+    env.update(spec.envs)
+    env.update(overrides or {})
+    return env

@@ -1,0 +1,152 @@
+"""The process runtime: bootstrap then job under `bash -e`, in their own session and process group.
+
+Layout of a run directory:
+    workspace/      the unpacked workspace; the job's working directory
+    bootstrap.sh    job.sh    wrapper.sh
+    stdout.log      stderr.log      exit_code ("job 0", "bootstrap 3"; written by wrapper.sh)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .base import ExitStatus, Handle, LaunchSpec, Runtime, substitute
+
+WRAPPER = r"""# written by the fedml agent; runs bootstrap then job with `set -e` semantics
+cd "$FEDML_WORKSPACE_DIR" || exit 1
+if [ -s "$FEDML_RUN_DIR/bootstrap.sh" ]; then
+    bash -e "$FEDML_RUN_DIR/bootstrap.sh"
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "bootstrap $rc" > "$FEDML_RUN_DIR/exit_code"
+        exit $rc
+    fi
+fi
+bash -e "$FEDML_RUN_DIR/job.sh"
+rc=$?
+echo "job $rc" > "$FEDML_RUN_DIR/exit_code"
+exit $rc
+"""
+
+
+class ProcessHandle(Handle):
+    def __init__(self, run_id: str, run_dir: Path, pid: int, create_time: float,
+                 popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.run_id, self.run_dir, self.pid, self.create_time = run_id, run_dir, pid, create_time
+        self._popen = popen
+        self._status: ExitStatus | None = None
+
+    def _alive(self) -> bool:
+        if self._popen is not None:
+            return self._popen.poll() is None
+        try:
+            p = psutil.Process(self.pid)
+            return abs(p.create_time() - self.create_time) < 0.5 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def poll(self) -> ExitStatus | None:
+        if self._status is not None:
+            return self._status
+        if self._alive():
+            return None
+        self._kill_group(signal.SIGKILL)  # background children the job left behind
+        self._status = self._read_exit()
+        return self._status
+
+    def _read_exit(self) -> ExitStatus:
+        try:
+            phase, code = (self.run_dir / "exit_code").read_text().split()
+            return ExitStatus(code=int(code), phase=phase)
+        except (FileNotFoundError, ValueError):
+            rc = self._popen.returncode if self._popen is not None else None
+            if rc is not None and rc < 0:
+                return ExitStatus(code=128 - rc, signal=-rc)
+            return ExitStatus(code=rc if rc is not None else 137, signal=None if rc is not None else 9)
+
+    def _kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)  # start_new_session: the wrapper's pid is the group id
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, grace: float) -> None:
+        self._kill_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not self._alive() and not self._group_alive():
+                break
+            time.sleep(0.05)
+        self._kill_group(signal.SIGKILL)
+        sweep(self.run_id)
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def log_files(self) -> dict[str, Path]:
+        return {"stdout": self.run_dir / "stdout.log", "stderr": self.run_dir / "stderr.log"}
+
+    def state(self) -> dict[str, Any]:
+        return {"runtime": "process", "pid": self.pid, "create_time": self.create_time}
+
+
+def sweep(run_id: str) -> int:
+    """Kill processes of this run that left its process group (setsid, double fork): every process of
+    ours whose environment carries FEDML_CURRENT_RUN_ID=<run_id>."""
+    killed = 0
+    me = os.getuid()
+    needle = run_id
+    for p in psutil.process_iter(["uids"]):
+        try:
+            if p.info["uids"] is None or p.info["uids"].real != me or p.pid == os.getpid():
+                continue
+            if p.environ().get("FEDML_CURRENT_RUN_ID") == needle:
+                p.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return killed
+
+
+class ProcessRuntime(Runtime):
+    name = "process"
+
+    def start(self, spec: LaunchSpec) -> ProcessHandle:
+        d = spec.run_dir
+        d.mkdir(parents=True, exist_ok=True)
+        spec.workspace.mkdir(parents=True, exist_ok=True)
+        (d / "bootstrap.sh").write_text(substitute(spec.bootstrap, spec.env) + "\n")
+        (d / "job.sh").write_text(substitute(spec.job, spec.env) + "\n")
+        (d / "wrapper.sh").write_text(WRAPPER)
+        (d / "exit_code").unlink(missing_ok=True)
+        env = {**spec.env, "FEDML_RUN_DIR": str(d), "FEDML_WORKSPACE_DIR": str(spec.workspace)}
+        with open(d / "stdout.log", "ab") as out, open(d / "stderr.log", "ab") as err:
+            popen = subprocess.Popen(["bash", str(d / "wrapper.sh")], cwd=spec.workspace, env=env,
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                     start_new_session=True, close_fds=True)
+        try:
+            created = psutil.Process(popen.pid).create_time()
+        except psutil.NoSuchProcess:
+            created = time.time()
+        return ProcessHandle(spec.run_id, d, popen.pid, created, popen)
+
+    def reattach(self, state: dict[str, Any], run_dir: Path) -> ProcessHandle | None:
+        if state.get("runtime") != "process" or "pid" not in state:
+            return None
+        return ProcessHandle(run_dir.name, run_dir, int(state["pid"]), float(state["create_time"]))

@@ -1,0 +1,421 @@
+"""The job YAML: a superset of FedML Launch's schema, validated with line numbers.
+
+Used by the CLI (validation, --dry-run), the API (re-validation of what a client sends) and the agent (env).
+Only pydantic and pyyaml are imported here so that the CLI stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+JOB_TYPES = ("train", "deploy", "serve", "federate")
+
+# Keys this schema interprets; every other top-level key is a "free" key exported as FEDML_ENV_<PATH>.
+# FedML's own dict blocks are exported too, as FedML does with its config arguments.
+EXPORTED_BLOCKS = ("fedml_env", "serving_args", "job_args", "environment_args")
+
+
+class JobSpecError(Exception):
+    """A job file that cannot be used. `str()` is the one-line message shown to the user."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.file, self.line, self.field, self.detail = file, line, field, message
+        where = file or "job"
+        if line is not None:
+            where = f"{where}:{line}"
+        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+
+class _Model(BaseModel):
+    # FedML files carry many keys we do not interpret; keep them (they are exported as env).
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class OsCommands(_Model):
+    """FedML's multi-OS form: `job: {run_on_posix: ..., run_on_windows: ...}`."""
+
+    run_on_posix: str | None = None
+    run_on_windows: str | None = None
+
+
+Commands = str | OsCommands | None
+
+
+def posix_commands(value: Commands) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, OsCommands):
+        return value.run_on_posix or ""
+    return value
+
+
+class Computing(_Model):
+    minimum_num_gpus: int = Field(default=0, ge=0)
+    maximum_num_gpus: int | None = Field(default=None, ge=0)
+    maximum_cost_per_hour: float | None = Field(default=None, ge=0)
+    resource_type: str | None = None
+    device_type: Literal["GPU", "CPU", "hybrid"] | None = None
+    minimum_gpu_memory_gb: float | None = Field(default=None, ge=0)
+    cpus: float | None = Field(default=None, gt=0)
+    memory_gb: float | None = Field(default=None, gt=0)
+
+    @field_validator("maximum_cost_per_hour", mode="before")
+    @classmethod
+    def _dollars(cls, v: Any) -> Any:
+        # FedML writes prices as "$3000" (YAML reads that as a string).
+        if isinstance(v, str):
+            s = v.strip().replace(",", "")
+            if s.startswith("$"):
+                s = s[1:]
+            try:
+                return float(s)
+            except ValueError:
+                raise ValueError(f'expected a price such as 3.5 or "$3.5", got "{v}"') from None
+        return v
+
+    @field_validator("device_type", mode="before")
+    @classmethod
+    def _device_case(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"gpu": "GPU", "cpu": "CPU", "hybrid": "hybrid"}.get(v.strip().lower(), v)
+        return v
+
+
+class DockerSpec(_Model):
+    image: str | None = None
+    registry: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ports: list[int] | None = None
+
+
+class RetrySpec(_Model):
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    on: list[Literal["lost", "error"]] = Field(default_factory=lambda: ["lost"])
+
+
+class ServiceSpec(_Model):
+    port: int | None = Field(default=None, ge=1, le=65535)
+    readiness_path: str = "/health"
+    replicas: int = Field(default=1, ge=1)
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=1)
+
+
+class FederateSpec(_Model):
+    clients: int = Field(default=1, ge=1)
+    rounds: int = Field(default=1, ge=1)
+    min_clients: int | None = Field(default=None, ge=1)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(v: Any) -> float | None:
+    """Seconds from 3600, "3600", "90s", "30m", "2h" or "1d"."""
+    if v is None or isinstance(v, bool):
+        if isinstance(v, bool):
+            raise ValueError(f"expected a duration such as 30m or 2h, got {v}")
+        return None
+    if isinstance(v, int | float):
+        if v <= 0:
+            raise ValueError(f"expected a positive duration, got {v}")
+        return float(v)
+    m = _DURATION.match(str(v))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f'expected a duration such as 30m or 2h, got "{v}"')
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+class JobSpec(_Model):
+    workspace: str | None = None
+    job: Commands = None
+    server_job: Commands = None
+    bootstrap: Commands = None
+    job_type: Literal["train", "deploy", "serve", "federate"] = "train"
+    job_subtype: str | None = None
+    job_name: str | None = None
+    containerize: bool = False
+    docker: DockerSpec | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    computing: Computing = Field(default_factory=Computing)
+    serving_args: dict[str, Any] | None = None
+    fedml_env: dict[str, Any] | None = None
+    job_args: dict[str, Any] | None = None
+    # Additions of this project (all optional).
+    num_nodes: int = Field(default=1, ge=1, le=1024)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    max_duration: float | None = None
+    envs: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    service: ServiceSpec | None = None
+    federate: FederateSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_type_alias(cls, data: Any) -> Any:
+        # Newer FedML examples say `task_type: train` instead of `job_type`.
+        if isinstance(data, dict) and "job_type" not in data and "task_type" in data:
+            tt = data["task_type"]
+            if isinstance(tt, str) and tt.strip().lower() in JOB_TYPES:
+                data = {**data, "job_type": tt.strip().lower()}
+        if isinstance(data, dict) and isinstance(data.get("job_type"), str):
+            data = {**data, "job_type": data["job_type"].strip().lower()}
+        return data
+
+    @field_validator("max_duration", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v)
+
+    @field_validator("envs", "labels", mode="before")
+    @classmethod
+    def _stringify(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            out = {}
+            for k, val in v.items():
+                if isinstance(val, dict | list):
+                    raise ValueError(f"{k}: expected a plain value, got a {type(val).__name__}")
+                out[str(k)] = "" if val is None else (str(val).lower() if isinstance(val, bool) else str(val))
+            return out
+        return v
+
+    @model_validator(mode="after")
+    def _has_job(self) -> JobSpec:
+        if not posix_commands(self.job).strip():
+            if self.job_args:  # FedML: a job stored on its platform, referenced by job_args.job_id
+                return self
+            raise ValueError("job: required: the shell commands to run (a non-empty string)")
+        if self.job_type == "federate" and self.server_job is not None and not posix_commands(
+                self.server_job).strip():
+            raise ValueError("server_job: must not be empty when given")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------------------
+    def commands(self) -> str:
+        return posix_commands(self.job)
+
+    def bootstrap_commands(self) -> str:
+        return posix_commands(self.bootstrap)
+
+    def free_keys(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def fedml_env_vars(self) -> dict[str, str]:
+        """FEDML_ENV_<PATH> for every free key and FedML config block, as FedML exports them."""
+        out: dict[str, str] = {}
+        sources = self.free_keys()
+        for block in EXPORTED_BLOCKS:
+            val = getattr(self, block, None) if block in type(self).model_fields else sources.get(block)
+            if val is not None:
+                sources[block] = val
+        for key, val in sources.items():
+            # fedml_env holds env on purpose: FEDML_ENV_<KEY>, not FEDML_ENV_FEDML_ENV_<KEY>.
+            _flatten(out, [] if key == "fedml_env" and isinstance(val, dict) else [key], val)
+        return out
+
+
+def _env_name(path: list[str]) -> str:
+    return "FEDML_ENV_" + re.sub(r"[^A-Za-z0-9]+", "_", "_".join(path)).strip("_").upper()
+
+
+def _flatten(out: dict[str, str], path: list[str], val: Any) -> None:
+    if isinstance(val, dict):
+        for k, v in val.items():
+            _flatten(out, [*path, str(k)], v)
+    elif isinstance(val, list):
+        out[_env_name(path)] = json.dumps(val)
+    elif val is None:
+        out[_env_name(path)] = ""
+    elif isinstance(val, bool):
+        out[_env_name(path)] = "true" if val else "false"
+    else:
+        out[_env_name(path)] = str(val)
+
+
+# ---- loading YAML with line numbers -----------------------------------------------------------------------
+
+class _Lines:
+    """Line (1-based) of every key path in a YAML document, for error messages."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[str, ...], int] = {}
+
+    def walk(self, node: yaml.Node, path: tuple[str, ...], file: str) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                key = str(k.value)
+                if key in seen:
+                    raise JobSpecError(
+                        f"duplicate key (first defined on line {seen[key]})",
+                        file=file, line=k.start_mark.line + 1, field=".".join((*path, key)))
+                seen[key] = k.start_mark.line + 1
+                self.lines[(*path, key)] = k.start_mark.line + 1
+                self.walk(v, (*path, key), file)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(item, (*path, str(i)), file)
+
+    def line_of(self, path: tuple[str, ...]) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), 1)
+
+
+_TYPE_WORDS = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+    "dict": "a mapping", "list": "a list", "model": "a mapping",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 40 else value[:37] + "...")
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind: str = err["type"]
+    got = _describe(err.get("input"))
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"expected one of {expected}, got {got}"
+    if kind == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    for prefix, words in _TYPE_WORDS.items():
+        if kind.startswith(prefix + "_") or kind == prefix + "_type":
+            return f"expected {words}, got {got}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        return err["msg"].replace("Input should be", "expected a value") + f", got {got}"
+    return f"{err['msg']}, got {got}"
+
+
+def _field_of(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    # Pydantic puts union member names in loc (e.g. "str", "OsCommands", "function-after[...]").
+    parts: list[str] = []
+    for p in loc:
+        s = str(p)
+        if s in ("str", "int", "float", "bool", "OsCommands", "DockerSpec", "none") or "[" in s:
+            continue
+        if s and s[0].isupper() and isinstance(p, str):
+            continue
+        parts.append(s)
+    return tuple(parts)
+
+
+def _best_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    # For a union (job: str | {run_on_posix}), report the plain-type alternative, not every branch.
+    def rank(e: dict[str, Any]) -> int:
+        return 0 if e["type"] in ("value_error", "missing") else 1
+    return sorted(errors, key=rank)[0]
+
+
+def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) -> JobSpec:
+    if not isinstance(data, dict):
+        kind = "nothing" if data is None else f"a {type(data).__name__}"
+        raise JobSpecError(f"expected a mapping of job keys (workspace, job, ...), got {kind}", file=file,
+                           line=1)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # Group union branches by field; keep the first field in file order.
+        by_field: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for e in errors:
+            by_field.setdefault(_field_of(e["loc"]), []).append(e)
+        fields = list(by_field)
+        if lines is not None:
+            fields.sort(key=lambda f: lines.line_of(f) or 0)
+        field = fields[0]
+        err = _best_error(by_field[field])
+        msg = _message(err)
+        name = ".".join(field)
+        if not name and msg.split(":", 1)[0] in ("job", "server_job"):
+            name, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
+            field = (name,)
+        more = len(fields) - 1
+        if more:
+            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+        line = lines.line_of(field) if lines else None
+        raise JobSpecError(msg, file=file, line=line, field=name or None) from None
+
+
+def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = (exc.problem or "invalid YAML").strip()
+        raise JobSpecError(f"YAML syntax error: {problem}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"YAML error: {str(exc).splitlines()[0]}", file=file) from None
+    lines = _Lines()
+    if node is not None:
+        lines.walk(node, (), file)
+    return validate(data, file=file, lines=lines)
+
+
+class LoadedJob(BaseModel):
+    """A validated job file plus where its workspace lives on this machine."""
+
+    spec: JobSpec
+    path: Path
+    workspace_dir: Path | None
+
+
+def load_file(path: str | Path) -> LoadedJob:
+    p = Path(path)
+    name = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobSpecError("file not found", file=name) from None
+    except IsADirectoryError:
+        raise JobSpecError("is a directory, expected a job YAML file", file=name) from None
+    except UnicodeDecodeError:
+        raise JobSpecError("not a UTF-8 text file", file=name) from None
+    except OSError as exc:
+        raise JobSpecError(f"cannot read: {exc.strerror}", file=name) from None
+    spec = load_text(text, file=name)
+    ws_dir: Path | None = None
+    if spec.workspace is not None and str(spec.workspace).strip():
+        ws = Path(str(spec.workspace)).expanduser()
+        ws_dir = ws if ws.is_absolute() else (p.parent / ws)
+        if not ws_dir.is_dir():
+            line = None
+            try:
+                node = yaml.compose(text, Loader=yaml.SafeLoader)
+                lines = _Lines()
+                lines.walk(node, (), name)
+                line = lines.line_of(("workspace",))
+            except (yaml.YAMLError, JobSpecError):
+                pass
+            what = "is not a directory" if ws_dir.exists() else "directory not found"
+            raise JobSpecError(f'{what}: "{spec.workspace}" (resolved to {ws_dir.resolve()})', file=name,
+                               line=line, field="workspace")
+        ws_dir = ws_dir.resolve()
+    return LoadedJob(spec=spec, path=p.resolve(), workspace_dir=ws_dir)

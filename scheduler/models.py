@@ -1,0 +1,154 @@
+"""The one model set shared by CLI, API and agent: runs, nodes, log lines, and the run state machine.
+
+Kept free of FastAPI so the CLI can import it.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class RunStatus(str, Enum):
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+    LOST = "LOST"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED})
+
+# The run state machine, in one place. LOST (node vanished) goes back to QUEUED when the retry policy allows.
+TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.QUEUED: frozenset({RunStatus.STARTING, RunStatus.KILLED, RunStatus.FAILED}),
+    RunStatus.STARTING: frozenset({RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED,
+                                   RunStatus.LOST, RunStatus.QUEUED}),
+    RunStatus.RUNNING: frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.LOST}),
+    RunStatus.LOST: frozenset({RunStatus.QUEUED, RunStatus.FAILED, RunStatus.KILLED}),
+    RunStatus.FINISHED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.KILLED: frozenset(),
+}
+
+
+class InvalidTransition(Exception):
+    def __init__(self, run_id: str, current: RunStatus, wanted: RunStatus) -> None:
+        self.run_id, self.current, self.wanted = run_id, current, wanted
+        super().__init__(f"run {run_id} is {current.value}; it cannot become {wanted.value}")
+
+
+def check_transition(run_id: str, current: RunStatus, wanted: RunStatus) -> None:
+    if wanted not in TRANSITIONS[current]:
+        raise InvalidTransition(run_id, current, wanted)
+
+
+class Run(BaseModel):
+    id: str
+    name: str
+    status: RunStatus = RunStatus.QUEUED
+    job: dict[str, Any]
+    job_file: str | None = None
+    workspace_sha: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    priority: int = 0
+    owner: str = "local"
+    node_id: str | None = None
+    gpus: list[int] = Field(default_factory=list)
+    attempt: int = 1
+    exit_code: int | None = None
+    reason: str | None = None
+    stop_requested: bool = False
+    log_count: int = 0
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class GpuInfo(BaseModel):
+    index: int
+    name: str
+    memory_mb: int = 0
+    utilization: int | None = None
+
+
+class NodeInfo(BaseModel):
+    """What an agent reports about its machine when it registers."""
+
+    name: str
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    cpus: int = 1
+    memory_mb: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    price_per_gpu_hour: float | None = None
+    runtimes: list[str] = Field(default_factory=lambda: ["process"])
+    address: str = "127.0.0.1"
+    agent_version: str = ""
+
+
+class Node(NodeInfo):
+    id: str
+    state: str = "ONLINE"  # ONLINE | OFFLINE | DRAINING
+    registered_at: float = Field(default_factory=time.time)
+    last_seen: float = Field(default_factory=time.time)
+
+
+class LogLine(BaseModel):
+    pos: int  # 0-based position of the line in the run's log: the resume offset
+    rank: int = 0
+    seq: int = 0  # the agent's sequence number for (run, rank)
+    ts: float
+    stream: str = "stdout"
+    line: str
+
+
+class RunCreate(BaseModel):
+    job: dict[str, Any]
+    name: str | None = None
+    job_file: str | None = None
+    workspace_sha: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class StatusReport(BaseModel):
+    status: RunStatus
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+class LogBatch(BaseModel):
+    rank: int = 0
+    first_seq: int = Field(ge=0)
+    # (timestamp, stream, text) per line, in sequence order from first_seq
+    lines: list[tuple[float, str, str]]
+
+
+class PollRequest(BaseModel):
+    running: list[str] = Field(default_factory=list)
+    wait: float = Field(default=20.0, ge=0, le=60)
+
+
+class Assignment(BaseModel):
+    run: Run
+    rank: int = 0
+    num_nodes: int = 1
+
+
+class PollResponse(BaseModel):
+    start: list[Assignment] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list)
+    heartbeat_interval: float = 5.0

@@ -1,0 +1,130 @@
+"""Run the scheduler: `python -m scheduler.server` (the embedded default) or `fedml scheduler start`.
+
+Binds its socket before it announces itself, so the address in the state file always answers; with
+--agent it also starts the local agent (a separate process that outlives a crash of this one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedml_cli import __version__, paths
+
+
+def load_or_create_token(path: Path) -> str:
+    if path.exists():
+        tok = path.read_text().strip()
+        if tok:
+            return tok
+    tok = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(tok)
+    return tok
+
+
+def spawn_agent(local: Path, gpus: str | None = None) -> subprocess.Popen[bytes]:
+    """Start the local agent detached. It holds a lock on its home: if one is already running (it survived
+    a crash of an earlier scheduler), this one exits at once and the old one carries on."""
+    log = open(local / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+    cmd = [sys.executable, "-m", "agents.agent", "--home", str(local / "agent"),
+           "--state-file", str(paths.state_file(local.parent)), "--token-file", str(paths.token_file(local.parent)),
+           "--name", f"{socket.gethostname()}-local"]
+    if gpus:
+        cmd += ["--gpus", gpus]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                            close_fds=True)
+
+
+def agent_pid(local: Path) -> int | None:
+    try:
+        return int((local / "agent" / "agent.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedml-scheduler", description="fedml launch scheduler")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--home", type=Path, default=None, help="state directory (default: user data dir)")
+    p.add_argument("--agent", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run a local agent on this machine")
+    p.add_argument("--gpus", default=os.environ.get("FEDML_LOCAL_GPUS"),
+                   help="GPUs the local agent declares when NVML is absent, e.g. A100-80G:2")
+    p.add_argument("--max-workspace-mb", type=int, default=512)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
+    base = args.home or paths.home()
+    local = paths.local_dir(base)
+    local.mkdir(parents=True, exist_ok=True)
+    os.chmod(local, 0o700)
+    token = os.environ.get("FEDML_SCHEDULER_TOKEN") or load_or_create_token(paths.token_file(base))
+
+    from .app import Settings, create_app
+    from .sqlite_store import SQLiteStore
+
+    store = SQLiteStore(local / "scheduler.db")
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"fedml scheduler: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 3
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
+    url = f"http://{shown_host}:{port}"
+    app = create_app(store, Settings(token=token, blob_dir=local / "blobs",
+                                     max_workspace_mb=args.max_workspace_mb))
+
+    state = paths.state_file(base)
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "started_at": time.time(),
+                               "version": __version__}))
+    os.replace(tmp, state)
+    agent = spawn_agent(local, args.gpus) if args.agent else None
+    if not args.quiet:
+        print(f"fedml scheduler {__version__} listening on {url} (state in {local})", file=sys.stderr,
+              flush=True)
+
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                            timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        try:
+            if json.loads(state.read_text()).get("pid") == os.getpid():
+                state.unlink()
+        except (OSError, ValueError):
+            pass
+        if agent is not None:
+            pid = agent_pid(local)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

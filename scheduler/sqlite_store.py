@@ -1,0 +1,239 @@
+"""SQLite store (WAL): the embedded default. One connection guarded by a lock; every write commits."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .models import LogLine, Node, Run, RunStatus, check_transition
+from .store import NotFound, SeqGap, Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    node_id TEXT,
+    owner TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status, priority, created_at);
+CREATE INDEX IF NOT EXISTS runs_node ON runs(node_id, status);
+CREATE TABLE IF NOT EXISTS logs (
+    run_id TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    stream TEXT NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (run_id, pos)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_seq (
+    run_id TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL,
+    PRIMARY KEY (run_id, rank)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    doc TEXT NOT NULL
+);
+"""
+
+# Columns kept outside the JSON document because queries filter on them.
+_RUN_COLUMNS = ("status", "node_id", "owner", "priority", "created_at")
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives power loss, not only a crash of this process.
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _tx(self) -> _Tx:
+        return _Tx(self._db, self._lock)
+
+    @staticmethod
+    def _run_row(run: Run) -> tuple[Any, ...]:
+        doc = run.model_dump_json()
+        return (run.id, run.status.value, run.node_id, run.owner, run.priority, run.created_at, doc)
+
+    # -- runs --------------------------------------------------------------------------------------------
+    def create_run(self, run: Run) -> Run:
+        with self._tx() as db:
+            db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc) "
+                       "VALUES (?,?,?,?,?,?,?)", self._run_row(run))
+        return run
+
+    def _get(self, db: sqlite3.Connection, run_id: str) -> Run | None:
+        row = db.execute("SELECT doc FROM runs WHERE id=?", (run_id,)).fetchone()
+        return Run.model_validate_json(row[0]) if row else None
+
+    def get_run(self, run_id: str) -> Run | None:
+        with self._lock:
+            run = self._get(self._db, run_id)
+        if run is not None:
+            run.log_count = self._log_count(run_id)
+        return run
+
+    def _log_count(self, run_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(pos) FROM logs WHERE run_id=?", (run_id,)).fetchone()
+        return 0 if row[0] is None else row[0] + 1
+
+    def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
+                  owner: str | None = None, limit: int = 1000) -> list[Run]:
+        where, args = [], []
+        if status is not None:
+            st = [s.value for s in status]
+            where.append(f"status IN ({','.join('?' * len(st))})")
+            args += st
+        if node_id is not None:
+            where.append("node_id=?")
+            args.append(node_id)
+        if owner is not None:
+            where.append("owner=?")
+            args.append(owner)
+        sql = "SELECT doc FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [Run.model_validate_json(r[0]) for r in rows]
+
+    def _write(self, db: sqlite3.Connection, run: Run) -> None:
+        run.updated_at = time.time()
+        db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=? WHERE id=?",
+                   (*self._run_row(run)[1:], run.id))
+
+    def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
+        with self._tx() as db:
+            run = self._get(db, run_id)
+            if run is None:
+                raise NotFound(run_id)
+            check_transition(run_id, run.status, to)
+            run = run.model_copy(update={**fields, "status": to})
+            now = time.time()
+            if to == RunStatus.RUNNING and run.started_at is None:
+                run.started_at = now
+            if to.terminal:
+                run.ended_at = now
+            self._write(db, run)
+        return run
+
+    def update_run(self, run_id: str, **fields: object) -> Run:
+        with self._tx() as db:
+            run = self._get(db, run_id)
+            if run is None:
+                raise NotFound(run_id)
+            run = run.model_copy(update=fields)
+            self._write(db, run)
+        return run
+
+    # -- logs --------------------------------------------------------------------------------------------
+    def next_seq(self, run_id: str, rank: int) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT next_seq FROM log_seq WHERE run_id=? AND rank=?",
+                                   (run_id, rank)).fetchone()
+        return row[0] if row else 0
+
+    def append_logs(self, run_id: str, rank: int, first_seq: int,
+                    lines: list[tuple[float, str, str]]) -> int:
+        with self._tx() as db:
+            row = db.execute("SELECT next_seq FROM log_seq WHERE run_id=? AND rank=?",
+                             (run_id, rank)).fetchone()
+            expected = row[0] if row else 0
+            if first_seq > expected:
+                raise SeqGap(expected)
+            fresh = lines[expected - first_seq:]
+            if not fresh:
+                return expected
+            top = db.execute("SELECT MAX(pos) FROM logs WHERE run_id=?", (run_id,)).fetchone()[0]
+            pos = 0 if top is None else top + 1
+            db.executemany(
+                "INSERT INTO logs (run_id, pos, rank, seq, ts, stream, line) VALUES (?,?,?,?,?,?,?)",
+                [(run_id, pos + i, rank, expected + i, ts, stream, text)
+                 for i, (ts, stream, text) in enumerate(fresh)])
+            nxt = expected + len(fresh)
+            db.execute("INSERT INTO log_seq (run_id, rank, next_seq) VALUES (?,?,?) "
+                       "ON CONFLICT(run_id, rank) DO UPDATE SET next_seq=excluded.next_seq",
+                       (run_id, rank, nxt))
+        return nxt
+
+    def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
+                  rank: int | None = None) -> list[LogLine]:
+        sql = "SELECT pos, rank, seq, ts, stream, line FROM logs WHERE run_id=? AND pos>?"
+        args: list[Any] = [run_id, after]
+        if rank is not None:
+            sql += " AND rank=?"
+            args.append(rank)
+        sql += " ORDER BY pos LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [LogLine(pos=p, rank=r, seq=s, ts=t, stream=st, line=ln) for p, r, s, t, st, ln in rows]
+
+    # -- nodes -------------------------------------------------------------------------------------------
+    def upsert_node(self, node: Node) -> Node:
+        with self._tx() as db:
+            db.execute("INSERT INTO nodes (id, name, doc) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                       "name=excluded.name, doc=excluded.doc", (node.id, node.name, node.model_dump_json()))
+        return node
+
+    def get_node(self, node_id: str) -> Node | None:
+        with self._lock:
+            row = self._db.execute("SELECT doc FROM nodes WHERE id=?", (node_id,)).fetchone()
+        return Node.model_validate_json(row[0]) if row else None
+
+    def list_nodes(self) -> list[Node]:
+        with self._lock:
+            rows = self._db.execute("SELECT doc FROM nodes ORDER BY name").fetchall()
+        return [Node.model_validate_json(r[0]) for r in rows]
+
+    def touch_node(self, node_id: str, ts: float) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT doc FROM nodes WHERE id=?", (node_id,)).fetchone()
+            if row is None:
+                raise NotFound(node_id)
+            doc = json.loads(row[0])
+            doc["last_seen"] = ts
+            if doc.get("state") == "OFFLINE":
+                doc["state"] = "ONLINE"
+            db.execute("UPDATE nodes SET doc=? WHERE id=?", (json.dumps(doc), node_id))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT under the store lock; ROLLBACK on error."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
+        self.db, self.lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.lock.release()
