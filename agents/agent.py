@@ -53,18 +53,21 @@ class RunWorker(threading.Thread):
         self.stop_event = threading.Event()
         self.stop_reason = "stopped by user"
         self.handle: Handle | None = None
+        self.finishing = False  # the final report is being sent: no longer "running" for the scheduler
         self.done = False
 
     def request_stop(self, reason: str = "stopped by user") -> None:
-        if not self.stop_event.is_set():
+        if not self.stop_event.is_set() and not self.finishing:
             self.stop_reason = reason
             self.stop_event.set()
             self._save(stop_requested=True)
 
     def _save(self, **fields: Any) -> None:
         self.saved.update(fields)
-        if self.dir.exists():
+        try:
             _write_json(self.dir / "agent.json", self.saved)
+        except FileNotFoundError:  # the run directory is already cleaned up
+            pass
 
     def run(self) -> None:
         try:
@@ -162,6 +165,7 @@ class RunWorker(threading.Thread):
             self._report_final(RunStatus.FAILED, status.code, f"job exited with code {status.code}")
 
     def _report_final(self, status: RunStatus, code: int | None, reason: str | None) -> None:
+        self.finishing = True
         self._save(final={"status": status.value, "exit_code": code, "reason": reason})
 
         def send() -> None:
@@ -254,7 +258,8 @@ class Agent:
             for rid in [r for r, w in self.workers.items() if w.done]:
                 del self.workers[rid]
             try:
-                resp = self.client.poll(self.node_id, list(self.workers), wait=15.0)
+                running = [rid for rid, w in self.workers.items() if not w.finishing]
+                resp = self.client.poll(self.node_id, running, wait=15.0)
                 delay = 0.2
             except Unreachable:
                 self.stopping.wait(delay)
@@ -267,14 +272,17 @@ class Agent:
                 log.warning("poll refused: %s", exc)
                 self.stopping.wait(2.0)
                 continue
-            for a in resp.start:
-                if a.run.id not in self.workers:
-                    w = RunWorker(self, a.run.id, assignment=a)
-                    self.workers[a.run.id] = w
-                    w.start()
-            for rid in resp.stop:
-                if rid in self.workers:
-                    self.workers[rid].request_stop()
+            try:
+                for a in resp.start:
+                    if a.run.id not in self.workers:
+                        w = RunWorker(self, a.run.id, assignment=a)
+                        self.workers[a.run.id] = w
+                        w.start()
+                for rid in resp.stop:
+                    if rid in self.workers:
+                        self.workers[rid].request_stop()
+            except Exception:  # a bug handling one answer must not take the node down
+                log.exception("handling the scheduler's answer failed")
 
 
 class _SingleInstance:
@@ -302,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-grace", type=float, default=float(os.environ.get("FEDML_STOP_GRACE", "10")))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns what matters
     lock = _SingleInstance(args.home / "agent.pid")
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("FEDML_API_KEY")
     server: Any = server_from_state_file(args.state_file) if args.state_file else args.server

@@ -8,9 +8,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
 from . import local
+from ._http import httpx
 from .errors import NOT_FOUND, UNREACHABLE, USAGE, CliError
 
 API = "/api/v1"
@@ -21,8 +20,11 @@ class Api:
         self.url = url.rstrip("/")
         self.token = token
         self.embedded = embedded
+        self._restarted = False
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, connect=5.0))
+        # Loading the CA bundle costs ~30 ms; plain http (the local scheduler) does not need it.
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, connect=5.0),
+                                 verify=self.url.startswith("https://"))
 
     def _check(self, r: httpx.Response) -> httpx.Response:
         if r.status_code < 400:
@@ -44,9 +46,21 @@ class Api:
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             return self._check(self.http.request(method, API + path, **kw))
+        except httpx.ConnectError:
+            if not self.embedded or self._restarted:
+                raise CliError(f"cannot reach the scheduler at {self.url}", UNREACHABLE) from None
+            self._reconnect()
+            return self.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise CliError(f"cannot reach the scheduler at {self.url}: {exc or type(exc).__name__}",
                            UNREACHABLE) from None
+
+    def _reconnect(self) -> None:
+        """The local scheduler's state file pointed at a dead address: start it again."""
+        self._restarted = True
+        url, token = local.ensure_running()
+        self.__init__(url, token, embedded=True)  # type: ignore[misc]
+        self._restarted = True
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw).json()
@@ -94,5 +108,9 @@ def connect(*, start: bool = True) -> Api:
     server = os.environ.get("FEDML_SERVER")
     if server:
         return Api(server, os.environ.get("FEDML_API_KEY"))
-    url, token = local.ensure_running() if start else local.running()
+    if start:
+        found = local.probably_running()  # trusted without a round trip; Api reconnects if it is wrong
+        url, token = found if found else local.ensure_running()
+    else:
+        url, token = local.running()
     return Api(url, token, embedded=True)

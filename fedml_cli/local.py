@@ -36,12 +36,20 @@ def _alive(pid: int) -> bool:
 
 
 def _healthy(url: str) -> bool:
-    import httpx
+    from ._http import httpx
 
     try:
-        return httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200
+        return httpx.get(f"{url}/healthz", timeout=2.0, verify=False).status_code == 200  # plain http, loopback
     except httpx.HTTPError:
         return False
+
+
+def probably_running() -> tuple[str, str | None] | None:
+    """The state file's address if its process is alive (no request made)."""
+    st = _state()
+    if st and _alive(int(st.get("pid", 0))) and _is_scheduler(int(st["pid"])):
+        return st["url"], _token()
+    return None
 
 
 def _token() -> str | None:
@@ -130,9 +138,18 @@ def stop(timeout: float = 10.0) -> list[str]:
     return stopped
 
 
-def _is_agent(pid: int) -> bool:
+def _cmdline(pid: int) -> list[bytes]:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return False
-    return b"agents.agent" in cmdline
+        return []
+
+
+def _is_agent(pid: int) -> bool:
+    return b"agents.agent" in _cmdline(pid)
+
+
+def _is_scheduler(pid: int) -> bool:
+    # A pid from a stale state file may now belong to anything; `fedml scheduler start` runs in `fedml`.
+    cmd = _cmdline(pid)
+    return b"scheduler.server" in cmd or any(c.endswith(b"fedml") for c in cmd)

@@ -22,10 +22,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: rendering help with rich costs ~100 ms per call
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True)
-scheduler_app = typer.Typer(help="Run or stop the scheduler.", no_args_is_help=True)
+run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
+scheduler_app = typer.Typer(help="Run or stop the scheduler.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(run_app, name="run")
 app.add_typer(scheduler_app, name="scheduler")
 

@@ -241,6 +241,19 @@ def _flatten(out: dict[str, str], path: list[str], val: Any) -> None:
         out[_env_name(path)] = str(val)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans,
+    which turned `retry: {on: [lost]}` into a key `True`."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 # ---- loading YAML with line numbers -----------------------------------------------------------------------
 
 class _Lines:
@@ -341,6 +354,16 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
+        # A union branch that rejected a whole mapping (job: str) hides the branch that looked inside it
+        # (job: {run_on_posix: 3}): report the inner problem, not "expected a string, got a mapping".
+        all_fields = {_field_of(e["loc"]) for e in errors}
+
+        def shadowed(e: dict[str, Any]) -> bool:
+            f = _field_of(e["loc"])
+            return bool(f) and isinstance(e.get("input"), dict) and any(
+                len(g) > len(f) and g[:len(f)] == f for g in all_fields)
+
+        errors = [e for e in errors if not shadowed(e)] or errors
         # Group union branches by field; keep the first field in file order.
         by_field: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for e in errors:
@@ -364,13 +387,24 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
 
 def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         problem = (exc.problem or "invalid YAML").strip()
+        ctx = exc.context_mark
+        if ctx is not None and exc.context and exc.problem_mark is not None and \
+                exc.problem_mark.index >= len(text.rstrip()):
+            # Unclosed bracket or quote: the end of the file is not where the mistake is.
+            line = ctx.line + 1
+            problem = f"{problem}, {exc.context.strip()} that starts on this line"
+        if line is not None:
+            line = max(1, min(line, len(text.splitlines()) or 1))
         raise JobSpecError(f"YAML syntax error: {problem}", file=file, line=line) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        raise JobSpecError(f"YAML error: {str(exc).splitlines()[0]}", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise JobSpecError(f"YAML error: {str(exc).splitlines()[0]}", file=file) from None
     lines = _Lines()
@@ -408,7 +442,7 @@ def load_file(path: str | Path) -> LoadedJob:
         if not ws_dir.is_dir():
             line = None
             try:
-                node = yaml.compose(text, Loader=yaml.SafeLoader)
+                node = yaml.compose(text, Loader=_Loader)
                 lines = _Lines()
                 lines.walk(node, (), name)
                 line = lines.line_of(("workspace",))

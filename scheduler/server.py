@@ -53,6 +53,14 @@ def agent_pid(local: Path) -> int | None:
         return None
 
 
+def _alive(pid: int) -> bool:
+    """Is `pid` a live agent process (not just any process that reused the number)?"""
+    try:
+        return b"agents.agent" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedml-scheduler", description="fedml launch scheduler")
     p.add_argument("--host", default="127.0.0.1")
@@ -101,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"fedml scheduler {__version__} listening on {url} (state in {local})", file=sys.stderr,
               flush=True)
+
+    if agent is not None:
+        import threading
+
+        def supervise() -> None:
+            # The local agent is a separate process; if it dies, start it again (it re-attaches to its jobs).
+            nonlocal agent
+            while True:
+                time.sleep(2.0)
+                pid = agent_pid(local)
+                if agent.poll() is None or (pid and _alive(pid)):
+                    continue
+                logging.getLogger("fedml.scheduler").warning("local agent is not running; starting it again")
+                agent = spawn_agent(local, args.gpus)
+
+        threading.Thread(target=supervise, name="agent-supervisor", daemon=True).start()
 
     import uvicorn
 

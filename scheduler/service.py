@@ -21,8 +21,8 @@ from .models import (
     RunStatus,
     StatusReport,
 )
-from .placement import Candidate, NoFit, Placement, Request, free_gpus, place
 from .notify import Notifier
+from .placement import Candidate, NoFit, Placement, Request, free_gpus, place
 from .store import NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")

@@ -1,0 +1,145 @@
+"""Launch latency with a warm local scheduler: wall time of `fedml launch JOB.yaml` from start to exit.
+
+    .venv/bin/python bench/launch_latency.py [--runs 15]
+
+One warm-up launch auto-starts the local scheduler (its time is reported separately), then N launches of
+job_templates/hello/job.yaml and N of a trivial job (`job: echo hi`, no workspace), each followed to the end
+(the default: the CLI streams the logs and exits with the job's exit code). All exit codes must be 0.
+The trivial job separates our overhead from the hello program's own runtime (it sleeps between its lines), which is
+also measured directly (bootstrap + job under `bash -e` in the workspace, no fedml). For the
+trivial runs we also split the time using the run's own timestamps (created -> started -> ended), and time
+`fedml launch --dry-run` (CLI start-up + YAML validation, no scheduler) as the client-side floor.
+Target: hello median <= 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from _common import (
+    FEDML,
+    REPO,
+    TIMEOUT,
+    Home,
+    check_cli,
+    diagnose,
+    emit,
+    median,
+    summary,
+    temp_home,
+    timed,
+    verdict,
+)
+
+TARGET_S = 0.5
+HELLO = REPO / "job_templates" / "hello" / "job.yaml"
+
+
+PER_LAUNCH_TIMEOUT_S = 20.0
+
+
+def run_id_named(name: str, env: dict[str, str]) -> str | None:
+    r = subprocess.run([str(FEDML), "run", "list", "--json", "--limit", "1000"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=30)
+    try:
+        return next((x["id"] for x in json.loads(r.stdout) if x.get("name") == name), None)
+    except ValueError:
+        return None
+
+
+def launches(job: str, n: int, home: Home, env: dict[str, str], name: str) -> tuple[list[float], list[int]]:
+    """n launches, each followed to its end. Stops at the first failure or hang (and says why)."""
+    times, codes = [], []
+    for i in range(n):
+        t, code = timed([str(FEDML), "launch", job, "--name", f"{name}-{i}"], env, timeout=PER_LAUNCH_TIMEOUT_S)
+        times.append(t)
+        codes.append(code)
+        if code != 0:
+            what = f"still running after {PER_LAUNCH_TIMEOUT_S:.0f} s (killed)" if code == TIMEOUT else f"exit {code}"
+            print(f"error: launch {name}-{i}: {what}; stopping this series")
+            diagnose(home, env, run_id_named(f"{name}-{i}", env))
+            break
+    return times, codes
+
+
+def hello_own_runtime(n: int, env: dict[str, str]) -> list[float]:
+    """The hello job's bootstrap + job run directly under `bash -e` in its workspace: no fedml at all."""
+    import yaml  # pyyaml is a dependency of the project, so it is in the venv
+
+    doc = yaml.safe_load(HELLO.read_text())
+    script = f"{doc.get('bootstrap') or ''}\n{doc['job']}"
+    cwd = HELLO.parent / doc.get("workspace", ".")
+    env = env | {"FEDML_CURRENT_RUN_ID": "direct", "FEDML_CURRENT_EDGE_ID": "direct"}
+    return [timed(["bash", "-e", "-c", script], env, cwd=cwd)[0] for _ in range(n)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=15)
+    opts = ap.parse_args()
+    check_cli()
+    results: dict[str, dict] = {}
+    with temp_home("launch") as (home, env):
+        trivial = home / "trivial.yaml"
+        trivial.write_text("job: echo hi\n")
+
+        # Warm-up: this one starts the local scheduler and its agent.
+        t, code = timed([str(FEDML), "launch", str(HELLO), "--name", "warmup"], env, timeout=60)
+        print(f"first launch (starts the local scheduler + agent): {t:.3f} s, exit {code}")
+        results["first_launch"] = {"seconds": round(t, 4), "exit_code": code}
+        if code != 0:
+            print("error: the warm-up launch failed; not measuring", file=sys.stderr)
+            diagnose(home, env, run_id_named("warmup", env))
+            emit("launch_latency", {"results": results, "all_pass": False})
+            return 1
+
+        for label, job, name in (("hello", str(HELLO), "bench-hello"), ("trivial", str(trivial), "bench-trivial")):
+            times, codes = launches(job, opts.runs, home, env, name)
+            s = summary(times)
+            entry = {**s, "exit_codes": codes, "all_zero": len(codes) == opts.runs and all(c == 0 for c in codes)}
+            line = (f"fedml launch {label}: median {s['median_s']:.3f} s, p90 {s['p90_s']:.3f} s, "
+                    f"min {s['min_s']:.3f} s over {len(times)} launches; exit codes all 0: {entry['all_zero']}")
+            if label == "hello":
+                entry["target_s"] = TARGET_S
+                entry["verdict"] = verdict(s["median_s"], TARGET_S) if entry["all_zero"] else "MISS"
+                line += f"; target <= {TARGET_S:.2f} s: {entry['verdict']}"
+            print(line)
+            results[label] = entry
+
+        direct = hello_own_runtime(5, env)
+        results["hello_direct"] = summary(direct)
+        print(f"hello's bootstrap + job run directly with bash (no fedml): median {median(direct):.3f} s; "
+              f"so fedml's overhead on hello is about {results['hello']['median_s'] - median(direct):.3f} s")
+
+        # Where the time goes, for the trivial job: the client-side floor and the scheduler's own timestamps.
+        dry = [timed([str(FEDML), "launch", "--dry-run", str(trivial)], env)[0] for _ in range(opts.runs)]
+        results["dry_run"] = summary(dry)
+        print(f"fedml launch --dry-run trivial (CLI start-up + validation, no scheduler): "
+              f"median {median(dry):.3f} s")
+        r = subprocess.run([str(FEDML), "run", "list", "--json", "--limit", "1000"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+        try:
+            runs = [x for x in json.loads(r.stdout) if str(x.get("name", "")).startswith("bench-trivial-")]
+        except ValueError:
+            runs = []
+        if runs:
+            queue = [x["started_at"] - x["created_at"] for x in runs if x.get("started_at")]
+            run = [x["ended_at"] - x["started_at"] for x in runs if x.get("started_at") and x.get("ended_at")]
+            split = {"created_to_started_median_s": round(median(queue), 4),
+                     "started_to_ended_median_s": round(median(run), 4)}
+            results["trivial"]["server_split"] = split
+            print(f"trivial, scheduler timestamps: created -> started median "
+                  f"{split['created_to_started_median_s']:.3f} s, "
+                  f"started -> ended median {split['started_to_ended_median_s']:.3f} s")
+        rest = results["trivial"]["median_s"] - median(dry)
+        print(f"trivial: launch median minus dry-run median (submit + dispatch + run + log follow) = {rest:.3f} s")
+    ok = all(results[k]["all_zero"] for k in ("hello", "trivial")) and results["hello"]["verdict"] == "PASS"
+    emit("launch_latency", {"results": results, "all_pass": ok})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Shared fixtures: the real `fedml` executable run as a subprocess against a private FEDML_HOME.
+
+Every scheduler a test starts lives under its own FEDML_HOME in a temp dir and is stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPAT = ROOT.parent / "shared" / "compat" / "fedml_examples"
+FEDML = shutil.which("fedml", path=str(Path(sys.executable).parent)) or "fedml"
+
+
+def needs(what: str, ok: bool, why: str) -> None:
+    """A test whose component is missing fails in CI and skips (with the reason) elsewhere."""
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI: {why}")
+    pytest.skip(f"{what} unavailable: {why}")
+
+
+@dataclass
+class Fedml:
+    """Runs `fedml ...` with FEDML_HOME set to `home`."""
+
+    home: Path
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("FEDML_SERVER", "FEDML_API_KEY")}
+        env["FEDML_HOME"] = str(self.home)
+        env["FEDML_STOP_GRACE"] = "2"
+        env.update(extra or {})
+        return env
+
+    def __call__(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
+                 cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([FEDML, *args], capture_output=True, text=True, timeout=timeout,
+                              env=self.env(env), stdin=subprocess.DEVNULL, cwd=cwd)
+
+    def popen(self, *args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen[str]:
+        return subprocess.Popen([FEDML, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env(env), stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+
+    def stop(self) -> None:
+        subprocess.run([FEDML, "scheduler", "stop"], capture_output=True, timeout=60, env=self.env(),
+                       stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def fedml(tmp_path: Path) -> Iterator[Fedml]:
+    """A private FEDML_HOME; its local scheduler (if any command started one) is stopped afterwards."""
+    f = Fedml(tmp_path / "fedml-home")
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_fedml(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fedml]:
+    """One local scheduler for the whole session, for tests that do not restart or kill it."""
+    f = Fedml(tmp_path_factory.mktemp("shared") / "fedml-home")
+    yield f
+    f.stop()
+
+
+def write_job(dir: Path, job: str, *, extra: str = "", workspace: dict[str, str] | None = None,
+              name: str = "job.yaml") -> Path:
+    """A job YAML with a workspace folder holding `workspace` files."""
+    dir.mkdir(parents=True, exist_ok=True)
+    ws = dir / "ws"
+    ws.mkdir(exist_ok=True)
+    for rel, text in (workspace or {}).items():
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text(text)
+    body = "workspace: ws\njob: |\n" + "".join(f"  {ln}\n" for ln in job.splitlines()) + extra
+    path = dir / name
+    path.write_text(body)
+    return path
