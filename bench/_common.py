@@ -142,7 +142,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def emit(name: str, result: dict[str, Any]) -> None:
-    """The final, machine-readable line."""
-    print(json.dumps({"bench": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **result},
-                     sort_keys=False))
+    """The final, machine-readable line (strict JSON: a figure that could not be measured is null)."""
+    doc = {"bench": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **result}
+    print(json.dumps(_finite(doc), allow_nan=False))

@@ -111,7 +111,7 @@ def main() -> int:
         results["read_finished"] = {"seconds": round(t_read, 4), "lines_per_s": round(n / t_read), "verified": good,
                                     "check": why, "exit_code": code_read}
     emit("log_throughput", {"results": results, "all_pass": ok})
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

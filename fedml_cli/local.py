@@ -127,7 +127,8 @@ def stop(timeout: float = 10.0) -> list[str]:
     for what, pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        except ProcessLookupError:  # the scheduler stops its agent itself
+            stopped.append(what)
             continue
         deadline = time.monotonic() + timeout
         while _alive(pid) and time.monotonic() < deadline:

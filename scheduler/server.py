@@ -128,9 +128,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
                             timeout_keep_alive=30)
     server = uvicorn.Server(config)
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it found: make that
+    # handler an exit that runs the clean-up below instead of dying on the spot.
+    signal.signal(signal.SIGTERM, leave)
     try:
         server.run(sockets=[sock])
     finally:

@@ -1,0 +1,261 @@
+"""End to end through the real `fedml` executable, a real local scheduler and a real agent process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import ROOT, Fedml, write_job
+
+HELLO = ROOT / "job_templates" / "hello" / "job.yaml"
+
+
+def run_json(fedml: Fedml, run_id: str) -> dict:
+    r = fedml("run", "status", run_id, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def wait_status(fedml: Fedml, run_id: str, statuses: tuple[str, ...], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = run_json(fedml, run_id)
+        if run["status"] in statuses or time.monotonic() > deadline:
+            assert run["status"] in statuses, run
+            return run
+        time.sleep(0.1)
+
+
+def run_processes(run_id: str) -> list[psutil.Process]:
+    """Processes of ours that carry the run's id in their environment."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FEDML_CURRENT_RUN_ID") == run_id:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def test_hello_template_streams_in_order_and_exits_0(shared_fedml: Fedml) -> None:
+    r = shared_fedml("launch", str(HELLO))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "Bootstrap finished."
+    assert lines[1].startswith("current job id: run-")
+    run_id = lines[1].split(": ")[1]
+    assert lines[3].startswith("Hello from fedml launch")
+    assert lines[4:7] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert lines[7] == f"done: run {run_id} rank 0"
+    assert f"Run {run_id} submitted" in r.stderr
+    assert run_json(shared_fedml, run_id)["status"] == "FINISHED"
+
+
+def test_failing_job_exit_code_propagates_and_run_failed(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, 'echo "before"\nexit 7\necho "never printed"')
+    r = shared_fedml("launch", str(job), "--json")
+    assert r.returncode == 7, r.stderr
+    recs = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [x["line"] for x in recs if "line" in x] == ["before"]
+    end = recs[-1]
+    assert end["end"] and end["status"] == "FAILED" and end["exit_code"] == 7
+    run = run_json(shared_fedml, end["run_id"])
+    assert run["status"] == "FAILED" and run["exit_code"] == 7
+    assert "exited with code 7" in run["reason"]
+
+
+def test_set_e_semantics_stop_at_first_failing_command(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "echo one\nfalse\necho two")
+    r = shared_fedml("launch", str(job))
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == ["one"]
+
+
+def test_bootstrap_failure_fails_run_without_running_job(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "echo job-ran", extra="bootstrap: |\n  echo booting\n  exit 3\n")
+    r = shared_fedml("launch", str(job))
+    assert r.returncode == 3
+    assert "job-ran" not in r.stdout and "booting" in r.stdout
+    assert "bootstrap failed with exit code 3" in r.stderr
+
+
+def test_detach_then_logs_follow_shows_the_same_lines(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, 'for i in $(seq 1 20); do echo "tick $i"; sleep 0.02; done\necho oops >&2')
+    r = shared_fedml("launch", str(job), "--detach")
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+    assert run_id.startswith("run-")
+    f = shared_fedml("logs", "-f", run_id)
+    assert f.returncode == 0, f.stderr
+    assert f.stdout.splitlines() == [f"tick {i}" for i in range(1, 21)]
+    assert "oops" in f.stderr  # stderr lines go to stderr
+    again = shared_fedml("logs", run_id, "--json")
+    recs = [json.loads(x) for x in again.stdout.splitlines()]
+    assert [x["pos"] for x in recs] == list(range(21))
+    assert recs[-1]["stream"] == "stderr" and recs[-1]["line"] == "oops"
+    tail = shared_fedml("logs", run_id, "--tail", "3")
+    assert tail.stdout.splitlines() == ["tick 19", "tick 20"] and "oops" in tail.stderr
+
+
+def test_fifty_thousand_lines_none_lost_none_duplicated(shared_fedml: Fedml, tmp_path: Path) -> None:
+    n = 50_000
+    job = write_job(tmp_path, f"python3 -c \"import sys\nfor i in range({n}): print(f'line {{i}} ' + 'x' * (i % 50))\"")
+    r = shared_fedml("launch", str(job), "--detach")
+    run_id = r.stdout.strip()
+    follow = shared_fedml("logs", "-f", run_id, timeout=180)
+    assert follow.returncode == 0, follow.stderr
+    expected = [f"line {i} " + "x" * (i % 50) for i in range(n)]
+    assert follow.stdout.splitlines() == expected
+    after = shared_fedml("logs", run_id, timeout=180)
+    assert after.stdout.splitlines() == expected
+    assert run_json(shared_fedml, run_id)["log_count"] == n
+
+
+def test_env_vars_substitution_and_free_keys(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path,
+        "echo \"rank=$FEDML_CLIENT_RANK nodes=$FEDML_NUM_NODES world=$WORLD_SIZE\"\n"
+        "echo 'literal=$FEDML_CURRENT_RUN_ID'\n"
+        "echo \"ds=$FEDML_ENV_DATA_ARGS_DATASET_NAME lr=$FEDML_ENV_TRAINING_PARAMS_LEARNING_RATE\"\n"
+        "echo \"mine=$MY_VAR extra=$EXTRA cvd=[$CUDA_VISIBLE_DEVICES]\"",
+        extra="data_args:\n  dataset_name: mnist\ntraining_params:\n  learning_rate: 0.004\nenvs:\n  MY_VAR: 42\n")
+    r = shared_fedml("launch", str(job), "--json", "--env", "EXTRA=hello world")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in r.stdout.splitlines()]
+    run_id = recs[-1]["run_id"]
+    lines = [x["line"] for x in recs if "line" in x]
+    assert lines == [
+        "rank=0 nodes=1 world=1",
+        f"literal={run_id}",  # substituted in the job text, as FedML does, even inside single quotes
+        "ds=mnist lr=0.004",
+        "mine=42 extra=hello world cvd=[]",
+    ]
+
+
+def test_workspace_files_and_gitignore(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "ls -a | sort\ncat data/x.txt", workspace={
+        "data/x.txt": "payload", ".gitignore": "*.ckpt\nbig/\n", "model.ckpt": "nope", "big/a": "nope",
+        "run.sh": "echo hi"})
+    r = shared_fedml("launch", str(job))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [".", "..", ".gitignore", "data", "run.sh", "payload"]
+
+
+def test_stop_kills_the_whole_process_tree(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "sleep 1000 &\nsleep 1000 &\n(setsid sleep 1000 &)\necho started\nsleep 1000")
+    r = shared_fedml("launch", str(job), "--detach")
+    run_id = r.stdout.strip()
+    wait_status(shared_fedml, run_id, ("RUNNING",))
+    deadline = time.monotonic() + 10
+    while len(run_processes(run_id)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(run_processes(run_id)) >= 4  # bash + three sleeps at least
+    s = shared_fedml("run", "stop", run_id)
+    assert s.returncode == 0, s.stderr
+    assert "KILLED" in s.stderr
+    run = run_json(shared_fedml, run_id)
+    assert run["status"] == "KILLED"
+    alive = [p for p in run_processes(run_id) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    logs = shared_fedml("logs", run_id)
+    assert logs.stdout.splitlines() == ["started"]
+
+
+def test_stop_of_a_queued_or_finished_run(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "echo quick")
+    r = shared_fedml("launch", str(job))
+    run_id = r.stderr.split("Run ")[1].split()[0]
+    s = shared_fedml("run", "stop", run_id)
+    assert s.returncode == 0 and "FINISHED" in s.stderr  # nothing to stop: says what it is
+
+
+def test_run_list_and_status_filters(shared_fedml: Fedml, tmp_path: Path) -> None:
+    ok = shared_fedml("launch", str(write_job(tmp_path / "a", "echo a")), "--detach").stdout.strip()
+    bad = shared_fedml("launch", str(write_job(tmp_path / "b", "exit 5")), "--detach").stdout.strip()
+    wait_status(shared_fedml, ok, ("FINISHED",))
+    wait_status(shared_fedml, bad, ("FAILED",))
+    failed = json.loads(shared_fedml("run", "list", "--status", "failed", "--json").stdout)
+    assert bad in [r["id"] for r in failed] and ok not in [r["id"] for r in failed]
+    table = shared_fedml("run", "list")
+    assert ok in table.stdout and bad in table.stdout
+    assert shared_fedml("run", "list", "--status", "nope").returncode == 2
+
+
+def test_missing_run_exit_4_and_unreachable_exit_3(shared_fedml: Fedml) -> None:
+    r = shared_fedml("run", "status", "run-doesnotexist")
+    assert r.returncode == 4 and "not found" in r.stderr
+    assert shared_fedml("logs", "run-doesnotexist").returncode == 4
+    down = shared_fedml("run", "list", env={"FEDML_SERVER": "http://127.0.0.1:9"})
+    assert down.returncode == 3 and "cannot reach the scheduler" in down.stderr
+
+
+def test_job_that_can_never_fit_is_rejected_at_launch(shared_fedml: Fedml, tmp_path: Path) -> None:
+    shared_fedml("launch", str(HELLO))  # make sure the local agent has registered
+    job = write_job(tmp_path, "echo hi", extra="computing:\n  minimum_num_gpus: 8\n  resource_type: H100-80G\n")
+    r = shared_fedml("launch", str(job))
+    assert r.returncode == 2
+    assert "cannot ever run" in r.stderr and "8 free H100-80G GPUs" in r.stderr
+
+
+def test_scheduler_started_once_reused_and_restarted_after_sigkill(fedml: Fedml, tmp_path: Path) -> None:
+    first = fedml("launch", str(HELLO))
+    assert first.returncode == 0, first.stderr
+    assert "Started the local scheduler" in first.stderr
+    state = json.loads((fedml.home / "local" / "scheduler.json").read_text())
+    second = fedml("launch", str(HELLO))
+    assert second.returncode == 0 and "Started the local scheduler" not in second.stderr
+    assert json.loads((fedml.home / "local" / "scheduler.json").read_text())["pid"] == state["pid"]
+    before = json.loads(fedml("run", "list", "--json").stdout)
+    assert len(before) == 2
+
+    os.kill(state["pid"], signal.SIGKILL)
+    after = fedml("run", "list", "--json")
+    assert after.returncode == 0, after.stderr
+    assert "Started the local scheduler" in after.stderr
+    assert [(r["id"], r["status"]) for r in json.loads(after.stdout)] == [(r["id"], r["status"]) for r in before]
+    new_pid = json.loads((fedml.home / "local" / "scheduler.json").read_text())["pid"]
+    assert new_pid != state["pid"]
+    # and it still runs jobs (the surviving agent found the new scheduler)
+    third = fedml("launch", str(HELLO))
+    assert third.returncode == 0, third.stderr
+
+
+def test_run_survives_scheduler_and_agent_sigkill_without_losing_lines(fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, 'for i in $(seq 1 60); do echo "n $i"; sleep 0.05; done')
+    run_id = fedml("launch", str(job), "--detach").stdout.strip()
+    wait_status(fedml, run_id, ("RUNNING",))
+    time.sleep(0.5)
+    local = fedml.home / "local"
+    sched_pid = json.loads((local / "scheduler.json").read_text())["pid"]
+    agent_pid = int((local / "agent" / "agent.pid").read_text())
+    os.kill(agent_pid, signal.SIGKILL)
+    os.kill(sched_pid, signal.SIGKILL)
+    time.sleep(0.5)
+    f = fedml("logs", "-f", run_id, timeout=60)  # restarts the scheduler; it restarts the agent
+    assert f.returncode == 0, f.stderr
+    assert f.stdout.splitlines() == [f"n {i}" for i in range(1, 61)]
+    assert run_json(fedml, run_id)["status"] == "FINISHED"
+
+
+def test_scheduler_stop_then_next_command_starts_a_new_one(fedml: Fedml) -> None:
+    assert fedml("launch", str(HELLO)).returncode == 0
+    s = fedml("scheduler", "stop")
+    assert "stopped scheduler" in s.stderr and "stopped agent" in s.stderr
+    assert not (fedml.home / "local" / "scheduler.json").exists()
+    assert fedml("scheduler", "status").returncode == 3
+    r = fedml("run", "list", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 1
+
+
+@pytest.mark.parametrize("cmd", [["version"], ["--help"], ["env"]])
+def test_light_commands_work_without_a_scheduler(fedml: Fedml, cmd: list[str]) -> None:
+    r = fedml(*cmd)
+    assert r.returncode == 0, r.stderr
+    assert not (fedml.home / "local" / "scheduler.json").exists()
