@@ -147,7 +147,7 @@ class RunWorker(threading.Thread):
                 n = 0
                 time.sleep(0.5)
             if status is None and not n:
-                time.sleep(0.02)
+                h.wait(0.02)
         if stopper is not None:
             stopper.join()
         shipper.drain()

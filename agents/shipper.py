@@ -14,8 +14,8 @@ from scheduler.models import LogBatch
 from .client import AgentClient, Refused, Unreachable
 
 MAX_LINE = 64 * 1024
-MAX_BATCH_LINES = 5000
-MAX_BATCH_BYTES = 2 * 1024 * 1024
+MAX_BATCH_LINES = 20_000
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
 class _Tail:

@@ -41,6 +41,12 @@ class Handle(abc.ABC):
     @abc.abstractmethod
     def poll(self) -> ExitStatus | None: ...
 
+    def wait(self, timeout: float) -> None:
+        """Block up to `timeout` seconds, returning early if the job may have ended."""
+        import time
+
+        time.sleep(timeout)
+
     @abc.abstractmethod
     def stop(self, grace: float) -> None:
         """Ask the job to end, wait up to `grace` seconds, then kill everything it started."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ class ProcessHandle(Handle):
         self.run_id, self.run_dir, self.pid, self.create_time = run_id, run_dir, pid, create_time
         self._popen = popen
         self._status: ExitStatus | None = None
+        self._exited = threading.Event()
+        if popen is not None:
+            # Wakes the agent the moment the job ends, instead of at its next look.
+            threading.Thread(target=lambda: (popen.wait(), self._exited.set()), daemon=True,
+                             name=f"wait-{run_id}").start()
+
+    def wait(self, timeout: float) -> None:
+        self._exited.wait(timeout)
 
     def _alive(self) -> bool:
         if self._popen is not None:

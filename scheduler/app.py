@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fedml_cli import __version__
@@ -151,7 +152,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             rows = await run_in_threadpool(store.read_logs, run_id, after, 5000, rank)
             if rows:
                 after = rows[-1].pos
-                yield "".join(r.model_dump_json() + "\n" for r in rows).encode()
+                yield ("\n".join(r.to_json() for r in rows) + "\n").encode()
                 continue
             if seen_end:
                 run = await run_in_threadpool(sched.get_run, run_id)
@@ -188,8 +189,18 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     def report(run_id: str, body: StatusReport, node_id: str | None = None) -> Run:
         return sched.report(run_id, body, node_id)
 
-    @app.post(f"{API}/runs/{{run_id}}/logs", dependencies=[Depends(auth)])
-    def append_logs(run_id: str, body: LogBatch) -> JSONResponse:
+    @app.post(f"{API}/runs/{{run_id}}/logs", dependencies=[Depends(auth)],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": LogBatch.model_json_schema()}}}})
+    async def append_logs(run_id: str, request: Request) -> JSONResponse:
+        # Parsed by pydantic straight from the JSON bytes: a batch holds thousands of lines.
+        try:
+            body = LogBatch.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from None
+        return await run_in_threadpool(_append, run_id, body)
+
+    def _append(run_id: str, body: LogBatch) -> JSONResponse:
         sched.get_run(run_id)
         try:
             nxt = store.append_logs(run_id, body.rank, body.first_seq, body.lines)

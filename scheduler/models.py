@@ -5,9 +5,10 @@ Kept free of FastAPI so the CLI can import it.
 
 from __future__ import annotations
 
+import json
 import time
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -107,13 +108,19 @@ class Node(NodeInfo):
     last_seen: float = Field(default_factory=time.time)
 
 
-class LogLine(BaseModel):
-    pos: int  # 0-based position of the line in the run's log: the resume offset
-    rank: int = 0
-    seq: int = 0  # the agent's sequence number for (run, rank)
+class LogRow(NamedTuple):
+    """A stored log line as the store returns it (a tuple: cheap to read by the hundred thousand)."""
+
+    pos: int
+    rank: int
+    seq: int
     ts: float
-    stream: str = "stdout"
+    stream: str
     line: str
+
+    def to_json(self) -> str:
+        return (f'{{"pos":{self.pos},"rank":{self.rank},"seq":{self.seq},"ts":{self.ts:.6f},'
+                f'"stream":{json.dumps(self.stream)},"line":{json.dumps(self.line, ensure_ascii=False)}}}')
 
 
 class RunCreate(BaseModel):

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .models import LogLine, Node, Run, RunStatus, check_transition
+from .models import LogRow, Node, Run, RunStatus, check_transition
 from .store import NotFound, SeqGap, Store
 
 SCHEMA = """
@@ -176,7 +176,7 @@ class SQLiteStore(Store):
         return nxt
 
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
-                  rank: int | None = None) -> list[LogLine]:
+                  rank: int | None = None) -> list[LogRow]:
         sql = "SELECT pos, rank, seq, ts, stream, line FROM logs WHERE run_id=? AND pos>?"
         args: list[Any] = [run_id, after]
         if rank is not None:
@@ -186,7 +186,7 @@ class SQLiteStore(Store):
         args.append(limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [LogLine(pos=p, rank=r, seq=s, ts=t, stream=st, line=ln) for p, r, s, t, st, ln in rows]
+        return [LogRow(*row) for row in rows]
 
     # -- nodes -------------------------------------------------------------------------------------------
     def upsert_node(self, node: Node) -> Node:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 
-from .models import LogLine, Node, Run, RunStatus
+from .models import LogRow, Node, Run, RunStatus
 
 
 class NotFound(KeyError):
@@ -55,7 +55,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
-                  rank: int | None = None) -> list[LogLine]:
+                  rank: int | None = None) -> list[LogRow]:
         """Lines with pos > after, in order."""
 
     @abc.abstractmethod

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COMPAT, Fedml, needs
+
+from .conftest import COMPAT, Fedml, needs
 
 
 def compat_files() -> list[Path]:

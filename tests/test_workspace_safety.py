@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT
 
 from runtime.workspace import UnsafeArchive, check_archive, unpack
+
+from .conftest import ROOT
 
 # ---- archives ------------------------------------------------------------------------------------------------
 
