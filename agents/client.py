@@ -7,8 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from fedml_cli._http import httpx, transport
 from scheduler.models import LogBatch, Node, NodeInfo, PollResponse, RunStatus, StatusReport
 
 API = "/api/v1"
@@ -49,7 +48,8 @@ class AgentClient:
         if self._http is None or base != self._base:
             if self._http is not None:
                 self._http.close()
-            self._http = httpx.Client(base_url=base, headers=self._headers, timeout=self._timeout)
+            self._http = httpx.Client(base_url=base, headers=self._headers, timeout=self._timeout,
+                                      transport=transport(base))
             self._base = base
         return self._http
 

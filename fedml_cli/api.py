@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import local
-from ._http import httpx
+from ._http import httpx, transport
 from .errors import NOT_FOUND, UNREACHABLE, USAGE, CliError
 
 API = "/api/v1"
@@ -22,9 +22,8 @@ class Api:
         self.embedded = embedded
         self._restarted = False
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # Loading the CA bundle costs ~30 ms; plain http (the local scheduler) does not need it.
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, connect=5.0),
-                                 verify=self.url.startswith("https://"))
+                                 transport=transport(self.url))
 
     def _check(self, r: httpx.Response) -> httpx.Response:
         if r.status_code < 400:
