@@ -162,7 +162,7 @@ def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides
 
 
 def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: bool = False,
-            after: int = -1, tail: int | None = None) -> int:
+            after: int = -1, tail: int | None = None, rank: int | None = None) -> int:
     """Print the run's log until it ends; reconnect if the scheduler restarts. Returns the exit code."""
     out, err = sys.stdout, sys.stderr
     end: dict[str, Any] | None = None
@@ -170,7 +170,7 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
     try:
         while end is None:
             try:
-                for rec in api.stream_logs(run_id, after=after, tail=tail, follow=True):
+                for rec in api.stream_logs(run_id, after=after, tail=tail, follow=True, rank=rank):
                     if rec.get("end"):
                         end = rec
                         break
@@ -235,7 +235,7 @@ def logs(
     try:
         api = connect()
         if follow:
-            code = _follow(api, run_id, as_json=as_json, tail=tail)
+            code = _follow(api, run_id, as_json=as_json, tail=tail, rank=rank)
             raise typer.Exit(0 if code == OK or as_json else code)
         for rec in api.stream_logs(run_id, tail=tail, rank=rank):
             if rec.get("end"):

@@ -259,3 +259,39 @@ def test_light_commands_work_without_a_scheduler(fedml: Fedml, cmd: list[str]) -
     r = fedml(*cmd)
     assert r.returncode == 0, r.stderr
     assert not (fedml.home / "local" / "scheduler.json").exists()
+
+
+def test_ctrl_c_stops_following_but_not_the_run(shared_fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, 'echo first\nsleep 2\necho second')
+    p = shared_fedml.popen("launch", str(job))
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "first"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130
+    run_id = err.split("Run ")[1].split()[0]
+    assert f"Run {run_id} keeps running" in err
+    run = wait_status(shared_fedml, run_id, ("FINISHED",), timeout=30)
+    assert run["exit_code"] == 0
+    assert shared_fedml("logs", run_id).stdout.splitlines() == ["first", "second"]
+
+
+def test_foreground_scheduler_is_used_and_cleans_up(fedml: Fedml, tmp_path: Path) -> None:
+    p = fedml.popen("scheduler", "start", "--port", "0")
+    try:
+        state = fedml.home / "local" / "scheduler.json"
+        deadline = time.monotonic() + 20
+        while not state.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = json.loads(state.read_text())["pid"]
+        assert pid == p.pid
+        r = fedml("launch", str(write_job(tmp_path, "echo via foreground")))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "via foreground"
+        assert "Started the local scheduler" not in r.stderr
+        again = fedml("scheduler", "start", "--port", "0")
+        assert again.returncode == 2 and "already running" in again.stderr
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    assert not state.exists()
