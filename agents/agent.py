@@ -30,7 +30,7 @@ from scheduler.jobspec import JobSpec
 from scheduler.models import Assignment, NodeInfo, RunStatus
 
 from .client import AgentClient, Refused, Unreachable, server_from_state_file
-from .inventory import collect
+from .inventory import collect, detect_address
 from .shipper import Shipper
 
 log = logging.getLogger("fedml.agent")
@@ -92,8 +92,8 @@ class RunWorker(threading.Thread):
             run = self.assignment.run
             spec = JobSpec.model_validate(run.job)
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.saved = {"run_id": run.id, "rank": self.assignment.rank, "max_duration": spec.max_duration,
-                          "started": time.time()}
+            self.saved = {"run_id": run.id, "rank": self.assignment.rank, "attempt": run.attempt,
+                          "max_duration": spec.max_duration, "started": time.time()}
             self._save()
             workspace = self.dir / "workspace"
             try:
@@ -104,8 +104,9 @@ class RunWorker(threading.Thread):
             except (UnsafeArchive, Refused, OSError) as exc:
                 self._report_final(RunStatus.FAILED, None, f"workspace: {exc}")
                 return
-            env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=self.assignment.rank,
-                          num_nodes=self.assignment.num_nodes, gpus=run.gpus, overrides=run.env)
+            a = self.assignment
+            env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=a.rank, num_nodes=a.num_nodes,
+                          node0_addr=a.node0_addr, node0_port=a.node0_port, gpus=a.gpus, overrides=run.env)
             launch = LaunchSpec(run_id=run.id, run_dir=self.dir, workspace=workspace,
                                 bootstrap=spec.bootstrap_commands(), job=spec.commands(), env=env,
                                 rank=self.assignment.rank)
@@ -126,7 +127,8 @@ class RunWorker(threading.Thread):
         h = self.handle
         ck = self.saved.get("shipper", {})
         shipper = Shipper(self.agent.client, self.run_id, int(self.saved.get("rank", 0)), h.log_files(),
-                          offsets=ck.get("offsets"), next_seq=int(ck.get("next_seq", 0)))
+                          offsets=ck.get("offsets"), next_seq=int(ck.get("next_seq", 0)),
+                          attempt=int(self.saved.get("attempt", 1)))
         stopper: threading.Thread | None = None
         deadline = None
         if self.saved.get("max_duration"):
@@ -172,7 +174,7 @@ class RunWorker(threading.Thread):
             try:
                 self.agent.client.report(self.run_id, self.agent.node_id, status, code, reason)
             except Refused as exc:
-                if exc.status not in (404, 409):  # 404/409: the scheduler has settled this run already
+                if exc.status not in (403, 404, 409):  # the scheduler has settled this run already
                     raise
         self._retry(send)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -193,8 +195,9 @@ class RunWorker(threading.Thread):
 
 class Agent:
     def __init__(self, client: AgentClient, home: Path, info: NodeInfo, runtime: Runtime | None = None,
-                 stop_grace: float = 10.0) -> None:
+                 stop_grace: float = 10.0, join_key: str | None = None) -> None:
         self.client, self.home, self.info = client, home, info
+        self.join_key = join_key  # a user/admin key, used only to join; afterwards the node key is used
         self.runtime = runtime or ProcessRuntime()
         self.stop_grace = stop_grace
         self.node_id = ""
@@ -210,24 +213,35 @@ class Agent:
         return path
 
     def register(self) -> None:
-        saved = self.home / "node.json"
-        node_id = None
-        if saved.exists():
-            node_id = json.loads(saved.read_text()).get("id")
+        """Join with the node key from an earlier registration, else with the join key (which gets us a
+        node key). A node key that was revoked (node removed) falls back to the join key if we have one."""
+        token_file = self.home / "node_token"
         delay = 0.1
         while not self.stopping.is_set():
+            node_token = token_file.read_text().strip() if token_file.exists() else None
+            self.client.set_token(node_token or self.join_key)
             try:
-                node = self.client.register(self.info, node_id)
-                break
+                reg = self.client.register(self.info)
             except Unreachable as exc:
                 log.info("scheduler not reachable (%s); retrying", exc)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
-        else:
+                continue
+            except Refused as exc:
+                if node_token and exc.status in (401, 404) and self.join_key:
+                    log.warning("our node key was refused (%s); joining again", exc.detail)
+                    token_file.unlink(missing_ok=True)
+                    continue
+                raise SystemExit(f"the scheduler refused this node: {exc.detail}") from None
+            if reg.node_token:
+                fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(reg.node_token)
+                self.client.set_token(reg.node_token)
+            self.node_id = reg.node.id
+            _write_json(self.home / "node.json", {"id": reg.node.id, "name": reg.node.name})
+            log.info("registered as %s (%s)", reg.node.name, reg.node.id)
             return
-        self.node_id = node.id
-        _write_json(saved, {"id": node.id, "name": node.name})
-        log.info("registered as %s (%s)", node.name, node.id)
 
     def reattach(self) -> None:
         for d in sorted((self.home / "runs").iterdir()):
@@ -266,7 +280,7 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             except Refused as exc:
-                if exc.status == 404:  # the scheduler forgot us (new database): register again
+                if exc.status in (401, 404):  # removed, or the scheduler forgot us (new database): join again
                     self.register()
                     continue
                 log.warning("poll refused: %s", exc)
@@ -307,17 +321,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--name")
     p.add_argument("--gpus", help="declare GPUs where NVML is absent, e.g. A100-80G:4")
+    p.add_argument("--label", action="append", default=[], help="k=v, repeatable")
+    p.add_argument("--price-per-gpu-hour", type=float)
+    p.add_argument("--address", help="address other nodes reach this one at (default: detected)")
     p.add_argument("--stop-grace", type=float, default=float(os.environ.get("FEDML_STOP_GRACE", "10")))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns what matters
     lock = _SingleInstance(args.home / "agent.pid")
-    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("FEDML_API_KEY")
+    join_key = args.token_file.read_text().strip() if args.token_file else os.environ.pop("FEDML_API_KEY", None)
     server: Any = server_from_state_file(args.state_file) if args.state_file else args.server
     if not server:
         p.error("give --server or --state-file")
-    agent = Agent(AgentClient(server, token), args.home, collect(args.name, args.gpus),
-                  stop_grace=args.stop_grace)
+    labels = dict(kv.split("=", 1) for kv in args.label if "=" in kv)
+    info = collect(args.name, args.gpus, labels=labels, price=args.price_per_gpu_hour,
+                   address=args.address or (detect_address(args.server) if args.server else "127.0.0.1"))
+    agent = Agent(AgentClient(server, None), args.home, info, stop_grace=args.stop_grace, join_key=join_key)
 
     def on_term(*_: Any) -> None:
         # Jobs keep running: they write to files and the next agent re-attaches to them.

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedml_cli._http import httpx, transport
-from scheduler.models import LogBatch, Node, NodeInfo, PollResponse, RunStatus, StatusReport
+from scheduler.models import LogBatch, NodeInfo, PollResponse, Registered, RunStatus, StatusReport
 
 API = "/api/v1"
 
@@ -43,6 +43,11 @@ class AgentClient:
         self._http: httpx.Client | None = None
         self._base: str | None = None
 
+    def set_token(self, token: str | None) -> None:
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if self._http is not None:
+            self._http.headers = httpx.Headers(self._headers)
+
     def _client(self) -> httpx.Client:
         base = self._resolve().rstrip("/")
         if self._http is None or base != self._base:
@@ -69,10 +74,11 @@ class AgentClient:
             raise Refused(r.status_code, str(detail), body if isinstance(body, dict) else None)
         return r
 
-    def register(self, info: NodeInfo, node_id: str | None) -> Node:
-        params = {"node_id": node_id} if node_id else {}
-        return Node.model_validate(self._call("POST", "/nodes/register", json=info.model_dump(),
-                                              params=params).json())
+    def register(self, info: NodeInfo) -> Registered:
+        return Registered.model_validate(self._call("POST", "/nodes/register", json=info.model_dump()).json())
+
+    def deregister(self, node_id: str) -> None:
+        self._call("DELETE", f"/nodes/{node_id}")
 
     def poll(self, node_id: str, running: list[str], wait: float) -> PollResponse:
         r = self._call("POST", f"/nodes/{node_id}/poll", json={"running": running, "wait": wait},
@@ -96,8 +102,9 @@ class AgentClient:
             raise
         return int(r.json()["next_seq"])
 
-    def next_seq(self, run_id: str, rank: int) -> int:
-        return int(self._call("GET", f"/runs/{run_id}/logs/next_seq", params={"rank": rank}).json()["next_seq"])
+    def next_seq(self, run_id: str, attempt: int, rank: int) -> int:
+        r = self._call("GET", f"/runs/{run_id}/logs/next_seq", params={"attempt": attempt, "rank": rank})
+        return int(r.json()["next_seq"])
 
     def download(self, sha: str, dest: Path) -> None:
         tmp = dest.with_suffix(".part")

@@ -56,8 +56,23 @@ def parse_gpu_decl(decl: str) -> list[GpuInfo]:
     return out
 
 
+def detect_address(server_url: str) -> str:
+    """The local address this machine uses towards the scheduler: what other nodes can likely reach.
+    (A UDP connect sends nothing; it only asks the kernel for the route.)"""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(server_url).hostname or "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
 def collect(name: str | None = None, gpus_decl: str | None = None, labels: dict[str, str] | None = None,
-            price: float | None = None, runtimes: list[str] | None = None) -> NodeInfo:
+            price: float | None = None, runtimes: list[str] | None = None, address: str = "127.0.0.1") -> NodeInfo:
     from fedml_cli import __version__
 
     gpus = parse_gpu_decl(gpus_decl) if gpus_decl else nvml_gpus()[0]
@@ -69,5 +84,6 @@ def collect(name: str | None = None, gpus_decl: str | None = None, labels: dict[
         labels=labels or {},
         price_per_gpu_hour=price,
         runtimes=runtimes or ["process"],
+        address=address,
         agent_version=__version__,
     )

@@ -56,8 +56,8 @@ class _Tail:
 
 class Shipper:
     def __init__(self, client: AgentClient, run_id: str, rank: int, files: dict[str, Path],
-                 offsets: dict[str, int] | None = None, next_seq: int = 0) -> None:
-        self.client, self.run_id, self.rank = client, run_id, rank
+                 offsets: dict[str, int] | None = None, next_seq: int = 0, attempt: int = 1) -> None:
+        self.client, self.run_id, self.rank, self.attempt = client, run_id, rank, attempt
         self.tails = [_Tail(s, p, (offsets or {}).get(s, 0)) for s, p in files.items()]
         self.next_seq = next_seq
         self.shipped = 0
@@ -79,11 +79,11 @@ class Shipper:
                 budget = max(4096, budget - sum(len(x) for x, _ in got))
         if not lines:
             return 0
-        batch = LogBatch(rank=self.rank, first_seq=self.next_seq, lines=lines)
+        batch = LogBatch(rank=self.rank, attempt=self.attempt, first_seq=self.next_seq, lines=lines)
         try:
             acked = self.client.send_logs(self.run_id, batch)
         except Refused as exc:
-            if exc.status == 404:  # the run is gone from the scheduler: nothing to keep
+            if exc.status in (403, 404):  # the run is gone, or no longer ours: nothing to keep
                 acked = self.next_seq + len(lines)
             else:
                 raise Unreachable(str(exc)) from None

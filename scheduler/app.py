@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,22 @@ from starlette.concurrency import run_in_threadpool
 
 from fedml_cli import __version__
 
+from . import auth as keys
 from .blobs import BlobError, BlobStore
-from .models import LogBatch, Node, NodeInfo, PollRequest, PollResponse, Run, RunCreate, RunStatus, StatusReport
+from .models import (
+    ApiKey,
+    LogBatch,
+    Node,
+    NodeInfo,
+    PollRequest,
+    PollResponse,
+    Principal,
+    Registered,
+    Run,
+    RunCreate,
+    RunStatus,
+    StatusReport,
+)
 from .notify import Notifier
 from .service import Rejected, Scheduler
 from .store import SeqGap, Store
@@ -31,19 +44,16 @@ API = "/api/v1"
 
 @dataclass
 class Settings:
-    token: str | None
     blob_dir: Path
     max_workspace_mb: int = 512
-    poll_wait: float = 15.0
-    heartbeat_timeout: float = 60.0
+    heartbeat_interval: float = 10.0
 
 
 def create_app(store: Store, settings: Settings) -> FastAPI:
     notifier = Notifier()
     blobs = BlobStore(settings.blob_dir, max_bytes=settings.max_workspace_mb * 1024 * 1024,
                       max_unpacked_bytes=4 * settings.max_workspace_mb * 1024 * 1024)
-    sched = Scheduler(store, notifier, blob_exists=blobs.has, poll_wait=settings.poll_wait,
-                      heartbeat_timeout=settings.heartbeat_timeout)
+    sched = Scheduler(store, notifier, blob_exists=blobs.has, heartbeat_interval=settings.heartbeat_interval)
 
     async def schedule_loop() -> None:
         while True:
@@ -54,13 +64,22 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                 log.exception("schedule pass failed")
             await notifier.wait("schedule", ticket, 2.0)
 
+    async def heartbeat_loop() -> None:
+        while True:
+            await asyncio.sleep(max(0.2, settings.heartbeat_interval / 2))
+            try:
+                await run_in_threadpool(sched.check_heartbeats)
+            except Exception:
+                log.exception("heartbeat check failed")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(schedule_loop())
+        tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(heartbeat_loop())]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     app = FastAPI(title="fedml launch scheduler", version=__version__, lifespan=lifespan)
     app.state.scheduler = sched
@@ -74,41 +93,52 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     async def _blob(_: Request, exc: BlobError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    def auth(request: Request) -> str:
-        if settings.token is None:
-            return "local"
+    def auth(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), settings.token.encode()):
-            raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
-        return "local"
+        who = keys.verify(store, given.strip()) if scheme.lower() == "bearer" else None
+        if who is None:
+            raise HTTPException(401, "missing, wrong or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        return who
+
+    def admin(who: Principal = Depends(auth)) -> Principal:
+        if not who.admin:
+            raise HTTPException(403, "this needs an admin key")
+        return who
 
     @app.get("/healthz")
     def healthz() -> dict[str, object]:
         return {"ok": True, "version": __version__}
 
-    @app.get(f"{API}/info", dependencies=[Depends(auth)])
-    def info() -> dict[str, object]:
+    @app.get(f"{API}/info")
+    def info(who: Principal = Depends(auth)) -> dict[str, object]:
         nodes = store.list_nodes()
         return {"version": __version__, "store": type(store).__name__, "nodes": len(nodes),
-                "gpus": sum(len(n.gpus) for n in nodes)}
+                "gpus": sum(len(n.gpus) for n in nodes), "you": {"scope": who.scope, "owner": who.owner},
+                "heartbeat_interval": settings.heartbeat_interval}
 
     # -- workspace blobs ---------------------------------------------------------------------------------
     @app.head(f"{API}/blobs/{{sha}}", dependencies=[Depends(auth)])
     def blob_head(sha: str) -> Response:
         return Response(status_code=200 if blobs.has(sha) else 404)
 
-    @app.put(f"{API}/blobs/{{sha}}", dependencies=[Depends(auth)], status_code=201)
-    async def blob_put(sha: str, request: Request) -> dict[str, object]:
+    @app.put(f"{API}/blobs/{{sha}}", status_code=201)
+    async def blob_put(sha: str, request: Request, who: Principal = Depends(auth)) -> dict[str, object]:
+        if who.scope == "node":
+            raise HTTPException(403, "a node key cannot upload workspaces")
         if blobs.has(sha):
             return {"sha256": sha, "stored": False}
         size = await blobs.put(sha, request.stream())
         return {"sha256": sha, "stored": True, "size": size}
 
-    @app.get(f"{API}/blobs/{{sha}}", dependencies=[Depends(auth)])
-    def blob_get(sha: str) -> Response:
+    @app.get(f"{API}/blobs/{{sha}}")
+    def blob_get(sha: str, who: Principal = Depends(auth)) -> Response:
         from fastapi.responses import FileResponse
 
+        if who.scope == "node" and not any(
+                r.workspace_sha == sha for r in store.list_runs(status=[RunStatus.STARTING, RunStatus.RUNNING],
+                                                                node_id=who.owner)):
+            raise HTTPException(403, "a node may fetch only the workspaces of runs placed on it")
         path = blobs.path(sha)
         if not path.is_file():
             raise HTTPException(404, f"blob {sha[:12]} not found")
@@ -116,27 +146,28 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     # -- runs --------------------------------------------------------------------------------------------
     @app.post(f"{API}/runs", status_code=201)
-    def create_run(body: RunCreate, owner: str = Depends(auth)) -> Run:
-        return sched.create_run(body, owner=owner)
+    def create_run(body: RunCreate, who: Principal = Depends(auth)) -> Run:
+        return sched.create_run(body, who)
 
-    @app.get(f"{API}/runs", dependencies=[Depends(auth)])
+    @app.get(f"{API}/runs")
     def list_runs(status: list[RunStatus] | None = Query(default=None),
-                  limit: int = Query(default=1000, ge=1, le=100_000)) -> list[Run]:
-        return store.list_runs(status=status, limit=limit)
+                  limit: int = Query(default=1000, ge=1, le=100_000), who: Principal = Depends(auth)) -> list[Run]:
+        return sched.list_runs(who, status, limit)
 
-    @app.get(f"{API}/runs/{{run_id}}", dependencies=[Depends(auth)])
-    def get_run(run_id: str) -> Run:
-        return sched.get_run(run_id)
+    @app.get(f"{API}/runs/{{run_id}}")
+    def get_run(run_id: str, who: Principal = Depends(auth)) -> Run:
+        return sched.get_run(run_id, who)
 
-    @app.post(f"{API}/runs/{{run_id}}/stop", dependencies=[Depends(auth)])
-    def stop_run(run_id: str) -> Run:
-        return sched.stop_run(run_id)
+    @app.post(f"{API}/runs/{{run_id}}/stop")
+    def stop_run(run_id: str, who: Principal = Depends(auth)) -> Run:
+        return sched.stop_run(run_id, who)
 
-    @app.get(f"{API}/runs/{{run_id}}/logs", dependencies=[Depends(auth)])
+    @app.get(f"{API}/runs/{{run_id}}/logs")
     async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1),
                         tail: int | None = Query(default=None, ge=0), follow: bool = False,
-                        rank: int | None = None) -> StreamingResponse:
-        run = await run_in_threadpool(sched.get_run, run_id)
+                        rank: int | None = Query(default=None, ge=0),
+                        who: Principal = Depends(auth)) -> StreamingResponse:
+        run = await run_in_threadpool(sched.get_run, run_id, who)
         if tail is not None:
             after = max(after, run.log_count - tail - 1)
         return StreamingResponse(_stream(run_id, after, follow, rank), media_type="application/x-ndjson")
@@ -155,64 +186,102 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                 yield ("\n".join(r.to_json() for r in rows) + "\n").encode()
                 continue
             if seen_end:
-                run = await run_in_threadpool(sched.get_run, run_id)
+                run = await run_in_threadpool(store.get_run, run_id)
                 end = {"end": True, "status": run.status.value, "exit_code": run.exit_code,
                        "reason": run.reason, "next": after + 1}
                 yield (json.dumps(end) + "\n").encode()
                 return
-            run = await run_in_threadpool(sched.get_run, run_id)
+            run = await run_in_threadpool(store.get_run, run_id)
             if run.terminal or not follow:
                 seen_end = True  # one more read catches lines stored before the status changed
                 continue
             await notifier.wait(key, ticket, 5.0)
 
-    # -- agents ------------------------------------------------------------------------------------------
-    @app.post(f"{API}/nodes/register", dependencies=[Depends(auth)])
-    def register(info: NodeInfo, node_id: str | None = None) -> Node:
-        return sched.register_node(info, node_id)
+    # -- nodes -------------------------------------------------------------------------------------------
+    @app.post(f"{API}/nodes/register")
+    def register(info: NodeInfo, who: Principal = Depends(auth)) -> Registered:
+        """An agent joins (with a user or admin key: gets a node key back) or comes back (with its node key)."""
+        return sched.register_node(info, who)
 
-    @app.get(f"{API}/nodes", dependencies=[Depends(auth)])
-    def list_nodes() -> list[Node]:
+    @app.get(f"{API}/nodes")
+    def list_nodes(who: Principal = Depends(auth)) -> list[Node]:
+        if who.scope == "node":
+            raise HTTPException(403, "a node key cannot list nodes")
         return store.list_nodes()
 
-    @app.post(f"{API}/nodes/{{node_id}}/poll", dependencies=[Depends(auth)])
-    async def poll(node_id: str, body: PollRequest) -> PollResponse:
+    @app.post(f"{API}/nodes/{{ref}}/drain")
+    def drain(ref: str, undo: bool = False, who: Principal = Depends(auth)) -> Node:
+        return sched.set_draining(ref, not undo, who)
+
+    @app.delete(f"{API}/nodes/{{ref}}")
+    def remove_node(ref: str, who: Principal = Depends(auth)) -> Node:
+        return sched.remove_node(ref, who)
+
+    @app.post(f"{API}/nodes/{{node_id}}/poll")
+    async def poll(node_id: str, body: PollRequest, who: Principal = Depends(auth)) -> PollResponse:
         key = f"node:{node_id}"
         ticket = notifier.ticket(key)
-        resp = await run_in_threadpool(sched.poll_once, node_id, body.running)
+        resp = await run_in_threadpool(sched.poll_once, node_id, body.running, who)
         if resp.start or resp.stop or body.wait == 0:
             return resp
-        await notifier.wait(key, ticket, min(body.wait, settings.poll_wait))
-        return await run_in_threadpool(sched.poll_once, node_id, body.running)
+        await notifier.wait(key, ticket, min(body.wait, settings.heartbeat_interval))
+        return await run_in_threadpool(sched.poll_once, node_id, body.running, who)
 
-    @app.post(f"{API}/runs/{{run_id}}/status", dependencies=[Depends(auth)])
-    def report(run_id: str, body: StatusReport, node_id: str | None = None) -> Run:
-        return sched.report(run_id, body, node_id)
+    @app.post(f"{API}/runs/{{run_id}}/status")
+    def report(run_id: str, body: StatusReport, node_id: str, who: Principal = Depends(auth)) -> Run:
+        return sched.report(run_id, body, node_id, who)
 
-    @app.post(f"{API}/runs/{{run_id}}/logs", dependencies=[Depends(auth)],
+    # -- API keys ----------------------------------------------------------------------------------------
+    @app.post(f"{API}/keys", status_code=201)
+    def create_key(name: str = Query(min_length=1, max_length=100), scope: str = Query(default="user"),
+                   who: Principal = Depends(admin)) -> dict[str, object]:
+        if scope not in ("admin", "user"):
+            raise HTTPException(422, "scope must be admin or user (node keys are issued at registration)")
+        if any(k.name == name and k.revoked_at is None and k.scope != "node" for k in store.list_keys()):
+            raise HTTPException(409, f"a key named {name} exists already")
+        key, secret = keys.issue(store, name=name, scope=scope, owner=name if scope == "user" else "admin")
+        return {"key": _public(key), "secret": secret}
+
+    @app.get(f"{API}/keys")
+    def list_keys(who: Principal = Depends(admin)) -> list[dict[str, object]]:
+        return [_public(k) for k in store.list_keys()]
+
+    @app.delete(f"{API}/keys/{{ref}}")
+    def revoke_key(ref: str, who: Principal = Depends(admin)) -> dict[str, object]:
+        found = [k for k in store.list_keys() if ref in (k.id, k.name) and k.revoked_at is None]
+        if not found:
+            raise HTTPException(404, f"no active key {ref}")
+        if len(found) > 1:
+            raise HTTPException(409, f"{ref} names {len(found)} keys; use the key id")
+        return _public(keys.revoke(store, found[0]))
+
+    def _public(k: ApiKey) -> dict[str, object]:
+        return k.model_dump(exclude={"hash"})
+
+    @app.post(f"{API}/runs/{{run_id}}/logs",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": LogBatch.model_json_schema()}}}})
-    async def append_logs(run_id: str, request: Request) -> JSONResponse:
+    async def append_logs(run_id: str, request: Request, who: Principal = Depends(auth)) -> JSONResponse:
         # Parsed by pydantic straight from the JSON bytes: a batch holds thousands of lines.
         try:
             body = LogBatch.model_validate_json(await request.body())
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from None
-        return await run_in_threadpool(_append, run_id, body)
+        return await run_in_threadpool(_append, run_id, body, who)
 
-    def _append(run_id: str, body: LogBatch) -> JSONResponse:
-        sched.get_run(run_id)
+    def _append(run_id: str, body: LogBatch, who: Principal) -> JSONResponse:
+        sched.check_log_writer(run_id, who)
         try:
-            nxt = store.append_logs(run_id, body.rank, body.first_seq, body.lines)
+            nxt = store.append_logs(run_id, body.attempt, body.rank, body.first_seq, body.lines)
         except SeqGap as gap:
             return JSONResponse({"detail": f"log lines missing before seq {body.first_seq}",
                                  "next_seq": gap.expected}, status_code=409)
         notifier.notify(f"run:{run_id}")
         return JSONResponse({"next_seq": nxt})
 
-    @app.get(f"{API}/runs/{{run_id}}/logs/next_seq", dependencies=[Depends(auth)])
-    def next_seq(run_id: str, rank: int = 0) -> dict[str, int]:
-        sched.get_run(run_id)
-        return {"next_seq": store.next_seq(run_id, rank)}
+    @app.get(f"{API}/runs/{{run_id}}/logs/next_seq")
+    def next_seq(run_id: str, attempt: int = 1, rank: int = 0, who: Principal = Depends(auth)) -> dict[str, int]:
+        sched.check_log_writer(run_id, who)
+        return {"next_seq": store.next_seq(run_id, attempt, rank)}
 
     return app

@@ -34,7 +34,9 @@ TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.QUEUED: frozenset({RunStatus.STARTING, RunStatus.KILLED, RunStatus.FAILED}),
     RunStatus.STARTING: frozenset({RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED,
                                    RunStatus.LOST, RunStatus.QUEUED}),
-    RunStatus.RUNNING: frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.LOST}),
+    # RUNNING -> QUEUED: a failed attempt retried (retry.on: [error]).
+    RunStatus.RUNNING: frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.LOST,
+                                  RunStatus.QUEUED}),
     RunStatus.LOST: frozenset({RunStatus.QUEUED, RunStatus.FAILED, RunStatus.KILLED}),
     RunStatus.FINISHED: frozenset(),
     RunStatus.FAILED: frozenset(),
@@ -53,6 +55,21 @@ def check_transition(run_id: str, current: RunStatus, wanted: RunStatus) -> None
         raise InvalidTransition(run_id, current, wanted)
 
 
+class Placement(BaseModel):
+    """One rank of a run on one node. A run with num_nodes: N has N, on N distinct nodes."""
+
+    rank: int
+    node_id: str
+    gpus: list[int] = Field(default_factory=list)
+    status: RunStatus = RunStatus.STARTING
+    exit_code: int | None = None
+    reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL or self.status == RunStatus.LOST
+
+
 class Run(BaseModel):
     id: str
     name: str
@@ -63,8 +80,11 @@ class Run(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     priority: int = 0
     owner: str = "local"
-    node_id: str | None = None
-    gpus: list[int] = Field(default_factory=list)
+    num_nodes: int = 1
+    placements: list[Placement] = Field(default_factory=list)  # of the current attempt
+    master_port: int | None = None
+    node_id: str | None = None  # rank 0's node, for display
+    gpus: list[int] = Field(default_factory=list)  # rank 0's GPUs, for display
     attempt: int = 1
     exit_code: int | None = None
     reason: str | None = None
@@ -78,6 +98,9 @@ class Run(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def placement_on(self, node_id: str) -> Placement | None:
+        return next((p for p in self.placements if p.node_id == node_id), None)
 
 
 class GpuInfo(BaseModel):
@@ -103,7 +126,8 @@ class NodeInfo(BaseModel):
 
 class Node(NodeInfo):
     id: str
-    state: str = "ONLINE"  # ONLINE | OFFLINE | DRAINING
+    state: str = "ONLINE"  # ONLINE | OFFLINE
+    draining: bool = False  # no new runs; running ones finish
     registered_at: float = Field(default_factory=time.time)
     last_seen: float = Field(default_factory=time.time)
 
@@ -139,6 +163,7 @@ class StatusReport(BaseModel):
 
 class LogBatch(BaseModel):
     rank: int = 0
+    attempt: int = 1
     first_seq: int = Field(ge=0)
     # (timestamp, stream, text) per line, in sequence order from first_seq
     lines: list[tuple[float, str, str]]
@@ -153,9 +178,40 @@ class Assignment(BaseModel):
     run: Run
     rank: int = 0
     num_nodes: int = 1
+    gpus: list[int] = Field(default_factory=list)
+    node0_addr: str = "127.0.0.1"
+    node0_port: int = 29500
 
 
 class PollResponse(BaseModel):
     start: list[Assignment] = Field(default_factory=list)
     stop: list[str] = Field(default_factory=list)
     heartbeat_interval: float = 5.0
+
+
+class Registered(BaseModel):
+    node: Node
+    node_token: str | None = None  # only when a new token was issued
+
+
+class ApiKey(BaseModel):
+    """An API key as stored: never the secret itself, only its sha256."""
+
+    id: str
+    name: str
+    scope: str  # admin | user | node
+    owner: str  # user name; for a node key, the node id
+    hash: str
+    prefix: str  # first characters of the secret, to recognise it in a list
+    created_at: float = Field(default_factory=time.time)
+    revoked_at: float | None = None
+
+
+class Principal(BaseModel):
+    scope: str
+    owner: str
+    key_id: str
+
+    @property
+    def admin(self) -> bool:
+        return self.scope == "admin"

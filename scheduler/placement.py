@@ -1,11 +1,15 @@
 """Placement: a pipeline of filter steps and score steps over candidate nodes (after Nomad's stack).
 
 Each filter answers "why not" (a reason string) or None; each scorer returns a number, higher is better.
-The pipeline is read top to bottom in `PIPELINE`.
+The pipeline is read top to bottom in `PIPELINE`. Like Nomad's limit iterator, a placement looks at nodes in
+random order and stops after a few feasible ones (max(2, log2 n) for one node, more for a gang): it does
+not score all 10,000 nodes for every job.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ class Request:
     max_cost_per_hour: float | None = None
     labels: tuple[tuple[str, str], ...] = ()
     runtime: str = "process"
+    count: int = 1  # nodes wanted (a gang: num_nodes, or federate's server + clients)
 
     @classmethod
     def of(cls, spec: JobSpec) -> Request:
@@ -34,13 +39,17 @@ class Request:
             max_cost_per_hour=c.maximum_cost_per_hour,
             labels=tuple(sorted(spec.labels.items())),
             runtime="docker" if spec.containerize else "process",
+            count=spec.num_nodes if spec.job_type != "federate" else (
+                1 + (spec.federate.clients if spec.federate else max(spec.num_nodes - 1, 1))),
         )
 
-    def describe(self) -> str:
-        if not self.gpus:
-            return "a node"
+    def shortfall(self) -> str:
+        """'no node with 2 free A100-80G GPUs', 'fewer than 3 nodes with 1 free GPU each'."""
         kind = f" {self.resource_type}" if self.resource_type else ""
-        return f"{self.gpus} free{kind} GPU{'s' if self.gpus > 1 else ''}"
+        what = f" with {self.gpus} free{kind} GPU{'s' if self.gpus > 1 else ''}" if self.gpus else ""
+        if self.count > 1:
+            return f"fewer than {self.count} nodes" + (f"{what} each" if what else " free")
+        return f"no node{what}" if what else "no free node"
 
 
 @dataclass
@@ -95,17 +104,17 @@ def online(req: Request, c: Candidate) -> str | None:
 
 
 def not_draining(req: Request, c: Candidate) -> str | None:
-    return "draining" if c.node.state == "DRAINING" else None
+    return "draining" if c.node.draining else None
 
 
 def has_runtime(req: Request, c: Candidate) -> str | None:
-    return None if req.runtime in c.node.runtimes else f"no {req.runtime} runtime"
+    return None if req.runtime in c.node.runtimes else f"have no {req.runtime} runtime"
 
 
 def labels_match(req: Request, c: Candidate) -> str | None:
     for k, v in req.labels:
         if c.node.labels.get(k) != v:
-            return f"label {k}={v} missing"
+            return f"lack label {k}={v}"
     return None
 
 
@@ -113,18 +122,18 @@ def cost_cap(req: Request, c: Candidate) -> str | None:
     price = c.node.price_per_gpu_hour
     if req.max_cost_per_hour is None or price is None or not req.gpus:
         return None
-    return "too expensive" if price > req.max_cost_per_hour else None
+    return "cost more than the cap" if price > req.max_cost_per_hour else None
 
 
 def gpus_exist(req: Request, c: Candidate) -> str | None:
     if req.gpus and len(_matching(req, c.node.gpus)) < req.gpus:
-        return f"fewer than {req.gpus} matching GPUs"
+        return f"have fewer than {req.gpus}" + (f" {req.resource_type}" if req.resource_type else " GPUs")
     return None
 
 
 def gpus_free(req: Request, c: Candidate) -> str | None:
     if req.gpus and len(_matching(req, c.free)) < req.gpus:
-        return "GPUs busy"
+        return "have them busy"
     return None
 
 
@@ -151,21 +160,47 @@ def free_gpus(node: Node, active_runs: Iterable[Run]) -> list[GpuInfo]:
     return [g for g in node.gpus if g.index not in held]
 
 
-def place(req: Request, candidates: list[Candidate]) -> Placement | NoFit:
+def sample_limit(req: Request, n_nodes: int) -> int:
+    """How many feasible nodes to score before choosing (power of two choices; log2 n for larger pools)."""
+    return req.count + max(2, math.ceil(math.log2(max(n_nodes, 2))))
+
+
+def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str] = frozenset(),
+          rng: random.Random | None = None) -> list[Placement] | NoFit:
+    """`req.count` placements on distinct nodes, or NoFit with the reasons. `reserved` nodes are held for a
+    job ahead in the queue and are not used."""
+    rng = rng or random
+    order = list(range(len(candidates)))
+    rng.shuffle(order)
+    limit = sample_limit(req, len(candidates))
     feasible: list[Candidate] = []
     why: dict[str, int] = {}
-    for c in candidates:
-        reason = next((r for f in PIPELINE if (r := f(req, c)) is not None), None)
+    for i in order:
+        c = candidates[i]
+        reason = "are held for a job ahead in the queue" if c.node.id in reserved else None
+        reason = reason or next((r for f in PIPELINE if (r := f(req, c)) is not None), None)
         if reason is None:
             feasible.append(c)
+            if len(feasible) >= limit:
+                break
         else:
             why[reason] = why.get(reason, 0) + 1
-    if not feasible:
-        never = not any(all(f(req, c) is None for f in STATIC_FILTERS) for c in candidates)
+    if len(feasible) < req.count:
         if not candidates:
-            return NoFit("no nodes have joined yet (start one with `fedml login`)", never=False)
-        detail = "; ".join(f"{n} node{'s' if n > 1 else ''}: {r}" for r, n in sorted(why.items()))
-        return NoFit(f"no node with {req.describe()} ({detail})", never=never, counts=why)
-    best = max(feasible, key=lambda c: sum(s(req, c) for s in SCORERS))
-    gpus = sorted(g.index for g in _matching(req, best.free))[: req.gpus]
-    return Placement(node=best.node, gpus=gpus)
+            return NoFit("no nodes have joined yet (add one with `fedml login KEY --server URL --node`)")
+        statically = sum(all(f(req, c) is None for f in STATIC_FILTERS) for c in candidates)
+        detail = "; ".join(f"{n} node{'s' if n > 1 else ''} {r}" for r, n in sorted(why.items()))
+        if feasible:
+            detail = f"{len(feasible)} node{'s' if len(feasible) > 1 else ''} free; " + detail
+        return NoFit(f"{req.shortfall()} ({detail})", never=statically < req.count, counts=why)
+    feasible.sort(key=lambda c: sum(s(req, c) for s in SCORERS), reverse=True)
+    out = []
+    for c in feasible[: req.count]:
+        gpus = sorted(g.index for g in _matching(req, c.free))[: req.gpus]
+        out.append(Placement(node=c.node, gpus=gpus))
+    return out
+
+
+def could_use(req: Request, c: Candidate) -> bool:
+    """Could `req` ever run on this node (ignoring what is busy now)?"""
+    return all(f(req, c) is None for f in STATIC_FILTERS)

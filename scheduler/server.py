@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -20,17 +19,38 @@ from pathlib import Path
 
 from fedml_cli import __version__, paths
 
+from .store import Store
 
-def load_or_create_token(path: Path) -> str:
-    if path.exists():
-        tok = path.read_text().strip()
-        if tok:
-            return tok
-    tok = secrets.token_urlsafe(32)
+
+def write_secret(path: Path, secret: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(tok)
-    return tok
+        f.write(secret)
+
+
+def admin_key(store: Store, token_path: Path) -> str | None:
+    """Make sure an admin key exists and the local CLI holds one (local/token, mode 0600).
+    Returns the secret when it was created now (to show it once), else None."""
+    from . import auth
+    from .models import ApiKey
+
+    env = os.environ.get("FEDML_ADMIN_KEY")
+    if env and auth.verify(store, env) is None:  # deployments (Kubernetes secret, systemd) set it from outside
+        store.put_key(ApiKey(id="key-env-admin", name="admin (FEDML_ADMIN_KEY)", scope="admin", owner="admin",
+                             hash=auth.digest(env), prefix=env[:10]))
+    new = auth.bootstrap_admin(store)
+    if new:
+        write_secret(token_path, new)
+        return new
+    try:
+        held = token_path.read_text().strip()
+    except OSError:
+        held = ""
+    who = auth.verify(store, held) if held else None
+    if who is None or not who.admin:
+        _, secret = auth.issue(store, name="local cli", scope="admin", owner="admin")
+        write_secret(token_path, secret)
+    return None
 
 
 def spawn_agent(local: Path, gpus: str | None = None) -> subprocess.Popen[bytes]:
@@ -71,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", default=os.environ.get("FEDML_LOCAL_GPUS"),
                    help="GPUs the local agent declares when NVML is absent, e.g. A100-80G:2")
     p.add_argument("--max-workspace-mb", type=int, default=512)
+    p.add_argument("--heartbeat-interval", type=float, default=float(os.environ.get("FEDML_HEARTBEAT_INTERVAL", "10")),
+                   help="seconds; a node silent for 3 intervals is offline")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -79,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     local = paths.local_dir(base)
     local.mkdir(parents=True, exist_ok=True)
     os.chmod(local, 0o700)
-    token = os.environ.get("FEDML_SCHEDULER_TOKEN") or load_or_create_token(paths.token_file(base))
-
     from .app import Settings, create_app
     from .sqlite_store import SQLiteStore
 
-    store = SQLiteStore(local / "scheduler.db")
+    try:
+        store = SQLiteStore(local / "scheduler.db")
+    except RuntimeError as exc:
+        print(f"fedml scheduler: {exc}", file=sys.stderr)
+        return 2
+    new_admin = admin_key(store, paths.token_file(base))
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
     url = f"http://{shown_host}:{port}"
-    app = create_app(store, Settings(token=token, blob_dir=local / "blobs",
-                                     max_workspace_mb=args.max_workspace_mb))
+    app = create_app(store, Settings(blob_dir=local / "blobs", max_workspace_mb=args.max_workspace_mb,
+                                     heartbeat_interval=args.heartbeat_interval))
 
     state = paths.state_file(base)
     tmp = state.with_suffix(".tmp")
@@ -109,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"fedml scheduler {__version__} listening on {url} (state in {local})", file=sys.stderr,
               flush=True)
+        if new_admin:
+            print(f"Admin API key (shown once; also saved to {paths.token_file(base)}, mode 0600):\n"
+                  f"    {new_admin}\n"
+                  f"Nodes join with: fedml login <KEY> --server http://<this host>:{port} --node\n"
+                  f"More keys:       fedml scheduler key create NAME", file=sys.stderr, flush=True)
 
     if agent is not None:
         import threading

@@ -1,33 +1,42 @@
-"""The scheduler's behaviour, independent of HTTP: creating runs, placing them, agent polls, reports, stop."""
+"""The scheduler's behaviour, independent of HTTP: runs, nodes, placement, agent polls and reports, heartbeats.
+
+Every method that takes a Principal enforces who may do what: a user key sees only its own runs (admin sees
+all); a node key acts only for its own node and the runs placed on it.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 import time
 from pathlib import Path
 
+from . import auth
 from .jobspec import JobSpec, JobSpecError, validate
 from .models import (
-    TERMINAL,
     Assignment,
     InvalidTransition,
     Node,
     NodeInfo,
+    Placement,
     PollResponse,
+    Principal,
+    Registered,
     Run,
     RunCreate,
     RunStatus,
     StatusReport,
 )
 from .notify import Notifier
-from .placement import Candidate, NoFit, Placement, Request, free_gpus, place
+from .placement import Candidate, NoFit, Request, could_use, free_gpus, place
 from .store import NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")
 
 ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
+LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
 
 
 class Rejected(Exception):
@@ -44,16 +53,21 @@ def new_run_id() -> str:
 
 class Scheduler:
     def __init__(self, store: Store, notifier: Notifier, *, blob_exists: object = None,
-                 poll_wait: float = 15.0, heartbeat_timeout: float = 60.0) -> None:
+                 heartbeat_interval: float = 10.0, rng: random.Random | None = None) -> None:
         self.store = store
         self.notifier = notifier
         self._blob_exists = blob_exists
-        self.poll_wait = poll_wait
-        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = 3 * heartbeat_interval  # a node silent for 3 intervals is OFFLINE
+        self.rng = rng or random.Random()
         self._schedule_lock = threading.Lock()
+        # Rank reports of one run may arrive together from several agents: read-modify-write under a lock.
+        self._runs_lock = threading.RLock()
 
     # -- runs --------------------------------------------------------------------------------------------
-    def create_run(self, req: RunCreate, owner: str = "local") -> Run:
+    def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
+        if who.scope == "node":
+            raise Rejected(403, "a node key cannot launch runs")
         try:
             spec = validate(req.job, file=req.job_file or "job")
         except JobSpecError as exc:
@@ -63,9 +77,11 @@ class Scheduler:
                                 "platform (job_args); this scheduler needs the commands in `job`")
         if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha):
             raise Rejected(400, f"workspace {req.workspace_sha[:12]} has not been uploaded")
-        verdict = self._place(Request.of(spec), self.store.list_runs(status=ACTIVE))
+        request = Request.of(spec)
+        verdict = place(request, self._candidates(self.store.list_runs(status=ACTIVE, limit=1_000_000)),
+                        rng=self.rng)
         if isinstance(verdict, NoFit) and verdict.never:
-            raise Rejected(422, f"cannot ever run: {verdict.reason}")
+            raise Rejected(422, f"cannot ever run here: {verdict.reason}")
         run = Run(
             id=new_run_id(),
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
@@ -74,101 +90,233 @@ class Scheduler:
             workspace_sha=req.workspace_sha,
             env=req.env,
             priority=spec.priority,
-            owner=owner,
-            reason="waiting for a node" if isinstance(verdict, NoFit) else None,
+            owner=who.owner,
+            num_nodes=request.count,
+            reason=verdict.reason if isinstance(verdict, NoFit) else None,
         )
         self.store.create_run(run)
         self.kick()
         return run
 
-    def get_run(self, run_id: str) -> Run:
+    def get_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         run = self.store.get_run(run_id)
-        if run is None:
+        if run is None or not self._may_see(who, run):
             raise Rejected(404, f"run {run_id} not found")
         return run
 
-    def stop_run(self, run_id: str) -> Run:
-        run = self.get_run(run_id)
-        if run.terminal:
-            return run
-        if run.status in (RunStatus.QUEUED, RunStatus.LOST):
-            try:
+    def _may_see(self, who: Principal, run: Run) -> bool:
+        if who.scope == "admin":
+            return True
+        if who.scope == "node":
+            return run.placement_on(who.owner) is not None
+        return run.owner == who.owner
+
+    def list_runs(self, who: Principal, status: list[RunStatus] | None, limit: int) -> list[Run]:
+        if who.scope == "node":
+            raise Rejected(403, "a node key cannot list runs")
+        return self.store.list_runs(status=status, limit=limit, owner=None if who.admin else who.owner)
+
+    def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
+        if who.scope == "node":
+            raise Rejected(403, "a node key cannot stop runs")
+        with self._runs_lock:
+            run = self.get_run(run_id, who)
+            if run.terminal:
+                return run
+            if run.status in (RunStatus.QUEUED, RunStatus.LOST):
                 run = self.store.transition(run_id, RunStatus.KILLED, reason="stopped before it started")
-            except InvalidTransition:  # placed meanwhile: ask its node instead
-                return self.stop_run(run_id)
-            self._run_changed(run)
-            return run
-        run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
-        if run.node_id:
-            self.notifier.notify(f"node:{run.node_id}")
+                self._run_changed(run)
+                return run
+            run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
+        self._run_changed(run)
         return run
 
-    # -- agent side --------------------------------------------------------------------------------------
-    def register_node(self, info: NodeInfo, node_id: str | None = None) -> Node:
-        existing = self.store.get_node(node_id) if node_id else None
-        if existing is None:
-            same_name = [n for n in self.store.list_nodes() if n.name == info.name]
-            existing = same_name[0] if same_name else None
+    # -- nodes -------------------------------------------------------------------------------------------
+    def register_node(self, info: NodeInfo, who: Principal) -> Registered:
         now = time.time()
-        node = Node(**info.model_dump(), id=existing.id if existing else "node-" + secrets.token_hex(4),
-                    state="DRAINING" if existing and existing.state == "DRAINING" else "ONLINE",
-                    registered_at=existing.registered_at if existing else now, last_seen=now)
+        if who.scope == "node":  # an agent coming back: refresh its inventory, keep its id and token
+            existing = self.store.get_node(who.owner)
+            if existing is None:
+                raise Rejected(404, "this node was removed; log in again with an API key")
+            node = Node(**info.model_dump(), id=existing.id, draining=existing.draining,
+                        registered_at=existing.registered_at, last_seen=now)
+            self.store.upsert_node(node)
+            self.kick()
+            return Registered(node=node)
+        same = next((n for n in self.store.list_nodes() if n.name == info.name), None)
+        if same is not None:
+            if now - same.last_seen < self.heartbeat_timeout and same.state == "ONLINE":
+                raise Rejected(409, f"a node named {info.name} is online already; pick another --name")
+            for k in self.store.list_keys():  # the old agent's token goes; the new one gets a fresh one
+                if k.scope == "node" and k.owner == same.id and k.revoked_at is None:
+                    auth.revoke(self.store, k)
+        node = Node(**info.model_dump(), id=same.id if same else "node-" + secrets.token_hex(4),
+                    draining=same.draining if same else False,
+                    registered_at=same.registered_at if same else now, last_seen=now)
+        self.store.upsert_node(node)
+        _, token = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
+        log.info("node %s (%s) registered by %s", node.name, node.id, who.owner)
+        self.kick()
+        return Registered(node=node, node_token=token)
+
+    def find_node(self, ref: str) -> Node:
+        for n in self.store.list_nodes():
+            if ref in (n.id, n.name):
+                return n
+        raise Rejected(404, f"node {ref} not found")
+
+    def set_draining(self, ref: str, draining: bool, who: Principal) -> Node:
+        if not who.admin:
+            raise Rejected(403, "only an admin key can drain nodes")
+        node = self.find_node(ref).model_copy(update={"draining": draining})
         self.store.upsert_node(node)
         self.kick()
         return node
 
-    def poll_once(self, node_id: str, running: list[str]) -> PollResponse:
+    def remove_node(self, ref: str, who: Principal) -> Node:
+        node = self.find_node(ref)
+        if not who.admin and not (who.scope == "node" and who.owner == node.id):
+            raise Rejected(403, "only an admin key (or the node itself) can remove a node")
+        for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
+            self._rank_update(run.id, node.id, RunStatus.LOST, None, f"node {node.name} was removed")
+        self.store.delete_node(node.id)
+        for k in self.store.list_keys():
+            if k.scope == "node" and k.owner == node.id and k.revoked_at is None:
+                auth.revoke(self.store, k)
+        self.kick()
+        return node
+
+    # -- the agent side ----------------------------------------------------------------------------------
+    def _own_node(self, who: Principal, node_id: str) -> None:
+        if who.scope == "node" and who.owner != node_id:
+            raise Rejected(403, "a node key acts only for its own node")
+        if who.scope == "user":
+            raise Rejected(403, "agents use their node key")
+
+    def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
+        self._own_node(who, node_id)
         try:
             self.store.touch_node(node_id, time.time())
         except NotFound:
             raise Rejected(404, f"node {node_id} is not registered") from None
-        mine = self.store.list_runs(status=ACTIVE, node_id=node_id)
         have = set(running)
-        start = [Assignment(run=r, rank=0, num_nodes=1) for r in mine
-                 if r.status == RunStatus.STARTING and r.id not in have and not r.stop_requested]
-        # Stop whatever the node runs that is not (or no longer) its to run: reconciliation after restarts.
-        wanted = {r.id for r in mine if not r.stop_requested}
+        start: list[Assignment] = []
+        wanted: set[str] = set()
+        for run in self.store.list_runs(status=ACTIVE, node_id=node_id, limit=1_000_000):
+            p = run.placement_on(node_id)
+            if p is None or p.done:
+                continue
+            if run.stop_requested:
+                if run.id not in have and p.status == RunStatus.STARTING:  # nothing to kill: settle it here
+                    self._rank_update(run.id, node_id, RunStatus.KILLED, None, run.reason or "stopped")
+                continue
+            wanted.add(run.id)
+            if p.status == RunStatus.STARTING and run.id not in have:
+                rank0 = self.store.get_node(run.placements[0].node_id)
+                start.append(Assignment(run=run, rank=p.rank, num_nodes=len(run.placements), gpus=p.gpus,
+                                        node0_addr=rank0.address if rank0 else "127.0.0.1",
+                                        node0_port=run.master_port or 29500))
+        # Whatever the node runs that is no longer its to run is stopped: reconciliation after restarts.
         stop = [rid for rid in running if rid not in wanted]
-        # A run stopped before its agent picked it up has nothing to kill: settle it here.
-        for r in mine:
-            if r.stop_requested and r.id not in have and r.status == RunStatus.STARTING:
-                self._finish(r.id, StatusReport(status=RunStatus.KILLED, reason="stopped before it started"))
-        return PollResponse(start=start, stop=stop, heartbeat_interval=self.poll_wait)
+        return PollResponse(start=start, stop=stop, heartbeat_interval=self.heartbeat_interval)
 
-    def report(self, run_id: str, rep: StatusReport, node_id: str | None = None) -> Run:
-        run = self.get_run(run_id)
-        if node_id is not None and run.node_id != node_id:
-            raise Rejected(409, f"run {run_id} is not assigned to node {node_id}")
-        if run.status == rep.status:
-            return run  # a resend of a report already applied
-        if rep.status in TERMINAL:
-            return self._finish(run_id, rep)
-        try:
-            run = self.store.transition(run_id, rep.status, reason=rep.reason)
-        except InvalidTransition as exc:
-            raise Rejected(409, str(exc)) from None
-        self._run_changed(run)
-        return run
+    def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
+        self._own_node(who, node_id)
+        return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason)
 
-    def _finish(self, run_id: str, rep: StatusReport) -> Run:
-        status = rep.status
-        run = self.get_run(run_id)
-        if run.terminal:
-            return run
-        if status == RunStatus.FAILED and run.stop_requested:
-            status = RunStatus.KILLED
-        try:
-            run = self.store.transition(run_id, status, exit_code=rep.exit_code, reason=rep.reason)
-        except InvalidTransition as exc:
-            raise Rejected(409, str(exc)) from None
+    def check_log_writer(self, run_id: str, who: Principal) -> None:
+        if who.scope == "node":
+            run = self.store.get_run(run_id)
+            if run is None or run.placement_on(who.owner) is None:
+                raise Rejected(403, f"run {run_id} is not placed on this node")
+        elif who.scope == "user":
+            raise Rejected(403, "agents use their node key")
+
+    def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
+                     reason: str | None) -> Run:
+        with self._runs_lock:
+            run = self.store.get_run(run_id)
+            if run is None:
+                raise Rejected(404, f"run {run_id} not found")
+            p = run.placement_on(node_id)
+            if p is None:
+                raise Rejected(409, f"run {run_id} is not placed on node {node_id}")
+            if p.done or run.terminal or p.status == status:
+                return run  # a resend, or a report about an attempt already settled
+            p.status, p.exit_code, p.reason = status, exit_code, reason
+            run = self._settle(run)
         self._run_changed(run)
         self.kick()
         return run
 
+    def _settle(self, run: Run) -> Run:
+        """Derive the run's state from its ranks' states and persist both in one write."""
+        ps = run.placements
+        multi = len(ps) > 1
+
+        def label(p: Placement) -> str:
+            return f"rank {p.rank}: {p.reason}" if multi else (p.reason or "")
+
+        if not all(p.done for p in ps):
+            bad = next((p for p in ps if p.status in (RunStatus.FAILED, RunStatus.LOST)), None)
+            fields: dict[str, object] = {"placements": ps}
+            if bad is not None and not run.stop_requested:
+                # Gang semantics: one rank failing ends the run; stop the others, settle when all are done.
+                fields.update(stop_requested=True, reason=f"{label(bad)}; stopping the other ranks")
+            if run.status == RunStatus.STARTING and any(p.status == RunStatus.RUNNING for p in ps):
+                return self.store.transition(run.id, RunStatus.RUNNING, **fields)
+            return self.store.update_run(run.id, **fields)
+        failed = [p for p in ps if p.status == RunStatus.FAILED]
+        lost = [p for p in ps if p.status == RunStatus.LOST]
+        spec = JobSpec.model_validate(run.job)
+        if failed:
+            first = failed[0]
+            if "error" in spec.retry.on and run.attempt < spec.retry.max_attempts:
+                return self._requeue(run, label(first))
+            return self.store.transition(run.id, RunStatus.FAILED, placements=ps, exit_code=first.exit_code,
+                                         reason=label(first))
+        if lost:
+            run = self.store.transition(run.id, RunStatus.LOST, placements=ps, reason=label(lost[0]))
+            if "lost" in spec.retry.on and run.attempt < spec.retry.max_attempts:
+                return self._requeue(run, label(lost[0]))
+            return self.store.transition(run.id, RunStatus.FAILED, reason=f"{label(lost[0])} (no retries left)")
+        if any(p.status == RunStatus.KILLED for p in ps):
+            return self.store.transition(run.id, RunStatus.KILLED, placements=ps,
+                                         exit_code=next((p.exit_code for p in ps if p.exit_code), None),
+                                         reason=run.reason if run.stop_requested else label(ps[0]))
+        return self.store.transition(run.id, RunStatus.FINISHED, placements=ps, exit_code=0, reason=None)
+
+    def _requeue(self, run: Run, why: str) -> Run:
+        spec = JobSpec.model_validate(run.job)
+        n = run.attempt + 1
+        log.info("run %s: %s; retrying (attempt %d of %d)", run.id, why, n, spec.retry.max_attempts)
+        return self.store.transition(
+            run.id, RunStatus.QUEUED, placements=[], attempt=n, stop_requested=False, exit_code=None,
+            master_port=None, started_at=None,
+            reason=f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})")
+
     def _run_changed(self, run: Run) -> None:
         self.notifier.notify(f"run:{run.id}")
-        if run.node_id:
-            self.notifier.notify(f"node:{run.node_id}")
+        for p in run.placements:
+            self.notifier.notify(f"node:{p.node_id}")
+
+    # -- heartbeats --------------------------------------------------------------------------------------
+    def check_heartbeats(self) -> list[Node]:
+        """Mark silent nodes OFFLINE and their ranks LOST. Returns the nodes that went offline."""
+        now = time.time()
+        gone = []
+        for node in self.store.list_nodes():
+            if node.state == "ONLINE" and now - node.last_seen > self.heartbeat_timeout:
+                node = node.model_copy(update={"state": "OFFLINE"})
+                self.store.upsert_node(node)
+                gone.append(node)
+                log.warning("node %s (%s) is offline: no heartbeat for %.0f s", node.name, node.id,
+                            now - node.last_seen)
+                for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
+                    self._rank_update(run.id, node.id, RunStatus.LOST, None,
+                                      f"node {node.name} went offline (no heartbeat for "
+                                      f"{self.heartbeat_timeout:.0f} s)")
+        return gone
 
     # -- placement ---------------------------------------------------------------------------------------
     def kick(self) -> None:
@@ -176,34 +324,52 @@ class Scheduler:
 
     def _candidates(self, active: list[Run]) -> list[Candidate]:
         now = time.time()
-        return [Candidate(node=n, free=free_gpus(n, active), now=now, heartbeat_timeout=self.heartbeat_timeout)
+        held: dict[str, set[int]] = {}
+        for r in active:
+            for p in r.placements:
+                if not p.done:
+                    held.setdefault(p.node_id, set()).update(p.gpus)
+        return [Candidate(node=n, free=[g for g in n.gpus if g.index not in held.get(n.id, set())], now=now,
+                          heartbeat_timeout=self.heartbeat_timeout)
                 for n in self.store.list_nodes()]
 
-    def _place(self, req: Request, active: list[Run]) -> Placement | NoFit:
-        return place(req, self._candidates(active))
-
     def schedule_pass(self) -> int:
-        """Place queued runs, highest priority first, FIFO within a priority. Returns how many were placed."""
+        """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
+        placed reserves the nodes it could use, so smaller runs behind it cannot starve it (they may still
+        start on other nodes: backfill). Returns how many runs were placed."""
         with self._schedule_lock:
-            queued = self.store.list_runs(status=[RunStatus.QUEUED], limit=100_000)
+            queued = self.store.list_runs(status=[RunStatus.QUEUED], limit=1_000_000)
             if not queued:
                 return 0
             queued.sort(key=lambda r: (-r.priority, r.created_at))
-            active = self.store.list_runs(status=ACTIVE, limit=100_000)
+            candidates = self._candidates(self.store.list_runs(status=ACTIVE, limit=1_000_000))
+            by_id = {c.node.id: c for c in candidates}
+            reserved: set[str] = set()
+            head_blocked = False
             placed = 0
             for run in queued:
-                spec = JobSpec.model_validate(run.job)
-                verdict = self._place(Request.of(spec), active)
+                req = Request.of(JobSpec.model_validate(run.job))
+                verdict = place(req, candidates, reserved=frozenset(reserved), rng=self.rng)
                 if isinstance(verdict, NoFit):
-                    if run.reason != verdict.reason:
-                        self.store.update_run(run.id, reason=verdict.reason)
+                    reason = verdict.reason
+                    if not head_blocked and not verdict.never:
+                        head_blocked = True
+                        reserved |= {c.node.id for c in candidates if could_use(req, c)}
+                    if run.reason != reason and not (run.reason or "").startswith(reason):
+                        self.store.update_run(run.id, reason=reason)
                     continue
+                placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
                 try:
-                    run = self.store.transition(run.id, RunStatus.STARTING, node_id=verdict.node.id,
-                                                gpus=verdict.gpus, reason=None)
+                    run = self.store.transition(run.id, RunStatus.STARTING, placements=placements, reason=None,
+                                                master_port=self.rng.randrange(20000, 40000))
                 except InvalidTransition:
                     continue  # stopped meanwhile
-                active.append(run)
+                for pl in verdict:
+                    c = by_id[pl.node.id]
+                    c.free = [g for g in c.free if g.index not in pl.gpus]
                 placed += 1
                 self._run_changed(run)
             return placed
+
+
+__all__ = ["LOCAL", "Rejected", "Scheduler", "free_gpus"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -10,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .models import LogRow, Node, Run, RunStatus, check_transition
+from .models import ApiKey, LogRow, Node, Run, RunStatus, check_transition
 from .store import NotFound, SeqGap, Store
 
 SCHEMA = """
@@ -25,9 +24,15 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, priority, created_at);
 CREATE INDEX IF NOT EXISTS runs_node ON runs(node_id, status);
+CREATE TABLE IF NOT EXISTS run_nodes (
+    node_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (node_id, run_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS logs (
     run_id TEXT NOT NULL,
     pos INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
     rank INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     ts REAL NOT NULL,
@@ -37,16 +42,24 @@ CREATE TABLE IF NOT EXISTS logs (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log_seq (
     run_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
     rank INTEGER NOT NULL,
     next_seq INTEGER NOT NULL,
-    PRIMARY KEY (run_id, rank)
+    PRIMARY KEY (run_id, attempt, rank)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    doc TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     doc TEXT NOT NULL
 );
 """
+
+SCHEMA_VERSION = 2
 
 # Columns kept outside the JSON document because queries filter on them.
 _RUN_COLUMNS = ("status", "node_id", "owner", "priority", "created_at")
@@ -63,7 +76,13 @@ class SQLiteStore(Store):
         # FULL: a commit survives power loss, not only a crash of this process.
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=30000")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name='runs'").fetchone()[0]
+        if has_tables and version != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} was written by another version of fedml launch (schema {version}, "
+                               f"this one needs {SCHEMA_VERSION}); move it away to start afresh")
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _tx(self) -> _Tx:
@@ -99,13 +118,14 @@ class SQLiteStore(Store):
 
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
                   owner: str | None = None, limit: int = 1000) -> list[Run]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if status is not None:
             st = [s.value for s in status]
             where.append(f"status IN ({','.join('?' * len(st))})")
             args += st
         if node_id is not None:
-            where.append("node_id=?")
+            where.append("id IN (SELECT run_id FROM run_nodes WHERE node_id=?)")
             args.append(node_id)
         if owner is not None:
             where.append("owner=?")
@@ -118,8 +138,14 @@ class SQLiteStore(Store):
 
     def _write(self, db: sqlite3.Connection, run: Run) -> None:
         run.updated_at = time.time()
+        if run.placements:
+            run.node_id, run.gpus = run.placements[0].node_id, run.placements[0].gpus
         db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=? WHERE id=?",
                    (*self._run_row(run)[1:], run.id))
+        db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
+        if not run.terminal:
+            db.executemany("INSERT OR IGNORE INTO run_nodes (node_id, run_id) VALUES (?,?)",
+                           [(p.node_id, run.id) for p in run.placements])
 
     def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
         with self._tx() as db:
@@ -146,17 +172,17 @@ class SQLiteStore(Store):
         return run
 
     # -- logs --------------------------------------------------------------------------------------------
-    def next_seq(self, run_id: str, rank: int) -> int:
+    def next_seq(self, run_id: str, attempt: int, rank: int) -> int:
         with self._lock:
-            row = self._db.execute("SELECT next_seq FROM log_seq WHERE run_id=? AND rank=?",
-                                   (run_id, rank)).fetchone()
+            row = self._db.execute("SELECT next_seq FROM log_seq WHERE run_id=? AND attempt=? AND rank=?",
+                                   (run_id, attempt, rank)).fetchone()
         return row[0] if row else 0
 
-    def append_logs(self, run_id: str, rank: int, first_seq: int,
+    def append_logs(self, run_id: str, attempt: int, rank: int, first_seq: int,
                     lines: list[tuple[float, str, str]]) -> int:
         with self._tx() as db:
-            row = db.execute("SELECT next_seq FROM log_seq WHERE run_id=? AND rank=?",
-                             (run_id, rank)).fetchone()
+            row = db.execute("SELECT next_seq FROM log_seq WHERE run_id=? AND attempt=? AND rank=?",
+                             (run_id, attempt, rank)).fetchone()
             expected = row[0] if row else 0
             if first_seq > expected:
                 raise SeqGap(expected)
@@ -166,13 +192,13 @@ class SQLiteStore(Store):
             top = db.execute("SELECT MAX(pos) FROM logs WHERE run_id=?", (run_id,)).fetchone()[0]
             pos = 0 if top is None else top + 1
             db.executemany(
-                "INSERT INTO logs (run_id, pos, rank, seq, ts, stream, line) VALUES (?,?,?,?,?,?,?)",
-                [(run_id, pos + i, rank, expected + i, ts, stream, text)
+                "INSERT INTO logs (run_id, pos, attempt, rank, seq, ts, stream, line) VALUES (?,?,?,?,?,?,?,?)",
+                [(run_id, pos + i, attempt, rank, expected + i, ts, stream, text)
                  for i, (ts, stream, text) in enumerate(fresh)])
             nxt = expected + len(fresh)
-            db.execute("INSERT INTO log_seq (run_id, rank, next_seq) VALUES (?,?,?) "
-                       "ON CONFLICT(run_id, rank) DO UPDATE SET next_seq=excluded.next_seq",
-                       (run_id, rank, nxt))
+            db.execute("INSERT INTO log_seq (run_id, attempt, rank, next_seq) VALUES (?,?,?,?) "
+                       "ON CONFLICT(run_id, attempt, rank) DO UPDATE SET next_seq=excluded.next_seq",
+                       (run_id, attempt, rank, nxt))
         return nxt
 
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
@@ -205,16 +231,36 @@ class SQLiteStore(Store):
             rows = self._db.execute("SELECT doc FROM nodes ORDER BY name").fetchall()
         return [Node.model_validate_json(r[0]) for r in rows]
 
-    def touch_node(self, node_id: str, ts: float) -> None:
+    def touch_node(self, node_id: str, ts: float) -> Node:
         with self._tx() as db:
             row = db.execute("SELECT doc FROM nodes WHERE id=?", (node_id,)).fetchone()
             if row is None:
                 raise NotFound(node_id)
-            doc = json.loads(row[0])
-            doc["last_seen"] = ts
-            if doc.get("state") == "OFFLINE":
-                doc["state"] = "ONLINE"
-            db.execute("UPDATE nodes SET doc=? WHERE id=?", (json.dumps(doc), node_id))
+            node = Node.model_validate_json(row[0])
+            node.last_seen = ts
+            node.state = "ONLINE"
+            db.execute("UPDATE nodes SET doc=? WHERE id=?", (node.model_dump_json(), node_id))
+        return node
+
+    def delete_node(self, node_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM nodes WHERE id=?", (node_id,))
+
+    # -- API keys ----------------------------------------------------------------------------------------
+    def put_key(self, key: ApiKey) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO api_keys (id, hash, doc) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                       "hash=excluded.hash, doc=excluded.doc", (key.id, key.hash, key.model_dump_json()))
+
+    def key_by_hash(self, digest: str) -> ApiKey | None:
+        with self._lock:
+            row = self._db.execute("SELECT doc FROM api_keys WHERE hash=?", (digest,)).fetchone()
+        return ApiKey.model_validate_json(row[0]) if row else None
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._lock:
+            rows = self._db.execute("SELECT doc FROM api_keys").fetchall()
+        return sorted((ApiKey.model_validate_json(r[0]) for r in rows), key=lambda k: k.created_at)
 
     def close(self) -> None:
         with self._lock:

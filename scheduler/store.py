@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 
-from .models import LogRow, Node, Run, RunStatus
+from .models import ApiKey, LogRow, Node, Run, RunStatus
 
 
 class NotFound(KeyError):
@@ -48,10 +48,10 @@ class Store(abc.ABC):
 
     # -- logs --------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def append_logs(self, run_id: str, rank: int, first_seq: int,
+    def append_logs(self, run_id: str, attempt: int, rank: int, first_seq: int,
                     lines: list[tuple[float, str, str]]) -> int:
-        """Store lines first_seq.. for (run, rank); lines below the next expected seq are duplicates and
-        are dropped. Returns the next expected seq. Raises SeqGap if first_seq is beyond it."""
+        """Store lines first_seq.. for (run, attempt, rank); lines below the next expected seq are duplicates
+        and are dropped. Returns the next expected seq. Raises SeqGap if first_seq is beyond it."""
 
     @abc.abstractmethod
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
@@ -59,7 +59,7 @@ class Store(abc.ABC):
         """Lines with pos > after, in order."""
 
     @abc.abstractmethod
-    def next_seq(self, run_id: str, rank: int) -> int: ...
+    def next_seq(self, run_id: str, attempt: int, rank: int) -> int: ...
 
     # -- nodes -------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -72,7 +72,21 @@ class Store(abc.ABC):
     def list_nodes(self) -> list[Node]: ...
 
     @abc.abstractmethod
-    def touch_node(self, node_id: str, ts: float) -> None: ...
+    def touch_node(self, node_id: str, ts: float) -> Node:
+        """Record a heartbeat; an OFFLINE node becomes ONLINE. Returns the node. Raises NotFound."""
+
+    @abc.abstractmethod
+    def delete_node(self, node_id: str) -> None: ...
+
+    # -- API keys ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def put_key(self, key: ApiKey) -> None: ...
+
+    @abc.abstractmethod
+    def key_by_hash(self, digest: str) -> ApiKey | None: ...
+
+    @abc.abstractmethod
+    def list_keys(self) -> list[ApiKey]: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
