@@ -239,7 +239,8 @@ class Agent:
                     f.write(reg.node_token)
                 self.client.set_token(reg.node_token)
             self.node_id = reg.node.id
-            _write_json(self.home / "node.json", {"id": reg.node.id, "name": reg.node.name})
+            _write_json(self.home / "node.json", {"id": reg.node.id, "name": reg.node.name,
+                                                  "server": self.client.base_url()})
             log.info("registered as %s (%s)", reg.node.name, reg.node.id)
             return
 

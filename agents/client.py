@@ -43,6 +43,9 @@ class AgentClient:
         self._http: httpx.Client | None = None
         self._base: str | None = None
 
+    def base_url(self) -> str:
+        return self._resolve().rstrip("/")
+
     def set_token(self, token: str | None) -> None:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         if self._http is not None:

@@ -52,7 +52,8 @@ def parse_gpu_decl(decl: str) -> list[GpuInfo]:
             mem = int(bits[2]) if len(bits) == 3 else 0
         except ValueError:
             raise ValueError(f"--gpus {part!r}: COUNT and MEMORY_MB must be integers") from None
-        out.extend(GpuInfo(index=len(out) + i, name=bits[0], memory_mb=mem) for i in range(count))
+        base = len(out)
+        out.extend(GpuInfo(index=base + i, name=bits[0], memory_mb=mem) for i in range(count))
     return out
 
 

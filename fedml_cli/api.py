@@ -36,6 +36,8 @@ class Api:
             detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" for d in detail)
         if r.status_code == 401:
             raise CliError(f"not authenticated with the scheduler at {self.url}: {detail}", UNREACHABLE)
+        if r.status_code == 403:
+            raise CliError(f"not allowed: {detail}", UNREACHABLE)
         if r.status_code == 404:
             raise CliError(str(detail), NOT_FOUND)
         if r.status_code in (400, 409, 413, 422):
@@ -66,6 +68,9 @@ class Api:
 
     def post(self, path: str, **kw: Any) -> Any:
         return self.request("POST", path, **kw).json()
+
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self.request("DELETE", path, **kw).json()
 
     def has_blob(self, sha: str) -> bool:
         try:
@@ -102,11 +107,25 @@ class Api:
             raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
 
 
+def credentials() -> dict[str, str] | None:
+    from . import paths
+
+    try:
+        data = json.loads(paths.credentials_file().read_text())
+        return {"server": str(data["server"]), "api_key": str(data["api_key"])}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def connect(*, start: bool = True) -> Api:
-    """The scheduler to talk to: FEDML_SERVER (+ FEDML_API_KEY), else the local one (started if needed)."""
+    """The scheduler to talk to: FEDML_SERVER (+ FEDML_API_KEY), else what `fedml login` stored, else the
+    local one (started if needed)."""
     server = os.environ.get("FEDML_SERVER")
     if server:
         return Api(server, os.environ.get("FEDML_API_KEY"))
+    creds = credentials()
+    if creds:
+        return Api(creds["server"], os.environ.get("FEDML_API_KEY") or creds["api_key"])
     if start:
         found = local.probably_running()  # trusted without a round trip; Api reconnects if it is wrong
         url, token = found if found else local.ensure_running()

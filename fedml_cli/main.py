@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__
+from . import __version__, cluster
 from .errors import FAILED, INTERRUPTED, NOT_FOUND, OK, USAGE, CliError
 
 app = typer.Typer(
@@ -29,6 +29,10 @@ run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_
 scheduler_app = typer.Typer(help="Run or stop the scheduler.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(run_app, name="run")
 app.add_typer(scheduler_app, name="scheduler")
+app.command("login")(cluster.login)
+app.command("logout")(cluster.logout)
+app.add_typer(cluster.node_app, name="node")
+scheduler_app.add_typer(cluster.key_app, name="key")
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
@@ -367,8 +371,13 @@ def scheduler_start(
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8787,
     agent: Annotated[bool, typer.Option("--agent/--no-agent", help="Also run a local agent on this machine.")] = True,
     max_workspace_mb: Annotated[int, typer.Option(help="Largest workspace upload accepted.")] = 512,
+    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between agent heartbeats; a node silent for "
+                                                           "3 intervals is offline.")] = 10.0,
 ) -> None:
-    """Run a scheduler in the foreground (Ctrl-C stops it). State lives in the user data dir (FEDML_HOME)."""
+    """Run a scheduler in the foreground (Ctrl-C stops it). State lives in the user data dir (FEDML_HOME).
+
+    On first start it prints an admin API key (stored hashed; also saved to FEDML_HOME/local/token).
+    """
     from . import local
 
     try:
@@ -379,7 +388,8 @@ def scheduler_start(
         pass
     from scheduler.server import main as serve
 
-    args = ["--host", host, "--port", str(port), "--max-workspace-mb", str(max_workspace_mb)]
+    args = ["--host", host, "--port", str(port), "--max-workspace-mb", str(max_workspace_mb),
+            "--heartbeat-interval", str(heartbeat_interval)]
     if not agent:
         args.append("--no-agent")
     raise typer.Exit(serve(args))

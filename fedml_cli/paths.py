@@ -26,3 +26,13 @@ def state_file(base: Path | None = None) -> Path:
 
 def token_file(base: Path | None = None) -> Path:
     return local_dir(base) / "token"
+
+
+def credentials_file(base: Path | None = None) -> Path:
+    """Client credentials from `fedml login KEY --server URL` (mode 0600)."""
+    return (base or home()) / "credentials.json"
+
+
+def node_home(name: str, base: Path | None = None) -> Path:
+    """State of the agent started by `fedml login ... --node --name NAME`."""
+    return (base or home()) / "nodes" / name

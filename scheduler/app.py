@@ -24,6 +24,7 @@ from .models import (
     LogBatch,
     Node,
     NodeInfo,
+    NodeView,
     PollRequest,
     PollResponse,
     Principal,
@@ -204,10 +205,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return sched.register_node(info, who)
 
     @app.get(f"{API}/nodes")
-    def list_nodes(who: Principal = Depends(auth)) -> list[Node]:
+    def list_nodes(who: Principal = Depends(auth)) -> list[NodeView]:
         if who.scope == "node":
             raise HTTPException(403, "a node key cannot list nodes")
-        return store.list_nodes()
+        return sched.node_views()
 
     @app.post(f"{API}/nodes/{{ref}}/drain")
     def drain(ref: str, undo: bool = False, who: Principal = Depends(auth)) -> Node:

@@ -132,6 +132,13 @@ class Node(NodeInfo):
     last_seen: float = Field(default_factory=time.time)
 
 
+class NodeView(Node):
+    """A node as `fedml node list` shows it: with what is free now."""
+
+    gpus_free: list[int] = Field(default_factory=list)
+    active_runs: int = 0
+
+
 class LogRow(NamedTuple):
     """A stored log line as the store returns it (a tuple: cheap to read by the hundred thousand)."""
 

@@ -20,6 +20,7 @@ from .models import (
     InvalidTransition,
     Node,
     NodeInfo,
+    NodeView,
     Placement,
     PollResponse,
     Principal,
@@ -158,6 +159,16 @@ class Scheduler:
         log.info("node %s (%s) registered by %s", node.name, node.id, who.owner)
         self.kick()
         return Registered(node=node, node_token=token)
+
+    def node_views(self) -> list[NodeView]:
+        active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
+        count: dict[str, int] = {}
+        for r in active:
+            for p in r.placements:
+                if not p.done:
+                    count[p.node_id] = count.get(p.node_id, 0) + 1
+        return [NodeView(**c.node.model_dump(), gpus_free=[g.index for g in c.free], active_runs=count.get(c.node.id, 0))
+                for c in self._candidates(active)]
 
     def find_node(self, ref: str) -> Node:
         for n in self.store.list_nodes():

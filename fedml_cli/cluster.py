@@ -1,0 +1,355 @@
+"""Cluster commands: login/logout (clients and nodes), node list/drain/remove, scheduler keys.
+
+Imported by main.py at start-up, so only typer is imported at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import FAILED, UNREACHABLE, USAGE, CliError
+
+node_app = typer.Typer(help="List, drain and remove the nodes of the cluster.", no_args_is_help=True,
+                       rich_markup_mode=None)
+key_app = typer.Typer(help="Create, list and revoke API keys (admin key needed).", no_args_is_help=True,
+                      rich_markup_mode=None)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+
+
+def _fail(exc: CliError) -> typer.Exit:
+    _err(f"error: {exc}")
+    return typer.Exit(exc.code)
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _agent_pid(home: Path) -> int | None:
+    try:
+        pid = int((home / "agent.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"agents.agent" in cmd else None
+
+
+# ---- login / logout ----------------------------------------------------------------------------------------
+
+def login(
+    api_key: Annotated[str | None, typer.Argument(metavar="API_KEY", help="API key (default: $FEDML_API_KEY).")] = None,
+    server: Annotated[str | None, typer.Option("--server", "-s", help="Scheduler URL, e.g. http://head:8787 "
+                                                                          "(default: $FEDML_SERVER).")] = None,
+    node: Annotated[bool, typer.Option("--node", help="Join this machine as a node: start an agent.")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="Node name (default: host name).")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="K=V", help="Node label; repeatable.")] = None,
+    gpus: Annotated[str | None, typer.Option("--gpus", metavar="TYPE:N[:MEM_MB]",
+                                             help="Declare GPUs where NVML is absent, e.g. A100-80G:4.")] = None,
+    price: Annotated[float | None, typer.Option("--price-per-gpu-hour", min=0, help="Price of one GPU-hour.")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Address other nodes reach this one at "
+                                                                  "(default: detected).")] = None,
+    foreground: Annotated[bool, typer.Option("--foreground", help="With --node: run the agent in the foreground "
+                                                                  "(systemd, containers).")] = False,
+) -> None:
+    """Store credentials for a scheduler, or with --node join this machine to it as a node.
+
+    Without --node: later commands (launch, logs, run ...) go to SERVER with API_KEY.
+    With --node: registers the node (GPUs from NVML, or --gpus), starts its agent in the background (pid and log
+    files under FEDML_HOME/nodes/NAME) and returns; the agent outlives the shell. `fedml logout` stops it.
+    """
+    from .api import Api
+
+    api_key = api_key or os.environ.get("FEDML_API_KEY")
+    server = (server or os.environ.get("FEDML_SERVER") or "").rstrip("/")
+    if not api_key or not server:
+        _err("error: give API_KEY and --server (or set FEDML_API_KEY and FEDML_SERVER)")
+        raise typer.Exit(USAGE)
+    if not server.startswith(("http://", "https://")):
+        _err(f'error: --server: expected a URL such as http://head:8787, got "{server}"')
+        raise typer.Exit(USAGE)
+    labels: dict[str, str] = {}
+    for item in label or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            _err(f'error: --label: expected KEY=VALUE, got "{item}"')
+            raise typer.Exit(USAGE)
+        labels[k] = v
+    if gpus:
+        from agents.inventory import parse_gpu_decl
+
+        try:
+            parse_gpu_decl(gpus)
+        except ValueError as exc:
+            _err(f"error: {exc}")
+            raise typer.Exit(USAGE) from None
+    try:
+        who = Api(server, api_key).get("/info")["you"]
+    except CliError as exc:
+        raise _fail(exc) from None
+    if not node:
+        from . import paths
+
+        _write_private(paths.credentials_file(), json.dumps({"server": server, "api_key": api_key}))
+        _err(f"Logged in to {server} as {who['owner']} ({who['scope']} key). Commands now go there; "
+             f"`fedml logout` forgets it.")
+        return
+    _join(api_key, server, name, labels, gpus, price, address, foreground)
+
+
+def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], gpus: str | None,
+          price: float | None, address: str | None, foreground: bool) -> None:
+    import socket
+
+    from . import paths
+
+    name = name or socket.gethostname()
+    home = paths.node_home(name)
+    home.mkdir(parents=True, exist_ok=True)
+    pid = _agent_pid(home)
+    if pid:
+        _err(f"error: node {name} already runs here (agent pid {pid}); `fedml logout --name {name}` first")
+        raise typer.Exit(USAGE)
+    args = ["--server", server, "--home", str(home), "--name", name]
+    if gpus:
+        args += ["--gpus", gpus]
+    for k, v in labels.items():
+        args += ["--label", f"{k}={v}"]
+    if price is not None:
+        args += ["--price-per-gpu-hour", str(price)]
+    if address:
+        args += ["--address", address]
+    env = {**os.environ, "FEDML_API_KEY": api_key}  # by environment, not argv: argv is visible in ps
+    if foreground:
+        os.execve(sys.executable, [sys.executable, "-m", "agents.agent", *args], env)
+    (home / "node.json").unlink(missing_ok=True)
+    with open(home / "agent.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agents.agent", *args], env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (home / "node.json").exists():
+            info = json.loads((home / "node.json").read_text())
+            _err(f"Node {info['name']} joined {server} as {info['id']}; agent pid {proc.pid}, log {home / 'agent.log'}. "
+                 "`fedml logout` stops it.")
+            return
+        if proc.poll() is not None:
+            lines = [ln for ln in (home / "agent.log").read_text(errors="replace").splitlines() if ln.strip()]
+            _err(f"error: the agent exited (code {proc.returncode}): {lines[-1] if lines else 'no output'}")
+            raise typer.Exit(UNREACHABLE)
+        time.sleep(0.05)
+    _err(f"error: the agent did not register within 30 s; see {home / 'agent.log'}")
+    raise typer.Exit(UNREACHABLE)
+
+
+def logout(
+    name: Annotated[str | None, typer.Option("--name", help="Only this node (default: every node started from "
+                                                            "this FEDML_HOME, and the client credentials).")] = None,
+) -> None:
+    """Stop the agents `fedml login --node` started here (their runs are stopped and requeued elsewhere per
+    their retry policy), remove the nodes from the scheduler, and forget stored credentials."""
+    from . import paths
+
+    nodes_dir = paths.home() / "nodes"
+    homes = [paths.node_home(name)] if name else (sorted(p for p in nodes_dir.iterdir() if p.is_dir())
+                                                   if nodes_dir.exists() else [])
+    if name and not homes[0].exists():
+        _err(f"error: no node {name} was started from {paths.home()}")
+        raise typer.Exit(USAGE)
+    for home in homes:
+        _leave(home)
+    if not name:
+        creds = paths.credentials_file()
+        if creds.exists():
+            creds.unlink()
+            _err("Forgot the stored client credentials.")
+        elif not homes:
+            _err("Not logged in.")
+
+
+def _leave(home: Path) -> None:
+    pid = _agent_pid(home)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    # The agent leaves its jobs running on purpose (it re-attaches after a restart); leaving for good, stop them.
+    from runtime.process import ProcessRuntime
+
+    runs = home / "runs"
+    for d in sorted(runs.iterdir()) if runs.exists() else []:
+        try:
+            state = json.loads((d / "agent.json").read_text()).get("handle")
+        except (OSError, ValueError):
+            continue
+        handle = ProcessRuntime().reattach(state, d) if state else None
+        if handle is not None and handle.poll() is None:
+            handle.stop(float(os.environ.get("FEDML_STOP_GRACE", "10")))
+    node = {}
+    try:
+        node = json.loads((home / "node.json").read_text())
+        token = (home / "node_token").read_text().strip()
+        from .api import Api
+
+        Api(node["server"], token).delete(f"/nodes/{node['id']}")
+    except (OSError, ValueError, KeyError):
+        pass
+    except CliError as exc:
+        _err(f"warning: could not remove node {node.get('name', home.name)} from the scheduler: {exc}")
+    import shutil
+
+    shutil.rmtree(home, ignore_errors=True)
+    _err(f"Node {node.get('name', home.name)} logged out" + (f" (agent pid {pid} stopped)." if pid else "."))
+
+
+# ---- node --------------------------------------------------------------------------------------------------
+
+def _gpu_summary(n: dict[str, Any]) -> str:
+    by_type: dict[str, list[int]] = {}
+    free = set(n.get("gpus_free", []))
+    for g in n.get("gpus", []):
+        t = by_type.setdefault(g["name"], [0, 0])
+        t[1] += 1
+        t[0] += g["index"] in free
+    return ", ".join(f"{f}/{t} {name}" for name, (f, t) in by_type.items()) or "-"
+
+
+@node_app.command("list")
+def node_list(as_json: JsonOpt = False) -> None:
+    """Nodes: state, GPUs free/total by type, labels, price, last heartbeat."""
+    from .api import connect
+
+    try:
+        nodes = connect().get("/nodes")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(nodes, indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "ID", "STATE", "GPUS FREE/TOTAL", "RUNS", "LABELS", "PRICE/GPU-H", "LAST HEARTBEAT"):
+        table.add_column(col)
+    now = time.time()
+    for n in nodes:
+        state = n["state"] + (" DRAINING" if n.get("draining") else "")
+        color = "green" if state == "ONLINE" else ("yellow" if "DRAINING" in state else "red")
+        table.add_row(n["name"], n["id"], f"[{color}]{state}[/{color}]", _gpu_summary(n), str(n.get("active_runs", 0)),
+                      ",".join(f"{k}={v}" for k, v in n.get("labels", {}).items()) or "-",
+                      "-" if n.get("price_per_gpu_hour") is None else f"{n['price_per_gpu_hour']:g}",
+                      f"{now - n['last_seen']:.0f}s ago")
+    if nodes:
+        Console().print(table)
+    else:
+        Console().print("no nodes (add one with `fedml login KEY --server URL --node`)")
+
+
+@node_app.command("drain")
+def node_drain(name: Annotated[str, typer.Argument(metavar="NAME", help="Node name or id.")],
+               undo: Annotated[bool, typer.Option("--undo", help="Accept new runs again.")] = False) -> None:
+    """Stop placing new runs on a node; runs already there finish."""
+    from .api import connect
+
+    try:
+        n = connect().post(f"/nodes/{name}/drain", params={"undo": undo})
+    except CliError as exc:
+        raise _fail(exc) from None
+    _err(f"Node {n['name']} " + ("accepts new runs again." if undo else "is draining: no new runs; running ones finish."))
+
+
+@node_app.command("remove")
+def node_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="Node name or id.")]) -> None:
+    """Remove a node: its runs become LOST (requeued per their retry policy) and its key is revoked."""
+    from .api import connect
+
+    try:
+        n = connect().delete(f"/nodes/{name}")
+    except CliError as exc:
+        raise _fail(exc) from None
+    _err(f"Node {n['name']} ({n['id']}) removed.")
+
+
+# ---- keys --------------------------------------------------------------------------------------------------
+
+@key_app.command("create")
+def key_create(name: Annotated[str, typer.Argument(metavar="NAME", help="Who the key is for (its runs are theirs).")],
+               admin: Annotated[bool, typer.Option("--admin", help="An admin key (sees all runs, manages nodes/keys).")] = False,
+               as_json: JsonOpt = False) -> None:
+    """Create a key and print its secret once."""
+    from .api import connect
+
+    try:
+        r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "user"})
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        return
+    sys.stdout.write(r["secret"] + "\n")
+    _err(f"Key {r['key']['id']} for {name} ({r['key']['scope']}). The secret above is shown only now.")
+
+
+@key_app.command("list")
+def key_list(as_json: JsonOpt = False) -> None:
+    """Keys: id, name, scope, created, revoked (never the secrets)."""
+    from .api import connect
+
+    try:
+        keys = connect().get("/keys")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(keys, indent=2) + "\n")
+        return
+    for k in keys:
+        state = "revoked" if k.get("revoked_at") else "active"
+        sys.stdout.write(f"{k['id']:<14} {k['scope']:<6} {state:<8} {k['prefix']}…  {k['name']}\n")
+
+
+@key_app.command("revoke")
+def key_revoke(ref: Annotated[str, typer.Argument(metavar="ID_OR_NAME")]) -> None:
+    """Revoke a key: requests with it are refused from now on."""
+    from .api import connect
+
+    try:
+        k = connect().delete(f"/keys/{ref}")
+    except CliError as exc:
+        raise _fail(exc) from None
+    _err(f"Key {k['id']} ({k['name']}) revoked.")
+
+
+__all__ = ["FAILED", "key_app", "login", "logout", "node_app"]
