@@ -195,8 +195,10 @@ class RunWorker(threading.Thread):
 
 class Agent:
     def __init__(self, client: AgentClient, home: Path, info: NodeInfo, runtime: Runtime | None = None,
-                 stop_grace: float = 10.0, join_key: str | None = None) -> None:
+                 stop_grace: float = 10.0, join_key: str | None = None,
+                 orphaned: Any = None) -> None:
         self.client, self.home, self.info = client, home, info
+        self.orphaned = orphaned or (lambda: False)  # True once our scheduler is gone for good
         self.join_key = join_key  # a user/admin key, used only to join; afterwards the node key is used
         self.runtime = runtime or ProcessRuntime()
         self.stop_grace = stop_grace
@@ -277,6 +279,10 @@ class Agent:
                 resp = self.client.poll(self.node_id, running, wait=15.0)
                 delay = 0.2
             except Unreachable:
+                if self.orphaned():
+                    log.info("the local scheduler was stopped; agent exits (%d run(s) keep running)",
+                             len(self.workers))
+                    return
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -337,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     labels = dict(kv.split("=", 1) for kv in args.label if "=" in kv)
     info = collect(args.name, args.gpus, labels=labels, price=args.price_per_gpu_hour,
                    address=args.address or (detect_address(args.server) if args.server else "127.0.0.1"))
-    agent = Agent(AgentClient(server, None), args.home, info, stop_grace=args.stop_grace, join_key=join_key)
+    state_file = args.state_file
+    # The embedded agent follows its scheduler: a clean stop removes the state file (a crash does not).
+    orphaned = (lambda: not state_file.exists()) if state_file else None
+    agent = Agent(AgentClient(server, None), args.home, info, stop_grace=args.stop_grace, join_key=join_key,
+                  orphaned=orphaned)
 
     def on_term(*_: Any) -> None:
         # Jobs keep running: they write to files and the next agent re-attaches to them.

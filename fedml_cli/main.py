@@ -147,7 +147,8 @@ def launch(
         return
     if not as_json:
         _err(f"Run {run['id']} submitted; following its logs (Ctrl-C stops following, not the run).")
-    raise typer.Exit(_follow(api, run["id"], as_json=as_json, stop_on_interrupt=stop_on_interrupt))
+    raise typer.Exit(_follow(api, run["id"], as_json=as_json, stop_on_interrupt=stop_on_interrupt,
+                             ranked=run.get("num_nodes", 1) > 1))
 
 
 def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides: dict[str, str],
@@ -165,8 +166,12 @@ def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides
     sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False))
 
 
+def _line(rec: dict[str, Any], ranked: bool) -> str:
+    return f"[rank {rec['rank']}] {rec['line']}\n" if ranked else rec["line"] + "\n"
+
+
 def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: bool = False,
-            after: int = -1, tail: int | None = None, rank: int | None = None) -> int:
+            after: int = -1, tail: int | None = None, rank: int | None = None, ranked: bool = False) -> int:
     """Print the run's log until it ends; reconnect if the scheduler restarts. Returns the exit code."""
     out, err = sys.stdout, sys.stderr
     end: dict[str, Any] | None = None
@@ -182,7 +187,7 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
                     if as_json:
                         out.write(json.dumps(rec) + "\n")
                     else:
-                        (err if rec.get("stream") == "stderr" else out).write(rec["line"] + "\n")
+                        (err if rec.get("stream") == "stderr" else out).write(_line(rec, ranked))
                     delay = 0.2
                 tail = None
             except CliError as exc:
@@ -233,13 +238,17 @@ def logs(
     rank: Annotated[int | None, typer.Option("--rank", min=0, help="Only lines of this rank.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a run's log, during or after the run. With -f, exits with the run's exit code when it ends."""
+    """Print a run's log, during or after the run. With -f, exits with the run's exit code when it ends.
+
+    Lines of multi-node runs are prefixed with their rank; --rank N shows one rank only.
+    """
     from .api import connect
 
     try:
         api = connect()
+        ranked = rank is None and api.get(f"/runs/{run_id}").get("num_nodes", 1) > 1
         if follow:
-            code = _follow(api, run_id, as_json=as_json, tail=tail, rank=rank)
+            code = _follow(api, run_id, as_json=as_json, tail=tail, rank=rank, ranked=ranked)
             raise typer.Exit(0 if code == OK or as_json else code)
         for rec in api.stream_logs(run_id, tail=tail, rank=rank):
             if rec.get("end"):
@@ -247,7 +256,7 @@ def logs(
             if as_json:
                 sys.stdout.write(json.dumps(rec) + "\n")
             else:
-                (sys.stderr if rec.get("stream") == "stderr" else sys.stdout).write(rec["line"] + "\n")
+                (sys.stderr if rec.get("stream") == "stderr" else sys.stdout).write(_line(rec, ranked))
     except CliError as exc:
         raise _fail(exc) from None
 

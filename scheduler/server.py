@@ -140,16 +140,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"Nodes join with: fedml login <KEY> --server http://<this host>:{port} --node\n"
                   f"More keys:       fedml scheduler key create NAME", file=sys.stderr, flush=True)
 
+    stopping = False
     if agent is not None:
         import threading
 
         def supervise() -> None:
             # The local agent is a separate process; if it dies, start it again (it re-attaches to its jobs).
             nonlocal agent
-            while True:
+            while not stopping:
                 time.sleep(2.0)
                 pid = agent_pid(local)
-                if agent.poll() is None or (pid and _alive(pid)):
+                if stopping or agent.poll() is None or (pid and _alive(pid)):
                     continue
                 logging.getLogger("fedml.scheduler").warning("local agent is not running; starting it again")
                 agent = spawn_agent(local, args.gpus)
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run(sockets=[sock])
     finally:
+        stopping = True
         try:
             if json.loads(state.read_text()).get("pid") == os.getpid():
                 state.unlink()
