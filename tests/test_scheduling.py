@@ -1,0 +1,207 @@
+"""The scheduler's placement and run settlement, in process, over a real SQLite store (no HTTP)."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from scheduler import auth
+from scheduler.models import GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport
+from scheduler.notify import Notifier
+from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
+from scheduler.service import Rejected, Scheduler
+from scheduler.sqlite_store import SQLiteStore
+
+
+def gpus(name: str, n: int) -> list[GpuInfo]:
+    return [GpuInfo(index=i, name=name, memory_mb=81920) for i in range(n)]
+
+
+@pytest.fixture
+def sched(tmp_path: Path) -> Scheduler:
+    return Scheduler(SQLiteStore(tmp_path / "s.db"), Notifier(), heartbeat_interval=1.0, rng=random.Random(7))
+
+
+def admin(s: Scheduler) -> Principal:
+    who = auth.verify(s.store, auth.issue(s.store, name="t", scope="admin", owner="admin")[1])
+    assert who is not None
+    return who
+
+
+def join(s: Scheduler, name: str, n: int = 2, kind: str = "NVIDIA A100 80GB PCIe", **kw: object) -> str:
+    return s.register_node(NodeInfo(name=name, gpus=gpus(kind, n), **kw), admin(s)).node.id  # type: ignore[arg-type]
+
+
+def submit(s: Scheduler, job: str = "echo hi", **spec: object) -> str:
+    return s.create_run(RunCreate(job={"job": job, **spec})).id
+
+
+def test_gpus_are_never_shared_and_the_queue_waits_with_a_reason(sched: Scheduler) -> None:
+    a, b = join(sched, "a"), join(sched, "b")
+    runs = [submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"}) for _ in range(5)]
+    assert sched.schedule_pass() == 4
+    placed = [sched.get_run(r) for r in runs[:4]]
+    pairs = {(r.node_id, g) for r in placed for g in r.gpus}
+    assert len(pairs) == 4 and {n for n, _ in pairs} == {a, b}
+    waiting = sched.get_run(runs[4])
+    assert waiting.status == RunStatus.QUEUED
+    assert "no node with 1 free A100-80G GPU" in waiting.reason and "2 nodes have them busy" in waiting.reason
+    # one finishes: the waiting run gets exactly the freed GPU
+    done = placed[0]
+    sched.report(done.id, StatusReport(status=RunStatus.RUNNING), done.node_id)
+    sched.report(done.id, StatusReport(status=RunStatus.FINISHED, exit_code=0), done.node_id)
+    assert sched.schedule_pass() == 1
+    now = sched.get_run(runs[4])
+    assert (now.node_id, now.gpus) == (done.node_id, done.gpus)
+
+
+def test_never_fitting_job_is_rejected_with_the_reason(sched: Scheduler) -> None:
+    join(sched, "a")
+    with pytest.raises(Rejected) as e:
+        submit(sched, computing={"minimum_num_gpus": 4, "resource_type": "A100-80G"})
+    assert e.value.status == 422 and "fewer than 4 A100-80G" in str(e.value)
+    with pytest.raises(Rejected):
+        submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "H100"})
+    assert sched.store.list_runs() == []
+
+
+def test_gang_is_all_or_nothing_on_distinct_nodes(sched: Scheduler) -> None:
+    join(sched, "a", 1), join(sched, "b", 1)
+    first = submit(sched, num_nodes=2, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    run = sched.get_run(first)
+    assert run.status == RunStatus.STARTING and len({p.node_id for p in run.placements}) == 2
+    second = submit(sched, num_nodes=2, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    assert sched.get_run(second).status == RunStatus.QUEUED  # not one rank placed alone
+    assert all(not r.placements for r in [sched.get_run(second)])
+
+
+def test_gang_rank_failure_stops_the_others_then_fails_the_run(sched: Scheduler) -> None:
+    join(sched, "a", 1), join(sched, "b", 1)
+    rid = submit(sched, num_nodes=2)
+    sched.schedule_pass()
+    r0, r1 = sched.get_run(rid).placements
+    for p in (r0, r1):
+        sched.report(rid, StatusReport(status=RunStatus.RUNNING), p.node_id)
+    run = sched.report(rid, StatusReport(status=RunStatus.FAILED, exit_code=3, reason="job exited with code 3"),
+                       r1.node_id)
+    assert run.status == RunStatus.RUNNING and run.stop_requested and "rank 1" in run.reason
+    assert rid in sched.poll_once(r0.node_id, [rid]).stop  # the other rank is told to stop
+    run = sched.report(rid, StatusReport(status=RunStatus.KILLED, exit_code=143), r0.node_id)
+    assert run.status == RunStatus.FAILED and run.exit_code == 3
+
+
+def test_silent_node_goes_offline_and_its_run_is_retried_elsewhere(sched: Scheduler) -> None:
+    a, b = join(sched, "a", 1), join(sched, "b", 1)
+    rid = submit(sched, retry={"max_attempts": 2, "on": ["lost"]}, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    first = sched.get_run(rid).node_id
+    other = b if first == a else a
+    sched.report(rid, StatusReport(status=RunStatus.RUNNING), first)
+    node = sched.store.get_node(first)
+    sched.store.upsert_node(node.model_copy(update={"last_seen": time.time() - 10}))
+    sched.store.touch_node(other, time.time())
+    assert [n.id for n in sched.check_heartbeats()] == [first]
+    run = sched.get_run(rid)
+    assert run.status == RunStatus.QUEUED and run.attempt == 2 and "went offline" in run.reason
+    sched.schedule_pass()
+    assert sched.get_run(rid).node_id == other  # the offline node is not used
+    # the node comes back still running attempt 1: it is told to stop it
+    assert sched.poll_once(first, [rid]).stop == [rid]
+
+
+def test_lost_without_retry_fails(sched: Scheduler) -> None:
+    a = join(sched, "a", 1)
+    rid = submit(sched)
+    sched.schedule_pass()
+    sched.remove_node("a", admin(sched))
+    run = sched.get_run(rid)
+    assert run.status == RunStatus.FAILED and "removed" in run.reason and a not in [n.id for n in sched.store.list_nodes()]
+
+
+def test_priority_then_fifo_and_the_head_job_is_not_starved(sched: Scheduler) -> None:
+    join(sched, "a", 2)
+    busy = submit(sched, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    big = submit(sched, computing={"minimum_num_gpus": 2})  # waits for the whole node
+    small = submit(sched, computing={"minimum_num_gpus": 1})  # would fit now, but the node is held for `big`
+    urgent = submit(sched, computing={"minimum_num_gpus": 2}, priority=5)
+    sched.schedule_pass()
+    assert [sched.get_run(r).status for r in (big, small, urgent)] == [RunStatus.QUEUED] * 3
+    b = sched.get_run(busy)
+    sched.report(busy, StatusReport(status=RunStatus.FINISHED, exit_code=0), b.node_id)
+    sched.schedule_pass()
+    assert sched.get_run(urgent).status == RunStatus.STARTING  # higher priority first
+    assert sched.get_run(small).status == RunStatus.QUEUED
+
+
+def test_drained_node_gets_no_new_runs(sched: Scheduler) -> None:
+    join(sched, "a", 1), join(sched, "b", 1)
+    sched.set_draining("a", True, admin(sched))
+    rids = [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(2)]
+    sched.schedule_pass()
+    nodes = {sched.get_run(r).node_id for r in rids}
+    assert nodes == {sched.find_node("b").id, None}
+
+
+def test_price_cap_and_labels_filter_nodes(sched: Scheduler) -> None:
+    join(sched, "cheap", 1, price_per_gpu_hour=1.0, labels={"zone": "a"})
+    join(sched, "dear", 1, price_per_gpu_hour=9.0, labels={"zone": "b"})
+    r1 = submit(sched, computing={"minimum_num_gpus": 1, "maximum_cost_per_hour": "$2"})
+    sched.schedule_pass()
+    assert sched.get_run(r1).node_id == sched.find_node("cheap").id
+    r2 = submit(sched, computing={"minimum_num_gpus": 1}, labels={"zone": "b"})
+    sched.schedule_pass()
+    assert sched.get_run(r2).node_id == sched.find_node("dear").id
+
+
+def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
+    from scheduler.models import Node
+
+    now = time.time()
+    cands = [Candidate(node=Node(id=f"n{i}", name=f"n{i}", gpus=gpus("A100", 8), last_seen=now),
+                       free=gpus("A100", 8), now=now, heartbeat_timeout=30) for i in range(10_000)]
+    req = Request(gpus=1)
+    assert sample_limit(req, 10_000) == 1 + 14
+    calls = 0
+    import scheduler.placement as pl
+
+    orig = pl.PIPELINE[:]
+    def counting(r: Request, c: Candidate) -> None:
+        nonlocal calls
+        calls += 1
+    pl.PIPELINE.insert(0, counting)  # type: ignore[arg-type]
+    try:
+        t = time.perf_counter()
+        out = place(req, cands, rng=random.Random(1))
+        elapsed = time.perf_counter() - t
+    finally:
+        pl.PIPELINE[:] = orig
+    assert not isinstance(out, NoFit) and len(out) == 1
+    assert calls == 15 and elapsed < 0.5
+
+
+def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Scheduler) -> None:
+    a = join(sched, "a", 1)
+    b = join(sched, "b", 1)
+    alice = auth.verify(sched.store, auth.issue(sched.store, name="alice", scope="user", owner="alice")[1])
+    bob = auth.verify(sched.store, auth.issue(sched.store, name="bob", scope="user", owner="bob")[1])
+    ra = sched.create_run(RunCreate(job={"job": "echo a"}), alice).id  # type: ignore[arg-type]
+    rb = sched.create_run(RunCreate(job={"job": "echo b"}), bob).id  # type: ignore[arg-type]
+    assert [r.id for r in sched.list_runs(alice, None, 100)] == [ra]  # type: ignore[arg-type]
+    with pytest.raises(Rejected) as e:
+        sched.get_run(rb, alice)  # type: ignore[arg-type]
+    assert e.value.status == 404
+    node_key = [k for k in sched.store.list_keys() if k.scope == "node" and k.owner == a][0]
+    node_a = Principal(scope="node", owner=a, key_id=node_key.id)
+    with pytest.raises(Rejected) as e:
+        sched.poll_once(b, [], node_a)
+    assert e.value.status == 403
+    with pytest.raises(Rejected):
+        sched.list_runs(node_a, None, 10)
+    assert auth.verify(sched.store, "fml_u_wrong") is None
+    assert all(len(k.hash) == 64 for k in sched.store.list_keys())  # stored as digests only
