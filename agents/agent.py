@@ -27,7 +27,7 @@ from runtime.env import run_env
 from runtime.process import ProcessRuntime
 from runtime.workspace import UnsafeArchive, unpack
 from scheduler.jobspec import JobSpec
-from scheduler.models import Assignment, NodeInfo, RunStatus
+from scheduler.models import Assignment, NodeInfo, RunStatus, attempt_ref, parse_ref
 
 from .client import AgentClient, Refused, Unreachable, server_from_state_file
 from .inventory import collect, detect_address
@@ -45,11 +45,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 class RunWorker(threading.Thread):
     """One rank of one run on this node, from download to the final report."""
 
-    def __init__(self, agent: Agent, run_id: str, assignment: Assignment | None = None,
+    def __init__(self, agent: Agent, ref: str, assignment: Assignment | None = None,
                  saved: dict[str, Any] | None = None) -> None:
-        super().__init__(name=f"run-{run_id}", daemon=True)
-        self.agent, self.run_id, self.assignment, self.saved = agent, run_id, assignment, saved or {}
-        self.dir = agent.home / "runs" / run_id
+        super().__init__(name=f"run-{ref}", daemon=True)
+        self.ref = ref  # one attempt of a run: "run-1a2b3c4d.2"
+        self.run_id, self.attempt = parse_ref(ref)
+        self.agent, self.assignment, self.saved = agent, assignment, saved or {}
+        self.dir = agent.home / "runs" / ref
         self.stop_event = threading.Event()
         self.stop_reason = "stopped by user"
         self.handle: Handle | None = None
@@ -119,7 +121,7 @@ class RunWorker(threading.Thread):
                 self._report_final(RunStatus.FAILED, None, f"could not start: {exc}")
                 return
             self._save(handle=self.handle.state())
-            self._retry(lambda: client.report(self.run_id, self.agent.node_id, RunStatus.RUNNING))
+            self._retry(lambda: client.report(self.run_id, self.attempt, self.agent.node_id, RunStatus.RUNNING))
         self._follow()
 
     def _follow(self) -> None:
@@ -172,7 +174,7 @@ class RunWorker(threading.Thread):
 
         def send() -> None:
             try:
-                self.agent.client.report(self.run_id, self.agent.node_id, status, code, reason)
+                self.agent.client.report(self.run_id, self.attempt, self.agent.node_id, status, code, reason)
             except Refused as exc:
                 if exc.status not in (403, 404, 409):  # the scheduler has settled this run already
                     raise
@@ -256,14 +258,13 @@ class Agent:
             w = RunWorker(self, d.name, saved=saved)
             if saved.get("final"):  # finished; only the report was not acknowledged
                 fin = saved["final"]
-                w.dir = d
                 threading.Thread(target=w._report_final, daemon=True, args=(
                     RunStatus(fin["status"]), fin["exit_code"], fin["reason"])).start()
                 continue
             if not saved.get("handle"):
                 shutil.rmtree(d, ignore_errors=True)
                 continue
-            log.info("re-attaching to run %s", d.name)
+            log.info("re-attaching to %s", d.name)
             self.workers[d.name] = w
             w.start()
 
@@ -295,9 +296,10 @@ class Agent:
                 continue
             try:
                 for a in resp.start:
-                    if a.run.id not in self.workers:
-                        w = RunWorker(self, a.run.id, assignment=a)
-                        self.workers[a.run.id] = w
+                    ref = attempt_ref(a.run.id, a.run.attempt)
+                    if ref not in self.workers:
+                        w = RunWorker(self, ref, assignment=a)
+                        self.workers[ref] = w
                         w.start()
                 for rid in resp.stop:
                     if rid in self.workers:

@@ -88,9 +88,9 @@ class AgentClient:
                        timeout=wait + 30)
         return PollResponse.model_validate(r.json())
 
-    def report(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None = None,
+    def report(self, run_id: str, attempt: int, node_id: str, status: RunStatus, exit_code: int | None = None,
                reason: str | None = None) -> None:
-        body = StatusReport(status=status, exit_code=exit_code, reason=reason)
+        body = StatusReport(status=status, attempt=attempt, exit_code=exit_code, reason=reason)
         self._call("POST", f"/runs/{run_id}/status", params={"node_id": node_id},
                    content=body.model_dump_json(), headers={"content-type": "application/json"})
 

@@ -112,7 +112,7 @@ class ProcessHandle(Handle):
         return {"stdout": self.run_dir / "stdout.log", "stderr": self.run_dir / "stderr.log"}
 
     def state(self) -> dict[str, Any]:
-        return {"runtime": "process", "pid": self.pid, "create_time": self.create_time}
+        return {"runtime": "process", "run_id": self.run_id, "pid": self.pid, "create_time": self.create_time}
 
 
 def sweep(run_id: str) -> int:
@@ -158,4 +158,5 @@ class ProcessRuntime(Runtime):
     def reattach(self, state: dict[str, Any], run_dir: Path) -> ProcessHandle | None:
         if state.get("runtime") != "process" or "pid" not in state:
             return None
-        return ProcessHandle(run_dir.name, run_dir, int(state["pid"]), float(state["create_time"]))
+        return ProcessHandle(str(state.get("run_id", run_dir.name)), run_dir, int(state["pid"]),
+                             float(state["create_time"]))

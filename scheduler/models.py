@@ -164,6 +164,7 @@ class RunCreate(BaseModel):
 
 class StatusReport(BaseModel):
     status: RunStatus
+    attempt: int | None = None  # reports about an attempt that was superseded (requeued) are refused
     exit_code: int | None = None
     reason: str | None = None
 
@@ -176,8 +177,19 @@ class LogBatch(BaseModel):
     lines: list[tuple[float, str, str]]
 
 
+def attempt_ref(run_id: str, attempt: int) -> str:
+    """What an agent runs is one attempt of a run: "run-1a2b3c4d.2". A run requeued back onto the same node
+    is a new attempt, never mistaken for the old one."""
+    return f"{run_id}.{attempt}"
+
+
+def parse_ref(ref: str) -> tuple[str, int]:
+    run_id, _, attempt = ref.rpartition(".")
+    return (run_id, int(attempt)) if run_id and attempt.isdigit() else (ref, 0)
+
+
 class PollRequest(BaseModel):
-    running: list[str] = Field(default_factory=list)
+    running: list[str] = Field(default_factory=list)  # attempt refs
     wait: float = Field(default=20.0, ge=0, le=60)
 
 
@@ -192,7 +204,7 @@ class Assignment(BaseModel):
 
 class PollResponse(BaseModel):
     start: list[Assignment] = Field(default_factory=list)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list)  # attempt refs
     heartbeat_interval: float = 5.0
 
 

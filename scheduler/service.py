@@ -29,6 +29,7 @@ from .models import (
     RunCreate,
     RunStatus,
     StatusReport,
+    attempt_ref,
 )
 from .notify import Notifier
 from .placement import Candidate, NoFit, Request, could_use, free_gpus, place
@@ -217,12 +218,13 @@ class Scheduler:
             p = run.placement_on(node_id)
             if p is None or p.done:
                 continue
+            ref = attempt_ref(run.id, run.attempt)
             if run.stop_requested:
-                if run.id not in have and p.status == RunStatus.STARTING:  # nothing to kill: settle it here
+                if ref not in have and p.status == RunStatus.STARTING:  # nothing to kill: settle it here
                     self._rank_update(run.id, node_id, RunStatus.KILLED, None, run.reason or "stopped")
                 continue
-            wanted.add(run.id)
-            if p.status == RunStatus.STARTING and run.id not in have:
+            wanted.add(ref)
+            if p.status == RunStatus.STARTING and ref not in have:
                 rank0 = self.store.get_node(run.placements[0].node_id)
                 start.append(Assignment(run=run, rank=p.rank, num_nodes=len(run.placements), gpus=p.gpus,
                                         node0_addr=rank0.address if rank0 else "127.0.0.1",
@@ -233,7 +235,7 @@ class Scheduler:
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
         self._own_node(who, node_id)
-        return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason)
+        return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
 
     def check_log_writer(self, run_id: str, who: Principal) -> None:
         if who.scope == "node":
@@ -244,11 +246,13 @@ class Scheduler:
             raise Rejected(403, "agents use their node key")
 
     def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
-                     reason: str | None) -> Run:
+                     reason: str | None, attempt: int | None = None) -> Run:
         with self._runs_lock:
             run = self.store.get_run(run_id)
             if run is None:
                 raise Rejected(404, f"run {run_id} not found")
+            if attempt is not None and attempt != run.attempt:
+                raise Rejected(409, f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
             p = run.placement_on(node_id)
             if p is None:
                 raise Rejected(409, f"run {run_id} is not placed on node {node_id}")

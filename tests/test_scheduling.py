@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scheduler import auth
-from scheduler.models import GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport
+from scheduler.models import GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport, attempt_ref
 from scheduler.notify import Notifier
 from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
 from scheduler.service import Rejected, Scheduler
@@ -90,7 +90,7 @@ def test_gang_rank_failure_stops_the_others_then_fails_the_run(sched: Scheduler)
     run = sched.report(rid, StatusReport(status=RunStatus.FAILED, exit_code=3, reason="job exited with code 3"),
                        r1.node_id)
     assert run.status == RunStatus.RUNNING and run.stop_requested and "rank 1" in run.reason
-    assert rid in sched.poll_once(r0.node_id, [rid]).stop  # the other rank is told to stop
+    assert sched.poll_once(r0.node_id, [attempt_ref(rid, 1)]).stop == [attempt_ref(rid, 1)]  # the other rank stops
     run = sched.report(rid, StatusReport(status=RunStatus.KILLED, exit_code=143), r0.node_id)
     assert run.status == RunStatus.FAILED and run.exit_code == 3
 
@@ -111,7 +111,26 @@ def test_silent_node_goes_offline_and_its_run_is_retried_elsewhere(sched: Schedu
     sched.schedule_pass()
     assert sched.get_run(rid).node_id == other  # the offline node is not used
     # the node comes back still running attempt 1: it is told to stop it
-    assert sched.poll_once(first, [rid]).stop == [rid]
+    assert sched.poll_once(first, [attempt_ref(rid, 1)]).stop == [attempt_ref(rid, 1)]
+    assert sched.poll_once(other, [attempt_ref(rid, 2)]).stop == []  # the new attempt is left alone
+
+
+def test_attempt_requeued_onto_the_same_node_is_a_new_attempt(sched: Scheduler) -> None:
+    a = join(sched, "a", 1)
+    rid = submit(sched, retry={"max_attempts": 2, "on": ["lost"]}, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    sched.report(rid, StatusReport(status=RunStatus.RUNNING, attempt=1), a)
+    sched.store.upsert_node(sched.store.get_node(a).model_copy(update={"last_seen": time.time() - 10}))
+    sched.check_heartbeats()
+    resp = sched.poll_once(a, [attempt_ref(rid, 1)])  # back online, still running attempt 1
+    assert resp.stop == [attempt_ref(rid, 1)] and resp.start == []
+    sched.schedule_pass()
+    resp = sched.poll_once(a, [attempt_ref(rid, 1)])
+    assert resp.stop == [attempt_ref(rid, 1)] and [x.run.attempt for x in resp.start] == [2]
+    with pytest.raises(Rejected) as e:  # attempt 1's late report cannot settle attempt 2
+        sched.report(rid, StatusReport(status=RunStatus.KILLED, attempt=1), a)
+    assert e.value.status == 409
+    assert sched.get_run(rid).status == RunStatus.STARTING
 
 
 def test_lost_without_retry_fails(sched: Scheduler) -> None:
