@@ -18,6 +18,7 @@ bench:
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/launch_latency.py
 	$(BIN)/python bench/log_throughput.py
+	$(BIN)/python bench/placement.py
 
 lint:
 	$(BIN)/ruff check .

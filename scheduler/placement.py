@@ -2,12 +2,13 @@
 
 Each filter answers "why not" (a reason string) or None; each scorer returns a number, higher is better.
 The pipeline is read top to bottom in `PIPELINE`. Like Nomad's limit iterator, a placement looks at nodes in
-random order and stops after a few feasible ones (max(2, log2 n) for one node, more for a gang): it does
-not score all 10,000 nodes for every job.
+random order and stops after a few feasible ones (2 for a batch job, log2 n for a service, plus one per
+extra gang member): it does not score all 10,000 nodes for every job.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -27,6 +28,7 @@ class Request:
     labels: tuple[tuple[str, str], ...] = ()
     runtime: str = "process"
     count: int = 1  # nodes wanted (a gang: num_nodes, or federate's server + clients)
+    service: bool = False  # long-lived (deploy/serve): worth a wider look for the best node
 
     @classmethod
     def of(cls, spec: JobSpec) -> Request:
@@ -41,6 +43,7 @@ class Request:
             runtime="docker" if spec.containerize else "process",
             count=spec.num_nodes if spec.job_type != "federate" else (
                 1 + (spec.federate.clients if spec.federate else max(spec.num_nodes - 1, 1))),
+            service=spec.job_type in ("deploy", "serve"),
         )
 
     def shortfall(self) -> str:
@@ -81,6 +84,7 @@ def _tokens(name: str) -> list[str]:
     return [t for t in re.split(r"[^A-Z0-9]+", s) if t and t not in _NOISE]
 
 
+@functools.lru_cache(maxsize=4096)
 def gpu_matches(wanted: str | None, gpu_name: str) -> bool:
     """'A100-80G' matches 'NVIDIA A100 80GB PCIe'; 'TESLA_T4' matches 'Tesla T4'; a token may be a prefix."""
     if not wanted:
@@ -161,8 +165,10 @@ def free_gpus(node: Node, active_runs: Iterable[Run]) -> list[GpuInfo]:
 
 
 def sample_limit(req: Request, n_nodes: int) -> int:
-    """How many feasible nodes to score before choosing (power of two choices; log2 n for larger pools)."""
-    return req.count + max(2, math.ceil(math.log2(max(n_nodes, 2))))
+    """How many feasible nodes to score before choosing, as Nomad does: batch jobs take the best of two
+    (power of two choices), services the best of log2 n."""
+    extra = max(2, math.ceil(math.log2(max(n_nodes, 2)))) if req.service else 2
+    return req.count - 1 + extra
 
 
 def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str] = frozenset(),
@@ -170,13 +176,16 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
     """`req.count` placements on distinct nodes, or NoFit with the reasons. `reserved` nodes are held for a
     job ahead in the queue and are not used."""
     rng = rng or random
-    order = list(range(len(candidates)))
-    rng.shuffle(order)
-    limit = sample_limit(req, len(candidates))
+    n = len(candidates)
+    limit = sample_limit(req, n)
     feasible: list[Candidate] = []
     why: dict[str, int] = {}
-    for i in order:
-        c = candidates[i]
+    # Visit nodes from a random offset with a random stride coprime to n: a random walk over all of them
+    # without shuffling n items per job.
+    start = rng.randrange(n) if n else 0
+    stride = _coprime_stride(n, rng)
+    for k in range(n):
+        c = candidates[(start + k * stride) % n]
         reason = "are held for a job ahead in the queue" if c.node.id in reserved else None
         reason = reason or next((r for f in PIPELINE if (r := f(req, c)) is not None), None)
         if reason is None:
@@ -199,6 +208,16 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
         gpus = sorted(g.index for g in _matching(req, c.free))[: req.gpus]
         out.append(Placement(node=c.node, gpus=gpus))
     return out
+
+
+def _coprime_stride(n: int, rng: random.Random | object) -> int:
+    if n <= 2:
+        return 1
+    for _ in range(8):
+        s = rng.randrange(1, n)  # type: ignore[attr-defined]
+        if math.gcd(s, n) == 1:
+            return s
+    return 1
 
 
 def could_use(req: Request, c: Candidate) -> bool:

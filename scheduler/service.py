@@ -358,33 +358,58 @@ class Scheduler:
                 return 0
             queued.sort(key=lambda r: (-r.priority, r.created_at))
             candidates = self._candidates(self.store.list_runs(status=ACTIVE, limit=1_000_000))
-            by_id = {c.node.id: c for c in candidates}
-            reserved: set[str] = set()
-            head_blocked = False
+            pass_state = _Pass(candidates)
             placed = 0
-            for run in queued:
-                req = Request.of(JobSpec.model_validate(run.job))
-                verdict = place(req, candidates, reserved=frozenset(reserved), rng=self.rng)
-                if isinstance(verdict, NoFit):
-                    reason = verdict.reason
-                    if not head_blocked and not verdict.never:
-                        head_blocked = True
-                        reserved |= {c.node.id for c in candidates if could_use(req, c)}
-                    if run.reason != reason and not (run.reason or "").startswith(reason):
-                        self.store.update_run(run.id, reason=reason)
-                    continue
-                placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
-                try:
-                    run = self.store.transition(run.id, RunStatus.STARTING, placements=placements, reason=None,
-                                                master_port=self.rng.randrange(20000, 40000))
-                except InvalidTransition:
-                    continue  # stopped meanwhile
-                for pl in verdict:
-                    c = by_id[pl.node.id]
-                    c.free = [g for g in c.free if g.index not in pl.gpus]
-                placed += 1
-                self._run_changed(run)
+            for start in range(0, len(queued), 256):
+                changed: list[Run] = []
+                with self.store.batch():  # one durable commit per chunk; other requests get the store between
+                    for run in queued[start:start + 256]:
+                        if self._place_one(run, pass_state):
+                            changed.append(run)
+                placed += len(changed)
+                self._announce(changed)
             return placed
+
+    def _place_one(self, run: Run, ps: _Pass) -> bool:
+        req = Request.of(JobSpec.model_validate(run.job))
+        # Nothing is freed during a pass: a request shape that found no room once will not find it again.
+        verdict = ps.no_room.get(req) or place(req, ps.candidates, reserved=frozenset(ps.reserved), rng=self.rng)
+        if isinstance(verdict, NoFit):
+            ps.no_room[req] = verdict
+            if not ps.head_blocked and not verdict.never:
+                ps.head_blocked = True
+                ps.reserved |= {c.node.id for c in ps.candidates if could_use(req, c)}
+            if run.reason != verdict.reason and not (run.reason or "").startswith(verdict.reason):
+                self.store.update_run(run.id, reason=verdict.reason)
+            return False
+        placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
+        try:
+            self.store.transition(run.id, RunStatus.STARTING, placements=placements, reason=None,
+                                  master_port=self.rng.randrange(20000, 40000))
+        except InvalidTransition:
+            return False  # stopped meanwhile
+        run.placements = placements
+        for pl in verdict:
+            c = ps.by_id[pl.node.id]
+            c.free = [g for g in c.free if g.index not in pl.gpus]
+        return True
+
+    def _announce(self, runs: list[Run]) -> None:
+        # After the commit: an agent woken by this must find its assignment in the store.
+        for run in runs:
+            self._run_changed(run)
+        runs.clear()
+
+
+class _Pass:
+    """What one scheduling pass knows: candidates with their free GPUs, and the head job's reservation."""
+
+    def __init__(self, candidates: list[Candidate]) -> None:
+        self.candidates = candidates
+        self.by_id = {c.node.id: c for c in candidates}
+        self.reserved: set[str] = set()
+        self.head_blocked = False
+        self.no_room: dict[Request, NoFit] = {}
 
 
 __all__ = ["LOCAL", "Rejected", "Scheduler", "free_gpus"]

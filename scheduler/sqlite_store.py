@@ -71,6 +71,7 @@ class SQLiteStore(Store):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._depth = [0]  # transaction nesting (guarded by _lock)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss, not only a crash of this process.
@@ -86,7 +87,10 @@ class SQLiteStore(Store):
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _tx(self) -> _Tx:
-        return _Tx(self._db, self._lock)
+        return _Tx(self._db, self._lock, self._depth)
+
+    def batch(self) -> _Tx:
+        return self._tx()
 
     @staticmethod
     def _run_row(run: Run) -> tuple[Any, ...]:
@@ -268,18 +272,23 @@ class SQLiteStore(Store):
 
 
 class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT under the store lock; ROLLBACK on error."""
+    """BEGIN IMMEDIATE ... COMMIT under the store lock; ROLLBACK on error. Nested uses (inside `batch()`)
+    join the outer transaction, which commits once."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
-        self.db, self.lock = db, lock
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock, depth: list[int]) -> None:
+        self.db, self.lock, self.depth = db, lock, depth
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
-        self.db.execute("BEGIN IMMEDIATE")
+        if self.depth[0] == 0:
+            self.db.execute("BEGIN IMMEDIATE")
+        self.depth[0] += 1
         return self.db
 
     def __exit__(self, exc_type: object, *_: object) -> None:
+        self.depth[0] -= 1
         try:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if self.depth[0] == 0:
+                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.lock.release()

@@ -8,7 +8,9 @@ it may acknowledge.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 from .models import ApiKey, LogRow, Node, Run, RunStatus
 
@@ -87,6 +89,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_keys(self) -> list[ApiKey]: ...
+
+    def batch(self) -> Any:
+        """Group several writes into one durable commit (nothing is acknowledged before it ends)."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -185,7 +185,9 @@ def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
     cands = [Candidate(node=Node(id=f"n{i}", name=f"n{i}", gpus=gpus("A100", 8), last_seen=now),
                        free=gpus("A100", 8), now=now, heartbeat_timeout=30) for i in range(10_000)]
     req = Request(gpus=1)
-    assert sample_limit(req, 10_000) == 1 + 14
+    assert sample_limit(req, 10_000) == 2  # power of two choices for a batch job
+    assert sample_limit(Request(gpus=1, service=True), 10_000) == 14  # log2 n for a service
+    assert sample_limit(Request(gpus=1, count=3), 10_000) == 4
     calls = 0
     import scheduler.placement as pl
 
@@ -201,7 +203,7 @@ def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
     finally:
         pl.PIPELINE[:] = orig
     assert not isinstance(out, NoFit) and len(out) == 1
-    assert calls == 15 and elapsed < 0.5
+    assert calls == 2 and elapsed < 0.5
 
 
 def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Scheduler) -> None:
