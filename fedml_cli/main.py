@@ -338,6 +338,11 @@ def run_status(run_id: Annotated[str, typer.Argument(metavar="RUN_ID")], as_json
             ("job type", r["job"].get("job_type", "train")), ("file", r.get("job_file") or "-"),
             ("created", _ago(r["created_at"])), ("duration", _duration(dur)), ("log lines", str(r["log_count"])),
             ("attempt", str(r.get("attempt", 1)))]
+    if len(r.get("placements") or []) > 1:
+        for p in r["placements"]:
+            extra = f" exit {p['exit_code']}" if p.get("exit_code") is not None else ""
+            rows.append((f"rank {p['rank']}", f"{p['node_id']} gpus [{','.join(map(str, p['gpus']))}] "
+                                             f"{_styled(p['status'])}{extra}"))
     console = Console()
     for k, v in rows:
         console.print(f"[bold]{k:>10}[/bold]  {v}")

@@ -288,6 +288,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         problems = []
+        t = time.monotonic()
         if (c.base / "agents" / "nodes").exists():
             r = c.agents("logout", timeout=120)
             if r.returncode != 0:
@@ -301,6 +302,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             except subprocess.TimeoutExpired:
                 c.head.kill()
                 problems.append("the head did not exit within 15 s of SIGTERM")
+        print(f"teardown: logout+head {time.monotonic() - t:.1f} s")
         deadline = time.monotonic() + 10
         while (left := our_processes(c.base)) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -641,9 +643,11 @@ def test_keys_scopes_and_ownership(c: Cluster, tmp_path: Path) -> None:
     nokey = Fedml(tmp_path / "nobody")("run", "list", env={"FEDML_SERVER": c.url})
     assert nokey.returncode == 3 and "not authenticated" in nokey.stderr, nokey.stderr
 
-    # a node token acts only as its own node
+    # a node token acts only as its own node (n_self: a node none of these runs landed on)
     nodes = c.nodes()
-    node_token = (c.node_home("n1") / "node_token").read_text().strip()
+    used = {c.run(a_run)["node_id"], c.run(b_run)["node_id"]}
+    n_self, n_other = [n for n in NODES if nodes[n]["id"] not in used][:2]
+    node_token = (c.node_home(n_self) / "node_token").read_text().strip()
     c.secrets.add(node_token)
     r = c.fedml("run", "list", key=node_token)
     assert r.returncode == 3, r.stderr
@@ -651,19 +655,19 @@ def test_keys_scopes_and_ownership(c: Cluster, tmp_path: Path) -> None:
     assert r.returncode == 3, r.stderr
     nh = {"Authorization": f"Bearer {node_token}"}
     api = c.url + "/api/v1"
-    other = httpx.post(f"{api}/nodes/{nodes['n2']['id']}/poll", json={"running": [], "wait": 0}, headers=nh)
+    other = httpx.post(f"{api}/nodes/{nodes[n_other]['id']}/poll", json={"running": [], "wait": 0}, headers=nh)
     assert other.status_code == 403, other.text
-    own = httpx.post(f"{api}/nodes/{nodes['n1']['id']}/poll", json={"running": [], "wait": 0}, headers=nh)
+    own = httpx.post(f"{api}/nodes/{nodes[n_self]['id']}/poll", json={"running": [], "wait": 0}, headers=nh)
     assert own.status_code == 200, own.text
     assert httpx.get(f"{api}/runs/{b_run}", headers=nh).status_code in (403, 404)
     fake = httpx.post(f"{api}/runs/{b_run}/logs", headers=nh,
                       json={"rank": 0, "attempt": 1, "first_seq": 99, "lines": [[time.time(), "stdout", "forged"]]})
     assert fake.status_code == 403, fake.text
-    forged = httpx.post(f"{api}/runs/{b_run}/status", params={"node_id": nodes["n2"]["id"]}, headers=nh,
+    forged = httpx.post(f"{api}/runs/{b_run}/status", params={"node_id": nodes[n_other]["id"]}, headers=nh,
                         json={"status": "FAILED", "exit_code": 9})
     assert forged.status_code == 403, forged.text
-    assert httpx.delete(f"{api}/nodes/{nodes['n2']['id']}", headers=nh).status_code == 403
-    assert httpx.post(f"{api}/nodes/{nodes['n1']['id']}/poll", json={"running": [], "wait": 0},
+    assert httpx.delete(f"{api}/nodes/{nodes[n_other]['id']}", headers=nh).status_code == 403
+    assert httpx.post(f"{api}/nodes/{nodes[n_self]['id']}/poll", json={"running": [], "wait": 0},
                       headers={"Authorization": f"Bearer {keys['alice']}"}).status_code == 403
     assert c.run(b_run)["status"] == "FINISHED" and [x["line"] for x in c.logs(b_run)] == ["bob"]
     assert set(c.nodes()) == set(NODES)
@@ -732,11 +736,13 @@ def test_agent_sigkill_run_is_requeued_elsewhere_and_the_orphan_is_reconciled(c:
              timeout=15)
     assert not any(alive(p) for p in orphan)
     wait_for("the old node to finish stopping attempt 1 (its run directory removed)",
-             lambda: not (c.node_home(victim) / "runs" / run_id).exists(), timeout=15)
+             lambda: not list((c.node_home(victim) / "runs").glob(run_id + "*")), timeout=15)
     time.sleep(0.3)
     # reconciliation stopped only what is no longer the node's: attempt 2 on the survivor still runs
-    assert c.run(run_id)["status"] == "RUNNING"
-    assert run_processes(run_id, c.node_home(survivor)), "attempt 2 was killed by the other node's reconciliation"
+    now = c.run(run_id)
+    assert now["status"] == "RUNNING", ("attempt 2 was stopped by the old node's reconciliation",
+                                        now["reason"], now["placements"])
+    assert run_processes(run_id, c.node_home(survivor)), "attempt 2 was killed by the old node's reconciliation"
     release.touch()
     done = c.wait(run_id, TERMINAL)
     assert done["status"] == "FINISHED" and done["attempt"] == 2 and done["node_id"] == second["node_id"], done
