@@ -207,13 +207,15 @@ class Agent:
         self.node_id = ""
         self.workers: dict[str, RunWorker] = {}
         self.stopping = threading.Event()
+        self._blob_locks: dict[str, threading.Lock] = {}
         (home / "runs").mkdir(parents=True, exist_ok=True)
         (home / "blobs").mkdir(parents=True, exist_ok=True)
 
     def blob(self, sha: str) -> Path:
         path = self.home / "blobs" / sha
-        if not path.exists():
-            self.client.download(sha, path)
+        with self._blob_locks.setdefault(sha, threading.Lock()):  # runs sharing a workspace download it once
+            if not path.exists():
+                self.client.download(sha, path)
         return path
 
     def register(self) -> None:

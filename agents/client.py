@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,7 +112,7 @@ class AgentClient:
         return int(r.json()["next_seq"])
 
     def download(self, sha: str, dest: Path) -> None:
-        tmp = dest.with_suffix(".part")
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{threading.get_ident()}.part")  # one per download
         try:
             client = self._client()
             with client.stream("GET", f"{API}/blobs/{sha}") as r:

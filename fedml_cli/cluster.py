@@ -43,12 +43,16 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 
@@ -272,10 +276,11 @@ def node_list(as_json: JsonOpt = False) -> None:
                       ",".join(f"{k}={v}" for k, v in n.get("labels", {}).items()) or "-",
                       "-" if n.get("price_per_gpu_hour") is None else f"{n['price_per_gpu_hour']:g}",
                       f"{now - n['last_seen']:.0f}s ago")
+    console = Console() if sys.stdout.isatty() else Console(width=250)  # piped: keep ids whole
     if nodes:
-        Console().print(table)
+        console.print(table)
     else:
-        Console().print("no nodes (add one with `fedml login KEY --server URL --node`)")
+        console.print("no nodes (add one with `fedml login KEY --server URL --node`)")
 
 
 @node_app.command("drain")

@@ -292,7 +292,6 @@ def run_list(
     if as_json:
         _print_json(runs)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
@@ -302,11 +301,18 @@ def run_list(
         dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
         table.add_row(r["id"], r["name"], _styled(r["status"]), r.get("node_id") or "-", _ago(r["created_at"]),
                       _duration(dur), "-" if r.get("exit_code") is None else str(r["exit_code"]))
-    console = Console()
+    console = _console()
     if not runs:
         console.print("no runs" + (f" with status {', '.join(wanted)}" if wanted else ""))
     else:
         console.print(table)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output is not cut to 80 columns: ids must stay whole for scripts and greps.
+    return Console() if sys.stdout.isatty() else Console(width=250)
 
 
 def _styled(status: str) -> str:

@@ -94,7 +94,7 @@ class ProcessHandle(Handle):
                 break
             time.sleep(0.05)
         self._kill_group(signal.SIGKILL)
-        sweep(self.run_id)
+        sweep(self.run_dir)
         if self._popen is not None:
             try:
                 self._popen.wait(timeout=5)
@@ -115,17 +115,18 @@ class ProcessHandle(Handle):
         return {"runtime": "process", "run_id": self.run_id, "pid": self.pid, "create_time": self.create_time}
 
 
-def sweep(run_id: str) -> int:
-    """Kill processes of this run that left its process group (setsid, double fork): every process of
-    ours whose environment carries FEDML_CURRENT_RUN_ID=<run_id>."""
+def sweep(run_dir: Path) -> int:
+    """Kill processes of this job that left its process group (setsid, double fork): every process of
+    ours whose environment carries FEDML_RUN_DIR=<this attempt's directory>. (Not the run id: another rank
+    or attempt of the same run may be running on this machine.)"""
     killed = 0
     me = os.getuid()
-    needle = run_id
+    needle = str(run_dir)
     for p in psutil.process_iter(["uids"]):
         try:
             if p.info["uids"] is None or p.info["uids"].real != me or p.pid == os.getpid():
                 continue
-            if p.environ().get("FEDML_CURRENT_RUN_ID") == needle:
+            if p.environ().get("FEDML_RUN_DIR") == needle:
                 p.kill()
                 killed += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):

@@ -288,7 +288,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         problems = []
-        t = time.monotonic()
         if (c.base / "agents" / "nodes").exists():
             r = c.agents("logout", timeout=120)
             if r.returncode != 0:
@@ -302,7 +301,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             except subprocess.TimeoutExpired:
                 c.head.kill()
                 problems.append("the head did not exit within 15 s of SIGTERM")
-        print(f"teardown: logout+head {time.monotonic() - t:.1f} s")
         deadline = time.monotonic() + 10
         while (left := our_processes(c.base)) and time.monotonic() < deadline:
             time.sleep(0.2)
