@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .jobspec import JobSpec
-from .models import GpuInfo, Node, Run
+from .models import GpuInfo, Node
 
 
 @dataclass(frozen=True)
@@ -157,11 +157,6 @@ def cheap(req: Request, c: Candidate) -> float:
 STATIC_FILTERS: list[Filter] = [has_runtime, labels_match, cost_cap, gpus_exist]  # could this node ever?
 PIPELINE: list[Filter] = [online, not_draining, *STATIC_FILTERS, gpus_free]
 SCORERS: list[Scorer] = [binpack, cheap]
-
-
-def free_gpus(node: Node, active_runs: Iterable[Run]) -> list[GpuInfo]:
-    held = {i for r in active_runs if r.node_id == node.id for i in r.gpus}
-    return [g for g in node.gpus if g.index not in held]
 
 
 def sample_limit(req: Request, n_nodes: int) -> int:

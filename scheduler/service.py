@@ -32,7 +32,7 @@ from .models import (
     attempt_ref,
 )
 from .notify import Notifier
-from .placement import Candidate, NoFit, Request, could_use, free_gpus, place
+from .placement import Candidate, NoFit, Request, could_use, place
 from .store import NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")
@@ -412,4 +412,4 @@ class _Pass:
         self.no_room: dict[Request, NoFit] = {}
 
 
-__all__ = ["LOCAL", "Rejected", "Scheduler", "free_gpus"]
+__all__ = ["LOCAL", "Rejected", "Scheduler"]
