@@ -103,7 +103,7 @@ class RunWorker(threading.Thread):
                     unpack(self.agent.blob(run.workspace_sha), workspace)
                 else:
                     workspace.mkdir(parents=True, exist_ok=True)
-            except (UnsafeArchive, Refused, OSError) as exc:
+            except (UnsafeArchive, Refused, Unreachable, OSError) as exc:
                 self._report_final(RunStatus.FAILED, None, f"workspace: {exc}")
                 return
             a = self.assignment
@@ -214,8 +214,15 @@ class Agent:
     def blob(self, sha: str) -> Path:
         path = self.home / "blobs" / sha
         with self._blob_locks.setdefault(sha, threading.Lock()):  # runs sharing a workspace download it once
-            if not path.exists():
-                self.client.download(sha, path)
+            delay = 0.2
+            while not path.exists():
+                try:
+                    self.client.download(sha, path)
+                except Unreachable:  # the scheduler is restarting: the run waits for it
+                    if self.stopping.is_set():
+                        raise
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         return path
 
     def register(self) -> None:
