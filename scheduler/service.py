@@ -65,6 +65,14 @@ class Scheduler:
         self._schedule_lock = threading.Lock()
         # Rank reports of one run may arrive together from several agents: read-modify-write under a lock.
         self._runs_lock = threading.RLock()
+        # Heartbeats are soft state, kept in memory: a durable write per heartbeat would cap a 10,000-node
+        # cluster at the disk's fsync rate. Only ONLINE <-> OFFLINE changes are persisted. After a restart
+        # every node gets one full timeout to check in again.
+        self._seen: dict[str, float] = {}
+        self._started = time.time()
+
+    def last_seen(self, node: Node) -> float:
+        return max(node.last_seen, self._seen.get(node.id, 0.0), self._started)
 
     # -- runs --------------------------------------------------------------------------------------------
     def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
@@ -168,7 +176,8 @@ class Scheduler:
             for p in r.placements:
                 if not p.done:
                     count[p.node_id] = count.get(p.node_id, 0) + 1
-        return [NodeView(**c.node.model_dump(), gpus_free=[g.index for g in c.free], active_runs=count.get(c.node.id, 0))
+        return [NodeView(**c.node.model_dump(exclude={"last_seen"}), last_seen=self.last_seen(c.node),
+                         gpus_free=[g.index for g in c.free], active_runs=count.get(c.node.id, 0))
                 for c in self._candidates(active)]
 
     def find_node(self, ref: str) -> Node:
@@ -207,10 +216,13 @@ class Scheduler:
 
     def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
         self._own_node(who, node_id)
-        try:
-            self.store.touch_node(node_id, time.time())
-        except NotFound:
-            raise Rejected(404, f"node {node_id} is not registered") from None
+        now = time.time()
+        if node_id not in self._seen or self._seen[node_id] == 0.0:
+            try:  # first heartbeat since start, or back from OFFLINE: persist the state change
+                self.store.touch_node(node_id, now)
+            except NotFound:
+                raise Rejected(404, f"node {node_id} is not registered") from None
+        self._seen[node_id] = now
         have = set(running)
         start: list[Assignment] = []
         wanted: set[str] = set()
@@ -321,12 +333,13 @@ class Scheduler:
         now = time.time()
         gone = []
         for node in self.store.list_nodes():
-            if node.state == "ONLINE" and now - node.last_seen > self.heartbeat_timeout:
-                node = node.model_copy(update={"state": "OFFLINE"})
+            seen = self.last_seen(node)
+            if node.state == "ONLINE" and now - seen > self.heartbeat_timeout:
+                node = node.model_copy(update={"state": "OFFLINE", "last_seen": seen})
                 self.store.upsert_node(node)
+                self._seen[node.id] = 0.0  # its next heartbeat persists ONLINE again
                 gone.append(node)
-                log.warning("node %s (%s) is offline: no heartbeat for %.0f s", node.name, node.id,
-                            now - node.last_seen)
+                log.warning("node %s (%s) is offline: no heartbeat for %.0f s", node.name, node.id, now - seen)
                 for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
                     self._rank_update(run.id, node.id, RunStatus.LOST, None,
                                       f"node {node.name} went offline (no heartbeat for "
@@ -344,7 +357,8 @@ class Scheduler:
             for p in r.placements:
                 if not p.done:
                     held.setdefault(p.node_id, set()).update(p.gpus)
-        return [Candidate(node=n, free=[g for g in n.gpus if g.index not in held.get(n.id, set())], now=now,
+        return [Candidate(node=n if n.id not in self._seen else n.model_copy(update={"last_seen": self.last_seen(n)}),
+                          free=[g for g in n.gpus if g.index not in held.get(n.id, set())], now=now,
                           heartbeat_timeout=self.heartbeat_timeout)
                 for n in self.store.list_nodes()]
 

@@ -35,6 +35,13 @@ def join(s: Scheduler, name: str, n: int = 2, kind: str = "NVIDIA A100 80GB PCIe
     return s.register_node(NodeInfo(name=name, gpus=gpus(kind, n), **kw), admin(s)).node.id  # type: ignore[arg-type]
 
 
+def silence(s: Scheduler, node_id: str, seconds: float = 10.0) -> None:
+    """As if the node's last heartbeat was `seconds` ago (and the scheduler has been up longer)."""
+    s._started = 0.0
+    s._seen[node_id] = time.time() - seconds
+    s.store.upsert_node(s.store.get_node(node_id).model_copy(update={"last_seen": time.time() - seconds}))
+
+
 def submit(s: Scheduler, job: str = "echo hi", **spec: object) -> str:
     return s.create_run(RunCreate(job={"job": job, **spec})).id
 
@@ -102,9 +109,8 @@ def test_silent_node_goes_offline_and_its_run_is_retried_elsewhere(sched: Schedu
     first = sched.get_run(rid).node_id
     other = b if first == a else a
     sched.report(rid, StatusReport(status=RunStatus.RUNNING), first)
-    node = sched.store.get_node(first)
-    sched.store.upsert_node(node.model_copy(update={"last_seen": time.time() - 10}))
-    sched.store.touch_node(other, time.time())
+    silence(sched, first)
+    sched.poll_once(other, [])
     assert [n.id for n in sched.check_heartbeats()] == [first]
     run = sched.get_run(rid)
     assert run.status == RunStatus.QUEUED and run.attempt == 2 and "went offline" in run.reason
@@ -120,7 +126,7 @@ def test_attempt_requeued_onto_the_same_node_is_a_new_attempt(sched: Scheduler) 
     rid = submit(sched, retry={"max_attempts": 2, "on": ["lost"]}, computing={"minimum_num_gpus": 1})
     sched.schedule_pass()
     sched.report(rid, StatusReport(status=RunStatus.RUNNING, attempt=1), a)
-    sched.store.upsert_node(sched.store.get_node(a).model_copy(update={"last_seen": time.time() - 10}))
+    silence(sched, a)
     sched.check_heartbeats()
     resp = sched.poll_once(a, [attempt_ref(rid, 1)])  # back online, still running attempt 1
     assert resp.stop == [attempt_ref(rid, 1)] and resp.start == []
@@ -226,3 +232,18 @@ def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Sche
         sched.list_runs(node_a, None, 10)
     assert auth.verify(sched.store, "fml_u_wrong") is None
     assert all(len(k.hash) == 64 for k in sched.store.list_keys())  # stored as digests only
+
+
+def test_heartbeats_stay_in_memory_and_only_state_changes_are_written(sched: Scheduler) -> None:
+    a = join(sched, "a", 1)
+    writes: list[str] = []
+    orig = sched.store.touch_node
+    sched.store.touch_node = lambda nid, ts: (writes.append(nid), orig(nid, ts))[1]  # type: ignore[method-assign]
+    for _ in range(50):
+        sched.poll_once(a, [])
+    assert writes == [a]  # the first heartbeat since start only
+    silence(sched, a)
+    sched.check_heartbeats()
+    assert sched.store.get_node(a).state == "OFFLINE"
+    sched.poll_once(a, [])
+    assert sched.store.get_node(a).state == "ONLINE" and writes == [a, a]
