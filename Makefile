@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet torch==2.13.0  # the CPU build on disk; a plain `torch` would download GBs
+	$(BIN)/pip install --quiet -e '.[test,workloads]'
 	@echo "installed: activate with 'source $(VENV)/bin/activate' (or run $(BIN)/fedml)"
 
 test:

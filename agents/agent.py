@@ -107,8 +107,10 @@ class RunWorker(threading.Thread):
                 self._report_final(RunStatus.FAILED, None, f"workspace: {exc}")
                 return
             a = self.assignment
+            (self.dir / "artifacts").mkdir(exist_ok=True)
             env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=a.rank, num_nodes=a.num_nodes,
-                          node0_addr=a.node0_addr, node0_port=a.node0_port, gpus=a.gpus, overrides=run.env)
+                          node0_addr=a.node0_addr, node0_port=a.node0_port, gpus=a.gpus, overrides=run.env,
+                          artifact_dir=str(self.dir / "artifacts"))
             launch = LaunchSpec(run_id=run.id, run_dir=self.dir, workspace=workspace,
                                 bootstrap=spec.bootstrap_commands(), job=spec.commands(), env=env,
                                 rank=self.assignment.rank)
@@ -157,6 +159,7 @@ class RunWorker(threading.Thread):
         shipper.drain()
         self._save(shipper=shipper.checkpoint())
         shipper.close()
+        self._keep_artifacts()
         if self.stop_event.is_set():
             self._report_final(RunStatus.KILLED, status.code, self.stop_reason)
         elif status.code == 0:
@@ -167,6 +170,26 @@ class RunWorker(threading.Thread):
             self._report_final(RunStatus.FAILED, status.code, f"killed by signal {status.signal}")
         else:
             self._report_final(RunStatus.FAILED, status.code, f"job exited with code {status.code}")
+
+    def _keep_artifacts(self) -> None:
+        """Upload what the job left in FEDML_ARTIFACT_DIR (before the final report, so a finished run has them)."""
+        art = self.dir / "artifacts"
+        if not art.is_dir() or not any(art.iterdir()):
+            return
+        from fedml_cli.errors import CliError
+        from fedml_cli.pack import pack
+
+        try:
+            packed = pack(art)
+        except (CliError, OSError) as exc:
+            log.warning("run %s: artifacts not kept: %s", self.run_id, exc)
+            return
+        rank = int(self.saved.get("rank", 0))
+        try:
+            self._retry(lambda: self.agent.client.upload_artifacts(self.run_id, rank, self.attempt, packed.path,
+                                                                   packed.sha256, packed.files))
+        finally:
+            os.unlink(packed.path)
 
     def _report_final(self, status: RunStatus, code: int | None, reason: str | None) -> None:
         self.finishing = True

@@ -111,6 +111,12 @@ class AgentClient:
         r = self._call("GET", f"/runs/{run_id}/logs/next_seq", params={"attempt": attempt, "rank": rank})
         return int(r.json()["next_seq"])
 
+    def upload_artifacts(self, run_id: str, rank: int, attempt: int, path: str, sha: str, files: int) -> None:
+        with open(path, "rb") as f:
+            self._call("PUT", f"/runs/{run_id}/artifacts", content=f, timeout=600,
+                       params={"sha256": sha, "rank": rank, "attempt": attempt, "files": files},
+                       headers={"content-type": "application/gzip"})
+
     def download(self, sha: str, dest: Path) -> None:
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{threading.get_ident()}.part")  # one per download
         try:

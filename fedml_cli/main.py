@@ -27,8 +27,11 @@ app = typer.Typer(
 )
 run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
 scheduler_app = typer.Typer(help="Run or stop the scheduler.", no_args_is_help=True, rich_markup_mode=None)
+template_app = typer.Typer(help="Prebuilt jobs to copy and edit: hello, train, train_ddp ...", no_args_is_help=True,
+                           rich_markup_mode=None)
 app.add_typer(run_app, name="run")
 app.add_typer(scheduler_app, name="scheduler")
+app.add_typer(template_app, name="template")
 app.command("login")(cluster.login)
 app.command("logout")(cluster.logout)
 app.add_typer(cluster.node_app, name="node")
@@ -381,6 +384,127 @@ def run_stop(
         _err(f"Stop requested for run {run_id} (now {r['status']}).")
     if wait and r["status"] not in TERMINAL:
         raise typer.Exit(FAILED)
+
+
+@run_app.command("artifacts")
+def run_artifacts(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    download: Annotated[str | None, typer.Option("--download", "-o", metavar="DIR",
+                                                 help="Unpack them into DIR (one folder per rank for multi-node runs).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Files the run left in $FEDML_ARTIFACT_DIR (checkpoints, metrics), kept by the scheduler."""
+    from .api import connect
+
+    try:
+        api = connect()
+        run = api.get(f"/runs/{run_id}")
+        latest: dict[int, dict[str, Any]] = {}
+        for a in sorted(run.get("artifacts", []), key=lambda a: a["attempt"]):
+            latest[a["rank"]] = a
+        if download:
+            _download_artifacts(api, run, latest, download)
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(list(latest.values()))
+    elif not latest:
+        _err(f"run {run_id} kept no artifacts (a job keeps files by writing them to $FEDML_ARTIFACT_DIR)")
+    elif not download:
+        for a in latest.values():
+            sys.stdout.write(f"rank {a['rank']}: {a['files']} file(s), {a['size']} bytes (attempt {a['attempt']})\n")
+
+
+def _download_artifacts(api: Any, run: dict[str, Any], latest: dict[int, dict[str, Any]], dest: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from runtime.workspace import UnsafeArchive, unpack
+
+    for rank, a in latest.items():
+        target = Path(dest) / f"rank{rank}" if run.get("num_nodes", 1) > 1 else Path(dest)
+        fd, tmp = tempfile.mkstemp(suffix=".tar.gz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(api.request("GET", f"/runs/{run['id']}/artifacts/{rank}").content)
+            unpack(tmp, target)
+        except UnsafeArchive as exc:
+            raise CliError(f"artifacts of rank {rank} refused: {exc}") from None
+        finally:
+            os.unlink(tmp)
+        _err(f"rank {rank}: {a['files']} file(s) -> {target}")
+
+
+# ---- templates ---------------------------------------------------------------------------------------------
+
+def _templates_dir() -> Any:
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    for d in (here / "job_templates", here.parent / "job_templates"):  # installed wheel, source checkout
+        if d.is_dir():
+            return d
+    raise CliError("job templates are not installed with this copy of fedml")
+
+
+def _template(name: str) -> Any:
+    d = _templates_dir() / name
+    if not (d / "job.yaml").is_file():
+        names = ", ".join(sorted(p.name for p in _templates_dir().iterdir() if (p / "job.yaml").is_file()))
+        raise CliError(f'no template "{name}"; templates: {names}', USAGE)
+    return d
+
+
+def _describe_template(d: Any) -> str:
+    first = d.joinpath("job.yaml").read_text().splitlines()[0] if d.joinpath("job.yaml").exists() else ""
+    return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
+@template_app.command("list")
+def template_list(as_json: JsonOpt = False) -> None:
+    """The prebuilt jobs."""
+    try:
+        d = _templates_dir()
+    except CliError as exc:
+        raise _fail(exc) from None
+    items = [{"name": p.name, "description": _describe_template(p)}
+             for p in sorted(d.iterdir()) if (p / "job.yaml").is_file()]
+    if as_json:
+        _print_json(items)
+        return
+    for it in items:
+        sys.stdout.write(f"{it['name']:<12} {it['description']}\n")
+
+
+@template_app.command("show")
+def template_show(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
+    """Print a template's job.yaml and list its files."""
+    try:
+        d = _template(name)
+    except CliError as exc:
+        raise _fail(exc) from None
+    sys.stdout.write(d.joinpath("job.yaml").read_text())
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    sys.stdout.write("\n# files: " + ", ".join(files) + "\n")
+
+
+@template_app.command("init")
+def template_init(name: Annotated[str, typer.Argument(metavar="NAME")],
+                  dest: Annotated[str | None, typer.Argument(metavar="DIR", help="Where (default: ./NAME).")] = None) -> None:
+    """Copy a template into DIR to edit it; then `fedml launch DIR/job.yaml`."""
+    import shutil
+    from pathlib import Path
+
+    try:
+        d = _template(name)
+    except CliError as exc:
+        raise _fail(exc) from None
+    target = Path(dest or name)
+    if target.exists() and any(target.iterdir()):
+        _err(f"error: {target} exists and is not empty; pick another DIR")
+        raise typer.Exit(USAGE)
+    shutil.copytree(d, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _err(f"Created {target} from template {name}. Run it with: fedml launch {target / 'job.yaml'}")
 
 
 # ---- scheduler ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ _DROP = ("FEDML_API_KEY", "FEDML_SCHEDULER_TOKEN", "FEDML_SERVER")
 
 def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_nodes: int = 1,
             node0_addr: str = "127.0.0.1", node0_port: int = 29500, gpus: list[int] | None = None,
-            overrides: dict[str, str] | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+            overrides: dict[str, str] | None = None, base: dict[str, str] | None = None,
+            artifact_dir: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _DROP}
     env.update(spec.fedml_env_vars())
     env.update({
@@ -31,6 +32,8 @@ def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_node
         "PYTHONUNBUFFERED": "1",
     })
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus or [])
+    if artifact_dir:
+        env["FEDML_ARTIFACT_DIR"] = artifact_dir  # files left here are kept by the scheduler (`fedml run artifacts`)
     env.update(spec.envs)
     env.update(overrides or {})
     return env

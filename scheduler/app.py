@@ -21,6 +21,7 @@ from . import auth as keys
 from .blobs import BlobError, BlobStore
 from .models import (
     ApiKey,
+    Artifact,
     LogBatch,
     Node,
     NodeInfo,
@@ -47,6 +48,7 @@ API = "/api/v1"
 class Settings:
     blob_dir: Path
     max_workspace_mb: int = 512
+    max_artifact_mb: int = 2048
     heartbeat_interval: float = 10.0
 
 
@@ -158,6 +160,28 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.get(f"{API}/runs/{{run_id}}")
     def get_run(run_id: str, who: Principal = Depends(auth)) -> Run:
         return sched.get_run(run_id, who)
+
+    @app.put(f"{API}/runs/{{run_id}}/artifacts", status_code=201)
+    async def put_artifacts(run_id: str, request: Request, sha256: str, rank: int = Query(default=0, ge=0),
+                            attempt: int = Query(default=1, ge=1), files: int = Query(default=0, ge=0),
+                            who: Principal = Depends(auth)) -> Run:
+        """An agent keeps what a rank left in FEDML_ARTIFACT_DIR (a tar.gz named by its sha256)."""
+        await run_in_threadpool(sched.check_log_writer, run_id, who)
+        size = blobs.path(sha256).stat().st_size if blobs.has(sha256) else await blobs.put(
+            sha256, request.stream(), max_bytes=settings.max_artifact_mb * 1024 * 1024)
+        art = Artifact(rank=rank, attempt=attempt, sha256=sha256, size=size, files=files)
+        return await run_in_threadpool(sched.add_artifact, run_id, art, who)
+
+    @app.get(f"{API}/runs/{{run_id}}/artifacts/{{rank}}")
+    def get_artifacts(run_id: str, rank: int, who: Principal = Depends(auth)) -> Response:
+        from fastapi.responses import FileResponse
+
+        run = sched.get_run(run_id, who)
+        arts = sorted((a for a in run.artifacts if a.rank == rank), key=lambda a: a.attempt)
+        if not arts:
+            raise HTTPException(404, f"run {run_id} kept no artifacts for rank {rank}")
+        return FileResponse(blobs.path(arts[-1].sha256), media_type="application/gzip",
+                            filename=f"{run_id}-rank{rank}-artifacts.tar.gz")
 
     @app.post(f"{API}/runs/{{run_id}}/stop")
     def stop_run(run_id: str, who: Principal = Depends(auth)) -> Run:

@@ -35,9 +35,10 @@ class BlobStore:
     def has(self, sha: str) -> bool:
         return self.path(sha).is_file()
 
-    async def put(self, sha: str, chunks: AsyncIterator[bytes]) -> int:
+    async def put(self, sha: str, chunks: AsyncIterator[bytes], max_bytes: int | None = None) -> int:
         """Stream an upload to a temp file, verify hash, size and archive safety, then publish atomically.
         Nothing is left behind when any check fails."""
+        limit = max_bytes or self.max_bytes
         final = self.path(sha)
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
@@ -46,10 +47,9 @@ class BlobStore:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in chunks:
                     size += len(chunk)
-                    if size > self.max_bytes:
-                        raise BlobError(413, f"workspace archive is larger than the limit of "
-                                             f"{self.max_bytes // (1024 * 1024)} MiB; add large files to "
-                                             f".gitignore or raise --max-workspace-mb")
+                    if size > limit:
+                        raise BlobError(413, f"archive is larger than the limit of {limit // (1024 * 1024)} MiB; "
+                                             f"add large files to .gitignore or raise --max-workspace-mb")
                     digest.update(chunk)
                     f.write(chunk)
                 f.flush()
@@ -60,7 +60,7 @@ class BlobStore:
                 unpacked = check_archive(tmp)
             except UnsafeArchive as exc:
                 raise BlobError(400, f"workspace archive refused: {exc}") from None
-            if unpacked > self.max_unpacked_bytes:
+            if unpacked > max(self.max_unpacked_bytes, 4 * limit):
                 raise BlobError(413, f"workspace unpacks to {unpacked // (1024 * 1024)} MiB, over the limit of "
                                      f"{self.max_unpacked_bytes // (1024 * 1024)} MiB")
             os.replace(tmp, final)

@@ -70,6 +70,16 @@ class Placement(BaseModel):
         return self.status in TERMINAL or self.status == RunStatus.LOST
 
 
+class Artifact(BaseModel):
+    """Files a rank left in its FEDML_ARTIFACT_DIR, kept by the scheduler as a content-addressed tar.gz."""
+
+    rank: int
+    attempt: int
+    sha256: str
+    size: int
+    files: int
+
+
 class Run(BaseModel):
     id: str
     name: str
@@ -83,6 +93,7 @@ class Run(BaseModel):
     num_nodes: int = 1
     placements: list[Placement] = Field(default_factory=list)  # of the current attempt
     master_port: int | None = None
+    artifacts: list[Artifact] = Field(default_factory=list)
     node_id: str | None = None  # rank 0's node, for display
     gpus: list[int] = Field(default_factory=list)  # rank 0's GPUs, for display
     attempt: int = 1

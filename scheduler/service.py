@@ -16,6 +16,7 @@ from pathlib import Path
 from . import auth
 from .jobspec import JobSpec, JobSpecError, validate
 from .models import (
+    Artifact,
     Assignment,
     InvalidTransition,
     Node,
@@ -256,6 +257,13 @@ class Scheduler:
                 raise Rejected(403, f"run {run_id} is not placed on this node")
         elif who.scope == "user":
             raise Rejected(403, "agents use their node key")
+
+    def add_artifact(self, run_id: str, art: Artifact, who: Principal) -> Run:
+        self.check_log_writer(run_id, who)
+        with self._runs_lock:
+            run = self.get_run(run_id)
+            keep = [a for a in run.artifacts if (a.rank, a.attempt) != (art.rank, art.attempt)]
+            return self.store.update_run(run_id, artifacts=[*keep, art])
 
     def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
                      reason: str | None, attempt: int | None = None) -> Run:
