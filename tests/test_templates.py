@@ -35,8 +35,8 @@ def test_template_list_show_init(fedml: Fedml, tmp_path: Path) -> None:
 
 def test_train_template_finishes_with_accuracy_and_keeps_its_checkpoint(shared_fedml: Fedml, tmp_path: Path) -> None:
     try:
-        import torch  # noqa: F401
         import sklearn  # noqa: F401
+        import torch  # noqa: F401
         ok, why = True, ""
     except ImportError as exc:
         ok, why = False, str(exc)
