@@ -20,6 +20,7 @@ bench:
 	$(BIN)/python bench/launch_latency.py
 	$(BIN)/python bench/log_throughput.py
 	$(BIN)/python bench/placement.py
+	$(BIN)/python bench/heartbeat.py
 
 lint:
 	$(BIN)/ruff check .

@@ -154,7 +154,7 @@ class Scheduler:
             self.store.upsert_node(node)
             self.kick()
             return Registered(node=node)
-        same = next((n for n in self.store.list_nodes() if n.name == info.name), None)
+        same = self.store.node_by_name(info.name)
         if same is not None:
             if now - same.last_seen < self.heartbeat_timeout and same.state == "ONLINE":
                 raise Rejected(409, f"a node named {info.name} is online already; pick another --name")
@@ -182,10 +182,10 @@ class Scheduler:
                 for c in self._candidates(active)]
 
     def find_node(self, ref: str) -> Node:
-        for n in self.store.list_nodes():
-            if ref in (n.id, n.name):
-                return n
-        raise Rejected(404, f"node {ref} not found")
+        node = self.store.get_node(ref) or self.store.node_by_name(ref)
+        if node is None:
+            raise Rejected(404, f"node {ref} not found")
+        return node
 
     def set_draining(self, ref: str, draining: bool, who: Principal) -> Node:
         if not who.admin:

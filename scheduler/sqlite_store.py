@@ -230,6 +230,11 @@ class SQLiteStore(Store):
             row = self._db.execute("SELECT doc FROM nodes WHERE id=?", (node_id,)).fetchone()
         return Node.model_validate_json(row[0]) if row else None
 
+    def node_by_name(self, name: str) -> Node | None:
+        with self._lock:
+            row = self._db.execute("SELECT doc FROM nodes WHERE name=?", (name,)).fetchone()
+        return Node.model_validate_json(row[0]) if row else None
+
     def list_nodes(self) -> list[Node]:
         with self._lock:
             rows = self._db.execute("SELECT doc FROM nodes ORDER BY name").fetchall()

@@ -74,6 +74,9 @@ class Store(abc.ABC):
     def list_nodes(self) -> list[Node]: ...
 
     @abc.abstractmethod
+    def node_by_name(self, name: str) -> Node | None: ...
+
+    @abc.abstractmethod
     def touch_node(self, node_id: str, ts: float) -> Node:
         """Record a heartbeat; an OFFLINE node becomes ONLINE. Returns the node. Raises NotFound."""
 
