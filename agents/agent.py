@@ -111,8 +111,11 @@ class RunWorker(threading.Thread):
             env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=a.rank, num_nodes=a.num_nodes,
                           node0_addr=a.node0_addr, node0_port=a.node0_port, gpus=a.gpus, overrides=run.env,
                           artifact_dir=str(self.dir / "artifacts"))
+            commands = spec.commands()
+            if spec.job_type == "federate" and a.rank == 0 and a.num_nodes > 1:
+                commands = spec.server_commands() or commands  # rank 0 is the federation's server
             launch = LaunchSpec(run_id=run.id, run_dir=self.dir, workspace=workspace,
-                                bootstrap=spec.bootstrap_commands(), job=spec.commands(), env=env,
+                                bootstrap=spec.bootstrap_commands(), job=commands, env=env,
                                 rank=self.assignment.rank)
             if self.stop_event.is_set():
                 self._report_final(RunStatus.KILLED, None, self.stop_reason)

@@ -23,6 +23,7 @@ def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_node
         "FEDML_NUM_NODES": str(num_nodes),
         "FEDML_NODE_0_ADDR": node0_addr,
         "FEDML_NODE_0_PORT": str(node0_port),
+        "FEDML_SERVER_ADDR": node0_addr,  # federate: where rank 0 (the server) runs
         "FEDML_JOB_TYPE": spec.job_type,
         "NODE_RANK": str(rank),
         "WORLD_SIZE": str(num_nodes),

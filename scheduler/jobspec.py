@@ -203,6 +203,9 @@ class JobSpec(_Model):
     def commands(self) -> str:
         return posix_commands(self.job)
 
+    def server_commands(self) -> str:
+        return posix_commands(self.server_job)
+
     def bootstrap_commands(self) -> str:
         return posix_commands(self.bootstrap)
 

@@ -285,25 +285,36 @@ class Scheduler:
         return run
 
     def _settle(self, run: Run) -> Run:
-        """Derive the run's state from its ranks' states and persist both in one write."""
+        """Derive the run's state from its ranks' states and persist both in one write.
+
+        A gang (num_nodes: N) succeeds only if every rank does: one rank failing or lost stops the others.
+        A federation's outcome is its server's (rank 0): clients may fail or vanish (the server carries on
+        with the rest, down to its min_clients); when the server ends, the clients are stopped."""
         ps = run.placements
         multi = len(ps) > 1
+        spec = JobSpec.model_validate(run.job)
+        federation = spec.job_type == "federate" and multi
 
         def label(p: Placement) -> str:
             return f"rank {p.rank}: {p.reason}" if multi else (p.reason or "")
 
         if not all(p.done for p in ps):
-            bad = next((p for p in ps if p.status in (RunStatus.FAILED, RunStatus.LOST)), None)
             fields: dict[str, object] = {"placements": ps}
-            if bad is not None and not run.stop_requested:
-                # Gang semantics: one rank failing ends the run; stop the others, settle when all are done.
-                fields.update(stop_requested=True, reason=f"{label(bad)}; stopping the other ranks")
+            if federation:
+                server = ps[0]
+                if server.done and not run.stop_requested:
+                    why = "the server finished" if server.status == RunStatus.FINISHED else label(server)
+                    fields.update(stop_requested=True, reason=f"{why}; stopping the clients")
+            else:
+                bad = next((p for p in ps if p.status in (RunStatus.FAILED, RunStatus.LOST)), None)
+                if bad is not None and not run.stop_requested:
+                    fields.update(stop_requested=True, reason=f"{label(bad)}; stopping the other ranks")
             if run.status == RunStatus.STARTING and any(p.status == RunStatus.RUNNING for p in ps):
                 return self.store.transition(run.id, RunStatus.RUNNING, **fields)
             return self.store.update_run(run.id, **fields)
-        failed = [p for p in ps if p.status == RunStatus.FAILED]
-        lost = [p for p in ps if p.status == RunStatus.LOST]
-        spec = JobSpec.model_validate(run.job)
+        deciding = ps[:1] if federation else ps
+        failed = [p for p in deciding if p.status == RunStatus.FAILED]
+        lost = [p for p in deciding if p.status == RunStatus.LOST]
         if failed:
             first = failed[0]
             if "error" in spec.retry.on and run.attempt < spec.retry.max_attempts:
@@ -315,7 +326,7 @@ class Scheduler:
             if "lost" in spec.retry.on and run.attempt < spec.retry.max_attempts:
                 return self._requeue(run, label(lost[0]))
             return self.store.transition(run.id, RunStatus.FAILED, reason=f"{label(lost[0])} (no retries left)")
-        if any(p.status == RunStatus.KILLED for p in ps):
+        if any(p.status == RunStatus.KILLED for p in deciding):
             return self.store.transition(run.id, RunStatus.KILLED, placements=ps,
                                          exit_code=next((p.exit_code for p in ps if p.exit_code), None),
                                          reason=run.reason if run.stop_requested else label(ps[0]))

@@ -247,3 +247,37 @@ def test_heartbeats_stay_in_memory_and_only_state_changes_are_written(sched: Sch
     assert sched.store.get_node(a).state == "OFFLINE"
     sched.poll_once(a, [])
     assert sched.store.get_node(a).state == "ONLINE" and writes == [a, a]
+
+
+def test_federation_outcome_is_the_servers_and_clients_may_drop_out(sched: Scheduler) -> None:
+    nodes = [join(sched, f"f{i}", 0) for i in range(4)]
+    rid = submit(sched, job_type="federate", server_job="python3 server.py",
+                 federate={"clients": 3, "rounds": 5, "min_clients": 2})
+    sched.schedule_pass()
+    run = sched.get_run(rid)
+    assert len(run.placements) == 4 and {p.node_id for p in run.placements} == set(nodes)
+    server, c1, c2, c3 = run.placements
+    for p in run.placements:
+        sched.report(rid, StatusReport(status=RunStatus.RUNNING), p.node_id)
+    run = sched.report(rid, StatusReport(status=RunStatus.FAILED, exit_code=137, reason="killed"), c2.node_id)
+    assert run.status == RunStatus.RUNNING and not run.stop_requested  # a client dropping out is tolerated
+    run = sched.report(rid, StatusReport(status=RunStatus.FINISHED, exit_code=0), server.node_id)
+    assert run.stop_requested and "server finished" in run.reason
+    assert sched.poll_once(c1.node_id, [attempt_ref(rid, 1)]).stop == [attempt_ref(rid, 1)]
+    sched.report(rid, StatusReport(status=RunStatus.FINISHED, exit_code=0), c1.node_id)
+    run = sched.report(rid, StatusReport(status=RunStatus.KILLED, exit_code=143), c3.node_id)
+    assert run.status == RunStatus.FINISHED and run.exit_code == 0
+
+
+def test_federation_fails_when_its_server_fails(sched: Scheduler) -> None:
+    for i in range(3):
+        join(sched, f"f{i}", 0)
+    rid = submit(sched, job_type="federate", federate={"clients": 2})
+    sched.schedule_pass()
+    server, c1, c2 = sched.get_run(rid).placements
+    run = sched.report(rid, StatusReport(status=RunStatus.FAILED, exit_code=2, reason="too few clients"),
+                       server.node_id)
+    assert run.stop_requested
+    sched.report(rid, StatusReport(status=RunStatus.KILLED), c1.node_id)
+    run = sched.report(rid, StatusReport(status=RunStatus.KILLED), c2.node_id)
+    assert run.status == RunStatus.FAILED and run.exit_code == 2 and "too few clients" in run.reason
