@@ -71,6 +71,22 @@ class Scheduler:
         # every node gets one full timeout to check in again.
         self._seen: dict[str, float] = {}
         self._started = time.time()
+        # Node records change rarely (join, drain, remove, offline); placement reads them for every launch.
+        # Cached here, dropped on every change made through this scheduler, and at most NODE_CACHE_S old
+        # otherwise (changes made by another replica sharing the store).
+        self._nodes: tuple[float, list[Node]] | None = None
+
+    NODE_CACHE_S = 2.0
+
+    def nodes(self) -> list[Node]:
+        cached = self._nodes
+        if cached is None or time.monotonic() - cached[0] > self.NODE_CACHE_S:
+            cached = (time.monotonic(), self.store.list_nodes())
+            self._nodes = cached
+        return cached[1]
+
+    def _nodes_changed(self) -> None:
+        self._nodes = None
 
     def last_seen(self, node: Node) -> float:
         return max(node.last_seen, self._seen.get(node.id, 0.0), self._started)
@@ -152,6 +168,7 @@ class Scheduler:
             node = Node(**info.model_dump(), id=existing.id, draining=existing.draining,
                         registered_at=existing.registered_at, last_seen=now)
             self.store.upsert_node(node)
+            self._nodes_changed()
             self.kick()
             return Registered(node=node)
         same = self.store.node_by_name(info.name)
@@ -165,6 +182,7 @@ class Scheduler:
                     draining=same.draining if same else False,
                     registered_at=same.registered_at if same else now, last_seen=now)
         self.store.upsert_node(node)
+        self._nodes_changed()
         _, token = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
         log.info("node %s (%s) registered by %s", node.name, node.id, who.owner)
         self.kick()
@@ -192,6 +210,7 @@ class Scheduler:
             raise Rejected(403, "only an admin key can drain nodes")
         node = self.find_node(ref).model_copy(update={"draining": draining})
         self.store.upsert_node(node)
+        self._nodes_changed()
         self.kick()
         return node
 
@@ -202,6 +221,7 @@ class Scheduler:
         for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
             self._rank_update(run.id, node.id, RunStatus.LOST, None, f"node {node.name} was removed")
         self.store.delete_node(node.id)
+        self._nodes_changed()
         for k in self.store.list_keys():
             if k.scope == "node" and k.owner == node.id and k.revoked_at is None:
                 auth.revoke(self.store, k)
@@ -221,6 +241,7 @@ class Scheduler:
         if node_id not in self._seen or self._seen[node_id] == 0.0:
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
                 self.store.touch_node(node_id, now)
+                self._nodes_changed()
             except NotFound:
                 raise Rejected(404, f"node {node_id} is not registered") from None
         self._seen[node_id] = now
@@ -356,6 +377,7 @@ class Scheduler:
             if node.state == "ONLINE" and now - seen > self.heartbeat_timeout:
                 node = node.model_copy(update={"state": "OFFLINE", "last_seen": seen})
                 self.store.upsert_node(node)
+                self._nodes_changed()
                 self._seen[node.id] = 0.0  # its next heartbeat persists ONLINE again
                 gone.append(node)
                 log.warning("node %s (%s) is offline: no heartbeat for %.0f s", node.name, node.id, now - seen)
@@ -379,7 +401,7 @@ class Scheduler:
         return [Candidate(node=n if n.id not in self._seen else n.model_copy(update={"last_seen": self.last_seen(n)}),
                           free=[g for g in n.gpus if g.index not in held.get(n.id, set())], now=now,
                           heartbeat_timeout=self.heartbeat_timeout)
-                for n in self.store.list_nodes()]
+                for n in self.nodes()]
 
     def schedule_pass(self) -> int:
         """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
