@@ -16,11 +16,10 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import yaml
 from fedml_cli._http import httpx
 
 from .conftest import FEDML, Fedml, write_job
+from .procs import alive, free_port, our_processes, run_processes, wait_for
 
 HEARTBEAT = 1.0
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -45,63 +45,6 @@ NODES: dict[str, list[str]] = {
     "n5": ["--gpus", "T4:1", "--label", "host=n5", "--label", "pool=kill", "--price-per-gpu-hour", "1"],
     "n6": ["--gpus", "T4:1", "--label", "host=n6", "--label", "pool=kill", "--price-per-gpu-hour", "1"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float = 20.0, every: float = 0.1) -> Any:
-    """Poll `pred` until it returns something truthy; fail with `what` (and the last value) on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {got!r})")
-        time.sleep(every)
-
-
-def alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def run_processes(run_id: str, under: Path | None = None) -> list[psutil.Process]:
-    """Live processes carrying the run's id in their environment (optionally: working under `under`)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("FEDML_CURRENT_RUN_ID") != run_id or not alive(p):
-                continue
-            if under is not None and not p.cwd().startswith(str(under)):
-                continue
-            out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return out
-
-
-def our_processes(base: Path) -> list[psutil.Process]:
-    """Live processes that belong to this cluster: FEDML_HOME or cmdline or cwd under `base`."""
-    me = os.getpid()
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid == me or not alive(p):
-                continue
-            env_home = p.environ().get("FEDML_HOME", "")
-            cwd = p.cwd()
-            if env_home.startswith(str(base)) or str(base) in " ".join(p.cmdline()) or cwd.startswith(str(base)):
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return out
 
 
 @dataclass

@@ -12,11 +12,10 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,41 +26,11 @@ import pytest
 from fedml_cli._http import httpx
 
 from .conftest import FEDML, ROOT, Fedml, needs
+from .procs import free_port, our_processes, wait_for
 
 TEMPLATE = ROOT / "job_templates" / "train_ddp" / "job.yaml"
 NODE_NAMES = ("dA", "dB")
 VENV_BIN = str(Path(sys.executable).parent)  # the jobs' `python3` must be the one with torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float = 20.0, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        if got := pred():
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {got!r})")
-        time.sleep(every)
-
-
-def our_processes(base: Path) -> list[psutil.Process]:
-    """Live processes of this test's cluster: FEDML_HOME, command line or cwd under `base`."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if (p.environ().get("FEDML_HOME", "").startswith(str(base)) or str(base) in " ".join(p.cmdline())
-                    or p.cwd().startswith(str(base))):
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return out
 
 
 @dataclass
