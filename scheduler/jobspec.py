@@ -18,7 +18,7 @@ JOB_TYPES = ("train", "deploy", "serve", "federate")
 
 # Keys this schema interprets; every other top-level key is a "free" key exported as FEDML_ENV_<PATH>.
 # FedML's own dict blocks are exported too, as FedML does with its config arguments.
-EXPORTED_BLOCKS = ("fedml_env", "serving_args", "job_args", "environment_args")
+EXPORTED_BLOCKS = ("fedml_env", "serving_args", "job_args", "environment_args", "federate")
 
 
 class JobSpecError(Exception):
@@ -218,6 +218,8 @@ class JobSpec(_Model):
         sources = self.free_keys()
         for block in EXPORTED_BLOCKS:
             val = getattr(self, block, None) if block in type(self).model_fields else sources.get(block)
+            if isinstance(val, BaseModel):
+                val = val.model_dump(exclude_none=True)
             if val is not None:
                 sources[block] = val
         for key, val in sources.items():
