@@ -21,6 +21,7 @@ bench:
 	$(BIN)/python bench/log_throughput.py
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/heartbeat.py
+	$(BIN)/python bench/fedavg_round.py
 
 lint:
 	$(BIN)/ruff check .
