@@ -15,7 +15,9 @@ dependencies, and the scheduler never sees model bytes. The price: the client no
 server node's address and port (true on one LAN / one machine; across NAT use a VPN or an SSH tunnel).
 
 Protocol (all JSON except the weights):
-    GET  /round[?client=k]           -> {"round": r, "done": bool, "failed": str|null, "clients": N, "rounds": R}
+    GET  /round[?client=k][&after=r&wait=s]
+                                     -> {"round": r, "done": bool, "failed": str|null, "clients": N, "rounds": R}
+                                        (with `after`, held until a round after r opens or `wait` s pass)
     GET  /weights?round=r            -> the global weights of round r (bytes); 409 when r is not the open round
     POST /update?round=r&client=k&samples=n   body: the client's trained state_dict (bytes)
                                      -> 200 {"accepted": true}; 409 when round r is closed (a late update,
@@ -204,10 +206,15 @@ class FedAvgServer:
                    for k in range(1, self.clients + 1) if k not in self._updates)
 
     # HTTP side (runs on the server's request threads)
-    def _status(self, client: int | None = None) -> dict[str, Any]:
+    def _status(self, client: int | None = None, after: int | None = None, wait: float = 0.0) -> dict[str, Any]:
+        """With `after`, a long poll: answers once a round later than `after` opens (or the server is done),
+        or after `wait` seconds, so clients learn of a new round at once without polling fast."""
         with self._cond:
             if client is not None and 1 <= client <= self.clients:
                 self._seen[client] = time.monotonic()
+            if after is not None:
+                self._cond.wait_for(lambda: self._done or (self._round > after and self._open),
+                                    timeout=max(0.0, min(wait, 10.0)))
             return {"round": self._round, "done": self._done, "failed": self._failed, "clients": self.clients,
                     "rounds": self.rounds}
 
@@ -259,9 +266,11 @@ class FedAvgServer:
                 if path == "/round":
                     try:
                         client = int(q["client"]) if "client" in q else None
+                        after = int(q["after"]) if "after" in q else None
+                        wait = float(q.get("wait", "0"))
                     except ValueError:
-                        client = None
-                    return self._json(200, server._status(client))
+                        return self._json(400, {"error": "client, after and wait must be numbers"})
+                    return self._json(200, server._status(client, after, wait))
                 if path == "/weights":
                     try:
                         r = int(q.get("round", ""))
@@ -392,7 +401,7 @@ class FedAvgClient:
     def __init__(self, model: Any, train: Callable[[Any, int], Any], *, rank: int, num_samples: int,
                  server_url: str, connect_timeout: float = 60.0, lost_timeout: float = 30.0,
                  round_wait: float = 600.0, poll_interval: float = 0.2, request_timeout: float = 30.0,
-                 heartbeat: float = 1.0) -> None:
+                 heartbeat: float = 1.0, poll_wait: float = 5.0) -> None:
         self.model = model
         self.train = train
         self.rank = rank
@@ -402,6 +411,7 @@ class FedAvgClient:
         self.lost_timeout = lost_timeout
         self.round_wait = round_wait
         self.poll_interval = poll_interval
+        self.poll_wait = poll_wait  # how long the server may hold a GET /round until the next round opens
         self.request_timeout = request_timeout
         self.heartbeat = heartbeat
         self.rounds_done: list[int] = []
@@ -430,10 +440,12 @@ class FedAvgClient:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
-    def _status(self, since_ok: float, first: bool) -> dict[str, Any] | None:
-        """GET /round; None while the server does not answer (within the allowed time), else raises."""
+    def _status(self, since_ok: float, first: bool, after: int = 0) -> dict[str, Any] | None:
+        """GET /round, held by the server until a round after `after` opens (up to `poll_wait` s); None while
+        the server does not answer (within the allowed time), else raises."""
         try:
-            code, body = self._get(f"/round?client={self.rank}")
+            code, body = self._get(f"/round?client={self.rank}&after={after}&wait={self.poll_wait:g}",
+                                   timeout=self.request_timeout + self.poll_wait)
             if code == 200:
                 return json.loads(body)
             raise FederateError(f"GET /round answered {code}: {body[:200]!r}")
@@ -478,7 +490,7 @@ class FedAvgClient:
         connected = False
         done_round = 0
         while True:
-            st = self._status(last_ok, first=not connected)
+            st = self._status(last_ok, first=not connected, after=done_round)
             now = time.monotonic()
             if st is None:
                 time.sleep(min(1.0, self.poll_interval * 2))
@@ -500,7 +512,7 @@ class FedAvgClient:
                 continue
             if now - last_progress > self.round_wait:
                 raise FederateError(f"no new round for {self.round_wait:g} s (last: {done_round})")
-            time.sleep(self.poll_interval)
+            time.sleep(self.poll_interval)  # the long poll timed out: ask again (briefly spaced)
 
     def _one_round(self, r: int) -> None:
         try:
