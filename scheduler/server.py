@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     local = paths.local_dir(base)
     local.mkdir(parents=True, exist_ok=True)
     os.chmod(local, 0o700)
+    import fcntl
+
+    lock = open(local / "scheduler.lock", "a")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"fedml scheduler: another scheduler already serves {local}", file=sys.stderr)
+        return 2
     from .app import Settings, create_app
     from .sqlite_store import SQLiteStore
 
