@@ -35,7 +35,6 @@ from .models import (
     RunStatus,
     StatusReport,
 )
-from .notify import Notifier
 from .service import Rejected, Scheduler
 from .store import SeqGap, Store
 
@@ -53,7 +52,7 @@ class Settings:
 
 
 def create_app(store: Store, settings: Settings) -> FastAPI:
-    notifier = Notifier()
+    notifier = store.notifier()  # relayed between replicas when the store is shared (Redis)
     blobs = BlobStore(settings.blob_dir, max_bytes=settings.max_workspace_mb * 1024 * 1024,
                       max_unpacked_bytes=4 * settings.max_workspace_mb * 1024 * 1024)
     sched = Scheduler(store, notifier, blob_exists=blobs.has, heartbeat_interval=settings.heartbeat_interval)

@@ -81,6 +81,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def open_store(spec: str, local: Path, log_retention: int | None = None) -> Store:
+    """`sqlite` (the state directory's database) or a redis:// URL. RuntimeError/ValueError say why not."""
+    if spec == "sqlite":
+        from .sqlite_store import SQLiteStore
+
+        return SQLiteStore(local / "scheduler.db")
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        from .redis_store import DEFAULT_LOG_RETENTION, RedisStore
+
+        try:
+            return RedisStore(spec, log_retention=log_retention or DEFAULT_LOG_RETENTION)
+        except redis.RedisError as exc:
+            raise RuntimeError(f"cannot use the store {spec}: {exc}") from None
+    raise ValueError(f"--store: {spec!r} is neither sqlite nor a redis:// URL")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedml-scheduler", description="fedml launch scheduler")
     p.add_argument("--host", default="127.0.0.1")
@@ -90,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run a local agent on this machine")
     p.add_argument("--gpus", default=os.environ.get("FEDML_LOCAL_GPUS"),
                    help="GPUs the local agent declares when NVML is absent, e.g. A100-80G:2")
+    p.add_argument("--store", default=os.environ.get("FEDML_STORE", "sqlite"),
+                   help="sqlite (a database in the state directory) or redis://HOST:6379/0[?prefix=P]: several "
+                        "replicas may share one Redis, each with its own --home and one shared --blob-dir")
+    p.add_argument("--blob-dir", type=Path, default=None,
+                   help="where uploaded workspaces and artifacts live (default: in the state directory); "
+                        "replicas on one Redis must share it")
+    p.add_argument("--log-retention-lines", type=int, default=None,
+                   help="redis store: log lines kept per run (newest; default 1,000,000)")
     p.add_argument("--max-workspace-mb", type=int, default=512)
     p.add_argument("--heartbeat-interval", type=float, default=float(os.environ.get("FEDML_HEARTBEAT_INTERVAL", "10")),
                    help="seconds; a node silent for 3 intervals is offline")
@@ -110,11 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedml scheduler: another scheduler already serves {local}", file=sys.stderr)
         return 2
     from .app import Settings, create_app
-    from .sqlite_store import SQLiteStore
 
     try:
-        store = SQLiteStore(local / "scheduler.db")
-    except RuntimeError as exc:
+        store = open_store(args.store, local, args.log_retention_lines)
+    except (RuntimeError, ValueError) as exc:
         print(f"fedml scheduler: {exc}", file=sys.stderr)
         return 2
     new_admin = admin_key(store, paths.token_file(base))
@@ -130,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
     url = f"http://{shown_host}:{port}"
-    app = create_app(store, Settings(blob_dir=local / "blobs", max_workspace_mb=args.max_workspace_mb,
+    app = create_app(store, Settings(blob_dir=args.blob_dir or local / "blobs", max_workspace_mb=args.max_workspace_mb,
                                      heartbeat_interval=args.heartbeat_interval))
 
     state = paths.state_file(base)

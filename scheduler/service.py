@@ -34,7 +34,7 @@ from .models import (
 )
 from .notify import Notifier
 from .placement import Candidate, NoFit, Request, could_use, place
-from .store import NotFound, Store
+from .store import GpuBusy, NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -64,32 +64,35 @@ class Scheduler:
         self.heartbeat_timeout = 3 * heartbeat_interval  # a node silent for 3 intervals is OFFLINE
         self.rng = rng or random.Random()
         self._schedule_lock = threading.Lock()
-        # Rank reports of one run may arrive together from several agents: read-modify-write under a lock.
+        # Rank reports of one run may arrive together from several agents (at several replicas sharing a
+        # store): read-modify-write under this lock and the store's lock on the run.
         self._runs_lock = threading.RLock()
-        # Heartbeats are soft state, kept in memory: a durable write per heartbeat would cap a 10,000-node
-        # cluster at the disk's fsync rate. Only ONLINE <-> OFFLINE changes are persisted. After a restart
-        # every node gets one full timeout to check in again.
-        self._seen: dict[str, float] = {}
+        # Heartbeats are soft state (Store.heartbeat: in memory, or a Redis hash the replicas share): a durable
+        # write per heartbeat would cap a 10,000-node cluster at the disk's fsync rate. Only ONLINE <-> OFFLINE
+        # changes are persisted. After a restart every node gets one full timeout to check in again.
         self._started = time.time()
         # Node records change rarely (join, drain, remove, offline); placement reads them for every launch.
-        # Cached here, dropped on every change made through this scheduler, and at most NODE_CACHE_S old
-        # otherwise (changes made by another replica sharing the store).
-        self._nodes: tuple[float, list[Node]] | None = None
+        # Cached here, dropped on every change (the "nodes" wake-up, which a shared store relays from the
+        # other replicas), and at most NODE_CACHE_S old in any case.
+        self._nodes: tuple[float, int, list[Node]] | None = None
 
     NODE_CACHE_S = 2.0
 
     def nodes(self) -> list[Node]:
         cached = self._nodes
-        if cached is None or time.monotonic() - cached[0] > self.NODE_CACHE_S:
-            cached = (time.monotonic(), self.store.list_nodes())
+        ticket = self.notifier.ticket("nodes")
+        if cached is None or cached[1] != ticket or time.monotonic() - cached[0] > self.NODE_CACHE_S:
+            cached = (time.monotonic(), ticket, self.store.list_nodes())
             self._nodes = cached
-        return cached[1]
+        return cached[2]
 
     def _nodes_changed(self) -> None:
         self._nodes = None
+        self.notifier.notify("nodes")
 
-    def last_seen(self, node: Node) -> float:
-        return max(node.last_seen, self._seen.get(node.id, 0.0), self._started)
+    def last_seen(self, node: Node, seen: dict[str, float] | None = None) -> float:
+        beats = self.store.heartbeats() if seen is None else seen
+        return max(node.last_seen, beats.get(node.id) or 0.0, self._started)
 
     # -- runs --------------------------------------------------------------------------------------------
     def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
@@ -146,7 +149,7 @@ class Scheduler:
     def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         if who.scope == "node":
             raise Rejected(403, "a node key cannot stop runs")
-        with self._runs_lock:
+        with self._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.get_run(run_id, who)
             if run.terminal:
                 return run
@@ -195,7 +198,7 @@ class Scheduler:
             for p in r.placements:
                 if not p.done:
                     count[p.node_id] = count.get(p.node_id, 0) + 1
-        return [NodeView(**c.node.model_dump(exclude={"last_seen"}), last_seen=self.last_seen(c.node),
+        return [NodeView(**c.node.model_dump(exclude={"last_seen"}), last_seen=self.last_seen(c.node, {}),
                          gpus_free=[g.index for g in c.free], active_runs=count.get(c.node.id, 0))
                 for c in self._candidates(active)]
 
@@ -238,13 +241,13 @@ class Scheduler:
     def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
         self._own_node(who, node_id)
         now = time.time()
-        if node_id not in self._seen or self._seen[node_id] == 0.0:
+        if not self.store.heartbeat(node_id, now):
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
                 self.store.touch_node(node_id, now)
                 self._nodes_changed()
             except NotFound:
+                self.store.heartbeat(node_id, 0.0)  # so that every poll of it is refused
                 raise Rejected(404, f"node {node_id} is not registered") from None
-        self._seen[node_id] = now
         have = set(running)
         start: list[Assignment] = []
         wanted: set[str] = set()
@@ -281,14 +284,14 @@ class Scheduler:
 
     def add_artifact(self, run_id: str, art: Artifact, who: Principal) -> Run:
         self.check_log_writer(run_id, who)
-        with self._runs_lock:
+        with self._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.get_run(run_id)
             keep = [a for a in run.artifacts if (a.rank, a.attempt) != (art.rank, art.attempt)]
             return self.store.update_run(run_id, artifacts=[*keep, art])
 
     def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
                      reason: str | None, attempt: int | None = None) -> Run:
-        with self._runs_lock:
+        with self._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.store.get_run(run_id)
             if run is None:
                 raise Rejected(404, f"run {run_id} not found")
@@ -370,15 +373,20 @@ class Scheduler:
     # -- heartbeats --------------------------------------------------------------------------------------
     def check_heartbeats(self) -> list[Node]:
         """Mark silent nodes OFFLINE and their ranks LOST. Returns the nodes that went offline."""
+        with self.store.lock("heartbeats", ttl=max(30.0, 3 * self.heartbeat_interval)):  # one replica at a time
+            return self._check_heartbeats()
+
+    def _check_heartbeats(self) -> list[Node]:
         now = time.time()
         gone = []
+        beats = self.store.heartbeats()
         for node in self.store.list_nodes():
-            seen = self.last_seen(node)
+            seen = self.last_seen(node, beats)
             if node.state == "ONLINE" and now - seen > self.heartbeat_timeout:
                 node = node.model_copy(update={"state": "OFFLINE", "last_seen": seen})
                 self.store.upsert_node(node)
                 self._nodes_changed()
-                self._seen[node.id] = 0.0  # its next heartbeat persists ONLINE again
+                self.store.heartbeat(node.id, 0.0)  # its next heartbeat persists ONLINE again
                 gone.append(node)
                 log.warning("node %s (%s) is offline: no heartbeat for %.0f s", node.name, node.id, now - seen)
                 for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
@@ -398,7 +406,8 @@ class Scheduler:
             for p in r.placements:
                 if not p.done:
                     held.setdefault(p.node_id, set()).update(p.gpus)
-        return [Candidate(node=n if n.id not in self._seen else n.model_copy(update={"last_seen": self.last_seen(n)}),
+        seen = self.store.heartbeats()
+        return [Candidate(node=n if n.id not in seen else n.model_copy(update={"last_seen": self.last_seen(n, seen)}),
                           free=[g for g in n.gpus if g.index not in held.get(n.id, set())], now=now,
                           heartbeat_timeout=self.heartbeat_timeout)
                 for n in self.nodes()]
@@ -407,7 +416,8 @@ class Scheduler:
         """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
         placed reserves the nodes it could use, so smaller runs behind it cannot starve it (they may still
         start on other nodes: backfill). Returns how many runs were placed."""
-        with self._schedule_lock:
+        # One pass at a time across replicas (for efficiency: the store refuses a stale placement anyway).
+        with self._schedule_lock, self.store.lock("schedule", ttl=120.0):
             queued = self.store.list_runs(status=[RunStatus.QUEUED], limit=1_000_000)
             if not queued:
                 return 0
@@ -443,6 +453,11 @@ class Scheduler:
                                   master_port=self.rng.randrange(20000, 40000))
         except InvalidTransition:
             return False  # stopped meanwhile
+        except GpuBusy as busy:  # another replica placed a run there: this pass's view of that node is stale
+            if busy.node_id in ps.by_id:
+                ps.by_id[busy.node_id].free = []
+            self.kick()
+            return False
         run.placements = placements
         for pl in verdict:
             c = ps.by_id[pl.node.id]

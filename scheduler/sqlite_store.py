@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import ApiKey, LogRow, Node, Run, RunStatus, check_transition
-from .store import NotFound, SeqGap, Store
+from .store import GpuBusy, NotFound, SeqGap, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -157,7 +157,9 @@ class SQLiteStore(Store):
             if run is None:
                 raise NotFound(run_id)
             check_transition(run_id, run.status, to)
+            held = _claims(run)
             run = run.model_copy(update={**fields, "status": to})
+            self._check_gpus(db, run, _claims(run) - held)
             now = time.time()
             if to == RunStatus.RUNNING and run.started_at is None:
                 run.started_at = now
@@ -165,6 +167,13 @@ class SQLiteStore(Store):
                 run.ended_at = now
             self._write(db, run)
         return run
+
+    def _check_gpus(self, db: sqlite3.Connection, run: Run, claims: set[tuple[str, int]]) -> None:
+        """GpuBusy if another unfinished run holds one of `claims` (as the Redis store checks)."""
+        for n, g in sorted(claims):
+            row = db.execute(_HOLDER, (n, run.id, n, g)).fetchone()
+            if row is not None:
+                raise GpuBusy(n, g, row[0])
 
     def update_run(self, run_id: str, **fields: object) -> Run:
         with self._tx() as db:
@@ -274,6 +283,22 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# Who holds GPU g of node n: an unfinished run (run_nodes) with an unfinished placement on n naming g.
+_HOLDER = """
+SELECT r.id FROM run_nodes rn JOIN runs r ON r.id = rn.run_id,
+     json_each(r.doc, '$.placements') p, json_each(p.value, '$.gpus') g
+WHERE rn.node_id = ? AND r.id <> ? AND json_extract(p.value, '$.node_id') = ? AND g.value = ?
+  AND json_extract(p.value, '$.status') NOT IN ('FINISHED', 'FAILED', 'KILLED', 'LOST')
+LIMIT 1
+"""
+
+
+def _claims(run: Run) -> set[tuple[str, int]]:
+    if run.terminal:
+        return set()
+    return {(p.node_id, g) for p in run.placements if not p.done for g in p.gpus}
 
 
 class _Tx:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterable
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .models import ApiKey, LogRow, Node, Run, RunStatus
+from .notify import Notifier
 
 
 class NotFound(KeyError):
@@ -25,6 +28,15 @@ class SeqGap(Exception):
     def __init__(self, expected: int) -> None:
         self.expected = expected
         super().__init__(f"expected sequence {expected}")
+
+
+class GpuBusy(Exception):
+    """A placement names a GPU that another run holds: the caller's view of the cluster was stale (another
+    scheduler replica placed a run there meanwhile). Nothing was written."""
+
+    def __init__(self, node_id: str, gpu: int, holder: str) -> None:
+        self.node_id, self.gpu, self.holder = node_id, gpu, holder
+        super().__init__(f"GPU {gpu} of node {node_id} is held by {holder}")
 
 
 class Store(abc.ABC):
@@ -42,7 +54,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
         """Move a run to `to` if the state machine allows it from its current state (compare-and-set),
-        setting `fields` in the same write. Raises InvalidTransition or NotFound."""
+        setting `fields` in the same write. Raises InvalidTransition or NotFound, and GpuBusy (writing
+        nothing) when a placement it sets names a GPU that another unfinished placement holds."""
 
     @abc.abstractmethod
     def update_run(self, run_id: str, **fields: object) -> Run:
@@ -96,6 +109,36 @@ class Store(abc.ABC):
     def batch(self) -> Any:
         """Group several writes into one durable commit (nothing is acknowledged before it ends)."""
         return contextlib.nullcontext()
+
+    # -- what scheduler replicas sharing this store must agree on ------------------------------------------
+    # Defaults serve a store that one scheduler process owns (SQLite): in-process state and locks.
+    # A store shared by several replicas (Redis) keeps these where every replica sees them.
+    _soft = threading.Lock()
+    _stripes = tuple(threading.RLock() for _ in range(64))
+
+    def heartbeat(self, node_id: str, ts: float) -> float | None:
+        """Record a heartbeat (soft state: fast, not durable). Returns the one before (None: none since
+        this store was opened; 0.0: the node was marked OFFLINE since)."""
+        with self._soft:
+            seen = self.__dict__.setdefault("_seen", {})
+            before = seen.get(node_id)
+            seen[node_id] = ts
+        return before
+
+    def heartbeats(self) -> dict[str, float]:
+        with self._soft:
+            return dict(self.__dict__.get("_seen", {}))
+
+    @contextlib.contextmanager
+    def lock(self, name: str, ttl: float = 30.0) -> Iterator[None]:
+        """Hold `name` against every scheduler sharing this store (re-entrant within a thread). A shared
+        store's lock expires after `ttl` seconds if its holder dies."""
+        with self._stripes[zlib.crc32(name.encode()) % len(self._stripes)]:
+            yield
+
+    def notifier(self) -> Notifier:
+        """Wake-ups for long polls and log followers; a shared store relays them between replicas."""
+        return Notifier()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

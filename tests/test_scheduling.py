@@ -38,7 +38,7 @@ def join(s: Scheduler, name: str, n: int = 2, kind: str = "NVIDIA A100 80GB PCIe
 def silence(s: Scheduler, node_id: str, seconds: float = 10.0) -> None:
     """As if the node's last heartbeat was `seconds` ago (and the scheduler has been up longer)."""
     s._started = 0.0
-    s._seen[node_id] = time.time() - seconds
+    s.store.heartbeat(node_id, time.time() - seconds)
     s.store.upsert_node(s.store.get_node(node_id).model_copy(update={"last_seen": time.time() - seconds}))
 
 

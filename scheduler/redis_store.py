@@ -1,0 +1,598 @@
+"""Redis store: the same interface as the SQLite store, shared by several scheduler replicas.
+
+    python -m scheduler.server --store redis://HOST:6379/0[?prefix=fedml:] --home DIR --blob-dir SHARED
+
+Every key is built in `Keys` (one place). A run is one JSON document; its indexes (by status, owner, node)
+and the GPUs it holds are changed by the Lua script `PUT_RUN` in the same atomic step as the document, and
+only if the document is still the one the writer read (compare-and-set). The script also refuses a placement
+naming a GPU another run holds, so two replicas can never place the same run twice or hand one GPU to two
+runs, whatever their caches say. Logs are a Redis Stream per run (entry id 0-(pos+1)), trimmed to the newest
+`log_retention` lines; heartbeats are a hash (soft state); locks are redis-py locks with a TTL; wake-ups for
+long polls are relayed between replicas over pub/sub.
+
+Durability is Redis's: run it with `appendonly yes` (and `appendfsync always` for "committed before
+acknowledged" across a power loss, as the SQLite store gives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import redis
+
+from .models import TERMINAL, ApiKey, LogRow, Node, Run, RunStatus, check_transition
+from .notify import Notifier
+from .store import GpuBusy, NotFound, SeqGap, Store
+
+log = logging.getLogger("fedml.scheduler")
+
+DEFAULT_PREFIX = "fedml:"
+DEFAULT_LOG_RETENTION = 1_000_000  # lines kept per run
+_LOG_CHUNK = 2000  # lines per atomic append: a 20,000-line batch must not stall Redis for everyone else
+
+
+class Keys:
+    """Every Redis key of one scheduler installation, under its prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+
+    def run(self, run_id: str) -> str:
+        return f"{self.p}run:{run_id}"
+
+    @property
+    def runs(self) -> str:  # zset of every run id by created_at
+        return f"{self.p}runs"
+
+    def status(self, status: str) -> str:  # zset per status by created_at (QUEUED is the queue)
+        return f"{self.p}status:{status}"
+
+    def owner(self, owner: str) -> str:
+        return f"{self.p}owner:{owner}"
+
+    def node_runs(self, node_id: str) -> str:  # set: unfinished runs with a placement on the node
+        return f"{self.p}noderuns:{node_id}"
+
+    def gpus(self, node_id: str) -> str:  # hash: GPU index -> run id holding it
+        return f"{self.p}gpus:{node_id}"
+
+    def logs(self, run_id: str) -> str:  # stream
+        return f"{self.p}logs:{run_id}"
+
+    def log_pos(self, run_id: str) -> str:  # next log position of the run
+        return f"{self.p}logpos:{run_id}"
+
+    def log_seq(self, run_id: str) -> str:  # hash: "attempt:rank" -> next expected seq
+        return f"{self.p}logseq:{run_id}"
+
+    @property
+    def nodes(self) -> str:  # hash: node id -> doc
+        return f"{self.p}nodes"
+
+    @property
+    def node_names(self) -> str:  # hash: node name -> node id
+        return f"{self.p}nodenames"
+
+    @property
+    def seen(self) -> str:  # hash: node id -> last heartbeat
+        return f"{self.p}seen"
+
+    @property
+    def keys(self) -> str:  # hash: key id -> sha256
+        return f"{self.p}keys"
+
+    @property
+    def key_docs(self) -> str:  # hash: sha256 -> doc
+        return f"{self.p}keydocs"
+
+    def lock(self, name: str) -> str:
+        return f"{self.p}lock:{name}"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.p}notify"
+
+
+# KEYS: run, runs, status:old, status:new, owner
+# ARGV: run id, expected doc ("" = create), new doc, created_at, gpu prefix, noderuns prefix,
+#       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...
+PUT_RUN = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[2] == '' then
+  if cur then return 'exists' end
+elseif cur ~= ARGV[2] then
+  return 'conflict'
+end
+local i = 7
+local function list()
+  local n = tonumber(ARGV[i]); local out = {}
+  for k = 1, n do out[k] = ARGV[i + k] end
+  i = i + n + 1
+  return out
+end
+local old_nodes, new_nodes, release, claim = list(), list(), list(), list()
+for _, c in ipairs(claim) do
+  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
+  local holder = redis.call('HGET', ARGV[5] .. node, gpu)
+  if holder and holder ~= ARGV[1] then return 'busy\\t' .. node .. '\\t' .. gpu .. '\\t' .. holder end
+end
+redis.call('SET', KEYS[1], ARGV[3])
+if KEYS[3] ~= KEYS[4] or ARGV[2] == '' then
+  if ARGV[2] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+end
+if ARGV[2] == '' then
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+end
+for _, n in ipairs(old_nodes) do redis.call('SREM', ARGV[6] .. n, ARGV[1]) end
+for _, n in ipairs(new_nodes) do redis.call('SADD', ARGV[6] .. n, ARGV[1]) end
+for _, c in ipairs(release) do
+  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
+  if redis.call('HGET', ARGV[5] .. node, gpu) == ARGV[1] then redis.call('HDEL', ARGV[5] .. node, gpu) end
+end
+for _, c in ipairs(claim) do
+  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
+  redis.call('HSET', ARGV[5] .. node, gpu, ARGV[1])
+end
+return 'ok'
+"""
+
+# KEYS: log_seq hash, log_pos, stream. ARGV: "attempt:rank", rank, first_seq, retention, encoded lines...
+# Returns {next_seq, gap(0|1)}.
+APPEND_LOGS = """
+local expected = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local first = tonumber(ARGV[3])
+if first > expected then return {expected, 1} end
+local n = #ARGV - 4
+local skip = expected - first
+if skip >= n then return {expected, 0} end
+local pos = tonumber(redis.call('GET', KEYS[2]) or '0')
+local seq = expected
+for k = 5 + skip, #ARGV do
+  redis.call('XADD', KEYS[3], '0-' .. (pos + 1), 'd', ARGV[2] .. ' ' .. seq .. ' ' .. ARGV[k])
+  pos = pos + 1
+  seq = seq + 1
+end
+redis.call('SET', KEYS[2], pos)
+redis.call('HSET', KEYS[1], ARGV[1], seq)
+redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', ARGV[4])
+return {seq, 0}
+"""
+
+# KEYS: nodes, node_names. ARGV: id, name, doc. Node names are unique, as in the SQLite store.
+PUT_NODE = """
+local other = redis.call('HGET', KEYS[2], ARGV[2])
+if other and other ~= ARGV[1] then return 'taken' end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local was = cjson.decode(old)['name']
+  if was ~= ARGV[2] then redis.call('HDEL', KEYS[2], was) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+return 'ok'
+"""
+
+# KEYS: hash. ARGV: field, expected value, new value. Compare-and-set of one hash field.
+CAS_FIELD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: keys, key_docs. ARGV: id, sha256, doc.
+PUT_KEY = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and old ~= ARGV[2] then redis.call('HDEL', KEYS[2], old) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 'ok'
+"""
+
+# KEYS: seen. ARGV: node id, ts. Returns the heartbeat before (or nil).
+HEARTBEAT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return old
+"""
+
+
+def _claims(run: Run | None) -> set[tuple[str, int]]:
+    """The GPUs a run holds: those of its unfinished placements while the run itself is unfinished."""
+    if run is None or run.status in TERMINAL:
+        return set()
+    return {(p.node_id, g) for p in run.placements if not p.done for g in p.gpus}
+
+
+def _nodes_of(run: Run | None) -> set[str]:
+    if run is None or run.status in TERMINAL:
+        return set()
+    return {p.node_id for p in run.placements}
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """redis://HOST:PORT/DB?prefix=P -> (the URL redis-py takes, the key prefix)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
+    rest = urlencode({k: v[-1] for k, v in query.items()})
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix
+
+
+class RedisStore(Store):
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str | None = None,
+                 log_retention: int = DEFAULT_LOG_RETENTION) -> None:
+        plain, url_prefix = parse_url(url)
+        self.url = plain
+        self.k = Keys(prefix if prefix is not None else url_prefix)
+        self.log_retention = log_retention
+        self.r = redis.Redis.from_url(plain, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
+                                      retry_on_timeout=True)
+        self.r.ping()  # fail at start, with the reason, rather than at the first request
+        self._put_run = self.r.register_script(PUT_RUN)
+        self._append = self.r.register_script(APPEND_LOGS)
+        self._put_node = self.r.register_script(PUT_NODE)
+        self._cas_field = self.r.register_script(CAS_FIELD)
+        self._put_key = self.r.register_script(PUT_KEY)
+        self._heartbeat = self.r.register_script(HEARTBEAT)
+        self._locks = threading.local()
+        self._notifier: RelayNotifier | None = None
+
+    # -- runs --------------------------------------------------------------------------------------------
+    def _put(self, old_doc: str, old: Run | None, new: Run) -> None:
+        """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
+        k = self.k
+        release = _claims(old) - _claims(new)
+        claim = _claims(new) - _claims(old)
+        args: list[Any] = [new.id, old_doc, new.model_dump_json(), repr(new.created_at), k.gpus(""), k.node_runs("")]
+        for group in (sorted(_nodes_of(old)), sorted(_nodes_of(new)),
+                      sorted(f"{n}\t{g}" for n, g in release), sorted(f"{n}\t{g}" for n, g in claim)):
+            args += [len(group), *group]
+        old_status = old.status.value if old else new.status.value
+        got = self._put_run(keys=[k.run(new.id), k.runs, k.status(old_status), k.status(new.status.value),
+                                  k.owner(new.owner)], args=args)
+        got = got.decode() if isinstance(got, bytes) else got
+        if got == "ok":
+            return
+        if got == "exists":
+            raise ValueError(f"run {new.id} exists already")
+        if got == "conflict":
+            raise _Conflict()
+        _, node, gpu, holder = got.split("\t")
+        raise GpuBusy(node, int(gpu), holder)
+
+    def create_run(self, run: Run) -> Run:
+        self._put("", None, run)
+        return run
+
+    def _read(self, run_id: str) -> tuple[str, Run] | None:
+        raw = self.r.get(self.k.run(run_id))
+        if raw is None:
+            return None
+        doc = raw.decode()
+        return doc, Run.model_validate_json(doc)
+
+    def get_run(self, run_id: str) -> Run | None:
+        with self.r.pipeline(transaction=False) as p:
+            p.get(self.k.run(run_id))
+            p.get(self.k.log_pos(run_id))
+            raw, pos = p.execute()
+        if raw is None:
+            return None
+        run = Run.model_validate_json(raw)
+        run.log_count = int(pos or 0)
+        return run
+
+    def _modify(self, run_id: str, change: Any) -> Run:
+        """Read, change, compare-and-set; again if another writer got in between."""
+        for _ in range(1000):
+            got = self._read(run_id)
+            if got is None:
+                raise NotFound(run_id)
+            doc, old = got
+            new = change(old)
+            new.updated_at = time.time()
+            if new.placements:
+                new.node_id, new.gpus = new.placements[0].node_id, new.placements[0].gpus
+            try:
+                self._put(doc, old, new)
+                return new
+            except _Conflict:
+                continue
+        raise RuntimeError(f"run {run_id}: too many concurrent writers")
+
+    def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
+        def change(run: Run) -> Run:
+            check_transition(run_id, run.status, to)
+            new = run.model_copy(update={**fields, "status": to})
+            now = time.time()
+            if to == RunStatus.RUNNING and new.started_at is None:
+                new.started_at = now
+            if to.terminal:
+                new.ended_at = now
+            return new
+        return self._modify(run_id, change)
+
+    def update_run(self, run_id: str, **fields: object) -> Run:
+        return self._modify(run_id, lambda run: run.model_copy(update=fields))
+
+    def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
+                  owner: str | None = None, limit: int = 1000) -> list[Run]:
+        statuses = None if status is None else {s.value for s in status}
+        k = self.k
+        if node_id is not None:
+            ids = [m.decode() for m in self.r.smembers(k.node_runs(node_id))]
+            cut = None
+        else:
+            # Newest first from the most selective index; filters applied after reading need every id.
+            filtering = owner is not None and statuses is not None
+            stop = -1 if filtering else limit - 1
+            if statuses is not None:
+                with self.r.pipeline(transaction=False) as p:
+                    for s in statuses:
+                        p.zrevrange(k.status(s), 0, stop, withscores=True)
+                    scored = [pair for part in p.execute() for pair in part]
+                scored.sort(key=lambda pair: -pair[1])
+                ids = [m.decode() for m, _ in scored]
+            else:
+                ids = [m.decode() for m in self.r.zrevrange(k.owner(owner) if owner else k.runs, 0, stop)]
+            cut = None if filtering else limit
+            ids = ids[:cut] if cut is not None else ids
+        runs = self._docs(ids)
+        out = [r for r in runs if (statuses is None or r.status.value in statuses)
+               and (owner is None or r.owner == owner)]
+        out.sort(key=lambda r: r.created_at, reverse=True)
+        return out[:limit]
+
+    def _docs(self, ids: list[str]) -> list[Run]:
+        out: list[Run] = []
+        for i in range(0, len(ids), 1000):
+            for raw in self.r.mget([self.k.run(x) for x in ids[i:i + 1000]]):
+                if raw is not None:
+                    out.append(Run.model_validate_json(raw))
+        return out
+
+    # -- logs --------------------------------------------------------------------------------------------
+    def next_seq(self, run_id: str, attempt: int, rank: int) -> int:
+        got = self.r.hget(self.k.log_seq(run_id), f"{attempt}:{rank}")
+        return int(got or 0)
+
+    def append_logs(self, run_id: str, attempt: int, rank: int, first_seq: int,
+                    lines: list[tuple[float, str, str]]) -> int:
+        k = self.k
+        keys = [k.log_seq(run_id), k.log_pos(run_id), k.logs(run_id)]
+        field = f"{attempt}:{rank}"
+        if not lines:
+            expected = self.next_seq(run_id, attempt, rank)
+            if first_seq > expected:
+                raise SeqGap(expected)
+            return expected
+        nxt = first_seq
+        for start in range(0, len(lines), _LOG_CHUNK):
+            chunk = lines[start:start + _LOG_CHUNK]
+            encoded = [json.dumps([ts, stream, text], ensure_ascii=False) for ts, stream, text in chunk]
+            nxt, gap = self._append(keys=keys, args=[field, rank, first_seq + start, self.log_retention, *encoded])
+            if gap:
+                raise SeqGap(int(nxt))
+        return int(nxt)
+
+    def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
+                  rank: int | None = None) -> list[LogRow]:
+        out: list[LogRow] = []
+        key = self.k.logs(run_id)
+        start = "-" if after < 0 else f"(0-{after + 1}"
+        while len(out) < limit:
+            want = limit - len(out)
+            entries = self.r.xrange(key, min=start, max="+", count=want)
+            for eid, fields in entries:
+                r, s, payload = fields[b"d"].split(b" ", 2)
+                if rank is not None and int(r) != rank:
+                    continue
+                ts, stream, text = json.loads(payload)
+                out.append(LogRow(int(eid.split(b"-")[1]) - 1, int(r), int(s), ts, stream, text))
+            if len(entries) < want or rank is None:
+                break
+            start = "(" + entries[-1][0].decode()
+        return out
+
+    # -- nodes -------------------------------------------------------------------------------------------
+    def upsert_node(self, node: Node) -> Node:
+        got = self._put_node(keys=[self.k.nodes, self.k.node_names], args=[node.id, node.name, node.model_dump_json()])
+        if got in (b"taken", "taken"):
+            raise ValueError(f"a node named {node.name} exists already")
+        return node
+
+    def get_node(self, node_id: str) -> Node | None:
+        raw = self.r.hget(self.k.nodes, node_id)
+        return Node.model_validate_json(raw) if raw else None
+
+    def node_by_name(self, name: str) -> Node | None:
+        node_id = self.r.hget(self.k.node_names, name)
+        return self.get_node(node_id.decode()) if node_id else None
+
+    def list_nodes(self) -> list[Node]:
+        nodes = [Node.model_validate_json(raw) for raw in self.r.hvals(self.k.nodes)]
+        return sorted(nodes, key=lambda n: n.name)
+
+    def touch_node(self, node_id: str, ts: float) -> Node:
+        for _ in range(1000):
+            raw = self.r.hget(self.k.nodes, node_id)
+            if raw is None:
+                raise NotFound(node_id)
+            node = Node.model_validate_json(raw)
+            node.last_seen = ts
+            node.state = "ONLINE"
+            if self._cas_field(keys=[self.k.nodes], args=[node_id, raw, node.model_dump_json()]):
+                return node
+        raise RuntimeError(f"node {node_id}: too many concurrent writers")
+
+    def delete_node(self, node_id: str) -> None:
+        node = self.get_node(node_id)
+        with self.r.pipeline(transaction=True) as p:
+            p.hdel(self.k.nodes, node_id)
+            if node is not None:
+                p.hdel(self.k.node_names, node.name)
+            p.hdel(self.k.seen, node_id)
+            p.execute()
+
+    # -- API keys ----------------------------------------------------------------------------------------
+    def put_key(self, key: ApiKey) -> None:
+        self._put_key(keys=[self.k.keys, self.k.key_docs], args=[key.id, key.hash, key.model_dump_json()])
+
+    def key_by_hash(self, digest: str) -> ApiKey | None:
+        raw = self.r.hget(self.k.key_docs, digest)
+        return ApiKey.model_validate_json(raw) if raw else None
+
+    def list_keys(self) -> list[ApiKey]:
+        keys = [ApiKey.model_validate_json(raw) for raw in self.r.hvals(self.k.key_docs)]
+        return sorted(keys, key=lambda k: k.created_at)
+
+    # -- shared by the replicas ------------------------------------------------------------------------------
+    def heartbeat(self, node_id: str, ts: float) -> float | None:
+        before = self._heartbeat(keys=[self.k.seen], args=[node_id, repr(ts)])
+        return None if before is None else float(before)
+
+    def heartbeats(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self.k.seen).items()}
+
+    @contextlib.contextmanager
+    def lock(self, name: str, ttl: float = 30.0) -> Iterator[None]:
+        held: dict[str, int] = self._locks.__dict__.setdefault("held", {})
+        if held.get(name):  # re-entrant within a thread
+            held[name] += 1
+            try:
+                yield
+            finally:
+                held[name] -= 1
+            return
+        lk = self.r.lock(self.k.lock(name), timeout=ttl, sleep=0.005, blocking_timeout=max(ttl, 5.0),
+                         thread_local=False)
+        if not lk.acquire():
+            raise TimeoutError(f"could not take the lock {name} within {max(ttl, 5.0):.0f} s")
+        held[name] = 1
+        try:
+            yield
+        finally:
+            held.pop(name, None)
+            with contextlib.suppress(redis.exceptions.LockError):  # expired: another holder may have it now
+                lk.release()
+
+    def notifier(self) -> Notifier:
+        if self._notifier is None:
+            self._notifier = RelayNotifier(self.r, self.k.channel)
+        return self._notifier
+
+    def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.close()
+        self.r.close()
+
+    # -- tests and tools ---------------------------------------------------------------------------------
+    def wipe(self) -> int:
+        """Delete every key under this store's prefix (tests; `fedml` never calls it). Returns how many."""
+        n = 0
+        batch: list[bytes] = []
+        for key in self.r.scan_iter(match=self.k.p + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                n += self.r.delete(*batch)
+                batch.clear()
+        if batch:
+            n += self.r.delete(*batch)
+        return n
+
+
+class _Conflict(Exception):
+    """The document changed between our read and our write."""
+
+
+class RelayNotifier(Notifier):
+    """A Notifier whose wake-ups reach every scheduler replica: local waiters are woken at once, other
+    replicas through a Redis pub/sub channel. Keys are batched by a publisher thread, so a pass that places
+    thousands of runs costs a few PUBLISHes, not one round trip per key."""
+
+    def __init__(self, r: redis.Redis, channel: str) -> None:
+        super().__init__()
+        self.r, self.channel = r, channel
+        self.origin = os.urandom(6).hex()
+        self._out: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._pubsub = r.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(channel)
+        threading.Thread(target=self._publish, name="notify-publish", daemon=True).start()
+        threading.Thread(target=self._listen, name="notify-listen", daemon=True).start()
+
+    def notify(self, key: str) -> None:
+        super().notify(key)
+        self._out.put(key)
+
+    def _publish(self) -> None:
+        while not self._closed.is_set():
+            key = self._out.get()
+            if key is None:
+                return
+            keys = {key}
+            with contextlib.suppress(queue.Empty):
+                while len(keys) < 5000:
+                    more = self._out.get_nowait()
+                    if more is None:
+                        self._closed.set()
+                        break
+                    keys.add(more)
+            try:
+                self.r.publish(self.channel, self.origin + "\n" + "\n".join(sorted(keys)))
+            except redis.RedisError as exc:  # other replicas still wake on their own timeouts
+                log.warning("could not relay wake-ups: %s", exc)
+                time.sleep(0.5)
+
+    def _listen(self) -> None:
+        while not self._closed.is_set():
+            try:
+                msg = self._pubsub.get_message(timeout=1.0)
+            except (redis.RedisError, ValueError) as exc:
+                if self._closed.is_set():
+                    return
+                log.warning("wake-up relay lost (%s); resubscribing", exc)
+                time.sleep(0.5)
+                with contextlib.suppress(redis.RedisError):
+                    self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+                    self._pubsub.subscribe(self.channel)
+                    for key in ("schedule", "nodes"):  # what we may have missed matters most here
+                        super().notify(key)
+                continue
+            if not msg or msg.get("type") != "message":
+                continue
+            origin, _, body = msg["data"].decode().partition("\n")
+            if origin == self.origin:
+                continue
+            for key in body.split("\n"):
+                if key:
+                    super().notify(key)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._out.put(None)
+        with contextlib.suppress(Exception):
+            self._pubsub.close()
+
+
+def wipe_prefix(url: str) -> int:
+    """Delete every key under the prefix of a redis:// URL (tests)."""
+    store = RedisStore(url)
+    try:
+        return store.wipe()
+    finally:
+        store.close()
+
+
+__all__ = ["DEFAULT_LOG_RETENTION", "Keys", "RedisStore", "RelayNotifier", "parse_url", "wipe_prefix"]

@@ -1,0 +1,516 @@
+"""The store contract: the same tests over the SQLite store and the Redis store (a real Redis on 127.0.0.1:6379,
+database 6, a key prefix of its own per test, wiped afterwards).
+
+`pair` gives two handles on the same data: for SQLite the one store its single scheduler owns, for Redis two
+separate stores as two scheduler replicas would hold them. Also here: two Scheduler replicas on one Redis
+placing the same queue at once (no run placed twice, no GPU handed to two runs).
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from scheduler.models import ApiKey, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
+from scheduler.notify import Notifier
+from scheduler.service import Scheduler
+from scheduler.sqlite_store import SQLiteStore
+from scheduler.store import GpuBusy, NotFound, SeqGap, Store
+
+from .conftest import needs
+
+REDIS_URL = "redis://127.0.0.1:6379/6"
+
+
+def redis_up() -> tuple[bool, str]:
+    try:
+        import redis
+    except ImportError as exc:
+        return False, f"the redis package is not installed ({exc})"
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        return False, f"no Redis at {REDIS_URL} ({exc})"
+    return True, ""
+
+
+def redis_url() -> str:
+    """A private key prefix on the test database (`?prefix=`), so tests never see each other's keys."""
+    ok, why = redis_up()
+    needs("redis", ok, why)
+    return f"{REDIS_URL}?prefix=fedml-test-{secrets.token_hex(4)}:"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "contract.db")
+        yield s, s
+        s.close()
+        return
+    from scheduler.redis_store import RedisStore
+
+    url = redis_url()
+    a, b = RedisStore(url), RedisStore(url)
+    try:
+        yield a, b
+    finally:
+        a.wipe()
+        assert not list(a.r.scan_iter(match=a.k.p + "*")), "keys left behind"
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def store(pair: tuple[Store, Store]) -> Store:
+    return pair[0]
+
+
+def mk_run(i: int = 0, *, owner: str = "alice", gpus: int = 1, created: float | None = None) -> Run:
+    job = {"job": "echo hi", "computing": {"minimum_num_gpus": gpus}}
+    return Run(id=f"run-{i:04d}{secrets.token_hex(2)}", name=f"r{i}", job=job, owner=owner,
+               created_at=created if created is not None else time.time() + i * 1e-3)
+
+
+def node(i: int, gpus: int = 2) -> Node:
+    return Node(id=f"node-{i}", name=f"n{i}", gpus=[GpuInfo(index=g, name="A100-80G") for g in range(gpus)])
+
+
+def start_on(store: Store, run: Run, node_id: str, gpus: list[int]) -> Run:
+    return store.transition(run.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id=node_id, gpus=gpus)])
+
+
+# ---- runs --------------------------------------------------------------------------------------------------
+
+def test_a_created_run_reads_back_the_same_from_either_handle(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    run = mk_run(1)
+    a.create_run(run)
+    got = b.get_run(run.id)
+    assert got is not None and got.model_dump() == run.model_dump()
+    assert b.get_run("run-missing") is None
+    with pytest.raises(Exception):  # noqa: B017 - each store raises its own "exists" error
+        a.create_run(run)
+
+
+def test_list_runs_filters_by_status_owner_and_node_newest_first(store: Store) -> None:
+    base = time.time()
+    runs = [store.create_run(mk_run(i, owner="alice" if i % 2 else "bob", created=base + i)) for i in range(6)]
+    start_on(store, runs[1], "node-a", [0])
+    start_on(store, runs[2], "node-b", [0])
+    assert [r.id for r in store.list_runs()] == [r.id for r in reversed(runs)]
+    assert [r.id for r in store.list_runs(limit=2)] == [runs[5].id, runs[4].id]
+    queued = store.list_runs(status=[RunStatus.QUEUED])
+    assert [r.id for r in queued] == [runs[i].id for i in (5, 4, 3, 0)]
+    both = store.list_runs(status=[RunStatus.QUEUED, RunStatus.STARTING], limit=3)
+    assert [r.id for r in both] == [runs[i].id for i in (5, 4, 3)]
+    assert [r.id for r in store.list_runs(owner="alice")] == [runs[i].id for i in (5, 3, 1)]
+    assert [r.id for r in store.list_runs(owner="alice", status=[RunStatus.QUEUED], limit=1)] == [runs[5].id]
+    assert [r.id for r in store.list_runs(node_id="node-a")] == [runs[1].id]
+    assert store.list_runs(node_id="node-a", status=[RunStatus.QUEUED]) == []
+    assert store.list_runs(owner="carol") == []
+
+
+def test_transition_is_a_compare_and_set_on_the_state_machine(store: Store) -> None:
+    run = store.create_run(mk_run())
+    with pytest.raises(InvalidTransition):
+        store.transition(run.id, RunStatus.RUNNING)  # QUEUED cannot become RUNNING directly
+    with pytest.raises(NotFound):
+        store.transition("run-nope", RunStatus.KILLED)
+    started = start_on(store, run, "node-a", [1])
+    assert started.status == RunStatus.STARTING and started.node_id == "node-a" and started.gpus == [1]
+    running = store.transition(run.id, RunStatus.RUNNING)
+    assert running.started_at is not None and running.ended_at is None
+    done = store.transition(run.id, RunStatus.FINISHED, exit_code=0)
+    assert done.ended_at is not None and done.exit_code == 0
+    with pytest.raises(InvalidTransition):
+        store.transition(run.id, RunStatus.KILLED)
+    got = store.get_run(run.id)
+    assert got is not None and got.status == RunStatus.FINISHED and got.exit_code == 0
+
+
+def test_update_run_changes_fields_but_not_status(store: Store) -> None:
+    run = store.create_run(mk_run())
+    store.update_run(run.id, reason="waiting", stop_requested=True)
+    got = store.get_run(run.id)
+    assert got is not None and got.reason == "waiting" and got.stop_requested and got.status == RunStatus.QUEUED
+    with pytest.raises(NotFound):
+        store.update_run("run-nope", reason="x")
+
+
+def test_a_run_leaves_the_node_index_when_it_ends(store: Store) -> None:
+    run = store.create_run(mk_run())
+    start_on(store, run, "node-a", [0])
+    assert [r.id for r in store.list_runs(node_id="node-a")] == [run.id]
+    store.transition(run.id, RunStatus.KILLED)
+    assert store.list_runs(node_id="node-a") == []
+
+
+def test_concurrent_transitions_of_one_run_let_exactly_one_win(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    run = a.create_run(mk_run())
+    wins: list[str] = []
+    losses: list[str] = []
+    gate = threading.Barrier(8)
+
+    def go(i: int) -> None:
+        s = (a, b)[i % 2]
+        gate.wait()
+        try:
+            start_on(s, run, f"node-{i}", [0])
+            wins.append(f"node-{i}")
+        except InvalidTransition:
+            losses.append(f"node-{i}")
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and len(losses) == 7, (wins, losses)
+    got = b.get_run(run.id)
+    assert got is not None and got.node_id == wins[0]
+
+
+# ---- GPUs --------------------------------------------------------------------------------------------------
+
+def test_a_gpu_held_by_an_unfinished_run_cannot_be_placed_again(store: Store) -> None:
+    first, second = store.create_run(mk_run(1)), store.create_run(mk_run(2))
+    start_on(store, first, "node-a", [0, 1])
+    with pytest.raises(GpuBusy) as busy:
+        start_on(store, second, "node-a", [1])
+    assert (busy.value.node_id, busy.value.gpu, busy.value.holder) == ("node-a", 1, first.id)
+    got = store.get_run(second.id)
+    assert got is not None and got.status == RunStatus.QUEUED and got.placements == []  # nothing written
+    start_on(store, second, "node-b", [1])  # another node's GPU 1 is free
+    store.transition(first.id, RunStatus.RUNNING)
+    store.transition(first.id, RunStatus.FINISHED)
+    third = store.create_run(mk_run(3))
+    start_on(store, third, "node-a", [0, 1])  # freed when the run ended
+
+
+def test_a_lost_rank_frees_its_gpus(store: Store) -> None:
+    run = store.create_run(mk_run(1))
+    start_on(store, run, "node-a", [0])
+    lost = Placement(rank=0, node_id="node-a", gpus=[0], status=RunStatus.LOST)
+    store.transition(run.id, RunStatus.LOST, placements=[lost])
+    other = store.create_run(mk_run(2))
+    start_on(store, other, "node-a", [0])
+    store.transition(run.id, RunStatus.QUEUED, placements=[], attempt=2)  # requeued: needs another GPU now
+    with pytest.raises(GpuBusy):
+        start_on(store, run, "node-a", [0])
+
+
+def test_racing_placements_never_share_a_gpu(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    runs = [a.create_run(mk_run(i)) for i in range(12)]
+    placed: list[tuple[str, int]] = []
+    gate = threading.Barrier(len(runs))
+
+    def go(i: int) -> None:
+        s = (a, b)[i % 2]
+        gate.wait()
+        try:
+            start_on(s, runs[i], "node-a", [i % 3])  # 12 runs, 3 GPUs
+            placed.append((runs[i].id, i % 3))
+        except GpuBusy:
+            pass
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(runs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(g for _, g in placed) == [0, 1, 2], placed
+    starting = b.list_runs(status=[RunStatus.STARTING])
+    assert sorted((r.id, r.gpus[0]) for r in starting) == sorted(placed)
+
+
+# ---- logs --------------------------------------------------------------------------------------------------
+
+def lines(n: int, tag: str = "l") -> list[tuple[float, str, str]]:
+    return [(1000.0 + i, "stdout" if i % 2 else "stderr", f"{tag}{i} ünïcode \"q\" \\ tab\t") for i in range(n)]
+
+
+def test_logs_append_in_order_and_drop_resent_lines(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    run = a.create_run(mk_run())
+    assert a.next_seq(run.id, 1, 0) == 0
+    assert a.append_logs(run.id, 1, 0, 0, lines(3)) == 3
+    assert b.append_logs(run.id, 1, 0, 1, lines(5)[1:]) == 5  # 1, 2 resent; 3, 4 new
+    assert b.append_logs(run.id, 1, 0, 0, lines(2)) == 5  # all resent
+    with pytest.raises(SeqGap) as gap:
+        a.append_logs(run.id, 1, 0, 7, lines(1))
+    assert gap.value.expected == 5
+    rows = b.read_logs(run.id)
+    assert [(r.pos, r.rank, r.seq, r.line) for r in rows] == [(i, 0, i, lines(5)[i][2]) for i in range(5)]
+    assert [(r.ts, r.stream) for r in rows] == [(x[0], x[1]) for x in lines(5)]
+    assert [r.pos for r in a.read_logs(run.id, after=2)] == [3, 4]
+    assert [r.pos for r in a.read_logs(run.id, after=0, limit=2)] == [1, 2]
+    got = a.get_run(run.id)
+    assert got is not None and got.log_count == 5
+    assert a.next_seq(run.id, 1, 0) == 5 and a.next_seq(run.id, 2, 0) == 0
+    assert a.append_logs(run.id, 1, 0, 5, []) == 5
+
+
+def test_ranks_and_attempts_have_their_own_sequences(store: Store) -> None:
+    run = store.create_run(mk_run())
+    store.append_logs(run.id, 1, 0, 0, lines(2, "r0-"))
+    store.append_logs(run.id, 1, 1, 0, lines(3, "r1-"))
+    store.append_logs(run.id, 2, 0, 0, lines(1, "a2-"))
+    rows = store.read_logs(run.id)
+    assert [r.pos for r in rows] == list(range(6))
+    assert [r.line[:4] for r in store.read_logs(run.id, rank=1)] == ["r1-0", "r1-1", "r1-2"]
+    assert [r.pos for r in store.read_logs(run.id, rank=0, after=1, limit=1)] == [5]
+    assert store.next_seq(run.id, 1, 1) == 3 and store.next_seq(run.id, 2, 0) == 1
+
+
+def test_concurrent_appends_keep_every_line_once(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    run = a.create_run(mk_run())
+    batches = 20
+
+    def ship(rank: int) -> None:
+        s = (a, b)[rank % 2]
+        seq = 0
+        for i in range(batches):
+            batch = [(float(i), "stdout", f"rank{rank} line{seq + j}") for j in range(25)]
+            assert s.append_logs(run.id, 1, rank, seq, batch) == seq + 25
+            if i % 3 == 0:  # an unacknowledged batch resent
+                assert s.append_logs(run.id, 1, rank, seq, batch) == seq + 25
+            seq += 25
+
+    threads = [threading.Thread(target=ship, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = b.read_logs(run.id, limit=100_000)
+    assert [r.pos for r in rows] == list(range(4 * batches * 25))
+    for rank in range(4):
+        mine = [r.line for r in rows if r.rank == rank]
+        assert mine == [f"rank{rank} line{i}" for i in range(batches * 25)]
+
+
+def test_a_big_batch_is_stored_whole(store: Store) -> None:
+    run = store.create_run(mk_run())
+    assert store.append_logs(run.id, 1, 0, 0, lines(20_000)) == 20_000
+    rows = store.read_logs(run.id, limit=100_000)
+    assert len(rows) == 20_000 and rows[-1].line == lines(20_000)[-1][2]
+
+
+# ---- nodes and keys ----------------------------------------------------------------------------------------
+
+def test_nodes_upsert_list_touch_and_delete(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    for i in (3, 1, 2):
+        a.upsert_node(node(i))
+    assert [n.name for n in b.list_nodes()] == ["n1", "n2", "n3"]
+    got = b.get_node("node-2")
+    assert got is not None and got.model_dump() == node(2).model_dump() | {"registered_at": got.registered_at,
+                                                                          "last_seen": got.last_seen}
+    found = b.node_by_name("n3")
+    assert found is not None and found.id == "node-3"
+    a.upsert_node(node(2).model_copy(update={"state": "OFFLINE", "draining": True}))
+    touched = b.touch_node("node-2", 1234.5)
+    assert touched.state == "ONLINE" and touched.last_seen == 1234.5 and touched.draining
+    renamed = node(2).model_copy(update={"name": "n2-new"})
+    a.upsert_node(renamed)
+    assert b.node_by_name("n2") is None and (b.node_by_name("n2-new") or node(0)).id == "node-2"
+    a.delete_node("node-1")
+    assert b.get_node("node-1") is None and b.node_by_name("n1") is None
+    assert [n.name for n in b.list_nodes()] == ["n2-new", "n3"]
+    with pytest.raises(NotFound):
+        b.touch_node("node-1", 1.0)
+
+
+def test_keys_are_found_by_digest_and_revocation_sticks(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    k1 = ApiKey(id="key-1", name="ci", scope="user", owner="ci", hash="a" * 64, prefix="fml_u_x", created_at=1.0)
+    k2 = ApiKey(id="key-2", name="adm", scope="admin", owner="admin", hash="b" * 64, prefix="fml_a_y", created_at=2.0)
+    a.put_key(k2)
+    a.put_key(k1)
+    assert [k.id for k in b.list_keys()] == ["key-1", "key-2"]
+    got = b.key_by_hash("a" * 64)
+    assert got is not None and got.id == "key-1" and got.revoked_at is None
+    a.put_key(k1.model_copy(update={"revoked_at": 5.0}))
+    got = b.key_by_hash("a" * 64)
+    assert got is not None and got.revoked_at == 5.0
+    assert b.key_by_hash("c" * 64) is None
+    assert len(b.list_keys()) == 2
+
+
+# ---- what replicas share -----------------------------------------------------------------------------------
+
+def test_heartbeats_return_the_one_before(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    assert a.heartbeat("node-1", 10.0) is None
+    assert b.heartbeat("node-1", 11.5) == 10.0
+    assert a.heartbeat("node-1", 0.0) == 11.5  # marked OFFLINE
+    assert not b.heartbeat("node-1", 12.0)
+    a.heartbeat("node-2", 3.0)
+    assert b.heartbeats() == {"node-1": 12.0, "node-2": 3.0}
+
+
+def test_a_lock_is_held_by_one_holder_at_a_time(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    inside = [0]
+    most = [0]
+    count = [0]
+
+    def work(s: Store) -> None:
+        for _ in range(20):
+            with s.lock("contract", ttl=10):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                with s.lock("contract", ttl=10):  # re-entrant in the same thread
+                    count[0] += 1
+                time.sleep(0.001)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work, args=((a, b)[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and count[0] == 80
+
+
+def test_wake_ups_reach_the_other_replica() -> None:
+    from scheduler.redis_store import RedisStore
+
+    url = redis_url()
+    a, b = RedisStore(url), RedisStore(url)
+    try:
+        na, nb = a.notifier(), b.notifier()
+        time.sleep(0.2)  # both subscribed
+        before = nb.ticket("run:x")
+        na.notify("run:x")
+        deadline = time.monotonic() + 5
+        while nb.ticket("run:x") == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert nb.ticket("run:x") == before + 1
+        assert na.ticket("run:x") == 1  # woken once locally, not again by its own relay
+        time.sleep(0.2)
+        assert na.ticket("run:x") == 1
+    finally:
+        a.wipe()
+        a.close()
+        b.close()
+
+
+def test_redis_log_retention_keeps_the_newest_lines() -> None:
+    from scheduler.redis_store import RedisStore
+
+    s = RedisStore(redis_url(), log_retention=100)
+    try:
+        run = s.create_run(mk_run())
+        for i in range(10):
+            s.append_logs(run.id, 1, 0, i * 100, [(0.0, "stdout", f"line{i * 100 + j}") for j in range(100)])
+        rows = s.read_logs(run.id, limit=100_000)
+        assert 100 <= len(rows) < 1000  # trimmed (approximately, in whole stream nodes), never the newest
+        assert rows[-1].line == "line999" and rows[-1].pos == 999
+        assert [r.pos for r in rows] == list(range(1000 - len(rows), 1000))
+        got = s.get_run(run.id)
+        assert got is not None and got.log_count == 1000
+        assert s.next_seq(run.id, 1, 0) == 1000
+    finally:
+        s.wipe()
+        s.close()
+
+
+# ---- two scheduler replicas placing one queue --------------------------------------------------------------
+
+def _replicas(n: int) -> tuple[list[Scheduler], Callable[[], None]]:
+    from scheduler.redis_store import RedisStore
+
+    url = redis_url()
+    stores = [RedisStore(url) for _ in range(n)]
+    scheds = [Scheduler(s, s.notifier(), heartbeat_interval=10.0, rng=random.Random(i)) for i, s in enumerate(stores)]
+
+    def close() -> None:
+        stores[0].wipe()
+        for s in stores:
+            s.close()
+    return scheds, close
+
+
+def test_two_replicas_placing_at_once_never_double_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    scheds, close = _replicas(2)
+    try:
+        store = scheds[0].store
+        now = time.time()
+        for i in range(8):
+            store.upsert_node(node(i, gpus=4).model_copy(update={"last_seen": now}))
+        for i in range(60):  # 60 one-GPU runs for 32 GPUs
+            store.create_run(mk_run(i, created=now + i * 1e-3))
+        # No pass lock: both replicas place the same queue at the same moment, from the same stale view;
+        # only the store's compare-and-set and GPU claims keep them apart.
+        for s in scheds:
+            monkeypatch.setattr(s.store, "lock", _no_lock)
+        gate = threading.Barrier(2)
+        placed = [0, 0]
+
+        def go(i: int) -> None:
+            gate.wait()
+            placed[i] = scheds[i].schedule_pass()
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for _ in range(3):  # passes after a conflict pick up what the other replica left
+            placed[0] += scheds[0].schedule_pass()
+        starting = store.list_runs(status=[RunStatus.STARTING], limit=1000)
+        held = [(r.placements[0].node_id, g) for r in starting for g in r.placements[0].gpus]
+        assert len(held) == len(set(held)) == 32, sorted(held)
+        assert sum(placed) == 32 and len(starting) == 32
+        assert len(store.list_runs(status=[RunStatus.QUEUED], limit=1000)) == 28
+    finally:
+        close()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+def _no_lock(name: str, ttl: float = 30.0) -> _NoLock:
+    return _NoLock()
+
+
+def test_replicas_share_heartbeats_so_neither_marks_a_live_node_offline() -> None:
+    scheds, close = _replicas(2)
+    try:
+        a, b = scheds
+        a.heartbeat_timeout = b.heartbeat_timeout = 0.5
+        a._started = b._started = 0.0
+        a.store.upsert_node(node(1).model_copy(update={"last_seen": time.time()}))
+        run = a.store.create_run(mk_run(1))
+        a.schedule_pass()
+        for _ in range(8):  # the node talks only to replica A; replica B checks heartbeats
+            a.poll_once("node-1", [])
+            time.sleep(0.1)
+            assert b.check_heartbeats() == []
+        got = b.store.get_run(run.id)
+        assert got is not None and got.status == RunStatus.STARTING
+        time.sleep(0.7)  # silent for longer than the timeout
+        assert [n.id for n in b.check_heartbeats()] == ["node-1"]
+        assert a.check_heartbeats() == []  # already handled by B
+        got = a.store.get_run(run.id)
+        assert got is not None and got.status == RunStatus.FAILED and "offline" in (got.reason or "")
+        a.poll_once("node-1", [])  # back: ONLINE again, written once
+        n1 = b.store.get_node("node-1")
+        assert n1 is not None and n1.state == "ONLINE"
+    finally:
+        close()
