@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from scheduler.models import ApiKey, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
-from scheduler.notify import Notifier
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import GpuBusy, NotFound, SeqGap, Store

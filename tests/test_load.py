@@ -1,0 +1,103 @@
+"""Load: many concurrent launches against 2 scheduler replicas on Redis behind one address, 20 agents.
+
+Every run must be accepted exactly once and finish exactly once (a marker line per execution in a shared
+file), with its whole log. Size: FEDML_LOAD_RUNS (default 1,000) from FEDML_LOAD_CLIENTS (50) clients;
+.ci/run sets a smaller count to bound CI time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedml_cli._http import httpx
+from fedml_cli.pack import pack
+
+from .replicas import Replicas
+
+pytestmark = [pytest.mark.load, pytest.mark.timeout(900)]
+
+RUNS = int(os.environ.get("FEDML_LOAD_RUNS", "1000"))
+CLIENTS = int(os.environ.get("FEDML_LOAD_CLIENTS", "50"))
+AGENTS = 20
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Replicas]:
+    c = Replicas(tmp_path / "c", n=2, heartbeat=2.0)
+    try:
+        c.start()
+        for i in range(AGENTS):
+            c.start_agent(f"a{i:02d}", gpus="T4:2")
+        c.wait_nodes([f"a{i:02d}" for i in range(AGENTS)], timeout=120)
+        yield c
+    finally:
+        c.close()
+
+
+def test_concurrent_launches_on_two_replicas_each_run_once(cluster: Replicas, tmp_path: Path) -> None:
+    c = cluster
+    markers = tmp_path / "ran.txt"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "data.txt").write_text("from the workspace\n")
+    packed = pack(ws)
+    with open(packed.path, "rb") as f:
+        r = c.call("PUT", f"/blobs/{packed.sha256}", content=f.read())
+    assert r.status_code == 201, r.text
+    job = {"workspace": "ws", "computing": {"minimum_num_gpus": 1, "resource_type": "T4"},
+           "job": f'echo "$FEDML_CURRENT_RUN_ID $CUDA_VISIBLE_DEVICES" >> {markers}\n'
+                  'cat data.txt\necho "done $FEDML_CURRENT_RUN_ID"\n'}
+
+    async def client(k: int, n: int) -> list[tuple[int, str]]:
+        out = []
+        async with httpx.AsyncClient(base_url=c.server + "/api/v1", timeout=60,
+                                     headers={"Authorization": f"Bearer {c.admin}"}) as http:
+            for i in range(n):
+                r = await http.post("/runs", json={"job": job, "name": f"c{k}-{i}", "workspace_sha": packed.sha256})
+                out.append((r.status_code, r.json()["id"] if r.status_code == 201 else r.text))
+        return out
+
+    async def all_clients() -> list[tuple[int, str]]:
+        shares = [RUNS // CLIENTS + (1 if k < RUNS % CLIENTS else 0) for k in range(CLIENTS)]
+        parts = await asyncio.gather(*(client(k, n) for k, n in enumerate(shares)))
+        return [x for part in parts for x in part]
+
+    t0 = time.monotonic()
+    answers = asyncio.run(all_clients())
+    accepted = time.monotonic() - t0
+    refused = [a for a in answers if a[0] != 201]
+    assert not refused, refused[:5]
+    ids = [a[1] for a in answers]
+    assert len(ids) == RUNS and len(set(ids)) == RUNS
+
+    runs = c.wait_terminal(ids, timeout=max(120, RUNS * 0.5))
+    finished = time.monotonic() - t0
+    bad = {i: (r["status"], r["reason"]) for i, r in runs.items() if r["status"] != "FINISHED" or r["attempt"] != 1}
+    assert not bad, list(bad.items())[:5]
+    listed = [r for r in c.call("GET", "/runs", params={"limit": 100_000}).json() if r["name"].startswith("c")]
+    assert len(listed) == RUNS  # accepted once: no run the clients were not told about
+
+    ran = collections.Counter(line.split()[0] for line in markers.read_text().splitlines())
+    assert set(ran) == set(ids), (len(ran), len(ids))
+    twice = [i for i, k in ran.items() if k != 1]
+    assert not twice, twice[:5]
+    # No GPU held by two runs at once: each (node, GPU)'s runs do not overlap in time.
+    by_gpu: dict[tuple[str, int], list[tuple[float, float]]] = collections.defaultdict(list)
+    for r in runs.values():
+        by_gpu[(r["node_id"], r["gpus"][0])].append((r["started_at"], r["ended_at"]))
+    for spans in by_gpu.values():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    assert len({r["node_id"] for r in runs.values()}) == AGENTS  # every agent got work
+    for i in ids:
+        lines = [x["line"] for x in c.logs(i)]
+        assert lines == ["from the workspace", f"done {i}"], (i, lines)
+    print(f"\n{RUNS} launches from {CLIENTS} clients accepted in {accepted:.1f} s "
+          f"({RUNS / accepted:.0f}/s); all finished after {finished:.1f} s on {AGENTS} agents, 2 replicas")
