@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.base import ExitStatus, Handle, LaunchSpec, Runtime
+from runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, substitute
 from runtime.env import run_env
 from runtime.process import ProcessRuntime
 from runtime.workspace import UnsafeArchive, unpack
@@ -57,6 +58,11 @@ class RunWorker(threading.Thread):
         self.handle: Handle | None = None
         self.finishing = False  # the final report is being sent: no longer "running" for the scheduler
         self.done = False
+        # serve runs: replicas the scheduler wants (from polls), and what was last written / reported
+        self.desired: int | None = None
+        self._desired_written: int | None = None
+        self._replicas_mtime = 0
+        self._replicas_checked = 0.0
 
     def request_stop(self, reason: str = "stopped by user") -> None:
         if not self.stop_event.is_set() and not self.finishing:
@@ -81,9 +87,9 @@ class RunWorker(threading.Thread):
             self.done = True
 
     def _run(self) -> None:
-        client = self.agent.client
         if self.saved.get("handle"):  # re-attaching after an agent restart
-            self.handle = self.agent.runtime.reattach(self.saved["handle"], self.dir)
+            rt = self.agent.runtime_for(self.saved["handle"].get("runtime", "process"))
+            self.handle = rt.reattach(self.saved["handle"], self.dir)
             if self.saved.get("stop_requested"):
                 self.stop_event.set()
             if self.handle is None:
@@ -110,28 +116,73 @@ class RunWorker(threading.Thread):
             (self.dir / "artifacts").mkdir(exist_ok=True)
             env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=a.rank, num_nodes=a.num_nodes,
                           node0_addr=a.node0_addr, node0_port=a.node0_port, gpus=a.gpus, overrides=run.env,
-                          artifact_dir=str(self.dir / "artifacts"))
+                          artifact_dir=str(self.dir / "artifacts"),
+                          base={} if spec.containerize else None)  # a container gets the run's env, not ours
             commands = spec.commands()
             if spec.job_type == "federate" and a.rank == 0 and a.num_nodes > 1:
                 commands = spec.server_commands() or commands  # rank 0 is the federation's server
+            if spec.serves:  # the job runs once per replica, under the serve supervisor
+                commands = self._prepare_serve(spec, env, a)
             launch = LaunchSpec(run_id=run.id, run_dir=self.dir, workspace=workspace,
                                 bootstrap=spec.bootstrap_commands(), job=commands, env=env,
-                                rank=self.assignment.rank)
+                                rank=self.assignment.rank, extra={"job": spec, "assignment": a})
             if self.stop_event.is_set():
                 self._report_final(RunStatus.KILLED, None, self.stop_reason)
                 return
             try:
-                self.handle = self.agent.runtime.start(launch)
-            except OSError as exc:
+                self.handle = self.agent.runtime_for("docker" if spec.containerize else "process").start(launch)
+            except (OSError, StartError) as exc:
                 self._report_final(RunStatus.FAILED, None, f"could not start: {exc}")
                 return
             self._save(handle=self.handle.state())
-            self._retry(lambda: client.report(self.run_id, self.attempt, self.agent.node_id, RunStatus.RUNNING))
+            self._started()
         self._follow()
+
+    def _started(self) -> None:
+        """The runtime started the job: report RUNNING (a runtime that starts asynchronously reports later)."""
+        self._retry(lambda: self.agent.client.report(self.run_id, self.attempt, self.agent.node_id, RunStatus.RUNNING))
+
+    def _prepare_serve(self, spec: JobSpec, env: dict[str, str], a: Assignment) -> str:
+        svc = spec.service_config()
+        want = a.run.endpoint.replicas if a.run.endpoint else svc.replicas
+        env["FEDML_SERVE_HOST"] = self.agent.info.address  # where the gateway reaches this node's replicas
+        (self.dir / "replica.sh").write_text(substitute(spec.commands(), env) + "\n")
+        _write_json(self.dir / "serve.json", {"readiness_path": svc.readiness_path, "replicas": want,
+                                              "gpus": a.gpus, "grace": max(1.0, self.agent.stop_grace * 0.8)})
+        self.desired = want
+        self._save(serve=True)
+        return f'exec {shlex.quote(sys.executable)} -m runtime.serve --dir "$FEDML_RUN_DIR"'
+
+    def _sync_serve(self, force: bool = False) -> None:
+        """Tell the supervisor the replica count the scheduler wants; tell the scheduler the replicas' states."""
+        if self.desired is not None and self.desired != self._desired_written:
+            _write_json(self.dir / "control.json", {"replicas": self.desired})
+            self._desired_written = self.desired
+        now = time.monotonic()
+        if not force and now - self._replicas_checked < 0.1:
+            return
+        self._replicas_checked = now
+        f = self.dir / "replicas.json"
+        try:
+            mtime = f.stat().st_mtime_ns
+            if mtime == self._replicas_mtime and not force:
+                return
+            doc = json.loads(f.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        try:
+            self.agent.client.report_replicas(self.run_id, self.attempt, self.agent.node_id, doc["replicas"])
+            self._replicas_mtime = mtime  # only once acknowledged: a failed report is sent again
+        except Unreachable:
+            pass
+        except Refused as exc:
+            log.warning("run %s: replica report refused: %s", self.run_id, exc)
+            self._replicas_mtime = mtime
 
     def _follow(self) -> None:
         assert self.handle is not None
         h = self.handle
+        serving = bool(self.saved.get("serve"))
         ck = self.saved.get("shipper", {})
         shipper = Shipper(self.agent.client, self.run_id, int(self.saved.get("rank", 0)), h.log_files(),
                           offsets=ck.get("offsets"), next_seq=int(ck.get("next_seq", 0)),
@@ -155,6 +206,8 @@ class RunWorker(threading.Thread):
             except Unreachable:
                 n = 0
                 time.sleep(0.5)
+            if serving and status is None:
+                self._sync_serve()
             if status is None and not n:
                 h.wait(0.02)
         if stopper is not None:
@@ -169,6 +222,8 @@ class RunWorker(threading.Thread):
             self._report_final(RunStatus.FINISHED, 0, None)
         elif status.phase == "bootstrap":
             self._report_final(RunStatus.FAILED, status.code, f"bootstrap failed with exit code {status.code}")
+        elif status.reason:
+            self._report_final(RunStatus.FAILED, status.code, status.reason)
         elif status.signal:
             self._report_final(RunStatus.FAILED, status.code, f"killed by signal {status.signal}")
         else:
@@ -222,6 +277,8 @@ class RunWorker(threading.Thread):
 
 
 class Agent:
+    worker_class: type[RunWorker] = RunWorker  # the pool agent's pods report their own way (agents/k8s_agent.py)
+
     def __init__(self, client: AgentClient, home: Path, info: NodeInfo, runtime: Runtime | None = None,
                  stop_grace: float = 10.0, join_key: str | None = None,
                  orphaned: Any = None) -> None:
@@ -229,6 +286,7 @@ class Agent:
         self.orphaned = orphaned or (lambda: False)  # True once our scheduler is gone for good
         self.join_key = join_key  # a user/admin key, used only to join; afterwards the node key is used
         self.runtime = runtime or ProcessRuntime()
+        self._runtimes: dict[str, Runtime] = {}
         self.stop_grace = stop_grace
         self.node_id = ""
         self.workers: dict[str, RunWorker] = {}
@@ -250,6 +308,18 @@ class Agent:
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
         return path
+
+    def runtime_for(self, name: str) -> Runtime:
+        """The runtime a job runs in: "docker" for `containerize: true`, else the process runtime."""
+        if name == "process":
+            return self.runtime
+        if name not in self._runtimes:
+            if name != "docker":
+                raise StartError(f"unknown runtime {name!r}")
+            from runtime.docker import DockerRuntime  # the docker SDK only where containers are used
+
+            self._runtimes[name] = DockerRuntime(home=str(self.home.resolve()))
+        return self._runtimes[name]
 
     def register(self) -> None:
         """Join with the node key from an earlier registration, else with the join key (which gets us a
@@ -290,7 +360,7 @@ class Agent:
                 shutil.rmtree(d, ignore_errors=True)  # died before anything started
                 continue
             saved = json.loads(f.read_text())
-            w = RunWorker(self, d.name, saved=saved)
+            w = self.worker_class(self, d.name, saved=saved)
             if saved.get("final"):  # finished; only the report was not acknowledged
                 fin = saved["final"]
                 threading.Thread(target=w._report_final, daemon=True, args=(
@@ -302,6 +372,22 @@ class Agent:
             log.info("re-attaching to %s", d.name)
             self.workers[d.name] = w
             w.start()
+        if "docker" in self.info.runtimes:
+            self._sweep_containers()
+
+    def _sweep_containers(self) -> None:
+        """Remove containers of this agent that no run claims (it died between creating one and recording it)."""
+        keep = set()
+        for ref, w in self.workers.items():
+            run_id, attempt = parse_ref(ref)
+            keep.add((run_id, str(attempt), str(w.saved.get("rank", 0))))
+        try:
+            n = self.runtime_for("docker").sweep(keep)  # type: ignore[attr-defined]
+        except Exception as exc:  # the engine is down: nothing of ours can run there either
+            log.warning("could not look for leftover containers: %s", exc)
+            return
+        if n:
+            log.info("removed %d container(s) no run claims", n)
 
     def serve(self) -> None:
         self.register()
@@ -333,12 +419,15 @@ class Agent:
                 for a in resp.start:
                     ref = attempt_ref(a.run.id, a.run.attempt)
                     if ref not in self.workers:
-                        w = RunWorker(self, ref, assignment=a)
+                        w = self.worker_class(self, ref, assignment=a)
                         self.workers[ref] = w
                         w.start()
                 for rid in resp.stop:
                     if rid in self.workers:
                         self.workers[rid].request_stop()
+                for rid, n in resp.scale.items():
+                    if rid in self.workers:
+                        self.workers[rid].desired = n
             except Exception:  # a bug handling one answer must not take the node down
                 log.exception("handling the scheduler's answer failed")
 

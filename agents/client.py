@@ -96,6 +96,10 @@ class AgentClient:
         self._call("POST", f"/runs/{run_id}/status", params={"node_id": node_id},
                    content=body.model_dump_json(), headers={"content-type": "application/json"})
 
+    def report_replicas(self, run_id: str, attempt: int, node_id: str, replicas: list[dict[str, Any]]) -> None:
+        self._call("PUT", f"/runs/{run_id}/replicas", params={"node_id": node_id},
+                   json={"attempt": attempt, "replicas": replicas})
+
     def send_logs(self, run_id: str, batch: LogBatch) -> int:
         """Returns the scheduler's next expected seq."""
         try:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__, cluster
+from . import __version__, cluster, endpoint
 from .errors import FAILED, INTERRUPTED, NOT_FOUND, OK, USAGE, CliError
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.add_typer(template_app, name="template")
 app.command("login")(cluster.login)
 app.command("logout")(cluster.logout)
 app.add_typer(cluster.node_app, name="node")
+app.add_typer(endpoint.endpoint_app, name="endpoint")
 scheduler_app.add_typer(cluster.key_app, name="key")
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")

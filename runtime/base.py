@@ -30,6 +30,11 @@ class ExitStatus:
     code: int
     phase: str = "job"  # "bootstrap" or "job": where a failure happened
     signal: int | None = None
+    reason: str | None = None  # the runtime knows better than the code (e.g. docker: out of memory or SIGKILL)
+
+
+class StartError(Exception):
+    """The job could not be started (no image, engine refused): the message becomes the run's reason."""
 
 
 class Handle(abc.ABC):

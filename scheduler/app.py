@@ -19,6 +19,7 @@ from fedml_cli import __version__
 
 from . import auth as keys
 from .blobs import BlobError, BlobStore
+from .gateway import Endpoints, Gateway
 from .models import (
     ApiKey,
     Artifact,
@@ -30,9 +31,11 @@ from .models import (
     PollResponse,
     Principal,
     Registered,
+    ReplicaReport,
     Run,
     RunCreate,
     RunStatus,
+    ScaleRequest,
     StatusReport,
 )
 from .service import Rejected, Scheduler
@@ -74,10 +77,24 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             except Exception:
                 log.exception("heartbeat check failed")
 
+    endpoints = Endpoints(sched)
+    gateway = Gateway(endpoints)
+
+    async def autoscale_loop() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                for name, old, new in await run_in_threadpool(endpoints.autoscale_pass):
+                    log.info("endpoint %s: autoscaled %d -> %d replicas", name, old, new)
+            except Exception:
+                log.exception("autoscale pass failed")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(heartbeat_loop())]
+        tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(heartbeat_loop()),
+                 asyncio.create_task(autoscale_loop())]
         yield
+        await gateway.close()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -254,6 +271,51 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.post(f"{API}/runs/{{run_id}}/status")
     def report(run_id: str, body: StatusReport, node_id: str, who: Principal = Depends(auth)) -> Run:
         return sched.report(run_id, body, node_id, who)
+
+    # -- endpoints and the inference gateway -------------------------------------------------------------
+    def _endpoint_view(run: Run) -> dict[str, object]:
+        ep = run.endpoint
+        assert ep is not None
+        states = [r.model_dump() for r in ep.states] if ep.attempt == run.attempt else []
+        load = endpoints.loads.get(run.id)
+        return {"name": ep.name, "run_id": run.id, "status": run.status.value, "owner": run.owner,
+                "replicas": ep.replicas, "min_replicas": ep.min_replicas, "max_replicas": ep.max_replicas,
+                "autoscale": ep.autoscale, "ready": sum(1 for r in states if r["state"] == "ready"),
+                "states": states, "node_id": run.node_id, "path": f"/inference/{ep.name}",
+                "inflight": load.inflight if load else 0, "requests": load.total if load else 0,
+                "created_at": run.created_at, "reason": run.reason}
+
+    @app.get(f"{API}/endpoints")
+    def list_endpoints(who: Principal = Depends(auth)) -> list[dict[str, object]]:
+        return [_endpoint_view(r) for r in endpoints.list(who)]
+
+    @app.get(f"{API}/endpoints/{{ref}}")
+    def get_endpoint(ref: str, who: Principal = Depends(auth)) -> dict[str, object]:
+        return _endpoint_view(endpoints.find(ref, who))
+
+    @app.post(f"{API}/endpoints/{{ref}}/scale")
+    def scale_endpoint(ref: str, body: ScaleRequest, who: Principal = Depends(auth)) -> dict[str, object]:
+        return _endpoint_view(endpoints.scale(ref, who, body.replicas, body.min_replicas, body.max_replicas))
+
+    @app.delete(f"{API}/endpoints/{{ref}}")
+    def delete_endpoint(ref: str, who: Principal = Depends(auth)) -> dict[str, object]:
+        run = sched.stop_run(endpoints.find(ref, who).id, who)
+        endpoints.changed()
+        return _endpoint_view(run)
+
+    @app.put(f"{API}/runs/{{run_id}}/replicas")
+    def report_replicas(run_id: str, body: ReplicaReport, node_id: str, who: Principal = Depends(auth)) -> dict:
+        endpoints.report(run_id, body, node_id, who)
+        return {"ok": True}
+
+    @app.api_route("/inference/{name}", methods=["POST", "GET", "PUT"])
+    @app.api_route("/inference/{name}/{path:path}", methods=["POST", "GET", "PUT", "DELETE", "PATCH"])
+    async def inference(name: str, request: Request, path: str = "", who: Principal = Depends(auth)) -> Response:
+        body = await request.body()
+        status, headers, stream = await gateway.forward(
+            name, f"/{path}" if path else "", request.method, request.headers.items(),
+            request.url.query, body, who)
+        return StreamingResponse(stream, status_code=status, headers=dict(headers))
 
     # -- API keys ----------------------------------------------------------------------------------------
     @app.post(f"{API}/keys", status_code=201)

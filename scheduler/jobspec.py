@@ -94,6 +94,7 @@ class DockerSpec(_Model):
     username: str | None = None
     password: str | None = None
     ports: list[int] | None = None
+    network: str | None = None  # our addition: the container's --network (default: the node's, else host)
 
 
 class RetrySpec(_Model):
@@ -102,11 +103,51 @@ class RetrySpec(_Model):
 
 
 class ServiceSpec(_Model):
-    port: int | None = Field(default=None, ge=1, le=65535)
+    """A long-lived endpoint (job_type deploy/serve). Each replica runs `job` and must listen on $PORT."""
+
+    name: str | None = None  # the endpoint's name in /inference/{name}; default: serving_args.endpoint_name, job name
+    port: int | None = Field(default=None, ge=1, le=65535)  # the port inside a container; processes get $PORT
     readiness_path: str = "/health"
-    replicas: int = Field(default=1, ge=1)
-    min_replicas: int | None = Field(default=None, ge=0)
-    max_replicas: int | None = Field(default=None, ge=1)
+    predict_path: str = "/predict"  # where POST /inference/{name} goes on a replica
+    replicas: int = Field(default=1, ge=0, le=64)
+    min_replicas: int | None = Field(default=None, ge=0, le=64)
+    max_replicas: int | None = Field(default=None, ge=1, le=64)
+    target_inflight: float = Field(default=4.0, gt=0)  # autoscaling: in-flight requests per replica
+    scale_down_delay: float = Field(default=30.0, ge=1, le=600)  # autoscaling: seconds of lower load before scaling down
+    request_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("readiness_path", "predict_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f'must start with "/", got "{v}"')
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not ENDPOINT_NAME.fullmatch(v):
+            raise ValueError(f'"{v}" is not a valid endpoint name (letters, digits, "-", "_", ".", up to 63)')
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServiceSpec:
+        lo = self.replicas if self.min_replicas is None else self.min_replicas
+        hi = max(self.replicas, lo) if self.max_replicas is None else self.max_replicas
+        if lo > hi:
+            raise ValueError(f"min_replicas ({lo}) is above max_replicas ({hi})")
+        if not lo <= self.replicas <= hi:
+            raise ValueError(f"replicas ({self.replicas}) must be between min_replicas ({lo}) and max_replicas ({hi})")
+        return self
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        lo = self.replicas if self.min_replicas is None else self.min_replicas
+        hi = max(self.replicas, lo) if self.max_replicas is None else self.max_replicas
+        return lo, hi
+
+
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 class FederateSpec(_Model):
@@ -171,6 +212,15 @@ class JobSpec(_Model):
             data = {**data, "job_type": data["job_type"].strip().lower()}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _container_by_default(cls, data: Any) -> Any:
+        # FedML runs a job in its docker.image unless the file says `containerize: false`.
+        if isinstance(data, dict) and "containerize" not in data and isinstance(data.get("docker"), dict) \
+                and data["docker"].get("image"):
+            data = {**data, "containerize": True}
+        return data
+
     @field_validator("max_duration", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
@@ -197,6 +247,10 @@ class JobSpec(_Model):
         if self.job_type == "federate" and self.server_job is not None and not posix_commands(
                 self.server_job).strip():
             raise ValueError("server_job: must not be empty when given")
+        if self.service is not None and not self.serves:
+            raise ValueError(f"service: only for job_type deploy or serve (this job is {self.job_type})")
+        if self.serves and self.num_nodes > 1:
+            raise ValueError("num_nodes: an endpoint's replicas run on one node; scale with service.replicas")
         return self
 
     # ---- derived values -------------------------------------------------------------------------------
@@ -208,6 +262,39 @@ class JobSpec(_Model):
 
     def bootstrap_commands(self) -> str:
         return posix_commands(self.bootstrap)
+
+    @property
+    def serves(self) -> bool:
+        return self.job_type in ("deploy", "serve")
+
+    def service_config(self) -> ServiceSpec:
+        """The endpoint's settings: the `service` block, else FedML's names (serving_args.endpoint_name,
+        top-level or serving_args `port`, `readiness_probe.httpGet.path`, `request_timeout_sec`)."""
+        if self.service is not None:
+            svc = self.service
+        else:
+            extra = self.free_keys()
+            sa = self.serving_args or {}
+
+            def pick(key: str) -> Any:
+                return sa.get(key, extra.get(key))
+
+            data: dict[str, Any] = {}
+            probe = pick("readiness_probe")
+            if isinstance(probe, dict) and isinstance(probe.get("httpGet"), dict) and probe["httpGet"].get("path"):
+                data["readiness_path"] = str(probe["httpGet"]["path"])
+            if isinstance(pick("port"), int):
+                data["port"] = pick("port")
+            if isinstance(pick("request_timeout_sec"), int | float):
+                data["request_timeout"] = pick("request_timeout_sec")
+            svc = ServiceSpec.model_validate(data)
+        if svc.name is None:
+            sa_name = (self.serving_args or {}).get("endpoint_name")
+            for cand in (sa_name, self.job_name):
+                if isinstance(cand, str) and ENDPOINT_NAME.fullmatch(cand):
+                    svc = svc.model_copy(update={"name": cand})
+                    break
+        return svc
 
     def free_keys(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -380,7 +467,7 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
         err = _best_error(by_field[field])
         msg = _message(err)
         name = ".".join(field)
-        if not name and msg.split(":", 1)[0] in ("job", "server_job"):
+        if not name and msg.split(":", 1)[0] in ("job", "server_job", "service", "num_nodes"):
             name, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
             field = (name,)
         more = len(fields) - 1

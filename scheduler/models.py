@@ -80,6 +80,50 @@ class Artifact(BaseModel):
     files: int
 
 
+class ReplicaState(BaseModel):
+    """One replica of an endpoint, as the node's serve supervisor reports it (runtime/serve.py)."""
+
+    index: int
+    port: int
+    state: str  # starting | ready | unready | restarting | exited | stopping
+    address: str = "127.0.0.1"  # filled in by the scheduler from the node's address
+    node_id: str = ""
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    since: float = Field(default_factory=time.time)
+    message: str | None = None
+
+
+class Endpoint(BaseModel):
+    """The serving side of a deploy/serve run: its name in the gateway, its scale and its replicas."""
+
+    name: str
+    replicas: int  # desired now (set by `fedml endpoint scale` or the autoscaler)
+    min_replicas: int
+    max_replicas: int
+    states: list[ReplicaState] = Field(default_factory=list)
+    attempt: int = 0  # the attempt the states belong to
+
+    @property
+    def autoscale(self) -> bool:
+        return self.min_replicas < self.max_replicas
+
+    def ready(self) -> list[ReplicaState]:
+        return [r for r in self.states if r.state == "ready"]
+
+
+class ScaleRequest(BaseModel):
+    replicas: int | None = Field(default=None, ge=0, le=64)
+    min_replicas: int | None = Field(default=None, ge=0, le=64)
+    max_replicas: int | None = Field(default=None, ge=1, le=64)
+
+
+class ReplicaReport(BaseModel):
+    attempt: int
+    replicas: list[ReplicaState]
+
+
 class Run(BaseModel):
     id: str
     name: str
@@ -94,6 +138,7 @@ class Run(BaseModel):
     placements: list[Placement] = Field(default_factory=list)  # of the current attempt
     master_port: int | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
+    endpoint: Endpoint | None = None  # deploy/serve runs
     node_id: str | None = None  # rank 0's node, for display
     gpus: list[int] = Field(default_factory=list)  # rank 0's GPUs, for display
     attempt: int = 1
@@ -216,6 +261,7 @@ class Assignment(BaseModel):
 class PollResponse(BaseModel):
     start: list[Assignment] = Field(default_factory=list)
     stop: list[str] = Field(default_factory=list)  # attempt refs
+    scale: dict[str, int] = Field(default_factory=dict)  # attempt ref of an endpoint -> replicas wanted
     heartbeat_interval: float = 5.0
 
 

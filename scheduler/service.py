@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import secrets
 import threading
 import time
@@ -18,6 +19,7 @@ from .jobspec import JobSpec, JobSpecError, validate
 from .models import (
     Artifact,
     Assignment,
+    Endpoint,
     InvalidTransition,
     Node,
     NodeInfo,
@@ -39,6 +41,7 @@ from .store import GpuBusy, NotFound, Store
 log = logging.getLogger("fedml.scheduler")
 
 ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
+LIVE = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)  # not settled yet
 LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
 
 
@@ -108,8 +111,8 @@ class Scheduler:
         if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha):
             raise Rejected(400, f"workspace {req.workspace_sha[:12]} has not been uploaded")
         request = Request.of(spec)
-        verdict = place(request, self._candidates(self.store.list_runs(status=ACTIVE, limit=1_000_000)),
-                        rng=self.rng)
+        active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
+        verdict = place(request, self._candidates(active), rng=self.rng)
         if isinstance(verdict, NoFit) and verdict.never:
             raise Rejected(422, f"cannot ever run here: {verdict.reason}")
         run = Run(
@@ -124,9 +127,25 @@ class Scheduler:
             num_nodes=request.count,
             reason=verdict.reason if isinstance(verdict, NoFit) else None,
         )
+        if spec.serves:
+            run.endpoint = self._new_endpoint(spec, run)
         self.store.create_run(run)
         self.kick()
         return run
+
+    def _new_endpoint(self, spec: JobSpec, run: Run) -> Endpoint:
+        svc = spec.service_config()
+        taken = {r.endpoint.name: r.id for r in self.store.list_runs(status=LIVE, limit=1_000_000) if r.endpoint}
+        name = svc.name
+        if name is not None and name in taken:
+            raise Rejected(409, f"endpoint {name} is served by {taken[name]} already: `fedml endpoint delete "
+                                f"{name}` first, or give this one another service.name")
+        if name is None:  # derived from the run's name; made unique rather than refused
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", run.name).strip("-.")[:40] or "endpoint"
+            if name in taken:
+                name = f"{name}-{run.id.removeprefix('run-')}"
+        lo, hi = svc.bounds
+        return Endpoint(name=name, replicas=svc.replicas, min_replicas=lo, max_replicas=hi)
 
     def get_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         run = self.store.get_run(run_id)
@@ -251,6 +270,7 @@ class Scheduler:
         have = set(running)
         start: list[Assignment] = []
         wanted: set[str] = set()
+        scale: dict[str, int] = {}
         for run in self.store.list_runs(status=ACTIVE, node_id=node_id, limit=1_000_000):
             p = run.placement_on(node_id)
             if p is None or p.done:
@@ -266,9 +286,11 @@ class Scheduler:
                 start.append(Assignment(run=run, rank=p.rank, num_nodes=len(run.placements), gpus=p.gpus,
                                         node0_addr=rank0.address if rank0 else "127.0.0.1",
                                         node0_port=run.master_port or 29500))
+            if run.endpoint is not None:
+                scale[ref] = run.endpoint.replicas
         # Whatever the node runs that is no longer its to run is stopped: reconciliation after restarts.
         stop = [rid for rid in running if rid not in wanted]
-        return PollResponse(start=start, stop=stop, heartbeat_interval=self.heartbeat_interval)
+        return PollResponse(start=start, stop=stop, scale=scale, heartbeat_interval=self.heartbeat_interval)
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
         self._own_node(who, node_id)
@@ -373,7 +395,7 @@ class Scheduler:
     # -- heartbeats --------------------------------------------------------------------------------------
     def check_heartbeats(self) -> list[Node]:
         """Mark silent nodes OFFLINE and their ranks LOST. Returns the nodes that went offline."""
-        with self.store.lock("heartbeats", ttl=max(30.0, 3 * self.heartbeat_interval)):  # one replica at a time
+        with self.store.lock("heartbeats", ttl=10.0):  # one replica at a time
             return self._check_heartbeats()
 
     def _check_heartbeats(self) -> list[Node]:
@@ -416,8 +438,9 @@ class Scheduler:
         """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
         placed reserves the nodes it could use, so smaller runs behind it cannot starve it (they may still
         start on other nodes: backfill). Returns how many runs were placed."""
-        # One pass at a time across replicas (for efficiency: the store refuses a stale placement anyway).
-        with self._schedule_lock, self.store.lock("schedule", ttl=120.0):
+        # One pass at a time across replicas, for efficiency only: the store refuses a stale placement anyway,
+        # so a pass that outlives the lock's TTL is harmless, and a replica killed mid-pass blocks no one long.
+        with self._schedule_lock, self.store.lock("schedule", ttl=5.0):
             queued = self.store.list_runs(status=[RunStatus.QUEUED], limit=1_000_000)
             if not queued:
                 return 0

@@ -1,0 +1,211 @@
+"""`fedml endpoint ...`: the endpoints that deploy/serve runs expose through the scheduler's gateway.
+
+Imported by main.py at start-up, so only typer is imported at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from .errors import FAILED, NOT_FOUND, USAGE, CliError
+
+endpoint_app = typer.Typer(
+    help="Model endpoints (job_type: serve or deploy): list, status, scale, delete, call. Requests reach a "
+         "ready replica through the scheduler's gateway at POST /inference/NAME.",
+    no_args_is_help=True, rich_markup_mode=None)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The endpoint's name (or its run id).")]
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+
+
+def _fail(exc: CliError) -> typer.Exit:
+    _err(f"error: {exc}")
+    return typer.Exit(exc.code)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=250)
+
+
+def _ready(e: dict[str, Any]) -> str:
+    return f"{e['ready']}/{e['replicas']}" + (f" (autoscale {e['min_replicas']}-{e['max_replicas']})"
+                                               if e.get("autoscale") else "")
+
+
+@endpoint_app.command("list")
+def endpoint_list(as_json: JsonOpt = False) -> None:
+    """List live endpoints: name, run, ready replicas, requests served."""
+    from .api import connect
+
+    try:
+        api = connect()
+        eps = api.get("/endpoints")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(eps)
+        return
+    from rich.table import Table
+
+    console = _console()
+    if not eps:
+        console.print("no endpoints (launch a job with job_type: serve; `fedml template show serve`)")
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("ENDPOINT", "RUN", "STATUS", "READY", "IN FLIGHT", "REQUESTS", "URL"):
+        table.add_column(col)
+    for e in eps:
+        table.add_row(e["name"], e["run_id"], e["status"], _ready(e), str(e["inflight"]), str(e["requests"]),
+                      f"{api.url}{e['path']}")
+    console.print(table)
+
+
+@endpoint_app.command("status")
+def endpoint_status(name: NameArg, as_json: JsonOpt = False) -> None:
+    """One endpoint and each replica's state (starting, ready, unready, restarting, exited, stopping)."""
+    from .api import connect
+
+    try:
+        api = connect()
+        e = api.get(f"/endpoints/{name}")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(e)
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    for k, v in (("endpoint", e["name"]), ("run", e["run_id"]), ("status", e["status"]),
+                 ("replicas", _ready(e) + " ready"), ("url", f"POST {api.url}{e['path']}"),
+                 ("requests", f"{e['requests']} ({e['inflight']} in flight)"),
+                 ("reason", escape(e["reason"]) if e.get("reason") else "-")):
+        console.print(f"[bold]{k:>9}[/bold]  {v}")
+    if e["states"]:
+        table = Table(box=None, header_style="bold")
+        for col in ("REPLICA", "STATE", "ADDRESS", "PID", "RESTARTS", "SINCE", "MESSAGE"):
+            table.add_column(col)
+        for r in e["states"]:
+            since = time.time() - r["since"]
+            table.add_row(str(r["index"]), r["state"], f"{r['address']}:{r['port']}", str(r.get("pid") or "-"),
+                          str(r["restarts"]), f"{since:.0f}s ago", escape(r.get("message") or ""))
+        console.print(table)
+
+
+@endpoint_app.command("scale")
+def endpoint_scale(
+    name: NameArg,
+    replicas: Annotated[int | None, typer.Argument(metavar="[REPLICAS]", min=0, max=64,
+                                                   help="Fix the replica count (turns autoscaling off).")] = None,
+    min_replicas: Annotated[int | None, typer.Option("--min", min=0, max=64, help="Autoscaling lower bound.")] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max", min=1, max=64, help="Autoscaling upper bound.")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until that many replicas are ready.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set an endpoint's replicas: `scale NAME 3` fixes the count; `scale NAME --min 1 --max 4` autoscales
+    on requests in flight per replica (service.target_inflight)."""
+    if replicas is None and min_replicas is None and max_replicas is None:
+        _err("error: give REPLICAS, or --min/--max for autoscaling")
+        raise typer.Exit(USAGE)
+    from .api import connect
+
+    body = {"replicas": replicas, "min_replicas": min_replicas, "max_replicas": max_replicas}
+    try:
+        api = connect()
+        e = api.post(f"/endpoints/{name}/scale", json=body)
+        deadline = time.monotonic() + timeout
+        while wait and e["ready"] != e["replicas"] and time.monotonic() < deadline:
+            time.sleep(0.25)
+            e = api.get(f"/endpoints/{name}")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(e)
+    else:
+        _err(f"Endpoint {e['name']}: {_ready(e)} replicas ready.")
+    if wait and e["ready"] != e["replicas"]:
+        raise typer.Exit(FAILED)
+
+
+@endpoint_app.command("delete")
+def endpoint_delete(
+    name: NameArg,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until its replicas are stopped.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop an endpoint's run: its replicas get SIGTERM, then SIGKILL after the grace period."""
+    from .api import connect
+
+    try:
+        api = connect()
+        e = api.delete(f"/endpoints/{name}")
+        deadline = time.monotonic() + timeout
+        run = api.get(f"/runs/{e['run_id']}")
+        while wait and run["status"] not in ("FINISHED", "FAILED", "KILLED") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            run = api.get(f"/runs/{e['run_id']}")
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json({**e, "status": run["status"]})
+    else:
+        _err(f"Endpoint {e['name']} ({e['run_id']}) {run['status']}.")
+    if wait and run["status"] not in ("FINISHED", "FAILED", "KILLED"):
+        raise typer.Exit(FAILED)
+
+
+@endpoint_app.command("call")
+def endpoint_call(
+    name: NameArg,
+    data: Annotated[str, typer.Argument(metavar="JSON", help="Request body; @FILE reads it from a file, - from stdin.")] = "{}",
+    path: Annotated[str, typer.Option("--path", help="Replica route instead of the endpoint's predict path.")] = "",
+    method: Annotated[str, typer.Option("--method", "-X", help="HTTP method.")] = "POST",
+) -> None:
+    """Send one request through the gateway and print the answer (exit 1 on an HTTP error)."""
+    from .api import connect
+
+    if data == "-":
+        data = sys.stdin.read()
+    elif data.startswith("@"):
+        try:
+            with open(data[1:]) as f:
+                data = f.read()
+        except OSError as exc:
+            _err(f"error: {data[1:]}: {exc.strerror}")
+            raise typer.Exit(USAGE) from None
+    try:
+        json.loads(data)
+    except ValueError as exc:
+        _err(f"error: the request body is not JSON: {exc}")
+        raise typer.Exit(USAGE) from None
+    try:
+        api = connect()
+        r = api.http.request(method.upper(), f"/inference/{name}" + (f"/{path.lstrip('/')}" if path else ""),
+                             content=data if method.upper() not in ("GET", "HEAD") else None,
+                             headers={"content-type": "application/json"})
+    except Exception as exc:  # httpx errors: keep httpx out of this module's imports
+        _err(f"error: cannot reach the scheduler: {exc}")
+        raise typer.Exit(3) from None
+    sys.stdout.write(r.text + ("" if r.text.endswith("\n") else "\n"))
+    if r.status_code >= 400:
+        _err(f"error: HTTP {r.status_code}")
+        unknown = r.status_code == 404 and r.headers.get("x-fedml-replica") is None  # the gateway's, not the model's
+        raise typer.Exit(NOT_FOUND if unknown else FAILED)

@@ -1,0 +1,300 @@
+"""Endpoints: replica states reported by agents, scaling, autoscaling, and the inference gateway.
+
+A deploy/serve run carries an `Endpoint` (models.py): its name, the replica count wanted, the bounds for the
+autoscaler and the replica states last reported by the node's serve supervisor (runtime/serve.py). The gateway
+answers `POST /inference/{name}` (FedML's route; `/inference/{name}/{path}` reaches other routes) by
+proxying to a ready replica, round robin. A request whose connection to a replica fails before any response
+(replica killed, restarting) is retried on the next ready replica, so inference routes are assumed idempotent.
+With no ready replica the answer is 503 and says why.
+
+Autoscaling (endpoints whose min_replicas < max_replicas): the gateway keeps, per endpoint, the time-weighted
+average number of requests in flight. Every second the scaler computes wanted = ceil(average / target_inflight)
+clamped to [min, max]: it scales up as soon as the average over the last 3 s asks for more replicas, and down
+only when the average over the last `scale_down_delay` seconds (default 30) asks for fewer, so a short lull
+does not drop replicas a burst is about to need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .models import Endpoint, Principal, ReplicaReport, ReplicaState, Run
+from .service import LIVE, Rejected, Scheduler
+
+UP_WINDOW = 3.0
+DOWN_WINDOW = 30.0
+HISTORY_S = 610.0  # the longest scale_down_delay (600 s) and some
+CACHE_S = 0.5  # how stale the gateway's view of replicas may get (changes through this replica drop it)
+SUSPECT_S = 1.0  # a replica whose connection just failed is skipped this long, until its state is reported
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and ones the proxy sets itself.
+_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                  "transfer-encoding", "upgrade", "host", "content-length", "authorization"})
+
+
+class Load:
+    """Requests in flight for one endpoint, integrated over time (Little's law) for the autoscaler."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.total = 0
+        self._integral = 0.0
+        self._last = time.monotonic()
+        self.samples: deque[tuple[float, float]] = deque()  # (time, integral)
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        self._integral += self.inflight * (now - self._last)
+        self._last = now
+
+    def enter(self) -> None:
+        self._advance()
+        self.inflight += 1
+        self.total += 1
+
+    def leave(self) -> None:
+        self._advance()
+        self.inflight -= 1
+
+    def sample(self) -> None:
+        self._advance()
+        self.samples.append((self._last, self._integral))
+        while self.samples and self.samples[0][0] < self._last - HISTORY_S:
+            self.samples.popleft()
+
+    def average(self, window: float) -> float | None:
+        """Average in-flight over the last `window` seconds; None until that much history exists."""
+        if len(self.samples) < 2:
+            return None
+        t1, i1 = self.samples[-1]
+        for t0, i0 in self.samples:  # oldest first: the first inside the window spans the most of it
+            if t1 - t0 <= window + 0.01:
+                return (i1 - i0) / (t1 - t0) if t1 - t0 >= window * 0.9 else None
+        return None
+
+
+class Endpoints:
+    """Endpoint management over the scheduler's store (sync; called from FastAPI's thread pool)."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.store = sched.store
+        self.loads: dict[str, Load] = {}  # run id -> load
+        self._cache: tuple[float, dict[str, Run]] | None = None
+        self._lock = threading.Lock()
+        self._rr: dict[str, itertools.count[int]] = {}
+        self._suspect: dict[tuple[str, int, int], float] = {}  # (run, replica, port) -> until
+
+    # -- lookup --------------------------------------------------------------------------------------------
+    def by_name(self) -> dict[str, Run]:
+        cached = self._cache
+        if cached is None or time.monotonic() - cached[0] > CACHE_S:
+            runs = self.store.list_runs(status=LIVE, limit=1_000_000)
+            cached = (time.monotonic(), {r.endpoint.name: r for r in runs if r.endpoint is not None})
+            self._cache = cached
+        return cached[1]
+
+    def changed(self) -> None:
+        self._cache = None
+
+    def find(self, ref: str, who: Principal) -> Run:
+        """An endpoint by name, or by its run's id (a finished one too)."""
+        run = self.by_name().get(ref)
+        if run is None and ref.startswith("run-"):
+            run = self.store.get_run(ref)
+            if run is not None and run.endpoint is None:
+                raise Rejected(404, f"run {ref} is not an endpoint (job_type {run.job.get('job_type', 'train')})")
+        if run is None or not self.sched._may_see(who, run):
+            raise Rejected(404, f"endpoint {ref} not found (`fedml endpoint list` shows them)")
+        return run
+
+    def list(self, who: Principal) -> list[Run]:
+        if who.scope == "node":
+            raise Rejected(403, "a node key cannot list endpoints")
+        return sorted((r for r in self.by_name().values() if self.sched._may_see(who, r)), key=lambda r: r.created_at)
+
+    # -- agents' reports -------------------------------------------------------------------------------------
+    def report(self, run_id: str, rep: ReplicaReport, node_id: str, who: Principal) -> Run:
+        self.sched._own_node(who, node_id)
+        node = self.store.get_node(node_id)
+        with self.sched._runs_lock:
+            run = self.store.get_run(run_id)
+            if run is None or run.endpoint is None:
+                raise Rejected(404, f"endpoint run {run_id} not found")
+            if rep.attempt != run.attempt or run.placement_on(node_id) is None:
+                raise Rejected(409, f"run {run_id} attempt {rep.attempt} is not placed on node {node_id}")
+            if run.terminal:
+                return run
+            address = node.address if node else "127.0.0.1"
+            states = [r.model_copy(update={"node_id": node_id, "address": address}) for r in rep.replicas]
+            ep = run.endpoint.model_copy(update={"states": states, "attempt": rep.attempt})
+            run = self.store.update_run(run_id, endpoint=ep)
+        self.changed()
+        return run
+
+    # -- scaling ----------------------------------------------------------------------------------------------
+    def scale(self, ref: str, who: Principal, replicas: int | None = None, min_replicas: int | None = None,
+              max_replicas: int | None = None) -> Run:
+        """`replicas` alone fixes the count (autoscaling off); min/max set the autoscaler's bounds."""
+        if who.scope == "node":
+            raise Rejected(403, "a node key cannot scale endpoints")
+        with self.sched._runs_lock:
+            run = self.find(ref, who)
+            if run.terminal or run.endpoint is None:
+                raise Rejected(409, f"endpoint {ref} has ended ({run.status.value})")
+            ep = run.endpoint
+            lo, hi = ep.min_replicas, ep.max_replicas
+            if replicas is not None and min_replicas is None and max_replicas is None:
+                lo = hi = replicas
+            lo = lo if min_replicas is None else min_replicas
+            hi = hi if max_replicas is None else max_replicas
+            if lo > hi:
+                raise Rejected(422, f"min_replicas ({lo}) is above max_replicas ({hi})")
+            if hi > 64:
+                raise Rejected(422, f"at most 64 replicas per endpoint (asked for {hi})")
+            want = min(max(ep.replicas if replicas is None else replicas, lo), hi)
+            if replicas is not None and want != replicas:
+                raise Rejected(422, f"replicas ({replicas}) must be between min_replicas ({lo}) and max_replicas ({hi})")
+            run = self._set(run, ep.model_copy(update={"replicas": want, "min_replicas": lo, "max_replicas": hi}))
+        return run
+
+    def _set(self, run: Run, ep: Endpoint) -> Run:
+        run = self.store.update_run(run.id, endpoint=ep)
+        self.changed()
+        self.sched._run_changed(run)  # wakes the node's long poll: it learns the new count at once
+        return run
+
+    def autoscale_pass(self) -> list[tuple[str, int, int]]:
+        """One look at every autoscaled endpoint. Returns the changes made: (name, old, new)."""
+        changes = []
+        for name, run in list(self.by_name().items()):
+            load = self.loads.setdefault(run.id, Load())
+            load.sample()
+            ep = run.endpoint
+            if ep is None or not ep.autoscale or run.terminal:
+                continue
+            spec_svc = run.job.get("service") or {}
+            target = float(spec_svc.get("target_inflight", 4.0))
+            down_window = float(spec_svc.get("scale_down_delay", DOWN_WINDOW))
+            want = ep.replicas
+            up = load.average(UP_WINDOW)
+            if up is not None and math.ceil(up / target) > ep.replicas:
+                want = math.ceil(up / target)
+            else:
+                down = load.average(down_window)
+                if down is not None and max(1, math.ceil(down / target)) < ep.replicas:
+                    want = max(1, math.ceil(down / target))
+            want = min(max(want, ep.min_replicas), ep.max_replicas)
+            if want != ep.replicas:
+                with self.sched._runs_lock:
+                    fresh = self.store.get_run(run.id)
+                    if fresh is None or fresh.endpoint is None or fresh.terminal:
+                        continue
+                    self._set(fresh, fresh.endpoint.model_copy(update={"replicas": want}))
+                changes.append((name, ep.replicas, want))
+        for rid in [rid for rid in self.loads if rid not in {r.id for r in self.by_name().values()}]:
+            del self.loads[rid]
+        return changes
+
+    # -- routing ----------------------------------------------------------------------------------------------
+    def route(self, name: str, who: Principal) -> tuple[Run, list[ReplicaState]]:
+        """The endpoint's run and its ready replicas, in the order to try them (round robin)."""
+        run = self.by_name().get(name)
+        if run is None or not self.sched._may_see(who, run) or who.scope == "node":
+            raise Rejected(404, f"no endpoint named {name}")
+        ep = run.endpoint
+        assert ep is not None
+        now = time.monotonic()
+        ready = [r for r in ep.ready() if ep.attempt == run.attempt
+                 and self._suspect.get((run.id, r.index, r.port), 0.0) < now]
+        if not ready:
+            states = ", ".join(f"{r.index}: {r.state}" for r in ep.states if ep.attempt == run.attempt)
+            raise Rejected(503, f"endpoint {name} has no ready replica ("
+                                f"{'replicas ' + states if states else run.status.value.lower()}); retry later")
+        start = next(self._rr.setdefault(run.id, itertools.count()))
+        k = start % len(ready)
+        return run, ready[k:] + ready[:k]
+
+    def suspect(self, run: Run, r: ReplicaState) -> None:
+        self._suspect[(run.id, r.index, r.port)] = time.monotonic() + SUSPECT_S
+
+
+class Gateway:
+    """The async proxy in front of the replicas (one pooled HTTP client for all of them)."""
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        import httpx  # the scheduler's import path only
+
+        self.httpx = httpx
+        self.endpoints = endpoints
+        self.client = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1000,
+                                                                          max_keepalive_connections=200))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def forward(self, name: str, path: str, method: str, headers: list[tuple[str, str]], query: str,
+                      body: bytes, who: Principal) -> tuple[int, list[tuple[str, str]], AsyncIterator[bytes]]:
+        from starlette.concurrency import run_in_threadpool
+
+        eps = self.endpoints
+        run, order = await run_in_threadpool(eps.route, name, who)
+        svc = run.job.get("service") or {}
+        timeout = float(svc.get("request_timeout", 60.0))
+        target = path or str(svc.get("predict_path", "/predict"))
+        send_headers = [(k, v) for k, v in headers if k.lower() not in _HOP]
+        load = eps.loads.setdefault(run.id, Load())
+        load.enter()
+        try:
+            last_error = ""
+            for r in order:
+                url = f"http://{r.address}:{r.port}{target}" + (f"?{query}" if query else "")
+                req = self.client.build_request(method, url, headers=send_headers, content=body,
+                                                timeout=self.httpx.Timeout(timeout, connect=2.0))
+                try:
+                    resp = await self.client.send(req, stream=True)
+                except (self.httpx.ConnectError, self.httpx.RemoteProtocolError, self.httpx.ReadError,
+                        self.httpx.WriteError, self.httpx.ConnectTimeout) as exc:
+                    # Nothing came back: the replica died or is restarting. Try the next one.
+                    eps.suspect(run, r)
+                    last_error = f"replica {r.index}: {type(exc).__name__}"
+                    continue
+                except self.httpx.TimeoutException:
+                    raise Rejected(504, f"endpoint {name}: replica {r.index} did not answer within "
+                                        f"{timeout:.0f} s (service.request_timeout)") from None
+                out_headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _HOP]
+                out_headers.append(("x-fedml-replica", str(r.index)))
+                leave_once = _Once(load.leave)
+                return resp.status_code, out_headers, _body(resp, leave_once)
+            raise Rejected(503, f"endpoint {name}: no replica answered ({last_error}); retry later")
+        except BaseException:
+            load.leave()
+            raise
+
+
+class _Once:
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.done = fn, False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.fn()
+
+
+async def _body(resp: Any, done: _Once) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in resp.aiter_raw():
+            yield chunk
+    except asyncio.CancelledError:
+        raise
+    finally:
+        done()
+        await resp.aclose()
