@@ -135,10 +135,10 @@ class RunWorker(threading.Thread):
                 self._report_final(RunStatus.FAILED, None, f"could not start: {exc}")
                 return
             self._save(handle=self.handle.state())
-            self._started()
+            self._report_running()
         self._follow()
 
-    def _started(self) -> None:
+    def _report_running(self) -> None:
         """The runtime started the job: report RUNNING (a runtime that starts asynchronously reports later)."""
         self._retry(lambda: self.agent.client.report(self.run_id, self.attempt, self.agent.node_id, RunStatus.RUNNING))
 

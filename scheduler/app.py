@@ -166,7 +166,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     # -- runs --------------------------------------------------------------------------------------------
     @app.post(f"{API}/runs", status_code=201)
     def create_run(body: RunCreate, who: Principal = Depends(auth)) -> Run:
-        return sched.create_run(body, who)
+        run = sched.create_run(body, who)
+        if run.endpoint is not None:
+            endpoints.changed()
+        return run
 
     @app.get(f"{API}/runs")
     def list_runs(status: list[RunStatus] | None = Query(default=None),
@@ -201,7 +204,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     @app.post(f"{API}/runs/{{run_id}}/stop")
     def stop_run(run_id: str, who: Principal = Depends(auth)) -> Run:
-        return sched.stop_run(run_id, who)
+        run = sched.stop_run(run_id, who)
+        if run.endpoint is not None:
+            endpoints.changed()
+        return run
 
     @app.get(f"{API}/runs/{{run_id}}/logs")
     async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1),

@@ -104,9 +104,19 @@ class Endpoints:
     def changed(self) -> None:
         self._cache = None
 
+    def named(self, name: str) -> Run | None:
+        """The live endpoint called `name`. A name not in the cached view triggers one fresh look (an endpoint
+        launched a moment ago through another replica), at most every 0.1 s."""
+        run = self.by_name().get(name)
+        cached = self._cache
+        if run is None and cached is not None and time.monotonic() - cached[0] > 0.1:
+            self._cache = None
+            run = self.by_name().get(name)
+        return run
+
     def find(self, ref: str, who: Principal) -> Run:
         """An endpoint by name, or by its run's id (a finished one too)."""
-        run = self.by_name().get(ref)
+        run = self.named(ref)
         if run is None and ref.startswith("run-"):
             run = self.store.get_run(ref)
             if run is not None and run.endpoint is None:
@@ -206,7 +216,7 @@ class Endpoints:
     # -- routing ----------------------------------------------------------------------------------------------
     def route(self, name: str, who: Principal) -> tuple[Run, list[ReplicaState]]:
         """The endpoint's run and its ready replicas, in the order to try them (round robin)."""
-        run = self.by_name().get(name)
+        run = self.named(name)
         if run is None or not self.sched._may_see(who, run) or who.scope == "node":
             raise Rejected(404, f"no endpoint named {name}")
         ep = run.endpoint
