@@ -72,6 +72,14 @@ def detect_address(server_url: str) -> str:
         return "127.0.0.1"
 
 
+def available_runtimes() -> list[str]:
+    """"process" always; "docker" when a Docker Engine API (Docker, podman) answers at DOCKER_HOST or the default
+    socket. (runtime.docker imports the docker SDK only when a container starts, not for this check.)"""
+    from runtime.docker import engine_answers
+
+    return ["process", "docker"] if engine_answers() else ["process"]
+
+
 def collect(name: str | None = None, gpus_decl: str | None = None, labels: dict[str, str] | None = None,
             price: float | None = None, runtimes: list[str] | None = None, address: str = "127.0.0.1") -> NodeInfo:
     from fedml_cli import __version__
@@ -84,7 +92,7 @@ def collect(name: str | None = None, gpus_decl: str | None = None, labels: dict[
         memory_mb=int(psutil.virtual_memory().total // (1024 * 1024)),
         labels=labels or {},
         price_per_gpu_hour=price,
-        runtimes=runtimes or ["process"],
+        runtimes=runtimes or available_runtimes(),
         address=address,
         agent_version=__version__,
     )

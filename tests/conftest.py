@@ -29,6 +29,18 @@ def needs(what: str, ok: bool, why: str) -> None:
     pytest.skip(f"{what} unavailable: {why}")
 
 
+def engine_host() -> tuple[str | None, str]:
+    """DOCKER_HOST of a Docker Engine API for the container tests (DOCKER_HOST, else the podman service of
+    scripts/podman-up.sh, which `make podman` starts), or (None, why not)."""
+    from runtime.docker import engine_answers
+
+    sock = Path(os.environ.get("FEDML_PODMAN_DIR", "/tmp/fedml-podman")) / "podman.sock"
+    for host in filter(None, (os.environ.get("DOCKER_HOST"), f"unix://{sock}")):
+        if engine_answers(host):
+            return host, ""
+    return None, f"no Docker Engine API answers at DOCKER_HOST or {sock} (run `make podman`)"
+
+
 @dataclass
 class Fedml:
     """Runs `fedml ...` with FEDML_HOME set to `home`."""

@@ -1,0 +1,479 @@
+"""The docker runtime: `containerize: true` runs the rank in a container through the Docker Engine API.
+
+Built on the `docker` SDK (imported lazily: the CLI never loads this module's dependencies). Any engine that
+speaks the API works; the tests use podman (`scripts/podman-up.sh`).
+
+Layout of a run directory (the agent's), and where each part is inside the container:
+    workspace/   -> /fedml/workspace   the working directory (read-write)
+    artifacts/   -> /fedml/artifacts   FEDML_ARTIFACT_DIR
+    ctr/         -> /fedml/ctr         bootstrap.sh, job.sh, wrapper.sh; exit_code written by wrapper.sh
+    stdout.log   stderr.log            the container's output, copied from the Engine's log stream
+
+Output is read from the Engine's log stream (one thread per stream) and appended to the log files the agent
+tails. A restarted agent re-reads the stream from the start and skips the bytes the file already has, so no
+line is lost or written twice. Containers carry labels (run, attempt, rank, node, agent home): a restarted
+agent finds its container by them; containers of ours that no run claims are removed (`sweep`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from scheduler.models import parse_ref
+
+from .base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, substitute
+
+if TYPE_CHECKING:
+    from scheduler.jobspec import JobSpec
+
+DEFAULT_HOST = "unix:///var/run/docker.sock"
+API_VERSION = "1.41"  # Docker 20.10 and podman 4 speak it; newer engines still accept it
+IN_WORKSPACE, IN_ARTIFACTS, IN_CTR = "/fedml/workspace", "/fedml/artifacts", "/fedml/ctr"
+OOM_REASON = "killed: out of memory or SIGKILL"
+# Credentials for pulls, from the run's env (`--env`, `envs`) or the agent's; never passed into the container.
+AUTH_VARS = ("FEDML_DOCKER_USERNAME", "FEDML_DOCKER_PASSWORD")
+
+WRAPPER = r"""# written by the fedml agent: PID 1 of the container; bootstrap then job with `set -e` semantics
+cd /fedml/workspace || exit 1
+SH=sh
+command -v bash >/dev/null 2>&1 && SH=bash
+# The kernel drops SIGTERM to PID 1 unless it has a handler: pass `docker stop`'s SIGTERM on to every other
+# process of the container, so the job can end cleanly within the grace period before the SIGKILL.
+trap 'kill -TERM -1 2>/dev/null' TERM INT
+phase() {
+    "$SH" -e "$2" &
+    pid=$!
+    while :; do
+        wait "$pid"
+        rc=$?
+        kill -0 "$pid" 2>/dev/null || break  # still there: `wait` was cut short by the trap
+    done
+    if [ "$rc" -ne 0 ] || [ "$1" = job ]; then
+        echo "$1 $rc" > /fedml/ctr/exit_code
+        exit "$rc"
+    fi
+}
+[ -s /fedml/ctr/bootstrap.sh ] && phase bootstrap /fedml/ctr/bootstrap.sh
+phase job /fedml/ctr/job.sh
+"""
+
+
+def docker_host() -> str:
+    return os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+
+
+def engine_answers(host: str | None = None, timeout: float = 1.0) -> bool:
+    """Does a Docker Engine API answer `GET /_ping` at `host` (DOCKER_HOST or the default socket)?
+
+    A raw socket, not the SDK: the agent asks this at start-up and the answer must be quick and cheap.
+    """
+    url = urlsplit(host or docker_host())
+    try:
+        if url.scheme == "unix":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            addr: Any = url.path
+        elif url.scheme in ("tcp", "http") and url.hostname:
+            s = socket.socket(socket.AF_INET6 if ":" in url.hostname else socket.AF_INET, socket.SOCK_STREAM)
+            addr = (url.hostname, url.port or 2375)
+        else:
+            return False
+        with s:
+            s.settimeout(timeout)
+            s.connect(addr)
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            head = s.recv(64)
+        return head.split(b" ", 2)[1:2] == [b"200"]
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class ContainerOptions:
+    """What a job asks of its container, from the job YAML (`docker`, `image_pull_policy`, `computing`)."""
+
+    image: str
+    pull_policy: str = "IfNotPresent"
+    username: str | None = None
+    password: str | None = None
+    registry: str | None = None
+    network: str | None = None
+    ports: list[int] = field(default_factory=list)
+    memory_bytes: int | None = None
+    nano_cpus: int | None = None
+
+    @classmethod
+    def from_job(cls, spec: JobSpec) -> ContainerOptions:
+        d = spec.docker
+        if d is None or not d.image:
+            raise StartError("containerize: true needs docker.image (the image to run the job in)")
+        image = d.image.strip()
+        first = image.split("/", 1)[0]
+        if d.registry and not ("/" in image and ("." in first or ":" in first or first == "localhost")):
+            image = f"{d.registry.rstrip('/')}/{image}"  # FedML: `registry` is where a bare image name lives
+        c = spec.computing
+        return cls(image=image, pull_policy=spec.image_pull_policy or "IfNotPresent", username=d.username,
+                   password=d.password, registry=d.registry, network=d.network, ports=list(d.ports or []),
+                   memory_bytes=int(c.memory_gb * 1024**3) if c.memory_gb else None,
+                   nano_cpus=int(c.cpus * 1e9) if c.cpus else None)
+
+
+def _client(timeout: float | None = 60) -> Any:
+    import docker
+
+    try:
+        # A fixed API version: "auto" asks GET /version first, which takes ~1 s on podman, for every client.
+        return docker.DockerClient(base_url=docker_host(), timeout=timeout,  # type: ignore[arg-type]
+                                   version=os.environ.get("DOCKER_API_VERSION", API_VERSION))
+    except docker.errors.DockerException as exc:
+        raise StartError(f"no Docker Engine API at {docker_host()}: {exc}") from None
+
+
+def _volumes(spec: str | None) -> dict[str, dict[str, str]]:
+    """FEDML_DOCKER_VOLUMES of the agent: `SRC:DST[:ro],...`, host paths the node lends to every container
+    (e.g. a dataset cache, or the host's /usr and Python for images without one). A node's choice, not a
+    job's: a job YAML that could mount any host path would own the host."""
+    out: dict[str, dict[str, str]] = {}
+    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+        bits = item.split(":")
+        if len(bits) not in (2, 3) or bits[-1] not in ("ro", "rw", bits[1]):
+            raise StartError(f"FEDML_DOCKER_VOLUMES: {item!r}: expected SRC:DST or SRC:DST:ro")
+        out[bits[0]] = {"bind": bits[1], "mode": bits[2] if len(bits) == 3 else "rw"}
+    return out
+
+
+def _gpu_requests(env: dict[str, str]) -> tuple[list[Any], str]:
+    """device_requests for the allocated GPU indices only, and CUDA_VISIBLE_DEVICES as the container numbers
+    them (the Engine exposes just those devices, as 0..n-1)."""
+    ids = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if not ids:
+        return [], ""
+    from docker.types import DeviceRequest
+
+    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])], ",".join(str(i) for i in range(len(ids)))
+
+
+class DockerHandle(Handle):
+    def __init__(self, runtime: DockerRuntime, run_id: str, run_dir: Path, container: Any,
+                 labels: dict[str, str]) -> None:
+        self.runtime, self.run_id, self.run_dir, self.container = runtime, run_id, run_dir, container
+        self.labels = labels
+        self._status: ExitStatus | None = None
+        self._stopping = False
+        self._gone = False  # the container vanished under us (removed by hand, engine reset)
+        self._streams_done = threading.Event()
+        self._pumps = [threading.Thread(target=self._pump, args=(name,), daemon=True, name=f"logs-{run_id}-{name}")
+                       for name in ("stdout", "stderr")]
+        for t in self._pumps:
+            t.start()
+        threading.Thread(target=self._join_pumps, daemon=True).start()
+
+    # ---- output -----------------------------------------------------------------------------------------
+    def _pump(self, stream: str) -> None:
+        """Copy one stream of the container's log to its file; resume by byte count after any break."""
+        import docker
+
+        path = self.run_dir / f"{stream}.log"
+        delay = 0.1
+        while True:
+            client = _client(timeout=None)  # a quiet job must not time the stream out
+            try:
+                skip = path.stat().st_size if path.exists() else 0
+                with open(path, "ab", buffering=0) as out:
+                    for chunk in client.api.logs(  # one frame: one line (or a piece of a long one)
+                            self.container.id, stdout=stream == "stdout", stderr=stream == "stderr",
+                            stream=True, follow=True):
+                        if skip >= len(chunk):
+                            skip -= len(chunk)
+                            continue
+                        out.write(chunk[skip:])
+                        skip = 0
+                if not self._running(client):
+                    return
+            except docker.errors.NotFound:
+                self._gone = True
+                return
+            except (docker.errors.DockerException, OSError):
+                if self._gone or not self._engine_has_it(client):
+                    return
+                time.sleep(delay)  # the engine restarted or the connection broke: read again, skip what we have
+                delay = min(delay * 2, 2.0)
+            finally:
+                client.close()
+
+    def _running(self, client: Any) -> bool:
+        import docker
+
+        try:
+            return bool(client.api.inspect_container(self.container.id)["State"]["Running"])
+        except docker.errors.NotFound:
+            self._gone = True
+            return False
+
+    def _engine_has_it(self, client: Any) -> bool:
+        import docker
+
+        try:
+            client.api.inspect_container(self.container.id)
+            return True
+        except docker.errors.NotFound:
+            self._gone = True
+            return False
+        except (docker.errors.DockerException, OSError):
+            return True  # cannot tell: the engine is down; keep trying
+
+    def _join_pumps(self) -> None:
+        for t in self._pumps:
+            t.join()
+        self._streams_done.set()
+
+    # ---- Handle -------------------------------------------------------------------------------------------
+    def wait(self, timeout: float) -> None:
+        self._streams_done.wait(timeout)
+
+    def poll(self) -> ExitStatus | None:
+        if self._status is not None:
+            return self._status
+        if not self._streams_done.is_set():
+            return None  # both streams end only when the container has stopped
+        self._status = self._exit_status()
+        (self.run_dir / "ctr" / "final").write_text(f"{self._status.phase} {self._status.code} {self._status.reason or ''}")
+        self.runtime.remove(self.container.id)
+        return self._status
+
+    def _exit_status(self) -> ExitStatus:
+        import docker
+
+        state: dict[str, Any] = {}
+        if not self._gone:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                self.container.reload()
+                state = self.container.attrs.get("State", {})
+        if not state:
+            return ExitStatus(code=137, signal=9, reason="lost: the container was removed while it ran")
+        code = int(state.get("ExitCode", 0))
+        phase = "job"
+        try:
+            p, c = (self.run_dir / "ctr" / "exit_code").read_text().split()
+            phase, code = p, int(c)
+        except (FileNotFoundError, ValueError):
+            pass  # killed before the wrapper could write it: the container's code says how it ended
+        if code == 137 and not self._stopping:
+            # Not asked to stop, so the kernel or someone else killed it; OOMKilled alone is not reliable.
+            oom = " (the engine reports OOMKilled)" if state.get("OOMKilled") else ""
+            return ExitStatus(code=137, phase=phase, signal=9, reason=OOM_REASON + oom)
+        return ExitStatus(code=code, phase=phase)
+
+    def stop(self, grace: float) -> None:
+        import docker
+
+        self._stopping = True
+        try:
+            self.container.stop(timeout=max(1, round(grace)))  # SIGTERM, then SIGKILL after `grace`
+        except docker.errors.NotFound:
+            self._gone = True
+        except (docker.errors.DockerException, OSError):
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                self.container.kill()
+        self._streams_done.wait(grace + 10)
+
+    def log_files(self) -> dict[str, Path]:
+        return {"stdout": self.run_dir / "stdout.log", "stderr": self.run_dir / "stderr.log"}
+
+    def state(self) -> dict[str, Any]:
+        return {"runtime": "docker", "run_id": self.run_id, "container": self.container.id, "labels": self.labels}
+
+
+class _Finished(Handle):
+    """A job whose container ended and was removed before the agent restarted: its recorded outcome."""
+
+    def __init__(self, run_id: str, run_dir: Path, status: ExitStatus) -> None:
+        self.run_id, self.run_dir, self._status = run_id, run_dir, status
+
+    def poll(self) -> ExitStatus | None:
+        return self._status
+
+    def wait(self, timeout: float) -> None:
+        return None
+
+    def stop(self, grace: float) -> None:
+        return None
+
+    def log_files(self) -> dict[str, Path]:
+        return {"stdout": self.run_dir / "stdout.log", "stderr": self.run_dir / "stderr.log"}
+
+    def state(self) -> dict[str, Any]:
+        return {"runtime": "docker", "run_id": self.run_id}
+
+
+class DockerRuntime(Runtime):
+    name = "docker"
+
+    def __init__(self, home: str = "") -> None:
+        self.home = home  # the agent's home: labels containers as ours when several agents share an engine
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = _client()
+            return self._client
+
+    # ---- images -------------------------------------------------------------------------------------------
+    def ensure_image(self, opts: ContainerOptions, env: dict[str, str]) -> None:
+        import docker
+
+        have = True
+        try:
+            self.client.images.get(opts.image)
+        except docker.errors.ImageNotFound:
+            have = False
+        except docker.errors.APIError as exc:
+            raise StartError(f"image {opts.image}: {exc.explanation or exc}") from None
+        if opts.pull_policy == "Never":
+            if not have:
+                raise StartError(f"image {opts.image} is not on this node and image_pull_policy is Never")
+            return
+        if have and opts.pull_policy == "IfNotPresent":
+            return
+        user = opts.username or env.get(AUTH_VARS[0]) or os.environ.get(AUTH_VARS[0])
+        password = opts.password or env.get(AUTH_VARS[1]) or os.environ.get(AUTH_VARS[1])
+        auth = {"username": user, "password": password} if user and password else None
+        # A pull that stalls must end in an error, not hang the run: each read waits at most this long.
+        puller = _client(timeout=float(os.environ.get("FEDML_DOCKER_PULL_TIMEOUT", "300")))
+        try:
+            puller.images.pull(opts.image, auth_config=auth)
+        except (docker.errors.DockerException, OSError) as exc:
+            why = getattr(exc, "explanation", None) or str(exc)
+            raise StartError(f"image {opts.image} is not on this node and could not be pulled: {why}") from None
+        finally:
+            puller.close()
+
+    # ---- Runtime ------------------------------------------------------------------------------------------
+    def start(self, spec: LaunchSpec) -> DockerHandle:
+        import docker
+
+        job: JobSpec = spec.extra["job"]
+        opts = ContainerOptions.from_job(job)
+        d = spec.run_dir
+        ctr = d / "ctr"
+        ctr.mkdir(parents=True, exist_ok=True)
+        spec.workspace.mkdir(parents=True, exist_ok=True)
+        (d / "artifacts").mkdir(exist_ok=True)
+        (ctr / "exit_code").unlink(missing_ok=True)
+        env = {k: v for k, v in spec.env.items() if k not in AUTH_VARS}
+        env.update({"FEDML_WORKSPACE_DIR": IN_WORKSPACE, "FEDML_ARTIFACT_DIR": IN_ARTIFACTS})
+        devices, visible = _gpu_requests(env)
+        env["CUDA_VISIBLE_DEVICES"] = visible
+        (ctr / "bootstrap.sh").write_text(substitute(spec.bootstrap, env) + "\n")
+        (ctr / "job.sh").write_text(substitute(spec.job, env) + "\n")
+        (ctr / "wrapper.sh").write_text(WRAPPER)
+        volumes = _volumes(os.environ.get("FEDML_DOCKER_VOLUMES"))
+        volumes.update({str(spec.workspace.resolve()): {"bind": IN_WORKSPACE, "mode": "rw"},
+                        str((d / "artifacts").resolve()): {"bind": IN_ARTIFACTS, "mode": "rw"},
+                        str(ctr.resolve()): {"bind": IN_CTR, "mode": "rw"}})
+        network = opts.network or os.environ.get("FEDML_DOCKER_NETWORK") or "host"
+        labels = self._labels(spec)
+        kw: dict[str, Any] = {
+            "command": ["/bin/sh", f"{IN_CTR}/wrapper.sh"], "entrypoint": [], "environment": env,
+            "working_dir": IN_WORKSPACE, "labels": labels, "volumes": volumes, "network_mode": network,
+            "name": _name(d), "detach": True, "stdin_open": False, "tty": False,
+        }
+        if devices:
+            kw["device_requests"] = devices
+        if opts.memory_bytes:
+            kw["mem_limit"] = opts.memory_bytes
+            kw["memswap_limit"] = opts.memory_bytes  # no swap on top: the limit is the limit
+        if opts.nano_cpus:
+            kw["nano_cpus"] = opts.nano_cpus
+        if opts.ports and network not in ("host", "none"):
+            kw["ports"] = {f"{p}/tcp": p for p in opts.ports}
+        self.ensure_image(opts, spec.env)
+        try:
+            try:
+                container = self.client.containers.create(opts.image, **kw)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                self.remove(kw["name"])  # left by an agent that died between create and saving its state
+                container = self.client.containers.create(opts.image, **kw)
+            try:
+                container.start()
+            except docker.errors.APIError:
+                self.remove(container.id)
+                raise
+        except docker.errors.APIError as exc:
+            raise StartError(f"container for image {opts.image}: {exc.explanation or exc}") from None
+        except (docker.errors.DockerException, OSError) as exc:
+            raise StartError(f"Docker Engine API at {docker_host()}: {exc}") from None
+        return DockerHandle(self, spec.run_id, d, container, labels)
+
+    def _labels(self, spec: LaunchSpec) -> dict[str, str]:
+        return {"fedml.run": spec.run_id, "fedml.attempt": str(parse_ref(spec.run_dir.name)[1]),
+                "fedml.rank": str(spec.rank), "fedml.node": spec.env.get("FEDML_CURRENT_EDGE_ID", ""),
+                "fedml.home": self.home}
+
+    def find(self, labels: dict[str, str]) -> list[Any]:
+        keys = ("fedml.run", "fedml.attempt", "fedml.rank", "fedml.node", "fedml.home")
+        return list(self.client.containers.list(
+            all=True, filters={"label": [f"{k}={labels[k]}" for k in keys if labels.get(k)]}))
+
+    def reattach(self, state: dict[str, Any], run_dir: Path) -> Handle | None:
+        if state.get("runtime") != "docker":
+            return None
+        run_id = str(state.get("run_id", run_dir.name))
+        final = run_dir / "ctr" / "final"
+        if final.exists():  # ended and removed; only the report is missing
+            phase, code, *why = final.read_text().split(" ", 2)
+            return _Finished(run_id, run_dir, ExitStatus(code=int(code), phase=phase, reason=(why or [""])[0] or None,
+                                                         signal=9 if int(code) == 137 else None))
+        deadline = time.monotonic() + 30
+        while True:  # the engine may be restarting along with us
+            try:
+                found = self.find(state.get("labels") or {})
+                break
+            except Exception as exc:  # docker.errors.DockerException, requests' errors, OSError
+                if time.monotonic() > deadline:
+                    raise StartError(f"Docker Engine API at {docker_host()}: {exc}") from None
+                time.sleep(1.0)
+        if not found:
+            return None
+        return DockerHandle(self, run_id, run_dir, found[0], dict(state.get("labels") or {}))
+
+    def remove(self, container: str) -> None:
+        import docker
+
+        with contextlib.suppress(docker.errors.NotFound):
+            try:
+                self.client.api.remove_container(container, force=True, v=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 404:
+                    raise
+
+    def sweep(self, keep: set[tuple[str, str, str]]) -> int:
+        """Remove this agent's containers that no run of it claims (run, attempt, rank): what an agent that
+        died between creating a container and recording it would otherwise leave running."""
+        if not self.home:
+            return 0
+        n = 0
+        for c in self.client.containers.list(all=True, filters={"label": f"fedml.home={self.home}"}):
+            lab = c.labels
+            if (lab.get("fedml.run", ""), lab.get("fedml.attempt", ""), lab.get("fedml.rank", "")) not in keep:
+                self.remove(c.id)
+                n += 1
+        return n
+
+
+def _name(run_dir: Path) -> str:
+    # One name per run directory: unique across agents sharing an engine, the same on a retried create.
+    return f"fedml-{run_dir.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
