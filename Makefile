@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test bench lint clean
+.PHONY: install test bench lint clean podman
 
 install:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ bench:
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/heartbeat.py
 	$(BIN)/python bench/fedavg_round.py
+	bash scripts/podman-up.sh >/dev/null && $(BIN)/python bench/container_start.py
+
+# The engine the container tests and bench use: podman serving the Docker Engine API (installs it as root).
+podman:
+	bash scripts/podman-up.sh
 
 lint:
 	$(BIN)/ruff check .
