@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,14 +315,34 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         endpoints.report(run_id, body, node_id, who)
         return {"ok": True}
 
+    # The gateway checks keys in the event loop with a 1 s cache (a revoked key stops working within 1 s):
+    # a sync dependency would cost a thread-pool hop and a store read on every inference request.
+    verified: dict[str, tuple[float, Principal | None]] = {}
+
+    def gateway_auth(request: Request) -> Principal:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        given = given.strip() if scheme.lower() == "bearer" else ""
+        now = time.monotonic()
+        hit = verified.get(given)
+        if hit is None or now - hit[0] > 1.0:
+            if len(verified) > 10_000:
+                verified.clear()
+            hit = verified[given] = (now, keys.verify(store, given))
+        if hit[1] is None:
+            raise HTTPException(401, "missing, wrong or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        return hit[1]
+
     @app.api_route("/inference/{name}", methods=["POST", "GET", "PUT"])
     @app.api_route("/inference/{name}/{path:path}", methods=["POST", "GET", "PUT", "DELETE", "PATCH"])
-    async def inference(name: str, request: Request, path: str = "", who: Principal = Depends(auth)) -> Response:
+    async def inference(name: str, request: Request, path: str = "") -> Response:
+        who = gateway_auth(request)
         body = await request.body()
-        status, headers, stream = await gateway.forward(
+        status, headers, content = await gateway.forward(
             name, f"/{path}" if path else "", request.method, request.headers.items(),
             request.url.query, body, who)
-        return StreamingResponse(stream, status_code=status, headers=dict(headers))
+        if isinstance(content, bytes):
+            return Response(content, status_code=status, headers=dict(headers))
+        return StreamingResponse(content, status_code=status, headers=dict(headers))
 
     # -- API keys ----------------------------------------------------------------------------------------
     @app.post(f"{API}/keys", status_code=201)

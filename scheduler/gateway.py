@@ -104,6 +104,10 @@ class Endpoints:
     def changed(self) -> None:
         self._cache = None
 
+    def fresh(self) -> bool:
+        cached = self._cache
+        return cached is not None and time.monotonic() - cached[0] <= CACHE_S
+
     def named(self, name: str) -> Run | None:
         """The live endpoint called `name`. A name not in the cached view triggers one fresh look (an endpoint
         launched a moment ago through another replica), at most every 0.1 s."""
@@ -250,12 +254,15 @@ class Gateway:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def forward(self, name: str, path: str, method: str, headers: list[tuple[str, str]], query: str,
-                      body: bytes, who: Principal) -> tuple[int, list[tuple[str, str]], AsyncIterator[bytes]]:
+    async def forward(self, name: str, path: str, method: str, headers: Any, query: str, body: bytes,
+                      who: Principal) -> tuple[int, list[tuple[str, str]], bytes | AsyncIterator[bytes]]:
         from starlette.concurrency import run_in_threadpool
 
         eps = self.endpoints
-        run, order = await run_in_threadpool(eps.route, name, who)
+        if eps.fresh():  # the common case: routing is a lookup in memory
+            run, order = eps.route(name, who)
+        else:  # the view is reloaded from the store: not in the event loop
+            run, order = await run_in_threadpool(eps.route, name, who)
         svc = run.job.get("service") or {}
         timeout = float(svc.get("request_timeout", 60.0))
         target = path or str(svc.get("predict_path", "/predict"))
@@ -281,8 +288,14 @@ class Gateway:
                                         f"{timeout:.0f} s (service.request_timeout)") from None
                 out_headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _HOP]
                 out_headers.append(("x-fedml-replica", str(r.index)))
-                leave_once = _Once(load.leave)
-                return resp.status_code, out_headers, _body(resp, leave_once)
+                if "content-length" in resp.headers:  # a plain answer: read it whole (cheaper than streaming)
+                    try:
+                        content = await resp.aread()
+                    finally:
+                        await resp.aclose()
+                    load.leave()
+                    return resp.status_code, out_headers, content
+                return resp.status_code, out_headers, _body(resp, _Once(load.leave))  # chunked, SSE: streamed
             raise Rejected(503, f"endpoint {name}: no replica answered ({last_error}); retry later")
         except BaseException:
             load.leave()

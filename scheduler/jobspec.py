@@ -247,8 +247,13 @@ class JobSpec(_Model):
         if self.job_type == "federate" and self.server_job is not None and not posix_commands(
                 self.server_job).strip():
             raise ValueError("server_job: must not be empty when given")
+        if self.containerize and not (self.docker and self.docker.image):
+            raise ValueError("containerize: true needs docker.image (the image the job runs in)")
         if self.service is not None and not self.serves:
             raise ValueError(f"service: only for job_type deploy or serve (this job is {self.job_type})")
+        if self.serves and self.containerize:
+            raise ValueError("containerize: serve endpoints run their replicas as processes on the node; "
+                             "containers for replicas are not supported yet")
         if self.serves and self.num_nodes > 1:
             raise ValueError("num_nodes: an endpoint's replicas run on one node; scale with service.replicas")
         return self
@@ -467,7 +472,7 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
         err = _best_error(by_field[field])
         msg = _message(err)
         name = ".".join(field)
-        if not name and msg.split(":", 1)[0] in ("job", "server_job", "service", "num_nodes"):
+        if not name and msg.split(":", 1)[0] in ("job", "server_job", "service", "num_nodes", "containerize"):
             name, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
             field = (name,)
         more = len(fields) - 1

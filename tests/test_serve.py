@@ -289,3 +289,25 @@ def test_serve_template_survives_a_killed_replica(cluster: Cluster) -> None:
     assert c.json("run", "status", run_id)["status"] == "KILLED"
     wait_for("no replica process left", lambda: not run_processes(run_id), timeout=15)
     print(f"serve template: accuracy {accuracy:.3f} over 200 gateway requests, per replica {served}")
+
+
+def test_agent_killed_replicas_keep_serving_and_are_reattached(local: Local, tmp_path: Path) -> None:
+    """SIGKILL the node's agent: the supervisor and replicas are the job, so they keep serving through the
+    gateway; the agent the scheduler restarts re-attaches, and scaling reaches the supervisor again."""
+    run_id = launch(local, serve_job(tmp_path, service="name: steady\nreplicas: 1"))
+    e = wait_for("1 ready replica", lambda: local.ready("steady", 1), timeout=60)
+    pid_file = local.f.home / "local" / "agent" / "agent.pid"
+    old_agent = int(pid_file.read_text().strip())
+    os.kill(old_agent, signal.SIGKILL)
+    with local.client() as c:
+        for i in range(20):
+            r = c.post("/inference/steady", json={"i": i})
+            assert r.status_code == 200, r.text
+    wait_for("a new agent", lambda: pid_file.exists() and (t := pid_file.read_text().strip()).isdigit()
+             and int(t) != old_agent and psutil.pid_exists(int(t)), timeout=30)
+    r = local("endpoint", "scale", "steady", "2", "--wait", "--json", timeout=90)
+    assert r.returncode == 0, r.stderr
+    e2 = json.loads(r.stdout)
+    assert e2["ready"] == 2, e2
+    assert next(s for s in e2["states"] if s["index"] == 0)["pid"] == e["states"][0]["pid"]  # the same replica
+    assert local.json("run", "status", run_id)["status"] == "RUNNING"
