@@ -22,6 +22,7 @@ bench:
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/heartbeat.py
 	$(BIN)/python bench/fedavg_round.py
+	$(BIN)/python bench/gateway.py
 	bash scripts/podman-up.sh >/dev/null && $(BIN)/python bench/container_start.py
 
 # The engine the container tests and bench use: podman serving the Docker Engine API (installs it as root).
