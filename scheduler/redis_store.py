@@ -466,7 +466,7 @@ class RedisStore(Store):
         return {k.decode(): float(v) for k, v in self.r.hgetall(self.k.seen).items()}
 
     @contextlib.contextmanager
-    def lock(self, name: str, ttl: float = 30.0) -> Iterator[None]:
+    def lock(self, name: str, ttl: float = 5.0) -> Iterator[None]:
         held: dict[str, int] = self._locks.__dict__.setdefault("held", {})
         if held.get(name):  # re-entrant within a thread
             held[name] += 1
@@ -475,10 +475,10 @@ class RedisStore(Store):
             finally:
                 held[name] -= 1
             return
-        lk = self.r.lock(self.k.lock(name), timeout=ttl, sleep=0.005, blocking_timeout=max(ttl, 5.0),
+        lk = self.r.lock(self.k.lock(name), timeout=ttl, sleep=0.005, blocking_timeout=ttl + 5.0,
                          thread_local=False)
         if not lk.acquire():
-            raise TimeoutError(f"could not take the lock {name} within {max(ttl, 5.0):.0f} s")
+            raise TimeoutError(f"could not take the lock {name} within {ttl + 5.0:.0f} s")
         held[name] = 1
         try:
             yield

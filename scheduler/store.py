@@ -130,9 +130,10 @@ class Store(abc.ABC):
             return dict(self.__dict__.get("_seen", {}))
 
     @contextlib.contextmanager
-    def lock(self, name: str, ttl: float = 30.0) -> Iterator[None]:
+    def lock(self, name: str, ttl: float = 5.0) -> Iterator[None]:
         """Hold `name` against every scheduler sharing this store (re-entrant within a thread). A shared
-        store's lock expires after `ttl` seconds if its holder dies."""
+        store's lock expires `ttl` seconds after it was taken (its holder may have died); a waiter gives up
+        with TimeoutError after ttl + 5 s."""
         with self._stripes[zlib.crc32(name.encode()) % len(self._stripes)]:
             yield
 
