@@ -332,6 +332,7 @@ class DockerRuntime(Runtime):
     # ---- images -------------------------------------------------------------------------------------------
     def ensure_image(self, opts: ContainerOptions, env: dict[str, str]) -> None:
         import docker
+        from docker.utils import parse_repository_tag
 
         have = True
         try:
@@ -351,11 +352,18 @@ class DockerRuntime(Runtime):
         auth = {"username": user, "password": password} if user and password else None
         # A pull that stalls must end in an error, not hang the run: each read waits at most this long.
         puller = _client(timeout=float(os.environ.get("FEDML_DOCKER_PULL_TIMEOUT", "300")))
+        what = "is not on this node and could not be pulled" if not have else "could not be pulled (Always)"
+        repo, tag = parse_repository_tag(opts.image)
         try:
-            puller.images.pull(opts.image, auth_config=auth)
+            # The low-level stream: the engine reports a failed pull inside it (unauthorized, no such
+            # manifest), which images.pull() drops in favour of a bare "no such image".
+            for msg in puller.api.pull(repo, tag=tag or "latest", stream=True, decode=True, auth_config=auth):
+                if isinstance(msg, dict) and msg.get("error"):
+                    raise StartError(f"image {opts.image} {what}: {msg['error']}")
+            self.client.images.get(opts.image)
         except (docker.errors.DockerException, OSError) as exc:
             why = getattr(exc, "explanation", None) or str(exc)
-            raise StartError(f"image {opts.image} is not on this node and could not be pulled: {why}") from None
+            raise StartError(f"image {opts.image} {what}: {why}") from None
         finally:
             puller.close()
 

@@ -8,7 +8,9 @@
 #   - runtime runc: crun fails on this machine's mix of cgroup v1 controllers and a v2 mount;
 #   - cgroup_manager cgroupfs: there is no systemd to ask for cgroups;
 #   - explicit ulimits: podman's default nofile is above this machine's hard limit, so containers fail to start;
-#   - a local busybox image imported from a rootfs tar: no registry is reachable (and none is needed).
+#   - a local busybox image imported from a rootfs tar: no outside registry is reachable (and none is needed);
+#   - a registry of our own on loopback (Debian's docker-registry, htpasswd auth) holding that image, so that
+#     pulls with credentials are tested for real: $DIR/registry/{address,username,password}.
 # Idempotent: a service that already answers is reused; the image is imported only when missing.
 # Without root (a developer's laptop) it says why and exits 0: the container tests then skip with that reason
 # (under CI=true they fail instead, see tests/conftest.py).
@@ -17,7 +19,9 @@ set -euo pipefail
 DIR=${FEDML_PODMAN_DIR:-/tmp/fedml-podman}
 SOCK="$DIR/podman.sock"
 IMAGE=${FEDML_TEST_IMAGE:-localhost/fedml-busybox:latest}
+REGISTRY=127.0.0.1:${FEDML_TEST_REGISTRY_PORT:-5741}
 export CONTAINERS_CONF="$DIR/containers.conf"
+export CONTAINERS_REGISTRIES_CONF="$DIR/registries.conf"
 
 say() { echo "podman-up: $*" >&2; }
 
@@ -26,24 +30,37 @@ answers() {
 }
 
 if [ "${1:-}" = "--stop" ]; then
-    if [ -f "$DIR/service.pid" ]; then
-        kill "$(cat "$DIR/service.pid")" 2>/dev/null || true
-        rm -f "$DIR/service.pid" "$SOCK"
-        say "stopped"
-    fi
+    for f in service.pid registry.pid; do
+        [ -f "$DIR/$f" ] && { kill "$(cat "$DIR/$f")" 2>/dev/null || true; rm -f "$DIR/$f"; }
+    done
+    rm -f "$SOCK"
+    say "stopped"
     exit 0
 fi
 
-if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v busybox >/dev/null \
-        || ! command -v curl >/dev/null; then
+need=""
+for cmd in podman:podman runc:runc busybox:busybox-static curl:curl docker-registry:docker-registry \
+        htpasswd:apache2-utils; do
+    command -v "${cmd%%:*}" >/dev/null || need="$need ${cmd#*:}"
+done
+if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
-        say "podman, runc, busybox-static or curl is missing and installing them needs root; container tests will skip"
+        say "missing:$need; installing needs root; container tests will skip"
         exit 0
     fi
-    say "installing podman runc busybox-static curl"
+    say "installing$need"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
-    apt-get install -y -qq podman runc busybox-static curl >/dev/null
+    # No service starts from the install (docker-registry's own would listen on every interface).
+    own_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    # shellcheck disable=SC2086
+    apt-get install -y -qq $need >/dev/null
+    [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 if [ "$(id -u)" != 0 ]; then
     say "rootless podman is not set up by this script (it needs root here); container tests will skip"
@@ -65,6 +82,14 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
 mv "$CONTAINERS_CONF.tmp" "$CONTAINERS_CONF"
+cat >"$CONTAINERS_REGISTRIES_CONF" <<EOF
+# Only our loopback registry, over plain HTTP; a bare image name is never looked up anywhere else.
+unqualified-search-registries = []
+
+[[registry]]
+location = "$REGISTRY"
+insecure = true
+EOF
 
 if ! answers; then
     rm -f "$SOCK"
@@ -103,5 +128,37 @@ if ! podman image exists "$IMAGE"; then
     rm -f "$root.tar"
     say "imported $IMAGE"
 fi
+
+# The loopback registry with basic auth, holding the same image as $REGISTRY/fedml/busybox:latest.
+reg="$DIR/registry"
+mkdir -p "$reg/data"
+if [ ! -s "$reg/password" ]; then
+    (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$reg/password")
+    echo fedml >"$reg/username"
+    htpasswd -Bbn fedml "$(cat "$reg/password")" >"$reg/htpasswd"
+fi
+echo "$REGISTRY" >"$reg/address"
+cat >"$reg/config.yml" <<EOF
+version: 0.1
+log: {level: error}
+storage: {filesystem: {rootdirectory: $reg/data}, delete: {enabled: true}}
+http: {addr: "$REGISTRY"}
+auth: {htpasswd: {realm: fedml-test, path: $reg/htpasswd}}
+EOF
+reg_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/")" = 401 ]; }
+if ! reg_up; then
+    setsid docker-registry serve "$reg/config.yml" >"$DIR/registry.log" 2>&1 </dev/null &
+    echo $! >"$DIR/registry.pid"
+    for _ in $(seq 1 100); do
+        reg_up && break
+        sleep 0.1
+    done
+    if ! reg_up; then
+        say "the registry did not start at $REGISTRY; its log:"
+        tail -20 "$DIR/registry.log" >&2 || true
+        exit 1
+    fi
+fi
+podman push -q --tls-verify=false --creds "fedml:$(cat "$reg/password")" "$IMAGE" "$REGISTRY/fedml/busybox:latest"
 
 echo "DOCKER_HOST=unix://$SOCK"

@@ -4,6 +4,7 @@ busybox imported by scripts/podman-up.sh; Python jobs get the host's /usr and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -194,12 +195,20 @@ def test_python_train_template_runs_inside_a_container(local: Local, tmp_path: P
     assert [(a["rank"], a["files"]) for a in listed] == [(0, 1)]  # the checkpoint, from /fedml/artifacts
 
 
+LIMITS = """\
+cg=/sys/fs/cgroup
+echo "mem=$(cat $cg/memory.max 2>/dev/null || cat $cg/memory/memory.limit_in_bytes)"
+echo "cpu=$(cat $cg/cpu.max 2>/dev/null || echo "$(cat $cg/cpu/cpu.cfs_quota_us) $(cat $cg/cpu/cpu.cfs_period_us)")"
+"""
+
+
 def test_memory_limit_ends_failed_with_oom_message(local: Local, tmp_path: Path) -> None:
-    job = write_job(tmp_path, "echo allocating\npython3 -c \"b = b'x' * (400 * 1024 * 1024); print('survived')\"",
-                    extra=CONTAINER + "computing:\n  memory_gb: 0.1\n")
+    job = write_job(tmp_path, LIMITS + "python3 -c \"b = b'x' * (400 * 1024 * 1024); print('survived')\"",
+                    extra=CONTAINER + "computing:\n  memory_gb: 0.1\n  cpus: 0.5\n")
     r = local("launch", str(job))
     assert r.returncode == 137, r.stderr
-    assert r.stdout.splitlines() == ["allocating"]
+    mem, cpu = r.stdout.splitlines()  # the limits from `computing`, as the container's cgroup has them
+    assert 0 <= int(0.1 * 1024**3) - int(mem.removeprefix("mem=")) < 4096 and cpu == "cpu=50000 100000"
     run = status(local, run_id_of(r))
     assert run["status"] == "FAILED" and run["exit_code"] == 137
     assert run["reason"].startswith("killed: out of memory or SIGKILL"), run
@@ -237,3 +246,87 @@ def test_fedml_container_example_dry_run_then_runs_with_a_local_image(local: Loc
     assert out[-2:] == ["/fedml/workspace", "hello from /fedml/workspace"]
     run = status(local, run_id_of(r))
     assert run["status"] == "FINISHED" and containers(engine, run["id"]) == []
+
+
+def test_container_jobs_go_only_to_nodes_with_an_engine(engine: Any, tmp_path: Path) -> None:
+    from .cluster import start_cluster
+
+    gen = start_cluster(tmp_path, ("plain",), torch=False)
+    c = next(gen)
+    try:
+        # a second node of the same cluster whose agent sees the engine
+        r = c.agents("login", c.admin, "--server", c.url, "--node", "--name", "dock",
+                     env={"DOCKER_HOST": engine.host, "FEDML_DOCKER_NETWORK": "none"}, timeout=60)
+        assert r.returncode == 0, r.stderr
+        nodes = {n["name"]: n for n in c.json("node", "list")}
+        assert {k: n["runtimes"] for k, n in nodes.items()} == {"plain": ["process"], "dock": ["process", "docker"]}
+        for i in range(3):
+            job = write_job(tmp_path / f"j{i}", "echo in $FEDML_CURRENT_EDGE_ID", extra=CONTAINER)
+            r = c.fedml("launch", str(job))
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.strip() == f"in {nodes['dock']['id']}"
+        two = write_job(tmp_path / "two", "echo hi", extra=CONTAINER + "num_nodes: 2\n")
+        r = c.fedml("launch", str(two))
+        assert r.returncode == 2 and "cannot ever run" in r.stderr and "docker" in r.stderr, r.stderr
+    finally:
+        gen.close()
+
+
+def test_containerize_without_an_image_is_refused_at_launch(fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "echo hi", extra="containerize: true\n")
+    r = fedml("launch", str(job))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == f"error: {job}:4: containerize: true needs docker.image (the image the job runs in)"
+    assert not (fedml.home / "local" / "scheduler.json").exists()  # nothing submitted
+
+
+@pytest.fixture(scope="module")
+def registry(engine: Any) -> tuple[str, str, str]:
+    """The loopback registry (htpasswd auth) of scripts/podman-up.sh: address, username, password."""
+    from fedml_cli._http import httpx
+
+    d = Path(os.environ.get("FEDML_PODMAN_DIR", "/tmp/fedml-podman")) / "registry"
+    got = [(d / n).read_text().strip() if (d / n).exists() else "" for n in ("address", "username", "password")]
+    needs("the loopback registry of scripts/podman-up.sh", all(got), f"{d} has no address/username/password")
+    try:
+        code = httpx.get(f"http://{got[0]}/v2/", timeout=2).status_code
+    except httpx.TransportError as exc:
+        code, why = 0, str(exc)
+    else:
+        why = f"GET /v2/ answered {code}, expected 401"
+    needs("the loopback registry of scripts/podman-up.sh", code == 401, why)
+    return got[0], got[1], got[2]
+
+
+def test_image_pull_policy_and_registry_credentials_from_yaml_or_env(local: Local, engine: Any,
+                                                                     registry: tuple[str, str, str],
+                                                                     tmp_path: Path) -> None:
+    import docker
+
+    addr, user, password = registry
+    image = f"{addr}/fedml/busybox:latest"
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        engine.images.remove(image)  # an untag: the local image keeps its own name
+
+    def launch(name: str, docker_block: str, policy: str, *args: str) -> Any:
+        job = write_job(tmp_path / name, 'echo "pw=${FEDML_DOCKER_PASSWORD:-absent}"', extra=(
+            f"containerize: true\nimage_pull_policy: {policy}\ndocker:\n" + docker_block))
+        return local("launch", str(job), *args, timeout=60)
+
+    wrong = launch("wrong", f"  image: {image}\n  username: {user}\n  password: nope\n", "IfNotPresent")
+    assert wrong.returncode != 0 and "is not on this node and could not be pulled" in wrong.stderr, wrong.stderr
+    assert "unauthorized" in wrong.stderr.lower()
+    # YAML credentials; FedML's `registry` in front of a bare image name
+    ok = launch("yaml", f"  image: fedml/busybox:latest\n  registry: {addr}\n  username: {user}\n"
+                        f"  password: {password}\n", "IfNotPresent")
+    assert ok.returncode == 0 and ok.stdout == "pw=absent\n", ok.stderr
+    engine.images.get(image)  # pulled
+    # Always pulls although the image is here: without credentials that fails ...
+    always = launch("always", f"  image: {image}\n", "Always")
+    assert always.returncode != 0 and "could not be pulled (Always)" in always.stderr, always.stderr
+    # ... and with them from the run's env it works; they never reach the container
+    env = launch("env", f"  image: {image}\n", "Always", "--env", f"FEDML_DOCKER_USERNAME={user}",
+                 "--env", f"FEDML_DOCKER_PASSWORD={password}")
+    assert env.returncode == 0 and env.stdout == "pw=absent\n", env.stderr
+    # IfNotPresent with the image here does not pull (no credentials needed)
+    assert launch("present", f"  image: {image}\n", "IfNotPresent").returncode == 0
