@@ -65,7 +65,7 @@ def _agent_pid(home: Path) -> int | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    return pid if b"agents.agent" in cmd else None
+    return pid if b"agents.agent" in cmd or b"agents.k8s_agent" in cmd else None
 
 
 # ---- login / logout ----------------------------------------------------------------------------------------
@@ -84,12 +84,22 @@ def login(
                                                                   "(default: detected).")] = None,
     foreground: Annotated[bool, typer.Option("--foreground", help="With --node: run the agent in the foreground "
                                                                   "(systemd, containers).")] = False,
+    kubernetes: Annotated[bool, typer.Option("--kubernetes", help="Join a Kubernetes cluster (or namespace) as a node "
+                                                                  "pool: one agent runs jobs there as batch/v1 Jobs.")] = False,
+    context: Annotated[str | None, typer.Option("--context", help="With --kubernetes: kubeconfig context "
+                                                                  "(default: the current one).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="With --kubernetes: where Jobs go "
+                                                                      "(default: the context's).")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="With --kubernetes: image for jobs without "
+                                                              "docker.image.")] = None,
 ) -> None:
     """Store credentials for a scheduler, or with --node join this machine to it as a node.
 
     Without --node: later commands (launch, logs, run ...) go to SERVER with API_KEY.
     With --node: registers the node (GPUs from NVML, or --gpus), starts its agent in the background (pid and log
     files under FEDML_HOME/nodes/NAME) and returns; the agent outlives the shell. `fedml logout` stops it.
+    With --kubernetes: every node of the cluster becomes a node named POOL-NODE (POOL: --name, default
+    k8s-NAMESPACE); KUBECONFIG (or ~/.kube/config) says how to reach it.
     """
     from .api import Api
 
@@ -120,6 +130,9 @@ def login(
         who = Api(server, api_key).get("/info")["you"]
     except CliError as exc:
         raise _fail(exc) from None
+    if kubernetes:
+        _join_pool(api_key, server, name, labels, price, context, namespace, image, foreground)
+        return
     if not node:
         from . import paths
 
@@ -175,6 +188,49 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
     raise typer.Exit(UNREACHABLE)
 
 
+def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, str], price: float | None,
+               context: str | None, namespace: str | None, image: str | None, foreground: bool) -> None:
+    from . import paths
+
+    pool = name or f"k8s-{namespace or 'default'}"
+    home = paths.node_home(pool)
+    home.mkdir(parents=True, exist_ok=True)
+    pid = _agent_pid(home)
+    if pid:
+        _err(f"error: pool {pool} already runs here (agent pid {pid}); `fedml logout --name {pool}` first")
+        raise typer.Exit(USAGE)
+    args = ["--server", server, "--home", str(home), "--pool", pool]
+    for flag, value in (("--context", context), ("--namespace", namespace), ("--image", image)):
+        if value:
+            args += [flag, value]
+    for k, v in labels.items():
+        args += ["--label", f"{k}={v}"]
+    if price is not None:
+        args += ["--price-per-gpu-hour", str(price)]
+    env = {**os.environ, "FEDML_API_KEY": api_key}
+    if foreground:
+        os.execve(sys.executable, [sys.executable, "-m", "agents.k8s_agent", *args], env)
+    (home / "pool.json").unlink(missing_ok=True)
+    with open(home / "agent.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agents.k8s_agent", *args], env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (home / "pool.json").exists():
+            info = json.loads((home / "pool.json").read_text())
+            _err(f"Pool {pool} joined {server}: {len(info['nodes'])} Kubernetes node(s), {info['gpus']} GPU(s), "
+                 f"namespace {info['namespace']}; agent pid {proc.pid}, log {home / 'agent.log'}. "
+                 "`fedml logout` stops it.")
+            return
+        if proc.poll() is not None:
+            lines = [ln for ln in (home / "agent.log").read_text(errors="replace").splitlines() if ln.strip()]
+            _err(f"error: the pool agent exited (code {proc.returncode}): {lines[-1] if lines else 'no output'}")
+            raise typer.Exit(UNREACHABLE)
+        time.sleep(0.05)
+    _err(f"error: the pool agent did not join within 60 s; see {home / 'agent.log'}")
+    raise typer.Exit(UNREACHABLE)
+
+
 def logout(
     name: Annotated[str | None, typer.Option("--name", help="Only this node (default: every node started from "
                                                             "this FEDML_HOME, and the client credentials).")] = None,
@@ -209,6 +265,16 @@ def _leave(home: Path) -> None:
             time.sleep(0.05)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+    if (home / "pool.json").exists():  # a Kubernetes pool: delete its Jobs, remove its nodes
+        from agents.k8s_agent import leave
+
+        for warning in leave(home):
+            _err(f"warning: {warning}")
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
+        _err(f"Pool {home.name} logged out" + (f" (agent pid {pid} stopped)." if pid else "."))
+        return
     # The agent leaves its jobs running on purpose (it re-attaches after a restart); leaving for good, stop them.
     from runtime.process import ProcessRuntime
 
