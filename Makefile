@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test bench lint clean podman
+.PHONY: install test bench lint clean podman k8s
 
 install:
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,7 @@ install:
 	$(BIN)/pip install --quiet -e '.[test,workloads]'
 	@echo "installed: activate with 'source $(VENV)/bin/activate' (or run $(BIN)/fedml)"
 
-test:
+test: k8s
 	$(BIN)/pytest -q
 
 bench:
@@ -28,6 +28,11 @@ bench:
 # The engine the container tests and bench use: podman serving the Docker Engine API (installs it as root).
 podman:
 	bash scripts/podman-up.sh
+
+# The Kubernetes control plane the pool tests start: built once from Debian's source package (~7 min on 2 cores,
+# as root: apt) and reused from ~/.cache/fedml-k8s. If it cannot be built the tests say why (and fail in CI).
+k8s:
+	bash scripts/k8s-control-plane.sh build || echo "make k8s: not built; tests/test_kubernetes.py will skip (fail in CI)"
 
 lint:
 	$(BIN)/ruff check .
