@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -226,10 +225,10 @@ class Pool:
                 agent.client.deregister(agent.node_id)
             except (Unreachable, Refused) as exc:
                 log.warning("node %s: could not leave the scheduler: %s", agent.info.name, exc)
+        for f in ("node.json", "node_token"):  # no longer a node of ours (its runs/ finish on their own)
+            (agent.home / f).unlink(missing_ok=True)
         log.info("node %s leaves the pool (%s)", agent.info.name,
                  "deleted from Kubernetes" if gone else "not schedulable")
-        if gone:
-            shutil.rmtree(agent.home, ignore_errors=True)
 
     def run(self) -> None:
         self.cluster.start()

@@ -221,6 +221,7 @@ class Cluster:
         self.namespace, self.pool = namespace, pool
         self.nodes: dict[str, dict[str, Any]] = {}
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self._by_job: dict[str, dict[str, dict[str, Any]]] = {}  # our namespace's pods by their job-name label
         self.all_namespaces = True
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
@@ -285,6 +286,9 @@ class Cluster:
                 self.nodes = {o["metadata"]["name"]: o for o in doc["items"]}
             else:
                 self.pods = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in doc["items"]}
+                self._by_job = {}
+                for o in doc["items"]:
+                    self._index(o, deleted=False)
         self._changed(kind)
         return str(doc["metadata"]["resourceVersion"])
 
@@ -349,14 +353,27 @@ class Cluster:
                     self.pods.pop(key, None)
                 else:
                     self.pods[key] = obj
+                self._index(obj, deleted=typ == "DELETED")
         self._changed(kind)
+
+    def _index(self, pod: dict[str, Any], deleted: bool) -> None:
+        meta = pod["metadata"]
+        job = (meta.get("labels") or {}).get("job-name")
+        if job is None or meta["namespace"] != self.namespace:
+            return
+        pods = self._by_job.setdefault(job, {})
+        if deleted:
+            pods.pop(meta["name"], None)
+            if not pods:
+                del self._by_job[job]
+        else:
+            pods[meta["name"]] = pod
 
     # -- queries -----------------------------------------------------------------------------------------
     def pods_of_job(self, job: str) -> list[dict[str, Any]]:
         """The Job's pods, oldest first (the job controller labels them job-name=<job>)."""
         with self._lock:
-            pods = [p for (ns, _), p in self.pods.items()
-                    if ns == self.namespace and p["metadata"].get("labels", {}).get("job-name") == job]
+            pods = list(self._by_job.get(job, {}).values())
         return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
 
     def ours(self, pod: dict[str, Any]) -> bool:

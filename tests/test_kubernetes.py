@@ -21,7 +21,9 @@ runtimes' tests cover that); what is tested is everything between our scheduler 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -550,6 +553,47 @@ def test_gpus_held_by_other_pods_are_not_offered(p: Pool) -> None:
     finally:
         p.plane.core.delete_namespaced_pod("someone-elses", NS)
     wait_for("gpu-h to offer its GPU again", lambda: len(p.nodes()[f"{POOL}-gpu-h"]["gpus"]) == 1, timeout=20)
+
+
+def test_a_killed_pool_agent_comes_back_to_its_running_job_and_ships_only_the_rest_of_its_log(
+        p: Pool, tmp_path: Path) -> None:
+    """Simulated: the pod running and writing a line while its agent is dead, then succeeding."""
+    run_id = p.launch(tmp_path, "python train.py")
+    [pod] = p.bound_pods(run_id)
+    p.kubelet.run(pod.metadata.name, "line 1\n")
+    wait_for("line 1 at the scheduler", lambda: p.c.logs(run_id).get(0) == ["line 1"], timeout=20)
+    pid = int((p.home / "agent.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the pool agent gone", lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+    p.kubelet.write(pod.metadata.name, "line 2\n")
+    assert p.run(run_id)["status"] == "RUNNING"  # the Job runs on without its agent
+    again = p.c.agents("login", p.c.admin, "--server", p.c.url, "--kubernetes", "--namespace", NS, "--name", POOL,
+                       timeout=90, env={"KUBECONFIG": str(p.kubeconfig)})
+    assert again.returncode == 0, (again.stderr, _agent_log(p.c))
+    assert {n["id"] for n in p.nodes().values()} == set(json.loads((p.home / "pool.json").read_text())["nodes"].values())
+    wait_for("line 2 at the scheduler", lambda: p.c.logs(run_id).get(0) == ["line 1", "line 2"], timeout=20)
+    p.kubelet.exit(pod.metadata.name, 0)
+    assert p.wait_status(run_id, "FINISHED", "FAILED")["status"] == "FINISHED"
+    assert p.c.logs(run_id) == {0: ["line 1", "line 2"]}  # nothing shipped twice
+    assert len(p.nodes()) == 3
+
+
+def test_a_deleted_kubernetes_node_leaves_the_pool_and_its_run_is_lost(p: Pool, tmp_path: Path) -> None:
+    """Simulated: a fourth node joining (Ready, 1 GPU), its pod running, then the Node object deleted (as
+    when a cloud's autoscaler removes a machine)."""
+    p.kubelet.add_node("gpu-x", A100, 1)
+    wait_for("gpu-x in the pool", lambda: f"{POOL}-gpu-x" in p.nodes(), timeout=20)
+    run_id = p.launch(tmp_path, "sleep 1000", labels={"kubernetes.node": "gpu-x"})
+    [pod] = p.bound_pods(run_id)
+    assert pod.spec.node_name == "gpu-x"
+    p.kubelet.run(pod.metadata.name)
+    p.wait_status(run_id, "RUNNING")
+    p.plane.core.delete_node("gpu-x")
+    run = p.wait_status(run_id, "FAILED", "KILLED", "FINISHED")
+    assert run["status"] == "FAILED" and f"node {POOL}-gpu-x was removed" in run["reason"], run
+    wait_for("gpu-x out of the pool", lambda: f"{POOL}-gpu-x" not in p.nodes(), timeout=20)
+    wait_for("the run's Job deleted", lambda: p.gone(run_id), timeout=30)
 
 
 def test_the_manifests_are_accepted_by_the_api_server(plane: ControlPlane, pool: Pool) -> None:
