@@ -45,6 +45,9 @@ from .store import SeqGap, Store
 log = logging.getLogger("fedml.scheduler")
 
 API = "/api/v1"
+# Bounds for numbers the stores keep as integers (SQLite: 64-bit; Redis Lua: exact up to 2**53).
+_MAX_ID = 2**31 - 1
+_MAX_SEQ = 2**53 - 1
 
 
 @dataclass
@@ -380,6 +383,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             body = LogBatch.model_validate_json(await request.body())
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from None
+        if not (0 <= body.rank <= _MAX_ID and 0 <= body.attempt <= _MAX_ID and body.first_seq + len(body.lines) <= _MAX_SEQ):
+            raise HTTPException(422, "rank, attempt or first_seq out of range")
         return await run_in_threadpool(_append, run_id, body, who)
 
     def _append(run_id: str, body: LogBatch, who: Principal) -> JSONResponse:
@@ -393,7 +398,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return JSONResponse({"next_seq": nxt})
 
     @app.get(f"{API}/runs/{{run_id}}/logs/next_seq")
-    def next_seq(run_id: str, attempt: int = 1, rank: int = 0, who: Principal = Depends(auth)) -> dict[str, int]:
+    def next_seq(run_id: str, attempt: int = Query(default=1, ge=0, le=_MAX_ID), rank: int = Query(default=0, ge=0, le=_MAX_ID),
+                 who: Principal = Depends(auth)) -> dict[str, int]:
         sched.check_log_writer(run_id, who)
         return {"next_seq": store.next_seq(run_id, attempt, rank)}
 

@@ -1,0 +1,256 @@
+"""Bad input: the API fuzzed with schemathesis from its own OpenAPI schema (a real scheduler process, on the
+SQLite and on the Redis store) must never answer 5xx or hang; the job YAML parser fed >= 1,000 generated bad
+files must answer each with one clean validation error (exit 2), never a traceback; an oversized workspace is
+refused with 413 and nothing is half-written.
+
+Examples per API operation: FEDML_FUZZ_EXAMPLES (default 40).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fedml_cli._http import httpx
+from fedml_cli.main import app as cli_app
+
+from .conftest import FEDML, Fedml
+from .procs import free_port, wait_for
+from .replicas import ROOT, Replicas
+from .test_store_contract import redis_url
+
+EXAMPLES = int(os.environ.get("FEDML_FUZZ_EXAMPLES", "25"))
+ADMIN = "fml_a_fuzz-admin-key-0123456789abcdef"
+
+
+# ---- the API -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def api_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    home = tmp_path_factory.mktemp(f"fuzz-{request.param}")
+    store = "sqlite" if request.param == "sqlite" else redis_url()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDML_")}
+    env.update(FEDML_ADMIN_KEY=ADMIN, FEDML_HOME=str(home))
+    log = open(home / "scheduler.log", "wb")  # noqa: SIM115 - the child's
+    proc = subprocess.Popen([sys.executable, "-m", "scheduler.server", "--store", store, "--home", str(home),
+                             "--port", str(port), "--no-agent", "--quiet", "--max-workspace-mb", "1"],
+                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, (home / "scheduler.log").read_text()
+        try:
+            return httpx.get(url + "/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+    try:
+        wait_for("the scheduler to answer", up, timeout=30)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        if store != "sqlite":
+            from scheduler.redis_store import wipe_prefix
+
+            wipe_prefix(store)
+        errors = [ln for ln in (home / "scheduler.log").read_text(errors="replace").splitlines() if "Traceback" in ln]
+        assert not errors, (home / "scheduler.log").read_text()[-4000:]
+
+
+def _operations() -> dict[str, Any]:
+    """The API's operations, from the OpenAPI schema the app itself publishes (built in process, no server)."""
+    import tempfile
+
+    from scheduler.app import Settings, create_app
+    from scheduler.sqlite_store import SQLiteStore
+
+    with tempfile.TemporaryDirectory() as d:
+        spec = create_app(SQLiteStore(":memory:"), Settings(blob_dir=Path(d))).openapi()
+    ops = {}
+    for result in schemathesis.openapi.from_dict(spec).get_all_operations():
+        op = result.ok()
+        ops[f"{op.method.upper()} {op.path}"] = op
+    return ops
+
+
+OPERATIONS = _operations()
+
+
+@pytest.mark.parametrize("label", sorted(OPERATIONS))
+def test_api_never_answers_a_server_error_or_hangs(api_server: str, label: str) -> None:
+    from schemathesis.generation import GenerationMode
+
+    op = OPERATIONS[label]
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):  # valid requests, then invalid ones
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def fuzz(case: Any) -> None:
+            # A request that hangs past the timeout raises, and fails the test as a 5xx would.
+            resp = case.call(base_url=api_server, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=15)
+            assert resp.status_code < 500, (case.method, case.formatted_path, case.query, case.body, resp.text[:500])
+
+        try:
+            fuzz()
+        except Unsatisfiable:
+            # Nothing about this operation can be made invalid (no parameters, no body): positive cases only.
+            assert mode == GenerationMode.NEGATIVE, label
+
+
+# ---- the job YAML parser -----------------------------------------------------------------------------------
+
+VALID: dict[str, Any] = {
+    "workspace": "ws", "job": "echo hi", "bootstrap": "true", "job_type": "train",
+    "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G", "maximum_cost_per_hour": "$3",
+                  "device_type": "GPU"},
+    "num_nodes": 1, "priority": 0, "retry": {"max_attempts": 2, "on": ["lost"]}, "max_duration": "1h",
+    "envs": {"A": "b"}, "labels": {"zone": "a"},
+}
+
+# Each: (path to a field, a strategy of values it must refuse).
+junk = st.one_of(st.lists(st.integers(), min_size=1, max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                                   min_size=1, max_size=2))
+BREAKS: list[tuple[tuple[str, ...], st.SearchStrategy[Any]]] = [
+    (("computing", "minimum_num_gpus"), st.one_of(st.integers(max_value=-1), st.text(min_size=1).filter(
+        lambda s: not s.strip().lstrip("+").isdigit()), junk)),
+    (("num_nodes",), st.one_of(st.integers(max_value=0), st.sampled_from(["many", "1.5x", ""]), junk)),
+    (("priority",), st.one_of(st.sampled_from(["high", "x", "1e"]), junk, st.floats(allow_nan=True).filter(
+        lambda f: f != int(f) if f == f and abs(f) != float("inf") else True))),
+    (("retry", "max_attempts"), st.one_of(st.integers(max_value=0), st.integers(min_value=101), junk)),
+    (("retry", "on"), st.lists(st.text(min_size=1).filter(lambda s: s.strip() not in ("lost", "error")),
+                               min_size=1, max_size=3)),
+    (("job_type",), st.text(min_size=1).filter(lambda s: s.strip().lower() not in (
+        "train", "deploy", "serve", "federate", "federated", "training", "serving", "inference"))),
+    (("computing", "maximum_cost_per_hour"), st.sampled_from(["$", "cheap", "$-1", "3$3", "$$5", "-2"])),
+    (("max_duration",), st.sampled_from(["forever", "-1h", "1x", "h1", "1.2.3m", "0"])),
+    (("job",), st.one_of(st.integers(), junk.filter(lambda v: not isinstance(v, list)))),
+    (("envs",), st.one_of(st.lists(st.integers(), min_size=1), st.text(min_size=1))),
+    (("labels",), st.one_of(st.lists(st.integers(), min_size=1), st.integers())),
+    (("computing",), st.one_of(st.lists(st.integers(), min_size=1), st.integers(), st.text(min_size=1))),
+    (("retry",), st.one_of(st.lists(st.integers(), min_size=1), st.integers())),
+]
+
+
+@st.composite
+def bad_job(draw: st.DrawFn) -> str:
+    """A job file that must be refused: a valid job with one field broken, a document that is not a mapping,
+    or a file that is not YAML."""
+    kind = draw(st.sampled_from(["field"] * 6 + ["shape", "syntax"]))
+    if kind == "shape":
+        doc = draw(st.one_of(st.lists(st.integers(), min_size=1), st.integers(), st.text(min_size=1).filter(
+            lambda s: not isinstance(yaml.safe_load(json.dumps(s)), dict))))
+        return json.dumps(doc)
+    if kind == "syntax":
+        # Unbalanced brackets and quotes, tabs where YAML forbids them, a key without a value mapping.
+        return draw(st.sampled_from(["job: [echo", "job: {a: 1", 'job: "echo\n', "job: 'x\n", "\tjob: echo\n",
+                                     "job: echo\n  - bad: [\n", "job: echo\ncomputing: {minimum_num_gpus: 1\n",
+                                     "- job\njob: echo\n", "job: echo\n? [\n", "job: *alias\n"]))
+    doc = copy.deepcopy(VALID)
+    path, values = draw(st.sampled_from(BREAKS))
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = draw(values)
+    return yaml.safe_dump(doc, allow_unicode=True)
+
+
+def _check_refused(result: Any, name: str) -> None:
+    out = result.output
+    assert result.exit_code == 2, (result.exit_code, out, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught error
+    assert "Traceback" not in out
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}"), out
+
+
+_SEEN = [0]
+
+
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(text=bad_job())
+def test_a_thousand_bad_job_files_each_get_one_clean_error(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    d = tmp_path_factory.mktemp("bad", numbered=True)
+    (d / "ws").mkdir()
+    (d / "job.yaml").write_text(text)
+    runner = CliRunner()
+    result = runner.invoke(cli_app, ["launch", str(d / "job.yaml"), "--dry-run"], env={"COLUMNS": "300"})
+    _check_refused(result, str(d / "job.yaml"))
+    _SEEN[0] += 1
+
+
+def test_the_bad_job_fuzzer_ran_a_thousand_inputs() -> None:
+    if _SEEN[0] == 0:
+        pytest.skip("run together with test_a_thousand_bad_job_files_each_get_one_clean_error")
+    assert _SEEN[0] >= 1000, _SEEN[0]
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(text=st.one_of(st.text(), st.binary().map(lambda b: b.decode("latin-1"))))
+def test_arbitrary_text_is_refused_cleanly_or_accepted(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    d = tmp_path_factory.mktemp("any", numbered=True)
+    (d / "job.yaml").write_text(text, errors="surrogateescape")
+    result = CliRunner().invoke(cli_app, ["launch", str(d / "job.yaml"), "--dry-run"])
+    if result.exit_code != 0:
+        _check_refused(result, str(d / "job.yaml"))
+
+
+@settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(text=bad_job())
+def test_bad_job_files_through_the_real_executable(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    d = tmp_path_factory.mktemp("exe", numbered=True)
+    (d / "ws").mkdir()
+    (d / "job.yaml").write_text(text)
+    r = Fedml(d / "home")("launch", "job.yaml", "--dry-run", cwd=d, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: job.yaml") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (d / "home" / "local" / "scheduler.json").exists()  # nothing started, nothing submitted
+
+
+# ---- upload limits on replicas -----------------------------------------------------------------------------
+
+def test_an_oversized_workspace_is_refused_whole_by_the_replicas(tmp_path: Path) -> None:
+    c = Replicas(tmp_path / "c", n=2)  # --max-workspace-mb 1, one blob dir shared by both replicas
+    try:
+        c.start()
+        big = tmp_path / "job"
+        (big / "ws").mkdir(parents=True)
+        (big / "ws" / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))  # incompressible
+        (big / "job.yaml").write_text("workspace: ws\njob: ls -l data.bin\n")
+        env = {"FEDML_SERVER": c.server, "FEDML_API_KEY": c.admin}
+        for _ in range(2):  # once through each replica
+            r = Fedml(tmp_path / "client")("launch", "job.yaml", "--detach", cwd=big, env=env, timeout=60)
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+            assert "larger than the limit of 1 MiB" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        blobs = c.base / "blobs"
+        assert not [p for p in blobs.rglob("*") if p.is_file()], "a partial upload was left behind"
+        assert c.call("GET", "/runs").json() == []  # nothing submitted
+        sha = "0" * 64
+        r = c.call("PUT", f"/blobs/{sha}", content=os.urandom(2 * 1024 * 1024))
+        assert r.status_code == 413 and "larger than the limit" in r.json()["detail"], r.text
+        r = c.call("POST", "/runs", json={"job": {"job": "echo"}, "workspace_sha": sha})
+        assert r.status_code == 400 and "has not been uploaded" in r.json()["detail"], r.text
+    finally:
+        c.close()
+
+
+def test_fedml_is_on_path() -> None:
+    assert Path(FEDML).exists(), FEDML
