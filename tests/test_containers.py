@@ -123,6 +123,17 @@ def test_exit_codes_stderr_and_bootstrap_failures_propagate(local: Local, tmp_pa
     assert "bootstrap failed with exit code 3" in b.stderr
 
 
+def test_fast_output_arrives_whole(local: Local, tmp_path: Path) -> None:
+    # podman's followed log stream drops lines under output this fast; the runtime must not depend on it
+    n = 30_000
+    job = write_job(tmp_path, f'i=0; while [ $i -lt {n} ]; do echo "line $i"; i=$((i+1)); done\n'
+                              "head -c 70000 /dev/zero | tr '\\0' x; echo\nprintf 'no newline at the end'",
+                    extra=CONTAINER)
+    r = local("launch", str(job), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"line {i}" for i in range(n)] + ["x" * 65536, "x" * 4464, "no newline at the end"]
+
+
 def test_run_stop_removes_the_container(local: Local, engine: Any, tmp_path: Path) -> None:
     job = write_job(tmp_path, "trap 'echo got TERM; exit 143' TERM\necho started\nwhile :; do sleep 0.1; done",
                     extra=CONTAINER)
@@ -160,6 +171,19 @@ def test_restarted_agent_finds_its_container_by_label_and_loses_no_line(local: L
     assert f.returncode == 0, f.stderr
     assert f.stdout.splitlines() == [f"n {i}" for i in range(1, 81)]
     assert status(local, run_id)["status"] == "FINISHED"
+    assert containers(engine, run_id) == []
+
+
+def test_container_that_ended_while_its_agent_was_down_is_reported(local: Local, engine: Any, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "echo a\nsleep 0.5\necho b\nexit 3", extra=CONTAINER)
+    run_id = local("launch", str(job), "--detach").stdout.strip()
+    wait_for("the container", lambda: containers(engine, run_id), timeout=30, every=0.02)
+    old = agent_pid(local)
+    os.kill(old, signal.SIGKILL)  # the scheduler starts it again 2 s later: the job has ended by then
+    f = local("logs", "-f", run_id, timeout=60)
+    assert f.stdout.splitlines() == ["a", "b"] and agent_pid(local) != old
+    run = status(local, run_id)
+    assert run["status"] == "FAILED" and run["exit_code"] == 3, run
     assert containers(engine, run_id) == []
 
 
