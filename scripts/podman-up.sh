@@ -91,6 +91,13 @@ location = "$REGISTRY"
 insecure = true
 EOF
 
+# A service started by an older version of this script lacks our registries.conf: start it again.
+if answers && [ -f "$DIR/service.pid" ] \
+        && ! tr '\0' '\n' <"/proc/$(cat "$DIR/service.pid")/environ" 2>/dev/null \
+            | grep -qx "CONTAINERS_REGISTRIES_CONF=$CONTAINERS_REGISTRIES_CONF"; then
+    kill "$(cat "$DIR/service.pid")" 2>/dev/null || true
+    sleep 0.5
+fi
 if ! answers; then
     rm -f "$SOCK"
     # setsid: the service outlives this script and the make that ran it; --time=0: it never idles out.
