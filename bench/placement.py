@@ -1,11 +1,12 @@
 """Placement throughput with 1,000 and 10,000 registered nodes, in process, against the real placement code
-and the real SQLite store (on disk, synchronous=FULL).
+and a real store: SQLite (on disk, synchronous=FULL) and/or Redis (127.0.0.1:6379, a key prefix of its own,
+wiped afterwards; each placement a Lua compare-and-set that also claims the GPU).
 
 For each cluster size: register the nodes (8 GPUs each), queue JOBS one-GPU runs, then time
 Scheduler.schedule_pass() placing all of them (each placement a committed QUEUED -> STARTING transition).
 Also times one `place()` call alone (no store). Target (issue 3): >= 2,000 placements/s at 10,000 nodes.
 
-    .venv/bin/python bench/placement.py [--jobs 5000] [--sizes 1000,10000]
+    .venv/bin/python bench/placement.py [--jobs 5000] [--sizes 1000,10000] [--store sqlite,redis]
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import secrets
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -26,12 +29,22 @@ from scheduler.notify import Notifier  # noqa: E402
 from scheduler.placement import Request, place  # noqa: E402
 from scheduler.service import Scheduler  # noqa: E402
 from scheduler.sqlite_store import SQLiteStore  # noqa: E402
+from scheduler.store import Store  # noqa: E402
 
 TARGET = 2000.0
+REDIS = "redis://127.0.0.1:6379/7"
 
 
-def bench(n_nodes: int, jobs: int, tmp: Path) -> dict[str, object]:
-    store = SQLiteStore(tmp / f"bench-{n_nodes}.db")
+def open_store(kind: str, tmp: Path, n_nodes: int) -> Store:
+    if kind == "sqlite":
+        return SQLiteStore(tmp / f"bench-{n_nodes}.db")
+    from scheduler.redis_store import RedisStore
+
+    return RedisStore(f"{REDIS}?prefix=fedml-bench-{secrets.token_hex(4)}:")
+
+
+def bench(n_nodes: int, jobs: int, tmp: Path, kind: str = "sqlite") -> dict[str, object]:
+    store = open_store(kind, tmp, n_nodes)
     sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(1))
     now = time.time()
     kinds = ["NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"]
@@ -64,8 +77,10 @@ def bench(n_nodes: int, jobs: int, tmp: Path) -> dict[str, object]:
         t1 = time.perf_counter()
         place(req, cands, rng=rng)
         times.append(time.perf_counter() - t1)
+    if kind == "redis":
+        store.wipe()  # type: ignore[attr-defined]
     store.close()
-    return {"nodes": n_nodes, "jobs": jobs, "placed": placed, "seconds": round(elapsed, 3),
+    return {"store": kind, "nodes": n_nodes, "jobs": jobs, "placed": placed, "seconds": round(elapsed, 3),
             "placements_per_s": round(placed / elapsed, 1),
             "place_call_us_median": round(statistics.median(times) * 1e6, 1),
             "place_call_us_p99": round(sorted(times)[int(len(times) * 0.99)] * 1e6, 1)}
@@ -75,20 +90,27 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", type=int, default=5000)
     p.add_argument("--sizes", default="1000,10000")
+    p.add_argument("--store", default="sqlite,redis", help="sqlite, redis, or both (comma-separated)")
     args = p.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="fedml-bench-placement-") as d:
-        for n in (int(x) for x in args.sizes.split(",")):
-            r = bench(n, args.jobs, Path(d))
-            results.append(r)
-            verdict = "PASS" if r["placements_per_s"] >= TARGET or n < 10_000 else "MISS"
-            print(f"{n:>6} nodes: placed {r['placed']} of {r['jobs']} one-GPU jobs in {r['seconds']} s = "
-                  f"{r['placements_per_s']:.0f} placements/s (each committed to SQLite)"
-                  + (" (the rest did not fit: every A100 taken)" if r["placed"] < r["jobs"] else "")
-                  + (f"; target >= {TARGET:.0f}/s: {verdict}" if n >= 10_000 else ""))
-            print(f"        one place() call: median {r['place_call_us_median']} us, p99 {r['place_call_us_p99']} us")
+        for kind in args.store.split(","):
+            for n in (int(x) for x in args.sizes.split(",")):
+                r = bench(n, args.jobs, Path(d), kind)
+                results.append(r)
+                report(r, n, kind)
     print(json.dumps({"bench": "placement", "results": results}))
     return 0
+
+
+def report(r: dict[str, Any], n: int, kind: str) -> None:
+    verdict = "PASS" if r["placements_per_s"] >= TARGET or n < 10_000 else "MISS"
+    where = "committed to SQLite" if kind == "sqlite" else "a Lua compare-and-set in Redis"
+    print(f"{kind:>6} {n:>6} nodes: placed {r['placed']} of {r['jobs']} one-GPU jobs in {r['seconds']} s = "
+          f"{r['placements_per_s']:.0f} placements/s (each {where})"
+          + (" (the rest did not fit: every A100 taken)" if r["placed"] < r["jobs"] else "")
+          + (f"; target >= {TARGET:.0f}/s: {verdict}" if n >= 10_000 else ""))
+    print(f"              one place() call: median {r['place_call_us_median']} us, p99 {r['place_call_us_p99']} us")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from .models import TERMINAL, ApiKey, LogRow, Node, Run, RunStatus, check_transition
+from .models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus, check_transition
 from .notify import Notifier
 from .store import GpuBusy, NotFound, SeqGap, Store
 
@@ -247,6 +247,10 @@ class RedisStore(Store):
         self._heartbeat = self.r.register_script(HEARTBEAT)
         self._locks = threading.local()
         self._notifier: RelayNotifier | None = None
+        # The documents this process last read or wrote: a write expects them without reading again (a
+        # placement right after the pass listed the queue costs one round trip, not two). A stale one only
+        # costs a failed compare-and-set and a fresh read.
+        self._docs_seen: dict[str, str] = {}
 
     # -- runs --------------------------------------------------------------------------------------------
     def _put(self, old_doc: str, old: Run | None, new: Run) -> None:
@@ -263,10 +267,12 @@ class RedisStore(Store):
                                   k.owner(new.owner)], args=args)
         got = got.decode() if isinstance(got, bytes) else got
         if got == "ok":
+            self._remember(new.id, args[2])
             return
         if got == "exists":
             raise ValueError(f"run {new.id} exists already")
         if got == "conflict":
+            self._docs_seen.pop(new.id, None)
             raise _Conflict()
         _, node, gpu, holder = got.split("\t")
         raise GpuBusy(node, int(gpu), holder)
@@ -275,11 +281,19 @@ class RedisStore(Store):
         self._put("", None, run)
         return run
 
-    def _read(self, run_id: str) -> tuple[str, Run] | None:
-        raw = self.r.get(self.k.run(run_id))
-        if raw is None:
-            return None
-        doc = raw.decode()
+    def _remember(self, run_id: str, doc: str) -> None:
+        if len(self._docs_seen) > 200_000:
+            self._docs_seen.clear()
+        self._docs_seen[run_id] = doc
+
+    def _read(self, run_id: str, fresh: bool = False) -> tuple[str, Run] | None:
+        doc = None if fresh else self._docs_seen.get(run_id)
+        if doc is None:
+            raw = self.r.get(self.k.run(run_id))
+            if raw is None:
+                return None
+            doc = raw.decode()
+            self._remember(run_id, doc)
         return doc, Run.model_validate_json(doc)
 
     def get_run(self, run_id: str) -> Run | None:
@@ -289,18 +303,25 @@ class RedisStore(Store):
             raw, pos = p.execute()
         if raw is None:
             return None
+        self._remember(run_id, raw.decode())
         run = Run.model_validate_json(raw)
         run.log_count = int(pos or 0)
         return run
 
     def _modify(self, run_id: str, change: Any) -> Run:
         """Read, change, compare-and-set; again if another writer got in between."""
-        for _ in range(1000):
-            got = self._read(run_id)
+        for attempt in range(1000):
+            got = self._read(run_id, fresh=attempt > 0)
             if got is None:
                 raise NotFound(run_id)
             doc, old = got
-            new = change(old)
+            try:
+                new = change(old)
+            except InvalidTransition:
+                if attempt == 0 and run_id in self._docs_seen:  # judged on a remembered copy: look again
+                    self._docs_seen.pop(run_id, None)
+                    continue
+                raise
             new.updated_at = time.time()
             if new.placements:
                 new.node_id, new.gpus = new.placements[0].node_id, new.placements[0].gpus
@@ -359,7 +380,9 @@ class RedisStore(Store):
         for i in range(0, len(ids), 1000):
             for raw in self.r.mget([self.k.run(x) for x in ids[i:i + 1000]]):
                 if raw is not None:
-                    out.append(Run.model_validate_json(raw))
+                    run = Run.model_validate_json(raw)
+                    self._remember(run.id, raw.decode())
+                    out.append(run)
         return out
 
     # -- logs --------------------------------------------------------------------------------------------
