@@ -51,7 +51,7 @@ TARGET_RATE = TARGET_AGENTS / INTERVAL  # heartbeats/s that 10,000 agents every 
 class SchedulerProc:
     """A scheduler process of our own in a temporary home; never the user's FEDML_HOME."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, store: str = "sqlite") -> None:
         self.home = home
         self.log_path = home / "scheduler.out"
         env = {k: v for k, v in os.environ.items()
@@ -60,7 +60,7 @@ class SchedulerProc:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler.server", "--home", str(home), "--host", "127.0.0.1", "--port", "0",
-             "--no-agent", "--quiet", "--heartbeat-interval", str(INTERVAL)],
+             "--no-agent", "--quiet", "--heartbeat-interval", str(INTERVAL), "--store", store],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
 
@@ -349,6 +349,9 @@ def main() -> int:
     ap.add_argument("--paced-rate", type=float, default=TARGET_RATE,
                     help=f"then heartbeats at this fixed rate, open loop (default {TARGET_RATE:.0f}/s: issue 6's load)")
     ap.add_argument("--paced-seconds", type=float, default=5.0, help="length of the paced phase (default 5; 0: skip)")
+    ap.add_argument("--store", choices=("sqlite", "redis"), default="sqlite",
+                    help="the scheduler's store: sqlite (default) or redis (127.0.0.1:6379/7, a key prefix of its own, "
+                         "wiped afterwards; heartbeats then go to a Redis hash the replicas share)")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="heartbeat client: a lean hand-written HTTP/1.1 one (default) or httpx.AsyncClient")
     args = ap.parse_args()
@@ -357,13 +360,16 @@ def main() -> int:
 
     home = Path(tempfile.mkdtemp(prefix="fedml-bench-heartbeat-"))
     keep = False
+    store = "sqlite"
     sched: SchedulerProc | None = None
     result: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()
-        sched = SchedulerProc(home)
+        store = "sqlite" if args.store == "sqlite" else f"redis://127.0.0.1:6379/7?prefix=fedml-bench-{os.getpid()}:"
+        sched = SchedulerProc(home, store)
         url, admin = sched.wait_ready()
-        print(f"# scheduler pid {sched.proc.pid} at {url} (home {home}), up in {time.perf_counter() - t0:.2f} s")
+        print(f"# scheduler pid {sched.proc.pid} at {url} (home {home}, store {args.store}), up in "
+              f"{time.perf_counter() - t0:.2f} s")
 
         c0 = cpu_seconds(sched.ps)
         nodes, reg_s = asyncio.run(register_all(url, admin, args.nodes, args.register_concurrency))
@@ -399,7 +405,7 @@ def main() -> int:
                   f"was due): {pc['ok']}/{pc['sent']} answered in {pc['wall_s']:.1f} s = {pc['achieved_per_s']:.0f}/s; "
                   f"latency ms p50 {pl['p50']}  p90 {pl['p90']}  p99 {pl['p99']}  max {pl['max']}; "
                   f"errors {pc['errors']}; scheduler CPU {pc['scheduler_cpu_pct']:.0f} %")
-        result = {"nodes": len(nodes), "concurrency": args.concurrency, "register_s": round(reg_s, 2),
+        result = {"store": args.store, "nodes": len(nodes), "concurrency": args.concurrency, "register_s": round(reg_s, 2),
                   "register_per_s": round(len(nodes) / reg_s, 1), "register_scheduler_cpu_pct": round(reg_cpu, 1),
                   **hb, "agents_at_10s": round(agents), "target_agents": TARGET_AGENTS, "target_rate": TARGET_RATE,
                   "verdict": verdict, "paced": pc}
@@ -418,6 +424,10 @@ def main() -> int:
         return 1
     finally:
         took = sched.stop() if sched is not None else 0.0
+        if sched is not None and store != "sqlite":
+            from scheduler.redis_store import wipe_prefix
+
+            wipe_prefix(store)
         if not keep:  # before printing: a closed stdout (`| head`) must not leave the home behind
             shutil.rmtree(home, ignore_errors=True)
         with contextlib.suppress(BrokenPipeError):

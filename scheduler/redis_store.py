@@ -251,6 +251,7 @@ class RedisStore(Store):
         # placement right after the pass listed the queue costs one round trip, not two). A stale one only
         # costs a failed compare-and-set and a fresh read.
         self._docs_seen: dict[str, str] = {}
+        self._key_cache: dict[str, tuple[float, ApiKey]] = {}
 
     # -- runs --------------------------------------------------------------------------------------------
     def _put(self, old_doc: str, old: Run | None, new: Run) -> None:
@@ -470,11 +471,27 @@ class RedisStore(Store):
 
     # -- API keys ----------------------------------------------------------------------------------------
     def put_key(self, key: ApiKey) -> None:
+        self._key_cache.pop(key.hash, None)
         self._put_key(keys=[self.k.keys, self.k.key_docs], args=[key.id, key.hash, key.model_dump_json()])
+        if self._notifier is not None:
+            self._notifier.notify("keys")  # other replicas drop their cached keys
+
+    KEY_CACHE_S = 1.0
 
     def key_by_hash(self, digest: str) -> ApiKey | None:
+        # Every request is authenticated: keys found are remembered for KEY_CACHE_S, so a revocation made at
+        # another replica takes effect here within that time (at once at the replica that revoked it).
+        hit = self._key_cache.get(digest)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.KEY_CACHE_S:
+            return hit[1]
         raw = self.r.hget(self.k.key_docs, digest)
-        return ApiKey.model_validate_json(raw) if raw else None
+        key = ApiKey.model_validate_json(raw) if raw else None
+        if key is not None:
+            if len(self._key_cache) > 100_000:
+                self._key_cache.clear()
+            self._key_cache[digest] = (now, key)
+        return key
 
     def list_keys(self) -> list[ApiKey]:
         keys = [ApiKey.model_validate_json(raw) for raw in self.r.hvals(self.k.key_docs)]
@@ -513,6 +530,7 @@ class RedisStore(Store):
     def notifier(self) -> Notifier:
         if self._notifier is None:
             self._notifier = RelayNotifier(self.r, self.k.channel)
+            self._notifier.on_key["keys"] = self._key_cache.clear
         return self._notifier
 
     def close(self) -> None:
@@ -548,6 +566,7 @@ class RelayNotifier(Notifier):
         super().__init__()
         self.r, self.channel = r, channel
         self.origin = os.urandom(6).hex()
+        self.on_key: dict[str, Any] = {}  # callbacks for wake-ups from other replicas
         self._out: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._pubsub = r.pubsub(ignore_subscribe_messages=True)
@@ -582,7 +601,7 @@ class RelayNotifier(Notifier):
         while not self._closed.is_set():
             try:
                 msg = self._pubsub.get_message(timeout=1.0)
-            except (redis.RedisError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - closing under a blocked read raises all sorts
                 if self._closed.is_set():
                     return
                 log.warning("wake-up relay lost (%s); resubscribing", exc)
@@ -601,6 +620,8 @@ class RelayNotifier(Notifier):
             for key in body.split("\n"):
                 if key:
                     super().notify(key)
+                    if key in self.on_key:
+                        self.on_key[key]()
 
     def close(self) -> None:
         self._closed.set()
