@@ -169,7 +169,7 @@ class Pool:
         return out
 
     def _with_runs(self) -> set[str]:
-        return {n for n, a in self.agents.items() if any(not w.done for w in a.workers.values())}
+        return {n for n, a in list(self.agents.items()) if any(not w.done for w in list(a.workers.values()))}
 
     # -- the nodes' agents -------------------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -450,13 +450,16 @@ class KubernetesRuntime(Runtime):
                                 memory_gb=getattr(c, "memory_gb", None),
                                 port=a.node0_port if multi and a.rank == 0 else None)
         try:
-            try:
-                created = self.cluster.batch.create_namespaced_job(ns, manifest, _preload_content=False)
-                job = json.loads(created.data)
-            except ApiException as exc:
-                if exc.status != 409:  # 409: created before an agent restart; adopt it
-                    raise
-                job = json.loads(self.cluster.batch.read_namespaced_job(job_name, ns, _preload_content=False).data)
+            created = self.cluster.batch.create_namespaced_job(ns, manifest, _preload_content=False)
+            job = json.loads(created.data)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: created before an agent restart; adopt it
+                raise KubeError(f"creating Job {job_name}: {api_error(exc)}") from None
+            job = json.loads(self.cluster.batch.read_namespaced_job(job_name, ns, _preload_content=False).data)
+        except Exception as exc:
+            raise KubeError(f"creating Job {job_name}: {exc}") from None
+        handle = PodHandle(self.cluster, job_name, run.id, spec.run_dir, image=image)
+        try:
             owner = owned_by(job)
             cm = configmap_manifest(name=job_name, namespace=ns, labels=labels, owner=owner, workspace_tgz=tgz,
                                     bootstrap=substitute(spec.bootstrap, env) + "\n", job=substitute(spec.job, env) + "\n")
@@ -466,14 +469,12 @@ class KubernetesRuntime(Runtime):
                                        selector={LABEL_RUN: run.id, LABEL_ATTEMPT: str(run.attempt), LABEL_RANK: "0"},
                                        port=a.node0_port)
                 _create(lambda: self.cluster.core.create_namespaced_service(ns, svc))
-        except ApiException as exc:
-            raise KubeError(f"creating Job {job_name}: {api_error(exc)}") from None
-        except KubeError:
-            raise
         except Exception as exc:
-            raise KubeError(f"creating Job {job_name}: {exc}") from None
+            handle._delete("Background")  # its pod would wait for the ConfigMap forever
+            handle.cluster.unlisten(handle._on_change)
+            raise KubeError(f"creating the ConfigMap/Service of Job {job_name}: {api_error(exc)}") from None
         log.info("run %s rank %d: Job %s/%s on node %s (%d GPU)", run.id, a.rank, ns, job_name, self.node, len(a.gpus))
-        return PodHandle(self.cluster, job_name, run.id, spec.run_dir, image=image)
+        return handle
 
     def reattach(self, state: dict[str, Any], run_dir: Path) -> PodHandle | None:
         from kubernetes.client.exceptions import ApiException
@@ -652,6 +653,8 @@ class PodHandle(Handle):
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
+        log.info("deleting Job %s (%s)", self.job, "stop" if self._stopping.is_set() else
+                 (self.outcome[1] if self.outcome else f"ended: {self._status}"))
         try:
             self.cluster.batch.delete_namespaced_job(self.job, self.namespace,
                                                      body=client.V1DeleteOptions(propagation_policy=propagation))

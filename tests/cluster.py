@@ -74,7 +74,8 @@ class Cluster:
         return by_rank
 
 
-def start_cluster(tmp_path: Path, names: tuple[str, ...], *, torch: bool = True) -> Iterator[Cluster]:
+def start_cluster(tmp_path: Path, names: tuple[str, ...], *, torch: bool = True,
+                  heartbeat: float = 1.0) -> Iterator[Cluster]:
     if torch:
         needs("torch", all(importlib.util.find_spec(m) for m in ("torch", "sklearn")),
               f"torch and scikit-learn must be importable by {sys.executable} (the jobs' python3)")
@@ -82,7 +83,7 @@ def start_cluster(tmp_path: Path, names: tuple[str, ...], *, torch: bool = True)
     try:
         with open(tmp_path / "head.log", "ab") as log:
             c.head = subprocess.Popen(
-                [FEDML, "scheduler", "start", "--port", str(c.port), "--no-agent", "--heartbeat-interval", "1"],
+                [FEDML, "scheduler", "start", "--port", str(c.port), "--no-agent", "--heartbeat-interval", str(heartbeat)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=Fedml(tmp_path / "head").env())
         wait_for("the head scheduler to answer /healthz", c.healthy, timeout=30)
         token = tmp_path / "head" / "local" / "token"

@@ -21,6 +21,7 @@ runtimes' tests cover that); what is tested is everything between our scheduler 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -246,8 +247,6 @@ def service_account_kubeconfig(plane: ControlPlane, path: Path) -> Path:
         for s in plane.core.list_namespaced_secret(NS).items:
             if s.type == "kubernetes.io/service-account-token" and \
                     (s.metadata.annotations or {}).get("kubernetes.io/service-account.name") == "fedml-agent":
-                import base64
-
                 return base64.b64decode(s.data["token"]).decode()
         return None
 
@@ -275,8 +274,8 @@ class Pool:
     def home(self) -> Path:
         return self.c.base / "agents" / "nodes" / POOL
 
-    def launch(self, dir: Path, script: str = "echo hi", **doc: Any) -> str:
-        path = write_job(dir, script, extra=yaml.safe_dump(doc, sort_keys=False) if doc else "")
+    def launch(self, dir: Path, script: str = "echo hi", workspace: dict[str, str] | None = None, **doc: Any) -> str:
+        path = write_job(dir, script, extra=yaml.safe_dump(doc, sort_keys=False) if doc else "", workspace=workspace)
         r = self.c.fedml("launch", str(path), "--detach")
         assert r.returncode == 0, r.stderr
         run_id = r.stdout.strip()
@@ -322,7 +321,9 @@ def pool(plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for name, (product, gpus) in NODES.items():
             kubelet.add_node(name, product, gpus)
         kubeconfig = service_account_kubeconfig(plane, tmp_path_factory.mktemp("sa") / "kubeconfig")
-        for c in start_cluster(tmp_path_factory.mktemp("pool"), (), torch=False):
+        # Heartbeat 5 s: a node silent for 15 s is offline, long enough for a pool agent to be restarted on a
+        # busy machine (test_a_killed_pool_agent...); nothing here waits on a heartbeat otherwise.
+        for c in start_cluster(tmp_path_factory.mktemp("pool"), (), torch=False, heartbeat=5.0):
             t0 = time.monotonic()
             login = c.agents("login", c.admin, "--server", c.url, "--kubernetes", "--namespace", NS, "--name", POOL,
                              timeout=90, env={"KUBECONFIG": str(kubeconfig)})
@@ -379,7 +380,8 @@ def test_the_cluster_joins_as_a_pool_of_its_nodes(p: Pool) -> None:
 def test_a_one_gpu_job_becomes_a_job_bound_to_a_gpu_node_and_its_states_follow_the_pod(p: Pool,
                                                                                        tmp_path: Path) -> None:
     """Simulated: the pod's phases (Running, then Succeeded) and its log text, as the kubelet would report."""
-    run_id = p.launch(tmp_path, "python train.py --lr $LR", computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"},
+    run_id = p.launch(tmp_path, "python train.py --lr $LR", workspace={"train.py": "print('training')\n"},
+                      computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"},
                       envs={"LR": "0.1"}, data_args={"dataset_name": "digits"}, labels={"pool": POOL})
     [job] = wait_for("the Job", lambda: p.jobs(run_id), timeout=30)
     # the Job: backoffLimit 0, labels, limits, node selector, env
@@ -401,12 +403,12 @@ def test_a_one_gpu_job_becomes_a_job_bound_to_a_gpu_node_and_its_states_follow_t
     cm = p.plane.core.read_namespaced_config_map(job.metadata.name, NS)
     assert cm.metadata.owner_references[0].uid == job.metadata.uid
     assert "python train.py --lr $LR" in cm.data["job.sh"]
-    import base64
     import io
     import tarfile
 
     with tarfile.open(fileobj=io.BytesIO(base64.b64decode(cm.binary_data["workspace.tar.gz"]))) as tar:
-        assert "train.py" not in tar.getnames()  # write_job's workspace is empty: the archive is, too
+        assert tar.getnames() == ["train.py"]
+        assert tar.extractfile("train.py").read() == b"print('training')\n"  # type: ignore[union-attr]
     # the real kube-scheduler binds the pod to the node our scheduler placed the rank on, an A100 node
     [pod] = p.bound_pods(run_id)
     run = p.run(run_id)
@@ -507,6 +509,15 @@ def test_an_image_pull_error_fails_the_run_with_the_reason(p: Pool, tmp_path: Pa
     assert run["reason"] == ("image no/such:image: ErrImagePull: pull access denied for no/such, "
                              "repository does not exist"), run
     wait_for("the Job deleted", lambda: p.gone(run_id), timeout=30)
+
+
+def test_a_workspace_too_large_for_a_configmap_fails_the_run_at_start(p: Pool, tmp_path: Path) -> None:
+    big = base64.b64encode(os.urandom(1 << 20)).decode()  # ~1,030 KiB gzipped: more than a ConfigMap takes
+    run_id = p.launch(tmp_path, "true", workspace={"data.txt": big})
+    run = p.wait_status(run_id, "FAILED", "FINISHED", "RUNNING")
+    assert run["status"] == "FAILED", run
+    assert "KiB compressed; the kubernetes runtime delivers it in a ConfigMap, which holds at most 960 KiB" in run["reason"]
+    assert p.gone(run_id)  # nothing was created
 
 
 def test_an_evicted_pod_is_lost_and_the_retry_policy_runs_it_again(p: Pool, tmp_path: Path) -> None:
