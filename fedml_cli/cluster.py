@@ -188,11 +188,23 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
     raise typer.Exit(UNREACHABLE)
 
 
+def _context_namespace(context: str | None) -> str:
+    """The namespace of the kubeconfig context the pool agent will use (the default pool name says it)."""
+    try:
+        from kubernetes import config  # only on this path: `fedml --help` never imports it
+
+        contexts, active = config.list_kube_config_contexts()
+        chosen = next((c for c in contexts if c["name"] == context), None) if context else active
+        return str(((chosen or {}).get("context") or {}).get("namespace") or "default")
+    except Exception:  # no kubeconfig here: the agent will say so
+        return "default"
+
+
 def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, str], price: float | None,
                context: str | None, namespace: str | None, image: str | None, foreground: bool) -> None:
     from . import paths
 
-    pool = name or f"k8s-{namespace or 'default'}"
+    pool = name or f"k8s-{namespace or _context_namespace(context)}"
     home = paths.node_home(pool)
     home.mkdir(parents=True, exist_ok=True)
     pid = _agent_pid(home)

@@ -422,6 +422,9 @@ class KubernetesRuntime(Runtime):
         from kubernetes.client.exceptions import ApiException
 
         a, job_spec = spec.extra["assignment"], spec.extra["job"]
+        if getattr(job_spec, "serves", False):
+            raise KubeError(f"job_type {job_spec.job_type}: endpoints do not run on Kubernetes pools yet "
+                            "(their supervisor and gateway need the process runtime)")
         run = a.run
         ns, pool = self.cluster.namespace, self.cluster.pool
         job_name, svc_name = names(run.id, run.attempt, a.rank)

@@ -520,6 +520,13 @@ def test_a_workspace_too_large_for_a_configmap_fails_the_run_at_start(p: Pool, t
     assert p.gone(run_id)  # nothing was created
 
 
+def test_an_endpoint_is_refused_by_the_pool_with_the_reason(p: Pool, tmp_path: Path) -> None:
+    run_id = p.launch(tmp_path, "python3 serve.py", job_type="serve", service={"name": "k8s-digits", "replicas": 1})
+    run = p.wait_status(run_id, "FAILED", "FINISHED", "RUNNING")
+    assert run["status"] == "FAILED" and "endpoints do not run on Kubernetes pools yet" in run["reason"], run
+    assert p.gone(run_id)
+
+
 def test_an_evicted_pod_is_lost_and_the_retry_policy_runs_it_again(p: Pool, tmp_path: Path) -> None:
     """Simulated: the kubelet evicting the running pod (phase Failed, reason Evicted), then the second
     attempt's pod running and succeeding."""
