@@ -197,6 +197,28 @@ def test_run_stopped_while_its_agent_is_down_is_killed_on_reattach(local: Local,
     assert containers(engine, run_id) == []
 
 
+def test_restarted_agent_removes_its_containers_that_no_run_claims(local: Local, engine: Any, tmp_path: Path) -> None:
+    assert local("launch", str(write_job(tmp_path, "true"))).returncode == 0  # the local agent is up
+    home = str((local.home / "local" / "agent").resolve())
+    labels = {"fedml.run": "run-stray0000", "fedml.attempt": "1", "fedml.rank": "0"}
+    ours = engine.containers.run(IMAGE, ["sleep", "1000"], detach=True, network_mode="none",
+                                 labels={**labels, "fedml.home": home})  # as left by an agent that died mid-start
+    other = engine.containers.run(IMAGE, ["sleep", "1000"], detach=True, network_mode="none",
+                                  labels={**labels, "fedml.home": "/elsewhere"})  # another agent's: not ours
+    try:
+        old = agent_pid(local)
+        os.kill(old, signal.SIGKILL)
+        wait_for("the stray container to be removed", lambda: not engine.containers.list(
+            all=True, filters={"id": ours.id}), timeout=30)
+        assert agent_pid(local) != old
+        other.reload()
+        assert other.status == "running"
+    finally:
+        for c in (ours, other):
+            with contextlib.suppress(Exception):
+                c.remove(force=True)
+
+
 def test_python_train_template_runs_inside_a_container(local: Local, tmp_path: Path) -> None:
     try:
         import sklearn  # noqa: F401
