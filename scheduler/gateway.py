@@ -213,8 +213,14 @@ class Endpoints:
                         continue
                     self._set(fresh, fresh.endpoint.model_copy(update={"replicas": want}))
                 changes.append((name, ep.replicas, want))
-        for rid in [rid for rid in self.loads if rid not in {r.id for r in self.by_name().values()}]:
+        live = {r.id for r in self.by_name().values()}
+        now = time.monotonic()
+        for rid in [rid for rid in self.loads if rid not in live]:
             del self.loads[rid]
+        for rid in [rid for rid in self._rr if rid not in live]:
+            del self._rr[rid]
+        for k in [k for k, until in self._suspect.items() if until < now]:
+            del self._suspect[k]
         return changes
 
     # -- routing ----------------------------------------------------------------------------------------------
