@@ -435,10 +435,13 @@ class DockerRuntime(Runtime):
             phase, code, *why = final.read_text().split(" ", 2)
             return _Finished(run_id, run_dir, ExitStatus(code=int(code), phase=phase, reason=(why or [""])[0] or None,
                                                          signal=9 if int(code) == 137 else None))
+        labels = dict(state.get("labels") or {})
+        if not (labels.get("fedml.run") and labels.get("fedml.home")):
+            return None  # never match by fewer labels: that could pick up another agent's container
         deadline = time.monotonic() + 30
         while True:  # the engine may be restarting along with us
             try:
-                found = self.find(state.get("labels") or {})
+                found = self.find(labels)
                 break
             except Exception as exc:  # docker.errors.DockerException, requests' errors, OSError
                 if time.monotonic() > deadline:
@@ -446,7 +449,7 @@ class DockerRuntime(Runtime):
                 time.sleep(1.0)
         if not found:
             return None
-        return DockerHandle(self, run_id, run_dir, found[0], dict(state.get("labels") or {}))
+        return DockerHandle(self, run_id, run_dir, found[0], labels)
 
     def remove(self, container: str) -> None:
         import docker
