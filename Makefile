@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test bench lint clean podman k8s
+.PHONY: install test test-load bench lint clean podman k8s redis
 
 install:
 	$(PY) -m venv $(VENV)
@@ -12,15 +12,30 @@ install:
 	$(BIN)/pip install --quiet -e '.[test,workloads]'
 	@echo "installed: activate with 'source $(VENV)/bin/activate' (or run $(BIN)/fedml)"
 
-test: k8s
-	$(BIN)/pytest -q
+test: k8s redis
+	$(BIN)/pytest -q -m "not load and not fault"
 
-bench:
+# Load and fault tests (Redis replicas, SIGKILL loops, a network namespace cut), at a size CI can afford;
+# plain `pytest` runs them at full size (1,000 launches).
+test-load: redis
+	FEDML_LOAD_RUNS=300 $(BIN)/pytest -q -m "load or fault"
+
+# Redis for the Redis store's tests and the replica tests (127.0.0.1:6379, nothing kept on disk, as root: apt),
+# iproute2 for the network-namespace test.
+redis:
+	@command -v redis-server >/dev/null && command -v ip >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iproute2 >/dev/null)
+	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
+		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no >/dev/null
+
+bench: redis
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/launch_latency.py
 	$(BIN)/python bench/log_throughput.py
-	$(BIN)/python bench/placement.py
-	$(BIN)/python bench/heartbeat.py
+	$(BIN)/python bench/placement.py --store sqlite,redis
+	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30
+	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --store redis
+	$(BIN)/python bench/e2e_peers.py --jobs 200
 	$(BIN)/python bench/fedavg_round.py
 	$(BIN)/python bench/gateway.py
 	bash scripts/podman-up.sh >/dev/null && $(BIN)/python bench/container_start.py

@@ -3,7 +3,7 @@ SQLite and on the Redis store) must never answer 5xx or hang; the job YAML parse
 files must answer each with one clean validation error (exit 2), never a traceback; an oversized workspace is
 refused with 413 and nothing is half-written.
 
-Examples per API operation: FEDML_FUZZ_EXAMPLES (default 40).
+Examples per API operation and mode (valid, invalid): FEDML_FUZZ_EXAMPLES (default 15).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .procs import free_port, wait_for
 from .replicas import ROOT, Replicas
 from .test_store_contract import redis_url
 
-EXAMPLES = int(os.environ.get("FEDML_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("FEDML_FUZZ_EXAMPLES", "15"))
 ADMIN = "fml_a_fuzz-admin-key-0123456789abcdef"
 
 
