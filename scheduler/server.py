@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=os.environ.get("FEDML_STORE", "sqlite"),
                    help="sqlite (a database in the state directory) or redis://HOST:6379/0[?prefix=P]: several "
                         "replicas may share one Redis, each with its own --home and one shared --blob-dir")
-    p.add_argument("--blob-dir", type=Path, default=None,
+    p.add_argument("--blob-dir", type=Path, default=os.environ.get("FEDML_BLOB_DIR") or None,
                    help="where uploaded workspaces and artifacts live (default: in the state directory); "
                         "replicas on one Redis must share it")
     p.add_argument("--log-retention-lines", type=int, default=None,
