@@ -195,7 +195,7 @@ class Scheduler:
             return Registered(node=node)
         same = self.store.node_by_name(info.name)
         if same is not None:
-            if now - same.last_seen < self.heartbeat_timeout and same.state == "ONLINE":
+            if now - self.last_seen(same) < self.heartbeat_timeout and same.state == "ONLINE":  # soft heartbeats too
                 raise Rejected(409, f"a node named {info.name} is online already; pick another --name")
             for k in self.store.list_keys():  # the old agent's token goes; the new one gets a fresh one
                 if k.scope == "node" and k.owner == same.id and k.revoked_at is None:
