@@ -4,7 +4,7 @@
 
 Starts the embedded scheduler in a throw-away FEDML_HOME and launches a serve job with 2 replicas of a minimal
 ASGI app on uvicorn (it echoes a small JSON body; its own cost is tiny, so what is measured is the hop). Then, in
-the same run and with the same client (httpx, keep-alive):
+the same run and with the same client (aiohttp, keep-alive):
   latency:    N sequential requests through the gateway and N straight to the replicas (alternating, in
               interleaved blocks so that drift hits both), p50/p99 each and the difference: the added latency;
   throughput: `--concurrency` async clients for `--seconds` through the gateway, then straight to the replicas.
@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import FEDML, REPO, check_cli, emit, median, percentile, temp_home
 
@@ -55,7 +56,7 @@ service:
   readiness_path: /health
 """
 
-BODY = {"inputs": [[0.5] * 64]}
+PAYLOAD = json.dumps({"inputs": [[0.5] * 64]}).encode()
 
 
 def fedml(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -63,18 +64,23 @@ def fedml(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Co
                           stdin=subprocess.DEVNULL)
 
 
-async def sequential(client: object, urls: list[str], n: int) -> list[float]:
+async def post(client: Any, url: str) -> None:
+    async with client.post(url, data=PAYLOAD, headers={"content-type": "application/json"}) as r:
+        text = await r.read()
+        if r.status != 200:
+            raise SystemExit(f"bench: {url} answered {r.status}: {text[:200]!r}")
+
+
+async def sequential(client: Any, urls: list[str], n: int) -> list[float]:
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        r = await client.post(urls[i % len(urls)], json=BODY)  # type: ignore[attr-defined]
+        await post(client, urls[i % len(urls)])
         out.append(time.perf_counter() - t0)
-        if r.status_code != 200:
-            raise SystemExit(f"bench: {urls[i % len(urls)]} answered {r.status_code}: {r.text}")
     return out
 
 
-async def throughput(client: object, urls: list[str], concurrency: int, seconds: float) -> tuple[float, list[float]]:
+async def throughput(client: Any, urls: list[str], concurrency: int, seconds: float) -> tuple[float, list[float]]:
     done = 0
     lat: list[float] = []
     stop = time.perf_counter() + seconds
@@ -84,10 +90,8 @@ async def throughput(client: object, urls: list[str], concurrency: int, seconds:
         i = k
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            r = await client.post(urls[i % len(urls)], json=BODY)  # type: ignore[attr-defined]
+            await post(client, urls[i % len(urls)])
             lat.append(time.perf_counter() - t0)
-            if r.status_code != 200:
-                raise SystemExit(f"bench: answered {r.status_code}: {r.text}")
             done += 1
             i += 1
 
@@ -97,12 +101,12 @@ async def throughput(client: object, urls: list[str], concurrency: int, seconds:
 
 
 async def measure(url: str, key: str, direct: list[str], args: argparse.Namespace) -> dict[str, object]:
-    import httpx
+    import aiohttp
 
     via = [f"{url}/inference/bench-echo"]
     headers = {"Authorization": f"Bearer {key}"}
-    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30) as client:
+    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=args.concurrency * 2),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as client:
         await sequential(client, via + direct, 200)  # warm both paths' connections
         g: list[float] = []
         d: list[float] = []

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -322,8 +323,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     # a sync dependency would cost a thread-pool hop and a store read on every inference request.
     verified: dict[str, tuple[float, Principal | None]] = {}
 
-    def gateway_auth(request: Request) -> Principal:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    def gateway_auth(header: str) -> Principal:
+        scheme, _, given = header.partition(" ")
         given = given.strip() if scheme.lower() == "bearer" else ""
         now = time.monotonic()
         hit = verified.get(given)
@@ -335,17 +336,43 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             raise HTTPException(401, "missing, wrong or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         return hit[1]
 
-    @app.api_route("/inference/{name}", methods=["POST", "GET", "PUT"])
-    @app.api_route("/inference/{name}/{path:path}", methods=["POST", "GET", "PUT", "DELETE", "PATCH"])
-    async def inference(name: str, request: Request, path: str = "") -> Response:
-        who = gateway_auth(request)
-        body = await request.body()
-        status, headers, content = await gateway.forward(
-            name, f"/{path}" if path else "", request.method, request.headers.items(),
-            request.url.query, body, who)
+    async def inference(scope: dict, receive: Any, send: Any) -> None:
+        """POST (or any method) /inference/NAME[/PATH] as a bare ASGI handler: FastAPI's routing, dependency
+        and middleware layers cost more than the proxying itself (see bench/gateway.py)."""
+        name, _, rest = scope["path"][len("/inference/"):].partition("/")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        chunks = []
+        while True:
+            msg = await receive()
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        try:
+            who = gateway_auth(dict((k.lower(), v) for k, v in headers).get("authorization", ""))
+            status, out, content = await gateway.forward(name, f"/{rest}" if rest else "", scope["method"], headers,
+                                                         scope.get("query_string", b"").decode("latin-1"),
+                                                         b"".join(chunks), who)
+        except (Rejected, HTTPException) as exc:
+            detail = exc.detail if isinstance(exc, HTTPException) else str(exc)
+            code = exc.status_code if isinstance(exc, HTTPException) else exc.status
+            data = json.dumps({"detail": detail}).encode()
+            extra = [(b"www-authenticate", b"Bearer")] if code == 401 else []
+            await send({"type": "http.response.start", "status": code, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]})
+            await send({"type": "http.response.body", "body": data})
+            return
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
         if isinstance(content, bytes):
-            return Response(content, status_code=status, headers=dict(headers))
-        return StreamingResponse(content, status_code=status, headers=dict(headers))
+            raw.append((b"content-length", str(len(content)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": raw})
+            await send({"type": "http.response.body", "body": content})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        async for chunk in content:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    app.add_middleware(_Intercept, prefix="/inference/", handler=inference)
 
     # -- API keys ----------------------------------------------------------------------------------------
     @app.post(f"{API}/keys", status_code=201)
@@ -404,3 +431,16 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return {"next_seq": store.next_seq(run_id, attempt, rank)}
 
     return app
+
+
+class _Intercept:
+    """ASGI middleware: requests under `prefix` go straight to `handler`, everything else to the app."""
+
+    def __init__(self, app: Any, prefix: str, handler: Any) -> None:
+        self.app, self.prefix, self.handler = app, prefix, handler
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            await self.handler(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
