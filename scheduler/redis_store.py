@@ -199,11 +199,14 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 'ok'
 """
 
-# KEYS: seen. ARGV: node id, ts. Returns the heartbeat before (or nil).
+# KEYS: seen, the node's runs. ARGV: node id, ts. Returns {the heartbeat before or '', the node's runs...}:
+# an agent's poll asks for both, in one round trip.
 HEARTBEAT = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return old
+local out = {old or ''}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = m end
+return out
 """
 
 
@@ -353,7 +356,12 @@ class RedisStore(Store):
         statuses = None if status is None else {s.value for s in status}
         k = self.k
         if node_id is not None:
-            ids = [m.decode() for m in self.r.smembers(k.node_runs(node_id))]
+            pre = getattr(self._locks, "prefetched", None)
+            if pre is not None and pre[0] == node_id and time.monotonic() - pre[2] < 1.0:
+                self._locks.prefetched = None
+                ids = pre[1]
+            else:
+                ids = [m.decode() for m in self.r.smembers(k.node_runs(node_id))]
             cut = None
         else:
             # Newest first from the most selective index; filters applied after reading need every id.
@@ -499,8 +507,10 @@ class RedisStore(Store):
 
     # -- shared by the replicas ------------------------------------------------------------------------------
     def heartbeat(self, node_id: str, ts: float) -> float | None:
-        before = self._heartbeat(keys=[self.k.seen], args=[node_id, repr(ts)])
-        return None if before is None else float(before)
+        got = self._heartbeat(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])
+        # The poll that sent this heartbeat lists the node's runs next: keep them for that one call.
+        self._locks.prefetched = (node_id, [m.decode() for m in got[1:]], time.monotonic())
+        return float(got[0]) if got[0] else None
 
     def heartbeats(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.r.hgetall(self.k.seen).items()}
