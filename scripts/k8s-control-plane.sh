@@ -34,6 +34,7 @@ apt_install() {
     [[ ${#missing[@]} -eq 0 ]] && return 0
     [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}: run as root or apt-get install them"
     log "apt-get install ${missing[*]}"
+    apt-get update >/dev/null  # a fresh machine's package lists may be empty or stale
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
 }
 
