@@ -22,8 +22,8 @@ import pytest
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from typer.testing import CliRunner
 
 from fedml_cli._http import httpx
