@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from fedml_cli._http import httpx
 from fedml_cli.main import app as cli_app
 
-from .conftest import FEDML, Fedml
+from .conftest import Fedml
 from .procs import free_port, wait_for
 from .replicas import ROOT, Replicas
 from .test_store_contract import redis_url
@@ -250,7 +250,3 @@ def test_an_oversized_workspace_is_refused_whole_by_the_replicas(tmp_path: Path)
         assert r.status_code == 400 and "has not been uploaded" in r.json()["detail"], r.text
     finally:
         c.close()
-
-
-def test_fedml_is_on_path() -> None:
-    assert Path(FEDML).exists(), FEDML
