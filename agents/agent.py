@@ -332,6 +332,9 @@ class Agent:
             try:
                 reg = self.client.register(self.info)
             except Unreachable as exc:
+                if self.orphaned():  # our local scheduler was stopped before we ever joined it
+                    log.info("the local scheduler was stopped; agent exits")
+                    raise SystemExit(0) from None
                 log.info("scheduler not reachable (%s); retrying", exc)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
