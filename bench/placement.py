@@ -45,6 +45,15 @@ def open_store(kind: str, tmp: Path, n_nodes: int) -> Store:
 
 def bench(n_nodes: int, jobs: int, tmp: Path, kind: str = "sqlite") -> dict[str, object]:
     store = open_store(kind, tmp, n_nodes)
+    try:
+        return _bench(store, n_nodes, jobs, kind)
+    finally:
+        if kind == "redis":
+            store.wipe()  # type: ignore[attr-defined]
+        store.close()
+
+
+def _bench(store: Store, n_nodes: int, jobs: int, kind: str) -> dict[str, object]:
     sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(1))
     now = time.time()
     kinds = ["NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"]
@@ -77,9 +86,6 @@ def bench(n_nodes: int, jobs: int, tmp: Path, kind: str = "sqlite") -> dict[str,
         t1 = time.perf_counter()
         place(req, cands, rng=rng)
         times.append(time.perf_counter() - t1)
-    if kind == "redis":
-        store.wipe()  # type: ignore[attr-defined]
-    store.close()
     return {"store": kind, "nodes": n_nodes, "jobs": jobs, "placed": placed, "seconds": round(elapsed, 3),
             "placements_per_s": round(placed / elapsed, 1),
             "place_call_us_median": round(statistics.median(times) * 1e6, 1),
