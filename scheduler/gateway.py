@@ -137,7 +137,7 @@ class Endpoints:
     def report(self, run_id: str, rep: ReplicaReport, node_id: str, who: Principal) -> Run:
         self.sched._own_node(who, node_id)
         node = self.store.get_node(node_id)
-        with self.sched._runs_lock:
+        with self.sched._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.store.get_run(run_id)
             if run is None or run.endpoint is None:
                 raise Rejected(404, f"endpoint run {run_id} not found")
@@ -158,8 +158,9 @@ class Endpoints:
         """`replicas` alone fixes the count (autoscaling off); min/max set the autoscaler's bounds."""
         if who.scope == "node":
             raise Rejected(403, "a node key cannot scale endpoints")
-        with self.sched._runs_lock:
-            run = self.find(ref, who)
+        run = self.find(ref, who)
+        with self.sched._runs_lock, self.store.lock(f"run:{run.id}"):
+            run = self.store.get_run(run.id) or run
             if run.terminal or run.endpoint is None:
                 raise Rejected(409, f"endpoint {ref} has ended ({run.status.value})")
             ep = run.endpoint
@@ -206,7 +207,7 @@ class Endpoints:
                     want = max(1, math.ceil(down / target))
             want = min(max(want, ep.min_replicas), ep.max_replicas)
             if want != ep.replicas:
-                with self.sched._runs_lock:
+                with self.sched._runs_lock, self.store.lock(f"run:{run.id}"):
                     fresh = self.store.get_run(run.id)
                     if fresh is None or fresh.endpoint is None or fresh.terminal:
                         continue
@@ -233,6 +234,10 @@ class Endpoints:
         now = time.monotonic()
         ready = [r for r in ep.ready() if ep.attempt == run.attempt
                  and self._suspect.get((run.id, r.index, r.port), 0.0) < now]
+        if not ready and self._cache is not None and now - self._cache[0] > 0.1:
+            # Before saying 503, look again: the cached view may predate the run's end or a replica's readiness.
+            self._cache = None
+            return self.route(name, who)
         if not ready:
             states = ", ".join(f"{r.index}: {r.state}" for r in ep.states if ep.attempt == run.attempt)
             raise Rejected(503, f"endpoint {name} has no ready replica ("
