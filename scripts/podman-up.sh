@@ -101,7 +101,8 @@ fi
 if ! answers; then
     rm -f "$SOCK"
     # setsid: the service outlives this script and the make that ran it; --time=0: it never idles out.
-    setsid podman system service --time=0 "unix://$SOCK" >"$DIR/service.log" 2>&1 </dev/null &
+    # Started from $DIR: conmon writes an `oom` marker into its working directory when a container is OOM-killed.
+    setsid env -C "$DIR" podman system service --time=0 "unix://$SOCK" >"$DIR/service.log" 2>&1 </dev/null &
     echo $! >"$DIR/service.pid"
     for _ in $(seq 1 100); do
         answers && break
@@ -154,7 +155,7 @@ auth: {htpasswd: {realm: fedml-test, path: $reg/htpasswd}}
 EOF
 reg_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/")" = 401 ]; }
 if ! reg_up; then
-    setsid docker-registry serve "$reg/config.yml" >"$DIR/registry.log" 2>&1 </dev/null &
+    setsid env -C "$DIR" docker-registry serve "$reg/config.yml" >"$DIR/registry.log" 2>&1 </dev/null &
     echo $! >"$DIR/registry.pid"
     for _ in $(seq 1 100); do
         reg_up && break
