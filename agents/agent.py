@@ -153,19 +153,19 @@ class RunWorker(threading.Thread):
         self._save(serve=True)
         return f'exec {shlex.quote(sys.executable)} -m runtime.serve --dir "$FEDML_RUN_DIR"'
 
-    def _sync_serve(self, force: bool = False) -> None:
+    def _sync_serve(self) -> None:
         """Tell the supervisor the replica count the scheduler wants; tell the scheduler the replicas' states."""
         if self.desired is not None and self.desired != self._desired_written:
             _write_json(self.dir / "control.json", {"replicas": self.desired})
             self._desired_written = self.desired
         now = time.monotonic()
-        if not force and now - self._replicas_checked < 0.1:
+        if now - self._replicas_checked < 0.1:
             return
         self._replicas_checked = now
         f = self.dir / "replicas.json"
         try:
             mtime = f.stat().st_mtime_ns
-            if mtime == self._replicas_mtime and not force:
+            if mtime == self._replicas_mtime:
                 return
             doc = json.loads(f.read_text())
         except (FileNotFoundError, ValueError):

@@ -168,23 +168,30 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
     env = {**os.environ, "FEDML_API_KEY": api_key}  # by environment, not argv: argv is visible in ps
     if foreground:
         os.execve(sys.executable, [sys.executable, "-m", "agents.agent", *args], env)
-    (home / "node.json").unlink(missing_ok=True)
+    pid, info = _start_agent("agents.agent", args, env, home, "node.json", "agent", timeout=30)
+    _err(f"Node {info['name']} joined {server} as {info['id']}; agent pid {pid}, log {home / 'agent.log'}. "
+         "`fedml logout` stops it.")
+
+
+def _start_agent(module: str, args: list[str], env: dict[str, str], home: Path, ready: str, what: str,
+                 timeout: float) -> tuple[int, dict[str, Any]]:
+    """Start `python -m module` in the background (its own session, output in home/agent.log) and wait until it
+    writes home/`ready` (it joined). Returns its pid and that file's content; exit 3 if it dies or never joins."""
+    (home / ready).unlink(missing_ok=True)
     with open(home / "agent.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agents.agent", *args], env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (home / "node.json").exists():
-            info = json.loads((home / "node.json").read_text())
-            _err(f"Node {info['name']} joined {server} as {info['id']}; agent pid {proc.pid}, log {home / 'agent.log'}. "
-                 "`fedml logout` stops it.")
-            return
+        if (home / ready).exists():
+            return proc.pid, json.loads((home / ready).read_text())
         if proc.poll() is not None:
             lines = [ln for ln in (home / "agent.log").read_text(errors="replace").splitlines() if ln.strip()]
-            _err(f"error: the agent exited (code {proc.returncode}): {lines[-1] if lines else 'no output'}")
+            _err(f"error: the {what} exited (code {proc.returncode}): {lines[-1] if lines else 'no output'}")
             raise typer.Exit(UNREACHABLE)
         time.sleep(0.05)
-    _err(f"error: the agent did not register within 30 s; see {home / 'agent.log'}")
+    _err(f"error: the {what} did not {'register' if what == 'agent' else 'join'} within {timeout:.0f} s; "
+         f"see {home / 'agent.log'}")
     raise typer.Exit(UNREACHABLE)
 
 
@@ -222,25 +229,9 @@ def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, st
     env = {**os.environ, "FEDML_API_KEY": api_key}
     if foreground:
         os.execve(sys.executable, [sys.executable, "-m", "agents.k8s_agent", *args], env)
-    (home / "pool.json").unlink(missing_ok=True)
-    with open(home / "agent.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agents.k8s_agent", *args], env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if (home / "pool.json").exists():
-            info = json.loads((home / "pool.json").read_text())
-            _err(f"Pool {pool} joined {server}: {len(info['nodes'])} Kubernetes node(s), {info['gpus']} GPU(s), "
-                 f"namespace {info['namespace']}; agent pid {proc.pid}, log {home / 'agent.log'}. "
-                 "`fedml logout` stops it.")
-            return
-        if proc.poll() is not None:
-            lines = [ln for ln in (home / "agent.log").read_text(errors="replace").splitlines() if ln.strip()]
-            _err(f"error: the pool agent exited (code {proc.returncode}): {lines[-1] if lines else 'no output'}")
-            raise typer.Exit(UNREACHABLE)
-        time.sleep(0.05)
-    _err(f"error: the pool agent did not join within 60 s; see {home / 'agent.log'}")
-    raise typer.Exit(UNREACHABLE)
+    pid, info = _start_agent("agents.k8s_agent", args, env, home, "pool.json", "pool agent", timeout=60)
+    _err(f"Pool {pool} joined {server}: {len(info['nodes'])} Kubernetes node(s), {info['gpus']} GPU(s), "
+         f"namespace {info['namespace']}; agent pid {pid}, log {home / 'agent.log'}. `fedml logout` stops it.")
 
 
 def logout(

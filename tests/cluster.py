@@ -28,6 +28,16 @@ from .procs import free_port, our_processes, wait_for
 VENV_BIN = str(Path(sys.executable).parent)  # the jobs' `python3` must be the one with torch
 
 
+def head_answers(head: subprocess.Popen[bytes], url: str, log: Path) -> bool:
+    """The head scheduler answers /healthz (the test fails at once, with its log, if it exited)."""
+    if head.poll() is not None:
+        pytest.fail(f"the head exited ({head.returncode}): {log.read_text()}")
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @dataclass
 class Cluster:
     base: Path
@@ -57,12 +67,7 @@ class Cluster:
 
     def healthy(self) -> bool:
         assert self.head is not None
-        if self.head.poll() is not None:
-            pytest.fail(f"the head exited ({self.head.returncode}): {(self.base / 'head.log').read_text()}")
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
+        return head_answers(self.head, self.url, self.base / "head.log")
 
     def logs(self, run_id: str) -> dict[int, list[str]]:
         r = self.fedml("logs", run_id, "--json")

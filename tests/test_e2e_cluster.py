@@ -30,6 +30,7 @@ import yaml
 
 from fedml_cli._http import httpx
 
+from .cluster import head_answers
 from .conftest import FEDML, Fedml, write_job
 from .procs import alive, free_port, our_processes, run_processes, wait_for
 
@@ -90,12 +91,7 @@ class Cluster:
 
     def _healthy(self) -> bool:
         assert self.head is not None
-        if self.head.poll() is not None:
-            pytest.fail(f"the head exited ({self.head.returncode}): {self.head_log.read_text()}")
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
+        return head_answers(self.head, self.url, self.head_log)
 
     # -- CLI ---------------------------------------------------------------------------------------------
     def fedml(self, *args: str, key: str | None = None, home: Path | None = None, timeout: float = 60,

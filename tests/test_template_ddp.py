@@ -8,116 +8,24 @@ Both ranks must log under their rank, the loss must fall, and the two ranks must
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import psutil
 import pytest
 
-from fedml_cli._http import httpx
-
-from .conftest import FEDML, ROOT, Fedml, needs
-from .procs import free_port, our_processes, wait_for
+from .cluster import Cluster, start_cluster
+from .conftest import ROOT
 
 TEMPLATE = ROOT / "job_templates" / "train_ddp" / "job.yaml"
 NODE_NAMES = ("dA", "dB")
-VENV_BIN = str(Path(sys.executable).parent)  # the jobs' `python3` must be the one with torch
-
-
-@dataclass
-class TwoNodes:
-    base: Path
-    port: int
-    head: subprocess.Popen[bytes] | None = None
-    admin: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def agents(self) -> Fedml:
-        """The FEDML_HOME both agents are started from; PATH starts with this venv's bin (torch)."""
-        return Fedml(self.base / "agents")
-
-    def agent_env(self) -> dict[str, str]:
-        return {"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
-
-    def fedml(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """`fedml ARGS` as a client of the head, with the admin key."""
-        return Fedml(self.base / "client")(*args, timeout=timeout,
-                                           env={"FEDML_SERVER": self.url, "FEDML_API_KEY": self.admin})
-
-    def json(self, *args: str) -> Any:
-        r = self.fedml(*args, "--json")
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-        return json.loads(r.stdout)
-
-    def healthy(self) -> bool:
-        assert self.head is not None
-        if self.head.poll() is not None:
-            pytest.fail(f"the head exited ({self.head.returncode}): {(self.base / 'head.log').read_text()}")
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
 
 
 @pytest.fixture
-def two_nodes(tmp_path: Path) -> Iterator[TwoNodes]:
-    needs("torch", all(importlib.util.find_spec(m) for m in ("torch", "sklearn")),
-          f"torch and scikit-learn must be importable by {sys.executable} (the jobs' python3)")
-    c = TwoNodes(tmp_path, free_port())
-    try:
-        with open(tmp_path / "head.log", "ab") as log:
-            c.head = subprocess.Popen(
-                [FEDML, "scheduler", "start", "--port", str(c.port), "--no-agent", "--heartbeat-interval", "1"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=Fedml(tmp_path / "head").env())
-        wait_for("the head scheduler to answer /healthz", c.healthy, timeout=30)
-        token = tmp_path / "head" / "local" / "token"
-        c.admin = wait_for("the admin key in $FEDML_HOME/local/token",
-                           lambda: token.exists() and token.read_text().strip(), timeout=10)
-        env = c.agents.env(c.agent_env())
-        logins = {name: subprocess.Popen([FEDML, "login", c.admin, "--server", c.url, "--node", "--name", name],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                         stdin=subprocess.DEVNULL) for name in NODE_NAMES}
-        for name, p in logins.items():
-            out, err = p.communicate(timeout=60)
-            assert p.returncode == 0, (name, out, err)
-            assert f"Node {name} joined {c.url}" in err, err
-        yield c
-    finally:
-        problems = []
-        if (tmp_path / "agents" / "nodes").exists():
-            r = c.agents("logout", timeout=60)
-            if r.returncode != 0:
-                problems.append(f"fedml logout exited {r.returncode}: {r.stderr}")
-        if c.head is not None and c.head.poll() is None:
-            c.head.terminate()
-            try:
-                c.head.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                c.head.kill()
-                problems.append("the head did not exit within 15 s of SIGTERM")
-        deadline = time.monotonic() + 10
-        while (left := our_processes(tmp_path)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for p in left:
-            try:
-                problems.append(f"leaked process {p.pid}: {' '.join(p.cmdline())}")
-                p.kill()
-            except psutil.Error:
-                pass
-        assert not problems, problems
+def two_nodes(tmp_path: Path) -> Iterator[Cluster]:
+    yield from start_cluster(tmp_path, NODE_NAMES)
 
 
 def weights_sha256(checkpoint: Path) -> str:
@@ -138,7 +46,7 @@ EPOCH = re.compile(r"^epoch (\d+)/(\d+) loss ([0-9.]+)(?: accuracy ([0-9.]+))?$"
 HASH = re.compile(r"^weights sha256: ([0-9a-f]{64})$")
 
 
-def test_train_ddp_template_trains_on_two_nodes_to_identical_weights(two_nodes: TwoNodes) -> None:
+def test_train_ddp_template_trains_on_two_nodes_to_identical_weights(two_nodes: Cluster) -> None:
     c = two_nodes
     started = time.monotonic()
     r = c.fedml("launch", str(TEMPLATE), "--json", timeout=90)
