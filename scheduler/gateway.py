@@ -227,17 +227,16 @@ class Endpoints:
     def route(self, name: str, who: Principal) -> tuple[Run, list[ReplicaState]]:
         """The endpoint's run and its ready replicas, in the order to try them (round robin)."""
         run = self.named(name)
+        ready = self._ready(run) if run is not None else []
+        if run is not None and not ready:
+            # Before saying 503, read the run itself: the cached view may predate its end or a replica's readiness.
+            fresh = self.store.get_run(run.id)
+            run = fresh if fresh is not None and not fresh.terminal else None
+            ready = self._ready(run) if run is not None else []
         if run is None or not self.sched._may_see(who, run) or who.scope == "node":
             raise Rejected(404, f"no endpoint named {name}")
         ep = run.endpoint
         assert ep is not None
-        now = time.monotonic()
-        ready = [r for r in ep.ready() if ep.attempt == run.attempt
-                 and self._suspect.get((run.id, r.index, r.port), 0.0) < now]
-        if not ready and self._cache is not None and now - self._cache[0] > 0.1:
-            # Before saying 503, look again: the cached view may predate the run's end or a replica's readiness.
-            self._cache = None
-            return self.route(name, who)
         if not ready:
             states = ", ".join(f"{r.index}: {r.state}" for r in ep.states if ep.attempt == run.attempt)
             raise Rejected(503, f"endpoint {name} has no ready replica ("
@@ -245,6 +244,12 @@ class Endpoints:
         start = next(self._rr.setdefault(run.id, itertools.count()))
         k = start % len(ready)
         return run, ready[k:] + ready[:k]
+
+    def _ready(self, run: Run) -> list[ReplicaState]:
+        ep = run.endpoint
+        now = time.monotonic()
+        return [r for r in ep.ready() if ep.attempt == run.attempt
+                and self._suspect.get((run.id, r.index, r.port), 0.0) < now] if ep is not None else []
 
     def suspect(self, run: Run, r: ReplicaState) -> None:
         self._suspect[(run.id, r.index, r.port)] = time.monotonic() + SUSPECT_S
