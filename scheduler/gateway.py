@@ -87,6 +87,7 @@ class Endpoints:
         self.store = sched.store
         self.loads: dict[str, Load] = {}  # run id -> load
         self._cache: tuple[float, dict[str, Run]] | None = None
+        self._gen = 0  # bumped by changed(): a view read before a change is not kept after it
         self._lock = threading.Lock()
         self._rr: dict[str, itertools.count[int]] = {}
         self._suspect: dict[tuple[str, int, int], float] = {}  # (run, replica, port) -> until
@@ -95,12 +96,15 @@ class Endpoints:
     def by_name(self) -> dict[str, Run]:
         cached = self._cache
         if cached is None or time.monotonic() - cached[0] > CACHE_S:
+            gen = self._gen
             runs = self.store.list_runs(status=LIVE, limit=1_000_000)
             cached = (time.monotonic(), {r.endpoint.name: r for r in runs if r.endpoint is not None})
-            self._cache = cached
+            if gen == self._gen:  # else a stop or launch landed while we read: the next look reads again
+                self._cache = cached
         return cached[1]
 
     def changed(self) -> None:
+        self._gen += 1
         self._cache = None
 
     def fresh(self) -> bool:
@@ -251,6 +255,14 @@ class Endpoints:
         return [r for r in ep.ready() if ep.attempt == run.attempt
                 and self._suspect.get((run.id, r.index, r.port), 0.0) < now] if ep is not None else []
 
+    def ended(self, run: Run) -> bool:
+        """Whether the run has ended (or gone) by the store's own record, not the cached view."""
+        fresh = self.store.get_run(run.id)
+        if fresh is None or fresh.terminal:
+            self.changed()
+            return True
+        return False
+
     def suspect(self, run: Run, r: ReplicaState) -> None:
         self._suspect[(run.id, r.index, r.port)] = time.monotonic() + SUSPECT_S
 
@@ -321,6 +333,8 @@ class Gateway:
                     load.leave()
                     return resp.status, out_headers, content
                 return resp.status, out_headers, _body(resp, _Once(load.leave))  # chunked, SSE: streamed
+            if await run_in_threadpool(eps.ended, run):  # replicas refuse because the endpoint was just stopped
+                raise Rejected(404, f"no endpoint named {name}")
             raise Rejected(503, f"endpoint {name}: no replica answered ({last_error}); retry later")
         except BaseException:
             load.leave()
