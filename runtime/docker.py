@@ -327,7 +327,7 @@ class DockerRuntime(Runtime):
         have = True
         try:
             self.client.images.get(opts.image)
-        except docker.errors.ImageNotFound:
+        except docker.errors.NotFound:  # ImageNotFound, or podman's "image not known" (docker-py says NotFound)
             have = False
         except docker.errors.APIError as exc:
             raise StartError(f"image {opts.image}: {exc.explanation or exc}") from None

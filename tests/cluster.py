@@ -80,7 +80,7 @@ class Cluster:
 
 
 def start_cluster(tmp_path: Path, names: tuple[str, ...], *, torch: bool = True,
-                  heartbeat: float = 1.0) -> Iterator[Cluster]:
+                  heartbeat: float = 1.0, agent_env: dict[str, str] | None = None) -> Iterator[Cluster]:
     if torch:
         needs("torch", all(importlib.util.find_spec(m) for m in ("torch", "sklearn")),
               f"torch and scikit-learn must be importable by {sys.executable} (the jobs' python3)")
@@ -94,7 +94,7 @@ def start_cluster(tmp_path: Path, names: tuple[str, ...], *, torch: bool = True,
         token = tmp_path / "head" / "local" / "token"
         c.admin = wait_for("the admin key in $FEDML_HOME/local/token",
                            lambda: token.exists() and token.read_text().strip(), timeout=10)
-        env = c.agents.env({"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")})
+        env = c.agents.env({"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), **(agent_env or {})})
         logins = {name: subprocess.Popen([FEDML, "login", c.admin, "--server", c.url, "--node", "--name", name],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                          stdin=subprocess.DEVNULL) for name in names}

@@ -53,7 +53,7 @@ def engine() -> Iterator[Any]:
     client = docker.DockerClient(base_url=host, version="1.41")
     try:
         client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
+    except docker.errors.NotFound:
         needs(f"the local image {IMAGE}", False, "not imported (run `make podman`)")
     client.host = host  # type: ignore[attr-defined]
     yield client
@@ -297,7 +297,9 @@ def test_fedml_container_example_dry_run_then_runs_with_a_local_image(local: Loc
 def test_container_jobs_go_only_to_nodes_with_an_engine(engine: Any, tmp_path: Path) -> None:
     from .cluster import start_cluster
 
-    gen = start_cluster(tmp_path, ("plain",), torch=False)
+    # "plain" must not see an engine even where the caller's DOCKER_HOST or /var/run/docker.sock has one
+    gen = start_cluster(tmp_path, ("plain",), torch=False,
+                        agent_env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
     c = next(gen)
     try:
         # a second node of the same cluster whose agent sees the engine
@@ -351,7 +353,8 @@ def test_image_pull_policy_and_registry_credentials_from_yaml_or_env(local: Loca
 
     addr, user, password = registry
     image = f"{addr}/fedml/busybox:latest"
-    with contextlib.suppress(docker.errors.ImageNotFound):
+    # Not there yet on a fresh engine: podman answers "image not known", which docker-py raises as NotFound.
+    with contextlib.suppress(docker.errors.NotFound):
         engine.images.remove(image)  # an untag: the local image keeps its own name
 
     def launch(name: str, docker_block: str, policy: str, *args: str) -> Any:
