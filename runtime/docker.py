@@ -423,8 +423,7 @@ class DockerRuntime(Runtime):
 
     def find(self, labels: dict[str, str]) -> list[Any]:
         keys = ("fedml.run", "fedml.attempt", "fedml.rank", "fedml.node", "fedml.home")
-        return list(self.client.containers.list(
-            all=True, filters={"label": [f"{k}={labels[k]}" for k in keys if labels.get(k)]}))
+        return listed(self.client, {"label": [f"{k}={labels[k]}" for k in keys if labels.get(k)]})
 
     def reattach(self, state: dict[str, Any], run_dir: Path) -> Handle | None:
         if state.get("runtime") != "docker":
@@ -467,12 +466,27 @@ class DockerRuntime(Runtime):
         if not self.home:
             return 0
         n = 0
-        for c in self.client.containers.list(all=True, filters={"label": f"fedml.home={self.home}"}):
-            lab = c.labels
+        for row in self.client.api.containers(all=True, filters={"label": f"fedml.home={self.home}"}):
+            lab = row.get("Labels") or {}
             if (lab.get("fedml.run", ""), lab.get("fedml.attempt", ""), lab.get("fedml.rank", "")) not in keep:
-                self.remove(c.id)
+                self.remove(row["Id"])
                 n += 1
         return n
+
+
+def listed(client: Any, filters: dict[str, Any]) -> list[Any]:
+    """The containers matching `filters`, less any removed meanwhile. docker-py's `containers.list` inspects
+    each container it lists and fails on one that went in between (podman answers that with a 500)."""
+    import docker
+
+    out = []
+    for row in client.api.containers(all=True, filters=filters):
+        try:
+            out.append(client.containers.get(row["Id"]))
+        except docker.errors.APIError as exc:
+            if exc.status_code != 404 and "no such container" not in str(exc.explanation or "").lower():
+                raise
+    return out
 
 
 def _name(run_dir: Path) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from runtime.docker import listed
+
 from .conftest import COMPAT, ROOT, Fedml, engine_host, needs, write_job
 from .procs import wait_for
 
@@ -68,12 +70,12 @@ def local(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loc
                "FEDML_LOCAL_GPUS": "A100-80G:1"}  # declared, like Slurm's gres: for the FedML example's GPU ask
     yield f
     f.stop()
-    for c in engine.containers.list(all=True, filters={"label": f"fedml.home={(f.home / 'local' / 'agent').resolve()}"}):
+    for c in listed(engine, {"label": f"fedml.home={(f.home / 'local' / 'agent').resolve()}"}):
         c.remove(force=True)
 
 
 def containers(engine: Any, run_id: str) -> list[Any]:
-    return list(engine.containers.list(all=True, filters={"label": f"fedml.run={run_id}"}))
+    return listed(engine, {"label": f"fedml.run={run_id}"})
 
 
 def status(local: Fedml, run_id: str) -> dict[str, Any]:
@@ -208,7 +210,7 @@ def test_restarted_agent_removes_its_containers_that_no_run_claims(local: Local,
     try:
         old = agent_pid(local)
         os.kill(old, signal.SIGKILL)
-        wait_for("the stray container to be removed", lambda: not engine.containers.list(
+        wait_for("the stray container to be removed", lambda: not engine.api.containers(
             all=True, filters={"id": ours.id}), timeout=30)
         assert agent_pid(local) != old
         other.reload()
