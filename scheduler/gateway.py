@@ -234,8 +234,7 @@ class Endpoints:
         ready = self._ready(run) if run is not None else []
         if run is not None and not ready:
             # Before saying 503, read the run itself: the cached view may predate its end or a replica's readiness.
-            fresh = self.store.get_run(run.id)
-            run = fresh if fresh is not None and not fresh.terminal else None
+            run = self.live(run.id)
             ready = self._ready(run) if run is not None else []
         if run is None or not self.sched._may_see(who, run) or who.scope == "node":
             raise Rejected(404, f"no endpoint named {name}")
@@ -255,13 +254,13 @@ class Endpoints:
         return [r for r in ep.ready() if ep.attempt == run.attempt
                 and self._suspect.get((run.id, r.index, r.port), 0.0) < now] if ep is not None else []
 
-    def ended(self, run: Run) -> bool:
-        """Whether the run has ended (or gone) by the store's own record, not the cached view."""
-        fresh = self.store.get_run(run.id)
+    def live(self, run_id: str) -> Run | None:
+        """The run as the store has it now (not the cached view), or None when it has ended or is gone."""
+        fresh = self.store.get_run(run_id)
         if fresh is None or fresh.terminal:
             self.changed()
-            return True
-        return False
+            return None
+        return fresh
 
     def suspect(self, run: Run, r: ReplicaState) -> None:
         self._suspect[(run.id, r.index, r.port)] = time.monotonic() + SUSPECT_S
@@ -333,7 +332,7 @@ class Gateway:
                     load.leave()
                     return resp.status, out_headers, content
                 return resp.status, out_headers, _body(resp, _Once(load.leave))  # chunked, SSE: streamed
-            if await run_in_threadpool(eps.ended, run):  # replicas refuse because the endpoint was just stopped
+            if await run_in_threadpool(eps.live, run.id) is None:  # replicas refuse: the endpoint was just stopped
                 raise Rejected(404, f"no endpoint named {name}")
             raise Rejected(503, f"endpoint {name}: no replica answered ({last_error}); retry later")
         except BaseException:
