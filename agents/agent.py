@@ -2,14 +2,19 @@
 
     python -m agents.agent --server URL --token-file F --home DIR      (or --state-file for the embedded one)
 
-State lives in HOME: node.json (our node id), runs/<run_id>/ (one per run, see runtime.process), and a lock
-file so that only one agent serves a HOME. Jobs run in their own sessions and write to files, so they keep
-running if the agent dies; a restarted agent re-attaches to them and ships what was not shipped.
+State lives in HOME: node.json (our node id), node_token, a lock file so that only one agent serves a HOME,
+and per attempt of a run:
+    runs/<ref>/    the agent's own record (agent.json) and the job's stdout/stderr: out of the job's reach
+    jobs/<ref>/    the job's directory (FEDML_RUN_DIR: workspace, artifacts, scripts), owned by the job's user
+HOME, runs/ and blobs/ are the agent's alone (0700; HOME and jobs/ are 0711 when jobs run as another user, so
+that user can reach its own directory and list nothing). Jobs run in their own sessions and write to files, so
+they keep running if the agent dies; a restarted agent re-attaches to them and ships what was not shipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -23,15 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, substitute
+from runtime.archive import Packed, PackError, UnsafeArchive, pack, unpack
+from runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, read_job_file, substitute, write_job_file
 from runtime.env import run_env
 from runtime.process import ProcessRuntime
-from runtime.workspace import UnsafeArchive, unpack
 from scheduler.jobspec import JobSpec
 from scheduler.models import Assignment, NodeInfo, RunStatus, attempt_ref, parse_ref
 
 from .client import AgentClient, Refused, Unreachable, server_from_state_file
 from .inventory import collect, detect_address
+from .jobuser import JobUser, JobUserError, chown_tree, grant_traverse, interpreter_paths, resolve
 from .shipper import Shipper
 
 log = logging.getLogger("fedml.agent")
@@ -52,7 +58,8 @@ class RunWorker(threading.Thread):
         self.ref = ref  # one attempt of a run: "run-1a2b3c4d.2"
         self.run_id, self.attempt = parse_ref(ref)
         self.agent, self.assignment, self.saved = agent, assignment, saved or {}
-        self.dir = agent.home / "runs" / ref
+        self.dir = agent.home / "runs" / ref  # the agent's
+        self.job_dir = agent.home / "jobs" / ref  # the job's (FEDML_RUN_DIR)
         self.stop_event = threading.Event()
         self.stop_reason = "stopped by user"
         self.handle: Handle | None = None
@@ -89,7 +96,7 @@ class RunWorker(threading.Thread):
     def _run(self) -> None:
         if self.saved.get("handle"):  # re-attaching after an agent restart
             rt = self.agent.runtime_for(self.saved["handle"].get("runtime", "process"))
-            self.handle = rt.reattach(self.saved["handle"], self.dir)
+            self.handle = rt.reattach(self.saved["handle"], self.job_dir)
             if self.saved.get("stop_requested"):
                 self.stop_event.set()
             if self.handle is None:
@@ -99,11 +106,14 @@ class RunWorker(threading.Thread):
             assert self.assignment is not None
             run = self.assignment.run
             spec = JobSpec.model_validate(run.job)
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.saved = {"run_id": run.id, "rank": self.assignment.rank, "attempt": run.attempt,
                           "max_duration": spec.max_duration, "started": time.time()}
             self._save()
-            workspace = self.dir / "workspace"
+            # Made by us, reachable by no one else until it is handed to the job's user just before the start.
+            shutil.rmtree(self.job_dir, ignore_errors=True)
+            self.job_dir.mkdir(mode=0o700, parents=True)
+            workspace = self.job_dir / "workspace"
             try:
                 if run.workspace_sha:
                     unpack(self.agent.blob(run.workspace_sha), workspace)
@@ -113,19 +123,23 @@ class RunWorker(threading.Thread):
                 self._report_final(RunStatus.FAILED, None, f"workspace: {exc}")
                 return
             a = self.assignment
-            (self.dir / "artifacts").mkdir(exist_ok=True)
+            (self.job_dir / "artifacts").mkdir(exist_ok=True)
+            user = self.agent.job_user
             env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=a.rank, num_nodes=a.num_nodes,
                           node0_addr=a.node0_addr, node0_port=a.node0_port, gpus=a.gpus, overrides=run.env,
-                          artifact_dir=str(self.dir / "artifacts"),
-                          base={} if spec.containerize else None)  # a container gets the run's env, not ours
+                          artifact_dir=str(self.job_dir / "artifacts"), attempt=run.attempt,
+                          base={} if spec.containerize else None,  # a container gets the run's env, not ours
+                          user=(user.name, str(self.job_dir)) if user.separate else None)
             commands = spec.commands()
             if spec.job_type == "federate" and a.rank == 0 and a.num_nodes > 1:
                 commands = spec.server_commands() or commands  # rank 0 is the federation's server
             if spec.serves:  # the job runs once per replica, under the serve supervisor
                 commands = self._prepare_serve(spec, env, a)
-            launch = LaunchSpec(run_id=run.id, run_dir=self.dir, workspace=workspace,
+            chown_tree(self.job_dir, user)
+            launch = LaunchSpec(run_id=run.id, run_dir=self.job_dir, workspace=workspace,
                                 bootstrap=spec.bootstrap_commands(), job=commands, env=env,
-                                rank=self.assignment.rank, extra={"job": spec, "assignment": a})
+                                rank=self.assignment.rank, extra={"job": spec, "assignment": a}, log_dir=self.dir,
+                                uid=user.uid if user.separate else None, gid=user.gid if user.separate else None)
             if self.stop_event.is_set():
                 self._report_final(RunStatus.KILLED, None, self.stop_reason)
                 return
@@ -146,28 +160,53 @@ class RunWorker(threading.Thread):
         svc = spec.service_config()
         want = a.run.endpoint.replicas if a.run.endpoint else svc.replicas
         env["FEDML_SERVE_HOST"] = self.agent.info.address  # where the gateway reaches this node's replicas
-        (self.dir / "replica.sh").write_text(substitute(spec.commands(), env) + "\n")
-        _write_json(self.dir / "serve.json", {"readiness_path": svc.readiness_path, "replicas": want,
+        (self.job_dir / "replica.sh").write_text(substitute(spec.commands(), env) + "\n")
+        self._assign_ports(max(want, svc.bounds[1]))
+        _write_json(self.job_dir / "serve.json", {"readiness_path": svc.readiness_path, "replicas": want,
+                                                  "ports": self.saved["ports"],
                                               "gpus": a.gpus, "grace": max(1.0, self.agent.stop_grace * 0.8)})
         self.desired = want
         self._save(serve=True)
         return f'exec {shlex.quote(sys.executable)} -m runtime.serve --dir "$FEDML_RUN_DIR"'
 
+    def _assign_ports(self, n: int) -> bool:
+        """Ports for replicas 0..n-1, chosen by the agent (free now). Only these are reported to the scheduler,
+        whatever the job's supervisor writes: a job cannot point the gateway at another service of this host."""
+        from runtime.serve import free_port
+
+        ports: dict[str, int] = dict(self.saved.get("ports") or {})
+        added = False
+        for i in range(n):
+            if str(i) not in ports:
+                ports[str(i)] = free_port()
+                added = True
+        self.saved["ports"] = ports
+        return added
+
     def _sync_serve(self) -> None:
         """Tell the supervisor the replica count the scheduler wants; tell the scheduler the replicas' states."""
         if self.desired is not None and self.desired != self._desired_written:
-            _write_json(self.dir / "control.json", {"replicas": self.desired})
+            user = self.agent.job_user
+            if self._assign_ports(self.desired):
+                self._save()
+            write_job_file(self.job_dir / "control.json",
+                           json.dumps({"replicas": self.desired, "ports": self.saved["ports"]}).encode(),
+                           user.uid if user.separate else None, user.gid)
             self._desired_written = self.desired
         now = time.monotonic()
         if now - self._replicas_checked < 0.1:
             return
         self._replicas_checked = now
-        f = self.dir / "replicas.json"
+        f = self.job_dir / "replicas.json"  # written by the job's serve supervisor: the job's to forge
         try:
-            mtime = f.stat().st_mtime_ns
+            mtime = f.stat(follow_symlinks=False).st_mtime_ns
             if mtime == self._replicas_mtime:
                 return
-            doc = json.loads(f.read_text())
+            doc = json.loads(read_job_file(f, 1 << 20) or b"")
+            if not isinstance(doc, dict) or not isinstance(doc.get("replicas"), list):
+                return
+            assigned = {int(p) for p in (self.saved.get("ports") or {}).values()}
+            doc["replicas"] = [r for r in doc["replicas"] if isinstance(r, dict) and r.get("port") in assigned]
         except (FileNotFoundError, ValueError):
             return
         try:
@@ -231,15 +270,15 @@ class RunWorker(threading.Thread):
 
     def _keep_artifacts(self) -> None:
         """Upload what the job left in FEDML_ARTIFACT_DIR (before the final report, so a finished run has them)."""
-        art = self.dir / "artifacts"
-        if not art.is_dir() or not any(art.iterdir()):
-            return
-        from fedml_cli.errors import CliError
-        from fedml_cli.pack import pack
-
+        art = self.job_dir / "artifacts"
         try:
-            packed = pack(art)
-        except (CliError, OSError) as exc:
+            if not art.is_dir() or art.is_symlink() or not any(art.iterdir()):
+                return
+        except OSError:
+            return
+        try:
+            packed = self._pack_artifacts(art)
+        except (PackError, OSError) as exc:
             log.warning("run %s: artifacts not kept: %s", self.run_id, exc)
             return
         rank = int(self.saved.get("rank", 0))
@@ -248,6 +287,37 @@ class RunWorker(threading.Thread):
                                                                    packed.sha256, packed.files))
         finally:
             os.unlink(packed.path)
+
+    def _pack_artifacts(self, art: Path) -> Packed:
+        """The job controls its artifact tree: a job running as another user has it packed by a process of that
+        user (`python -m runtime.archive pack`), so no link it planted is ever read with the agent's rights."""
+        user = self.agent.job_user
+        if not user.separate:
+            return pack(art)
+        import hashlib
+        import subprocess
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="artifacts-", suffix=".tar.gz", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                r = subprocess.run([sys.executable, "-m", "runtime.archive", "pack", str(art)], stdout=out,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd="/", timeout=600,
+                                   user=user.uid, group=user.gid, extra_groups=[], umask=0o077,
+                                   env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.job_dir)})
+            if r.returncode != 0:
+                raise PackError(r.stderr.decode(errors="replace").strip()[-500:] or f"exit {r.returncode}")
+            files, sha = r.stderr.decode().split()[-2:]
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != sha:
+                raise PackError("the packed artifacts do not match their digest")
+            return Packed(path=path, sha256=sha, files=int(files), size=os.path.getsize(path))
+        except BaseException:
+            os.unlink(path)
+            raise
 
     def _report_final(self, status: RunStatus, code: int | None, reason: str | None) -> None:
         self.finishing = True
@@ -260,6 +330,7 @@ class RunWorker(threading.Thread):
                 if exc.status not in (403, 404, 409):  # the scheduler has settled this run already
                     raise
         self._retry(send)
+        shutil.rmtree(self.job_dir, ignore_errors=True)  # fd-based on Linux: never follows the job's links
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _retry(self, fn: Any) -> None:
@@ -281,8 +352,9 @@ class Agent:
 
     def __init__(self, client: AgentClient, home: Path, info: NodeInfo, runtime: Runtime | None = None,
                  stop_grace: float = 10.0, join_key: str | None = None,
-                 orphaned: Any = None) -> None:
+                 orphaned: Any = None, job_user: JobUser | None = None) -> None:
         self.client, self.home, self.info = client, home, info
+        self.job_user = job_user or resolve("self")
         self.orphaned = orphaned or (lambda: False)  # True once our scheduler is gone for good
         self.join_key = join_key  # a user/admin key, used only to join; afterwards the node key is used
         self.runtime = runtime or ProcessRuntime()
@@ -292,8 +364,14 @@ class Agent:
         self.workers: dict[str, RunWorker] = {}
         self.stopping = threading.Event()
         self._blob_locks: dict[str, threading.Lock] = {}
-        (home / "runs").mkdir(parents=True, exist_ok=True)
-        (home / "blobs").mkdir(parents=True, exist_ok=True)
+        # The agent's files are its own; a job running as another user may only pass through HOME and jobs/ to
+        # reach its own directory (0711: no listing), so the node key, blobs and logs stay out of its reach.
+        shared = 0o711 if self.job_user.separate else 0o700
+        for d, mode in ((home, shared), (home / "runs", 0o700), (home / "blobs", 0o700), (home / "jobs", shared)):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, mode)
+        if self.job_user.separate:
+            grant_traverse([home / "jobs", *interpreter_paths()], self.job_user)
 
     def blob(self, sha: str) -> Path:
         path = self.home / "blobs" / sha
@@ -340,6 +418,8 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             except Refused as exc:
+                if exc.status == 410:
+                    self._removed(exc.detail)
                 if node_token and exc.status in (401, 404) and self.join_key:
                     log.warning("our node key was refused (%s); joining again", exc.detail)
                     token_file.unlink(missing_ok=True)
@@ -355,6 +435,17 @@ class Agent:
                                                   "server": self.client.base_url()})
             log.info("registered as %s (%s)", reg.node.name, reg.node.id)
             return
+
+    def _removed(self, detail: str) -> None:
+        """This node was removed (`fedml node remove`): stop its jobs, forget its key, and exit for good."""
+        log.warning("this node was removed from the scheduler (%s); stopping its runs and exiting", detail)
+        self.stopping.set()
+        for w in list(self.workers.values()):
+            if w.handle is not None:
+                with contextlib.suppress(Exception):
+                    w.handle.stop(self.stop_grace)
+        (self.home / "node_token").unlink(missing_ok=True)
+        os._exit(0)
 
     def reattach(self) -> None:
         for d in sorted((self.home / "runs").iterdir()):
@@ -412,7 +503,9 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             except Refused as exc:
-                if exc.status in (401, 404):  # removed, or the scheduler forgot us (new database): join again
+                if exc.status == 410:  # an admin removed this node: that sticks
+                    self._removed(exc.detail)
+                if exc.status in (401, 404):  # the scheduler forgot us (a new database): join again
                     self.register()
                     continue
                 log.warning("poll refused: %s", exc)
@@ -449,11 +542,29 @@ class _SingleInstance:
         self.f.flush()
 
 
+def _read_key(path: Path) -> str | None:
+    """The join key from its hand-off file, which is then deleted (where it can be: systemd's credential
+    directory is read-only, and private to the unit anyway)."""
+    try:
+        key = path.read_text().strip() or None
+    except OSError as exc:
+        raise SystemExit(f"fedml agent: cannot read the key file {path}: {exc.strerror}") from None
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedml-agent", description="fedml launch node agent")
     p.add_argument("--server", help="scheduler URL")
     p.add_argument("--state-file", type=Path, help="read the scheduler URL from this file (embedded mode)")
-    p.add_argument("--token-file", type=Path)
+    p.add_argument("--key-file", "--token-file", dest="key_file", type=Path,
+                   help="file holding the join key (admin key, join token or user key); read once, then deleted. "
+                        "Never give a key by argv or environment: jobs and `ps` could read it there")
+    p.add_argument("--run-as", default=os.environ.get("FEDML_RUN_AS", "auto"),
+                   help="user jobs run as: auto (fedml-job when the agent is root, else the agent's own user), "
+                        "self, or a user name. Only a root agent can isolate jobs from itself; any other agent "
+                        "makes a single-tenant node that runs only its owner's runs")
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--name")
     p.add_argument("--gpus", help="declare GPUs where NVML is absent, e.g. A100-80G:4")
@@ -464,19 +575,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns what matters
+    os.umask(0o077)  # whatever the agent writes is its own unless it says otherwise
     lock = _SingleInstance(args.home / "agent.pid")
-    join_key = args.token_file.read_text().strip() if args.token_file else os.environ.pop("FEDML_API_KEY", None)
+    join_key = _read_key(args.key_file) if args.key_file else None
+    try:
+        job_user = resolve(args.run_as)
+    except JobUserError as exc:
+        raise SystemExit(f"fedml agent: {exc}") from None
     server: Any = server_from_state_file(args.state_file) if args.state_file else args.server
     if not server:
         p.error("give --server or --state-file")
     labels = dict(kv.split("=", 1) for kv in args.label if "=" in kv)
     info = collect(args.name, args.gpus, labels=labels, price=args.price_per_gpu_hour,
                    address=args.address or (detect_address(args.server) if args.server else "127.0.0.1"))
+    info.job_user = job_user.name if job_user.separate else None
     state_file = args.state_file
     # The embedded agent follows its scheduler: a clean stop removes the state file (a crash does not).
     orphaned = (lambda: not state_file.exists()) if state_file else None
     agent = Agent(AgentClient(server, None), args.home, info, stop_grace=args.stop_grace, join_key=join_key,
-                  orphaned=orphaned)
+                  orphaned=orphaned, job_user=job_user)
 
     def on_term(*_: Any) -> None:
         # Jobs keep running: they write to files and the next agent re-attaches to them.

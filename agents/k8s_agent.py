@@ -2,7 +2,7 @@
 
     python -m agents.k8s_agent --server URL --home DIR --pool NAME [--kubeconfig F] [--context C] [--namespace NS]
                                [--in-cluster] [--image IMG] [--label K=V] [--price-per-gpu-hour P]
-    (`fedml login KEY --server URL --kubernetes ...` starts it; the key comes in FEDML_API_KEY)
+    (`fedml login KEY --server URL --kubernetes ...` starts it; the key comes in a file it deletes, --key-file)
 
 Each Kubernetes node is one node of ours, named POOL-NODE, labelled pool=POOL and kubernetes.node=NODE, so our
 placement (GPU counts per node, a gang on distinct nodes) works unchanged and every rank's Job is pinned to the
@@ -45,7 +45,7 @@ from runtime.kubernetes import (
 )
 from scheduler.models import GpuInfo, NodeInfo, RunStatus
 
-from .agent import Agent, RunWorker, _SingleInstance, _write_json
+from .agent import Agent, RunWorker, _read_key, _SingleInstance, _write_json
 from .client import AgentClient, Refused, Unreachable
 
 log = logging.getLogger("fedml.k8s")
@@ -165,6 +165,7 @@ class Pool:
                 runtimes=["process", "docker", "kubernetes"],
                 address=address,
                 agent_version=_version(),
+                job_user="pod",  # jobs run in pods, apart from this agent and its keys: the nodes can be shared
             )
         return out
 
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", action="append", default=[], help="k=v, repeatable")
     p.add_argument("--price-per-gpu-hour", type=float)
     p.add_argument("--stop-grace", type=float, default=float(os.environ.get("FEDML_STOP_GRACE", "10")))
+    p.add_argument("--key-file", type=Path, help="file holding the join key (admin key or an N-use join token: "
+                                                 "every node of the pool joins with it); read once, then deleted")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s k8s-agent %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     args.home.mkdir(parents=True, exist_ok=True)
     lock = _SingleInstance(args.home / "agent.pid")
-    join_key = os.environ.pop("FEDML_API_KEY", None)
+    join_key = _read_key(args.key_file) if args.key_file else None
     try:
         api, ns = connect(args.kubeconfig, args.context, args.in_cluster)
     except Exception as exc:

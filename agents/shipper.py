@@ -6,6 +6,8 @@ re-reads and resends exactly the lines after it; the scheduler drops any it alre
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -22,14 +24,29 @@ class _Tail:
     def __init__(self, stream: str, path: Path, offset: int) -> None:
         self.stream, self.path, self.offset = stream, path, offset  # offset: end of the last whole line
         self._f = None
+        self.refused = False
+
+    def _refuse(self, why: str) -> list[tuple[str, int]]:
+        # A job replaced its log file with a symlink (to a file only the agent may read) or a fifo: say so once.
+        self.refused = True
+        return [(f"[fedml agent] {self.stream} not shipped: {self.path.name}: {why}", self.offset)]
 
     def read_lines(self, max_lines: int, max_bytes: int, final: bool) -> list[tuple[str, int]]:
         """Whole lines after `offset` (and the unterminated rest when final), with the offset after each."""
+        if self.refused:
+            return []
         if self._f is None:
+            # The file may sit in a directory the job owns (container logs): never through a symlink or a fifo.
             try:
-                self._f = open(self.path, "rb")  # noqa: SIM115 - kept open while tailing
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
                 return []
+            except OSError as exc:
+                return self._refuse(exc.strerror or str(exc))
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                return self._refuse("not a plain file")
+            self._f = os.fdopen(fd, "rb")
         self._f.seek(self.offset)
         data = self._f.read(max_bytes)
         out: list[tuple[str, int]] = []
@@ -83,7 +100,7 @@ class Shipper:
         try:
             acked = self.client.send_logs(self.run_id, batch)
         except Refused as exc:
-            if exc.status in (403, 404):  # the run is gone, or no longer ours: nothing to keep
+            if exc.status in (403, 404, 409):  # the run is gone, ended here, or no longer ours: nothing to keep
                 acked = self.next_seq + len(lines)
             else:
                 raise Unreachable(str(exc)) from None

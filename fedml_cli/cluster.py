@@ -23,6 +23,9 @@ node_app = typer.Typer(help="List, drain and remove the nodes of the cluster.", 
 key_app = typer.Typer(help="Create, list and revoke API keys (admin key needed).", no_args_is_help=True,
                       rich_markup_mode=None)
 
+token_app = typer.Typer(help="Join tokens: how nodes join a shared cluster (admin key needed).", no_args_is_help=True,
+                        rich_markup_mode=None)
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
@@ -71,7 +74,9 @@ def _agent_pid(home: Path) -> int | None:
 # ---- login / logout ----------------------------------------------------------------------------------------
 
 def login(
-    api_key: Annotated[str | None, typer.Argument(metavar="API_KEY", help="API key (default: $FEDML_API_KEY).")] = None,
+    api_key: Annotated[str | None, typer.Argument(metavar="API_KEY", help="API key or join token (default: "
+                                                  "$FEDML_API_KEY, else read from stdin or a prompt). Given here, it "
+                                                  "is taken out of this process's arguments at once.")] = None,
     server: Annotated[str | None, typer.Option("--server", "-s", help="Scheduler URL, e.g. http://head:8787 "
                                                                           "(default: $FEDML_SERVER).")] = None,
     node: Annotated[bool, typer.Option("--node", help="Join this machine as a node: start an agent.")] = False,
@@ -92,6 +97,10 @@ def login(
                                                                       "(default: the context's).")] = None,
     image: Annotated[str | None, typer.Option("--image", help="With --kubernetes: image for jobs without "
                                                               "docker.image.")] = None,
+    run_as: Annotated[str | None, typer.Option("--run-as", metavar="USER", help="With --node: user jobs run as. "
+                                               "Default: fedml-job (made if missing) when the agent runs as root; "
+                                               "otherwise the agent's own user, and the node runs only your runs.")] = None,
+    key_fd: Annotated[int | None, typer.Option("--key-fd", hidden=True)] = None,
 ) -> None:
     """Store credentials for a scheduler, or with --node join this machine to it as a node.
 
@@ -103,10 +112,10 @@ def login(
     """
     from .api import Api
 
-    api_key = api_key or os.environ.get("FEDML_API_KEY")
+    api_key = _given_key(api_key, key_fd)
     server = (server or os.environ.get("FEDML_SERVER") or "").rstrip("/")
     if not api_key or not server:
-        _err("error: give API_KEY and --server (or set FEDML_API_KEY and FEDML_SERVER)")
+        _err("error: give API_KEY (or FEDML_API_KEY, or on stdin) and --server (or FEDML_SERVER)")
         raise typer.Exit(USAGE)
     if not server.startswith(("http://", "https://")):
         _err(f'error: --server: expected a URL such as http://head:8787, got "{server}"')
@@ -126,25 +135,90 @@ def login(
         except ValueError as exc:
             _err(f"error: {exc}")
             raise typer.Exit(USAGE) from None
-    try:
-        who = Api(server, api_key).get("/info")["you"]
-    except CliError as exc:
-        raise _fail(exc) from None
+    if api_key.startswith("fml_j_"):  # a join token: only registers a node, answers nothing else
+        if not (node or kubernetes):
+            _err("error: a join token can only join a node: add --node (or --kubernetes)")
+            raise typer.Exit(USAGE)
+    else:
+        try:
+            Api(server, api_key).get("/info")
+        except CliError as exc:
+            raise _fail(exc) from None
     if kubernetes:
         _join_pool(api_key, server, name, labels, price, context, namespace, image, foreground)
         return
     if not node:
         from . import paths
 
+        who = Api(server, api_key).get("/info")["you"]
         _write_private(paths.credentials_file(), json.dumps({"server": server, "api_key": api_key}))
         _err(f"Logged in to {server} as {who['owner']} ({who['scope']} key). Commands now go there; "
              f"`fedml logout` forgets it.")
         return
-    _join(api_key, server, name, labels, gpus, price, address, foreground)
+    _join(api_key, server, name, labels, gpus, price, address, foreground, run_as)
+
+
+def _given_key(api_key: str | None, key_fd: int | None) -> str | None:
+    """The key: from the pipe `main` re-executed us with (it was a positional argument), $FEDML_API_KEY, a
+    prompt on a terminal, or the first line of stdin."""
+    if key_fd is not None:
+        with os.fdopen(key_fd, "r") as f:
+            return f.read().strip() or None
+    if api_key:
+        return api_key.strip()
+    if os.environ.get("FEDML_API_KEY"):
+        return os.environ["FEDML_API_KEY"].strip()
+    try:
+        if sys.stdin.isatty():
+            import getpass
+
+            return getpass.getpass("API key or join token: ").strip() or None
+        return sys.stdin.readline(4096).strip() or None
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+# Options of `fedml login` that take a value: what is not one of them, nor an option, is the positional key.
+_LOGIN_VALUED = {"--server", "-s", "--name", "--label", "-l", "--gpus", "--price-per-gpu-hour", "--address",
+                 "--context", "--namespace", "--image", "--run-as", "--key-fd"}
+
+
+def reexec_without_key(argv: list[str]) -> None:
+    """`fedml login KEY ...`: the key would stay readable in /proc/PID/cmdline (and `ps`) for as long as we run.
+    Hand it over through a pipe and exec ourselves again without it. Returns if there is no positional key."""
+    args = argv[1:]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            i += 1
+            break
+        if a.startswith("-"):
+            i += 2 if a in _LOGIN_VALUED else 1
+            continue
+        break
+    if i >= len(args) or args[i].startswith("-"):
+        return
+    key = args[i]
+    r, w = os.pipe()
+    os.write(w, key.encode())  # a key is ~50 bytes: far below the pipe's buffer
+    os.close(w)
+    os.set_inheritable(r, True)
+    rest = [*args[:i], *args[i + 1:], "--key-fd", str(r)]
+    if "--" in rest:  # options after `--` would be taken as arguments
+        rest.remove("--")
+    os.execv(sys.executable, [sys.executable, "-m", "fedml_cli.main", argv[0], *rest])
+
+
+def _hand_over(home: Path, api_key: str) -> Path:
+    """The key for the agent, in a 0600 file it deletes once read: never argv, never its environment."""
+    path = home / ".join-key"
+    _write_private(path, api_key)
+    return path
 
 
 def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], gpus: str | None,
-          price: float | None, address: str | None, foreground: bool) -> None:
+          price: float | None, address: str | None, foreground: bool, run_as: str | None = None) -> None:
     import socket
 
     from . import paths
@@ -165,7 +239,10 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
         args += ["--price-per-gpu-hour", str(price)]
     if address:
         args += ["--address", address]
-    env = {**os.environ, "FEDML_API_KEY": api_key}  # by environment, not argv: argv is visible in ps
+    if run_as:
+        args += ["--run-as", run_as]
+    args += ["--key-file", str(_hand_over(home, api_key))]
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDML_API_KEY", "FEDML_ADMIN_KEY")}
     if foreground:
         os.execve(sys.executable, [sys.executable, "-m", "agents.agent", *args], env)
     pid, info = _start_agent("agents.agent", args, env, home, "node.json", "agent", timeout=30)
@@ -226,7 +303,8 @@ def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, st
         args += ["--label", f"{k}={v}"]
     if price is not None:
         args += ["--price-per-gpu-hour", str(price)]
-    env = {**os.environ, "FEDML_API_KEY": api_key}
+    args += ["--key-file", str(_hand_over(home, api_key))]
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDML_API_KEY", "FEDML_ADMIN_KEY")}
     if foreground:
         os.execve(sys.executable, [sys.executable, "-m", "agents.k8s_agent", *args], env)
     pid, info = _start_agent("agents.k8s_agent", args, env, home, "pool.json", "pool agent", timeout=60)
@@ -287,7 +365,7 @@ def _leave(home: Path) -> None:
             state = json.loads((d / "agent.json").read_text()).get("handle")
         except (OSError, ValueError):
             continue
-        handle = ProcessRuntime().reattach(state, d) if state else None
+        handle = ProcessRuntime().reattach(state, home / "jobs" / d.name) if state else None
         if handle is not None and handle.poll() is None:
             handle.stop(float(os.environ.get("FEDML_STOP_GRACE", "10")))
     node = {}
@@ -335,21 +413,30 @@ def node_list(as_json: JsonOpt = False) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for col in ("NAME", "ID", "STATE", "GPUS FREE/TOTAL", "RUNS", "LABELS", "PRICE/GPU-H", "LAST HEARTBEAT"):
+    for col in ("NAME", "ID", "STATE", "GPUS FREE/TOTAL", "RUNS", "TENANCY", "LABELS", "PRICE/GPU-H", "LAST HEARTBEAT"):
         table.add_column(col)
     now = time.time()
     for n in nodes:
         state = n["state"] + (" DRAINING" if n.get("draining") else "")
         color = "green" if state == "ONLINE" else ("yellow" if "DRAINING" in state else "red")
         table.add_row(n["name"], n["id"], f"[{color}]{state}[/{color}]", _gpu_summary(n), str(n.get("active_runs", 0)),
-                      ",".join(f"{k}={v}" for k, v in n.get("labels", {}).items()) or "-",
+                      tenancy(n), ",".join(f"{k}={v}" for k, v in n.get("labels", {}).items()) or "-",
                       "-" if n.get("price_per_gpu_hour") is None else f"{n['price_per_gpu_hour']:g}",
                       f"{now - n['last_seen']:.0f}s ago")
     console = Console() if sys.stdout.isatty() else Console(width=250)  # piped: keep ids whole
     if nodes:
         console.print(table)
     else:
-        console.print("no nodes (add one with `fedml login KEY --server URL --node`)")
+        console.print("no nodes (make a join token with `fedml scheduler token create --node`, then on the node: "
+                      "`fedml login --server URL --node`)")
+
+
+def tenancy(n: dict[str, Any]) -> str:
+    """'shared (jobs as fedml-job)', 'single-tenant: alice' (only alice's runs: a private node, or an agent that
+    cannot keep jobs from its key)."""
+    if n.get("owner"):
+        return f"single-tenant: {n['owner']}"
+    return f"shared (jobs as {n['job_user']})" if n.get("job_user") else "shared"
 
 
 @node_app.command("drain")
@@ -426,4 +513,56 @@ def key_revoke(ref: Annotated[str, typer.Argument(metavar="ID_OR_NAME")]) -> Non
     _err(f"Key {k['id']} ({k['name']}) revoked.")
 
 
-__all__ = ["FAILED", "key_app", "login", "logout", "node_app"]
+def _duration(text: str) -> float | None:
+    """'30m', '2h', '7d', '3600' (seconds), 'never' -> seconds (None: never)."""
+    text = text.strip().lower()
+    if text in ("never", "0", "none"):
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise typer.BadParameter(f"expected a duration such as 30m, 2h, 7d or never, got {text!r}") from None
+
+
+@token_app.command("create")
+def token_create(
+    node: Annotated[bool, typer.Option("--node", help="A token that joins nodes (the only kind so far).")] = False,
+    ttl: Annotated[str, typer.Option("--ttl", help="How long it works: 30m, 2h, 7d, never.")] = "1h",
+    uses: Annotated[int, typer.Option("--uses", min=0, help="Nodes it may join (0: any number until it expires).")] = 1,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="K=V",
+                                                    help="Label every node joined with it gets; repeatable.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="What it is for, shown in `key list`.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a join token (printed once, stored hashed). On the node: `fedml login --server URL --node` and paste
+    it, or pipe it in. Nodes joined so run every user's jobs, as an unprivileged user, so join them as root."""
+    from .api import connect
+
+    if not node:
+        _err("error: say what the token is for: --node")
+        raise typer.Exit(USAGE)
+    labels: dict[str, str] = {}
+    for item in label or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            _err(f'error: --label: expected KEY=VALUE, got "{item}"')
+            raise typer.Exit(USAGE)
+        labels[k] = v
+    try:
+        r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name})
+    except CliError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        return
+    sys.stdout.write(r["secret"] + "\n")
+    k = r["key"]
+    left = "any number of nodes" if k["uses_left"] is None else f"{k['uses_left']} node(s)"
+    until = ("never expires" if k["expires_at"] is None
+             else f"expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(k['expires_at']))}")
+    _err(f"Join token {k['id']}: joins {left}, {until}. Shown only now. On a node (as root): "
+         f"echo TOKEN | fedml login --server URL --node")
+
+
+__all__ = ["FAILED", "key_app", "login", "logout", "node_app", "token_app"]

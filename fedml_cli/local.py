@@ -90,7 +90,8 @@ def _start(local: Path) -> str:
     log_path = local / "scheduler.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.server", "--home", str(paths.home()), "--quiet"],
+            # One person's own machine, on loopback: its jobs run as that person (docs/security.md).
+            [sys.executable, "-m", "scheduler.server", "--home", str(paths.home()), "--quiet", "--run-as", "self"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

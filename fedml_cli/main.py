@@ -37,6 +37,7 @@ app.command("logout")(cluster.logout)
 app.add_typer(cluster.node_app, name="node")
 app.add_typer(endpoint.endpoint_app, name="endpoint")
 scheduler_app.add_typer(cluster.key_app, name="key")
+scheduler_app.add_typer(cluster.token_app, name="token")
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
@@ -420,7 +421,7 @@ def _download_artifacts(api: Any, run: dict[str, Any], latest: dict[int, dict[st
     import tempfile
     from pathlib import Path
 
-    from runtime.workspace import UnsafeArchive, unpack
+    from runtime.archive import UnsafeArchive, unpack
 
     for rank, a in latest.items():
         target = Path(dest) / f"rank{rank}" if run.get("num_nodes", 1) > 1 else Path(dest)
@@ -514,7 +515,10 @@ def template_init(name: Annotated[str, typer.Argument(metavar="NAME")],
 def scheduler_start(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for a team).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8787,
-    agent: Annotated[bool, typer.Option("--agent/--no-agent", help="Also run a local agent on this machine.")] = True,
+    agent: Annotated[bool | None, typer.Option("--agent/--no-agent", help="Also run a local agent on this machine "
+                                                                        "(default: only with a loopback --host).")] = None,
+    run_as: Annotated[str, typer.Option("--run-as", help="User the local agent runs jobs as: auto (fedml-job "
+                                                         "when root), self, or a user name.")] = "auto",
     max_workspace_mb: Annotated[int, typer.Option(help="Largest workspace upload accepted.")] = 512,
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between agent heartbeats; a node silent for "
                                                            "3 intervals is offline.")] = 10.0,
@@ -534,9 +538,9 @@ def scheduler_start(
     from scheduler.server import main as serve
 
     args = ["--host", host, "--port", str(port), "--max-workspace-mb", str(max_workspace_mb),
-            "--heartbeat-interval", str(heartbeat_interval)]
-    if not agent:
-        args.append("--no-agent")
+            "--heartbeat-interval", str(heartbeat_interval), "--run-as", run_as]
+    if agent is not None:
+        args.append("--agent" if agent else "--no-agent")
     raise typer.Exit(serve(args))
 
 
@@ -605,8 +609,12 @@ def env_cmd(as_json: JsonOpt = False) -> None:
         except CliError:
             sched = {"url": None, "kind": "local", "running": False}
     gpus, why = nvml_gpus()
+    root = os.getuid() == 0
+    tenancy = ("shared: a node joined from here runs jobs as fedml-job (`--run-as`), apart from the agent's keys"
+               if root else "single-tenant: a node joined from here runs jobs as you, so only your own runs "
+                            "(an agent run as root can isolate jobs and take everyone's)")
     info = {"fedml_launch": __version__, "python": platform.python_version(), "platform": platform.platform(),
-            "home": str(paths.home()), "scheduler": sched,
+            "home": str(paths.home()), "scheduler": sched, "node_tenancy": tenancy,
             "gpus": [g.model_dump() for g in gpus], "gpus_note": why}
     if as_json:
         _print_json(info)
@@ -618,6 +626,7 @@ def env_cmd(as_json: JsonOpt = False) -> None:
         w(f"scheduler     {server} (FEDML_SERVER)\n")
     else:
         w(f"scheduler     {sched['url'] or 'not running (started by the first command that needs it)'}\n")
+    w(f"node          {tenancy}\n")
     if gpus:
         for g in gpus:
             w(f"gpu {g.index}         {g.name}, {g.memory_mb} MiB\n")
@@ -626,6 +635,8 @@ def env_cmd(as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["login"]:
+        cluster.reexec_without_key(sys.argv[1:])
     try:
         app()
     except CliError as exc:

@@ -23,6 +23,20 @@ class LaunchSpec:
     env: dict[str, str]
     rank: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the runtime keeps what only the agent may touch (the job's stdout/stderr files); default run_dir.
+    log_dir: Path | None = None
+    # The job's user when it is not the agent's (a root agent): files the job must write are handed to it.
+    uid: int | None = None
+    gid: int | None = None
+
+    def own(self, *paths: Path) -> None:
+        """Hand paths the runtime just made in the job's directory to the job's user."""
+        import os
+
+        if self.uid is None:
+            return
+        for p in paths:
+            os.chown(p, self.uid, self.gid if self.gid is not None else -1, follow_symlinks=False)
 
 
 @dataclass
@@ -91,3 +105,45 @@ def substitute(text: str, env: dict[str, str]) -> str:
         return m.group(0)
 
     return _VAR.sub(repl, text)
+
+
+# ---- files in a job's directory ------------------------------------------------------------------------------
+# The job owns its run directory, so anything there may be a symlink, a fifo or huge by the time the agent (root,
+# perhaps) looks. The agent reads and writes there only through these two.
+
+def read_job_file(path: Path, limit: int = 1 << 20) -> bytes | None:
+    """The file's bytes (at most `limit`), or None if missing or not a plain file. Never follows a symlink,
+    never blocks on a fifo."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read(limit)
+
+
+def write_job_file(path: Path, data: bytes, uid: int | None = None, gid: int | None = None) -> None:
+    """Replace `path` atomically: a fresh temp file (O_EXCL, O_NOFOLLOW) renamed over it, so a symlink the job
+    left there is replaced, never written through."""
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if uid is not None:
+                os.fchown(f.fileno(), uid, gid if gid is not None else -1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from scheduler.models import parse_ref
 
-from .base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, substitute
+from .base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, read_job_file, substitute, write_job_file
 
 if TYPE_CHECKING:
     from scheduler.jobspec import JobSpec
@@ -216,7 +216,8 @@ class DockerHandle(Handle):
         if not self._ended.is_set() and not (self.run_dir / "ctr" / "exit_code").exists():
             return None
         self._status = self._exit_status()
-        (self.run_dir / "ctr" / "final").write_text(f"{self._status.phase} {self._status.code} {self._status.reason or ''}")
+        write_job_file(self.run_dir / "ctr" / "final",
+                       f"{self._status.phase} {self._status.code} {self._status.reason or ''}".encode())
         try:
             self.runtime.remove(self.container.id)
         except (docker.errors.DockerException, OSError) as exc:  # the agent's next start sweeps it
@@ -236,9 +237,11 @@ class DockerHandle(Handle):
         code = int(state.get("ExitCode", 0))
         phase = "job"
         try:
-            p, c = (self.run_dir / "ctr" / "exit_code").read_text().split()
+            p, c = (read_job_file(self.run_dir / "ctr" / "exit_code", 64) or b"").decode().split()
+            if p not in ("job", "bootstrap"):
+                raise ValueError(p)
             phase, code = p, int(c)
-        except (FileNotFoundError, ValueError):
+        except (UnicodeDecodeError, ValueError):
             self._engine_output()  # ended before or outside the wrapper: what the engine saw says why
         if code == 137 and not self._stopping:
             # Not asked to stop, so the kernel or someone else killed it; OOMKilled alone is not reliable.
@@ -253,8 +256,9 @@ class DockerHandle(Handle):
 
         with contextlib.suppress(docker.errors.DockerException, OSError):
             text = self.container.logs(stdout=True, stderr=True, follow=False)
-            if text:
-                with open(self.log_files()["stderr"], "ab") as f:
+            if text:  # the file is in the job's directory: append only to a plain file, never through a link
+                fd = os.open(self.log_files()["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                with os.fdopen(fd, "ab") as f:
                     f.write(text if text.endswith(b"\n") else text + b"\n")
 
     def stop(self, grace: float) -> None:
@@ -368,14 +372,15 @@ class DockerRuntime(Runtime):
         ctr.mkdir(parents=True, exist_ok=True)
         spec.workspace.mkdir(parents=True, exist_ok=True)
         (d / "artifacts").mkdir(exist_ok=True)
+        spec.own(ctr, d / "artifacts")
         (ctr / "exit_code").unlink(missing_ok=True)
         env = {k: v for k, v in spec.env.items() if k not in AUTH_VARS}
         env.update({"FEDML_WORKSPACE_DIR": IN_WORKSPACE, "FEDML_ARTIFACT_DIR": IN_ARTIFACTS})
         devices, visible = _gpu_requests(env)
         env["CUDA_VISIBLE_DEVICES"] = visible
-        (ctr / "bootstrap.sh").write_text(substitute(spec.bootstrap, env) + "\n")
-        (ctr / "job.sh").write_text(substitute(spec.job, env) + "\n")
-        (ctr / "wrapper.sh").write_text(WRAPPER)
+        for name, text in (("bootstrap.sh", substitute(spec.bootstrap, env) + "\n"),
+                           ("job.sh", substitute(spec.job, env) + "\n"), ("wrapper.sh", WRAPPER)):
+            write_job_file(ctr / name, text.encode(), spec.uid, spec.gid)
         volumes = _volumes(os.environ.get("FEDML_DOCKER_VOLUMES"))
         volumes.update({str(spec.workspace.resolve()): {"bind": IN_WORKSPACE, "mode": "rw"},
                         str((d / "artifacts").resolve()): {"bind": IN_ARTIFACTS, "mode": "rw"},
@@ -387,6 +392,8 @@ class DockerRuntime(Runtime):
             "working_dir": IN_WORKSPACE, "labels": labels, "volumes": volumes, "network_mode": network,
             "name": _name(d), "detach": True, "stdin_open": False, "tty": False,
         }
+        if spec.uid is not None:  # a root agent: the container runs as the job's user too, not as root
+            kw["user"] = f"{spec.uid}:{spec.gid}"
         if devices:
             kw["device_requests"] = devices
         if opts.memory_bytes:
@@ -429,9 +436,9 @@ class DockerRuntime(Runtime):
         if state.get("runtime") != "docker":
             return None
         run_id = str(state.get("run_id", run_dir.name))
-        final = run_dir / "ctr" / "final"
-        if final.exists():  # ended and removed; only the report is missing
-            phase, code, *why = final.read_text().split(" ", 2)
+        final = read_job_file(run_dir / "ctr" / "final", 4096)
+        if final:  # ended and removed; only the report is missing
+            phase, code, *why = final.decode(errors="replace").split(" ", 2)
             return _Finished(run_id, run_dir, ExitStatus(code=int(code), phase=phase, reason=(why or [""])[0] or None,
                                                          signal=9 if int(code) == 137 else None))
         labels = dict(state.get("labels") or {})

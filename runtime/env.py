@@ -7,14 +7,29 @@ import os
 from scheduler.jobspec import JobSpec
 
 # Variables of the agent's own environment that a job should not inherit.
-_DROP = ("FEDML_API_KEY", "FEDML_SCHEDULER_TOKEN", "FEDML_SERVER")
+_DROP = ("FEDML_API_KEY", "FEDML_SCHEDULER_TOKEN", "FEDML_SERVER", "FEDML_ADMIN_KEY")
+# A job that runs as another user than its agent (a root agent) inherits only these of the agent's environment:
+# whatever else the admin's shell held (cloud credentials, tokens) stays with the agent.
+_KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "OPENBLAS_", "MKL_", "OMP_", "GLOO_", "TORCH_")
+_KEEP = {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "http_proxy",
+         "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "DOCKER_HOST", "FEDML_STOP_GRACE"}
+
+
+def _inherited(env: dict[str, str] | os._Environ[str], separate: bool) -> dict[str, str]:
+    if not separate:
+        return {k: v for k, v in env.items() if k not in _DROP}
+    return {k: v for k, v in env.items() if k in _KEEP or k.startswith(_KEEP_PREFIXES)}
 
 
 def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_nodes: int = 1,
             node0_addr: str = "127.0.0.1", node0_port: int = 29500, gpus: list[int] | None = None,
             overrides: dict[str, str] | None = None, base: dict[str, str] | None = None,
-            artifact_dir: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _DROP}
+            artifact_dir: str | None = None, attempt: int = 1,
+            user: tuple[str, str] | None = None) -> dict[str, str]:
+    """`user`: (name, home) when the job runs as another user than the agent."""
+    env = _inherited(os.environ if base is None else base, user is not None)
+    if user is not None:
+        env.update({"USER": user[0], "LOGNAME": user[0], "HOME": user[1]})
     env.update(spec.fedml_env_vars())
     env.update({
         "FEDML_CURRENT_RUN_ID": run_id,
@@ -25,6 +40,7 @@ def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_node
         "FEDML_NODE_0_PORT": str(node0_port),
         "FEDML_SERVER_ADDR": node0_addr,  # federate: where rank 0 (the server) runs
         "FEDML_JOB_TYPE": spec.job_type,
+        "FEDML_ATTEMPT": str(attempt),  # jobs can fence their own outputs by attempt
         "NODE_RANK": str(rank),
         "WORLD_SIZE": str(num_nodes),
         "MASTER_ADDR": node0_addr,

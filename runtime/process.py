@@ -3,7 +3,9 @@
 Layout of a run directory:
     workspace/      the unpacked workspace; the job's working directory
     bootstrap.sh    job.sh    wrapper.sh
-    stdout.log      stderr.log      exit_code ("job 0", "bootstrap 3"; written by wrapper.sh)
+    exit_code ("job 0", "bootstrap 3"; written by wrapper.sh)
+and in the log directory (the agent's, out of the job's reach when the job runs as another user):
+    stdout.log      stderr.log
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from .base import ExitStatus, Handle, LaunchSpec, Runtime, substitute
+from .base import ExitStatus, Handle, LaunchSpec, Runtime, read_job_file, substitute
 
 WRAPPER = r"""# written by the fedml agent; runs bootstrap then job with `set -e` semantics
 cd "$FEDML_WORKSPACE_DIR" || exit 1
@@ -39,8 +41,11 @@ exit $rc
 
 class ProcessHandle(Handle):
     def __init__(self, run_id: str, run_dir: Path, pid: int, create_time: float,
-                 popen: subprocess.Popen[bytes] | None = None) -> None:
+                 popen: subprocess.Popen[bytes] | None = None, log_dir: Path | None = None,
+                 uid: int | None = None) -> None:
         self.run_id, self.run_dir, self.pid, self.create_time = run_id, run_dir, pid, create_time
+        self.log_dir = log_dir or run_dir
+        self.uid = uid
         self._popen = popen
         self._status: ExitStatus | None = None
         self._exited = threading.Event()
@@ -72,9 +77,11 @@ class ProcessHandle(Handle):
 
     def _read_exit(self) -> ExitStatus:
         try:
-            phase, code = (self.run_dir / "exit_code").read_text().split()
+            phase, code = (read_job_file(self.run_dir / "exit_code", 64) or b"").decode().split()
+            if phase not in ("job", "bootstrap"):
+                raise ValueError(phase)
             return ExitStatus(code=int(code), phase=phase)
-        except (FileNotFoundError, ValueError):
+        except (UnicodeDecodeError, ValueError):
             rc = self._popen.returncode if self._popen is not None else None
             if rc is not None and rc < 0:
                 return ExitStatus(code=128 - rc, signal=-rc)
@@ -94,7 +101,7 @@ class ProcessHandle(Handle):
                 break
             time.sleep(0.05)
         self._kill_group(signal.SIGKILL)
-        sweep(self.run_dir)
+        sweep(self.run_dir, self.uid)
         if self._popen is not None:
             try:
                 self._popen.wait(timeout=5)
@@ -109,18 +116,19 @@ class ProcessHandle(Handle):
             return False
 
     def log_files(self) -> dict[str, Path]:
-        return {"stdout": self.run_dir / "stdout.log", "stderr": self.run_dir / "stderr.log"}
+        return {"stdout": self.log_dir / "stdout.log", "stderr": self.log_dir / "stderr.log"}
 
     def state(self) -> dict[str, Any]:
-        return {"runtime": "process", "run_id": self.run_id, "pid": self.pid, "create_time": self.create_time}
+        return {"runtime": "process", "run_id": self.run_id, "pid": self.pid, "create_time": self.create_time,
+                "log_dir": str(self.log_dir), "uid": self.uid}
 
 
-def sweep(run_dir: Path) -> int:
+def sweep(run_dir: Path, uid: int | None = None) -> int:
     """Kill processes of this job that left its process group (setsid, double fork): every process of
-    ours whose environment carries FEDML_RUN_DIR=<this attempt's directory>. (Not the run id: another rank
-    or attempt of the same run may be running on this machine.)"""
+    the job's user whose environment carries FEDML_RUN_DIR=<this attempt's directory>. (Not the run id:
+    another rank or attempt of the same run may be running on this machine.)"""
     killed = 0
-    me = os.getuid()
+    me = os.getuid() if uid is None else uid
     needle = str(run_dir)
     for p in psutil.process_iter(["uids"]):
         try:
@@ -139,25 +147,36 @@ class ProcessRuntime(Runtime):
 
     def start(self, spec: LaunchSpec) -> ProcessHandle:
         d = spec.run_dir
+        logs = spec.log_dir or d
         d.mkdir(parents=True, exist_ok=True)
         spec.workspace.mkdir(parents=True, exist_ok=True)
-        (d / "bootstrap.sh").write_text(substitute(spec.bootstrap, spec.env) + "\n")
-        (d / "job.sh").write_text(substitute(spec.job, spec.env) + "\n")
-        (d / "wrapper.sh").write_text(WRAPPER)
+        scripts = {"bootstrap.sh": substitute(spec.bootstrap, spec.env) + "\n",
+                   "job.sh": substitute(spec.job, spec.env) + "\n", "wrapper.sh": WRAPPER}
+        for name, text in scripts.items():
+            (d / name).unlink(missing_ok=True)
+            fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            spec.own(d / name)
         (d / "exit_code").unlink(missing_ok=True)
         env = {**spec.env, "FEDML_RUN_DIR": str(d), "FEDML_WORKSPACE_DIR": str(spec.workspace)}
-        with open(d / "stdout.log", "ab") as out, open(d / "stderr.log", "ab") as err:
+        as_user: dict[str, Any] = {}
+        if spec.uid is not None:  # a root agent: the job gets no privilege, no group, nothing of ours
+            as_user = {"user": spec.uid, "group": spec.gid, "extra_groups": []}
+        with open(logs / "stdout.log", "ab") as out, open(logs / "stderr.log", "ab") as err:
             popen = subprocess.Popen(["bash", str(d / "wrapper.sh")], cwd=spec.workspace, env=env,
-                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                     start_new_session=True, close_fds=True)
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, umask=0o022,
+                                     start_new_session=True, close_fds=True, **as_user)
         try:
             created = psutil.Process(popen.pid).create_time()
         except psutil.NoSuchProcess:
             created = time.time()
-        return ProcessHandle(spec.run_id, d, popen.pid, created, popen)
+        return ProcessHandle(spec.run_id, d, popen.pid, created, popen, log_dir=logs, uid=spec.uid)
 
     def reattach(self, state: dict[str, Any], run_dir: Path) -> ProcessHandle | None:
         if state.get("runtime") != "process" or "pid" not in state:
             return None
+        log_dir = Path(state["log_dir"]) if state.get("log_dir") else None
+        uid = int(state["uid"]) if state.get("uid") is not None else None
         return ProcessHandle(str(state.get("run_id", run_dir.name)), run_dir, int(state["pid"]),
-                             float(state["create_time"]))
+                             float(state["create_time"]), log_dir=log_dir, uid=uid)

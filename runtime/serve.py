@@ -225,7 +225,10 @@ class Supervisor:
             mtime = f.stat().st_mtime
             if mtime != self._control_mtime:
                 self._control_mtime = mtime
-                want = int(json.loads(f.read_text())["replicas"])
+                doc = json.loads(f.read_text())
+                want = int(doc["replicas"])
+                # Ports for new replicas come from the agent: the gateway proxies to no port it did not assign.
+                self.ports.update({int(k): int(v) for k, v in doc.get("ports", {}).items() if int(k) not in self.ports})
                 if want != self.want:
                     say(f"replicas: {self.want} -> {want}")
                     self.want = want

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .gateway import Endpoints, Gateway
 from .models import (
     ApiKey,
     Artifact,
+    JoinTokenCreate,
     LogBatch,
     Node,
     NodeInfo,
@@ -57,13 +59,18 @@ class Settings:
     max_workspace_mb: int = 512
     max_artifact_mb: int = 2048
     heartbeat_interval: float = 10.0
+    max_request_kb: int = 1024  # any other request body (a job document, a report): 1 MiB
+    max_log_batch_mb: int = 32
+    max_inference_mb: int = 64
+    listen: tuple[str, int] | None = None  # our own address: the gateway never proxies to it
 
 
 def create_app(store: Store, settings: Settings) -> FastAPI:
     notifier = store.notifier()  # relayed between replicas when the store is shared (Redis)
     blobs = BlobStore(settings.blob_dir, max_bytes=settings.max_workspace_mb * 1024 * 1024,
                       max_unpacked_bytes=4 * settings.max_workspace_mb * 1024 * 1024)
-    sched = Scheduler(store, notifier, blob_exists=blobs.has, heartbeat_interval=settings.heartbeat_interval)
+    sched = Scheduler(store, notifier, blob_exists=lambda sha, who: who.admin or blobs.owned_by(sha, who.owner),
+                      heartbeat_interval=settings.heartbeat_interval)
 
     async def schedule_loop() -> None:
         while True:
@@ -83,6 +90,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                 log.exception("heartbeat check failed")
 
     endpoints = Endpoints(sched)
+    endpoints.listen = settings.listen
     gateway = Gateway(endpoints)
 
     async def autoscale_loop() -> None:
@@ -118,17 +126,37 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     def auth(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        who = keys.verify(store, given.strip()) if scheme.lower() == "bearer" else None
+        # _Guard verified the key before any of the body was read, and left the principal here.
+        who = request.scope.get("fedml.principal")
         if who is None:
-            raise HTTPException(401, "missing, wrong or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+            status, detail, who = identify(request.headers.get("authorization", ""), request.url.path)
+            if who is None:
+                raise HTTPException(status, detail, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
         return who
 
     def admin(who: Principal = Depends(auth)) -> Principal:
         if not who.admin:
             raise HTTPException(403, "this needs an admin key")
         return who
+
+    def identify(header: str, path: str) -> tuple[int, str, Principal | None]:
+        """(status, why, principal): the bearer key of a request, checked before its body is read."""
+        scheme, _, given = header.partition(" ")
+        key = keys.lookup(store, given.strip()) if scheme.lower() == "bearer" else None
+        if key is not None and key.scope == "node" and key.revoked_why == "node removed":
+            return 410, "this node was removed from the scheduler by an admin; its agent must not join again", None
+        if not keys.usable(key):
+            return 401, "missing, wrong or revoked API key", None
+        assert key is not None
+        if key.scope == "join" and path != f"{API}/nodes/register":
+            return 403, "a join token only registers nodes", None
+        return 200, "", Principal(scope=key.scope, owner=key.owner, key_id=key.id)
+
+    app.add_middleware(_Guard, identify=identify, caps=[
+        (re.compile(rf"^{API}/blobs/[^/]+$"), settings.max_workspace_mb * 1024 * 1024 + _SLACK),
+        (re.compile(rf"^{API}/runs/[^/]+/artifacts$"), settings.max_artifact_mb * 1024 * 1024 + _SLACK),
+        (re.compile(rf"^{API}/runs/[^/]+/logs$"), settings.max_log_batch_mb * 1024 * 1024),
+    ], default_cap=settings.max_request_kb * 1024)
 
     @app.get("/healthz")
     def healthz() -> dict[str, object]:
@@ -142,31 +170,36 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                 "heartbeat_interval": settings.heartbeat_interval}
 
     # -- workspace blobs ---------------------------------------------------------------------------------
-    @app.head(f"{API}/blobs/{{sha}}", dependencies=[Depends(auth)])
-    def blob_head(sha: str) -> Response:
-        return Response(status_code=200 if blobs.has(sha) else 404)
+    # A blob is visible to the principals that uploaded its bytes (and admins): to anyone else, HEAD and GET
+    # answer 404 whether it exists or not, and an upload of the same bytes is accepted (it proves possession).
+    def _blob_visible(sha: str, who: Principal) -> bool:
+        blobs.path(sha)  # 400 for a malformed name
+        if who.admin:
+            return blobs.has(sha)
+        if who.scope == "node":  # while a run that uses it is placed on that node
+            return blobs.has(sha) and any(
+                r.workspace_sha == sha for r in store.list_runs(status=[RunStatus.STARTING, RunStatus.RUNNING],
+                                                                node_id=who.owner))
+        return blobs.owned_by(sha, who.owner)
+
+    @app.head(f"{API}/blobs/{{sha}}")
+    def blob_head(sha: str, who: Principal = Depends(auth)) -> Response:
+        return Response(status_code=200 if _blob_visible(sha, who) else 404)
 
     @app.put(f"{API}/blobs/{{sha}}", status_code=201)
     async def blob_put(sha: str, request: Request, who: Principal = Depends(auth)) -> dict[str, object]:
         if who.scope == "node":
             raise HTTPException(403, "a node key cannot upload workspaces")
-        if blobs.has(sha):
-            return {"sha256": sha, "stored": False}
-        size = await blobs.put(sha, request.stream())
-        return {"sha256": sha, "stored": True, "size": size}
+        size, stored = await blobs.put(sha, request.stream(), who.owner)
+        return {"sha256": sha, "stored": stored, "size": size}
 
     @app.get(f"{API}/blobs/{{sha}}")
     def blob_get(sha: str, who: Principal = Depends(auth)) -> Response:
         from fastapi.responses import FileResponse
 
-        if who.scope == "node" and not any(
-                r.workspace_sha == sha for r in store.list_runs(status=[RunStatus.STARTING, RunStatus.RUNNING],
-                                                                node_id=who.owner)):
-            raise HTTPException(403, "a node may fetch only the workspaces of runs placed on it")
-        path = blobs.path(sha)
-        if not path.is_file():
+        if not _blob_visible(sha, who):
             raise HTTPException(404, f"blob {sha[:12]} not found")
-        return FileResponse(path, media_type="application/gzip")
+        return FileResponse(blobs.path(sha), media_type="application/gzip")
 
     # -- runs --------------------------------------------------------------------------------------------
     @app.post(f"{API}/runs", status_code=201)
@@ -189,10 +222,11 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     async def put_artifacts(run_id: str, request: Request, sha256: str, rank: int = Query(default=0, ge=0),
                             attempt: int = Query(default=1, ge=1), files: int = Query(default=0, ge=0),
                             who: Principal = Depends(auth)) -> Run:
-        """An agent keeps what a rank left in FEDML_ARTIFACT_DIR (a tar.gz named by its sha256)."""
-        await run_in_threadpool(sched.check_log_writer, run_id, who)
-        size = blobs.path(sha256).stat().st_size if blobs.has(sha256) else await blobs.put(
-            sha256, request.stream(), max_bytes=settings.max_artifact_mb * 1024 * 1024)
+        """An agent keeps what a rank left in FEDML_ARTIFACT_DIR (a tar.gz named by its sha256). The bytes are
+        always sent, even when a blob of that hash exists: naming a hash must not attach another user's blob."""
+        await run_in_threadpool(sched.check_log_writer, run_id, who, attempt)
+        size, _ = await blobs.put(sha256, request.stream(), f"node:{who.owner}",
+                                  max_bytes=settings.max_artifact_mb * 1024 * 1024)
         art = Artifact(rank=rank, attempt=attempt, sha256=sha256, size=size, files=files)
         return await run_in_threadpool(sched.add_artifact, run_id, art, who)
 
@@ -251,9 +285,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     # -- nodes -------------------------------------------------------------------------------------------
     @app.post(f"{API}/nodes/register")
-    def register(info: NodeInfo, who: Principal = Depends(auth)) -> Registered:
-        """An agent joins (with a user or admin key: gets a node key back) or comes back (with its node key)."""
-        return sched.register_node(info, who)
+    def register(info: NodeInfo, request: Request, who: Principal = Depends(auth)) -> Registered:
+        """An agent joins (admin key or join token: a shared node; user key: a private one; gets a node key
+        back) or comes back (with its node key)."""
+        return sched.register_node(info, who, peer=request.client.host if request.client else None)
 
     @app.get(f"{API}/nodes")
     def list_nodes(who: Principal = Depends(auth)) -> list[NodeView]:
@@ -342,13 +377,23 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         name, _, rest = scope["path"][len("/inference/"):].partition("/")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         chunks = []
-        while True:
-            msg = await receive()
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
         try:
-            who = gateway_auth(dict((k.lower(), v) for k, v in headers).get("authorization", ""))
+            # The key first, then the body, bounded: an anonymous caller cannot make us buffer anything.
+            lower = dict((k.lower(), v) for k, v in headers)
+            who = gateway_auth(lower.get("authorization", ""))
+            cap = settings.max_inference_mb * 1024 * 1024
+            if int(lower.get("content-length") or 0) > cap:
+                raise HTTPException(413, f"request body is larger than the limit of {settings.max_inference_mb} MiB")
+            size = 0
+            while True:
+                msg = await receive()
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > cap:
+                    raise HTTPException(413, f"request body is larger than the limit of {settings.max_inference_mb} MiB")
+                chunks.append(chunk)
+                if not msg.get("more_body"):
+                    break
             status, out, content = await gateway.forward(name, f"/{rest}" if rest else "", scope["method"], headers,
                                                          scope.get("query_string", b"").decode("latin-1"),
                                                          b"".join(chunks), who)
@@ -401,6 +446,13 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     def _public(k: ApiKey) -> dict[str, object]:
         return k.model_dump(exclude={"hash"})
 
+    @app.post(f"{API}/tokens", status_code=201)
+    def create_token(body: JoinTokenCreate, who: Principal = Depends(admin)) -> dict[str, object]:
+        """A node join token (`fedml scheduler token create --node`): shown once, stored hashed."""
+        key, secret = keys.issue_join(store, creator=who.owner, ttl=body.ttl, uses=body.uses, labels=body.labels,
+                                      name=body.name)
+        return {"key": _public(key), "secret": secret}
+
     @app.post(f"{API}/runs/{{run_id}}/logs",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": LogBatch.model_json_schema()}}}})
@@ -415,7 +467,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return await run_in_threadpool(_append, run_id, body, who)
 
     def _append(run_id: str, body: LogBatch, who: Principal) -> JSONResponse:
-        sched.check_log_writer(run_id, who)
+        sched.check_log_writer(run_id, who, body.attempt, logs=True)
         try:
             nxt = store.append_logs(run_id, body.attempt, body.rank, body.first_seq, body.lines)
         except SeqGap as gap:
@@ -427,10 +479,79 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.get(f"{API}/runs/{{run_id}}/logs/next_seq")
     def next_seq(run_id: str, attempt: int = Query(default=1, ge=0, le=_MAX_ID), rank: int = Query(default=0, ge=0, le=_MAX_ID),
                  who: Principal = Depends(auth)) -> dict[str, int]:
-        sched.check_log_writer(run_id, who)
+        sched.check_log_writer(run_id, who, attempt, logs=True)
         return {"next_seq": store.next_seq(run_id, attempt, rank)}
 
     return app
+
+
+_SLACK = 1024 * 1024  # over an upload route's own limit, so that its own (more precise) message is the one seen
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware for /api/: the bearer key is checked before a byte of the body is read, and the body is
+    capped per route (by Content-Length at once, and by counting as it streams). Everything else passes."""
+
+    def __init__(self, app: Any, identify: Any, caps: list[tuple[re.Pattern[str], int]], default_cap: int) -> None:
+        self.app, self.identify, self.caps, self.default_cap = app, identify, caps, default_cap
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API + "/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        status, detail, who = await run_in_threadpool(self.identify, headers.get("authorization", ""), scope["path"])
+        if who is None:
+            await _answer(send, status, detail)
+            return
+        scope["fedml.principal"] = who
+        cap = next((c for pattern, c in self.caps if pattern.match(scope["path"])), self.default_cap)
+        try:
+            declared = int(headers.get("content-length") or 0)
+        except ValueError:
+            await _answer(send, 400, "bad Content-Length")
+            return
+        if declared > cap:
+            await _answer(send, 413, f"request body is larger than the limit of {_size(cap)} for {scope['path']}")
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > cap:
+                raise _TooLarge
+            return msg
+
+        async def watched(msg: dict) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await _answer(send, 413, f"request body is larger than the limit of {_size(cap)} for {scope['path']}")
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
+
+
+async def _answer(send: Any, status: int, detail: str) -> None:
+    data = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
 
 
 class _Intercept:

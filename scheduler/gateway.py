@@ -92,6 +92,15 @@ class Endpoints:
         self._rr: dict[str, itertools.count[int]] = {}
         self._suspect: dict[tuple[str, int, int], float] = {}  # (run, replica, port) -> until
 
+    listen: tuple[str, int] | None = None  # the scheduler's own address (set by create_app)
+
+    def _is_own(self, address: str, port: int) -> bool:
+        if self.listen is None or port != self.listen[1]:
+            return False
+        host = self.listen[0]
+        return host in ("0.0.0.0", "::", "") or address == host or address.startswith("127.") or address in (
+            "localhost", "::1")
+
     # -- lookup --------------------------------------------------------------------------------------------
     def by_name(self) -> dict[str, Run]:
         cached = self._cache
@@ -149,7 +158,13 @@ class Endpoints:
                 raise Rejected(409, f"run {run_id} attempt {rep.attempt} is not placed on node {node_id}")
             if run.terminal:
                 return run
+            # Only the address the scheduler knows for the node (user-joined nodes: where they connect from), and
+            # never our own listener or a privileged port: a node's report cannot make the gateway a proxy into
+            # the scheduler's API or the head's other services (docs/security.md).
             address = node.address if node else "127.0.0.1"
+            for r in rep.replicas:
+                if not 1024 <= r.port <= 65535 or self._is_own(address, r.port):
+                    raise Rejected(422, f"replica {r.index}: port {r.port} is not one an agent assigns to replicas")
             states = [r.model_copy(update={"node_id": node_id, "address": address}) for r in rep.replicas]
             ep = run.endpoint.model_copy(update={"states": states, "attempt": rep.attempt})
             run = self.store.update_run(run_id, endpoint=ep)

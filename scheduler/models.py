@@ -178,10 +178,19 @@ class NodeInfo(BaseModel):
     runtimes: list[str] = Field(default_factory=lambda: ["process"])
     address: str = "127.0.0.1"
     agent_version: str = ""
+    # The user the agent runs jobs as when that is not the agent's own user (a root agent): only then can jobs
+    # of several users share the node. None: jobs run as the agent's user, so the node is single-tenant.
+    job_user: str | None = None
 
 
 class Node(NodeInfo):
     id: str
+    # Set: a private node, placed only runs of this owner (joined with a user key, or an agent that cannot keep
+    # jobs from its own key). None: shared by every user (joined with an admin key or a join token).
+    owner: str | None = None
+    joined_by: str = ""  # who registered it (a user, "admin", or a join token's maker)
+    enforced_labels: dict[str, str] = Field(default_factory=dict)  # from the join token: the agent cannot drop them
+    peer_address: bool = False  # joined with a user key: reached where its requests come from, not where it says
     state: str = "ONLINE"  # ONLINE | OFFLINE
     draining: bool = False  # no new runs; running ones finish
     registered_at: float = Field(default_factory=time.time)
@@ -216,6 +225,13 @@ class RunCreate(BaseModel):
     job_file: str | None = None
     workspace_sha: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+
+
+class JoinTokenCreate(BaseModel):
+    ttl: float | None = Field(default=3600.0, gt=0, le=10 * 365 * 86400)  # seconds; None: never expires
+    uses: int | None = Field(default=1, ge=1, le=1_000_000)  # None: any number until it expires
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    name: str | None = Field(default=None, max_length=100)
 
 
 class StatusReport(BaseModel):
@@ -275,12 +291,17 @@ class ApiKey(BaseModel):
 
     id: str
     name: str
-    scope: str  # admin | user | node
-    owner: str  # user name; for a node key, the node id
+    scope: str  # admin | user | node | join
+    owner: str  # user name; for a node key, the node id; for a join token, who made it
     hash: str
     prefix: str  # first characters of the secret, to recognise it in a list
     created_at: float = Field(default_factory=time.time)
     revoked_at: float | None = None
+    revoked_why: str | None = None  # "node removed": the node's agent is told to exit rather than join again
+    # join tokens: registrations left (None: any number until it expires), expiry, labels every node gets
+    uses_left: int | None = None
+    expires_at: float | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class Principal(BaseModel):

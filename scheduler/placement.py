@@ -29,9 +29,10 @@ class Request:
     runtime: str = "process"
     count: int = 1  # nodes wanted (a gang: num_nodes, or federate's server + clients)
     service: bool = False  # long-lived (deploy/serve): worth a wider look for the best node
+    owner: str | None = None  # whose run: private nodes take only their owner's
 
     @classmethod
-    def of(cls, spec: JobSpec) -> Request:
+    def of(cls, spec: JobSpec, owner: str | None = None) -> Request:
         c = spec.computing
         want_gpu = c.device_type != "CPU"
         return cls(
@@ -44,6 +45,7 @@ class Request:
             count=spec.num_nodes if spec.job_type != "federate" else (
                 1 + (spec.federate.clients if spec.federate else max(spec.num_nodes - 1, 1))),
             service=spec.job_type in ("deploy", "serve"),
+            owner=owner,
         )
 
     def shortfall(self) -> str:
@@ -115,6 +117,13 @@ def has_runtime(req: Request, c: Candidate) -> str | None:
     return None if req.runtime in c.node.runtimes else f"have no {req.runtime} runtime"
 
 
+def owner_allows(req: Request, c: Candidate) -> str | None:
+    # A private node (joined with a user key, or one whose agent cannot keep jobs from its key) runs only its
+    # owner's runs: another user's job there could read that agent's key and act as the node.
+    owner = c.node.owner
+    return None if owner is None or owner == req.owner else "are private to another user"
+
+
 def labels_match(req: Request, c: Candidate) -> str | None:
     for k, v in req.labels:
         if c.node.labels.get(k) != v:
@@ -154,7 +163,7 @@ def cheap(req: Request, c: Candidate) -> float:
     return -(c.node.price_per_gpu_hour or 0.0) / 1000.0
 
 
-STATIC_FILTERS: list[Filter] = [has_runtime, labels_match, cost_cap, gpus_exist]  # could this node ever?
+STATIC_FILTERS: list[Filter] = [owner_allows, has_runtime, labels_match, cost_cap, gpus_exist]  # could this node ever?
 PIPELINE: list[Filter] = [online, not_draining, *STATIC_FILTERS, gpus_free]
 SCORERS: list[Scorer] = [binpack, cheap]
 

@@ -53,17 +53,26 @@ def admin_key(store: Store, token_path: Path) -> str | None:
     return None
 
 
-def spawn_agent(local: Path, gpus: str | None = None) -> subprocess.Popen[bytes]:
+def spawn_agent(local: Path, store: Store, gpus: str | None = None, run_as: str = "auto") -> subprocess.Popen[bytes]:
     """Start the local agent detached. It holds a lock on its home: if one is already running (it survived
-    a crash of an earlier scheduler), this one exits at once and the old one carries on."""
+    a crash of an earlier scheduler), this one exits at once and the old one carries on.
+
+    It joins with a single-use join token handed over in a 0600 file that it deletes once read: never the admin
+    key, never by argv or environment (a job could read either from /proc)."""
+    from . import auth
+
+    _, secret = auth.issue_join(store, creator="admin", ttl=600, uses=1, name="local agent")
+    key_file = local / f"agent-join-{os.getpid()}"
+    write_secret(key_file, secret)
     log = open(local / "agent.log", "ab")  # noqa: SIM115 - handed to the child
     cmd = [sys.executable, "-m", "agents.agent", "--home", str(local / "agent"),
-           "--state-file", str(paths.state_file(local.parent)), "--token-file", str(paths.token_file(local.parent)),
-           "--name", f"{socket.gethostname()}-local"]
+           "--state-file", str(paths.state_file(local.parent)), "--key-file", str(key_file),
+           "--name", f"{socket.gethostname()}-local", "--run-as", run_as]
     if gpus:
         cmd += ["--gpus", gpus]
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDML_API_KEY", "FEDML_ADMIN_KEY")}
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                            close_fds=True)
+                            close_fds=True, env=env)
 
 
 def agent_pid(local: Path) -> int | None:
@@ -104,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--home", type=Path, default=None, help="state directory (default: user data dir)")
-    p.add_argument("--agent", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run a local agent on this machine")
+    p.add_argument("--agent", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run a local agent on this machine (default: only when listening on loopback)")
+    p.add_argument("--run-as", default=os.environ.get("FEDML_RUN_AS", "auto"),
+                   help="user the local agent runs jobs as (auto: fedml-job when root; see `fedml login --run-as`)")
     p.add_argument("--gpus", default=os.environ.get("FEDML_LOCAL_GPUS"),
                    help="GPUs the local agent declares when NVML is absent, e.g. A100-80G:2")
     p.add_argument("--store", default=os.environ.get("FEDML_STORE", "sqlite"),
@@ -123,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
+    os.umask(0o077)  # the database, blobs and logs hold runs' secrets: ours alone
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    if args.agent is None:
+        # A team head (listening beyond loopback) runs other people's jobs only where an admin chose to.
+        args.agent = loopback
     base = args.home or paths.home()
     local = paths.local_dir(base)
     local.mkdir(parents=True, exist_ok=True)
@@ -156,21 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
     url = f"http://{shown_host}:{port}"
     app = create_app(store, Settings(blob_dir=args.blob_dir or local / "blobs", max_workspace_mb=args.max_workspace_mb,
-                                     heartbeat_interval=args.heartbeat_interval))
+                                     heartbeat_interval=args.heartbeat_interval, listen=(args.host, port)))
 
     state = paths.state_file(base)
     tmp = state.with_suffix(".tmp")
     tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "started_at": time.time(),
                                "version": __version__}))
     os.replace(tmp, state)
-    agent = spawn_agent(local, args.gpus) if args.agent else None
+    agent = spawn_agent(local, store, args.gpus, args.run_as) if args.agent else None
     if not args.quiet:
-        print(f"fedml scheduler {__version__} listening on {url} (state in {local})", file=sys.stderr,
-              flush=True)
+        print(f"fedml scheduler {__version__} listening on {url} (state in {local})"
+              + ("" if agent else "; no local agent (--agent runs one)"), file=sys.stderr, flush=True)
         if new_admin:
-            print(f"Admin API key (shown once; also saved to {paths.token_file(base)}, mode 0600):\n"
-                  f"    {new_admin}\n"
-                  f"Nodes join with: fedml login <KEY> --server http://<this host>:{port} --node\n"
+            # The key itself goes to a terminal only: stderr redirected to a log file must not keep it.
+            shown = (f"Admin API key (shown once; also saved to {paths.token_file(base)}, mode 0600):\n    {new_admin}"
+                     if sys.stderr.isatty() else f"Admin API key saved to {paths.token_file(base)} (mode 0600)")
+            print(f"{shown}\n"
+                  f"Join a node:     fedml scheduler token create --node   (prints a join token), then on the node:\n"
+                  f"                 fedml login --server http://<this host>:{port} --node   (reads the token from stdin)\n"
                   f"More keys:       fedml scheduler key create NAME", file=sys.stderr, flush=True)
 
     stopping = False
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 if stopping or agent.poll() is None or (pid and _alive(pid)):
                     continue
                 logging.getLogger("fedml.scheduler").warning("local agent is not running; starting it again")
-                agent = spawn_agent(local, args.gpus)
+                agent = spawn_agent(local, store, args.gpus, args.run_as)
 
         threading.Thread(target=supervise, name="agent-supervisor", daemon=True).start()
 

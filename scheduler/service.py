@@ -108,9 +108,11 @@ class Scheduler:
         if not spec.commands().strip():
             raise Rejected(422, f"{req.job_file or 'job'}: job: this file refers to a job stored on FedML's "
                                 "platform (job_args); this scheduler needs the commands in `job`")
-        if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha):
+        # Only a workspace the caller uploaded (or, for an admin, any): a hash alone must not lend a user someone
+        # else's files. The same answer whether it exists or not, so it tells nothing about others' blobs.
+        if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha, who):
             raise Rejected(400, f"workspace {req.workspace_sha[:12]} has not been uploaded")
-        request = Request.of(spec)
+        request = Request.of(spec, who.owner)
         active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
         verdict = place(request, self._candidates(active), rng=self.rng)
         if isinstance(verdict, NoFit) and verdict.never:
@@ -181,34 +183,62 @@ class Scheduler:
         return run
 
     # -- nodes -------------------------------------------------------------------------------------------
-    def register_node(self, info: NodeInfo, who: Principal) -> Registered:
+    def register_node(self, info: NodeInfo, who: Principal, peer: str | None = None) -> Registered:
+        """Who may register what (docs/security.md):
+        - a node key: its own node coming back (new inventory; id, owner and enforced labels kept);
+        - an admin key or a join token: a shared node, if its agent isolates jobs from itself (runs them as
+          another user); else a node private to whoever joined it;
+        - a user key: a node private to that user, reached at the address its registration came from.
+        A name held by a node is never re-taken this way: that node's key, or an admin's `fedml node remove`."""
         now = time.time()
-        if who.scope == "node":  # an agent coming back: refresh its inventory, keep its id and token
+        if who.scope == "node":
             existing = self.store.get_node(who.owner)
             if existing is None:
-                raise Rejected(404, "this node was removed; log in again with an API key")
-            node = Node(**info.model_dump(), id=existing.id, draining=existing.draining,
+                raise Rejected(410, "this node was removed; join it again with an admin key or a join token")
+            owner = existing.owner
+            if existing.owner is None and info.job_user is None:  # came back unable to isolate its jobs
+                owner = existing.joined_by or "admin"
+            node = Node(**info.model_dump(exclude={"name", "labels", "address"}), id=existing.id, name=existing.name,
+                        labels={**info.labels, **existing.enforced_labels}, enforced_labels=existing.enforced_labels,
+                        address=(peer or existing.address) if existing.peer_address else info.address,
+                        peer_address=existing.peer_address,
+                        owner=owner, joined_by=existing.joined_by, draining=existing.draining,
                         registered_at=existing.registered_at, last_seen=now)
             self.store.upsert_node(node)
             self._nodes_changed()
             self.kick()
             return Registered(node=node)
+        if who.scope not in ("admin", "user", "join"):
+            raise Rejected(403, "this key cannot register nodes")
         same = self.store.node_by_name(info.name)
         if same is not None:
-            if now - self.last_seen(same) < self.heartbeat_timeout and same.state == "ONLINE":  # soft heartbeats too
-                raise Rejected(409, f"a node named {info.name} is online already; pick another --name")
-            for k in self.store.list_keys():  # the old agent's token goes; the new one gets a fresh one
-                if k.scope == "node" and k.owner == same.id and k.revoked_at is None:
-                    auth.revoke(self.store, k)
-        node = Node(**info.model_dump(), id=same.id if same else "node-" + secrets.token_hex(4),
-                    draining=same.draining if same else False,
-                    registered_at=same.registered_at if same else now, last_seen=now)
+            raise Rejected(409, f"a node named {info.name} exists already ({same.id}, {same.state.lower()}): pick "
+                                f"another --name, come back with that node's key, or have an admin remove it "
+                                f"first (`fedml node remove {info.name}`)")
+        enforced: dict[str, str] = {}
+        if who.scope == "join":
+            try:
+                token = auth.use_join(self.store, who.key_id)
+            except ValueError as exc:
+                raise Rejected(401, str(exc)) from None
+            enforced = dict(token.labels)
+        if who.scope == "user":
+            owner: str | None = who.owner
+        else:
+            owner = None if info.job_user else who.owner
+        # A user's node is reached where its registration came from: a user cannot point the scheduler's
+        # gateway at an address of their choosing (SSRF). Admins and join tokens vouch for what the agent says.
+        address = (peer or info.address) if who.scope == "user" else info.address
+        node = Node(**info.model_dump(exclude={"labels", "address"}), labels={**info.labels, **enforced},
+                    address=address, peer_address=who.scope == "user", enforced_labels=enforced, owner=owner, joined_by=who.owner,
+                    id="node-" + secrets.token_hex(4), registered_at=now, last_seen=now)
         self.store.upsert_node(node)
         self._nodes_changed()
-        _, token = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
-        log.info("node %s (%s) registered by %s", node.name, node.id, who.owner)
+        _, token_secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
+        log.info("node %s (%s) registered by %s (%s)%s", node.name, node.id, who.owner, who.scope,
+                 f", private to {owner}" if owner else "")
         self.kick()
-        return Registered(node=node, node_token=token)
+        return Registered(node=node, node_token=token_secret)
 
     def node_views(self) -> list[NodeView]:
         active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
@@ -246,7 +276,7 @@ class Scheduler:
         self._nodes_changed()
         for k in self.store.list_keys():
             if k.scope == "node" and k.owner == node.id and k.revoked_at is None:
-                auth.revoke(self.store, k)
+                auth.revoke(self.store, k, why="node removed")  # its agent is told to exit, not to join again
         self.kick()
         return node
 
@@ -296,16 +326,26 @@ class Scheduler:
         self._own_node(who, node_id)
         return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
 
-    def check_log_writer(self, run_id: str, who: Principal) -> None:
-        if who.scope == "node":
-            run = self.store.get_run(run_id)
-            if run is None or run.placement_on(who.owner) is None:
-                raise Rejected(403, f"run {run_id} is not placed on this node")
-        elif who.scope == "user":
+    def check_log_writer(self, run_id: str, who: Principal, attempt: int | None = None, *, logs: bool = False) -> None:
+        """Logs and artifacts are written only by the node of a live placement of the run's current attempt
+        (an admin may too, e.g. tests and tools). A finished rank, a superseded attempt, another node: refused.
+        Log lines of a rank declared LOST are still taken while its attempt is current: they were printed
+        before the node was written off, and can change nothing."""
+        if who.admin:
+            return
+        if who.scope != "node":
             raise Rejected(403, "agents use their node key")
+        run = self.store.get_run(run_id)
+        p = run.placement_on(who.owner) if run is not None else None
+        if run is None or p is None:
+            raise Rejected(403, f"run {run_id} is not placed on this node")
+        if attempt is not None and attempt != run.attempt:
+            raise Rejected(409, f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
+        if p.done and not (logs and p.status == RunStatus.LOST):
+            raise Rejected(409, f"run {run_id} has ended on this node ({p.status.value}); nothing more is kept")
 
     def add_artifact(self, run_id: str, art: Artifact, who: Principal) -> Run:
-        self.check_log_writer(run_id, who)
+        self.check_log_writer(run_id, who, art.attempt)
         with self._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.get_run(run_id)
             keep = [a for a in run.artifacts if (a.rank, a.attempt) != (art.rank, art.attempt)]
@@ -459,7 +499,7 @@ class Scheduler:
             return placed
 
     def _place_one(self, run: Run, ps: _Pass) -> bool:
-        req = Request.of(JobSpec.model_validate(run.job))
+        req = Request.of(JobSpec.model_validate(run.job), run.owner)
         # Nothing is freed during a pass: a request shape that found no room once will not find it again.
         verdict = ps.no_room.get(req) or place(req, ps.candidates, reserved=frozenset(ps.reserved), rng=self.rng)
         if isinstance(verdict, NoFit):

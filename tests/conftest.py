@@ -97,3 +97,18 @@ def write_job(dir: Path, job: str, *, extra: str = "", workspace: dict[str, str]
     path = dir / name
     path.write_text(body)
     return path
+
+
+@pytest.fixture
+def shared_tmp(tmp_path: Path) -> Path:
+    """A scratch directory that jobs can write to as well as the test: a root agent runs jobs as fedml-job, which
+    cannot reach pytest's 0700 tmp_path. World-writable and sticky, like /tmp; the job user gets search (x) on
+    the directories above it."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(0o1777)
+    if os.getuid() == 0:
+        from agents.jobuser import grant_traverse, resolve
+
+        grant_traverse([d], resolve("fedml-job"))
+    return d
