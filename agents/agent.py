@@ -420,10 +420,11 @@ class Agent:
             except Refused as exc:
                 if exc.status == 410:
                     self._removed(exc.detail)
-                if node_token and exc.status in (401, 404) and self.join_key:
-                    log.warning("our node key was refused (%s); joining again", exc.detail)
-                    token_file.unlink(missing_ok=True)
-                    continue
+                if node_token and exc.status in (401, 404):
+                    token_file.unlink(missing_ok=True)  # useless now; a restart with a join key joins anew
+                    if self.join_key:
+                        log.warning("our node key was refused (%s); joining again", exc.detail)
+                        continue
                 raise SystemExit(f"the scheduler refused this node: {exc.detail}") from None
             if reg.node_token:
                 fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -576,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns what matters
     os.umask(0o077)  # whatever the agent writes is its own unless it says otherwise
+    join_key = _read_key(args.key_file) if args.key_file else None  # first: the file goes even if we exit next
     lock = _SingleInstance(args.home / "agent.pid")
-    join_key = _read_key(args.key_file) if args.key_file else None
     try:
         job_user = resolve(args.run_as)
     except JobUserError as exc:

@@ -69,7 +69,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     notifier = store.notifier()  # relayed between replicas when the store is shared (Redis)
     blobs = BlobStore(settings.blob_dir, max_bytes=settings.max_workspace_mb * 1024 * 1024,
                       max_unpacked_bytes=4 * settings.max_workspace_mb * 1024 * 1024)
-    sched = Scheduler(store, notifier, blob_exists=lambda sha, who: who.admin or blobs.owned_by(sha, who.owner),
+    sched = Scheduler(store, notifier, blob_exists=lambda sha, who: blobs.has(sha) if who.admin else blobs.owned_by(sha, who.owner),
                       heartbeat_interval=settings.heartbeat_interval)
 
     async def schedule_loop() -> None:
@@ -153,9 +153,11 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return 200, "", Principal(scope=key.scope, owner=key.owner, key_id=key.id)
 
     app.add_middleware(_Guard, identify=identify, caps=[
-        (re.compile(rf"^{API}/blobs/[^/]+$"), settings.max_workspace_mb * 1024 * 1024 + _SLACK),
-        (re.compile(rf"^{API}/runs/[^/]+/artifacts$"), settings.max_artifact_mb * 1024 * 1024 + _SLACK),
-        (re.compile(rf"^{API}/runs/[^/]+/logs$"), settings.max_log_batch_mb * 1024 * 1024),
+        (re.compile(rf"^{API}/blobs/[^/]+$"), settings.max_workspace_mb * 1024 * 1024,
+         f"archive is larger than the limit of {settings.max_workspace_mb} MiB; add large files to .gitignore or "
+         f"raise --max-workspace-mb"),
+        (re.compile(rf"^{API}/runs/[^/]+/artifacts$"), settings.max_artifact_mb * 1024 * 1024, ""),
+        (re.compile(rf"^{API}/runs/[^/]+/logs$"), settings.max_log_batch_mb * 1024 * 1024, ""),
     ], default_cap=settings.max_request_kb * 1024)
 
     @app.get("/healthz")
@@ -485,9 +487,6 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     return app
 
 
-_SLACK = 1024 * 1024  # over an upload route's own limit, so that its own (more precise) message is the one seen
-
-
 class _TooLarge(Exception):
     pass
 
@@ -496,7 +495,7 @@ class _Guard:
     """ASGI middleware for /api/: the bearer key is checked before a byte of the body is read, and the body is
     capped per route (by Content-Length at once, and by counting as it streams). Everything else passes."""
 
-    def __init__(self, app: Any, identify: Any, caps: list[tuple[re.Pattern[str], int]], default_cap: int) -> None:
+    def __init__(self, app: Any, identify: Any, caps: list[tuple[re.Pattern[str], int, str]], default_cap: int) -> None:
         self.app, self.identify, self.caps, self.default_cap = app, identify, caps, default_cap
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -509,14 +508,15 @@ class _Guard:
             await _answer(send, status, detail)
             return
         scope["fedml.principal"] = who
-        cap = next((c for pattern, c in self.caps if pattern.match(scope["path"])), self.default_cap)
+        cap, why = next(((c, m) for pattern, c, m in self.caps if pattern.match(scope["path"])), (self.default_cap, ""))
+        why = why or f"request body is larger than the limit of {_size(cap)} for {scope['path']}"
         try:
             declared = int(headers.get("content-length") or 0)
         except ValueError:
             await _answer(send, 400, "bad Content-Length")
             return
         if declared > cap:
-            await _answer(send, 413, f"request body is larger than the limit of {_size(cap)} for {scope['path']}")
+            await _answer(send, 413, why)
             return
         seen = 0
         started = False
@@ -538,7 +538,7 @@ class _Guard:
             await self.app(scope, counted, watched)
         except _TooLarge:
             if not started:
-                await _answer(send, 413, f"request body is larger than the limit of {_size(cap)} for {scope['path']}")
+                await _answer(send, 413, why)
 
 
 def _size(n: int) -> str:

@@ -200,7 +200,8 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
             why[reason] = why.get(reason, 0) + 1
     if len(feasible) < req.count:
         if not candidates:
-            return NoFit("no nodes have joined yet (add one with `fedml login KEY --server URL --node`)")
+            return NoFit("no nodes have joined yet (make a join token with `fedml scheduler token create --node`, then "
+                         "on the node: `fedml login --server URL --node`)")
         statically = sum(all(f(req, c) is None for f in STATIC_FILTERS) for c in candidates)
         detail = "; ".join(f"{n} node{'s' if n > 1 else ''} {r}" for r, n in sorted(why.items()))
         if feasible:

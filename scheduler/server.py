@@ -61,13 +61,15 @@ def spawn_agent(local: Path, store: Store, gpus: str | None = None, run_as: str 
     key, never by argv or environment (a job could read either from /proc)."""
     from . import auth
 
-    _, secret = auth.issue_join(store, creator="admin", ttl=600, uses=1, name="local agent")
-    key_file = local / f"agent-join-{os.getpid()}"
-    write_secret(key_file, secret)
     log = open(local / "agent.log", "ab")  # noqa: SIM115 - handed to the child
     cmd = [sys.executable, "-m", "agents.agent", "--home", str(local / "agent"),
-           "--state-file", str(paths.state_file(local.parent)), "--key-file", str(key_file),
+           "--state-file", str(paths.state_file(local.parent)),
            "--name", f"{socket.gethostname()}-local", "--run-as", run_as]
+    if not (local / "agent" / "node_token").exists():  # it has joined before: its node key is all it needs
+        _, secret = auth.issue_join(store, creator="admin", ttl=600, uses=1, name="local agent")
+        key_file = local / f"agent-join-{os.getpid()}"
+        write_secret(key_file, secret)
+        cmd += ["--key-file", str(key_file)]
     if gpus:
         cmd += ["--gpus", gpus]
     env = {k: v for k, v in os.environ.items() if k not in ("FEDML_API_KEY", "FEDML_ADMIN_KEY")}

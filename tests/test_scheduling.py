@@ -32,7 +32,29 @@ def admin(s: Scheduler) -> Principal:
 
 
 def join(s: Scheduler, name: str, n: int = 2, kind: str = "NVIDIA A100 80GB PCIe", **kw: object) -> str:
+    """A shared node: joined by an admin, its agent runs jobs as another user (a root agent)."""
+    kw.setdefault("job_user", "fedml-job")
     return s.register_node(NodeInfo(name=name, gpus=gpus(kind, n), **kw), admin(s)).node.id  # type: ignore[arg-type]
+
+
+def test_tenancy_decides_whose_runs_a_node_takes(sched: Scheduler) -> None:
+    from scheduler.service import Rejected
+
+    alice = auth.verify(sched.store, auth.issue(sched.store, name="alice", scope="user", owner="alice")[1])
+    bob = auth.verify(sched.store, auth.issue(sched.store, name="bob", scope="user", owner="bob")[1])
+    # a user's own node is private to them, whatever its agent says; an admin-joined agent that cannot isolate
+    # jobs (not root) is single-tenant for the admin; a join-token/admin node with a job user is shared
+    mine = sched.register_node(NodeInfo(name="mine", job_user="fedml-job", labels={"k": "m"}), alice, peer="127.0.0.9")
+    assert mine.node.owner == "alice" and mine.node.address == "127.0.0.9"
+    assert sched.register_node(NodeInfo(name="plain", labels={"k": "p"}), admin(sched)).node.owner == "admin"
+    assert sched.register_node(NodeInfo(name="shared", job_user="fedml-job"), admin(sched)).node.owner is None
+    with pytest.raises(Rejected, match="private to another user"):
+        sched.create_run(RunCreate(job={"job": "echo", "labels": {"k": "m"}}), bob)  # type: ignore[arg-type]
+    with pytest.raises(Rejected, match="private to another user"):
+        sched.create_run(RunCreate(job={"job": "echo", "labels": {"k": "p"}}), alice)  # type: ignore[arg-type]
+    assert sched.create_run(RunCreate(job={"job": "echo", "labels": {"k": "m"}}), alice).owner == "alice"  # type: ignore[arg-type]
+    with pytest.raises(Rejected, match="exists already"):
+        sched.register_node(NodeInfo(name="mine"), bob)  # type: ignore[arg-type]
 
 
 def silence(s: Scheduler, node_id: str, seconds: float = 10.0) -> None:
