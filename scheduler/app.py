@@ -69,8 +69,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     notifier = store.notifier()  # relayed between replicas when the store is shared (Redis)
     blobs = BlobStore(settings.blob_dir, max_bytes=settings.max_workspace_mb * 1024 * 1024,
                       max_unpacked_bytes=4 * settings.max_workspace_mb * 1024 * 1024)
-    sched = Scheduler(store, notifier, blob_exists=lambda sha, who: blobs.has(sha) if who.admin else blobs.owned_by(sha, who.owner),
-                      heartbeat_interval=settings.heartbeat_interval)
+    def blob_usable(sha: str, who: Principal) -> bool:
+        return blobs.has(sha) if who.admin else blobs.owned_by(sha, who.owner)
+
+    sched = Scheduler(store, notifier, blob_exists=blob_usable, heartbeat_interval=settings.heartbeat_interval)
 
     async def schedule_loop() -> None:
         while True:

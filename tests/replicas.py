@@ -118,10 +118,16 @@ class Replicas:
     # -- agents ------------------------------------------------------------------------------------------
     def start_agent(self, name: str, gpus: str = "T4:2", netns: str | None = None, server: str | None = None,
                     address: str = "127.0.0.1") -> None:
+        home = self.base / "agents" / name
+        home.mkdir(parents=True, exist_ok=True)
+        key_file = home / ".join-key"  # the agent deletes it once read: keys never go by argv or environment
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.admin)
         cmd = [sys.executable, "-m", "agents.agent", "--server", server or self.server, "--home",
-               str(self.base / "agents" / name), "--name", name, "--gpus", gpus, "--address", address]
+               str(home), "--name", name, "--gpus", gpus, "--address", address, "--key-file", str(key_file)]
         prefix = ["ip", "netns", "exec", netns] if netns else None
-        self._spawn(f"agent-{name}", cmd, self.env(FEDML_API_KEY=self.admin), prefix=prefix)
+        self._spawn(f"agent-{name}", cmd, self.env(), prefix=prefix)
 
     def agent_pid(self, name: str) -> int:
         return int((self.base / "agents" / name / "agent.pid").read_text().strip())

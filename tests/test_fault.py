@@ -74,9 +74,10 @@ def twenty(tmp_path: Path) -> Iterator[Replicas]:
         c.close()
 
 
-def test_replicas_killed_again_and_again_lose_no_run_and_no_line(twenty: Replicas, tmp_path: Path) -> None:
+def test_replicas_killed_again_and_again_lose_no_run_and_no_line(twenty: Replicas, tmp_path: Path,
+                                                                 shared_tmp: Path) -> None:
     c = twenty
-    markers = tmp_path / "ran.txt"
+    markers = shared_tmp / "ran.txt"  # the jobs (fedml-job under a root agent) append to it
     # 40 GPUs for the runs: they are placed, log a line a second, and report in waves, through the kills.
     script = (f'echo "$FEDML_CURRENT_RUN_ID" >> {markers}\n'
               f'for i in $(seq 0 {LINES - 1}); do echo "$FEDML_CURRENT_RUN_ID line $i"; sleep 1; done\n')

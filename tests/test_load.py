@@ -41,9 +41,9 @@ def cluster(tmp_path: Path) -> Iterator[Replicas]:
         c.close()
 
 
-def test_concurrent_launches_on_two_replicas_each_run_once(cluster: Replicas, tmp_path: Path) -> None:
+def test_concurrent_launches_on_two_replicas_each_run_once(cluster: Replicas, tmp_path: Path, shared_tmp: Path) -> None:
     c = cluster
-    markers = tmp_path / "ran.txt"
+    markers = shared_tmp / "ran.txt"  # the jobs (fedml-job under a root agent) append to it
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "data.txt").write_text("from the workspace\n")
