@@ -76,13 +76,32 @@ def resolve(run_as: str | None) -> JobUser:
 
 
 def _create(name: str) -> pwd.struct_passwd:
+    import fcntl
+    import time
+
+    # One creator at a time across agents (useradd's own locking let two racing agents both "succeed").
+    lock_dir = "/run/lock" if os.path.isdir("/run/lock") else "/tmp"
+    with open(os.path.join(lock_dir, "fedml-useradd.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _create_locked(name, time)
+
+
+def _create_locked(name: str, time: object) -> pwd.struct_passwd:
     tool = shutil.which("useradd") or "/usr/sbin/useradd"
     shell = shutil.which("nologin") or "/usr/sbin/nologin"
-    r = subprocess.run([tool, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", shell, name], capture_output=True, text=True)
-    if r.returncode not in (0, 9):  # 9: it appeared meanwhile (another agent made it)
-        raise JobUserError(f"cannot create the job user {name}: {r.stderr.strip() or r.returncode}")
-    return pwd.getpwnam(name)
+    err = ""
+    for _ in range(50):  # agents starting together race for /etc/passwd's lock: the loser tries again
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
+        r = subprocess.run([tool, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                            "--shell", shell, name], capture_output=True, text=True)
+        if r.returncode in (0, 9):  # 9: it appeared meanwhile (another agent made it)
+            return pwd.getpwnam(name)
+        err = r.stderr.strip() or str(r.returncode)
+        time.sleep(0.1)  # type: ignore[attr-defined]
+    raise JobUserError(f"cannot create the job user {name}: {err}")
 
 
 # ---- reach ------------------------------------------------------------------------------------------------
