@@ -22,6 +22,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -206,7 +207,8 @@ class RunWorker(threading.Thread):
             if not isinstance(doc, dict) or not isinstance(doc.get("replicas"), list):
                 return
             assigned = {int(p) for p in (self.saved.get("ports") or {}).values()}
-            doc["replicas"] = [r for r in doc["replicas"] if isinstance(r, dict) and r.get("port") in assigned]
+            doc["replicas"] = [r for r in doc["replicas"]
+                               if isinstance(r, dict) and isinstance(r.get("port"), int) and r["port"] in assigned]
         except (FileNotFoundError, ValueError):
             return
         try:
@@ -278,7 +280,7 @@ class RunWorker(threading.Thread):
             return
         try:
             packed = self._pack_artifacts(art)
-        except (PackError, OSError) as exc:
+        except (PackError, OSError, subprocess.TimeoutExpired) as exc:
             log.warning("run %s: artifacts not kept: %s", self.run_id, exc)
             return
         rank = int(self.saved.get("rank", 0))
@@ -295,7 +297,6 @@ class RunWorker(threading.Thread):
         if not user.separate:
             return pack(art)
         import hashlib
-        import subprocess
         import tempfile
 
         fd, path = tempfile.mkstemp(prefix="artifacts-", suffix=".tar.gz", dir=self.dir)
@@ -307,7 +308,11 @@ class RunWorker(threading.Thread):
                                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.job_dir)})
             if r.returncode != 0:
                 raise PackError(r.stderr.decode(errors="replace").strip()[-500:] or f"exit {r.returncode}")
-            files, sha = r.stderr.decode().split()[-2:]
+            try:
+                files, sha = r.stderr.decode(errors="replace").split()[-2:]
+                int(files)
+            except ValueError:
+                raise PackError(f"the packer said {r.stderr[-200:]!r}") from None
             digest = hashlib.sha256()
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -547,7 +552,8 @@ def _read_key(path: Path) -> str | None:
     """The join key from its hand-off file, which is then deleted (where it can be: systemd's credential
     directory is read-only, and private to the unit anyway)."""
     try:
-        key = path.read_text().strip() or None
+        with open(path, "rb") as f:
+            key = f.read(4096).decode(errors="replace").strip() or None
     except OSError as exc:
         raise SystemExit(f"fedml agent: cannot read the key file {path}: {exc.strerror}") from None
     with contextlib.suppress(OSError):

@@ -21,6 +21,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,16 +78,15 @@ def resolve(run_as: str | None) -> JobUser:
 
 def _create(name: str) -> pwd.struct_passwd:
     import fcntl
-    import time
 
     # One creator at a time across agents (useradd's own locking let two racing agents both "succeed").
     lock_dir = "/run/lock" if os.path.isdir("/run/lock") else "/tmp"
     with open(os.path.join(lock_dir, "fedml-useradd.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _create_locked(name, time)
+        return _create_locked(name)
 
 
-def _create_locked(name: str, time: object) -> pwd.struct_passwd:
+def _create_locked(name: str) -> pwd.struct_passwd:
     tool = shutil.which("useradd") or "/usr/sbin/useradd"
     shell = shutil.which("nologin") or "/usr/sbin/nologin"
     err = ""
@@ -100,7 +100,7 @@ def _create_locked(name: str, time: object) -> pwd.struct_passwd:
         if r.returncode in (0, 9):  # 9: it appeared meanwhile (another agent made it)
             return pwd.getpwnam(name)
         err = r.stderr.strip() or str(r.returncode)
-        time.sleep(0.1)  # type: ignore[attr-defined]
+        time.sleep(0.1)
     raise JobUserError(f"cannot create the job user {name}: {err}")
 
 
@@ -127,8 +127,9 @@ def _entries(path: str, mode: int) -> list[tuple[int, int, int]]:
 
 def _add_search(path: str, uid: int) -> None:
     st = os.stat(path, follow_symlinks=False)
-    ents = [e for e in _entries(path, st.st_mode) if not (e[0] == _USER and e[2] == uid)]
-    mine = next((e for e in _entries(path, st.st_mode) if e[0] == _USER and e[2] == uid), None)
+    ents = _entries(path, st.st_mode)
+    mine = next((e for e in ents if e[0] == _USER and e[2] == uid), None)
+    ents = [e for e in ents if e is not mine]
     ents.append((_USER, (mine[1] if mine else 0) | 1, uid))
     group_obj = next(e[1] for e in ents if e[0] == _GROUP_OBJ)
     mask = next((e for e in ents if e[0] == _MASK), None)

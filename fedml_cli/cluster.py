@@ -45,6 +45,18 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _labels(items: list[str] | None) -> dict[str, str]:
+    """--label K=V (repeatable) as a dict; exit 2 naming the bad one."""
+    labels: dict[str, str] = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            _err(f'error: --label: expected KEY=VALUE, got "{item}"')
+            raise typer.Exit(USAGE)
+        labels[k] = v
+    return labels
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for its parent to reap it counts as gone)."""
     try:
@@ -120,13 +132,7 @@ def login(
     if not server.startswith(("http://", "https://")):
         _err(f'error: --server: expected a URL such as http://head:8787, got "{server}"')
         raise typer.Exit(USAGE)
-    labels: dict[str, str] = {}
-    for item in label or []:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            _err(f'error: --label: expected KEY=VALUE, got "{item}"')
-            raise typer.Exit(USAGE)
-        labels[k] = v
+    labels = _labels(label)
     if gpus:
         from agents.inventory import parse_gpu_decl
 
@@ -135,13 +141,14 @@ def login(
         except ValueError as exc:
             _err(f"error: {exc}")
             raise typer.Exit(USAGE) from None
+    who: dict[str, Any] = {}
     if api_key.startswith("fml_j_"):  # a join token: only registers a node, answers nothing else
         if not (node or kubernetes):
             _err("error: a join token can only join a node: add --node (or --kubernetes)")
             raise typer.Exit(USAGE)
     else:
         try:
-            Api(server, api_key).get("/info")
+            who = Api(server, api_key).get("/info")["you"]
         except CliError as exc:
             raise _fail(exc) from None
     if kubernetes:
@@ -150,7 +157,6 @@ def login(
     if not node:
         from . import paths
 
-        who = Api(server, api_key).get("/info")["you"]
         _write_private(paths.credentials_file(), json.dumps({"server": server, "api_key": api_key}))
         _err(f"Logged in to {server} as {who['owner']} ({who['scope']} key). Commands now go there; "
              f"`fedml logout` forgets it.")
@@ -226,6 +232,7 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
     name = name or socket.gethostname()
     home = paths.node_home(name)
     home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home.parent, 0o711)  # a job may pass through to its own directory, and list no other node's
     pid = _agent_pid(home)
     if pid:
         _err(f"error: node {name} already runs here (agent pid {pid}); `fedml logout --name {name}` first")
@@ -255,7 +262,10 @@ def _start_agent(module: str, args: list[str], env: dict[str, str], home: Path, 
     """Start `python -m module` in the background (its own session, output in home/agent.log) and wait until it
     writes home/`ready` (it joined). Returns its pid and that file's content; exit 3 if it dies or never joins."""
     (home / ready).unlink(missing_ok=True)
-    with open(home / "agent.log", "ab") as log:
+    # 0600: HOME is passable for the job user (0711), and the log names other users' runs
+    fd = os.open(home / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + timeout
@@ -291,6 +301,7 @@ def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, st
     pool = name or f"k8s-{namespace or _context_namespace(context)}"
     home = paths.node_home(pool)
     home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home.parent, 0o711)  # a job may pass through to its own directory, and list no other node's
     pid = _agent_pid(home)
     if pid:
         _err(f"error: pool {pool} already runs here (agent pid {pid}); `fedml logout --name {pool}` first")
@@ -542,13 +553,7 @@ def token_create(
     if not node:
         _err("error: say what the token is for: --node")
         raise typer.Exit(USAGE)
-    labels: dict[str, str] = {}
-    for item in label or []:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            _err(f'error: --label: expected KEY=VALUE, got "{item}"')
-            raise typer.Exit(USAGE)
-        labels[k] = v
+    labels = _labels(label)
     try:
         r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name})
     except CliError as exc:

@@ -12,7 +12,7 @@ _DROP = ("FEDML_API_KEY", "FEDML_SCHEDULER_TOKEN", "FEDML_SERVER", "FEDML_ADMIN_
 # whatever else the admin's shell held (cloud credentials, tokens) stays with the agent.
 _KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "OPENBLAS_", "MKL_", "OMP_", "GLOO_", "TORCH_")
 _KEEP = {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "http_proxy",
-         "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "DOCKER_HOST", "FEDML_STOP_GRACE"}
+         "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"}
 
 
 def _inherited(env: dict[str, str] | os._Environ[str], separate: bool) -> dict[str, str]:

@@ -370,7 +370,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         if hit is None or now - hit[0] > 1.0:
             if len(verified) > 10_000:
                 verified.clear()
-            hit = verified[given] = (now, keys.verify(store, given))
+            who = keys.verify(store, given)
+            hit = verified[given] = (now, who if who is None or who.scope != "join" else None)  # tokens only join
         if hit[1] is None:
             raise HTTPException(401, "missing, wrong or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         return hit[1]
@@ -386,15 +387,19 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             lower = dict((k.lower(), v) for k, v in headers)
             who = gateway_auth(lower.get("authorization", ""))
             cap = settings.max_inference_mb * 1024 * 1024
-            if int(lower.get("content-length") or 0) > cap:
-                raise HTTPException(413, f"request body is larger than the limit of {settings.max_inference_mb} MiB")
+            too_large = HTTPException(413, f"request body is larger than the limit of {settings.max_inference_mb} MiB")
+            declared = lower.get("content-length") or "0"
+            if not declared.isdigit():
+                raise HTTPException(400, "bad Content-Length")
+            if int(declared) > cap:
+                raise too_large
             size = 0
             while True:
                 msg = await receive()
                 chunk = msg.get("body", b"")
                 size += len(chunk)
                 if size > cap:
-                    raise HTTPException(413, f"request body is larger than the limit of {settings.max_inference_mb} MiB")
+                    raise too_large
                 chunks.append(chunk)
                 if not msg.get("more_body"):
                     break

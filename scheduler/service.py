@@ -195,9 +195,9 @@ class Scheduler:
             existing = self.store.get_node(who.owner)
             if existing is None:
                 raise Rejected(410, "this node was removed; join it again with an admin key or a join token")
-            owner = existing.owner
-            if existing.owner is None and info.job_user is None:  # came back unable to isolate its jobs
-                owner = existing.joined_by or "admin"
+            owner = existing.owner  # a user's node stays that user's; any other follows what its agent can do now
+            if not existing.peer_address:
+                owner = None if info.job_user else (existing.joined_by or "admin")
             node = Node(**info.model_dump(exclude={"name", "labels", "address"}), id=existing.id, name=existing.name,
                         labels={**info.labels, **existing.enforced_labels}, enforced_labels=existing.enforced_labels,
                         address=(peer or existing.address) if existing.peer_address else info.address,
@@ -232,9 +232,11 @@ class Scheduler:
         node = Node(**info.model_dump(exclude={"labels", "address"}), labels={**info.labels, **enforced},
                     address=address, peer_address=who.scope == "user", enforced_labels=enforced, owner=owner, joined_by=who.owner,
                     id="node-" + secrets.token_hex(4), registered_at=now, last_seen=now)
+        # The key first: a scheduler that dies between the two leaves an unused key, never a node that holds its
+        # name with no key to come back with.
+        _, token_secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
         self.store.upsert_node(node)
         self._nodes_changed()
-        _, token_secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
         log.info("node %s (%s) registered by %s (%s)%s", node.name, node.id, who.owner, who.scope,
                  f", private to {owner}" if owner else "")
         self.kick()

@@ -446,3 +446,42 @@ def _up(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+@ROOT_ONLY
+def test_a_non_root_agent_makes_a_single_tenant_node(c: Cluster, tmp_path: Path) -> None:
+    """An agent that is not root cannot keep jobs from its key: whoever joins it, its node runs only the runs of
+    whoever joined it, and says so."""
+    import pwd
+
+    from agents.jobuser import JobUser, _create, grant_traverse, interpreter_paths
+
+    pw = _create("fedml-test-agent")
+    agent_user = JobUser(name=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid)
+    home = tmp_path / "nonroot-home"
+    home.mkdir()
+    os.chown(home, agent_user.uid, agent_user.gid)
+    grant_traverse([home, *interpreter_paths()], agent_user)
+    token = json.loads(c.fedml("scheduler", "token", "create", "--node", "--json").stdout)["secret"]
+    env = {**Fedml(home).env(), "HOME": str(home), "USER": agent_user.name, "PATH": os.environ["PATH"]}
+    as_user = ["runuser", "-u", agent_user.name, "--"]
+    r = subprocess.run([*as_user, FEDML, "login", "--server", c.url, "--node", "--name", "nr1", "--label", "nr=1"],
+                       input=token + "\n", capture_output=True, text=True, env=env, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        node = next(n for n in c.json("node", "list") if n["name"] == "nr1")
+        assert node["owner"] == "admin" and node["job_user"] is None, node
+        assert "single-tenant: admin" in c.fedml("node", "list").stdout
+        assert pwd.getpwuid(os.stat(home / "nodes" / "nr1" / "node_token").st_uid).pw_name == agent_user.name
+        other = _user(c, "nr-user")
+        bad = Fedml(c.base / "client")("launch", str(write_job(tmp_path / "b", "id -un", extra="labels:\n  nr: '1'\n")),
+                                       "--detach", env={"FEDML_SERVER": c.url, "FEDML_API_KEY": other})
+        assert bad.returncode == 2 and "private to another user" in bad.stderr, bad.stderr
+        run = _launch(c, tmp_path / "a", "id -un", extra="labels:\n  nr: '1'\n")
+        assert _finish(c, run)["status"] == "FINISHED"
+        assert _text(c, run) == agent_user.name  # the joiner's run, as the agent's own user
+        env_out = subprocess.run([*as_user, FEDML, "env"], capture_output=True, text=True, env=env, timeout=60)
+        assert "single-tenant" in env_out.stdout, env_out.stdout
+    finally:
+        out = subprocess.run([*as_user, FEDML, "logout"], capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
