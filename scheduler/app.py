@@ -127,16 +127,18 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     async def _blob(_: Request, exc: BlobError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    def auth(request: Request) -> Principal:
-        # _Guard verified the key before any of the body was read, and left the principal here.
+    async def auth(request: Request) -> Principal:
+        # _Guard verified the key before any of the body was read, and left the principal here. Async: reading it
+        # must not cost a thread-pool hop on every request (the guard's look-up already took one).
         who = request.scope.get("fedml.principal")
         if who is None:
-            status, detail, who = identify(request.headers.get("authorization", ""), request.url.path)
+            status, detail, who = await run_in_threadpool(identify, request.headers.get("authorization", ""),
+                                                          request.url.path)
             if who is None:
                 raise HTTPException(status, detail, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
         return who
 
-    def admin(who: Principal = Depends(auth)) -> Principal:
+    async def admin(who: Principal = Depends(auth)) -> Principal:
         if not who.admin:
             raise HTTPException(403, "this needs an admin key")
         return who
@@ -509,19 +511,23 @@ class _Guard:
         if scope["type"] != "http" or not scope["path"].startswith(API + "/"):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        status, detail, who = await run_in_threadpool(self.identify, headers.get("authorization", ""), scope["path"])
+        authorization, length = "", ""
+        for k, v in scope["headers"]:  # ASGI servers give header names lower-cased
+            if k == b"authorization":
+                authorization = v.decode("latin-1")
+            elif k == b"content-length":
+                length = v.decode("latin-1")
+        status, detail, who = await run_in_threadpool(self.identify, authorization, scope["path"])
         if who is None:
             await _answer(send, status, detail)
             return
         scope["fedml.principal"] = who
         cap, why = next(((c, m) for pattern, c, m in self.caps if pattern.match(scope["path"])), (self.default_cap, ""))
         why = why or f"request body is larger than the limit of {_size(cap)} for {scope['path']}"
-        try:
-            declared = int(headers.get("content-length") or 0)
-        except ValueError:
+        if length and not length.isdigit():
             await _answer(send, 400, "bad Content-Length")
             return
+        declared = int(length or 0)
         if declared > cap:
             await _answer(send, 413, why)
             return
