@@ -52,7 +52,7 @@ def test_federate_template_three_clients_on_three_nodes(cluster: Cluster) -> Non
     r = c.fedml("launch", str(TEMPLATE), "--json", timeout=180)
     took = time.monotonic() - started
     recs = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
-    assert r.returncode == 0, (r.stderr, recs)
+    assert r.returncode == 0, (r.stderr, [x.get("line", x) for x in recs][-40:])
     run_id = recs[-1]["run_id"]
     assert recs[-1]["status"] == "FINISHED", recs[-1]
 
