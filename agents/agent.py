@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from runtime import fence
 from runtime.archive import Packed, PackError, UnsafeArchive, pack, unpack
 from runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, read_job_file, substitute, write_job_file
 from runtime.env import run_env
@@ -103,6 +106,7 @@ class RunWorker(threading.Thread):
             if self.handle is None:
                 self._report_final(RunStatus.FAILED, None, "lost: the agent restarted and the job is gone")
                 return
+            self._guard()
         else:
             assert self.assignment is not None
             run = self.assignment.run
@@ -150,8 +154,31 @@ class RunWorker(threading.Thread):
                 self._report_final(RunStatus.FAILED, None, f"could not start: {exc}")
                 return
             self._save(handle=self.handle.state())
+            self._guard()
             self._report_running()
         self._follow()
+
+    def _guard(self) -> None:
+        """Make sure a lease guard (runtime/fence.py) watches this attempt: it kills the job if this agent stops
+        renewing the node's lease, so the scheduler can start another attempt elsewhere without two running."""
+        assert self.handle is not None
+        state = self.handle.state()
+        if state.get("runtime") not in ("process", "docker"):
+            return  # pods: the pool agent's own business (their lifetime is the Kubernetes Job's)
+        g = self.saved.get("guard")
+        if g:
+            try:
+                p = psutil.Process(int(g["pid"]))
+                if abs(p.create_time() - float(g["created"])) < 0.5 and p.status() != psutil.STATUS_ZOMBIE:
+                    return  # the guard of an earlier agent process still watches
+            except (psutil.Error, KeyError, ValueError, TypeError):
+                pass
+        pid = fence.spawn(self.agent.lease_file, self.dir / "fenced", state, self.job_dir)
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            created = 0.0
+        self._save(guard={"pid": pid, "created": created})
 
     def _report_running(self) -> None:
         """The runtime started the job: report RUNNING (a runtime that starts asynchronously reports later)."""
@@ -257,7 +284,10 @@ class RunWorker(threading.Thread):
         self._save(shipper=shipper.checkpoint())
         shipper.close()
         self._keep_artifacts()
-        if self.stop_event.is_set():
+        if (self.dir / "fenced").exists():
+            self._report_final(RunStatus.LOST, status.code, "fenced: the node's lease expired (the scheduler had not "
+                                                            "heard from this agent in time), so the job was killed")
+        elif self.stop_event.is_set():
             self._report_final(RunStatus.KILLED, status.code, self.stop_reason)
         elif status.code == 0:
             self._report_final(RunStatus.FINISHED, 0, None)
@@ -367,6 +397,7 @@ class Agent:
         self.stop_grace = stop_grace
         self.node_id = ""
         self.workers: dict[str, RunWorker] = {}
+        self.lease_file = home / "lease"  # renewed by every answered poll; guards kill jobs when it runs out
         self.stopping = threading.Event()
         self._blob_locks: dict[str, threading.Lock] = {}
         # The agent's files are its own; a job running as another user may only pass through HOME and jobs/ to
@@ -415,6 +446,8 @@ class Agent:
             try:
                 reg = self.client.register(self.info)
             except Unreachable as exc:
+                if exc.down and (lease := fence.hold(self.lease_file)):  # see runtime/fence.py
+                    delay = min(delay, lease / 4)
                 if self.orphaned():  # our local scheduler was stopped before we ever joined it
                     log.info("the local scheduler was stopped; agent exits")
                     raise SystemExit(0) from None
@@ -497,12 +530,21 @@ class Agent:
             for rid in [r for r, w in self.workers.items() if w.done]:
                 del self.workers[rid]
             try:
-                running = [rid for rid, w in self.workers.items() if not w.finishing]
+                # Every attempt this node still has, finishing ones included: a placement the scheduler thinks
+                # runs here and that is missing from this list is written off (its final report was lost).
+                running = list(self.workers)
+                sent = fence.now()
                 resp = self.client.poll(self.node_id, running, wait=15.0)
+                if resp.lease > 0:
+                    # From when the poll was sent, not answered: the scheduler saw us no earlier than that.
+                    fence.renew(self.lease_file, sent + resp.lease, resp.lease)
                 delay = 0.2
-            except Unreachable:
+            except Unreachable as exc:
+                lease = fence.hold(self.lease_file) if exc.down else 0.0  # no scheduler runs: nothing to fence
+                if lease:
+                    delay = min(delay, lease / 4)
                 if self.orphaned():
-                    log.info("the local scheduler was stopped; agent exits (%d run(s) keep running)",
+                    log.info("the local scheduler was stopped; agent exits (%d run(s) end when the lease runs out)",
                              len(self.workers))
                     return
                 self.stopping.wait(delay)

@@ -16,7 +16,13 @@ API = "/api/v1"
 
 
 class Unreachable(Exception):
-    pass
+    """No answer from the scheduler. `down`: positively known that no scheduler listens where we call (the
+    connection was refused, or the embedded scheduler's state file is gone), as opposed to a timeout or an
+    unreachable network, where a scheduler may well be running and writing this node off."""
+
+    def __init__(self, message: str, down: bool = False) -> None:
+        super().__init__(message)
+        self.down = down
 
 
 class Refused(Exception):
@@ -32,7 +38,7 @@ def server_from_state_file(path: Path) -> Callable[[], str]:
         try:
             return str(json.loads(path.read_text())["url"])
         except (OSError, ValueError, KeyError):
-            raise Unreachable(f"no scheduler address in {path}") from None
+            raise Unreachable(f"no scheduler address in {path}", down=True) from None
 
     return resolve
 
@@ -69,7 +75,8 @@ class AgentClient:
             r = client.request(method, API + path, timeout=timeout or self._timeout, **kw)
         except httpx.TransportError as exc:
             self._base = None  # re-resolve next time: the scheduler may have moved
-            raise Unreachable(str(exc) or type(exc).__name__) from None
+            refused = isinstance(exc, httpx.ConnectError) and "refused" in str(exc).lower()
+            raise Unreachable(str(exc) or type(exc).__name__, down=refused) from None
         if r.status_code >= 400:
             try:
                 body = r.json()

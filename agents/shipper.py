@@ -18,29 +18,44 @@ from .client import AgentClient, Refused, Unreachable
 MAX_LINE = 64 * 1024
 MAX_BATCH_LINES = 20_000
 MAX_BATCH_BYTES = 4 * 1024 * 1024
+# An unterminated last line (a progress bar redrawn with "\r", a prompt) is shipped once it has waited this long,
+# so a follower sees it live; what the job writes after it starts a new line.
+PARTIAL_AFTER = 0.5
+TRUNCATED = " [fedml: line truncated at 64 KiB]"
 
 
 class _Tail:
+    """One output file. Lines end at "\n", "\r\n" or a lone "\r" (tqdm and other progress bars redraw with
+    "\r": each redraw is a line of its own). A line longer than MAX_LINE is one line, cut and marked."""
+
     def __init__(self, stream: str, path: Path, offset: int) -> None:
-        self.stream, self.path, self.offset = stream, path, offset  # offset: end of the last whole line
+        self.stream, self.path, self.offset = stream, path, offset  # offset: end of the last line shipped
         self._f = None
         self.refused = False
+        self.skipping = False  # inside the rest of a truncated line: dropped up to its end
+        self.cuts: set[int] = set()  # where partial lines were cut: a re-read (rewind) cuts them the same way
+        self._partial: tuple[int, int, float] | None = None  # (offset, size, since) of an unterminated rest
+        self._after_cr = False  # the last line ended with a "\r" at the end of what was read
 
-    def _refuse(self, why: str) -> list[tuple[str, int]]:
+    def rewind(self, offset: int) -> None:
+        self.offset, self.skipping, self._partial, self._after_cr = offset, False, None, False
+
+    def _refuse(self, why: str) -> tuple[list[str], int]:
         # A job replaced its log file with a symlink (to a file only the agent may read) or a fifo: say so once.
         self.refused = True
-        return [(f"[fedml agent] {self.stream} not shipped: {self.path.name}: {why}", self.offset)]
+        return [f"[fedml agent] {self.stream} not shipped: {self.path.name}: {why}"], self.offset
 
-    def read_lines(self, max_lines: int, max_bytes: int, final: bool) -> list[tuple[str, int]]:
-        """Whole lines after `offset` (and the unterminated rest when final), with the offset after each."""
+    def read_lines(self, max_lines: int, max_bytes: int, final: bool) -> tuple[list[str], int]:
+        """Lines after `offset` (and the unterminated rest when final, or once it has waited PARTIAL_AFTER),
+        and the offset after the last byte they account for."""
         if self.refused:
-            return []
+            return [], self.offset
         if self._f is None:
             # The file may sit in a directory the job owns (container logs): never through a symlink or a fifo.
             try:
                 fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
-                return []
+                return [], self.offset
             except OSError as exc:
                 return self._refuse(exc.strerror or str(exc))
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -49,21 +64,72 @@ class _Tail:
             self._f = os.fdopen(fd, "rb")
         self._f.seek(self.offset)
         data = self._f.read(max_bytes)
-        out: list[tuple[str, int]] = []
+        base, n, eof = self.offset, len(data), len(data) < max_bytes
+        cuts = sorted(c - base for c in self.cuts if base < c <= base + n)
+        out: list[str] = []
         pos = 0
-        while len(out) < max_lines:
-            nl = data.find(b"\n", pos)
-            if nl < 0 or nl - pos > MAX_LINE:
-                rest = len(data) - pos
-                if rest >= MAX_LINE or (final and rest > 0 and len(data) < max_bytes):
-                    end = pos + min(rest, MAX_LINE)
-                    out.append((data[pos:end].decode("utf-8", "replace"), self.offset + end))
-                    pos = end
-                    continue
+        while len(out) < max_lines and pos < n:
+            nl, cr = data.find(b"\n", pos), data.find(b"\r", pos)
+            end = min(x for x in (nl, cr) if x >= 0) if nl >= 0 or cr >= 0 else n
+            cut = next((c for c in cuts if pos < c <= end), None)
+            if cut is not None and not self.skipping:  # a partial line shipped early: cut the same way again
+                out.append(self._text(data[pos:cut]))
+                pos = cut
+                continue
+            if end - pos > MAX_LINE and not self.skipping:  # one line, cut and marked; the rest is dropped
+                out.append(self._text(data[pos:pos + MAX_LINE]) + TRUNCATED)
+                pos += MAX_LINE
+                self.skipping = True
+                continue
+            if end == n:  # no line end yet
+                if self.skipping:
+                    pos = n  # still inside the truncated line
+                elif self._ripe(base + pos, n - pos, final, eof):
+                    self.cuts.add(base + n)
+                    if len(self.cuts) > 4096:
+                        self.cuts = {c for c in self.cuts if c > base}
+                    out.append(self._text(data[pos:n]))
+                    pos = n
                 break
-            out.append((data[pos:nl].rstrip(b"\r").decode("utf-8", "replace"), self.offset + nl + 1))
-            pos = nl + 1
-        return out
+            stop = end + 1
+            if data[end] == 0x0D:  # "\r"
+                if end + 1 == n and not (final and eof):
+                    if end > pos and not self.skipping:  # the line is whole; whether "\n" follows is seen next
+                        out.append(self._text(data[pos:end]))
+                        self._after_cr = True
+                    pos = stop
+                    break
+                if data[end + 1:end + 2] == b"\n":
+                    stop = end + 2
+                elif end == pos:  # a redraw starts with "\r": no empty line before it
+                    pos = stop
+                    continue
+            elif end == pos and self._after_cr:  # the "\n" of a "\r\n" split across two reads
+                self._after_cr = False
+                pos = stop
+                continue
+            self._after_cr = False
+            if self.skipping:
+                self.skipping = False
+            else:
+                out.append(self._text(data[pos:end]))
+            pos = stop
+        self._after_cr = self._after_cr and pos == n
+        return out, base + pos
+
+    def _ripe(self, at: int, size: int, final: bool, eof: bool) -> bool:
+        """Ship an unterminated rest now? At the end of the job, or once it has sat unchanged PARTIAL_AFTER."""
+        if final and eof:
+            return True
+        now = time.monotonic()
+        if self._partial is None or self._partial[:2] != (at, size):
+            self._partial = (at, size, now)
+            return False
+        return eof and now - self._partial[2] >= PARTIAL_AFTER
+
+    @staticmethod
+    def _text(b: bytes) -> str:
+        return b.decode("utf-8", "replace")
 
     def close(self) -> None:
         if self._f is not None:
@@ -78,6 +144,10 @@ class Shipper:
         self.tails = [_Tail(s, p, (offsets or {}).get(s, 0)) for s, p in files.items()]
         self.next_seq = next_seq
         self.shipped = 0
+        self.rewinds = 0
+        # (first seq, offsets) before each batch acknowledged: where to read again from if the scheduler turns
+        # out to have fewer lines than it acknowledged. The checkpoint we started from is the oldest we know.
+        self.marks: list[tuple[int, dict[str, int]]] = [(next_seq, dict(offsets or {}))] if next_seq else []
 
     def checkpoint(self) -> dict[str, object]:
         return {"offsets": {t.stream: t.offset for t in self.tails}, "next_seq": self.next_seq}
@@ -86,37 +156,60 @@ class Shipper:
         """Read what is there and ship it. Returns lines shipped (0: nothing new). Raises Unreachable."""
         lines: list[tuple[float, str, str]] = []
         ends: list[tuple[_Tail, int]] = []
+        saved = [(t, t.skipping, t._after_cr) for t in self.tails]
         budget = MAX_BATCH_BYTES
         for t in self.tails:
-            got = t.read_lines(MAX_BATCH_LINES - len(lines), budget, final)
+            got, end = t.read_lines(MAX_BATCH_LINES - len(lines), budget, final)
+            if end != t.offset:
+                ends.append((t, end))
             if got:
                 now = time.time()
-                lines.extend((now, t.stream, text) for text, _ in got)
-                ends.append((t, got[-1][1]))
-                budget = max(4096, budget - sum(len(x) for x, _ in got))
+                lines.extend((now, t.stream, text) for text in got)
+                budget = max(4096, budget - sum(len(x) for x in got))
         if not lines:
+            for t, end in ends:  # bytes that make no line (the rest of a truncated one, a "\n" after "\r")
+                t.offset = end
             return 0
+        mark = (self.next_seq, {t.stream: t.offset for t in self.tails})
         batch = LogBatch(rank=self.rank, attempt=self.attempt, first_seq=self.next_seq, lines=lines)
         try:
             acked = self.client.send_logs(self.run_id, batch)
         except Refused as exc:
-            if exc.status in (403, 404, 409):  # the run is gone, ended here, or no longer ours: nothing to keep
+            if exc.status in (403, 404, 409):  # the run is gone, or its rank here has ended: nothing keeps these
                 acked = self.next_seq + len(lines)
             else:
+                self._restore(saved)
                 raise Unreachable(str(exc)) from None
-        if acked < self.next_seq:
-            # The scheduler knows fewer lines than we sent before: it lost them (a store without
-            # durability). Nothing to resend from here; carry on from our numbering.
-            acked = self.next_seq + len(lines)
-        sent = acked - self.next_seq
-        if sent < len(lines):
-            # Partially acknowledged (should not happen): resend from the first line not acknowledged.
+        except BaseException:
+            self._restore(saved)
+            raise
+        if acked < self.next_seq + len(lines):
+            # The scheduler has fewer lines than we numbered (a store that lost some, or a batch only partly
+            # taken): never pretend. Read again from the last batch that started at or before what it has, and
+            # resend; it drops by seq whatever it has already.
+            self._restore(saved)
+            self._rewind(acked)
             return 0
+        self.marks.append(mark)
+        if len(self.marks) > 1024:
+            del self.marks[:512]
         for t, end in ends:
             t.offset = end
         self.next_seq = acked
         self.shipped += len(lines)
         return len(lines)
+
+    def _restore(self, saved: list[tuple[_Tail, bool, bool]]) -> None:
+        for t, skipping, after_cr in saved:
+            t.skipping, t._after_cr = skipping, after_cr
+
+    def _rewind(self, have: int) -> None:
+        seq, offsets = next(((s, o) for s, o in reversed(self.marks) if s <= have), (0, {}))
+        self.marks = [m for m in self.marks if m[0] < seq]
+        for t in self.tails:
+            t.rewind(offsets.get(t.stream, 0))
+        self.next_seq = seq
+        self.rewinds += 1
 
     def drain(self) -> None:
         """Ship everything, including an unterminated last line. Retries until the scheduler has it."""

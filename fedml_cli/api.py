@@ -100,9 +100,17 @@ class Api:
                 if r.status_code >= 400:
                     r.read()
                     self._check(r)
-                for line in r.iter_lines():
-                    if line:
-                        yield json.loads(line)
+                # Split on "\n" only: NDJSON escapes it inside strings, but not U+2028, U+0085 or "\r", which
+                # str.splitlines (and httpx's iter_lines) would split a record at.
+                buf = b""
+                for chunk in r.iter_bytes():
+                    buf += chunk
+                    *records, buf = buf.split(b"\n")
+                    for line in records:
+                        if line.strip():
+                            yield json.loads(line)
+                if buf.strip():
+                    yield json.loads(buf)
         except httpx.TransportError as exc:
             raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
 

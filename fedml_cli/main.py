@@ -101,7 +101,7 @@ def launch(
 
     Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on.
     """
-    from scheduler.jobspec import JobSpecError, load_file
+    from scheduler.jobspec import JobSpecError, env_problem, load_file
 
     try:
         loaded = load_file(job_file)
@@ -111,8 +111,11 @@ def launch(
     overrides: dict[str, str] = {}
     for item in env or []:
         key, sep, val = item.partition("=")
-        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            _err(f'error: --env: expected NAME=VALUE, got "{item}"')
+        if not sep:
+            _err(f'error: --env: expected NAME=VALUE, got "{item[:80]}"')
+            raise typer.Exit(USAGE)
+        if (why := env_problem(key, val)) is not None:
+            _err(f"error: --env: {why}")
             raise typer.Exit(USAGE)
         overrides[key] = val
     spec = loaded.spec

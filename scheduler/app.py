@@ -218,7 +218,11 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.get(f"{API}/runs")
     def list_runs(status: list[RunStatus] | None = Query(default=None),
                   limit: int = Query(default=1000, ge=1, le=100_000), who: Principal = Depends(auth)) -> list[Run]:
-        return sched.list_runs(who, status, limit)
+        runs = sched.list_runs(who, status, limit)
+        counts = store.log_counts([r.id for r in runs])
+        for r in runs:
+            r.log_count = counts.get(r.id, 0)
+        return runs
 
     @app.get(f"{API}/runs/{{run_id}}")
     def get_run(run_id: str, who: Principal = Depends(auth)) -> Run:
@@ -260,8 +264,11 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                         rank: int | None = Query(default=None, ge=0),
                         who: Principal = Depends(auth)) -> StreamingResponse:
         run = await run_in_threadpool(sched.get_run, run_id, who)
-        if tail is not None:
-            after = max(after, run.log_count - tail - 1)
+        if rank is not None and rank >= run.num_nodes:
+            raise HTTPException(422, f"run {run_id} has no rank {rank} (its ranks are 0.."
+                                     f"{run.num_nodes - 1})")
+        if tail is not None:  # the last N lines of that rank, not the last N lines filtered
+            after = max(after, await run_in_threadpool(store.tail_after, run_id, tail, rank))
         return StreamingResponse(_stream(run_id, after, follow, rank), media_type="application/x-ndjson")
 
     async def _stream(run_id: str, after: int, follow: bool, rank: int | None) -> AsyncIterator[bytes]:
@@ -317,7 +324,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         resp = await run_in_threadpool(sched.poll_once, node_id, body.running, who)
         if resp.start or resp.stop or body.wait == 0:
             return resp
-        await notifier.wait(key, ticket, min(body.wait, settings.heartbeat_interval))
+        # Held at most half an interval: each answer renews the node's lease, which lasts two intervals.
+        await notifier.wait(key, ticket, min(body.wait, settings.heartbeat_interval / 2))
         return await run_in_threadpool(sched.poll_once, node_id, body.running, who)
 
     @app.post(f"{API}/runs/{{run_id}}/status")

@@ -7,6 +7,7 @@ Only pydantic and pyyaml are imported here so that the CLI stays light.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -150,6 +151,22 @@ class ServiceSpec(_Model):
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ENV_BYTES = 131072  # Linux's MAX_ARG_STRLEN: one "NAME=value" string of a process's environment
+
+
+def env_problem(name: str, value: str) -> str | None:
+    """Why `name=value` cannot be an environment variable of a job (None: it can). Checked at launch, not on
+    the node, so a bad one is refused before anything is submitted."""
+    if not ENV_NAME.fullmatch(name):
+        return f'"{name[:60]}" is not a valid variable name (letters, digits and _, not starting with a digit)'
+    if "\0" in value:
+        return f"{name}: the value contains a NUL character"
+    if len(name.encode()) + len(value.encode()) + 2 > MAX_ENV_BYTES:
+        return f"{name}: the value is longer than the system allows ({MAX_ENV_BYTES // 1024} KiB)"
+    return None
+
+
 class FederateSpec(_Model):
     clients: int = Field(default=1, ge=1)
     rounds: int = Field(default=1, ge=1)
@@ -166,13 +183,16 @@ def parse_duration(v: Any) -> float | None:
             raise ValueError(f"expected a duration such as 30m or 2h, got {v}")
         return None
     if isinstance(v, int | float):
-        if v <= 0:
-            raise ValueError(f"expected a positive duration, got {v}")
+        if not math.isfinite(v) or v <= 0 or v > 10 * 365 * 86400:
+            raise ValueError(f"expected a positive duration of at most 10 years, such as 30m or 2h, got {v}")
         return float(v)
     m = _DURATION.match(str(v))
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f'expected a duration such as 30m or 2h, got "{v}"')
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > 10 * 365 * 86400:
+        raise ValueError(f'expected a duration of at most 10 years, got "{v}"')
+    return seconds
 
 
 class JobSpec(_Model):
@@ -238,8 +258,19 @@ class JobSpec(_Model):
             return out
         return v
 
+    @field_validator("envs")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if (why := env_problem(k, val)) is not None:
+                raise ValueError(why)
+        return v
+
     @model_validator(mode="after")
     def _has_job(self) -> JobSpec:
+        for what in ("job", "server_job", "bootstrap"):
+            if "\0" in posix_commands(getattr(self, what)):
+                raise ValueError(f"{what}: contains a NUL character (a shell script cannot)")
         if not posix_commands(self.job).strip():
             if self.job_args:  # FedML: a job stored on its platform, referenced by job_args.job_id
                 return self
@@ -482,10 +513,64 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
         raise JobSpecError(msg, file=file, line=line, field=name or None) from None
 
 
+MAX_YAML_BYTES = 1 << 20  # a job file (the scheduler takes job documents of up to 1 MiB too)
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # counted with every alias expanded: a "billion laughs" file stops here
+
+
+def _check_graph(root: yaml.Node, file: str) -> None:
+    """Refuse what would make a small file huge or endless once read: alias expansion past MAX_YAML_NODES,
+    nesting deeper than MAX_YAML_DEPTH, an alias inside its own anchor. Iterative: no recursion to exhaust."""
+    visits = 0
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, True)]
+    path: set[int] = set()
+    while stack:
+        node, depth, entering = stack.pop()
+        if not entering:
+            path.discard(id(node))
+            continue
+        visits += 1
+        if visits > MAX_YAML_NODES:
+            raise JobSpecError(f"more than {MAX_YAML_NODES:,} values once its aliases are expanded (an alias bomb?)",
+                               file=file, line=node.start_mark.line + 1)
+        if depth > MAX_YAML_DEPTH:
+            raise JobSpecError(f"nested deeper than {MAX_YAML_DEPTH} levels", file=file, line=node.start_mark.line + 1)
+        if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
+            if id(node) in path:
+                raise JobSpecError("an alias refers to a value that contains it (a recursive alias)", file=file,
+                                   line=node.start_mark.line + 1)
+            path.add(id(node))
+            stack.append((node, depth, False))
+            children = node.value if isinstance(node, yaml.SequenceNode) else [x for kv in node.value for x in kv]
+            stack.extend((child, depth + 1, True) for child in reversed(children))
+
+
+def load_yaml_bounded(text: str, *, file: str = "job.yaml") -> Any:
+    """YAML (our loader) with its size, nesting and alias expansion bounded before anything is built from it."""
+    return _load_bounded(text, file)[1]
+
+
+def _load_bounded(text: str, file: str) -> tuple[yaml.Node | None, Any]:
+    if len(text) > MAX_YAML_BYTES:
+        raise JobSpecError(f"{len(text) / 1048576:.1f} MiB: a job file may be at most {MAX_YAML_BYTES >> 20} MiB",
+                           file=file)
+    loader = _Loader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise JobSpecError(f"nested deeper than {MAX_YAML_DEPTH} levels", file=file) from None
+        if node is None:
+            return None, None
+        _check_graph(node, file)
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        node, data = _load_bounded(text, file)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -522,6 +607,9 @@ def load_file(path: str | Path) -> LoadedJob:
     p = Path(path)
     name = str(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_YAML_BYTES:  # before reading it: a 50 MB file is refused at once
+            raise JobSpecError(f"{p.stat().st_size / 1048576:.1f} MiB: a job file may be at most "
+                               f"{MAX_YAML_BYTES >> 20} MiB", file=name)
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise JobSpecError("file not found", file=name) from None
@@ -539,9 +627,10 @@ def load_file(path: str | Path) -> LoadedJob:
         if not ws_dir.is_dir():
             line = None
             try:
-                node = yaml.compose(text, Loader=_Loader)
+                node, _ = _load_bounded(text, name)
                 lines = _Lines()
-                lines.walk(node, (), name)
+                if node is not None:
+                    lines.walk(node, (), name)
                 line = lines.line_of(("workspace",))
             except (yaml.YAMLError, JobSpecError):
                 pass
@@ -549,4 +638,39 @@ def load_file(path: str | Path) -> LoadedJob:
             raise JobSpecError(f'{what}: "{spec.workspace}" (resolved to {ws_dir.resolve()})', file=name,
                                line=line, field="workspace")
         ws_dir = ws_dir.resolve()
+        if ws_dir == Path(ws_dir.anchor):
+            raise JobSpecError(f'"{spec.workspace}" is the root of the filesystem: point workspace at the '
+                               "directory that holds the job's code", file=name, field="workspace")
+    if spec.job_type == "federate" and spec.federate is None and spec.num_nodes == 1 and ws_dir is not None:
+        fed = fedml_config_federation(spec, ws_dir)
+        if fed is not None:
+            spec.federate = fed
     return LoadedJob(spec=spec, path=p.resolve(), workspace_dir=ws_dir)
+
+
+_CONFIG_ARG = re.compile(r"--(?:cf|config)[= ]+([^\s;&|]+)")
+
+
+def fedml_config_federation(spec: JobSpec, workspace: Path) -> FederateSpec | None:
+    """How many clients a FedML federate job wants, from its FedML config (`--cf FILE` in the commands, else
+    config/fedml_config.yaml in the workspace): train_args.client_num_in_total, else device_args.worker_num;
+    rounds from train_args.comm_round. None when there is no readable config saying so."""
+    text = f"{posix_commands(spec.job)}\n{posix_commands(spec.server_job)}"
+    names = [m.group(1).strip("'\"") for m in _CONFIG_ARG.finditer(text)] + ["config/fedml_config.yaml"]
+    for rel in names:
+        f = (workspace / rel).resolve()
+        if not f.is_relative_to(workspace) or not f.is_file() or f.stat().st_size > 1 << 20:
+            continue
+        try:
+            doc = load_yaml_bounded(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, JobSpecError, yaml.YAMLError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        train = doc.get("train_args") if isinstance(doc.get("train_args"), dict) else {}
+        device = doc.get("device_args") if isinstance(doc.get("device_args"), dict) else {}
+        n = train.get("client_num_in_total") or device.get("worker_num")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            rounds = train.get("comm_round")
+            return FederateSpec(clients=n, rounds=rounds if isinstance(rounds, int) and rounds >= 1 else 1)
+    return None

@@ -124,6 +124,16 @@ class ReplicaReport(BaseModel):
     replicas: list[ReplicaState]
 
 
+class AttemptRecord(BaseModel):
+    """An attempt that has ended and was followed by another: where it ran and why it ended (`run status`)."""
+
+    attempt: int
+    placements: list[Placement] = Field(default_factory=list)
+    reason: str | None = None
+    started_at: float | None = None
+    ended_at: float = Field(default_factory=time.time)
+
+
 class Run(BaseModel):
     id: str
     name: str
@@ -142,6 +152,7 @@ class Run(BaseModel):
     node_id: str | None = None  # rank 0's node, for display
     gpus: list[int] = Field(default_factory=list)  # rank 0's GPUs, for display
     attempt: int = 1
+    attempts: list[AttemptRecord] = Field(default_factory=list)  # earlier attempts, oldest first
     exit_code: int | None = None
     reason: str | None = None
     stop_requested: bool = False
@@ -157,6 +168,10 @@ class Run(BaseModel):
 
     def placement_on(self, node_id: str) -> Placement | None:
         return next((p for p in self.placements if p.node_id == node_id), None)
+
+    def ran_on(self, attempt: int, node_id: str) -> bool:
+        """Did `attempt` (an earlier one) have a rank on this node?"""
+        return any(a.attempt == attempt and any(p.node_id == node_id for p in a.placements) for a in self.attempts)
 
 
 class GpuInfo(BaseModel):
@@ -204,6 +219,9 @@ class NodeView(Node):
     active_runs: int = 0
 
 
+SYSTEM_RANK = -1  # log lines the scheduler writes itself (stream "fedml"): attempt markers
+
+
 class LogRow(NamedTuple):
     """A stored log line as the store returns it (a tuple: cheap to read by the hundred thousand)."""
 
@@ -213,10 +231,12 @@ class LogRow(NamedTuple):
     ts: float
     stream: str
     line: str
+    attempt: int = 1
 
     def to_json(self) -> str:
-        return (f'{{"pos":{self.pos},"rank":{self.rank},"seq":{self.seq},"ts":{self.ts:.6f},'
-                f'"stream":{json.dumps(self.stream)},"line":{json.dumps(self.line, ensure_ascii=False)}}}')
+        return (f'{{"pos":{self.pos},"rank":{self.rank},"attempt":{self.attempt},"seq":{self.seq},'
+                f'"ts":{self.ts:.6f},"stream":{json.dumps(self.stream)},'
+                f'"line":{json.dumps(self.line, ensure_ascii=False)}}}')
 
 
 class RunCreate(BaseModel):
@@ -279,6 +299,9 @@ class PollResponse(BaseModel):
     stop: list[str] = Field(default_factory=list)  # attempt refs
     scale: dict[str, int] = Field(default_factory=dict)  # attempt ref of an endpoint -> replicas wanted
     heartbeat_interval: float = 5.0
+    # Seconds the node's lease lasts from when this poll was sent: the agent's guards kill its jobs once it runs
+    # out unrenewed (runtime/fence.py). The scheduler writes a node off only after lease + slack.
+    lease: float = 0.0
 
 
 class Registered(BaseModel):

@@ -30,6 +30,8 @@ class Request:
     count: int = 1  # nodes wanted (a gang: num_nodes, or federate's server + clients)
     service: bool = False  # long-lived (deploy/serve): worth a wider look for the best node
     owner: str | None = None  # whose run: private nodes take only their owner's
+    cpus: float = 0.0  # computing.cpus / memory_gb: the node must have at least this much (0: any)
+    memory_mb: int = 0
 
     @classmethod
     def of(cls, spec: JobSpec, owner: str | None = None) -> Request:
@@ -46,6 +48,8 @@ class Request:
                 1 + (spec.federate.clients if spec.federate else max(spec.num_nodes - 1, 1))),
             service=spec.job_type in ("deploy", "serve"),
             owner=owner,
+            cpus=float(c.cpus or 0.0),
+            memory_mb=int((c.memory_gb or 0) * 1024),
         )
 
     def shortfall(self) -> str:
@@ -81,18 +85,23 @@ class NoFit:
 _NOISE = {"NVIDIA", "GEFORCE", "TESLA", "GPU"}
 
 
-def _tokens(name: str) -> list[str]:
+def _tokens(name: str) -> set[str]:
+    """Whole model tokens; only sizes and form factors are normalised: "80 GB"/"80GB" -> 80G, SXM4 -> SXM.
+    NVML names an H100/H200 SXM part by its memory ("H100 80GB HBM3"): HBM3 implies SXM there."""
     s = re.sub(r"(\d+)\s*GB\b", r"\1G", name.upper())
-    return [t for t in re.split(r"[^A-Z0-9]+", s) if t and t not in _NOISE]
+    out = {re.sub(r"^SXM\d$", "SXM", t) for t in re.split(r"[^A-Z0-9]+", s) if t and t not in _NOISE}
+    if out & {"HBM3", "HBM3E"} and out & {"H100", "H200"}:
+        out.add("SXM")
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
 def gpu_matches(wanted: str | None, gpu_name: str) -> bool:
-    """'A100-80G' matches 'NVIDIA A100 80GB PCIe'; 'TESLA_T4' matches 'Tesla T4'; a token may be a prefix."""
+    """Every token of `wanted` is a whole token of the GPU's name: 'A100-80G' matches 'NVIDIA A100 80GB PCIe',
+    'TESLA_T4' matches 'Tesla T4'; 'L4' does not match 'L40S', 'T4' not 'T400', 'V100' not 'V100S'."""
     if not wanted:
         return True
-    have = _tokens(gpu_name)
-    return all(any(h == w or h.startswith(w) for h in have) for w in _tokens(wanted))
+    return _tokens(wanted) <= _tokens(gpu_name)
 
 
 def _matching(req: Request, gpus: Iterable[GpuInfo]) -> list[GpuInfo]:
@@ -138,6 +147,15 @@ def cost_cap(req: Request, c: Candidate) -> str | None:
     return "cost more than the cap" if price > req.max_cost_per_hour else None
 
 
+def cpus_memory(req: Request, c: Candidate) -> str | None:
+    # What the node has in all (a node reporting none, e.g. an old agent, is not judged on it).
+    if req.cpus and c.node.cpus and c.node.cpus < req.cpus:
+        return f"have fewer than {req.cpus:g} CPUs"
+    if req.memory_mb and c.node.memory_mb and c.node.memory_mb < req.memory_mb:
+        return f"have less than {req.memory_mb / 1024:g} GB of memory"
+    return None
+
+
 def gpus_exist(req: Request, c: Candidate) -> str | None:
     if req.gpus and len(_matching(req, c.node.gpus)) < req.gpus:
         return f"have fewer than {req.gpus}" + (f" {req.resource_type}" if req.resource_type else " GPUs")
@@ -163,7 +181,8 @@ def cheap(req: Request, c: Candidate) -> float:
     return -(c.node.price_per_gpu_hour or 0.0) / 1000.0
 
 
-STATIC_FILTERS: list[Filter] = [owner_allows, has_runtime, labels_match, cost_cap, gpus_exist]  # could this node ever?
+# could this node ever?
+STATIC_FILTERS: list[Filter] = [owner_allows, has_runtime, labels_match, cost_cap, cpus_memory, gpus_exist]
 PIPELINE: list[Filter] = [online, not_draining, *STATIC_FILTERS, gpus_free]
 SCORERS: list[Scorer] = [binpack, cheap]
 

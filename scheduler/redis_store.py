@@ -412,7 +412,7 @@ class RedisStore(Store):
         nxt = first_seq
         for start in range(0, len(lines), _LOG_CHUNK):
             chunk = lines[start:start + _LOG_CHUNK]
-            encoded = [json.dumps([ts, stream, text], ensure_ascii=False) for ts, stream, text in chunk]
+            encoded = [json.dumps([ts, stream, text, attempt], ensure_ascii=False) for ts, stream, text in chunk]
             nxt, gap = self._append(keys=keys, args=[field, rank, first_seq + start, self.log_retention, *encoded])
             if gap:
                 raise SeqGap(int(nxt))
@@ -430,12 +430,36 @@ class RedisStore(Store):
                 r, s, payload = fields[b"d"].split(b" ", 2)
                 if rank is not None and int(r) != rank:
                     continue
-                ts, stream, text = json.loads(payload)
-                out.append(LogRow(int(eid.split(b"-")[1]) - 1, int(r), int(s), ts, stream, text))
+                ts, stream, text, attempt = json.loads(payload)
+                out.append(LogRow(int(eid.split(b"-")[1]) - 1, int(r), int(s), ts, stream, text, attempt))
             if len(entries) < want or rank is None:
                 break
             start = "(" + entries[-1][0].decode()
         return out
+
+    def tail_after(self, run_id: str, n: int, rank: int | None = None) -> int:
+        key = self.k.logs(run_id)
+        if rank is None:
+            got = self.r.xrevrange(key, count=n + 1)
+            return int(got[n][0].split(b"-")[1]) - 1 if len(got) > n else -1
+        seen, end = 0, "+"
+        while True:
+            entries = self.r.xrevrange(key, max=end, count=2000)
+            for eid, fields in entries:
+                if int(fields[b"d"].split(b" ", 1)[0]) == rank:
+                    if seen == n:
+                        return int(eid.split(b"-")[1]) - 1
+                    seen += 1
+            if len(entries) < 2000:
+                return -1
+            end = "(" + entries[-1][0].decode()
+
+    def log_counts(self, run_ids: list[str]) -> dict[str, int]:
+        with self.r.pipeline(transaction=False) as p:
+            for run_id in run_ids:
+                p.get(self.k.log_pos(run_id))
+            got = p.execute()
+        return {run_id: int(pos) for run_id, pos in zip(run_ids, got, strict=True) if pos}
 
     # -- nodes -------------------------------------------------------------------------------------------
     def upsert_node(self, node: Node) -> Node:

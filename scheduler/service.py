@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 
 from . import auth
-from .jobspec import JobSpec, JobSpecError, validate
+from .jobspec import JobSpec, JobSpecError, env_problem, validate
 from .models import (
+    SYSTEM_RANK,
     Artifact,
     Assignment,
+    AttemptRecord,
     Endpoint,
     InvalidTransition,
     Node,
@@ -64,7 +66,14 @@ class Scheduler:
         self.notifier = notifier
         self._blob_exists = blob_exists
         self.heartbeat_interval = heartbeat_interval
+        # Fencing (runtime/fence.py): an agent's jobs die when its lease (renewed by each answered poll) runs out;
+        # the node is written off only once the lease has certainly run out, with a slack for the guard to act
+        # and for clocks, so a new attempt never starts while an old one may still run.
+        self.lease = 2 * heartbeat_interval
         self.heartbeat_timeout = 3 * heartbeat_interval  # a node silent for 3 intervals is OFFLINE
+        assert self.heartbeat_timeout >= self.lease + min(heartbeat_interval, 1.0)
+        # (run ref, node) -> when a RUNNING placement was first missing from its node's polls (soft state)
+        self._missing: dict[tuple[str, str], float] = {}
         self.rng = rng or random.Random()
         self._schedule_lock = threading.Lock()
         # Rank reports of one run may arrive together from several agents (at several replicas sharing a
@@ -105,6 +114,9 @@ class Scheduler:
             spec = validate(req.job, file=req.job_file or "job")
         except JobSpecError as exc:
             raise Rejected(422, str(exc)) from None
+        for k, v in req.env.items():
+            if (why := env_problem(k, v)) is not None:
+                raise Rejected(422, f"env: {why}")
         if not spec.commands().strip():
             raise Rejected(422, f"{req.job_file or 'job'}: job: this file refers to a job stored on FedML's "
                                 "platform (job_args); this scheduler needs the commands in `job`")
@@ -313,6 +325,18 @@ class Scheduler:
                     self._rank_update(run.id, node_id, RunStatus.KILLED, None, run.reason or "stopped")
                 continue
             wanted.add(ref)
+            if p.status == RunStatus.RUNNING and ref not in have:
+                # The node no longer has it, and its final report never came (lost with the agent's state):
+                # after a grace period the rank is LOST rather than RUNNING for ever.
+                since = self._missing.setdefault((ref, node_id), now)
+                if now - since > self.heartbeat_timeout:
+                    self._missing.pop((ref, node_id), None)
+                    name = (self.store.get_node(node_id) or Node(id=node_id, name=node_id)).name
+                    self._rank_update(run.id, node_id, RunStatus.LOST, None,
+                                      f"node {name} no longer runs it (its final report was lost)",
+                                      attempt=run.attempt)
+                continue
+            self._missing.pop((ref, node_id), None)
             if p.status == RunStatus.STARTING and ref not in have:
                 rank0 = self.store.get_node(run.placements[0].node_id)
                 start.append(Assignment(run=run, rank=p.rank, num_nodes=len(run.placements), gpus=p.gpus,
@@ -322,7 +346,8 @@ class Scheduler:
                 scale[ref] = run.endpoint.replicas
         # Whatever the node runs that is no longer its to run is stopped: reconciliation after restarts.
         stop = [rid for rid in running if rid not in wanted]
-        return PollResponse(start=start, stop=stop, scale=scale, heartbeat_interval=self.heartbeat_interval)
+        return PollResponse(start=start, stop=stop, scale=scale, heartbeat_interval=self.heartbeat_interval,
+                            lease=self.lease)
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
         self._own_node(who, node_id)
@@ -339,9 +364,15 @@ class Scheduler:
             raise Rejected(403, "agents use their node key")
         run = self.store.get_run(run_id)
         p = run.placement_on(who.owner) if run is not None else None
+        if run is not None and p is None and logs and attempt is not None and run.ran_on(attempt, who.owner):
+            return  # an earlier attempt's lines, from the node it ran on (the run is elsewhere now, or queued)
         if run is None or p is None:
             raise Rejected(403, f"run {run_id} is not placed on this node")
         if attempt is not None and attempt != run.attempt:
+            # Lines an earlier attempt printed before it was fenced are kept, under that attempt: only the node
+            # it ran on may send them, and its guard has killed it, so they are bounded.
+            if logs and attempt < run.attempt and run.ran_on(attempt, who.owner):
+                return
             raise Rejected(409, f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
         if p.done and not (logs and p.status == RunStatus.LOST):
             raise Rejected(409, f"run {run_id} has ended on this node ({p.status.value}); nothing more is kept")
@@ -410,10 +441,13 @@ class Scheduler:
             return self.store.transition(run.id, RunStatus.FAILED, placements=ps, exit_code=first.exit_code,
                                          reason=label(first))
         if lost:
-            run = self.store.transition(run.id, RunStatus.LOST, placements=ps, reason=label(lost[0]))
+            # LOST and what follows it (QUEUED again, or FAILED) are one write: a scheduler that dies between
+            # two writes must not leave the run LOST for ever.
+            run.placements = ps
             if "lost" in spec.retry.on and run.attempt < spec.retry.max_attempts:
                 return self._requeue(run, label(lost[0]))
-            return self.store.transition(run.id, RunStatus.FAILED, reason=f"{label(lost[0])} (no retries left)")
+            return self.store.transition(run.id, RunStatus.FAILED, placements=ps,
+                                         reason=f"lost: {label(lost[0])} (no retries left)")
         if any(p.status == RunStatus.KILLED for p in deciding):
             return self.store.transition(run.id, RunStatus.KILLED, placements=ps,
                                          exit_code=next((p.exit_code for p in ps if p.exit_code), None),
@@ -424,9 +458,10 @@ class Scheduler:
         spec = JobSpec.model_validate(run.job)
         n = run.attempt + 1
         log.info("run %s: %s; retrying (attempt %d of %d)", run.id, why, n, spec.retry.max_attempts)
+        done = AttemptRecord(attempt=run.attempt, placements=run.placements, reason=why, started_at=run.started_at)
         return self.store.transition(
             run.id, RunStatus.QUEUED, placements=[], attempt=n, stop_requested=False, exit_code=None,
-            master_port=None, started_at=None,
+            master_port=None, started_at=None, attempts=[*run.attempts, done][-50:],
             reason=f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})")
 
     def _run_changed(self, run: Run) -> None:
@@ -527,6 +562,11 @@ class Scheduler:
         for pl in verdict:
             c = ps.by_id[pl.node.id]
             c.free = [g for g in c.free if g.index not in pl.gpus]
+        if run.attempt > 1:  # the log says where each attempt ran and why the one before it ended
+            names = ", ".join(pl.node.name for pl in verdict)
+            why = run.attempts[-1].reason if run.attempts else None
+            self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, 0, [(
+                time.time(), "fedml", f"── attempt {run.attempt} on node {names}" + (f": {why}" if why else ""))])
         return True
 
     def _announce(self, runs: list[Run]) -> None:

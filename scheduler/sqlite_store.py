@@ -216,7 +216,7 @@ class SQLiteStore(Store):
 
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
                   rank: int | None = None) -> list[LogRow]:
-        sql = "SELECT pos, rank, seq, ts, stream, line FROM logs WHERE run_id=? AND pos>?"
+        sql = "SELECT pos, rank, seq, ts, stream, line, attempt FROM logs WHERE run_id=? AND pos>?"
         args: list[Any] = [run_id, after]
         if rank is not None:
             sql += " AND rank=?"
@@ -226,6 +226,25 @@ class SQLiteStore(Store):
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [LogRow(*row) for row in rows]
+
+    def tail_after(self, run_id: str, n: int, rank: int | None = None) -> int:
+        sql = "SELECT pos FROM logs WHERE run_id=?" + (" AND rank=?" if rank is not None else "")
+        sql += " ORDER BY pos DESC LIMIT 1 OFFSET ?"
+        args = (run_id, rank, n) if rank is not None else (run_id, n)
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return -1 if row is None else int(row[0])
+
+    def log_counts(self, run_ids: list[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with self._lock:
+            for i in range(0, len(run_ids), 500):
+                part = run_ids[i:i + 500]
+                for run_id, top in self._db.execute(
+                        f"SELECT run_id, MAX(pos) FROM logs WHERE run_id IN ({','.join('?' * len(part))}) "
+                        "GROUP BY run_id", part):
+                    out[run_id] = int(top) + 1
+        return out
 
     # -- nodes -------------------------------------------------------------------------------------------
     def upsert_node(self, node: Node) -> Node:

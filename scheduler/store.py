@@ -76,6 +76,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def next_seq(self, run_id: str, attempt: int, rank: int) -> int: ...
 
+    @abc.abstractmethod
+    def tail_after(self, run_id: str, n: int, rank: int | None = None) -> int:
+        """The position to read after for the last `n` lines (of `rank`, if given): -1 if there are fewer."""
+
+    @abc.abstractmethod
+    def log_counts(self, run_ids: list[str]) -> dict[str, int]:
+        """Lines stored per run, for lists (what get_run puts in Run.log_count)."""
+
     # -- nodes -------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def upsert_node(self, node: Node) -> Node: ...

@@ -280,3 +280,34 @@ def test_load_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
 ])
 def test_gpu_matches(wanted: str | None, name: str, ok: bool) -> None:
     assert gpu_matches(wanted, name) is ok
+
+
+# NVML's names of current NVIDIA parts, and which resource_type tokens each must (and only it must) match.
+NVML_NAMES = {
+    "A10": "NVIDIA A10", "A10G": "NVIDIA A10G",
+    "A100-40G-PCIE": "NVIDIA A100-PCIE-40GB", "A100-80G-PCIE": "NVIDIA A100 80GB PCIe",
+    "A100-40G-SXM": "NVIDIA A100-SXM4-40GB", "A100-80G-SXM": "NVIDIA A100-SXM4-80GB",
+    "H100-PCIE": "NVIDIA H100 PCIe", "H100-SXM": "NVIDIA H100 80GB HBM3", "H100-NVL": "NVIDIA H100 NVL",
+    "H200": "NVIDIA H200", "L4": "NVIDIA L4", "L40": "NVIDIA L40", "L40S": "NVIDIA L40S", "T4": "Tesla T4",
+    "V100": "Tesla V100-SXM2-16GB", "V100S": "Tesla V100S-PCIE-32GB", "RTX-3090": "NVIDIA GeForce RTX 3090",
+    "RTX-4090": "NVIDIA GeForce RTX 4090", "RTX-6000-ADA": "NVIDIA RTX 6000 Ada Generation", "B200": "NVIDIA B200",
+    "T400": "NVIDIA T400",
+}
+# wanted -> the parts above it matches; every other part must not match
+GPU_TABLE = {
+    "A10": {"A10"}, "A10G": {"A10G"}, "L4": {"L4"}, "L40": {"L40"}, "L40S": {"L40S"}, "T4": {"T4"},
+    "T400": {"T400"}, "V100": {"V100"}, "V100S": {"V100S"}, "B200": {"B200"}, "H200": {"H200"},
+    "A100": {"A100-40G-PCIE", "A100-80G-PCIE", "A100-40G-SXM", "A100-80G-SXM"},
+    "A100-80G": {"A100-80G-PCIE", "A100-80G-SXM"}, "A100-80GB": {"A100-80G-PCIE", "A100-80G-SXM"},
+    "A100-40G": {"A100-40G-PCIE", "A100-40G-SXM"}, "A100-SXM": {"A100-40G-SXM", "A100-80G-SXM"},
+    "A100-80GB-SXM": {"A100-80G-SXM"}, "A100_PCIE_40GB": {"A100-40G-PCIE"},
+    "H100": {"H100-PCIE", "H100-SXM", "H100-NVL"}, "H100-SXM": {"H100-SXM"}, "H100-80GB-HBM3": {"H100-SXM"},
+    "H100-PCIE": {"H100-PCIE"}, "H100-NVL": {"H100-NVL"}, "TESLA_T4": {"T4"},
+    "RTX-4090": {"RTX-4090"}, "rtx 3090": {"RTX-3090"}, "RTX-6000-Ada": {"RTX-6000-ADA"},
+}
+
+
+@pytest.mark.parametrize("wanted", sorted(GPU_TABLE))
+def test_gpu_names_match_whole_tokens_against_real_nvml_names(wanted: str) -> None:
+    got = {part for part, name in NVML_NAMES.items() if gpu_matches(wanted, name)}
+    assert got == GPU_TABLE[wanted], (wanted, got)

@@ -133,7 +133,19 @@ BAD = [
         "must not be empty"),
     Bad("env-arg-without-equals", WS + "job: echo\n", None, None, 'expected NAME=VALUE, got "NOEQUALS"',
         args=["--env", "NOEQUALS"]),
-    Bad("env-arg-bad-name", WS + "job: echo\n", None, None, 'expected NAME=VALUE, got "1X=2"', args=["-e", "1X=2"]),
+    Bad("env-arg-bad-name", WS + "job: echo\n", None, None, '"1X" is not a valid variable name', args=["-e", "1X=2"]),
+    Bad("env-arg-empty-name", WS + "job: echo\n", None, None, '"" is not a valid variable name', args=["-e", "=2"]),
+    Bad("envs-value-too-long", WS + "job: echo\nenvs:\n  X: " + "v" * 140_000 + "\n", 3, "envs",
+        "X: the value is longer than the system allows"),
+    Bad("envs-bad-name", WS + 'job: echo\nenvs: {"A=B": 1}\n', 3, "envs", '"A=B" is not a valid variable name'),
+    Bad("job-nul", WS + 'job: "echo \\0"\n', 2, "job", "contains a NUL character"),
+    Bad("max-duration-inf", WS + "job: echo\nmax_duration: .inf\n", 3, "max_duration", "at most 10 years"),
+    Bad("workspace-root", "workspace: /\njob: echo\n", None, "workspace", "is the root of the filesystem"),
+    Bad("alias-bomb", "job: echo\na: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdef", "bcdefg", strict=True)), 2, None,
+        "alias bomb"),
+    Bad("alias-recursive", "job: echo\nx: &a [*a]\n", 2, None, "recursive alias"),
+    Bad("nested-too-deep", "job: echo\nx: " + "[" * 5000 + "]" * 5000 + "\n", None, None, "nested deeper than 64"),
 ]
 
 

@@ -1,0 +1,170 @@
+"""The lease guard: one small process per running attempt that kills the attempt when the node's lease expires.
+
+    python -m runtime.fence --lease HOME/lease --marker RUNS/<ref>/fenced --state '<handle state JSON>' --run-dir D
+
+Why: the scheduler gives up on a node it has not heard from for `offline timeout` seconds and may start the run's
+next attempt elsewhere. The job must be dead by then, whatever happened to the agent (SIGKILLed, SIGSTOPped,
+partitioned): so the agent holds a lease that it renews with every poll the scheduler answers, and this guard,
+which is not the agent (it outlives it, as the job does), kills the job's whole process group (or container) once
+the lease has run out. The scheduler's offline timeout is longer than the lease plus a slack, so when it declares
+the node lost, the old attempt is already gone (Nomad's `stop_after_client_disconnect`, made the rule).
+
+The lease file holds the CLOCK_BOOTTIME second at which the lease expires (boot time: the same clock for every
+process of the machine, not moved by NTP, and counting time spent suspended), then the lease's length. No file,
+or one that cannot be read: expired. The guard exits by itself when the job ends.
+
+One exception keeps jobs alive across a scheduler restart: while the agent positively knows that no scheduler is
+running (its connection is refused: nothing listens at the address; the embedded scheduler's state file is gone),
+it extends the lease. No scheduler, no one to write the node off, and a scheduler that starts gives every node a
+full offline timeout to check in before it does. A timeout or an unreachable network proves nothing, and the lease
+runs out. (With scheduler replicas, agents must reach them through one balanced address, as docs/design.md says:
+a refused connection to one replica would not prove the others are down.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+CLOCK = time.CLOCK_BOOTTIME
+
+
+def now() -> float:
+    return time.clock_gettime(CLOCK)
+
+
+def renew(path: Path, until: float, length: float) -> None:
+    """Write the lease (the agent, after the scheduler answered a poll sent at `until - length`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{until:.3f} {length:.3f}\n")
+    os.replace(tmp, path)
+
+
+def read(path: Path) -> tuple[float, float]:
+    """(expiry, length); (0, 0) when there is no readable lease."""
+    try:
+        with open(path) as f:
+            parts = f.read(128).split()
+        return float(parts[0]), float(parts[1]) if len(parts) > 1 else 0.0
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+
+
+def expiry(path: Path) -> float:
+    return read(path)[0]
+
+
+def hold(path: Path) -> float:
+    """Extend an existing lease by its length from now (the scheduler is known to be down). Returns the length."""
+    until, length = read(path)
+    if length > 0 and until > 0:
+        renew(path, max(until, now() + length), length)
+    return length
+
+
+def guard(lease: Path, marker: Path, handle, period: float = 0.1) -> str:  # type: ignore[no-untyped-def]
+    """Watch until the job ends ("ended") or the lease runs out ("fenced": the job is killed first)."""
+    while True:
+        if handle.poll() is not None:
+            return "ended"
+        left = expiry(lease) - now()
+        if left <= 0:
+            # The marker first: the agent, if it wakes up, must read the job's end as fenced, not as a failure.
+            with contextlib.suppress(OSError):
+                marker.write_text(json.dumps({"at": time.time(), "lease": str(lease)}))
+            handle.stop(0.0)  # SIGKILL to the group (or the container) and a sweep of what escaped it
+            return "fenced"
+        time.sleep(min(period, max(left, 0.01)))
+
+
+def spawn(lease: Path, marker: Path, state: dict, run_dir: Path) -> int:  # type: ignore[type-arg]
+    """Start a guard for a started job (detached: it survives the agent). Returns its pid."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "runtime.fence", "--lease", str(lease), "--marker", str(marker),
+                          "--run-dir", str(run_dir), "--state", json.dumps(state)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True,
+                         cwd="/", env={k: v for k, v in os.environ.items() if not k.startswith("FEDML_RUN")})
+    # Reaped in the background so the agent does not keep a zombie (the guard's exit status means nothing).
+    import threading
+
+    threading.Thread(target=p.wait, daemon=True, name=f"fence-{p.pid}").start()
+    return p.pid
+
+
+class _Container:
+    """A container, as the guard sees it: ended once its wrapper wrote its exit code or the engine lost it.
+    (Not the runtime's handle: that one also settles and removes the container, which is the agent's to do.)"""
+
+    def __init__(self, container_id: str, run_dir: Path) -> None:
+        self.id, self.run_dir = container_id, run_dir
+        self._client = None
+        self._checked = 0.0
+
+    def _container(self):  # type: ignore[no-untyped-def]
+        from .docker import _client
+
+        if self._client is None:
+            self._client = _client()
+        return self._client.containers.get(self.id)
+
+    def poll(self) -> object | None:
+        ctr = self.run_dir / "ctr"
+        if (ctr / "exit_code").exists() or (ctr / "final").exists():
+            return "ended"
+        if time.monotonic() - self._checked > 2.0:
+            self._checked = time.monotonic()
+            try:
+                if self._container().status in ("exited", "dead"):
+                    return "ended"
+            except Exception as exc:  # NotFound: removed; anything else: ask again later
+                if type(exc).__name__ == "NotFound":
+                    return "ended"
+        return None
+
+    def stop(self, grace: float) -> None:
+        for _ in range(20):
+            try:
+                self._container().kill()
+                return
+            except Exception as exc:
+                if type(exc).__name__ == "NotFound":
+                    return
+                time.sleep(0.25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedml-fence")
+    p.add_argument("--lease", type=Path, required=True)
+    p.add_argument("--marker", type=Path, required=True)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--state", required=True)
+    args = p.parse_args(argv)
+    state = json.loads(args.state)
+    rt = state.get("runtime", "process")
+    if rt == "process":
+        from .process import ProcessRuntime
+
+        handle = ProcessRuntime().reattach(state, args.run_dir)
+        period = 0.1
+    elif rt == "docker" and state.get("container"):
+        handle = _Container(str(state["container"]), args.run_dir)
+        period = 0.5
+    else:
+        return 2
+    if handle is None:
+        return 0
+    guard(args.lease, args.marker, handle, period)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
