@@ -45,6 +45,7 @@ class Api:
         raise CliError(f"scheduler error (HTTP {r.status_code}): {detail}")
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        path = _safe_path(path)
         try:
             return self._check(self.http.request(method, API + path, **kw))
         except httpx.ConnectError:
@@ -94,8 +95,9 @@ class Api:
             params["tail"] = tail
         if rank is not None:
             params["rank"] = rank
+        path = _safe_path(f"/runs/{run_id}/logs")
         try:
-            with self.http.stream("GET", f"{API}/runs/{run_id}/logs", params=params,
+            with self.http.stream("GET", API + path, params=params,
                                   timeout=httpx.Timeout(None, connect=5.0)) as r:
                 if r.status_code >= 400:
                     r.read()
@@ -113,6 +115,17 @@ class Api:
                     yield json.loads(buf)
         except httpx.TransportError as exc:
             raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
+
+
+def _safe_path(path: str) -> str:
+    """IDs and names typed by the user go into the path: an empty one is a usage error (not a request for the
+    list), and '?', '#', '%' or spaces in one are sent as part of it (not as a query)."""
+    from urllib.parse import quote
+
+    segments = path.split("/")[1:]
+    if any(not seg.strip() for seg in segments):
+        raise CliError("an empty run, node, key or endpoint name was given", USAGE)
+    return quote(path, safe="/")
 
 
 def credentials() -> dict[str, str] | None:

@@ -175,6 +175,8 @@ def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides
 
 
 def _line(rec: dict[str, Any], ranked: bool) -> str:
+    if rec.get("stream") == "fedml":  # the scheduler's own lines (attempt markers): never a rank's
+        return rec["line"] + "\n"
     return f"[rank {rec['rank']}] {rec['line']}\n" if ranked else rec["line"] + "\n"
 
 
@@ -195,7 +197,7 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
                     if as_json:
                         out.write(json.dumps(rec) + "\n")
                     else:
-                        (err if rec.get("stream") == "stderr" else out).write(_line(rec, ranked))
+                        (err if rec.get("stream") in ("stderr", "fedml") else out).write(_line(rec, ranked))
                     delay = 0.2
                 tail = None
             except CliError as exc:
@@ -264,7 +266,7 @@ def logs(
             if as_json:
                 sys.stdout.write(json.dumps(rec) + "\n")
             else:
-                (sys.stderr if rec.get("stream") == "stderr" else sys.stdout).write(_line(rec, ranked))
+                (sys.stderr if rec.get("stream") in ("stderr", "fedml") else sys.stdout).write(_line(rec, ranked))
     except CliError as exc:
         raise _fail(exc) from None
 
@@ -357,6 +359,9 @@ def run_status(run_id: Annotated[str, typer.Argument(metavar="RUN_ID")], as_json
             extra = f" exit {p['exit_code']}" if p.get("exit_code") is not None else ""
             rows.append((f"rank {p['rank']}", f"{p['node_id']} gpus [{','.join(map(str, p['gpus']))}] "
                                              f"{_styled(p['status'])}{extra}"))
+    for a in r.get("attempts") or []:  # earlier attempts: where each ran and why it ended
+        nodes = ",".join(p["node_id"] for p in a.get("placements") or []) or "-"
+        rows.append((f"attempt {a['attempt']}", f"on {nodes}: {escape(a.get('reason') or '-')}"))
     console = Console()
     for k, v in rows:
         console.print(f"[bold]{k:>10}[/bold]  {v}")
@@ -508,7 +513,11 @@ def template_init(name: Annotated[str, typer.Argument(metavar="NAME")],
     if target.exists() and any(target.iterdir()):
         _err(f"error: {target} exists and is not empty; pick another DIR")
         raise typer.Exit(USAGE)
-    shutil.copytree(d, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    try:
+        shutil.copytree(d, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    except OSError as exc:
+        _err(f"error: cannot create {target}: {exc.strerror or exc}")
+        raise typer.Exit(USAGE) from None
     _err(f"Created {target} from template {name}. Run it with: fedml launch {target / 'job.yaml'}")
 
 
@@ -517,7 +526,7 @@ def template_init(name: Annotated[str, typer.Argument(metavar="NAME")],
 @scheduler_app.command("start")
 def scheduler_start(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for a team).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8787,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8787,
     agent: Annotated[bool | None, typer.Option("--agent/--no-agent", help="Also run a local agent on this machine "
                                                                         "(default: only with a loopback --host).")] = None,
     run_as: Annotated[str, typer.Option("--run-as", help="User the local agent runs jobs as: auto (fedml-job "

@@ -447,6 +447,18 @@ def test_gang_job_starts_every_rank_on_its_own_node_with_the_right_env(c: Cluste
     assert len(ports) == 1, got  # every rank points at the same rank-0 address and port
 
 
+def test_logs_tail_of_one_rank_and_a_rank_that_does_not_exist(c: Cluster, tmp_path: Path) -> None:
+    """--tail N with --rank R is the last N lines of that rank (not the last N lines, then filtered)."""
+    script = 'for i in 1 2 3 4 5; do echo "r$NODE_RANK $i"; done\nif [ "$NODE_RANK" = 0 ]; then seq 1 20; fi'
+    r = c.fedml("launch", str(job(tmp_path, script, num_nodes=2)), "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads(r.stdout.strip().split("\n")[-1])["run_id"]
+    t = c.fedml("logs", run_id, "--rank", "1", "--tail", "2")
+    assert t.returncode == 0 and t.stdout == "r1 4\nr1 5\n", (t.stdout, t.stderr)
+    bad = c.fedml("logs", run_id, "--rank", "5")
+    assert bad.returncode == 2 and "has no rank 5" in bad.stderr, bad.stderr
+
+
 def test_gang_rank_failing_fails_the_run_and_stops_the_other_ranks(c: Cluster, tmp_path: Path) -> None:
     script = 'if [ "$NODE_RANK" = 1 ]; then sleep 0.5; echo "rank 1 fails"; exit 3; fi\necho "rank 0 waits"\nsleep 100'
     t0 = time.monotonic()

@@ -295,3 +295,46 @@ def test_foreground_scheduler_is_used_and_cleans_up(fedml: Fedml, tmp_path: Path
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=30)
     assert not state.exists()
+
+
+def test_output_with_unicode_separators_progress_bars_and_binary_is_shown_whole(shared_fedml: Fedml,
+                                                                             tmp_path: Path) -> None:
+    """U+2028, U+0085 and "\\r" inside a line are data, not record separators (the CLI once split NDJSON with
+    str.splitlines and crashed); "\\r" redraws (tqdm) are lines of their own; a 100 KB line is one line, marked."""
+    script = ("printf 'a\\xe2\\x80\\xa8b c\\xc2\\x85d\\n'\n"
+              "printf 'bar 1\\rbar 2\\rbar 3\\n'\n"
+              "head -c 200000 /dev/urandom | tr -d '\\n\\r' | head -c 100000; echo\n"
+              "echo after")
+    job = write_job(tmp_path, script)
+    r = shared_fedml("launch", str(job), "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(ln) for ln in r.stdout.split("\n") if ln.strip()]
+    lines = [x["line"] for x in recs if "line" in x]
+    assert lines[0] == "a\u2028b c\u0085d"
+    assert lines[1:4] == ["bar 1", "bar 2", "bar 3"]
+    assert lines[4].endswith("[fedml: line truncated at 64 KiB]") and lines[5:] == ["after"], lines[5:]
+    run_id = recs[-1]["run_id"]
+    plain = shared_fedml("logs", run_id)
+    assert plain.returncode == 0 and "Traceback" not in plain.stderr, plain.stderr
+    assert plain.stdout.split("\n")[0] == "a\u2028b c\u0085d"
+    listed = json.loads(shared_fedml("run", "list", "--json").stdout)
+    assert next(x for x in listed if x["id"] == run_id)["log_count"] == run_json(shared_fedml, run_id)["log_count"] == 6
+
+
+def test_an_unterminated_line_is_shown_while_the_job_runs(shared_fedml: Fedml, tmp_path: Path, shared_tmp: Path) -> None:
+    """A progress bar or prompt without a newline reaches a follower within a second, not at the next newline."""
+    go = shared_tmp / "go"
+    job = write_job(tmp_path, f"printf 'downloading... 42%%'\nwhile [ ! -e {go} ]; do sleep 0.1; done\necho done")
+    r = shared_fedml("launch", str(job), "--detach")
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 20:
+        got = [x["line"] for x in map(json.loads, shared_fedml("logs", run_id, "--json").stdout.split("\n")[:-1])
+               if "line" in x]
+        if got:
+            break
+        time.sleep(0.2)
+    go.touch()
+    assert got == ["downloading... 42%"], got
+    wait_status(shared_fedml, run_id, ("FINISHED",))

@@ -1,0 +1,93 @@
+"""Unit tests of the agent's log shipper (agents/shipper.py) against an in-memory scheduler that numbers lines by
+sequence the way the stores do (drops resends, refuses gaps): no processes, no HTTP."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from agents import shipper as mod
+from agents.shipper import Shipper
+from scheduler.models import LogBatch
+
+
+class Scheduler:
+    """Keeps lines by seq like Store.append_logs: a resend is dropped, a gap answers the seq it expects."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def send_logs(self, run_id: str, b: LogBatch) -> int:
+        have = len(self.lines)
+        if b.first_seq > have:
+            return have  # the 409 with next_seq, as AgentClient.send_logs returns it
+        self.lines.extend(text for i, (_, _, text) in enumerate(b.lines) if b.first_seq + i >= have)
+        return len(self.lines)
+
+
+def ship(tmp_path: Path, data: bytes) -> list[str]:
+    f = tmp_path / "out"
+    f.write_bytes(data)
+    s = Scheduler()
+    sh = Shipper(s, "run-1", 0, {"stdout": f})  # type: ignore[arg-type]
+    sh.drain()
+    return s.lines
+
+
+@pytest.mark.parametrize("data,lines", [
+    (b"a\nb\n", ["a", "b"]),
+    (b"a\r\nb\r\n", ["a", "b"]),
+    (b"\rbar 1\rbar 2\rbar 3\n", ["bar 1", "bar 2", "bar 3"]),
+    (b"\n\nx\n", ["", "", "x"]),
+    (b"no newline at the end", ["no newline at the end"]),
+    ("a\u2028b\n".encode(), ["a\u2028b"]),
+])
+def test_lines_end_at_newline_crlf_or_a_lone_cr(tmp_path: Path, data: bytes, lines: list[str]) -> None:
+    assert ship(tmp_path, data) == lines
+
+
+def test_a_line_over_the_cap_is_one_line_marked_truncated(tmp_path: Path) -> None:
+    got = ship(tmp_path, b"x" * (5 * mod.MAX_LINE) + b"\nnext\n")
+    assert len(got) == 2 and got[0] == "x" * mod.MAX_LINE + mod.TRUNCATED and got[1] == "next"
+
+
+def test_a_scheduler_that_lost_lines_gets_them_again(tmp_path: Path) -> None:
+    """The store lost what it acknowledged (no durability): the shipper reads again from the last batch at or
+    before the scheduler's position and resends; nothing is acknowledged that was not stored."""
+    f = tmp_path / "out"
+    f.write_bytes(b"")
+    s = Scheduler()
+    sh = Shipper(s, "run-1", 0, {"stdout": f})  # type: ignore[arg-type]
+    for i in range(3):
+        with open(f, "ab") as out:
+            out.write(f"l{i}\n".encode())
+        assert sh.pump() == 1
+    del s.lines[1:]  # 3 shipped, 1 kept
+    with open(f, "ab") as out:
+        out.write(b"l3\n")
+    assert sh.pump() == 0 and sh.rewinds == 1
+    sh.drain()
+    assert s.lines == ["l0", "l1", "l2", "l3"]
+
+
+def test_a_partial_line_is_shipped_after_a_short_wait_and_cut_the_same_way_on_a_resend(tmp_path: Path) -> None:
+    f = tmp_path / "out"
+    f.write_bytes(b"progress 10%")
+    s = Scheduler()
+    sh = Shipper(s, "run-1", 0, {"stdout": f})  # type: ignore[arg-type]
+    assert sh.pump() == 0  # not yet: it may be finished in a moment
+    time.sleep(mod.PARTIAL_AFTER + 0.1)
+    assert sh.pump() == 1 and s.lines == ["progress 10%"]
+    with open(f, "ab") as out:
+        out.write(b" done\nnext\n")
+    sh.pump()
+    assert s.lines == ["progress 10%", " done", "next"]
+    s.lines.clear()  # everything lost: a full resend numbers the lines the same way
+    with open(f, "ab") as out:
+        out.write(b"last\n")
+    while sh.pump() or sh.rewinds == 0:
+        pass
+    sh.drain()
+    assert s.lines == ["progress 10%", " done", "next", "last"]
