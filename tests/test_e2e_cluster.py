@@ -733,6 +733,8 @@ def test_agent_sigkill_fences_attempt_one_before_attempt_two_starts(c: Cluster, 
     r = c.login_node(victim)
     assert r.returncode == 0, r.stderr
     wait_for("attempt 1's remaining lines", lambda: _logged(c, run_id).get(1) == printed1, timeout=20)
+    print(f"fencing (SIGKILL): attempt 1 last seen {spans[2][0] - spans[1][1]:.2f} s before attempt 2 first seen; "
+          f"attempt 1 lines kept {len(printed1)}/{len(printed1)} (after the node came back)")
     wait_for("the old node to settle attempt 1 (its run directory removed)",
              lambda: not list((c.node_home(victim) / "runs").glob(run_id + "*")), timeout=15)
     assert c.run(run_id)["status"] == "FINISHED"
@@ -764,11 +766,12 @@ def test_agent_sigstop_past_the_offline_timeout_never_runs_two_attempts_at_once(
     assert 10 <= len(printed1) < 100, "attempt 1 was not fenced"
     wait_for("every line attempt 1 printed", lambda: _logged(c, run_id).get(1) == printed1, timeout=20)
     logged = _logged(c, run_id)
+    assert logged[1] == printed1
     assert logged[2] == _printed(shared_tmp, 2) and len(logged[2]) == 100
     wait_for(f"{victim} to be ONLINE", lambda: c.nodes()[victim]["state"] == "ONLINE", timeout=10)
     assert c.run(run_id)["status"] == "FINISHED"
-    (tmp_path / "fencing.txt").write_text(f"overlap: {spans[2][0] - spans[1][1]:.2f} s gap; "
-                                          f"attempt 1 lines kept {len(printed1)}/{len(printed1)}\n")
+    print(f"fencing (SIGSTOP): attempt 1 last seen {spans[2][0] - spans[1][1]:.2f} s before attempt 2 first seen "
+          f"(overlap 0 s); attempt 1 lines kept {len(logged[1])}/{len(printed1)}, attempt 2 {len(logged[2])}/100")
 
 
 def test_agent_sigkill_without_retry_fails_the_run_naming_the_node(c: Cluster, tmp_path: Path) -> None:
