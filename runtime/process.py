@@ -72,6 +72,7 @@ class ProcessHandle(Handle):
         if self._alive():
             return None
         self._kill_group(signal.SIGKILL)  # background children the job left behind
+        sweep(self.run_dir, self.uid)  # and what left the group (a serve supervisor's replicas, setsid daemons)
         self._status = self._read_exit()
         return self._status
 

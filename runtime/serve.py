@@ -61,6 +61,20 @@ def _pump(src: IO[bytes], dst: IO[str], prefix: str) -> None:
     src.close()
 
 
+def _port_holder(port: int) -> int | None:
+    """The pid listening on a TCP port of this machine (None: nobody, or a process we may not look into)."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            return int(c.pid)
+    return None
+
+
 class Replica:
     def __init__(self, index: int, port: int) -> None:
         self.index, self.port = index, port
@@ -75,6 +89,15 @@ class Replica:
         self.probe_failures = 0
         self.message: str | None = None
         self.retiring = False  # scaled away: stopped, then forgotten
+        self.pumps: list[threading.Thread] = []
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait for the output threads to copy what the replica printed before it exited (its session is
+        killed first, so nothing holds the pipes open): 'exited' is never said before its last line."""
+        deadline = time.monotonic() + timeout
+        for t in self.pumps:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.pumps = []
 
     def set(self, state: str, message: str | None = None) -> None:
         if state != self.state:
@@ -116,9 +139,12 @@ class Supervisor:
         r.proc = subprocess.Popen(["bash", "-e", str(self.dir / "replica.sh")], env=self._env(r),
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   start_new_session=True)
+        r.pumps = []
         for src, dst in ((r.proc.stdout, sys.stdout), (r.proc.stderr, sys.stderr)):
             assert src is not None
-            threading.Thread(target=_pump, args=(src, dst, f"[replica {r.index}] "), daemon=True).start()
+            t = threading.Thread(target=_pump, args=(src, dst, f"[replica {r.index}] "), daemon=True)
+            t.start()
+            r.pumps.append(t)
         r.started_at = time.monotonic()
         r.restart_at = None
         r.probe_failures = 0
@@ -135,7 +161,9 @@ class Supervisor:
 
     @staticmethod
     def _signal(r: Replica, sig: int) -> None:
-        if r.proc is not None and r.proc.poll() is None:
+        # The whole group, even when its leader (the replica's bash) is gone: a server it started must not
+        # outlive it, keep the port and answer the next replica's readiness probes.
+        if r.proc is not None:
             try:
                 os.killpg(r.proc.pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -186,6 +214,16 @@ class Supervisor:
             ok = False
         finally:
             conn.close()
+        if ok and r.state != "ready" and (holder := _port_holder(r.port)) is not None and r.proc is not None:
+            try:
+                ours = os.getpgid(holder) == r.proc.pid
+            except ProcessLookupError:
+                ours = False
+            if not ours:  # something else answers on the port: this replica is not the one that is ready
+                ok = False
+                if r.message is None or "held by" not in r.message:
+                    say(f"replica {r.index}: port {r.port} is held by pid {holder}, not by this replica")
+                r.message = f"port {r.port} is held by pid {holder}"
         if ok:
             r.probe_failures = 0
             if r.state != "ready":
@@ -206,6 +244,7 @@ class Supervisor:
             code = r.proc.poll()
             if code is not None and r.state not in ("restarting", "exited"):
                 self._signal(r, signal.SIGKILL)  # what the replica left behind in its session
+                r.drain()
                 if r.retiring:
                     del self.replicas[i]
                     say(f"replica {i} stopped")
@@ -274,6 +313,7 @@ class Supervisor:
             time.sleep(0.05)
         for r in self.replicas.values():
             self._signal(r, signal.SIGKILL)
+            r.drain(0.5)
         return 143
 
 

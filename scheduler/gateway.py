@@ -213,9 +213,7 @@ class Endpoints:
             ep = run.endpoint
             if ep is None or not ep.autoscale or run.terminal:
                 continue
-            spec_svc = run.job.get("service") or {}
-            target = float(spec_svc.get("target_inflight", 4.0))
-            down_window = float(spec_svc.get("scale_down_delay", DOWN_WINDOW))
+            target, down_window = ep.target_inflight, ep.scale_down_delay
             want = ep.replicas
             up = load.average(UP_WINDOW)
             if up is not None and math.ceil(up / target) > ep.replicas:
@@ -312,9 +310,9 @@ class Gateway:
             run, order = eps.route(name, who)
         else:  # the view is reloaded from the store: not in the event loop
             run, order = await run_in_threadpool(eps.route, name, who)
-        svc = run.job.get("service") or {}
-        timeout = float(svc.get("request_timeout", 60.0))
-        target = path or str(svc.get("predict_path", "/predict"))
+        assert run.endpoint is not None  # routed: a serving run
+        timeout = run.endpoint.request_timeout
+        target = path or run.endpoint.predict_path
         send_headers = [(k, v) for k, v in headers if k.lower() not in _HOP]
         session = self._session()
         load = eps.loads.setdefault(run.id, Load())
@@ -328,7 +326,7 @@ class Gateway:
                                                  timeout=aiohttp.ClientTimeout(sock_connect=2.0, sock_read=timeout))
                 except (TimeoutError, aiohttp.ServerTimeoutError):
                     raise Rejected(504, f"endpoint {name}: replica {r.index} did not answer within "
-                                        f"{timeout:.0f} s (service.request_timeout)") from None
+                                        f"{timeout:g} s (service.request_timeout)") from None
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                     # Nothing came back: the replica died or is restarting. Try the next one.
                     eps.suspect(run, r)

@@ -104,6 +104,11 @@ class Endpoint(BaseModel):
     max_replicas: int
     states: list[ReplicaState] = Field(default_factory=list)
     attempt: int = 0  # the attempt the states belong to
+    # From the job's typed service config (`service:` or FedML's request_timeout_sec), fixed at launch.
+    request_timeout: float = 60.0
+    predict_path: str = "/predict"
+    target_inflight: float = 4.0
+    scale_down_delay: float = 30.0
 
     @property
     def autoscale(self) -> bool:
@@ -157,6 +162,7 @@ class Run(BaseModel):
     reason: str | None = None
     stop_requested: bool = False
     log_count: int = 0
+    node_names: dict[str, str] = Field(default_factory=dict)  # node id -> name, filled when a run is read
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     started_at: float | None = None

@@ -159,7 +159,9 @@ class Scheduler:
             if name in taken:
                 name = f"{name}-{run.id.removeprefix('run-')}"
         lo, hi = svc.bounds
-        return Endpoint(name=name, replicas=svc.replicas, min_replicas=lo, max_replicas=hi)
+        return Endpoint(name=name, replicas=svc.replicas, min_replicas=lo, max_replicas=hi,
+                        request_timeout=svc.request_timeout, predict_path=svc.predict_path,
+                        target_inflight=svc.target_inflight, scale_down_delay=svc.scale_down_delay)
 
     def get_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         run = self.store.get_run(run_id)

@@ -311,3 +311,39 @@ def test_agent_killed_replicas_keep_serving_and_are_reattached(local: Local, tmp
     assert e2["ready"] == 2, e2
     assert next(s for s in e2["states"] if s["index"] == 0)["pid"] == e["states"][0]["pid"]  # the same replica
     assert local.json("run", "status", run_id)["status"] == "RUNNING"
+
+
+def test_a_replica_whose_wrapper_dies_takes_its_server_down_and_restarts_clean(local: Local, tmp_path: Path) -> None:
+    """SIGKILL only the replica's bash: the server under it must not survive it (it kept the port and answered
+    /health while every restart failed with 'Address already in use'); the new replica is the one that is ready."""
+    run_id = launch(local, serve_job(tmp_path, service="name: orphan\nreplicas: 1"))
+    e = wait_for("1 ready replica", lambda: local.ready("orphan", 1), timeout=60)
+    wrapper = psutil.Process(e["states"][0]["pid"])
+    servers = [p for p in wrapper.children(recursive=True) if "srv.py" in " ".join(p.cmdline())]
+    assert servers, wrapper.children(recursive=True)
+    wrapper.kill()  # the wrapper alone, not its group
+    wait_for("the old server to be gone", lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                                           for p in servers), timeout=15)
+    e2 = wait_for("the replica restarted and ready", lambda: (x := local.ready("orphan", 1)) and
+                  x["states"][0]["restarts"] >= 1 and x["states"][0]["pid"] != wrapper.pid and x, timeout=60)
+    with local.client() as c:
+        assert c.post("/inference/orphan", json={"i": 1}).status_code == 200
+    logs = local("logs", run_id).stdout
+    assert "Address already in use" not in logs, logs
+    assert local.json("run", "status", run_id)["status"] == "RUNNING", e2
+
+
+def test_request_timeout_sec_of_a_fedml_deploy_yaml_answers_504(local: Local, tmp_path: Path) -> None:
+    """FedML's `request_timeout_sec` (no `service:` block) bounds how long the gateway waits for a replica."""
+    job = write_job(tmp_path, "python3 srv.py", workspace={"srv.py": SERVER}, extra=(
+        "job_type: deploy\nserving_args:\n  endpoint_name: slow\nrequest_timeout_sec: 1\n"
+        "envs:\n  DELAY: '5'\n"))
+    launch(local, job)
+    wait_for("slow ready", lambda: local.ready("slow", 1), timeout=60)
+    with local.client() as c:
+        t0 = time.monotonic()
+        r = c.post("/inference/slow", json={"i": 1})
+        took = time.monotonic() - t0
+    assert r.status_code == 504, (r.status_code, r.text)
+    assert "did not answer within 1 s" in r.text and "request_timeout" in r.text, r.text
+    assert took < 4.5, took  # the 1 s timeout, not the replica's 5 s
