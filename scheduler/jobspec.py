@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 JOB_TYPES = ("train", "deploy", "serve", "federate")
 
@@ -115,7 +115,7 @@ class ServiceSpec(_Model):
     max_replicas: int | None = Field(default=None, ge=1, le=64)
     target_inflight: float = Field(default=4.0, gt=0)  # autoscaling: in-flight requests per replica
     scale_down_delay: float = Field(default=30.0, ge=1, le=600)  # autoscaling: seconds of lower load before scaling down
-    request_timeout: float = Field(default=60.0, gt=0)
+    request_timeout: float = Field(default=60.0, gt=0, le=86400)  # seconds the gateway waits for a replica
 
     @field_validator("readiness_path", "predict_path")
     @classmethod
@@ -219,6 +219,7 @@ class JobSpec(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     service: ServiceSpec | None = None
     federate: FederateSpec | None = None
+    _lines: Any = PrivateAttr(default=None)  # where each key is in the file (set by load_text)
 
     @model_validator(mode="before")
     @classmethod
@@ -592,7 +593,50 @@ def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
     lines = _Lines()
     if node is not None:
         lines.walk(node, (), file)
-    return validate(data, file=file, lines=lines)
+    spec = validate(data, file=file, lines=lines)
+    spec._lines = lines
+    return spec
+
+
+# Keys FedML defines in these blocks that this project reads nothing from: not typos.
+_FEDML_EXTRA = {"computing": {"allow_cross_cloud_resources"}}
+
+
+def unknown_keys(spec: JobSpec, file: str = "job.yaml") -> list[str]:
+    """One line per key that looks like a typo: a key no schema defines inside a block with a fixed schema
+    (`computing: {minimum_num_gpu: 1}` once launched with 0 GPUs), or a top-level key one letter or so away
+    from a known one. Other top-level keys are FedML's free keys (exported as FEDML_ENV_*), not typos."""
+    import difflib
+
+    lines: _Lines | None = spec._lines
+    out: list[tuple[int, str]] = []
+
+    def note(path: tuple[str, ...], key: str, known: list[str], cutoff: float, always: bool) -> None:
+        if key in known:
+            return
+        close = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
+        if not close and not always:
+            return
+        line = lines.line_of((*path, key)) if lines is not None else None
+        hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(known))})"
+        out.append((line or 0, f"{file}{f':{line}' if line else ''}: {'.'.join((*path, key))}: unknown key{hint}"))
+
+    blocks: list[tuple[tuple[str, ...], BaseModel | None]] = [
+        (("computing",), spec.computing), (("docker",), spec.docker), (("retry",), spec.retry),
+        (("service",), spec.service), (("federate",), spec.federate)]
+    blocks += [((what,), getattr(spec, what)) for what in ("job", "server_job", "bootstrap")
+               if isinstance(getattr(spec, what), OsCommands)]
+    for path, model in blocks:
+        if model is None or not model.model_extra:
+            continue
+        known = list(type(model).model_fields)
+        for key in model.model_extra:
+            if key not in _FEDML_EXTRA.get(path[0], ()):
+                note(path, str(key), known, 0.6, True)
+    top = [k for k in JobSpec.model_fields if k != "job_subtype"] + ["task_type"]
+    for key in spec.model_extra or {}:
+        note((), str(key), top, 0.85, False)
+    return [text for _, text in sorted(out)]
 
 
 class LoadedJob(BaseModel):
@@ -601,6 +645,7 @@ class LoadedJob(BaseModel):
     spec: JobSpec
     path: Path
     workspace_dir: Path | None
+    warnings: list[str] = Field(default_factory=list)  # keys that look like typos (`fedml launch --strict`)
 
 
 def load_file(path: str | Path) -> LoadedJob:
@@ -645,7 +690,7 @@ def load_file(path: str | Path) -> LoadedJob:
         fed = fedml_config_federation(spec, ws_dir)
         if fed is not None:
             spec.federate = fed
-    return LoadedJob(spec=spec, path=p.resolve(), workspace_dir=ws_dir)
+    return LoadedJob(spec=spec, path=p.resolve(), workspace_dir=ws_dir, warnings=unknown_keys(spec, name))
 
 
 _CONFIG_ARG = re.compile(r"--(?:cf|config)[= ]+([^\s;&|]+)")

@@ -54,6 +54,7 @@ def test_compat_yaml_passes_dry_run(rel: str, fedml: Fedml, tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert "valid (dry run, nothing submitted)" in r.stdout
+    assert "warning" not in r.stderr, r.stderr  # FedML's own keys are never reported as typos
     assert dst.read_bytes() == src.read_bytes()  # validated exactly as written
 
     r = fedml("launch", dst.name, "--dry-run", "--json", cwd=job_dir, timeout=60)
@@ -301,4 +302,23 @@ def test_dry_run_compat_hello_job_json(fedml: Fedml, tmp_path: Path) -> None:
     assert out["job"]["job_subtype"] == "generate_training"
     assert out["exported_env"]["FEDML_ENV_DATA_ARGS_DATASET_NAME"] == "mnist"
     assert out["exported_env"]["FEDML_ENV_TRAINING_PARAMS_LEARNING_RATE"] == "0.004"
+    assert_nothing_submitted(fedml)
+
+
+def test_typos_warn_with_a_suggestion_and_strict_makes_them_errors(fedml: Fedml, tmp_path: Path) -> None:
+    """`computing: {minimum_num_gpu: 1}` once launched with 0 GPUs and said nothing."""
+    (tmp_path / "ws").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(WS + "job: echo hi\ncomputing:\n  minimum_num_gpu: 1\n  allow_cross_cloud_resources: true\n"
+                        "job_typ: train\nretry:\n  max_attempt: 3\nmy_own_setting: 5\n")
+    r = fedml("launch", str(job), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        f"warning: {job}:4: computing.minimum_num_gpu: unknown key (did you mean minimum_num_gpus?)",
+        f"warning: {job}:6: job_typ: unknown key (did you mean job_type?)",
+        f"warning: {job}:8: retry.max_attempt: unknown key (did you mean max_attempts?)",
+    ], r.stderr
+    strict = fedml("launch", str(job), "--strict")
+    assert strict.returncode == 2 and strict.stderr.count("error: ") == 3, strict.stderr
+    assert "Traceback" not in strict.stderr
     assert_nothing_submitted(fedml)
