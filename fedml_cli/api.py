@@ -138,6 +138,17 @@ def credentials() -> dict[str, str] | None:
         return None
 
 
+def target() -> dict[str, Any]:
+    """Which scheduler commands go to, without asking it: {"kind": ..., "url": ...}."""
+    server = os.environ.get("FEDML_SERVER")
+    if server:
+        return {"kind": "remote (FEDML_SERVER)", "url": server}
+    creds = credentials()
+    if creds:
+        return {"kind": "remote (fedml login)", "url": creds["server"]}
+    return {"kind": "local", "url": None}
+
+
 def connect(*, start: bool = True) -> Api:
     """The scheduler to talk to: FEDML_SERVER (+ FEDML_API_KEY), else what `fedml login` stored, else the
     local one (started if needed)."""

@@ -132,6 +132,17 @@ def login(
     if not server.startswith(("http://", "https://")):
         _err(f'error: --server: expected a URL such as http://head:8787, got "{server}"')
         raise typer.Exit(USAGE)
+    if not kubernetes and (pool_opts := [o for o, v in (("--context", context), ("--namespace", namespace),
+                                                         ("--image", image)) if v is not None]):
+        _err(f"error: {', '.join(pool_opts)} only apply with --kubernetes")
+        raise typer.Exit(USAGE)
+    node_opts = [o for o, v in (("--name", name), ("--label", label), ("--gpus", gpus), ("--price-per-gpu-hour", price),
+                                ("--address", address), ("--foreground", foreground or None), ("--run-as", run_as))
+                 if v is not None]
+    if node_opts and not (node or kubernetes):
+        # Node options without --node once stored client credentials and dropped them silently.
+        node = True
+        _err(f"({', '.join(node_opts)} implies --node: joining this machine as a node)")
     labels = _labels(label)
     if gpus:
         from agents.inventory import parse_gpu_decl

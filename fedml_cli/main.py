@@ -96,6 +96,8 @@ def launch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved job; submit nothing.")] = False,
     stop_on_interrupt: Annotated[bool, typer.Option("--stop-on-interrupt",
                                                     help="Ctrl-C stops the run too (default: it keeps running).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Unknown keys that look like typos (`computing: "
+                                                          "{minimum_num_gpu: 1}`) are errors, not warnings.")] = False,
 ) -> None:
     """Validate JOB.yaml, upload its workspace, start a run and follow its logs.
 
@@ -108,6 +110,10 @@ def launch(
     except JobSpecError as exc:
         _err(f"error: {exc}")
         raise typer.Exit(USAGE) from None
+    for w in loaded.warnings:
+        _err(f"{'error' if strict else 'warning'}: {w}")
+    if strict and loaded.warnings:
+        raise typer.Exit(USAGE)
     overrides: dict[str, str] = {}
     for item in env or []:
         key, sep, val = item.partition("=")
@@ -155,6 +161,11 @@ def launch(
         return
     if not as_json:
         _err(f"Run {run['id']} submitted; following its logs (Ctrl-C stops following, not the run).")
+        if run.get("status") == "QUEUED":
+            try:
+                _wait_queued(api, run)
+            except KeyboardInterrupt:
+                raise typer.Exit(_interrupted(api, run["id"], stop_on_interrupt)) from None
     raise typer.Exit(_follow(api, run["id"], as_json=as_json, stop_on_interrupt=stop_on_interrupt,
                              ranked=run.get("num_nodes", 1) > 1))
 
@@ -178,6 +189,48 @@ def _line(rec: dict[str, Any], ranked: bool) -> str:
     if rec.get("stream") == "fedml":  # the scheduler's own lines (attempt markers): never a rank's
         return rec["line"] + "\n"
     return f"[rank {rec['rank']}] {rec['line']}\n" if ranked else rec["line"] + "\n"
+
+
+def _interrupted(api: Any, run_id: str, stop_on_interrupt: bool) -> int:
+    if stop_on_interrupt:
+        try:
+            api.post(f"/runs/{run_id}/stop")
+            _err(f"\nInterrupted: stop requested for run {run_id}.")
+        except CliError as exc:
+            _err(f"\nInterrupted; could not stop run {run_id}: {exc}")
+    else:
+        _err(f"\nStopped following. Run {run_id} keeps running: `fedml logs -f {run_id}` to follow it again, "
+             f"`fedml run stop {run_id}` to stop it.")
+    return INTERRUPTED
+
+
+def _wait_queued(api: Any, run: dict[str, Any]) -> None:
+    """While the run waits, say why (a spinner on a terminal, one line per new reason otherwise); the log
+    follows once it is placed. Ctrl-C and a lost connection fall through to the follower, which handles them."""
+    reason: str | None = None
+    status = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+
+        status = Console(stderr=True).status("queued", spinner="dots")
+        status.start()
+    try:
+        while run.get("status") == "QUEUED":
+            if run.get("reason") != reason:
+                reason = run.get("reason")
+                text = f"queued: {reason or 'waiting to be placed'}"
+                if status is not None:
+                    status.update(escape(text))
+                else:
+                    _err(text)
+            time.sleep(0.5)
+            run = api.get(f"/runs/{run['id']}")
+    except CliError:
+        pass
+    finally:
+        if status is not None:
+            status.stop()
 
 
 def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: bool = False,
@@ -214,16 +267,7 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
             out.flush()
     except KeyboardInterrupt:
         out.flush()
-        if stop_on_interrupt:
-            try:
-                api.post(f"/runs/{run_id}/stop")
-                _err(f"\nInterrupted: stop requested for run {run_id}.")
-            except CliError as exc:
-                _err(f"\nInterrupted; could not stop run {run_id}: {exc}")
-        else:
-            _err(f"\nStopped following. Run {run_id} keeps running: `fedml logs -f {run_id}` to follow it again, "
-                 f"`fedml run stop {run_id}` to stop it.")
-        return INTERRUPTED
+        return _interrupted(api, run_id, stop_on_interrupt)
     except CliError as exc:
         raise _fail(exc) from None
     out.flush()
@@ -309,13 +353,20 @@ def run_list(
         table.add_column(col)
     for r in runs:
         dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
-        table.add_row(r["id"], r["name"], _styled(r["status"]), r.get("node_id") or "-", _ago(r["created_at"]),
+        table.add_row(r["id"], r["name"], _styled(r["status"]), _node(r, r.get("node_id")), _ago(r["created_at"]),
                       _duration(dur), "-" if r.get("exit_code") is None else str(r["exit_code"]))
     console = _console()
     if not runs:
         console.print("no runs" + (f" with status {', '.join(wanted)}" if wanted else ""))
     else:
         console.print(table)
+
+
+def _node(run: dict[str, Any], node_id: str | None) -> str:
+    """A node as its user named it (the id where no name is known)."""
+    if not node_id:
+        return "-"
+    return str((run.get("node_names") or {}).get(node_id) or node_id)
 
 
 def _console() -> Any:
@@ -350,17 +401,17 @@ def run_status(run_id: Annotated[str, typer.Argument(metavar="RUN_ID")], as_json
     rows = [("run", r["id"]), ("name", r["name"]), ("status", _styled(r["status"])),
             ("reason", escape(r["reason"]) if r.get("reason") else "-"),
             ("exit code", "-" if r.get("exit_code") is None else str(r["exit_code"])),
-            ("node", r.get("node_id") or "-"), ("gpus", ",".join(map(str, r.get("gpus") or [])) or "-"),
+            ("node", _node(r, r.get("node_id"))), ("gpus", ",".join(map(str, r.get("gpus") or [])) or "-"),
             ("job type", r["job"].get("job_type", "train")), ("file", r.get("job_file") or "-"),
             ("created", _ago(r["created_at"])), ("duration", _duration(dur)), ("log lines", str(r["log_count"])),
             ("attempt", str(r.get("attempt", 1)))]
     if len(r.get("placements") or []) > 1:
         for p in r["placements"]:
             extra = f" exit {p['exit_code']}" if p.get("exit_code") is not None else ""
-            rows.append((f"rank {p['rank']}", f"{p['node_id']} gpus [{','.join(map(str, p['gpus']))}] "
+            rows.append((f"rank {p['rank']}", f"{_node(r, p['node_id'])} gpus [{','.join(map(str, p['gpus']))}] "
                                              f"{_styled(p['status'])}{extra}"))
     for a in r.get("attempts") or []:  # earlier attempts: where each ran and why it ended
-        nodes = ",".join(p["node_id"] for p in a.get("placements") or []) or "-"
+        nodes = ",".join(_node(r, p["node_id"]) for p in a.get("placements") or []) or "-"
         rows.append((f"attempt {a['attempt']}", f"on {nodes}: {escape(a.get('reason') or '-')}"))
     console = Console()
     for k, v in rows:
@@ -534,6 +585,15 @@ def scheduler_start(
     max_workspace_mb: Annotated[int, typer.Option(help="Largest workspace upload accepted.")] = 512,
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between agent heartbeats; a node silent for "
                                                            "3 intervals is offline.")] = 10.0,
+    store: Annotated[str, typer.Option(help="sqlite (a database in FEDML_HOME) or redis://HOST:6379/0[?prefix=P]: "
+                                            "several schedulers may share one Redis, with one shared --blob-dir.")]
+    = "sqlite",
+    blob_dir: Annotated[str | None, typer.Option(help="Where uploaded workspaces and artifacts live "
+                                                      "(default: in FEDML_HOME).")] = None,
+    log_retention_lines: Annotated[int | None, typer.Option(min=1, help="Redis store: log lines kept per run "
+                                                                        "(the newest; default 1,000,000).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPUs the local agent declares when NVML sees none, "
+                                                  "e.g. A100-80G:2.")] = None,
 ) -> None:
     """Run a scheduler in the foreground (Ctrl-C stops it). State lives in the user data dir (FEDML_HOME).
 
@@ -550,7 +610,10 @@ def scheduler_start(
     from scheduler.server import main as serve
 
     args = ["--host", host, "--port", str(port), "--max-workspace-mb", str(max_workspace_mb),
-            "--heartbeat-interval", str(heartbeat_interval), "--run-as", run_as]
+            "--heartbeat-interval", str(heartbeat_interval), "--run-as", run_as, "--store", store]
+    for flag, value in (("--blob-dir", blob_dir), ("--log-retention-lines", log_retention_lines), ("--gpus", gpus)):
+        if value is not None:
+            args += [flag, str(value)]
     if agent is not None:
         args.append("--agent" if agent else "--no-agent")
     raise typer.Exit(serve(args))
@@ -571,24 +634,28 @@ def scheduler_stop() -> None:
 
 @scheduler_app.command("status")
 def scheduler_status(as_json: JsonOpt = False) -> None:
-    """Is the local scheduler up, where, and what does it hold."""
-    from . import local
+    """The scheduler commands go to (FEDML_SERVER, else the one `fedml login` chose, else the local one): is it
+    up, where, and what does it hold."""
+    from .api import connect, target
 
+    where = target()
     try:
-        url, _ = local.running()
-        from .api import connect
+        if where["kind"] == "local":
+            from . import local
 
+            where["url"], _ = local.running()
         info = connect(start=False).get("/info")
     except CliError as exc:
         if as_json:
-            _print_json({"running": False, "error": str(exc)})
+            _print_json({"running": False, **where, "error": str(exc)})
         else:
-            _err(str(exc))
+            _err(f"{where['kind']} scheduler{' ' + where['url'] if where['url'] else ''}: {exc}")
         raise typer.Exit(exc.code) from None
     if as_json:
-        _print_json({"running": True, "url": url, **info})
+        _print_json({"running": True, **where, **info})
     else:
-        sys.stdout.write(f"running at {url}: {info['nodes']} node(s), {info['gpus']} GPU(s), store {info['store']}\n")
+        sys.stdout.write(f"{where['kind']} scheduler running at {where['url']}: {info['nodes']} node(s), {info['gpus']} GPU(s), "
+                         f"store {info['store']}\n")
 
 
 # ---- version, env ------------------------------------------------------------------------------------------
@@ -610,16 +677,15 @@ def env_cmd(as_json: JsonOpt = False) -> None:
     from agents.inventory import nvml_gpus
 
     from . import local, paths
+    from .api import target
 
-    server = os.environ.get("FEDML_SERVER")
-    if server:
-        sched = {"url": server, "kind": "remote (FEDML_SERVER)"}
-    else:
+    sched = target()
+    if sched["kind"] == "local":
         try:
-            url, _ = local.running()
-            sched = {"url": url, "kind": "local", "running": True}
+            sched["url"], _ = local.running()
+            sched["running"] = True
         except CliError:
-            sched = {"url": None, "kind": "local", "running": False}
+            sched["running"] = False
     gpus, why = nvml_gpus()
     root = os.getuid() == 0
     tenancy = ("shared: a node joined from here runs jobs as fedml-job (`--run-as`), apart from the agent's keys"
@@ -634,10 +700,10 @@ def env_cmd(as_json: JsonOpt = False) -> None:
     w = sys.stdout.write
     w(f"fedml launch  {__version__}\npython        {info['python']}\nplatform      {info['platform']}\n")
     w(f"home          {info['home']}\n")
-    if server:
-        w(f"scheduler     {server} (FEDML_SERVER)\n")
+    if sched["kind"] != "local":
+        w(f"scheduler     {sched['url']} ({sched['kind']})\n")
     else:
-        w(f"scheduler     {sched['url'] or 'not running (started by the first command that needs it)'}\n")
+        w(f"scheduler     {sched['url'] or 'local, not running (started by the first command that needs it)'}\n")
     w(f"node          {tenancy}\n")
     if gpus:
         for g in gpus:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from scheduler.jobspec import JobSpec
 
@@ -30,6 +31,12 @@ def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_node
     env = _inherited(os.environ if base is None else base, user is not None)
     if user is not None:
         env.update({"USER": user[0], "LOGNAME": user[0], "HOME": user[1]})
+    if base is None:
+        # A job on the host runs the agent's own interpreter first (`python3` of the venv fedml was installed
+        # in, with torch), whichever shell started the agent; a job's `envs: {PATH: ...}` still wins.
+        here = os.path.dirname(sys.executable)
+        rest = [p for p in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(os.pathsep) if p and p != here]
+        env["PATH"] = os.pathsep.join([here, *rest])
     env.update(spec.fedml_env_vars())
     env.update({
         "FEDML_CURRENT_RUN_ID": run_id,

@@ -222,11 +222,23 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         counts = store.log_counts([r.id for r in runs])
         for r in runs:
             r.log_count = counts.get(r.id, 0)
-        return runs
+        return _named(runs)
 
     @app.get(f"{API}/runs/{{run_id}}")
     def get_run(run_id: str, who: Principal = Depends(auth)) -> Run:
-        return sched.get_run(run_id, who)
+        return _named([sched.get_run(run_id, who)])[0]
+
+    def _named(runs: list[Run]) -> list[Run]:
+        """Users named their nodes: give each run the names of the nodes it ran on (one lookup per node)."""
+        names: dict[str, str] = {}
+        for r in runs:
+            ids = {p.node_id for p in r.placements} | {p.node_id for a in r.attempts for p in a.placements}
+            for nid in ids:
+                if nid not in names:
+                    node = store.get_node(nid)
+                    names[nid] = node.name if node is not None else nid
+            r.node_names = {nid: names[nid] for nid in ids}
+        return runs
 
     @app.put(f"{API}/runs/{{run_id}}/artifacts", status_code=201)
     async def put_artifacts(run_id: str, request: Request, sha256: str, rank: int = Query(default=0, ge=0),

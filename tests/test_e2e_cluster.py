@@ -299,6 +299,42 @@ def test_login_as_the_same_name_while_online_is_refused(c: Cluster) -> None:
     other("logout", timeout=60)
 
 
+def test_node_options_imply_node_and_the_cli_reports_the_scheduler_it_logged_in_to(c: Cluster, tmp_path: Path) -> None:
+    """`fedml login KEY --server URL --name n --gpus ...` without --node once stored client credentials and dropped
+    the node options; after `fedml login`, `fedml env` / `scheduler status` described the local scheduler."""
+    other = Fedml(c.base / "implied")
+    r = other("login", c.ops, "--server", c.url, "--name", "n7", "--gpus", "L4:1", timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "--name, --gpus implies --node" in r.stderr, r.stderr
+        assert wait_for("n7 ONLINE", lambda: c.nodes().get("n7", {}).get("state") == "ONLINE", timeout=20)
+        bad = other("login", c.ops, "--server", c.url, "--namespace", "x", timeout=60)
+        assert bad.returncode == 2 and "--namespace only apply with --kubernetes" in bad.stderr, bad.stderr
+    finally:
+        other("logout", timeout=60)
+        c.fedml("node", "remove", "n7")
+    client = Fedml(c.base / "logged-in")
+    r = client("login", c.admin, "--server", c.url, timeout=60)
+    assert r.returncode == 0, r.stderr
+    env = json.loads(client("env", "--json").stdout)
+    assert env["scheduler"] == {"kind": "remote (fedml login)", "url": c.url}, env["scheduler"]
+    st = client("scheduler", "status", "--json")
+    assert st.returncode == 0, st.stderr
+    info = json.loads(st.stdout)
+    assert info["running"] and info["url"] == c.url and info["kind"] == "remote (fedml login)", info
+    plain = client("scheduler", "status")
+    assert plain.stdout.startswith(f"remote (fedml login) scheduler running at {c.url}:"), plain.stdout
+    # run tables name nodes as their users named them
+    run_id = c.launch(job(tmp_path, "echo on n4", gpu_type="H100-80G"))
+    c.wait(run_id, TERMINAL)
+    listed = client("run", "list", env={"COLUMNS": "200"}).stdout
+    row = next(ln for ln in listed.splitlines() if run_id in ln)
+    assert " n4 " in row and c.nodes()["n4"]["id"] not in row, row
+    shown = " ".join(client("run", "status", run_id).stdout.split())
+    assert "node n4" in shown, shown
+    client("logout", timeout=60)
+
+
 # ---- placement ---------------------------------------------------------------------------------------------
 
 def test_concurrent_one_gpu_jobs_never_share_a_gpu(c: Cluster, tmp_path: Path, shared_tmp: Path) -> None:
@@ -358,7 +394,16 @@ def test_job_that_fits_nowhere_now_waits_with_a_reason_then_runs(c: Cluster, tmp
     fillers = [c.launch(job(tmp_path / f"f{i}", "sleep 100", gpus=2)) for i in range(3)]
     filled = c.wait_all(fillers, ("RUNNING",))
     assert {f["node_id"] for f in filled} == {c.nodes()[n]["id"] for n in A100_NODES}
-    waiting = c.launch(job(tmp_path / "w", "echo got them", gpus=2))
+    # launched in the foreground: it says why it waits (off a terminal, one line per reason), then follows
+    env = Fedml(c.base / "client").env({"FEDML_SERVER": c.url, "FEDML_API_KEY": c.admin})
+    fg = subprocess.Popen([FEDML, "launch", str(job(tmp_path / "w", "echo got them", gpus=2))], env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert fg.stderr is not None
+    first = fg.stderr.readline()
+    assert first.startswith("Run run-"), first
+    waiting = first.split()[1].rstrip(";")
+    shown_reason = fg.stderr.readline()
+    assert shown_reason.startswith("queued: no node with 2 free A100-80G"), shown_reason
     run = wait_for("a queue reason", lambda: (r if (r := c.run(waiting))["reason"] else None), timeout=10)
     assert run["status"] == "QUEUED", run
     reason = run["reason"]
@@ -373,6 +418,8 @@ def test_job_that_fits_nowhere_now_waits_with_a_reason_then_runs(c: Cluster, tmp
     done = c.wait(waiting, TERMINAL, timeout=30)
     assert done["status"] == "FINISHED" and len(done["gpus"]) == 2 and done["reason"] is None, done
     assert [x["line"] for x in c.logs(waiting)] == ["got them"]
+    out, _ = fg.communicate(timeout=30)
+    assert fg.returncode == 0 and out == "got them\n", out
 
 
 @pytest.mark.parametrize("what,extra", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -277,7 +278,9 @@ def test_ctrl_c_stops_following_but_not_the_run(shared_fedml: Fedml, tmp_path: P
 
 
 def test_foreground_scheduler_is_used_and_cleans_up(fedml: Fedml, tmp_path: Path) -> None:
-    p = fedml.popen("scheduler", "start", "--port", "0")
+    blobs = tmp_path / "blobs"  # README: `scheduler start --store/--blob-dir/--log-retention-lines`
+    p = fedml.popen("scheduler", "start", "--port", "0", "--store", "sqlite", "--blob-dir", str(blobs),
+                    "--log-retention-lines", "1000")
     try:
         state = fedml.home / "local" / "scheduler.json"
         deadline = time.monotonic() + 20
@@ -285,9 +288,12 @@ def test_foreground_scheduler_is_used_and_cleans_up(fedml: Fedml, tmp_path: Path
             time.sleep(0.05)
         pid = json.loads(state.read_text())["pid"]
         assert pid == p.pid
-        r = fedml("launch", str(write_job(tmp_path, "echo via foreground")))
+        r = fedml("launch", str(write_job(tmp_path, "cat a.txt", workspace={"a.txt": "via foreground\n"})))
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "via foreground"
+        assert [f for f in blobs.rglob("*") if f.is_file()], "the workspace was not stored in --blob-dir"
+        st = json.loads(fedml("scheduler", "status", "--json").stdout)
+        assert st["running"] and st["kind"] == "local" and st["store"] == "SQLiteStore", st
         assert "Started the local scheduler" not in r.stderr
         again = fedml("scheduler", "start", "--port", "0")
         assert again.returncode == 2 and "already running" in again.stderr
@@ -338,3 +344,17 @@ def test_an_unterminated_line_is_shown_while_the_job_runs(shared_fedml: Fedml, t
     go.touch()
     assert got == ["downloading... 42%"], got
     wait_status(shared_fedml, run_id, ("FINISHED",))
+
+
+def test_jobs_run_the_agents_interpreter_first_on_path(shared_fedml: Fedml, tmp_path: Path) -> None:
+    """The README's `.venv/bin/fedml launch job_templates/train/job.yaml` from a shell without the venv: the
+    job's `python3` is the one fedml runs on (with torch), not the system's."""
+    job = write_job(tmp_path, 'python3 -c "import sys; print(sys.prefix)"\necho "PATH=$PATH"')
+    r = shared_fedml("launch", str(job), env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    prefix, path = r.stdout.splitlines()
+    assert prefix == sys.prefix, (prefix, sys.prefix)
+    assert path.split("=", 1)[1].split(":")[0] == os.path.dirname(sys.executable), path
+    # a job's own PATH still wins
+    own = write_job(tmp_path / "own", 'echo "$PATH"', extra="envs:\n  PATH: /opt/x:/usr/bin:/bin\n")
+    assert shared_fedml("launch", str(own)).stdout.strip() == "/opt/x:/usr/bin:/bin"

@@ -555,7 +555,7 @@ def test_an_evicted_pod_without_retries_ends_lost_then_failed(p: Pool, tmp_path:
     p.wait_status(run_id, "RUNNING")
     p.kubelet.evict(pod.metadata.name)
     run = p.wait_status(run_id, "FAILED", "FINISHED")
-    assert run["status"] == "FAILED" and run["reason"].startswith(f"pod {pod.metadata.name} was evicted"), run
+    assert run["status"] == "FAILED" and run["reason"].startswith(f"lost: pod {pod.metadata.name} was evicted"), run
     assert run["reason"].endswith("(no retries left)"), run
 
 
