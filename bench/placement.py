@@ -6,7 +6,12 @@ For each cluster size: register the nodes (8 GPUs each), queue JOBS one-GPU runs
 Scheduler.schedule_pass() placing all of them (each placement a committed QUEUED -> STARTING transition).
 Also times one `place()` call alone (no store). Target (issue 3): >= 2,000 placements/s at 10,000 nodes.
 
-    .venv/bin/python bench/placement.py [--jobs 5000] [--sizes 1000,10000] [--store sqlite,redis]
+Backfill (issue 12): a full cluster of 20 nodes x 8 GPUs running one-GPU jobs, an 8-GPU job at the head of the
+queue, and each step 8 random jobs end and 8 new one-GPU jobs arrive. Measured for the head's reservation as
+it was (every node it could use) and as it is (only the node it would get), in one run over the real
+Scheduler and SQLite: GPU utilisation while the head waits, small jobs started meanwhile, steps the head waited.
+
+    .venv/bin/python bench/placement.py [--jobs 5000] [--sizes 1000,10000] [--store sqlite,redis] [--no-backfill]
 """
 
 from __future__ import annotations
@@ -92,14 +97,71 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str) -> dict[str, object
             "place_call_us_p99": round(sorted(times)[int(len(times) * 0.99)] * 1e6, 1)}
 
 
+def backfill(rule: str, tmp: Path, nodes: int = 20, gpus: int = 8, churn: int = 8, seed: int = 5) -> dict[str, Any]:
+    """One simulation of the backfill scenario under `rule` ("all usable nodes" or "what the head gets")."""
+    import scheduler.service as service
+    from scheduler.models import NodeInfo, RunCreate, StatusReport
+    from scheduler.placement import could_use, reservation
+
+    if rule == "all usable nodes":  # the rule before issue 12
+        service.reservation = lambda req, cands: {c.node.id for c in cands if could_use(req, c)}  # type: ignore[assignment]
+    else:
+        service.reservation = reservation  # type: ignore[assignment]
+    store = SQLiteStore(tmp / f"backfill-{rule.replace(' ', '-')}.db")
+    try:
+        sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(seed))
+        rng = random.Random(seed)
+        from scheduler import auth
+
+        who = auth.verify(store, auth.issue(store, name="b", scope="admin", owner="admin")[1])
+        assert who is not None
+        for i in range(nodes):
+            sched.register_node(NodeInfo(name=f"n{i}", job_user="fedml-job", gpus=[
+                GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(gpus)]), who)
+        small = {"job": "x", "computing": {"minimum_num_gpus": 1}}
+        running = [sched.create_run(RunCreate(job=small)).id for _ in range(nodes * gpus)]  # type: ignore[arg-type]
+        sched.schedule_pass()
+        big = sched.create_run(RunCreate(job={"job": "x", "computing": {"minimum_num_gpus": gpus}})).id  # type: ignore[arg-type]
+        started = busy_gpu_steps = steps = 0
+        while sched.get_run(big).status == RunStatus.QUEUED and steps < 500:
+            steps += 1
+            for _ in range(min(churn, len(running))):
+                rid = running.pop(rng.randrange(len(running)))
+                sched.report(rid, StatusReport(status=RunStatus.FINISHED, exit_code=0), sched.get_run(rid).node_id)
+            for _ in range(churn):
+                sched.create_run(RunCreate(job=small))  # type: ignore[arg-type]
+            before = {r.id for r in store.list_runs(status=[RunStatus.STARTING], limit=100_000)}
+            sched.schedule_pass()
+            now = [r for r in store.list_runs(status=[RunStatus.STARTING], limit=100_000) if r.id != big]
+            started += sum(1 for r in now if r.id not in before)
+            running = [r.id for r in now]
+            busy_gpu_steps += len(running)
+        return {"rule": rule, "head_waited_steps": steps, "small_started": started,
+                "utilisation": round(busy_gpu_steps / (steps * nodes * gpus), 3) if steps else 1.0,
+                "head_started": sched.get_run(big).status != RunStatus.QUEUED}
+    finally:
+        store.close()
+        service.reservation = reservation  # type: ignore[assignment]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", type=int, default=5000)
     p.add_argument("--sizes", default="1000,10000")
     p.add_argument("--store", default="sqlite,redis", help="sqlite, redis, or both (comma-separated)")
+    p.add_argument("--no-backfill", action="store_true", help="skip the backfill comparison")
     args = p.parse_args()
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedml-bench-placement-") as d:
+        if not args.no_backfill:
+            for rule in ("all usable nodes", "what the head gets"):
+                r = backfill(rule, Path(d))
+                results.append(r)
+                print(f"backfill, head holds {rule:>18}: utilisation {r['utilisation']:.1%} while the 8-GPU head "
+                      f"waited {r['head_waited_steps']} steps; {r['small_started']} small jobs started meanwhile"
+                      + ("" if r["head_started"] else "; the head never started (starved)"))
+                if not r["head_started"]:
+                    return 1
         for kind in args.store.split(","):
             for n in (int(x) for x in args.sizes.split(",")):
                 r = bench(n, args.jobs, Path(d), kind)

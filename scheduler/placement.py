@@ -247,3 +247,12 @@ def _coprime_stride(n: int, rng: random.Random | object) -> int:
 def could_use(req: Request, c: Candidate) -> bool:
     """Could `req` ever run on this node (ignoring what is busy now)?"""
     return all(f(req, c) is None for f in STATIC_FILTERS)
+
+
+def reservation(req: Request, candidates: list[Candidate]) -> set[str]:
+    """The nodes a blocked head-of-queue job holds: only the `count` it would get first (those it could use with
+    the most matching GPUs free, i.e. the least to wait for), not every node it could use. Jobs behind it keep
+    flowing on the rest (Slurm's backfill, Kubernetes' Reserve); the held nodes only fill up toward it."""
+    usable = [c for c in candidates if online(req, c) is None and not_draining(req, c) is None and could_use(req, c)]
+    usable.sort(key=lambda c: (-len(_matching(req, c.free)), -len(_matching(req, c.node.gpus)), c.node.id))
+    return {c.node.id for c in usable[: req.count]}

@@ -37,7 +37,7 @@ from .models import (
     attempt_ref,
 )
 from .notify import Notifier
-from .placement import Candidate, NoFit, Request, could_use, place
+from .placement import Candidate, NoFit, Request, place, reservation
 from .store import GpuBusy, NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")
@@ -515,8 +515,9 @@ class Scheduler:
 
     def schedule_pass(self) -> int:
         """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
-        placed reserves the nodes it could use, so smaller runs behind it cannot starve it (they may still
-        start on other nodes: backfill). Returns how many runs were placed."""
+        placed reserves the nodes it would get (as many as it needs, those closest to fitting it), so smaller
+        runs behind it cannot starve it; they still start on every other node (backfill). Returns how many
+        runs were placed."""
         # One pass at a time across replicas, for efficiency only: the store refuses a stale placement anyway,
         # so a pass that outlives the lock's TTL is harmless, and a replica killed mid-pass blocks no one long.
         with self._schedule_lock, self.store.lock("schedule", ttl=5.0):
@@ -545,7 +546,7 @@ class Scheduler:
             ps.no_room[req] = verdict
             if not ps.head_blocked and not verdict.never:
                 ps.head_blocked = True
-                ps.reserved |= {c.node.id for c in ps.candidates if could_use(req, c)}
+                ps.reserved |= reservation(req, ps.candidates)
             if run.reason != verdict.reason and not (run.reason or "").startswith(verdict.reason):
                 self.store.update_run(run.id, reason=verdict.reason)
             return False

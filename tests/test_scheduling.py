@@ -186,6 +186,48 @@ def test_priority_then_fifo_and_the_head_job_is_not_starved(sched: Scheduler) ->
     assert sched.get_run(small).status == RunStatus.QUEUED
 
 
+def test_the_head_job_holds_only_the_node_it_would_get_and_small_jobs_flow_elsewhere(sched: Scheduler) -> None:
+    """It once held every node it could use: 3 nodes with a GPU free each sat idle behind one 2-GPU job."""
+    for n in ("a", "b", "c"):
+        join(sched, n, 2, labels={"host": n})
+    busy = [submit(sched, computing={"minimum_num_gpus": 1}, labels={"host": n}) for n in ("a", "b", "c")]
+    sched.schedule_pass()
+    assert len({sched.get_run(r).node_id for r in busy}) == 3  # one GPU busy on each node
+    big = submit(sched, computing={"minimum_num_gpus": 2})
+    smalls = [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(3)]
+    assert sched.schedule_pass() == 2
+    got = [sched.get_run(r) for r in smalls]
+    assert [r.status for r in got] == [RunStatus.STARTING, RunStatus.STARTING, RunStatus.QUEUED], got
+    held = {sched.find_node(n).id for n in "abc"} - {r.node_id for r in got[:2]}
+    assert len(held) == 1  # the one node held for `big`, with its GPU left free
+    assert "held for a job ahead in the queue" in (got[2].reason or ""), got[2].reason
+    owner = next(r for r in busy if sched.get_run(r).node_id in held)
+    sched.report(owner, StatusReport(status=RunStatus.FINISHED, exit_code=0), next(iter(held)))
+    sched.schedule_pass()
+    assert sched.get_run(big).status == RunStatus.STARTING and sched.get_run(big).node_id in held
+
+
+def test_no_starvation_under_a_stream_of_small_jobs(sched: Scheduler) -> None:
+    """However small jobs keep coming and finishing, the 4-GPU head job starts once the GPUs it holds free up."""
+    rng = random.Random(3)
+    for n in ("a", "b", "c", "d"):
+        join(sched, n, 4)
+    running = [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(16)]
+    sched.schedule_pass()
+    big = submit(sched, computing={"minimum_num_gpus": 4})
+    for step in range(200):
+        running = [r for r in running if sched.get_run(r).status in (RunStatus.STARTING, RunStatus.RUNNING)]
+        if running:  # one random small job ends, two more arrive
+            done = running.pop(rng.randrange(len(running)))
+            sched.report(done, StatusReport(status=RunStatus.FINISHED, exit_code=0), sched.get_run(done).node_id)
+        running += [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(2)]
+        sched.schedule_pass()
+        if sched.get_run(big).status == RunStatus.STARTING:
+            break
+    assert sched.get_run(big).status == RunStatus.STARTING, "the head job starved"
+    print(f"no starvation: the 4-GPU head job started after {step + 1} small jobs ended ({2 * (step + 1)} arrived)")
+
+
 def test_drained_node_gets_no_new_runs(sched: Scheduler) -> None:
     join(sched, "a", 1), join(sched, "b", 1)
     sched.set_draining("a", True, admin(sched))
