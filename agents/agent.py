@@ -378,6 +378,11 @@ class RunWorker(threading.Thread):
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
             except Refused as exc:
+                if exc.status >= 500:  # the scheduler cannot store it now (a full disk: 503): the outcome must
+                    log.warning("run %s: report not stored yet (%s); retrying", self.run_id, exc)  # not be lost
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
                 log.warning("run %s: scheduler refused a report: %s", self.run_id, exc)
                 return
 

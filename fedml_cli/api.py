@@ -42,6 +42,8 @@ class Api:
             raise CliError(str(detail), NOT_FOUND)
         if r.status_code in (400, 409, 413, 422):
             raise CliError(str(detail), USAGE)
+        if r.status_code == 503:
+            raise CliError(f"the scheduler cannot take this now: {detail}", UNREACHABLE)
         raise CliError(f"scheduler error (HTTP {r.status_code}): {detail}")
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:

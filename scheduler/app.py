@@ -65,6 +65,50 @@ class Settings:
     listen: tuple[str, int] | None = None  # our own address: the gateway never proxies to it
 
 
+def out_of_space(exc: BaseException) -> str | None:
+    """Why, if `exc` says the store or the disk under it is full (None: another failure)."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"the disk is full ({exc.strerror or exc})"
+    if isinstance(exc, sqlite3.Error) and ("full" in str(exc) or getattr(exc, "sqlite_errorcode", 0) == 13):
+        return f"the store's disk is full (SQLite: {exc})"
+    if type(exc).__module__.startswith("redis") and str(exc).startswith("OOM"):
+        return f"Redis is out of memory ({str(exc)[:200]})"
+    return None
+
+
+class Health:
+    """Degraded while the store cannot write (a full disk): writes answer 503 with the reason and /healthz says
+    so, until a probe write succeeds again. Reads keep working."""
+
+    def __init__(self) -> None:
+        self.degraded: str | None = None
+        self.since = 0.0
+
+    def mark(self, why: str) -> None:
+        if self.degraded is None:
+            log.error("store degraded: %s; writes are refused with 503 until it can write again", why)
+            self.since = time.time()
+        self.degraded = why
+
+    def clear(self) -> None:
+        if self.degraded is not None:
+            log.warning("store writable again after %.0f s: %s", time.time() - self.since, self.degraded)
+        self.degraded = None
+
+
+def _redis_errors() -> tuple[type[Exception], ...]:
+    import sys
+
+    if "redis" not in sys.modules:  # a SQLite scheduler never imports redis
+        return ()
+    import redis
+
+    return (redis.exceptions.ResponseError,)
+
+
 def create_app(store: Store, settings: Settings) -> FastAPI:
     notifier = store.notifier()  # relayed between replicas when the store is shared (Redis)
     blobs = BlobStore(settings.blob_dir, max_bytes=settings.max_workspace_mb * 1024 * 1024,
@@ -73,14 +117,18 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return blobs.has(sha) if who.admin else blobs.owned_by(sha, who.owner)
 
     sched = Scheduler(store, notifier, blob_exists=blob_usable, heartbeat_interval=settings.heartbeat_interval)
+    health = Health()
 
     async def schedule_loop() -> None:
         while True:
             ticket = notifier.ticket("schedule")
             try:
                 await run_in_threadpool(sched.schedule_pass)
-            except Exception:  # keep placing whatever one bad pass did
-                log.exception("schedule pass failed")
+            except Exception as exc:  # keep placing whatever one bad pass did
+                if (why := out_of_space(exc)) is not None:
+                    health.mark(why)
+                else:
+                    log.exception("schedule pass failed")
             await notifier.wait("schedule", ticket, 2.0)
 
     async def heartbeat_loop() -> None:
@@ -88,8 +136,27 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             await asyncio.sleep(max(0.2, settings.heartbeat_interval / 2))
             try:
                 await run_in_threadpool(sched.check_heartbeats)
-            except Exception:
-                log.exception("heartbeat check failed")
+            except Exception as exc:
+                if (why := out_of_space(exc)) is not None:
+                    health.mark(why)
+                else:
+                    log.exception("heartbeat check failed")
+
+    async def health_loop() -> None:
+        # While degraded, try one small durable write a second; when it lands, writes are taken again and the
+        # scheduler looks at its queue (reports the agents retried meanwhile settle their runs).
+        while True:
+            await asyncio.sleep(1.0)
+            if health.degraded is None:
+                continue
+            try:
+                await run_in_threadpool(store.probe_write)
+            except Exception as exc:
+                if out_of_space(exc) is None:
+                    log.exception("store probe failed")
+                continue
+            health.clear()
+            sched.kick()
 
     endpoints = Endpoints(sched)
     endpoints.listen = settings.listen
@@ -107,7 +174,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(heartbeat_loop()),
-                 asyncio.create_task(autoscale_loop())]
+                 asyncio.create_task(autoscale_loop()), asyncio.create_task(health_loop())]
         yield
         await gateway.close()
         for task in tasks:
@@ -126,6 +193,21 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.exception_handler(BlobError)
     async def _blob(_: Request, exc: BlobError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        why = out_of_space(exc)
+        if why is None:
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+            return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the scheduler's log"},
+                                status_code=500)
+        health.mark(why)
+        return JSONResponse({"detail": f"{why}: nothing was changed; try again when space is freed"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    import sqlite3
+
+    for kind in (OSError, sqlite3.Error, *_redis_errors()):
+        app.add_exception_handler(kind, _storage)
 
     async def auth(request: Request) -> Principal:
         # _Guard verified the key before any of the body was read, and left the principal here. Async: reading it
@@ -164,8 +246,11 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         (re.compile(rf"^{API}/runs/[^/]+/logs$"), settings.max_log_batch_mb * 1024 * 1024, ""),
     ], default_cap=settings.max_request_kb * 1024)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, object]:
+    @app.get("/healthz", response_model=None)
+    def healthz() -> dict[str, object] | JSONResponse:
+        if health.degraded is not None:
+            return JSONResponse({"ok": False, "version": __version__, "degraded": health.degraded,
+                                 "since": health.since}, status_code=503)
         return {"ok": True, "version": __version__}
 
     @app.get(f"{API}/info")

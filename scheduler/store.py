@@ -149,5 +149,10 @@ class Store(abc.ABC):
         """Wake-ups for long polls and log followers; a shared store relays them between replicas."""
         return Notifier()
 
+    def probe_write(self) -> None:
+        """One small durable write (raises what a real write would): is the store writable again?"""
+        with self.lock("probe", ttl=5.0):
+            pass
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

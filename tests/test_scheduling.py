@@ -215,7 +215,7 @@ def test_no_starvation_under_a_stream_of_small_jobs(sched: Scheduler) -> None:
     running = [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(16)]
     sched.schedule_pass()
     big = submit(sched, computing={"minimum_num_gpus": 4})
-    for step in range(200):
+    for step in range(200):  # noqa: B007 - reported after the loop
         running = [r for r in running if sched.get_run(r).status in (RunStatus.STARTING, RunStatus.RUNNING)]
         if running:  # one random small job ends, two more arrive
             done = running.pop(rng.randrange(len(running)))
