@@ -250,3 +250,147 @@ def test_an_oversized_workspace_is_refused_whole_by_the_replicas(tmp_path: Path)
         assert r.status_code == 400 and "has not been uploaded" in r.json()["detail"], r.text
     finally:
         c.close()
+
+
+# ---- the YAML grammar: aliases, nesting, sizes, encodings --------------------------------------------------
+
+KEYS = ["job", "workspace", "computing", "minimum_num_gpus", "envs", "retry", "on", "labels", "job_type",
+        "service", "federate", "docker", "image", "num_nodes", "max_duration", "x", "bootstrap"]
+
+
+@st.composite
+def yaml_grammar(draw: st.DrawFn) -> bytes:
+    """YAML text built from its grammar: block and flow collections nested to random depth, anchors and
+    aliases (forward, backward, to themselves), long and odd scalars, tags, documents; then encoded as UTF-8,
+    UTF-8 with a BOM, UTF-16, Latin-1, or with NULs and stray bytes."""
+    anchors: list[str] = []
+
+    def scalar() -> str:
+        return draw(st.one_of(
+            st.sampled_from(["echo hi", "1", "-1", "1e400", ".inf", "-.nan", "~", "null", "true", "0x1f", "0o17",
+                             "'quoted'", '"esc \\u2028 \\x00"', "|\n  block\n", ">-\n  folded\n", "!!binary aGk=",
+                             "!!python/object:os.system x", "!custom x", "2026-12-05", "$3", "A100-80G:2"]),
+            st.text(max_size=20).map(json.dumps),
+            st.integers(min_value=1, max_value=200_000).map(lambda n: "x" * n)))
+
+    def node(depth: int) -> str:
+        kind = draw(st.sampled_from(["scalar", "scalar", "map", "seq", "flow", "alias", "anchor"]
+                                    if depth < 40 else ["scalar", "alias"]))
+        if kind == "scalar":
+            return scalar()
+        if kind == "alias":
+            return f"*{draw(st.sampled_from(anchors))}" if anchors else scalar()
+        if kind == "anchor":
+            name = f"a{len(anchors)}"
+            anchors.append(name)
+            return f"&{name} {node(depth + 1)}" if draw(st.booleans()) else f"&{name} [*{name}]"
+        if kind == "flow":
+            n = draw(st.integers(0, 4))
+            return "[" + ", ".join(node(depth + 1).replace("\n", " ") for _ in range(n)) + "]"
+        pad = "  " * (depth + 1)
+        n = draw(st.integers(1, 4))
+        if kind == "seq":
+            return "\n" + "\n".join(f"{pad}- {node(depth + 1)}" for _ in range(n))
+        return "\n" + "\n".join(f"{pad}{draw(st.sampled_from(KEYS))}: {node(depth + 1)}" for _ in range(n))
+
+    body = "\n".join(f"{draw(st.sampled_from(KEYS))}: {node(0)}" for _ in range(draw(st.integers(1, 6))))
+    if draw(st.booleans()):
+        body = "job: echo hi\n" + body  # often a job, so deeper checks run
+    if draw(st.integers(0, 9)) == 0:
+        body = "[" * draw(st.integers(50, 5000)) + "]" * draw(st.integers(0, 50))  # deep nesting
+    if draw(st.integers(0, 9)) == 0:  # an alias bomb of random width and depth
+        w, d = draw(st.integers(2, 12)), draw(st.integers(2, 12))
+        body = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * w)}]\n" for i in range(1, d)) \
+            + "job: echo hi\n"
+    enc = draw(st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "latin-1", "nul", "junk"]))
+    if enc == "nul":
+        return body.encode() + b"\0" + body.encode()
+    if enc == "junk":
+        return body.encode() + bytes(draw(st.lists(st.integers(0x80, 0xff), min_size=1, max_size=8)))
+    return body.encode(enc, errors="replace")
+
+
+def _clean(result: Any, name: str, took: float) -> None:
+    assert took < 5, f"took {took:.1f} s"
+    assert isinstance(result.exception, SystemExit) or result.exception is None, result.exception
+    assert result.exit_code in (0, 2), (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {name}"), result.output
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=yaml_grammar())
+def test_the_yaml_grammar_never_gives_a_traceback_or_a_hang(tmp_path_factory: pytest.TempPathFactory,
+                                                            data: bytes) -> None:
+    import time
+
+    d = tmp_path_factory.mktemp("grammar", numbered=True)
+    (d / "ws").mkdir()
+    (d / "job.yaml").write_bytes(data)
+    t = time.monotonic()
+    result = CliRunner().invoke(cli_app, ["launch", str(d / "job.yaml"), "--dry-run"], env={"COLUMNS": "300"})
+    _clean(result, str(d / "job.yaml"), time.monotonic() - t)
+
+
+# ---- the CLI's argument space -------------------------------------------------------------------------------
+
+COMMANDS = [["launch"], ["logs"], ["run", "list"], ["run", "status"], ["run", "stop"], ["run", "artifacts"],
+            ["node", "list"], ["node", "remove"], ["node", "drain"], ["endpoint", "list"], ["endpoint", "status"],
+            ["endpoint", "scale"], ["endpoint", "delete"], ["template", "list"], ["template", "show"],
+            ["template", "init"], ["scheduler", "key", "revoke"], ["scheduler", "key", "list"],
+            ["scheduler", "token", "create"], ["scheduler", "status"], ["version"], ["env"], ["login"], []]
+OPTIONS = ["--json", "--tail", "--rank", "--status", "--limit", "-f", "--env", "--dry-run", "--strict", "--detach",
+           "--name", "--download", "--wait", "--help", "--server", "--gpus", "--label", "--undo", "--port", "-x"]
+ARG = st.one_of(st.sampled_from(["", "#", "?", "x?y=1", "../..", "/", "run-", "-1", "0", "99999999999999999999",
+                                 "K=V", "=", "a b", "%2e%2e", "\u2028", "nan", "hello", "job.yaml"]),
+                st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=30))
+
+
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(cmd=st.sampled_from(COMMANDS), args=st.lists(st.one_of(ARG, st.sampled_from(OPTIONS)), max_size=6))
+def test_any_command_line_exits_cleanly_and_submits_nothing(tmp_path_factory: pytest.TempPathFactory,
+                                                            cmd: list[str], args: list[str]) -> None:
+    """Whatever the arguments: a clean exit code (0 ok, 1 failed, 2 usage, 3 unreachable, 4 not found), no
+    traceback, no hang past 5 s. The scheduler address is a closed loopback port: nothing can be submitted."""
+    import time
+
+    from fedml_cli.errors import CliError
+
+    d = tmp_path_factory.mktemp("argv", numbered=True)
+    (d / "ws").mkdir()
+    (d / "job.yaml").write_text("workspace: ws\njob: echo hi\n")
+    if cmd == ["login"] and any(a.startswith("fml_j_") for a in args):
+        return  # a join token would start an agent (that waits for the scheduler): not this test's business
+    runner = CliRunner()
+    here = os.getcwd()
+    os.chdir(d)  # `template init NAME` and relative paths land here
+    t = time.monotonic()
+    try:
+        result = runner.invoke(cli_app, [*cmd, *args], env={
+            "FEDML_HOME": str(d / "home"), "FEDML_SERVER": "http://127.0.0.1:9", "FEDML_API_KEY": "fml_u_x",
+            "COLUMNS": "200"})
+    finally:
+        took = time.monotonic() - t
+        os.chdir(here)
+    exc = result.exception
+    assert took < 5, (cmd, args, f"{took:.1f} s")
+    assert exc is None or isinstance(exc, SystemExit | CliError), (cmd, args, repr(exc), result.output)
+    code = exc.code if isinstance(exc, CliError) else result.exit_code
+    assert code in (0, 1, 2, 3, 4), (cmd, args, code, result.output)
+    assert "Traceback" not in result.output, (cmd, args, result.output)
+    assert not (d / "home" / "local" / "scheduler.json").exists(), "a local scheduler was started"
+
+
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(cmd=st.sampled_from([c for c in COMMANDS if c != ["login"]]),
+       args=st.lists(st.one_of(ARG, st.sampled_from(OPTIONS)), max_size=5))
+def test_command_lines_through_the_real_executable(tmp_path_factory: pytest.TempPathFactory, cmd: list[str],
+                                                   args: list[str]) -> None:
+    d = tmp_path_factory.mktemp("exe-argv", numbered=True)
+    r = Fedml(d / "home")(*cmd, *args, cwd=d, timeout=5,
+                          env={"FEDML_SERVER": "http://127.0.0.1:9", "FEDML_API_KEY": "fml_u_x"})
+    assert r.returncode in (0, 1, 2, 3, 4), (cmd, args, r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout, (cmd, args, r.stderr)
+    assert not (d / "home" / "local" / "scheduler.json").exists()
