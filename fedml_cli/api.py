@@ -85,10 +85,36 @@ class Api:
         self._check(r)
         return True
 
-    def put_blob(self, sha: str, path: str) -> None:
-        with open(path, "rb") as f:
-            self.request("PUT", f"/blobs/{sha}", content=f, headers={"content-type": "application/gzip"},
+    def put_blob(self, sha: str, path: str, *, show_progress: bool = True) -> None:
+        from .progress import Progress, read_chunks
+
+        size = os.path.getsize(path)
+        with Progress("uploading the workspace", size, enabled=show_progress) as bar:
+            self.request("PUT", f"/blobs/{sha}", content=read_chunks(path, bar),
+                         headers={"content-type": "application/gzip", "content-length": str(size)},
                          timeout=httpx.Timeout(600.0, connect=5.0))
+
+    def download(self, path: str, out: Any, what: str, *, total: int | None = None) -> int:
+        """GET `path` into the file `out`, streamed, with progress on a terminal. Returns the bytes written."""
+        from .progress import Progress
+
+        path = _safe_path(path)
+        n = 0
+        try:
+            with self.http.stream("GET", API + path, timeout=httpx.Timeout(600.0, connect=5.0)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                size = int(r.headers.get("content-length") or 0) or total
+                with Progress(f"downloading {what}", size) as bar:
+                    for chunk in r.iter_bytes(1 << 20):
+                        out.write(chunk)
+                        n += len(chunk)
+                        bar.advance(len(chunk))
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the scheduler at {self.url}: {exc or type(exc).__name__}",
+                           UNREACHABLE) from None
+        return n
 
     def stream_logs(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
                     rank: int | None = None) -> Iterator[dict[str, Any]]:

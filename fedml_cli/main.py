@@ -20,7 +20,7 @@ app = typer.Typer(
     help="fedml launch: run AI jobs on your own machines. `fedml launch job.yaml` runs a FedML job YAML and "
          "streams its logs; a local scheduler starts on first use.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: rendering help with rich costs ~100 ms per call
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -141,11 +141,11 @@ def launch(
         if loaded.workspace_dir is not None:
             from .pack import pack
 
-            packed = pack(loaded.workspace_dir)
+            packed = pack(loaded.workspace_dir, show_progress=not as_json)
             try:
                 sha = packed.sha256
                 if not api.has_blob(sha):
-                    api.put_blob(sha, packed.path)
+                    api.put_blob(sha, packed.path, show_progress=not as_json)
             finally:
                 os.unlink(packed.path)
         run = api.post("/runs", json={"job": job_doc, "name": name, "job_file": os.path.basename(job_file),
@@ -487,7 +487,8 @@ def _download_artifacts(api: Any, run: dict[str, Any], latest: dict[int, dict[st
         fd, tmp = tempfile.mkstemp(suffix=".tar.gz")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(api.request("GET", f"/runs/{run['id']}/artifacts/{rank}").content)
+                api.download(f"/runs/{run['id']}/artifacts/{rank}", f, f"artifacts of rank {rank}",
+                             total=a.get("size"))
             unpack(tmp, target)
         except UnsafeArchive as exc:
             raise CliError(f"artifacts of rank {rank} refused: {exc}") from None
@@ -564,8 +565,18 @@ def template_init(name: Annotated[str, typer.Argument(metavar="NAME")],
     if target.exists() and any(target.iterdir()):
         _err(f"error: {target} exists and is not empty; pick another DIR")
         raise typer.Exit(USAGE)
+    from .progress import Progress
+
+    total = sum(1 for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+
+    def copy(src: str, dst: str) -> object:
+        bar.advance(1)
+        return shutil.copy2(src, dst)
+
     try:
-        shutil.copytree(d, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with Progress(f"copying template {name}", total, unit="files") as bar:
+            shutil.copytree(d, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            copy_function=copy)
     except OSError as exc:
         _err(f"error: cannot create {target}: {exc.strerror or exc}")
         raise typer.Exit(USAGE) from None

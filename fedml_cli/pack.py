@@ -26,9 +26,12 @@ def _ignore(root: Path):  # type: ignore[no-untyped-def]
     return pathspec.PathSpec.from_lines("gitwildmatch", patterns)
 
 
-def pack(root: Path) -> Packed:
+def pack(root: Path, *, show_progress: bool = True) -> Packed:
+    from .progress import Progress
+
     try:
-        return _pack(root, ignore=_ignore(root))
+        with Progress(f"packing {root.name or root}", None, enabled=show_progress, unit="files") as bar:
+            return _pack(root, ignore=_ignore(root), on_file=lambda: bar.advance(1))
     except PackError as exc:
         raise CliError(f"workspace {exc}", USAGE) from None
 

@@ -25,6 +25,7 @@ import posixpath
 import stat
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -318,7 +319,8 @@ class PackError(ValueError):
     """A workspace that cannot be packed (the message names the file)."""
 
 
-def pack(root: Path, *, ignore: object = None, out: IO[bytes] | None = None) -> Packed:
+def pack(root: Path, *, ignore: object = None, out: IO[bytes] | None = None,
+         on_file: Callable[[], None] | None = None) -> Packed:
     """Pack `root` into a deterministic .tar.gz (same files -> same sha256). `ignore` is a pathspec (or None).
 
     Files are opened with O_NOFOLLOW and checked to be regular files after opening, so packing a tree someone
@@ -350,6 +352,8 @@ def pack(root: Path, *, ignore: object = None, out: IO[bytes] | None = None) -> 
                     if ignore is not None and ignore.match_file(rel):  # type: ignore[attr-defined]
                         continue
                     files += _add(tar, root, rel)
+                    if on_file is not None:  # progress: one more file packed
+                        on_file()
         digest = hashlib.sha256()
         with open(tmp, "rb") as f:
             for chunk in iter(lambda: f.read(_READ), b""):

@@ -358,3 +358,57 @@ def test_jobs_run_the_agents_interpreter_first_on_path(shared_fedml: Fedml, tmp_
     # a job's own PATH still wins
     own = write_job(tmp_path / "own", 'echo "$PATH"', extra="envs:\n  PATH: /opt/x:/usr/bin:/bin\n")
     assert shared_fedml("launch", str(own)).stdout.strip() == "/opt/x:/usr/bin:/bin"
+
+
+def _on_a_terminal(fedml: Fedml, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str]:
+    """Run `fedml ARGS` with a pseudo-terminal as its stdin/stdout/stderr; (exit code, what it drew)."""
+    import pty
+    import subprocess
+
+    from .conftest import FEDML
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([FEDML, *args], stdin=slave, stdout=slave, stderr=slave, env=fedml.env(env))
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return p.wait(timeout=10), out.decode(errors="replace")
+
+
+def test_long_work_shows_progress_on_a_terminal_only(shared_fedml: Fedml, tmp_path: Path) -> None:
+    """A workspace upload, an artifact download and `template init` draw a bar on a terminal (after
+    FEDML_PROGRESS_AFTER seconds, 1 by default); with --json or off a terminal nothing extra is printed."""
+    ws = {f"f{i}.bin": os.urandom(1 << 20).hex() for i in range(4)}
+    job = write_job(tmp_path, 'cp f0.bin "$FEDML_ARTIFACT_DIR/"; echo packed', workspace=ws)
+    code, drawn = _on_a_terminal(shared_fedml, "launch", str(job), env={"FEDML_PROGRESS_AFTER": "0"})
+    assert code == 0, drawn
+    assert "uploading the workspace" in drawn and "packing" in drawn, drawn
+    assert "packed" in drawn
+    run_id = drawn.split("Run ")[1].split()[0]
+    code, drawn = _on_a_terminal(shared_fedml, "run", "artifacts", run_id, "--download", str(tmp_path / "dl"),
+                                 env={"FEDML_PROGRESS_AFTER": "0"})
+    assert code == 0 and "downloading artifacts of rank 0" in drawn, drawn
+    assert (tmp_path / "dl" / "f0.bin").read_text() == ws["f0.bin"]
+    code, drawn = _on_a_terminal(shared_fedml, "template", "init", "hello", str(tmp_path / "tpl"),
+                                 env={"FEDML_PROGRESS_AFTER": "0"})
+    assert code == 0 and "copying template hello" in drawn and (tmp_path / "tpl" / "job.yaml").is_file(), drawn
+    code, drawn = _on_a_terminal(shared_fedml, "launch", str(job), "--json", env={"FEDML_PROGRESS_AFTER": "0"})
+    assert code == 0 and "uploading" not in drawn and "packing" not in drawn, drawn
+    off = shared_fedml("launch", str(job), env={"FEDML_PROGRESS_AFTER": "0"})  # pipes, not a terminal
+    assert off.returncode == 0 and off.stdout == "packed\n" and "uploading" not in off.stderr, off.stderr
+
+
+def test_shell_completion(shared_fedml: Fedml) -> None:
+    r = shared_fedml("--show-completion", "bash")
+    assert r.returncode == 0 and "_fedml_completion" in r.stdout, r.stderr
+    done = shared_fedml(env={"COMP_WORDS": "fedml ru", "COMP_CWORD": "1", "_FEDML_COMPLETE": "complete_bash"})
+    assert done.returncode == 0 and done.stdout.split() == ["run"], done.stdout
