@@ -527,6 +527,9 @@ class Agent:
         if n:
             log.info("removed %d container(s) no run claims", n)
 
+    def _lease_renewed(self) -> None:
+        """The lease file was just renewed (or held): runtimes that fence by other means follow it."""
+
     def serve(self) -> None:
         self.register()
         self.reattach()
@@ -543,11 +546,13 @@ class Agent:
                 if resp.lease > 0:
                     # From when the poll was sent, not answered: the scheduler saw us no earlier than that.
                     fence.renew(self.lease_file, sent + resp.lease, resp.lease)
+                    self._lease_renewed()
                 delay = 0.2
             except Unreachable as exc:
                 lease = fence.hold(self.lease_file) if exc.down else 0.0  # no scheduler runs: nothing to fence
                 if lease:
                     delay = min(delay, lease / 4)
+                    self._lease_renewed()
                 if self.orphaned():
                     log.info("the local scheduler was stopped; agent exits (%d run(s) end when the lease runs out)",
                              len(self.workers))

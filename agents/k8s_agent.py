@@ -28,9 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime import fence
 from runtime.kubernetes import (
     ANNOTATION_GPUS,
     DEFAULT_IMAGE,
+    FENCED,
     GPU,
     GPU_MEMORY,
     GPU_PRODUCT,
@@ -40,6 +42,7 @@ from runtime.kubernetes import (
     KubernetesRuntime,
     PodHandle,
     api_error,
+    fenced,
     pod_active,
     pod_gpus,
 )
@@ -71,6 +74,8 @@ class PodWorker(RunWorker):
         outcome = getattr(self.handle, "outcome", None)
         if outcome is not None and status != RunStatus.KILLED:
             status, reason, code = RunStatus(outcome[0]), outcome[1], outcome[2]
+        elif status == RunStatus.FAILED and isinstance(self.handle, PodHandle) and fenced(self.handle._read_job()):
+            status, reason, code = RunStatus.LOST, FENCED, None  # its pod was ended by the lease's deadline
         super()._report_final(status, code, reason)
 
 
@@ -84,6 +89,18 @@ class NodeAgent(Agent):
 
     def _sweep_containers(self) -> None:
         pass  # no local containers: our Jobs carry the pool's label
+
+    def _lease_renewed(self) -> None:
+        # Pods are fenced by the cluster itself: each Job's activeDeadlineSeconds follows this node's lease
+        # (runtime/kubernetes.py: PodHandle.fence_until), so no guard process is needed on this machine.
+        until, _ = fence.read(self.lease_file)
+        if until <= 0:
+            return
+        wall = time.time() + (until - fence.now())
+        self.runtime.lease_until = wall
+        for w in list(self.workers.values()):
+            if isinstance(w.handle, PodHandle):
+                w.handle.fence_until(wall)
 
 
 def _quantity(v: Any, default: float = 0.0) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import tarfile
 import threading
 import time
@@ -417,6 +418,9 @@ class KubernetesRuntime(Runtime):
 
     def __init__(self, cluster: Cluster, node: str, *, image: str = DEFAULT_IMAGE, stop_grace: float = 10.0) -> None:
         self.cluster, self.node, self.image, self.stop_grace = cluster, node, image, stop_grace
+        # Wall-clock second the node's lease runs out (0: no lease yet): a Job is created with an
+        # activeDeadlineSeconds inside it, and the agent moves the deadline on as it renews the lease.
+        self.lease_until = 0.0
 
     def start(self, spec: LaunchSpec) -> PodHandle:
         from kubernetes.client.exceptions import ApiException
@@ -452,6 +456,8 @@ class KubernetesRuntime(Runtime):
                                 grace=self.stop_grace, cpus=getattr(c, "cpus", None),
                                 memory_gb=getattr(c, "memory_gb", None),
                                 port=a.node0_port if multi and a.rank == 0 else None)
+        if self.lease_until:
+            manifest["spec"]["activeDeadlineSeconds"] = fence_deadline(self.lease_until, time.time(), self.stop_grace)
         try:
             created = self.cluster.batch.create_namespaced_job(ns, manifest, _preload_content=False)
             job = json.loads(created.data)
@@ -461,7 +467,7 @@ class KubernetesRuntime(Runtime):
             job = json.loads(self.cluster.batch.read_namespaced_job(job_name, ns, _preload_content=False).data)
         except Exception as exc:
             raise KubeError(f"creating Job {job_name}: {exc}") from None
-        handle = PodHandle(self.cluster, job_name, run.id, spec.run_dir, image=image)
+        handle = PodHandle(self.cluster, job_name, run.id, spec.run_dir, image=image, grace=self.stop_grace)
         try:
             owner = owned_by(job)
             cm = configmap_manifest(name=job_name, namespace=ns, labels=labels, owner=owner, workspace_tgz=tgz,
@@ -489,7 +495,30 @@ class KubernetesRuntime(Runtime):
         except ApiException as exc:
             if exc.status == 404:
                 return None
-        return PodHandle(self.cluster, state["job"], str(state.get("run_id", "")), run_dir, image=state.get("image", ""))
+        return PodHandle(self.cluster, state["job"], str(state.get("run_id", "")), run_dir, image=state.get("image", ""),
+                         grace=self.stop_grace)
+
+
+FENCED = ("fenced: the node's lease ran out before its agent renewed it (the Job's deadline ended its pods, so "
+          "another attempt may start elsewhere)")
+
+
+def fenced(job: dict[str, Any] | None) -> bool:
+    """The Job was ended by the fencing deadline (not by its own failure)."""
+    return any(c.get("type") == "Failed" and c.get("status") == "True" and c.get("reason") == "DeadlineExceeded"
+               for c in ((job or {}).get("status") or {}).get("conditions") or [])
+
+
+def fence_deadline(lease_until: float, job_start: float, grace: float) -> int:
+    """activeDeadlineSeconds for a Job started at `job_start` whose pods must be gone (stop grace included) by
+    `lease_until`, both wall-clock seconds; whole seconds, rounded down, at least 1."""
+    return max(1, math.floor(lease_until - grace - 1.0 - job_start))
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _create(fn: Callable[[], Any]) -> None:
@@ -511,8 +540,12 @@ class PodHandle(Handle):
 
     LOG_GRACE_S = 20.0  # after the pod ended, how long to keep trying to read the rest of its log
 
-    def __init__(self, cluster: Cluster, job: str, run_id: str, run_dir: Path, image: str = "") -> None:
+    def __init__(self, cluster: Cluster, job: str, run_id: str, run_dir: Path, image: str = "",
+                 grace: float = 10.0) -> None:
         self.cluster, self.job, self.run_id, self.run_dir, self.image = cluster, job, run_id, run_dir, image
+        self.grace = grace
+        self._job_start: float | None = None  # the Job's status.startTime: what activeDeadlineSeconds counts from
+        self._deadline: int | None = None
         self.namespace = cluster.namespace
         self.outcome: tuple[str, str, int | None] | None = None
         self.on_running: Callable[[], None] | None = None
@@ -529,6 +562,40 @@ class PodHandle(Handle):
         self._cleaned = False
         run_dir.mkdir(parents=True, exist_ok=True)
         cluster.listen(self._on_change)
+
+    def fence_until(self, lease_until: float) -> None:
+        """Fencing for pods: the node's lease runs out at wall-clock `lease_until`; have the cluster's own Job
+        controller end this Job's pods before then (activeDeadlineSeconds, counted from the Job's start, minus
+        the pods' stop grace). Called each time the agent renews the lease; if the agent dies, is stopped or
+        is cut off, nobody moves the deadline and the pods are gone before the scheduler writes the node off,
+        whether or not the agent's machine still reaches the cluster."""
+        from kubernetes.client.exceptions import ApiException
+
+        if self._status is not None or self._stopping.is_set():
+            return
+        if self._job_start is None:
+            job = self._read_job()
+            if not job:
+                return
+            meta, st = job.get("metadata") or {}, job.get("status") or {}
+            stamp = st.get("startTime") or meta.get("creationTimestamp")
+            if not stamp:
+                return
+            self._job_start = _epoch(stamp)
+            self._deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        deadline = fence_deadline(lease_until, self._job_start, self.grace)
+        if self._deadline is not None and deadline <= self._deadline:
+            return  # never shortened: a renewal only moves it on
+        try:
+            self.cluster.batch.patch_namespaced_job(self.job, self.namespace,
+                                                    {"spec": {"activeDeadlineSeconds": deadline}},
+                                                    _preload_content=False)
+            self._deadline = deadline
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("Job %s: could not move its deadline on: %s", self.job, api_error(exc))
+        except Exception as exc:
+            log.warning("Job %s: could not move its deadline on: %s", self.job, exc)
 
     # -- Handle --------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -611,6 +678,8 @@ class PodHandle(Handle):
             if job is None:
                 return self._end(137, ("LOST", f"Job {self.job} was deleted", None), cleanup=False)
             for cond in (job.get("status") or {}).get("conditions") or []:
+                if fenced(job):
+                    return self._end(137, ("LOST", FENCED, None), cleanup=False)
                 if cond.get("type") == "Failed" and cond.get("status") == "True":
                     return self._end(1, ("FAILED", f"Job {self.job}: {cond.get('reason')}: {cond.get('message')}", None))
         return None

@@ -40,6 +40,8 @@ import psutil
 import pytest
 import yaml
 
+from fedml_cli._http import httpx
+
 from .cluster import Cluster, start_cluster
 from .conftest import ROOT, needs, write_job
 from .procs import wait_for
@@ -321,9 +323,10 @@ def pool(plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for name, (product, gpus) in NODES.items():
             kubelet.add_node(name, product, gpus)
         kubeconfig = service_account_kubeconfig(plane, tmp_path_factory.mktemp("sa") / "kubeconfig")
-        # Heartbeat 5 s: a node silent for 15 s is offline, long enough for a pool agent to be restarted on a
-        # busy machine (test_a_killed_pool_agent...); nothing here waits on a heartbeat otherwise.
-        for c in start_cluster(tmp_path_factory.mktemp("pool"), (), torch=False, heartbeat=5.0):
+        # Heartbeat 10 s: the lease is 20 s (a Job's deadline moves on 3 s inside it: the pods' stop grace + 1),
+        # a node silent for 30 s is offline; long enough for a pool agent to be restarted on a busy machine
+        # (test_a_killed_pool_agent...). Only the fencing test waits on a heartbeat timeout.
+        for c in start_cluster(tmp_path_factory.mktemp("pool"), (), torch=False, heartbeat=10.0):
             t0 = time.monotonic()
             login = c.agents("login", c.admin, "--server", c.url, "--kubernetes", "--namespace", NS, "--name", POOL,
                              timeout=90, env={"KUBECONFIG": str(kubeconfig)})
@@ -595,6 +598,66 @@ def test_a_killed_pool_agent_comes_back_to_its_running_job_and_ships_only_the_re
     assert p.wait_status(run_id, "FINISHED", "FAILED")["status"] == "FINISHED"
     assert p.c.logs(run_id) == {0: ["line 1", "line 2"]}  # nothing shipped twice
     assert len(p.nodes()) == 3
+
+
+def test_a_dead_pool_agents_pods_are_ended_by_the_cluster_before_the_run_is_written_off(
+        p: Pool, tmp_path: Path) -> None:
+    """Fencing for pods: every Job's activeDeadlineSeconds follows its node's lease, so when the pool agent dies
+    the Job controller ends the pod before the scheduler may start attempt 2 (which then runs once the agent is
+    back). Simulated: the pod running; the kubelet removing it once the Job controller deleted it."""
+    run_id = p.launch(tmp_path, "python train.py", retry={"max_attempts": 2, "on": ["lost"]})
+    [pod] = p.bound_pods(run_id)
+    p.kubelet.run(pod.metadata.name, "attempt 1\n")
+    wait_for("attempt 1's line at the scheduler", lambda: p.c.logs(run_id).get(0) == ["attempt 1"], timeout=20)
+    [job1] = p.jobs(run_id)
+    wait_for("a deadline on the Job", lambda: p.plane.batch.read_namespaced_job(
+        job1.metadata.name, NS).spec.active_deadline_seconds, timeout=20)
+    pid = int((p.home / "agent.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    ended: list[float] = []
+
+    def pod_gone() -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            got = p.plane.core.read_namespaced_pod(pod.metadata.name, NS)
+        except ApiException as exc:
+            if exc.status == 404:
+                ended.append(time.monotonic())
+                return True
+            raise
+        if got.metadata.deletion_timestamp is not None:
+            ended.append(time.monotonic())
+            return True
+        return False
+
+    h = httpx.Client(base_url=p.c.url, headers={"Authorization": f"Bearer {p.c.admin}"}, timeout=10)
+    written_off: list[float] = []
+    while time.monotonic() - killed < 90 and not written_off:
+        if not ended:
+            pod_gone()
+        run = h.get(f"/api/v1/runs/{run_id}").json()
+        if run["attempt"] > 1 or run["status"] not in ("RUNNING", "STARTING"):
+            written_off.append(time.monotonic())
+        time.sleep(0.1)
+    assert written_off, "the run was never written off"
+    assert ended, "attempt 1's pod was still running when the scheduler wrote the run off"
+    assert ended[0] < written_off[0], (ended[0] - killed, written_off[0] - killed)
+    job = p.plane.batch.read_namespaced_job(job1.metadata.name, NS)
+    assert any(c.reason == "DeadlineExceeded" for c in job.status.conditions or []), job.status
+    print(f"pod fencing: pod ended {ended[0] - killed:.1f} s after the agent died, the run written off at "
+          f"{written_off[0] - killed:.1f} s (gap {written_off[0] - ended[0]:.1f} s)")
+    again = p.c.agents("login", p.c.admin, "--server", p.c.url, "--kubernetes", "--namespace", NS, "--name", POOL,
+                       timeout=90, env={"KUBECONFIG": str(p.kubeconfig)})
+    assert again.returncode == 0, (again.stderr, _agent_log(p.c))
+    pod2 = wait_for("attempt 2's pod", lambda: next((x for x in p.bound_pods(run_id, 1, timeout=60)
+                                                     if x.metadata.name != pod.metadata.name), None), timeout=60)
+    p.kubelet.run(pod2.metadata.name, "attempt 2\n")
+    p.kubelet.exit(pod2.metadata.name, 0)
+    assert p.wait_status(run_id, "FINISHED", "FAILED", timeout=60)["status"] == "FINISHED"
+    assert p.c.logs(run_id)[0] == ["attempt 1", "attempt 2"]
+    h.close()
 
 
 def test_a_deleted_kubernetes_node_leaves_the_pool_and_its_run_is_lost(p: Pool, tmp_path: Path) -> None:
