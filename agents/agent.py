@@ -164,7 +164,7 @@ class RunWorker(threading.Thread):
         assert self.handle is not None
         state = self.handle.state()
         if state.get("runtime") not in ("process", "docker"):
-            return  # pods: the pool agent's own business (their lifetime is the Kubernetes Job's)
+            return  # pods: fenced by their Job's deadline (agents/k8s_agent.py: _lease_renewed)
         g = self.saved.get("guard")
         if g:
             try:
@@ -554,8 +554,9 @@ class Agent:
                     delay = min(delay, lease / 4)
                     self._lease_renewed()
                 if self.orphaned():
-                    log.info("the local scheduler was stopped; agent exits (%d run(s) end when the lease runs out)",
-                             len(self.workers))
+                    fence.park(self.lease_file)
+                    log.info("the local scheduler was stopped; agent exits (%d run(s) keep running; the next "
+                             "scheduler start re-attaches to them)", len(self.workers))
                     return
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -655,7 +656,10 @@ def main(argv: list[str] | None = None) -> int:
                   orphaned=orphaned, job_user=job_user)
 
     def on_term(*_: Any) -> None:
-        # Jobs keep running: they write to files and the next agent re-attaches to them.
+        # Jobs keep running: they write to files and the next agent re-attaches to them (within the lease; for
+        # ever when our embedded scheduler was stopped first, see runtime/fence.py: park).
+        if orphaned is not None and orphaned():
+            fence.park(agent.lease_file)
         log.info("agent stopping; %d run(s) keep running", len(agent.workers))
         os._exit(0)
 

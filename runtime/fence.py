@@ -69,6 +69,17 @@ def hold(path: Path) -> float:
     return length
 
 
+PARKED = 10 * 365 * 86400.0
+
+
+def park(path: Path) -> None:
+    """The embedded scheduler was stopped on purpose (`fedml scheduler stop`: its state file is gone) and its
+    agent exits: jobs keep running. No scheduler can write this node off until one starts again, and a starting
+    one restarts this agent first (which re-attaches and renews) and gives every node a full offline timeout."""
+    _, length = read(path)
+    renew(path, now() + PARKED, length)
+
+
 def guard(lease: Path, marker: Path, handle, period: float = 0.1) -> str:  # type: ignore[no-untyped-def]
     """Watch until the job ends ("ended") or the lease runs out ("fenced": the job is killed first)."""
     while True:

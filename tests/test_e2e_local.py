@@ -245,6 +245,27 @@ def test_run_survives_scheduler_and_agent_sigkill_without_losing_lines(fedml: Fe
     assert run_json(fedml, run_id)["status"] == "FINISHED"
 
 
+def test_scheduler_stop_leaves_running_jobs_running_past_the_lease(fedml: Fedml, tmp_path: Path) -> None:
+    """`fedml scheduler stop` stops the scheduler and its agent, not the jobs: the lease the jobs' guards watch is
+    parked (no scheduler is left to write the node off), and the next command's scheduler re-attaches."""
+    go = tmp_path / "go"
+    env = {"FEDML_HEARTBEAT_INTERVAL": "1"}  # a lease of 2 s
+    job = write_job(tmp_path, f'echo started\nwhile [ ! -e "{go}" ]; do sleep 0.1; done\necho done')
+    run_id = fedml("launch", str(job), "--detach", env=env).stdout.strip()
+    wait_status(fedml, run_id, ("RUNNING",))
+    s = fedml("scheduler", "stop")
+    assert "stopped agent" in s.stderr, s.stderr
+    shells = [p for p in run_processes(run_id) if any(a.endswith(("wrapper.sh", "job.sh")) for a in p.cmdline())]
+    assert len(shells) == 2, shells
+    time.sleep(5)  # 2.5 leases: a lease left to run out would have had the job killed by now
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in shells)
+    go.touch()
+    f = fedml("logs", "-f", run_id, env=env, timeout=60)  # starts the scheduler again; it restarts the agent
+    assert f.returncode == 0, f.stderr
+    assert f.stdout.splitlines() == ["started", "done"]
+    assert run_json(fedml, run_id)["status"] == "FINISHED"
+
+
 def test_scheduler_stop_then_next_command_starts_a_new_one(fedml: Fedml) -> None:
     assert fedml("launch", str(HELLO)).returncode == 0
     s = fedml("scheduler", "stop")
