@@ -24,7 +24,7 @@ test-load: redis
 # iproute2 for the network-namespace test.
 redis:
 	@command -v redis-server >/dev/null && command -v ip >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iproute2 >/dev/null)
+		(apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq redis-server iproute2 >/dev/null)
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no >/dev/null
 

@@ -34,8 +34,8 @@ apt_install() {
     [[ ${#missing[@]} -eq 0 ]] && return 0
     [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}: run as root or apt-get install them"
     log "apt-get install ${missing[*]}"
-    apt-get update >/dev/null  # a fresh machine's package lists may be empty or stale
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update >/dev/null  # a fresh machine's package lists may be empty or stale
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 fetch_source() {
@@ -55,9 +55,9 @@ Suites: ${VERSION_CODENAME:-bookworm}
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-            apt-get update >/dev/null
+            apt-get -o DPkg::Lock::Timeout=600 update >/dev/null
         fi
-        (cd "$src" && apt-get source --download-only kubernetes >/dev/null 2>&1) || die "apt-get source kubernetes failed"
+        (cd "$src" && apt-get -o DPkg::Lock::Timeout=600 source --download-only kubernetes >/dev/null 2>&1) || die "apt-get source kubernetes failed"
     fi
     log "unpacking the source"
     rm -rf "$src/kubernetes-$K8S_VERSION.tmp"

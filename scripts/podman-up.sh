@@ -50,7 +50,7 @@ if [ -n "$need" ]; then
     fi
     say "installing$need"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
     # No service starts from the install (docker-registry's own would listen on every interface).
     own_policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -59,7 +59,7 @@ if [ -n "$need" ]; then
         own_policy=1
     fi
     # shellcheck disable=SC2086
-    apt-get install -y -qq $need >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq $need >/dev/null
     [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 if [ "$(id -u)" != 0 ]; then
