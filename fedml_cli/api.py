@@ -21,6 +21,10 @@ class Api:
         self.token = token
         self.embedded = embedded
         self._restarted = False
+        if token and not (token.isascii() and token.isprintable() and " " not in token):
+            # An HTTP header carries ASCII only: such a key cannot be ours (a paste with a stray character?)
+            raise CliError("the API key holds characters no API key has (spaces, control or non-ASCII characters); "
+                           "check FEDML_API_KEY or what was pasted", USAGE)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, connect=5.0),
                                  transport=transport(self.url))

@@ -179,8 +179,8 @@ def _given_key(api_key: str | None, key_fd: int | None) -> str | None:
     """The key: from the pipe `main` re-executed us with (it was a positional argument), $FEDML_API_KEY, a
     prompt on a terminal, or the first line of stdin."""
     if key_fd is not None:
-        with os.fdopen(key_fd, "r") as f:
-            return f.read().strip() or None
+        with os.fdopen(key_fd, "r", errors="replace") as f:
+            return f.read(4096).strip() or None
     if api_key:
         return api_key.strip()
     if os.environ.get("FEDML_API_KEY"):
@@ -216,9 +216,12 @@ def reexec_without_key(argv: list[str]) -> None:
         break
     if i >= len(args) or args[i].startswith("-"):
         return
-    key = args[i]
+    key = args[i].encode(errors="surrogateescape")  # argv may hold any bytes
+    if len(key) > 4096:  # a key is ~50 bytes; a longer argument would not fit the pipe's buffer
+        sys.stderr.write("error: API_KEY: longer than any API key (4 KiB or more); check what was pasted\n")
+        sys.exit(2)
     r, w = os.pipe()
-    os.write(w, key.encode())  # a key is ~50 bytes: far below the pipe's buffer
+    os.write(w, key)  # far below the pipe's buffer
     os.close(w)
     os.set_inheritable(r, True)
     rest = [*args[:i], *args[i + 1:], "--key-fd", str(r)]

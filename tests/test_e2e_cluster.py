@@ -416,7 +416,7 @@ def test_job_that_fits_nowhere_now_waits_with_a_reason_then_runs(c: Cluster, tmp
     assert c.run(waiting)["status"] == "QUEUED"
     c.stop(*fillers)
     done = c.wait(waiting, TERMINAL, timeout=30)
-    assert done["status"] == "FINISHED" and len(done["gpus"]) == 2 and done["reason"] is None, done
+    assert done["status"] == "FINISHED" and len(done["gpus"]) == 2 and done["reason"] is None, (done, c.logs(waiting))
     assert [x["line"] for x in c.logs(waiting)] == ["got them"]
     out, _ = fg.communicate(timeout=30)
     assert fg.returncode == 0 and out == "got them\n", out

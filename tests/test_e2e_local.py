@@ -429,7 +429,13 @@ def test_long_work_shows_progress_on_a_terminal_only(shared_fedml: Fedml, tmp_pa
 
 
 def test_shell_completion(shared_fedml: Fedml) -> None:
-    r = shared_fedml("--show-completion", "bash")
+    import subprocess
+
+    from .conftest import FEDML
+
+    # typer finds the shell from the process tree: ask from bash
+    r = subprocess.run(["bash", "-c", f"{FEDML} --show-completion"], capture_output=True, text=True, timeout=60,
+                       env=shared_fedml.env(), stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "_fedml_completion" in r.stdout, r.stderr
     done = shared_fedml(env={"COMP_WORDS": "fedml ru", "COMP_CWORD": "1", "_FEDML_COMPLETE": "complete_bash"})
     assert done.returncode == 0 and done.stdout.split() == ["run"], done.stdout

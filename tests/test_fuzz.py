@@ -394,3 +394,19 @@ def test_command_lines_through_the_real_executable(tmp_path_factory: pytest.Temp
     assert r.returncode in (0, 1, 2, 3, 4), (cmd, args, r.returncode, r.stderr)
     assert "Traceback" not in r.stderr + r.stdout, (cmd, args, r.stderr)
     assert not (d / "home" / "local" / "scheduler.json").exists()
+
+
+@pytest.mark.parametrize("key", [b"\x80", "é".encode(), b"a b", b"x" * 5000, b"fml_a_\x1b[31m"])
+def test_login_with_a_key_no_api_key_can_be_is_a_usage_error(tmp_path: Path, key: bytes) -> None:
+    """Found by the fuzzer: a non-ASCII key crashed in the HTTP header, an undecodable one in the hand-over
+    pipe, and one over 64 KiB would have blocked on it."""
+    from .conftest import FEDML
+
+    env = Fedml(tmp_path / "home").env()
+    r = subprocess.run([FEDML.encode(), b"login", key, b"--server", b"http://127.0.0.1:9"], capture_output=True,
+                       timeout=10, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(b"error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    env_key = subprocess.run([FEDML, "run", "list"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL,
+                             env={**env, "FEDML_SERVER": "http://127.0.0.1:9", "FEDML_API_KEY": "ab\u00e9"})
+    assert env_key.returncode == 2 and "API key" in env_key.stderr, env_key.stderr
