@@ -161,13 +161,14 @@ def launch(
         return
     if not as_json:
         _err(f"Run {run['id']} submitted; following its logs (Ctrl-C stops following, not the run).")
-        if run.get("status") == "QUEUED":
-            try:
-                _wait_queued(api, run)
-            except KeyboardInterrupt:
-                raise typer.Exit(_interrupted(api, run["id"], stop_on_interrupt)) from None
-    raise typer.Exit(_follow(api, run["id"], as_json=as_json, stop_on_interrupt=stop_on_interrupt,
-                             ranked=run.get("num_nodes", 1) > 1))
+    watch = _QueueWatch(api, run) if not as_json and run.get("status") == "QUEUED" else None
+    try:
+        code = _follow(api, run["id"], as_json=as_json, stop_on_interrupt=stop_on_interrupt,
+                       ranked=run.get("num_nodes", 1) > 1, on_first=watch.stop if watch else None)
+    finally:
+        if watch is not None:
+            watch.stop()
+    raise typer.Exit(code)
 
 
 def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides: dict[str, str],
@@ -204,37 +205,66 @@ def _interrupted(api: Any, run_id: str, stop_on_interrupt: bool) -> int:
     return INTERRUPTED
 
 
-def _wait_queued(api: Any, run: dict[str, Any]) -> None:
-    """While the run waits, say why (a spinner on a terminal, one line per new reason otherwise); the log
-    follows once it is placed. Ctrl-C and a lost connection fall through to the follower, which handles them."""
-    reason: str | None = None
-    status = None
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.markup import escape
+class _QueueWatch:
+    """While a launched run waits to be placed, say why: a spinner with the reason on a terminal, a line per new
+    reason otherwise (stderr). It runs beside the log follower, which starts at once, so a run placed at once
+    costs nothing; it ends when the run leaves the queue or the first log line arrives."""
 
-        status = Console(stderr=True).status("queued", spinner="dots")
-        status.start()
-    try:
-        while run.get("status") == "QUEUED":
-            if run.get("reason") != reason:
-                reason = run.get("reason")
-                text = f"queued: {reason or 'waiting to be placed'}"
-                if status is not None:
-                    status.update(escape(text))
-                else:
-                    _err(text)
-            time.sleep(0.5)
-            run = api.get(f"/runs/{run['id']}")
-    except CliError:
-        pass
-    finally:
-        if status is not None:
-            status.stop()
+    def __init__(self, api: Any, run: dict[str, Any]) -> None:
+        import threading
+
+        from .api import Api
+
+        self.api = Api(api.url, api.token)  # its own connection: the follower streams on the other
+        self.run_id, self.reason = run["id"], None
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.spinner: Any = None
+        self.thread = threading.Thread(target=self._watch, args=(run,), name="queue-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self, run: dict[str, Any]) -> None:
+        try:
+            while run.get("status") == "QUEUED" and not self.done.is_set():
+                if run.get("reason") and run["reason"] != self.reason:
+                    self._say(f"queued: {run['reason']}")
+                    self.reason = run["reason"]
+                if self.done.wait(0.5):
+                    break
+                run = self.api.get(f"/runs/{self.run_id}")
+        except CliError:
+            pass  # the follower reports a lost scheduler
+        finally:
+            self.stop()
+
+    def _say(self, text: str) -> None:
+        with self.lock:
+            if self.done.is_set():
+                return
+            if not sys.stderr.isatty():
+                _err(text)
+                return
+            from rich.markup import escape
+
+            if self.spinner is None:
+                from rich.console import Console
+
+                self.spinner = Console(stderr=True).status(escape(text), spinner="dots")
+                self.spinner.start()
+            else:
+                self.spinner.update(escape(text))
+
+    def stop(self) -> None:
+        with self.lock:
+            self.done.set()
+            if self.spinner is not None:
+                self.spinner.stop()
+                self.spinner = None
 
 
 def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: bool = False,
-            after: int = -1, tail: int | None = None, rank: int | None = None, ranked: bool = False) -> int:
+            after: int = -1, tail: int | None = None, rank: int | None = None, ranked: bool = False,
+            on_first: Any = None) -> int:
     """Print the run's log until it ends; reconnect if the scheduler restarts. Returns the exit code."""
     out, err = sys.stdout, sys.stderr
     end: dict[str, Any] | None = None
@@ -247,6 +277,9 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
                         end = rec
                         break
                     after = rec["pos"]
+                    if on_first is not None:  # a line: the run left the queue (stop the spinner before printing)
+                        on_first()
+                        on_first = None
                     if as_json:
                         out.write(json.dumps(rec) + "\n")
                     else:

@@ -222,7 +222,8 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
             return NoFit("no nodes have joined yet (make a join token with `fedml scheduler token create --node`, then "
                          "on the node: `fedml login --server URL --node`)")
         statically = sum(all(f(req, c) is None for f in STATIC_FILTERS) for c in candidates)
-        detail = "; ".join(f"{n} node{'s' if n > 1 else ''} {r}" for r, n in sorted(why.items()))
+        detail = "; ".join(f"{n} node{'s' if n > 1 else ''} {r if n > 1 else _singular(r)}"
+                           for r, n in sorted(why.items()))
         if feasible:
             detail = f"{len(feasible)} node{'s' if len(feasible) > 1 else ''} free; " + detail
         return NoFit(f"{req.shortfall()} ({detail})", never=statically < req.count, counts=why)
@@ -232,6 +233,14 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
         gpus = sorted(g.index for g in _matching(req, c.free))[: req.gpus]
         out.append(Placement(node=c.node, gpus=gpus))
     return out
+
+
+def _singular(reason: str) -> str:
+    """"have them busy" -> "has them busy", "are held ..." -> "is held ..." (reasons are written for n nodes)."""
+    for plural, one in (("have ", "has "), ("are ", "is "), ("cost ", "costs "), ("lack ", "lacks ")):
+        if reason.startswith(plural):
+            return one + reason[len(plural):]
+    return reason
 
 
 def _coprime_stride(n: int, rng: random.Random | object) -> int:

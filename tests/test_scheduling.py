@@ -200,7 +200,7 @@ def test_the_head_job_holds_only_the_node_it_would_get_and_small_jobs_flow_elsew
     assert [r.status for r in got] == [RunStatus.STARTING, RunStatus.STARTING, RunStatus.QUEUED], got
     held = {sched.find_node(n).id for n in "abc"} - {r.node_id for r in got[:2]}
     assert len(held) == 1  # the one node held for `big`, with its GPU left free
-    assert "held for a job ahead in the queue" in (got[2].reason or ""), got[2].reason
+    assert "1 node is held for a job ahead in the queue; 2 nodes have them busy" in (got[2].reason or ""), got[2].reason
     owner = next(r for r in busy if sched.get_run(r).node_id in held)
     sched.report(owner, StatusReport(status=RunStatus.FINISHED, exit_code=0), next(iter(held)))
     sched.schedule_pass()
