@@ -433,8 +433,8 @@ def test_shell_completion(shared_fedml: Fedml) -> None:
 
     from .conftest import FEDML
 
-    # typer finds the shell from the process tree: ask from bash
-    r = subprocess.run(["bash", "-c", f"{FEDML} --show-completion"], capture_output=True, text=True, timeout=60,
+    # typer finds the shell from the process tree: ask from bash (a second command keeps bash from exec-ing)
+    r = subprocess.run(["bash", "-c", f"{FEDML} --show-completion; exit $?"], capture_output=True, text=True, timeout=60,
                        env=shared_fedml.env(), stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "_fedml_completion" in r.stdout, r.stderr
     done = shared_fedml(env={"COMP_WORDS": "fedml ru", "COMP_CWORD": "1", "_FEDML_COMPLETE": "complete_bash"})
