@@ -451,13 +451,13 @@ class Agent:
             try:
                 reg = self.client.register(self.info)
             except Unreachable as exc:
-                if exc.down and (lease := fence.hold(self.lease_file)):  # see runtime/fence.py
-                    delay = min(delay, lease / 4)
+                if exc.down:
+                    fence.hold(self.lease_file)  # see runtime/fence.py
                 if self.orphaned():  # our local scheduler was stopped before we ever joined it
                     log.info("the local scheduler was stopped; agent exits")
                     raise SystemExit(0) from None
                 log.info("scheduler not reachable (%s); retrying", exc)
-                self.stopping.wait(delay)
+                self.stopping.wait(self._retry_delay(delay))
                 delay = min(delay * 2, 5.0)
                 continue
             except Refused as exc:
@@ -527,6 +527,12 @@ class Agent:
         if n:
             log.info("removed %d container(s) no run claims", n)
 
+    def _retry_delay(self, delay: float) -> float:
+        """Back off, but while our lease runs try again often enough to renew it in time (a scheduler replica
+        that died mid-request is replaced behind the balancer within a second)."""
+        _, length = fence.read(self.lease_file)
+        return min(delay, length / 4) if length > 0 else delay
+
     def _lease_renewed(self) -> None:
         """The lease file was just renewed (or held): runtimes that fence by other means follow it."""
 
@@ -534,6 +540,7 @@ class Agent:
         self.register()
         self.reattach()
         delay = 0.2
+        failed = False
         while not self.stopping.is_set():
             for rid in [r for r, w in self.workers.items() if w.done]:
                 del self.workers[rid]
@@ -542,23 +549,31 @@ class Agent:
                 # runs here and that is missing from this list is written off (its final report was lost).
                 running = list(self.workers)
                 sent = fence.now()
-                resp = self.client.poll(self.node_id, running, wait=15.0)
+                _, length = fence.read(self.lease_file)
+                # The scheduler holds a poll half an interval (a fifth of the lease): one that takes 40 % of the
+                # lease is lost (a replica died under it), and the next try must come while the lease still runs.
+                # After a failed poll, ask for an answer at once (wait 0): the lease is renewed in milliseconds
+                # instead of after a long poll that a dying replica may drop again.
+                resp = self.client.poll(self.node_id, running, wait=0.0 if failed else 15.0,
+                                        timeout=max(1.0, length * 0.4) if length > 0 else None)
+                failed = False
                 if resp.lease > 0:
                     # From when the poll was sent, not answered: the scheduler saw us no earlier than that.
                     fence.renew(self.lease_file, sent + resp.lease, resp.lease)
                     self._lease_renewed()
                 delay = 0.2
             except Unreachable as exc:
-                lease = fence.hold(self.lease_file) if exc.down else 0.0  # no scheduler runs: nothing to fence
-                if lease:
-                    delay = min(delay, lease / 4)
+                failed = True
+                if exc.down and fence.hold(self.lease_file):  # no scheduler runs: nothing to fence
                     self._lease_renewed()
+                until, _ = fence.read(self.lease_file)
+                log.info("poll failed (%s); lease left %.1f s", exc, until - fence.now())
                 if self.orphaned():
                     fence.park(self.lease_file)
                     log.info("the local scheduler was stopped; agent exits (%d run(s) keep running; the next "
                              "scheduler start re-attaches to them)", len(self.workers))
                     return
-                self.stopping.wait(delay)
+                self.stopping.wait(self._retry_delay(delay))
                 delay = min(delay * 2, 5.0)
                 continue
             except Refused as exc:

@@ -92,9 +92,9 @@ class AgentClient:
     def deregister(self, node_id: str) -> None:
         self._call("DELETE", f"/nodes/{node_id}")
 
-    def poll(self, node_id: str, running: list[str], wait: float) -> PollResponse:
+    def poll(self, node_id: str, running: list[str], wait: float, timeout: float | None = None) -> PollResponse:
         r = self._call("POST", f"/nodes/{node_id}/poll", json={"running": running, "wait": wait},
-                       timeout=wait + 30)
+                       timeout=timeout or wait + 30)
         return PollResponse.model_validate(r.json())
 
     def report(self, run_id: str, attempt: int, node_id: str, status: RunStatus, exit_code: int | None = None,

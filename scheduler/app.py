@@ -421,7 +421,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         resp = await run_in_threadpool(sched.poll_once, node_id, body.running, who)
         if resp.start or resp.stop or body.wait == 0:
             return resp
-        # Held at most half an interval: each answer renews the node's lease, which lasts two intervals.
+        # Held at most half an interval: each answer renews the node's lease (2.5 intervals at most).
         await notifier.wait(key, ticket, min(body.wait, settings.heartbeat_interval / 2))
         return await run_in_threadpool(sched.poll_once, node_id, body.running, who)
 

@@ -69,8 +69,11 @@ class Scheduler:
         # Fencing (runtime/fence.py): an agent's jobs die when its lease (renewed by each answered poll) runs out;
         # the node is written off only once the lease has certainly run out, with a slack for the guard to act
         # and for clocks, so a new attempt never starts while an old one may still run.
-        self.lease = 2 * heartbeat_interval
+        # The slack: the guard's reaction (a tenth of a second; a container kill or a pod's grace is taken out of
+        # what they are given) and the scheduler's own check cadence, which only adds to it. Half an interval,
+        # at least 1 s: 25 s of lease at the 10 s default, 5 s at 2 s, 2 s at 1 s.
         self.heartbeat_timeout = 3 * heartbeat_interval  # a node silent for 3 intervals is OFFLINE
+        self.lease = self.heartbeat_timeout - max(0.5 * heartbeat_interval, min(heartbeat_interval, 1.0))
         assert self.heartbeat_timeout >= self.lease + min(heartbeat_interval, 1.0)
         # (run ref, node) -> when a RUNNING placement was first missing from its node's polls (soft state)
         self._missing: dict[tuple[str, str], float] = {}

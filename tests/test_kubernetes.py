@@ -323,7 +323,7 @@ def pool(plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for name, (product, gpus) in NODES.items():
             kubelet.add_node(name, product, gpus)
         kubeconfig = service_account_kubeconfig(plane, tmp_path_factory.mktemp("sa") / "kubeconfig")
-        # Heartbeat 10 s: the lease is 20 s (a Job's deadline moves on 3 s inside it: the pods' stop grace + 1),
+        # Heartbeat 10 s: the lease is 25 s (a Job's deadline moves on 3 s inside it: the pods' stop grace + 1),
         # a node silent for 30 s is offline; long enough for a pool agent to be restarted on a busy machine
         # (test_a_killed_pool_agent...). Only the fencing test waits on a heartbeat timeout.
         for c in start_cluster(tmp_path_factory.mktemp("pool"), (), torch=False, heartbeat=10.0):
