@@ -43,7 +43,7 @@ from .models import (
     StatusReport,
 )
 from .service import Rejected, Scheduler
-from .store import SeqGap, Store
+from .store import AlreadyExists, SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -189,6 +189,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.exception_handler(Rejected)
     async def _rejected(_: Request, exc: Rejected) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(AlreadyExists)
+    async def _exists(_: Request, exc: AlreadyExists) -> JSONResponse:  # a race the checks before it lost
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(BlobError)
     async def _blob(_: Request, exc: BlobError) -> JSONResponse:

@@ -31,7 +31,7 @@ import redis
 
 from .models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus, check_transition
 from .notify import Notifier
-from .store import GpuBusy, NotFound, SeqGap, Store
+from .store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -274,7 +274,7 @@ class RedisStore(Store):
             self._remember(new.id, args[2])
             return
         if got == "exists":
-            raise ValueError(f"run {new.id} exists already")
+            raise AlreadyExists(f"run {new.id} exists already")
         if got == "conflict":
             self._docs_seen.pop(new.id, None)
             raise _Conflict()
@@ -465,7 +465,7 @@ class RedisStore(Store):
     def upsert_node(self, node: Node) -> Node:
         got = self._put_node(keys=[self.k.nodes, self.k.node_names], args=[node.id, node.name, node.model_dump_json()])
         if got in (b"taken", "taken"):
-            raise ValueError(f"a node named {node.name} exists already")
+            raise AlreadyExists(f"a node named {node.name} exists already")
         return node
 
     def get_node(self, node_id: str) -> Node | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import ApiKey, LogRow, Node, Run, RunStatus, check_transition
-from .store import GpuBusy, NotFound, SeqGap, Store
+from .store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -104,9 +104,12 @@ class SQLiteStore(Store):
 
     # -- runs --------------------------------------------------------------------------------------------
     def create_run(self, run: Run) -> Run:
-        with self._tx() as db:
-            db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc) "
-                       "VALUES (?,?,?,?,?,?,?)", self._run_row(run))
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc) "
+                           "VALUES (?,?,?,?,?,?,?)", self._run_row(run))
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"run {run.id} exists already") from None
         return run
 
     def _get(self, db: sqlite3.Connection, run_id: str) -> Run | None:
@@ -253,9 +256,12 @@ class SQLiteStore(Store):
 
     # -- nodes -------------------------------------------------------------------------------------------
     def upsert_node(self, node: Node) -> Node:
-        with self._tx() as db:
-            db.execute("INSERT INTO nodes (id, name, doc) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                       "name=excluded.name, doc=excluded.doc", (node.id, node.name, node.model_dump_json()))
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO nodes (id, name, doc) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                           "name=excluded.name, doc=excluded.doc", (node.id, node.name, node.model_dump_json()))
+        except sqlite3.IntegrityError:  # the name is another node's (UNIQUE)
+            raise AlreadyExists(f"a node named {node.name} exists already") from None
         return node
 
     def get_node(self, node_id: str) -> Node | None:

@@ -22,6 +22,10 @@ class NotFound(KeyError):
     pass
 
 
+class AlreadyExists(ValueError):
+    """A run id, or a node name, that the store holds already: every store raises this one (nothing written)."""
+
+
 class SeqGap(Exception):
     """A log batch starts after the next expected sequence number: lines in between were never received."""
 

@@ -20,7 +20,7 @@ import pytest
 from scheduler.models import ApiKey, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
-from scheduler.store import GpuBusy, NotFound, SeqGap, Store
+from scheduler.store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 from .conftest import needs
 
@@ -94,7 +94,7 @@ def test_a_created_run_reads_back_the_same_from_either_handle(pair: tuple[Store,
     got = b.get_run(run.id)
     assert got is not None and got.model_dump() == run.model_dump()
     assert b.get_run("run-missing") is None
-    with pytest.raises(Exception):  # noqa: B017 - each store raises its own "exists" error
+    with pytest.raises(AlreadyExists):  # the same error from every store
         a.create_run(run)
 
 
@@ -322,6 +322,9 @@ def test_nodes_upsert_list_touch_and_delete(pair: tuple[Store, Store]) -> None:
     renamed = node(2).model_copy(update={"name": "n2-new"})
     a.upsert_node(renamed)
     assert b.node_by_name("n2") is None and (b.node_by_name("n2-new") or node(0)).id == "node-2"
+    with pytest.raises(AlreadyExists):  # another node's name: refused alike by every store, nothing written
+        a.upsert_node(node(3).model_copy(update={"name": "n2-new"}))
+    assert (b.node_by_name("n3") or node(0)).id == "node-3"
     a.delete_node("node-1")
     assert b.get_node("node-1") is None and b.node_by_name("n1") is None
     assert [n.name for n in b.list_nodes()] == ["n2-new", "n3"]
