@@ -70,7 +70,9 @@ class Candidate:
 
 
 @dataclass
-class Placement:
+class Choice:
+    """One node chosen for a rank, and its GPUs (the store's record of it is models.Placement)."""
+
     node: Node
     gpus: list[int]
 
@@ -195,7 +197,7 @@ def sample_limit(req: Request, n_nodes: int) -> int:
 
 
 def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str] = frozenset(),
-          rng: random.Random | None = None) -> list[Placement] | NoFit:
+          rng: random.Random | None = None) -> list[Choice] | NoFit:
     """`req.count` placements on distinct nodes, or NoFit with the reasons. `reserved` nodes are held for a
     job ahead in the queue and are not used."""
     rng = rng or random
@@ -231,7 +233,7 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
     out = []
     for c in feasible[: req.count]:
         gpus = sorted(g.index for g in _matching(req, c.free))[: req.gpus]
-        out.append(Placement(node=c.node, gpus=gpus))
+        out.append(Choice(node=c.node, gpus=gpus))
     return out
 
 
