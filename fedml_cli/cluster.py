@@ -17,6 +17,9 @@ from typing import Annotated, Any
 import typer
 
 from .errors import FAILED, UNREACHABLE, USAGE, CliError
+from .output import JsonOpt
+from .output import err as _err
+from .output import fail as _fail
 
 node_app = typer.Typer(help="List, drain and remove the nodes of the cluster.", no_args_is_help=True,
                        rich_markup_mode=None)
@@ -26,16 +29,8 @@ key_app = typer.Typer(help="Create, list and revoke API keys (admin key needed).
 token_app = typer.Typer(help="Join tokens: how nodes join a shared cluster (admin key needed).", no_args_is_help=True,
                         rich_markup_mode=None)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
-def _err(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
-
-
-def _fail(exc: CliError) -> typer.Exit:
-    _err(f"error: {exc}")
-    return typer.Exit(exc.code)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -13,27 +13,20 @@ from typing import Annotated, Any
 import typer
 
 from .errors import FAILED, NOT_FOUND, USAGE, CliError
+from .output import JsonOpt
+from .output import err as _err
+from .output import fail as _fail
+from .output import print_json as _print_json
 
 endpoint_app = typer.Typer(
     help="Model endpoints (job_type: serve or deploy): list, status, scale, delete, call. Requests reach a "
          "ready replica through the scheduler's gateway at POST /inference/NAME.",
     no_args_is_help=True, rich_markup_mode=None)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The endpoint's name (or its run id).")]
 
 
-def _err(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
 
-
-def _fail(exc: CliError) -> typer.Exit:
-    _err(f"error: {exc}")
-    return typer.Exit(exc.code)
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _console() -> Any:

@@ -14,6 +14,10 @@ import typer
 
 from . import __version__, cluster, endpoint
 from .errors import FAILED, INTERRUPTED, NOT_FOUND, OK, USAGE, CliError
+from .output import JsonOpt
+from .output import err as _err
+from .output import fail as _fail
+from .output import print_json as _print_json
 
 app = typer.Typer(
     name="fedml",
@@ -42,21 +46,9 @@ scheduler_app.add_typer(cluster.token_app, name="token")
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
-def _err(msg: str) -> None:
-    sys.stderr.write(f"{msg}\n")
-    sys.stderr.flush()
 
-
-def _fail(exc: CliError) -> typer.Exit:
-    _err(f"error: {exc}")
-    return typer.Exit(exc.code)
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _ago(ts: float | None) -> str:

@@ -1,0 +1,28 @@
+"""What every command prints the same way: one-line errors on stderr, JSON on stdout, the --json option."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from .errors import CliError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def err(msg: str) -> None:
+    sys.stderr.write(f"{msg}\n")
+    sys.stderr.flush()
+
+
+def fail(exc: CliError) -> typer.Exit:
+    """Say what went wrong in one line; the exit the command raises carries the error's code."""
+    err(f"error: {exc}")
+    return typer.Exit(exc.code)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
