@@ -356,13 +356,7 @@ class RedisStore(Store):
         statuses = None if status is None else {s.value for s in status}
         k = self.k
         if node_id is not None:
-            pre = getattr(self._locks, "prefetched", None)
-            if pre is not None and pre[0] == node_id and time.monotonic() - pre[2] < 1.0:
-                self._locks.prefetched = None
-                ids = pre[1]
-            else:
-                ids = [m.decode() for m in self.r.smembers(k.node_runs(node_id))]
-            cut = None
+            ids = [m.decode() for m in self.r.smembers(k.node_runs(node_id))]
         else:
             # Newest first from the most selective index; filters applied after reading need every id.
             filtering = owner is not None and statuses is not None
@@ -378,6 +372,9 @@ class RedisStore(Store):
                 ids = [m.decode() for m in self.r.zrevrange(k.owner(owner) if owner else k.runs, 0, stop)]
             cut = None if filtering else limit
             ids = ids[:cut] if cut is not None else ids
+        return self._filtered(ids, statuses, owner, limit)
+
+    def _filtered(self, ids: list[str], statuses: set[str] | None, owner: str | None, limit: int) -> list[Run]:
         runs = self._docs(ids)
         out = [r for r in runs if (statuses is None or r.status.value in statuses)
                and (owner is None or r.owner == owner)]
@@ -532,9 +529,13 @@ class RedisStore(Store):
     # -- shared by the replicas ------------------------------------------------------------------------------
     def heartbeat(self, node_id: str, ts: float) -> float | None:
         got = self._heartbeat(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])
-        # The poll that sent this heartbeat lists the node's runs next: keep them for that one call.
-        self._locks.prefetched = (node_id, [m.decode() for m in got[1:]], time.monotonic())
         return float(got[0]) if got[0] else None
+
+    def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
+        # One script records the heartbeat and reads the node's run index; one MGET reads the runs.
+        got = self._heartbeat(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])
+        ids = [m.decode() for m in got[1:]]
+        return (float(got[0]) if got[0] else None), self._filtered(ids, {s.value for s in status}, None, 1_000_000)
 
     def heartbeats(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.r.hgetall(self.k.seen).items()}

@@ -309,7 +309,8 @@ class Scheduler:
     def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
         self._own_node(who, node_id)
         now = time.time()
-        if not self.store.heartbeat(node_id, now):
+        before, runs = self.store.heartbeat_and_runs(node_id, now, ACTIVE)
+        if not before:
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
                 self.store.touch_node(node_id, now)
                 self._nodes_changed()
@@ -320,7 +321,7 @@ class Scheduler:
         start: list[Assignment] = []
         wanted: set[str] = set()
         scale: dict[str, int] = {}
-        for run in self.store.list_runs(status=ACTIVE, node_id=node_id, limit=1_000_000):
+        for run in runs:
             p = run.placement_on(node_id)
             if p is None or p.done:
                 continue

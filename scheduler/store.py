@@ -137,6 +137,11 @@ class Store(abc.ABC):
             seen[node_id] = ts
         return before
 
+    def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
+        """A poll's two reads as one call: record the heartbeat (as `heartbeat`) and list the node's runs in
+        `status` (as `list_runs(status=..., node_id=...)`). A shared store answers both in one round trip."""
+        return self.heartbeat(node_id, ts), self.list_runs(status=status, node_id=node_id, limit=1_000_000)
+
     def heartbeats(self) -> dict[str, float]:
         with self._soft:
             return dict(self.__dict__.get("_seen", {}))

@@ -365,6 +365,22 @@ def test_heartbeats_return_the_one_before(pair: tuple[Store, Store]) -> None:
     assert b.heartbeats() == {"node-1": 12.0, "node-2": 3.0}
 
 
+def test_a_heartbeat_and_the_nodes_runs_in_one_call(store: Store) -> None:
+    """What a poll reads: its heartbeat recorded and the node's runs in the given states (one round trip on
+    Redis; it was a hidden prefetch that the next list_runs call happened to use)."""
+    mine = store.create_run(mk_run(1))
+    start_on(store, mine, "node-a", [0])
+    other = store.create_run(mk_run(2))
+    start_on(store, other, "node-b", [0])
+    ended = store.create_run(mk_run(3))
+    start_on(store, ended, "node-a", [1])
+    store.transition(ended.id, RunStatus.KILLED)
+    before, runs = store.heartbeat_and_runs("node-a", 5.0, [RunStatus.STARTING, RunStatus.RUNNING])
+    assert before is None and [r.id for r in runs] == [mine.id]
+    before, runs = store.heartbeat_and_runs("node-a", 6.0, [RunStatus.RUNNING])
+    assert before == 5.0 and runs == []
+
+
 def test_a_lock_is_held_by_one_holder_at_a_time(pair: tuple[Store, Store]) -> None:
     a, b = pair
     inside = [0]
