@@ -235,6 +235,7 @@ def parse_url(url: str) -> tuple[str, str]:
 class RedisStore(Store):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str | None = None,
                  log_retention: int = DEFAULT_LOG_RETENTION) -> None:
+        super().__init__()
         plain, url_prefix = parse_url(url)
         self.url = plain
         self.k = Keys(prefix if prefix is not None else url_prefix)

@@ -68,6 +68,7 @@ _RUN_COLUMNS = ("status", "node_id", "owner", "priority", "created_at")
 
 class SQLiteStore(Store):
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        super().__init__()
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)

@@ -123,18 +123,19 @@ class Store(abc.ABC):
         return contextlib.nullcontext()
 
     # -- what scheduler replicas sharing this store must agree on ------------------------------------------
-    # Defaults serve a store that one scheduler process owns (SQLite): in-process state and locks.
+    # Defaults serve a store that one scheduler process owns (SQLite): state and locks of this instance.
     # A store shared by several replicas (Redis) keeps these where every replica sees them.
-    _soft = threading.Lock()
-    _stripes = tuple(threading.RLock() for _ in range(64))
+    def __init__(self) -> None:
+        self._soft = threading.Lock()
+        self._seen: dict[str, float] = {}
+        self._stripes = tuple(threading.RLock() for _ in range(64))
 
     def heartbeat(self, node_id: str, ts: float) -> float | None:
         """Record a heartbeat (soft state: fast, not durable). Returns the one before (None: none since
         this store was opened; 0.0: the node was marked OFFLINE since)."""
         with self._soft:
-            seen = self.__dict__.setdefault("_seen", {})
-            before = seen.get(node_id)
-            seen[node_id] = ts
+            before = self._seen.get(node_id)
+            self._seen[node_id] = ts
         return before
 
     def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
@@ -144,7 +145,7 @@ class Store(abc.ABC):
 
     def heartbeats(self) -> dict[str, float]:
         with self._soft:
-            return dict(self.__dict__.get("_seen", {}))
+            return dict(self._seen)
 
     @contextlib.contextmanager
     def lock(self, name: str, ttl: float = 5.0) -> Iterator[None]:
