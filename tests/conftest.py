@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPAT = ROOT.parent / "shared" / "compat" / "fedml_examples"
+# The FedML job YAMLs the tests use, copied from ../shared/compat (tests/data/README.md): a clone tests itself.
+COMPAT = ROOT / "tests" / "data" / "fedml_examples"
 FEDML = shutil.which("fedml", path=str(Path(sys.executable).parent)) or "fedml"
 
 
