@@ -866,6 +866,11 @@ def test_scheduler_sigkill_and_restart_mid_run_loses_nothing(c: Cluster, tmp_pat
 
 
 def test_no_secret_in_logs_argv_or_store(c: Cluster) -> None:
+    # its own user key and join token (it once counted on other tests having made some: alone it failed)
+    r = c.fedml("scheduler", "key", "create", "carol")
+    t = c.fedml("scheduler", "token", "create", "--node")
+    assert r.returncode == 0 and t.returncode == 0, (r.stderr, t.stderr)
+    c.secrets |= {r.stdout.strip(), t.stdout.strip()}
     for name in NODES:
         c.secrets.add((c.node_home(name) / "node_token").read_text().strip())
     assert len(c.secrets) >= 4 + len(NODES)

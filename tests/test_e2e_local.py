@@ -257,6 +257,10 @@ def test_scheduler_stop_leaves_running_jobs_running_past_the_lease(fedml: Fedml,
     assert "stopped agent" in s.stderr, s.stderr
     shells = [p for p in run_processes(run_id) if any(a.endswith(("wrapper.sh", "job.sh")) for a in p.cmdline())]
     assert len(shells) == 2, shells
+    from runtime import fence
+
+    until, _ = fence.read(fedml.home / "local" / "agent" / "lease")
+    assert until - fence.now() > 86400, "the lease was not parked"
     time.sleep(5)  # 2.5 leases: a lease left to run out would have had the job killed by now
     assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in shells)
     go.touch()
