@@ -30,9 +30,6 @@ token_app = typer.Typer(help="Join tokens: how nodes join a shared cluster (admi
                         rich_markup_mode=None)
 
 
-
-
-
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

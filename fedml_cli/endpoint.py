@@ -26,9 +26,6 @@ endpoint_app = typer.Typer(
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The endpoint's name (or its run id).")]
 
 
-
-
-
 def _console() -> Any:
     from rich.console import Console
 

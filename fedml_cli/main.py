@@ -47,10 +47,6 @@ TERMINAL = ("FINISHED", "FAILED", "KILLED")
 STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
 
 
-
-
-
-
 def _ago(ts: float | None) -> str:
     if not ts:
         return "-"
