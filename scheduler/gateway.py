@@ -38,6 +38,18 @@ _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-autho
                   "transfer-encoding", "upgrade", "host", "content-length", "authorization"})
 
 
+def wanted_replicas(now: int, up: float | None, down: float | None, target: float, lo: int, hi: int) -> int:
+    """The autoscaler's rule: `up` / `down` are the average requests in flight over the short (scale-up) and the
+    long (scale-down) window (None: not that much history yet). Scale up at once to ceil(up / target); scale down
+    only when the whole long window wanted fewer (never below 1); always within [lo, hi]."""
+    want = now
+    if up is not None and math.ceil(up / target) > now:
+        want = math.ceil(up / target)
+    elif down is not None and max(1, math.ceil(down / target)) < now:
+        want = max(1, math.ceil(down / target))
+    return min(max(want, lo), hi)
+
+
 class Load:
     """Requests in flight for one endpoint, integrated over time (Little's law) for the autoscaler."""
 
@@ -213,16 +225,8 @@ class Endpoints:
             ep = run.endpoint
             if ep is None or not ep.autoscale or run.terminal:
                 continue
-            target, down_window = ep.target_inflight, ep.scale_down_delay
-            want = ep.replicas
-            up = load.average(UP_WINDOW)
-            if up is not None and math.ceil(up / target) > ep.replicas:
-                want = math.ceil(up / target)
-            else:
-                down = load.average(down_window)
-                if down is not None and max(1, math.ceil(down / target)) < ep.replicas:
-                    want = max(1, math.ceil(down / target))
-            want = min(max(want, ep.min_replicas), ep.max_replicas)
+            want = wanted_replicas(ep.replicas, load.average(UP_WINDOW), load.average(ep.scale_down_delay),
+                                   ep.target_inflight, ep.min_replicas, ep.max_replicas)
             if want != ep.replicas:
                 with self.sched._runs_lock, self.store.lock(f"run:{run.id}"):
                     fresh = self.store.get_run(run.id)
