@@ -1,4 +1,4 @@
-# The single entry point: `make install`, `make test`, `make bench`, `make lint`.
+# The single entry point: `make install`, `make test`, `make bench`, `make lint` (ruff and the import contracts).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -51,6 +51,7 @@ k8s:
 
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache  # the import contracts in pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info
