@@ -677,9 +677,9 @@ class PodHandle(Handle):
             job = self._read_job()
             if job is None:
                 return self._end(137, ("LOST", f"Job {self.job} was deleted", None), cleanup=False)
+            if fenced(job):
+                return self._end(137, ("LOST", FENCED, None), cleanup=False)
             for cond in (job.get("status") or {}).get("conditions") or []:
-                if fenced(job):
-                    return self._end(137, ("LOST", FENCED, None), cleanup=False)
                 if cond.get("type") == "Failed" and cond.get("status") == "True":
                     return self._end(1, ("FAILED", f"Job {self.job}: {cond.get('reason')}: {cond.get('message')}", None))
         return None

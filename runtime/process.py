@@ -48,6 +48,7 @@ class ProcessHandle(Handle):
         self.uid = uid
         self._popen = popen
         self._status: ExitStatus | None = None
+        self._swept = False
         self._exited = threading.Event()
         if popen is not None:
             # Wakes the agent the moment the job ends, instead of at its next look.
@@ -72,7 +73,8 @@ class ProcessHandle(Handle):
         if self._alive():
             return None
         self._kill_group(signal.SIGKILL)  # background children the job left behind
-        sweep(self.run_dir, self.uid)  # and what left the group (a serve supervisor's replicas, setsid daemons)
+        if not self._swept:  # and what left the group (a serve supervisor's replicas, setsid daemons)
+            sweep(self.run_dir, self.uid)
         self._status = self._read_exit()
         return self._status
 
@@ -103,6 +105,7 @@ class ProcessHandle(Handle):
             time.sleep(0.05)
         self._kill_group(signal.SIGKILL)
         sweep(self.run_dir, self.uid)
+        self._swept = True  # poll() need not walk every process again
         if self._popen is not None:
             try:
                 self._popen.wait(timeout=5)
