@@ -598,6 +598,8 @@ def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
     return spec
 
 
+MAX_WARNINGS = 20
+
 # Keys FedML defines in these blocks that this project reads nothing from: not typos.
 _FEDML_EXTRA = {"computing": {"allow_cross_cloud_resources"}}
 
@@ -619,7 +621,8 @@ def unknown_keys(spec: JobSpec, file: str = "job.yaml") -> list[str]:
             return
         line = lines.line_of((*path, key)) if lines is not None else None
         hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(known))})"
-        out.append((line or 0, f"{file}{f':{line}' if line else ''}: {'.'.join((*path, key))}: unknown key{hint}"))
+        shown = key if len(key) <= 60 else key[:57] + "..."  # a hostile file's 1 MiB key is not echoed whole
+        out.append((line or 0, f"{file}{f':{line}' if line else ''}: {'.'.join((*path, shown))}: unknown key{hint}"))
 
     blocks: list[tuple[tuple[str, ...], BaseModel | None]] = [
         (("computing",), spec.computing), (("docker",), spec.docker), (("retry",), spec.retry),
@@ -636,7 +639,10 @@ def unknown_keys(spec: JobSpec, file: str = "job.yaml") -> list[str]:
     top = [k for k in JobSpec.model_fields if k != "job_subtype"] + ["task_type"]
     for key in spec.model_extra or {}:
         note((), str(key), top, 0.85, False)
-    return [text for _, text in sorted(out)]
+    texts = [text for _, text in sorted(out)]
+    if len(texts) > MAX_WARNINGS:  # one line per typo, but not 100,000 of them
+        texts = texts[:MAX_WARNINGS] + [f"{file}: {len(texts) - MAX_WARNINGS} more unknown keys not shown"]
+    return texts
 
 
 class LoadedJob(BaseModel):

@@ -322,3 +322,16 @@ def test_typos_warn_with_a_suggestion_and_strict_makes_them_errors(fedml: Fedml,
     assert strict.returncode == 2 and strict.stderr.count("error: ") == 3, strict.stderr
     assert "Traceback" not in strict.stderr
     assert_nothing_submitted(fedml)
+
+
+def test_a_flood_of_unknown_keys_gets_a_bounded_warning(fedml: Fedml, tmp_path: Path) -> None:
+    """A hostile file: 5,000 unknown keys in `computing`, one of them 100 KB long."""
+    (tmp_path / "ws").mkdir()
+    keys = f"  ? {'x' * 100_000}\n  : 1\n" + "".join(f"  k{i}: 1\n" for i in range(5000))  # the long one first
+    job = tmp_path / "job.yaml"
+    job.write_text(WS + "job: echo hi\ncomputing:\n" + keys)
+    r = fedml("launch", str(job), "--dry-run")
+    assert r.returncode == 0, r.stderr[:500]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 21 and lines[-1] == f"warning: {job}: 4981 more unknown keys not shown", lines[-3:]
+    assert "xxx..." in lines[0] and max(len(x) for x in lines) < 1000
