@@ -195,8 +195,8 @@ def _interrupted(api: Any, run_id: str, stop_on_interrupt: bool) -> int:
 
 class _QueueWatch:
     """While a launched run waits to be placed, say why: a spinner with the reason on a terminal, a line per new
-    reason otherwise (stderr). It runs beside the log follower, which starts at once, so a run placed at once
-    costs nothing; it ends when the run leaves the queue or the first log line arrives."""
+    reason otherwise (stderr), once it has waited a second. It runs beside the log follower, which starts at once,
+    so a run placed at once costs nothing; it ends when the run leaves the queue or the first log line arrives."""
 
     def __init__(self, api: Any, run: dict[str, Any]) -> None:
         import threading
@@ -213,6 +213,11 @@ class _QueueWatch:
 
     def _watch(self, run: dict[str, Any]) -> None:
         try:
+            # Quiet for a second: most runs are placed by then, and a scheduler that has just started would
+            # otherwise say "no nodes have joined yet" while its own local agent is still joining.
+            if self.done.wait(1.0):
+                return
+            run = self.api.get(f"/runs/{self.run_id}")
             while run.get("status") == "QUEUED" and not self.done.is_set():
                 if run.get("reason") and run["reason"] != self.reason:
                     self._say(f"queued: {run['reason']}")
