@@ -147,6 +147,9 @@ def job_manifest(*, name: str, namespace: str, labels: dict[str, str], node: str
                     {"name": "workspace", "emptyDir": {}},
                     {"name": "artifacts", "emptyDir": {}}],
         "enableServiceLinks": False,
+        # A job holds no credential to the cluster: with the namespace's service account token it could, where
+        # RBAC allows, patch its own Job's deadline (its fencing) or reach other workloads.
+        "automountServiceAccountToken": False,
     }
     if gpu_product:
         pod_spec["nodeSelector"] = {GPU_PRODUCT: gpu_product}

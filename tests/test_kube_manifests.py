@@ -28,6 +28,7 @@ def test_a_rank_is_one_pod_pinned_to_its_node_with_its_gpus() -> None:
                                                                                      "memory": "4096Mi"}}
     assert [e["name"] for e in c["env"]] == ["A", "B"]  # sorted: the same job gives the same manifest
     assert pod["terminationGracePeriodSeconds"] == 10 and pod["enableServiceLinks"] is False
+    assert pod["automountServiceAccountToken"] is False  # no cluster credential inside the job
     assert "activeDeadlineSeconds" not in spec  # set by the runtime from the node's lease
 
 
