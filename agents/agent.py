@@ -32,12 +32,13 @@ from typing import Any
 import psutil
 
 from runtime import fence
-from runtime.archive import Packed, PackError, UnsafeArchive, pack, unpack
 from runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, read_job_file, substitute, write_job_file
 from runtime.env import run_env
 from runtime.process import ProcessRuntime
-from scheduler.jobspec import JobSpec
-from scheduler.models import Assignment, NodeInfo, RunStatus, attempt_ref, parse_ref
+from scheduler.contract import supervisor
+from scheduler.contract.archive import Packed, PackError, UnsafeArchive, pack, unpack
+from scheduler.contract.jobspec import JobSpec
+from scheduler.contract.models import Assignment, NodeInfo, RunStatus, attempt_ref, parse_ref
 
 from .client import AgentClient, Refused, Unreachable, server_from_state_file
 from .inventory import collect, detect_address
@@ -110,7 +111,7 @@ class RunWorker(threading.Thread):
         else:
             assert self.assignment is not None
             run = self.assignment.run
-            spec = JobSpec.model_validate(run.job)
+            spec = run.job
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.saved = {"run_id": run.id, "rank": self.assignment.rank, "attempt": run.attempt,
                           "max_duration": spec.max_duration, "started": time.time()}
@@ -143,7 +144,7 @@ class RunWorker(threading.Thread):
             chown_tree(self.job_dir, user)
             launch = LaunchSpec(run_id=run.id, run_dir=self.job_dir, workspace=workspace,
                                 bootstrap=spec.bootstrap_commands(), job=commands, env=env,
-                                rank=self.assignment.rank, extra={"job": spec, "assignment": a}, log_dir=self.dir,
+                                rank=self.assignment.rank, job_spec=spec, assignment=a, log_dir=self.dir,
                                 uid=user.uid if user.separate else None, gid=user.gid if user.separate else None)
             if self.stop_event.is_set():
                 self._report_final(RunStatus.KILLED, None, self.stop_reason)
@@ -190,23 +191,21 @@ class RunWorker(threading.Thread):
         env["FEDML_SERVE_HOST"] = self.agent.info.address  # where the gateway reaches this node's replicas
         (self.job_dir / "replica.sh").write_text(substitute(spec.commands(), env) + "\n")
         self._assign_ports(max(want, svc.bounds[1]))
-        _write_json(self.job_dir / "serve.json", {"readiness_path": svc.readiness_path, "replicas": want,
-                                                  "ports": self.saved["ports"],
-                                              "gpus": a.gpus, "grace": max(1.0, self.agent.stop_grace * 0.8)})
+        cfg = supervisor.ServeConfig(readiness_path=svc.readiness_path, replicas=want, ports=self.saved["ports"],
+                                     gpus=[str(g) for g in a.gpus], grace=max(1.0, self.agent.stop_grace * 0.8))
+        _write_json(self.job_dir / supervisor.CONFIG, json.loads(cfg.dumps()))
         self.desired = want
         self._save(serve=True)
-        return f'exec {shlex.quote(sys.executable)} -m runtime.serve --dir "$FEDML_RUN_DIR"'
+        return f'exec {shlex.quote(sys.executable)} -m {supervisor.MODULE} --dir "$FEDML_RUN_DIR"'
 
     def _assign_ports(self, n: int) -> bool:
         """Ports for replicas 0..n-1, chosen by the agent (free now). Only these are reported to the scheduler,
         whatever the job's supervisor writes: a job cannot point the gateway at another service of this host."""
-        from runtime.serve import free_port
-
         ports: dict[str, int] = dict(self.saved.get("ports") or {})
         added = False
         for i in range(n):
             if str(i) not in ports:
-                ports[str(i)] = free_port()
+                ports[str(i)] = supervisor.free_port()
                 added = True
         self.saved["ports"] = ports
         return added
@@ -217,15 +216,15 @@ class RunWorker(threading.Thread):
             user = self.agent.job_user
             if self._assign_ports(self.desired):
                 self._save()
-            write_job_file(self.job_dir / "control.json",
-                           json.dumps({"replicas": self.desired, "ports": self.saved["ports"]}).encode(),
+            write_job_file(self.job_dir / supervisor.CONTROL,
+                           supervisor.Control(self.desired, self.saved["ports"]).dumps().encode(),
                            user.uid if user.separate else None, user.gid)
             self._desired_written = self.desired
         now = time.monotonic()
         if now - self._replicas_checked < 0.1:
             return
         self._replicas_checked = now
-        f = self.job_dir / "replicas.json"  # written by the job's serve supervisor: the job's to forge
+        f = self.job_dir / supervisor.STATE  # written by the job's serve supervisor: the job's to forge
         try:
             mtime = f.stat(follow_symlinks=False).st_mtime_ns
             if mtime == self._replicas_mtime:
@@ -322,7 +321,7 @@ class RunWorker(threading.Thread):
 
     def _pack_artifacts(self, art: Path) -> Packed:
         """The job controls its artifact tree: a job running as another user has it packed by a process of that
-        user (`python -m runtime.archive pack`), so no link it planted is ever read with the agent's rights."""
+        user (`python -m scheduler.contract.archive pack`), so no link it planted is ever read with the agent's rights."""
         user = self.agent.job_user
         if not user.separate:
             return pack(art)
@@ -332,7 +331,7 @@ class RunWorker(threading.Thread):
         fd, path = tempfile.mkstemp(prefix="artifacts-", suffix=".tar.gz", dir=self.dir)
         try:
             with os.fdopen(fd, "wb") as out:
-                r = subprocess.run([sys.executable, "-m", "runtime.archive", "pack", str(art)], stdout=out,
+                r = subprocess.run([sys.executable, "-m", "scheduler.contract.archive", "pack", str(art)], stdout=out,
                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd="/", timeout=600,
                                    user=user.uid, group=user.gid, extra_groups=[], umask=0o077,
                                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.job_dir)})

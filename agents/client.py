@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedml_cli._http import httpx, transport
-from scheduler.models import LogBatch, NodeInfo, PollResponse, Registered, RunStatus, StatusReport
+from scheduler.contract.models import LogBatch, NodeInfo, PollResponse, Registered, RunStatus, StatusReport
+from scheduler.contract.transport import httpx, transport
 
 API = "/api/v1"
 

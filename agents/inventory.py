@@ -7,7 +7,7 @@ import socket
 
 import psutil
 
-from scheduler.models import GpuInfo, NodeInfo
+from scheduler.contract.models import GpuInfo, NodeInfo, parse_gpu_decl
 
 
 def nvml_gpus() -> tuple[list[GpuInfo], str | None]:
@@ -40,23 +40,6 @@ def nvml_gpus() -> tuple[list[GpuInfo], str | None]:
             pass
 
 
-def parse_gpu_decl(decl: str) -> list[GpuInfo]:
-    """`A100-80G:4` or `A100-80G:4:81920` (memory MB), comma-separated: declared GPUs, like Slurm's gres."""
-    out: list[GpuInfo] = []
-    for part in filter(None, (p.strip() for p in decl.split(","))):
-        bits = part.split(":")
-        if len(bits) not in (2, 3) or not bits[0]:
-            raise ValueError(f"--gpus {part!r}: expected TYPE:COUNT or TYPE:COUNT:MEMORY_MB")
-        try:
-            count = int(bits[1])
-            mem = int(bits[2]) if len(bits) == 3 else 0
-        except ValueError:
-            raise ValueError(f"--gpus {part!r}: COUNT and MEMORY_MB must be integers") from None
-        base = len(out)
-        out.extend(GpuInfo(index=base + i, name=bits[0], memory_mb=mem) for i in range(count))
-    return out
-
-
 def detect_address(server_url: str) -> str:
     """The local address this machine uses towards the scheduler: what other nodes can likely reach.
     (A UDP connect sends nothing; it only asks the kernel for the route.)"""
@@ -82,7 +65,7 @@ def available_runtimes() -> list[str]:
 
 def collect(name: str | None = None, gpus_decl: str | None = None, labels: dict[str, str] | None = None,
             price: float | None = None, runtimes: list[str] | None = None, address: str = "127.0.0.1") -> NodeInfo:
-    from fedml_cli import __version__
+    from scheduler.contract import __version__
 
     gpus = parse_gpu_decl(gpus_decl) if gpus_decl else nvml_gpus()[0]
     return NodeInfo(
@@ -96,3 +79,10 @@ def collect(name: str | None = None, gpus_decl: str | None = None, labels: dict[
         address=address,
         agent_version=__version__,
     )
+
+
+if __name__ == "__main__":  # `fedml env` asks across a process boundary: python -m agents.inventory
+    import json
+
+    found, why = nvml_gpus()
+    print(json.dumps({"gpus": [g.model_dump() for g in found], "why": why}))

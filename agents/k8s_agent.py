@@ -46,7 +46,7 @@ from runtime.kubernetes import (
     pod_active,
     pod_gpus,
 )
-from scheduler.models import GpuInfo, NodeInfo, RunStatus
+from scheduler.contract.models import GpuInfo, NodeInfo, RunStatus
 
 from .agent import Agent, RunWorker, _read_key, _SingleInstance, _write_json
 from .client import AgentClient, Refused, Unreachable
@@ -272,7 +272,7 @@ class Pool:
 
 
 def _version() -> str:
-    from fedml_cli import __version__
+    from scheduler.contract import __version__
 
     return __version__
 

@@ -11,7 +11,7 @@ import stat
 import time
 from pathlib import Path
 
-from scheduler.models import LogBatch
+from scheduler.contract.models import LogBatch
 
 from .client import AgentClient, Refused, Unreachable
 

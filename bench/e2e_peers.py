@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import REPO, emit, percentile  # noqa: E402
-from fedml_cli._http import httpx  # noqa: E402
+from scheduler.contract.transport import httpx  # noqa: E402
 
 POLL = 0.05
 

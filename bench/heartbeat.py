@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 
 from bench._common import REPO, emit, percentile  # noqa: E402
-from fedml_cli._http import NODELAY, httpx  # noqa: E402
+from scheduler.contract.transport import NODELAY, httpx  # noqa: E402
 
 TARGET_AGENTS = 10_000  # issue 6
 INTERVAL = 10.0  # the default heartbeat interval (s)

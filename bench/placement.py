@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scheduler.models import GpuInfo, Node, Run, RunStatus  # noqa: E402
+from scheduler.contract.models import GpuInfo, Node, Run, RunStatus  # noqa: E402
 from scheduler.notify import Notifier  # noqa: E402
 from scheduler.placement import Request, place  # noqa: E402
 from scheduler.service import Scheduler  # noqa: E402
@@ -100,7 +100,7 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str) -> dict[str, object
 def backfill(rule: str, tmp: Path, nodes: int = 20, gpus: int = 8, churn: int = 8, seed: int = 5) -> dict[str, Any]:
     """One simulation of the backfill scenario under `rule` ("all usable nodes" or "what the head gets")."""
     import scheduler.service as service
-    from scheduler.models import NodeInfo, RunCreate, StatusReport
+    from scheduler.contract.models import NodeInfo, RunCreate, StatusReport
     from scheduler.placement import could_use, reservation
 
     if rule == "all usable nodes":  # the rule before issue 12

@@ -1,3 +1,5 @@
 """fedml launch: a self-hosted launcher and scheduler for AI jobs."""
 
-__version__ = "0.1.0"
+from scheduler.contract import __version__
+
+__all__ = ["__version__"]

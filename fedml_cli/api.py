@@ -8,8 +8,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from scheduler.contract.transport import httpx, transport
+
 from . import local
-from ._http import httpx, transport
 from .errors import NOT_FOUND, UNREACHABLE, USAGE, CliError
 
 API = "/api/v1"
@@ -161,7 +162,7 @@ def _safe_path(path: str) -> str:
 
 
 def credentials() -> dict[str, str] | None:
-    from . import paths
+    from scheduler.contract import paths
 
     try:
         data = json.loads(paths.credentials_file().read_text())

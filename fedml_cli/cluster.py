@@ -137,7 +137,7 @@ def login(
         _err(f"({', '.join(node_opts)} implies --node: joining this machine as a node)")
     labels = _labels(label)
     if gpus:
-        from agents.inventory import parse_gpu_decl
+        from scheduler.contract.models import parse_gpu_decl
 
         try:
             parse_gpu_decl(gpus)
@@ -158,7 +158,7 @@ def login(
         _join_pool(api_key, server, name, labels, price, context, namespace, image, foreground)
         return
     if not node:
-        from . import paths
+        from scheduler.contract import paths
 
         _write_private(paths.credentials_file(), json.dumps({"server": server, "api_key": api_key}))
         _err(f"Logged in to {server} as {who['owner']} ({who['scope']} key). Commands now go there; "
@@ -233,7 +233,7 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
           price: float | None, address: str | None, foreground: bool, run_as: str | None = None) -> None:
     import socket
 
-    from . import paths
+    from scheduler.contract import paths
 
     name = name or socket.gethostname()
     home = paths.node_home(name)
@@ -302,7 +302,7 @@ def _context_namespace(context: str | None) -> str:
 
 def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, str], price: float | None,
                context: str | None, namespace: str | None, image: str | None, foreground: bool) -> None:
-    from . import paths
+    from scheduler.contract import paths
 
     pool = name or f"k8s-{namespace or _context_namespace(context)}"
     home = paths.node_home(pool)
@@ -335,7 +335,7 @@ def logout(
 ) -> None:
     """Stop the agents `fedml login --node` started here (their runs are stopped and requeued elsewhere per
     their retry policy), remove the nodes from the scheduler, and forget stored credentials."""
-    from . import paths
+    from scheduler.contract import paths
 
     nodes_dir = paths.home() / "nodes"
     homes = [paths.node_home(name)] if name else (sorted(p for p in nodes_dir.iterdir() if p.is_dir())
@@ -363,43 +363,19 @@ def _leave(home: Path) -> None:
             time.sleep(0.05)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
-    if (home / "pool.json").exists():  # a Kubernetes pool: delete its Jobs, remove its nodes
-        from agents.k8s_agent import leave
-
-        for warning in leave(home):
-            _err(f"warning: {warning}")
-        import shutil
-
-        shutil.rmtree(home, ignore_errors=True)
-        _err(f"Pool {home.name} logged out" + (f" (agent pid {pid} stopped)." if pid else "."))
-        return
-    # The agent leaves its jobs running on purpose (it re-attaches after a restart); leaving for good, stop them.
-    from runtime.process import ProcessRuntime
-
-    runs = home / "runs"
-    for d in sorted(runs.iterdir()) if runs.exists() else []:
-        try:
-            state = json.loads((d / "agent.json").read_text()).get("handle")
-        except (OSError, ValueError):
-            continue
-        handle = ProcessRuntime().reattach(state, home / "jobs" / d.name) if state else None
-        if handle is not None and handle.poll() is None:
-            handle.stop(float(os.environ.get("FEDML_STOP_GRACE", "10")))
-    node = {}
+    pool = (home / "pool.json").exists()
+    # Stopping the jobs and removing the node are the agent's business: run its `leave` as a process.
     try:
-        node = json.loads((home / "node.json").read_text())
-        token = (home / "node_token").read_text().strip()
-        from .api import Api
-
-        Api(node["server"], token).delete(f"/nodes/{node['id']}")
-    except (OSError, ValueError, KeyError):
-        pass
-    except CliError as exc:
-        _err(f"warning: could not remove node {node.get('name', home.name)} from the scheduler: {exc}")
+        done = subprocess.run([sys.executable, "-m", "agents.leave", str(home)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+        for line in done.stderr.splitlines():
+            _err(line)
+    except subprocess.TimeoutExpired:
+        _err(f"warning: leaving {home.name} took over 5 minutes; its jobs may still run")
     import shutil
 
     shutil.rmtree(home, ignore_errors=True)
-    _err(f"Node {node.get('name', home.name)} logged out" + (f" (agent pid {pid} stopped)." if pid else "."))
+    _err(f"{'Pool' if pool else 'Node'} {home.name} logged out" + (f" (agent pid {pid} stopped)." if pid else "."))
 
 
 # ---- node --------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from scheduler.contract import paths
+
 from .errors import UNREACHABLE, CliError
 
 START_TIMEOUT = 20.0
@@ -40,7 +41,7 @@ def _alive(pid: int) -> bool:
 
 
 def _healthy(url: str) -> bool:
-    from ._http import httpx
+    from scheduler.contract.transport import httpx
 
     try:
         r = httpx.get(f"{url}/healthz", timeout=2.0, verify=False)  # plain http, loopback

@@ -91,7 +91,7 @@ def launch(
 
     Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on.
     """
-    from scheduler.jobspec import JobSpecError, env_problem, load_file
+    from scheduler.contract.jobspec import JobSpecError, env_problem, load_file
 
     try:
         loaded = load_file(job_file)
@@ -506,7 +506,7 @@ def _download_artifacts(api: Any, run: dict[str, Any], latest: dict[int, dict[st
     import tempfile
     from pathlib import Path
 
-    from runtime.archive import UnsafeArchive, unpack
+    from scheduler.contract.archive import UnsafeArchive, unpack
 
     for rank, a in latest.items():
         target = Path(dest) / f"rank{rank}" if run.get("num_nodes", 1) > 1 else Path(dest)
@@ -644,8 +644,6 @@ def scheduler_start(
         raise typer.Exit(USAGE)
     except CliError:
         pass
-    from scheduler.server import main as serve
-
     args = ["--host", host, "--port", str(port), "--max-workspace-mb", str(max_workspace_mb),
             "--heartbeat-interval", str(heartbeat_interval), "--run-as", run_as, "--store", store]
     for flag, value in (("--blob-dir", blob_dir), ("--log-retention-lines", log_retention_lines), ("--gpus", gpus)):
@@ -653,7 +651,10 @@ def scheduler_start(
             args += [flag, str(value)]
     if agent is not None:
         args.append("--agent" if agent else "--no-agent")
-    raise typer.Exit(serve(args))
+    # The CLI starts the server, it does not import it: this process becomes `python -m scheduler.server`.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "scheduler.server", *args])
 
 
 @scheduler_app.command("stop")
@@ -710,10 +711,11 @@ def version(as_json: JsonOpt = False) -> None:
 def env_cmd(as_json: JsonOpt = False) -> None:
     """Versions, where state lives, which scheduler the CLI talks to, and the GPUs this machine has."""
     import platform
+    import subprocess
 
-    from agents.inventory import nvml_gpus
+    from scheduler.contract import paths
 
-    from . import local, paths
+    from . import local
     from .api import target
 
     sched = target()
@@ -723,14 +725,19 @@ def env_cmd(as_json: JsonOpt = False) -> None:
             sched["running"] = True
         except CliError:
             sched["running"] = False
-    gpus, why = nvml_gpus()
+    try:  # NVML is the agent's business: ask it across a process boundary (as a node would report it)
+        out = subprocess.run([sys.executable, "-m", "agents.inventory"], capture_output=True, text=True, timeout=60)
+        seen = json.loads(out.stdout)
+        gpus, why = seen["gpus"], seen["why"]
+    except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        gpus, why = [], f"could not ask NVML ({exc})"
     root = os.getuid() == 0
     tenancy = ("shared: a node joined from here runs jobs as fedml-job (`--run-as`), apart from the agent's keys"
                if root else "single-tenant: a node joined from here runs jobs as you, so only your own runs "
                             "(an agent run as root can isolate jobs and take everyone's)")
     info = {"fedml_launch": __version__, "python": platform.python_version(), "platform": platform.platform(),
             "home": str(paths.home()), "scheduler": sched, "node_tenancy": tenancy,
-            "gpus": [g.model_dump() for g in gpus], "gpus_note": why}
+            "gpus": gpus, "gpus_note": why}
     if as_json:
         _print_json(info)
         return
@@ -744,7 +751,7 @@ def env_cmd(as_json: JsonOpt = False) -> None:
     w(f"node          {tenancy}\n")
     if gpus:
         for g in gpus:
-            w(f"gpu {g.index}         {g.name}, {g.memory_mb} MiB\n")
+            w(f"gpu {g['index']}         {g['name']}, {g['memory_mb']} MiB\n")
     else:
         w(f"gpus          none seen ({why})\n")
 

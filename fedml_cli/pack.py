@@ -1,4 +1,4 @@
-"""Pack a workspace for upload: .gitignore/.fedmlignore at its root decide what goes in (runtime.archive packs).
+"""Pack a workspace for upload: .gitignore/.fedmlignore at its root decide what goes in (scheduler.contract.archive packs).
 
 Symlinks that point outside the workspace are refused here with the file named (the scheduler would refuse
 them too)."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.archive import Packed, PackError
-from runtime.archive import pack as _pack
+from scheduler.contract.archive import Packed, PackError
+from scheduler.contract.archive import pack as _pack
 
 from .errors import USAGE, CliError
 

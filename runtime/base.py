@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import abc
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scheduler.contract.jobspec import JobSpec
+from scheduler.contract.models import Assignment
 
 
 @dataclass
@@ -22,7 +25,10 @@ class LaunchSpec:
     job: str
     env: dict[str, str]
     rank: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The typed job spec (image, resources, pull policy) and the assignment (attempt, GPUs, gang, ports), for
+    # runtimes that need more than commands and environment (containers, pods).
+    job_spec: JobSpec | None = None
+    assignment: Assignment | None = None
     # Where the runtime keeps what only the agent may touch (the job's stdout/stderr files); default run_dir.
     log_dir: Path | None = None
     # The job's user when it is not the agent's (a root agent): files the job must write are handed to it.

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from scheduler.models import parse_ref
+from scheduler.contract.models import parse_ref
 
 from .base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, read_job_file, substitute, write_job_file
 
 if TYPE_CHECKING:
-    from scheduler.jobspec import JobSpec
+    from scheduler.contract.jobspec import JobSpec
 
 log = logging.getLogger("fedml.agent")
 
@@ -365,7 +365,8 @@ class DockerRuntime(Runtime):
     def start(self, spec: LaunchSpec) -> DockerHandle:
         import docker
 
-        job: JobSpec = spec.extra["job"]
+        job = spec.job_spec
+        assert job is not None, "the agent passes the job spec to container runtimes"
         opts = ContainerOptions.from_job(job)
         d = spec.run_dir
         ctr = d / "ctr"

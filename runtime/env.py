@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from scheduler.jobspec import JobSpec
+from scheduler.contract.jobspec import JobSpec
 
 # Variables of the agent's own environment that a job should not inherit.
 _DROP = ("FEDML_API_KEY", "FEDML_SCHEDULER_TOKEN", "FEDML_SERVER", "FEDML_ADMIN_KEY")

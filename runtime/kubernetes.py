@@ -428,8 +428,9 @@ class KubernetesRuntime(Runtime):
     def start(self, spec: LaunchSpec) -> PodHandle:
         from kubernetes.client.exceptions import ApiException
 
-        a, job_spec = spec.extra["assignment"], spec.extra["job"]
-        if getattr(job_spec, "serves", False):
+        a, job_spec = spec.assignment, spec.job_spec
+        assert a is not None and job_spec is not None, "the agent passes the assignment and spec to pools"
+        if job_spec.serves:
             raise KubeError(f"job_type {job_spec.job_type}: endpoints do not run on Kubernetes pools yet "
                             "(their supervisor and gateway need the process runtime)")
         run = a.run

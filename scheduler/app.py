@@ -18,12 +18,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from fedml_cli import __version__
-
 from . import auth as keys
 from .blobs import BlobError, BlobStore
-from .gateway import Endpoints, Gateway
-from .models import (
+from .contract import __version__
+from .contract.models import (
     ApiKey,
     Artifact,
     JoinTokenCreate,
@@ -42,6 +40,7 @@ from .models import (
     ScaleRequest,
     StatusReport,
 )
+from .gateway import Endpoints, Gateway
 from .service import Rejected, Scheduler
 from .store import AlreadyExists, SeqGap, Store
 

@@ -12,7 +12,7 @@ import hmac
 import secrets
 import time
 
-from .models import ApiKey, Principal
+from .contract.models import ApiKey, Principal
 from .store import Store
 
 SCOPES = ("admin", "user", "node", "join")

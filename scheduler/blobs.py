@@ -5,7 +5,7 @@ must not let one user fetch, or learn of, another's workspace by its hash), admi
 that uses it is placed there (checked by the caller). Owners are kept beside the blob (`<sha>.owners`, one per
 line), so replicas sharing a blob directory share them too.
 
-Uploads are streamed to a temp file with a size cap, hashed, then checked by runtime.archive in a worker
+Uploads are streamed to a temp file with a size cap, hashed, then checked by scheduler.contract.archive in a worker
 thread (at most CHECKS at once): a compression bomb costs a bounded amount of one thread, never the event loop
 that answers heartbeats.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from runtime.archive import Limits, TooLarge, UnsafeArchive, check
+from scheduler.contract.archive import Limits, TooLarge, UnsafeArchive, check
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHECKS = 2  # archive checks running at once; more uploads wait their turn (each holds its own connection)

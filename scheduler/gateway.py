@@ -1,7 +1,7 @@
 """Endpoints: replica states reported by agents, scaling, autoscaling, and the inference gateway.
 
 A deploy/serve run carries an `Endpoint` (models.py): its name, the replica count wanted, the bounds for the
-autoscaler and the replica states last reported by the node's serve supervisor (runtime/serve.py). The gateway
+autoscaler and the replica states last reported by the node's serve supervisor (runtime/workloads/serve.py). The gateway
 answers `POST /inference/{name}` (FedML's route; `/inference/{name}/{path}` reaches other routes) by
 proxying to a ready replica, round robin. A request whose connection to a replica fails before any response
 (replica killed, restarting) is retried on the next ready replica, so inference routes are assumed idempotent.
@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .models import Endpoint, Principal, ReplicaReport, ReplicaState, Run
+from .contract.models import Endpoint, Principal, ReplicaReport, ReplicaState, Run
 from .service import LIVE, Rejected, Scheduler
 
 UP_WINDOW = 3.0
@@ -148,7 +148,7 @@ class Endpoints:
         if run is None and ref.startswith("run-"):
             run = self.store.get_run(ref)
             if run is not None and run.endpoint is None:
-                raise Rejected(404, f"run {ref} is not an endpoint (job_type {run.job.get('job_type', 'train')})")
+                raise Rejected(404, f"run {ref} is not an endpoint (job_type {run.job.job_type})")
         if run is None or not self.sched._may_see(who, run):
             raise Rejected(404, f"endpoint {ref} not found (`fedml endpoint list` shows them)")
         return run

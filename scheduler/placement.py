@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .jobspec import JobSpec
-from .models import GpuInfo, Node
+from .contract.jobspec import JobSpec
+from .contract.models import GpuInfo, Node
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from .models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus, check_transition
+from .contract.models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus, check_transition
 from .notify import Notifier
 from .store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 

@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedml_cli import __version__, paths
-
+from .contract import __version__, paths
 from .store import Store
 
 
@@ -32,7 +31,7 @@ def admin_key(store: Store, token_path: Path) -> str | None:
     """Make sure an admin key exists and the local CLI holds one (local/token, mode 0600).
     Returns the secret when it was created now (to show it once), else None."""
     from . import auth
-    from .models import ApiKey
+    from .contract.models import ApiKey
 
     env = os.environ.get("FEDML_ADMIN_KEY")
     if env and auth.verify(store, env) is None:  # deployments (Kubernetes secret, systemd) set it from outside

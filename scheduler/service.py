@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import auth
-from .jobspec import JobSpec, JobSpecError, env_problem, validate
-from .models import (
+from .contract.jobspec import JobSpec, JobSpecError, env_problem, validate
+from .contract.models import (
     SYSTEM_RANK,
     Artifact,
     Assignment,
@@ -135,7 +135,7 @@ class Scheduler:
         run = Run(
             id=new_run_id(),
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
-            job=spec.model_dump(mode="json", exclude_none=True),
+            job=spec,
             job_file=req.job_file,
             workspace_sha=req.workspace_sha,
             env=req.env,
@@ -417,7 +417,7 @@ class Scheduler:
         with the rest, down to its min_clients); when the server ends, the clients are stopped."""
         ps = run.placements
         multi = len(ps) > 1
-        spec = JobSpec.model_validate(run.job)
+        spec = run.job
         federation = spec.job_type == "federate" and multi
 
         def label(p: Placement) -> str:
@@ -461,7 +461,7 @@ class Scheduler:
         return self.store.transition(run.id, RunStatus.FINISHED, placements=ps, exit_code=0, reason=None)
 
     def _requeue(self, run: Run, why: str) -> Run:
-        spec = JobSpec.model_validate(run.job)
+        spec = run.job
         n = run.attempt + 1
         log.info("run %s: %s; retrying (attempt %d of %d)", run.id, why, n, spec.retry.max_attempts)
         done = AttemptRecord(attempt=run.attempt, placements=run.placements, reason=why, started_at=run.started_at)
@@ -543,7 +543,7 @@ class Scheduler:
             return placed
 
     def _place_one(self, run: Run, ps: _Pass) -> bool:
-        req = Request.of(JobSpec.model_validate(run.job), run.owner)
+        req = Request.of(run.job, run.owner)
         # Nothing is freed during a pass: a request shape that found no room once will not find it again.
         verdict = ps.no_room.get(req) or place(req, ps.candidates, reserved=frozenset(ps.reserved), rng=self.rng)
         if isinstance(verdict, NoFit):

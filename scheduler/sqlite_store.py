@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .models import ApiKey, LogRow, Node, Run, RunStatus, check_transition
+from .contract.models import ApiKey, LogRow, Node, Run, RunStatus, check_transition
 from .store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 SCHEMA = """

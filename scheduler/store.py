@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .models import ApiKey, LogRow, Node, Run, RunStatus
+from .contract.models import ApiKey, LogRow, Node, Run, RunStatus
 from .notify import Notifier
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from fedml_cli._http import httpx
+from scheduler.contract.transport import httpx
 
 from .conftest import FEDML, Fedml, needs
 from .procs import free_port, our_processes, wait_for

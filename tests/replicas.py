@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from fedml_cli._http import httpx
+from scheduler.contract.transport import httpx
 
 from .procs import free_port, wait_for
 from .test_store_contract import redis_url

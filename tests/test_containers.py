@@ -334,7 +334,7 @@ def test_containerize_without_an_image_is_refused_at_launch(fedml: Fedml, tmp_pa
 @pytest.fixture(scope="module")
 def registry(engine: Any) -> tuple[str, str, str]:
     """The loopback registry (htpasswd auth) of scripts/podman-up.sh: address, username, password."""
-    from fedml_cli._http import httpx
+    from scheduler.contract.transport import httpx
 
     d = Path(os.environ.get("FEDML_PODMAN_DIR", "/tmp/fedml-podman")) / "registry"
     got = [(d / n).read_text().strip() if (d / n).exists() else "" for n in ("address", "username", "password")]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedml_cli._http import httpx
+from scheduler.contract.transport import httpx
 
 from .cluster import Cluster, start_cluster
 from .conftest import needs, write_job

@@ -28,7 +28,7 @@ import psutil
 import pytest
 import yaml
 
-from fedml_cli._http import httpx
+from scheduler.contract.transport import httpx
 
 from .cluster import head_answers
 from .conftest import FEDML, Fedml, write_job

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.federate import bytes_to_state, fedavg, state_to_bytes
+from runtime.workloads.federate import bytes_to_state, fedavg, state_to_bytes
 
 
 def test_updates_are_weighted_by_their_sample_counts() -> None:

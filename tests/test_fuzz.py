@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from typer.testing import CliRunner
 
-from fedml_cli._http import httpx
 from fedml_cli.main import app as cli_app
+from scheduler.contract.transport import httpx
 
 from .conftest import Fedml
 from .procs import free_port, wait_for

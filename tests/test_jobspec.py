@@ -1,10 +1,10 @@
-"""Unit tests of scheduler.jobspec (the job YAML model) and placement.gpu_matches: fast, no processes."""
+"""Unit tests of scheduler.contract.jobspec (the job YAML model) and placement.gpu_matches: fast, no processes."""
 
 from __future__ import annotations
 
 import pytest
 
-from scheduler.jobspec import JobSpecError, load_file, load_text, parse_duration, validate
+from scheduler.contract.jobspec import JobSpecError, load_file, load_text, parse_duration, validate
 from scheduler.placement import gpu_matches
 
 

@@ -40,7 +40,7 @@ import psutil
 import pytest
 import yaml
 
-from fedml_cli._http import httpx
+from scheduler.contract.transport import httpx
 
 from .cluster import Cluster, start_cluster
 from .conftest import ROOT, needs, write_job

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fedml_cli._http import httpx
 from fedml_cli.pack import pack
+from scheduler.contract.transport import httpx
 
 from .replicas import Replicas
 

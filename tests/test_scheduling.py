@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scheduler import auth
-from scheduler.models import GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport, attempt_ref
+from scheduler.contract.models import GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport, attempt_ref
 from scheduler.notify import Notifier
 from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
 from scheduler.service import Rejected, Scheduler
@@ -249,7 +249,7 @@ def test_price_cap_and_labels_filter_nodes(sched: Scheduler) -> None:
 
 
 def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
-    from scheduler.models import Node
+    from scheduler.contract.models import Node
 
     now = time.time()
     cands = [Candidate(node=Node(id=f"n{i}", name=f"n{i}", gpus=gpus("A100", 8), last_seen=now),

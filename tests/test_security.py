@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from runtime.archive import TooLarge, UnsafeArchive, check, unpack
+from scheduler.contract.archive import TooLarge, UnsafeArchive, check, unpack
 
 from .cluster import Cluster, start_cluster
 from .conftest import FEDML, Fedml, write_job
@@ -319,7 +319,7 @@ def test_unpack_never_follows_a_symlink_already_in_the_destination(tmp_path: Pat
 
 
 def test_member_count_and_ratio_limits(tmp_path: Path) -> None:
-    from runtime.archive import Limits
+    from scheduler.contract.archive import Limits
 
     path = tmp_path / "many.tgz"
     path.write_bytes(_tgz(*[_m(f"f{i}", data=b"") for i in range(50)]))

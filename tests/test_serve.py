@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from fedml_cli._http import httpx
+from scheduler.contract.transport import httpx
 
 from .cluster import Cluster, start_cluster
 from .conftest import COMPAT, ROOT, Fedml, write_job

@@ -10,7 +10,7 @@ import pytest
 
 from agents import shipper as mod
 from agents.shipper import Shipper
-from scheduler.models import LogBatch
+from scheduler.contract.models import LogBatch
 
 
 class Scheduler:

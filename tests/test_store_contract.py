@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.models import ApiKey, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
+from scheduler.contract.models import ApiKey, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store

@@ -1,5 +1,5 @@
 """Workspace archives that would write outside their directory (tar-slip) are refused: by
-runtime.archive.check, and by a real scheduler process over HTTP, which then keeps nothing."""
+scheduler.contract.archive.check, and by a real scheduler process over HTTP, which then keeps nothing."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.archive import UnsafeArchive, unpack
-from runtime.archive import check as check_archive
+from scheduler.contract.archive import UnsafeArchive, unpack
+from scheduler.contract.archive import check as check_archive
 
 from .conftest import ROOT
 

@@ -14,7 +14,7 @@ from collections import Counter
 
 import common
 
-from runtime.federate import FedAvgClient, FederateConfig, FederateError
+from runtime.workloads.federate import FedAvgClient, FederateConfig, FederateError
 
 
 def main() -> int:

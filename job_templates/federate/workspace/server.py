@@ -15,7 +15,7 @@ import sys
 
 import common
 
-from runtime.federate import FedAvgServer, FederateError
+from runtime.workloads.federate import FedAvgServer, FederateError
 
 
 def main() -> int:

@@ -10,7 +10,9 @@ import time
 from enum import Enum
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_serializer
+
+from .jobspec import JobSpec
 
 
 class RunStatus(str, Enum):
@@ -81,7 +83,7 @@ class Artifact(BaseModel):
 
 
 class ReplicaState(BaseModel):
-    """One replica of an endpoint, as the node's serve supervisor reports it (runtime/serve.py)."""
+    """One replica of an endpoint, as the node's serve supervisor reports it (runtime/workloads/serve.py)."""
 
     index: int
     port: int
@@ -143,7 +145,7 @@ class Run(BaseModel):
     id: str
     name: str
     status: RunStatus = RunStatus.QUEUED
-    job: dict[str, Any]
+    job: JobSpec  # typed once where a run is read; on the wire and in the stores, the spec's document
     job_file: str | None = None
     workspace_sha: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
@@ -172,6 +174,10 @@ class Run(BaseModel):
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @field_serializer("job")
+    def _job_document(self, job: JobSpec) -> dict[str, Any]:
+        return job.model_dump(mode="json", exclude_none=True)
+
     def placement_on(self, node_id: str) -> Placement | None:
         return next((p for p in self.placements if p.node_id == node_id), None)
 
@@ -185,6 +191,23 @@ class GpuInfo(BaseModel):
     name: str
     memory_mb: int = 0
     utilization: int | None = None
+
+
+def parse_gpu_decl(decl: str) -> list[GpuInfo]:
+    """`A100-80G:4` or `A100-80G:4:81920` (memory MB), comma-separated: declared GPUs, like Slurm's gres."""
+    out: list[GpuInfo] = []
+    for part in filter(None, (p.strip() for p in decl.split(","))):
+        bits = part.split(":")
+        if len(bits) not in (2, 3) or not bits[0]:
+            raise ValueError(f"--gpus {part!r}: expected TYPE:COUNT or TYPE:COUNT:MEMORY_MB")
+        try:
+            count = int(bits[1])
+            mem = int(bits[2]) if len(bits) == 3 else 0
+        except ValueError:
+            raise ValueError(f"--gpus {part!r}: COUNT and MEMORY_MB must be integers") from None
+        base = len(out)
+        out.extend(GpuInfo(index=base + i, name=bits[0], memory_mb=mem) for i in range(count))
+    return out
 
 
 class NodeInfo(BaseModel):

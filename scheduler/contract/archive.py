@@ -412,13 +412,13 @@ def _add(tar: tarfile.TarFile, root: Path, rel: str, is_dir: bool = False) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runtime.archive pack DIR`: the tar.gz on stdout. The agent runs this as the job's user to
+    """`python -m scheduler.contract.archive pack DIR`: the tar.gz on stdout. The agent runs this as the job's user to
     pack what a job left behind (the job controls that tree; the agent's privileges never touch it)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "pack":
-        sys.stderr.write("usage: python -m runtime.archive pack DIR\n")
+        sys.stderr.write("usage: python -m scheduler.contract.archive pack DIR\n")
         return 2
     try:
         packed = pack(Path(args[1]), out=sys.stdout.buffer)

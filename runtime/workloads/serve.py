@@ -1,12 +1,13 @@
 """The serve supervisor: runs an endpoint's replicas on one node and keeps them up.
 
-    python -m runtime.serve --dir RUN_DIR
+    python -m runtime.workloads.serve --dir RUN_DIR
 
 The agent starts it as the job of a deploy/serve run (through the process runtime, after the bootstrap), so it
 outlives an agent restart like any job and `fedml run stop` stops it like any job. It reads
     RUN_DIR/serve.json      the replica command file, readiness path, replica count, GPUs, stop grace
     RUN_DIR/control.json    {"replicas": N}: written by the agent when the endpoint is scaled
-and keeps RUN_DIR/replicas.json (what the agent reports to the scheduler) current.
+and keeps RUN_DIR/replicas.json (what the agent reports to the scheduler) current; scheduler/contract/supervisor.py
+defines the three files for both sides.
 
 Each replica runs `bash -e replica.sh` in its own session with PORT / FEDML_SERVE_PORT set to a port of its own
 (kept across restarts, so the gateway's address for it stays valid) and FEDML_REPLICA_INDEX. A replica is ready
@@ -23,13 +24,15 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from scheduler.contract import supervisor
+from scheduler.contract.supervisor import free_port
 
 BACKOFF_MAX = 30.0
 BACKOFF_RESET_AFTER = 60.0
@@ -44,12 +47,6 @@ def say(msg: str) -> None:
     with _out_lock:
         sys.stdout.write(f"[serve] {msg}\n")
         sys.stdout.flush()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def _pump(src: IO[bytes], dst: IO[str], prefix: str) -> None:
@@ -114,12 +111,12 @@ class Replica:
 class Supervisor:
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir
-        cfg = json.loads((run_dir / "serve.json").read_text())
-        self.readiness_path: str = cfg.get("readiness_path", "/health")
-        self.gpus: list[str] = [str(g) for g in cfg.get("gpus", [])]
-        self.grace: float = float(cfg.get("grace", 8.0))
-        self.ports: dict[int, int] = {int(k): int(v) for k, v in cfg.get("ports", {}).items()}
-        self.want = int(cfg.get("replicas", 1))
+        cfg = supervisor.ServeConfig.loads((run_dir / supervisor.CONFIG).read_text())
+        self.readiness_path = cfg.readiness_path
+        self.gpus = cfg.gpus
+        self.grace = cfg.grace
+        self.ports: dict[int, int] = {int(k): v for k, v in cfg.ports.items()}
+        self.want = cfg.replicas
         host = os.environ.get("FEDML_SERVE_HOST", "127.0.0.1")
         self.host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
         self.replicas: dict[int, Replica] = {}
@@ -259,15 +256,15 @@ class Supervisor:
 
     # -- files ------------------------------------------------------------------------------------------------
     def read_control(self) -> None:
-        f = self.dir / "control.json"
+        f = self.dir / supervisor.CONTROL
         try:
             mtime = f.stat().st_mtime
             if mtime != self._control_mtime:
                 self._control_mtime = mtime
-                doc = json.loads(f.read_text())
-                want = int(doc["replicas"])
+                control = supervisor.Control.loads(f.read_text())
+                want = control.replicas
                 # Ports for new replicas come from the agent: the gateway proxies to no port it did not assign.
-                self.ports.update({int(k): int(v) for k, v in doc.get("ports", {}).items() if int(k) not in self.ports})
+                self.ports.update({int(k): v for k, v in control.ports.items() if int(k) not in self.ports})
                 if want != self.want:
                     say(f"replicas: {self.want} -> {want}")
                     self.want = want
@@ -280,9 +277,9 @@ class Supervisor:
         key = json.dumps([(v["index"], v["state"], v["restarts"], v["pid"]) for v in views] + [self.want])
         if key == self._last_written:
             return
-        tmp = self.dir / "replicas.json.tmp"
+        tmp = self.dir / (supervisor.STATE + ".tmp")
         tmp.write_text(doc)
-        os.replace(tmp, self.dir / "replicas.json")
+        os.replace(tmp, self.dir / supervisor.STATE)
         self._last_written = key
 
     # -- life -------------------------------------------------------------------------------------------------
@@ -318,7 +315,7 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.serve")
+    p = argparse.ArgumentParser(prog="python -m runtime.workloads.serve")
     p.add_argument("--dir", type=Path, required=True, help="the run directory (serve.json, control.json)")
     args = p.parse_args(argv)
     sup = Supervisor(args.dir)

@@ -1,6 +1,6 @@
 """Federated averaging (FedAvg) for `job_type: federate` runs: a server and N clients that job code imports.
 
-    from runtime.federate import FedAvgServer, FedAvgClient, FederateConfig
+    from runtime.workloads.federate import FedAvgServer, FedAvgClient, FederateConfig
 
 Where it runs. A federate run is one gang of 1+N nodes: rank 0 runs the YAML's `server_job`, ranks 1..N its
 `job`. Every rank gets FEDML_CLIENT_RANK (0 = server, 1..N = clients), FEDML_NUM_NODES (1+N), the server's
