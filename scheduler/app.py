@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from . import auth as keys
-from .blobs import BlobError, BlobStore
+from .blobs import BlobStore
 from .contract import __version__
+from .contract.errors import ApiError, BadRequest, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthenticated, status_of
 from .contract.models import (
     ApiKey,
     Artifact,
@@ -41,8 +42,8 @@ from .contract.models import (
     StatusReport,
 )
 from .gateway import Endpoints, Gateway
-from .service import Rejected, Scheduler
-from .store import AlreadyExists, SeqGap, Store
+from .service import Scheduler
+from .store import SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -185,17 +186,11 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     app.state.scheduler = sched
     app.state.store = store
 
-    @app.exception_handler(Rejected)
-    async def _rejected(_: Request, exc: Rejected) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    @app.exception_handler(AlreadyExists)
-    async def _exists(_: Request, exc: AlreadyExists) -> JSONResponse:  # a race the checks before it lost
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(BlobError)
-    async def _blob(_: Request, exc: BlobError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+    @app.exception_handler(ApiError)  # the one place a refusal becomes an HTTP status (contract/errors.py)
+    async def _refused(_: Request, exc: ApiError) -> JSONResponse:
+        status = status_of(exc)
+        return JSONResponse({"detail": str(exc)}, status_code=status,
+                            headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     async def _storage(request: Request, exc: Exception) -> JSONResponse:
         why = out_of_space(exc)
@@ -225,7 +220,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     async def admin(who: Principal = Depends(auth)) -> Principal:
         if not who.admin:
-            raise HTTPException(403, "this needs an admin key")
+            raise Forbidden("this needs an admin key")
         return who
 
     def identify(header: str, path: str) -> tuple[int, str, Principal | None]:
@@ -283,7 +278,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.put(f"{API}/blobs/{{sha}}", status_code=201)
     async def blob_put(sha: str, request: Request, who: Principal = Depends(auth)) -> dict[str, object]:
         if who.scope == "node":
-            raise HTTPException(403, "a node key cannot upload workspaces")
+            raise Forbidden("a node key cannot upload workspaces")
         size, stored = await blobs.put(sha, request.stream(), who.owner)
         return {"sha256": sha, "stored": stored, "size": size}
 
@@ -292,7 +287,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         from fastapi.responses import FileResponse
 
         if not _blob_visible(sha, who):
-            raise HTTPException(404, f"blob {sha[:12]} not found")
+            raise NotFound(f"blob {sha[:12]} not found")
         return FileResponse(blobs.path(sha), media_type="application/gzip")
 
     # -- runs --------------------------------------------------------------------------------------------
@@ -347,7 +342,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         run = sched.get_run(run_id, who)
         arts = sorted((a for a in run.artifacts if a.rank == rank), key=lambda a: a.attempt)
         if not arts:
-            raise HTTPException(404, f"run {run_id} kept no artifacts for rank {rank}")
+            raise NotFound(f"run {run_id} kept no artifacts for rank {rank}")
         return FileResponse(blobs.path(arts[-1].sha256), media_type="application/gzip",
                             filename=f"{run_id}-rank{rank}-artifacts.tar.gz")
 
@@ -365,7 +360,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                         who: Principal = Depends(auth)) -> StreamingResponse:
         run = await run_in_threadpool(sched.get_run, run_id, who)
         if rank is not None and rank >= run.num_nodes:
-            raise HTTPException(422, f"run {run_id} has no rank {rank} (its ranks are 0.."
+            raise Invalid(f"run {run_id} has no rank {rank} (its ranks are 0.."
                                      f"{run.num_nodes - 1})")
         if tail is not None:  # the last N lines of that rank, not the last N lines filtered
             after = max(after, await run_in_threadpool(store.tail_after, run_id, tail, rank))
@@ -406,7 +401,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.get(f"{API}/nodes")
     def list_nodes(who: Principal = Depends(auth)) -> list[NodeView]:
         if who.scope == "node":
-            raise HTTPException(403, "a node key cannot list nodes")
+            raise Forbidden("a node key cannot list nodes")
         return sched.node_views()
 
     @app.post(f"{API}/nodes/{{ref}}/drain")
@@ -483,7 +478,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             who = keys.verify(store, given)
             hit = verified[given] = (now, who if who is None or who.scope != "join" else None)  # tokens only join
         if hit[1] is None:
-            raise HTTPException(401, "missing, wrong or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthenticated("missing, wrong or revoked API key")
         return hit[1]
 
     async def inference(scope: dict, receive: Any, send: Any) -> None:
@@ -497,10 +492,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             lower = dict((k.lower(), v) for k, v in headers)
             who = gateway_auth(lower.get("authorization", ""))
             cap = settings.max_inference_mb * 1024 * 1024
-            too_large = HTTPException(413, f"request body is larger than the limit of {settings.max_inference_mb} MiB")
+            too_large = TooLarge(f"request body is larger than the limit of {settings.max_inference_mb} MiB")
             declared = lower.get("content-length") or "0"
             if not declared.isdigit():
-                raise HTTPException(400, "bad Content-Length")
+                raise BadRequest("bad Content-Length")
             if int(declared) > cap:
                 raise too_large
             size = 0
@@ -516,9 +511,9 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             status, out, content = await gateway.forward(name, f"/{rest}" if rest else "", scope["method"], headers,
                                                          scope.get("query_string", b"").decode("latin-1"),
                                                          b"".join(chunks), who)
-        except (Rejected, HTTPException) as exc:
+        except (ApiError, HTTPException) as exc:
             detail = exc.detail if isinstance(exc, HTTPException) else str(exc)
-            code = exc.status_code if isinstance(exc, HTTPException) else exc.status
+            code = exc.status_code if isinstance(exc, HTTPException) else status_of(exc)
             data = json.dumps({"detail": detail}).encode()
             extra = [(b"www-authenticate", b"Bearer")] if code == 401 else []
             await send({"type": "http.response.start", "status": code, "headers": [
@@ -543,9 +538,9 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     def create_key(name: str = Query(min_length=1, max_length=100), scope: str = Query(default="user"),
                    who: Principal = Depends(admin)) -> dict[str, object]:
         if scope not in ("admin", "user"):
-            raise HTTPException(422, "scope must be admin or user (node keys are issued at registration)")
+            raise Invalid("scope must be admin or user (node keys are issued at registration)")
         if any(k.name == name and k.revoked_at is None and k.scope != "node" for k in store.list_keys()):
-            raise HTTPException(409, f"a key named {name} exists already")
+            raise Conflict(f"a key named {name} exists already")
         key, secret = keys.issue(store, name=name, scope=scope, owner=name if scope == "user" else "admin")
         return {"key": _public(key), "secret": secret}
 
@@ -557,9 +552,9 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     def revoke_key(ref: str, who: Principal = Depends(admin)) -> dict[str, object]:
         found = [k for k in store.list_keys() if ref in (k.id, k.name) and k.revoked_at is None]
         if not found:
-            raise HTTPException(404, f"no active key {ref}")
+            raise NotFound(f"no active key {ref}")
         if len(found) > 1:
-            raise HTTPException(409, f"{ref} names {len(found)} keys; use the key id")
+            raise Conflict(f"{ref} names {len(found)} keys; use the key id")
         return _public(keys.revoke(store, found[0]))
 
     def _public(k: ApiKey) -> dict[str, object]:
@@ -582,7 +577,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from None
         if not (0 <= body.rank <= _MAX_ID and 0 <= body.attempt <= _MAX_ID and body.first_seq + len(body.lines) <= _MAX_SEQ):
-            raise HTTPException(422, "rank, attempt or first_seq out of range")
+            raise Invalid("rank, attempt or first_seq out of range")
         return await run_in_threadpool(_append, run_id, body, who)
 
     def _append(run_id: str, body: LogBatch, who: Principal) -> JSONResponse:

@@ -22,16 +22,12 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from scheduler.contract.archive import Limits, TooLarge, UnsafeArchive, check
+from .contract.archive import Limits, UnsafeArchive, check
+from .contract.archive import TooLarge as ArchiveTooLarge
+from .contract.errors import BadRequest, TooLarge
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHECKS = 2  # archive checks running at once; more uploads wait their turn (each holds its own connection)
-
-
-class BlobError(ValueError):
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 class BlobStore:
@@ -45,7 +41,7 @@ class BlobStore:
 
     def path(self, sha: str) -> Path:
         if not SHA256.match(sha):
-            raise BlobError(400, f"not a sha256 hex digest: {sha!r}")
+            raise BadRequest(f"not a sha256 hex digest: {sha!r}")
         return self.root / sha[:2] / sha
 
     def has(self, sha: str) -> bool:
@@ -82,12 +78,12 @@ class BlobStore:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > limit:
-                        raise BlobError(413, f"archive is larger than the limit of {limit // (1024 * 1024)} MiB; "
+                        raise TooLarge(f"archive is larger than the limit of {limit // (1024 * 1024)} MiB; "
                                              f"add large files to .gitignore or raise --max-workspace-mb")
                     digest.update(chunk)
                     f.write(chunk)
                 if digest.hexdigest() != sha:
-                    raise BlobError(400, f"upload does not match its name: sha256 is {digest.hexdigest()}")
+                    raise BadRequest(f"upload does not match its name: sha256 is {digest.hexdigest()}")
                 if final.is_file():  # the same bytes are there: this upload proved the caller has them
                     self.add_owner(sha, owner)
                     return size, False
@@ -107,8 +103,8 @@ class BlobStore:
         async with self._checks:
             try:
                 await run_in_threadpool(check, path, Limits(unpacked_bytes=unpacked))
-            except TooLarge as exc:
-                raise BlobError(413, f"workspace refused: {exc}; the limit is {unpacked // (1024 * 1024)} MiB "
+            except ArchiveTooLarge as exc:
+                raise TooLarge(f"workspace refused: {exc}; the limit is {unpacked // (1024 * 1024)} MiB "
                                      f"unpacked") from None
             except UnsafeArchive as exc:
-                raise BlobError(400, f"workspace archive refused: {exc}") from None
+                raise BadRequest(f"workspace archive refused: {exc}") from None

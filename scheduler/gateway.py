@@ -24,8 +24,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .contract.errors import BadGateway, Conflict, Forbidden, GatewayTimeout, Invalid, NotFound, Unavailable
 from .contract.models import Endpoint, Principal, ReplicaReport, ReplicaState, Run
-from .service import LIVE, Rejected, Scheduler
+from .service import LIVE, Scheduler
 
 UP_WINDOW = 3.0
 DOWN_WINDOW = 30.0
@@ -148,14 +149,14 @@ class Endpoints:
         if run is None and ref.startswith("run-"):
             run = self.store.get_run(ref)
             if run is not None and run.endpoint is None:
-                raise Rejected(404, f"run {ref} is not an endpoint (job_type {run.job.job_type})")
+                raise NotFound(f"run {ref} is not an endpoint (job_type {run.job.job_type})")
         if run is None or not self.sched._may_see(who, run):
-            raise Rejected(404, f"endpoint {ref} not found (`fedml endpoint list` shows them)")
+            raise NotFound(f"endpoint {ref} not found (`fedml endpoint list` shows them)")
         return run
 
     def list(self, who: Principal) -> list[Run]:
         if who.scope == "node":
-            raise Rejected(403, "a node key cannot list endpoints")
+            raise Forbidden("a node key cannot list endpoints")
         return sorted((r for r in self.by_name().values() if self.sched._may_see(who, r)), key=lambda r: r.created_at)
 
     # -- agents' reports -------------------------------------------------------------------------------------
@@ -165,9 +166,9 @@ class Endpoints:
         with self.sched._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.store.get_run(run_id)
             if run is None or run.endpoint is None:
-                raise Rejected(404, f"endpoint run {run_id} not found")
+                raise NotFound(f"endpoint run {run_id} not found")
             if rep.attempt != run.attempt or run.placement_on(node_id) is None:
-                raise Rejected(409, f"run {run_id} attempt {rep.attempt} is not placed on node {node_id}")
+                raise Conflict(f"run {run_id} attempt {rep.attempt} is not placed on node {node_id}")
             if run.terminal:
                 return run
             # Only the address the scheduler knows for the node (user-joined nodes: where they connect from), and
@@ -176,7 +177,7 @@ class Endpoints:
             address = node.address if node else "127.0.0.1"
             for r in rep.replicas:
                 if not 1024 <= r.port <= 65535 or self._is_own(address, r.port):
-                    raise Rejected(422, f"replica {r.index}: port {r.port} is not one an agent assigns to replicas")
+                    raise Invalid(f"replica {r.index}: port {r.port} is not one an agent assigns to replicas")
             states = [r.model_copy(update={"node_id": node_id, "address": address}) for r in rep.replicas]
             ep = run.endpoint.model_copy(update={"states": states, "attempt": rep.attempt})
             run = self.store.update_run(run_id, endpoint=ep)
@@ -188,12 +189,12 @@ class Endpoints:
               max_replicas: int | None = None) -> Run:
         """`replicas` alone fixes the count (autoscaling off); min/max set the autoscaler's bounds."""
         if who.scope == "node":
-            raise Rejected(403, "a node key cannot scale endpoints")
+            raise Forbidden("a node key cannot scale endpoints")
         run = self.find(ref, who)
         with self.sched._runs_lock, self.store.lock(f"run:{run.id}"):
             run = self.store.get_run(run.id) or run
             if run.terminal or run.endpoint is None:
-                raise Rejected(409, f"endpoint {ref} has ended ({run.status.value})")
+                raise Conflict(f"endpoint {ref} has ended ({run.status.value})")
             ep = run.endpoint
             lo, hi = ep.min_replicas, ep.max_replicas
             if replicas is not None and min_replicas is None and max_replicas is None:
@@ -201,12 +202,12 @@ class Endpoints:
             lo = lo if min_replicas is None else min_replicas
             hi = hi if max_replicas is None else max_replicas
             if lo > hi:
-                raise Rejected(422, f"min_replicas ({lo}) is above max_replicas ({hi})")
+                raise Invalid(f"min_replicas ({lo}) is above max_replicas ({hi})")
             if hi > 64:
-                raise Rejected(422, f"at most 64 replicas per endpoint (asked for {hi})")
+                raise Invalid(f"at most 64 replicas per endpoint (asked for {hi})")
             want = min(max(ep.replicas if replicas is None else replicas, lo), hi)
             if replicas is not None and want != replicas:
-                raise Rejected(422, f"replicas ({replicas}) must be between min_replicas ({lo}) and max_replicas ({hi})")
+                raise Invalid(f"replicas ({replicas}) must be between min_replicas ({lo}) and max_replicas ({hi})")
             run = self._set(run, ep.model_copy(update={"replicas": want, "min_replicas": lo, "max_replicas": hi}))
         return run
 
@@ -254,12 +255,12 @@ class Endpoints:
             run = self.live(run.id)
             ready = self._ready(run) if run is not None else []
         if run is None or not self.sched._may_see(who, run) or who.scope == "node":
-            raise Rejected(404, f"no endpoint named {name}")
+            raise NotFound(f"no endpoint named {name}")
         ep = run.endpoint
         assert ep is not None
         if not ready:
             states = ", ".join(f"{r.index}: {r.state}" for r in ep.states if ep.attempt == run.attempt)
-            raise Rejected(503, f"endpoint {name} has no ready replica ("
+            raise Unavailable(f"endpoint {name} has no ready replica ("
                                 f"{'replicas ' + states if states else run.status.value.lower()}); retry later")
         start = next(self._rr.setdefault(run.id, itertools.count()))
         k = start % len(ready)
@@ -329,7 +330,7 @@ class Gateway:
                     resp = await session.request(method, url, data=body, headers=send_headers, allow_redirects=False,
                                                  timeout=aiohttp.ClientTimeout(sock_connect=2.0, sock_read=timeout))
                 except (TimeoutError, aiohttp.ServerTimeoutError):
-                    raise Rejected(504, f"endpoint {name}: replica {r.index} did not answer within "
+                    raise GatewayTimeout(f"endpoint {name}: replica {r.index} did not answer within "
                                         f"{timeout:g} s (service.request_timeout)") from None
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                     # Nothing came back: the replica died or is restarting. Try the next one.
@@ -342,7 +343,7 @@ class Gateway:
                     try:
                         content = await resp.read()
                     except (aiohttp.ClientError, TimeoutError) as exc:
-                        raise Rejected(502, f"endpoint {name}: replica {r.index} broke off its answer "
+                        raise BadGateway(f"endpoint {name}: replica {r.index} broke off its answer "
                                             f"({type(exc).__name__})") from None
                     finally:
                         resp.release()
@@ -350,8 +351,8 @@ class Gateway:
                     return resp.status, out_headers, content
                 return resp.status, out_headers, _body(resp, _Once(load.leave))  # chunked, SSE: streamed
             if await run_in_threadpool(eps.live, run.id) is None:  # replicas refuse: the endpoint was just stopped
-                raise Rejected(404, f"no endpoint named {name}")
-            raise Rejected(503, f"endpoint {name}: no replica answered ({last_error}); retry later")
+                raise NotFound(f"no endpoint named {name}")
+            raise Unavailable(f"endpoint {name}: no replica answered ({last_error}); retry later")
         except BaseException:
             load.leave()
             raise

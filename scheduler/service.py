@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import auth
+from .contract.errors import BadRequest, Conflict, Forbidden, Gone, Invalid, Unauthenticated
 from .contract.jobspec import JobSpec, JobSpecError, env_problem, validate
 from .contract.models import (
     SYSTEM_RANK,
@@ -45,14 +46,6 @@ log = logging.getLogger("fedml.scheduler")
 ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
 LIVE = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)  # not settled yet
 LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
-
-
-class Rejected(Exception):
-    """A request the scheduler refuses; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 def new_run_id() -> str:
@@ -112,26 +105,26 @@ class Scheduler:
     # -- runs --------------------------------------------------------------------------------------------
     def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
         if who.scope == "node":
-            raise Rejected(403, "a node key cannot launch runs")
+            raise Forbidden("a node key cannot launch runs")
         try:
             spec = validate(req.job, file=req.job_file or "job")
         except JobSpecError as exc:
-            raise Rejected(422, str(exc)) from None
+            raise Invalid(str(exc)) from None
         for k, v in req.env.items():
             if (why := env_problem(k, v)) is not None:
-                raise Rejected(422, f"env: {why}")
+                raise Invalid(f"env: {why}")
         if not spec.commands().strip():
-            raise Rejected(422, f"{req.job_file or 'job'}: job: this file refers to a job stored on FedML's "
+            raise Invalid(f"{req.job_file or 'job'}: job: this file refers to a job stored on FedML's "
                                 "platform (job_args); this scheduler needs the commands in `job`")
         # Only a workspace the caller uploaded (or, for an admin, any): a hash alone must not lend a user someone
         # else's files. The same answer whether it exists or not, so it tells nothing about others' blobs.
         if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha, who):
-            raise Rejected(400, f"workspace {req.workspace_sha[:12]} has not been uploaded")
+            raise BadRequest(f"workspace {req.workspace_sha[:12]} has not been uploaded")
         request = Request.of(spec, who.owner)
         active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
         verdict = place(request, self._candidates(active), rng=self.rng)
         if isinstance(verdict, NoFit) and verdict.never:
-            raise Rejected(422, f"cannot ever run here: {verdict.reason}")
+            raise Invalid(f"cannot ever run here: {verdict.reason}")
         run = Run(
             id=new_run_id(),
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
@@ -155,7 +148,7 @@ class Scheduler:
         taken = {r.endpoint.name: r.id for r in self.store.list_runs(status=LIVE, limit=1_000_000) if r.endpoint}
         name = svc.name
         if name is not None and name in taken:
-            raise Rejected(409, f"endpoint {name} is served by {taken[name]} already: `fedml endpoint delete "
+            raise Conflict(f"endpoint {name} is served by {taken[name]} already: `fedml endpoint delete "
                                 f"{name}` first, or give this one another service.name")
         if name is None:  # derived from the run's name; made unique rather than refused
             name = re.sub(r"[^A-Za-z0-9_.-]+", "-", run.name).strip("-.")[:40] or "endpoint"
@@ -169,7 +162,7 @@ class Scheduler:
     def get_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         run = self.store.get_run(run_id)
         if run is None or not self._may_see(who, run):
-            raise Rejected(404, f"run {run_id} not found")
+            raise NotFound(f"run {run_id} not found")
         return run
 
     def _may_see(self, who: Principal, run: Run) -> bool:
@@ -181,12 +174,12 @@ class Scheduler:
 
     def list_runs(self, who: Principal, status: list[RunStatus] | None, limit: int) -> list[Run]:
         if who.scope == "node":
-            raise Rejected(403, "a node key cannot list runs")
+            raise Forbidden("a node key cannot list runs")
         return self.store.list_runs(status=status, limit=limit, owner=None if who.admin else who.owner)
 
     def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         if who.scope == "node":
-            raise Rejected(403, "a node key cannot stop runs")
+            raise Forbidden("a node key cannot stop runs")
         with self._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.get_run(run_id, who)
             if run.terminal:
@@ -211,7 +204,7 @@ class Scheduler:
         if who.scope == "node":
             existing = self.store.get_node(who.owner)
             if existing is None:
-                raise Rejected(410, "this node was removed; join it again with an admin key or a join token")
+                raise Gone("this node was removed; join it again with an admin key or a join token")
             owner = existing.owner  # a user's node stays that user's; any other follows what its agent can do now
             if not existing.peer_address:
                 owner = None if info.job_user else (existing.joined_by or "admin")
@@ -226,10 +219,10 @@ class Scheduler:
             self.kick()
             return Registered(node=node)
         if who.scope not in ("admin", "user", "join"):
-            raise Rejected(403, "this key cannot register nodes")
+            raise Forbidden("this key cannot register nodes")
         same = self.store.node_by_name(info.name)
         if same is not None:
-            raise Rejected(409, f"a node named {info.name} exists already ({same.id}, {same.state.lower()}): pick "
+            raise Conflict(f"a node named {info.name} exists already ({same.id}, {same.state.lower()}): pick "
                                 f"another --name, come back with that node's key, or have an admin remove it "
                                 f"first (`fedml node remove {info.name}`)")
         enforced: dict[str, str] = {}
@@ -237,7 +230,7 @@ class Scheduler:
             try:
                 token = auth.use_join(self.store, who.key_id)
             except ValueError as exc:
-                raise Rejected(401, str(exc)) from None
+                raise Unauthenticated(str(exc)) from None
             enforced = dict(token.labels)
         if who.scope == "user":
             owner: str | None = who.owner
@@ -273,12 +266,12 @@ class Scheduler:
     def find_node(self, ref: str) -> Node:
         node = self.store.get_node(ref) or self.store.node_by_name(ref)
         if node is None:
-            raise Rejected(404, f"node {ref} not found")
+            raise NotFound(f"node {ref} not found")
         return node
 
     def set_draining(self, ref: str, draining: bool, who: Principal) -> Node:
         if not who.admin:
-            raise Rejected(403, "only an admin key can drain nodes")
+            raise Forbidden("only an admin key can drain nodes")
         node = self.find_node(ref).model_copy(update={"draining": draining})
         self.store.upsert_node(node)
         self._nodes_changed()
@@ -288,7 +281,7 @@ class Scheduler:
     def remove_node(self, ref: str, who: Principal) -> Node:
         node = self.find_node(ref)
         if not who.admin and not (who.scope == "node" and who.owner == node.id):
-            raise Rejected(403, "only an admin key (or the node itself) can remove a node")
+            raise Forbidden("only an admin key (or the node itself) can remove a node")
         for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
             self._rank_update(run.id, node.id, RunStatus.LOST, None, f"node {node.name} was removed")
         self.store.delete_node(node.id)
@@ -302,9 +295,9 @@ class Scheduler:
     # -- the agent side ----------------------------------------------------------------------------------
     def _own_node(self, who: Principal, node_id: str) -> None:
         if who.scope == "node" and who.owner != node_id:
-            raise Rejected(403, "a node key acts only for its own node")
+            raise Forbidden("a node key acts only for its own node")
         if who.scope == "user":
-            raise Rejected(403, "agents use their node key")
+            raise Forbidden("agents use their node key")
 
     def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
         self._own_node(who, node_id)
@@ -316,7 +309,7 @@ class Scheduler:
                 self._nodes_changed()
             except NotFound:
                 self.store.heartbeat(node_id, 0.0)  # so that every poll of it is refused
-                raise Rejected(404, f"node {node_id} is not registered") from None
+                raise NotFound(f"node {node_id} is not registered") from None
         have = set(running)
         start: list[Assignment] = []
         wanted: set[str] = set()
@@ -367,21 +360,21 @@ class Scheduler:
         if who.admin:
             return
         if who.scope != "node":
-            raise Rejected(403, "agents use their node key")
+            raise Forbidden("agents use their node key")
         run = self.store.get_run(run_id)
         p = run.placement_on(who.owner) if run is not None else None
         if run is not None and p is None and logs and attempt is not None and run.ran_on(attempt, who.owner):
             return  # an earlier attempt's lines, from the node it ran on (the run is elsewhere now, or queued)
         if run is None or p is None:
-            raise Rejected(403, f"run {run_id} is not placed on this node")
+            raise Forbidden(f"run {run_id} is not placed on this node")
         if attempt is not None and attempt != run.attempt:
             # Lines an earlier attempt printed before it was fenced are kept, under that attempt: only the node
             # it ran on may send them, and its guard has killed it, so they are bounded.
             if logs and attempt < run.attempt and run.ran_on(attempt, who.owner):
                 return
-            raise Rejected(409, f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
+            raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
         if p.done and not (logs and p.status == RunStatus.LOST):
-            raise Rejected(409, f"run {run_id} has ended on this node ({p.status.value}); nothing more is kept")
+            raise Conflict(f"run {run_id} has ended on this node ({p.status.value}); nothing more is kept")
 
     def add_artifact(self, run_id: str, art: Artifact, who: Principal) -> Run:
         self.check_log_writer(run_id, who, art.attempt)
@@ -395,12 +388,12 @@ class Scheduler:
         with self._runs_lock, self.store.lock(f"run:{run_id}"):
             run = self.store.get_run(run_id)
             if run is None:
-                raise Rejected(404, f"run {run_id} not found")
+                raise NotFound(f"run {run_id} not found")
             if attempt is not None and attempt != run.attempt:
-                raise Rejected(409, f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
+                raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
             p = run.placement_on(node_id)
             if p is None:
-                raise Rejected(409, f"run {run_id} is not placed on node {node_id}")
+                raise Conflict(f"run {run_id} is not placed on node {node_id}")
             if p.done or run.terminal or p.status == status:
                 return run  # a resend, or a report about an attempt already settled
             p.status, p.exit_code, p.reason = status, exit_code, reason
@@ -594,4 +587,4 @@ class _Pass:
         self.no_room: dict[Request, NoFit] = {}
 
 
-__all__ = ["LOCAL", "Rejected", "Scheduler"]
+__all__ = ["LOCAL", "Scheduler"]

@@ -14,16 +14,19 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .contract import errors
+from .contract.errors import Conflict
 from .contract.models import ApiKey, LogRow, Node, Run, RunStatus
 from .notify import Notifier
 
 
-class NotFound(KeyError):
-    pass
+class NotFound(errors.NotFound, KeyError):
+    """What the store does not hold: a NotFound (404) where it reaches a request."""
 
 
-class AlreadyExists(ValueError):
-    """A run id, or a node name, that the store holds already: every store raises this one (nothing written)."""
+class AlreadyExists(Conflict, ValueError):
+    """A run id, or a node name, that the store holds already: every store raises this one (nothing written);
+    a Conflict (409) when a race the checks before it lost lets it reach a request."""
 
 
 class SeqGap(Exception):

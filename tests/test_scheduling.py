@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from scheduler import auth
+from scheduler.contract.errors import ApiError as Rejected
+from scheduler.contract.errors import status_of
 from scheduler.contract.models import GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport, attempt_ref
 from scheduler.notify import Notifier
 from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
-from scheduler.service import Rejected, Scheduler
+from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 
 
@@ -38,8 +40,6 @@ def join(s: Scheduler, name: str, n: int = 2, kind: str = "NVIDIA A100 80GB PCIe
 
 
 def test_tenancy_decides_whose_runs_a_node_takes(sched: Scheduler) -> None:
-    from scheduler.service import Rejected
-
     alice = auth.verify(sched.store, auth.issue(sched.store, name="alice", scope="user", owner="alice")[1])
     bob = auth.verify(sched.store, auth.issue(sched.store, name="bob", scope="user", owner="bob")[1])
     # a user's own node is private to them, whatever its agent says; an admin-joined agent that cannot isolate
@@ -91,7 +91,7 @@ def test_never_fitting_job_is_rejected_with_the_reason(sched: Scheduler) -> None
     join(sched, "a")
     with pytest.raises(Rejected) as e:
         submit(sched, computing={"minimum_num_gpus": 4, "resource_type": "A100-80G"})
-    assert e.value.status == 422 and "fewer than 4 A100-80G" in str(e.value)
+    assert status_of(e.value) == 422 and "fewer than 4 A100-80G" in str(e.value)
     with pytest.raises(Rejected):
         submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "H100"})
     assert sched.store.list_runs() == []
@@ -157,7 +157,7 @@ def test_attempt_requeued_onto_the_same_node_is_a_new_attempt(sched: Scheduler) 
     assert resp.stop == [attempt_ref(rid, 1)] and [x.run.attempt for x in resp.start] == [2]
     with pytest.raises(Rejected) as e:  # attempt 1's late report cannot settle attempt 2
         sched.report(rid, StatusReport(status=RunStatus.KILLED, attempt=1), a)
-    assert e.value.status == 409
+    assert status_of(e.value) == 409
     assert sched.get_run(rid).status == RunStatus.STARTING
 
 
@@ -286,12 +286,12 @@ def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Sche
     assert [r.id for r in sched.list_runs(alice, None, 100)] == [ra]  # type: ignore[arg-type]
     with pytest.raises(Rejected) as e:
         sched.get_run(rb, alice)  # type: ignore[arg-type]
-    assert e.value.status == 404
+    assert status_of(e.value) == 404
     node_key = [k for k in sched.store.list_keys() if k.scope == "node" and k.owner == a][0]
     node_a = Principal(scope="node", owner=a, key_id=node_key.id)
     with pytest.raises(Rejected) as e:
         sched.poll_once(b, [], node_a)
-    assert e.value.status == 403
+    assert status_of(e.value) == 403
     with pytest.raises(Rejected):
         sched.list_runs(node_a, None, 10)
     assert auth.verify(sched.store, "fml_u_wrong") is None
