@@ -18,10 +18,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from . import access
 from . import auth as keys
 from .blobs import BlobStore
 from .contract import __version__
-from .contract.errors import ApiError, BadRequest, Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthenticated, status_of
+from .contract.errors import ApiError, BadRequest, Conflict, Invalid, NotFound, TooLarge, Unauthenticated, status_of
 from .contract.models import (
     ApiKey,
     Artifact,
@@ -219,8 +220,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return who
 
     async def admin(who: Principal = Depends(auth)) -> Principal:
-        if not who.admin:
-            raise Forbidden("this needs an admin key")
+        access.require_admin(who)
         return who
 
     def identify(header: str, path: str) -> tuple[int, str, Principal | None]:
@@ -263,13 +263,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     # answer 404 whether it exists or not, and an upload of the same bytes is accepted (it proves possession).
     def _blob_visible(sha: str, who: Principal) -> bool:
         blobs.path(sha)  # 400 for a malformed name
-        if who.admin:
-            return blobs.has(sha)
-        if who.scope == "node":  # while a run that uses it is placed on that node
-            return blobs.has(sha) and any(
-                r.workspace_sha == sha for r in store.list_runs(status=[RunStatus.STARTING, RunStatus.RUNNING],
-                                                                node_id=who.owner))
-        return blobs.owned_by(sha, who.owner)
+        return access.may_read_blob(
+            who, owned_by=lambda owner: blobs.owned_by(sha, owner),
+            placed_here=lambda node_id: any(r.workspace_sha == sha for r in store.list_runs(
+                status=[RunStatus.STARTING, RunStatus.RUNNING], node_id=node_id))) and blobs.has(sha)
 
     @app.head(f"{API}/blobs/{{sha}}")
     def blob_head(sha: str, who: Principal = Depends(auth)) -> Response:
@@ -277,8 +274,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     @app.put(f"{API}/blobs/{{sha}}", status_code=201)
     async def blob_put(sha: str, request: Request, who: Principal = Depends(auth)) -> dict[str, object]:
-        if who.scope == "node":
-            raise Forbidden("a node key cannot upload workspaces")
+        access.require_not_node(who, "upload")
         size, stored = await blobs.put(sha, request.stream(), who.owner)
         return {"sha256": sha, "stored": stored, "size": size}
 
@@ -400,8 +396,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     @app.get(f"{API}/nodes")
     def list_nodes(who: Principal = Depends(auth)) -> list[NodeView]:
-        if who.scope == "node":
-            raise Forbidden("a node key cannot list nodes")
+        access.require_not_node(who, "list nodes")
         return sched.node_views()
 
     @app.post(f"{API}/nodes/{{ref}}/drain")

@@ -24,7 +24,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .contract.errors import BadGateway, Conflict, Forbidden, GatewayTimeout, Invalid, NotFound, Unavailable
+from . import access
+from .contract.errors import BadGateway, Conflict, GatewayTimeout, Invalid, NotFound, Unavailable
 from .contract.models import Endpoint, Principal, ReplicaReport, ReplicaState, Run
 from .service import LIVE, Scheduler
 
@@ -150,20 +151,19 @@ class Endpoints:
             run = self.store.get_run(ref)
             if run is not None and run.endpoint is None:
                 raise NotFound(f"run {ref} is not an endpoint (job_type {run.job.job_type})")
-        if run is None or not self.sched._may_see(who, run):
+        if run is None or not access.may_see_run(who, run):
             raise NotFound(f"endpoint {ref} not found (`fedml endpoint list` shows them)")
         return run
 
     def list(self, who: Principal) -> list[Run]:
-        if who.scope == "node":
-            raise Forbidden("a node key cannot list endpoints")
-        return sorted((r for r in self.by_name().values() if self.sched._may_see(who, r)), key=lambda r: r.created_at)
+        access.require_not_node(who, "list endpoints")
+        return sorted((r for r in self.by_name().values() if access.may_see_run(who, r)), key=lambda r: r.created_at)
 
     # -- agents' reports -------------------------------------------------------------------------------------
     def report(self, run_id: str, rep: ReplicaReport, node_id: str, who: Principal) -> Run:
-        self.sched._own_node(who, node_id)
+        access.require_acts_for_node(who, node_id)
         node = self.store.get_node(node_id)
-        with self.sched._runs_lock, self.store.lock(f"run:{run_id}"):
+        with self.sched.run_lock(run_id):
             run = self.store.get_run(run_id)
             if run is None or run.endpoint is None:
                 raise NotFound(f"endpoint run {run_id} not found")
@@ -188,10 +188,9 @@ class Endpoints:
     def scale(self, ref: str, who: Principal, replicas: int | None = None, min_replicas: int | None = None,
               max_replicas: int | None = None) -> Run:
         """`replicas` alone fixes the count (autoscaling off); min/max set the autoscaler's bounds."""
-        if who.scope == "node":
-            raise Forbidden("a node key cannot scale endpoints")
+        access.require_not_node(who, "scale")
         run = self.find(ref, who)
-        with self.sched._runs_lock, self.store.lock(f"run:{run.id}"):
+        with self.sched.run_lock(run.id):
             run = self.store.get_run(run.id) or run
             if run.terminal or run.endpoint is None:
                 raise Conflict(f"endpoint {ref} has ended ({run.status.value})")
@@ -214,7 +213,7 @@ class Endpoints:
     def _set(self, run: Run, ep: Endpoint) -> Run:
         run = self.store.update_run(run.id, endpoint=ep)
         self.changed()
-        self.sched._run_changed(run)  # wakes the node's long poll: it learns the new count at once
+        self.sched.run_changed(run)  # wakes the node's long poll: it learns the new count at once
         return run
 
     def autoscale_pass(self) -> list[tuple[str, int, int]]:
@@ -229,7 +228,7 @@ class Endpoints:
             want = wanted_replicas(ep.replicas, load.average(UP_WINDOW), load.average(ep.scale_down_delay),
                                    ep.target_inflight, ep.min_replicas, ep.max_replicas)
             if want != ep.replicas:
-                with self.sched._runs_lock, self.store.lock(f"run:{run.id}"):
+                with self.sched.run_lock(run.id):
                     fresh = self.store.get_run(run.id)
                     if fresh is None or fresh.endpoint is None or fresh.terminal:
                         continue
@@ -254,7 +253,7 @@ class Endpoints:
             # Before saying 503, read the run itself: the cached view may predate its end or a replica's readiness.
             run = self.live(run.id)
             ready = self._ready(run) if run is not None else []
-        if run is None or not self.sched._may_see(who, run) or who.scope == "node":
+        if run is None or not access.may_use_endpoint(who, run):
             raise NotFound(f"no endpoint named {name}")
         ep = run.endpoint
         assert ep is not None

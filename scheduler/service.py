@@ -6,16 +6,18 @@ all); a node key acts only for its own node and the runs placed on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from . import auth
-from .contract.errors import BadRequest, Conflict, Forbidden, Gone, Invalid, Unauthenticated
+from . import access, auth
+from .contract.errors import BadRequest, Conflict, Gone, Invalid, Unauthenticated
 from .contract.jobspec import JobSpec, JobSpecError, env_problem, validate
 from .contract.models import (
     SYSTEM_RANK,
@@ -102,10 +104,16 @@ class Scheduler:
         beats = self.store.heartbeats() if seen is None else seen
         return max(node.last_seen, beats.get(node.id) or 0.0, self._started)
 
+    @contextlib.contextmanager
+    def run_lock(self, run_id: str) -> Iterator[None]:
+        """One run's read-modify-write at a time: across this process's threads, and across replicas (the store's
+        lock)."""
+        with self._runs_lock, self.store.lock(f"run:{run_id}"):
+            yield
+
     # -- runs --------------------------------------------------------------------------------------------
     def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
-        if who.scope == "node":
-            raise Forbidden("a node key cannot launch runs")
+        access.require_not_node(who, "launch")
         try:
             spec = validate(req.job, file=req.job_file or "job")
         except JobSpecError as exc:
@@ -161,35 +169,25 @@ class Scheduler:
 
     def get_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         run = self.store.get_run(run_id)
-        if run is None or not self._may_see(who, run):
+        if run is None or not access.may_see_run(who, run):
             raise NotFound(f"run {run_id} not found")
         return run
 
-    def _may_see(self, who: Principal, run: Run) -> bool:
-        if who.scope == "admin":
-            return True
-        if who.scope == "node":
-            return run.placement_on(who.owner) is not None
-        return run.owner == who.owner
-
     def list_runs(self, who: Principal, status: list[RunStatus] | None, limit: int) -> list[Run]:
-        if who.scope == "node":
-            raise Forbidden("a node key cannot list runs")
-        return self.store.list_runs(status=status, limit=limit, owner=None if who.admin else who.owner)
+        return self.store.list_runs(status=status, limit=limit, owner=access.runs_listed_for(who))
 
     def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
-        if who.scope == "node":
-            raise Forbidden("a node key cannot stop runs")
-        with self._runs_lock, self.store.lock(f"run:{run_id}"):
+        access.require_not_node(who, "stop")
+        with self.run_lock(run_id):
             run = self.get_run(run_id, who)
             if run.terminal:
                 return run
             if run.status in (RunStatus.QUEUED, RunStatus.LOST):
                 run = self.store.transition(run_id, RunStatus.KILLED, reason="stopped before it started")
-                self._run_changed(run)
+                self.run_changed(run)
                 return run
             run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
-        self._run_changed(run)
+        self.run_changed(run)
         return run
 
     # -- nodes -------------------------------------------------------------------------------------------
@@ -218,8 +216,7 @@ class Scheduler:
             self._nodes_changed()
             self.kick()
             return Registered(node=node)
-        if who.scope not in ("admin", "user", "join"):
-            raise Forbidden("this key cannot register nodes")
+        access.require_may_register(who)
         same = self.store.node_by_name(info.name)
         if same is not None:
             raise Conflict(f"a node named {info.name} exists already ({same.id}, {same.state.lower()}): pick "
@@ -270,8 +267,7 @@ class Scheduler:
         return node
 
     def set_draining(self, ref: str, draining: bool, who: Principal) -> Node:
-        if not who.admin:
-            raise Forbidden("only an admin key can drain nodes")
+        access.require_admin(who, "only an admin key can drain nodes")
         node = self.find_node(ref).model_copy(update={"draining": draining})
         self.store.upsert_node(node)
         self._nodes_changed()
@@ -280,8 +276,7 @@ class Scheduler:
 
     def remove_node(self, ref: str, who: Principal) -> Node:
         node = self.find_node(ref)
-        if not who.admin and not (who.scope == "node" and who.owner == node.id):
-            raise Forbidden("only an admin key (or the node itself) can remove a node")
+        access.require_may_remove_node(who, node)
         for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
             self._rank_update(run.id, node.id, RunStatus.LOST, None, f"node {node.name} was removed")
         self.store.delete_node(node.id)
@@ -293,14 +288,8 @@ class Scheduler:
         return node
 
     # -- the agent side ----------------------------------------------------------------------------------
-    def _own_node(self, who: Principal, node_id: str) -> None:
-        if who.scope == "node" and who.owner != node_id:
-            raise Forbidden("a node key acts only for its own node")
-        if who.scope == "user":
-            raise Forbidden("agents use their node key")
-
     def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
-        self._own_node(who, node_id)
+        access.require_acts_for_node(who, node_id)
         now = time.time()
         before, runs = self.store.heartbeat_and_runs(node_id, now, ACTIVE)
         if not before:
@@ -349,43 +338,22 @@ class Scheduler:
                             lease=self.lease)
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
-        self._own_node(who, node_id)
+        access.require_acts_for_node(who, node_id)
         return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
 
     def check_log_writer(self, run_id: str, who: Principal, attempt: int | None = None, *, logs: bool = False) -> None:
-        """Logs and artifacts are written only by the node of a live placement of the run's current attempt
-        (an admin may too, e.g. tests and tools). A finished rank, a superseded attempt, another node: refused.
-        Log lines of a rank declared LOST are still taken while its attempt is current: they were printed
-        before the node was written off, and can change nothing."""
-        if who.admin:
-            return
-        if who.scope != "node":
-            raise Forbidden("agents use their node key")
-        run = self.store.get_run(run_id)
-        p = run.placement_on(who.owner) if run is not None else None
-        if run is not None and p is None and logs and attempt is not None and run.ran_on(attempt, who.owner):
-            return  # an earlier attempt's lines, from the node it ran on (the run is elsewhere now, or queued)
-        if run is None or p is None:
-            raise Forbidden(f"run {run_id} is not placed on this node")
-        if attempt is not None and attempt != run.attempt:
-            # Lines an earlier attempt printed before it was fenced are kept, under that attempt: only the node
-            # it ran on may send them, and its guard has killed it, so they are bounded.
-            if logs and attempt < run.attempt and run.ran_on(attempt, who.owner):
-                return
-            raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
-        if p.done and not (logs and p.status == RunStatus.LOST):
-            raise Conflict(f"run {run_id} has ended on this node ({p.status.value}); nothing more is kept")
+        access.require_log_writer(who, run_id, None if who.admin else self.store.get_run(run_id), attempt, logs=logs)
 
     def add_artifact(self, run_id: str, art: Artifact, who: Principal) -> Run:
         self.check_log_writer(run_id, who, art.attempt)
-        with self._runs_lock, self.store.lock(f"run:{run_id}"):
+        with self.run_lock(run_id):
             run = self.get_run(run_id)
             keep = [a for a in run.artifacts if (a.rank, a.attempt) != (art.rank, art.attempt)]
             return self.store.update_run(run_id, artifacts=[*keep, art])
 
     def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
                      reason: str | None, attempt: int | None = None) -> Run:
-        with self._runs_lock, self.store.lock(f"run:{run_id}"):
+        with self.run_lock(run_id):
             run = self.store.get_run(run_id)
             if run is None:
                 raise NotFound(f"run {run_id} not found")
@@ -398,7 +366,7 @@ class Scheduler:
                 return run  # a resend, or a report about an attempt already settled
             p.status, p.exit_code, p.reason = status, exit_code, reason
             run = self._settle(run)
-        self._run_changed(run)
+        self.run_changed(run)
         self.kick()
         return run
 
@@ -463,7 +431,7 @@ class Scheduler:
             master_port=None, started_at=None, attempts=[*run.attempts, done][-50:],
             reason=f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})")
 
-    def _run_changed(self, run: Run) -> None:
+    def run_changed(self, run: Run) -> None:
         self.notifier.notify(f"run:{run.id}")
         for p in run.placements:
             self.notifier.notify(f"node:{p.node_id}")
@@ -572,7 +540,7 @@ class Scheduler:
     def _announce(self, runs: list[Run]) -> None:
         # After the commit: an agent woken by this must find its assignment in the store.
         for run in runs:
-            self._run_changed(run)
+            self.run_changed(run)
         runs.clear()
 
 
