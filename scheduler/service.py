@@ -23,7 +23,6 @@ from .contract.models import (
     SYSTEM_RANK,
     Artifact,
     Assignment,
-    AttemptRecord,
     Endpoint,
     InvalidTransition,
     Node,
@@ -40,6 +39,7 @@ from .contract.models import (
     attempt_ref,
 )
 from .notify import Notifier
+from .outcome import decide
 from .placement import Candidate, NoFit, Request, place, reservation
 from .store import GpuBusy, NotFound, Store
 
@@ -371,65 +371,13 @@ class Scheduler:
         return run
 
     def _settle(self, run: Run) -> Run:
-        """Derive the run's state from its ranks' states and persist both in one write.
-
-        A gang (num_nodes: N) succeeds only if every rank does: one rank failing or lost stops the others.
-        A federation's outcome is its server's (rank 0): clients may fail or vanish (the server carries on
-        with the rest, down to its min_clients); when the server ends, the clients are stopped."""
-        ps = run.placements
-        multi = len(ps) > 1
-        spec = run.job
-        federation = spec.job_type == "federate" and multi
-
-        def label(p: Placement) -> str:
-            return f"rank {p.rank}: {p.reason}" if multi else (p.reason or "")
-
-        if not all(p.done for p in ps):
-            fields: dict[str, object] = {"placements": ps}
-            if federation:
-                server = ps[0]
-                if server.done and not run.stop_requested:
-                    why = "the server finished" if server.status == RunStatus.FINISHED else label(server)
-                    fields.update(stop_requested=True, reason=f"{why}; stopping the clients")
-            else:
-                bad = next((p for p in ps if p.status in (RunStatus.FAILED, RunStatus.LOST)), None)
-                if bad is not None and not run.stop_requested:
-                    fields.update(stop_requested=True, reason=f"{label(bad)}; stopping the other ranks")
-            if run.status == RunStatus.STARTING and any(p.status == RunStatus.RUNNING for p in ps):
-                return self.store.transition(run.id, RunStatus.RUNNING, **fields)
-            return self.store.update_run(run.id, **fields)
-        deciding = ps[:1] if federation else ps
-        failed = [p for p in deciding if p.status == RunStatus.FAILED]
-        lost = [p for p in deciding if p.status == RunStatus.LOST]
-        if failed:
-            first = failed[0]
-            if "error" in spec.retry.on and run.attempt < spec.retry.max_attempts:
-                return self._requeue(run, label(first))
-            return self.store.transition(run.id, RunStatus.FAILED, placements=ps, exit_code=first.exit_code,
-                                         reason=label(first))
-        if lost:
-            # LOST and what follows it (QUEUED again, or FAILED) are one write: a scheduler that dies between
-            # two writes must not leave the run LOST for ever.
-            run.placements = ps
-            if "lost" in spec.retry.on and run.attempt < spec.retry.max_attempts:
-                return self._requeue(run, label(lost[0]))
-            return self.store.transition(run.id, RunStatus.FAILED, placements=ps,
-                                         reason=f"lost: {label(lost[0])} (no retries left)")
-        if any(p.status == RunStatus.KILLED for p in deciding):
-            return self.store.transition(run.id, RunStatus.KILLED, placements=ps,
-                                         exit_code=next((p.exit_code for p in ps if p.exit_code), None),
-                                         reason=run.reason if run.stop_requested else label(ps[0]))
-        return self.store.transition(run.id, RunStatus.FINISHED, placements=ps, exit_code=0, reason=None)
-
-    def _requeue(self, run: Run, why: str) -> Run:
-        spec = run.job
-        n = run.attempt + 1
-        log.info("run %s: %s; retrying (attempt %d of %d)", run.id, why, n, spec.retry.max_attempts)
-        done = AttemptRecord(attempt=run.attempt, placements=run.placements, reason=why, started_at=run.started_at)
-        return self.store.transition(
-            run.id, RunStatus.QUEUED, placements=[], attempt=n, stop_requested=False, exit_code=None,
-            master_port=None, started_at=None, attempts=[*run.attempts, done][-50:],
-            reason=f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})")
+        """Apply the outcome policy (scheduler/outcome.py) to the run's ranks: the new state in one write."""
+        out = decide(run, run.job, run.placements)
+        if out.retried:
+            log.info("run %s: %s", run.id, out.fields["reason"])
+        if out.status is None:
+            return self.store.update_run(run.id, **out.fields)
+        return self.store.transition(run.id, out.status, **out.fields)
 
     def run_changed(self, run: Run) -> None:
         self.notifier.notify(f"run:{run.id}")
