@@ -409,7 +409,12 @@ def _styled(status: str) -> str:
 
 
 @run_app.command("status")
-def run_status(run_id: Annotated[str, typer.Argument(metavar="RUN_ID")], as_json: JsonOpt = False) -> None:
+def run_status(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    explain: Annotated[bool, typer.Option("--explain", help="Also show how placement scored the nodes it "
+                                                            "considered: each scorer's value and weight.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Show one run: state, why it waits or failed, node, times, exit code."""
     from .api import connect
 
@@ -442,6 +447,30 @@ def run_status(run_id: Annotated[str, typer.Argument(metavar="RUN_ID")], as_json
     console = Console()
     for k, v in rows:
         console.print(f"[bold]{k:>10}[/bold]  {v}")
+    if explain:
+        _explain(console, r)
+
+
+def _explain(console: Any, r: dict[str, Any]) -> None:
+    """Why these nodes: every feasible node placement scored, best first (Nomad's score metadata)."""
+    from rich.table import Table
+
+    scored = sorted(r.get("scores") or [], key=lambda s: -s["total"])
+    if not scored:
+        console.print("\n" + ("Not placed yet: " + (r.get("reason") or "waiting for a pass")
+                              if r["status"] == "QUEUED" else "No placement scores recorded for this attempt."))
+        return
+    weights = scored[0].get("weights") or {}
+    names = list(weights) or sorted({k for s in scored for k in s.get("scores", {})})
+    console.print("\nplacement: weighted mean of " + ", ".join(f"{n} x{weights.get(n, 1):g}" for n in names),
+                  highlight=False)
+    table = Table()
+    for col in ("node", "rank", "score", *names):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    for s in scored:
+        table.add_row(_node(r, s["node_id"]), "-" if s.get("rank") is None else str(s["rank"]), f"{s['total']:.3f}",
+                      *(f"{s.get('scores', {}).get(n, 0):.3f}" for n in names))
+    console.print(table)
 
 
 @run_app.command("stop")

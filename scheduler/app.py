@@ -311,7 +311,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         """Users named their nodes: give each run the names of the nodes it ran on (one lookup per node)."""
         names: dict[str, str] = {}
         for r in runs:
-            ids = {p.node_id for p in r.placements} | {p.node_id for a in r.attempts for p in a.placements}
+            ids = {p.node_id for p in r.placements} | {p.node_id for a in r.attempts for p in a.placements} | \
+                {s.node_id for s in r.scores}
             for nid in ids:
                 if nid not in names:
                     node = store.get_node(nid)

@@ -75,6 +75,6 @@ def _retry(run: Run, spec: JobSpec, ps: list[Placement], why: str) -> Outcome:
     n = run.attempt + 1
     done = AttemptRecord(attempt=run.attempt, placements=ps, reason=why, started_at=run.started_at)
     return Outcome(RunStatus.QUEUED, {
-        "placements": [], "attempt": n, "stop_requested": False, "exit_code": None, "master_port": None,
+        "placements": [], "scores": [], "attempt": n, "stop_requested": False, "exit_code": None, "master_port": None,
         "started_at": None, "attempts": [*run.attempts, done][-KEEP_ATTEMPTS:],
         "reason": f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})"})

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .contract.jobspec import JobSpec
-from .contract.models import GpuInfo, Node
+from .contract.models import GpuInfo, Node, NodeScore
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,9 @@ class Choice:
 
     node: Node
     gpus: list[int]
+    score: float = 0.0  # the weighted mean of the scorers
+    scores: dict[str, float] = field(default_factory=dict)  # each scorer's value, by name
+    runners_up: list[NodeScore] = field(default_factory=list)  # (on the first choice) feasible nodes not chosen
 
 
 @dataclass
@@ -171,22 +174,45 @@ def gpus_free(req: Request, c: Candidate) -> str | None:
 
 
 # -- scorers -----------------------------------------------------------------------------------------------
-Scorer = Callable[[Request, Candidate], float]
+# Each scorer answers in [0, 1] (higher is better) and has a name and a weight; a node's score is the weighted
+# mean. The values are recorded with the placement (Run.scores) so `fedml run status --explain` can say why one
+# node beat another, like Nomad's score metadata.
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    weight: float
+    score: Callable[[Request, Candidate], float]
 
 
 def binpack(req: Request, c: Candidate) -> float:
-    # Fewer GPUs left idle after placing is better: keeps whole nodes free for large jobs.
-    return -float(len(c.free) - req.gpus) if c.node.gpus else 0.0
+    """Fewer GPUs left idle after placing is better: keeps whole nodes free for large jobs. 1 when the run leaves
+    none idle (a node without GPUs has none to leave), 1/2 with one idle, 1/(1 + idle) in general."""
+    return 1.0 / (1.0 + max(len(c.free) - req.gpus, 0)) if c.node.gpus else 1.0
+
+
+PRICE_SCALE = 2.0  # $ per GPU-hour that scores 1/2 on cost
 
 
 def cheap(req: Request, c: Candidate) -> float:
-    return -(c.node.price_per_gpu_hour or 0.0) / 1000.0
+    """1 for a node with no price, 1/2 at PRICE_SCALE per GPU-hour, toward 0 as the price grows."""
+    return 1.0 / (1.0 + (c.node.price_per_gpu_hour or 0.0) / PRICE_SCALE)
+
+
+# Packing comes first; cost decides between nodes that pack alike, and wins only when prices differ a lot.
+SCORERS: list[Scorer] = [Scorer("binpack", 1.0, binpack), Scorer("cost", 0.25, cheap)]
+WEIGHTS = {s.name: s.weight for s in SCORERS}
+
+
+def scores(req: Request, c: Candidate) -> tuple[float, dict[str, float]]:
+    """(weighted mean, each scorer's value) for one node."""
+    each = {s.name: round(s.score(req, c), 4) for s in SCORERS}
+    total = sum(s.weight * each[s.name] for s in SCORERS) / sum(s.weight for s in SCORERS)
+    return round(total, 4), each
 
 
 # could this node ever?
 STATIC_FILTERS: list[Filter] = [owner_allows, has_runtime, labels_match, cost_cap, cpus_memory, gpus_exist]
 PIPELINE: list[Filter] = [online, not_draining, *STATIC_FILTERS, gpus_free]
-SCORERS: list[Scorer] = [binpack, cheap]
 
 
 def sample_limit(req: Request, n_nodes: int) -> int:
@@ -229,11 +255,13 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
         if feasible:
             detail = f"{len(feasible)} node{'s' if len(feasible) > 1 else ''} free; " + detail
         return NoFit(f"{req.shortfall()} ({detail})", never=statically < req.count, counts=why)
-    feasible.sort(key=lambda c: sum(s(req, c) for s in SCORERS), reverse=True)
+    scored = sorted(((scores(req, c), c) for c in feasible), key=lambda sc: sc[0][0], reverse=True)
     out = []
-    for c in feasible[: req.count]:
+    for (total, each), c in scored[: req.count]:
         gpus = sorted(g.index for g in _matching(req, c.free))[: req.gpus]
-        out.append(Choice(node=c.node, gpus=gpus))
+        out.append(Choice(node=c.node, gpus=gpus, score=total, scores=each))
+    out[0].runners_up = [NodeScore(node_id=c.node.id, total=total, scores=each, weights=WEIGHTS)
+                         for (total, each), c in scored[req.count:]]
     return out
 
 

@@ -27,6 +27,7 @@ from .contract.models import (
     InvalidTransition,
     Node,
     NodeInfo,
+    NodeScore,
     NodeView,
     Placement,
     PollResponse,
@@ -40,7 +41,7 @@ from .contract.models import (
 )
 from .notify import Notifier
 from .outcome import decide
-from .placement import Candidate, NoFit, Request, place, reservation
+from .placement import WEIGHTS, Candidate, NoFit, Request, place, reservation
 from .store import GpuBusy, NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")
@@ -464,8 +465,10 @@ class Scheduler:
                 self.store.update_run(run.id, reason=verdict.reason)
             return False
         placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
+        scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)
+                  for i, pl in enumerate(verdict)] + verdict[0].runners_up
         try:
-            self.store.transition(run.id, RunStatus.STARTING, placements=placements, reason=None,
+            self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores, reason=None,
                                   master_port=self.rng.randrange(20000, 40000))
         except InvalidTransition:
             return False  # stopped meanwhile

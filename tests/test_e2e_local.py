@@ -57,6 +57,12 @@ def test_hello_template_streams_in_order_and_exits_0(shared_fedml: Fedml) -> Non
     assert lines[7] == f"done: run {run_id} rank 0"
     assert f"Run {run_id} submitted" in r.stderr
     assert run_json(shared_fedml, run_id)["status"] == "FINISHED"
+    # --explain: how placement scored the local node (one feasible node: the one chosen, rank 0)
+    explained = shared_fedml("run", "status", run_id, "--explain")
+    assert explained.returncode == 0, explained.stderr
+    assert "placement: weighted mean of binpack x1, cost x0.25" in explained.stdout
+    row = next(line for line in explained.stdout.splitlines() if "1.000" in line)
+    assert row.split("│")[2].strip() == "0", explained.stdout
 
 
 def test_failing_job_exit_code_propagates_and_run_failed(shared_fedml: Fedml, tmp_path: Path) -> None:

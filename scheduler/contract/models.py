@@ -131,6 +131,17 @@ class ReplicaReport(BaseModel):
     replicas: list[ReplicaState]
 
 
+class NodeScore(BaseModel):
+    """How placement scored one feasible node: each scorer's value in [0, 1] by name, and their weighted mean
+    (`fedml run status --explain`; scheduler/placement.py has the scorers and weights)."""
+
+    node_id: str
+    rank: int | None = None  # the rank placed there; None: feasible, not chosen
+    total: float
+    scores: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)  # each scorer's weight when it was scored
+
+
 class AttemptRecord(BaseModel):
     """An attempt that has ended and was followed by another: where it ran and why it ended (`run status`)."""
 
@@ -153,6 +164,7 @@ class Run(BaseModel):
     owner: str = "local"
     num_nodes: int = 1
     placements: list[Placement] = Field(default_factory=list)  # of the current attempt
+    scores: list[NodeScore] = Field(default_factory=list)  # how the current attempt's nodes were chosen
     master_port: int | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
     endpoint: Endpoint | None = None  # deploy/serve runs
