@@ -656,7 +656,7 @@ def scheduler_start(
     = "sqlite",
     blob_dir: Annotated[str | None, typer.Option(help="Where uploaded workspaces and artifacts live "
                                                       "(default: in FEDML_HOME).")] = None,
-    log_retention_lines: Annotated[int | None, typer.Option(min=1, help="Redis store: log lines kept per run "
+    log_retention_lines: Annotated[int | None, typer.Option(min=1, help="Log lines kept per run "
                                                                         "(the newest; default 1,000,000).")] = None,
     gpus: Annotated[str | None, typer.Option(help="GPUs the local agent declares when NVML sees none, "
                                                   "e.g. A100-80G:2.")] = None,

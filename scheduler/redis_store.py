@@ -29,14 +29,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from .contract.models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus, check_transition
+from .contract.models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus
 from .notify import Notifier
-from .store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
 
 DEFAULT_PREFIX = "fedml:"
-DEFAULT_LOG_RETENTION = 1_000_000  # lines kept per run
 _LOG_CHUNK = 2000  # lines per atomic append: a 20,000-line batch must not stall Redis for everyone else
 
 
@@ -211,10 +210,7 @@ return out
 
 
 def _claims(run: Run | None) -> set[tuple[str, int]]:
-    """The GPUs a run holds: those of its unfinished placements while the run itself is unfinished."""
-    if run is None or run.status in TERMINAL:
-        return set()
-    return {(p.node_id, g) for p in run.placements if not p.done for g in p.gpus}
+    return set() if run is None else run.gpu_claims()
 
 
 def _nodes_of(run: Run | None) -> set[str]:
@@ -235,11 +231,10 @@ def parse_url(url: str) -> tuple[str, str]:
 class RedisStore(Store):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str | None = None,
                  log_retention: int = DEFAULT_LOG_RETENTION) -> None:
-        super().__init__()
+        super().__init__(log_retention)
         plain, url_prefix = parse_url(url)
         self.url = plain
         self.k = Keys(prefix if prefix is not None else url_prefix)
-        self.log_retention = log_retention
         self.r = redis.Redis.from_url(plain, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
                                       retry_on_timeout=True)
         self.r.ping()  # fail at start, with the reason, rather than at the first request
@@ -327,9 +322,6 @@ class RedisStore(Store):
                     self._docs_seen.pop(run_id, None)
                     continue
                 raise
-            new.updated_at = time.time()
-            if new.placements:
-                new.node_id, new.gpus = new.placements[0].node_id, new.placements[0].gpus
             try:
                 self._put(doc, old, new)
                 return new
@@ -338,19 +330,10 @@ class RedisStore(Store):
         raise RuntimeError(f"run {run_id}: too many concurrent writers")
 
     def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
-        def change(run: Run) -> Run:
-            check_transition(run_id, run.status, to)
-            new = run.model_copy(update={**fields, "status": to})
-            now = time.time()
-            if to == RunStatus.RUNNING and new.started_at is None:
-                new.started_at = now
-            if to.terminal:
-                new.ended_at = now
-            return new
-        return self._modify(run_id, change)
+        return self._modify(run_id, lambda run: run.changed(to, **fields))
 
     def update_run(self, run_id: str, **fields: object) -> Run:
-        return self._modify(run_id, lambda run: run.model_copy(update=fields))
+        return self._modify(run_id, lambda run: run.changed(**fields))
 
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
                   owner: str | None = None, limit: int = 1000) -> list[Run]:
@@ -675,4 +658,4 @@ def wipe_prefix(url: str) -> int:
         store.close()
 
 
-__all__ = ["DEFAULT_LOG_RETENTION", "Keys", "RedisStore", "RelayNotifier", "parse_url", "wipe_prefix"]
+__all__ = ["Keys", "RedisStore", "RelayNotifier", "parse_url", "wipe_prefix"]

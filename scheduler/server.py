@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .contract import __version__, paths
-from .store import Store
+from .store import DEFAULT_LOG_RETENTION, Store
 
 
 def write_secret(path: Path, secret: str) -> None:
@@ -96,11 +96,11 @@ def open_store(spec: str, local: Path, log_retention: int | None = None) -> Stor
     if spec == "sqlite":
         from .sqlite_store import SQLiteStore
 
-        return SQLiteStore(local / "scheduler.db")
+        return SQLiteStore(local / "scheduler.db", log_retention=log_retention or DEFAULT_LOG_RETENTION)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         import redis
 
-        from .redis_store import DEFAULT_LOG_RETENTION, RedisStore
+        from .redis_store import RedisStore
 
         try:
             return RedisStore(spec, log_retention=log_retention or DEFAULT_LOG_RETENTION)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where uploaded workspaces and artifacts live (default: in the state directory); "
                         "replicas on one Redis must share it")
     p.add_argument("--log-retention-lines", type=int, default=None,
-                   help="redis store: log lines kept per run (newest; default 1,000,000)")
+                   help="log lines kept per run (the newest; default 1,000,000)")
     p.add_argument("--max-workspace-mb", type=int, default=512)
     p.add_argument("--heartbeat-interval", type=float, default=float(os.environ.get("FEDML_HEARTBEAT_INTERVAL", "10")),
                    help="seconds; a node silent for 3 intervals is offline")

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .contract.models import ApiKey, LogRow, Node, Run, RunStatus, check_transition
-from .store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .contract.models import ApiKey, LogRow, Node, Run, RunStatus
+from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,8 +67,9 @@ _RUN_COLUMNS = ("status", "node_id", "owner", "priority", "created_at")
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        super().__init__()
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL",
+                 log_retention: int = DEFAULT_LOG_RETENTION) -> None:
+        super().__init__(log_retention)
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -150,9 +151,6 @@ class SQLiteStore(Store):
         return [Run.model_validate_json(r[0]) for r in rows]
 
     def _write(self, db: sqlite3.Connection, run: Run) -> None:
-        run.updated_at = time.time()
-        if run.placements:
-            run.node_id, run.gpus = run.placements[0].node_id, run.placements[0].gpus
         db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=? WHERE id=?",
                    (*self._run_row(run)[1:], run.id))
         db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
@@ -165,15 +163,9 @@ class SQLiteStore(Store):
             run = self._get(db, run_id)
             if run is None:
                 raise NotFound(run_id)
-            check_transition(run_id, run.status, to)
-            held = _claims(run)
-            run = run.model_copy(update={**fields, "status": to})
-            self._check_gpus(db, run, _claims(run) - held)
-            now = time.time()
-            if to == RunStatus.RUNNING and run.started_at is None:
-                run.started_at = now
-            if to.terminal:
-                run.ended_at = now
+            held = run.gpu_claims()
+            run = run.changed(to, **fields)
+            self._check_gpus(db, run, run.gpu_claims() - held)
             self._write(db, run)
         return run
 
@@ -189,7 +181,7 @@ class SQLiteStore(Store):
             run = self._get(db, run_id)
             if run is None:
                 raise NotFound(run_id)
-            run = run.model_copy(update=fields)
+            run = run.changed(**fields)
             self._write(db, run)
         return run
 
@@ -218,6 +210,9 @@ class SQLiteStore(Store):
                 [(run_id, pos + i, attempt, rank, expected + i, ts, stream, text)
                  for i, (ts, stream, text) in enumerate(fresh)])
             nxt = expected + len(fresh)
+            cut = pos + len(fresh) - self.log_retention  # positions below this are past the retention
+            if cut > 0:
+                db.execute("DELETE FROM logs WHERE run_id=? AND pos<?", (run_id, cut))
             db.execute("INSERT INTO log_seq (run_id, attempt, rank, next_seq) VALUES (?,?,?,?) "
                        "ON CONFLICT(run_id, attempt, rank) DO UPDATE SET next_seq=excluded.next_seq",
                        (run_id, attempt, rank, nxt))
@@ -324,12 +319,6 @@ WHERE rn.node_id = ? AND r.id <> ? AND json_extract(p.value, '$.node_id') = ? AN
   AND json_extract(p.value, '$.status') NOT IN ('FINISHED', 'FAILED', 'KILLED', 'LOST')
 LIMIT 1
 """
-
-
-def _claims(run: Run) -> set[tuple[str, int]]:
-    if run.terminal:
-        return set()
-    return {(p.node_id, g) for p in run.placements if not p.done for g in p.gpus}
 
 
 class _Tx:

@@ -46,6 +46,9 @@ class GpuBusy(Exception):
         super().__init__(f"GPU {gpu} of node {node_id} is held by {holder}")
 
 
+DEFAULT_LOG_RETENTION = 1_000_000  # log lines kept per run (the newest), in every store
+
+
 class Store(abc.ABC):
     # -- runs --------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -73,7 +76,8 @@ class Store(abc.ABC):
     def append_logs(self, run_id: str, attempt: int, rank: int, first_seq: int,
                     lines: list[tuple[float, str, str]]) -> int:
         """Store lines first_seq.. for (run, attempt, rank); lines below the next expected seq are duplicates
-        and are dropped. Returns the next expected seq. Raises SeqGap if first_seq is beyond it."""
+        and are dropped. Returns the next expected seq. Raises SeqGap if first_seq is beyond it. A run keeps
+        at least its newest `log_retention` lines: older ones may be dropped (positions are never reused)."""
 
     @abc.abstractmethod
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
@@ -122,13 +126,18 @@ class Store(abc.ABC):
     def list_keys(self) -> list[ApiKey]: ...
 
     def batch(self) -> Any:
-        """Group several writes into one durable commit (nothing is acknowledged before it ends)."""
+        """Group several writes so they cost one durable commit (SQLite: one transaction). It promises no
+        atomicity across them (Redis commits each write as it comes): callers that need two changes to be seen
+        together make them one write (a transition with its fields)."""
         return contextlib.nullcontext()
 
     # -- what scheduler replicas sharing this store must agree on ------------------------------------------
     # Defaults serve a store that one scheduler process owns (SQLite): state and locks of this instance.
     # A store shared by several replicas (Redis) keeps these where every replica sees them.
-    def __init__(self) -> None:
+    def __init__(self, log_retention: int = DEFAULT_LOG_RETENTION) -> None:
+        if log_retention < 1:
+            raise ValueError("log_retention: at least 1 line per run")
+        self.log_retention = log_retention
         self._soft = threading.Lock()
         self._seen: dict[str, float] = {}
         self._stripes = tuple(threading.RLock() for _ in range(64))

@@ -190,6 +190,31 @@ class Run(BaseModel):
     def _job_document(self, job: JobSpec) -> dict[str, Any]:
         return job.model_dump(mode="json", exclude_none=True)
 
+    def gpu_claims(self) -> set[tuple[str, int]]:
+        """The GPUs this run holds, as (node id, index): those of its unfinished placements while it is
+        unfinished. Both stores refuse a write that would let two runs hold one GPU."""
+        if self.terminal:
+            return set()
+        return {(p.node_id, g) for p in self.placements if not p.done for g in p.gpus}
+
+    def changed(self, to: RunStatus | None = None, *, now: float | None = None, **fields: Any) -> Run:
+        """This run with `fields` set (and, given `to`, moved to that status if the state machine allows it:
+        InvalidTransition otherwise), stamped: started_at at its first RUNNING, ended_at when it ends,
+        updated_at always; rank 0's node and GPUs copied for display. A store persists exactly this."""
+        if to is not None:
+            check_transition(self.id, self.status, to)
+            fields = {**fields, "status": to}
+        new = self.model_copy(update=fields)
+        now = time.time() if now is None else now
+        if to == RunStatus.RUNNING and new.started_at is None:
+            new.started_at = now
+        if to is not None and to.terminal:
+            new.ended_at = now
+        new.updated_at = now
+        if new.placements:
+            new.node_id, new.gpus = new.placements[0].node_id, new.placements[0].gpus
+        return new
+
     def placement_on(self, node_id: str) -> Placement | None:
         return next((p for p in self.placements if p.node_id == node_id), None)
 
