@@ -1,0 +1,96 @@
+"""ASGI middleware in front of the API: the key and the body's size are checked before a byte of the body is
+read (the Guard), and the inference gateway's paths skip FastAPI altogether (Intercept)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from .routes.deps import API
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware for /api/: the bearer key is checked before a byte of the body is read, and the body is
+    capped per route (by Content-Length at once, and by counting as it streams). Everything else passes."""
+
+    def __init__(self, app: Any, identify: Any, caps: list[tuple[re.Pattern[str], int, str]], default_cap: int) -> None:
+        self.app, self.identify, self.caps, self.default_cap = app, identify, caps, default_cap
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API + "/"):
+            await self.app(scope, receive, send)
+            return
+        authorization, length = "", ""
+        for k, v in scope["headers"]:  # ASGI servers give header names lower-cased
+            if k == b"authorization":
+                authorization = v.decode("latin-1")
+            elif k == b"content-length":
+                length = v.decode("latin-1")
+        status, detail, who = await run_in_threadpool(self.identify, authorization, scope["path"])
+        if who is None:
+            await _answer(send, status, detail)
+            return
+        scope["fedml.principal"] = who
+        cap, why = next(((c, m) for pattern, c, m in self.caps if pattern.match(scope["path"])), (self.default_cap, ""))
+        why = why or f"request body is larger than the limit of {_size(cap)} for {scope['path']}"
+        if length and not length.isdigit():
+            await _answer(send, 400, "bad Content-Length")
+            return
+        declared = int(length or 0)
+        if declared > cap:
+            await _answer(send, 413, why)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > cap:
+                raise _TooLarge
+            return msg
+
+        async def watched(msg: dict) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await _answer(send, 413, why)
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
+
+
+async def _answer(send: Any, status: int, detail: str) -> None:
+    data = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Intercept:
+    """ASGI middleware: requests under `prefix` go straight to `handler`, everything else to the app."""
+
+    def __init__(self, app: Any, prefix: str, handler: Any) -> None:
+        self.app, self.prefix, self.handler = app, prefix, handler
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            await self.handler(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

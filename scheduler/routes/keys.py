@@ -1,0 +1,50 @@
+"""API keys and node join tokens (admin only). Secrets are shown once and stored hashed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+
+from .. import auth as keys
+from ..contract.errors import Conflict, Invalid, NotFound
+from ..contract.models import ApiKey, JoinTokenCreate, Principal
+from .deps import API, Ctx, admin, ctx
+
+router = APIRouter(prefix=API)
+
+
+def _public(k: ApiKey) -> dict[str, object]:
+    return k.model_dump(exclude={"hash"})
+
+
+@router.post("/keys", status_code=201)
+def create_key(name: str = Query(min_length=1, max_length=100), scope: str = Query(default="user"),
+               who: Principal = Depends(admin), c: Ctx = Depends(ctx)) -> dict[str, object]:
+    if scope not in ("admin", "user"):
+        raise Invalid("scope must be admin or user (node keys are issued at registration)")
+    if any(k.name == name and k.revoked_at is None and k.scope != "node" for k in c.store.list_keys()):
+        raise Conflict(f"a key named {name} exists already")
+    key, secret = keys.issue(c.store, name=name, scope=scope, owner=name if scope == "user" else "admin")
+    return {"key": _public(key), "secret": secret}
+
+
+@router.get("/keys")
+def list_keys(who: Principal = Depends(admin), c: Ctx = Depends(ctx)) -> list[dict[str, object]]:
+    return [_public(k) for k in c.store.list_keys()]
+
+
+@router.delete("/keys/{ref}")
+def revoke_key(ref: str, who: Principal = Depends(admin), c: Ctx = Depends(ctx)) -> dict[str, object]:
+    found = [k for k in c.store.list_keys() if ref in (k.id, k.name) and k.revoked_at is None]
+    if not found:
+        raise NotFound(f"no active key {ref}")
+    if len(found) > 1:
+        raise Conflict(f"{ref} names {len(found)} keys; use the key id")
+    return _public(keys.revoke(c.store, found[0]))
+
+
+@router.post("/tokens", status_code=201)
+def create_token(body: JoinTokenCreate, who: Principal = Depends(admin), c: Ctx = Depends(ctx)) -> dict[str, object]:
+    """A node join token (`fedml scheduler token create --node`): shown once, stored hashed."""
+    key, secret = keys.issue_join(c.store, creator=who.owner, ttl=body.ttl, uses=body.uses, labels=body.labels,
+                                  name=body.name)
+    return {"key": _public(key), "secret": secret}

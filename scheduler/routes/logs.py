@@ -1,0 +1,91 @@
+"""Run logs: agents append batches (sequence-numbered, resent until acknowledged); anyone who may see the run
+reads them as NDJSON, following until it ends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ..contract.errors import Invalid
+from ..contract.models import LogBatch, Principal
+from ..store import SeqGap
+from .deps import API, MAX_ID, MAX_SEQ, Ctx, auth, ctx
+
+router = APIRouter(prefix=f"{API}/runs")
+
+
+@router.get("/{run_id}/logs")
+async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1),
+                    tail: int | None = Query(default=None, ge=0), follow: bool = False,
+                    rank: int | None = Query(default=None, ge=0),
+                    who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> StreamingResponse:
+    run = await run_in_threadpool(c.sched.get_run, run_id, who)
+    if rank is not None and rank >= run.num_nodes:
+        raise Invalid(f"run {run_id} has no rank {rank} (its ranks are 0..{run.num_nodes - 1})")
+    if tail is not None:  # the last N lines of that rank, not the last N lines filtered
+        after = max(after, await run_in_threadpool(c.store.tail_after, run_id, tail, rank))
+    return StreamingResponse(_stream(c, run_id, after, follow, rank), media_type="application/x-ndjson")
+
+
+async def _stream(c: Ctx, run_id: str, after: int, follow: bool, rank: int | None) -> AsyncIterator[bytes]:
+    # NDJSON: one object per log line, then {"end": true, ...} once the run is over (or at once without
+    # follow). Lines come before the end marker because agents ship every line before they report the final
+    # status.
+    key = f"run:{run_id}"
+    seen_end = False
+    while True:
+        ticket = c.notifier.ticket(key)
+        rows = await run_in_threadpool(c.store.read_logs, run_id, after, 5000, rank)
+        if rows:
+            after = rows[-1].pos
+            yield ("\n".join(r.to_json() for r in rows) + "\n").encode()
+            continue
+        if seen_end:
+            run = await run_in_threadpool(c.store.get_run, run_id)
+            end = {"end": True, "status": run.status.value, "exit_code": run.exit_code,
+                   "reason": run.reason, "next": after + 1}
+            yield (json.dumps(end) + "\n").encode()
+            return
+        run = await run_in_threadpool(c.store.get_run, run_id)
+        if run.terminal or not follow:
+            seen_end = True  # one more read catches lines stored before the status changed
+            continue
+        await c.notifier.wait(key, ticket, 5.0)
+
+
+@router.post("/{run_id}/logs", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": LogBatch.model_json_schema()}}}})
+async def append_logs(run_id: str, request: Request, who: Principal = Depends(auth),
+                      c: Ctx = Depends(ctx)) -> JSONResponse:
+    # Parsed by pydantic straight from the JSON bytes: a batch holds thousands of lines.
+    try:
+        body = LogBatch.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from None
+    if not (0 <= body.rank <= MAX_ID and 0 <= body.attempt <= MAX_ID and body.first_seq + len(body.lines) <= MAX_SEQ):
+        raise Invalid("rank, attempt or first_seq out of range")
+    return await run_in_threadpool(_append, c, run_id, body, who)
+
+
+def _append(c: Ctx, run_id: str, body: LogBatch, who: Principal) -> JSONResponse:
+    c.sched.check_log_writer(run_id, who, body.attempt, logs=True)
+    try:
+        nxt = c.store.append_logs(run_id, body.attempt, body.rank, body.first_seq, body.lines)
+    except SeqGap as gap:
+        return JSONResponse({"detail": f"log lines missing before seq {body.first_seq}",
+                             "next_seq": gap.expected}, status_code=409)
+    c.notifier.notify(f"run:{run_id}")
+    return JSONResponse({"next_seq": nxt})
+
+
+@router.get("/{run_id}/logs/next_seq")
+def next_seq(run_id: str, attempt: int = Query(default=1, ge=0, le=MAX_ID),
+             rank: int = Query(default=0, ge=0, le=MAX_ID), who: Principal = Depends(auth),
+             c: Ctx = Depends(ctx)) -> dict[str, int]:
+    c.sched.check_log_writer(run_id, who, attempt, logs=True)
+    return {"next_seq": c.store.next_seq(run_id, attempt, rank)}

@@ -1,0 +1,68 @@
+"""Runs: launch, list, read, stop, and what their ranks leave behind (artifacts)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..contract.errors import NotFound
+from ..contract.models import Artifact, Principal, Run, RunCreate, RunStatus
+from .deps import API, Ctx, auth, ctx
+
+router = APIRouter(prefix=f"{API}/runs")
+
+
+@router.post("", status_code=201)
+def create_run(body: RunCreate, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Run:
+    run = c.sched.create_run(body, who)
+    if run.endpoint is not None:
+        c.endpoints.changed()
+    return run
+
+
+@router.get("")
+def list_runs(status: list[RunStatus] | None = Query(default=None),
+              limit: int = Query(default=1000, ge=1, le=100_000), who: Principal = Depends(auth),
+              c: Ctx = Depends(ctx)) -> list[Run]:
+    runs = c.sched.list_runs(who, status, limit)
+    counts = c.store.log_counts([r.id for r in runs])
+    for r in runs:
+        r.log_count = counts.get(r.id, 0)
+    return c.named(runs)
+
+
+@router.get("/{run_id}")
+def get_run(run_id: str, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Run:
+    return c.named([c.sched.get_run(run_id, who)])[0]
+
+
+@router.post("/{run_id}/stop")
+def stop_run(run_id: str, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Run:
+    run = c.sched.stop_run(run_id, who)
+    if run.endpoint is not None:
+        c.endpoints.changed()
+    return run
+
+
+@router.put("/{run_id}/artifacts", status_code=201)
+async def put_artifacts(run_id: str, request: Request, sha256: str, rank: int = Query(default=0, ge=0),
+                        attempt: int = Query(default=1, ge=1), files: int = Query(default=0, ge=0),
+                        who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Run:
+    """An agent keeps what a rank left in FEDML_ARTIFACT_DIR (a tar.gz named by its sha256). The bytes are
+    always sent, even when a blob of that hash exists: naming a hash must not attach another user's blob."""
+    await run_in_threadpool(c.sched.check_log_writer, run_id, who, attempt)
+    size, _ = await c.blobs.put(sha256, request.stream(), f"node:{who.owner}",
+                                max_bytes=c.settings.max_artifact_mb * 1024 * 1024)
+    art = Artifact(rank=rank, attempt=attempt, sha256=sha256, size=size, files=files)
+    return await run_in_threadpool(c.sched.add_artifact, run_id, art, who)
+
+
+@router.get("/{run_id}/artifacts/{rank}")
+def get_artifacts(run_id: str, rank: int, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Response:
+    run = c.sched.get_run(run_id, who)
+    arts = sorted((a for a in run.artifacts if a.rank == rank), key=lambda a: a.attempt)
+    if not arts:
+        raise NotFound(f"run {run_id} kept no artifacts for rank {rank}")
+    return FileResponse(c.blobs.path(arts[-1].sha256), media_type="application/gzip",
+                        filename=f"{run_id}-rank{rank}-artifacts.tar.gz")

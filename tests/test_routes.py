@@ -1,0 +1,53 @@
+"""Routes in process: the app over a real store, driven by FastAPI's TestClient (no server process, no port).
+What the end-to-end tests check over real HTTP, these check at the speed of a function call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scheduler import auth
+from scheduler.app import Settings, create_app
+from scheduler.sqlite_store import SQLiteStore
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    store = SQLiteStore(tmp_path / "s.db")
+    keys = {name: auth.issue(store, name=name, scope=scope, owner=name if scope == "user" else "admin")[1]
+            for name, scope in (("admin", "admin"), ("alice", "user"), ("bob", "user"))}
+    with TestClient(create_app(store, Settings(blob_dir=tmp_path / "blobs"))) as c:
+        yield c, keys
+    store.close()
+
+
+def as_(keys: dict[str, str], who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {keys[who]}"}
+
+
+def test_a_run_is_launched_listed_and_hidden_from_others(client: tuple[TestClient, dict[str, str]]) -> None:
+    c, keys = client
+    r = c.post("/api/v1/runs", json={"job": {"job": "echo hi"}, "name": "hello"}, headers=as_(keys, "alice"))
+    assert r.status_code == 201, r.text
+    run = r.json()
+    assert run["status"] == "QUEUED" and run["owner"] == "alice" and run["job"]["job"] == "echo hi"
+    assert c.get(f"/api/v1/runs/{run['id']}", headers=as_(keys, "alice")).json()["id"] == run["id"]
+    assert c.get(f"/api/v1/runs/{run['id']}", headers=as_(keys, "bob")).status_code == 404
+    assert [x["id"] for x in c.get("/api/v1/runs", headers=as_(keys, "admin")).json()] == [run["id"]]
+    assert c.get("/api/v1/runs", headers=as_(keys, "bob")).json() == []
+
+
+def test_refusals_map_to_their_statuses(client: tuple[TestClient, dict[str, str]]) -> None:
+    c, keys = client
+    assert c.get("/api/v1/runs").status_code == 401
+    assert c.get("/api/v1/runs").headers["www-authenticate"] == "Bearer"
+    assert c.post("/api/v1/runs", json={"job": {"job": ""}}, headers=as_(keys, "alice")).status_code == 422
+    assert c.get("/api/v1/keys", headers=as_(keys, "alice")).status_code == 403
+    assert c.get("/api/v1/runs/run-nope", headers=as_(keys, "alice")).status_code == 404
+    assert c.post("/api/v1/runs/run-x/logs", json={"attempt": 1, "rank": 0, "first_seq": 0, "lines": []},
+                  headers=as_(keys, "alice")).status_code == 403  # agents use their node key
+    assert c.head("/api/v1/blobs/not-a-digest", headers=as_(keys, "alice")).status_code == 400
+    assert c.get("/healthz").json()["ok"] is True
