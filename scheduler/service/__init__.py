@@ -1,0 +1,18 @@
+"""The scheduler's behaviour, independent of HTTP, one module per noun: runs, nodes, the agent side (polls,
+reports, heartbeats) and placement passes, over a shared core (locks, caches, the run state's one writer).
+
+Every method that takes a Principal asks scheduler/access.py who may do what.
+"""
+
+from .agents import AgentsMixin
+from .core import ACTIVE, LIVE, LOCAL, new_run_id
+from .nodes import NodesMixin
+from .placing import PlacementMixin
+from .runs import RunsMixin
+
+
+class Scheduler(RunsMixin, NodesMixin, AgentsMixin, PlacementMixin):
+    """The one object routes and tests drive; each noun's methods live in their own module."""
+
+
+__all__ = ["ACTIVE", "LIVE", "LOCAL", "Scheduler", "new_run_id"]

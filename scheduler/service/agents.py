@@ -1,0 +1,111 @@
+"""The agent side: long polls (assignments, stops, scale), rank reports, log and artifact writers, and
+heartbeats (a silent node goes OFFLINE and its ranks LOST)."""
+
+from __future__ import annotations
+
+import time
+
+from .. import access
+from ..contract.models import (
+    Artifact,
+    Assignment,
+    Node,
+    PollResponse,
+    Principal,
+    Run,
+    RunStatus,
+    StatusReport,
+    attempt_ref,
+)
+from ..store import NotFound
+from .core import ACTIVE, LOCAL, SchedulerBase, log
+
+
+class AgentsMixin(SchedulerBase):
+    def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
+        access.require_acts_for_node(who, node_id)
+        now = time.time()
+        before, runs = self.store.heartbeat_and_runs(node_id, now, ACTIVE)
+        if not before:
+            try:  # first heartbeat since start, or back from OFFLINE: persist the state change
+                self.store.touch_node(node_id, now)
+                self._nodes_changed()
+            except NotFound:
+                self.store.heartbeat(node_id, 0.0)  # so that every poll of it is refused
+                raise NotFound(f"node {node_id} is not registered") from None
+        have = set(running)
+        start: list[Assignment] = []
+        wanted: set[str] = set()
+        scale: dict[str, int] = {}
+        for run in runs:
+            p = run.placement_on(node_id)
+            if p is None or p.done:
+                continue
+            ref = attempt_ref(run.id, run.attempt)
+            if run.stop_requested:
+                if ref not in have and p.status == RunStatus.STARTING:  # nothing to kill: settle it here
+                    self._rank_update(run.id, node_id, RunStatus.KILLED, None, run.reason or "stopped")
+                continue
+            wanted.add(ref)
+            if p.status == RunStatus.RUNNING and ref not in have:
+                # The node no longer has it, and its final report never came (lost with the agent's state):
+                # after a grace period the rank is LOST rather than RUNNING for ever.
+                since = self._missing.setdefault((ref, node_id), now)
+                if now - since > self.heartbeat_timeout:
+                    self._missing.pop((ref, node_id), None)
+                    name = (self.store.get_node(node_id) or Node(id=node_id, name=node_id)).name
+                    self._rank_update(run.id, node_id, RunStatus.LOST, None,
+                                      f"node {name} no longer runs it (its final report was lost)",
+                                      attempt=run.attempt)
+                continue
+            self._missing.pop((ref, node_id), None)
+            if p.status == RunStatus.STARTING and ref not in have:
+                rank0 = self.store.get_node(run.placements[0].node_id)
+                start.append(Assignment(run=run, rank=p.rank, num_nodes=len(run.placements), gpus=p.gpus,
+                                        node0_addr=rank0.address if rank0 else "127.0.0.1",
+                                        node0_port=run.master_port or 29500))
+            if run.endpoint is not None:
+                scale[ref] = run.endpoint.replicas
+        # Whatever the node runs that is no longer its to run is stopped: reconciliation after restarts.
+        stop = [rid for rid in running if rid not in wanted]
+        return PollResponse(start=start, stop=stop, scale=scale, heartbeat_interval=self.heartbeat_interval,
+                            lease=self.lease)
+
+    def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
+        access.require_acts_for_node(who, node_id)
+        return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
+
+    def check_log_writer(self, run_id: str, who: Principal, attempt: int | None = None, *, logs: bool = False) -> None:
+        access.require_log_writer(who, run_id, None if who.admin else self.store.get_run(run_id), attempt, logs=logs)
+
+    def add_artifact(self, run_id: str, art: Artifact, who: Principal) -> Run:
+        self.check_log_writer(run_id, who, art.attempt)
+        with self.run_lock(run_id):
+            run = self.get_run(run_id)
+            keep = [a for a in run.artifacts if (a.rank, a.attempt) != (art.rank, art.attempt)]
+            return self.store.update_run(run_id, artifacts=[*keep, art])
+
+
+    def check_heartbeats(self) -> list[Node]:
+        """Mark silent nodes OFFLINE and their ranks LOST. Returns the nodes that went offline."""
+        with self.store.lock("heartbeats", ttl=10.0):  # one replica at a time
+            return self._check_heartbeats()
+
+    def _check_heartbeats(self) -> list[Node]:
+        now = time.time()
+        gone = []
+        beats = self.store.heartbeats()
+        for node in self.store.list_nodes():
+            seen = self.last_seen(node, beats)
+            if node.state == "ONLINE" and now - seen > self.heartbeat_timeout:
+                node = node.model_copy(update={"state": "OFFLINE", "last_seen": seen})
+                self.store.upsert_node(node)
+                self._nodes_changed()
+                self.store.heartbeat(node.id, 0.0)  # its next heartbeat persists ONLINE again
+                gone.append(node)
+                log.warning("node %s (%s) is offline: no heartbeat for %.0f s", node.name, node.id, now - seen)
+                for run in self.store.list_runs(status=ACTIVE, node_id=node.id, limit=1_000_000):
+                    self._rank_update(run.id, node.id, RunStatus.LOST, None,
+                                      f"node {node.name} went offline (no heartbeat for "
+                                      f"{self.heartbeat_timeout:.0f} s)")
+        return gone

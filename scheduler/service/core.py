@@ -1,0 +1,128 @@
+"""The scheduler's shared state and the run state's one writer: locks, the node cache, rank reports settled
+by the outcome policy (scheduler/outcome.py) in one store write."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+from ..contract.errors import Conflict
+from ..contract.models import (
+    Node,
+    Principal,
+    Run,
+    RunStatus,
+)
+from ..notify import Notifier
+from ..outcome import decide
+from ..store import NotFound, Store
+
+log = logging.getLogger("fedml.scheduler")
+
+ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
+LIVE = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)  # not settled yet
+LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
+
+
+def new_run_id() -> str:
+    return "run-" + secrets.token_hex(4)
+
+
+class SchedulerBase:
+    def __init__(self, store: Store, notifier: Notifier, *, blob_exists: object = None,
+                 heartbeat_interval: float = 10.0, rng: random.Random | None = None) -> None:
+        self.store = store
+        self.notifier = notifier
+        self._blob_exists = blob_exists
+        self.heartbeat_interval = heartbeat_interval
+        # Fencing (runtime/fence.py): an agent's jobs die when its lease (renewed by each answered poll) runs out;
+        # the node is written off only once the lease has certainly run out, with a slack for the guard to act
+        # and for clocks, so a new attempt never starts while an old one may still run.
+        # The slack: the guard's reaction (a tenth of a second; a container kill or a pod's grace is taken out of
+        # what they are given) and the scheduler's own check cadence, which only adds to it. Half an interval,
+        # at least 1 s: 25 s of lease at the 10 s default, 5 s at 2 s, 2 s at 1 s.
+        self.heartbeat_timeout = 3 * heartbeat_interval  # a node silent for 3 intervals is OFFLINE
+        self.lease = self.heartbeat_timeout - max(0.5 * heartbeat_interval, min(heartbeat_interval, 1.0))
+        assert self.heartbeat_timeout >= self.lease + min(heartbeat_interval, 1.0)
+        # (run ref, node) -> when a RUNNING placement was first missing from its node's polls (soft state)
+        self._missing: dict[tuple[str, str], float] = {}
+        self.rng = rng or random.Random()
+        self._schedule_lock = threading.Lock()
+        # Rank reports of one run may arrive together from several agents (at several replicas sharing a
+        # store): read-modify-write under this lock and the store's lock on the run.
+        self._runs_lock = threading.RLock()
+        # Heartbeats are soft state (Store.heartbeat: in memory, or a Redis hash the replicas share): a durable
+        # write per heartbeat would cap a 10,000-node cluster at the disk's fsync rate. Only ONLINE <-> OFFLINE
+        # changes are persisted. After a restart every node gets one full timeout to check in again.
+        self._started = time.time()
+        # Node records change rarely (join, drain, remove, offline); placement reads them for every launch.
+        # Cached here, dropped on every change (the "nodes" wake-up, which a shared store relays from the
+        # other replicas), and at most NODE_CACHE_S old in any case.
+        self._nodes: tuple[float, int, list[Node]] | None = None
+
+    NODE_CACHE_S = 2.0
+
+    def nodes(self) -> list[Node]:
+        cached = self._nodes
+        ticket = self.notifier.ticket("nodes")
+        if cached is None or cached[1] != ticket or time.monotonic() - cached[0] > self.NODE_CACHE_S:
+            cached = (time.monotonic(), ticket, self.store.list_nodes())
+            self._nodes = cached
+        return cached[2]
+
+    def _nodes_changed(self) -> None:
+        self._nodes = None
+        self.notifier.notify("nodes")
+
+    def last_seen(self, node: Node, seen: dict[str, float] | None = None) -> float:
+        beats = self.store.heartbeats() if seen is None else seen
+        return max(node.last_seen, beats.get(node.id) or 0.0, self._started)
+
+    @contextlib.contextmanager
+    def run_lock(self, run_id: str) -> Iterator[None]:
+        """One run's read-modify-write at a time: across this process's threads, and across replicas (the store's
+        lock)."""
+        with self._runs_lock, self.store.lock(f"run:{run_id}"):
+            yield
+
+    def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
+                     reason: str | None, attempt: int | None = None) -> Run:
+        with self.run_lock(run_id):
+            run = self.store.get_run(run_id)
+            if run is None:
+                raise NotFound(f"run {run_id} not found")
+            if attempt is not None and attempt != run.attempt:
+                raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
+            p = run.placement_on(node_id)
+            if p is None:
+                raise Conflict(f"run {run_id} is not placed on node {node_id}")
+            if p.done or run.terminal or p.status == status:
+                return run  # a resend, or a report about an attempt already settled
+            p.status, p.exit_code, p.reason = status, exit_code, reason
+            run = self._settle(run)
+        self.run_changed(run)
+        self.kick()
+        return run
+
+    def _settle(self, run: Run) -> Run:
+        """Apply the outcome policy (scheduler/outcome.py) to the run's ranks: the new state in one write."""
+        out = decide(run, run.job, run.placements)
+        if out.retried:
+            log.info("run %s: %s", run.id, out.fields["reason"])
+        if out.status is None:
+            return self.store.update_run(run.id, **out.fields)
+        return self.store.transition(run.id, out.status, **out.fields)
+
+    def run_changed(self, run: Run) -> None:
+        self.notifier.notify(f"run:{run.id}")
+        for p in run.placements:
+            self.notifier.notify(f"node:{p.node_id}")
+
+    def kick(self) -> None:
+        self.notifier.notify("schedule")
+

@@ -1,0 +1,100 @@
+"""Runs: launch (validated, placed once to refuse what can never run), read, list, stop."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .. import access
+from ..contract.errors import BadRequest, Conflict, Invalid
+from ..contract.jobspec import JobSpec, JobSpecError, env_problem, validate
+from ..contract.models import (
+    Endpoint,
+    Principal,
+    Run,
+    RunCreate,
+    RunStatus,
+)
+from ..placement import NoFit, Request, place
+from ..store import NotFound
+from .core import ACTIVE, LIVE, LOCAL, SchedulerBase, new_run_id
+
+
+class RunsMixin(SchedulerBase):
+    def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
+        access.require_not_node(who, "launch")
+        try:
+            spec = validate(req.job, file=req.job_file or "job")
+        except JobSpecError as exc:
+            raise Invalid(str(exc)) from None
+        for k, v in req.env.items():
+            if (why := env_problem(k, v)) is not None:
+                raise Invalid(f"env: {why}")
+        if not spec.commands().strip():
+            raise Invalid(f"{req.job_file or 'job'}: job: this file refers to a job stored on FedML's "
+                                "platform (job_args); this scheduler needs the commands in `job`")
+        # Only a workspace the caller uploaded (or, for an admin, any): a hash alone must not lend a user someone
+        # else's files. The same answer whether it exists or not, so it tells nothing about others' blobs.
+        if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha, who):
+            raise BadRequest(f"workspace {req.workspace_sha[:12]} has not been uploaded")
+        request = Request.of(spec, who.owner)
+        active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
+        verdict = place(request, self._candidates(active), rng=self.rng)
+        if isinstance(verdict, NoFit) and verdict.never:
+            raise Invalid(f"cannot ever run here: {verdict.reason}")
+        run = Run(
+            id=new_run_id(),
+            name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
+            job=spec,
+            job_file=req.job_file,
+            workspace_sha=req.workspace_sha,
+            env=req.env,
+            priority=spec.priority,
+            owner=who.owner,
+            num_nodes=request.count,
+            reason=verdict.reason if isinstance(verdict, NoFit) else None,
+        )
+        if spec.serves:
+            run.endpoint = self._new_endpoint(spec, run)
+        self.store.create_run(run)
+        self.kick()
+        return run
+
+    def _new_endpoint(self, spec: JobSpec, run: Run) -> Endpoint:
+        svc = spec.service_config()
+        taken = {r.endpoint.name: r.id for r in self.store.list_runs(status=LIVE, limit=1_000_000) if r.endpoint}
+        name = svc.name
+        if name is not None and name in taken:
+            raise Conflict(f"endpoint {name} is served by {taken[name]} already: `fedml endpoint delete "
+                                f"{name}` first, or give this one another service.name")
+        if name is None:  # derived from the run's name; made unique rather than refused
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", run.name).strip("-.")[:40] or "endpoint"
+            if name in taken:
+                name = f"{name}-{run.id.removeprefix('run-')}"
+        lo, hi = svc.bounds
+        return Endpoint(name=name, replicas=svc.replicas, min_replicas=lo, max_replicas=hi,
+                        request_timeout=svc.request_timeout, predict_path=svc.predict_path,
+                        target_inflight=svc.target_inflight, scale_down_delay=svc.scale_down_delay)
+
+    def get_run(self, run_id: str, who: Principal = LOCAL) -> Run:
+        run = self.store.get_run(run_id)
+        if run is None or not access.may_see_run(who, run):
+            raise NotFound(f"run {run_id} not found")
+        return run
+
+    def list_runs(self, who: Principal, status: list[RunStatus] | None, limit: int) -> list[Run]:
+        return self.store.list_runs(status=status, limit=limit, owner=access.runs_listed_for(who))
+
+    def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
+        access.require_not_node(who, "stop")
+        with self.run_lock(run_id):
+            run = self.get_run(run_id, who)
+            if run.terminal:
+                return run
+            if run.status in (RunStatus.QUEUED, RunStatus.LOST):
+                run = self.store.transition(run_id, RunStatus.KILLED, reason="stopped before it started")
+                self.run_changed(run)
+                return run
+            run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
+        self.run_changed(run)
+        return run
