@@ -10,7 +10,7 @@ node it was placed on. A node offers its allocatable nvidia.com/gpu minus what o
 counted by the scheduler's placements); its GPU name is the node's nvidia.com/gpu.product label. A node that is
 not Ready, cordoned or tainted against us offers no new GPUs (and leaves the pool once none of our runs is on it);
 a deleted node leaves at once (its runs become LOST). All of it is driven by the node and pod watches in
-runtime.kubernetes.Cluster, not by polling.
+runtime.kubernetes.cluster.Cluster, not by polling.
 
 State: DIR/pool.json (what `fedml logout` needs), DIR/nodes/<node>/ (one agent home per node: node key, runs/).
 """
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime import fence
-from runtime.kubernetes import (
+from runtime.kubernetes.cluster import Cluster, pod_active, pod_gpus
+from runtime.kubernetes.manifests import (
     ANNOTATION_GPUS,
     DEFAULT_IMAGE,
     FENCED,
@@ -37,15 +38,12 @@ from runtime.kubernetes import (
     GPU_MEMORY,
     GPU_PRODUCT,
     LABEL_POOL,
-    Cluster,
     KubeError,
-    KubernetesRuntime,
-    PodHandle,
     api_error,
     fenced,
-    pod_active,
-    pod_gpus,
 )
+from runtime.kubernetes.pod import PodHandle
+from runtime.kubernetes.runtime import KubernetesRuntime
 from scheduler.contract.models import GpuInfo, NodeInfo, RunStatus
 
 from .agent import Agent, RunWorker, _read_key, _SingleInstance, _write_json

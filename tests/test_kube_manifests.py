@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from runtime.kubernetes import GPU, GPU_PRODUCT, fence_deadline, fenced, job_manifest
+from runtime.kubernetes.manifests import GPU, GPU_PRODUCT, fence_deadline, fenced, job_manifest
 
 
 def manifest(**kw: object) -> dict:
