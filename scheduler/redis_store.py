@@ -2,7 +2,8 @@
 
     python -m scheduler.server --store redis://HOST:6379/0[?prefix=fedml:] --home DIR --blob-dir SHARED
 
-Every key is built in `Keys` (one place). A run is one JSON document; its indexes (by status, owner, node)
+Every key is built in `Keys` and every script is in redis_schema.py; wake-ups are redis_notify.py. A run is one
+JSON document; its indexes (by status, owner, node)
 and the GPUs it holds are changed by the Lua script `PUT_RUN` in the same atomic step as the document, and
 only if the document is still the one the writer read (compare-and-set). The script also refuses a placement
 naming a GPU another run holds, so two replicas can never place the same run twice or hand one GPU to two
@@ -19,195 +20,30 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis
 
 from .contract.models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus
 from .notify import Notifier
+from .redis_notify import RelayNotifier
+from .redis_schema import (
+    APPEND_LOGS,
+    CAS_FIELD,
+    HEARTBEAT,
+    LOG_CHUNK,
+    PUT_KEY,
+    PUT_NODE,
+    PUT_RUN,
+    Keys,
+    parse_url,
+)
 from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
-
-DEFAULT_PREFIX = "fedml:"
-_LOG_CHUNK = 2000  # lines per atomic append: a 20,000-line batch must not stall Redis for everyone else
-
-
-class Keys:
-    """Every Redis key of one scheduler installation, under its prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        self.p = prefix
-
-    def run(self, run_id: str) -> str:
-        return f"{self.p}run:{run_id}"
-
-    @property
-    def runs(self) -> str:  # zset of every run id by created_at
-        return f"{self.p}runs"
-
-    def status(self, status: str) -> str:  # zset per status by created_at (QUEUED is the queue)
-        return f"{self.p}status:{status}"
-
-    def owner(self, owner: str) -> str:
-        return f"{self.p}owner:{owner}"
-
-    def node_runs(self, node_id: str) -> str:  # set: unfinished runs with a placement on the node
-        return f"{self.p}noderuns:{node_id}"
-
-    def gpus(self, node_id: str) -> str:  # hash: GPU index -> run id holding it
-        return f"{self.p}gpus:{node_id}"
-
-    def logs(self, run_id: str) -> str:  # stream
-        return f"{self.p}logs:{run_id}"
-
-    def log_pos(self, run_id: str) -> str:  # next log position of the run
-        return f"{self.p}logpos:{run_id}"
-
-    def log_seq(self, run_id: str) -> str:  # hash: "attempt:rank" -> next expected seq
-        return f"{self.p}logseq:{run_id}"
-
-    @property
-    def nodes(self) -> str:  # hash: node id -> doc
-        return f"{self.p}nodes"
-
-    @property
-    def node_names(self) -> str:  # hash: node name -> node id
-        return f"{self.p}nodenames"
-
-    @property
-    def seen(self) -> str:  # hash: node id -> last heartbeat
-        return f"{self.p}seen"
-
-    @property
-    def keys(self) -> str:  # hash: key id -> sha256
-        return f"{self.p}keys"
-
-    @property
-    def key_docs(self) -> str:  # hash: sha256 -> doc
-        return f"{self.p}keydocs"
-
-    def lock(self, name: str) -> str:
-        return f"{self.p}lock:{name}"
-
-    @property
-    def channel(self) -> str:
-        return f"{self.p}notify"
-
-
-# KEYS: run, runs, status:old, status:new, owner
-# ARGV: run id, expected doc ("" = create), new doc, created_at, gpu prefix, noderuns prefix,
-#       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...
-PUT_RUN = """
-local cur = redis.call('GET', KEYS[1])
-if ARGV[2] == '' then
-  if cur then return 'exists' end
-elseif cur ~= ARGV[2] then
-  return 'conflict'
-end
-local i = 7
-local function list()
-  local n = tonumber(ARGV[i]); local out = {}
-  for k = 1, n do out[k] = ARGV[i + k] end
-  i = i + n + 1
-  return out
-end
-local old_nodes, new_nodes, release, claim = list(), list(), list(), list()
-for _, c in ipairs(claim) do
-  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
-  local holder = redis.call('HGET', ARGV[5] .. node, gpu)
-  if holder and holder ~= ARGV[1] then return 'busy\\t' .. node .. '\\t' .. gpu .. '\\t' .. holder end
-end
-redis.call('SET', KEYS[1], ARGV[3])
-if KEYS[3] ~= KEYS[4] or ARGV[2] == '' then
-  if ARGV[2] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
-  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-end
-if ARGV[2] == '' then
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
-end
-for _, n in ipairs(old_nodes) do redis.call('SREM', ARGV[6] .. n, ARGV[1]) end
-for _, n in ipairs(new_nodes) do redis.call('SADD', ARGV[6] .. n, ARGV[1]) end
-for _, c in ipairs(release) do
-  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
-  if redis.call('HGET', ARGV[5] .. node, gpu) == ARGV[1] then redis.call('HDEL', ARGV[5] .. node, gpu) end
-end
-for _, c in ipairs(claim) do
-  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
-  redis.call('HSET', ARGV[5] .. node, gpu, ARGV[1])
-end
-return 'ok'
-"""
-
-# KEYS: log_seq hash, log_pos, stream. ARGV: "attempt:rank", rank, first_seq, retention, encoded lines...
-# Returns {next_seq, gap(0|1)}.
-APPEND_LOGS = """
-local expected = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local first = tonumber(ARGV[3])
-if first > expected then return {expected, 1} end
-local n = #ARGV - 4
-local skip = expected - first
-if skip >= n then return {expected, 0} end
-local pos = tonumber(redis.call('GET', KEYS[2]) or '0')
-local seq = expected
-for k = 5 + skip, #ARGV do
-  redis.call('XADD', KEYS[3], '0-' .. (pos + 1), 'd', ARGV[2] .. ' ' .. seq .. ' ' .. ARGV[k])
-  pos = pos + 1
-  seq = seq + 1
-end
-redis.call('SET', KEYS[2], pos)
-redis.call('HSET', KEYS[1], ARGV[1], seq)
-redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', ARGV[4])
-return {seq, 0}
-"""
-
-# KEYS: nodes, node_names. ARGV: id, name, doc. Node names are unique, as in the SQLite store.
-PUT_NODE = """
-local other = redis.call('HGET', KEYS[2], ARGV[2])
-if other and other ~= ARGV[1] then return 'taken' end
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-  local was = cjson.decode(old)['name']
-  if was ~= ARGV[2] then redis.call('HDEL', KEYS[2], was) end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-return 'ok'
-"""
-
-# KEYS: hash. ARGV: field, expected value, new value. Compare-and-set of one hash field.
-CAS_FIELD = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
-"""
-
-# KEYS: keys, key_docs. ARGV: id, sha256, doc.
-PUT_KEY = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old and old ~= ARGV[2] then redis.call('HDEL', KEYS[2], old) end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-return 'ok'
-"""
-
-# KEYS: seen, the node's runs. ARGV: node id, ts. Returns {the heartbeat before or '', the node's runs...}:
-# an agent's poll asks for both, in one round trip.
-HEARTBEAT = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local out = {old or ''}
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = m end
-return out
-"""
-
 
 def _claims(run: Run | None) -> set[tuple[str, int]]:
     return set() if run is None else run.gpu_claims()
@@ -217,15 +53,6 @@ def _nodes_of(run: Run | None) -> set[str]:
     if run is None or run.status in TERMINAL:
         return set()
     return {p.node_id for p in run.placements}
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """redis://HOST:PORT/DB?prefix=P -> (the URL redis-py takes, the key prefix)."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
-    rest = urlencode({k: v[-1] for k, v in query.items()})
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix
 
 
 class RedisStore(Store):
@@ -391,8 +218,8 @@ class RedisStore(Store):
                 raise SeqGap(expected)
             return expected
         nxt = first_seq
-        for start in range(0, len(lines), _LOG_CHUNK):
-            chunk = lines[start:start + _LOG_CHUNK]
+        for start in range(0, len(lines), LOG_CHUNK):
+            chunk = lines[start:start + LOG_CHUNK]
             encoded = [json.dumps([ts, stream, text, attempt], ensure_ascii=False) for ts, stream, text in chunk]
             nxt, gap = self._append(keys=keys, args=[field, rank, first_seq + start, self.log_retention, *encoded])
             if gap:
@@ -576,79 +403,6 @@ class _Conflict(Exception):
     """The document changed between our read and our write."""
 
 
-class RelayNotifier(Notifier):
-    """A Notifier whose wake-ups reach every scheduler replica: local waiters are woken at once, other
-    replicas through a Redis pub/sub channel. Keys are batched by a publisher thread, so a pass that places
-    thousands of runs costs a few PUBLISHes, not one round trip per key."""
-
-    def __init__(self, r: redis.Redis, channel: str) -> None:
-        super().__init__()
-        self.r, self.channel = r, channel
-        self.origin = os.urandom(6).hex()
-        self.on_key: dict[str, Any] = {}  # callbacks for wake-ups from other replicas
-        self._out: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._closed = threading.Event()
-        self._pubsub = r.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(channel)
-        threading.Thread(target=self._publish, name="notify-publish", daemon=True).start()
-        threading.Thread(target=self._listen, name="notify-listen", daemon=True).start()
-
-    def notify(self, key: str) -> None:
-        super().notify(key)
-        self._out.put(key)
-
-    def _publish(self) -> None:
-        while not self._closed.is_set():
-            key = self._out.get()
-            if key is None:
-                return
-            keys = {key}
-            with contextlib.suppress(queue.Empty):
-                while len(keys) < 5000:
-                    more = self._out.get_nowait()
-                    if more is None:
-                        self._closed.set()
-                        break
-                    keys.add(more)
-            try:
-                self.r.publish(self.channel, self.origin + "\n" + "\n".join(sorted(keys)))
-            except redis.RedisError as exc:  # other replicas still wake on their own timeouts
-                log.warning("could not relay wake-ups: %s", exc)
-                time.sleep(0.5)
-
-    def _listen(self) -> None:
-        while not self._closed.is_set():
-            try:
-                msg = self._pubsub.get_message(timeout=1.0)
-            except Exception as exc:  # noqa: BLE001 - closing under a blocked read raises all sorts
-                if self._closed.is_set():
-                    return
-                log.warning("wake-up relay lost (%s); resubscribing", exc)
-                time.sleep(0.5)
-                with contextlib.suppress(redis.RedisError):
-                    self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-                    self._pubsub.subscribe(self.channel)
-                    for key in ("schedule", "nodes"):  # what we may have missed matters most here
-                        super().notify(key)
-                continue
-            if not msg or msg.get("type") != "message":
-                continue
-            origin, _, body = msg["data"].decode().partition("\n")
-            if origin == self.origin:
-                continue
-            for key in body.split("\n"):
-                if key:
-                    super().notify(key)
-                    if key in self.on_key:
-                        self.on_key[key]()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._out.put(None)
-        with contextlib.suppress(Exception):
-            self._pubsub.close()
-
-
 def wipe_prefix(url: str) -> int:
     """Delete every key under the prefix of a redis:// URL (tests)."""
     store = RedisStore(url)
@@ -658,4 +412,4 @@ def wipe_prefix(url: str) -> int:
         store.close()
 
 
-__all__ = ["Keys", "RedisStore", "RelayNotifier", "parse_url", "wipe_prefix"]
+__all__ = ["RedisStore", "wipe_prefix"]

@@ -1,0 +1,189 @@
+"""The Redis store's data layout: every key it uses (built in `Keys`, one place), the URL form that names a
+prefix, and the Lua scripts that change a document and its indexes in one atomic step (each script's KEYS and
+ARGV are described above it)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+DEFAULT_PREFIX = "fedml:"
+LOG_CHUNK = 2000  # lines per atomic append: a 20,000-line batch must not stall Redis for everyone else
+
+
+class Keys:
+    """Every Redis key of one scheduler installation, under its prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+
+    def run(self, run_id: str) -> str:
+        return f"{self.p}run:{run_id}"
+
+    @property
+    def runs(self) -> str:  # zset of every run id by created_at
+        return f"{self.p}runs"
+
+    def status(self, status: str) -> str:  # zset per status by created_at (QUEUED is the queue)
+        return f"{self.p}status:{status}"
+
+    def owner(self, owner: str) -> str:
+        return f"{self.p}owner:{owner}"
+
+    def node_runs(self, node_id: str) -> str:  # set: unfinished runs with a placement on the node
+        return f"{self.p}noderuns:{node_id}"
+
+    def gpus(self, node_id: str) -> str:  # hash: GPU index -> run id holding it
+        return f"{self.p}gpus:{node_id}"
+
+    def logs(self, run_id: str) -> str:  # stream
+        return f"{self.p}logs:{run_id}"
+
+    def log_pos(self, run_id: str) -> str:  # next log position of the run
+        return f"{self.p}logpos:{run_id}"
+
+    def log_seq(self, run_id: str) -> str:  # hash: "attempt:rank" -> next expected seq
+        return f"{self.p}logseq:{run_id}"
+
+    @property
+    def nodes(self) -> str:  # hash: node id -> doc
+        return f"{self.p}nodes"
+
+    @property
+    def node_names(self) -> str:  # hash: node name -> node id
+        return f"{self.p}nodenames"
+
+    @property
+    def seen(self) -> str:  # hash: node id -> last heartbeat
+        return f"{self.p}seen"
+
+    @property
+    def keys(self) -> str:  # hash: key id -> sha256
+        return f"{self.p}keys"
+
+    @property
+    def key_docs(self) -> str:  # hash: sha256 -> doc
+        return f"{self.p}keydocs"
+
+    def lock(self, name: str) -> str:
+        return f"{self.p}lock:{name}"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.p}notify"
+
+
+# KEYS: run, runs, status:old, status:new, owner
+# ARGV: run id, expected doc ("" = create), new doc, created_at, gpu prefix, noderuns prefix,
+#       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...
+PUT_RUN = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[2] == '' then
+  if cur then return 'exists' end
+elseif cur ~= ARGV[2] then
+  return 'conflict'
+end
+local i = 7
+local function list()
+  local n = tonumber(ARGV[i]); local out = {}
+  for k = 1, n do out[k] = ARGV[i + k] end
+  i = i + n + 1
+  return out
+end
+local old_nodes, new_nodes, release, claim = list(), list(), list(), list()
+for _, c in ipairs(claim) do
+  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
+  local holder = redis.call('HGET', ARGV[5] .. node, gpu)
+  if holder and holder ~= ARGV[1] then return 'busy\\t' .. node .. '\\t' .. gpu .. '\\t' .. holder end
+end
+redis.call('SET', KEYS[1], ARGV[3])
+if KEYS[3] ~= KEYS[4] or ARGV[2] == '' then
+  if ARGV[2] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+end
+if ARGV[2] == '' then
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+end
+for _, n in ipairs(old_nodes) do redis.call('SREM', ARGV[6] .. n, ARGV[1]) end
+for _, n in ipairs(new_nodes) do redis.call('SADD', ARGV[6] .. n, ARGV[1]) end
+for _, c in ipairs(release) do
+  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
+  if redis.call('HGET', ARGV[5] .. node, gpu) == ARGV[1] then redis.call('HDEL', ARGV[5] .. node, gpu) end
+end
+for _, c in ipairs(claim) do
+  local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
+  redis.call('HSET', ARGV[5] .. node, gpu, ARGV[1])
+end
+return 'ok'
+"""
+
+# KEYS: log_seq hash, log_pos, stream. ARGV: "attempt:rank", rank, first_seq, retention, encoded lines...
+# Returns {next_seq, gap(0|1)}.
+APPEND_LOGS = """
+local expected = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local first = tonumber(ARGV[3])
+if first > expected then return {expected, 1} end
+local n = #ARGV - 4
+local skip = expected - first
+if skip >= n then return {expected, 0} end
+local pos = tonumber(redis.call('GET', KEYS[2]) or '0')
+local seq = expected
+for k = 5 + skip, #ARGV do
+  redis.call('XADD', KEYS[3], '0-' .. (pos + 1), 'd', ARGV[2] .. ' ' .. seq .. ' ' .. ARGV[k])
+  pos = pos + 1
+  seq = seq + 1
+end
+redis.call('SET', KEYS[2], pos)
+redis.call('HSET', KEYS[1], ARGV[1], seq)
+redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', ARGV[4])
+return {seq, 0}
+"""
+
+# KEYS: nodes, node_names. ARGV: id, name, doc. Node names are unique, as in the SQLite store.
+PUT_NODE = """
+local other = redis.call('HGET', KEYS[2], ARGV[2])
+if other and other ~= ARGV[1] then return 'taken' end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local was = cjson.decode(old)['name']
+  if was ~= ARGV[2] then redis.call('HDEL', KEYS[2], was) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+return 'ok'
+"""
+
+# KEYS: hash. ARGV: field, expected value, new value. Compare-and-set of one hash field.
+CAS_FIELD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: keys, key_docs. ARGV: id, sha256, doc.
+PUT_KEY = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and old ~= ARGV[2] then redis.call('HDEL', KEYS[2], old) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 'ok'
+"""
+
+# KEYS: seen, the node's runs. ARGV: node id, ts. Returns {the heartbeat before or '', the node's runs...}:
+# an agent's poll asks for both, in one round trip.
+HEARTBEAT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local out = {old or ''}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = m end
+return out
+"""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """redis://HOST:PORT/DB?prefix=P -> (the URL redis-py takes, the key prefix)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
+    rest = urlencode({k: v[-1] for k, v in query.items()})
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix
