@@ -2,14 +2,13 @@
 
     python -m scheduler.server --store redis://HOST:6379/0[?prefix=fedml:] --home DIR --blob-dir SHARED
 
-Every key is built in `Keys` and every script is in redis_schema.py; wake-ups are redis_notify.py. A run is one
-JSON document; its indexes (by status, owner, node)
-and the GPUs it holds are changed by the Lua script `PUT_RUN` in the same atomic step as the document, and
-only if the document is still the one the writer read (compare-and-set). The script also refuses a placement
-naming a GPU another run holds, so two replicas can never place the same run twice or hand one GPU to two
-runs, whatever their caches say. Logs are a Redis Stream per run (entry id 0-(pos+1)), trimmed to the newest
-`log_retention` lines; heartbeats are a hash (soft state); locks are redis-py locks with a TTL; wake-ups for
-long polls are relayed between replicas over pub/sub.
+Every key is built in `Keys` and every Lua script is in redis_schema.py; the pub/sub relay is redis_notify.py.
+A run is one JSON document; its indexes (by status, owner, node) and the GPUs it holds are changed by the Lua
+script `PUT_RUN` in the same atomic step as the document, and only if the document is still the one the writer
+read (compare-and-set). The script also refuses a placement naming a GPU another run holds, so two replicas can
+never place the same run twice or hand one GPU to two runs, whatever their caches say. Logs are a Redis Stream
+per run (entry id 0-(pos+1)), trimmed to the newest `log_retention` lines; heartbeats are a hash (soft state);
+locks are redis-py locks with a TTL; wake-ups for long polls are relayed between replicas over pub/sub.
 
 Durability is Redis's: run it with `appendonly yes` (and `appendfsync always` for "committed before
 acknowledged" across a power loss, as the SQLite store gives).
