@@ -16,10 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import FAILED, UNREACHABLE, USAGE, CliError
+from .errors import FAILED, UNREACHABLE, USAGE
 from .output import JsonOpt
 from .output import err as _err
-from .output import fail as _fail
 
 node_app = typer.Typer(help="List, drain and remove the nodes of the cluster.", no_args_is_help=True,
                        rich_markup_mode=None)
@@ -150,10 +149,7 @@ def login(
             _err("error: a join token can only join a node: add --node (or --kubernetes)")
             raise typer.Exit(USAGE)
     else:
-        try:
-            who = Api(server, api_key).get("/info")["you"]
-        except CliError as exc:
-            raise _fail(exc) from None
+        who = Api(server, api_key).get("/info")["you"]
     if kubernetes:
         _join_pool(api_key, server, name, labels, price, context, namespace, image, foreground)
         return
@@ -395,10 +391,7 @@ def node_list(as_json: JsonOpt = False) -> None:
     """Nodes: state, GPUs free/total by type, labels, price, last heartbeat."""
     from .api import connect
 
-    try:
-        nodes = connect().get("/nodes")
-    except CliError as exc:
-        raise _fail(exc) from None
+    nodes = connect().get("/nodes")
     if as_json:
         sys.stdout.write(json.dumps(nodes, indent=2) + "\n")
         return
@@ -438,10 +431,7 @@ def node_drain(name: Annotated[str, typer.Argument(metavar="NAME", help="Node na
     """Stop placing new runs on a node; runs already there finish."""
     from .api import connect
 
-    try:
-        n = connect().post(f"/nodes/{name}/drain", params={"undo": undo})
-    except CliError as exc:
-        raise _fail(exc) from None
+    n = connect().post(f"/nodes/{name}/drain", params={"undo": undo})
     _err(f"Node {n['name']} " + ("accepts new runs again." if undo else "is draining: no new runs; running ones finish."))
 
 
@@ -450,10 +440,7 @@ def node_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="Node n
     """Remove a node: its runs become LOST (requeued per their retry policy) and its key is revoked."""
     from .api import connect
 
-    try:
-        n = connect().delete(f"/nodes/{name}")
-    except CliError as exc:
-        raise _fail(exc) from None
+    n = connect().delete(f"/nodes/{name}")
     _err(f"Node {n['name']} ({n['id']}) removed.")
 
 
@@ -466,10 +453,7 @@ def key_create(name: Annotated[str, typer.Argument(metavar="NAME", help="Who the
     """Create a key and print its secret once."""
     from .api import connect
 
-    try:
-        r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "user"})
-    except CliError as exc:
-        raise _fail(exc) from None
+    r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "user"})
     if as_json:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
         return
@@ -482,10 +466,7 @@ def key_list(as_json: JsonOpt = False) -> None:
     """Keys: id, name, scope, created, revoked (never the secrets)."""
     from .api import connect
 
-    try:
-        keys = connect().get("/keys")
-    except CliError as exc:
-        raise _fail(exc) from None
+    keys = connect().get("/keys")
     if as_json:
         sys.stdout.write(json.dumps(keys, indent=2) + "\n")
         return
@@ -499,10 +480,7 @@ def key_revoke(ref: Annotated[str, typer.Argument(metavar="ID_OR_NAME")]) -> Non
     """Revoke a key: requests with it are refused from now on."""
     from .api import connect
 
-    try:
-        k = connect().delete(f"/keys/{ref}")
-    except CliError as exc:
-        raise _fail(exc) from None
+    k = connect().delete(f"/keys/{ref}")
     _err(f"Key {k['id']} ({k['name']}) revoked.")
 
 
@@ -536,10 +514,7 @@ def token_create(
         _err("error: say what the token is for: --node")
         raise typer.Exit(USAGE)
     labels = _labels(label)
-    try:
-        r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name})
-    except CliError as exc:
-        raise _fail(exc) from None
+    r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name})
     if as_json:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
         return

@@ -12,10 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import FAILED, NOT_FOUND, USAGE, CliError
+from .errors import FAILED, NOT_FOUND, USAGE
 from .output import JsonOpt
 from .output import err as _err
-from .output import fail as _fail
 from .output import print_json as _print_json
 
 endpoint_app = typer.Typer(
@@ -42,11 +41,8 @@ def endpoint_list(as_json: JsonOpt = False) -> None:
     """List live endpoints: name, run, ready replicas, requests served."""
     from .api import connect
 
-    try:
-        api = connect()
-        eps = api.get("/endpoints")
-    except CliError as exc:
-        raise _fail(exc) from None
+    api = connect()
+    eps = api.get("/endpoints")
     if as_json:
         _print_json(eps)
         return
@@ -70,11 +66,8 @@ def endpoint_status(name: NameArg, as_json: JsonOpt = False) -> None:
     """One endpoint and each replica's state (starting, ready, unready, restarting, exited, stopping)."""
     from .api import connect
 
-    try:
-        api = connect()
-        e = api.get(f"/endpoints/{name}")
-    except CliError as exc:
-        raise _fail(exc) from None
+    api = connect()
+    e = api.get(f"/endpoints/{name}")
     if as_json:
         _print_json(e)
         return
@@ -117,15 +110,12 @@ def endpoint_scale(
     from .api import connect
 
     body = {"replicas": replicas, "min_replicas": min_replicas, "max_replicas": max_replicas}
-    try:
-        api = connect()
-        e = api.post(f"/endpoints/{name}/scale", json=body)
-        deadline = time.monotonic() + timeout
-        while wait and e["ready"] != e["replicas"] and time.monotonic() < deadline:
-            time.sleep(0.25)
-            e = api.get(f"/endpoints/{name}")
-    except CliError as exc:
-        raise _fail(exc) from None
+    api = connect()
+    e = api.post(f"/endpoints/{name}/scale", json=body)
+    deadline = time.monotonic() + timeout
+    while wait and e["ready"] != e["replicas"] and time.monotonic() < deadline:
+        time.sleep(0.25)
+        e = api.get(f"/endpoints/{name}")
     if as_json:
         _print_json(e)
     else:
@@ -144,16 +134,13 @@ def endpoint_delete(
     """Stop an endpoint's run: its replicas get SIGTERM, then SIGKILL after the grace period."""
     from .api import connect
 
-    try:
-        api = connect()
-        e = api.delete(f"/endpoints/{name}")
-        deadline = time.monotonic() + timeout
+    api = connect()
+    e = api.delete(f"/endpoints/{name}")
+    deadline = time.monotonic() + timeout
+    run = api.get(f"/runs/{e['run_id']}")
+    while wait and run["status"] not in ("FINISHED", "FAILED", "KILLED") and time.monotonic() < deadline:
+        time.sleep(0.1)
         run = api.get(f"/runs/{e['run_id']}")
-        while wait and run["status"] not in ("FINISHED", "FAILED", "KILLED") and time.monotonic() < deadline:
-            time.sleep(0.1)
-            run = api.get(f"/runs/{e['run_id']}")
-    except CliError as exc:
-        raise _fail(exc) from None
     if as_json:
         _print_json({**e, "status": run["status"]})
     else:

@@ -14,13 +14,13 @@ import typer
 
 from . import __version__, cluster, endpoint
 from .errors import FAILED, INTERRUPTED, NOT_FOUND, OK, USAGE, CliError
-from .output import JsonOpt
+from .output import Group, JsonOpt
 from .output import err as _err
-from .output import fail as _fail
 from .output import print_json as _print_json
 
 app = typer.Typer(
     name="fedml",
+    cls=Group,  # a CliError from any command: one line on stderr, its exit code
     help="fedml launch: run AI jobs on your own machines. `fedml launch job.yaml` runs a FedML job YAML and "
          "streams its logs; a local scheduler starts on first use.",
     no_args_is_help=True,
@@ -121,25 +121,22 @@ def launch(
         _err(f"error: {job_file}: job: this file refers to a job stored on FedML's platform (job_args); "
              "put the commands to run in `job`")
         raise typer.Exit(USAGE)
-    try:
-        from .api import connect
+    from .api import connect
 
-        api = connect()
-        sha = None
-        if loaded.workspace_dir is not None:
-            from .pack import pack
+    api = connect()
+    sha = None
+    if loaded.workspace_dir is not None:
+        from .pack import pack
 
-            packed = pack(loaded.workspace_dir, show_progress=not as_json)
-            try:
-                sha = packed.sha256
-                if not api.has_blob(sha):
-                    api.put_blob(sha, packed.path, show_progress=not as_json)
-            finally:
-                os.unlink(packed.path)
-        run = api.post("/runs", json={"job": job_doc, "name": name, "job_file": os.path.basename(job_file),
-                                      "workspace_sha": sha, "env": overrides})
-    except CliError as exc:
-        raise _fail(exc) from None
+        packed = pack(loaded.workspace_dir, show_progress=not as_json)
+        try:
+            sha = packed.sha256
+            if not api.has_blob(sha):
+                api.put_blob(sha, packed.path, show_progress=not as_json)
+        finally:
+            os.unlink(packed.path)
+    run = api.post("/runs", json={"job": job_doc, "name": name, "job_file": os.path.basename(job_file),
+                                  "workspace_sha": sha, "env": overrides})
     if detach:
         if as_json:
             _print_json(run)
@@ -294,8 +291,6 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
     except KeyboardInterrupt:
         out.flush()
         return _interrupted(api, run_id, stop_on_interrupt)
-    except CliError as exc:
-        raise _fail(exc) from None
     out.flush()
     run = {"status": end["status"], "exit_code": end.get("exit_code")}
     code = _run_exit_code(run)
@@ -324,21 +319,18 @@ def logs(
     """
     from .api import connect
 
-    try:
-        api = connect()
-        ranked = rank is None and api.get(f"/runs/{run_id}").get("num_nodes", 1) > 1
-        if follow:
-            code = _follow(api, run_id, as_json=as_json, tail=tail, rank=rank, ranked=ranked)
-            raise typer.Exit(0 if code == OK or as_json else code)
-        for rec in api.stream_logs(run_id, tail=tail, rank=rank):
-            if rec.get("end"):
-                break
-            if as_json:
-                sys.stdout.write(json.dumps(rec) + "\n")
-            else:
-                (sys.stderr if rec.get("stream") in ("stderr", "fedml") else sys.stdout).write(_line(rec, ranked))
-    except CliError as exc:
-        raise _fail(exc) from None
+    api = connect()
+    ranked = rank is None and api.get(f"/runs/{run_id}").get("num_nodes", 1) > 1
+    if follow:
+        code = _follow(api, run_id, as_json=as_json, tail=tail, rank=rank, ranked=ranked)
+        raise typer.Exit(0 if code == OK or as_json else code)
+    for rec in api.stream_logs(run_id, tail=tail, rank=rank):
+        if rec.get("end"):
+            break
+        if as_json:
+            sys.stdout.write(json.dumps(rec) + "\n")
+        else:
+            (sys.stderr if rec.get("stream") in ("stderr", "fedml") else sys.stdout).write(_line(rec, ranked))
 
 
 # ---- run ---------------------------------------------------------------------------------------------------
@@ -365,10 +357,7 @@ def run_list(
     wanted = _status_arg(status)
     from .api import connect
 
-    try:
-        runs = connect().get("/runs", params={"status": wanted, "limit": limit})
-    except CliError as exc:
-        raise _fail(exc) from None
+    runs = connect().get("/runs", params={"status": wanted, "limit": limit})
     if as_json:
         _print_json(runs)
         return
@@ -418,10 +407,7 @@ def run_status(
     """Show one run: state, why it waits or failed, node, times, exit code."""
     from .api import connect
 
-    try:
-        r = connect().get(f"/runs/{run_id}")
-    except CliError as exc:
-        raise _fail(exc) from None
+    r = connect().get(f"/runs/{run_id}")
     if as_json:
         _print_json(r)
         return
@@ -483,15 +469,12 @@ def run_stop(
     """Stop a run: its whole process tree gets SIGTERM, then SIGKILL after a grace period."""
     from .api import connect
 
-    try:
-        api = connect()
-        r = api.post(f"/runs/{run_id}/stop")
-        deadline = time.monotonic() + timeout
-        while wait and r["status"] not in TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.1)
-            r = api.get(f"/runs/{run_id}")
-    except CliError as exc:
-        raise _fail(exc) from None
+    api = connect()
+    r = api.post(f"/runs/{run_id}/stop")
+    deadline = time.monotonic() + timeout
+    while wait and r["status"] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.1)
+        r = api.get(f"/runs/{run_id}")
     if as_json:
         _print_json(r)
     elif r["status"] in TERMINAL:
@@ -512,16 +495,13 @@ def run_artifacts(
     """Files the run left in $FEDML_ARTIFACT_DIR (checkpoints, metrics), kept by the scheduler."""
     from .api import connect
 
-    try:
-        api = connect()
-        run = api.get(f"/runs/{run_id}")
-        latest: dict[int, dict[str, Any]] = {}
-        for a in sorted(run.get("artifacts", []), key=lambda a: a["attempt"]):
-            latest[a["rank"]] = a
-        if download:
-            _download_artifacts(api, run, latest, download)
-    except CliError as exc:
-        raise _fail(exc) from None
+    api = connect()
+    run = api.get(f"/runs/{run_id}")
+    latest: dict[int, dict[str, Any]] = {}
+    for a in sorted(run.get("artifacts", []), key=lambda a: a["attempt"]):
+        latest[a["rank"]] = a
+    if download:
+        _download_artifacts(api, run, latest, download)
     if as_json:
         _print_json(list(latest.values()))
     elif not latest:
@@ -580,10 +560,7 @@ def _describe_template(d: Any) -> str:
 @template_app.command("list")
 def template_list(as_json: JsonOpt = False) -> None:
     """The prebuilt jobs."""
-    try:
-        d = _templates_dir()
-    except CliError as exc:
-        raise _fail(exc) from None
+    d = _templates_dir()
     items = [{"name": p.name, "description": _describe_template(p)}
              for p in sorted(d.iterdir()) if (p / "job.yaml").is_file()]
     if as_json:
@@ -596,10 +573,7 @@ def template_list(as_json: JsonOpt = False) -> None:
 @template_app.command("show")
 def template_show(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
     """Print a template's job.yaml and list its files."""
-    try:
-        d = _template(name)
-    except CliError as exc:
-        raise _fail(exc) from None
+    d = _template(name)
     sys.stdout.write(d.joinpath("job.yaml").read_text())
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     sys.stdout.write("\n# files: " + ", ".join(files) + "\n")
@@ -612,10 +586,7 @@ def template_init(name: Annotated[str, typer.Argument(metavar="NAME")],
     import shutil
     from pathlib import Path
 
-    try:
-        d = _template(name)
-    except CliError as exc:
-        raise _fail(exc) from None
+    d = _template(name)
     target = Path(dest or name)
     if target.exists() and any(target.iterdir()):
         _err(f"error: {target} exists and is not empty; pick another DIR")

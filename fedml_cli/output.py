@@ -7,6 +7,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import CliError
 
@@ -26,3 +27,14 @@ def fail(exc: CliError) -> typer.Exit:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class Group(TyperGroup):
+    """The `fedml` command group: a CliError from any command, at any depth, is one line on stderr and its exit
+    code (commands raise it and never catch it just to print it)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CliError as exc:
+            raise fail(exc) from None

@@ -24,3 +24,7 @@ def test_store_errors_are_refusals_of_their_kind() -> None:
     assert errors.status_of(AlreadyExists("run r-1 exists")) == 409
     assert errors.status_of(NotFound("run r-1")) == 404
     assert isinstance(AlreadyExists("x"), ValueError) and isinstance(NotFound("x"), KeyError)
+
+
+def test_a_refusal_reads_as_written_even_when_it_is_a_key_error() -> None:
+    assert str(NotFound("run run-1 not found")) == "run run-1 not found"  # KeyError would say "'run run-1 ...'"

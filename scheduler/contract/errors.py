@@ -11,6 +11,9 @@ from __future__ import annotations
 class ApiError(Exception):
     """A request the scheduler refuses; the message is the answer's `detail`, shown to the user as it is."""
 
+    def __str__(self) -> str:  # as written, also where a subclass is a KeyError too (which would quote it)
+        return str(self.args[0]) if self.args else ""
+
 
 class BadRequest(ApiError):
     """Malformed: not a digest, an upload that does not match its name, an archive that cannot be read."""
