@@ -1,0 +1,228 @@
+"""`fedml logs` and `fedml run list|status|stop|artifacts`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import FAILED, OK, USAGE, CliError
+from .follow import _follow
+from .output import JsonOpt
+from .output import err as _err
+from .output import print_json as _print_json
+from .show import STATUSES, TERMINAL, _ago, _console, _duration, _line, _node, _styled
+
+run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
+
+
+# ---- logs --------------------------------------------------------------------------------------------------
+
+def logs(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", min=0, help="Only the last N lines.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="Only lines of this rank.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a run's log, during or after the run. With -f, exits with the run's exit code when it ends.
+
+    Lines of multi-node runs are prefixed with their rank; --rank N shows one rank only.
+    """
+    from .api import connect
+
+    api = connect()
+    ranked = rank is None and api.get(f"/runs/{run_id}").get("num_nodes", 1) > 1
+    if follow:
+        code = _follow(api, run_id, as_json=as_json, tail=tail, rank=rank, ranked=ranked)
+        raise typer.Exit(0 if code == OK or as_json else code)
+    for rec in api.stream_logs(run_id, tail=tail, rank=rank):
+        if rec.get("end"):
+            break
+        if as_json:
+            sys.stdout.write(json.dumps(rec) + "\n")
+        else:
+            (sys.stderr if rec.get("stream") in ("stderr", "fedml") else sys.stdout).write(_line(rec, ranked))
+
+
+# ---- run ---------------------------------------------------------------------------------------------------
+
+def _status_arg(status: list[str] | None) -> list[str]:
+    out = []
+    for s in status or []:
+        for part in s.split(","):
+            up = part.strip().upper()
+            if up not in STATUSES:
+                _err(f'error: --status: unknown status "{part}"; one of {", ".join(STATUSES)}')
+                raise typer.Exit(USAGE)
+            out.append(up)
+    return out
+
+
+@run_app.command("list")
+def run_list(
+    status: Annotated[list[str] | None, typer.Option("--status", "-s", help="Only runs in this state; repeatable.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest first).")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    wanted = _status_arg(status)
+    from .api import connect
+
+    runs = connect().get("/runs", params={"status": wanted, "limit": limit})
+    if as_json:
+        _print_json(runs)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("RUN", "NAME", "STATUS", "NODE", "CREATED", "DURATION", "EXIT"):
+        table.add_column(col)
+    for r in runs:
+        dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
+        table.add_row(r["id"], r["name"], _styled(r["status"]), _node(r, r.get("node_id")), _ago(r["created_at"]),
+                      _duration(dur), "-" if r.get("exit_code") is None else str(r["exit_code"]))
+    console = _console()
+    if not runs:
+        console.print("no runs" + (f" with status {', '.join(wanted)}" if wanted else ""))
+    else:
+        console.print(table)
+
+
+@run_app.command("status")
+def run_status(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    explain: Annotated[bool, typer.Option("--explain", help="Also show how placement scored the nodes it "
+                                                            "considered: each scorer's value and weight.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one run: state, why it waits or failed, node, times, exit code."""
+    from .api import connect
+
+    r = connect().get(f"/runs/{run_id}")
+    if as_json:
+        _print_json(r)
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
+    rows = [("run", r["id"]), ("name", r["name"]), ("status", _styled(r["status"])),
+            ("reason", escape(r["reason"]) if r.get("reason") else "-"),
+            ("exit code", "-" if r.get("exit_code") is None else str(r["exit_code"])),
+            ("node", _node(r, r.get("node_id"))), ("gpus", ",".join(map(str, r.get("gpus") or [])) or "-"),
+            ("job type", r["job"].get("job_type", "train")), ("file", r.get("job_file") or "-"),
+            ("created", _ago(r["created_at"])), ("duration", _duration(dur)), ("log lines", str(r["log_count"])),
+            ("attempt", str(r.get("attempt", 1)))]
+    if len(r.get("placements") or []) > 1:
+        for p in r["placements"]:
+            extra = f" exit {p['exit_code']}" if p.get("exit_code") is not None else ""
+            rows.append((f"rank {p['rank']}", f"{_node(r, p['node_id'])} gpus [{','.join(map(str, p['gpus']))}] "
+                                             f"{_styled(p['status'])}{extra}"))
+    for a in r.get("attempts") or []:  # earlier attempts: where each ran and why it ended
+        nodes = ",".join(_node(r, p["node_id"]) for p in a.get("placements") or []) or "-"
+        rows.append((f"attempt {a['attempt']}", f"on {nodes}: {escape(a.get('reason') or '-')}"))
+    console = Console()
+    for k, v in rows:
+        console.print(f"[bold]{k:>10}[/bold]  {v}")
+    if explain:
+        _explain(console, r)
+
+
+def _explain(console: Any, r: dict[str, Any]) -> None:
+    """Why these nodes: every feasible node placement scored, best first (Nomad's score metadata)."""
+    from rich.table import Table
+
+    scored = sorted(r.get("scores") or [], key=lambda s: -s["total"])
+    if not scored:
+        console.print("\n" + ("Not placed yet: " + (r.get("reason") or "waiting for a pass")
+                              if r["status"] == "QUEUED" else "No placement scores recorded for this attempt."))
+        return
+    weights = scored[0].get("weights") or {}
+    names = list(weights) or sorted({k for s in scored for k in s.get("scores", {})})
+    console.print("\nplacement: weighted mean of " + ", ".join(f"{n} x{weights.get(n, 1):g}" for n in names),
+                  highlight=False)
+    table = Table()
+    for col in ("node", "rank", "score", *names):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    for s in scored:
+        table.add_row(_node(r, s["node_id"]), "-" if s.get("rank") is None else str(s["rank"]), f"{s['total']:.3f}",
+                      *(f"{s.get('scores', {}).get(n, 0):.3f}" for n in names))
+    console.print(table)
+
+
+@run_app.command("stop")
+def run_stop(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the run has ended.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a run: its whole process tree gets SIGTERM, then SIGKILL after a grace period."""
+    from .api import connect
+
+    api = connect()
+    r = api.post(f"/runs/{run_id}/stop")
+    deadline = time.monotonic() + timeout
+    while wait and r["status"] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.1)
+        r = api.get(f"/runs/{run_id}")
+    if as_json:
+        _print_json(r)
+    elif r["status"] in TERMINAL:
+        _err(f"Run {run_id} {r['status']}" + (f" ({r['reason']})" if r.get("reason") else ""))
+    else:
+        _err(f"Stop requested for run {run_id} (now {r['status']}).")
+    if wait and r["status"] not in TERMINAL:
+        raise typer.Exit(FAILED)
+
+
+@run_app.command("artifacts")
+def run_artifacts(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    download: Annotated[str | None, typer.Option("--download", "-o", metavar="DIR",
+                                                 help="Unpack them into DIR (one folder per rank for multi-node runs).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Files the run left in $FEDML_ARTIFACT_DIR (checkpoints, metrics), kept by the scheduler."""
+    from .api import connect
+
+    api = connect()
+    run = api.get(f"/runs/{run_id}")
+    latest: dict[int, dict[str, Any]] = {}
+    for a in sorted(run.get("artifacts", []), key=lambda a: a["attempt"]):
+        latest[a["rank"]] = a
+    if download:
+        _download_artifacts(api, run, latest, download)
+    if as_json:
+        _print_json(list(latest.values()))
+    elif not latest:
+        _err(f"run {run_id} kept no artifacts (a job keeps files by writing them to $FEDML_ARTIFACT_DIR)")
+    elif not download:
+        for a in latest.values():
+            sys.stdout.write(f"rank {a['rank']}: {a['files']} file(s), {a['size']} bytes (attempt {a['attempt']})\n")
+
+
+def _download_artifacts(api: Any, run: dict[str, Any], latest: dict[int, dict[str, Any]], dest: str) -> None:
+    import tempfile
+
+    from scheduler.contract.archive import UnsafeArchive, unpack
+
+    for rank, a in latest.items():
+        target = Path(dest) / f"rank{rank}" if run.get("num_nodes", 1) > 1 else Path(dest)
+        fd, tmp = tempfile.mkstemp(suffix=".tar.gz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                api.download(f"/runs/{run['id']}/artifacts/{rank}", f, f"artifacts of rank {rank}",
+                             total=a.get("size"))
+            unpack(tmp, target)
+        except UnsafeArchive as exc:
+            raise CliError(f"artifacts of rank {rank} refused: {exc}") from None
+        finally:
+            os.unlink(tmp)
+        _err(f"rank {rank}: {a['files']} file(s) -> {target}")

@@ -1,0 +1,62 @@
+"""How runs are shown: times, durations, states, node names, log lines, exit codes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from .errors import FAILED, OK
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return _duration(time.time() - ts) + " ago"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _run_exit_code(run: dict[str, Any]) -> int:
+    if run["status"] == "FINISHED":
+        return OK
+    code = run.get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else FAILED
+
+
+def _line(rec: dict[str, Any], ranked: bool) -> str:
+    if rec.get("stream") == "fedml":  # the scheduler's own lines (attempt markers): never a rank's
+        return rec["line"] + "\n"
+    return f"[rank {rec['rank']}] {rec['line']}\n" if ranked else rec["line"] + "\n"
+
+
+def _node(run: dict[str, Any], node_id: str | None) -> str:
+    """A node as its user named it (the id where no name is known)."""
+    if not node_id:
+        return "-"
+    return str((run.get("node_names") or {}).get(node_id) or node_id)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output is not cut to 80 columns: ids must stay whole for scripts and greps.
+    return Console() if sys.stdout.isatty() else Console(width=250)
+
+
+def _styled(status: str) -> str:
+    color = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "LOST": "red", "RUNNING": "cyan",
+             "STARTING": "cyan", "QUEUED": "blue"}.get(status, "white")
+    return f"[{color}]{status}[/{color}]"
