@@ -1,4 +1,5 @@
-"""Cluster commands: login/logout (clients and nodes), node list/drain/remove, scheduler keys.
+"""`fedml login` and `fedml logout`: client credentials, and joining (or leaving) this machine as a node or a
+Kubernetes pool.
 
 Imported by main.py at start-up, so only typer is imported at module level.
 """
@@ -16,17 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import FAILED, UNREACHABLE, USAGE
-from .output import JsonOpt
+from .errors import UNREACHABLE, USAGE
 from .output import err as _err
-
-node_app = typer.Typer(help="List, drain and remove the nodes of the cluster.", no_args_is_help=True,
-                       rich_markup_mode=None)
-key_app = typer.Typer(help="Create, list and revoke API keys (admin key needed).", no_args_is_help=True,
-                      rich_markup_mode=None)
-
-token_app = typer.Typer(help="Join tokens: how nodes join a shared cluster (admin key needed).", no_args_is_help=True,
-                        rich_markup_mode=None)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -374,157 +366,4 @@ def _leave(home: Path) -> None:
     _err(f"{'Pool' if pool else 'Node'} {home.name} logged out" + (f" (agent pid {pid} stopped)." if pid else "."))
 
 
-# ---- node --------------------------------------------------------------------------------------------------
-
-def _gpu_summary(n: dict[str, Any]) -> str:
-    by_type: dict[str, list[int]] = {}
-    free = set(n.get("gpus_free", []))
-    for g in n.get("gpus", []):
-        t = by_type.setdefault(g["name"], [0, 0])
-        t[1] += 1
-        t[0] += g["index"] in free
-    return ", ".join(f"{f}/{t} {name}" for name, (f, t) in by_type.items()) or "-"
-
-
-@node_app.command("list")
-def node_list(as_json: JsonOpt = False) -> None:
-    """Nodes: state, GPUs free/total by type, labels, price, last heartbeat."""
-    from .api import connect
-
-    nodes = connect().get("/nodes")
-    if as_json:
-        sys.stdout.write(json.dumps(nodes, indent=2) + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold")
-    for col in ("NAME", "ID", "STATE", "GPUS FREE/TOTAL", "RUNS", "TENANCY", "LABELS", "PRICE/GPU-H", "LAST HEARTBEAT"):
-        table.add_column(col)
-    now = time.time()
-    for n in nodes:
-        state = n["state"] + (" DRAINING" if n.get("draining") else "")
-        color = "green" if state == "ONLINE" else ("yellow" if "DRAINING" in state else "red")
-        table.add_row(n["name"], n["id"], f"[{color}]{state}[/{color}]", _gpu_summary(n), str(n.get("active_runs", 0)),
-                      tenancy(n), ",".join(f"{k}={v}" for k, v in n.get("labels", {}).items()) or "-",
-                      "-" if n.get("price_per_gpu_hour") is None else f"{n['price_per_gpu_hour']:g}",
-                      f"{now - n['last_seen']:.0f}s ago")
-    console = Console() if sys.stdout.isatty() else Console(width=250)  # piped: keep ids whole
-    if nodes:
-        console.print(table)
-    else:
-        console.print("no nodes (make a join token with `fedml scheduler token create --node`, then on the node: "
-                      "`fedml login --server URL --node`)")
-
-
-def tenancy(n: dict[str, Any]) -> str:
-    """'shared (jobs as fedml-job)', 'single-tenant: alice' (only alice's runs: a private node, or an agent that
-    cannot keep jobs from its key)."""
-    if n.get("owner"):
-        return f"single-tenant: {n['owner']}"
-    return f"shared (jobs as {n['job_user']})" if n.get("job_user") else "shared"
-
-
-@node_app.command("drain")
-def node_drain(name: Annotated[str, typer.Argument(metavar="NAME", help="Node name or id.")],
-               undo: Annotated[bool, typer.Option("--undo", help="Accept new runs again.")] = False) -> None:
-    """Stop placing new runs on a node; runs already there finish."""
-    from .api import connect
-
-    n = connect().post(f"/nodes/{name}/drain", params={"undo": undo})
-    _err(f"Node {n['name']} " + ("accepts new runs again." if undo else "is draining: no new runs; running ones finish."))
-
-
-@node_app.command("remove")
-def node_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="Node name or id.")]) -> None:
-    """Remove a node: its runs become LOST (requeued per their retry policy) and its key is revoked."""
-    from .api import connect
-
-    n = connect().delete(f"/nodes/{name}")
-    _err(f"Node {n['name']} ({n['id']}) removed.")
-
-
-# ---- keys --------------------------------------------------------------------------------------------------
-
-@key_app.command("create")
-def key_create(name: Annotated[str, typer.Argument(metavar="NAME", help="Who the key is for (its runs are theirs).")],
-               admin: Annotated[bool, typer.Option("--admin", help="An admin key (sees all runs, manages nodes/keys).")] = False,
-               as_json: JsonOpt = False) -> None:
-    """Create a key and print its secret once."""
-    from .api import connect
-
-    r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "user"})
-    if as_json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
-        return
-    sys.stdout.write(r["secret"] + "\n")
-    _err(f"Key {r['key']['id']} for {name} ({r['key']['scope']}). The secret above is shown only now.")
-
-
-@key_app.command("list")
-def key_list(as_json: JsonOpt = False) -> None:
-    """Keys: id, name, scope, created, revoked (never the secrets)."""
-    from .api import connect
-
-    keys = connect().get("/keys")
-    if as_json:
-        sys.stdout.write(json.dumps(keys, indent=2) + "\n")
-        return
-    for k in keys:
-        state = "revoked" if k.get("revoked_at") else "active"
-        sys.stdout.write(f"{k['id']:<14} {k['scope']:<6} {state:<8} {k['prefix']}…  {k['name']}\n")
-
-
-@key_app.command("revoke")
-def key_revoke(ref: Annotated[str, typer.Argument(metavar="ID_OR_NAME")]) -> None:
-    """Revoke a key: requests with it are refused from now on."""
-    from .api import connect
-
-    k = connect().delete(f"/keys/{ref}")
-    _err(f"Key {k['id']} ({k['name']}) revoked.")
-
-
-def _duration(text: str) -> float | None:
-    """'30m', '2h', '7d', '3600' (seconds), 'never' -> seconds (None: never)."""
-    text = text.strip().lower()
-    if text in ("never", "0", "none"):
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
-    except (ValueError, IndexError):
-        raise typer.BadParameter(f"expected a duration such as 30m, 2h, 7d or never, got {text!r}") from None
-
-
-@token_app.command("create")
-def token_create(
-    node: Annotated[bool, typer.Option("--node", help="A token that joins nodes (the only kind so far).")] = False,
-    ttl: Annotated[str, typer.Option("--ttl", help="How long it works: 30m, 2h, 7d, never.")] = "1h",
-    uses: Annotated[int, typer.Option("--uses", min=0, help="Nodes it may join (0: any number until it expires).")] = 1,
-    label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="K=V",
-                                                    help="Label every node joined with it gets; repeatable.")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="What it is for, shown in `key list`.")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Make a join token (printed once, stored hashed). On the node: `fedml login --server URL --node` and paste
-    it, or pipe it in. Nodes joined so run every user's jobs, as an unprivileged user, so join them as root."""
-    from .api import connect
-
-    if not node:
-        _err("error: say what the token is for: --node")
-        raise typer.Exit(USAGE)
-    labels = _labels(label)
-    r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name})
-    if as_json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
-        return
-    sys.stdout.write(r["secret"] + "\n")
-    k = r["key"]
-    left = "any number of nodes" if k["uses_left"] is None else f"{k['uses_left']} node(s)"
-    until = ("never expires" if k["expires_at"] is None
-             else f"expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(k['expires_at']))}")
-    _err(f"Join token {k['id']}: joins {left}, {until}. Shown only now. On a node (as root): "
-         f"echo TOKEN | fedml login --server URL --node")
-
-
-__all__ = ["FAILED", "key_app", "login", "logout", "node_app", "token_app"]
+__all__ = ["login", "logout", "reexec_without_key"]

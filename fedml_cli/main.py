@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__, cluster, endpoint, runs, scheduler_cmd, templates
+from . import __version__, admin, cluster, endpoint, runs, scheduler_cmd, templates
 from .errors import USAGE, CliError
 from .follow import _follow, _QueueWatch
 from .output import Group, JsonOpt
@@ -34,10 +34,10 @@ app.add_typer(scheduler_cmd.scheduler_app, name="scheduler")
 app.add_typer(templates.template_app, name="template")
 app.command("login")(cluster.login)
 app.command("logout")(cluster.logout)
-app.add_typer(cluster.node_app, name="node")
+app.add_typer(admin.node_app, name="node")
 app.add_typer(endpoint.endpoint_app, name="endpoint")
-scheduler_cmd.scheduler_app.add_typer(cluster.key_app, name="key")
-scheduler_cmd.scheduler_app.add_typer(cluster.token_app, name="token")
+scheduler_cmd.scheduler_app.add_typer(admin.key_app, name="key")
+scheduler_cmd.scheduler_app.add_typer(admin.token_app, name="token")
 
 
 # ---- launch ------------------------------------------------------------------------------------------------
