@@ -60,7 +60,8 @@ def launch(
 
     Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on.
     """
-    from scheduler.contract.jobspec import JobSpecError, env_problem, load_file
+    from scheduler.contract.jobload import load_file
+    from scheduler.contract.jobspec import JobSpecError, env_problem
 
     try:
         loaded = load_file(job_file)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.contract.jobspec import JobSpecError, load_file, load_text, parse_duration, validate
+from scheduler.contract.jobload import load_file, load_text, validate
+from scheduler.contract.jobspec import JobSpecError, parse_duration
 from scheduler.placement import gpu_matches
 
 

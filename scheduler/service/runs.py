@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .. import access
 from ..contract.errors import BadRequest, Conflict, Invalid
-from ..contract.jobspec import JobSpec, JobSpecError, env_problem, validate
+from ..contract.jobload import validate
+from ..contract.jobspec import JobSpec, JobSpecError, env_problem
 from ..contract.models import (
     Endpoint,
     Principal,

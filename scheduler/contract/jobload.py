@@ -1,0 +1,371 @@
+"""Reading a job file: bounded YAML (size, depth, aliases), errors that name the file, field and line, typo
+warnings for keys nobody reads, and FedML's federation settings from the job's own config file."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from .jobspec import FederateSpec, JobSpec, JobSpecError, OsCommands, posix_commands
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans,
+    which turned `retry: {on: [lost]}` into a key `True`."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+# ---- loading YAML with line numbers -----------------------------------------------------------------------
+
+class _Lines:
+    """Line (1-based) of every key path in a YAML document, for error messages."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[str, ...], int] = {}
+
+    def walk(self, node: yaml.Node, path: tuple[str, ...], file: str) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                key = str(k.value)
+                if key in seen:
+                    raise JobSpecError(
+                        f"duplicate key (first defined on line {seen[key]})",
+                        file=file, line=k.start_mark.line + 1, field=".".join((*path, key)))
+                seen[key] = k.start_mark.line + 1
+                self.lines[(*path, key)] = k.start_mark.line + 1
+                self.walk(v, (*path, key), file)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(item, (*path, str(i)), file)
+
+    def line_of(self, path: tuple[str, ...]) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), 1)
+
+
+_TYPE_WORDS = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+    "dict": "a mapping", "list": "a list", "model": "a mapping",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 40 else value[:37] + "...")
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind: str = err["type"]
+    got = _describe(err.get("input"))
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"expected one of {expected}, got {got}"
+    if kind == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    for prefix, words in _TYPE_WORDS.items():
+        if kind.startswith(prefix + "_") or kind == prefix + "_type":
+            return f"expected {words}, got {got}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        return err["msg"].replace("Input should be", "expected a value") + f", got {got}"
+    return f"{err['msg']}, got {got}"
+
+
+def _field_of(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    # Pydantic puts union member names in loc (e.g. "str", "OsCommands", "function-after[...]").
+    parts: list[str] = []
+    for p in loc:
+        s = str(p)
+        if s in ("str", "int", "float", "bool", "OsCommands", "DockerSpec", "none") or "[" in s:
+            continue
+        if s and s[0].isupper() and isinstance(p, str):
+            continue
+        parts.append(s)
+    return tuple(parts)
+
+
+def _best_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    # For a union (job: str | {run_on_posix}), report the plain-type alternative, not every branch.
+    def rank(e: dict[str, Any]) -> int:
+        return 0 if e["type"] in ("value_error", "missing") else 1
+    return sorted(errors, key=rank)[0]
+
+
+def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) -> JobSpec:
+    if not isinstance(data, dict):
+        kind = "nothing" if data is None else f"a {type(data).__name__}"
+        raise JobSpecError(f"expected a mapping of job keys (workspace, job, ...), got {kind}", file=file,
+                           line=1)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # A union branch that rejected a whole mapping (job: str) hides the branch that looked inside it
+        # (job: {run_on_posix: 3}): report the inner problem, not "expected a string, got a mapping".
+        all_fields = {_field_of(e["loc"]) for e in errors}
+
+        def shadowed(e: dict[str, Any]) -> bool:
+            f = _field_of(e["loc"])
+            return bool(f) and isinstance(e.get("input"), dict) and any(
+                len(g) > len(f) and g[:len(f)] == f for g in all_fields)
+
+        errors = [e for e in errors if not shadowed(e)] or errors
+        # Group union branches by field; keep the first field in file order.
+        by_field: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for e in errors:
+            by_field.setdefault(_field_of(e["loc"]), []).append(e)
+        fields = list(by_field)
+        if lines is not None:
+            fields.sort(key=lambda f: lines.line_of(f) or 0)
+        field = fields[0]
+        err = _best_error(by_field[field])
+        msg = _message(err)
+        name = ".".join(field)
+        if not name and msg.split(":", 1)[0] in ("job", "server_job", "service", "num_nodes", "containerize"):
+            name, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
+            field = (name,)
+        more = len(fields) - 1
+        if more:
+            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+        line = lines.line_of(field) if lines else None
+        raise JobSpecError(msg, file=file, line=line, field=name or None) from None
+
+
+MAX_YAML_BYTES = 1 << 20  # a job file (the scheduler takes job documents of up to 1 MiB too)
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # counted with every alias expanded: a "billion laughs" file stops here
+
+
+def _check_graph(root: yaml.Node, file: str) -> None:
+    """Refuse what would make a small file huge or endless once read: alias expansion past MAX_YAML_NODES,
+    nesting deeper than MAX_YAML_DEPTH, an alias inside its own anchor. Iterative: no recursion to exhaust."""
+    visits = 0
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, True)]
+    path: set[int] = set()
+    while stack:
+        node, depth, entering = stack.pop()
+        if not entering:
+            path.discard(id(node))
+            continue
+        visits += 1
+        if visits > MAX_YAML_NODES:
+            raise JobSpecError(f"more than {MAX_YAML_NODES:,} values once its aliases are expanded (an alias bomb?)",
+                               file=file, line=node.start_mark.line + 1)
+        if depth > MAX_YAML_DEPTH:
+            raise JobSpecError(f"nested deeper than {MAX_YAML_DEPTH} levels", file=file, line=node.start_mark.line + 1)
+        if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
+            if id(node) in path:
+                raise JobSpecError("an alias refers to a value that contains it (a recursive alias)", file=file,
+                                   line=node.start_mark.line + 1)
+            path.add(id(node))
+            stack.append((node, depth, False))
+            children = node.value if isinstance(node, yaml.SequenceNode) else [x for kv in node.value for x in kv]
+            stack.extend((child, depth + 1, True) for child in reversed(children))
+
+
+def load_yaml_bounded(text: str, *, file: str = "job.yaml") -> Any:
+    """YAML (our loader) with its size, nesting and alias expansion bounded before anything is built from it."""
+    return _load_bounded(text, file)[1]
+
+
+def _load_bounded(text: str, file: str) -> tuple[yaml.Node | None, Any]:
+    if len(text) > MAX_YAML_BYTES:
+        raise JobSpecError(f"{len(text) / 1048576:.1f} MiB: a job file may be at most {MAX_YAML_BYTES >> 20} MiB",
+                           file=file)
+    loader = _Loader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise JobSpecError(f"nested deeper than {MAX_YAML_DEPTH} levels", file=file) from None
+        if node is None:
+            return None, None
+        _check_graph(node, file)
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
+    try:
+        node, data = _load_bounded(text, file)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = (exc.problem or "invalid YAML").strip()
+        ctx = exc.context_mark
+        if ctx is not None and exc.context and exc.problem_mark is not None and \
+                exc.problem_mark.index >= len(text.rstrip()):
+            # Unclosed bracket or quote: the end of the file is not where the mistake is.
+            line = ctx.line + 1
+            problem = f"{problem}, {exc.context.strip()} that starts on this line"
+        if line is not None:
+            line = max(1, min(line, len(text.splitlines()) or 1))
+        raise JobSpecError(f"YAML syntax error: {problem}", file=file, line=line) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        raise JobSpecError(f"YAML error: {str(exc).splitlines()[0]}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"YAML error: {str(exc).splitlines()[0]}", file=file) from None
+    lines = _Lines()
+    if node is not None:
+        lines.walk(node, (), file)
+    spec = validate(data, file=file, lines=lines)
+    spec._lines = lines
+    return spec
+
+
+MAX_WARNINGS = 20
+
+# Keys FedML defines in these blocks that this project reads nothing from: not typos.
+_FEDML_EXTRA = {"computing": {"allow_cross_cloud_resources"}}
+
+
+def unknown_keys(spec: JobSpec, file: str = "job.yaml") -> list[str]:
+    """One line per key that looks like a typo: a key no schema defines inside a block with a fixed schema
+    (`computing: {minimum_num_gpu: 1}` once launched with 0 GPUs), or a top-level key one letter or so away
+    from a known one. Other top-level keys are FedML's free keys (exported as FEDML_ENV_*), not typos."""
+    import difflib
+
+    lines: _Lines | None = spec._lines
+    out: list[tuple[int, str]] = []
+
+    def note(path: tuple[str, ...], key: str, known: list[str], cutoff: float, always: bool) -> None:
+        if key in known:
+            return
+        close = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
+        if not close and not always:
+            return
+        line = lines.line_of((*path, key)) if lines is not None else None
+        hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(known))})"
+        shown = key if len(key) <= 60 else key[:57] + "..."  # a hostile file's 1 MiB key is not echoed whole
+        out.append((line or 0, f"{file}{f':{line}' if line else ''}: {'.'.join((*path, shown))}: unknown key{hint}"))
+
+    blocks: list[tuple[tuple[str, ...], BaseModel | None]] = [
+        (("computing",), spec.computing), (("docker",), spec.docker), (("retry",), spec.retry),
+        (("service",), spec.service), (("federate",), spec.federate)]
+    blocks += [((what,), getattr(spec, what)) for what in ("job", "server_job", "bootstrap")
+               if isinstance(getattr(spec, what), OsCommands)]
+    for path, model in blocks:
+        if model is None or not model.model_extra:
+            continue
+        known = list(type(model).model_fields)
+        for key in model.model_extra:
+            if key not in _FEDML_EXTRA.get(path[0], ()):
+                note(path, str(key), known, 0.6, True)
+    top = [k for k in JobSpec.model_fields if k != "job_subtype"] + ["task_type"]
+    for key in spec.model_extra or {}:
+        note((), str(key), top, 0.85, False)
+    texts = [text for _, text in sorted(out)]
+    if len(texts) > MAX_WARNINGS:  # one line per typo, but not 100,000 of them
+        texts = texts[:MAX_WARNINGS] + [f"{file}: {len(texts) - MAX_WARNINGS} more unknown keys not shown"]
+    return texts
+
+
+class LoadedJob(BaseModel):
+    """A validated job file plus where its workspace lives on this machine."""
+
+    spec: JobSpec
+    path: Path
+    workspace_dir: Path | None
+    warnings: list[str] = Field(default_factory=list)  # keys that look like typos (`fedml launch --strict`)
+
+
+def load_file(path: str | Path) -> LoadedJob:
+    p = Path(path)
+    name = str(path)
+    try:
+        if p.is_file() and p.stat().st_size > MAX_YAML_BYTES:  # before reading it: a 50 MB file is refused at once
+            raise JobSpecError(f"{p.stat().st_size / 1048576:.1f} MiB: a job file may be at most "
+                               f"{MAX_YAML_BYTES >> 20} MiB", file=name)
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobSpecError("file not found", file=name) from None
+    except IsADirectoryError:
+        raise JobSpecError("is a directory, expected a job YAML file", file=name) from None
+    except UnicodeDecodeError:
+        raise JobSpecError("not a UTF-8 text file", file=name) from None
+    except OSError as exc:
+        raise JobSpecError(f"cannot read: {exc.strerror}", file=name) from None
+    spec = load_text(text, file=name)
+    ws_dir: Path | None = None
+    if spec.workspace is not None and str(spec.workspace).strip():
+        ws = Path(str(spec.workspace)).expanduser()
+        ws_dir = ws if ws.is_absolute() else (p.parent / ws)
+        if not ws_dir.is_dir():
+            line = None
+            try:
+                node, _ = _load_bounded(text, name)
+                lines = _Lines()
+                if node is not None:
+                    lines.walk(node, (), name)
+                line = lines.line_of(("workspace",))
+            except (yaml.YAMLError, JobSpecError):
+                pass
+            what = "is not a directory" if ws_dir.exists() else "directory not found"
+            raise JobSpecError(f'{what}: "{spec.workspace}" (resolved to {ws_dir.resolve()})', file=name,
+                               line=line, field="workspace")
+        ws_dir = ws_dir.resolve()
+        if ws_dir == Path(ws_dir.anchor):
+            raise JobSpecError(f'"{spec.workspace}" is the root of the filesystem: point workspace at the '
+                               "directory that holds the job's code", file=name, field="workspace")
+    if spec.job_type == "federate" and spec.federate is None and spec.num_nodes == 1 and ws_dir is not None:
+        fed = fedml_config_federation(spec, ws_dir)
+        if fed is not None:
+            spec.federate = fed
+    return LoadedJob(spec=spec, path=p.resolve(), workspace_dir=ws_dir, warnings=unknown_keys(spec, name))
+
+
+_CONFIG_ARG = re.compile(r"--(?:cf|config)[= ]+([^\s;&|]+)")
+
+
+def fedml_config_federation(spec: JobSpec, workspace: Path) -> FederateSpec | None:
+    """How many clients a FedML federate job wants, from its FedML config (`--cf FILE` in the commands, else
+    config/fedml_config.yaml in the workspace): train_args.client_num_in_total, else device_args.worker_num;
+    rounds from train_args.comm_round. None when there is no readable config saying so."""
+    text = f"{posix_commands(spec.job)}\n{posix_commands(spec.server_job)}"
+    names = [m.group(1).strip("'\"") for m in _CONFIG_ARG.finditer(text)] + ["config/fedml_config.yaml"]
+    for rel in names:
+        f = (workspace / rel).resolve()
+        if not f.is_relative_to(workspace) or not f.is_file() or f.stat().st_size > 1 << 20:
+            continue
+        try:
+            doc = load_yaml_bounded(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, JobSpecError, yaml.YAMLError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        train = doc.get("train_args") if isinstance(doc.get("train_args"), dict) else {}
+        device = doc.get("device_args") if isinstance(doc.get("device_args"), dict) else {}
+        n = train.get("client_num_in_total") or device.get("worker_num")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            rounds = train.get("comm_round")
+            return FederateSpec(clients=n, rounds=rounds if isinstance(rounds, int) and rounds >= 1 else 1)
+    return None
