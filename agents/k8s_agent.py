@@ -46,8 +46,9 @@ from runtime.kubernetes.pod import PodHandle
 from runtime.kubernetes.runtime import KubernetesRuntime
 from scheduler.contract.models import GpuInfo, NodeInfo, RunStatus
 
-from .agent import Agent, RunWorker, _read_key, _SingleInstance, _write_json
+from .agent import Agent, _read_key, _SingleInstance
 from .client import AgentClient, Refused, Unreachable
+from .worker import RunWorker, _write_json
 
 log = logging.getLogger("fedml.k8s")
 
