@@ -57,8 +57,8 @@ def detect_address(server_url: str) -> str:
 
 def available_runtimes() -> list[str]:
     """"process" always; "docker" when a Docker Engine API (Docker, podman) answers at DOCKER_HOST or the default
-    socket. (runtime.docker imports the docker SDK only when a container starts, not for this check.)"""
-    from runtime.docker import engine_answers
+    socket. (runtime.engine asks without the docker SDK, which is imported only when a container starts.)"""
+    from runtime.engine import engine_answers
 
     return ["process", "docker"] if engine_answers() else ["process"]
 

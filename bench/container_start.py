@@ -28,7 +28,7 @@ SOCK = Path(os.environ.get("FEDML_PODMAN_DIR", "/tmp/fedml-podman")) / "podman.s
 
 def find_engine() -> str | None:
     sys.path.insert(0, str(REPO))
-    from runtime.docker import engine_answers
+    from runtime.engine import engine_answers
 
     for host in filter(None, (os.environ.get("DOCKER_HOST"), f"unix://{SOCK}")):
         if engine_answers(host):

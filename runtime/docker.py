@@ -23,27 +23,24 @@ import contextlib
 import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from scheduler.contract.models import parse_ref
 
 from .base import ExitStatus, Handle, LaunchSpec, Runtime, StartError, read_job_file, substitute, write_job_file
+from .container import DockerHandle, _Finished
+from .engine import _client, docker_host
 
 if TYPE_CHECKING:
     from scheduler.contract.jobspec import JobSpec
 
 log = logging.getLogger("fedml.agent")
 
-DEFAULT_HOST = "unix:///var/run/docker.sock"
-API_VERSION = "1.41"  # Docker 20.10 and podman 4 speak it; newer engines still accept it
 IN_WORKSPACE, IN_ARTIFACTS, IN_CTR = "/fedml/workspace", "/fedml/artifacts", "/fedml/ctr"
-OOM_REASON = "killed: out of memory or SIGKILL"
 # Credentials for pulls, from the run's env (`--env`, `envs`) or the agent's; never passed into the container.
 AUTH_VARS = ("FEDML_DOCKER_USERNAME", "FEDML_DOCKER_PASSWORD")
 
@@ -71,35 +68,6 @@ phase() {
 [ -s /fedml/ctr/bootstrap.sh ] && phase bootstrap /fedml/ctr/bootstrap.sh
 phase job /fedml/ctr/job.sh
 """
-
-
-def docker_host() -> str:
-    return os.environ.get("DOCKER_HOST") or DEFAULT_HOST
-
-
-def engine_answers(host: str | None = None, timeout: float = 1.0) -> bool:
-    """Does a Docker Engine API answer `GET /_ping` at `host` (DOCKER_HOST or the default socket)?
-
-    A raw socket, not the SDK: the agent asks this at start-up and the answer must be quick and cheap.
-    """
-    url = urlsplit(host or docker_host())
-    try:
-        if url.scheme == "unix":
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            addr: Any = url.path
-        elif url.scheme in ("tcp", "http") and url.hostname:
-            s = socket.socket(socket.AF_INET6 if ":" in url.hostname else socket.AF_INET, socket.SOCK_STREAM)
-            addr = (url.hostname, url.port or 2375)
-        else:
-            return False
-        with s:
-            s.settimeout(timeout)
-            s.connect(addr)
-            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            head = s.recv(64)
-        return head.split(b" ", 2)[1:2] == [b"200"]
-    except (OSError, IndexError):
-        return False
 
 
 @dataclass
@@ -132,17 +100,6 @@ class ContainerOptions:
                    nano_cpus=int(c.cpus * 1e9) if c.cpus else None)
 
 
-def _client(timeout: float | None = 60) -> Any:
-    import docker
-
-    try:
-        # A fixed API version: "auto" asks GET /version first, which takes ~1 s on podman, for every client.
-        return docker.DockerClient(base_url=docker_host(), timeout=timeout,  # type: ignore[arg-type]
-                                   version=os.environ.get("DOCKER_API_VERSION", API_VERSION))
-    except docker.errors.DockerException as exc:
-        raise StartError(f"no Docker Engine API at {docker_host()}: {exc}") from None
-
-
 def _volumes(spec: str | None) -> dict[str, dict[str, str]]:
     """FEDML_DOCKER_VOLUMES of the agent: `SRC:DST[:ro],...`, host paths the node lends to every container
     (e.g. a dataset cache, or the host's /usr and Python for images without one). A node's choice, not a
@@ -165,147 +122,6 @@ def _gpu_requests(env: dict[str, str]) -> tuple[list[Any], str]:
     from docker.types import DeviceRequest
 
     return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])], ",".join(str(i) for i in range(len(ids)))
-
-
-class DockerHandle(Handle):
-    def __init__(self, runtime: DockerRuntime, run_id: str, run_dir: Path, container: Any,
-                 labels: dict[str, str]) -> None:
-        self.runtime, self.run_id, self.run_dir, self.container = runtime, run_id, run_dir, container
-        self.labels = labels
-        self._status: ExitStatus | None = None
-        self._stopping = False
-        self._gone = False  # the container vanished under us (removed by hand, engine reset)
-        self._ended = threading.Event()
-        threading.Thread(target=self._wait, daemon=True, name=f"wait-{run_id}").start()
-
-    def _wait(self) -> None:
-        """Block in the Engine's wait until the container has stopped; again after a broken connection."""
-        import docker
-
-        delay = 0.1
-        while True:
-            client = None
-            try:
-                client = _client(timeout=None)  # a long job must not time the wait out
-                client.api.wait(self.container.id)
-                if not client.api.inspect_container(self.container.id)["State"].get("Running"):
-                    self._ended.set()
-                    return
-            except docker.errors.NotFound:
-                self._gone = True
-                self._ended.set()
-                return
-            except (docker.errors.DockerException, StartError, OSError):
-                pass  # the engine restarts or the connection broke: ask again
-            finally:
-                if client is not None:
-                    client.close()
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    # ---- Handle -------------------------------------------------------------------------------------------
-    def wait(self, timeout: float) -> None:
-        self._ended.wait(timeout)
-
-    def poll(self) -> ExitStatus | None:
-        import docker
-
-        if self._status is not None:
-            return self._status
-        # The wrapper's last act is writing exit_code: seeing it saves the ~0.3 s podman takes to answer `wait`.
-        if not self._ended.is_set() and not (self.run_dir / "ctr" / "exit_code").exists():
-            return None
-        self._status = self._exit_status()
-        write_job_file(self.run_dir / "ctr" / "final",
-                       f"{self._status.phase} {self._status.code} {self._status.reason or ''}".encode())
-        try:
-            self.runtime.remove(self.container.id)
-        except (docker.errors.DockerException, OSError) as exc:  # the agent's next start sweeps it
-            log.warning("run %s: container %s not removed: %s", self.run_id, self.container.id[:12], exc)
-        return self._status
-
-    def _exit_status(self) -> ExitStatus:
-        import docker
-
-        state: dict[str, Any] = {}
-        if not self._gone:
-            with contextlib.suppress(docker.errors.DockerException, OSError):
-                self.container.reload()
-                state = self.container.attrs.get("State", {})
-        if not state:
-            return ExitStatus(code=137, signal=9, reason="lost: the container was removed while it ran")
-        code = int(state.get("ExitCode", 0))
-        phase = "job"
-        try:
-            p, c = (read_job_file(self.run_dir / "ctr" / "exit_code", 64) or b"").decode().split()
-            if p not in ("job", "bootstrap"):
-                raise ValueError(p)
-            phase, code = p, int(c)
-        except (UnicodeDecodeError, ValueError):
-            self._engine_output()  # ended before or outside the wrapper: what the engine saw says why
-        if code == 137 and not self._stopping:
-            # Not asked to stop, so the kernel or someone else killed it; OOMKilled alone is not reliable.
-            oom = " (the engine reports OOMKilled)" if state.get("OOMKilled") else ""
-            return ExitStatus(code=137, phase=phase, signal=9, reason=OOM_REASON + oom)
-        return ExitStatus(code=code, phase=phase)
-
-    def _engine_output(self) -> None:
-        """The container's own output (e.g. "exec /bin/sh: no such file"), to stderr.log. Read once the
-        container has stopped, without follow: podman's followed log stream can lose lines."""
-        import docker
-
-        with contextlib.suppress(docker.errors.DockerException, OSError):
-            text = self.container.logs(stdout=True, stderr=True, follow=False)
-            if text:  # the file is in the job's directory: append only to a plain file, never through a link
-                fd = os.open(self.log_files()["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-                with os.fdopen(fd, "ab") as f:
-                    f.write(text if text.endswith(b"\n") else text + b"\n")
-
-    def stop(self, grace: float) -> None:
-        import docker
-
-        self._stopping = True
-        try:
-            self.container.stop(timeout=max(1, round(grace)))  # SIGTERM, then SIGKILL after `grace`
-        except docker.errors.NotFound:
-            self._gone = True
-        except (docker.errors.DockerException, OSError):
-            with contextlib.suppress(docker.errors.DockerException, OSError):
-                self.container.kill()
-        self._ended.wait(grace + 10)
-
-    def log_files(self) -> dict[str, Path]:
-        return log_files(self.run_dir)
-
-    def state(self) -> dict[str, Any]:
-        return {"runtime": "docker", "run_id": self.run_id, "container": self.container.id, "labels": self.labels}
-
-
-def log_files(run_dir: Path) -> dict[str, Path]:
-    # Written by the container's processes themselves (see WRAPPER), tailed by the agent.
-    return {"stdout": run_dir / "ctr" / "stdout.log", "stderr": run_dir / "ctr" / "stderr.log"}
-
-
-class _Finished(Handle):
-    """A job whose container ended and was removed before the agent restarted: its recorded outcome."""
-
-    def __init__(self, run_id: str, run_dir: Path, status: ExitStatus) -> None:
-        self.run_id, self.run_dir, self._status = run_id, run_dir, status
-
-    def poll(self) -> ExitStatus | None:
-        return self._status
-
-    def wait(self, timeout: float) -> None:
-        return None
-
-    def stop(self, grace: float) -> None:
-        return None
-
-    def log_files(self) -> dict[str, Path]:
-        return log_files(self.run_dir)
-
-    def state(self) -> dict[str, Any]:
-        return {"runtime": "docker", "run_id": self.run_id}
 
 
 class DockerRuntime(Runtime):

@@ -33,7 +33,7 @@ def needs(what: str, ok: bool, why: str) -> None:
 def engine_host() -> tuple[str | None, str]:
     """DOCKER_HOST of a Docker Engine API for the container tests (DOCKER_HOST, else the podman service of
     scripts/podman-up.sh, which `make podman` starts), or (None, why not)."""
-    from runtime.docker import engine_answers
+    from runtime.engine import engine_answers
 
     sock = Path(os.environ.get("FEDML_PODMAN_DIR", "/tmp/fedml-podman")) / "podman.sock"
     for host in filter(None, (os.environ.get("DOCKER_HOST"), f"unix://{sock}")):
