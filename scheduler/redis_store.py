@@ -12,6 +12,9 @@ locks are redis-py locks with a TTL; wake-ups for long polls are relayed between
 
 Durability is Redis's: run it with `appendonly yes` (and `appendfsync always` for "committed before
 acknowledged" across a power loss, as the SQLite store gives).
+
+A little over the usual size: it is one implementation of one interface (scheduler/store.py), method for
+method beside the SQLite store; its keys and scripts and its pub/sub relay already live apart.
 """
 
 from __future__ import annotations

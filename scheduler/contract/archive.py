@@ -13,6 +13,9 @@ the destination directory, whatever the archive says.
   file with O_EXCL: even a destination prepared by an attacker (a symlink where a directory should be, a file
   of the same name) makes it refuse instead of following. Hard links become copies; ownership and setuid bits
   are never taken from the archive.
+
+One module, over the usual size, on purpose: the checks and the extraction are one security argument, read
+and reviewed together (tests/test_workspace_safety.py attacks them as one).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The one model set shared by CLI, API and agent: runs, nodes, log lines, and the run state machine.
 
 Kept free of FastAPI so the CLI can import it.
+One module, a little over the usual size: the wire's nouns read best side by side (what a poll carries
+next to what a run holds).
 """
 
 from __future__ import annotations
