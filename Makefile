@@ -1,9 +1,9 @@
-# The single entry point: `make install`, `make test`, `make bench`, `make lint` (ruff and the import contracts).
+# The single entry point: `make install`, `make test` (`make test-unit`: the fast part), `make bench`, `make lint` (ruff and the import contracts).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-load bench lint clean podman k8s redis
+.PHONY: install test test-unit test-load bench lint clean podman k8s redis
 
 install:
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ install:
 
 test: k8s redis
 	$(BIN)/pytest -q -m "not load and not fault"
+
+# The fast layer of the pyramid: pure logic, routes in process, the stores (Redis for its half).
+test-unit: redis
+	$(BIN)/pytest -q -m unit
 
 # Load and fault tests (Redis replicas, SIGKILL loops, a network namespace cut), at a size CI can afford;
 # plain `pytest` runs them at full size (1,000 launches).

@@ -8,6 +8,8 @@ from scheduler import access
 from scheduler.contract.errors import Conflict, Forbidden
 from scheduler.contract.models import AttemptRecord, Node, Placement, Principal, Run, RunStatus
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 ADMIN = Principal(scope="admin", owner="admin", key_id="k0")
 ALICE = Principal(scope="user", owner="alice", key_id="k1")
 BOB = Principal(scope="user", owner="bob", key_id="k2")

@@ -7,6 +7,8 @@ import pytest
 from scheduler import gateway
 from scheduler.gateway import Load, wanted_replicas
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 @pytest.mark.parametrize("now,up,down,want", [
     (1, 9.0, None, 3),      # 9 in flight at 4 per replica: 3 at once

@@ -7,6 +7,8 @@ import pytest
 from scheduler.contract import errors
 from scheduler.store import AlreadyExists, NotFound
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 @pytest.mark.parametrize("kind, status", sorted(errors.STATUS.items(), key=lambda kv: kv[1]))
 def test_each_kind_has_one_status_and_comes_back_from_it(kind: type[errors.ApiError], status: int) -> None:

@@ -8,6 +8,8 @@ import torch
 
 from runtime.workloads.federate import bytes_to_state, fedavg, state_to_bytes
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 def test_updates_are_weighted_by_their_sample_counts() -> None:
     a = {"w": torch.tensor([0.0, 10.0]), "b": torch.tensor(1.0)}

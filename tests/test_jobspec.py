@@ -8,6 +8,8 @@ from scheduler.contract.jobload import load_file, load_text, validate
 from scheduler.contract.jobspec import JobSpecError, parse_duration
 from scheduler.placement import gpu_matches
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 def err(text: str, file: str = "job.yaml") -> JobSpecError:
     with pytest.raises(JobSpecError) as info:

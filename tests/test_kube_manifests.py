@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from runtime.kubernetes.manifests import GPU, GPU_PRODUCT, fence_deadline, fenced, job_manifest
+
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
 
 
 def manifest(**kw: object) -> dict:

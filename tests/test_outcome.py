@@ -8,6 +8,8 @@ from scheduler.contract.jobspec import JobSpec
 from scheduler.contract.models import Placement, Run, RunStatus
 from scheduler.outcome import KEEP_ATTEMPTS, decide
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 S, R, F, X, K, L = (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED,
                     RunStatus.LOST)
 

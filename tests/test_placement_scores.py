@@ -13,6 +13,8 @@ from scheduler.service import Scheduler
 
 from .test_scheduling import join, sched, submit  # noqa: F401  (the fixture)
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 def cand(name: str, total: int, free: int, price: float | None = None) -> Candidate:
     gpus = [GpuInfo(index=i, name="A100") for i in range(total)]

@@ -13,6 +13,8 @@ from scheduler import auth
 from scheduler.app import Settings, create_app
 from scheduler.sqlite_store import SQLiteStore
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:

@@ -6,6 +6,8 @@ import pytest
 
 from scheduler.contract.models import InvalidTransition, Placement, Run, RunStatus
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 def queued() -> Run:
     return Run(id="run-1", name="r", job={"job": "echo"})  # type: ignore[arg-type]

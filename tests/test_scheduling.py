@@ -17,6 +17,8 @@ from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 def gpus(name: str, n: int) -> list[GpuInfo]:
     return [GpuInfo(index=i, name=name, memory_mb=81920) for i in range(n)]

@@ -12,6 +12,8 @@ from agents import shipper as mod
 from agents.shipper import Shipper
 from scheduler.contract.models import LogBatch
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 
 class Scheduler:
     """Keeps lines by seq like Store.append_logs: a resend is dropped, a gap answers the seq it expects."""

@@ -24,6 +24,8 @@ from scheduler.store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 from .conftest import needs
 
+pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
+
 REDIS_URL = "redis://127.0.0.1:6379/6"
 
 
