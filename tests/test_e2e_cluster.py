@@ -166,6 +166,18 @@ class Cluster:
         for i in ids:
             self.api().post(f"/runs/{i}/stop")
 
+    def after_a_pass(self, tmp: Path) -> None:
+        """Return once a scheduling pass that began after the call has run: a probe that cannot be placed yet (2
+        A100s, lowest priority) has been given its queue reason. A check that something did NOT start, made after
+        this, is about a pass that happened, not one that was merely slow."""
+        probe = self.launch(job(tmp / "probe", "true", gpus=2, priority=-1000))
+        try:
+            seen = wait_for("a scheduling pass to see the probe", lambda: (
+                r if (r := self.run(probe))["reason"] or r["status"] != "QUEUED" else None), timeout=20)
+            assert seen["status"] == "QUEUED", f"the probe was placed: the cluster was not full ({seen})"
+        finally:
+            self.stop(probe)
+
     def settle(self) -> None:
         """Leave the cluster idle: every run ended, every node accepting runs, online and fully free."""
         active = self.api().get("/runs", params={"status": list(ACTIVE)}).json()
@@ -412,7 +424,7 @@ def test_job_that_fits_nowhere_now_waits_with_a_reason_then_runs(c: Cluster, tmp
     assert shown.returncode == 0, shown.stderr
     flat = " ".join(shown.stdout.split())
     assert "QUEUED" in flat and "3 nodes have them busy" in flat, shown.stdout
-    time.sleep(1.5)  # still waiting: nothing freed
+    c.after_a_pass(tmp_path)  # still waiting: nothing freed
     assert c.run(waiting)["status"] == "QUEUED"
     c.stop(*fillers)
     done = c.wait(waiting, TERMINAL, timeout=30)
@@ -579,11 +591,11 @@ def test_higher_priority_job_starts_first_when_capacity_frees(c: Cluster, tmp_pa
     c.wait_all(fillers, ("RUNNING",))
     low = c.launch(job(tmp_path / "low", "sleep 100", gpus=2, priority=0))
     high = c.launch(job(tmp_path / "high", "sleep 100", gpus=2, priority=10))
-    time.sleep(0.5)
+    c.after_a_pass(tmp_path / "p1")
     assert c.run(low)["status"] == c.run(high)["status"] == "QUEUED"
     c.stop(fillers[0])
     h = c.wait(high, ("RUNNING",))
-    time.sleep(1.0)
+    c.after_a_pass(tmp_path / "p2")
     assert c.run(low)["status"] == "QUEUED", "the low-priority job took capacity freed for one job"
     c.stop(fillers[1])
     lo = c.wait(low, ("RUNNING",))
