@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import UNREACHABLE, USAGE
+from .local import alive as _alive
 from .output import err as _err
 
 
@@ -40,20 +41,6 @@ def _labels(items: list[str] | None) -> dict[str, str]:
     return labels
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent to reap it counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _agent_pid(home: Path) -> int | None:
     try:
         pid = int((home / "agent.pid").read_text().strip())
@@ -67,6 +54,20 @@ def _agent_pid(home: Path) -> int | None:
 
 
 # ---- login / logout ----------------------------------------------------------------------------------------
+
+def _free_home(name: str, what: str) -> Path:
+    """The state directory of node (or pool) NAME on this machine; refused while an agent of that name runs."""
+    from scheduler.contract import paths
+
+    home = paths.node_home(name)
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home.parent, 0o711)  # a job may pass through to its own directory, and list no other node's
+    pid = _agent_pid(home)
+    if pid:
+        _err(f"error: {what} {name} already runs here (agent pid {pid}); `fedml logout --name {name}` first")
+        raise typer.Exit(USAGE)
+    return home
+
 
 def login(
     api_key: Annotated[str | None, typer.Argument(metavar="API_KEY", help="API key or join token (default: "
@@ -221,16 +222,9 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
           price: float | None, address: str | None, foreground: bool, run_as: str | None = None) -> None:
     import socket
 
-    from scheduler.contract import paths
 
     name = name or socket.gethostname()
-    home = paths.node_home(name)
-    home.mkdir(parents=True, exist_ok=True)
-    os.chmod(home.parent, 0o711)  # a job may pass through to its own directory, and list no other node's
-    pid = _agent_pid(home)
-    if pid:
-        _err(f"error: node {name} already runs here (agent pid {pid}); `fedml logout --name {name}` first")
-        raise typer.Exit(USAGE)
+    home = _free_home(name, "node")
     args = ["--server", server, "--home", str(home), "--name", name]
     if gpus:
         args += ["--gpus", gpus]
@@ -242,19 +236,21 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
         args += ["--address", address]
     if run_as:
         args += ["--run-as", run_as]
-    args += ["--key-file", str(_hand_over(home, api_key))]
-    env = {k: v for k, v in os.environ.items() if k not in ("FEDML_API_KEY", "FEDML_ADMIN_KEY")}
-    if foreground:
-        os.execve(sys.executable, [sys.executable, "-m", "agents.agent", *args], env)
-    pid, info = _start_agent("agents.agent", args, env, home, "node.json", "agent", timeout=30)
+    pid, info = _start_agent("agents.agent", args, api_key, home, "node.json", "agent", timeout=30,
+                             foreground=foreground)
     _err(f"Node {info['name']} joined {server} as {info['id']}; agent pid {pid}, log {home / 'agent.log'}. "
          "`fedml logout` stops it.")
 
 
-def _start_agent(module: str, args: list[str], env: dict[str, str], home: Path, ready: str, what: str,
-                 timeout: float) -> tuple[int, dict[str, Any]]:
+def _start_agent(module: str, args: list[str], api_key: str, home: Path, ready: str, what: str,
+                 timeout: float, foreground: bool) -> tuple[int, dict[str, Any]]:
     """Start `python -m module` in the background (its own session, output in home/agent.log) and wait until it
-    writes home/`ready` (it joined). Returns its pid and that file's content; exit 3 if it dies or never joins."""
+    writes home/`ready` (it joined). Returns its pid and that file's content; exit 3 if it dies or never joins.
+    With `foreground`, this process becomes the agent instead. The key goes in a private file, never the env."""
+    args = [*args, "--key-file", str(_hand_over(home, api_key))]
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDML_API_KEY", "FEDML_ADMIN_KEY")}
+    if foreground:
+        os.execve(sys.executable, [sys.executable, "-m", module, *args], env)
     (home / ready).unlink(missing_ok=True)
     # 0600: HOME is passable for the job user (0711), and the log names other users' runs
     fd = os.open(home / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -290,16 +286,9 @@ def _context_namespace(context: str | None) -> str:
 
 def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, str], price: float | None,
                context: str | None, namespace: str | None, image: str | None, foreground: bool) -> None:
-    from scheduler.contract import paths
 
     pool = name or f"k8s-{namespace or _context_namespace(context)}"
-    home = paths.node_home(pool)
-    home.mkdir(parents=True, exist_ok=True)
-    os.chmod(home.parent, 0o711)  # a job may pass through to its own directory, and list no other node's
-    pid = _agent_pid(home)
-    if pid:
-        _err(f"error: pool {pool} already runs here (agent pid {pid}); `fedml logout --name {pool}` first")
-        raise typer.Exit(USAGE)
+    home = _free_home(pool, "pool")
     args = ["--server", server, "--home", str(home), "--pool", pool]
     for flag, value in (("--context", context), ("--namespace", namespace), ("--image", image)):
         if value:
@@ -308,11 +297,8 @@ def _join_pool(api_key: str, server: str, name: str | None, labels: dict[str, st
         args += ["--label", f"{k}={v}"]
     if price is not None:
         args += ["--price-per-gpu-hour", str(price)]
-    args += ["--key-file", str(_hand_over(home, api_key))]
-    env = {k: v for k, v in os.environ.items() if k not in ("FEDML_API_KEY", "FEDML_ADMIN_KEY")}
-    if foreground:
-        os.execve(sys.executable, [sys.executable, "-m", "agents.k8s_agent", *args], env)
-    pid, info = _start_agent("agents.k8s_agent", args, env, home, "pool.json", "pool agent", timeout=60)
+    pid, info = _start_agent("agents.k8s_agent", args, api_key, home, "pool.json", "pool agent", timeout=60,
+                             foreground=foreground)
     _err(f"Pool {pool} joined {server}: {len(info['nodes'])} Kubernetes node(s), {info['gpus']} GPU(s), "
          f"namespace {info['namespace']}; agent pid {pid}, log {home / 'agent.log'}. `fedml logout` stops it.")
 

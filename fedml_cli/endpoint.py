@@ -16,6 +16,7 @@ from .errors import FAILED, NOT_FOUND, USAGE
 from .output import JsonOpt
 from .output import err as _err
 from .output import print_json as _print_json
+from .show import stop_said, wait_ended
 
 endpoint_app = typer.Typer(
     help="Model endpoints (job_type: serve or deploy): list, status, scale, delete, call. Requests reach a "
@@ -136,17 +137,9 @@ def endpoint_delete(
 
     api = connect()
     e = api.delete(f"/endpoints/{name}")
-    deadline = time.monotonic() + timeout
-    run = api.get(f"/runs/{e['run_id']}")
-    while wait and run["status"] not in ("FINISHED", "FAILED", "KILLED") and time.monotonic() < deadline:
-        time.sleep(0.1)
-        run = api.get(f"/runs/{e['run_id']}")
-    if as_json:
-        _print_json({**e, "status": run["status"]})
-    else:
-        _err(f"Endpoint {e['name']} ({e['run_id']}) {run['status']}.")
-    if wait and run["status"] not in ("FINISHED", "FAILED", "KILLED"):
-        raise typer.Exit(FAILED)
+    run = wait_ended(api, api.get(f"/runs/{e['run_id']}"), timeout if wait else 0)
+    stop_said(run, waited=wait, as_json=as_json, doc={**e, "status": run["status"]},
+              message=f"Endpoint {e['name']} ({e['run_id']}) {run['status']}.")
 
 
 @endpoint_app.command("call")

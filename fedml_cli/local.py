@@ -26,7 +26,7 @@ def _state() -> dict[str, Any] | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running (a zombie waiting for its parent to reap it counts as gone)."""
     try:
         os.kill(pid, 0)
@@ -54,7 +54,7 @@ def _healthy(url: str) -> bool:
 def probably_running() -> tuple[str, str | None] | None:
     """The state file's address if its process is alive (no request made)."""
     st = _state()
-    if st and _alive(int(st.get("pid", 0))) and _is_scheduler(int(st["pid"])):
+    if st and alive(int(st.get("pid", 0))) and _is_scheduler(int(st["pid"])):
         return st["url"], _token()
     return None
 
@@ -69,21 +69,21 @@ def _token() -> str | None:
 def running() -> tuple[str, str | None]:
     """Address and token of the local scheduler if it is up; exit 3 if not."""
     st = _state()
-    if st and _alive(int(st.get("pid", 0))) and _healthy(st["url"]):
+    if st and alive(int(st.get("pid", 0))) and _healthy(st["url"]):
         return st["url"], _token()
     raise CliError("no local scheduler is running (any `fedml launch` starts one)", UNREACHABLE)
 
 
 def ensure_running() -> tuple[str, str | None]:
     st = _state()
-    if st and _alive(int(st.get("pid", 0))) and _healthy(st["url"]):
+    if st and alive(int(st.get("pid", 0))) and _healthy(st["url"]):
         return st["url"], _token()
     local = paths.local_dir()
     local.mkdir(parents=True, exist_ok=True)
     with open(local / "start.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two CLIs starting at once: the second waits and reuses
         st = _state()
-        if st and _alive(int(st.get("pid", 0))) and _healthy(st["url"]):
+        if st and alive(int(st.get("pid", 0))) and _healthy(st["url"]):
             return st["url"], _token()
         url = _start(local)
     return url, _token()
@@ -124,11 +124,11 @@ def stop(timeout: float = 10.0) -> list[str]:
     stopped = []
     st = _state()
     pids: list[tuple[str, int]] = []
-    if st and _alive(int(st.get("pid", 0))):
+    if st and alive(int(st.get("pid", 0))):
         pids.append((f"scheduler (pid {st['pid']}, {st['url']})", int(st["pid"])))
     try:
         apid = int((paths.local_dir() / "agent" / "agent.pid").read_text().strip())
-        if _alive(apid) and _is_agent(apid):
+        if alive(apid) and _is_agent(apid):
             pids.append((f"agent (pid {apid})", apid))
     except (OSError, ValueError):
         pass
@@ -139,9 +139,9 @@ def stop(timeout: float = 10.0) -> list[str]:
             stopped.append(what)
             continue
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
         stopped.append(what)
     return stopped

@@ -11,12 +11,12 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import FAILED, OK, USAGE, CliError
+from .errors import OK, USAGE, CliError
 from .follow import _follow
 from .output import JsonOpt
 from .output import err as _err
 from .output import print_json as _print_json
-from .show import STATUSES, TERMINAL, _ago, _console, _duration, _line, _node, _styled
+from .show import STATUSES, TERMINAL, _ago, _console, _duration, _line, _node, _styled, stop_said, wait_ended
 
 run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -167,19 +167,10 @@ def run_stop(
     from .api import connect
 
     api = connect()
-    r = api.post(f"/runs/{run_id}/stop")
-    deadline = time.monotonic() + timeout
-    while wait and r["status"] not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(0.1)
-        r = api.get(f"/runs/{run_id}")
-    if as_json:
-        _print_json(r)
-    elif r["status"] in TERMINAL:
-        _err(f"Run {run_id} {r['status']}" + (f" ({r['reason']})" if r.get("reason") else ""))
-    else:
-        _err(f"Stop requested for run {run_id} (now {r['status']}).")
-    if wait and r["status"] not in TERMINAL:
-        raise typer.Exit(FAILED)
+    r = wait_ended(api, api.post(f"/runs/{run_id}/stop"), timeout if wait else 0)
+    stop_said(r, waited=wait, as_json=as_json, doc=r, message=(
+        f"Run {run_id} {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
+        if r["status"] in TERMINAL else f"Stop requested for run {run_id} (now {r['status']})."))
 
 
 @run_app.command("artifacts")

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any
 
+import typer
+
 from .errors import FAILED, OK
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -60,3 +62,24 @@ def _styled(status: str) -> str:
     color = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "LOST": "red", "RUNNING": "cyan",
              "STARTING": "cyan", "QUEUED": "blue"}.get(status, "white")
     return f"[{color}]{status}[/{color}]"
+
+
+def wait_ended(api: Any, run: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The run as it is once it has ended, or after `timeout` seconds (0: as given)."""
+    deadline = time.monotonic() + timeout
+    while run["status"] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.1)
+        run = api.get(f"/runs/{run['id']}")
+    return run
+
+
+def stop_said(run: dict[str, Any], *, waited: bool, as_json: bool, doc: dict[str, Any], message: str) -> None:
+    """What a stop command prints (JSON or one line); exit 1 when it waited and the run has still not ended."""
+    from .output import err, print_json
+
+    if as_json:
+        print_json(doc)
+    else:
+        err(message)
+    if waited and run["status"] not in TERMINAL:
+        raise typer.Exit(FAILED)
