@@ -99,7 +99,7 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str) -> dict[str, object
 
 def backfill(rule: str, tmp: Path, nodes: int = 20, gpus: int = 8, churn: int = 8, seed: int = 5) -> dict[str, Any]:
     """One simulation of the backfill scenario under `rule` ("all usable nodes" or "what the head gets")."""
-    import scheduler.service as service
+    import scheduler.service.placing as service  # where the pass looks reservation up
     from scheduler.contract.models import NodeInfo, RunCreate, StatusReport
     from scheduler.placement import could_use, reservation
 
