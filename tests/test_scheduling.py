@@ -347,3 +347,32 @@ def test_federation_fails_when_its_server_fails(sched: Scheduler) -> None:
     sched.report(rid, StatusReport(status=RunStatus.KILLED), c1.node_id)
     run = sched.report(rid, StatusReport(status=RunStatus.KILLED), c2.node_id)
     assert run.status == RunStatus.FAILED and run.exit_code == 2 and "too few clients" in run.reason
+
+
+def test_a_submission_into_a_busy_cluster_reads_no_runs(sched: Scheduler) -> None:
+    join(sched, "a", 2)
+    for _ in range(2):
+        submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 2  # the cluster is full
+    listed: list[object] = []
+    real = sched.store.list_runs
+    sched.store.list_runs = lambda **kw: listed.append(kw) or real(**kw)  # type: ignore[method-assign]
+    waiting = submit(sched, computing={"minimum_num_gpus": 2})  # could run once the GPUs are free: accepted
+    assert sched.get_run(waiting).status == RunStatus.QUEUED and listed == []
+    with pytest.raises(Rejected, match="cannot ever run here"):  # more than any node has: refused, still no read
+        submit(sched, computing={"minimum_num_gpus": 3})
+    assert listed == []
+
+
+def test_a_pass_that_placed_nothing_is_not_repeated_until_something_changes(sched: Scheduler) -> None:
+    a = join(sched, "a", 1)
+    first = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 1
+    second = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 0  # blocked: the one GPU is taken
+    reads: list[object] = []
+    real = sched.store.list_runs
+    sched.store.list_runs = lambda **kw: reads.append(kw) or real(**kw)  # type: ignore[method-assign]
+    assert sched.schedule_pass() == 0 and reads == []  # nothing happened since: the queue is not read again
+    sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # capacity freed: a kick
+    assert sched.schedule_pass() == 1 and sched.get_run(second).status == RunStatus.STARTING

@@ -20,6 +20,7 @@ from ..contract.models import (
 )
 from ..notify import Notifier
 from ..outcome import decide
+from ..placement import Candidate
 from ..store import NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")
@@ -64,6 +65,10 @@ class SchedulerBase:
         # Cached here, dropped on every change (the "nodes" wake-up, which a shared store relays from the
         # other replicas), and at most NODE_CACHE_S old in any case.
         self._nodes: tuple[float, int, list[Node]] | None = None
+        # The same nodes with every GPU free, for "could it ever run" (placing.never_fits); rebuilt with the cache.
+        self._static: tuple[list[Node], list[Candidate]] | None = None
+        # (notifier tickets, when) of the last pass that placed nothing: the next is skipped until they move.
+        self._idle: tuple[tuple[int, int], float] | None = None
 
     NODE_CACHE_S = 2.0
 

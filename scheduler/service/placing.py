@@ -17,6 +17,8 @@ from ..placement import WEIGHTS, Candidate, NoFit, Request, place, reservation
 from ..store import GpuBusy
 from .core import ACTIVE, SchedulerBase
 
+FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this often
+
 
 class PlacementMixin(SchedulerBase):
     def _candidates(self, active: list[Run]) -> list[Candidate]:
@@ -32,6 +34,19 @@ class PlacementMixin(SchedulerBase):
                           heartbeat_timeout=self.heartbeat_timeout)
                 for n in self.nodes()]
 
+    def never_fits(self, req: Request) -> str | None:
+        """Why `req` can never run on this cluster (None: it could, once GPUs are free). Answered from the nodes'
+        static capacity (inventory, labels, owners, runtimes, prices) with every GPU free: no run is read, so a
+        submission costs the same in an idle cluster and in a busy one."""
+        nodes = self.nodes()
+        cached = self._static
+        if cached is None or cached[0] is not nodes:
+            now = time.time()
+            cached = self._static = (nodes, [Candidate(node=n, free=list(n.gpus), now=now, heartbeat_timeout=1e12)
+                                            for n in nodes])
+        verdict = place(req, cached[1], rng=self.rng)
+        return verdict.reason if isinstance(verdict, NoFit) and verdict.never else None
+
     def schedule_pass(self) -> int:
         """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
         placed reserves the nodes it would get (as many as it needs, those closest to fitting it), so smaller
@@ -39,9 +54,17 @@ class PlacementMixin(SchedulerBase):
         runs were placed."""
         # One pass at a time across replicas, for efficiency only: the store refuses a stale placement anyway,
         # so a pass that outlives the lock's TTL is harmless, and a replica killed mid-pass blocks no one long.
+        # A pass that placed nothing is not repeated until something that could change its answer happens: every
+        # such change (a run created or ended, a node joining, leaving, coming back or draining) kicks "schedule"
+        # or "nodes", locally or relayed from another replica. A full pass every FULL_PASS_S is the safety net.
+        tickets = (self.notifier.ticket("schedule"), self.notifier.ticket("nodes"))  # before reading anything
+        idle = self._idle
+        if idle is not None and idle[0] == tickets and time.monotonic() - idle[1] < FULL_PASS_S:
+            return 0
         with self._schedule_lock, self.store.lock("schedule", ttl=5.0):
             queued = self.store.list_runs(status=[RunStatus.QUEUED], limit=1_000_000)
             if not queued:
+                self._idle = (tickets, time.monotonic())
                 return 0
             queued.sort(key=lambda r: (-r.priority, r.created_at))
             candidates = self._candidates(self.store.list_runs(status=ACTIVE, limit=1_000_000))
@@ -55,6 +78,7 @@ class PlacementMixin(SchedulerBase):
                             changed.append(run)
                 placed += len(changed)
                 self._announce(changed)
+            self._idle = None if placed else (tickets, time.monotonic())
             return placed
 
     def _place_one(self, run: Run, ps: _Pass) -> bool:

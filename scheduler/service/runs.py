@@ -16,9 +16,9 @@ from ..contract.models import (
     RunCreate,
     RunStatus,
 )
-from ..placement import NoFit, Request, place
+from ..placement import Request
 from ..store import NotFound
-from .core import ACTIVE, LIVE, LOCAL, SchedulerBase, new_run_id
+from .core import LIVE, LOCAL, SchedulerBase, new_run_id
 
 
 class RunsMixin(SchedulerBase):
@@ -39,10 +39,9 @@ class RunsMixin(SchedulerBase):
         if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha, who):
             raise BadRequest(f"workspace {req.workspace_sha[:12]} has not been uploaded")
         request = Request.of(spec, who.owner)
-        active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
-        verdict = place(request, self._candidates(active), rng=self.rng)
-        if isinstance(verdict, NoFit) and verdict.never:
-            raise Invalid(f"cannot ever run here: {verdict.reason}")
+        never = self.never_fits(request)
+        if never is not None:
+            raise Invalid(f"cannot ever run here: {never}")
         run = Run(
             id=new_run_id(),
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
@@ -53,7 +52,6 @@ class RunsMixin(SchedulerBase):
             priority=spec.priority,
             owner=who.owner,
             num_nodes=request.count,
-            reason=verdict.reason if isinstance(verdict, NoFit) else None,
         )
         if spec.serves:
             run.endpoint = self._new_endpoint(spec, run)

@@ -1,0 +1,138 @@
+"""A busy cluster with a queue behind it, in process, over the real Scheduler and a real store (issue 14).
+
+N nodes x 8 GPUs, all busy with N*8 one-GPU runs, Q more one-GPU runs queued. Measured:
+- idle pass: one schedule_pass() when nothing can be placed;
+- one submission: Scheduler.create_run (validation, the could-it-ever-run check, the committed write);
+- one slot freed -> placed: a rank reports FINISHED, then the pass that places the next queued run;
+- drain rate: K slots freed one at a time, each followed by its pass (placements per second).
+
+With --compare REV the same measurement also runs against the code of git revision REV (a worktree), the two
+interleaved in one run (A B A B), so the ratio is measured on the same machine at the same time.
+
+    .venv/bin/python bench/queue_drain.py [--nodes 1000] [--queued 100,1000,10000] [--drain 50] [--compare REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, float]:
+    """Runs inside the tree under test (its modules first on sys.path)."""
+    import random
+
+    from scheduler.contract.models import GpuInfo, Node, Run, RunCreate, RunStatus, StatusReport
+    from scheduler.notify import Notifier
+    from scheduler.service import Scheduler
+
+    tmp = Path(tempfile.mkdtemp(prefix="fedml-bench-queue-"))
+    if store_kind == "sqlite":
+        from scheduler.sqlite_store import SQLiteStore
+
+        store = SQLiteStore(tmp / "s.db")
+    else:
+        from scheduler.redis_store import RedisStore
+
+        store = RedisStore("redis://127.0.0.1:6379/7", prefix=f"bench-queue-{os.getpid()}:")
+    sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(1))
+    now = time.time()
+    job = {"job": "echo hi", "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G"}}
+    with store.batch():
+        for i in range(nodes):
+            store.upsert_node(Node(id=f"node-{i:05d}", name=f"n{i}", last_seen=now, gpus=[
+                GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(8)]))
+    for i in range(nodes):
+        store.heartbeat(f"node-{i:05d}", now)
+    with store.batch():
+        for j in range(nodes * 8):
+            store.create_run(Run(id=f"run-a{j:06d}", name="busy", job=job, created_at=now + j * 1e-6))
+    while sched.schedule_pass():
+        pass
+    with store.batch():
+        for j in range(queued):
+            store.create_run(Run(id=f"run-q{j:06d}", name="waiting", job=job, created_at=now + 1 + j * 1e-6))
+    sched.schedule_pass()  # the first blocked pass (writes the queue reasons)
+    t = time.perf_counter()
+    sched.schedule_pass()
+    idle = time.perf_counter() - t
+    t = time.perf_counter()
+    extra = sched.create_run(RunCreate(job=job))  # type: ignore[arg-type]
+    submit = time.perf_counter() - t
+    sched.stop_run(extra.id)
+    active = [r for r in store.list_runs(status=[RunStatus.STARTING], limit=nodes * 8 + 1)]
+    random.Random(3).shuffle(active)
+    freed = []
+    t0 = time.perf_counter()
+    for r in active[:drain]:
+        t = time.perf_counter()
+        sched.report(r.id, StatusReport(status=RunStatus.FINISHED, exit_code=0, attempt=r.attempt),
+                     r.placements[0].node_id)
+        placed = sched.schedule_pass()
+        freed.append(time.perf_counter() - t)
+        assert placed == 1, f"a freed slot placed {placed} runs"
+    rate = drain / (time.perf_counter() - t0)
+    if store_kind != "sqlite":
+        store.wipe()  # type: ignore[attr-defined]
+    store.close()
+    return {"idle_pass_ms": idle * 1e3, "submit_ms": submit * 1e3, "freed_to_placed_ms": statistics.median(freed) * 1e3,
+            "drain_per_s": rate, "drain_all_s": queued / rate}
+
+
+def run_in(tree: Path, args: list[str]) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "queue_drain.py"), "--child", *args], env=env,
+                         cwd=tree, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        sys.exit(f"bench: the measurement in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--nodes", type=int, default=1000)
+    p.add_argument("--queued", default="100,1000,10000")
+    p.add_argument("--drain", type=int, default=50)
+    p.add_argument("--store", default="sqlite", choices=["sqlite", "redis"])
+    p.add_argument("--compare", metavar="REV", help="also measure git revision REV, interleaved")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(measure(a.nodes, a.one or 0, a.drain, a.store)))
+        return 0
+    trees = [("now", REPO)]
+    if a.compare:
+        before = Path(tempfile.mkdtemp(prefix="fedml-bench-rev-")) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), a.compare], check=True,
+                       capture_output=True)
+        trees.insert(0, (a.compare[:12], before))
+    results = []
+    try:
+        for q in (int(x) for x in a.queued.split(",")):
+            row = {"queued": q}
+            for name, tree in trees:  # interleaved: each size measured on both trees before the next
+                r = run_in(tree, ["--nodes", str(a.nodes), "--one", str(q), "--drain", str(a.drain), "--store", a.store])
+                row[name] = r
+                print(f"{a.store} {a.nodes} nodes x 8 busy, {q:>6} queued [{name:>12}]: idle pass {r['idle_pass_ms']:8.1f} ms"
+                      f"  submit {r['submit_ms']:7.1f} ms  slot freed -> placed {r['freed_to_placed_ms']:8.1f} ms"
+                      f"  drain {r['drain_per_s']:8.1f}/s (all {q}: {r['drain_all_s']:8.1f} s)", flush=True)
+            results.append(row)
+    finally:
+        for name, tree in trees[:-1]:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    print(json.dumps({"bench": "queue_drain", "nodes": a.nodes, "store": a.store, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
