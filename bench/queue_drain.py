@@ -128,7 +128,7 @@ def main() -> int:
                       f"  drain {r['drain_per_s']:8.1f}/s (all {q}: {r['drain_all_s']:8.1f} s)", flush=True)
             results.append(row)
     finally:
-        for name, tree in trees[:-1]:
+        for _name, tree in trees[:-1]:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     print(json.dumps({"bench": "queue_drain", "nodes": a.nodes, "store": a.store, "results": results}))
     return 0
