@@ -27,7 +27,7 @@ from typing import Any
 from . import access
 from .contract.errors import BadGateway, Conflict, GatewayTimeout, Invalid, NotFound, Unavailable
 from .contract.models import Endpoint, Principal, ReplicaReport, ReplicaState, Run
-from .service import LIVE, Scheduler
+from .service import Scheduler
 
 UP_WINDOW = 3.0
 DOWN_WINDOW = 30.0
@@ -120,7 +120,7 @@ class Endpoints:
         cached = self._cache
         if cached is None or time.monotonic() - cached[0] > CACHE_S:
             gen = self._gen
-            runs = self.store.list_runs(status=LIVE, limit=1_000_000)
+            runs = self.store.endpoint_runs()
             cached = (time.monotonic(), {r.endpoint.name: r for r in runs if r.endpoint is not None})
             if gen == self._gen:  # else a stop or launch landed while we read: the next look reads again
                 self._cache = cached

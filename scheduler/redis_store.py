@@ -43,7 +43,7 @@ from .redis_schema import (
     Keys,
     parse_url,
 )
-from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, UNSETTLED, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -193,6 +193,23 @@ class RedisStore(Store):
                and (owner is None or r.owner == owner)]
         out.sort(key=lambda r: r.created_at, reverse=True)
         return out[:limit]
+
+    def endpoint_runs(self) -> list[Run]:
+        with self.r.pipeline(transaction=False) as p:
+            for s in UNSETTLED:
+                p.zrange(self.k.status(s.value), 0, -1)
+            ids = [m.decode() for part in p.execute() for m in part]
+        out: list[Run] = []
+        for i in range(0, len(ids), 1000):
+            for raw in self.r.mget([self.k.run(x) for x in ids[i:i + 1000]]):
+                # Only runs with an endpoint are parsed. The run's own field is the document's last "endpoint" key:
+                # user content (the job document) comes before it, and what follows it holds strings only.
+                if raw is not None and not raw[raw.rfind(b'"endpoint":') + 11:].startswith(b"null"):
+                    run = Run.model_validate_json(raw)
+                    if run.endpoint is not None and run.status in UNSETTLED:
+                        out.append(run)
+        out.sort(key=lambda r: r.created_at, reverse=True)
+        return out
 
     def _docs(self, ids: list[str]) -> list[Run]:
         out: list[Run] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract.models import ApiKey, LogRow, Node, Run, RunStatus
-from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, UNSETTLED, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -148,6 +148,14 @@ class SQLiteStore(Store):
         sql += " ORDER BY created_at DESC LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [Run.model_validate_json(r[0]) for r in rows]
+
+    def endpoint_runs(self) -> list[Run]:
+        marks = ",".join("?" * len(UNSETTLED))
+        with self._lock:
+            rows = self._db.execute(f"SELECT doc FROM runs WHERE status IN ({marks}) "
+                                    "AND json_extract(doc, '$.endpoint') IS NOT NULL ORDER BY created_at DESC",
+                                    [s.value for s in UNSETTLED]).fetchall()
         return [Run.model_validate_json(r[0]) for r in rows]
 
     def _write(self, db: sqlite3.Connection, run: Run) -> None:

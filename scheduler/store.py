@@ -46,6 +46,7 @@ class GpuBusy(Exception):
         super().__init__(f"GPU {gpu} of node {node_id} is held by {holder}")
 
 
+UNSETTLED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)
 DEFAULT_LOG_RETENTION = 1_000_000  # log lines kept per run (the newest), in every store
 
 
@@ -60,6 +61,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
                   owner: str | None = None, limit: int = 1000) -> list[Run]: ...
+
+    def endpoint_runs(self) -> list[Run]:
+        """Unsettled runs that serve an endpoint (the gateway's view). A store answers without parsing the other
+        runs: with thousands queued, the gateway and the autoscaler look at this every half second."""
+        return [r for r in self.list_runs(status=UNSETTLED, limit=1_000_000) if r.endpoint is not None]
 
     @abc.abstractmethod
     def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:

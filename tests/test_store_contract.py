@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.contract.models import ApiKey, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
+from scheduler.contract.models import ApiKey, Endpoint, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
@@ -98,6 +98,21 @@ def test_a_created_run_reads_back_the_same_from_either_handle(pair: tuple[Store,
     assert b.get_run("run-missing") is None
     with pytest.raises(AlreadyExists):  # the same error from every store
         a.create_run(run)
+
+
+def test_endpoint_runs_are_the_unsettled_runs_that_serve_one(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    ep = Endpoint(name="e1", replicas=1, min_replicas=1, max_replicas=1)
+    plain = a.create_run(mk_run(1))
+    # user content that looks like the field must not hide (or forge) an endpoint
+    crafted = mk_run(2).model_copy(update={"env": {"endpoint": "null"}})
+    crafted.job = crafted.job.model_copy(update={"serving_args": {"endpoint": None, "node_id": "x"}})
+    served = a.create_run(crafted.model_copy(update={"endpoint": ep}))
+    fake = a.create_run(mk_run(3).model_copy(update={"env": {"x": '"endpoint":{"name":"e9"}'}}))
+    ended = a.create_run(mk_run(4).model_copy(update={"endpoint": ep.model_copy(update={"name": "e2"})}))
+    a.transition(ended.id, RunStatus.KILLED)
+    assert [r.id for r in b.endpoint_runs()] == [served.id]
+    assert {plain.id, fake.id} <= {r.id for r in b.list_runs()}
 
 
 def test_list_runs_filters_by_status_owner_and_node_newest_first(store: Store) -> None:

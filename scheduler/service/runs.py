@@ -18,7 +18,7 @@ from ..contract.models import (
 )
 from ..placement import Request
 from ..store import NotFound
-from .core import LIVE, LOCAL, SchedulerBase, new_run_id
+from .core import LOCAL, SchedulerBase, new_run_id
 
 
 class RunsMixin(SchedulerBase):
@@ -61,7 +61,7 @@ class RunsMixin(SchedulerBase):
 
     def _new_endpoint(self, spec: JobSpec, run: Run) -> Endpoint:
         svc = spec.service_config()
-        taken = {r.endpoint.name: r.id for r in self.store.list_runs(status=LIVE, limit=1_000_000) if r.endpoint}
+        taken = {r.endpoint.name: r.id for r in self.store.endpoint_runs() if r.endpoint}
         name = svc.name
         if name is not None and name in taken:
             raise Conflict(f"endpoint {name} is served by {taken[name]} already: `fedml endpoint delete "
