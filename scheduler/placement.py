@@ -82,9 +82,13 @@ class Choice:
 
 @dataclass
 class NoFit:
-    reason: str
+    reason: str  # with the counts of this moment: "no node with 2 free A100-80G GPUs (3 nodes have them busy)"
     never: bool = False  # no node could take it even when idle
     counts: dict[str, int] = field(default_factory=dict)
+    summary: str = ""  # what stays true while it waits: "no node with 2 free A100-80G GPUs" (the stored reason)
+
+    def __post_init__(self) -> None:
+        self.summary = self.summary or self.reason
 
 
 _NOISE = {"NVIDIA", "GEFORCE", "TESLA", "GPU"}
@@ -254,7 +258,7 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
                            for r, n in sorted(why.items()))
         if feasible:
             detail = f"{len(feasible)} node{'s' if len(feasible) > 1 else ''} free; " + detail
-        return NoFit(f"{req.shortfall()} ({detail})", never=statically < req.count, counts=why)
+        return NoFit(f"{req.shortfall()} ({detail})", never=statically < req.count, counts=why, summary=req.shortfall())
     scored = sorted(((scores(req, c), c) for c in feasible), key=lambda sc: sc[0][0], reverse=True)
     out = []
     for (total, each), c in scored[: req.count]:

@@ -376,3 +376,29 @@ def test_a_pass_that_placed_nothing_is_not_repeated_until_something_changes(sche
     assert sched.schedule_pass() == 0 and reads == []  # nothing happened since: the queue is not read again
     sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # capacity freed: a kick
     assert sched.schedule_pass() == 1 and sched.get_run(second).status == RunStatus.STARTING
+
+
+def test_the_stored_reason_changes_with_its_meaning_not_with_the_counts(sched: Scheduler) -> None:
+    join(sched, "a", 1)
+    busy = [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(1)]
+    assert sched.schedule_pass() == 1
+    waiting = submit(sched, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    assert sched.store.get_run(waiting).reason == "no node with 1 free GPU"  # stored: no volatile counts
+    assert sched.get_run(waiting).reason == "no node with 1 free GPU (1 node has them busy)"  # shown: counted
+    join(sched, "b", 1)
+    filler = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 1 and sched.get_run(waiting).status == RunStatus.STARTING  # FIFO
+    assert sched.get_run(filler).status == RunStatus.QUEUED
+    later = submit(sched, computing={"minimum_num_gpus": 1})
+    writes: list[object] = []
+    real = sched.store.update_run
+    sched.store.update_run = lambda run_id, **kw: writes.append(kw) or real(run_id, **kw)  # type: ignore[method-assign]
+    sched.schedule_pass()
+    assert [w for w in writes if "reason" in w] == [{"reason": "no node with 1 free GPU"}]  # the new run's, once
+    join(sched, "c", 0)  # the counts change (a node without GPUs): nothing is rewritten
+    sched.schedule_pass()
+    assert len([w for w in writes if "reason" in w]) == 1
+    shown = sched.get_run(later).reason or ""
+    assert shown.startswith("no node with 1 free GPU (") and "1 node has fewer than 1 GPUs" in shown, shown
+    del busy

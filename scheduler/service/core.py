@@ -20,7 +20,7 @@ from ..contract.models import (
 )
 from ..notify import Notifier
 from ..outcome import decide
-from ..placement import Candidate
+from ..placement import Candidate, NoFit, Request
 from ..store import NotFound, Store
 
 log = logging.getLogger("fedml.scheduler")
@@ -69,6 +69,8 @@ class SchedulerBase:
         self._static: tuple[list[Node], list[Candidate]] | None = None
         # (notifier tickets, when) of the last pass that placed nothing: the next is skipped until they move.
         self._idle: tuple[tuple[int, int], float] | None = None
+        # Each waiting request shape's verdict in the last pass: the counts shown with a queued run's reason.
+        self._waiting: dict[Request, NoFit] = {}
 
     NODE_CACHE_S = 2.0
 

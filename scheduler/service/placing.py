@@ -34,6 +34,14 @@ class PlacementMixin(SchedulerBase):
                           heartbeat_timeout=self.heartbeat_timeout)
                 for n in self.nodes()]
 
+    def waiting(self, run: Run) -> Run:
+        """A queued run with its reason as of the last pass, counts included ("... (3 nodes have them busy)")."""
+        if run.status == RunStatus.QUEUED and run.reason:
+            last = self._waiting.get(Request.of(run.job, run.owner))
+            if last is not None and last.summary == run.reason:
+                run.reason = last.reason
+        return run
+
     def never_fits(self, req: Request) -> str | None:
         """Why `req` can never run on this cluster (None: it could, once GPUs are free). Answered from the nodes'
         static capacity (inventory, labels, owners, runtimes, prices) with every GPU free: no run is read, so a
@@ -79,6 +87,7 @@ class PlacementMixin(SchedulerBase):
                 placed += len(changed)
                 self._announce(changed)
             self._idle = None if placed else (tickets, time.monotonic())
+            self._waiting = dict(pass_state.no_room)
             return placed
 
     def _place_one(self, run: Run, ps: _Pass) -> bool:
@@ -90,8 +99,9 @@ class PlacementMixin(SchedulerBase):
             if not ps.head_blocked and not verdict.never:
                 ps.head_blocked = True
                 ps.reserved |= reservation(req, ps.candidates)
-            if run.reason != verdict.reason and not (run.reason or "").startswith(verdict.reason):
-                self.store.update_run(run.id, reason=verdict.reason)
+            # The stored reason changes only with its meaning; the counts are added when it is shown (waiting()).
+            if run.reason != verdict.summary:
+                self.store.update_run(run.id, reason=verdict.summary)
             return False
         placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
         scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)

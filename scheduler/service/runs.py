@@ -79,10 +79,11 @@ class RunsMixin(SchedulerBase):
         run = self.store.get_run(run_id)
         if run is None or not access.may_see_run(who, run):
             raise NotFound(f"run {run_id} not found")
-        return run
+        return self.waiting(run)
 
     def list_runs(self, who: Principal, status: list[RunStatus] | None, limit: int) -> list[Run]:
-        return self.store.list_runs(status=status, limit=limit, owner=access.runs_listed_for(who))
+        return [self.waiting(r) for r in self.store.list_runs(status=status, limit=limit,
+                                                              owner=access.runs_listed_for(who))]
 
     def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         access.require_not_node(who, "stop")
