@@ -44,7 +44,8 @@ def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, f
         from scheduler.redis_store import RedisStore
 
         store = RedisStore("redis://127.0.0.1:6379/7", prefix=f"bench-queue-{os.getpid()}:")
-    sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(1))
+    # Nodes are not heartbeating here: an hour-long interval keeps them online however long the setup takes.
+    sched = Scheduler(store, Notifier(), heartbeat_interval=3600.0, rng=random.Random(1))
     now = time.time()
     job = {"job": "echo hi", "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G"}}
     with store.batch():
