@@ -156,3 +156,19 @@ def emit(name: str, result: dict[str, Any]) -> None:
     """The final, machine-readable line (strict JSON: a figure that could not be measured is null)."""
     doc = {"bench": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **result}
     print(json.dumps(_finite(doc), allow_nan=False))
+
+
+@contextmanager
+def worktree(rev: str | None) -> Iterator[Path | None]:
+    """A throw-away git worktree of `rev` (None: none), for benchmarks that measure an earlier revision beside this
+    one in the same run."""
+    if rev is None:
+        yield None
+        return
+    tree = Path(tempfile.mkdtemp(prefix="fedml-bench-rev-")) / "tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True,
+                   capture_output=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, worktree  # noqa: E402
 
 SETUP = r"""
 import sys, time
@@ -68,22 +69,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compare", metavar="REV")
     a = ap.parse_args()
-    trees = [("now", REPO)]
-    if a.compare:
-        before = Path(tempfile.mkdtemp(prefix="fedml-bench-rev-")) / "tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), a.compare], check=True,
-                       capture_output=True)
-        trees.insert(0, (a.compare[:12], before))
+    with worktree(a.compare) as before:
+        trees = [(a.compare[:12], before)] if a.compare and before else []
+        return run_all(a, [*trees, ("now", REPO)])
+
+
+def run_all(a: argparse.Namespace, trees: list[tuple[str, Path]]) -> int:
     got: dict[str, list[float]] = {name: [] for name, _ in trees}
-    try:
-        for _ in range(a.rounds):
-            for name, tree in trees:
-                share = measure(tree, a.queued, a.seconds)
-                got[name].append(share)
-                print(f"idle scheduler, {a.queued} queued [{name:>12}]: {share:.1%} of a core", flush=True)
-    finally:
-        for _name, tree in trees[:-1]:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    for _ in range(a.rounds):
+        for name, tree in trees:
+            share = measure(tree, a.queued, a.seconds)
+            got[name].append(share)
+            print(f"idle scheduler, {a.queued} queued [{name:>12}]: {share:.1%} of a core", flush=True)
     print(json.dumps({"bench": "idle_cpu", "queued": a.queued, "cpu_share": got}))
     return 0
 

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, worktree  # noqa: E402
 
 
 def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, float]:
@@ -111,26 +112,22 @@ def main() -> int:
     if a.child:
         print(json.dumps(measure(a.nodes, a.one or 0, a.drain, a.store)))
         return 0
-    trees = [("now", REPO)]
-    if a.compare:
-        before = Path(tempfile.mkdtemp(prefix="fedml-bench-rev-")) / "tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), a.compare], check=True,
-                       capture_output=True)
-        trees.insert(0, (a.compare[:12], before))
+    with worktree(a.compare) as before:
+        trees = [(a.compare[:12], before)] if a.compare and before else []
+        return run_all(a, [*trees, ("now", REPO)])
+
+
+def run_all(a: argparse.Namespace, trees: list[tuple[str, Path]]) -> int:
     results = []
-    try:
-        for q in (int(x) for x in a.queued.split(",")):
-            row = {"queued": q}
-            for name, tree in trees:  # interleaved: each size measured on both trees before the next
-                r = run_in(tree, ["--nodes", str(a.nodes), "--one", str(q), "--drain", str(a.drain), "--store", a.store])
-                row[name] = r
-                print(f"{a.store} {a.nodes} nodes x 8 busy, {q:>6} queued [{name:>12}]: idle pass {r['idle_pass_ms']:8.1f} ms"
-                      f"  submit {r['submit_ms']:7.1f} ms  slot freed -> placed {r['freed_to_placed_ms']:8.1f} ms"
-                      f"  drain {r['drain_per_s']:8.1f}/s (all {q}: {r['drain_all_s']:8.1f} s)", flush=True)
-            results.append(row)
-    finally:
-        for _name, tree in trees[:-1]:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    for q in (int(x) for x in a.queued.split(",")):
+        row = {"queued": q}
+        for name, tree in trees:  # interleaved: each size measured on both trees before the next
+            r = run_in(tree, ["--nodes", str(a.nodes), "--one", str(q), "--drain", str(a.drain), "--store", a.store])
+            row[name] = r
+            print(f"{a.store} {a.nodes} nodes x 8 busy, {q:>6} queued [{name:>12}]: idle pass {r['idle_pass_ms']:8.1f} ms"
+                  f"  submit {r['submit_ms']:7.1f} ms  slot freed -> placed {r['freed_to_placed_ms']:8.1f} ms"
+                  f"  drain {r['drain_per_s']:8.1f}/s (all {q}: {r['drain_all_s']:8.1f} s)", flush=True)
+        results.append(row)
     print(json.dumps({"bench": "queue_drain", "nodes": a.nodes, "store": a.store, "results": results}))
     return 0
 
