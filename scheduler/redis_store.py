@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from .contract.models import TERMINAL, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus
+from .contract.models import TERMINAL, UNSETTLED, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus
 from .notify import Notifier
 from .redis_notify import RelayNotifier
 from .redis_schema import (
@@ -43,7 +43,7 @@ from .redis_schema import (
     Keys,
     parse_url,
 )
-from .store import DEFAULT_LOG_RETENTION, UNSETTLED, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
 

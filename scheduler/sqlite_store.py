@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .contract.models import ApiKey, LogRow, Node, Run, RunStatus
-from .store import DEFAULT_LOG_RETENTION, UNSETTLED, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
+from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

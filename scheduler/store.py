@@ -16,7 +16,7 @@ from typing import Any
 
 from .contract import errors
 from .contract.errors import Conflict
-from .contract.models import ApiKey, LogRow, Node, Run, RunStatus
+from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
 from .notify import Notifier
 
 
@@ -46,7 +46,6 @@ class GpuBusy(Exception):
         super().__init__(f"GPU {gpu} of node {node_id} is held by {holder}")
 
 
-UNSETTLED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)
 DEFAULT_LOG_RETENTION = 1_000_000  # log lines kept per run (the newest), in every store
 
 

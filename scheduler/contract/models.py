@@ -32,6 +32,7 @@ class RunStatus(str, Enum):
 
 
 TERMINAL = frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED})
+UNSETTLED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)  # not ended yet
 
 # The run state machine, in one place. LOST (node vanished) goes back to QUEUED when the retry policy allows.
 TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {

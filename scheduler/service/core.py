@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from ..contract.errors import Conflict
 from ..contract.models import (
+    UNSETTLED,
     Node,
     Principal,
     Run,
@@ -26,7 +27,7 @@ from ..store import NotFound, Store
 log = logging.getLogger("fedml.scheduler")
 
 ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
-LIVE = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)  # not settled yet
+LIVE = UNSETTLED  # not settled yet
 LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
 
 
