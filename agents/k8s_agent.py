@@ -91,7 +91,7 @@ class NodeAgent(Agent):
 
     def _lease_renewed(self) -> None:
         # Pods are fenced by the cluster itself: each Job's activeDeadlineSeconds follows this node's lease
-        # (runtime/kubernetes.py: PodHandle.fence_until), so no guard process is needed on this machine.
+        # (runtime/kubernetes/pod.py: PodHandle.fence_until), so no guard process is needed on this machine.
         until, _ = fence.read(self.lease_file)
         if until <= 0:
             return

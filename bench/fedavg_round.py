@@ -1,5 +1,5 @@
 """FedAvg round overhead (issue 4): time per round minus client compute time, for a ~1M-parameter model and
-3 clients, against the real runtime/workloads/federate.py server and clients over loopback HTTP.
+3 clients, against the real runtime/workloads/federate/ server and clients over loopback HTTP.
 
 One FedAvgServer in this process (127.0.0.1, a free port the OS picks) and 3 FedAvgClient subprocesses. Each
 client's train() is real compute: STEPS SGD steps (batch 64) on random data, timed with perf_counter. The model is

@@ -1,6 +1,6 @@
 """The federate template end to end: a real head scheduler, four real agents on this machine, and
 `fedml launch job_templates/federate/job.yaml` running a FedAvg server (rank 0) and 3 clients (ranks 1..3) on
-four distinct nodes, talking HTTP to each other directly (runtime/workloads/federate.py).
+four distinct nodes, talking HTTP to each other directly (runtime/workloads/federate/).
 
 A: the global accuracy printed after each of the 5 rounds rises (last > first) and ends >= 0.85.
 B: with min_clients 2, one client's node is lost after round 1 (its agent SIGKILLed and its job processes
