@@ -77,8 +77,6 @@ def names(run_id: str, attempt: int, rank: int) -> tuple[str, str]:
     return f"{base}-r{rank}", base
 
 
-
-
 def labels_of(run_id: str, attempt: int, rank: int, pool: str) -> dict[str, str]:
     return {LABEL_RUN: run_id, LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), LABEL_POOL: pool,
             MANAGED_BY: "fedml-launch"}
@@ -179,7 +177,6 @@ def pack_workspace(workspace: Path) -> bytes:
         for p in sorted(workspace.rglob("*")):
             tar.add(p, arcname=str(p.relative_to(workspace)), recursive=False)
     return buf.getvalue()
-
 
 
 FENCED = ("fenced: the node's lease ran out before its agent renewed it (the Job's deadline ended its pods, so "

@@ -85,7 +85,6 @@ class AgentsMixin(SchedulerBase):
             keep = [a for a in run.artifacts if (a.rank, a.attempt) != (art.rank, art.attempt)]
             return self.store.update_run(run_id, artifacts=[*keep, art])
 
-
     def check_heartbeats(self) -> list[Node]:
         """Mark silent nodes OFFLINE and their ranks LOST. Returns the nodes that went offline."""
         with self.store.lock("heartbeats", ttl=10.0):  # one replica at a time
