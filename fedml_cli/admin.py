@@ -5,7 +5,6 @@ Imported by main.py at start-up, so only typer is imported at module level.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Annotated, Any
@@ -14,7 +13,7 @@ import typer
 
 from .cluster import _labels
 from .errors import USAGE
-from .output import JsonOpt
+from .output import JsonOpt, print_json
 from .output import err as _err
 
 node_app = typer.Typer(help="List, drain and remove the nodes of the cluster.", no_args_is_help=True,
@@ -45,7 +44,7 @@ def node_list(as_json: JsonOpt = False) -> None:
 
     nodes = connect().get("/nodes")
     if as_json:
-        sys.stdout.write(json.dumps(nodes, indent=2) + "\n")
+        print_json(nodes)
         return
     from rich.console import Console
     from rich.table import Table
@@ -107,7 +106,7 @@ def key_create(name: Annotated[str, typer.Argument(metavar="NAME", help="Who the
 
     r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "user"})
     if as_json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        print_json(r)
         return
     sys.stdout.write(r["secret"] + "\n")
     _err(f"Key {r['key']['id']} for {name} ({r['key']['scope']}). The secret above is shown only now.")
@@ -120,7 +119,7 @@ def key_list(as_json: JsonOpt = False) -> None:
 
     keys = connect().get("/keys")
     if as_json:
-        sys.stdout.write(json.dumps(keys, indent=2) + "\n")
+        print_json(keys)
         return
     for k in keys:
         state = "revoked" if k.get("revoked_at") else "active"
@@ -168,7 +167,7 @@ def token_create(
     labels = _labels(label)
     r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name})
     if as_json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        print_json(r)
         return
     sys.stdout.write(r["secret"] + "\n")
     k = r["key"]

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from .errors import FAILED, OK
+from .output import err, print_json
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
@@ -75,8 +76,6 @@ def wait_ended(api: Any, run: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def stop_said(run: dict[str, Any], *, waited: bool, as_json: bool, doc: dict[str, Any], message: str) -> None:
     """What a stop command prints (JSON or one line); exit 1 when it waited and the run has still not ended."""
-    from .output import err, print_json
-
     if as_json:
         print_json(doc)
     else:

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from . import access
 from .blobs import BlobStore
 from .contract import __version__
 from .contract.errors import ApiError, status_of
@@ -94,8 +95,9 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     blob_store = BlobStore(settings.blob_dir, max_bytes=settings.max_workspace_mb * 1024 * 1024,
                       max_unpacked_bytes=4 * settings.max_workspace_mb * 1024 * 1024)
 
-    def blob_usable(sha: str, who: Principal) -> bool:
-        return blob_store.has(sha) if who.admin else blob_store.owned_by(sha, who.owner)
+    def blob_usable(sha: str, who: Principal) -> bool:  # a workspace a run may name: access.py decides
+        return access.may_read_blob(who, owned_by=lambda owner: blob_store.owned_by(sha, owner),
+                                    placed_here=lambda _node: False) and blob_store.has(sha)
 
     sched = Scheduler(store, notifier, blob_exists=blob_usable, heartbeat_interval=settings.heartbeat_interval)
     health = Health()

@@ -5,7 +5,7 @@ Every method that takes a Principal asks scheduler/access.py who may do what.
 """
 
 from .agents import AgentsMixin
-from .core import ACTIVE, LIVE, LOCAL, new_run_id
+from .core import ACTIVE, LOCAL, new_run_id
 from .nodes import NodesMixin
 from .placing import PlacementMixin
 from .runs import RunsMixin
@@ -15,4 +15,4 @@ class Scheduler(RunsMixin, NodesMixin, AgentsMixin, PlacementMixin):
     """The one object routes and tests drive; each noun's methods live in their own module."""
 
 
-__all__ = ["ACTIVE", "LIVE", "LOCAL", "Scheduler", "new_run_id"]
+__all__ = ["ACTIVE", "LOCAL", "Scheduler", "new_run_id"]

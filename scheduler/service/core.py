@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 from ..contract.errors import Conflict
 from ..contract.models import (
-    UNSETTLED,
     Node,
     Principal,
     Run,
@@ -27,7 +26,6 @@ from ..store import NotFound, Store
 log = logging.getLogger("fedml.scheduler")
 
 ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
-LIVE = UNSETTLED  # not settled yet
 LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
 
 
