@@ -10,10 +10,11 @@ import abc
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from scheduler.contract.jobspec import JobSpec
-from scheduler.contract.models import Assignment
+if TYPE_CHECKING:  # annotations only: the lease guard (runtime/fence.py) starts per attempt without pydantic
+    from scheduler.contract.jobspec import JobSpec
+    from scheduler.contract.models import Assignment
 
 
 @dataclass

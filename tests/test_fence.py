@@ -1,0 +1,99 @@
+"""The lease guard's loop (runtime/fence.py) over a real child process: it acts at the lease's expiry, sees a
+lease shortened meanwhile, learns of the job's end from a pidfd without polling it, and costs little while it waits.
+
+The handle is a small stand-in for a runtime's handle (the guard needs `pid`, `poll` and `stop`); the job is a real
+process and the lease a real file."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime import fence
+
+pytestmark = pytest.mark.unit
+
+
+class Job:
+    def __init__(self, seconds: float) -> None:
+        self.proc = subprocess.Popen(["sleep", str(seconds)])
+        self.pid = self.proc.pid
+        self.polls = 0
+        self.stopped = False
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        return self.proc.poll()
+
+    def stop(self, grace: float) -> None:
+        self.stopped = True
+        self.proc.kill()
+        self.proc.wait()
+
+
+def lease(tmp_path: Path, seconds: float) -> Path:
+    path = tmp_path / "lease"
+    fence.renew(path, fence.now() + seconds, seconds)
+    return path
+
+
+def test_an_ended_job_ends_the_guard_at_once_without_polling_it(tmp_path: Path) -> None:
+    job = Job(0.3)
+    t0 = time.monotonic()
+    assert fence.guard(lease(tmp_path, 30), tmp_path / "fenced", job, period=5.0) == "ended"
+    assert time.monotonic() - t0 < 2.0, "the guard noticed the end only after its period (no pidfd wake-up)"
+    assert job.polls <= 3 and not job.stopped and not (tmp_path / "fenced").exists()
+
+
+def test_an_expired_lease_kills_the_job_when_it_expires_and_marks_it(tmp_path: Path) -> None:
+    job = Job(60)
+    t0 = time.monotonic()
+    assert fence.guard(lease(tmp_path, 0.5), tmp_path / "fenced", job, period=5.0) == "fenced"
+    took = time.monotonic() - t0
+    assert 0.4 < took < 2.0, f"fenced after {took:.2f} s, the lease ran 0.5 s"
+    assert job.stopped and job.proc.returncode is not None and (tmp_path / "fenced").exists()
+
+
+def test_renewals_keep_the_job_and_a_shortened_lease_is_seen_within_the_period(tmp_path: Path) -> None:
+    job = Job(60)
+    path = lease(tmp_path, 1.0)
+    stop = threading.Event()
+
+    def renew() -> None:  # the agent's answered polls, then a scheduler that hands out a 0.2 s lease
+        while not stop.wait(0.2):
+            fence.renew(path, fence.now() + 1.0, 1.0)
+        fence.renew(path, fence.now() + 0.2, 0.2)
+    t = threading.Thread(target=renew)
+    t.start()
+    threading.Timer(1.5, stop.set).start()  # 1.5 s of renewals: longer than the first lease
+    t0 = time.monotonic()
+    assert fence.guard(path, tmp_path / "fenced", job, period=0.3) == "fenced"
+    t.join()
+    took = time.monotonic() - t0
+    assert 1.5 < took < 2.6, f"fenced after {took:.2f} s: renewals ran 1.5 s, then a 0.2 s lease (seen in 0.3 s)"
+
+
+def test_a_waiting_guard_costs_almost_no_cpu(tmp_path: Path) -> None:
+    """The reason for the pidfd: dozens of guards per node. 2 s of waiting must cost well under 1 % of a core."""
+    job = Job(2.0)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    assert fence.guard(lease(tmp_path, 30), tmp_path / "fenced", job, period=0.5) == "ended"
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.02, f"{cpu * 1000:.1f} ms of CPU in 2 s of guarding"
+    assert job.polls <= 3
+
+
+def test_without_a_pid_it_polls_the_handle(tmp_path: Path) -> None:
+    """Containers have no pid here: the guard asks the handle every period."""
+    job = Job(0.5)
+    job.pid = None  # type: ignore[assignment]
+    assert fence.guard(lease(tmp_path, 30), tmp_path / "fenced", job, period=0.05) == "ended"
+    assert job.polls >= 5
+    assert os.path.exists(path := tmp_path / "lease") and fence.expiry(path) > fence.now()
