@@ -53,9 +53,6 @@ class SchedulerBase:
         self._missing: dict[tuple[str, str], float] = {}
         self.rng = rng or random.Random()
         self._schedule_lock = threading.Lock()
-        # Rank reports of one run may arrive together from several agents (at several replicas sharing a
-        # store): read-modify-write under this lock and the store's lock on the run.
-        self._runs_lock = threading.RLock()
         # Heartbeats are soft state (Store.heartbeat: in memory, or a Redis hash the replicas share): a durable
         # write per heartbeat would cap a 10,000-node cluster at the disk's fsync rate. Only ONLINE <-> OFFLINE
         # changes are persisted. After a restart every node gets one full timeout to check in again.
@@ -91,9 +88,11 @@ class SchedulerBase:
 
     @contextlib.contextmanager
     def run_lock(self, run_id: str) -> Iterator[None]:
-        """One run's read-modify-write at a time: across this process's threads, and across replicas (the store's
-        lock)."""
-        with self._runs_lock, self.store.lock(f"run:{run_id}"):
+        """One run's read-modify-write at a time: across this process's threads and across replicas (the store's
+        lock on that run alone). Never one lock for all runs: a replica killed while it held a run's lock leaves
+        it held until its TTL, and only that run's updates may wait for it (one process-wide lock taken first
+        made every report, stop and poll of the surviving replica queue behind it, and agents' leases ran out)."""
+        with self.store.lock(f"run:{run_id}"):
             yield
 
     def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
