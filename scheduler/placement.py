@@ -67,6 +67,7 @@ class Candidate:
     free: list[GpuInfo]
     now: float
     heartbeat_timeout: float
+    last_seen: float | None = None  # the latest heartbeat, when newer than node.last_seen (heartbeats are soft state)
 
 
 @dataclass
@@ -122,7 +123,8 @@ Filter = Callable[[Request, Candidate], str | None]
 
 
 def online(req: Request, c: Candidate) -> str | None:
-    if c.node.state == "OFFLINE" or c.now - c.node.last_seen > c.heartbeat_timeout:
+    seen = c.node.last_seen if c.last_seen is None else c.last_seen
+    if c.node.state == "OFFLINE" or c.now - seen > c.heartbeat_timeout:
         return "offline"
     return None
 

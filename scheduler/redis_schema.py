@@ -23,6 +23,14 @@ class Keys:
     def runs(self) -> str:  # zset of every run id by created_at
         return f"{self.p}runs"
 
+    @property
+    def changes(self) -> str:  # zset: run id -> the change counter at its last write (the change feed)
+        return f"{self.p}changes"
+
+    @property
+    def runs_seq(self) -> str:  # the change counter
+        return f"{self.p}runseq"
+
     def status(self, status: str) -> str:  # zset per status by created_at (QUEUED is the queue)
         return f"{self.p}status:{status}"
 
@@ -72,7 +80,7 @@ class Keys:
         return f"{self.p}notify"
 
 
-# KEYS: run, runs, status:old, status:new, owner
+# KEYS: run, runs, status:old, status:new, owner, [changes, the change counter: left out by a quiet write]
 # ARGV: run id, expected doc ("" = create), new doc, created_at, gpu prefix, noderuns prefix,
 #       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...
 PUT_RUN = """
@@ -114,6 +122,7 @@ for _, c in ipairs(claim) do
   local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
   redis.call('HSET', ARGV[5] .. node, gpu, ARGV[1])
 end
+if KEYS[6] then redis.call('ZADD', KEYS[6], redis.call('INCR', KEYS[7]), ARGV[1]) end
 return 'ok'
 """
 

@@ -43,7 +43,7 @@ from .redis_schema import (
     Keys,
     parse_url,
 )
-from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -82,7 +82,7 @@ class RedisStore(Store):
         self._key_cache: dict[str, tuple[float, ApiKey]] = {}
 
     # -- runs --------------------------------------------------------------------------------------------
-    def _put(self, old_doc: str, old: Run | None, new: Run) -> None:
+    def _put(self, old_doc: str, old: Run | None, new: Run, quiet: bool = False) -> None:
         """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
         k = self.k
         release = _claims(old) - _claims(new)
@@ -93,7 +93,7 @@ class RedisStore(Store):
             args += [len(group), *group]
         old_status = old.status.value if old else new.status.value
         got = self._put_run(keys=[k.run(new.id), k.runs, k.status(old_status), k.status(new.status.value),
-                                  k.owner(new.owner)], args=args)
+                                  k.owner(new.owner), *(() if quiet else (k.changes, k.runs_seq))], args=args)
         got = got.decode() if isinstance(got, bytes) else got
         if got == "ok":
             self._remember(new.id, args[2])
@@ -137,7 +137,7 @@ class RedisStore(Store):
         run.log_count = int(pos or 0)
         return run
 
-    def _modify(self, run_id: str, change: Any) -> Run:
+    def _modify(self, run_id: str, change: Any, quiet: bool = False) -> Run:
         """Read, change, compare-and-set; again if another writer got in between."""
         for attempt in range(1000):
             got = self._read(run_id, fresh=attempt > 0)
@@ -152,17 +152,26 @@ class RedisStore(Store):
                     continue
                 raise
             try:
-                self._put(doc, old, new)
+                self._put(doc, old, new, quiet)
                 return new
             except _Conflict:
                 continue
         raise RuntimeError(f"run {run_id}: too many concurrent writers")
 
+    def runs_seq(self) -> int:
+        return int(self.r.get(self.k.runs_seq) or 0)
+
+    def runs_changed_since(self, seq: int, limit: int = 100_000) -> tuple[int, list[Run]]:
+        got = self.r.zrangebyscore(self.k.changes, f"({seq}", "+inf", start=0, num=limit, withscores=True)
+        if not got:
+            return seq, []
+        return int(got[-1][1]), self._docs([m.decode() for m, _ in got])
+
     def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
         return self._modify(run_id, lambda run: run.changed(to, **fields))
 
     def update_run(self, run_id: str, **fields: object) -> Run:
-        return self._modify(run_id, lambda run: run.changed(**fields))
+        return self._modify(run_id, lambda run: run.changed(**fields), quiet=fields.keys() <= QUIET_FIELDS)
 
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
                   owner: str | None = None, limit: int = 1000) -> list[Run]:

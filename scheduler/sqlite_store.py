@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
-from .store import DEFAULT_LOG_RETENTION, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -20,9 +20,11 @@ CREATE TABLE IF NOT EXISTS runs (
     owner TEXT NOT NULL,
     priority INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    doc TEXT NOT NULL
+    doc TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0  -- the store's change counter at the run's last write (runs_changed_since)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, priority, created_at);
+CREATE INDEX IF NOT EXISTS runs_seq ON runs(seq);
 CREATE INDEX IF NOT EXISTS runs_node ON runs(node_id, status);
 CREATE TABLE IF NOT EXISTS run_nodes (
     node_id TEXT NOT NULL,
@@ -60,7 +62,7 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: runs.seq (the change feed); a version-2 database gains the column when opened
 
 # Columns kept outside the JSON document because queries filter on them.
 _RUN_COLUMNS = ("status", "node_id", "owner", "priority", "created_at")
@@ -82,6 +84,9 @@ class SQLiteStore(Store):
         self._db.execute("PRAGMA busy_timeout=30000")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         has_tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name='runs'").fetchone()[0]
+        if has_tables and version == 2:
+            self._db.execute("ALTER TABLE runs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+            version = SCHEMA_VERSION
         if has_tables and version != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} was written by another version of fedml launch (schema {version}, "
                                f"this one needs {SCHEMA_VERSION}); move it away to start afresh")
@@ -105,11 +110,16 @@ class SQLiteStore(Store):
             db.execute("INSERT OR REPLACE INTO probe (k, ts) VALUES (1, ?)", (time.time(),))
 
     # -- runs --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _next_seq(db: sqlite3.Connection) -> int:
+        """The change counter for a write (inside its transaction: writers are serialised, so seqs commit in order)."""
+        return int(db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs").fetchone()[0])
+
     def create_run(self, run: Run) -> Run:
         try:
             with self._tx() as db:
-                db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc) "
-                           "VALUES (?,?,?,?,?,?,?)", self._run_row(run))
+                db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
+                           "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), self._next_seq(db)))
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"run {run.id} exists already") from None
         return run
@@ -158,9 +168,22 @@ class SQLiteStore(Store):
                                     [s.value for s in UNSETTLED]).fetchall()
         return [Run.model_validate_json(r[0]) for r in rows]
 
-    def _write(self, db: sqlite3.Connection, run: Run) -> None:
-        db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=? WHERE id=?",
-                   (*self._run_row(run)[1:], run.id))
+    def runs_seq(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0])
+
+    def runs_changed_since(self, seq: int, limit: int = 100_000) -> tuple[int, list[Run]]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, doc FROM runs WHERE seq > ? ORDER BY seq LIMIT ?",
+                                    (seq, limit)).fetchall()
+        return (rows[-1][0] if rows else seq), [Run.model_validate_json(r[1]) for r in rows]
+
+    def _write(self, db: sqlite3.Connection, run: Run, *, quiet: bool = False) -> None:
+        if quiet:
+            db.execute("UPDATE runs SET doc=? WHERE id=?", (run.model_dump_json(), run.id))
+            return
+        db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=?, seq=? WHERE id=?",
+                   (*self._run_row(run)[1:], self._next_seq(db), run.id))
         db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
         if not run.terminal:
             db.executemany("INSERT OR IGNORE INTO run_nodes (node_id, run_id) VALUES (?,?)",
@@ -190,7 +213,7 @@ class SQLiteStore(Store):
             if run is None:
                 raise NotFound(run_id)
             run = run.changed(**fields)
-            self._write(db, run)
+            self._write(db, run, quiet=fields.keys() <= QUIET_FIELDS)
         return run
 
     # -- logs --------------------------------------------------------------------------------------------

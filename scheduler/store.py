@@ -46,6 +46,10 @@ class GpuBusy(Exception):
         super().__init__(f"GPU {gpu} of node {node_id} is held by {holder}")
 
 
+# Run fields that placement does not read: a write of only these does not move the change counter (a blocked
+# pass writes the queue's reason into every waiting run; the book need not read them all back).
+QUIET_FIELDS = frozenset({"reason", "artifacts", "endpoint"})
+
 DEFAULT_LOG_RETENTION = 1_000_000  # log lines kept per run (the newest), in every store
 
 
@@ -65,6 +69,17 @@ class Store(abc.ABC):
         """Unsettled runs that serve an endpoint (the gateway's view). A store answers without parsing the other
         runs: with thousands queued, the gateway and the autoscaler look at this every half second."""
         return [r for r in self.list_runs(status=UNSETTLED, limit=1_000_000) if r.endpoint is not None]
+
+    @abc.abstractmethod
+    def runs_seq(self) -> int:
+        """The store's run change counter: every run write (by any replica) takes the next value, except a
+        write of QUIET_FIELDS alone."""
+
+    @abc.abstractmethod
+    def runs_changed_since(self, seq: int, limit: int = 100_000) -> tuple[int, list[Run]]:
+        """(the counter it read up to, the runs written after `seq` as they are now), oldest change first: the
+        change feed an in-memory view of the queue and of held GPUs follows (scheduler/service/book.py). A run
+        written again is listed once, by its last write. Runs are never deleted, so nothing is missed."""
 
     @abc.abstractmethod
     def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:

@@ -168,6 +168,39 @@ def test_a_run_leaves_the_node_index_when_it_ends(store: Store) -> None:
     assert store.list_runs(node_id="node-a") == []
 
 
+def test_the_change_feed_lists_each_run_written_since_once_as_it_is_now(pair: tuple[Store, Store]) -> None:
+    """What the scheduler's in-memory queue and GPU book follow (scheduler/service/book.py), also across
+    replicas: every write moves the counter; a run written twice is listed once, by its last write."""
+    a, b = pair
+    start = b.runs_seq()
+    one, two = a.create_run(mk_run(1)), a.create_run(mk_run(2))
+    seq, runs = b.runs_changed_since(start)
+    assert [r.id for r in runs] == [one.id, two.id] and seq == b.runs_seq() > start
+    start_on(a, one, "node-a", [0])
+    a.update_run(one.id, reason="placed")
+    seq2, runs = b.runs_changed_since(seq)
+    assert [(r.id, r.status, r.reason) for r in runs] == [(one.id, RunStatus.STARTING, "placed")]
+    assert b.runs_changed_since(seq2) == (seq2, [])
+    a.update_run(two.id, reason="no room")  # what placement does not read moves nothing
+    assert b.runs_changed_since(seq2) == (seq2, []) and b.get_run(two.id).reason == "no room"  # type: ignore[union-attr]
+    seq3, runs = b.runs_changed_since(start, limit=1)  # read in pages: the counter says where the page ended
+    assert [r.id for r in runs] == [two.id] and start < seq3 < seq2
+
+
+def test_a_version_2_sqlite_database_gains_the_change_counter(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)  # as version 2 left it: no seq column
+    db.executescript("DROP INDEX runs_seq; ALTER TABLE runs DROP COLUMN seq; PRAGMA user_version=2;")
+    db.close()
+    s = SQLiteStore(path)
+    run = s.create_run(mk_run(1))
+    assert s.runs_changed_since(0)[1][0].id == run.id
+    s.close()
+
+
 def test_concurrent_transitions_of_one_run_let_exactly_one_win(pair: tuple[Store, Store]) -> None:
     a, b = pair
     run = a.create_run(mk_run())

@@ -10,6 +10,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..contract.errors import Conflict
 from ..contract.models import (
@@ -22,6 +23,9 @@ from ..notify import Notifier
 from ..outcome import decide
 from ..placement import Candidate, NoFit, Request
 from ..store import NotFound, Store
+
+if TYPE_CHECKING:
+    from .book import Book
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -67,6 +71,10 @@ class SchedulerBase:
         self._idle: tuple[tuple[int, int], float] | None = None
         # Each waiting request shape's verdict in the last pass: the counts shown with a queued run's reason.
         self._waiting: dict[Request, NoFit] = {}
+        # The queue by shape and the GPUs active runs hold (book.py), and the candidates built on it.
+        self._book: Book | None = None
+        self._book_at = 0.0
+        self._cands: tuple[list[Node], Book, dict[str, Candidate]] | None = None
 
     NODE_CACHE_S = 2.0
 

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import heapq
 import time
+from collections.abc import Iterable
 
 from ..contract.models import (
     SYSTEM_RANK,
@@ -14,7 +18,8 @@ from ..contract.models import (
     RunStatus,
 )
 from ..placement import WEIGHTS, Candidate, NoFit, Request, place, reservation
-from ..store import GpuBusy
+from ..store import GpuBusy, NotFound
+from .book import Book, Shape
 from .core import ACTIVE, SchedulerBase
 
 FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this often
@@ -59,7 +64,11 @@ class PlacementMixin(SchedulerBase):
         """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
         placed reserves the nodes it would get (as many as it needs, those closest to fitting it), so smaller
         runs behind it cannot starve it; they still start on every other node (backfill). Returns how many
-        runs were placed."""
+        runs were placed.
+
+        The pass reads the queue and the held GPUs from the book (scheduler/service/book.py), brought up to date
+        from the store's change feed: its cost follows what changed and the number of request shapes, not the
+        length of the queue or the number of running jobs. The book is rebuilt from the store every FULL_PASS_S."""
         # One pass at a time across replicas, for efficiency only: the store refuses a stale placement anyway,
         # so a pass that outlives the lock's TTL is harmless, and a replica killed mid-pass blocks no one long.
         # A pass that placed nothing is not repeated until something that could change its answer happens: every
@@ -70,62 +79,134 @@ class PlacementMixin(SchedulerBase):
         if idle is not None and idle[0] == tickets and time.monotonic() - idle[1] < FULL_PASS_S:
             return 0
         with self._schedule_lock, self.store.lock("schedule", ttl=5.0):
-            queued = self.store.list_runs(status=[RunStatus.QUEUED], limit=1_000_000)
-            if not queued:
+            book = self._sync_book()
+            if not book.queued:
                 self._idle = (tickets, time.monotonic())
+                self._waiting = {}
                 return 0
-            queued.sort(key=lambda r: (-r.priority, r.created_at))
-            candidates = self._candidates(self.store.list_runs(status=ACTIVE, limit=1_000_000))
-            pass_state = _Pass(candidates)
+            ps = _Pass(self._live_candidates(book))
+            heads = book.heads()
             placed = 0
-            for start in range(0, len(queued), 256):
-                changed: list[Run] = []
-                with self.store.batch():  # one durable commit per chunk; other requests get the store between
-                    for run in queued[start:start + 256]:
-                        if self._place_one(run, pass_state):
-                            changed.append(run)
-                placed += len(changed)
-                self._announce(changed)
+            changed: list[Run] = []
+            batch = contextlib.ExitStack()
+            batch.enter_context(self.store.batch())  # one durable commit per 256 placements, not one each
+            try:
+                while heads:
+                    key, req = heapq.heappop(heads)
+                    shape = book.shapes[req]
+                    got = book.head(shape)
+                    if got is None:
+                        continue
+                    run = got[0]
+                    outcome = self._place_one(run, shape, ps, book)
+                    if outcome is _Outcome.BLOCKED:
+                        continue  # every run of the shape would get the same answer in this pass
+                    if outcome is _Outcome.PLACED:
+                        changed.append(run)
+                        placed += 1
+                    if outcome is not _Outcome.RETRY:
+                        book.pop(shape)
+                    if (nxt := book.head(shape)) is not None:
+                        heapq.heappush(heads, (nxt[1], req))
+                    if len(changed) >= 256:
+                        batch.close()
+                        self._announce(changed)  # after the commit: an agent woken must find its assignment
+                        batch = contextlib.ExitStack()
+                        batch.enter_context(self.store.batch())
+            finally:
+                batch.close()
+            self._announce(changed)
             self._idle = None if placed else (tickets, time.monotonic())
-            self._waiting = dict(pass_state.no_room)
+            self._waiting = dict(ps.no_room)
             return placed
 
-    def _place_one(self, run: Run, ps: _Pass) -> bool:
-        req = Request.of(run.job, run.owner)
-        # Nothing is freed during a pass: a request shape that found no room once will not find it again.
-        verdict = ps.no_room.get(req) or place(req, ps.candidates, reserved=frozenset(ps.reserved), rng=self.rng)
+    def _sync_book(self) -> Book:
+        """The book, brought up to date with every run written since it last looked (or rebuilt)."""
+        book, now = self._book, time.monotonic()
+        if book is None or now - self._book_at > FULL_PASS_S:
+            seq = self.store.runs_seq()  # before reading: a write that lands meanwhile is read again, harmlessly
+            runs = self.store.list_runs(status=[RunStatus.QUEUED, *ACTIVE], limit=10_000_000)
+            self._book, self._book_at = Book.build(seq, runs), now
+            return self._book
+        while True:
+            seq, runs = self.store.runs_changed_since(book.seq, limit=10_000)
+            for run in runs:
+                book.apply(run)
+            book.seq = seq
+            if len(runs) < 10_000:
+                return book
+
+    def _live_candidates(self, book: Book) -> list[Candidate]:
+        """Every node with its free GPUs (from the book; recomputed only for nodes whose holders changed) and its
+        latest heartbeat. The candidates are kept between passes and rebuilt when the node list changes."""
+        nodes = self.nodes()
+        cache = self._cands
+        if cache is None or cache[0] is not nodes or cache[1] is not book:
+            cands = {n.id: Candidate(node=n, free=[], now=0.0, heartbeat_timeout=self.heartbeat_timeout)
+                     for n in nodes}
+            cache = self._cands = (nodes, book, cands)
+            dirty: Iterable[str] = cands.keys()
+        else:
+            dirty = book.dirty
+        for node_id in dirty:
+            c = cache[2].get(node_id)
+            if c is not None:
+                held = book.held_on(node_id)
+                c.free = [g for g in c.node.gpus if g.index not in held]
+        book.dirty = set()
+        now, seen = time.time(), self.store.heartbeats()
+        out = list(cache[2].values())
+        for c in out:
+            c.now, c.last_seen = now, self.last_seen(c.node, seen)
+        return out
+
+    def _place_one(self, run: Run, shape: Shape, ps: _Pass, book: Book) -> _Outcome:
+        req = shape.req
+        # Only nodes with a free GPU can take a GPU job; a busy cluster has few. When none fits, the answer
+        # is asked again over every node for the reasons ("3 nodes have them busy").
+        verdict = place(req, ps.with_free if req.gpus else ps.candidates, reserved=frozenset(ps.reserved),
+                        rng=self.rng)
+        if isinstance(verdict, NoFit) and req.gpus:
+            verdict = place(req, ps.candidates, reserved=frozenset(ps.reserved), rng=self.rng)
         if isinstance(verdict, NoFit):
             ps.no_room[req] = verdict
             if not ps.head_blocked and not verdict.never:
                 ps.head_blocked = True
                 ps.reserved |= reservation(req, ps.candidates)
             # The stored reason changes only with its meaning; the counts are added when it is shown (waiting()).
-            if run.reason != verdict.summary:
-                self.store.update_run(run.id, reason=verdict.summary)
-            return False
+            if shape.reason != verdict.summary:
+                for r in list(book.runs_of(shape)):
+                    if r.reason != verdict.summary:
+                        with contextlib.suppress(NotFound):
+                            self.store.update_run(r.id, reason=verdict.summary)
+                        r.reason = verdict.summary
+                shape.reason = verdict.summary
+            return _Outcome.BLOCKED
         placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
         scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)
                   for i, pl in enumerate(verdict)] + verdict[0].runners_up
         try:
-            self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores, reason=None,
-                                  master_port=self.rng.randrange(20000, 40000))
-        except InvalidTransition:
-            return False  # stopped meanwhile
+            new = self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores,
+                                        reason=None, master_port=self.rng.randrange(20000, 40000))
+        except (InvalidTransition, NotFound):
+            return _Outcome.GONE  # stopped meanwhile: the change feed brings its new state
         except GpuBusy as busy:  # another replica placed a run there: this pass's view of that node is stale
             if busy.node_id in ps.by_id:
                 ps.by_id[busy.node_id].free = []
             self.kick()
-            return False
+            return _Outcome.RETRY
+        book.apply(new)
         run.placements = placements
         for pl in verdict:
             c = ps.by_id[pl.node.id]
             c.free = [g for g in c.free if g.index not in pl.gpus]
+            ps.filled += not c.free
         if run.attempt > 1:  # the log says where each attempt ran and why the one before it ended
             names = ", ".join(pl.node.name for pl in verdict)
             why = run.attempts[-1].reason if run.attempts else None
             self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, 0, [(
                 time.time(), "fedml", f"── attempt {run.attempt} on node {names}" + (f": {why}" if why else ""))])
-        return True
+        return _Outcome.PLACED
 
     def _announce(self, runs: list[Run]) -> None:
         # After the commit: an agent woken by this must find its assignment in the store.
@@ -134,14 +215,35 @@ class PlacementMixin(SchedulerBase):
         runs.clear()
 
 
+class _Outcome(enum.Enum):
+    PLACED = "placed"
+    BLOCKED = "blocked"  # no room for the shape in this pass
+    GONE = "gone"  # the run is no longer queued
+    RETRY = "retry"  # a node's view was stale (GpuBusy): the same run again, without that node
+
+
 class _Pass:
     """What one scheduling pass knows: candidates with their free GPUs, and the head job's reservation."""
 
     def __init__(self, candidates: list[Candidate]) -> None:
         self.candidates = candidates
+        self.with_free = [c for c in candidates if c.free]
         self.by_id = {c.node.id: c for c in candidates}
         self.reserved: set[str] = set()
         self.head_blocked = False
         self.no_room: dict[Request, NoFit] = {}
+        self._filled = 0
+
+    @property
+    def filled(self) -> int:
+        return self._filled
+
+    @filled.setter
+    def filled(self, n: int) -> None:
+        """Nodes a placement filled stay in `with_free` (placement skips them) until they are half of it."""
+        self._filled = n
+        if n * 2 > len(self.with_free):
+            self.with_free = [c for c in self.with_free if c.free]
+            self._filled = 0
 
 

@@ -52,6 +52,9 @@ class RunsMixin(SchedulerBase):
             priority=spec.priority,
             owner=who.owner,
             num_nodes=request.count,
+            # Its shape found no room in the last pass: it waits for the same reason, written with it rather than
+            # by the next pass (a run at a time: 10,000 submissions into a full cluster cost 10,000 more writes).
+            reason=blocked.summary if (blocked := self._waiting.get(request)) is not None else None,
         )
         if spec.serves:
             run.endpoint = self._new_endpoint(spec, run)

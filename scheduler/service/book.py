@@ -1,0 +1,131 @@
+"""The scheduler's in-memory view of what placement needs: queued runs grouped by request shape, and the GPUs
+that active runs hold. It follows the store's change feed (Store.runs_changed_since), so a pass reads only the
+runs written since the last one, by this replica or any other, instead of the whole queue and every active run.
+
+The store stays the source of truth: the view is rebuilt from it on start and every FULL_PASS_S, every change is
+applied as the run's current state (idempotent: a run seen twice is the same), and a placement made from a stale
+view is refused by the store's compare-and-set (GpuBusy, InvalidTransition).
+
+Shapes (placement.Request: GPUs, model, labels, gang size, owner...) are Slurm's and Kueue's equivalence
+classes: every run of a shape gets the same answer from placement, so a pass asks once per shape and a shape
+that found no room is skipped for the rest of the pass. Within a shape runs wait in a heap by (priority, age):
+the next one is found in O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator
+
+from ..contract.models import Run, RunStatus
+from ..placement import Request
+from .core import ACTIVE
+
+_ACTIVE = frozenset(ACTIVE)
+
+
+def order(run: Run) -> tuple[float, float, str]:
+    """Queue order: higher priority first, then first come, first served."""
+    return (-run.priority, run.created_at, run.id)
+
+
+class Shape:
+    __slots__ = ("req", "heap", "reason")
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+        self.heap: list[tuple[tuple[float, float, str], str]] = []
+        self.reason: str | None = None  # the reason every queued run of the shape is known to carry
+
+
+class Book:
+    def __init__(self, seq: int) -> None:
+        self.seq = seq  # the store's change counter this view has applied up to
+        self.queued: dict[str, tuple[Run, Request, tuple[float, float, str]]] = {}
+        self.shapes: dict[Request, Shape] = {}
+        self.claims: dict[str, dict[str, set[int]]] = {}  # active run -> node -> GPUs it holds
+        self.held: dict[str, dict[int, str]] = {}  # node -> GPU -> the run holding it
+        self.dirty: set[str] = set()  # nodes whose held GPUs changed since the pass last looked
+
+    @classmethod
+    def build(cls, seq: int, runs: Iterable[Run]) -> Book:
+        book = cls(seq)
+        for run in runs:
+            book.apply(run)
+        return book
+
+    # -- changes -------------------------------------------------------------------------------------------
+    def apply(self, run: Run) -> None:
+        """Take `run` as it is now in the store."""
+        self._unqueue(run.id)
+        self._release(run.id)
+        if run.status == RunStatus.QUEUED:
+            req = Request.of(run.job, run.owner)
+            key = order(run)
+            self.queued[run.id] = (run, req, key)
+            shape = self.shapes.get(req)
+            if shape is None:
+                shape = self.shapes[req] = Shape(req)
+            heapq.heappush(shape.heap, (key, run.id))
+            if run.reason != shape.reason:
+                shape.reason = None
+        elif run.status in _ACTIVE:
+            claims: dict[str, set[int]] = {}
+            for p in run.placements:
+                if not p.done and p.gpus:
+                    claims.setdefault(p.node_id, set()).update(p.gpus)
+            if claims:
+                self.claims[run.id] = claims
+                for node, gpus in claims.items():
+                    self.dirty.add(node)
+                    on = self.held.setdefault(node, {})
+                    for g in gpus:
+                        on[g] = run.id
+
+    def _unqueue(self, run_id: str) -> None:
+        # The heap entry stays and is skipped when it comes up (heads() checks it against `queued`).
+        self.queued.pop(run_id, None)
+
+    def _release(self, run_id: str) -> None:
+        for node, gpus in self.claims.pop(run_id, {}).items():
+            self.dirty.add(node)
+            on = self.held.get(node, {})
+            for g in gpus:
+                if on.get(g) == run_id:
+                    del on[g]
+
+    # -- what a pass reads ---------------------------------------------------------------------------------
+    def head(self, shape: Shape) -> tuple[Run, tuple[float, float, str]] | None:
+        """The shape's next queued run (stale heap entries are dropped on the way)."""
+        heap = shape.heap
+        while heap:
+            key, run_id = heap[0]
+            got = self.queued.get(run_id)
+            if got is not None and got[2] == key:
+                return got[0], key
+            heapq.heappop(heap)
+        return None
+
+    def pop(self, shape: Shape) -> None:
+        heapq.heappop(shape.heap)
+
+    def heads(self) -> list[tuple[tuple[float, float, str], Request]]:
+        """Each shape's head, as a heap: the pass merges the shapes in queue order."""
+        out = []
+        for req, shape in list(self.shapes.items()):
+            got = self.head(shape)
+            if got is None:
+                del self.shapes[req]
+                continue
+            out.append((got[1], req))
+        heapq.heapify(out)
+        return out
+
+    def runs_of(self, shape: Shape) -> Iterator[Run]:
+        for _, run_id in shape.heap:
+            got = self.queued.get(run_id)
+            if got is not None and got[1] == shape.req:
+                yield got[0]
+
+    def held_on(self, node_id: str) -> dict[int, str]:
+        return self.held.get(node_id, {})
