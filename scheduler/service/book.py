@@ -57,16 +57,18 @@ class Book:
     # -- changes -------------------------------------------------------------------------------------------
     def apply(self, run: Run) -> None:
         """Take `run` as it is now in the store."""
-        self._unqueue(run.id)
+        before = self.queued.pop(run.id, None)
         self._release(run.id)
         if run.status == RunStatus.QUEUED:
             req = Request.of(run.job, run.owner)
             key = order(run)
             self.queued[run.id] = (run, req, key)
             shape = self.shapes.get(req)
+            fresh = shape is None
             if shape is None:
                 shape = self.shapes[req] = Shape(req)
-            heapq.heappush(shape.heap, (key, run.id))
+            if fresh or before is None or before[1:] != (req, key):
+                heapq.heappush(shape.heap, (key, run.id))  # (an entry it had stays valid: same shape, same place)
             if run.reason != shape.reason:
                 shape.reason = None
         elif run.status in _ACTIVE:
@@ -81,10 +83,6 @@ class Book:
                     on = self.held.setdefault(node, {})
                     for g in gpus:
                         on[g] = run.id
-
-    def _unqueue(self, run_id: str) -> None:
-        # The heap entry stays and is skipped when it comes up (heads() checks it against `queued`).
-        self.queued.pop(run_id, None)
 
     def _release(self, run_id: str) -> None:
         for node, gpus in self.claims.pop(run_id, {}).items():
