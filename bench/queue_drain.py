@@ -3,7 +3,8 @@
 N nodes x 8 GPUs, all busy with N*8 one-GPU runs, Q more one-GPU runs queued. Measured:
 - idle pass: one schedule_pass() when nothing can be placed;
 - one submission: Scheduler.create_run (validation, the could-it-ever-run check, the committed write);
-- one slot freed -> placed: a rank reports FINISHED, then the pass that places the next queued run;
+- one slot freed -> placed: a rank reports FINISHED, then the pass that places the next queued run (and that pass
+  alone: the report's part is its durable commit);
 - drain rate: K slots freed one at a time, each followed by its pass (placements per second).
 
 With --compare REV the same measurement also runs against the code of git revision REV (a worktree), the two
@@ -75,20 +76,23 @@ def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, f
     sched.stop_run(extra.id)
     active = [r for r in store.list_runs(status=[RunStatus.STARTING], limit=nodes * 8 + 1)]
     random.Random(3).shuffle(active)
-    freed = []
+    freed, passes = [], []
     t0 = time.perf_counter()
     for r in active[:drain]:
         t = time.perf_counter()
         sched.report(r.id, StatusReport(status=RunStatus.FINISHED, exit_code=0, attempt=r.attempt),
                      r.placements[0].node_id)
+        t1 = time.perf_counter()
         placed = sched.schedule_pass()
         freed.append(time.perf_counter() - t)
+        passes.append(time.perf_counter() - t1)
         assert placed == 1, f"a freed slot placed {placed} runs"
     rate = drain / (time.perf_counter() - t0)
     if store_kind != "sqlite":
         store.wipe()  # type: ignore[attr-defined]
     store.close()
     return {"idle_pass_ms": idle * 1e3, "submit_ms": submit * 1e3, "freed_to_placed_ms": statistics.median(freed) * 1e3,
+            "pass_ms": statistics.median(passes) * 1e3,
             "drain_per_s": rate, "drain_all_s": queued / rate}
 
 
@@ -128,6 +132,7 @@ def run_all(a: argparse.Namespace, trees: list[tuple[str, Path]]) -> int:
             row[name] = r
             print(f"{a.store} {a.nodes} nodes x 8 busy, {q:>6} queued [{name:>12}]: idle pass {r['idle_pass_ms']:8.1f} ms"
                   f"  submit {r['submit_ms']:7.1f} ms  slot freed -> placed {r['freed_to_placed_ms']:8.1f} ms"
+                  f" (its pass {r.get('pass_ms', float('nan')):7.2f} ms)"
                   f"  drain {r['drain_per_s']:8.1f}/s (all {q}: {r['drain_all_s']:8.1f} s)", flush=True)
         results.append(row)
     print(json.dumps({"bench": "queue_drain", "nodes": a.nodes, "store": a.store, "results": results}))

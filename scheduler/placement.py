@@ -294,6 +294,19 @@ def could_use(req: Request, c: Candidate) -> bool:
     return all(f(req, c) is None for f in STATIC_FILTERS)
 
 
+def ranking(req: Request, candidates: list[Candidate]) -> list[str]:
+    """Nodes the request could ever use (not draining), most matching GPUs first: the order `reservation` falls
+    back on among nodes with none free. Static: a scheduler keeps it per shape until the nodes change."""
+    usable = [c for c in candidates if not_draining(req, c) is None and could_use(req, c)]
+    usable.sort(key=lambda c: (-len(_matching(req, c.node.gpus)), c.node.id))
+    return [c.node.id for c in usable]
+
+
+def free_matching(req: Request, c: Candidate) -> int:
+    """How many of the node's free GPUs the request could use."""
+    return len(_matching(req, c.free))
+
+
 def reservation(req: Request, candidates: list[Candidate]) -> set[str]:
     """The nodes a blocked head-of-queue job holds: only the `count` it would get first (those it could use with
     the most matching GPUs free, i.e. the least to wait for), not every node it could use. Jobs behind it keep

@@ -6,18 +6,20 @@ from __future__ import annotations
 import contextlib
 import enum
 import heapq
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..contract.models import (
     SYSTEM_RANK,
     InvalidTransition,
+    Node,
     NodeScore,
     Placement,
     Run,
     RunStatus,
 )
-from ..placement import WEIGHTS, Candidate, NoFit, Request, place, reservation
+from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation
 from ..store import GpuBusy, NotFound
 from .book import Book, Shape
 from .core import ACTIVE, SchedulerBase
@@ -40,12 +42,29 @@ class PlacementMixin(SchedulerBase):
                 for n in self.nodes()]
 
     def waiting(self, run: Run) -> Run:
-        """A queued run with its reason as of the last pass, counts included ("... (3 nodes have them busy)")."""
+        """A queued run with its reason, counts included ("... (3 nodes have them busy)"): counted when shown,
+        over the candidates of the last pass, once per shape and pass (a pass itself only looks at nodes with a
+        free GPU and does not count the others)."""
         if run.status == RunStatus.QUEUED and run.reason:
-            last = self._waiting.get(Request.of(run.job, run.owner))
+            req = Request.of(run.job, run.owner)
+            last = self._waiting.get(req)
             if last is not None and last.summary == run.reason:
-                run.reason = last.reason
+                counted = self._counted
+                if req not in counted:
+                    counted[req] = self._count(req, last)
+                run.reason = counted[req]
         return run
+
+    def _count(self, req: Request, last: NoFit) -> str:
+        cache = self._cands
+        if cache is None:
+            return last.reason
+        cands = list(cache[2].values())
+        now, seen = time.time(), self.store.heartbeats()
+        for c in cands:
+            c.now, c.last_seen = now, self.last_seen(c.node, seen)
+        verdict = place(req, cands, reserved=self._reserved.get(req, frozenset()), rng=random.Random(0))
+        return verdict.reason if isinstance(verdict, NoFit) else last.reason
 
     def never_fits(self, req: Request) -> str | None:
         """Why `req` can never run on this cluster (None: it could, once GPUs are free). Answered from the nodes'
@@ -82,9 +101,9 @@ class PlacementMixin(SchedulerBase):
             book = self._sync_book()
             if not book.queued:
                 self._idle = (tickets, time.monotonic())
-                self._waiting = {}
+                self._waiting, self._counted = {}, {}
                 return 0
-            ps = _Pass(self._live_candidates(book))
+            ps = _Pass(self._live_candidates(book), self.store.heartbeats(), self.last_seen)
             heads = book.heads()
             placed = 0
             changed: list[Run] = []
@@ -117,7 +136,7 @@ class PlacementMixin(SchedulerBase):
                 batch.close()
             self._announce(changed)
             self._idle = None if placed else (tickets, time.monotonic())
-            self._waiting = dict(ps.no_room)
+            self._waiting, self._counted, self._reserved = dict(ps.no_room), {}, ps.held_ahead
             return placed
 
     def _sync_book(self) -> Book:
@@ -136,9 +155,9 @@ class PlacementMixin(SchedulerBase):
             if len(runs) < 10_000:
                 return book
 
-    def _live_candidates(self, book: Book) -> list[Candidate]:
-        """Every node with its free GPUs (from the book; recomputed only for nodes whose holders changed) and its
-        latest heartbeat. The candidates are kept between passes and rebuilt when the node list changes."""
+    def _live_candidates(self, book: Book) -> dict[str, Candidate]:
+        """Every node by id with its free GPUs (from the book; recomputed only for nodes whose holders changed).
+        Kept between passes and rebuilt when the node list changes; a pass adds the heartbeats it needs."""
         nodes = self.nodes()
         cache = self._cands
         if cache is None or cache[0] is not nodes or cache[1] is not book:
@@ -154,25 +173,26 @@ class PlacementMixin(SchedulerBase):
                 held = book.held_on(node_id)
                 c.free = [g for g in c.node.gpus if g.index not in held]
         book.dirty = set()
-        now, seen = time.time(), self.store.heartbeats()
-        out = list(cache[2].values())
-        for c in out:
-            c.now, c.last_seen = now, self.last_seen(c.node, seen)
-        return out
+        return cache[2]
 
     def _place_one(self, run: Run, shape: Shape, ps: _Pass, book: Book) -> _Outcome:
         req = shape.req
-        # Only nodes with a free GPU can take a GPU job; a busy cluster has few. When none fits, the answer
-        # is asked again over every node for the reasons ("3 nodes have them busy").
-        verdict = place(req, ps.with_free if req.gpus else ps.candidates, reserved=frozenset(ps.reserved),
-                        rng=self.rng)
-        if isinstance(verdict, NoFit) and req.gpus:
-            verdict = place(req, ps.candidates, reserved=frozenset(ps.reserved), rng=self.rng)
+        # Only nodes with a free GPU can take a GPU job; a busy cluster has few, so a freed slot costs a look at
+        # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
+        # added when it is shown (waiting()).
+        if req.gpus and ps.all_seen is None:
+            verdict = place(req, ps.with_free, reserved=frozenset(ps.reserved), rng=self.rng)
+            if isinstance(verdict, NoFit):
+                never = self.never_fits(req) is not None
+                verdict = NoFit(req.shortfall(), never=never, counts=verdict.counts, summary=req.shortfall())
+        else:
+            verdict = place(req, ps.all(), reserved=frozenset(ps.reserved), rng=self.rng)
         if isinstance(verdict, NoFit):
             ps.no_room[req] = verdict
+            ps.held_ahead[req] = frozenset(ps.reserved)  # what jobs ahead of it held when it found no room
             if not ps.head_blocked and not verdict.never:
                 ps.head_blocked = True
-                ps.reserved |= reservation(req, ps.candidates)
+                ps.reserved |= self._reservation(req, ps)
             # The stored reason changes only with its meaning; the counts are added when it is shown (waiting()).
             if shape.reason != verdict.summary:
                 for r in list(book.runs_of(shape)):
@@ -208,6 +228,27 @@ class PlacementMixin(SchedulerBase):
                 time.time(), "fedml", f"── attempt {run.attempt} on node {names}" + (f": {why}" if why else ""))])
         return _Outcome.PLACED
 
+    def _reservation(self, req: Request, ps: _Pass) -> set[str]:
+        """The nodes the blocked head holds: those with the most usable free GPUs (in a busy cluster, among the
+        few with any free), then, when fewer than it needs have one, the nodes with the most such GPUs in all (a
+        ranking kept per shape until the nodes change): the order placement.reservation gives, without sorting
+        every node at every freed slot."""
+        held = reservation(req, [c for c in ps.with_free if free_matching(req, c)])
+        if len(held) < req.count:
+            nodes = self.nodes()
+            if self._ranked[0] is not nodes:
+                self._ranked = (nodes, {})
+            ranked = self._ranked[1].get(req)
+            if ranked is None:
+                self.never_fits(req)  # (builds the static candidates for these nodes)
+                assert self._static is not None
+                ranked = self._ranked[1][req] = ranking(req, self._static[1])
+            for node_id in ranked:
+                if len(held) >= req.count:
+                    break
+                held.add(node_id)
+        return held
+
     def _announce(self, runs: list[Run]) -> None:
         # After the commit: an agent woken by this must find its assignment in the store.
         for run in runs:
@@ -225,14 +266,28 @@ class _Outcome(enum.Enum):
 class _Pass:
     """What one scheduling pass knows: candidates with their free GPUs, and the head job's reservation."""
 
-    def __init__(self, candidates: list[Candidate]) -> None:
-        self.candidates = candidates
-        self.with_free = [c for c in candidates if c.free]
-        self.by_id = {c.node.id: c for c in candidates}
+    def __init__(self, by_id: dict[str, Candidate], seen: dict[str, float],
+                 last_seen: Callable[[Node, dict[str, float]], float]) -> None:
+        self.by_id = by_id  # kept between passes (placing._live_candidates): not rebuilt per pass
+        self.candidates = list(by_id.values())
+        self.with_free = [c for c in self.candidates if c.free]
+        self._seen, self._last_seen, self.now = seen, last_seen, time.time()
+        for c in self.with_free:  # whether a node is online: from its latest heartbeat
+            c.now, c.last_seen = self.now, last_seen(c.node, seen)
+        self.all_seen: list[Candidate] | None = None
         self.reserved: set[str] = set()
         self.head_blocked = False
         self.no_room: dict[Request, NoFit] = {}
+        self.held_ahead: dict[Request, frozenset[str]] = {}
         self._filled = 0
+
+    def all(self) -> list[Candidate]:
+        """Every node, heartbeats brought up to date (once per pass, only when a pass needs them all)."""
+        if self.all_seen is None:
+            for c in self.candidates:
+                c.now, c.last_seen = self.now, self._last_seen(c.node, self._seen)
+            self.all_seen = self.candidates
+        return self.all_seen
 
     @property
     def filled(self) -> int:
