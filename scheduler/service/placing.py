@@ -180,7 +180,7 @@ class PlacementMixin(SchedulerBase):
         # Only nodes with a free GPU can take a GPU job; a busy cluster has few, so a freed slot costs a look at
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
         # added when it is shown (waiting()).
-        if req.gpus and ps.all_seen is None:
+        if req.gpus and ps.candidates:
             verdict = place(req, ps.with_free, reserved=frozenset(ps.reserved), rng=self.rng)
             if isinstance(verdict, NoFit):
                 never = self.never_fits(req) is not None
