@@ -456,3 +456,11 @@ def test_the_book_follows_every_write_and_places_what_a_fresh_look_would(tmp_pat
             fresh = Scheduler(store, Notifier(), heartbeat_interval=3600.0, rng=random.Random(3))
             assert fresh.schedule_pass() == 0, f"step {step}: the book missed room a fresh look found"
     assert len(nodes) == 3 and one._book is not None and one._book.seq == store.runs_seq()
+
+
+def test_with_no_node_at_all_the_queue_says_none_has_joined(sched: Scheduler) -> None:
+    run = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 0
+    assert (sched.get_run(run).reason or "").startswith("no nodes have joined yet")
+    join(sched, "a", 1)
+    assert sched.schedule_pass() == 1
