@@ -66,7 +66,8 @@ class SchedulerBase:
         # other replicas), and at most NODE_CACHE_S old in any case.
         self._nodes: tuple[float, int, list[Node]] | None = None
         # The same nodes with every GPU free, for "could it ever run" (placing.never_fits); rebuilt with the cache.
-        self._static: tuple[list[Node], list[Candidate]] | None = None
+        # With its answers per request shape (a sweep submits one shape thousands of times).
+        self._static: tuple[list[Node], list[Candidate], dict[Request, str | None]] | None = None
         # (notifier tickets, when) of the last pass that placed nothing: the next is skipped until they move.
         self._idle: tuple[tuple[int, int], float] | None = None
         # Each waiting request shape's verdict in the last pass: the counts shown with a queued run's reason.

@@ -75,9 +75,15 @@ class PlacementMixin(SchedulerBase):
         if cached is None or cached[0] is not nodes:
             now = time.time()
             cached = self._static = (nodes, [Candidate(node=n, free=list(n.gpus), now=now, heartbeat_timeout=1e12)
-                                            for n in nodes])
+                                            for n in nodes], {})
+        answers = cached[2]
+        if req in answers:  # one answer per shape until the nodes change: O(1) for the shapes a sweep repeats
+            return answers[req]
         verdict = place(req, cached[1], rng=self.rng)
-        return verdict.reason if isinstance(verdict, NoFit) and verdict.never else None
+        why = verdict.reason if isinstance(verdict, NoFit) and verdict.never else None
+        if len(answers) < 10_000:
+            answers[req] = why
+        return why
 
     def schedule_pass(self) -> int:
         """Place queued runs: higher priority first, FIFO within a priority. The first run that cannot be
