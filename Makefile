@@ -40,6 +40,7 @@ bench: redis
 	$(BIN)/python bench/placement.py --store sqlite,redis
 	$(BIN)/python bench/queue_drain.py --nodes 1000 --queued 100,1000 --drain 20
 	$(BIN)/python bench/idle_cpu.py --queued 10000 --seconds 10 --rounds 1
+	$(BIN)/python bench/submit_rate.py --nodes 1000 --queued 10000 --seconds 10
 	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30
 	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --store redis
 	$(BIN)/python bench/e2e_peers.py --jobs 200

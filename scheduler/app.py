@@ -199,6 +199,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
          f"raise --max-workspace-mb"),
         (re.compile(rf"^{API}/runs/[^/]+/artifacts$"), settings.max_artifact_mb * 1024 * 1024, ""),
         (re.compile(rf"^{API}/runs/[^/]+/logs$"), settings.max_log_batch_mb * 1024 * 1024, ""),
+        (re.compile(rf"^{API}/runs/batch$"), 16 * settings.max_request_kb * 1024, ""),  # up to 1,000 job documents
     ], default_cap=settings.max_request_kb * 1024)
     app.add_middleware(Intercept, prefix=PREFIX, handler=Inference(c))
     for routes in ROUTERS:

@@ -53,3 +53,24 @@ def test_refusals_map_to_their_statuses(client: tuple[TestClient, dict[str, str]
                   headers=as_(keys, "alice")).status_code == 403  # agents use their node key
     assert c.head("/api/v1/blobs/not-a-digest", headers=as_(keys, "alice")).status_code == 400
     assert c.get("/healthz").json()["ok"] is True
+
+
+def test_a_batch_of_runs_is_written_whole_or_not_at_all(client: tuple[TestClient, dict[str, str]]) -> None:
+    c, keys = client
+    jobs = [{"job": {"job": f"echo {i}"}, "name": f"sweep-{i}"} for i in range(50)]
+    r = c.post("/api/v1/runs/batch", json={"runs": jobs}, headers=as_(keys, "alice"))
+    assert r.status_code == 201, r.text
+    made = r.json()
+    assert [x["name"] for x in made] == [f"sweep-{i}" for i in range(50)] and {x["owner"] for x in made} == {"alice"}
+    listed = c.get("/api/v1/runs", headers=as_(keys, "alice")).json()
+    assert len(listed) == 50
+    bad = [*jobs[:3], {"job": {"job": ""}}, *jobs[3:6]]  # the fourth is invalid: nothing of the batch is written
+    r = c.post("/api/v1/runs/batch", json={"runs": bad}, headers=as_(keys, "alice"))
+    assert r.status_code == 422 and "runs[3]" in r.json()["detail"], r.text
+    assert len(c.get("/api/v1/runs", headers=as_(keys, "alice")).json()) == 50
+    assert c.post("/api/v1/runs/batch", json={"runs": []}, headers=as_(keys, "alice")).status_code == 422
+    too_many = {"runs": [{"job": {"job": "echo"}}] * 1001}
+    assert c.post("/api/v1/runs/batch", json=too_many, headers=as_(keys, "alice")).status_code == 422
+    serve = {"runs": [{"job": {"job": "python -m http.server", "job_type": "serve"}}]}
+    r = c.post("/api/v1/runs/batch", json=serve, headers=as_(keys, "alice"))
+    assert r.status_code == 422 and "on its own" in r.text, r.text

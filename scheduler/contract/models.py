@@ -316,6 +316,12 @@ class RunCreate(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class RunBatch(BaseModel):
+    """POST /runs/batch: runs written together in one durable commit (a sweep), all or none."""
+
+    runs: list[RunCreate] = Field(min_length=1, max_length=1000)
+
+
 class JoinTokenCreate(BaseModel):
     ttl: float | None = Field(default=3600.0, gt=0, le=10 * 365 * 86400)  # seconds; None: never expires
     uses: int | None = Field(default=1, ge=1, le=1_000_000)  # None: any number until it expires

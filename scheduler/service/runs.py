@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
 from .. import access
-from ..contract.errors import BadRequest, Conflict, Invalid
+from ..contract.errors import ApiError, BadRequest, Conflict, Invalid
 from ..contract.jobload import validate
 from ..contract.jobspec import JobSpec, JobSpecError, env_problem
 from ..contract.models import (
@@ -23,6 +24,38 @@ from .core import LOCAL, SchedulerBase, new_run_id
 
 class RunsMixin(SchedulerBase):
     def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
+        run = self._new_run(req, who)
+        self.store.create_run(run)
+        self.kick()
+        return run
+
+    def create_runs(self, reqs: list[RunCreate], who: Principal = LOCAL) -> list[Run]:
+        """Several runs at once (sweeps): every one validated before any is written, then written in one durable
+        commit (SQLite: one transaction). An invalid one refuses them all, naming its index."""
+        runs = []
+        for i, req in enumerate(reqs):
+            try:
+                run = self._new_run(req, who)
+            except ApiError as exc:
+                raise type(exc)(f"runs[{i}]: {exc}") from None
+            if run.endpoint is not None:  # its name must be unique among endpoints: checked one at a time
+                raise Invalid(f"runs[{i}]: an endpoint (serve/deploy job) is launched on its own, not in a batch")
+            runs.append(run)
+        written: list[Run] = []
+        try:
+            with self.store.batch():
+                for run in runs:
+                    written.append(self.store.create_run(run))
+        except Exception:
+            # A store that commits each write as it comes (Redis) may have kept some: they do not run.
+            for run in written:
+                with contextlib.suppress(Exception):
+                    self.store.transition(run.id, RunStatus.KILLED, reason="its batch could not be stored whole")
+            raise
+        self.kick()
+        return runs
+
+    def _new_run(self, req: RunCreate, who: Principal) -> Run:
         access.require_not_node(who, "launch")
         try:
             spec = validate(req.job, file=req.job_file or "job")
@@ -58,8 +91,6 @@ class RunsMixin(SchedulerBase):
         )
         if spec.serves:
             run.endpoint = self._new_endpoint(spec, run)
-        self.store.create_run(run)
-        self.kick()
         return run
 
     def _new_endpoint(self, spec: JobSpec, run: Run) -> Endpoint:
