@@ -376,8 +376,13 @@ class RedisStore(Store):
         ids = [m.decode() for m in got[1:]]
         return (float(got[0]) if got[0] else None), self._filtered(ids, {s.value for s in status}, None, 1_000_000)
 
-    def heartbeats(self) -> dict[str, float]:
-        return {k.decode(): float(v) for k, v in self.r.hgetall(self.k.seen).items()}
+    def heartbeats(self, node_ids: Iterable[str] | None = None) -> dict[str, float]:
+        if node_ids is None:
+            return {k.decode(): float(v) for k, v in self.r.hgetall(self.k.seen).items()}
+        ids = list(node_ids)
+        if not ids:
+            return {}
+        return {n: float(v) for n, v in zip(ids, self.r.hmget(self.k.seen, ids), strict=True) if v is not None}
 
     @contextlib.contextmanager
     def lock(self, name: str, ttl: float = 5.0) -> Iterator[None]:

@@ -175,9 +175,12 @@ class Store(abc.ABC):
         `status` (as `list_runs(status=..., node_id=...)`). A shared store answers both in one round trip."""
         return self.heartbeat(node_id, ts), self.list_runs(status=status, node_id=node_id, limit=1_000_000)
 
-    def heartbeats(self) -> dict[str, float]:
+    def heartbeats(self, node_ids: Iterable[str] | None = None) -> dict[str, float]:
+        """The latest heartbeat of every node, or of `node_ids` only (a pass asks for the few it looks at)."""
         with self._soft:
-            return dict(self._seen)
+            if node_ids is None:
+                return dict(self._seen)
+            return {n: t for n in node_ids if (t := self._seen.get(n)) is not None}
 
     @contextlib.contextmanager
     def lock(self, name: str, ttl: float = 5.0) -> Iterator[None]:

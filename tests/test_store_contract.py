@@ -413,6 +413,7 @@ def test_heartbeats_return_the_one_before(pair: tuple[Store, Store]) -> None:
     assert not b.heartbeat("node-1", 12.0)
     a.heartbeat("node-2", 3.0)
     assert b.heartbeats() == {"node-1": 12.0, "node-2": 3.0}
+    assert b.heartbeats(["node-2", "node-9"]) == {"node-2": 3.0} and b.heartbeats([]) == {}  # only those asked
 
 
 def test_a_heartbeat_and_the_nodes_runs_in_one_call(store: Store) -> None:

@@ -109,7 +109,7 @@ class PlacementMixin(SchedulerBase):
                 self._idle = (tickets, time.monotonic())
                 self._waiting, self._counted = {}, {}
                 return 0
-            ps = _Pass(self._live_candidates(book), self.store.heartbeats(), self.last_seen)
+            ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen)
             heads = book.heads()
             placed = 0
             changed: list[Run] = []
@@ -272,13 +272,15 @@ class _Outcome(enum.Enum):
 class _Pass:
     """What one scheduling pass knows: candidates with their free GPUs, and the head job's reservation."""
 
-    def __init__(self, by_id: dict[str, Candidate], seen: dict[str, float],
+    def __init__(self, by_id: dict[str, Candidate], heartbeats: Callable[..., dict[str, float]],
                  last_seen: Callable[[Node, dict[str, float]], float]) -> None:
         self.by_id = by_id  # kept between passes (placing._live_candidates): not rebuilt per pass
         self.candidates = list(by_id.values())
         self.with_free = [c for c in self.candidates if c.free]
-        self._seen, self._last_seen, self.now = seen, last_seen, time.time()
-        for c in self.with_free:  # whether a node is online: from its latest heartbeat
+        self._heartbeats, self._last_seen, self.now = heartbeats, last_seen, time.time()
+        # Whether a node is online: from its latest heartbeat, read for the nodes this pass looks at.
+        seen = heartbeats([c.node.id for c in self.with_free])
+        for c in self.with_free:
             c.now, c.last_seen = self.now, last_seen(c.node, seen)
         self.all_seen: list[Candidate] | None = None
         self.reserved: set[str] = set()
@@ -290,8 +292,9 @@ class _Pass:
     def all(self) -> list[Candidate]:
         """Every node, heartbeats brought up to date (once per pass, only when a pass needs them all)."""
         if self.all_seen is None:
+            seen = self._heartbeats()
             for c in self.candidates:
-                c.now, c.last_seen = self.now, self._last_seen(c.node, self._seen)
+                c.now, c.last_seen = self.now, self._last_seen(c.node, seen)
             self.all_seen = self.candidates
         return self.all_seen
 
