@@ -11,54 +11,18 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from .jobspec import FederateSpec, JobSpec, JobSpecError, OsCommands, posix_commands
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans,
-    which turned `retry: {on: [lost]}` into a key `True`."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-# ---- loading YAML with line numbers -----------------------------------------------------------------------
-
-class _Lines:
-    """Line (1-based) of every key path in a YAML document, for error messages."""
-
-    def __init__(self) -> None:
-        self.lines: dict[tuple[str, ...], int] = {}
-
-    def walk(self, node: yaml.Node, path: tuple[str, ...], file: str) -> None:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in node.value:
-                key = str(k.value)
-                if key in seen:
-                    raise JobSpecError(
-                        f"duplicate key (first defined on line {seen[key]})",
-                        file=file, line=k.start_mark.line + 1, field=".".join((*path, key)))
-                seen[key] = k.start_mark.line + 1
-                self.lines[(*path, key)] = k.start_mark.line + 1
-                self.walk(v, (*path, key), file)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.walk(item, (*path, str(i)), file)
-
-    def line_of(self, path: tuple[str, ...]) -> int | None:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return self.lines.get((), 1)
-
+from .jobspec import FederateSpec, JobSpec, OsCommands, posix_commands
+from .jobyaml import (  # noqa: F401 - MAX_YAML_*, load_yaml_bounded: read from here by callers and tests
+    MAX_YAML_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    JobSpecError,
+    _Lines,
+    load_yaml_bounded,
+    parse_text,
+    read_text,
+    workspace_dir,
+)
 
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
@@ -158,85 +122,8 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
         raise JobSpecError(msg, file=file, line=line, field=name or None) from None
 
 
-MAX_YAML_BYTES = 1 << 20  # a job file (the scheduler takes job documents of up to 1 MiB too)
-MAX_YAML_DEPTH = 64
-MAX_YAML_NODES = 100_000  # counted with every alias expanded: a "billion laughs" file stops here
-
-
-def _check_graph(root: yaml.Node, file: str) -> None:
-    """Refuse what would make a small file huge or endless once read: alias expansion past MAX_YAML_NODES,
-    nesting deeper than MAX_YAML_DEPTH, an alias inside its own anchor. Iterative: no recursion to exhaust."""
-    visits = 0
-    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, True)]
-    path: set[int] = set()
-    while stack:
-        node, depth, entering = stack.pop()
-        if not entering:
-            path.discard(id(node))
-            continue
-        visits += 1
-        if visits > MAX_YAML_NODES:
-            raise JobSpecError(f"more than {MAX_YAML_NODES:,} values once its aliases are expanded (an alias bomb?)",
-                               file=file, line=node.start_mark.line + 1)
-        if depth > MAX_YAML_DEPTH:
-            raise JobSpecError(f"nested deeper than {MAX_YAML_DEPTH} levels", file=file, line=node.start_mark.line + 1)
-        if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
-            if id(node) in path:
-                raise JobSpecError("an alias refers to a value that contains it (a recursive alias)", file=file,
-                                   line=node.start_mark.line + 1)
-            path.add(id(node))
-            stack.append((node, depth, False))
-            children = node.value if isinstance(node, yaml.SequenceNode) else [x for kv in node.value for x in kv]
-            stack.extend((child, depth + 1, True) for child in reversed(children))
-
-
-def load_yaml_bounded(text: str, *, file: str = "job.yaml") -> Any:
-    """YAML (our loader) with its size, nesting and alias expansion bounded before anything is built from it."""
-    return _load_bounded(text, file)[1]
-
-
-def _load_bounded(text: str, file: str) -> tuple[yaml.Node | None, Any]:
-    if len(text) > MAX_YAML_BYTES:
-        raise JobSpecError(f"{len(text) / 1048576:.1f} MiB: a job file may be at most {MAX_YAML_BYTES >> 20} MiB",
-                           file=file)
-    loader = _Loader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except RecursionError:
-            raise JobSpecError(f"nested deeper than {MAX_YAML_DEPTH} levels", file=file) from None
-        if node is None:
-            return None, None
-        _check_graph(node, file)
-        return node, loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
 def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
-    try:
-        node, data = _load_bounded(text, file)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problem = (exc.problem or "invalid YAML").strip()
-        ctx = exc.context_mark
-        if ctx is not None and exc.context and exc.problem_mark is not None and \
-                exc.problem_mark.index >= len(text.rstrip()):
-            # Unclosed bracket or quote: the end of the file is not where the mistake is.
-            line = ctx.line + 1
-            problem = f"{problem}, {exc.context.strip()} that starts on this line"
-        if line is not None:
-            line = max(1, min(line, len(text.splitlines()) or 1))
-        raise JobSpecError(f"YAML syntax error: {problem}", file=file, line=line) from None
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
-        raise JobSpecError(f"YAML error: {str(exc).splitlines()[0]}", file=file, line=line) from None
-    except yaml.YAMLError as exc:
-        raise JobSpecError(f"YAML error: {str(exc).splitlines()[0]}", file=file) from None
-    lines = _Lines()
-    if node is not None:
-        lines.walk(node, (), file)
+    data, lines = parse_text(text, file=file)
     spec = validate(data, file=file, lines=lines)
     spec._lines = lines
     return spec
@@ -301,41 +188,9 @@ class LoadedJob(BaseModel):
 def load_file(path: str | Path) -> LoadedJob:
     p = Path(path)
     name = str(path)
-    try:
-        if p.is_file() and p.stat().st_size > MAX_YAML_BYTES:  # before reading it: a 50 MB file is refused at once
-            raise JobSpecError(f"{p.stat().st_size / 1048576:.1f} MiB: a job file may be at most "
-                               f"{MAX_YAML_BYTES >> 20} MiB", file=name)
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JobSpecError("file not found", file=name) from None
-    except IsADirectoryError:
-        raise JobSpecError("is a directory, expected a job YAML file", file=name) from None
-    except UnicodeDecodeError:
-        raise JobSpecError("not a UTF-8 text file", file=name) from None
-    except OSError as exc:
-        raise JobSpecError(f"cannot read: {exc.strerror}", file=name) from None
+    text = read_text(path)
     spec = load_text(text, file=name)
-    ws_dir: Path | None = None
-    if spec.workspace is not None and str(spec.workspace).strip():
-        ws = Path(str(spec.workspace)).expanduser()
-        ws_dir = ws if ws.is_absolute() else (p.parent / ws)
-        if not ws_dir.is_dir():
-            line = None
-            try:
-                node, _ = _load_bounded(text, name)
-                lines = _Lines()
-                if node is not None:
-                    lines.walk(node, (), name)
-                line = lines.line_of(("workspace",))
-            except (yaml.YAMLError, JobSpecError):
-                pass
-            what = "is not a directory" if ws_dir.exists() else "directory not found"
-            raise JobSpecError(f'{what}: "{spec.workspace}" (resolved to {ws_dir.resolve()})', file=name,
-                               line=line, field="workspace")
-        ws_dir = ws_dir.resolve()
-        if ws_dir == Path(ws_dir.anchor):
-            raise JobSpecError(f'"{spec.workspace}" is the root of the filesystem: point workspace at the '
-                               "directory that holds the job's code", file=name, field="workspace")
+    ws_dir = workspace_dir(spec.workspace, p, spec._lines)
     if spec.job_type == "federate" and spec.federate is None and spec.num_nodes == 1 and ws_dir is not None:
         fed = fedml_config_federation(spec, ws_dir)
         if fed is not None:

@@ -13,23 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from .jobyaml import JobSpecError  # noqa: F401 - its home is jobyaml (no pydantic); named here too
+
 JOB_TYPES = ("train", "deploy", "serve", "federate")
 
 # Keys this schema interprets; every other top-level key is a "free" key exported as FEDML_ENV_<PATH>.
 # FedML's own dict blocks are exported too, as FedML does with its config arguments.
 EXPORTED_BLOCKS = ("fedml_env", "serving_args", "job_args", "environment_args", "federate")
-
-
-class JobSpecError(Exception):
-    """A job file that cannot be used. `str()` is the one-line message shown to the user."""
-
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
-        self.file, self.line, self.field, self.detail = file, line, field, message
-        where = file or "job"
-        if line is not None:
-            where = f"{where}:{line}"
-        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
 
 
 class _Model(BaseModel):
