@@ -60,18 +60,8 @@ def launch(
 
     Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on.
     """
-    from scheduler.contract.jobload import load_file
-    from scheduler.contract.jobspec import JobSpecError, env_problem
+    from scheduler.contract.jobyaml import JobSpecError, env_problem
 
-    try:
-        loaded = load_file(job_file)
-    except JobSpecError as exc:
-        _err(f"error: {exc}")
-        raise typer.Exit(USAGE) from None
-    for w in loaded.warnings:
-        _err(f"{'error' if strict else 'warning'}: {w}")
-    if strict and loaded.warnings:
-        raise typer.Exit(USAGE)
     overrides: dict[str, str] = {}
     for item in env or []:
         key, sep, val = item.partition("=")
@@ -82,6 +72,22 @@ def launch(
             _err(f"error: --env: {why}")
             raise typer.Exit(USAGE)
         overrides[key] = val
+    if not dry_run and not strict:
+        sent = _launch_text(job_file, name, overrides, as_json)
+        if sent is not None:
+            _launched(sent[0], sent[1], detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
+            return
+    from scheduler.contract.jobload import load_file
+
+    try:
+        loaded = load_file(job_file)
+    except JobSpecError as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(USAGE) from None
+    for w in loaded.warnings:
+        _err(f"{'error' if strict else 'warning'}: {w}")
+    if strict and loaded.warnings:
+        raise typer.Exit(USAGE)
     spec = loaded.spec
     job_doc = spec.model_dump(mode="json", exclude_none=True)
     if dry_run:
@@ -94,19 +100,60 @@ def launch(
     from .api import connect
 
     api = connect()
-    sha = None
-    if loaded.workspace_dir is not None:
-        from .pack import pack
-
-        packed = pack(loaded.workspace_dir, show_progress=not as_json)
-        try:
-            sha = packed.sha256
-            if not api.has_blob(sha):
-                api.put_blob(sha, packed.path, show_progress=not as_json)
-        finally:
-            os.unlink(packed.path)
+    sha = _upload_workspace(api, loaded.workspace_dir, as_json)
     run = api.post("/runs", json={"job": job_doc, "name": name, "job_file": os.path.basename(job_file),
                                   "workspace_sha": sha, "env": overrides})
+    _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
+
+
+def _upload_workspace(api: Any, workspace: Any, as_json: bool) -> str | None:
+    if workspace is None:
+        return None
+    from .pack import pack
+
+    packed = pack(workspace, show_progress=not as_json)
+    try:
+        if not api.has_blob(packed.sha256):
+            api.put_blob(packed.sha256, packed.path, show_progress=not as_json)
+        return packed.sha256
+    finally:
+        os.unlink(packed.path)
+
+
+def _launch_text(job_file: str, name: str | None, overrides: dict[str, str], as_json: bool) -> tuple[Any, Any] | None:
+    """The fast way, when a scheduler is already there to ask: read the file as YAML only (syntax errors and the
+    workspace are checked here, with their lines), send its text, and let the scheduler validate it with the same
+    `FILE:LINE: field: message` errors. Not loading the job's schema (pydantic) here is most of what a launch
+    costs the CLI. None: do it the full way (nothing runs yet to ask, or a FedML federate job whose client count
+    is in its workspace's config)."""
+    from scheduler.contract.jobyaml import JobSpecError, parse_text, read_text, workspace_dir
+
+    from . import local
+    from .api import connect, credentials
+
+    if not (os.environ.get("FEDML_SERVER") or credentials() or local.probably_running()):
+        return None  # starting a scheduler takes long anyway: validate here first, and start none for a bad file
+    try:
+        text = read_text(job_file)
+        data, lines = parse_text(text, file=job_file)
+        if not isinstance(data, dict):
+            return None  # the full way says what it should be
+        if data.get("job_type") == "federate" and "federate" not in data:
+            return None
+        workspace = workspace_dir(data.get("workspace"), job_file, lines)
+    except JobSpecError as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(USAGE) from None
+    api = connect()
+    sha = _upload_workspace(api, workspace, as_json)
+    run = api.post("/runs", json={"job_text": text, "name": name, "job_file": job_file, "workspace_sha": sha,
+                                  "env": overrides})
+    for w in run.get("warnings") or []:
+        _err(f"warning: {w}")
+    return api, run
+
+
+def _launched(api: Any, run: dict[str, Any], *, detach: bool, as_json: bool, stop_on_interrupt: bool) -> None:
     if detach:
         if as_json:
             _print_json(run)

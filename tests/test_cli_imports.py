@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import Fedml
+
 REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, sys
@@ -26,8 +28,8 @@ NEVER = ("torch", "fastapi", "uvicorn", "starlette", "docker", "kubernetes", "sc
 LIGHT = ("pydantic", "httpx", "yaml", "rich", "scheduler.contract.models")
 
 
-def imported(tmp_path: Path, *args: str) -> set[str]:
-    env = {**os.environ, "FEDML_HOME": str(tmp_path / "home")}
+def imported(tmp_path: Path, *args: str, home: Path | None = None) -> set[str]:
+    env = {**os.environ, "FEDML_HOME": str(home or tmp_path / "home")}
     env.pop("FEDML_SERVER", None)
     out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(args))], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
@@ -49,3 +51,28 @@ def test_a_dry_run_validates_without_the_server_or_heavy_sdks(tmp_path: Path) ->
     assert not [m for m in mods if m.split(".")[0] in NEVER or m in NEVER], \
         sorted(m for m in mods if m.split(".")[0] in NEVER or m in NEVER)
     assert len(mods) <= 360, f"{len(mods)} modules for a dry run"
+
+
+def test_a_launch_to_a_running_scheduler_leaves_validation_to_it(tmp_path: Path, shared_fedml: Fedml) -> None:
+    """With a scheduler to ask, `fedml launch` reads the file as YAML only and sends its text: no pydantic on the
+    client, the same one-line `FILE:LINE: field: message` error and exit 2 as when it validates itself (the
+    scheduler's), typo warnings still printed, and nothing submitted for a bad file."""
+    hello = str(REPO / "job_templates" / "hello" / "job.yaml")
+    assert shared_fedml("launch", hello, "--detach").returncode == 0  # (starts the local scheduler if need be)
+    mods = imported(tmp_path, "launch", hello, "--detach", home=shared_fedml.home)
+    assert "pydantic" not in mods and "scheduler.contract.jobspec" not in mods, "the client loaded the schema"
+    assert "scheduler.contract.jobyaml" in mods  # it did read the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job: echo hi\ncomputing:\n  minimum_num_gpus: -1\n")
+    before = shared_fedml("run", "list", "--json").stdout
+    sent = shared_fedml("launch", str(bad), "--detach")
+    local = shared_fedml("launch", str(bad), "--dry-run")
+    assert sent.returncode == local.returncode == 2, (sent, local)
+    assert sent.stderr.strip() == local.stderr.strip() and sent.stderr.count("\n") == 1, (sent.stderr, local.stderr)
+    assert sent.stderr.startswith(f"error: {bad}:3: computing.minimum_num_gpus: ")
+    assert shared_fedml("run", "list", "--json").stdout == before, "a bad file was submitted"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("job: echo hi\ncomputing:\n  minimum_num_gpu: 0\n  device_type: CPU\n")
+    r = shared_fedml("launch", str(typo), "--detach")
+    assert r.returncode == 0 and r.stdout.strip().startswith("run-"), r
+    assert f"warning: {typo}:3: computing.minimum_num_gpu: unknown key (did you mean minimum_num_gpus?)" in r.stderr

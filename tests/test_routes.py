@@ -74,3 +74,24 @@ def test_a_batch_of_runs_is_written_whole_or_not_at_all(client: tuple[TestClient
     serve = {"runs": [{"job": {"job": "python -m http.server", "job_type": "serve"}}]}
     r = c.post("/api/v1/runs/batch", json=serve, headers=as_(keys, "alice"))
     assert r.status_code == 422 and "on its own" in r.text, r.text
+
+
+def test_a_job_file_sent_as_text_is_read_and_validated_by_the_scheduler(client: tuple[TestClient, dict[str, str]]) -> None:
+    """What `fedml launch` sends when a scheduler runs: the file's text; errors name the file and line, typo
+    warnings come back with the run, and a run carries a document or a text, never both."""
+    c, keys = client
+    text = "job_name: t\njob: echo hi\ncomputing:\n  minimum_num_gpu: 2\n  device_type: CPU\n"
+    r = c.post("/api/v1/runs", json={"job_text": text, "job_file": "jobs/t.yaml"}, headers=as_(keys, "alice"))
+    assert r.status_code == 201, r.text
+    run = r.json()
+    assert run["job"]["job"] == "echo hi" and run["name"] == "t" and run["job_file"] == "t.yaml"
+    assert run["warnings"] == ["jobs/t.yaml:4: computing.minimum_num_gpu: unknown key (did you mean minimum_num_gpus?)"]
+    bad = "job: echo hi\ncomputing:\n  minimum_num_gpus: -1\n"
+    r = c.post("/api/v1/runs", json={"job_text": bad, "job_file": "b.yaml"}, headers=as_(keys, "alice"))
+    assert r.status_code == 422 and r.json()["detail"].startswith("b.yaml:3: computing.minimum_num_gpus: "), r.text
+    r = c.post("/api/v1/runs", json={"job_text": "job: [echo\n", "job_file": "s.yaml"}, headers=as_(keys, "alice"))
+    assert r.status_code == 422 and r.json()["detail"].startswith("s.yaml:1: YAML syntax error"), r.text
+    both = {"job": {"job": "echo"}, "job_text": "job: echo"}
+    assert c.post("/api/v1/runs", json=both, headers=as_(keys, "alice")).status_code == 422
+    assert c.post("/api/v1/runs", json={"name": "x"}, headers=as_(keys, "alice")).status_code == 422
+    assert len(c.get("/api/v1/runs", headers=as_(keys, "alice")).json()) == 1

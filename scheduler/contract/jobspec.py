@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .jobyaml import JobSpecError  # noqa: F401 - its home is jobyaml (no pydantic); named here too
+from .jobyaml import ENV_NAME, MAX_ENV_BYTES, JobSpecError, env_problem  # noqa: F401 - their home is jobyaml (no pydantic)
 
 JOB_TYPES = ("train", "deploy", "serve", "federate")
 
@@ -137,22 +137,6 @@ class ServiceSpec(_Model):
 
 
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-
-
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-MAX_ENV_BYTES = 131072  # Linux's MAX_ARG_STRLEN: one "NAME=value" string of a process's environment
-
-
-def env_problem(name: str, value: str) -> str | None:
-    """Why `name=value` cannot be an environment variable of a job (None: it can). Checked at launch, not on
-    the node, so a bad one is refused before anything is submitted."""
-    if not ENV_NAME.fullmatch(name):
-        return f'"{name[:60]}" is not a valid variable name (letters, digits and _, not starting with a digit)'
-    if "\0" in value:
-        return f"{name}: the value contains a NUL character"
-    if len(name.encode()) + len(value.encode()) + 2 > MAX_ENV_BYTES:
-        return f"{name}: the value is longer than the system allows ({MAX_ENV_BYTES // 1024} KiB)"
-    return None
 
 
 class FederateSpec(_Model):

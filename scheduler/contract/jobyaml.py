@@ -1,6 +1,7 @@
 """Reading a job file without the job's schema: bounded YAML (size, depth, aliases) with the line of every key,
-errors that name the file and line, and where the workspace directory is. No pydantic: `fedml launch` reads a
-file with this alone and lets the scheduler validate it (scheduler/contract/jobload.py does the rest)."""
+errors that name the file and line, where the workspace directory is, and whether an environment variable can
+be one. No pydantic: `fedml launch` reads a file with this alone and lets the scheduler validate it
+(scheduler/contract/jobload.py does the rest)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,22 @@ class JobSpecError(Exception):
         if line is not None:
             where = f"{where}:{line}"
         super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ENV_BYTES = 131072  # Linux's MAX_ARG_STRLEN: one "NAME=value" string of a process's environment
+
+
+def env_problem(name: str, value: str) -> str | None:
+    """Why `name=value` cannot be an environment variable of a job (None: it can). Checked at launch, not on
+    the node, so a bad one is refused before anything is submitted."""
+    if not ENV_NAME.fullmatch(name):
+        return f'"{name[:60]}" is not a valid variable name (letters, digits and _, not starting with a digit)'
+    if "\0" in value:
+        return f"{name}: the value contains a NUL character"
+    if len(name.encode()) + len(value.encode()) + 2 > MAX_ENV_BYTES:
+        return f"{name}: the value is longer than the system allows ({MAX_ENV_BYTES // 1024} KiB)"
+    return None
 
 
 class _Loader(yaml.SafeLoader):

@@ -12,7 +12,7 @@ import time
 from enum import Enum
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, Field, field_serializer
+from pydantic import BaseModel, Field, field_serializer, model_validator
 
 from .jobspec import JobSpec
 
@@ -163,6 +163,7 @@ class Run(BaseModel):
     job_file: str | None = None
     workspace_sha: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)  # keys of its job file that look like typos, when it came
     priority: int = 0
     owner: str = "local"
     num_nodes: int = 1
@@ -309,11 +310,22 @@ class LogRow(NamedTuple):
 
 
 class RunCreate(BaseModel):
-    job: dict[str, Any]
+    """A run to start: the job as a document (`job`), or as the job file's text (`job_text`), which the scheduler
+    reads and validates itself, with errors naming `job_file` and the line, and typo warnings in the answer
+    (`fedml launch` sends the text: it need not load the job's schema to submit)."""
+
+    job: dict[str, Any] | None = None
+    job_text: str | None = Field(default=None, max_length=1 << 20)
     name: str | None = None
-    job_file: str | None = None
+    job_file: str | None = Field(default=None, max_length=4096)
     workspace_sha: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_job(self) -> RunCreate:
+        if (self.job is None) == (self.job_text is None):
+            raise ValueError("give the job as `job` (a document) or as `job_text` (the file's text), not both")
+        return self
 
 
 class RunBatch(BaseModel):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import access
 from ..contract.errors import ApiError, BadRequest, Conflict, Invalid
-from ..contract.jobload import validate
+from ..contract.jobload import load_text, unknown_keys, validate
 from ..contract.jobspec import JobSpec, JobSpecError, env_problem
 from ..contract.models import (
     Endpoint,
@@ -57,8 +57,13 @@ class RunsMixin(SchedulerBase):
 
     def _new_run(self, req: RunCreate, who: Principal) -> Run:
         access.require_not_node(who, "launch")
+        warnings: list[str] = []
         try:
-            spec = validate(req.job, file=req.job_file or "job")
+            if req.job_text is not None:  # the file as written: read here, errors with its name and line
+                spec = load_text(req.job_text, file=req.job_file or "job.yaml")
+                warnings = unknown_keys(spec, req.job_file or "job.yaml")
+            else:
+                spec = validate(req.job, file=req.job_file or "job")
         except JobSpecError as exc:
             raise Invalid(str(exc)) from None
         for k, v in req.env.items():
@@ -79,7 +84,8 @@ class RunsMixin(SchedulerBase):
             id=new_run_id(),
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
             job=spec,
-            job_file=req.job_file,
+            job_file=Path(req.job_file).name if req.job_file else None,
+            warnings=warnings,
             workspace_sha=req.workspace_sha,
             env=req.env,
             priority=spec.priority,
