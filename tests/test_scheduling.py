@@ -464,3 +464,26 @@ def test_with_no_node_at_all_the_queue_says_none_has_joined(sched: Scheduler) ->
     assert (sched.get_run(run).reason or "").startswith("no nodes have joined yet")
     join(sched, "a", 1)
     assert sched.schedule_pass() == 1
+
+
+def test_a_pass_that_fails_midway_leaves_no_run_behind(sched: Scheduler) -> None:
+    """A store error in the middle of a pass (a full disk) rolls back its open writes; the book, which had
+    applied them, is dropped and read again, so the next pass places every run (none stays queued unseen)."""
+    join(sched, "a", 4)
+    runs = [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(3)]
+    real, calls = sched.store.transition, [0]
+
+    def failing(run_id: str, to: RunStatus, **fields: object) -> object:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(28, "No space left on device")
+        return real(run_id, to, **fields)
+    sched.store.transition = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        sched.schedule_pass()
+    sched.store.transition = real  # type: ignore[method-assign]
+    assert {sched.get_run(r).status for r in runs} == {RunStatus.QUEUED}  # the first placement was rolled back
+    sched.kick()
+    assert sched.schedule_pass() == 3
+    held = [g for r in runs for g in sched.get_run(r).placements[0].gpus]
+    assert sorted(held) == [0, 1, 2]

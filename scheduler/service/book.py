@@ -2,9 +2,9 @@
 that active runs hold. It follows the store's change feed (Store.runs_changed_since), so a pass reads only the
 runs written since the last one, by this replica or any other, instead of the whole queue and every active run.
 
-The store stays the source of truth: the view is rebuilt from it on start and every FULL_PASS_S, every change is
-applied as the run's current state (idempotent: a run seen twice is the same), and a placement made from a stale
-view is refused by the store's compare-and-set (GpuBusy, InvalidTransition).
+The store stays the source of truth: the view is rebuilt from it on start and every BOOK_REBUILD_S (5 min), every
+change is applied as the run's current state (idempotent: a run seen twice is the same), and a placement made from
+a stale view is refused by the store's compare-and-set (GpuBusy, InvalidTransition).
 
 Shapes (placement.Request: GPUs, model, labels, gang size, owner...) are Slurm's and Kueue's equivalence
 classes: every run of a shape gets the same answer from placement, so a pass asks once per shape and a shape

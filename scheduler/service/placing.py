@@ -9,6 +9,7 @@ import heapq
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..contract.models import (
     SYSTEM_RANK,
@@ -25,6 +26,9 @@ from .book import Book, Shape
 from .core import ACTIVE, SchedulerBase
 
 FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this often
+# The book is rebuilt from a full read of the store this often, as a safety net only: the change feed is complete.
+# (A rebuild parses every queued and active run: 18,000 of them hold the interpreter for ~0.3 s.)
+BOOK_REBUILD_S = 300.0
 
 
 class PlacementMixin(SchedulerBase):
@@ -93,7 +97,7 @@ class PlacementMixin(SchedulerBase):
 
         The pass reads the queue and the held GPUs from the book (scheduler/service/book.py), brought up to date
         from the store's change feed: its cost follows what changed and the number of request shapes, not the
-        length of the queue or the number of running jobs. The book is rebuilt from the store every FULL_PASS_S."""
+        length of the queue or the number of running jobs. The book is rebuilt from the store every BOOK_REBUILD_S."""
         # One pass at a time across replicas, for efficiency only: the store refuses a stale placement anyway,
         # so a pass that outlives the lock's TTL is harmless, and a replica killed mid-pass blocks no one long.
         # A pass that placed nothing is not repeated until something that could change its answer happens: every
@@ -104,51 +108,48 @@ class PlacementMixin(SchedulerBase):
         if idle is not None and idle[0] == tickets and time.monotonic() - idle[1] < FULL_PASS_S:
             return 0
         with self._schedule_lock, self.store.lock("schedule", ttl=5.0):
-            book = self._sync_book()
-            if not book.queued:
-                self._idle = (tickets, time.monotonic())
-                self._waiting, self._counted = {}, {}
-                return 0
-            ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen)
-            heads = book.heads()
-            placed = 0
-            changed: list[Run] = []
-            batch = contextlib.ExitStack()
-            batch.enter_context(self.store.batch())  # one durable commit per 256 placements, not one each
             try:
-                while heads:
-                    key, req = heapq.heappop(heads)
-                    shape = book.shapes[req]
-                    got = book.head(shape)
-                    if got is None:
-                        continue
-                    run = got[0]
-                    outcome = self._place_one(run, shape, ps, book)
-                    if outcome is _Outcome.BLOCKED:
-                        continue  # every run of the shape would get the same answer in this pass
-                    if outcome is _Outcome.PLACED:
-                        changed.append(run)
-                        placed += 1
-                    if outcome is not _Outcome.RETRY:
-                        book.pop(shape)
-                    if (nxt := book.head(shape)) is not None:
-                        heapq.heappush(heads, (nxt[1], req))
-                    if len(changed) >= 256:
-                        batch.close()
-                        self._announce(changed)  # after the commit: an agent woken must find its assignment
-                        batch = contextlib.ExitStack()
-                        batch.enter_context(self.store.batch())
-            finally:
-                batch.close()
-            self._announce(changed)
-            self._idle = None if placed else (tickets, time.monotonic())
-            self._waiting, self._counted, self._reserved = dict(ps.no_room), {}, ps.held_ahead
-            return placed
+                return self._pass(tickets)
+            except BaseException:
+                self._book = None  # it may hold placements that were rolled back: read the store again
+                raise
+
+    def _pass(self, tickets: tuple[int, int]) -> int:
+        """One pass under the locks (schedule_pass)."""
+        book = self._sync_book()
+        if not book.queued:
+            self._idle = (tickets, time.monotonic())
+            self._waiting, self._counted = {}, {}
+            return 0
+        ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen)
+        heads = book.heads()
+        placed = 0
+        with _Commits(self.store, self._announce) as ps.commits:
+            while heads:
+                key, req = heapq.heappop(heads)
+                shape = book.shapes[req]
+                got = book.head(shape)
+                if got is None:
+                    continue
+                run = got[0]
+                outcome = self._place_one(run, shape, ps, book)
+                if outcome is _Outcome.BLOCKED:
+                    continue  # every run of the shape would get the same answer in this pass
+                if outcome is _Outcome.PLACED:
+                    ps.commits.wrote(run)
+                    placed += 1
+                if outcome is not _Outcome.RETRY:
+                    book.pop(shape)
+                if (nxt := book.head(shape)) is not None:
+                    heapq.heappush(heads, (nxt[1], req))
+        self._idle = None if placed else (tickets, time.monotonic())
+        self._waiting, self._counted, self._reserved = dict(ps.no_room), {}, ps.held_ahead
+        return placed
 
     def _sync_book(self) -> Book:
         """The book, brought up to date with every run written since it last looked (or rebuilt)."""
         book, now = self._book, time.monotonic()
-        if book is None or now - self._book_at > FULL_PASS_S:
+        if book is None or now - self._book_at > BOOK_REBUILD_S:
             seq = self.store.runs_seq()  # before reading: a write that lands meanwhile is read again, harmlessly
             runs = self.store.list_runs(status=[RunStatus.QUEUED, *ACTIVE], limit=10_000_000)
             self._book, self._book_at = Book.build(seq, runs), now
@@ -206,6 +207,7 @@ class PlacementMixin(SchedulerBase):
                         with contextlib.suppress(NotFound):
                             self.store.update_run(r.id, reason=verdict.summary)
                         r.reason = verdict.summary
+                        ps.commits.wrote()
                 shape.reason = verdict.summary
             return _Outcome.BLOCKED
         placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
@@ -262,6 +264,50 @@ class PlacementMixin(SchedulerBase):
         runs.clear()
 
 
+class _Commits:
+    """A pass's writes, committed 256 at a time (one durable commit each, not one per write), with the store
+    free for other requests between them; the runs placed are announced after the commit that holds them (an
+    agent woken must find its assignment)."""
+
+    EVERY = 256
+
+    def __init__(self, store: Any, announce: Callable[[list[Run]], None]) -> None:
+        self.store, self.announce = store, announce
+        self.placed: list[Run] = []
+        self.count = 0
+        self._batch: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> _Commits:
+        self._open()
+        return self
+
+    def _open(self) -> None:
+        self._batch = contextlib.ExitStack()
+        self._batch.enter_context(self.store.batch())
+
+    def wrote(self, placed: Run | None = None) -> None:
+        if placed is not None:
+            self.placed.append(placed)
+        self.count += 1
+        if self.count >= self.EVERY:
+            self._commit()
+            self._open()
+
+    def _commit(self) -> None:
+        assert self._batch is not None
+        self._batch.close()
+        self._batch, self.count = None, 0
+        self.announce(self.placed)
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._batch is not None:
+            if exc_type is not None:  # a failed pass: its open writes are rolled back (SQLite), not announced
+                self._batch.__exit__(exc_type, exc, tb)
+                self._batch = None
+                return
+            self._commit()
+
+
 class _Outcome(enum.Enum):
     PLACED = "placed"
     BLOCKED = "blocked"  # no room for the shape in this pass
@@ -286,6 +332,7 @@ class _Pass:
         self.reserved: set[str] = set()
         self.head_blocked = False
         self.no_room: dict[Request, NoFit] = {}
+        self.commits: _Commits | None = None  # set by the pass
         self.held_ahead: dict[Request, frozenset[str]] = {}
         self._filled = 0
 
