@@ -117,6 +117,19 @@ async def load(url: str, key: str, seconds: float, concurrency: int, batch: int)
             "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3}
 
 
+def settled(url: str, key: str) -> None:
+    """Wait for the scheduler's first pass over the prepared queue (it writes every waiting run's reason once):
+    a probe run shows a reason when it has happened."""
+    headers = {"Authorization": f"Bearer {key}"}
+    probe = httpx.post(f"{url}/api/v1/runs", json={"job": JOB, "name": "probe"}, headers=headers, timeout=60).json()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/api/v1/runs/{probe['id']}", headers=headers, timeout=60).json().get("reason"):
+            return
+        time.sleep(0.1)
+    sys.exit("bench: the scheduler's first pass did not finish within 120 s")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--nodes", type=int, default=1000)
@@ -131,6 +144,7 @@ def main() -> int:
     prepare(home, spec, a.nodes, a.queued)
     proc, url, key = start(home, spec)
     try:
+        settled(url, key)
         single = asyncio.run(load(url, key, a.seconds, a.concurrency, 1))
         batched = asyncio.run(load(url, key, a.seconds, a.concurrency, a.batch))
     finally:

@@ -27,7 +27,7 @@ def issue(store: Store, *, name: str, scope: str, owner: str) -> tuple[ApiKey, s
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
     secret = f"fml_{scope[0]}_{secrets.token_urlsafe(32)}"
-    key = ApiKey(id="key-" + secrets.token_hex(4), name=name, scope=scope, owner=owner, hash=digest(secret),
+    key = ApiKey(id="key-" + secrets.token_hex(8), name=name, scope=scope, owner=owner, hash=digest(secret),
                  prefix=secret[:10])
     store.put_key(key)
     return key, secret
@@ -38,7 +38,7 @@ def issue_join(store: Store, *, creator: str, ttl: float | None, uses: int | Non
     """A join token: registers up to `uses` nodes (None: any number) until `ttl` seconds from now."""
     secret = f"fml_j_{secrets.token_urlsafe(32)}"
     now = time.time()
-    key = ApiKey(id="key-" + secrets.token_hex(4), name=name or f"join token by {creator}", scope="join",
+    key = ApiKey(id="key-" + secrets.token_hex(8), name=name or f"join token by {creator}", scope="join",
                  owner=creator, hash=digest(secret), prefix=secret[:10], uses_left=uses,
                  expires_at=now + ttl if ttl else None, labels=dict(labels or {}), created_at=now)
     store.put_key(key)

@@ -67,7 +67,7 @@ class NodesMixin(SchedulerBase):
         address = (peer or info.address) if who.scope == "user" else info.address
         node = Node(**info.model_dump(exclude={"labels", "address"}), labels={**info.labels, **enforced},
                     address=address, peer_address=who.scope == "user", enforced_labels=enforced, owner=owner, joined_by=who.owner,
-                    id="node-" + secrets.token_hex(4), registered_at=now, last_seen=now)
+                    id="node-" + secrets.token_hex(8), registered_at=now, last_seen=now)
         # The key first: a scheduler that dies between the two leaves an unused key, never a node that holds its
         # name with no key to come back with.
         _, token_secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
