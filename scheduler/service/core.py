@@ -34,7 +34,8 @@ LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process ca
 
 
 def new_run_id() -> str:
-    return "run-" + secrets.token_hex(8)  # 64 bits: 32 collide within tens of thousands of runs (birthday bound; a bench submission got a 409)
+    # 64 bits: 32 collide within tens of thousands of runs (the birthday bound; a bench submission got a 409)
+    return "run-" + secrets.token_hex(8)
 
 
 class SchedulerBase:
