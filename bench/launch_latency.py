@@ -18,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from _common import (
     FEDML,
@@ -76,11 +77,50 @@ def hello_own_runtime(n: int, env: dict[str, str]) -> list[float]:
     return [timed(["bash", "-e", "-c", script], env, cwd=cwd)[0] for _ in range(n)]
 
 
+def detach_compare(rev: str, n: int) -> int:
+    """`fedml launch trivial.yaml --detach` (submit, print the id, exit) against a warm local scheduler, this tree
+    and REV's taking turns (A B A B), each with its own home and scheduler; REV runs from a worktree through
+    PYTHONPATH (CLI and the scheduler it starts), byte-compiled like an install."""
+    from _common import worktree
+
+    results: dict[str, list[float]] = {"now": [], rev: []}
+    with worktree(rev) as tree, temp_home("detach-now") as (_, env_now), temp_home("detach-rev") as (_, env_rev):
+        assert tree is not None
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "fedml_cli"), str(tree / "scheduler"),
+                        str(tree / "agents"), str(tree / "runtime")], check=True)
+        env_rev = env_rev | {"PYTHONPATH": str(tree)}
+        job = Path(env_now["FEDML_HOME"]) / "trivial.yaml"
+        job.write_text("job: echo hi\n")
+        for env in (env_now, env_rev):  # warm-up: starts each local scheduler
+            t, code = timed([str(FEDML), "launch", str(job), "--detach"], env, timeout=60)
+            if code != 0:
+                print(f"error: warm-up launch exit {code}", file=sys.stderr)
+                return 1
+        for _ in range(n):
+            for name, env in (("now", env_now), (rev, env_rev)):
+                t, code = timed([str(FEDML), "launch", str(job), "--detach"], env, timeout=PER_LAUNCH_TIMEOUT_S)
+                if code != 0:
+                    print(f"error: {name}: launch --detach exit {code}", file=sys.stderr)
+                    return 1
+                results[name].append(t)
+    floor = [timed([sys.executable, "-c", "pass"], env_now)[0] for _ in range(n)]
+    now, old = median(results["now"]), median(results[rev])
+    print(f"fedml launch --detach trivial, {n} each, interleaved: {rev} median {old:.3f} s, now {now:.3f} s "
+          f"({now / old:.2f}x); python -c pass {median(floor):.3f} s; target <= 0.25 s: {verdict(now, 0.25)}")
+    emit("launch_detach", {"rev": rev, "now": summary(results["now"]), "before": summary(results[rev]),
+                           "ratio": round(now / old, 3), "python_floor": summary(floor)})
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--compare", metavar="REV", help="also time `launch --detach` of git revision REV (a worktree), "
+                                                    "interleaved with this tree's")
     opts = ap.parse_args()
     check_cli()
+    if opts.compare:
+        return detach_compare(opts.compare, opts.runs)
     results: dict[str, dict] = {}
     with temp_home("launch") as (home, env):
         trivial = home / "trivial.yaml"
