@@ -172,3 +172,36 @@ def worktree(rev: str | None) -> Iterator[Path | None]:
         yield tree
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+BUSY_JOB = {"job": "echo hi", "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G"}}
+
+
+def busy_cluster(store: Any, nodes: int, queued: int, gpus: int = 8) -> Any:
+    """`nodes` nodes x `gpus` A100s written into `store`, every GPU busy with a one-GPU run, `queued` more runs
+    waiting behind them; returns the Scheduler that placed them (an hour-long heartbeat interval: the nodes send
+    none and must stay online however long the setup takes). The scheduler modules are imported here, so a
+    benchmark run against another revision (PYTHONPATH) builds the cluster with that revision's code."""
+    import random
+
+    from scheduler.contract.models import GpuInfo, Node, Run
+    from scheduler.notify import Notifier
+    from scheduler.service import Scheduler
+
+    sched = Scheduler(store, Notifier(), heartbeat_interval=3600.0, rng=random.Random(1))
+    now = time.time()
+    with store.batch():
+        for i in range(nodes):
+            store.upsert_node(Node(id=f"node-{i:05d}", name=f"n{i}", last_seen=now, gpus=[
+                GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(gpus)]))
+    for i in range(nodes):
+        store.heartbeat(f"node-{i:05d}", now)
+    with store.batch():
+        for j in range(nodes * gpus):
+            store.create_run(Run(id=f"run-a{j:06d}", name="busy", job=BUSY_JOB, created_at=now + j * 1e-6))
+    while sched.schedule_pass():
+        pass
+    with store.batch():
+        for j in range(queued):
+            store.create_run(Run(id=f"run-q{j:06d}", name="waiting", job=BUSY_JOB, created_at=now + 1 + j * 1e-6))
+    return sched

@@ -26,16 +26,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, worktree  # noqa: E402
+from _common import BUSY_JOB, REPO, busy_cluster, worktree  # noqa: E402
 
 
 def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, float]:
     """Runs inside the tree under test (its modules first on sys.path)."""
     import random
 
-    from scheduler.contract.models import GpuInfo, Node, Run, RunCreate, RunStatus, StatusReport
-    from scheduler.notify import Notifier
-    from scheduler.service import Scheduler
+    from scheduler.contract.models import RunCreate, RunStatus, StatusReport
 
     tmp = Path(tempfile.mkdtemp(prefix="fedml-bench-queue-"))
     if store_kind == "sqlite":
@@ -46,24 +44,8 @@ def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, f
         from scheduler.redis_store import RedisStore
 
         store = RedisStore("redis://127.0.0.1:6379/7", prefix=f"bench-queue-{os.getpid()}:")
-    # Nodes are not heartbeating here: an hour-long interval keeps them online however long the setup takes.
-    sched = Scheduler(store, Notifier(), heartbeat_interval=3600.0, rng=random.Random(1))
-    now = time.time()
-    job = {"job": "echo hi", "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G"}}
-    with store.batch():
-        for i in range(nodes):
-            store.upsert_node(Node(id=f"node-{i:05d}", name=f"n{i}", last_seen=now, gpus=[
-                GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(8)]))
-    for i in range(nodes):
-        store.heartbeat(f"node-{i:05d}", now)
-    with store.batch():
-        for j in range(nodes * 8):
-            store.create_run(Run(id=f"run-a{j:06d}", name="busy", job=job, created_at=now + j * 1e-6))
-    while sched.schedule_pass():
-        pass
-    with store.batch():
-        for j in range(queued):
-            store.create_run(Run(id=f"run-q{j:06d}", name="waiting", job=job, created_at=now + 1 + j * 1e-6))
+    sched = busy_cluster(store, nodes, queued)
+    job = BUSY_JOB
     sched.kick()  # (written behind the scheduler's back: tell it)
     sched.schedule_pass()  # the first blocked pass (writes the queue reasons)
     sched.schedule_pass()  # and the one that reads them back from the change feed

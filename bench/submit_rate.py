@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -29,39 +28,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import REPO, emit, percentile  # noqa: E402
+from bench._common import BUSY_JOB, REPO, busy_cluster, emit, percentile  # noqa: E402
 from scheduler.contract.transport import NODELAY, httpx  # noqa: E402
 
 FLOOR = 500.0  # submissions/s: Slurm's published figure (issue 14)
-JOB = {"job": "echo hi", "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G"}}
+JOB = BUSY_JOB
 
 
 def prepare(home: Path, store_spec: str, nodes: int, queued: int) -> None:
     """The busy cluster, written straight into the store the scheduler will open."""
-    from scheduler.contract.models import GpuInfo, Node, Run
-    from scheduler.notify import Notifier
     from scheduler.server import open_store
-    from scheduler.service import Scheduler
 
     local = home / "local"
     local.mkdir(parents=True, exist_ok=True)
     store = open_store(store_spec, local)
-    sched = Scheduler(store, Notifier(), heartbeat_interval=3600.0, rng=random.Random(1))
-    now = time.time()
-    with store.batch():
-        for i in range(nodes):
-            store.upsert_node(Node(id=f"node-{i:05d}", name=f"n{i}", last_seen=now, gpus=[
-                GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(8)]))
-    for i in range(nodes):
-        store.heartbeat(f"node-{i:05d}", now)
-    with store.batch():
-        for j in range(nodes * 8):
-            store.create_run(Run(id=f"run-a{j:06d}", name="busy", job=JOB, created_at=now + j * 1e-6))
-    while sched.schedule_pass():
-        pass
-    with store.batch():
-        for j in range(queued):
-            store.create_run(Run(id=f"run-q{j:06d}", name="waiting", job=JOB, created_at=now + 1 + j * 1e-6))
+    busy_cluster(store, nodes, queued)
     store.close()
 
 
