@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from ..contract.models import Run, RunStatus
 from ..placement import Request
@@ -27,6 +28,20 @@ _ACTIVE = frozenset(ACTIVE)
 def order(run: Run) -> tuple[float, float, str]:
     """Queue order: higher priority first, then first come, first served."""
     return (-run.priority, run.created_at, run.id)
+
+
+@dataclass(slots=True)
+class Waiting:
+    """What a pass needs of a queued run (a whole Run with its job spec is ~10 KB; the book holds thousands)."""
+
+    id: str
+    attempt: int
+    reason: str | None  # as stored
+    last_reason: str | None  # why its previous attempt ended (for the log line of the next one)
+
+    @classmethod
+    def of(cls, run: Run) -> Waiting:
+        return cls(run.id, run.attempt, run.reason, run.attempts[-1].reason if run.attempts else None)
 
 
 class Shape:
@@ -41,7 +56,7 @@ class Shape:
 class Book:
     def __init__(self, seq: int) -> None:
         self.seq = seq  # the store's change counter this view has applied up to
-        self.queued: dict[str, tuple[Run, Request, tuple[float, float, str]]] = {}
+        self.queued: dict[str, tuple[Waiting, Request, tuple[float, float, str]]] = {}
         self.shapes: dict[Request, Shape] = {}
         self.claims: dict[str, dict[str, set[int]]] = {}  # active run -> node -> GPUs it holds
         self.held: dict[str, dict[int, str]] = {}  # node -> GPU -> the run holding it
@@ -62,7 +77,7 @@ class Book:
         if run.status == RunStatus.QUEUED:
             req = Request.of(run.job, run.owner)
             key = order(run)
-            self.queued[run.id] = (run, req, key)
+            self.queued[run.id] = (Waiting.of(run), req, key)
             shape = self.shapes.get(req)
             fresh = shape is None
             if shape is None:
@@ -93,7 +108,7 @@ class Book:
                     del on[g]
 
     # -- what a pass reads ---------------------------------------------------------------------------------
-    def head(self, shape: Shape) -> tuple[Run, tuple[float, float, str]] | None:
+    def head(self, shape: Shape) -> tuple[Waiting, tuple[float, float, str]] | None:
         """The shape's next queued run (stale heap entries are dropped on the way)."""
         heap = shape.heap
         while heap:
@@ -119,7 +134,7 @@ class Book:
         heapq.heapify(out)
         return out
 
-    def runs_of(self, shape: Shape) -> Iterator[Run]:
+    def runs_of(self, shape: Shape) -> Iterator[Waiting]:
         for _, run_id in shape.heap:
             got = self.queued.get(run_id)
             if got is not None and got[1] == shape.req:

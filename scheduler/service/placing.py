@@ -22,7 +22,7 @@ from ..contract.models import (
 )
 from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation
 from ..store import GpuBusy, NotFound
-from .book import Book, Shape
+from .book import Book, Shape, Waiting
 from .core import ACTIVE, SchedulerBase
 
 FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this often
@@ -131,12 +131,11 @@ class PlacementMixin(SchedulerBase):
                 got = book.head(shape)
                 if got is None:
                     continue
-                run = got[0]
-                outcome = self._place_one(run, shape, ps, book)
+                outcome, new = self._place_one(got[0], shape, ps, book)
                 if outcome is _Outcome.BLOCKED:
                     continue  # every run of the shape would get the same answer in this pass
-                if outcome is _Outcome.PLACED:
-                    ps.commits.wrote(run)
+                if new is not None:
+                    ps.commits.wrote(new)
                     placed += 1
                 if outcome is not _Outcome.RETRY:
                     book.pop(shape)
@@ -182,7 +181,7 @@ class PlacementMixin(SchedulerBase):
         book.dirty = set()
         return cache[2]
 
-    def _place_one(self, run: Run, shape: Shape, ps: _Pass, book: Book) -> _Outcome:
+    def _place_one(self, run: Waiting, shape: Shape, ps: _Pass, book: Book) -> tuple[_Outcome, Run | None]:
         req = shape.req
         # Only nodes with a free GPU can take a GPU job; a busy cluster has few, so a freed slot costs a look at
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
@@ -209,7 +208,7 @@ class PlacementMixin(SchedulerBase):
                         r.reason = verdict.summary
                         ps.commits.wrote()
                 shape.reason = verdict.summary
-            return _Outcome.BLOCKED
+            return _Outcome.BLOCKED, None
         placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
         scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)
                   for i, pl in enumerate(verdict)] + verdict[0].runners_up
@@ -217,24 +216,23 @@ class PlacementMixin(SchedulerBase):
             new = self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores,
                                         reason=None, master_port=self.rng.randrange(20000, 40000))
         except (InvalidTransition, NotFound):
-            return _Outcome.GONE  # stopped meanwhile: the change feed brings its new state
+            return _Outcome.GONE, None  # stopped meanwhile: the change feed brings its new state
         except GpuBusy as busy:  # another replica placed a run there: this pass's view of that node is stale
             if busy.node_id in ps.by_id:
                 ps.by_id[busy.node_id].free = []
             self.kick()
-            return _Outcome.RETRY
+            return _Outcome.RETRY, None
         book.apply(new)
-        run.placements = placements
         for pl in verdict:
             c = ps.by_id[pl.node.id]
             c.free = [g for g in c.free if g.index not in pl.gpus]
             ps.filled += not c.free
         if run.attempt > 1:  # the log says where each attempt ran and why the one before it ended
             names = ", ".join(pl.node.name for pl in verdict)
-            why = run.attempts[-1].reason if run.attempts else None
+            why = run.last_reason
             self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, 0, [(
                 time.time(), "fedml", f"── attempt {run.attempt} on node {names}" + (f": {why}" if why else ""))])
-        return _Outcome.PLACED
+        return _Outcome.PLACED, new
 
     def _reservation(self, req: Request, ps: _Pass) -> set[str]:
         """The nodes the blocked head holds: those with the most usable free GPUs (in a busy cluster, among the
