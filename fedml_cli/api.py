@@ -137,13 +137,15 @@ class Api:
                     self._check(r)
                 # Split on "\n" only: NDJSON escapes it inside strings, but not U+2028, U+0085 or "\r", which
                 # str.splitlines (and httpx's iter_lines) would split a record at.
+                # A chunk's records are decoded in one call (as one JSON array): a call per line cost most of
+                # what reading a finished run's log took.
                 buf = b""
                 for chunk in r.iter_bytes():
                     buf += chunk
                     *records, buf = buf.split(b"\n")
-                    for line in records:
-                        if line.strip():
-                            yield json.loads(line)
+                    records = [line for line in records if line.strip()]
+                    if records:
+                        yield from json.loads(b"[" + b",".join(records) + b"]")
                 if buf.strip():
                     yield json.loads(buf)
         except httpx.TransportError as exc:

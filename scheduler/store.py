@@ -104,6 +104,15 @@ class Store(abc.ABC):
                   rank: int | None = None) -> list[LogRow]:
         """Lines with pos > after, in order."""
 
+    def read_logs_ndjson(self, run_id: str, after: int = -1, limit: int = 5000,
+                         rank: int | None = None) -> tuple[int, bytes]:
+        """The same lines as NDJSON records (LogRow.to_json), ready to send: (the last position read, else
+        `after`; the bytes, each record ending in a newline). A store may build them without a LogRow each."""
+        rows = self.read_logs(run_id, after, limit, rank)
+        if not rows:
+            return after, b""
+        return rows[-1].pos, ("\n".join(r.to_json() for r in rows) + "\n").encode()
+
     @abc.abstractmethod
     def next_seq(self, run_id: str, attempt: int, rank: int) -> int: ...
 

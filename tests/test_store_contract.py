@@ -8,6 +8,7 @@ placing the same queue at once (no run placed twice, no GPU handed to two runs).
 
 from __future__ import annotations
 
+import json
 import random
 import secrets
 import threading
@@ -306,6 +307,22 @@ def test_logs_append_in_order_and_drop_resent_lines(pair: tuple[Store, Store]) -
     assert got is not None and got.log_count == 5
     assert a.next_seq(run.id, 1, 0) == 5 and a.next_seq(run.id, 2, 0) == 0
     assert a.append_logs(run.id, 1, 0, 5, []) == 5
+
+
+def test_logs_as_ndjson_are_the_same_records_as_the_rows(store: Store) -> None:
+    """What GET /runs/{id}/logs sends: each store's NDJSON says what LogRow.to_json says, odd text included."""
+    run = store.create_run(mk_run())
+    odd = ['plain', 'quote " and \\ backslash', "tab\tbell\x07", "é ü 中文 \u2028 emoji 🚀", "", "{\"json\": 1}"]
+    store.append_logs(run.id, 1, 0, 0, [(1796473885.492972 + i, "stdout" if i % 2 else "stderr", t)
+                                         for i, t in enumerate(odd)])
+    store.append_logs(run.id, 1, 1, 0, [(5.5, "stdout", "rank one")])
+    last, body = store.read_logs_ndjson(run.id, after=-1, limit=5)
+    records = [json.loads(x) for x in body.decode().split("\n") if x]
+    assert records == [json.loads(r.to_json()) for r in store.read_logs(run.id, limit=5)] and last == 4
+    assert [r["line"] for r in records] == odd[:5] and records[0]["ts"] == 1796473885.492972
+    last, body = store.read_logs_ndjson(run.id, after=4, rank=1)
+    assert [json.loads(x)["line"] for x in body.decode().split("\n") if x] == ["rank one"] and last == 6
+    assert store.read_logs_ndjson(run.id, after=6) == (6, b"")
 
 
 def test_ranks_and_attempts_have_their_own_sequences(store: Store) -> None:

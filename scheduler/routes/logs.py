@@ -40,10 +40,9 @@ async def _stream(c: Ctx, run_id: str, after: int, follow: bool, rank: int | Non
     seen_end = False
     while True:
         ticket = c.notifier.ticket(key)
-        rows = await run_in_threadpool(c.store.read_logs, run_id, after, 5000, rank)
-        if rows:
-            after = rows[-1].pos
-            yield ("\n".join(r.to_json() for r in rows) + "\n").encode()
+        after, chunk = await run_in_threadpool(c.store.read_logs_ndjson, run_id, after, 5000, rank)
+        if chunk:
+            yield chunk
             continue
         if seen_end:
             run = await run_in_threadpool(c.store.get_run, run_id)
