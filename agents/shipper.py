@@ -68,8 +68,12 @@ class _Tail:
         cuts = sorted(c - base for c in self.cuts if base < c <= base + n)
         out: list[str] = []
         pos = 0
+        cr = -2  # the next "\r" at or after pos (-1: none left), found again only once pos has passed it: a fresh
+        # search per line scanned the rest of the buffer for each line (quadratic: 200,000 lines took seconds)
         while len(out) < max_lines and pos < n:
-            nl, cr = data.find(b"\n", pos), data.find(b"\r", pos)
+            if cr != -1 and cr < pos:
+                cr = data.find(b"\r", pos)
+            nl = data.find(b"\n", pos)
             end = min(x for x in (nl, cr) if x >= 0) if nl >= 0 or cr >= 0 else n
             cut = next((c for c in cuts if pos < c <= end), None)
             if cut is not None and not self.skipping:  # a partial line shipped early: cut the same way again
