@@ -91,14 +91,18 @@ def detach_compare(rev: str, n: int) -> int:
         env_rev = env_rev | {"PYTHONPATH": str(tree)}
         job = Path(env_now["FEDML_HOME"]) / "trivial.yaml"
         job.write_text("job: echo hi\n")
+        # REV's commands run from its tree: `python -m scheduler.server` (started by the CLI) finds the package
+        # of its working directory first.
+        cwd = {id(env_now): REPO, id(env_rev): tree}
         for env in (env_now, env_rev):  # warm-up: starts each local scheduler
-            t, code = timed([str(FEDML), "launch", str(job), "--detach"], env, timeout=60)
+            t, code = timed([str(FEDML), "launch", str(job), "--detach"], env, timeout=60, cwd=cwd[id(env)])
             if code != 0:
                 print(f"error: warm-up launch exit {code}", file=sys.stderr)
                 return 1
         for _ in range(n):
             for name, env in (("now", env_now), (rev, env_rev)):
-                t, code = timed([str(FEDML), "launch", str(job), "--detach"], env, timeout=PER_LAUNCH_TIMEOUT_S)
+                t, code = timed([str(FEDML), "launch", str(job), "--detach"], env, timeout=PER_LAUNCH_TIMEOUT_S,
+                                cwd=cwd[id(env)])
                 if code != 0:
                     print(f"error: {name}: launch --detach exit {code}", file=sys.stderr)
                     return 1
