@@ -249,9 +249,8 @@ class SQLiteStore(Store):
                        (run_id, attempt, rank, nxt))
         return nxt
 
-    def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
-                  rank: int | None = None) -> list[LogRow]:
-        sql = "SELECT pos, rank, seq, ts, stream, line, attempt FROM logs WHERE run_id=? AND pos>?"
+    def _log_rows(self, columns: str, run_id: str, after: int, limit: int, rank: int | None) -> list[Any]:
+        sql = f"SELECT {columns} FROM logs WHERE run_id=? AND pos>?"
         args: list[Any] = [run_id, after]
         if rank is not None:
             sql += " AND rank=?"
@@ -259,22 +258,19 @@ class SQLiteStore(Store):
         sql += " ORDER BY pos LIMIT ?"
         args.append(limit)
         with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+            return self._db.execute(sql, args).fetchall()
+
+    def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
+                  rank: int | None = None) -> list[LogRow]:
+        rows = self._log_rows("pos, rank, seq, ts, stream, line, attempt", run_id, after, limit, rank)
         return [LogRow(*row) for row in rows]
 
     def read_logs_ndjson(self, run_id: str, after: int = -1, limit: int = 5000,
                          rank: int | None = None) -> tuple[int, bytes]:
         # SQLite writes the JSON (3x faster than a LogRow and two json.dumps per line); ts keeps its 6 decimals.
-        sql = ("SELECT pos, json_object('pos', pos, 'rank', rank, 'attempt', attempt, 'seq', seq, "
-               "'ts', json(printf('%.6f', ts)), 'stream', stream, 'line', line) FROM logs WHERE run_id=? AND pos>?")
-        args: list[Any] = [run_id, after]
-        if rank is not None:
-            sql += " AND rank=?"
-            args.append(rank)
-        sql += " ORDER BY pos LIMIT ?"
-        args.append(limit)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        rows = self._log_rows("pos, json_object('pos', pos, 'rank', rank, 'attempt', attempt, 'seq', seq, "
+                              "'ts', json(printf('%.6f', ts)), 'stream', stream, 'line', line)",
+                              run_id, after, limit, rank)
         if not rows:
             return after, b""
         return rows[-1][0], ("\n".join(r[1] for r in rows) + "\n").encode()
