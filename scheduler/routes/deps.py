@@ -65,7 +65,8 @@ class Ctx:
         return runs
 
 
-def ctx(request: Request) -> Ctx:
+async def ctx(request: Request) -> Ctx:
+    # Async: a plain function dependency is run in the thread pool, a hop per request for an attribute read.
     return request.app.state.ctx  # type: ignore[no-any-return]
 
 
