@@ -134,6 +134,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_nodes(self) -> list[Node]: ...
 
+    def node_liveness(self) -> list[tuple[str, str, float]]:
+        """(id, state, last_seen) of every node: what the offline check scans every half interval, without
+        building 10,000 Node records (a store may read them straight from its documents)."""
+        return [(n.id, n.state, n.last_seen) for n in self.list_nodes()]
+
     @abc.abstractmethod
     def node_by_name(self, name: str) -> Node | None: ...
 

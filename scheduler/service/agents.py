@@ -94,7 +94,13 @@ class AgentsMixin(SchedulerBase):
         now = time.time()
         gone = []
         beats = self.store.heartbeats()
-        for node in self.store.list_nodes():
+        started = self._started
+        for node_id, state, last_seen in self.store.node_liveness():  # a scan without a Node record each
+            if state != "ONLINE" or now - max(last_seen, beats.get(node_id) or 0.0, started) <= self.heartbeat_timeout:
+                continue
+            node = self.store.get_node(node_id)  # silent: judged again on its whole record, which is written
+            if node is None:
+                continue
             seen = self.last_seen(node, beats)
             if node.state == "ONLINE" and now - seen > self.heartbeat_timeout:
                 node = node.model_copy(update={"state": "OFFLINE", "last_seen": seen})
