@@ -85,7 +85,14 @@ class SQLiteStore(Store):
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         has_tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE name='runs'").fetchone()[0]
         if has_tables and version == 2:
-            self._db.execute("ALTER TABLE runs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+            # One transaction: the column and the version together (a crash between them left a database whose
+            # next start would add the column twice and fail); a column already there is not added again.
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+            self._db.execute("BEGIN IMMEDIATE")
+            if "seq" not in columns:
+                self._db.execute("ALTER TABLE runs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
             version = SCHEMA_VERSION
         if has_tables and version != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} was written by another version of fedml launch (schema {version}, "

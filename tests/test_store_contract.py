@@ -200,6 +200,12 @@ def test_a_version_2_sqlite_database_gains_the_change_counter(tmp_path: Path) ->
     run = s.create_run(mk_run(1))
     assert s.runs_changed_since(0)[1][0].id == run.id
     s.close()
+    db = sqlite3.connect(path)  # a migration that added the column and died before it wrote the version
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    s = SQLiteStore(path)
+    assert [r.id for r in s.runs_changed_since(0)[1]] == [run.id]
+    s.close()
 
 
 def test_concurrent_transitions_of_one_run_let_exactly_one_win(pair: tuple[Store, Store]) -> None:
