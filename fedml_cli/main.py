@@ -126,7 +126,7 @@ def _launch_text(job_file: str, name: str | None, overrides: dict[str, str], as_
     `FILE:LINE: field: message` errors. Not loading the job's schema (pydantic) here is most of what a launch
     costs the CLI. None: do it the full way (nothing runs yet to ask, or a FedML federate job whose client count
     is in its workspace's config)."""
-    from scheduler.contract.jobyaml import JobSpecError, parse_text, read_text, workspace_dir
+    from scheduler.contract.jobyaml import JOB_TEXT_MAX, JobSpecError, parse_text, read_text, workspace_dir
 
     from . import local
     from .api import connect, credentials
@@ -135,6 +135,8 @@ def _launch_text(job_file: str, name: str | None, overrides: dict[str, str], as_
         return None  # starting a scheduler takes long anyway: validate here first, and start none for a bad file
     try:
         text = read_text(job_file)
+        if len(text.encode()) > JOB_TEXT_MAX:
+            return None  # the scheduler reads short files only: this one is validated here and sent as a document
         data, lines = parse_text(text, file=job_file)
         if not isinstance(data, dict):
             return None  # the full way says what it should be

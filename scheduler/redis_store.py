@@ -82,8 +82,8 @@ class RedisStore(Store):
         self._key_cache: dict[str, tuple[float, ApiKey]] = {}
 
     # -- runs --------------------------------------------------------------------------------------------
-    def _put(self, old_doc: str, old: Run | None, new: Run, quiet: bool = False) -> None:
-        """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
+    def _put_call(self, old_doc: str, old: Run | None, new: Run, quiet: bool) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of PUT_RUN (redis_schema.py) for writing `new` over `old_doc`."""
         k = self.k
         release = _claims(old) - _claims(new)
         claim = _claims(new) - _claims(old)
@@ -92,8 +92,13 @@ class RedisStore(Store):
                       sorted(f"{n}\t{g}" for n, g in release), sorted(f"{n}\t{g}" for n, g in claim)):
             args += [len(group), *group]
         old_status = old.status.value if old else new.status.value
-        got = self._put_run(keys=[k.run(new.id), k.runs, k.status(old_status), k.status(new.status.value),
-                                  k.owner(new.owner), *(() if quiet else (k.changes, k.runs_seq))], args=args)
+        return [k.run(new.id), k.runs, k.status(old_status), k.status(new.status.value), k.owner(new.owner),
+                *(() if quiet else (k.changes, k.runs_seq))], args
+
+    def _put(self, old_doc: str, old: Run | None, new: Run, quiet: bool = False) -> None:
+        """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
+        keys, args = self._put_call(old_doc, old, new, quiet)
+        got = self._put_run(keys=keys, args=args)
         got = got.decode() if isinstance(got, bytes) else got
         if got == "ok":
             self._remember(new.id, args[2])
@@ -109,6 +114,29 @@ class RedisStore(Store):
     def create_run(self, run: Run) -> Run:
         self._put("", None, run)
         return run
+
+    def create_runs(self, runs: list[Run]) -> list[Run]:
+        # All or none, also if this process dies half-way: the runs' keys are watched, none may exist, and the
+        # writes go in one MULTI/EXEC (a run id taken meanwhile aborts it, and nothing is written).
+        calls = [self._put_call("", None, run, False) for run in runs]
+        with self.r.pipeline(transaction=True) as p:
+            run_keys = [keys[0] for keys, _ in calls]
+            p.watch(*run_keys)
+            if p.exists(*run_keys):
+                raise AlreadyExists("a run id of the batch exists already; nothing was written")
+            p.multi()
+            for keys, args in calls:
+                self._put_run(keys=keys, args=args, client=p)
+            try:
+                got = p.execute()
+            except redis.WatchError:
+                raise AlreadyExists("a run of the batch was written meanwhile; nothing was written") from None
+        bad = [g for g in got if (g.decode() if isinstance(g, bytes) else g) != "ok"]
+        if bad:  # cannot be: the keys were watched and absent
+            raise RuntimeError(f"batch create: {bad[0]!r}")
+        for (_, args), run in zip(calls, runs, strict=True):
+            self._remember(run.id, args[2])
+        return runs
 
     def _remember(self, run_id: str, doc: str) -> None:
         if len(self._docs_seen) > 200_000:

@@ -58,6 +58,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def create_run(self, run: Run) -> Run: ...
 
+    def create_runs(self, runs: list[Run]) -> list[Run]:
+        """Create all of `runs` or none of them (AlreadyExists), also if the process dies half-way: one
+        transaction (SQLite's batch()); a store whose batch() commits each write overrides this."""
+        with self.batch():
+            for run in runs:
+                self.create_run(run)
+        return runs
+
     @abc.abstractmethod
     def get_run(self, run_id: str) -> Run | None: ...
 

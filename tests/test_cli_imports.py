@@ -76,3 +76,7 @@ def test_a_launch_to_a_running_scheduler_leaves_validation_to_it(tmp_path: Path,
     r = shared_fedml("launch", str(typo), "--detach")
     assert r.returncode == 0 and r.stdout.strip().startswith("run-"), r
     assert f"warning: {typo}:3: computing.minimum_num_gpu: unknown key (did you mean minimum_num_gpus?)" in r.stderr
+    long = tmp_path / "long.yaml"  # over what the scheduler reads as text: validated here, sent as a document
+    long.write_text("job: echo hi\n" + "# a long comment line to pad the file past 32 KiB\n" * 1000)
+    r = shared_fedml("launch", str(long), "--detach")
+    assert r.returncode == 0 and r.stdout.strip().startswith("run-"), r

@@ -95,3 +95,17 @@ def test_a_job_file_sent_as_text_is_read_and_validated_by_the_scheduler(client: 
     assert c.post("/api/v1/runs", json=both, headers=as_(keys, "alice")).status_code == 422
     assert c.post("/api/v1/runs", json={"name": "x"}, headers=as_(keys, "alice")).status_code == 422
     assert len(c.get("/api/v1/runs", headers=as_(keys, "alice")).json()) == 1
+
+
+def test_a_job_text_is_bounded_and_a_batch_takes_documents(client: tuple[TestClient, dict[str, str]]) -> None:
+    """YAML is parsed in Python: the scheduler reads at most JOB_TEXT_MAX of it per run, and none in batches."""
+    from scheduler.contract.jobyaml import JOB_TEXT_MAX
+
+    c, keys = client
+    big = "job: echo hi\n" + "# padding\n" * (JOB_TEXT_MAX // 10)
+    r = c.post("/api/v1/runs", json={"job_text": big, "job_file": "big.yaml"}, headers=as_(keys, "alice"))
+    assert r.status_code == 422, r.text
+    batch = {"runs": [{"job": {"job": "echo"}}, {"job_text": "job: echo hi\n"}]}
+    r = c.post("/api/v1/runs/batch", json=batch, headers=as_(keys, "alice"))
+    assert r.status_code == 422 and "runs[1]" in r.text and "job_text" in r.text, r.text
+    assert c.get("/api/v1/runs", headers=as_(keys, "alice")).json() == []

@@ -101,6 +101,19 @@ def test_a_created_run_reads_back_the_same_from_either_handle(pair: tuple[Store,
         a.create_run(run)
 
 
+def test_a_batch_of_runs_is_created_whole_or_not_at_all(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    first = [mk_run(i) for i in range(5)]
+    a.create_runs(first)
+    assert {r.id for r in b.list_runs()} == {r.id for r in first}
+    clash = [mk_run(10), first[2], mk_run(11)]  # one id is taken: none of the three is written
+    with pytest.raises(AlreadyExists):
+        b.create_runs(clash)
+    assert {r.id for r in a.list_runs()} == {r.id for r in first}
+    seq, runs = a.runs_changed_since(0)
+    assert {r.id for r in runs} == {r.id for r in first}  # in the change feed like any create
+
+
 def test_endpoint_runs_are_the_unsettled_runs_that_serve_one(pair: tuple[Store, Store]) -> None:
     a, b = pair
     ep = Endpoint(name="e1", replicas=1, min_replicas=1, max_replicas=1)

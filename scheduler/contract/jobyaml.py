@@ -24,6 +24,11 @@ class JobSpecError(Exception):
         super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
 
 
+# A job file the scheduler reads as YAML (RunCreate.job_text) is at most this long: YAML is parsed in Python, and
+# 32 KiB of the worst kind takes ~0.3 s of the scheduler's CPU (1 MiB took 2.5 s). FedML's job files are a few KiB;
+# `fedml launch` validates a longer one itself and sends it as a document.
+JOB_TEXT_MAX = 32 * 1024
+
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_ENV_BYTES = 131072  # Linux's MAX_ARG_STRLEN: one "NAME=value" string of a process's environment
 

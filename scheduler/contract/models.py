@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, Field, field_serializer, model_validator
 
 from .jobspec import JobSpec
+from .jobyaml import JOB_TEXT_MAX
 
 
 class RunStatus(str, Enum):
@@ -315,7 +316,7 @@ class RunCreate(BaseModel):
     (`fedml launch` sends the text: it need not load the job's schema to submit)."""
 
     job: dict[str, Any] | None = None
-    job_text: str | None = Field(default=None, max_length=1 << 20)
+    job_text: str | None = Field(default=None, max_length=JOB_TEXT_MAX)
     name: str | None = None
     job_file: str | None = Field(default=None, max_length=4096)
     workspace_sha: str | None = None

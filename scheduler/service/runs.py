@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 
@@ -34,6 +33,8 @@ class RunsMixin(SchedulerBase):
         commit (SQLite: one transaction). An invalid one refuses them all, naming its index."""
         runs = []
         for i, req in enumerate(reqs):
+            if req.job_text is not None:  # up to 1,000 texts parsed as YAML would hold the scheduler for minutes
+                raise Invalid(f"runs[{i}]: a batch takes job documents (`job`), not job files' text (`job_text`)")
             try:
                 run = self._new_run(req, who)
             except ApiError as exc:
@@ -41,17 +42,7 @@ class RunsMixin(SchedulerBase):
             if run.endpoint is not None:  # its name must be unique among endpoints: checked one at a time
                 raise Invalid(f"runs[{i}]: an endpoint (serve/deploy job) is launched on its own, not in a batch")
             runs.append(run)
-        written: list[Run] = []
-        try:
-            with self.store.batch():
-                for run in runs:
-                    written.append(self.store.create_run(run))
-        except Exception:
-            # A store that commits each write as it comes (Redis) may have kept some: they do not run.
-            for run in written:
-                with contextlib.suppress(Exception):
-                    self.store.transition(run.id, RunStatus.KILLED, reason="its batch could not be stored whole")
-            raise
+        self.store.create_runs(runs)  # all or none
         self.kick()
         return runs
 
