@@ -226,7 +226,7 @@ class PlacementMixin(SchedulerBase):
         for pl in verdict:
             c = ps.by_id[pl.node.id]
             c.free = [g for g in c.free if g.index not in pl.gpus]
-            ps.filled += not c.free
+            ps.took(c)
         if run.attempt > 1:  # the log says where each attempt ran and why the one before it ended
             names = ", ".join(pl.node.name for pl in verdict)
             why = run.last_reason
@@ -343,16 +343,13 @@ class _Pass:
             self.all_seen = self.candidates
         return self.all_seen
 
-    @property
-    def filled(self) -> int:
-        return self._filled
-
-    @filled.setter
-    def filled(self, n: int) -> None:
-        """Nodes a placement filled stay in `with_free` (placement skips them) until they are half of it."""
-        self._filled = n
-        if n * 2 > len(self.with_free):
-            self.with_free = [c for c in self.with_free if c.free]
-            self._filled = 0
+    def took(self, c: Candidate) -> None:
+        """A placement took GPUs of `c`. Nodes it filled stay in `with_free` (placement skips them) until they
+        are half of it: then it is rebuilt, so each placement costs O(1) on average, not a list rebuild."""
+        if not c.free:
+            self._filled += 1
+            if self._filled * 2 > len(self.with_free):
+                self.with_free = [x for x in self.with_free if x.free]
+                self._filled = 0
 
 
