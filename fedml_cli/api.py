@@ -121,13 +121,51 @@ class Api:
                            UNREACHABLE) from None
         return n
 
-    def stream_logs(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
-                    rank: int | None = None) -> Iterator[dict[str, Any]]:
+    def stream_log_text(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
+                        rank: int | None = None) -> Iterator[list[list[str]] | dict[str, Any]]:
+        """A run's log for display (the scheduler's text form): lists of [pos, rank, stream, line] records,
+        stream "o", "e" or "f" (stdout, stderr, the scheduler's own), as they arrive; then the end record.
+        A split per line instead of a JSON object: reading a finished run's log is several times faster."""
+        params = self._log_params(after, tail, follow, rank)
+        params["format"] = "text"
+        path = _safe_path(f"/runs/{run_id}/logs")
+        try:
+            with self.http.stream("GET", API + path, params=params,
+                                  timeout=httpx.Timeout(None, connect=5.0)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                buf = b""
+                for chunk in r.iter_bytes():
+                    buf += chunk
+                    cut = buf.rfind(b"\n") + 1
+                    if not cut:
+                        continue
+                    # Whole records only: "\n" never falls inside a UTF-8 sequence, so the cut decodes cleanly.
+                    text, buf = buf[:cut].decode("utf-8", "replace"), buf[cut:]
+                    records = [rec.split("\t", 3) for rec in text.split("\n")[:-1]]
+                    if records and records[-1][0] == "end":
+                        yield records[:-1]
+                        yield json.loads(records[-1][1])
+                        return
+                    yield records
+                if buf.startswith(b"end\t"):
+                    yield json.loads(buf[4:])
+        except httpx.TransportError as exc:
+            raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
+
+    @staticmethod
+    def _log_params(after: int, tail: int | None, follow: bool, rank: int | None) -> dict[str, Any]:
         params: dict[str, Any] = {"after": after, "follow": follow}
         if tail is not None:
             params["tail"] = tail
         if rank is not None:
             params["rank"] = rank
+        return params
+
+    def stream_logs(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
+                    rank: int | None = None) -> Iterator[dict[str, Any]]:
+        params = self._log_params(after, tail, follow, rank)
         path = _safe_path(f"/runs/{run_id}/logs")
         try:
             with self.http.stream("GET", API + path, params=params,

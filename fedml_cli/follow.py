@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import INTERRUPTED, NOT_FOUND, USAGE, CliError
 from .output import err as _err
-from .show import _line, _run_exit_code
+from .show import _run_exit_code, write_records
 
 
 def _interrupted(api: Any, run_id: str, stop_on_interrupt: bool) -> int:
@@ -98,19 +98,30 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
     try:
         while end is None:
             try:
-                for rec in api.stream_logs(run_id, after=after, tail=tail, follow=True, rank=rank):
-                    if rec.get("end"):
-                        end = rec
-                        break
-                    after = rec["pos"]
-                    if on_first is not None:  # a line: the run left the queue (stop the spinner before printing)
-                        on_first()
-                        on_first = None
-                    if as_json:
+                if as_json:
+                    for rec in api.stream_logs(run_id, after=after, tail=tail, follow=True, rank=rank):
+                        if rec.get("end"):
+                            end = rec
+                            break
+                        after = rec["pos"]
+                        if on_first is not None:  # a line: the run left the queue (stop the spinner first)
+                            on_first()
+                            on_first = None
                         out.write(json.dumps(rec) + "\n")
-                    else:
-                        (err if rec.get("stream") in ("stderr", "fedml") else out).write(_line(rec, ranked))
-                    delay = 0.2
+                        delay = 0.2
+                else:  # the text form, a chunk of records at a time
+                    for got in api.stream_log_text(run_id, after=after, tail=tail, follow=True, rank=rank):
+                        if isinstance(got, dict):
+                            end = got
+                            break
+                        if not got:
+                            continue
+                        after = int(got[-1][0])
+                        if on_first is not None:
+                            on_first()
+                            on_first = None
+                        write_records(got, ranked, out, err)
+                        delay = 0.2
                 tail = None
             except CliError as exc:
                 if exc.code in (NOT_FOUND, USAGE):

@@ -39,10 +39,21 @@ def _run_exit_code(run: dict[str, Any]) -> int:
     return code if isinstance(code, int) and 0 < code < 256 else FAILED
 
 
-def _line(rec: dict[str, Any], ranked: bool) -> str:
-    if rec.get("stream") == "fedml":  # the scheduler's own lines (attempt markers): never a rank's
-        return rec["line"] + "\n"
-    return f"[rank {rec['rank']}] {rec['line']}\n" if ranked else rec["line"] + "\n"
+def write_records(records: list[list[str]], ranked: bool, out: Any, err: Any) -> None:
+    """Print text-form log records ([pos, rank, o|e|f, line]; Api.stream_log_text): stdout lines to `out`, stderr
+    and the scheduler's own lines (attempt markers: never a rank's) to `err`, consecutive lines to one stream in
+    one write (a write per line cost a tenth of the time)."""
+    pending: list[str] = []
+    target = out
+    for rec in records:
+        if len(rec) != 4:
+            continue
+        dest = out if rec[2] == "o" else err
+        if dest is not target:
+            target.write("".join(pending))
+            pending, target = [], dest
+        pending.append(f"[rank {rec[1]}] {rec[3]}\n" if ranked and rec[2] != "f" else rec[3] + "\n")
+    target.write("".join(pending))
 
 
 def _node(run: dict[str, Any], node_id: str | None) -> str:

@@ -282,6 +282,17 @@ class SQLiteStore(Store):
             return after, b""
         return rows[-1][0], ("\n".join(r[1] for r in rows) + "\n").encode()
 
+    def read_logs_text(self, run_id: str, after: int = -1, limit: int = 5000,
+                       rank: int | None = None) -> tuple[int, bytes]:
+        # SQLite builds each record (no Python object per field). Not group_concat: before SQLite 3.44 its
+        # order is not guaranteed.
+        rows = self._log_rows("pos, pos || char(9) || rank || char(9) || CASE stream WHEN 'stderr' THEN 'e' "
+                              "WHEN 'fedml' THEN 'f' ELSE 'o' END || char(9) || replace(line, char(10), ' ') || "
+                              "char(10)", run_id, after, limit, rank)
+        if not rows:
+            return after, b""
+        return rows[-1][0], "".join([r[1] for r in rows]).encode()
+
     def tail_after(self, run_id: str, n: int, rank: int | None = None) -> int:
         sql = "SELECT pos FROM logs WHERE run_id=?" + (" AND rank=?" if rank is not None else "")
         sql += " ORDER BY pos DESC LIMIT 1 OFFSET ?"

@@ -3,6 +3,7 @@ What the end-to-end tests check over real HTTP, these check at the speed of a fu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,3 +110,28 @@ def test_a_job_text_is_bounded_and_a_batch_takes_documents(client: tuple[TestCli
     r = c.post("/api/v1/runs/batch", json=batch, headers=as_(keys, "alice"))
     assert r.status_code == 422 and "runs[1]" in r.text and "job_text" in r.text, r.text
     assert c.get("/api/v1/runs", headers=as_(keys, "alice")).json() == []
+
+
+def test_logs_read_as_text_records_end_with_the_runs_outcome(tmp_path: Path) -> None:
+    """`fedml logs` reads the text form: a record per line, then "end TAB {json}"; owners only, as with NDJSON."""
+    store = SQLiteStore(tmp_path / "s.db")
+    alice = auth.issue(store, name="alice", scope="user", owner="alice")[1]
+    bob = auth.issue(store, name="bob", scope="user", owner="bob")[1]
+    with TestClient(create_app(store, Settings(blob_dir=tmp_path / "blobs"))) as c:
+        run = c.post("/api/v1/runs", json={"job": {"job": "echo"}}, headers={"Authorization": f"Bearer {alice}"}).json()
+        store.append_logs(run["id"], 1, 0, 0, [(1.0, "stdout", "out\tcol"), (2.0, "stderr", "err")])
+        r = c.get(f"/api/v1/runs/{run['id']}/logs", params={"format": "text"},
+                  headers={"Authorization": f"Bearer {alice}"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        *lines, end, tail = r.text.split("\n")
+        assert lines == ["0\t0\to\tout\tcol", "1\t0\te\terr"] and tail == ""
+        got = json.loads(end[4:]) if end.startswith("end\t") else {}
+        assert {k: got.get(k) for k in ("end", "status", "exit_code", "next")} == {
+            "end": True, "status": "QUEUED", "exit_code": None, "next": 2}
+        assert c.get(f"/api/v1/runs/{run['id']}/logs", params={"format": "text", "after": 0},
+                     headers={"Authorization": f"Bearer {alice}"}).text.startswith("1\t0\te\terr\nend\t")
+        assert c.get(f"/api/v1/runs/{run['id']}/logs", params={"format": "text"},
+                     headers={"Authorization": f"Bearer {bob}"}).status_code == 404
+        assert c.get(f"/api/v1/runs/{run['id']}/logs", params={"format": "xml"},
+                     headers={"Authorization": f"Bearer {alice}"}).status_code == 422
+    store.close()

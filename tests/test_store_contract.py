@@ -344,6 +344,25 @@ def test_logs_as_ndjson_are_the_same_records_as_the_rows(store: Store) -> None:
     assert store.read_logs_ndjson(run.id, after=6) == (6, b"")
 
 
+def test_logs_as_text_records_say_what_the_rows_say(store: Store) -> None:
+    """The display form (`fedml logs`): "pos TAB rank TAB o|e|f TAB line" per line, in order, the same lines as
+    read_logs; tabs stay in the line (the last field), a newline inside a stored line reads as a space."""
+    run = store.create_run(mk_run())
+    odd = ["plain", "tab\there", "é ü 中文 \u2028 🚀", "", "two\nlines", "\r\x07"]
+    store.append_logs(run.id, 1, 0, 0, [(1.0 + i, ("stdout", "stderr", "fedml", "other")[i % 4], t)
+                                         for i, t in enumerate(odd)])
+    store.append_logs(run.id, 1, 1, 0, [(9.0, "stdout", "rank one")])
+    last, body = store.read_logs_text(run.id, after=-1, limit=100)
+    records = [rec.split("\t", 3) for rec in body.decode().split("\n")[:-1]]
+    assert last == 6 and body.endswith(b"\n")
+    assert records == [[str(r.pos), str(r.rank), {"stderr": "e", "fedml": "f"}.get(r.stream, "o"),
+                        r.line.replace("\n", " ")] for r in store.read_logs(run.id, limit=100)]
+    assert [r[3] for r in records] == [*odd[:4], "two lines", "\r\x07", "rank one"]
+    assert store.read_logs_text(run.id, after=1, limit=2)[0] == 3
+    assert store.read_logs_text(run.id, after=-1, rank=1) == (6, b"6\t1\to\trank one\n")
+    assert store.read_logs_text(run.id, after=6) == (6, b"")
+
+
 def test_ranks_and_attempts_have_their_own_sequences(store: Store) -> None:
     run = store.create_run(mk_run())
     store.append_logs(run.id, 1, 0, 0, lines(2, "r0-"))

@@ -4,7 +4,8 @@ reads them as NDJSON, following until it ends."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,16 +24,24 @@ router = APIRouter(prefix=f"{API}/runs")
 async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1),
                     tail: int | None = Query(default=None, ge=0), follow: bool = False,
                     rank: int | None = Query(default=None, ge=0),
+                    format: Literal["ndjson", "text"] = "ndjson",
                     who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> StreamingResponse:
+    """NDJSON, one LogRow object per line and an end record; or, with format=text, the records for display
+    (Store.read_logs_text: "pos TAB rank TAB o|e|f TAB line") and an "end TAB {json}" line."""
     run = await run_in_threadpool(c.sched.get_run, run_id, who)
     if rank is not None and rank >= run.num_nodes:
         raise Invalid(f"run {run_id} has no rank {rank} (its ranks are 0..{run.num_nodes - 1})")
     if tail is not None:  # the last N lines of that rank, not the last N lines filtered
         after = max(after, await run_in_threadpool(c.store.tail_after, run_id, tail, rank))
-    return StreamingResponse(_stream(c, run_id, after, follow, rank), media_type="application/x-ndjson")
+    if format == "text":
+        return StreamingResponse(_stream(c, run_id, after, follow, rank, c.store.read_logs_text, b"end\t"),
+                                 media_type="text/plain; charset=utf-8")
+    return StreamingResponse(_stream(c, run_id, after, follow, rank, c.store.read_logs_ndjson, b""),
+                             media_type="application/x-ndjson")
 
 
-async def _stream(c: Ctx, run_id: str, after: int, follow: bool, rank: int | None) -> AsyncIterator[bytes]:
+async def _stream(c: Ctx, run_id: str, after: int, follow: bool, rank: int | None,
+                  read: Callable[..., tuple[int, bytes]], end_mark: bytes) -> AsyncIterator[bytes]:
     # NDJSON: one object per log line, then {"end": true, ...} once the run is over (or at once without
     # follow). Lines come before the end marker because agents ship every line before they report the final
     # status.
@@ -40,7 +49,7 @@ async def _stream(c: Ctx, run_id: str, after: int, follow: bool, rank: int | Non
     seen_end = False
     while True:
         ticket = c.notifier.ticket(key)
-        after, chunk = await run_in_threadpool(c.store.read_logs_ndjson, run_id, after, 5000, rank)
+        after, chunk = await run_in_threadpool(read, run_id, after, 5000, rank)
         if chunk:
             yield chunk
             continue
@@ -48,7 +57,7 @@ async def _stream(c: Ctx, run_id: str, after: int, follow: bool, rank: int | Non
             run = await run_in_threadpool(c.store.get_run, run_id)
             end = {"end": True, "status": run.status.value, "exit_code": run.exit_code,
                    "reason": run.reason, "next": after + 1}
-            yield (json.dumps(end) + "\n").encode()
+            yield end_mark + (json.dumps(end) + "\n").encode()
             return
         run = await run_in_threadpool(c.store.get_run, run_id)
         if run.terminal or not follow:
