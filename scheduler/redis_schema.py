@@ -57,6 +57,18 @@ class Keys:
         return f"{self.p}nodes"
 
     @property
+    def endpoints(self) -> str:  # set: the unsettled runs that serve an endpoint (the gateway reads them each second)
+        return f"{self.p}endpoints"
+
+    @property
+    def endpoints_built(self) -> str:  # set once the endpoints set was built from a database older than it
+        return f"{self.p}endpointsbuilt"
+
+    @property
+    def nodes_version(self) -> str:  # counter: moved by every node write (Store.nodes_version)
+        return f"{self.p}nodesver"
+
+    @property
     def node_names(self) -> str:  # hash: node name -> node id
         return f"{self.p}nodenames"
 
@@ -82,6 +94,7 @@ class Keys:
 
 # KEYS: run, runs, status:old, status:new, owner, [changes, the change counter: left out by a quiet write]
 # ARGV: run id, expected doc ("" = create), new doc, created_at, gpu prefix, noderuns prefix,
+#       endpoints set, "+" (an unsettled run with an endpoint) / "-" (one that settled) / "",
 #       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...
 PUT_RUN = """
 local cur = redis.call('GET', KEYS[1])
@@ -90,7 +103,7 @@ if ARGV[2] == '' then
 elseif cur ~= ARGV[2] then
   return 'conflict'
 end
-local i = 7
+local i = 9
 local function list()
   local n = tonumber(ARGV[i]); local out = {}
   for k = 1, n do out[k] = ARGV[i + k] end
@@ -122,6 +135,7 @@ for _, c in ipairs(claim) do
   local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
   redis.call('HSET', ARGV[5] .. node, gpu, ARGV[1])
 end
+if ARGV[8] == '+' then redis.call('SADD', ARGV[7], ARGV[1]) elseif ARGV[8] == '-' then redis.call('SREM', ARGV[7], ARGV[1]) end
 if KEYS[6] then redis.call('ZADD', KEYS[6], redis.call('INCR', KEYS[7]), ARGV[1]) end
 return 'ok'
 """
@@ -159,13 +173,16 @@ if old then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+redis.call('INCR', KEYS[3])
 return 'ok'
 """
 
-# KEYS: hash. ARGV: field, expected value, new value. Compare-and-set of one hash field.
+# KEYS: hash[, a counter to move with the write]. ARGV: field, expected value, new value. Compare-and-set of one
+# hash field.
 CAS_FIELD = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if KEYS[2] then redis.call('INCR', KEYS[2]) end
 return 1
 """
 

@@ -87,7 +87,9 @@ class RedisStore(Store):
         k = self.k
         release = _claims(old) - _claims(new)
         claim = _claims(new) - _claims(old)
-        args: list[Any] = [new.id, old_doc, new.model_dump_json(), repr(new.created_at), k.gpus(""), k.node_runs("")]
+        serving = "" if new.endpoint is None else "-" if new.status not in UNSETTLED else "+"
+        args: list[Any] = [new.id, old_doc, new.model_dump_json(), repr(new.created_at), k.gpus(""), k.node_runs(""),
+                           k.endpoints, serving]
         for group in (sorted(_nodes_of(old)), sorted(_nodes_of(new)),
                       sorted(f"{n}\t{g}" for n, g in release), sorted(f"{n}\t{g}" for n, g in claim)):
             args += [len(group), *group]
@@ -114,6 +116,26 @@ class RedisStore(Store):
     def create_run(self, run: Run) -> Run:
         self._put("", None, run)
         return run
+
+    def create_each(self, runs: list[Run]) -> list[Exception | None]:
+        # One round trip: a pipeline of PUT_RUN calls, each atomic on its own (not a transaction: one run id
+        # taken must not refuse the others).
+        calls = [self._put_call("", None, run, False) for run in runs]
+        with self.r.pipeline(transaction=False) as p:
+            for keys, args in calls:
+                self._put_run(keys=keys, args=args, client=p)
+            got = p.execute(raise_on_error=False)
+        out: list[Exception | None] = []
+        for (_, args), run, g in zip(calls, runs, got, strict=True):
+            said = g.decode() if isinstance(g, bytes) else g
+            if said == "ok":
+                self._remember(run.id, args[2])
+                out.append(None)
+            elif said == "exists":
+                out.append(AlreadyExists(f"run {run.id} exists already"))
+            else:
+                out.append(g if isinstance(g, Exception) else RuntimeError(f"create run {run.id}: {said!r}"))
+        return out
 
     def create_runs(self, runs: list[Run]) -> list[Run]:
         # All or none, also if this process dies half-way: the runs' keys are watched, none may exist, and the
@@ -232,11 +254,27 @@ class RedisStore(Store):
         return out[:limit]
 
     def endpoint_runs(self) -> list[Run]:
+        # From the endpoints set PUT_RUN keeps: the gateway asks every second, and reading every queued and running
+        # run instead made an idle scheduler's CPU grow with its queue.
+        if not self.r.exists(self.k.endpoints_built):
+            self._build_endpoints()
+        ids = [m.decode() for m in self.r.smembers(self.k.endpoints)]
+        out: list[Run] = []
+        for i in range(0, len(ids), 1000):
+            for raw in self.r.mget([self.k.run(x) for x in ids[i:i + 1000]]):
+                if raw is not None:
+                    run = Run.model_validate_json(raw)
+                    if run.endpoint is not None and run.status in UNSETTLED:
+                        out.append(run)
+        out.sort(key=lambda r: r.created_at, reverse=True)
+        return out
+
+    def _build_endpoints(self) -> None:
+        """The endpoints set of a database written before it existed: every unsettled run read once."""
         with self.r.pipeline(transaction=False) as p:
             for s in UNSETTLED:
                 p.zrange(self.k.status(s.value), 0, -1)
             ids = [m.decode() for part in p.execute() for m in part]
-        out: list[Run] = []
         for i in range(0, len(ids), 1000):
             for raw in self.r.mget([self.k.run(x) for x in ids[i:i + 1000]]):
                 # Only runs with an endpoint are parsed. The run's own field is the document's last "endpoint" key:
@@ -244,9 +282,8 @@ class RedisStore(Store):
                 if raw is not None and not raw[raw.rfind(b'"endpoint":') + 11:].startswith(b"null"):
                     run = Run.model_validate_json(raw)
                     if run.endpoint is not None and run.status in UNSETTLED:
-                        out.append(run)
-        out.sort(key=lambda r: r.created_at, reverse=True)
-        return out
+                        self.r.sadd(self.k.endpoints, run.id)
+        self.r.set(self.k.endpoints_built, 1)
 
     def _docs(self, ids: list[str]) -> list[Run]:
         out: list[Run] = []
@@ -327,7 +364,8 @@ class RedisStore(Store):
 
     # -- nodes -------------------------------------------------------------------------------------------
     def upsert_node(self, node: Node) -> Node:
-        got = self._put_node(keys=[self.k.nodes, self.k.node_names], args=[node.id, node.name, node.model_dump_json()])
+        got = self._put_node(keys=[self.k.nodes, self.k.node_names, self.k.nodes_version],
+                             args=[node.id, node.name, node.model_dump_json()])
         if got in (b"taken", "taken"):
             raise AlreadyExists(f"a node named {node.name} exists already")
         return node
@@ -339,6 +377,9 @@ class RedisStore(Store):
     def node_by_name(self, name: str) -> Node | None:
         node_id = self.r.hget(self.k.node_names, name)
         return self.get_node(node_id.decode()) if node_id else None
+
+    def nodes_version(self) -> int:
+        return int(self.r.get(self.k.nodes_version) or 0)
 
     def list_nodes(self) -> list[Node]:
         nodes = [Node.model_validate_json(raw) for raw in self.r.hvals(self.k.nodes)]
@@ -352,7 +393,7 @@ class RedisStore(Store):
             node = Node.model_validate_json(raw)
             node.last_seen = ts
             node.state = "ONLINE"
-            if self._cas_field(keys=[self.k.nodes], args=[node_id, raw, node.model_dump_json()]):
+            if self._cas_field(keys=[self.k.nodes, self.k.nodes_version], args=[node_id, raw, node.model_dump_json()]):
                 return node
         raise RuntimeError(f"node {node_id}: too many concurrent writers")
 
@@ -362,6 +403,7 @@ class RedisStore(Store):
             p.hdel(self.k.nodes, node_id)
             if node is not None:
                 p.hdel(self.k.node_names, node.name)
+            p.incr(self.k.nodes_version)
             p.hdel(self.k.seen, node_id)
             p.execute()
 

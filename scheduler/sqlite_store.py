@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, priority, created_at);
 CREATE INDEX IF NOT EXISTS runs_seq ON runs(seq);
 CREATE INDEX IF NOT EXISTS runs_node ON runs(node_id, status);
+-- The gateway's look-up of serving runs each second (endpoint_runs): the few runs with an endpoint, not a scan of
+-- every queued and running one.
+CREATE INDEX IF NOT EXISTS runs_endpoint ON runs(created_at) WHERE json_extract(doc, '$.endpoint') IS NOT NULL;
 CREATE TABLE IF NOT EXISTS run_nodes (
     node_id TEXT NOT NULL,
     run_id TEXT NOT NULL,
@@ -60,6 +63,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT NOT NULL UNIQUE,
     doc TEXT NOT NULL
 );
+-- Counters: 'nodes' moves with every write to the nodes table, by any process (Store.nodes_version).
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta (k, v) VALUES ('nodes', 0);
+CREATE TRIGGER IF NOT EXISTS nodes_ins AFTER INSERT ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
+CREATE TRIGGER IF NOT EXISTS nodes_upd AFTER UPDATE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
+CREATE TRIGGER IF NOT EXISTS nodes_del AFTER DELETE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
 """
 
 SCHEMA_VERSION = 3  # 3: runs.seq (the change feed); a version-2 database gains the column when opened
@@ -131,6 +140,18 @@ class SQLiteStore(Store):
             raise AlreadyExists(f"run {run.id} exists already") from None
         return run
 
+    def create_each(self, runs: list[Run]) -> list[Exception | None]:
+        out: list[Exception | None] = []
+        with self._tx() as db:  # one transaction; a refused INSERT undoes that statement only
+            for run in runs:
+                try:
+                    db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
+                               "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), self._next_seq(db)))
+                    out.append(None)
+                except sqlite3.IntegrityError:
+                    out.append(AlreadyExists(f"run {run.id} exists already"))
+        return out
+
     def _get(self, db: sqlite3.Connection, run_id: str) -> Run | None:
         row = db.execute("SELECT doc FROM runs WHERE id=?", (run_id,)).fetchone()
         return Run.model_validate_json(row[0]) if row else None
@@ -170,7 +191,7 @@ class SQLiteStore(Store):
     def endpoint_runs(self) -> list[Run]:
         marks = ",".join("?" * len(UNSETTLED))
         with self._lock:
-            rows = self._db.execute(f"SELECT doc FROM runs WHERE status IN ({marks}) "
+            rows = self._db.execute(f"SELECT doc FROM runs INDEXED BY runs_endpoint WHERE status IN ({marks}) "
                                     "AND json_extract(doc, '$.endpoint') IS NOT NULL ORDER BY created_at DESC",
                                     [s.value for s in UNSETTLED]).fetchall()
         return [Run.model_validate_json(r[0]) for r in rows]
@@ -331,6 +352,10 @@ class SQLiteStore(Store):
         with self._lock:
             row = self._db.execute("SELECT doc FROM nodes WHERE name=?", (name,)).fetchone()
         return Node.model_validate_json(row[0]) if row else None
+
+    def nodes_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT v FROM meta WHERE k='nodes'").fetchone()[0])
 
     def list_nodes(self) -> list[Node]:
         with self._lock:

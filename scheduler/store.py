@@ -68,6 +68,20 @@ class Store(abc.ABC):
                 self.create_run(run)
         return runs
 
+    def create_each(self, runs: list[Run]) -> list[Exception | None]:
+        """Create each of `runs` on its own (one refused, AlreadyExists, does not refuse the others), all in one
+        durable commit or round trip where the store can: concurrent submissions share it (group commit,
+        scheduler/service/runs.py). Returns, per run, None (written) or why not."""
+        out: list[Exception | None] = []
+        with self.batch():
+            for run in runs:
+                try:
+                    self.create_run(run)
+                    out.append(None)
+                except AlreadyExists as exc:
+                    out.append(exc)
+        return out
+
     @abc.abstractmethod
     def get_run(self, run_id: str) -> Run | None: ...
 
@@ -155,6 +169,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_nodes(self) -> list[Node]: ...
+
+    @abc.abstractmethod
+    def nodes_version(self) -> int:
+        """A counter every node write moves (join, change, state, removal; by any process or replica): a reader
+        that saw the same value before it listed the nodes holds them all as they are (heartbeats aside: soft
+        state, Store.heartbeat). One small read: a cache of the nodes is checked, not re-listed."""
 
     def node_liveness(self) -> list[tuple[str, str, float]]:
         """(id, state, last_seen) of every node: what the offline check scans every half interval, without

@@ -487,3 +487,47 @@ def test_a_pass_that_fails_midway_leaves_no_run_behind(sched: Scheduler) -> None
     assert sched.schedule_pass() == 3
     held = [g for r in runs for g in sched.get_run(r).placements[0].gpus]
     assert sorted(held) == [0, 1, 2]
+
+
+def test_concurrent_submissions_share_commits_and_each_is_stored_before_it_returns(sched: Scheduler) -> None:
+    """Group commit (service/core.py GroupCommit): 32 threads submit at once; every run a call returned is in the
+    store, and the runs were written in fewer store calls than runs (the store is counted, not replaced)."""
+    import threading
+
+    store = sched.store
+    groups: list[int] = []
+    write = store.create_each
+
+    def counted(runs: list) -> list:  # type: ignore[type-arg]
+        groups.append(len(runs))
+        time.sleep(0.005)  # a commit that takes time: submitters arriving meanwhile wait for the next one
+        return write(runs)
+
+    store.create_each = counted  # type: ignore[method-assign]
+    made: list[str] = []
+    start = threading.Barrier(32)
+
+    def submitter() -> None:
+        start.wait()
+        for _ in range(5):
+            run = sched.create_run(RunCreate(job={"job": "echo"}))  # type: ignore[arg-type]
+            assert store.get_run(run.id) is not None  # committed before it was returned
+            made.append(run.id)
+
+    threads = [threading.Thread(target=submitter) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == len(set(made)) == 160 == sum(groups)
+    assert len(groups) < 160 and max(groups) > 1
+
+
+def test_a_failed_group_commit_acknowledges_none_of_its_runs(sched: Scheduler) -> None:
+    def broken(runs: list) -> list:  # type: ignore[type-arg]
+        raise OSError("disk full")
+
+    sched.store.create_each = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        sched.create_run(RunCreate(job={"job": "echo"}))  # type: ignore[arg-type]
+    assert sched.store.list_runs() == []

@@ -114,6 +114,19 @@ def test_a_batch_of_runs_is_created_whole_or_not_at_all(pair: tuple[Store, Store
     assert {r.id for r in runs} == {r.id for r in first}  # in the change feed like any create
 
 
+def test_runs_created_each_on_its_own_in_one_commit(pair: tuple[Store, Store]) -> None:
+    """Group commit's write (Store.create_each): a run id taken refuses that run only."""
+    a, b = pair
+    taken = a.create_run(mk_run(1))
+    runs = [mk_run(2), taken.model_copy(update={"name": "again"}), mk_run(3)]
+    seq = b.runs_seq()
+    got = a.create_each(runs)
+    assert got[0] is None and isinstance(got[1], AlreadyExists) and got[2] is None
+    assert (b.get_run(taken.id) or mk_run()).name == taken.name  # not overwritten
+    assert {r.id for r in b.runs_changed_since(seq)[1]} == {runs[0].id, runs[2].id}
+    assert a.create_each([]) == []
+
+
 def test_endpoint_runs_are_the_unsettled_runs_that_serve_one(pair: tuple[Store, Store]) -> None:
     a, b = pair
     ep = Endpoint(name="e1", replicas=1, min_replicas=1, max_replicas=1)
@@ -127,6 +140,13 @@ def test_endpoint_runs_are_the_unsettled_runs_that_serve_one(pair: tuple[Store, 
     a.transition(ended.id, RunStatus.KILLED)
     assert [r.id for r in b.endpoint_runs()] == [served.id]
     assert {plain.id, fake.id} <= {r.id for r in b.list_runs()}
+    from scheduler.redis_store import RedisStore
+
+    if isinstance(b, RedisStore):  # a database written before the endpoints set existed: indexed on first look
+        b.r.delete(b.k.endpoints, b.k.endpoints_built)
+        assert [r.id for r in b.endpoint_runs()] == [served.id]
+        a.transition(served.id, RunStatus.KILLED)
+        assert b.endpoint_runs() == [] and b.r.scard(b.k.endpoints) == 0
 
 
 def test_list_runs_filters_by_status_owner_and_node_newest_first(store: Store) -> None:
@@ -437,6 +457,37 @@ def test_nodes_upsert_list_touch_and_delete(pair: tuple[Store, Store]) -> None:
     assert [n.name for n in b.list_nodes()] == ["n2-new", "n3"]
     with pytest.raises(NotFound):
         b.touch_node("node-1", 1.0)
+
+
+def test_every_node_write_moves_the_nodes_version(pair: tuple[Store, Store], tmp_path: Path) -> None:
+    """The node cache (SchedulerBase.nodes) re-lists only when this moves: every write by any process must."""
+    a, b = pair
+    if a is b:  # SQLite: a second connection to the same file, as another process would open it
+        b = SQLiteStore(a.path)  # type: ignore[attr-defined]
+    try:
+        seen = [b.nodes_version()]
+
+        def moved() -> bool:
+            seen.append(b.nodes_version())
+            return seen[-1] != seen[-2]
+
+        a.upsert_node(node(1))
+        assert moved()
+        a.upsert_node(node(1).model_copy(update={"draining": True}))
+        assert moved()
+        a.touch_node("node-1", 99.0)
+        assert moved()
+        a.heartbeat("node-1", 100.0)  # soft state: not a node write
+        a.list_nodes()
+        assert not moved()
+        with pytest.raises(AlreadyExists):
+            a.upsert_node(node(2).model_copy(update={"name": "n1"}))
+        assert not moved()  # refused, nothing written
+        a.delete_node("node-1")
+        assert moved()
+    finally:
+        if b is not pair[1]:
+            b.close()
 
 
 def test_keys_are_found_by_digest_and_revocation_sticks(pair: tuple[Store, Store]) -> None:

@@ -38,6 +38,41 @@ def new_run_id() -> str:
     return "run-" + secrets.token_hex(8)
 
 
+class GroupCommit:
+    """Concurrent submissions share one durable commit (Store.create_each: one SQLite transaction, one Redis round
+    trip), each still committed before it is acknowledged: a submitter queues its run; whoever holds the writer's
+    turn writes every run queued so far, and each learns its own outcome. Alone, a run is written at once."""
+
+    def __init__(self) -> None:
+        self._queued: list[_Slot] = []
+        self._lock = threading.Lock()  # guards _queued
+        self._turn = threading.Lock()  # one writer at a time
+
+    def create(self, store: Store, run: Run) -> None:
+        slot = _Slot(run)
+        with self._lock:
+            self._queued.append(slot)
+        with self._turn:
+            if not slot.done:  # no writer took it: write it and everything queued behind it
+                with self._lock:
+                    group, self._queued = self._queued, []
+                try:
+                    errors: list[BaseException | None] = list(store.create_each([s.run for s in group]))
+                except Exception as exc:  # the store failed: every run of the group is refused, none acknowledged
+                    errors = [exc] * len(group)
+                for s, error in zip(group, errors, strict=True):
+                    s.error, s.done = error, True
+        if slot.error is not None:
+            raise slot.error
+
+
+class _Slot:
+    __slots__ = ("run", "done", "error")
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.done, self.error = run, False, None  # type: Run, bool, BaseException | None
+
+
 class SchedulerBase:
     def __init__(self, store: Store, notifier: Notifier, *, blob_exists: object = None,
                  heartbeat_interval: float = 10.0, rng: random.Random | None = None) -> None:
@@ -63,9 +98,11 @@ class SchedulerBase:
         # changes are persisted. After a restart every node gets one full timeout to check in again.
         self._started = time.time()
         # Node records change rarely (join, drain, remove, offline); placement reads them for every launch.
-        # Cached here, dropped on every change (the "nodes" wake-up, which a shared store relays from the
-        # other replicas), and at most NODE_CACHE_S old in any case.
-        self._nodes: tuple[float, int, list[Node]] | None = None
+        # Cached here as (checked at, "nodes" ticket, store's nodes_version, nodes): re-listed only when the store's
+        # node version moved (checked at every "nodes" wake-up, which a shared store relays from the other
+        # replicas, and every NODE_CACHE_S). Re-listing on a timer instead parsed every node every 2 s: at 100,000
+        # nodes, more than the CPU there is.
+        self._nodes: tuple[float, int, int, list[Node]] | None = None
         # The same nodes with every GPU free, for "could it ever run" (placing.never_fits); rebuilt with the cache.
         # With its answers per request shape (a sweep submits one shape thousands of times).
         self._static: tuple[list[Node], list[Candidate], dict[Request, str | None]] | None = None
@@ -80,16 +117,20 @@ class SchedulerBase:
         self._book: Book | None = None
         self._book_at = 0.0
         self._cands: tuple[list[Node], Book, dict[str, Candidate]] | None = None
+        self._group = GroupCommit()  # single submissions (create_run) share durable commits
 
     NODE_CACHE_S = 2.0
 
     def nodes(self) -> list[Node]:
-        cached = self._nodes
+        cached, now = self._nodes, time.monotonic()
         ticket = self.notifier.ticket("nodes")
-        if cached is None or cached[1] != ticket or time.monotonic() - cached[0] > self.NODE_CACHE_S:
-            cached = (time.monotonic(), ticket, self.store.list_nodes())
-            self._nodes = cached
-        return cached[2]
+        if cached is not None and cached[1] == ticket and now - cached[0] <= self.NODE_CACHE_S:
+            return cached[3]
+        version = self.store.nodes_version()  # before listing: a write landing meanwhile moves it again
+        # Unchanged: the same list object, so what is built on it (placing's candidates) stays.
+        nodes = cached[3] if cached is not None and cached[2] == version else self.store.list_nodes()
+        self._nodes = (now, ticket, version, nodes)
+        return nodes
 
     def _nodes_changed(self) -> None:
         self._nodes = None

@@ -24,7 +24,7 @@ from .core import LOCAL, SchedulerBase, new_run_id
 class RunsMixin(SchedulerBase):
     def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
         run = self._new_run(req, who)
-        self.store.create_run(run)
+        self._group.create(self.store, run)
         self.kick()
         return run
 
