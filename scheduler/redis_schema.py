@@ -65,6 +65,10 @@ class Keys:
         return f"{self.p}endpointsbuilt"
 
     @property
+    def keys_version(self) -> str:  # counter: moved by every API key write (the key cache checks it each second)
+        return f"{self.p}keysver"
+
+    @property
     def nodes_version(self) -> str:  # counter: moved by every node write (Store.nodes_version)
         return f"{self.p}nodesver"
 
@@ -186,12 +190,13 @@ if KEYS[2] then redis.call('INCR', KEYS[2]) end
 return 1
 """
 
-# KEYS: keys, key_docs. ARGV: id, sha256, doc.
+# KEYS: keys, key_docs, keys_version. ARGV: id, sha256, doc.
 PUT_KEY = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[2] then redis.call('HDEL', KEYS[2], old) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('INCR', KEYS[3])
 return 'ok'
 """
 

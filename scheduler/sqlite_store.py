@@ -362,12 +362,6 @@ class SQLiteStore(Store):
             rows = self._db.execute("SELECT doc FROM nodes ORDER BY name").fetchall()
         return [Node.model_validate_json(r[0]) for r in rows]
 
-    def node_liveness(self) -> list[tuple[str, str, float]]:
-        with self._lock:
-            rows = self._db.execute("SELECT id, json_extract(doc, '$.state'), json_extract(doc, '$.last_seen') "
-                                    "FROM nodes").fetchall()
-        return [(i, str(state), float(seen or 0.0)) for i, state, seen in rows]
-
     def touch_node(self, node_id: str, ts: float) -> Node:
         with self._tx() as db:
             row = db.execute("SELECT doc FROM nodes WHERE id=?", (node_id,)).fetchone()

@@ -176,11 +176,6 @@ class Store(abc.ABC):
         that saw the same value before it listed the nodes holds them all as they are (heartbeats aside: soft
         state, Store.heartbeat). One small read: a cache of the nodes is checked, not re-listed."""
 
-    def node_liveness(self) -> list[tuple[str, str, float]]:
-        """(id, state, last_seen) of every node: what the offline check scans every half interval, without
-        building 10,000 Node records (a store may read them straight from its documents)."""
-        return [(n.id, n.state, n.last_seen) for n in self.list_nodes()]
-
     @abc.abstractmethod
     def node_by_name(self, name: str) -> Node | None: ...
 

@@ -64,6 +64,7 @@ def silence(s: Scheduler, node_id: str, seconds: float = 10.0) -> None:
     s._started = 0.0
     s.store.heartbeat(node_id, time.time() - seconds)
     s.store.upsert_node(s.store.get_node(node_id).model_copy(update={"last_seen": time.time() - seconds}))
+    s._nodes_changed()  # a write by another process: its "nodes" wake-up is relayed (the node cache looks again)
 
 
 def submit(s: Scheduler, job: str = "echo hi", **spec: object) -> str:

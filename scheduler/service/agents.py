@@ -95,10 +95,13 @@ class AgentsMixin(SchedulerBase):
         gone = []
         beats = self.store.heartbeats()
         started = self._started
-        for node_id, state, last_seen in self.store.node_liveness():  # a scan without a Node record each
-            if state != "ONLINE" or now - max(last_seen, beats.get(node_id) or 0.0, started) <= self.heartbeat_timeout:
+        # Over the node cache (re-listed only when a node is written): parsing every node every half interval
+        # was most of a Redis scheduler's CPU at 10,000 nodes. A silent one is judged again on its stored record.
+        for cached in self.nodes():
+            if cached.state != "ONLINE" or \
+                    now - max(cached.last_seen, beats.get(cached.id) or 0.0, started) <= self.heartbeat_timeout:
                 continue
-            node = self.store.get_node(node_id)  # silent: judged again on its whole record, which is written
+            node = self.store.get_node(cached.id)
             if node is None:
                 continue
             seen = self.last_seen(node, beats)
