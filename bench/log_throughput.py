@@ -7,6 +7,8 @@ The local scheduler is started first with a trivial launch (not timed). Then the
 from the start of the launch to the exit of `fedml logs -f` (end to end: submit, dispatch, run, ship every line
 to the scheduler, stream every line to the client). Then `fedml logs RUN_ID` reads the finished run's log into
 another file. Both files must hold exactly "line 0" .. "line N-1", in order; we report lines/s for each.
+Then the follower's lag: a job writing --lag-rate lines/s for --lag-seconds, each line stamped with when it was
+written, followed through a pipe (goal: p99 <= 200 ms at 50,000 lines/s).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def verify(path, n: int) -> tuple[bool, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=200_000)
+    ap.add_argument("--lag-rate", type=int, default=50_000, help="follower lag: lines/s the job writes (0: skip)")
+    ap.add_argument("--lag-seconds", type=float, default=10.0)
     opts = ap.parse_args()
     check_cli()
     n = opts.lines
@@ -110,8 +114,80 @@ def main() -> int:
               f"output {'OK' if good else 'WRONG'}: {why}")
         results["read_finished"] = {"seconds": round(t_read, 4), "lines_per_s": round(n / t_read), "verified": good,
                                     "check": why, "exit_code": code_read}
+        if opts.lag_rate > 0:
+            lag, good = follower_lag(home, env, opts.lag_rate, opts.lag_seconds)
+            results["follower_lag"] = lag
+            ok = ok and good
     emit("log_throughput", {"results": results, "all_pass": ok})
     return 0 if ok else 1
+
+
+LAG_JOB = """job: |
+  python3 - <<'EOF'
+  import sys, time
+  rate, n = {rate}, {n}
+  w, flush = sys.stdout.write, sys.stdout.flush
+  t0, i = time.time(), 0
+  while i < n:
+      due = t0 + i / rate
+      now = time.time()
+      if now < due:
+          time.sleep(due - now)
+      k = min(n, i + max(1, rate // 1000))  # a millisecond of lines, stamped as they are written
+      ts = f"{{time.time():.6f}}"
+      w("".join(f"{{j}} {{ts}}\\n" for j in range(i, k)))
+      flush()
+      i = k
+  EOF
+"""
+
+
+def follower_lag(home, env, rate: int, seconds: float) -> tuple[dict, bool]:
+    """A job writing `rate` lines/s for `seconds`, each stamped with when it was written; `fedml logs -f` read
+    through a pipe as the lines come: lag = when a line reached the reader - its stamp (one machine, one clock).
+    Goal (issue 14): p99 <= 200 ms at 50,000 lines/s."""
+    import statistics
+
+    n = int(rate * seconds)
+    (home / "lag.yaml").write_text(LAG_JOB.format(rate=rate, n=n))
+    sub = subprocess.run([str(FEDML), "launch", "--detach", str(home / "lag.yaml")], env=env, cwd=REPO,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    run_id = sub.stdout.strip()
+    if sub.returncode != 0 or not run_id:
+        print(f"error: launch --detach of the lag job failed: {sub.stderr.strip()}", file=sys.stderr)
+        return {"verified": False}, False
+    lags: list[float] = []
+    expected, good, why = 0, True, ""
+    proc = subprocess.Popen([str(FEDML), "logs", "-f", run_id], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + seconds + FOLLOW_TIMEOUT_S
+    for raw in proc.stdout:
+        now = time.time()
+        i, _, ts = raw.decode().rstrip("\n").partition(" ")
+        if good and i != str(expected):
+            good, why = False, f"line {expected + 1} is {raw[:60]!r}"
+        expected += 1
+        lags.append(now - float(ts or now))
+        if time.monotonic() > deadline:
+            proc.kill()
+            good, why = False, "still following after the deadline (killed)"
+            break
+    code = proc.wait(timeout=60)
+    good = good and code == 0 and expected == n
+    if not why and expected != n:
+        why = f"{expected} lines, expected {n}"
+    if not lags:
+        lags = [float("nan")]
+    lags.sort()
+    out = {"rate": rate, "seconds": seconds, "lines": expected, "verified": good, "exit_code": code,
+           "lag_ms": {"p50": round(statistics.median(lags) * 1e3, 1), "p99": round(lags[int(len(lags) * 0.99)] * 1e3, 1),
+                      "max": round(lags[-1] * 1e3, 1)}}
+    verdict = "PASS" if good and out["lag_ms"]["p99"] <= 200 else "MISS"
+    print(f"follower lag at {rate:,} lines/s for {seconds:.0f} s (`fedml logs -f` through a pipe): "
+          f"p50 {out['lag_ms']['p50']} ms, p99 {out['lag_ms']['p99']} ms, max {out['lag_ms']['max']} ms; "
+          f"{expected:,} lines, {'in order' if good else 'WRONG: ' + why}; goal p99 <= 200 ms: {verdict}")
+    return out, good
 
 
 if __name__ == "__main__":

@@ -122,10 +122,10 @@ class Api:
         return n
 
     def stream_log_text(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
-                        rank: int | None = None) -> Iterator[list[list[str]] | dict[str, Any]]:
-        """A run's log for display (the scheduler's text form): lists of [pos, rank, stream, line] records,
-        stream "o", "e" or "f" (stdout, stderr, the scheduler's own), as they arrive; then the end record.
-        A split per line instead of a JSON object: reading a finished run's log is several times faster."""
+                        rank: int | None = None) -> Iterator[str | dict[str, Any]]:
+        """A run's log for display (the scheduler's text form): pieces of whole records "pos TAB rank TAB o|e|f
+        TAB line" (stdout, stderr, the scheduler's own), each ending in a newline, as they arrive; then the end
+        record. Printing one is a split or a substitution, not a JSON object per line (show.write_text)."""
         params = self._log_params(after, tail, follow, rank)
         params["format"] = "text"
         path = _safe_path(f"/runs/{run_id}/logs")
@@ -143,12 +143,12 @@ class Api:
                         continue
                     # Whole records only: "\n" never falls inside a UTF-8 sequence, so the cut decodes cleanly.
                     text, buf = buf[:cut].decode("utf-8", "replace"), buf[cut:]
-                    records = [rec.split("\t", 3) for rec in text.split("\n")[:-1]]
-                    if records and records[-1][0] == "end":
-                        yield records[:-1]
-                        yield json.loads(records[-1][1])
+                    end = 0 if text.startswith("end\t") else text.find("\nend\t") + 1
+                    if end or text.startswith("end\t"):  # the last record: the run's outcome
+                        yield text[:end]
+                        yield json.loads(text[end + 4:])
                         return
-                    yield records
+                    yield text
                 if buf.startswith(b"end\t"):
                     yield json.loads(buf[4:])
         except httpx.TransportError as exc:
@@ -165,6 +165,12 @@ class Api:
 
     def stream_logs(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
                     rank: int | None = None) -> Iterator[dict[str, Any]]:
+        for chunk in self.stream_log_chunks(run_id, after=after, tail=tail, follow=follow, rank=rank):
+            yield from chunk
+
+    def stream_log_chunks(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
+                          rank: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """The NDJSON records (LogRow objects, then the end record) as lists, one per piece received."""
         params = self._log_params(after, tail, follow, rank)
         path = _safe_path(f"/runs/{run_id}/logs")
         try:
@@ -183,9 +189,9 @@ class Api:
                     *records, buf = buf.split(b"\n")
                     records = [line for line in records if line.strip()]
                     if records:
-                        yield from json.loads(b"[" + b",".join(records) + b"]")
+                        yield json.loads(b"[" + b",".join(records) + b"]")
                 if buf.strip():
-                    yield json.loads(buf)
+                    yield [json.loads(buf)]
         except httpx.TransportError as exc:
             raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
 

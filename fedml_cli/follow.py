@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import INTERRUPTED, NOT_FOUND, USAGE, CliError
 from .output import err as _err
-from .show import _run_exit_code, write_records
+from .show import _run_exit_code, write_text
 
 
 def _interrupted(api: Any, run_id: str, stop_on_interrupt: bool) -> int:
@@ -99,16 +99,22 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
         while end is None:
             try:
                 if as_json:
-                    for rec in api.stream_logs(run_id, after=after, tail=tail, follow=True, rank=rank):
-                        if rec.get("end"):
-                            end = rec
-                            break
-                        after = rec["pos"]
-                        if on_first is not None:  # a line: the run left the queue (stop the spinner first)
+                    for chunk in api.stream_log_chunks(run_id, after=after, tail=tail, follow=True, rank=rank):
+                        lines = []
+                        for rec in chunk:
+                            if rec.get("end"):
+                                end = rec
+                                break
+                            after = rec["pos"]
+                            lines.append(json.dumps(rec) + "\n")
+                        if lines and on_first is not None:  # the run left the queue (stop the spinner first)
                             on_first()
                             on_first = None
-                        out.write(json.dumps(rec) + "\n")
+                        out.write("".join(lines))
+                        out.flush()  # a pipe is block-buffered: a CI step reading it must see lines as they come
                         delay = 0.2
+                        if end is not None:
+                            break
                 else:  # the text form, a chunk of records at a time
                     for got in api.stream_log_text(run_id, after=after, tail=tail, follow=True, rank=rank):
                         if isinstance(got, dict):
@@ -116,11 +122,11 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
                             break
                         if not got:
                             continue
-                        after = int(got[-1][0])
                         if on_first is not None:
                             on_first()
                             on_first = None
-                        write_records(got, ranked, out, err)
+                        after = write_text(got, ranked, out, err) or after
+                        out.flush()  # a pipe is block-buffered: `fedml logs -f | grep` must see lines as they come
                         delay = 0.2
                 tail = None
             except CliError as exc:

@@ -16,7 +16,7 @@ from .follow import _follow
 from .output import JsonOpt
 from .output import err as _err
 from .output import print_json as _print_json
-from .show import STATUSES, TERMINAL, _ago, _console, _duration, _node, _styled, stop_said, wait_ended, write_records
+from .show import STATUSES, TERMINAL, _ago, _console, _duration, _node, _styled, stop_said, wait_ended, write_text
 
 run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -45,7 +45,7 @@ def logs(
         for got in api.stream_log_text(run_id, tail=tail, rank=rank):
             if isinstance(got, dict):
                 break
-            write_records(got, ranked, sys.stdout, sys.stderr)
+            write_text(got, ranked, sys.stdout, sys.stderr)
         return
     pending: list[str] = []
     for rec in api.stream_logs(run_id, tail=tail, rank=rank):

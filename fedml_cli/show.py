@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
@@ -37,6 +38,25 @@ def _run_exit_code(run: dict[str, Any]) -> int:
         return OK
     code = run.get("exit_code")
     return code if isinstance(code, int) and 0 < code < 256 else FAILED
+
+
+_STDOUT_RECORD = re.compile(r"^\d+\t\d+\to\t", re.M)
+
+
+def write_text(text: str, ranked: bool, out: Any, err: Any) -> int | None:
+    """Print a piece of text-form log records (Api.stream_log_text); returns the last record's position (None:
+    no record). A piece of stdout lines only, unranked, is printed by one substitution that drops the record
+    prefixes (a line holds no newline, so each record starts a line); any other is printed record by record."""
+    if not text:
+        return None
+    last = int(text[text.rfind("\n", 0, len(text) - 1) + 1:].split("\t", 1)[0])
+    if not ranked:
+        plain, n = _STDOUT_RECORD.subn("", text)
+        if n == text.count("\n"):
+            out.write(plain)
+            return last
+    write_records([rec.split("\t", 3) for rec in text.split("\n")[:-1]], ranked, out, err)
+    return last
 
 
 def write_records(records: list[list[str]], ranked: bool, out: Any, err: Any) -> None:
