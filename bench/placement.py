@@ -3,15 +3,16 @@ and a real store: SQLite (on disk, synchronous=FULL) and/or Redis (127.0.0.1:637
 wiped afterwards; each placement a Lua compare-and-set that also claims the GPU).
 
 For each cluster size: register the nodes (8 GPUs each), queue JOBS one-GPU runs, then time
-Scheduler.schedule_pass() placing all of them (each placement a committed QUEUED -> STARTING transition).
-Also times one `place()` call alone (no store). Target (issue 3): >= 2,000 placements/s at 10,000 nodes.
+Scheduler.schedule_pass() placing all of them (each placement a committed QUEUED -> STARTING transition) in a
+scheduler whose first pass (loading the nodes, timed apart) is done. Also times one `place()` call alone (no
+store). Goals (issue 14): >= 5,000 placements/s at 10,000 nodes, >= 1,000/s at 100,000.
 
 Backfill (issue 12): a full cluster of 20 nodes x 8 GPUs running one-GPU jobs, an 8-GPU job at the head of the
 queue, and each step 8 random jobs end and 8 new one-GPU jobs arrive. Measured for the head's reservation as
 it was (every node it could use) and as it is (only the node it would get), in one run over the real
 Scheduler and SQLite: GPU utilisation while the head waits, small jobs started meanwhile, steps the head waited.
 
-    .venv/bin/python bench/placement.py [--jobs 5000] [--sizes 1000,10000] [--store sqlite,redis] [--no-backfill]
+    .venv/bin/python bench/placement.py [--jobs 5000] [--sizes 1000,10000,100000] [--store sqlite,redis] [--no-backfill]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from scheduler.service import Scheduler  # noqa: E402
 from scheduler.sqlite_store import SQLiteStore  # noqa: E402
 from scheduler.store import Store  # noqa: E402
 
-TARGET = 2000.0
+TARGETS = {10_000: 5_000, 100_000: 1_000}  # placements/s by cluster size (issue 14; issue 3 asked 2,000 at 10,000)
 REDIS = "redis://127.0.0.1:6379/7"
 
 
@@ -67,6 +68,12 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str) -> dict[str, object
             store.upsert_node(Node(id=f"node-{i:05d}", name=f"n{i}", last_seen=now,
                                    gpus=[GpuInfo(index=g, name=kinds[i % 3], memory_mb=81920) for g in range(8)]))
     job = {"job": "echo hi", "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G"}}
+    # The scheduler's first pass loads every node (and builds its candidates) once, as a running scheduler has
+    # long done: timed on its own, with one run to place, so that the burst below is what a warm one does.
+    store.create_run(Run(id="run-warm", name="b", job=job, created_at=now - 1))
+    t = time.perf_counter()
+    assert sched.schedule_pass() == 1
+    first_pass = time.perf_counter() - t
     with store.batch():
         for j in range(jobs):
             store.create_run(Run(id=f"run-{j:06d}", name="b", job=job, created_at=now + j * 1e-6))
@@ -78,9 +85,9 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str) -> dict[str, object
             break
         placed += n
     elapsed = time.perf_counter() - t
-    running = store.list_runs(status=[RunStatus.STARTING], limit=jobs + 1)
+    running = store.list_runs(status=[RunStatus.STARTING], limit=jobs + 2)
     pairs = {(r.placements[0].node_id, g) for r in running for g in r.placements[0].gpus}
-    assert len(pairs) == len(running) == placed, "a GPU was handed out twice"
+    assert len(pairs) == len(running) == placed + 1, "a GPU was handed out twice"
 
     # one placement decision alone, against the in-memory candidates
     cands = sched._candidates([])
@@ -92,6 +99,7 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str) -> dict[str, object
         place(req, cands, rng=rng)
         times.append(time.perf_counter() - t1)
     return {"store": kind, "nodes": n_nodes, "jobs": jobs, "placed": placed, "seconds": round(elapsed, 3),
+            "first_pass_s": round(first_pass, 3),
             "placements_per_s": round(placed / elapsed, 1),
             "place_call_us_median": round(statistics.median(times) * 1e6, 1),
             "place_call_us_p99": round(sorted(times)[int(len(times) * 0.99)] * 1e6, 1)}
@@ -172,12 +180,14 @@ def main() -> int:
 
 
 def report(r: dict[str, Any], n: int, kind: str) -> None:
-    verdict = "PASS" if r["placements_per_s"] >= TARGET or n < 10_000 else "MISS"
+    target = TARGETS.get(n)
+    verdict = "PASS" if target is None or r["placements_per_s"] >= target else "MISS"
     where = "committed to SQLite" if kind == "sqlite" else "a Lua compare-and-set in Redis"
     print(f"{kind:>6} {n:>6} nodes: placed {r['placed']} of {r['jobs']} one-GPU jobs in {r['seconds']} s = "
           f"{r['placements_per_s']:.0f} placements/s (each {where})"
           + (" (the rest did not fit: every A100 taken)" if r["placed"] < r["jobs"] else "")
-          + (f"; target >= {TARGET:.0f}/s: {verdict}" if n >= 10_000 else ""))
+          + (f"; issue 14's goal >= {target:,}/s: {verdict}" if target else ""))
+    print(f"              the scheduler's first pass (loads the {n:,} nodes, places one run): {r['first_pass_s']} s")
     print(f"              one place() call: median {r['place_call_us_median']} us, p99 {r['place_call_us_p99']} us")
 
 

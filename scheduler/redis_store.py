@@ -43,7 +43,7 @@ from .redis_schema import (
     Keys,
     parse_url,
 )
-from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -289,11 +289,13 @@ class RedisStore(Store):
     def _docs(self, ids: list[str]) -> list[Run]:
         out: list[Run] = []
         for i in range(0, len(ids), 1000):
-            for raw in self.r.mget([self.k.run(x) for x in ids[i:i + 1000]]):
-                if raw is not None:
-                    run = Run.model_validate_json(raw)
-                    self._remember(run.id, raw.decode())
-                    out.append(run)
+            raws = self.r.mget([self.k.run(x) for x in ids[i:i + 1000]])
+            with bulk():
+                for raw in raws:
+                    if raw is not None:
+                        run = Run.model_validate_json(raw)
+                        self._remember(run.id, raw.decode())
+                        out.append(run)
         return out
 
     # -- logs --------------------------------------------------------------------------------------------
@@ -383,7 +385,9 @@ class RedisStore(Store):
         return int(self.r.get(self.k.nodes_version) or 0)
 
     def list_nodes(self) -> list[Node]:
-        nodes = [Node.model_validate_json(raw) for raw in self.r.hvals(self.k.nodes)]
+        raws = self.r.hvals(self.k.nodes)
+        with bulk():
+            nodes = [Node.model_validate_json(raw) for raw in raws]
         return sorted(nodes, key=lambda n: n.name)
 
     def touch_node(self, node_id: str, ts: float) -> Node:

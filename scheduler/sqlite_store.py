@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
-from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -186,7 +186,8 @@ class SQLiteStore(Store):
         sql += " ORDER BY created_at DESC LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, limit)).fetchall()
-        return [Run.model_validate_json(r[0]) for r in rows]
+        with bulk():
+            return [Run.model_validate_json(r[0]) for r in rows]
 
     def endpoint_runs(self) -> list[Run]:
         marks = ",".join("?" * len(UNSETTLED))
@@ -204,7 +205,8 @@ class SQLiteStore(Store):
         with self._lock:
             rows = self._db.execute("SELECT seq, doc FROM runs WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (seq, limit)).fetchall()
-        return (rows[-1][0] if rows else seq), [Run.model_validate_json(r[1]) for r in rows]
+        with bulk():
+            return (rows[-1][0] if rows else seq), [Run.model_validate_json(r[1]) for r in rows]
 
     def _write(self, db: sqlite3.Connection, run: Run, *, quiet: bool = False) -> None:
         if quiet:
@@ -360,7 +362,8 @@ class SQLiteStore(Store):
     def list_nodes(self) -> list[Node]:
         with self._lock:
             rows = self._db.execute("SELECT doc FROM nodes ORDER BY name").fetchall()
-        return [Node.model_validate_json(r[0]) for r in rows]
+        with bulk():
+            return [Node.model_validate_json(r[0]) for r in rows]
 
     def touch_node(self, node_id: str, ts: float) -> Node:
         with self._tx() as db:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import gc
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,36 @@ from .contract import errors
 from .contract.errors import Conflict
 from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
 from .notify import Notifier
+
+
+class _Bulk:
+    """Store.bulk(): the cyclic garbage collector paused while many records are parsed at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holds = 0
+        self._was_enabled = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            self._holds += 1
+            if self._holds == 1:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                if self._holds == 0 and self._was_enabled:
+                    gc.enable()
+
+
+# Parsed records form no reference cycles (reference counting frees them), but every object allocated counts
+# towards a collection, and the collector's full passes walk everything the scheduler holds: while 100,000 nodes
+# were parsed it ran ~40 of them, 4 of the 5 seconds. Nested and concurrent uses share one pause.
+bulk = _Bulk()
 
 
 class NotFound(errors.NotFound, KeyError):

@@ -21,7 +21,7 @@ from ..contract.models import (
     RunStatus,
 )
 from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation
-from ..store import GpuBusy, NotFound
+from ..store import GpuBusy, NotFound, bulk
 from .book import Book, Shape, Waiting
 from .core import ACTIVE, SchedulerBase
 
@@ -78,8 +78,9 @@ class PlacementMixin(SchedulerBase):
         cached = self._static
         if cached is None or cached[0] is not nodes:
             now = time.time()
-            cached = self._static = (nodes, [Candidate(node=n, free=list(n.gpus), now=now, heartbeat_timeout=1e12)
-                                            for n in nodes], {})
+            with bulk():
+                cached = self._static = (nodes, [Candidate(node=n, free=list(n.gpus), now=now, heartbeat_timeout=1e12)
+                                                for n in nodes], {})
         answers = cached[2]
         if req in answers:  # one answer per shape until the nodes change: O(1) for the shapes a sweep repeats
             return answers[req]
@@ -167,8 +168,9 @@ class PlacementMixin(SchedulerBase):
         nodes = self.nodes()
         cache = self._cands
         if cache is None or cache[0] is not nodes or cache[1] is not book:
-            cands = {n.id: Candidate(node=n, free=[], now=0.0, heartbeat_timeout=self.heartbeat_timeout)
-                     for n in nodes}
+            with bulk():  # a Candidate per node: 100,000 of them are many objects at once
+                cands = {n.id: Candidate(node=n, free=[], now=0.0, heartbeat_timeout=self.heartbeat_timeout)
+                         for n in nodes}
             cache = self._cands = (nodes, book, cands)
             dirty: Iterable[str] = cands.keys()
         else:
