@@ -37,13 +37,14 @@ bench: redis
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/launch_latency.py
 	$(BIN)/python bench/log_throughput.py
-	$(BIN)/python bench/placement.py --store sqlite,redis
+	$(BIN)/python bench/placement.py --store sqlite,redis --sizes 1000,10000,100000
 	$(BIN)/python bench/queue_drain.py --nodes 1000 --queued 100,1000 --drain 20
 	$(BIN)/python bench/idle_cpu.py --queued 10000 --seconds 10 --rounds 1
 	$(BIN)/python bench/submit_rate.py --nodes 1000 --queued 10000 --seconds 10
 	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30
 	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --store redis
 	$(BIN)/python bench/e2e_peers.py --jobs 200
+	$(BIN)/python bench/vs_slurm.py --runs 10
 	$(BIN)/python bench/fedavg_round.py
 	$(BIN)/python bench/gateway.py
 	bash scripts/podman-up.sh >/dev/null && $(BIN)/python bench/container_start.py
