@@ -11,6 +11,7 @@ install:
 	$(BIN)/pip install --quiet torch==2.13.0  # the CPU build on disk; a plain `torch` would download GBs
 	$(BIN)/pip install --quiet -e '.[test,workloads]'
 	$(BIN)/python -m compileall -q fedml_cli scheduler agents runtime  # where PYTHONDONTWRITEBYTECODE is set, no .pyc would ever be written: ~10 % of `fedml launch --dry-run`
+	$(BIN)/python -m fedml_cli.entry --write-help-cache  # `fedml --help` prints it: 0.03 s instead of 0.11 s (fedml_cli/entry.py)
 	@echo "installed: activate with 'source $(VENV)/bin/activate' (or run $(BIN)/fedml)"
 
 test: k8s redis

@@ -40,3 +40,28 @@ def test_ranked_lines_are_prefixed_except_the_schedulers_own() -> None:
 
 def test_nothing_to_print() -> None:
     assert printed("") == ("", "", None)
+
+
+def test_fast_help_is_the_help_typer_renders_and_is_dropped_when_stale(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`fedml --help` prints the text rendered at install (fedml_cli/entry.py): it must be typer's own, for a pipe
+    and for any terminal at least 80 columns wide, and is not used once the code changed or the terminal is
+    narrower."""
+    import subprocess
+    import sys
+
+    from fedml_cli import entry
+
+    monkeypatch.setattr(entry, "HELP_CACHE", str(tmp_path / "help.cache"))
+    entry.write_help_cache()
+    live = [sys.executable, "-c", "import sys; sys.argv[0] = 'fedml'; from fedml_cli.main import main; main()",
+            "--help"]
+    for columns in ("", "80", "200"):
+        env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"} | (
+            {"COLUMNS": columns} if columns else {})
+        monkeypatch.setattr(entry.os, "environ", env)
+        assert entry.cached_help() == subprocess.run(live, env=env, capture_output=True, text=True).stdout
+    monkeypatch.setattr(entry.os, "environ", {"COLUMNS": "60"})
+    assert entry.cached_help() is None  # click wraps narrower: typer renders it
+    monkeypatch.setattr(entry.os, "environ", {})
+    monkeypatch.setattr(entry, "fingerprint", lambda: "the code changed")
+    assert entry.cached_help() is None
