@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS run_nodes (
     run_id TEXT NOT NULL,
     PRIMARY KEY (node_id, run_id)
 ) WITHOUT ROWID;
+-- A run's write replaces its rows here: without this, each write scanned every active run's row (8,000 rows:
+-- 0.3 ms, twice per freed slot).
+CREATE INDEX IF NOT EXISTS run_nodes_run ON run_nodes(run_id);
 CREATE TABLE IF NOT EXISTS logs (
     run_id TEXT NOT NULL,
     pos INTEGER NOT NULL,
