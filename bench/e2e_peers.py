@@ -97,8 +97,10 @@ def run_fedml(n: int, work: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDML_")}
     env["FEDML_HOME"] = str(home)
     log = open(work / "fedml-scheduler.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler.server", "--home", str(home), "--port", "0", "--quiet"],
-                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    # Jobs run as the user running the bench, as Slurm's and Ray's do here (as root the agent would run them as
+    # fedml-job, which may not write into this bench's private temporary directory: every run failed).
+    proc = subprocess.Popen([sys.executable, "-m", "scheduler.server", "--home", str(home), "--port", "0", "--quiet",
+                             "--run-as", "self"], cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         state, token_file = home / "local" / "scheduler.json", home / "local" / "token"
         deadline = time.monotonic() + 60

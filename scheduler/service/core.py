@@ -27,6 +27,7 @@ from ..store import NotFound, Store
 
 if TYPE_CHECKING:
     from .book import Book
+    from .placing import Cands
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -133,7 +134,7 @@ class SchedulerBase:
         # The queue by shape and the GPUs active runs hold (book.py), and the candidates built on it.
         self._book: Book | None = None
         self._book_at = 0.0
-        self._cands: tuple[list[Node], Book, dict[str, Candidate]] | None = None
+        self._cands: Cands | None = None
         self._group = GroupCommit()  # single submissions (create_run) share durable commits
 
     NODE_CACHE_S = 2.0
