@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
+from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
 from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk
 
 SCHEMA = """
@@ -66,9 +66,20 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT NOT NULL UNIQUE,
     doc TEXT NOT NULL
 );
--- Counters: 'nodes' moves with every write to the nodes table, by any process (Store.nodes_version).
+-- Who holds each GPU: (node, index) -> the unfinished run holding it (Run.gpu_claims), kept by every run write.
+-- A placement's check is one look-up here (it parsed the placements of every run on the node).
+CREATE TABLE IF NOT EXISTS gpu_claims (
+    node_id TEXT NOT NULL,
+    gpu INTEGER NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (node_id, gpu)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
+-- Counters: 'nodes' moves with every write to the nodes table, by any process (Store.nodes_version);
+-- 'claims' is 1 once gpu_claims holds every run's claims (a database older than the table gets them on open).
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta (k, v) VALUES ('nodes', 0);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('claims', 0);
 CREATE TRIGGER IF NOT EXISTS nodes_ins AFTER INSERT ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
 CREATE TRIGGER IF NOT EXISTS nodes_upd AFTER UPDATE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
 CREATE TRIGGER IF NOT EXISTS nodes_del AFTER DELETE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
@@ -111,6 +122,20 @@ class SQLiteStore(Store):
                                f"this one needs {SCHEMA_VERSION}); move it away to start afresh")
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if self._db.execute("SELECT v FROM meta WHERE k='claims'").fetchone()[0] == 0:
+            self._build_claims()
+
+    def _build_claims(self) -> None:
+        """gpu_claims from every unfinished run, in one transaction with its 'done' mark."""
+        with self._tx() as db:
+            db.execute("DELETE FROM gpu_claims")
+            done = [s.value for s in TERMINAL]
+            for (doc,) in db.execute(f"SELECT doc FROM runs WHERE status NOT IN ({','.join('?' * len(done))})",
+                                     done).fetchall():
+                run = Run.model_validate_json(doc)
+                db.executemany("INSERT OR IGNORE INTO gpu_claims (node_id, gpu, run_id) VALUES (?,?,?)",
+                               [(n, g, run.id) for n, g in run.gpu_claims()])
+            db.execute("UPDATE meta SET v=1 WHERE k='claims'")
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _tx(self) -> _Tx:
@@ -137,8 +162,10 @@ class SQLiteStore(Store):
     def create_run(self, run: Run) -> Run:
         try:
             with self._tx() as db:
+                self._check_gpus(db, run, run.gpu_claims())  # (a run is created queued: none, but the contract)
                 db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
                            "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), self._next_seq(db)))
+                self._index(db, run)
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"run {run.id} exists already") from None
         return run
@@ -147,6 +174,13 @@ class SQLiteStore(Store):
         out: list[Exception | None] = []
         with self._tx() as db:  # one transaction; a refused INSERT undoes that statement only
             for run in runs:
+                if run.placements:  # created queued, as submissions are: anything else goes the careful way
+                    try:
+                        self.create_run(run)
+                        out.append(None)
+                    except (AlreadyExists, GpuBusy) as exc:
+                        out.append(exc)
+                    continue
                 try:
                     db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
                                "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), self._next_seq(db)))
@@ -218,9 +252,18 @@ class SQLiteStore(Store):
         db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=?, seq=? WHERE id=?",
                    (*self._run_row(run)[1:], self._next_seq(db), run.id))
         db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
-        if not run.terminal:
+        db.execute("DELETE FROM gpu_claims WHERE run_id=?", (run.id,))
+        self._index(db, run)
+
+    @staticmethod
+    def _index(db: sqlite3.Connection, run: Run) -> None:
+        """The run's rows in run_nodes and gpu_claims (none: those of a finished run)."""
+        if not run.terminal and run.placements:
             db.executemany("INSERT OR IGNORE INTO run_nodes (node_id, run_id) VALUES (?,?)",
                            [(p.node_id, run.id) for p in run.placements])
+            # (checked before: _check_gpus; a claim another run holds fails here rather than being taken)
+            db.executemany("INSERT INTO gpu_claims (node_id, gpu, run_id) VALUES (?,?,?)",
+                           [(n, g, run.id) for n, g in run.gpu_claims()])
 
     def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
         with self._tx() as db:
@@ -236,8 +279,8 @@ class SQLiteStore(Store):
     def _check_gpus(self, db: sqlite3.Connection, run: Run, claims: set[tuple[str, int]]) -> None:
         """GpuBusy if another unfinished run holds one of `claims` (as the Redis store checks)."""
         for n, g in sorted(claims):
-            row = db.execute(_HOLDER, (n, run.id, n, g)).fetchone()
-            if row is not None:
+            row = db.execute("SELECT run_id FROM gpu_claims WHERE node_id=? AND gpu=?", (n, g)).fetchone()
+            if row is not None and row[0] != run.id:
                 raise GpuBusy(n, g, row[0])
 
     def update_run(self, run_id: str, **fields: object) -> Run:
@@ -245,7 +288,9 @@ class SQLiteStore(Store):
             run = self._get(db, run_id)
             if run is None:
                 raise NotFound(run_id)
+            held = run.gpu_claims()
             run = run.changed(**fields)
+            self._check_gpus(db, run, run.gpu_claims() - held)
             self._write(db, run, quiet=fields.keys() <= QUIET_FIELDS)
         return run
 
@@ -402,16 +447,6 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-# Who holds GPU g of node n: an unfinished run (run_nodes) with an unfinished placement on n naming g.
-_HOLDER = """
-SELECT r.id FROM run_nodes rn JOIN runs r ON r.id = rn.run_id,
-     json_each(r.doc, '$.placements') p, json_each(p.value, '$.gpus') g
-WHERE rn.node_id = ? AND r.id <> ? AND json_extract(p.value, '$.node_id') = ? AND g.value = ?
-  AND json_extract(p.value, '$.status') NOT IN ('FINISHED', 'FAILED', 'KILLED', 'LOST')
-LIMIT 1
-"""
 
 
 class _Tx:

@@ -284,6 +284,32 @@ def test_a_gpu_held_by_an_unfinished_run_cannot_be_placed_again(store: Store) ->
     start_on(store, third, "node-a", [0, 1])  # freed when the run ended
 
 
+def test_an_sqlite_database_older_than_its_gpu_claims_table_gains_every_claim(tmp_path: Path) -> None:
+    """The claims table is built on open from the unfinished runs of a database written before it existed."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    s = SQLiteStore(path)
+    held, ended = s.create_run(mk_run(1)), s.create_run(mk_run(2))
+    start_on(s, held, "node-a", [0, 1])
+    start_on(s, ended, "node-b", [0])
+    s.transition(ended.id, RunStatus.RUNNING)
+    s.transition(ended.id, RunStatus.FINISHED)
+    s.close()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE gpu_claims; DELETE FROM meta WHERE k='claims';")
+    db.close()
+    s = SQLiteStore(path)
+    try:
+        other = s.create_run(mk_run(3))
+        with pytest.raises(GpuBusy) as busy:
+            start_on(s, other, "node-a", [1])
+        assert busy.value.holder == held.id
+        start_on(s, other, "node-b", [0])  # the finished run's GPU is free
+    finally:
+        s.close()
+
+
 def test_a_lost_rank_frees_its_gpus(store: Store) -> None:
     run = store.create_run(mk_run(1))
     start_on(store, run, "node-a", [0])
