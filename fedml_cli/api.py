@@ -121,13 +121,8 @@ class Api:
                            UNREACHABLE) from None
         return n
 
-    def stream_log_text(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
-                        rank: int | None = None) -> Iterator[str | dict[str, Any]]:
-        """A run's log for display (the scheduler's text form): pieces of whole records "pos TAB rank TAB o|e|f
-        TAB line" (stdout, stderr, the scheduler's own), each ending in a newline, as they arrive; then the end
-        record. Printing one is a split or a substitution, not a JSON object per line (show.write_text)."""
-        params = self._log_params(after, tail, follow, rank)
-        params["format"] = "text"
+    def _log_bytes(self, run_id: str, params: dict[str, Any]) -> Iterator[bytes]:
+        """GET a run's log, as the bytes arrive."""
         path = _safe_path(f"/runs/{run_id}/logs")
         try:
             with self.http.stream("GET", API + path, params=params,
@@ -135,24 +130,31 @@ class Api:
                 if r.status_code >= 400:
                     r.read()
                     self._check(r)
-                buf = b""
-                for chunk in r.iter_bytes():
-                    buf += chunk
-                    cut = buf.rfind(b"\n") + 1
-                    if not cut:
-                        continue
-                    # Whole records only: "\n" never falls inside a UTF-8 sequence, so the cut decodes cleanly.
-                    text, buf = buf[:cut].decode("utf-8", "replace"), buf[cut:]
-                    end = 0 if text.startswith("end\t") else text.find("\nend\t") + 1
-                    if end or text.startswith("end\t"):  # the last record: the run's outcome
-                        yield text[:end]
-                        yield json.loads(text[end + 4:])
-                        return
-                    yield text
-                if buf.startswith(b"end\t"):
-                    yield json.loads(buf[4:])
+                yield from r.iter_bytes()
         except httpx.TransportError as exc:
             raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
+
+    def stream_log_text(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
+                        rank: int | None = None) -> Iterator[str | dict[str, Any]]:
+        """A run's log for display (the scheduler's text form): pieces of whole records "pos TAB rank TAB o|e|f
+        TAB line" (stdout, stderr, the scheduler's own), each ending in a newline, as they arrive; then the end
+        record. Printing one is a split or a substitution, not a JSON object per line (show.write_text)."""
+        buf = b""
+        for chunk in self._log_bytes(run_id, {**self._log_params(after, tail, follow, rank), "format": "text"}):
+            buf += chunk
+            cut = buf.rfind(b"\n") + 1
+            if not cut:
+                continue
+            # Whole records only: "\n" never falls inside a UTF-8 sequence, so the cut decodes cleanly.
+            text, buf = buf[:cut].decode("utf-8", "replace"), buf[cut:]
+            end = 0 if text.startswith("end\t") else text.find("\nend\t") + 1
+            if end or text.startswith("end\t"):  # the last record: the run's outcome
+                yield text[:end]
+                yield json.loads(text[end + 4:])
+                return
+            yield text
+        if buf.startswith(b"end\t"):
+            yield json.loads(buf[4:])
 
     @staticmethod
     def _log_params(after: int, tail: int | None, follow: bool, rank: int | None) -> dict[str, Any]:
@@ -171,29 +173,19 @@ class Api:
     def stream_log_chunks(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
                           rank: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """The NDJSON records (LogRow objects, then the end record) as lists, one per piece received."""
-        params = self._log_params(after, tail, follow, rank)
-        path = _safe_path(f"/runs/{run_id}/logs")
-        try:
-            with self.http.stream("GET", API + path, params=params,
-                                  timeout=httpx.Timeout(None, connect=5.0)) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    self._check(r)
-                # Split on "\n" only: NDJSON escapes it inside strings, but not U+2028, U+0085 or "\r", which
-                # str.splitlines (and httpx's iter_lines) would split a record at.
-                # A chunk's records are decoded in one call (as one JSON array): a call per line cost most of
-                # what reading a finished run's log took.
-                buf = b""
-                for chunk in r.iter_bytes():
-                    buf += chunk
-                    *records, buf = buf.split(b"\n")
-                    records = [line for line in records if line.strip()]
-                    if records:
-                        yield json.loads(b"[" + b",".join(records) + b"]")
-                if buf.strip():
-                    yield [json.loads(buf)]
-        except httpx.TransportError as exc:
-            raise CliError(f"lost the connection to the scheduler at {self.url}: {exc}", UNREACHABLE) from None
+        # Split on "\n" only: NDJSON escapes it inside strings, but not U+2028, U+0085 or "\r", which
+        # str.splitlines (and httpx's iter_lines) would split a record at.
+        # A chunk's records are decoded in one call (as one JSON array): a call per line cost most of
+        # what reading a finished run's log took.
+        buf = b""
+        for chunk in self._log_bytes(run_id, self._log_params(after, tail, follow, rank)):
+            buf += chunk
+            *records, buf = buf.split(b"\n")
+            records = [line for line in records if line.strip()]
+            if records:
+                yield json.loads(b"[" + b",".join(records) + b"]")
+        if buf.strip():
+            yield [json.loads(buf)]
 
 
 def _safe_path(path: str) -> str:
