@@ -22,7 +22,7 @@ from .notify import Notifier
 
 
 class _Bulk:
-    """Store.bulk(): the cyclic garbage collector paused while many records are parsed at once."""
+    """`bulk()`: the cyclic garbage collector paused while many records are parsed at once (below)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,8 +101,8 @@ class Store(abc.ABC):
 
     def create_each(self, runs: list[Run]) -> list[Exception | None]:
         """Create each of `runs` on its own (one refused, AlreadyExists, does not refuse the others), all in one
-        durable commit or round trip where the store can: concurrent submissions share it (group commit,
-        scheduler/service/runs.py). Returns, per run, None (written) or why not."""
+        durable commit or round trip where the store can: concurrent submissions share it (GroupCommit,
+        scheduler/service/core.py). Returns, per run, None (written) or why not."""
         out: list[Exception | None] = []
         with self.batch():
             for run in runs:

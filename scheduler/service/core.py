@@ -72,7 +72,9 @@ class _Slot:
     __slots__ = ("run", "done", "error")
 
     def __init__(self, run: Run) -> None:
-        self.run, self.done, self.error = run, False, None  # type: Run, bool, BaseException | None
+        self.run = run
+        self.done = False
+        self.error: BaseException | None = None
 
 
 # From this many nodes on, the records the scheduler keeps (a Node with its GPUs per node, a Candidate each) are
