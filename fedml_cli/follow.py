@@ -125,7 +125,9 @@ def _follow(api: Any, run_id: str, *, as_json: bool = False, stop_on_interrupt: 
                         if on_first is not None:
                             on_first()
                             on_first = None
-                        after = write_text(got, ranked, out, err) or after
+                        last = write_text(got, ranked, out, err)
+                        if last is not None:  # (0 is a position: the first line)
+                            after = last
                         out.flush()  # a pipe is block-buffered: `fedml logs -f | grep` must see lines as they come
                         delay = 0.2
                 tail = None
