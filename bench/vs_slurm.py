@@ -16,6 +16,7 @@ uses it, never a dependency of fedml. Without it, the Slurm figures are reported
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from _common import FEDML, REPO, check_cli, diagnose, emit, median, temp_home, timed
 from e2e_peers import slurm_up
+from log_throughput import verify
 
 
 def rss_mib(pid: int) -> float | None:
@@ -39,13 +41,6 @@ def rss_mib(pid: int) -> float | None:
 def pid_of(name: str) -> int | None:
     r = subprocess.run(["pgrep", "-xo", name], capture_output=True, text=True)
     return int(r.stdout.split()[0]) if r.returncode == 0 and r.stdout.split() else None
-
-
-def lines_ok(path: Path, n: int) -> bool:
-    got = path.read_text(errors="replace").split("\n")
-    if got and got[-1] == "":
-        got.pop()
-    return got == [f"line {i}" for i in range(n)]
 
 
 def main() -> int:
@@ -90,17 +85,15 @@ def main() -> int:
             out = home / "fedml.out"
             with open(out, "wb") as f:
                 t, code = timed([str(FEDML), "launch", str(home / "big.yaml")], env, stdout=f, timeout=120)
-            good = code == 0 and lines_ok(out, opts.lines)
+            good = code == 0 and verify(out, opts.lines)[0]
             ok = ok and good
             times["logs_fedml"].append(t if good else float("nan"))
             if slurm:
                 out = home / "srun.out"
                 with open(out, "wb") as f:
                     t, code = timed(["srun", "bash", "-c", printer], env, stdout=f, timeout=120)
-                times["logs_srun"].append(t if code == 0 and lines_ok(out, opts.lines) else float("nan"))
-        state = (home / "local" / "scheduler.json")
-        import json
-
+                times["logs_srun"].append(t if code == 0 and verify(out, opts.lines)[0] else float("nan"))
+        state = home / "local" / "scheduler.json"
         sched_pid = json.loads(state.read_text())["pid"] if state.exists() else None
         ours = rss_mib(sched_pid) if sched_pid else None
     theirs = rss_mib(pid) if slurm and (pid := pid_of("slurmctld")) else None

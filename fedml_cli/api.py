@@ -147,8 +147,8 @@ class Api:
                 continue
             # Whole records only: "\n" never falls inside a UTF-8 sequence, so the cut decodes cleanly.
             text, buf = buf[:cut].decode("utf-8", "replace"), buf[cut:]
-            end = 0 if text.startswith("end\t") else text.find("\nend\t") + 1
-            if end or text.startswith("end\t"):  # the last record: the run's outcome
+            end = 0 if text.startswith("end\t") else text.find("\nend\t") + 1 or -1
+            if end >= 0:  # the last record: the run's outcome
                 yield text[:end]
                 yield json.loads(text[end + 4:])
                 return

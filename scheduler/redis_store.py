@@ -134,6 +134,9 @@ class RedisStore(Store):
                 out.append(None)
             elif said == "exists":
                 out.append(AlreadyExists(f"run {run.id} exists already"))
+            elif isinstance(said, str) and said.startswith("busy\t"):
+                _, node, gpu, holder = said.split("\t")
+                out.append(GpuBusy(node, int(gpu), holder))
             else:
                 out.append(g if isinstance(g, Exception) else RuntimeError(f"create run {run.id}: {said!r}"))
         return out

@@ -170,25 +170,6 @@ class SQLiteStore(Store):
             raise AlreadyExists(f"run {run.id} exists already") from None
         return run
 
-    def create_each(self, runs: list[Run]) -> list[Exception | None]:
-        out: list[Exception | None] = []
-        with self._tx() as db:  # one transaction; a refused INSERT undoes that statement only
-            for run in runs:
-                if run.placements:  # created queued, as submissions are: anything else goes the careful way
-                    try:
-                        self.create_run(run)
-                        out.append(None)
-                    except (AlreadyExists, GpuBusy) as exc:
-                        out.append(exc)
-                    continue
-                try:
-                    db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
-                               "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), self._next_seq(db)))
-                    out.append(None)
-                except sqlite3.IntegrityError:
-                    out.append(AlreadyExists(f"run {run.id} exists already"))
-        return out
-
     def _get(self, db: sqlite3.Connection, run_id: str) -> Run | None:
         row = db.execute("SELECT doc FROM runs WHERE id=?", (run_id,)).fetchone()
         return Run.model_validate_json(row[0]) if row else None

@@ -100,16 +100,17 @@ class Store(abc.ABC):
         return runs
 
     def create_each(self, runs: list[Run]) -> list[Exception | None]:
-        """Create each of `runs` on its own (one refused, AlreadyExists, does not refuse the others), all in one
-        durable commit or round trip where the store can: concurrent submissions share it (GroupCommit,
-        scheduler/service/core.py). Returns, per run, None (written) or why not."""
+        """Create each of `runs` on its own (one refused, AlreadyExists or GpuBusy, does not refuse the others),
+        all in one durable commit or round trip where the store can: concurrent submissions share it
+        (GroupCommit, scheduler/service/core.py). Returns, per run, None (written) or why not. In SQLite's
+        batch() a refused INSERT undoes that statement only, and the rest commit together."""
         out: list[Exception | None] = []
         with self.batch():
             for run in runs:
                 try:
                     self.create_run(run)
                     out.append(None)
-                except AlreadyExists as exc:
+                except (AlreadyExists, GpuBusy) as exc:
                     out.append(exc)
         return out
 
