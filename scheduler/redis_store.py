@@ -417,13 +417,20 @@ class RedisStore(Store):
 
     # -- API keys ----------------------------------------------------------------------------------------
     def put_key(self, key: ApiKey) -> None:
-        self._key_cache.pop(key.hash, None)
         self._put_key(keys=[self.k.keys, self.k.key_docs, self.k.keys_version],
                       args=[key.id, key.hash, key.model_dump_json()])
+        self._keys_changed()  # after the write: the next request re-reads the version the write moved
         if self._notifier is not None:
             self._notifier.notify("keys")  # other replicas drop their cached keys
 
     KEY_CACHE_S = 1.0
+
+    def _keys_changed(self) -> None:
+        """A key was written (here, or at another replica: its wake-up): look the version up at the next request.
+        Dropping the entry alone left a race: a request that had read the key before the revocation could put it
+        back, tagged with the version this replica had not re-read yet, and it was used for up to a second."""
+        self._key_cache.clear()
+        self._keys_checked = 0.0
 
     def key_by_hash(self, digest: str) -> ApiKey | None:
         # Every request is authenticated: keys found are remembered while the store's key version stays, checked
@@ -497,7 +504,7 @@ class RedisStore(Store):
     def notifier(self) -> Notifier:
         if self._notifier is None:
             self._notifier = RelayNotifier(self.r, self.k.channel)
-            self._notifier.on_key["keys"] = self._key_cache.clear
+            self._notifier.on_key["keys"] = self._keys_changed
         return self._notifier
 
     def close(self) -> None:

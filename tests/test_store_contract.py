@@ -515,6 +515,26 @@ def test_every_node_write_moves_the_nodes_version(pair: tuple[Store, Store], tmp
             b.close()
 
 
+def test_a_key_read_just_before_its_revocation_is_not_used_after_it(tmp_path: Path) -> None:
+    """Redis's key cache: a request that read the key before the revocation and stores it after (a race between
+    threads of one replica) must not make this replica accept the revoked key for the next second."""
+    from scheduler.redis_store import RedisStore
+
+    store = RedisStore(redis_url())
+    try:
+        key = ApiKey(id="key-1", name="ci", scope="user", owner="ci", hash="a" * 64, prefix="fml_u_x", created_at=1.0)
+        store.put_key(key)
+        assert (store.key_by_hash("a" * 64) or key).revoked_at is None
+        seen = store._keys_version  # what the racing request saw before it read the key
+        store.put_key(key.model_copy(update={"revoked_at": 5.0}))
+        store._key_cache["a" * 64] = (seen, key)  # ... and stores it after the revocation
+        got = store.key_by_hash("a" * 64)
+        assert got is not None and got.revoked_at == 5.0
+    finally:
+        store.wipe()
+        store.close()
+
+
 def test_keys_are_found_by_digest_and_revocation_sticks(pair: tuple[Store, Store]) -> None:
     a, b = pair
     k1 = ApiKey(id="key-1", name="ci", scope="user", owner="ci", hash="a" * 64, prefix="fml_u_x", created_at=1.0)
