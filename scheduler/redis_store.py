@@ -81,6 +81,7 @@ class RedisStore(Store):
         self._docs_seen: dict[str, str] = {}
         self._key_cache: dict[str, tuple[int, ApiKey]] = {}  # digest -> (keys version when read, key)
         self._keys_version, self._keys_checked = -1, 0.0  # (key_by_hash)
+        self._endpoints_ready = False  # the endpoints set is known to be built (endpoint_runs)
 
     # -- runs --------------------------------------------------------------------------------------------
     def _put_call(self, old_doc: str, old: Run | None, new: Run, quiet: bool) -> tuple[list[str], list[Any]]:
@@ -260,8 +261,10 @@ class RedisStore(Store):
     def endpoint_runs(self) -> list[Run]:
         # From the endpoints set PUT_RUN keeps: the gateway asks every second, and reading every queued and running
         # run instead made an idle scheduler's CPU grow with its queue.
-        if not self.r.exists(self.k.endpoints_built):
-            self._build_endpoints()
+        if not self._endpoints_ready:  # once per process, not a round trip each second
+            if not self.r.exists(self.k.endpoints_built):
+                self._build_endpoints()
+            self._endpoints_ready = True
         ids = [m.decode() for m in self.r.smembers(self.k.endpoints)]
         out: list[Run] = []
         for i in range(0, len(ids), 1000):

@@ -144,9 +144,13 @@ def test_endpoint_runs_are_the_unsettled_runs_that_serve_one(pair: tuple[Store, 
 
     if isinstance(b, RedisStore):  # a database written before the endpoints set existed: indexed on first look
         b.r.delete(b.k.endpoints, b.k.endpoints_built)
-        assert [r.id for r in b.endpoint_runs()] == [served.id]
-        a.transition(served.id, RunStatus.KILLED)
-        assert b.endpoint_runs() == [] and b.r.scard(b.k.endpoints) == 0
+        b = RedisStore(b.url, prefix=b.k.p)  # (a scheduler started on it)
+        try:
+            assert [r.id for r in b.endpoint_runs()] == [served.id]
+            a.transition(served.id, RunStatus.KILLED)
+            assert b.endpoint_runs() == [] and b.r.scard(b.k.endpoints) == 0
+        finally:
+            b.close()
 
 
 def test_list_runs_filters_by_status_owner_and_node_newest_first(store: Store) -> None:
