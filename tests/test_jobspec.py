@@ -234,6 +234,14 @@ def test_max_duration_in_spec() -> None:
 
 # ---- load_file ----------------------------------------------------------------------------------------------
 
+def test_a_workspace_with_a_nul_character_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Found by test_fuzz's YAML grammar in CI: a NUL in `workspace` reached the OS (ValueError, a traceback)."""
+    (tmp_path / "job.yaml").write_text('job: echo\nworkspace: "ws\\x00x"\n')
+    with pytest.raises(JobSpecError) as e:
+        load_file(tmp_path / "job.yaml")
+    assert str(e.value) == f"{tmp_path / 'job.yaml'}:2: workspace: contains a NUL character (no path can)"
+
+
 def test_load_file_resolves_workspace(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "ws").mkdir()
     (tmp_path / "job.yaml").write_text("workspace: ws\njob: echo\n")

@@ -199,6 +199,9 @@ def workspace_dir(workspace: Any, path: str | Path, lines: _Lines | None) -> Pat
     p, name = Path(path), str(path)
     if workspace is None or not str(workspace).strip():
         return None
+    if "\0" in str(workspace):  # no path holds one (the OS refuses it: a ValueError, not an answer)
+        raise JobSpecError("contains a NUL character (no path can)", file=name,
+                           line=lines.line_of(("workspace",)) if lines is not None else None, field="workspace")
     ws_dir = Path(str(workspace)).expanduser()
     ws_dir = ws_dir if ws_dir.is_absolute() else (p.parent / ws_dir)
     if not ws_dir.is_dir():
