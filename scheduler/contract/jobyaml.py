@@ -202,13 +202,18 @@ def workspace_dir(workspace: Any, path: str | Path, lines: _Lines | None) -> Pat
     if "\0" in str(workspace):  # no path holds one (the OS refuses it: a ValueError, not an answer)
         raise JobSpecError("contains a NUL character (no path can)", file=name,
                            line=lines.line_of(("workspace",)) if lines is not None else None, field="workspace")
-    ws_dir = Path(str(workspace)).expanduser()
-    ws_dir = ws_dir if ws_dir.is_absolute() else (p.parent / ws_dir)
-    if not ws_dir.is_dir():
-        what = "is not a directory" if ws_dir.exists() else "directory not found"
-        raise JobSpecError(f'{what}: "{workspace}" (resolved to {ws_dir.resolve()})', file=name,
-                           line=lines.line_of(("workspace",)) if lines is not None else None, field="workspace")
-    ws_dir = ws_dir.resolve()
+    try:  # the OS may refuse the name itself (ENAMETOOLONG, ELOOP...): an answer about the file, not a traceback
+        ws_dir = Path(str(workspace)).expanduser()
+        ws_dir = ws_dir if ws_dir.is_absolute() else (p.parent / ws_dir)
+        if not ws_dir.is_dir():
+            what = "is not a directory" if ws_dir.exists() else "directory not found"
+            raise JobSpecError(f'{what}: "{workspace}" (resolved to {ws_dir.resolve()})', file=name,
+                               line=lines.line_of(("workspace",)) if lines is not None else None, field="workspace")
+        ws_dir = ws_dir.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise JobSpecError(f"cannot be used as a directory: {exc.strerror if isinstance(exc, OSError) else exc}",
+                           file=name, line=lines.line_of(("workspace",)) if lines is not None else None,
+                           field="workspace") from None
     if ws_dir == Path(ws_dir.anchor):
         raise JobSpecError(f'"{workspace}" is the root of the filesystem: point workspace at the '
                            "directory that holds the job's code", file=name, field="workspace")
