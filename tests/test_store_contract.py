@@ -245,6 +245,96 @@ def test_a_version_2_sqlite_database_gains_the_change_counter(tmp_path: Path) ->
     s.close()
 
 
+def test_a_version_3_sqlite_database_keeps_its_log_lines_as_chunks(tmp_path: Path) -> None:
+    """Schema 3 stored a row per log line (table logs); opening it stores them as chunks, every field kept."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    s = SQLiteStore(path)
+    run = s.create_run(mk_run(1))
+    s.close()
+    old = [(0, 1, 0, 0, 1.5, "stdout", "a"), (1, 1, 0, 1, 1.6, "stderr", "b\nc"), (2, 1, 1, 0, 1.7, "stdout", "r1"),
+           (3, 1, 0, 2, 1.8, "stdout", ""), (4, 2, 0, 0, 2.0, "fedml", "attempt 2"), (6, 2, 0, 2, 2.1, "stdout", "é")]
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE log_chunks; PRAGMA user_version=3; CREATE TABLE logs (run_id TEXT NOT NULL, "
+                     "pos INTEGER NOT NULL, attempt INTEGER NOT NULL, rank INTEGER NOT NULL, seq INTEGER NOT NULL, "
+                     "ts REAL NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL, PRIMARY KEY (run_id, pos)) "
+                     "WITHOUT ROWID;")
+    db.executemany("INSERT INTO logs (run_id, pos, attempt, rank, seq, ts, stream, line) VALUES (?,?,?,?,?,?,?,?)",
+                   [(run.id, *r) for r in old])
+    db.execute("INSERT INTO log_seq (run_id, attempt, rank, next_seq) VALUES (?, 2, 0, 3)", (run.id,))
+    db.commit()
+    db.close()
+    s = SQLiteStore(path)
+    try:
+        assert [tuple(r) for r in s.read_logs(run.id)] == [(p, rk, sq, ts, st, ln, a) for p, a, rk, sq, ts, st, ln in old]
+        assert [r.line for r in s.read_logs(run.id, after=1, rank=0)] == ["", "attempt 2", "é"]
+        assert s.get_run(run.id).log_count == 7  # type: ignore[union-attr]
+        s.append_logs(run.id, 2, 0, 3, [(3.0, "stdout", "new")])
+        assert [(r.pos, r.line) for r in s.read_logs(run.id, after=5)] == [(6, "é"), (7, "new")]
+    finally:
+        s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name='logs'").fetchone()[0] == 0
+    db.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_log_reads_from_any_position_across_batches_ranks_and_streams(kind: str, tmp_path: Path) -> None:
+    """Every (after, limit, rank) window of a log of batches that mix streams, hold newlines and empty lines,
+    and are longer than a stored chunk, gives exactly the matching lines in every form."""
+    if kind == "sqlite":
+        s: Store = SQLiteStore(tmp_path / "window.db")
+    else:
+        from scheduler.redis_store import RedisStore
+
+        s = RedisStore(redis_url())
+    try:
+        run = s.create_run(mk_run())
+        want: list[tuple[int, int, int, str, str]] = []  # pos, rank, seq, stream, line
+        seqs = [0, 0]
+        big = 7001 if kind == "sqlite" else 30  # longer than SQLite's chunk (5,000 lines); Redis keeps a line each
+        sizes = [(0, 3, "stdout"), (1, big, "stdout"), (0, 4, "mixed"), (1, 2, "stderr"), (0, 5, "newline")]
+        for rank, n, kind_ in sizes:
+            lines = []
+            for i in range(n):
+                stream = ("stdout", "stderr", "fedml")[i % 3] if kind_ == "mixed" else (
+                    "stdout" if kind_ == "newline" else kind_)
+                text = f"r{rank} {seqs[rank] + i}" + ("\nmore" if kind_ == "newline" and i == 2 else "")
+                text = "" if i == 1 and kind_ == "stdout" else text
+                lines.append((1000.0 + i / 8, stream, text))
+            s.append_logs(run.id, 1, rank, seqs[rank], lines)
+            for i, (_, stream, text) in enumerate(lines):
+                want.append((len(want), rank, seqs[rank] + i, stream, text))
+            seqs[rank] += n
+        for rank in (None, 0, 1):
+            mine = [w for w in want if rank is None or w[1] == rank]
+            ends = [sum(n for _, n, _ in sizes[:i]) for i in range(len(sizes) + 1)]  # where batches start
+            for after in sorted({-1, 3 + big // 2, *(e + d for e in ends for d in (-2, -1, 0))}):
+                for limit in (1, 3, 5000, 100_000):
+                    exp = [w for w in mine if w[0] > after][:limit]
+                    got = s.read_logs(run.id, after, limit, rank)
+                    assert [(r.pos, r.rank, r.seq, r.stream, r.line) for r in got] == exp, (rank, after, limit)
+                    last, text = s.read_logs_text(run.id, after, limit, rank)
+                    assert last == (exp[-1][0] if exp else after)
+                    assert text.decode() == "".join(
+                        f"{p}\t{rk}\t{ {'stderr': 'e', 'fedml': 'f'}.get(st, 'o')}\t{ln.replace(chr(10), ' ')}\n"
+                        for p, rk, _, st, ln in exp)
+                    last, nd = s.read_logs_ndjson(run.id, after, limit, rank)
+                    assert [(d["pos"], d["line"], d["stream"]) for d in map(json.loads, nd.splitlines())] == [
+                        (p, ln, st) for p, _, _, st, ln in exp]
+            for n in (0, 1, 4, 5, big - 1, big + 4, big + 100):
+                after = s.tail_after(run.id, n, rank)
+                assert [r.pos for r in s.read_logs(run.id, after, 100_000, rank)] == [w[0] for w in mine[-n:]] if n \
+                    else after == mine[-1][0]
+        assert s.log_counts([run.id]) == {run.id: len(want)}
+    finally:
+        if kind == "redis":
+            s.wipe()  # type: ignore[attr-defined]
+        s.close()
+
+
 def test_concurrent_transitions_of_one_run_let_exactly_one_win(pair: tuple[Store, Store]) -> None:
     a, b = pair
     run = a.create_run(mk_run())
