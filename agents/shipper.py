@@ -22,6 +22,7 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 # so a follower sees it live; what the job writes after it starts a new line.
 PARTIAL_AFTER = 0.5
 TRUNCATED = " [fedml: line truncated at 64 KiB]"
+BULK = True  # split runs of plain lines at once (False: the per-line path alone, which tests compare it with)
 
 
 class _Tail:
@@ -73,6 +74,23 @@ class _Tail:
         while len(out) < max_lines and pos < n:
             if cr != -1 and cr < pos:
                 cr = data.find(b"\r", pos)
+            if BULK and not self.skipping and not self._after_cr:
+                # Whole lines before the next "\r" or cut, split at once: a Python step per line cost ~0.5 us,
+                # 0.1 s of agent CPU for a 200,000-line job. ("\n" is never part of a UTF-8 sequence, so
+                # decoding the block and splitting gives what decoding each line gives.)
+                limit = cr if cr >= 0 else n
+                limit = next((c for c in cuts if c > pos and c < limit), limit)
+                last = data.rfind(b"\n", pos, limit)
+                if last >= pos:
+                    parts = data[pos:last].split(b"\n")
+                    room = max_lines - len(out)
+                    if len(parts) > room:
+                        parts = parts[:room]
+                        last = pos + sum(map(len, parts)) + room - 1
+                    if max(map(len, parts)) <= MAX_LINE:
+                        out.extend(data[pos:last].decode("utf-8", "replace").split("\n"))
+                        pos = last + 1
+                        continue
             nl = data.find(b"\n", pos)
             end = min(x for x in (nl, cr) if x >= 0) if nl >= 0 or cr >= 0 else n
             cut = next((c for c in cuts if pos < c <= end), None)
@@ -175,7 +193,9 @@ class Shipper:
                 t.offset = end
             return 0
         mark = (self.next_seq, {t.stream: t.offset for t in self.tails})
-        batch = LogBatch(rank=self.rank, attempt=self.attempt, first_seq=self.next_seq, lines=lines)
+        # (built, not validated: these are the agent's own values, and validating 20,000 tuples cost as much as
+        # sending them)
+        batch = LogBatch.model_construct(rank=self.rank, attempt=self.attempt, first_seq=self.next_seq, lines=lines)
         try:
             acked = self.client.send_logs(self.run_id, batch)
         except Refused as exc:

@@ -50,6 +50,40 @@ def test_lines_end_at_newline_crlf_or_a_lone_cr(tmp_path: Path, data: bytes, lin
     assert ship(tmp_path, data) == lines
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_bulk_splitting_gives_the_lines_the_per_line_path_gives(tmp_path: Path, seed: int,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output written in random pieces (newlines, CRLF split across writes, lone CRs, empty lines, invalid
+    UTF-8, lines over the cap), pumped between writes with small batches: the same lines, in the same batches'
+    order, with and without the bulk split."""
+    import random
+
+    rng = random.Random(seed)
+    atoms = [b"\n", b"\r\n", b"\r", b"abc", b"x" * 50, "\u00e9t\u00e9".encode(), b"\xe2\x82", b"\xff", b"",
+             b"y" * (mod.MAX_LINE + 7), b"\n\n"]
+    pieces = [b"".join(rng.choice(atoms) for _ in range(rng.randint(1, 40))) for _ in range(rng.randint(1, 12))]
+
+    def run(bulk: bool) -> list[str]:
+        monkeypatch.setattr(mod, "BULK", bulk)
+        monkeypatch.setattr(mod, "MAX_BATCH_LINES", rng2.randint(1, 50))
+        f = tmp_path / f"out-{bulk}"
+        f.write_bytes(b"")
+        s = Scheduler()
+        sh = Shipper(s, "run-1", 0, {"stdout": f})  # type: ignore[arg-type]
+        for piece in pieces:
+            with open(f, "ab") as out:
+                out.write(piece)
+            while sh.pump():
+                pass
+        sh.drain()
+        return s.lines
+
+    rng2 = random.Random(seed)
+    slow = run(False)
+    rng2 = random.Random(seed)
+    assert run(True) == slow
+
+
 def test_a_line_over_the_cap_is_one_line_marked_truncated(tmp_path: Path) -> None:
     got = ship(tmp_path, b"x" * (5 * mod.MAX_LINE) + b"\nnext\n")
     assert len(got) == 2 and got[0] == "x" * mod.MAX_LINE + mod.TRUNCATED and got[1] == "next"
