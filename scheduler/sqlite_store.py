@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
-from .store import (DEFAULT_LOG_RETENTION, QUIET_FIELDS, TEXT_STREAM, AlreadyExists, GpuBusy, NotFound, SeqGap, Store,
-                    bulk)
+from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, TEXT_STREAM, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -104,7 +103,7 @@ _CHUNK_LINES = 5000  # lines per log chunk at most: a follower reads 5,000 at a 
 
 def _pack(lines: list[tuple[float, str, str]]) -> tuple[bytes, str, str]:
     """A chunk's (ts, stream, text) columns for (ts, stream, line) triples (see the log_chunks table)."""
-    stamps, streams, texts = zip(*lines)
+    stamps, streams, texts = zip(*lines, strict=True)
     ts = array("d", stamps).tobytes()
     stream = streams[0]
     if stream and streams.count(stream) == len(streams):
@@ -425,9 +424,9 @@ class SQLiteStore(Store):
                   rank: int | None = None) -> list[LogRow]:
         rows: list[LogRow] = []
         for g in self._segments(run_id, after, limit, rank):
-            streams = repeat(g.streams) if isinstance(g.streams, str) else g.streams
+            streams = repeat(g.streams) if isinstance(g.streams, str) else g.streams  # (repeat: zip not strict)
             rows.extend(LogRow(g.pos + i, g.rank, g.seq + i, t, s, line, g.attempt)
-                        for i, (t, s, line) in enumerate(zip(g.stamps, streams, g.lines)))
+                        for i, (t, s, line) in enumerate(zip(g.stamps, streams, g.lines, strict=False)))
         return rows
 
     def read_logs_ndjson(self, run_id: str, after: int = -1, limit: int = 5000,
@@ -447,7 +446,7 @@ class SQLiteStore(Store):
                 parts.extend(map(record, range(g.pos, g.pos + len(g.lines)), g.lines))
             else:
                 parts.extend(f"{g.pos + i}\t{g.rank}\t{TEXT_STREAM.get(s, 'o')}\t{line.replace(chr(10), ' ')}\n"
-                             for i, (s, line) in enumerate(zip(g.streams, g.lines)))
+                             for i, (s, line) in enumerate(zip(g.streams, g.lines, strict=True)))
             last = g.pos + len(g.lines) - 1
         return last, "".join(parts).encode()
 
