@@ -73,6 +73,10 @@ class Keys:
         return f"{self.p}nodesver"
 
     @property
+    def node_seq(self) -> str:  # sorted set: node id -> nodesver at its last write or removal (nodes_since)
+        return f"{self.p}nodeseq"
+
+    @property
     def node_names(self) -> str:  # hash: node name -> node id
         return f"{self.p}nodenames"
 
@@ -177,16 +181,30 @@ if old then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-redis.call('INCR', KEYS[3])
+redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[3]), ARGV[1])
 return 'ok'
 """
 
-# KEYS: hash[, a counter to move with the write]. ARGV: field, expected value, new value. Compare-and-set of one
-# hash field.
+# KEYS: nodes, node_names, nodes_version, node_seq, seen. ARGV: node id. Removes the node and its name; the
+# removal is in the change feed (node_seq keeps the id, with the version of its removal).
+DEL_NODE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then redis.call('HDEL', KEYS[2], cjson.decode(old)['name']) end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[3]), ARGV[1])
+return 'ok'
+"""
+
+# KEYS: hash[, a counter to move with the write[, a sorted set that records the field at that count]]. ARGV:
+# field, expected value, new value. Compare-and-set of one hash field.
 CAS_FIELD = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-if KEYS[2] then redis.call('INCR', KEYS[2]) end
+if KEYS[2] then
+  local v = redis.call('INCR', KEYS[2])
+  if KEYS[3] then redis.call('ZADD', KEYS[3], v, ARGV[1]) end
+end
 return 1
 """
 

@@ -35,6 +35,7 @@ from .redis_notify import RelayNotifier
 from .redis_schema import (
     APPEND_LOGS,
     CAS_FIELD,
+    DEL_NODE,
     HEARTBEAT,
     LOG_CHUNK,
     PUT_KEY,
@@ -71,6 +72,7 @@ class RedisStore(Store):
         self._append = self.r.register_script(APPEND_LOGS)
         self._put_node = self.r.register_script(PUT_NODE)
         self._cas_field = self.r.register_script(CAS_FIELD)
+        self._del_node = self.r.register_script(DEL_NODE)
         self._put_key = self.r.register_script(PUT_KEY)
         self._heartbeat = self.r.register_script(HEARTBEAT)
         self._locks = threading.local()
@@ -373,7 +375,7 @@ class RedisStore(Store):
 
     # -- nodes -------------------------------------------------------------------------------------------
     def upsert_node(self, node: Node) -> Node:
-        got = self._put_node(keys=[self.k.nodes, self.k.node_names, self.k.nodes_version],
+        got = self._put_node(keys=[self.k.nodes, self.k.node_names, self.k.nodes_version, self.k.node_seq],
                              args=[node.id, node.name, node.model_dump_json()])
         if got in (b"taken", "taken"):
             raise AlreadyExists(f"a node named {node.name} exists already")
@@ -390,6 +392,21 @@ class RedisStore(Store):
     def nodes_version(self) -> int:
         return int(self.r.get(self.k.nodes_version) or 0)
 
+    def nodes_since(self, version: int) -> tuple[int, list[Node], set[str]] | None:
+        with self.r.pipeline(transaction=True) as p:  # the version and what moved it, as of one instant
+            p.get(self.k.nodes_version)
+            p.zrangebyscore(self.k.node_seq, f"({version}", "+inf")
+            now, ids = p.execute()
+        now = int(now or 0)
+        if version > now:
+            return None
+        if not ids:
+            return now, [], set()
+        raws = self.r.hmget(self.k.nodes, ids)  # as they are now (a later write comes again next time)
+        with bulk():
+            changed = [Node.model_validate_json(raw) for raw in raws if raw]
+        return now, changed, {i.decode() for i, raw in zip(ids, raws, strict=True) if not raw}
+
     def list_nodes(self) -> list[Node]:
         raws = self.r.hvals(self.k.nodes)
         with bulk():
@@ -404,19 +421,14 @@ class RedisStore(Store):
             node = Node.model_validate_json(raw)
             node.last_seen = ts
             node.state = "ONLINE"
-            if self._cas_field(keys=[self.k.nodes, self.k.nodes_version], args=[node_id, raw, node.model_dump_json()]):
+            if self._cas_field(keys=[self.k.nodes, self.k.nodes_version, self.k.node_seq],
+                               args=[node_id, raw, node.model_dump_json()]):
                 return node
         raise RuntimeError(f"node {node_id}: too many concurrent writers")
 
     def delete_node(self, node_id: str) -> None:
-        node = self.get_node(node_id)
-        with self.r.pipeline(transaction=True) as p:
-            p.hdel(self.k.nodes, node_id)
-            if node is not None:
-                p.hdel(self.k.node_names, node.name)
-            p.incr(self.k.nodes_version)
-            p.hdel(self.k.seen, node_id)
-            p.execute()
+        self._del_node(keys=[self.k.nodes, self.k.node_names, self.k.nodes_version, self.k.node_seq, self.k.seen],
+                       args=[node_id])
 
     # -- API keys ----------------------------------------------------------------------------------------
     def put_key(self, key: ApiKey) -> None:

@@ -73,8 +73,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    doc TEXT NOT NULL
+    doc TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0  -- meta 'nodes' at the node's last write (nodes_since)
 );
+CREATE INDEX IF NOT EXISTS nodes_seq ON nodes(seq);
+-- Removed nodes: id -> meta 'nodes' at the removal (nodes_since tells a reader to drop them).
+CREATE TABLE IF NOT EXISTS node_gone (id TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 -- Who holds each GPU: (node, index) -> the unfinished run holding it (Run.gpu_claims), kept by every run write.
 -- A placement's check is one look-up here (it parsed the placements of every run on the node).
 CREATE TABLE IF NOT EXISTS gpu_claims (
@@ -89,13 +93,23 @@ CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta (k, v) VALUES ('nodes', 0);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('claims', 0);
-CREATE TRIGGER IF NOT EXISTS nodes_ins AFTER INSERT ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
-CREATE TRIGGER IF NOT EXISTS nodes_upd AFTER UPDATE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
-CREATE TRIGGER IF NOT EXISTS nodes_del AFTER DELETE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END;
+CREATE TRIGGER IF NOT EXISTS nodes_ins AFTER INSERT ON nodes BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'nodes';
+    UPDATE nodes SET seq = (SELECT v FROM meta WHERE k = 'nodes') WHERE id = NEW.id;
+    DELETE FROM node_gone WHERE id = NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS nodes_upd AFTER UPDATE OF id, name, doc ON nodes BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'nodes';
+    UPDATE nodes SET seq = (SELECT v FROM meta WHERE k = 'nodes') WHERE id = NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS nodes_del AFTER DELETE ON nodes BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'nodes';
+    INSERT OR REPLACE INTO node_gone (id, seq) VALUES (OLD.id, (SELECT v FROM meta WHERE k = 'nodes'));
+END;
 """
 
 # 3: runs.seq (the change feed); a version-2 database gains the column when opened. 4: log lines stored in chunks
-# (log_chunks); a version-3 database's rows (table logs) become chunks when opened.
+# (log_chunks), and the nodes' change feed (nodes.seq, node_gone); a version-3 database gains them when opened.
 SCHEMA_VERSION = 4
 
 _CHUNK_LINES = 5000  # lines per log chunk at most: a follower reads 5,000 at a time
@@ -161,9 +175,20 @@ class SQLiteStore(Store):
             self._db.execute("BEGIN IMMEDIATE")
             if "seq" not in columns:
                 self._db.execute("ALTER TABLE runs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("PRAGMA user_version=3")
             self._db.execute("COMMIT")
-            version = SCHEMA_VERSION
+            version = 3
+        if has_tables and version == 3:
+            # Before SCHEMA, whose index and triggers need nodes.seq (the triggers are made again with it). The
+            # version moves once the log lines are chunks too (_chunk_old_logs): a crash in between does this
+            # again, and a column already there is not added again.
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(nodes)")}
+            self._db.execute("BEGIN IMMEDIATE")
+            if "seq" not in columns:
+                self._db.execute("ALTER TABLE nodes ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+            for trigger in ("nodes_ins", "nodes_upd", "nodes_del"):
+                self._db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+            self._db.execute("COMMIT")
         if has_tables and version not in (3, SCHEMA_VERSION):
             raise RuntimeError(f"{self.path} was written by another version of fedml launch (schema {version}, "
                                f"this one needs {SCHEMA_VERSION}); move it away to start afresh")
@@ -494,6 +519,16 @@ class SQLiteStore(Store):
     def nodes_version(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT v FROM meta WHERE k='nodes'").fetchone()[0])
+
+    def nodes_since(self, version: int) -> tuple[int, list[Node], set[str]] | None:
+        with self._lock:
+            now = int(self._db.execute("SELECT v FROM meta WHERE k='nodes'").fetchone()[0])
+            if version > now:
+                return None
+            rows = self._db.execute("SELECT doc FROM nodes WHERE seq > ?", (version,)).fetchall()
+            gone = {r[0] for r in self._db.execute("SELECT id FROM node_gone WHERE seq > ?", (version,))}
+        with bulk():
+            return now, [Node.model_validate_json(r[0]) for r in rows], gone
 
     def list_nodes(self) -> list[Node]:
         with self._lock:

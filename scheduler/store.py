@@ -208,6 +208,13 @@ class Store(abc.ABC):
         that saw the same value before it listed the nodes holds them all as they are (heartbeats aside: soft
         state, Store.heartbeat). One small read: a cache of the nodes is checked, not re-listed."""
 
+    def nodes_since(self, version: int) -> tuple[int, list[Node], set[str]] | None:
+        """The nodes' change feed: (the version now, the nodes written after `version` as they are now, the ids
+        of those removed after it). A cache of the nodes as they were at `version` applies these instead of
+        listing every node again (a join or a drain at 100,000 nodes re-parsed them all: seconds). None when the
+        store cannot tell (this default; a version the store has not reached): list them all."""
+        return None
+
     @abc.abstractmethod
     def node_by_name(self, name: str) -> Node | None: ...
 

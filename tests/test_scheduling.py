@@ -557,3 +557,49 @@ def test_settling_the_heap_frees_cycles_dropped_since_the_last_time() -> None:
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+class CountingStore(SQLiteStore):
+    """Counts full node lists (the cache should list once, then follow the change feed)."""
+
+    lists = 0
+
+    def list_nodes(self):  # type: ignore[no-untyped-def]
+        self.lists += 1
+        return super().list_nodes()
+
+
+def test_the_node_cache_follows_joins_changes_and_removals_by_another_replica_without_listing_again(
+        tmp_path: Path) -> None:
+    """Another process (a second replica: its own connection to the database) joins, drains, renames and removes
+    nodes; this scheduler's cache and candidates follow from the change feed alone, node objects that did not
+    change stay the same objects, and placement sees each change."""
+    store = CountingStore(tmp_path / "s.db")
+    s = Scheduler(store, Notifier(), heartbeat_interval=1.0, rng=random.Random(7))
+    other = Scheduler(SQLiteStore(tmp_path / "s.db"), Notifier(), heartbeat_interval=1.0)
+    a, b = join(other, "a", 1), join(other, "b", 1)
+    first = submit(s, computing={"minimum_num_gpus": 1})
+    assert s.schedule_pass() == 1 and store.lists == 1
+    done = s.get_run(first)
+    s.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), done.node_id)  # every GPU free again
+    before = {n.id: n for n in s.nodes()}
+    c = join(other, "c", 1)
+    other.store.upsert_node(other.store.get_node(a).model_copy(update={"draining": True}))
+    s._nodes_changed()  # (the "nodes" wake-up another replica's write relays)
+    now = {n.id: n for n in s.nodes()}
+    assert sorted(now) == sorted([a, b, c]) and now[b] is before[b] and now[a] is not before[a]
+    assert now[a].draining and [n.name for n in s.nodes()] == ["a", "b", "c"]
+    runs = [submit(s, computing={"minimum_num_gpus": 1}) for _ in range(3)]
+    assert s.schedule_pass() == 2  # a free GPU on b and on c; none taken on the drained node
+    placed = [r for r in (s.get_run(x) for x in runs) if r.status == RunStatus.STARTING]
+    assert sorted(r.node_id for r in placed) == sorted([b, c])
+    other.store.delete_node(c)
+    other.store.upsert_node(other.store.get_node(b).model_copy(update={"name": "b2"}))
+    s._nodes_changed()
+    assert [n.name for n in s.nodes()] == ["a", "b2"]
+    d = join(other, "d", 2)
+    s._nodes_changed()
+    assert s.schedule_pass() == 1  # the queued run goes to the node that joined (b2 is busy, a drained)
+    assert [s.get_run(r).node_id for r in runs if s.get_run(r).node_id not in (b, c)] == [d]
+    assert s._cands is not None and sorted(s._cands.by_id) == sorted([a, b, d])  # c's candidate is gone
+    assert store.lists == 1, "the cache listed every node again instead of following the feed"

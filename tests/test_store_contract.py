@@ -256,6 +256,13 @@ def test_a_version_3_sqlite_database_keeps_its_log_lines_as_chunks(tmp_path: Pat
     old = [(0, 1, 0, 0, 1.5, "stdout", "a"), (1, 1, 0, 1, 1.6, "stderr", "b\nc"), (2, 1, 1, 0, 1.7, "stdout", "r1"),
            (3, 1, 0, 2, 1.8, "stdout", ""), (4, 2, 0, 0, 2.0, "fedml", "attempt 2"), (6, 2, 0, 2, 2.1, "stdout", "é")]
     db = sqlite3.connect(path)
+    db.executescript(  # as schema 3 had them: nodes without seq, triggers that only count
+        "DROP TRIGGER nodes_ins; DROP TRIGGER nodes_upd; DROP TRIGGER nodes_del; DROP INDEX nodes_seq; "
+        "DROP TABLE node_gone; ALTER TABLE nodes DROP COLUMN seq; "
+        "CREATE TRIGGER nodes_ins AFTER INSERT ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END; "
+        "CREATE TRIGGER nodes_upd AFTER UPDATE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END; "
+        "CREATE TRIGGER nodes_del AFTER DELETE ON nodes BEGIN UPDATE meta SET v = v + 1 WHERE k = 'nodes'; END; "
+        "INSERT INTO nodes (id, name, doc) VALUES ('node-1', 'n1', '" + node(1).model_dump_json() + "');")
     db.executescript("DROP TABLE log_chunks; PRAGMA user_version=3; CREATE TABLE logs (run_id TEXT NOT NULL, "
                      "pos INTEGER NOT NULL, attempt INTEGER NOT NULL, rank INTEGER NOT NULL, seq INTEGER NOT NULL, "
                      "ts REAL NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL, PRIMARY KEY (run_id, pos)) "
@@ -272,6 +279,14 @@ def test_a_version_3_sqlite_database_keeps_its_log_lines_as_chunks(tmp_path: Pat
         assert s.get_run(run.id).log_count == 7  # type: ignore[union-attr]
         s.append_logs(run.id, 2, 0, 3, [(3.0, "stdout", "new")])
         assert [(r.pos, r.line) for r in s.read_logs(run.id, after=5)] == [(6, "é"), (7, "new")]
+        v = s.nodes_version()  # the nodes' change feed works on the old nodes table
+        assert [n.id for n in s.list_nodes()] == ["node-1"]
+        s.upsert_node(node(1).model_copy(update={"draining": True}))
+        s.upsert_node(node(2))
+        v2, changed, gone = s.nodes_since(v) or (0, [], set())
+        assert sorted(n.id for n in changed) == ["node-1", "node-2"] and gone == set() and v2 == v + 2
+        s.delete_node("node-1")
+        assert s.nodes_since(v2) == (v2 + 1, [], {"node-1"})
     finally:
         s.close()
     db = sqlite3.connect(path)
@@ -607,6 +622,40 @@ def test_every_node_write_moves_the_nodes_version(pair: tuple[Store, Store], tmp
     finally:
         if b is not pair[1]:
             b.close()
+
+
+def test_the_nodes_change_feed_gives_what_moved_since_a_version(pair: tuple[Store, Store]) -> None:
+    """nodes_since: a reader at a version gets exactly the nodes written after it (as they are now) and the ids
+    removed after it, whoever wrote them; applying that to what it had gives list_nodes()."""
+    a, b = pair
+    a.upsert_node(node(1))
+    a.upsert_node(node(2))
+    a.upsert_node(node(3))
+    v0 = b.nodes_version()
+    had = {n.id: n for n in b.list_nodes()}
+    assert b.nodes_since(v0) == (v0, [], set())
+    a.upsert_node(node(2).model_copy(update={"draining": True}))
+    a.touch_node("node-3", 55.0)
+    a.upsert_node(node(4))
+    a.delete_node("node-1")
+    a.delete_node("node-4")  # added and removed after v0: only its removal matters
+    a.heartbeat("node-2", 99.0)  # soft state: not in the feed
+    got = b.nodes_since(v0)
+    assert got is not None
+    v1, changed, gone = got
+    assert v1 == b.nodes_version() > v0
+    assert sorted(n.id for n in changed) == ["node-2", "node-3"] and gone == {"node-1", "node-4"}
+    for n in changed:
+        had[n.id] = n
+    for i in gone:
+        had.pop(i, None)
+    assert sorted((n.id, n.model_dump_json()) for n in had.values()) == sorted(
+        (n.id, n.model_dump_json()) for n in b.list_nodes())
+    assert b.nodes_since(v1) == (v1, [], set())
+    a.upsert_node(node(1))  # back under the same id: a write, no longer removed
+    v2, changed, gone = b.nodes_since(v1) or (0, [], set())
+    assert [n.id for n in changed] == ["node-1"] and gone == set() and v2 > v1
+    assert b.nodes_since(v2 + 1000) is None  # a version this store never reached: list them all
 
 
 def test_a_key_read_just_before_its_revocation_is_not_used_after_it(tmp_path: Path) -> None:

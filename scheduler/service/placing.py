@@ -77,10 +77,14 @@ class PlacementMixin(SchedulerBase):
         nodes = self.nodes()
         cached = self._static
         if cached is None or cached[0] is not nodes:
+            # A candidate per node: the one built before for the same node object, a new one for a node that
+            # changed or joined (a join or a drain costs that node, not a Candidate for every node).
             now = time.time()
+            before = {c.node.id: c for c in cached[1]} if cached is not None else {}
             with bulk():
-                cached = self._static = (nodes, [Candidate(node=n, free=list(n.gpus), now=now, heartbeat_timeout=1e12)
-                                                for n in nodes], {})
+                cands = [c if (c := before.get(n.id)) is not None and c.node is n else
+                         Candidate(node=n, free=list(n.gpus), now=now, heartbeat_timeout=1e12) for n in nodes]
+            cached = self._static = (nodes, cands, {})
         answers = cached[2]
         if req in answers:  # one answer per shape until the nodes change: O(1) for the shapes a sweep repeats
             return answers[req]
@@ -168,10 +172,12 @@ class PlacementMixin(SchedulerBase):
         heartbeats it needs."""
         nodes = self.nodes()
         cache = self._cands
-        if cache is None or cache.nodes is not nodes or cache.book is not book:
+        if cache is None or cache.book is not book:
             with bulk():  # a Candidate per node: 100,000 of them are many objects at once
                 cache = self._cands = Cands(nodes, book, self.heartbeat_timeout)
             dirty: Iterable[str] = cache.by_id.keys()
+        elif cache.nodes is not nodes:  # nodes joined, changed or left: those are rebuilt, the rest kept
+            dirty = cache.follow(nodes) | book.dirty
         else:
             dirty = book.dirty
         for node_id in dirty:
@@ -320,10 +326,31 @@ class Cands:
     of them cost 7 ms per pass, each freed slot a pass)."""
 
     def __init__(self, nodes: list[Node], book: Book, heartbeat_timeout: float) -> None:
-        self.nodes, self.book = nodes, book
+        self.nodes, self.book, self.timeout = nodes, book, heartbeat_timeout
         self.by_id = {n.id: Candidate(node=n, free=[], now=0.0, heartbeat_timeout=heartbeat_timeout) for n in nodes}
         self.order = {n.id: i for i, n in enumerate(nodes)}
         self.free: set[str] = set()
+
+    def follow(self, nodes: list[Node]) -> set[str]:
+        """Take the node list `nodes` (SchedulerBase.nodes: a node that did not change is the same object):
+        a new candidate for each node that changed or joined, none for those that left. Returns the ids whose
+        free GPUs are to be set again."""
+        dirty: set[str] = set()
+        ids = set()
+        for n in nodes:
+            ids.add(n.id)
+            c = self.by_id.get(n.id)
+            if c is None or c.node is not n:
+                self.by_id[n.id] = Candidate(node=n, free=[], now=0.0, heartbeat_timeout=self.timeout)
+                self.free.discard(n.id)
+                dirty.add(n.id)
+        for gone in self.by_id.keys() - ids:
+            del self.by_id[gone]
+            self.free.discard(gone)
+        if dirty or len(self.order) != len(nodes):
+            self.order = {n.id: i for i, n in enumerate(nodes)}
+        self.nodes = nodes
+        return dirty
 
     def set_free(self, c: Candidate, free: list[Any]) -> None:
         c.free = free
