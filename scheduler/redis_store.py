@@ -20,6 +20,7 @@ method beside the SQLite store; its keys and scripts and its pub/sub relay alrea
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import threading
@@ -44,7 +45,7 @@ from .redis_schema import (
     Keys,
     parse_url,
 )
-from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk
+from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk, compact_nodes
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -167,10 +168,15 @@ class RedisStore(Store):
             self._remember(run.id, args[2])
         return runs
 
+    DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
+
     def _remember(self, run_id: str, doc: str) -> None:
-        if len(self._docs_seen) > 200_000:
-            self._docs_seen.clear()
-        self._docs_seen[run_id] = doc
+        seen = self._docs_seen
+        seen.pop(run_id, None)  # (to the end: the oldest used go first)
+        seen[run_id] = doc
+        if len(seen) > self.DOCS_SEEN:
+            for old in list(itertools.islice(seen, len(seen) // 10)):
+                del seen[old]
 
     def _read(self, run_id: str, fresh: bool = False) -> tuple[str, Run] | None:
         doc = None if fresh else self._docs_seen.get(run_id)
@@ -252,6 +258,17 @@ class RedisStore(Store):
             cut = None if filtering else limit
             ids = ids[:cut] if cut is not None else ids
         return self._filtered(ids, statuses, owner, limit)
+
+    def each_run(self, status: Iterable[RunStatus], page: int = 2000) -> Iterator[Run]:
+        statuses = {s.value for s in status}
+        with self.r.pipeline(transaction=False) as p:
+            for s in statuses:
+                p.zrange(self.k.status(s), 0, -1)
+            ids = [m.decode() for part in p.execute() for m in part]
+        for i in range(0, len(ids), page):
+            for run in self._docs(ids[i:i + page]):
+                if run.status.value in statuses:  # (moved meanwhile)
+                    yield run
 
     def _filtered(self, ids: list[str], statuses: set[str] | None, owner: str | None, limit: int) -> list[Run]:
         runs = self._docs(ids)
@@ -404,13 +421,13 @@ class RedisStore(Store):
             return now, [], set()
         raws = self.r.hmget(self.k.nodes, ids)  # as they are now (a later write comes again next time)
         with bulk():
-            changed = [Node.model_validate_json(raw) for raw in raws if raw]
+            changed = compact_nodes([Node.model_validate_json(raw) for raw in raws if raw])
         return now, changed, {i.decode() for i, raw in zip(ids, raws, strict=True) if not raw}
 
     def list_nodes(self) -> list[Node]:
         raws = self.r.hvals(self.k.nodes)
         with bulk():
-            nodes = [Node.model_validate_json(raw) for raw in raws]
+            nodes = compact_nodes([Node.model_validate_json(raw) for raw in raws])
         return sorted(nodes, key=lambda n: n.name)
 
     def touch_node(self, node_id: str, ts: float) -> Node:

@@ -7,13 +7,24 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
-from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, TEXT_STREAM, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk
+from .store import (
+    DEFAULT_LOG_RETENTION,
+    QUIET_FIELDS,
+    TEXT_STREAM,
+    AlreadyExists,
+    GpuBusy,
+    NotFound,
+    SeqGap,
+    Store,
+    bulk,
+    compact_nodes,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -302,6 +313,20 @@ class SQLiteStore(Store):
         with bulk():
             return [Run.model_validate_json(r[0]) for r in rows]
 
+    def each_run(self, status: Iterable[RunStatus], page: int = 2000) -> Iterator[Run]:
+        st = [s.value for s in status]
+        last = ""
+        while True:
+            with self._lock:
+                rows = self._db.execute(f"SELECT id, doc FROM runs WHERE id > ? AND status IN ({','.join('?' * len(st))})"
+                                        " ORDER BY id LIMIT ?", (last, *st, page)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            with bulk():
+                runs = [Run.model_validate_json(r[1]) for r in rows]
+            yield from runs
+
     def endpoint_runs(self) -> list[Run]:
         marks = ",".join("?" * len(UNSETTLED))
         with self._lock:
@@ -528,13 +553,13 @@ class SQLiteStore(Store):
             rows = self._db.execute("SELECT doc FROM nodes WHERE seq > ?", (version,)).fetchall()
             gone = {r[0] for r in self._db.execute("SELECT id FROM node_gone WHERE seq > ?", (version,))}
         with bulk():
-            return now, [Node.model_validate_json(r[0]) for r in rows], gone
+            return now, compact_nodes([Node.model_validate_json(r[0]) for r in rows]), gone
 
     def list_nodes(self) -> list[Node]:
         with self._lock:
             rows = self._db.execute("SELECT doc FROM nodes ORDER BY name").fetchall()
         with bulk():
-            return [Node.model_validate_json(r[0]) for r in rows]
+            return compact_nodes([Node.model_validate_json(r[0]) for r in rows])
 
     def touch_node(self, node_id: str, ts: float) -> Node:
         with self._tx() as db:

@@ -50,6 +50,31 @@ class _Bulk:
 # were parsed it ran ~40 of them, 4 of the 5 seconds. Nested and concurrent uses share one pause.
 bulk = _Bulk()
 
+# Every field name of Node and GpuInfo: the set a parsed stored record has as its fields-set (compact_nodes).
+_ALL_SET: dict[type, set[str]] = {}
+
+
+def compact_nodes(nodes: list[Node]) -> list[Node]:
+    """The same nodes, each sharing one fields-set object per model class (and its GPUs theirs) where it is the
+    set of every field, as for a record parsed from the store. Pydantic keeps that set per instance: ~2.2 KB for
+    Node's 19 fields, ~1 KB per GpuInfo, 60 % of a cached node (3.8 -> 1.4 KiB with one GPU, 7.5 -> 3.5 with
+    eight). Sharing it changes nothing: assigning a field adds a name the set has already, and model_copy copies
+    the set. Returns `nodes`."""
+    for node in nodes:
+        _share_fields_set(node)
+        for g in node.gpus:
+            _share_fields_set(g)
+    return nodes
+
+
+def _share_fields_set(m: Any) -> None:
+    cls = type(m)
+    full = _ALL_SET.get(cls)
+    if full is None:
+        full = _ALL_SET[cls] = set(cls.model_fields)
+    if m.__pydantic_fields_set__ is not full and m.__pydantic_fields_set__ == full:
+        object.__setattr__(m, "__pydantic_fields_set__", full)
+
 
 class NotFound(errors.NotFound, KeyError):
     """What the store does not hold: a NotFound (404) where it reaches a request."""
@@ -120,6 +145,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
                   owner: str | None = None, limit: int = 1000) -> list[Run]: ...
+
+    def each_run(self, status: Iterable[RunStatus], page: int = 2000) -> Iterator[Run]:
+        """Every run in `status`, in no set order, parsed a page at a time: not one moment's snapshot (a run
+        written meanwhile may come in either state; the change feed, read from a seq taken before, settles it).
+        Listing them all at once held every Run at once: ~2 GB of a scheduler rebuilding its book with 200,000
+        queued and running runs."""
+        yield from self.list_runs(status=status, limit=100_000_000)
 
     def endpoint_runs(self) -> list[Run]:
         """Unsettled runs that serve an endpoint (the gateway's view). A store answers without parsing the other

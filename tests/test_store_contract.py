@@ -890,3 +890,40 @@ def test_replicas_share_heartbeats_so_neither_marks_a_live_node_offline() -> Non
         assert n1 is not None and n1.state == "ONLINE"
     finally:
         close()
+
+
+def test_compacted_nodes_behave_as_parsed_ones() -> None:
+    """compact_nodes shares one fields-set object among parsed nodes (and among their GPUs): what they dump,
+    copy and assign stays exactly as without it; a node built with only some fields keeps its own set."""
+    from scheduler.store import compact_nodes
+
+    raws = [node(i, gpus=3).model_dump_json() for i in range(3)]
+    plain = [Node.model_validate_json(r) for r in raws]
+    nodes = compact_nodes([Node.model_validate_json(r) for r in raws])
+    assert nodes[0].model_fields_set is nodes[1].model_fields_set
+    assert nodes[0].gpus[0].model_fields_set is nodes[2].gpus[1].model_fields_set
+    for a, b in zip(plain, nodes, strict=True):
+        assert a.model_dump(exclude_unset=True) == b.model_dump(exclude_unset=True)
+        assert a.model_dump_json() == b.model_dump_json()
+    nodes[0].draining = True
+    nodes[0].gpus[0].memory_mb = 1
+    assert not nodes[1].draining and nodes[1].gpus[0].memory_mb != 1
+    assert nodes[1].model_dump(exclude_unset=True) == plain[1].model_dump(exclude_unset=True)
+    copy = nodes[2].model_copy(update={"state": "OFFLINE"})
+    assert copy.state == "OFFLINE" and nodes[2].state == "ONLINE"
+    partial = Node(id="node-p", name="p")
+    compact_nodes([partial])
+    assert partial.model_fields_set == {"id", "name"} and partial.model_dump(exclude_unset=True) == {"id": "node-p",
+                                                                                                      "name": "p"}
+
+
+def test_each_run_reads_every_run_of_the_statuses_a_page_at_a_time(store: Store) -> None:
+    runs = [store.create_run(mk_run(i)) for i in range(7)]
+    start_on(store, runs[0], "node-a", [0])
+    start_on(store, runs[1], "node-a", [1])
+    store.transition(runs[1].id, RunStatus.RUNNING)
+    store.transition(runs[2].id, RunStatus.KILLED)
+    got = list(store.each_run([RunStatus.QUEUED, RunStatus.RUNNING], page=2))
+    assert sorted(r.id for r in got) == sorted([runs[1].id, *(r.id for r in runs[3:])])
+    assert {r.id: r.status for r in got}[runs[1].id] == RunStatus.RUNNING
+    assert [r.id for r in store.each_run([RunStatus.STARTING], page=1)] == [runs[0].id]

@@ -23,7 +23,7 @@ from ..contract.models import (
 from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation
 from ..store import GpuBusy, NotFound, bulk
 from .book import Book, Shape, Waiting
-from .core import ACTIVE, SchedulerBase
+from .core import ACTIVE, BIG_CLUSTER, SchedulerBase, trim_heap
 
 FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this often
 # The book is rebuilt from a full read of the store this often, as a safety net only: the change feed is complete.
@@ -155,8 +155,9 @@ class PlacementMixin(SchedulerBase):
         book, now = self._book, time.monotonic()
         if book is None or now - self._book_at > BOOK_REBUILD_S:
             seq = self.store.runs_seq()  # before reading: a write that lands meanwhile is read again, harmlessly
-            runs = self.store.list_runs(status=[RunStatus.QUEUED, *ACTIVE], limit=10_000_000)
-            self._book, self._book_at = Book.build(seq, runs), now
+            self._book, self._book_at = Book.build(seq, self.store.each_run([RunStatus.QUEUED, *ACTIVE])), now
+            if len(self._book.queued) + len(self._book.claims) >= BIG_CLUSTER:
+                trim_heap()  # (the pages of parsed runs are freed; their memory goes back to the system)
             return self._book
         while True:
             seq, runs = self.store.runs_changed_since(book.seq, limit=10_000)
