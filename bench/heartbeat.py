@@ -64,7 +64,7 @@ class SchedulerProc:
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
 
-    def wait_ready(self, timeout: float = 30.0) -> tuple[str, str]:
+    def wait_ready(self, timeout: float = 30.0, token_too: bool = True) -> tuple[str, str]:
         state, token = self.home / "local" / "scheduler.json", self.home / "local" / "token"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -73,7 +73,7 @@ class SchedulerProc:
             try:
                 doc = json.loads(state.read_text())
                 if doc.get("pid") == self.proc.pid:
-                    return doc["url"], token.read_text().strip()
+                    return doc["url"], token.read_text().strip() if token_too else ""
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.05)
@@ -98,9 +98,8 @@ class SchedulerProc:
         return time.perf_counter() - t0
 
 
-def cpu_seconds(p: psutil.Process) -> float:
-    t = p.cpu_times()
-    return t.user + t.system
+def cpu_seconds(p: psutil.Process | list[psutil.Process]) -> float:
+    return sum(t.user + t.system for t in (x.cpu_times() for x in (p if isinstance(p, list) else [p])))
 
 
 def machine_busy_seconds() -> float:
@@ -205,8 +204,8 @@ class HttpxConn:
         await self.c.aclose()
 
 
-async def heartbeat(base: str, nodes: list[tuple[str, str]], concurrency: int, warmup: float,
-                    seconds: float, sched: psutil.Process, kind: str) -> dict[str, Any]:
+async def heartbeat(bases: list[str], nodes: list[tuple[str, str]], concurrency: int, warmup: float,
+                    seconds: float, scheds: list[psutil.Process], kind: str) -> dict[str, Any]:
     """Back-to-back heartbeats from `concurrency` agents, each on its own keep-alive connection. Warm-up: every
     node heartbeats once (a node's first heartbeat since the scheduler started may be written durably; later
     ones need not be), then `warmup` more seconds. Only heartbeats that start and end inside the measured
@@ -220,9 +219,10 @@ async def heartbeat(base: str, nodes: list[tuple[str, str]], concurrency: int, w
     stop_at = [float("inf")]
     first_pass = [0]  # agents that have sent one heartbeat for every node of their share
     all_seen = asyncio.Event()
-    u = urlsplit(base)
-    conns: list[RawConn | HttpxConn] = [RawConn(u.hostname or "127.0.0.1", u.port or 80) if kind == "raw"
-                                        else HttpxConn(base) for _ in shares]
+    urls = [urlsplit(b) for b in bases]  # agents spread over the replicas, as behind a load balancer
+    conns: list[RawConn | HttpxConn] = [RawConn(urls[i % len(urls)].hostname or "127.0.0.1", urls[i % len(urls)].port or 80)
+                                        if kind == "raw" else HttpxConn(bases[i % len(bases)])
+                                        for i in range(len(shares))]
 
     async def agent(conn: RawConn | HttpxConn, share: list[tuple[str, str]]) -> None:
         k = 0
@@ -256,12 +256,12 @@ async def heartbeat(base: str, nodes: list[tuple[str, str]], concurrency: int, w
         window["first_pass_s"] = time.perf_counter() - t
         await asyncio.sleep(warmup)
         window["start"] = time.perf_counter()
-        window["cpu_s"], window["cpu_c"] = cpu_seconds(sched), cpu_seconds(me)
+        window["cpu_s"], window["cpu_c"] = cpu_seconds(scheds), cpu_seconds(me)
         window["cpu_all"] = machine_busy_seconds()
         stop_at[0] = window["start"] + seconds
         await asyncio.sleep(seconds)
         window["end"] = time.perf_counter()
-        window["cpu_s_end"], window["cpu_c_end"] = cpu_seconds(sched), cpu_seconds(me)
+        window["cpu_s_end"], window["cpu_c_end"] = cpu_seconds(scheds), cpu_seconds(me)
         window["cpu_all_end"] = machine_busy_seconds()
 
     try:
@@ -289,8 +289,8 @@ async def heartbeat(base: str, nodes: list[tuple[str, str]], concurrency: int, w
     }
 
 
-async def paced(base: str, nodes: list[tuple[str, str]], rate: float, seconds: float, concurrency: int,
-                sched: psutil.Process) -> dict[str, Any]:
+async def paced(bases: list[str], nodes: list[tuple[str, str]], rate: float, seconds: float, concurrency: int,
+                scheds: list[psutil.Process]) -> dict[str, Any]:
     """Open loop: heartbeat i is due at start + i/rate (round-robin over the nodes), whatever the answers do,
     as agents on a timer send them. `concurrency` connections carry them; a heartbeat that finds none free waits
     for one, and its latency runs from when it was due (so a server that falls behind shows it in the
@@ -298,12 +298,13 @@ async def paced(base: str, nodes: list[tuple[str, str]], rate: float, seconds: f
     lat: list[float] = []
     errors: dict[str, int] = {}
     body = json.dumps({"running": [], "wait": 0}).encode()
-    u = urlsplit(base)
-    conns = [RawConn(u.hostname or "127.0.0.1", u.port or 80) for _ in range(concurrency)]
+    urls = [urlsplit(b) for b in bases]
+    conns = [RawConn(urls[i % len(urls)].hostname or "127.0.0.1", urls[i % len(urls)].port or 80)
+             for i in range(concurrency)]
     total = int(rate * seconds)
     ticket = [0]
     t_start = time.perf_counter() + 0.05
-    cpu0 = cpu_seconds(sched)
+    cpu0 = cpu_seconds(scheds)
 
     async def worker(conn: RawConn) -> None:
         while ticket[0] < total:
@@ -336,7 +337,7 @@ async def paced(base: str, nodes: list[tuple[str, str]], rate: float, seconds: f
             "wall_s": round(wall, 2), "achieved_per_s": round(len(lat) / wall, 1),
             "latency_ms": {"p50": round(percentile(ms, 50), 2), "p90": round(percentile(ms, 90), 2),
                            "p99": round(percentile(ms, 99), 2), "max": round(max(ms), 2) if ms else None},
-            "scheduler_cpu_pct": round(100 * (cpu_seconds(sched) - cpu0) / wall, 1)}
+            "scheduler_cpu_pct": round(100 * (cpu_seconds(scheds) - cpu0) / wall, 1)}
 
 
 def main() -> int:
@@ -352,16 +353,22 @@ def main() -> int:
     ap.add_argument("--store", choices=("sqlite", "redis"), default="sqlite",
                     help="the scheduler's store: sqlite (default) or redis (127.0.0.1:6379/7, a key prefix of its own, "
                          "wiped afterwards; heartbeats then go to a Redis hash the replicas share)")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="scheduler replicas sharing the store (redis only; agents spread over them, as behind a "
+                         "load balancer); CPU figures are all replicas together")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="heartbeat client: a lean hand-written HTTP/1.1 one (default) or httpx.AsyncClient")
     args = ap.parse_args()
     if args.nodes < 1 or args.concurrency < 1 or args.seconds <= 0:
         ap.error("--nodes, --concurrency and --seconds must be positive")
+    if args.replicas < 1 or (args.replicas > 1 and args.store != "redis"):
+        ap.error("--replicas: at least 1, and more than 1 only with --store redis")
 
     home = Path(tempfile.mkdtemp(prefix="fedml-bench-heartbeat-"))
     keep = False
     store = "sqlite"
     sched: SchedulerProc | None = None
+    others: list[SchedulerProc] = []
     result: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()
@@ -370,6 +377,13 @@ def main() -> int:
         url, admin = sched.wait_ready()
         print(f"# scheduler pid {sched.proc.pid} at {url} (home {home}, store {args.store}), up in "
               f"{time.perf_counter() - t0:.2f} s")
+        urls = [url]
+        for i in range(1, args.replicas):
+            (home / f"replica-{i}").mkdir()
+            others.append(SchedulerProc(home / f"replica-{i}", store))
+            urls.append(others[-1].wait_ready(token_too=False)[0])
+            print(f"# replica {i}: pid {others[-1].proc.pid} at {urls[-1]}")
+        procs = [sched.ps] + [o.ps for o in others]
 
         c0 = cpu_seconds(sched.ps)
         nodes, reg_s = asyncio.run(register_all(url, admin, args.nodes, args.register_concurrency))
@@ -377,7 +391,7 @@ def main() -> int:
         print(f"registered {len(nodes)} nodes in {reg_s:.2f} s ({len(nodes) / reg_s:.0f}/s, "
               f"{args.register_concurrency} connections, scheduler CPU {reg_cpu:.0f} %)")
 
-        hb = asyncio.run(heartbeat(url, nodes, args.concurrency, args.warmup, args.seconds, sched.ps,
+        hb = asyncio.run(heartbeat(urls, nodes, args.concurrency, args.warmup, args.seconds, procs,
                                     args.client))
         lat = hb["latency_ms"]
         agents = hb["rate_per_s"] * INTERVAL
@@ -388,8 +402,8 @@ def main() -> int:
               f"({args.concurrency} agents back-to-back over {len(nodes)} nodes, wait=0, {args.client} client)")
         print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
         print(f"errors: {hb['errors']}" + (f" {hb['error_kinds']}" if hb["errors"] else ""))
-        print(f"CPU over the window: scheduler {hb['scheduler_cpu_pct']:.0f} % (100 % = one core; it runs Python "
-              f"under one GIL), this client {hb['client_cpu_pct']:.0f} %; {psutil.cpu_count()} cores")
+        print(f"CPU over the window: scheduler{'s' if args.replicas > 1 else ''} {hb['scheduler_cpu_pct']:.0f} % (100 % = "
+              f"one core; each runs Python under one GIL), this client {hb['client_cpu_pct']:.0f} %; {psutil.cpu_count()} cores")
         if hb["other_cpu_pct"] > 50:
             print(f"   NOTE: other processes used {hb['other_cpu_pct']:.0f} % of a core meanwhile: these figures are "
                   "lower than this machine gives when idle")
@@ -399,13 +413,14 @@ def main() -> int:
               "one on arrival and one when the wait ends)")
         pc: dict[str, Any] | None = None
         if args.paced_seconds > 0 and args.paced_rate > 0:
-            pc = asyncio.run(paced(url, nodes, args.paced_rate, args.paced_seconds, args.concurrency, sched.ps))
+            pc = asyncio.run(paced(urls, nodes, args.paced_rate, args.paced_seconds, args.concurrency, procs))
             pl = pc["latency_ms"]
             print(f"paced at {args.paced_rate:.0f}/s for {args.paced_seconds:.0f} s (open loop, latency from when each "
                   f"was due): {pc['ok']}/{pc['sent']} answered in {pc['wall_s']:.1f} s = {pc['achieved_per_s']:.0f}/s; "
                   f"latency ms p50 {pl['p50']}  p90 {pl['p90']}  p99 {pl['p99']}  max {pl['max']}; "
                   f"errors {pc['errors']}; scheduler CPU {pc['scheduler_cpu_pct']:.0f} %")
-        result = {"store": args.store, "nodes": len(nodes), "concurrency": args.concurrency, "register_s": round(reg_s, 2),
+        result = {"store": args.store, "replicas": args.replicas, "nodes": len(nodes), "concurrency": args.concurrency,
+                  "register_s": round(reg_s, 2),
                   "register_per_s": round(len(nodes) / reg_s, 1), "register_scheduler_cpu_pct": round(reg_cpu, 1),
                   **hb, "agents_at_10s": round(agents), "target_agents": TARGET_AGENTS, "target_rate": TARGET_RATE,
                   "verdict": verdict, "paced": pc}
@@ -423,6 +438,8 @@ def main() -> int:
         result = {"error": f"{type(exc).__name__}: {exc}"}
         return 1
     finally:
+        for o in others:
+            o.stop()
         took = sched.stop() if sched is not None else 0.0
         if sched is not None and store != "sqlite":
             from scheduler.redis_store import wipe_prefix
