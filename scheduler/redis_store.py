@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -45,7 +44,18 @@ from .redis_schema import (
     Keys,
     parse_url,
 )
-from .store import DEFAULT_LOG_RETENTION, QUIET_FIELDS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store, bulk, compact_nodes
+from .store import (
+    DEFAULT_LOG_RETENTION,
+    QUIET_FIELDS,
+    AlreadyExists,
+    GpuBusy,
+    KeyCache,
+    NotFound,
+    SeqGap,
+    Store,
+    bulk,
+    compact_nodes,
+)
 
 log = logging.getLogger("fedml.scheduler")
 
@@ -82,8 +92,7 @@ class RedisStore(Store):
         # placement right after the pass listed the queue costs one round trip, not two). A stale one only
         # costs a failed compare-and-set and a fresh read.
         self._docs_seen: dict[str, str] = {}
-        self._key_cache: dict[str, tuple[int, ApiKey]] = {}  # digest -> (keys version when read, key)
-        self._keys_version, self._keys_checked = -1, 0.0  # (key_by_hash)
+        self._keys = KeyCache(lambda: int(self.r.get(self.k.keys_version) or 0), self._read_key)
         self._endpoints_ready = False  # the endpoints set is known to be built (endpoint_runs)
 
     # -- runs --------------------------------------------------------------------------------------------
@@ -455,38 +464,15 @@ class RedisStore(Store):
         if self._notifier is not None:
             self._notifier.notify("keys")  # other replicas drop their cached keys
 
-    KEY_CACHE_S = 1.0
-
     def _keys_changed(self) -> None:
-        """A key was written (here, or at another replica: its wake-up): look the version up at the next request.
-        Dropping the entry alone left a race: a request that had read the key before the revocation could put it
-        back, tagged with the version this replica had not re-read yet, and it was used for up to a second."""
-        self._key_cache.clear()
-        self._keys_checked = 0.0
+        self._keys.changed()
 
     def key_by_hash(self, digest: str) -> ApiKey | None:
-        # Every request is authenticated: keys found are remembered while the store's key version stays, checked
-        # at most every KEY_CACHE_S (one GET), so a revocation made at another replica takes effect here within
-        # that time even if its wake-up is lost (at once at the replica that revoked it). A cache entry that
-        # expired by itself after a second instead cost 10,000 agents a round trip per heartbeat.
-        now = time.monotonic()
-        if now - self._keys_checked >= self.KEY_CACHE_S:
-            version = int(self.r.get(self.k.keys_version) or 0)
-            if version != self._keys_version:
-                self._key_cache.clear()
-                self._keys_version = version
-            self._keys_checked = now
-        seen = self._keys_version  # an entry is good for the version seen before its read, not a later one
-        hit = self._key_cache.get(digest)
-        if hit is not None and hit[0] == seen:
-            return hit[1]
+        return self._keys.get(digest)
+
+    def _read_key(self, digest: str) -> ApiKey | None:
         raw = self.r.hget(self.k.key_docs, digest)
-        key = ApiKey.model_validate_json(raw) if raw else None
-        if key is not None:
-            if len(self._key_cache) > 100_000:
-                self._key_cache.clear()
-            self._key_cache[digest] = (seen, key)
-        return key
+        return ApiKey.model_validate_json(raw) if raw else None
 
     def list_keys(self) -> list[ApiKey]:
         keys = [ApiKey.model_validate_json(raw) for raw in self.r.hvals(self.k.key_docs)]

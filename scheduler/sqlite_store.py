@@ -19,6 +19,7 @@ from .store import (
     TEXT_STREAM,
     AlreadyExists,
     GpuBusy,
+    KeyCache,
     NotFound,
     SeqGap,
     Store,
@@ -99,11 +100,16 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
     PRIMARY KEY (node_id, gpu)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
--- Counters: 'nodes' moves with every write to the nodes table, by any process (Store.nodes_version);
+-- Counters: 'nodes' moves with every write to the nodes table, by any process (Store.nodes_version); 'keys'
+-- with every write to api_keys (the key cache, store.KeyCache);
 -- 'claims' is 1 once gpu_claims holds every run's claims (a database older than the table gets them on open).
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta (k, v) VALUES ('nodes', 0);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('claims', 0);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('keys', 0);
+CREATE TRIGGER IF NOT EXISTS keys_ins AFTER INSERT ON api_keys BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys'; END;
+CREATE TRIGGER IF NOT EXISTS keys_upd AFTER UPDATE ON api_keys BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys'; END;
+CREATE TRIGGER IF NOT EXISTS keys_del AFTER DELETE ON api_keys BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys'; END;
 CREATE TRIGGER IF NOT EXISTS nodes_ins AFTER INSERT ON nodes BEGIN
     UPDATE meta SET v = v + 1 WHERE k = 'nodes';
     UPDATE nodes SET seq = (SELECT v FROM meta WHERE k = 'nodes') WHERE id = NEW.id;
@@ -171,6 +177,7 @@ class SQLiteStore(Store):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._keys = KeyCache(self._keys_version, self._read_key)
         self._depth = [0]  # transaction nesting (guarded by _lock)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -581,8 +588,16 @@ class SQLiteStore(Store):
         with self._tx() as db:
             db.execute("INSERT INTO api_keys (id, hash, doc) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
                        "hash=excluded.hash, doc=excluded.doc", (key.id, key.hash, key.model_dump_json()))
+        self._keys.changed()  # after the commit: the next request re-reads the version the write moved
 
     def key_by_hash(self, digest: str) -> ApiKey | None:
+        return self._keys.get(digest)
+
+    def _keys_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT v FROM meta WHERE k='keys'").fetchone()[0])
+
+    def _read_key(self, digest: str) -> ApiKey | None:
         with self._lock:
             row = self._db.execute("SELECT doc FROM api_keys WHERE hash=?", (digest,)).fetchone()
         return ApiKey.model_validate_json(row[0]) if row else None

@@ -11,8 +11,9 @@ import abc
 import contextlib
 import gc
 import threading
+import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .contract import errors
@@ -74,6 +75,48 @@ def _share_fields_set(m: Any) -> None:
         full = _ALL_SET[cls] = set(cls.model_fields)
     if m.__pydantic_fields_set__ is not full and m.__pydantic_fields_set__ == full:
         object.__setattr__(m, "__pydantic_fields_set__", full)
+
+
+class KeyCache:
+    """API keys by digest, remembered while the store's key version stays: every request is authenticated, and a
+    look-up per request (10,000 agents heartbeating) cost a store read each (a Redis round trip; on SQLite a turn
+    at the one connection every request thread queues for). The version (moved by every key write, by any
+    process) is read at most every TTL seconds, so a revocation made elsewhere takes effect here within that time
+    even if its wake-up is lost, and at once where it was made (changed())."""
+
+    TTL = 1.0
+    MAX = 100_000
+
+    def __init__(self, version: Callable[[], int], read: Callable[[str], ApiKey | None]) -> None:
+        self._version, self._read = version, read
+        self._cache: dict[str, tuple[int, ApiKey]] = {}
+        self._seen, self._checked = -1, 0.0
+
+    def changed(self) -> None:
+        """A key was written (here, or elsewhere: its wake-up): look the version up at the next request.
+        Dropping the entry alone left a race: a request that had read the key before the revocation could put it
+        back, tagged with the version not re-read yet, and it was used for up to a second."""
+        self._cache.clear()
+        self._checked = 0.0
+
+    def get(self, digest: str) -> ApiKey | None:
+        now = time.monotonic()
+        if now - self._checked >= self.TTL:
+            version = self._version()
+            if version != self._seen:
+                self._cache.clear()
+                self._seen = version
+            self._checked = now
+        seen = self._seen  # an entry is good for the version seen before its read, not a later one
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] == seen:
+            return hit[1]
+        key = self._read(digest)
+        if key is not None:
+            if len(self._cache) > self.MAX:
+                self._cache.clear()
+            self._cache[digest] = (seen, key)
+        return key
 
 
 class NotFound(errors.NotFound, KeyError):

@@ -658,24 +658,46 @@ def test_the_nodes_change_feed_gives_what_moved_since_a_version(pair: tuple[Stor
     assert b.nodes_since(v2 + 1000) is None  # a version this store never reached: list them all
 
 
-def test_a_key_read_just_before_its_revocation_is_not_used_after_it(tmp_path: Path) -> None:
-    """Redis's key cache: a request that read the key before the revocation and stores it after (a race between
-    threads of one replica) must not make this replica accept the revoked key for the next second."""
-    from scheduler.redis_store import RedisStore
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_key_read_just_before_its_revocation_is_not_used_after_it(kind: str, tmp_path: Path) -> None:
+    """The key cache (store.KeyCache): a request that read the key before the revocation and stores it after (a
+    race between threads of one process) must not make this process accept the revoked key for the next second."""
+    if kind == "sqlite":
+        store: Store = SQLiteStore(tmp_path / "keys.db")
+    else:
+        from scheduler.redis_store import RedisStore
 
-    store = RedisStore(redis_url())
+        store = RedisStore(redis_url())
     try:
         key = ApiKey(id="key-1", name="ci", scope="user", owner="ci", hash="a" * 64, prefix="fml_u_x", created_at=1.0)
         store.put_key(key)
         assert (store.key_by_hash("a" * 64) or key).revoked_at is None
-        seen = store._keys_version  # what the racing request saw before it read the key
+        cache = store._keys  # type: ignore[attr-defined]
+        seen = cache._seen  # what the racing request saw before it read the key
         store.put_key(key.model_copy(update={"revoked_at": 5.0}))
-        store._key_cache["a" * 64] = (seen, key)  # ... and stores it after the revocation
+        cache._cache["a" * 64] = (seen, key)  # ... and stores it after the revocation
         got = store.key_by_hash("a" * 64)
         assert got is not None and got.revoked_at == 5.0
     finally:
-        store.wipe()
+        if kind == "redis":
+            store.wipe()  # type: ignore[attr-defined]
         store.close()
+
+
+def test_a_key_revoked_by_another_process_is_refused_within_the_cache_time(tmp_path: Path) -> None:
+    """SQLite: a second connection to the file (another process) revokes a key this one has cached: the key
+    version moves with the write, and the cache looks at it at least every KeyCache.TTL."""
+    a, b = SQLiteStore(tmp_path / "k.db"), SQLiteStore(tmp_path / "k.db")
+    try:
+        key = ApiKey(id="key-1", name="ci", scope="user", owner="ci", hash="a" * 64, prefix="fml_u_x", created_at=1.0)
+        a.put_key(key)
+        assert (a.key_by_hash("a" * 64) or key).revoked_at is None
+        b.put_key(key.model_copy(update={"revoked_at": 5.0}))
+        a._keys._checked -= a._keys.TTL  # (as if the time had passed)
+        assert (a.key_by_hash("a" * 64) or key).revoked_at == 5.0
+    finally:
+        a.close()
+        b.close()
 
 
 def test_keys_are_found_by_digest_and_revocation_sticks(pair: tuple[Store, Store]) -> None:
