@@ -14,7 +14,7 @@ import typer
 from . import __version__, admin, cluster, endpoint, runs, scheduler_cmd, templates
 from .errors import USAGE, CliError
 from .follow import _follow, _QueueWatch
-from .output import Group, JsonOpt
+from .output import Group, JsonOpt, fail
 from .output import err as _err
 from .output import print_json as _print_json
 
@@ -55,12 +55,15 @@ def launch(
                                                     help="Ctrl-C stops the run too (default: it keeps running).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Unknown keys that look like typos (`computing: "
                                                           "{minimum_num_gpu: 1}`) are errors, not warnings.")] = False,
+    api_key: Annotated[str | None, typer.Option("--api_key", "--api-key", "-k", metavar="KEY",
+                                                help="The API key for this command (as FEDML_API_KEY; FedML's "
+                                                     "scripts pass -k). Not needed for the local scheduler.")] = None,
 ) -> None:
     """Validate JOB.yaml, upload its workspace, start a run and follow its logs.
 
     Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on.
     """
-    from scheduler.contract.jobyaml import JobSpecError, env_problem
+    from scheduler.contract.jobyaml import env_problem
 
     overrides: dict[str, str] = {}
     for item in env or []:
@@ -72,87 +75,35 @@ def launch(
             _err(f"error: --env: {why}")
             raise typer.Exit(USAGE)
         overrides[key] = val
-    if not dry_run and not strict:
-        sent = _launch_text(job_file, name, overrides, as_json)
-        if sent is not None:
-            _launched(sent[0], sent[1], detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
-            return
-    from scheduler.contract.jobload import load_file
+    if api_key is not None:
+        os.environ["FEDML_API_KEY"] = api_key
+    from .submit import load, submit, submit_loaded
 
+    if not dry_run and not strict:
+        try:
+            api, run = submit(job_file, name=name, env=overrides, show_progress=not as_json,
+                              warn=lambda w: _err(f"warning: {w}"))
+        except CliError as exc:
+            raise fail(exc) from None
+        _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
+        return
     try:
-        loaded = load_file(job_file)
-    except JobSpecError as exc:
-        _err(f"error: {exc}")
-        raise typer.Exit(USAGE) from None
+        loaded = load(job_file)
+    except CliError as exc:
+        raise fail(exc) from None
     for w in loaded.warnings:
         _err(f"{'error' if strict else 'warning'}: {w}")
     if strict and loaded.warnings:
         raise typer.Exit(USAGE)
-    spec = loaded.spec
-    job_doc = spec.model_dump(mode="json", exclude_none=True)
     if dry_run:
-        _show_dry_run(job_file, loaded, job_doc, overrides, name, as_json)
+        _show_dry_run(job_file, loaded, loaded.spec.model_dump(mode="json", exclude_none=True), overrides, name,
+                      as_json)
         return
-    if not spec.commands().strip():
-        _err(f"error: {job_file}: job: this file refers to a job stored on FedML's platform (job_args); "
-             "put the commands to run in `job`")
-        raise typer.Exit(USAGE)
-    from .api import connect
-
-    api = connect()
-    sha = _upload_workspace(api, loaded.workspace_dir, as_json)
-    run = api.post("/runs", json={"job": job_doc, "name": name, "job_file": os.path.basename(job_file),
-                                  "workspace_sha": sha, "env": overrides})
+    try:
+        api, run = submit_loaded(job_file, loaded, name=name, env=overrides, show_progress=not as_json)
+    except CliError as exc:
+        raise fail(exc) from None
     _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
-
-
-def _upload_workspace(api: Any, workspace: Any, as_json: bool) -> str | None:
-    if workspace is None:
-        return None
-    from .pack import pack
-
-    packed = pack(workspace, show_progress=not as_json)
-    try:
-        if not api.has_blob(packed.sha256):
-            api.put_blob(packed.sha256, packed.path, show_progress=not as_json)
-        return packed.sha256
-    finally:
-        os.unlink(packed.path)
-
-
-def _launch_text(job_file: str, name: str | None, overrides: dict[str, str], as_json: bool) -> tuple[Any, Any] | None:
-    """The fast way, when a scheduler is already there to ask: read the file as YAML only (syntax errors and the
-    workspace are checked here, with their lines), send its text, and let the scheduler validate it with the same
-    `FILE:LINE: field: message` errors. Not loading the job's schema (pydantic) here is most of what a launch
-    costs the CLI. None: do it the full way (nothing runs yet to ask, or a FedML federate job whose client count
-    is in its workspace's config)."""
-    from scheduler.contract.jobyaml import JOB_TEXT_MAX, JobSpecError, parse_text, read_text, workspace_dir
-
-    from . import local
-    from .api import connect, credentials
-
-    if not (os.environ.get("FEDML_SERVER") or credentials() or local.probably_running()):
-        return None  # starting a scheduler takes long anyway: validate here first, and start none for a bad file
-    try:
-        text = read_text(job_file)
-        if len(text.encode()) > JOB_TEXT_MAX:
-            return None  # the scheduler reads short files only: this one is validated here and sent as a document
-        data, lines = parse_text(text, file=job_file)
-        if not isinstance(data, dict):
-            return None  # the full way says what it should be
-        if data.get("job_type") == "federate" and "federate" not in data:
-            return None
-        workspace = workspace_dir(data.get("workspace"), job_file, lines)
-    except JobSpecError as exc:
-        _err(f"error: {exc}")
-        raise typer.Exit(USAGE) from None
-    api = connect()
-    sha = _upload_workspace(api, workspace, as_json)
-    run = api.post("/runs", json={"job_text": text, "name": name, "job_file": job_file, "workspace_sha": sha,
-                                  "env": overrides})
-    for w in run.get("warnings") or []:
-        _err(f"warning: {w}")
-    return api, run
 
 
 def _launched(api: Any, run: dict[str, Any], *, detach: bool, as_json: bool, stop_on_interrupt: bool) -> None:
@@ -253,9 +204,37 @@ def env_cmd(as_json: JsonOpt = False) -> None:
         w(f"gpus          none seen ({why})\n")
 
 
+def _launch_key_out_of_argv(argv: list[str]) -> None:
+    """`fedml launch -k KEY ...` (FedML's scripts pass it): the key would stay readable by every user in
+    /proc/PID/cmdline (`ps`) for as long as the launch follows its logs. It moves into the environment (readable
+    by its owner only) and we exec ourselves again without it. Returns if there is no -k."""
+    out: list[str] = []
+    key = None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a in ("-k", "--api_key", "--api-key") and i + 1 < len(argv):
+            key, i = argv[i + 1], i + 2
+            continue
+        if a.startswith(("--api_key=", "--api-key=")) or (a.startswith("-k") and len(a) > 2 and not a.startswith("--")):
+            key, i = a.split("=", 1)[1] if a.startswith("--") else a[2:], i + 1
+            continue
+        out.append(a)
+        i += 1
+    if key is None:
+        return
+    os.environ["FEDML_API_KEY"] = key
+    os.execv(sys.executable, [sys.executable, "-m", "fedml_cli.main", *out])
+
+
 def main() -> None:
     if sys.argv[1:2] == ["login"]:
         cluster.reexec_without_key(sys.argv[1:])
+    if sys.argv[1:2] == ["launch"]:
+        _launch_key_out_of_argv(sys.argv[1:])
     try:
         app()
     except CliError as exc:

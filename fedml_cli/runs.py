@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import OK, USAGE, CliError
+from .errors import NOT_FOUND, OK, USAGE, CliError
 from .follow import _follow
 from .output import JsonOpt
 from .output import err as _err
@@ -19,6 +19,27 @@ from .output import print_json as _print_json
 from .show import STATUSES, TERMINAL, _ago, _console, _duration, _node, _styled, stop_said, wait_ended, write_text
 
 run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
+
+# FedML's ways to name a run (its scripts and docs pass them), beside the RUN_ID argument.
+RunIdOpt = Annotated[str | None, typer.Option("--run_id", "--run-id", "-rid", metavar="RUN_ID",
+                                              help="The run (FedML's flag: the same as the RUN_ID argument).")]
+RunNameOpt = Annotated[str | None, typer.Option("--run_name", "--run-name", "-r", metavar="NAME",
+                                                help="The newest run with this name (among the newest 10,000).")]
+
+
+def which_run(api: Any, arg: str | None, rid: str | None, name: str | None = None) -> str:
+    """The run a command names: RUN_ID, -rid RUN_ID or -r NAME (one of them)."""
+    given = {x for x in (arg, rid) if x}
+    if len(given) > 1 or (given and name):
+        raise CliError("name the run once: RUN_ID, -rid RUN_ID or -r NAME", USAGE)
+    if given:
+        return given.pop()
+    if name:
+        named = [r for r in api.get("/runs", params={"limit": 10_000}) if r["name"] == name]
+        if not named:
+            raise CliError(f"no run named {name}", NOT_FOUND)
+        return str(named[0]["id"])  # newest first
+    raise CliError("which run? give RUN_ID, -rid RUN_ID or -r NAME", USAGE)
 
 
 # ---- logs --------------------------------------------------------------------------------------------------
@@ -58,6 +79,51 @@ def logs(
     sys.stdout.write("".join(pending))
 
 
+@run_app.command("logs")
+def run_logs(
+    run_id: Annotated[str | None, typer.Argument(metavar="[RUN_ID]")] = None,
+    rid: RunIdOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", min=0, help="Only the last N lines.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="Only lines of this rank.")] = None,
+    page_num: Annotated[int | None, typer.Option("--page_num", "-pn", min=1,
+                                                 help="FedML's paging: this page of the log (from 1).")] = None,
+    page_size: Annotated[int | None, typer.Option("--page_size", "-ps", min=1,
+                                                  help="FedML's paging: lines per page (default 10).")] = None,
+    need_all_logs: Annotated[bool, typer.Option("--need_all_logs", "-a", help="Every line (the default here; "
+                                                                              "FedML shows one page).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The same as `fedml logs RUN_ID`, with FedML's flags (`fedml run logs -rid RUN_ID`, what FedML prints after
+    a launch); -pn/-ps show one page of the log."""
+    from .api import connect
+
+    api = connect()
+    run_id = which_run(api, run_id, rid)
+    if (page_num is None and page_size is None) or need_all_logs:
+        logs(run_id, follow=follow, tail=tail, rank=rank, as_json=as_json)
+        return
+    if follow or tail is not None:
+        raise CliError("-pn/-ps show one page: not with --follow or --tail", USAGE)
+    size = page_size or 10
+    for rec in page(api, run_id, page_num or 1, size, rank):
+        sys.stdout.write((json.dumps(rec) if as_json else rec["line"]) + "\n")
+
+
+def page(api: Any, run_id: str, num: int, size: int, rank: int | None = None) -> list[dict[str, Any]]:
+    """Page `num` (from 1) of `size` lines of a run's log: the lines at positions (num-1)*size .. num*size-1."""
+    out: list[dict[str, Any]] = []
+    stream = api.stream_logs(run_id, after=(num - 1) * size - 1, rank=rank)
+    try:
+        for rec in stream:
+            if rec.get("end") or rec["pos"] >= num * size:
+                break
+            out.append(rec)
+    finally:
+        stream.close()  # (the rest of the log is not read)
+    return out
+
+
 # ---- run ---------------------------------------------------------------------------------------------------
 
 def _status_arg(status: list[str] | None) -> list[str]:
@@ -76,13 +142,25 @@ def _status_arg(status: list[str] | None) -> list[str]:
 def run_list(
     status: Annotated[list[str] | None, typer.Option("--status", "-s", help="Only runs in this state; repeatable.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest first).")] = 100,
+    run_name: Annotated[str | None, typer.Option("--run_name", "--run-name", "-r", metavar="NAME",
+                                                 help="Only runs with this name.")] = None,
+    rid: Annotated[str | None, typer.Option("--run_id", "--run-id", "-rid", metavar="RUN_ID",
+                                            help="Only this run.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first."""
     wanted = _status_arg(status)
     from .api import connect
 
-    runs = connect().get("/runs", params={"status": wanted, "limit": limit})
+    api = connect()
+    if rid:
+        runs = [api.get(f"/runs/{rid}")]
+        runs = [r for r in runs if not wanted or r["status"] in wanted]
+    elif run_name:
+        got = api.get("/runs", params={"status": wanted, "limit": 10_000})
+        runs = [r for r in got if r["name"] == run_name][:limit]
+    else:
+        runs = api.get("/runs", params={"status": wanted, "limit": limit})
     if as_json:
         _print_json(runs)
         return
@@ -104,7 +182,9 @@ def run_list(
 
 @run_app.command("status")
 def run_status(
-    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    run_id: Annotated[str | None, typer.Argument(metavar="[RUN_ID]")] = None,
+    rid: RunIdOpt = None,
+    run_name: RunNameOpt = None,
     explain: Annotated[bool, typer.Option("--explain", help="Also show how placement scored the nodes it "
                                                             "considered: each scorer's value and weight.")] = False,
     as_json: JsonOpt = False,
@@ -112,7 +192,8 @@ def run_status(
     """Show one run: state, why it waits or failed, node, times, exit code."""
     from .api import connect
 
-    r = connect().get(f"/runs/{run_id}")
+    api = connect()
+    r = api.get(f"/runs/{which_run(api, run_id, rid, run_name)}")
     if as_json:
         _print_json(r)
         return
@@ -166,7 +247,8 @@ def _explain(console: Any, r: dict[str, Any]) -> None:
 
 @run_app.command("stop")
 def run_stop(
-    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    run_id: Annotated[str | None, typer.Argument(metavar="[RUN_ID]")] = None,
+    rid: RunIdOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the run has ended.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 60.0,
     as_json: JsonOpt = False,
@@ -175,6 +257,7 @@ def run_stop(
     from .api import connect
 
     api = connect()
+    run_id = which_run(api, run_id, rid)
     r = wait_ended(api, api.post(f"/runs/{run_id}/stop"), timeout if wait else 0)
     stop_said(r, waited=wait, as_json=as_json, doc=r, message=(
         f"Run {run_id} {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")

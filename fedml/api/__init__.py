@@ -1,0 +1,241 @@
+"""FedML's `fedml.api`, in its names and signatures, over fedml launch's own client (fedml_cli.api): scripts
+written for FedML run unchanged against this scheduler (docs/sdk.md).
+
+    import fedml
+    result = fedml.api.launch_job("job.yaml")
+    if result.result_code == 0:
+        runs, status = fedml.api.run_status(run_id=result.run_id)
+        logs = fedml.api.run_logs(result.run_id, page_num=1, page_size=100)
+
+The scheduler is the one the `fedml` command uses: FEDML_SERVER (+ FEDML_API_KEY), a stored `fedml login`, or
+the local one (started on first use). `api_key=` arguments are used as FEDML_API_KEY for the call. FedML's
+`platform=` arguments are accepted and ignored (one platform here). What has no equivalent yet raises
+NotImplementedError saying what to use instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedml_cli.errors import CliError
+
+from .constants import RunStatus
+
+__all__ = ["LaunchResult", "RunLogResult", "RunModel", "RunModelList", "RunStatus", "fedml_login", "launch_job",
+           "launch_job_on_cluster", "run_list", "run_logs", "run_status", "run_stop"]
+
+
+@dataclass
+class LaunchResult:
+    """What launch_job returns. result_code 0: launched (FedML's scripts check this); else result_message says
+    why and run_id is None."""
+
+    result_code: int
+    result_message: str
+    run_id: str | None = None
+    project_id: str | None = None
+    inner_id: str | None = None  # the endpoint of a serve job (FedML: its endpoint id)
+    run: dict[str, Any] | None = None  # the run as the scheduler created it (fedml launch's fields)
+
+    @property
+    def result_msg(self) -> str:  # FedML's docs name it so
+        return self.result_message
+
+
+@dataclass
+class RunModel:
+    """One run as FedML's run lists show it (FedMLRunModel's fields that have a meaning here)."""
+
+    run_id: str
+    run_name: str
+    status: str  # FedML's state name (constants.RunStatus)
+    exit_code: int | None
+    reason: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    run: dict[str, Any] = field(repr=False, default_factory=dict)  # every field fedml launch has
+
+
+@dataclass
+class RunModelList:
+    run_list: list[RunModel]
+
+
+@dataclass
+class RunLogResult:
+    run_status: RunStatus | None = None
+    total_log_lines: int = 0
+    total_log_pages: int = 0
+    log_line_list: list[str] = field(default_factory=list)
+    run_logs: Any = None
+
+
+@contextlib.contextmanager
+def _key(api_key: str | None) -> Iterator[None]:
+    """`api_key` as FEDML_API_KEY for one call (what the fedml command reads)."""
+    if not api_key:
+        yield
+        return
+    before = os.environ.get("FEDML_API_KEY")
+    os.environ["FEDML_API_KEY"] = api_key
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FEDML_API_KEY", None)
+        else:
+            os.environ["FEDML_API_KEY"] = before
+
+
+def _connect() -> Any:
+    from fedml_cli.api import connect
+
+    return connect()
+
+
+def fedml_login(api_key: str | None = None) -> tuple[int, str]:
+    """Check that the scheduler answers with `api_key` (or the key configured); later calls in this process use
+    that key. Returns (0, "") or (-1, why), as FedML's does. (To join this machine as a node, run `fedml login`.)"""
+    try:
+        with _key(api_key):
+            _connect().get("/runs", params={"limit": 1})
+    except CliError as exc:
+        return -1, str(exc)
+    if api_key:
+        os.environ["FEDML_API_KEY"] = api_key
+    return 0, ""
+
+
+def launch_job(yaml_file: str, api_key: str | None = None, resource_id: str | None = None,
+               device_server: str | None = None, device_edges: list[str] | None = None,
+               feature_entry_point: Any = None) -> LaunchResult:
+    """Validate `yaml_file`, upload its workspace and start a run. Never raises for a bad file or an unreachable
+    scheduler: result_code is then the `fedml launch` exit code (2: invalid, 3: unreachable...), result_message
+    the reason. resource_id, device_server and device_edges name FedML platform resources: placement here is the
+    scheduler's (the YAML's computing section, labels)."""
+    from fedml_cli.submit import submit
+
+    warnings: list[str] = []
+    try:
+        with _key(api_key):
+            _, run = submit(yaml_file, show_progress=False, warn=warnings.append)
+    except CliError as exc:
+        return LaunchResult(result_code=exc.code, result_message=str(exc))
+    message = "Your job has been launched successfully."  # FedML's words, which its scripts may print
+    if warnings:
+        message += " Warnings: " + "; ".join(warnings)
+    endpoint = (run.get("endpoint") or {}).get("name")
+    return LaunchResult(result_code=0, result_message=message, run_id=run["id"], inner_id=endpoint, run=run)
+
+
+def launch_job_on_cluster(yaml_file: str, cluster: str, api_key: str | None = None, resource_id: str | None = None,
+                          device_server: str | None = None, device_edges: list[str] | None = None,
+                          feature_entry_point: Any = None) -> LaunchResult:
+    raise NotImplementedError("clusters are not in fedml launch yet: put labels on the nodes (`fedml login "
+                              "--label`) and ask for them in the job YAML (`labels:`), then use launch_job")
+
+
+def _model(run: dict[str, Any]) -> RunModel:
+    return RunModel(run_id=run["id"], run_name=run["name"],
+                    status=RunStatus.of(run["status"], bool(run.get("stop_requested"))).value,
+                    exit_code=run.get("exit_code"), reason=run.get("reason"), created_at=run["created_at"],
+                    started_at=run.get("started_at"), ended_at=run.get("ended_at"), run=run)
+
+
+def _find(api: Any, run_name: str | None, run_id: str | None) -> list[dict[str, Any]]:
+    if run_id:
+        from fedml_cli.errors import NOT_FOUND
+
+        try:
+            run = api.get(f"/runs/{run_id}")
+        except CliError as exc:
+            if exc.code == NOT_FOUND:
+                return []
+            raise
+        return [run] if run_name is None or run["name"] == run_name else []
+    if run_name:
+        return [r for r in api.get("/runs", params={"limit": 10_000}) if r["name"] == run_name]
+    raise ValueError("Please specify either run name or run id.")
+
+
+def run_list(run_name: str | None = None, run_id: str | None = None, platform: str = "falcon",
+             api_key: str | None = None) -> RunModelList:
+    """The runs with this id or name (newest first). ValueError without either, as FedML's."""
+    with _key(api_key):
+        return RunModelList([_model(r) for r in _find(_connect(), run_name, run_id)])
+
+
+def run_status(run_name: str | None = None, run_id: str | None = None, platform: str = "falcon",
+               api_key: str | None = None) -> tuple[RunModelList | None, RunStatus | None]:
+    """(the run as a one-run list, its FedML state); (None, None) when there is no such run. A name that several
+    runs have gives the newest (FedML raised)."""
+    runs = run_list(run_name=run_name, run_id=run_id, api_key=api_key)
+    if not runs.run_list:
+        return None, None
+    newest = RunModelList(runs.run_list[:1])
+    return newest, RunStatus.get_run_enum_from_str(newest.run_list[0].status)
+
+
+def run_logs(run_id: str, page_num: int = 1, page_size: int = 10, need_all_logs: bool = False,
+             platform: str = "falcon", api_key: str | None = None) -> RunLogResult:
+    """One page of the run's log (page_num from 1, page_size lines), or every line with need_all_logs."""
+    from fedml_cli.runs import page
+
+    if run_id is None:
+        raise ValueError("Please specify run id.")
+    if page_num < 1 or page_size < 1:
+        raise ValueError("page_num and page_size start at 1")
+    with _key(api_key):
+        api = _connect()
+        found = _find(api, None, run_id)
+        if not found:
+            return RunLogResult()
+        run = found[0]
+        total = int(run.get("log_count") or 0)
+        if need_all_logs:
+            lines = [rec["line"] for chunk in api.stream_log_chunks(run_id) for rec in chunk if "line" in rec]
+        else:
+            lines = [rec["line"] for rec in page(api, run_id, page_num, page_size)]
+    return RunLogResult(run_status=RunStatus.of(run["status"], bool(run.get("stop_requested"))),
+                        total_log_lines=total, total_log_pages=-(-total // page_size), log_line_list=lines)
+
+
+def run_stop(run_id: str, platform: str = "falcon", api_key: str | None = None) -> bool:
+    """Ask the run to stop (its processes get SIGTERM, then SIGKILL after the grace period); True if it was
+    running or queued, or has ended."""
+    with _key(api_key):
+        try:
+            _connect().post(f"/runs/{run_id}/stop")
+        except CliError:
+            return False
+    return True
+
+
+def _instead(name: str, use: str) -> Any:
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"fedml.api.{name} has no equivalent in fedml launch yet: {use}")
+
+    missing.__name__ = name
+    return missing
+
+
+# FedML's API beyond runs: what to use until each exists here.
+_CLUSTERS = "clusters are not in fedml launch yet; label nodes and ask for the labels in the job YAML"
+for _name in ("cluster_list", "cluster_exists", "cluster_status", "cluster_start", "cluster_startall", "cluster_stop",
+              "cluster_stopall", "cluster_autostop", "cluster_kill", "cluster_killall"):
+    globals()[_name] = _instead(_name, _CLUSTERS)
+for _name in ("model_create", "model_deploy", "model_run", "model_list", "model_delete", "model_package",
+              "model_push", "model_pull", "endpoint_delete"):
+    globals()[_name] = _instead(_name, "launch a serve job (`job_type: serve`) with launch_job; `fedml endpoint` "
+                                       "lists, scales and deletes endpoints")
+for _name in ("upload", "download", "list_storage_objects", "delete", "get_storage_metadata",
+              "get_storage_user_defined_metadata"):
+    globals()[_name] = _instead(_name, "put data in the job's workspace (uploaded with the job) or on the nodes")
+for _name in ("login", "logout", "device_bind", "device_unbind"):
+    globals()[_name] = _instead(_name, "run `fedml login --help` on the machine to join it as a node")
+del _name

@@ -1,0 +1,140 @@
+"""FedML's Python API (`import fedml; fedml.api...`) and its CLI flags (`fedml run logs -rid ...`), end to end:
+real `python` processes running scripts written in FedML's style, the real `fedml` command, a real local
+scheduler and agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+
+from .conftest import ROOT, Fedml, write_job
+
+FEDML_STYLE = textwrap.dedent('''
+    import sys, time
+    import fedml
+    from fedml.api.constants import RunStatus
+
+    fedml.set_env_version("release")  # what FedML's scripts do first: accepted, no effect
+    error_code, error_msg = fedml.api.fedml_login()
+    if error_code != 0:
+        raise SystemExit(f"login: {error_msg}")
+    launch_result = fedml.api.launch_job(sys.argv[1])
+    if launch_result.result_code != 0:
+        raise SystemExit(f"Failed to launch job. Reason: {launch_result.result_message}")
+    run_id = launch_result.run_id
+    deadline = time.time() + 60
+    while True:
+        run_list, status = fedml.api.run_status(run_id=run_id)
+        if status in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED) or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    log_result = fedml.api.run_logs(run_id, 1, 2)
+    all_logs = fedml.api.run_logs(run_id, need_all_logs=True)
+    print(json.dumps({"run_id": run_id, "status": str(status), "name": run_list.run_list[0].run_name,
+                      "page": log_result.log_line_list, "total": log_result.total_log_lines,
+                      "pages": log_result.total_log_pages, "all": all_logs.log_line_list,
+                      "by_name": str(fedml.api.run_status(run_name=run_list.run_list[0].run_name)[1])}))
+''').replace("import sys, time", "import json, sys, time")
+
+STOPPING = textwrap.dedent('''
+    import json, sys, time
+    import fedml
+    from fedml.api.constants import RunStatus
+
+    r = fedml.api.launch_job(sys.argv[1])
+    assert r.result_code == 0, r.result_message
+    while fedml.api.run_status(run_id=r.run_id)[1] != RunStatus.RUNNING:
+        time.sleep(0.1)
+    stopped = fedml.api.run_stop(r.run_id)
+    while fedml.api.run_status(run_id=r.run_id)[1] not in (RunStatus.KILLED, RunStatus.FAILED, RunStatus.FINISHED):
+        time.sleep(0.1)
+    bad = fedml.api.launch_job(sys.argv[2])
+    missing = fedml.api.run_status(run_id="run-0000000000000000")
+    try:
+        fedml.api.cluster_list()
+        unsupported = "no error"
+    except NotImplementedError as exc:
+        unsupported = str(exc)
+    print(json.dumps({"stopped": stopped, "status": str(fedml.api.run_status(run_id=r.run_id)[1]),
+                      "bad_code": bad.result_code, "bad_message": bad.result_message, "bad_run": bad.run_id,
+                      "missing": list(missing), "unsupported": unsupported}))
+''')
+
+
+def script(fedml: Fedml, tmp_path: Path, text: str, *args: str) -> dict:
+    path = tmp_path / "fedml_script.py"
+    path.write_text(text)
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=180,
+                       env=fedml.env(), cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_script_in_fedmls_style_launches_polls_reads_logs(fedml: Fedml, tmp_path: Path) -> None:
+    job = write_job(tmp_path, "for i in 1 2 3 4 5; do echo line $i; done", extra="job_name: compat-hello\n")
+    got = script(fedml, tmp_path, FEDML_STYLE, str(job))
+    assert got["status"] == "FINISHED" and got["name"] == "compat-hello" and got["by_name"] == "FINISHED"
+    lines = [x for x in got["all"] if x.startswith("line ")]
+    assert lines == [f"line {i}" for i in range(1, 6)]
+    assert got["page"] == got["all"][:2] and got["total"] == len(got["all"]) and got["pages"] == -(-got["total"] // 2)
+
+
+def test_fedml_api_stops_runs_and_says_what_failed(fedml: Fedml, tmp_path: Path) -> None:
+    sleeper = write_job(tmp_path / "a", "echo started; sleep 60")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job: echo hi\ncomputing:\n  minimum_num_gpus: many\n")
+    got = script(fedml, tmp_path, STOPPING, str(sleeper), str(bad))
+    assert got["stopped"] is True and got["status"] == "KILLED"
+    assert got["bad_code"] == 2 and got["bad_run"] is None
+    assert "bad.yaml:3" in got["bad_message"] and "minimum_num_gpus" in got["bad_message"]
+    assert got["missing"] == [None, None]
+    assert "cluster_list" in got["unsupported"] and "labels" in got["unsupported"]
+
+
+def test_fedml_import_is_light() -> None:
+    """`import fedml` and `fedml.api` load neither torch nor the server (FedML's import took 15-20 s here)."""
+    code = ("import sys, fedml, fedml.api; heavy = [m for m in ('torch', 'fastapi', 'uvicorn', 'docker', "
+            "'kubernetes', 'scheduler.service') if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_fedmls_cli_flags_name_runs(fedml: Fedml, tmp_path: Path) -> None:
+    """`fedml run logs -rid RUN` (what FedML prints after a launch), `run status -rid / -r NAME`, `run list -r`,
+    paging with -pn/-ps, `run stop -rid`, `launch -k KEY`: accepted beside our own forms."""
+    job = write_job(tmp_path, "for i in 1 2 3 4 5 6 7; do echo l$i; done", extra="job_name: flags\n")
+    r = fedml("launch", "-k", "not-needed-for-the-local-scheduler", str(job), "--detach")
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+    r = fedml("run", "logs", "-rid", run_id, "-f")
+    assert r.returncode == 0 and [x for x in r.stdout.splitlines() if x.startswith("l")] == [f"l{i}" for i in range(1, 8)]
+    paged = fedml("run", "logs", "-rid", run_id, "-pn", "2", "-ps", "3")
+    everything = fedml("logs", run_id)
+    assert paged.returncode == 0 and paged.stdout.splitlines() == everything.stdout.splitlines()[3:6]
+    for how in (["-rid", run_id], ["-r", "flags"], [run_id]):
+        st = fedml("run", "status", *how, "--json")
+        assert st.returncode == 0 and json.loads(st.stdout)["id"] == run_id, (how, st.stderr)
+    listed = fedml("run", "list", "-r", "flags", "--json")
+    assert [x["id"] for x in json.loads(listed.stdout)] == [run_id]
+    both = fedml("run", "status", run_id, "-r", "flags")
+    assert both.returncode == 2 and "once" in both.stderr and "Traceback" not in both.stderr
+    none = fedml("run", "status", "-r", "no-such-name")
+    assert none.returncode == 4 and "no run named no-such-name" in none.stderr
+    sleeper = write_job(tmp_path / "s", "echo up; sleep 60")
+    secret = "fml_u_compat_secret_not_in_argv"
+    follower = fedml.popen("launch", "-k", secret, str(sleeper))  # follows the log until the run ends
+    try:
+        assert follower.stdout is not None and follower.stdout.readline().strip() == "up"
+        seen = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if secret in " ".join(p.info["cmdline"] or [])]
+        assert seen == [], f"the API key is readable in a command line: {seen}"
+        running = [r for r in json.loads(fedml("run", "list", "--json").stdout) if r["status"] == "RUNNING"]
+        stop = fedml("run", "stop", "-rid", running[0]["id"], "--json")
+        assert stop.returncode == 0 and json.loads(stop.stdout)["status"] == "KILLED", stop.stderr
+    finally:
+        follower.kill()
+        follower.wait(timeout=30)
