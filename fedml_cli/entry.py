@@ -68,6 +68,11 @@ def write_help_cache() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # (FedML's scripts ask this way)
+        from scheduler.contract import __version__
+
+        sys.stdout.write(f"fedml launch {__version__}\n")
+        return
     if sys.argv[1:] in (["--help"], ["-h"]):
         text = cached_help()
         if text is not None:

@@ -29,6 +29,19 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain click help: rendering help with rich costs ~100 ms per call
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"fedml launch {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                               help="Print the version and exit (as `fedml version`).")] = False,
+         ) -> None:
+    pass  # (the group's own options; its help is the app's)
+
+
 app.add_typer(runs.run_app, name="run")
 app.add_typer(scheduler_cmd.scheduler_app, name="scheduler")
 app.add_typer(templates.template_app, name="template")

@@ -107,6 +107,8 @@ def test_fedml_import_is_light() -> None:
 def test_fedmls_cli_flags_name_runs(fedml: Fedml, tmp_path: Path) -> None:
     """`fedml run logs -rid RUN` (what FedML prints after a launch), `run status -rid / -r NAME`, `run list -r`,
     paging with -pn/-ps, `run stop -rid`, `launch -k KEY`: accepted beside our own forms."""
+    version = fedml("--version")
+    assert version.returncode == 0 and version.stdout.startswith("fedml launch ")
     job = write_job(tmp_path, "for i in 1 2 3 4 5 6 7; do echo l$i; done", extra="job_name: flags\n")
     r = fedml("launch", "-k", "not-needed-for-the-local-scheduler", str(job), "--detach")
     assert r.returncode == 0, r.stderr
