@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     seq INTEGER NOT NULL DEFAULT 0  -- the store's change counter at the run's last write (runs_changed_since)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, priority, created_at);
+-- each_run's pages (the book's rebuild): the runs of one status in id order, not a walk past every finished run.
+CREATE INDEX IF NOT EXISTS runs_status_id ON runs(status, id);
 CREATE INDEX IF NOT EXISTS runs_seq ON runs(seq);
 CREATE INDEX IF NOT EXISTS runs_node ON runs(node_id, status);
 -- The gateway's look-up of serving runs each second (endpoint_runs): the few runs with an endpoint, not a scan of
@@ -321,18 +323,18 @@ class SQLiteStore(Store):
             return [Run.model_validate_json(r[0]) for r in rows]
 
     def each_run(self, status: Iterable[RunStatus], page: int = 2000) -> Iterator[Run]:
-        st = [s.value for s in status]
-        last = ""
-        while True:
-            with self._lock:
-                rows = self._db.execute(f"SELECT id, doc FROM runs WHERE id > ? AND status IN ({','.join('?' * len(st))})"
-                                        " ORDER BY id LIMIT ?", (last, *st, page)).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            with bulk():
-                runs = [Run.model_validate_json(r[1]) for r in rows]
-            yield from runs
+        for st in {s.value for s in status}:
+            last = ""
+            while True:
+                with self._lock:
+                    rows = self._db.execute("SELECT id, doc FROM runs INDEXED BY runs_status_id WHERE status=? AND "
+                                            "id > ? ORDER BY id LIMIT ?", (st, last, page)).fetchall()
+                if not rows:
+                    break
+                last = rows[-1][0]
+                with bulk():
+                    runs = [Run.model_validate_json(r[1]) for r in rows]
+                yield from runs
 
     def endpoint_runs(self) -> list[Run]:
         marks = ",".join("?" * len(UNSETTLED))

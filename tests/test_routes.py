@@ -134,4 +134,7 @@ def test_logs_read_as_text_records_end_with_the_runs_outcome(tmp_path: Path) -> 
                      headers={"Authorization": f"Bearer {bob}"}).status_code == 404
         assert c.get(f"/api/v1/runs/{run['id']}/logs", params={"format": "xml"},
                      headers={"Authorization": f"Bearer {alice}"}).status_code == 422
+        for param in ("after", "tail"):  # past what the store can hold: refused, not a 500 from the database
+            assert c.get(f"/api/v1/runs/{run['id']}/logs", params={param: 2**63},
+                         headers={"Authorization": f"Bearer {alice}"}).status_code == 422
     store.close()

@@ -21,8 +21,8 @@ router = APIRouter(prefix=f"{API}/runs")
 
 
 @router.get("/{run_id}/logs")
-async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1),
-                    tail: int | None = Query(default=None, ge=0), follow: bool = False,
+async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1, le=MAX_SEQ),
+                    tail: int | None = Query(default=None, ge=0, le=MAX_SEQ), follow: bool = False,
                     rank: int | None = Query(default=None, ge=0),
                     format: Literal["ndjson", "text"] = "ndjson",
                     who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> StreamingResponse:
