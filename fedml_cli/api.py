@@ -165,6 +165,20 @@ class Api:
             params["rank"] = rank
         return params
 
+    def log_page(self, run_id: str, num: int, size: int, rank: int | None = None) -> list[dict[str, Any]]:
+        """Page `num` (from 1) of `size` lines of a run's log (FedML's paging): the lines at positions
+        (num-1)*size .. num*size-1, as NDJSON records. The rest of the log is not read."""
+        out: list[dict[str, Any]] = []
+        stream = self.stream_logs(run_id, after=(num - 1) * size - 1, rank=rank)
+        try:
+            for rec in stream:
+                if rec.get("end") or rec["pos"] >= num * size:
+                    break
+                out.append(rec)
+        finally:
+            stream.close()
+        return out
+
     def stream_logs(self, run_id: str, *, after: int = -1, tail: int | None = None, follow: bool = False,
                     rank: int | None = None) -> Iterator[dict[str, Any]]:
         for chunk in self.stream_log_chunks(run_id, after=after, tail=tail, follow=follow, rank=rank):

@@ -43,6 +43,8 @@ def _top(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
 
 
 app.add_typer(runs.run_app, name="run")
+app.add_typer(runs.run_app, name="job", help="FedML's older name for `fedml run` (`fedml job logs -jid ID`).",
+              hidden=True)
 app.add_typer(scheduler_cmd.scheduler_app, name="scheduler")
 app.add_typer(templates.template_app, name="template")
 app.command("login")(cluster.login)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import NOT_FOUND, OK, USAGE, CliError
+from .fedml_names import fedml_status
 from .follow import _follow
 from .output import JsonOpt
 from .output import err as _err
@@ -21,8 +22,9 @@ from .show import STATUSES, TERMINAL, _ago, _console, _duration, _node, _styled,
 run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
 
 # FedML's ways to name a run (its scripts and docs pass them), beside the RUN_ID argument.
-RunIdOpt = Annotated[str | None, typer.Option("--run_id", "--run-id", "-rid", metavar="RUN_ID",
-                                              help="The run (FedML's flag: the same as the RUN_ID argument).")]
+RunIdOpt = Annotated[str | None, typer.Option("--run_id", "--run-id", "-rid", "--job_id", "-jid", metavar="RUN_ID",
+                                              help="The run (FedML's flag: the same as the RUN_ID argument; "
+                                                   "-jid is FedML's older name).")]
 RunNameOpt = Annotated[str | None, typer.Option("--run_name", "--run-name", "-r", metavar="NAME",
                                                 help="The newest run with this name (among the newest 10,000).")]
 
@@ -106,22 +108,8 @@ def run_logs(
     if follow or tail is not None:
         raise CliError("-pn/-ps show one page: not with --follow or --tail", USAGE)
     size = page_size or 10
-    for rec in page(api, run_id, page_num or 1, size, rank):
+    for rec in api.log_page(run_id, page_num or 1, size, rank):
         sys.stdout.write((json.dumps(rec) if as_json else rec["line"]) + "\n")
-
-
-def page(api: Any, run_id: str, num: int, size: int, rank: int | None = None) -> list[dict[str, Any]]:
-    """Page `num` (from 1) of `size` lines of a run's log: the lines at positions (num-1)*size .. num*size-1."""
-    out: list[dict[str, Any]] = []
-    stream = api.stream_logs(run_id, after=(num - 1) * size - 1, rank=rank)
-    try:
-        for rec in stream:
-            if rec.get("end") or rec["pos"] >= num * size:
-                break
-            out.append(rec)
-    finally:
-        stream.close()  # (the rest of the log is not read)
-    return out
 
 
 # ---- run ---------------------------------------------------------------------------------------------------
@@ -162,7 +150,7 @@ def run_list(
     else:
         runs = api.get("/runs", params={"status": wanted, "limit": limit})
     if as_json:
-        _print_json(runs)
+        _print_json([{**r, "fedml_status": fedml_status(r)} for r in runs])
         return
     from rich.table import Table
 
@@ -195,7 +183,7 @@ def run_status(
     api = connect()
     r = api.get(f"/runs/{which_run(api, run_id, rid, run_name)}")
     if as_json:
-        _print_json(r)
+        _print_json({**r, "fedml_status": fedml_status(r)})
         return
     from rich.console import Console
     from rich.markup import escape

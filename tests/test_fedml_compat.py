@@ -99,7 +99,7 @@ def test_fedml_api_stops_runs_and_says_what_failed(fedml: Fedml, tmp_path: Path)
 def test_fedml_import_is_light() -> None:
     """`import fedml` and `fedml.api` load neither torch nor the server (FedML's import took 15-20 s here)."""
     code = ("import sys, fedml, fedml.api; heavy = [m for m in ('torch', 'fastapi', 'uvicorn', 'docker', "
-            "'kubernetes', 'scheduler.service') if m in sys.modules]; print(heavy)")
+            "'kubernetes', 'scheduler.service', 'typer', 'rich') if m in sys.modules]; print(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
@@ -121,6 +121,9 @@ def test_fedmls_cli_flags_name_runs(fedml: Fedml, tmp_path: Path) -> None:
     for how in (["-rid", run_id], ["-r", "flags"], [run_id]):
         st = fedml("run", "status", *how, "--json")
         assert st.returncode == 0 and json.loads(st.stdout)["id"] == run_id, (how, st.stderr)
+        assert json.loads(st.stdout)["fedml_status"] == "FINISHED"
+    old = fedml("job", "status", "-jid", run_id, "--json")  # FedML's older names
+    assert old.returncode == 0 and json.loads(old.stdout)["id"] == run_id, old.stderr
     listed = fedml("run", "list", "-r", "flags", "--json")
     assert [x["id"] for x in json.loads(listed.stdout)] == [run_id]
     both = fedml("run", "status", run_id, "-r", "flags")
@@ -140,3 +143,16 @@ def test_fedmls_cli_flags_name_runs(fedml: Fedml, tmp_path: Path) -> None:
     finally:
         follower.kill()
         follower.wait(timeout=30)
+
+
+def test_fedml_state_names() -> None:
+    """Ours keep their names; FedML's STOPPING and ABANDONED where they mean something here."""
+    from fedml.api.constants import RunStatus
+    from fedml_cli.fedml_names import fedml_status
+
+    assert fedml_status({"status": "RUNNING"}) == "RUNNING"
+    assert fedml_status({"status": "RUNNING", "stop_requested": True}) == "STOPPING"
+    assert fedml_status({"status": "KILLED", "stop_requested": True}) == "KILLED"
+    assert fedml_status({"status": "LOST"}) == "ABANDONED"
+    assert all(RunStatus.get_run_enum_from_str(fedml_status({"status": s})) != RunStatus.UNDETERMINED
+               for s in ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST"))

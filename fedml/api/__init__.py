@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedml_cli.errors import CliError
+from fedml_cli.fedml_names import fedml_status
 
 from .constants import RunStatus
 
@@ -142,7 +143,7 @@ def launch_job_on_cluster(yaml_file: str, cluster: str, api_key: str | None = No
 
 def _model(run: dict[str, Any]) -> RunModel:
     return RunModel(run_id=run["id"], run_name=run["name"],
-                    status=RunStatus.of(run["status"], bool(run.get("stop_requested"))).value,
+                    status=fedml_status(run),
                     exit_code=run.get("exit_code"), reason=run.get("reason"), created_at=run["created_at"],
                     started_at=run.get("started_at"), ended_at=run.get("ended_at"), run=run)
 
@@ -184,8 +185,6 @@ def run_status(run_name: str | None = None, run_id: str | None = None, platform:
 def run_logs(run_id: str, page_num: int = 1, page_size: int = 10, need_all_logs: bool = False,
              platform: str = "falcon", api_key: str | None = None) -> RunLogResult:
     """One page of the run's log (page_num from 1, page_size lines), or every line with need_all_logs."""
-    from fedml_cli.runs import page
-
     if run_id is None:
         raise ValueError("Please specify run id.")
     if page_num < 1 or page_size < 1:
@@ -200,8 +199,8 @@ def run_logs(run_id: str, page_num: int = 1, page_size: int = 10, need_all_logs:
         if need_all_logs:
             lines = [rec["line"] for chunk in api.stream_log_chunks(run_id) for rec in chunk if "line" in rec]
         else:
-            lines = [rec["line"] for rec in page(api, run_id, page_num, page_size)]
-    return RunLogResult(run_status=RunStatus.of(run["status"], bool(run.get("stop_requested"))),
+            lines = [rec["line"] for rec in api.log_page(run_id, page_num, page_size)]
+    return RunLogResult(run_status=RunStatus.get_run_enum_from_str(fedml_status(run)),
                         total_log_lines=total, total_log_pages=-(-total // page_size), log_line_list=lines)
 
 

@@ -1,4 +1,4 @@
-"""FedML's run states and how fedml launch's map onto them."""
+"""FedML's run states (fedml launch's map onto them: fedml_cli/fedml_names.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from enum import Enum, unique
 
 @unique
 class RunStatus(Enum):
-    """FedML's run states (its scripts compare against these). Ours map as FROM_OURS says."""
+    """FedML's run states (its scripts compare against these)."""
 
     NOT_STARTED = "NOT_STARTED"
     QUEUED = "QUEUED"
@@ -36,16 +36,3 @@ class RunStatus(Enum):
             if status.value == run_status_str:
                 return status
         return cls.UNDETERMINED
-
-    @classmethod
-    def of(cls, ours: str, stop_requested: bool = False) -> RunStatus:
-        """FedML's state for one of ours: a run asked to stop that has not ended yet is STOPPING; LOST (its node
-        went away and it was not retried) is ABANDONED; the rest have the same name."""
-        if stop_requested and ours in ("QUEUED", "STARTING", "RUNNING"):
-            return cls.STOPPING
-        return FROM_OURS.get(ours, cls.UNDETERMINED)
-
-
-FROM_OURS = {"QUEUED": RunStatus.QUEUED, "STARTING": RunStatus.STARTING, "RUNNING": RunStatus.RUNNING,
-             "FINISHED": RunStatus.FINISHED, "FAILED": RunStatus.FAILED, "KILLED": RunStatus.KILLED,
-             "LOST": RunStatus.ABANDONED}
