@@ -75,7 +75,13 @@ def login(
                                                   "is taken out of this process's arguments at once.")] = None,
     server: Annotated[str | None, typer.Option("--server", "-s", help="Scheduler URL, e.g. http://head:8787 "
                                                                           "(default: $FEDML_SERVER).")] = None,
-    node: Annotated[bool, typer.Option("--node", help="Join this machine as a node: start an agent.")] = False,
+    node: Annotated[bool, typer.Option("--node", "--compute", "-c", help="Join this machine as a node: start an "
+                                                                         "agent (-c: FedML's compute node).")] = False,
+    client: Annotated[bool, typer.Option("--client", help="Only store the credentials, even when no --server is "
+                                                          "given (without --server, FedML's `fedml login KEY` "
+                                                          "joins the machine as a node).")] = False,
+    fedml_version: Annotated[str | None, typer.Option("--version", "-v", metavar="ENV", hidden=True,
+                                                      help="FedML's platform environment: accepted, no effect.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Node name (default: host name).")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="K=V", help="Node label; repeatable.")] = None,
     gpus: Annotated[str | None, typer.Option("--gpus", metavar="TYPE:N[:MEM_MB]",
@@ -100,16 +106,26 @@ def login(
 ) -> None:
     """Store credentials for a scheduler, or with --node join this machine to it as a node.
 
-    Without --node: later commands (launch, logs, run ...) go to SERVER with API_KEY.
+    With --server and without --node: later commands (launch, logs, run ...) go to SERVER with API_KEY.
+    Without --server, on a machine that knows its scheduler (FEDML_SERVER, or an earlier `fedml login`): joins
+    this machine as a node, as FedML's `fedml login KEY` does (--client: only store the credentials).
     With --node: registers the node (GPUs from NVML, or --gpus), starts its agent in the background (pid and log
     files under FEDML_HOME/nodes/NAME) and returns; the agent outlives the shell. `fedml logout` stops it.
     With --kubernetes: every node of the cluster becomes a node named POOL-NODE (POOL: --name, default
     k8s-NAMESPACE); KUBECONFIG (or ~/.kube/config) says how to reach it.
     """
-    from .api import Api
+    from .api import Api, credentials
 
     api_key = _given_key(api_key, key_fd)
-    server = (server or os.environ.get("FEDML_SERVER") or "").rstrip("/")
+    known = os.environ.get("FEDML_SERVER") or (credentials() or {}).get("server")
+    if server is None and known and not (node or client or kubernetes):
+        node = True  # FedML's meaning of `fedml login KEY`: this machine becomes a compute node
+        _err(f"(no --server: joining this machine as a node of {known}, as FedML's `fedml login KEY` does; "
+             "--client only stores the credentials)")
+    if node and client:
+        _err("error: --client only stores the credentials; --node (-c) joins this machine as a node: not both")
+        raise typer.Exit(USAGE)
+    server = (server or known or "").rstrip("/")
     if not api_key or not server:
         _err("error: give API_KEY (or FEDML_API_KEY, or on stdin) and --server (or FEDML_SERVER)")
         raise typer.Exit(USAGE)
@@ -178,7 +194,7 @@ def _given_key(api_key: str | None, key_fd: int | None) -> str | None:
 
 # Options of `fedml login` that take a value: what is not one of them, nor an option, is the positional key.
 _LOGIN_VALUED = {"--server", "-s", "--name", "--label", "-l", "--gpus", "--price-per-gpu-hour", "--address",
-                 "--context", "--namespace", "--image", "--run-as", "--key-fd"}
+                 "--context", "--namespace", "--image", "--run-as", "--key-fd", "--version", "-v"}
 
 
 def reexec_without_key(argv: list[str]) -> None:

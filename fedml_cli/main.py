@@ -49,6 +49,11 @@ app.add_typer(scheduler_cmd.scheduler_app, name="scheduler")
 app.add_typer(templates.template_app, name="template")
 app.command("login")(cluster.login)
 app.command("logout")(cluster.logout)
+device_app = typer.Typer(help="FedML's names: `fedml device bind KEY` is `fedml login KEY`, `unbind` is `logout`.",
+                         no_args_is_help=True, rich_markup_mode=None)
+device_app.command("bind", help="The same as `fedml login` (FedML's `fedml device bind`).")(cluster.login)
+device_app.command("unbind", help="The same as `fedml logout` (FedML's `fedml device unbind`).")(cluster.logout)
+app.add_typer(device_app, name="device")
 app.add_typer(admin.node_app, name="node")
 app.add_typer(endpoint.endpoint_app, name="endpoint")
 scheduler_cmd.scheduler_app.add_typer(admin.key_app, name="key")
@@ -246,6 +251,8 @@ def _launch_key_out_of_argv(argv: list[str]) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:3] in (["device", "bind"], ["device", "unbind"]):  # FedML's names, as the commands they are
+        sys.argv[1:3] = ["login" if sys.argv[2] == "bind" else "logout"]
     if sys.argv[1:2] == ["login"]:
         cluster.reexec_without_key(sys.argv[1:])
     if sys.argv[1:2] == ["launch"]:

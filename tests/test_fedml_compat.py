@@ -156,3 +156,34 @@ def test_fedml_state_names() -> None:
     assert fedml_status({"status": "LOST"}) == "ABANDONED"
     assert all(RunStatus.get_run_enum_from_str(fedml_status({"status": s})) != RunStatus.UNDETERMINED
                for s in ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST"))
+
+
+def test_fedml_login_key_joins_this_machine_as_a_node_where_the_scheduler_is_known(fedml: Fedml,
+                                                                                    tmp_path: Path) -> None:
+    """FedML's `fedml login KEY` (and `fedml device bind KEY`) on a machine that knows its scheduler
+    (FEDML_SERVER) joins it as a node; `--client` only stores the credentials; `device unbind` leaves."""
+    import time
+
+    assert fedml("run", "list").returncode == 0  # the head: a local scheduler
+    state = json.loads((fedml.home / "local" / "scheduler.json").read_text())
+    token = (fedml.home / "local" / "token").read_text().strip()
+    machine = Fedml(tmp_path / "machine-home")
+    env = {"FEDML_SERVER": state["url"]}
+    try:
+        bind = machine("device", "bind", token, "--name", "compat-node", env=env, timeout=120)
+        assert bind.returncode == 0 and "joining this machine as a node" in bind.stderr, bind.stderr
+        names: list[str] = []
+        deadline = time.monotonic() + 60
+        while "compat-node" not in names and time.monotonic() < deadline:
+            names = [n["name"] for n in json.loads(fedml("node", "list", "--json").stdout)]
+            time.sleep(0.2)
+        assert "compat-node" in names
+        client = machine("login", token, "--client", env=env)
+        assert client.returncode == 0 and "Logged in" in client.stderr, client.stderr
+        both = machine("login", token, "--client", "-c", env=env)
+        assert both.returncode == 2 and "not both" in both.stderr
+        unbind = machine("device", "unbind", env=env, timeout=120)
+        assert unbind.returncode == 0, unbind.stderr
+        assert "compat-node" not in [n["name"] for n in json.loads(fedml("node", "list", "--json").stdout)]
+    finally:
+        machine("logout", env=env, timeout=120)
