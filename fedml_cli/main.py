@@ -75,6 +75,9 @@ def launch(
                                                     help="Ctrl-C stops the run too (default: it keeps running).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Unknown keys that look like typos (`computing: "
                                                           "{minimum_num_gpu: 1}`) are errors, not warnings.")] = False,
+    after: Annotated[list[str] | None, typer.Option("--after", metavar="RUN[:ok|:any]",
+                                                    help="Start once RUN has ended; with :ok (the default) only if "
+                                                         "it finished, else this run fails; repeatable.")] = None,
     api_key: Annotated[str | None, typer.Option("--api_key", "--api-key", "-k", metavar="KEY",
                                                 help="The API key for this command (as FEDML_API_KEY; FedML's "
                                                      "scripts pass -k). Not needed for the local scheduler.")] = None,
@@ -102,7 +105,7 @@ def launch(
     if not dry_run and not strict:
         try:
             api, run = submit(job_file, name=name, env=overrides, show_progress=not as_json,
-                              warn=lambda w: _err(f"warning: {w}"))
+                              warn=lambda w: _err(f"warning: {w}"), after=after)
         except CliError as exc:
             raise fail(exc) from None
         _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
@@ -120,7 +123,7 @@ def launch(
                       as_json)
         return
     try:
-        api, run = submit_loaded(job_file, loaded, name=name, env=overrides, show_progress=not as_json)
+        api, run = submit_loaded(job_file, loaded, name=name, env=overrides, show_progress=not as_json, after=after)
     except CliError as exc:
         raise fail(exc) from None
     _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)

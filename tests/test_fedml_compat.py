@@ -187,3 +187,21 @@ def test_fedml_login_key_joins_this_machine_as_a_node_where_the_scheduler_is_kno
         assert "compat-node" not in [n["name"] for n in json.loads(fedml("node", "list", "--json").stdout)]
     finally:
         machine("logout", env=env, timeout=120)
+
+
+def test_launch_after_waits_for_a_run_to_end(fedml: Fedml, tmp_path: Path) -> None:
+    """`fedml launch --after RUN`: the run starts only once RUN has finished; a bad --after is a usage error."""
+    first = write_job(tmp_path / "a", "sleep 1; echo first")
+    second = write_job(tmp_path / "b", "echo second")
+    a = fedml("launch", str(first), "--detach")
+    assert a.returncode == 0, a.stderr
+    a_id = a.stdout.strip()
+    b = fedml("launch", str(second), "--after", a_id, "--json")  # follows to the end
+    assert b.returncode == 0, b.stderr
+    b_id = json.loads(b.stdout.splitlines()[-1])["run_id"]
+    ra = json.loads(fedml("run", "status", a_id, "--json").stdout)
+    rb = json.loads(fedml("run", "status", b_id, "--json").stdout)
+    assert ra["status"] == rb["status"] == "FINISHED" and rb["started_at"] >= ra["ended_at"]
+    assert rb["after"] == [{"run_id": a_id, "when": "ok"}]
+    bad = fedml("launch", str(second), "--after", "run-nope")
+    assert bad.returncode == 2 and "no run run-nope" in bad.stderr and "Traceback" not in bad.stderr

@@ -603,3 +603,70 @@ def test_the_node_cache_follows_joins_changes_and_removals_by_another_replica_wi
     assert [s.get_run(r).node_id for r in runs if s.get_run(r).node_id not in (b, c)] == [d]
     assert s._cands is not None and sorted(s._cands.by_id) == sorted([a, b, d])  # c's candidate is gone
     assert store.lists == 1, "the cache listed every node again instead of following the feed"
+
+
+def test_runs_wait_for_the_runs_they_come_after(sched: Scheduler) -> None:
+    """--after RUN (must finish) and RUN:any (any ending): a run waits, QUEUED with the reason, until those end;
+    then it is placed, or fails when one that had to finish did not."""
+    node = join(sched, "a", 8)
+
+    def after(*deps: str) -> str:
+        return sched.create_run(RunCreate(job={"job": "echo hi"}, after=list(deps))).id
+
+    def end(run_id: str, status: RunStatus) -> None:
+        sched.report(run_id, StatusReport(status=RunStatus.RUNNING), node)
+        sched.report(run_id, StatusReport(status=status, exit_code=0 if status == RunStatus.FINISHED else 1), node)
+
+    first, doomed, killed = submit(sched), submit(sched), submit(sched)
+    assert sched.schedule_pass() == 3
+    ok, anyway, on_doomed, on_doomed_any, on_killed_any = (after(first), after(first + ":any"), after(doomed),
+                                                           after(f"{doomed}:any"), after(f"{killed}:any"))
+    chained = after(ok)  # waits for a run that itself waits
+    assert sched.get_run(ok).reason == f"waiting for {first} to end"
+    assert sched.schedule_pass() == 0
+    assert all(sched.get_run(r).status == RunStatus.QUEUED for r in (ok, anyway, on_doomed, chained))
+    end(first, RunStatus.FINISHED)
+    assert sched.schedule_pass() == 2  # ok and anyway; chained waits for ok
+    assert sched.get_run(ok).status == sched.get_run(anyway).status == RunStatus.STARTING
+    assert sched.get_run(chained).status == RunStatus.QUEUED
+    end(doomed, RunStatus.FAILED)
+    sched.stop_run(killed)
+    end(killed, RunStatus.KILLED)  # (its agent's report: killed)
+    assert sched.schedule_pass() == 2  # on_doomed_any and on_killed_any
+    failed = sched.get_run(on_doomed)
+    assert failed.status == RunStatus.FAILED and f"{doomed} ended FAILED" in failed.reason and ":any" in failed.reason
+    assert sched.get_run(on_doomed_any).status == sched.get_run(on_killed_any).status == RunStatus.STARTING
+    end(ok, RunStatus.FINISHED)
+    assert sched.schedule_pass() == 1 and sched.get_run(chained).status == RunStatus.STARTING
+
+
+def test_launching_after_a_run_checks_it(sched: Scheduler) -> None:
+    join(sched, "a", 2)
+    alice = auth.verify(sched.store, auth.issue(sched.store, name="alice", scope="user", owner="alice")[1])
+    bob = auth.verify(sched.store, auth.issue(sched.store, name="bob", scope="user", owner="bob")[1])
+    hers = sched.create_run(RunCreate(job={"job": "echo"}), alice).id  # type: ignore[arg-type]
+    for bad, why in ((["run-nope"], "no run run-nope"), ([f"{hers}:sometimes"], "expected RUN_ID"),
+                     (["a b"], "expected RUN_ID")):
+        with pytest.raises(Rejected, match=why):
+            sched.create_run(RunCreate(job={"job": "echo"}, after=bad), alice)  # type: ignore[arg-type]
+    with pytest.raises(Rejected, match="no run"):  # another user's run is not there for bob
+        sched.create_run(RunCreate(job={"job": "echo"}, after=[hers]), bob)  # type: ignore[arg-type]
+    sched.stop_run(hers)
+    with pytest.raises(Rejected, match="ended KILLED") as e:
+        sched.create_run(RunCreate(job={"job": "echo"}, after=[hers]), alice)  # type: ignore[arg-type]
+    assert status_of(e.value) == 409
+    fine = sched.create_run(RunCreate(job={"job": "echo"}, after=[f"{hers}:any"]), alice)  # type: ignore[arg-type]
+    assert fine.reason is None and sched.schedule_pass() == 1
+
+
+def test_a_restarted_scheduler_still_holds_runs_for_their_dependencies(sched: Scheduler) -> None:
+    """The book rebuilt from the store (a restart, another replica) knows which runs wait and for what."""
+    node = join(sched, "a", 4)
+    first = submit(sched)
+    assert sched.schedule_pass() == 1
+    waiter = sched.create_run(RunCreate(job={"job": "echo"}, after=[first])).id
+    again = Scheduler(sched.store, Notifier(), heartbeat_interval=1.0, rng=random.Random(1))
+    assert again.schedule_pass() == 0 and again.get_run(waiter).status == RunStatus.QUEUED
+    again.report(first, StatusReport(status=RunStatus.RUNNING), node)
+    again.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), node)
+    assert again.schedule_pass() == 1 and again.get_run(waiter).status == RunStatus.STARTING

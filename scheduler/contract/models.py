@@ -8,9 +8,10 @@ next to what a run holds).
 from __future__ import annotations
 
 import json
+import re
 import time
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, field_serializer, model_validator
 
@@ -156,6 +157,22 @@ class AttemptRecord(BaseModel):
     ended_at: float = Field(default_factory=time.time)
 
 
+class Dependency(BaseModel):
+    """A run this one waits for (`fedml launch --after RUN[:ok|:any]`): it starts once that run has ended, and
+    with "ok" only if it FINISHED (otherwise it fails, saying why)."""
+
+    run_id: str = Field(max_length=64)
+    when: Literal["ok", "any"] = "ok"
+
+    @classmethod
+    def parse(cls, text: str) -> Dependency:
+        """"RUN_ID", "RUN_ID:ok" or "RUN_ID:any". ValueError saying what is wrong."""
+        run_id, _, when = str(text).partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run_id) or when not in ("", "ok", "any"):
+            raise ValueError(f'"{str(text)[:80]}": expected RUN_ID, RUN_ID:ok or RUN_ID:any')
+        return cls(run_id=run_id, when=when or "ok")  # type: ignore[arg-type]
+
+
 class Run(BaseModel):
     id: str
     name: str
@@ -180,6 +197,7 @@ class Run(BaseModel):
     exit_code: int | None = None
     reason: str | None = None
     stop_requested: bool = False
+    after: list[Dependency] = Field(default_factory=list)  # runs it waits for (Dependency)
     log_count: int = 0
     node_names: dict[str, str] = Field(default_factory=dict)  # node id -> name, filled when a run is read
     created_at: float = Field(default_factory=time.time)
@@ -321,6 +339,7 @@ class RunCreate(BaseModel):
     job_file: str | None = Field(default=None, max_length=4096)
     workspace_sha: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    after: list[str] = Field(default_factory=list, max_length=100)  # "RUN_ID[:ok|:any]": runs it waits for
 
     @model_validator(mode="after")
     def _one_job(self) -> RunCreate:

@@ -61,6 +61,8 @@ class Book:
         self.claims: dict[str, dict[str, set[int]]] = {}  # active run -> node -> GPUs it holds
         self.held: dict[str, dict[int, str]] = {}  # node -> GPU -> the run holding it
         self.dirty: set[str] = set()  # nodes whose held GPUs changed since the pass last looked
+        self.live: set[str] = set()  # queued and active runs: a dependency among them has not ended
+        self.waiting_for: dict[str, Run] = {}  # queued runs with dependencies (Run.after), not in a shape yet
 
     @classmethod
     def build(cls, seq: int, runs: Iterable[Run]) -> Book:
@@ -74,6 +76,22 @@ class Book:
         """Take `run` as it is now in the store."""
         before = self.queued.pop(run.id, None)
         self._release(run.id)
+        self.waiting_for.pop(run.id, None)
+        if run.status == RunStatus.QUEUED or run.status in _ACTIVE:
+            self.live.add(run.id)
+        else:
+            self.live.discard(run.id)
+        if run.status == RunStatus.QUEUED and run.after:
+            self.waiting_for[run.id] = run  # the pass queues it once its dependencies have ended (ready())
+            return
+        self._queue(run, before)
+
+    def ready(self, run: Run) -> None:
+        """A run whose dependencies have ended well: queued in its shape from now on."""
+        self.waiting_for.pop(run.id, None)
+        self._queue(run, None)
+
+    def _queue(self, run: Run, before: tuple[Waiting, Request, tuple[float, float, str]] | None) -> None:
         if run.status == RunStatus.QUEUED:
             req = Request.of(run.job, run.owner)
             key = order(run)

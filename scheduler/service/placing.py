@@ -23,7 +23,7 @@ from ..contract.models import (
 from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation
 from ..store import GpuBusy, NotFound, bulk
 from .book import Book, Shape, Waiting
-from .core import ACTIVE, BIG_CLUSTER, SchedulerBase, trim_heap
+from .core import ACTIVE, BIG_CLUSTER, SchedulerBase, log, trim_heap
 
 FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this often
 # The book is rebuilt from a full read of the store this often, as a safety net only: the change feed is complete.
@@ -122,6 +122,8 @@ class PlacementMixin(SchedulerBase):
     def _pass(self, tickets: tuple[int, int]) -> int:
         """One pass under the locks (schedule_pass)."""
         book = self._sync_book()
+        if book.waiting_for:
+            self._dependencies_ended(book)
         if not book.queued:
             self._idle = (tickets, time.monotonic())
             self._waiting, self._counted = {}, {}
@@ -149,6 +151,32 @@ class PlacementMixin(SchedulerBase):
         self._idle = None if placed else (tickets, time.monotonic())
         self._waiting, self._counted, self._reserved = dict(ps.no_room), {}, ps.held_ahead
         return placed
+
+    def _dependencies_ended(self, book: Book) -> None:
+        """Queued runs waiting for others (Run.after): those whose dependencies have all ended join the queue,
+        or fail when one that had to finish did not. A dependency the book knows as queued or active has not
+        ended; one it does not is read from the store (the book may have missed it while it was rebuilt)."""
+        for run in list(book.waiting_for.values()):
+            failed = None
+            for dep in run.after:
+                if dep.run_id in book.live:
+                    break
+                ahead = self.store.get_run(dep.run_id)
+                if ahead is not None and not ahead.terminal:
+                    book.live.add(ahead.id)  # still to end: its end comes through the change feed
+                    break
+                if dep.when == "ok" and (ahead is None or ahead.status != RunStatus.FINISHED) and failed is None:
+                    failed = (dep.run_id, ahead.status.value if ahead is not None else "gone (removed)")
+            else:
+                if failed is None:
+                    book.ready(run)
+                    continue
+                why = (f"{failed[0]} ended {failed[1]}; this run waited for it to finish (`--after {failed[0]}:any` "
+                       "waits for any ending)")
+                book.waiting_for.pop(run.id, None)
+                with contextlib.suppress(InvalidTransition, NotFound):
+                    self.run_changed(self.store.transition(run.id, RunStatus.FAILED, reason=why))
+                log.info("run %s: %s", run.id, why)
 
     def _sync_book(self) -> Book:
         """The book, brought up to date with every run written since it last looked (or rebuilt)."""

@@ -10,6 +10,7 @@ from ..contract.errors import ApiError, BadRequest, Conflict, Invalid
 from ..contract.jobload import load_text, unknown_keys, validate
 from ..contract.jobspec import JobSpec, JobSpecError, env_problem
 from ..contract.models import (
+    Dependency,
     Endpoint,
     Principal,
     Run,
@@ -88,7 +89,36 @@ class RunsMixin(SchedulerBase):
         )
         if spec.serves:
             run.endpoint = self._new_endpoint(spec, run)
+        if req.after:
+            pending = self._dependencies(run, req.after, who)
+            if pending:
+                run.reason = f"waiting for {', '.join(pending)} to end"
         return run
+
+    def _dependencies(self, run: Run, after: list[str], who: Principal) -> list[str]:
+        """Check `after` (RUN_ID[:ok|:any]: runs the caller may see) and set run.after; the runs still to end.
+        A dependency that already failed where it had to finish refuses the launch (it could never start)."""
+        deps: list[Dependency] = []
+        pending: list[str] = []
+        for text in after:
+            try:
+                dep = Dependency.parse(text)
+            except ValueError as exc:
+                raise Invalid(f"after: {exc}") from None
+            try:
+                ahead = self.get_run(dep.run_id, who)
+            except NotFound:
+                raise Invalid(f"after: no run {dep.run_id}") from None
+            if ahead.terminal:
+                if dep.when == "ok" and ahead.status != RunStatus.FINISHED:
+                    raise Conflict(f"after: {dep.run_id} ended {ahead.status.value}; this run would wait for it to "
+                                   f"finish (`--after {dep.run_id}:any` waits for any ending)")
+            elif dep.run_id not in pending:
+                pending.append(dep.run_id)
+            if dep not in deps:
+                deps.append(dep)
+        run.after = deps
+        return pending
 
     def _new_endpoint(self, spec: JobSpec, run: Run) -> Endpoint:
         svc = spec.service_config()
