@@ -205,3 +205,48 @@ def test_launch_after_waits_for_a_run_to_end(fedml: Fedml, tmp_path: Path) -> No
     assert rb["after"] == [{"run_id": a_id, "when": "ok"}]
     bad = fedml("launch", str(second), "--after", "run-nope")
     assert bad.returncode == 2 and "no run run-nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+WORKFLOW = textwrap.dedent('''
+    import json, sys
+    from fedml.workflow import JobStatus, TrainJob, Workflow
+
+    a, b, c = (TrainJob(n, p) for n, p in zip("abc", sys.argv[1:4]))
+    wf = Workflow("three")
+    wf.POLL_S = 0.1
+    wf.add_job(a)
+    wf.add_job(c, dependencies=[a, b])
+    wf.add_job(b, dependencies=[a])
+    wf.run()
+    out = {"status": wf.get_workflow_status().value, "ids": [a.run_id, b.run_id, c.run_id]}
+    d, e = TrainJob("d", sys.argv[4]), TrainJob("e", sys.argv[1])
+    bad = Workflow("failing")
+    bad.POLL_S = 0.1
+    bad.add_job(d)
+    bad.add_job(e, dependencies=[d])
+    try:
+        bad.run()
+        out["error"] = None
+    except ValueError as exc:
+        out["error"] = str(exc)
+    out["failing"] = [d.run_id, e.run_id, bad.get_workflow_status().value]
+    print(json.dumps(out))
+''')
+
+
+def test_a_fedml_workflow_of_three_jobs_runs_in_dependency_order(fedml: Fedml, tmp_path: Path) -> None:
+    """fedml.workflow: a DAG of 3 jobs added out of order runs in dependency order (the scheduler holds each job
+    until the ones it depends on have finished); a failed job fails the workflow and the jobs after it."""
+    jobs = [write_job(tmp_path / n, body) for n, body in (("a", "sleep 0.5; echo a"), ("b", "sleep 0.3; echo b"),
+                                                          ("c", "echo c"), ("d", "exit 3"))]
+    got = script(fedml, tmp_path, WORKFLOW, *map(str, jobs))
+    assert got["status"] == "FINISHED"
+    runs = [json.loads(fedml("run", "status", i, "--json").stdout) for i in got["ids"]]
+    a, b, c = runs
+    assert all(r["status"] == "FINISHED" for r in runs)
+    assert b["started_at"] >= a["ended_at"] and c["started_at"] >= max(a["ended_at"], b["ended_at"])
+    assert sorted(x["run_id"] for x in c["after"]) == sorted([a["id"], b["id"]])
+    assert got["error"] and "'d'" in got["error"]
+    d_id, e_id, status = got["failing"]
+    e = json.loads(fedml("run", "status", e_id, "--json").stdout)
+    assert status == "FAILED" and e["status"] == "FAILED" and f"{d_id} ended FAILED" in e["reason"]
