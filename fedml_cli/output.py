@@ -15,7 +15,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def err(msg: str) -> None:
-    sys.stderr.write(f"{msg}\n")
+    # A message may quote what a file held, lone surrogates included (YAML's "\ud800" escape): written as
+    # escapes, so that any stream takes it (a strict one raised UnicodeEncodeError: a traceback, not the error).
+    sys.stderr.write(msg.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
     sys.stderr.flush()
 
 

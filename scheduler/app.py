@@ -178,6 +178,21 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=status,
                             headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
+    async def _not_text(request: Request, exc: Exception) -> JSONResponse:
+        # JSON's "\ud800" escapes decode to lone surrogates, which no store (nor pydantic) can encode: whatever
+        # field held one, the request is refused before anything was written (the write raised this).
+        if isinstance(exc, UnicodeEncodeError) or "surrogates not allowed" in str(exc):
+            return JSONResponse({"detail": "the request holds a lone surrogate (a \\ud800-\\udfff escape), which is "
+                                           "not text"}, status_code=422)
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the scheduler's log"},
+                            status_code=500)
+
+    from pydantic_core import PydanticSerializationError
+
+    app.add_exception_handler(UnicodeEncodeError, _not_text)
+    app.add_exception_handler(PydanticSerializationError, _not_text)
+
     async def _storage(request: Request, exc: Exception) -> JSONResponse:
         why = out_of_space(exc)
         if why is None:

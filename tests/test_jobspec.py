@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from scheduler.contract.jobload import load_file, load_text, validate
@@ -322,3 +324,12 @@ GPU_TABLE = {
 def test_gpu_names_match_whole_tokens_against_real_nvml_names(wanted: str) -> None:
     got = {part for part, name in NVML_NAMES.items() if gpu_matches(wanted, name)}
     assert got == GPU_TABLE[wanted], (wanted, got)
+
+
+def test_a_lone_surrogate_escape_is_a_clear_error_naming_the_field(tmp_path: Path) -> None:
+    """YAML's "\\ud800" escape gives a string no text encoding takes (pydantic could not even quote it)."""
+    path = tmp_path / "j.yaml"
+    path.write_text('job: echo hi\nmax_duration: "\\ud800\\udc00"\n')
+    with pytest.raises(JobSpecError, match="max_duration: holds a lone surrogate") as e:
+        load_file(str(path))
+    assert ":2:" in str(e.value)

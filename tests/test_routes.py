@@ -138,3 +138,20 @@ def test_logs_read_as_text_records_end_with_the_runs_outcome(tmp_path: Path) -> 
             assert c.get(f"/api/v1/runs/{run['id']}/logs", params={param: 2**63},
                          headers={"Authorization": f"Bearer {alice}"}).status_code == 422
     store.close()
+
+
+def test_lone_surrogates_anywhere_in_a_request_are_refused_and_nothing_is_stored(tmp_path: Path) -> None:
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which no store can encode: 422 wherever it is (the job,
+    the name, env, the job file's text, --after), never a 500, and no run is written."""
+    store = SQLiteStore(tmp_path / "s.db")
+    key = auth.issue(store, name="alice", scope="user", owner="alice")[1]
+    h = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    with TestClient(create_app(store, Settings(blob_dir=tmp_path / "blobs")), raise_server_exceptions=False) as c:
+        for body in ('{"job": {"job": "echo \\ud800"}}', '{"job": {"job": "echo"}, "name": "\\ud800"}',
+                     '{"job": {"job": "echo"}, "env": {"A": "\\udfff"}}',
+                     '{"job_text": "job: echo \\ud800", "job_file": "x.yaml"}',
+                     '{"job": {"job": "echo"}, "after": ["\\ud800"]}'):
+            r = c.post("/api/v1/runs", content=body, headers=h)
+            assert r.status_code == 422 and "surrogate" in r.text, (body, r.status_code, r.text)
+        assert c.get("/api/v1/runs", headers=h).json() == []
+    store.close()

@@ -205,8 +205,8 @@ def run_logs(run_id: str, page_num: int = 1, page_size: int = 10, need_all_logs:
 
 
 def run_stop(run_id: str, platform: str = "falcon", api_key: str | None = None) -> bool:
-    """Ask the run to stop (its processes get SIGTERM, then SIGKILL after the grace period); True if it was
-    running or queued, or has ended."""
+    """Ask the run to stop (its processes get SIGTERM, then SIGKILL after the grace period). True once asked (or
+    if it had ended already); False when the scheduler refused (no such run, not yours, unreachable)."""
     with _key(api_key):
         try:
             _connect().post(f"/runs/{run_id}/stop")

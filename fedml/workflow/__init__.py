@@ -182,6 +182,10 @@ class Workflow:
     def _wait(self, jobs: list[Job]) -> None:
         while True:
             states = {j.name: j.status() for j in jobs}
+            if any(s in (JobStatus.FAILED, JobStatus.UNDETERMINED) for s in states.values()):
+                # Read again to name every job that ended badly: one read at a time, a job read as running
+                # could have failed before a later one (that the scheduler failed because of it) was read.
+                states = {j.name: j.status() for j in jobs}
             failed = [n for n, s in states.items() if s in (JobStatus.FAILED, JobStatus.UNDETERMINED)]
             if failed:
                 for j in jobs:

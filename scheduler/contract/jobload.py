@@ -82,11 +82,39 @@ def _best_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(errors, key=rank)[0]
 
 
+def _not_text(data: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where the document holds a string UTF-8 cannot encode (a lone surrogate, from a YAML or JSON escape)."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(data, dict):
+        for k, v in data.items():
+            here = (*path, str(k).encode("utf-8", "backslashreplace").decode())
+            if isinstance(k, str) and _not_text(k) is not None:
+                return here
+            if (found := _not_text(v, here)) is not None:
+                return found
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            if (found := _not_text(v, (*path, str(i)))) is not None:
+                return found
+    return None
+
+
 def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) -> JobSpec:
     if not isinstance(data, dict):
         kind = "nothing" if data is None else f"a {type(data).__name__}"
         raise JobSpecError(f"expected a mapping of job keys (workspace, job, ...), got {kind}", file=file,
                            line=1)
+    where = _not_text(data)
+    if where is not None:  # (pydantic cannot even quote it in an error: UnicodeEncodeError)
+        name = ".".join(where)
+        raise JobSpecError("holds a lone surrogate (a \\ud800-\\udfff escape), which is not text: write the character "
+                           "itself", file=file, line=lines.line_of(where) if lines and where else None,
+                           field=name or None)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
