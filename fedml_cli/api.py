@@ -165,6 +165,11 @@ class Api:
             params["rank"] = rank
         return params
 
+    def runs_named(self, name: str, status: list[str] | None = None) -> list[dict[str, Any]]:
+        """The runs called `name` among the newest 10,000 the caller may see, newest first (FedML names runs by
+        name: `-r NAME`, `run_status(run_name=...)`)."""
+        return [r for r in self.get("/runs", params={"status": status or [], "limit": 10_000}) if r["name"] == name]
+
     def log_page(self, run_id: str, num: int, size: int, rank: int | None = None) -> list[dict[str, Any]]:
         """Page `num` (from 1) of `size` lines of a run's log (FedML's paging): the lines at positions
         (num-1)*size .. num*size-1, as NDJSON records. The rest of the log is not read."""

@@ -37,7 +37,7 @@ def which_run(api: Any, arg: str | None, rid: str | None, name: str | None = Non
     if given:
         return given.pop()
     if name:
-        named = [r for r in api.get("/runs", params={"limit": 10_000}) if r["name"] == name]
+        named = api.runs_named(name)
         if not named:
             raise CliError(f"no run named {name}", NOT_FOUND)
         return str(named[0]["id"])  # newest first
@@ -145,8 +145,7 @@ def run_list(
         runs = [api.get(f"/runs/{rid}")]
         runs = [r for r in runs if not wanted or r["status"] in wanted]
     elif run_name:
-        got = api.get("/runs", params={"status": wanted, "limit": 10_000})
-        runs = [r for r in got if r["name"] == run_name][:limit]
+        runs = api.runs_named(run_name, wanted)[:limit]
     else:
         runs = api.get("/runs", params={"status": wanted, "limit": limit})
     if as_json:

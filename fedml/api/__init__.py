@@ -160,7 +160,7 @@ def _find(api: Any, run_name: str | None, run_id: str | None) -> list[dict[str, 
             raise
         return [run] if run_name is None or run["name"] == run_name else []
     if run_name:
-        return [r for r in api.get("/runs", params={"limit": 10_000}) if r["name"] == run_name]
+        return api.runs_named(run_name)  # type: ignore[no-any-return]
     raise ValueError("Please specify either run name or run id.")
 
 

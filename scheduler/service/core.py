@@ -178,26 +178,19 @@ class SchedulerBase:
         ticket = self.notifier.ticket("nodes")
         if cached is not None and cached[1] == ticket and now - cached[0] <= self.NODE_CACHE_S:
             return cached[3]
-        if cached is None:
+        # Unchanged: the same list object, so what is built on it (placing's candidates) stays. Changed: the nodes
+        # written since, applied to a new list in which every other node is the same object as before (what is
+        # built on the list compares identities: a join costs the joined node, not every node).
+        got = None if cached is None else self.store.nodes_since(cached[2])
+        if cached is None or got is None or len(got[1]) + len(got[2]) > max(100, len(cached[3]) // 4):
             version = self.store.nodes_version()  # before listing: a write landing meanwhile moves it again
             nodes = self.store.list_nodes()
-            fresh = True
+            if len(nodes) >= BIG_CLUSTER:
+                settle_heap()
         else:
-            # Unchanged: the same list object, so what is built on it (placing's candidates) stays. Changed: the
-            # nodes written since, applied to a new list in which every other node is the same object as before
-            # (what is built on the list compares identities: a join costs the joined node, not every node).
             version, nodes = cached[2], cached[3]
-            got = self.store.nodes_since(version)
-            if got is None or len(got[1]) + len(got[2]) > max(100, len(nodes) // 4):
-                version = self.store.nodes_version()
-                nodes = self.store.list_nodes()
-                fresh = True
-            else:
-                fresh = False
-                if got[0] != version:
-                    version, nodes = got[0], merge_nodes(nodes, got[1], got[2])
-        if len(nodes) >= BIG_CLUSTER and fresh and (cached is None or cached[3] is not nodes):
-            settle_heap()
+            if got[0] != version:
+                version, nodes = got[0], merge_nodes(nodes, got[1], got[2])
         self._nodes = (now, ticket, version, nodes)
         return nodes
 
