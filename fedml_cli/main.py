@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__, admin, cluster, endpoint, runs, scheduler_cmd, templates
+from . import __version__, admin, cluster, endpoint, model_cmd, runs, scheduler_cmd, templates
 from .errors import USAGE, CliError
 from .follow import _follow, _QueueWatch
 from .output import Group, JsonOpt, fail
@@ -56,6 +56,7 @@ device_app.command("unbind", help="The same as `fedml logout` (FedML's `fedml de
 app.add_typer(device_app, name="device")
 app.add_typer(admin.node_app, name="node")
 app.add_typer(endpoint.endpoint_app, name="endpoint")
+app.add_typer(model_cmd.model_app, name="model")
 scheduler_cmd.scheduler_app.add_typer(admin.key_app, name="key")
 scheduler_cmd.scheduler_app.add_typer(admin.token_app, name="token")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +27,9 @@ from fedml_cli.fedml_names import fedml_status
 
 from .constants import RunStatus
 
-__all__ = ["LaunchResult", "RunLogResult", "RunModel", "RunModelList", "RunStatus", "fedml_login", "launch_job",
-           "launch_job_on_cluster", "run_list", "run_logs", "run_status", "run_stop"]
+__all__ = ["LaunchResult", "RunLogResult", "RunModel", "RunModelList", "RunStatus", "endpoint_delete", "fedml_login",
+           "launch_job", "launch_job_on_cluster", "model_create", "model_delete", "model_deploy", "model_list",
+           "model_run", "run_list", "run_logs", "run_status", "run_stop"]
 
 
 @dataclass
@@ -215,6 +217,98 @@ def run_stop(run_id: str, platform: str = "falcon", api_key: str | None = None) 
     return True
 
 
+def _said(exc: CliError) -> None:
+    sys.stderr.write(f"error: {exc}\n")
+
+
+def model_create(name: str, model_config: str | None = None, model_source_type: str = "",
+                 model_source_url: str = "") -> bool:
+    """Keep FedML model config `model_config` (config.yaml) as the model card `name` (`fedml model create`).
+    True when made; False, with the reason on stderr, for a bad config. A card of that name is replaced."""
+    from fedml_cli import model_cards
+
+    if model_config is None:
+        raise ValueError("model_config: the model's config.yaml (FedML's model hub sources are not supported)")
+    try:
+        card = model_cards.create(name, model_config, force=True)
+    except CliError as exc:
+        _said(exc)
+        return False
+    for w in card["warnings"]:
+        sys.stderr.write(f"warning: {w}\n")
+    return True
+
+
+def model_deploy(name: str, endpoint_name: str | None = None, endpoint_id: str | None = None, local: bool = False,
+                 master_ids: Any = None, worker_ids: Any = None, use_remote: bool = False,
+                 api_key: str | None = None, replicas: int = 1, timeout: float | None = None) -> str | None:
+    """Deploy the card `name` as an endpoint (`fedml model deploy`) and wait until a replica is ready. Returns
+    the endpoint's name (give it to model_run), or None with the reason on stderr. master_ids, worker_ids,
+    use_remote and local name FedML platform devices: placement here is the scheduler's."""
+    from fedml_cli import model_cards
+
+    try:
+        with _key(api_key):
+            out = model_cards.deploy(name, endpoint_name or endpoint_id, replicas=replicas, timeout=timeout)
+    except CliError as exc:
+        _said(exc)
+        return None
+    return str(out["endpoint"]["name"])
+
+
+def model_run(endpoint_id: str, json_string: str | dict[str, Any], api_key: str | None = None) -> Any:
+    """One request to a deployed model (`fedml model run -e ENDPOINT JSON`): its answer (decoded JSON, else
+    the text), or None with the reason on stderr."""
+    import json
+
+    from fedml_cli import model_cards
+
+    body = json_string if isinstance(json_string, str) else json.dumps(json_string)
+    try:
+        with _key(api_key):
+            r = model_cards.call(_connect(), endpoint_id, body)
+        failed = model_cards.call_failed(r)
+        if failed is not None:
+            raise CliError(f"{failed}: {r.text[:500]}", failed.code)
+    except CliError as exc:
+        _said(exc)
+        return None
+    try:
+        return r.json()
+    except ValueError:
+        return r.text
+
+
+def model_list(name: str = "*", local: bool = True) -> list[dict[str, Any]]:
+    """The model cards on this machine (all, or the one named)."""
+    from fedml_cli import model_cards
+
+    return [c for c in model_cards.listing() if name in ("*", "", None) or c["name"] == name]
+
+
+def model_delete(name: str, local: bool = True) -> bool:
+    """Delete the card `name`; False (reason on stderr) if there is none. Its endpoints keep running."""
+    from fedml_cli import model_cards
+
+    try:
+        model_cards.delete(name)
+    except CliError as exc:
+        _said(exc)
+        return False
+    return True
+
+
+def endpoint_delete(endpoint_id: str, api_key: str | None = None) -> bool:
+    """Stop an endpoint's run (`fedml endpoint delete`). False (reason on stderr) when refused."""
+    try:
+        with _key(api_key):
+            _connect().delete(f"/endpoints/{endpoint_id}")
+    except CliError as exc:
+        _said(exc)
+        return False
+    return True
+
+
 def _instead(name: str, use: str) -> Any:
     def missing(*args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"fedml.api.{name} has no equivalent in fedml launch yet: {use}")
@@ -228,10 +322,9 @@ _CLUSTERS = "clusters are not in fedml launch yet; label nodes and ask for the l
 for _name in ("cluster_list", "cluster_exists", "cluster_status", "cluster_start", "cluster_startall", "cluster_stop",
               "cluster_stopall", "cluster_autostop", "cluster_kill", "cluster_killall"):
     globals()[_name] = _instead(_name, _CLUSTERS)
-for _name in ("model_create", "model_deploy", "model_run", "model_list", "model_delete", "model_package",
-              "model_push", "model_pull", "endpoint_delete"):
-    globals()[_name] = _instead(_name, "launch a serve job (`job_type: serve`) with launch_job; `fedml endpoint` "
-                                       "lists, scales and deletes endpoints")
+for _name in ("model_package", "model_push", "model_pull"):
+    globals()[_name] = _instead(_name, "model cards stay on the machine that made them (model_create) and are "
+                                       "deployed from there (model_deploy): there is no model registry to push to")
 for _name in ("upload", "download", "list_storage_objects", "delete", "get_storage_metadata",
               "get_storage_user_defined_metadata"):
     globals()[_name] = _instead(_name, "put data in the job's workspace (uploaded with the job) or on the nodes")
