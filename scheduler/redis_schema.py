@@ -34,6 +34,9 @@ class Keys:
     def status(self, status: str) -> str:  # zset per status by created_at (QUEUED is the queue)
         return f"{self.p}status:{status}"
 
+    def sweep(self, sweep_id: str) -> str:  # set: the runs of a sweep (Run.sweep.id)
+        return f"{self.p}sweep:{sweep_id}"
+
     def owner(self, owner: str) -> str:
         return f"{self.p}owner:{owner}"
 

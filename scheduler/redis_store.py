@@ -128,6 +128,8 @@ class RedisStore(Store):
         raise GpuBusy(node, int(gpu), holder)
 
     def create_run(self, run: Run) -> Run:
+        if run.sweep is not None:  # with its sweep's set, in one transaction
+            return self.create_runs([run])[0]
         self._put("", None, run)
         return run
 
@@ -166,10 +168,14 @@ class RedisStore(Store):
             p.multi()
             for keys, args in calls:
                 self._put_run(keys=keys, args=args, client=p)
+            for run in runs:
+                if run.sweep is not None:
+                    p.sadd(self.k.sweep(run.sweep.id), run.id)
             try:
                 got = p.execute()
             except redis.WatchError:
                 raise AlreadyExists("a run of the batch was written meanwhile; nothing was written") from None
+        got = got[:len(calls)]  # (then the sweeps' SADDs)
         bad = [g for g in got if (g.decode() if isinstance(g, bytes) else g) != "ok"]
         if bad:  # cannot be: the keys were watched and absent
             raise RuntimeError(f"batch create: {bad[0]!r}")
@@ -319,6 +325,10 @@ class RedisStore(Store):
                     if run.endpoint is not None and run.status in UNSETTLED:
                         self.r.sadd(self.k.endpoints, run.id)
         self.r.set(self.k.endpoints_built, 1)
+
+    def sweep_runs(self, sweep_id: str) -> list[Run]:
+        ids = [m.decode() for m in self.r.smembers(self.k.sweep(sweep_id))]
+        return sorted(self._docs(ids), key=lambda r: r.created_at)
 
     def _docs(self, ids: list[str]) -> list[Run]:
         out: list[Run] = []

@@ -102,6 +102,12 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
     PRIMARY KEY (node_id, gpu)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
+-- The runs of each sweep (Run.sweep.id), written with them: a sweep's status reads its runs alone.
+CREATE TABLE IF NOT EXISTS sweep_runs (
+    sweep_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (sweep_id, run_id)
+) WITHOUT ROWID;
 -- Counters: 'nodes' moves with every write to the nodes table, by any process (Store.nodes_version); 'keys'
 -- with every write to api_keys (the key cache, store.KeyCache);
 -- 'claims' is 1 once gpu_claims holds every run's claims (a database older than the table gets them on open).
@@ -282,6 +288,8 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
                            "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), self._next_seq(db)))
                 self._index(db, run)
+                if run.sweep is not None:
+                    db.execute("INSERT INTO sweep_runs (sweep_id, run_id) VALUES (?,?)", (run.sweep.id, run.id))
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"run {run.id} exists already") from None
         return run
@@ -335,6 +343,12 @@ class SQLiteStore(Store):
                 with bulk():
                     runs = [Run.model_validate_json(r[1]) for r in rows]
                 yield from runs
+
+    def sweep_runs(self, sweep_id: str) -> list[Run]:
+        with self._lock:
+            rows = self._db.execute("SELECT r.doc FROM sweep_runs s JOIN runs r ON r.id = s.run_id "
+                                    "WHERE s.sweep_id=? ORDER BY r.created_at", (sweep_id,)).fetchall()
+        return [Run.model_validate_json(r[0]) for r in rows]
 
     def endpoint_runs(self) -> list[Run]:
         marks = ",".join("?" * len(UNSETTLED))

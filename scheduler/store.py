@@ -196,6 +196,11 @@ class Store(abc.ABC):
         queued and running runs."""
         yield from self.list_runs(status=status, limit=100_000_000)
 
+    def sweep_runs(self, sweep_id: str) -> list[Run]:
+        """The runs of a sweep (Run.sweep.id), oldest first: each point's first run and any retries."""
+        return sorted((r for r in self.list_runs(limit=100_000_000) if r.sweep is not None and r.sweep.id == sweep_id),
+                      key=lambda r: r.created_at)
+
     def endpoint_runs(self) -> list[Run]:
         """Unsettled runs that serve an endpoint (the gateway's view). A store answers without parsing the other
         runs: with thousands queued, the gateway and the autoscaler look at this every half second."""

@@ -16,6 +16,7 @@ from scheduler.notify import Notifier
 from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
+from scheduler.store import NotFound
 
 pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
 
@@ -670,3 +671,72 @@ def test_a_restarted_scheduler_still_holds_runs_for_their_dependencies(sched: Sc
     again.report(first, StatusReport(status=RunStatus.RUNNING), node)
     again.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), node)
     assert again.schedule_pass() == 1 and again.get_run(waiter).status == RunStatus.STARTING
+
+
+def test_a_sweep_is_one_run_per_point_with_its_values(sched: Scheduler) -> None:
+    """sweep: {lr: [...], bs: [...]} (and RunCreate.sweep over it, as `--sweep` sends): one run per point, in
+    order, each with FEDML_SWEEP_* set, all under one sweep id; the answer is the first point's run."""
+    join(sched, "a", 8)
+    first = sched.create_run(RunCreate(job={"job": "echo $FEDML_SWEEP_LR", "sweep": {"lr": [0.1, 0.01],
+                                                                                     "bs": [32, 64]}},
+                                       sweep={"opt": ["adam"]}))
+    assert first.sweep is not None and first.sweep.index == 0 and first.sweep.size == 4
+    runs = sched.sweep(first.sweep.id)
+    assert [r.sweep.point for r in runs] == [  # type: ignore[union-attr]
+        {"lr": 0.1, "bs": 32, "opt": "adam"}, {"lr": 0.1, "bs": 64, "opt": "adam"},
+        {"lr": 0.01, "bs": 32, "opt": "adam"}, {"lr": 0.01, "bs": 64, "opt": "adam"}]
+    assert runs[0].id == first.id and len({r.id for r in runs}) == 4
+    assert runs[3].env == {"FEDML_SWEEP_ID": first.sweep.id, "FEDML_SWEEP_INDEX": "3", "FEDML_SWEEP_SIZE": "4",
+                           "FEDML_SWEEP_LR": "0.01", "FEDML_SWEEP_BS": "64", "FEDML_SWEEP_OPT": "adam"}
+    assert sched.schedule_pass() == 4
+    for bad, why in (({"sweep": {"lr": []}}, "at least one value"), ({"sweep": {"x-y": [1]}}, "parameter name"),
+                     ({"max_parallel": 2}, "only with a sweep"),
+                     ({"sweep": {"a": list(range(40)), "b": list(range(40))}}, "more than 1000"),
+                     ({"job_type": "serve", "sweep": {"a": [1]}}, "not swept")):
+        with pytest.raises(Rejected, match=why):
+            sched.create_run(RunCreate(job={"job": "echo", **bad}))
+    with pytest.raises(Rejected, match="only with a sweep"):
+        sched.create_run(RunCreate(job={"job": "echo"}, max_parallel=2))
+    with pytest.raises(NotFound):
+        sched.sweep("sweep-0000000000000000")
+
+
+def test_a_sweep_runs_at_most_max_parallel_points_at_once(sched: Scheduler) -> None:
+    """max_parallel 2 of 5 points on a node with room for all: two at a time, in order, the next let in as one
+    ends (also after a restart: the book rebuilt from the store holds the same points back); a stopped sweep
+    stops every point; a retry launches the failed points again under the same sweep."""
+    node = join(sched, "a", 8)
+    first = sched.create_run(RunCreate(job={"job": "echo", "sweep": {"i": [1, 2, 3, 4, 5]}}, max_parallel=2))
+    sid = first.sweep.id  # type: ignore[union-attr]
+    assert sched.schedule_pass() == 2
+    other = submit(sched)  # another run is not held back by the sweep
+    assert sched.schedule_pass() == 1 and sched.get_run(other).status == RunStatus.STARTING
+
+    def states() -> list[str]:
+        return [r.status.value for r in sched.sweep(sid)]
+
+    def end(i: int, status: RunStatus = RunStatus.FINISHED) -> None:
+        run = sched.sweep(sid)[i]
+        sched.report(run.id, StatusReport(status=RunStatus.RUNNING), node)
+        sched.report(run.id, StatusReport(status=status, exit_code=0 if status == RunStatus.FINISHED else 1), node)
+
+    assert states() == ["STARTING", "STARTING", "QUEUED", "QUEUED", "QUEUED"]
+    assert "room in its sweep" in (sched.sweep(sid)[2].reason or "")
+    assert sched.schedule_pass() == 0
+    end(0, RunStatus.FAILED)
+    assert sched.schedule_pass() == 1 and states() == ["FAILED", "STARTING", "STARTING", "QUEUED", "QUEUED"]
+    again = Scheduler(sched.store, Notifier(), heartbeat_interval=1.0, rng=random.Random(1))  # a restart
+    assert again.schedule_pass() == 0
+    again.report(sched.sweep(sid)[1].id, StatusReport(status=RunStatus.RUNNING), node)
+    again.report(sched.sweep(sid)[1].id, StatusReport(status=RunStatus.FINISHED, exit_code=0), node)
+    assert again.schedule_pass() == 1 and [r.status.value for r in again.sweep(sid)] == [
+        "FAILED", "FINISHED", "STARTING", "STARTING", "QUEUED"]
+    stopped = again.stop_sweep(sid)
+    assert [r.status.value for r in stopped][4] == "KILLED" and all(r.stop_requested for r in stopped[2:4])
+    for r in stopped[2:4]:
+        again.report(r.id, StatusReport(status=RunStatus.KILLED, exit_code=-15), node)
+    relaunched = again.retry_sweep(sid)
+    assert [r.sweep.index for r in relaunched] == [0, 2, 3, 4]  # type: ignore[union-attr]
+    assert again.schedule_pass() == 2  # still two at a time
+    assert len(again.sweep(sid)) == 9
+    assert again.retry_sweep(sid) == []  # nothing has ended badly since

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.contract.models import ApiKey, Endpoint, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus
+from scheduler.contract.models import ApiKey, Endpoint, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus, SweepPoint
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
@@ -112,6 +112,22 @@ def test_a_batch_of_runs_is_created_whole_or_not_at_all(pair: tuple[Store, Store
     assert {r.id for r in a.list_runs()} == {r.id for r in first}
     seq, runs = a.runs_changed_since(0)
     assert {r.id for r in runs} == {r.id for r in first}  # in the change feed like any create
+
+
+def test_a_sweeps_runs_are_found_by_its_id(pair: tuple[Store, Store]) -> None:
+    """Store.sweep_runs: the runs written with a sweep id, oldest first, from either handle; a batch refused
+    leaves none in the sweep."""
+    a, b = pair
+    runs = [mk_run(i).model_copy(update={"sweep": SweepPoint(id="sweep-1", index=i, size=3, point={"x": i})})
+            for i in range(3)]
+    a.create_runs(runs[::-1])
+    a.create_run(mk_run(7))
+    assert [r.id for r in b.sweep_runs("sweep-1")] == [r.id for r in runs]
+    assert b.sweep_runs("sweep-2") == []
+    clash = [mk_run(9).model_copy(update={"sweep": SweepPoint(id="sweep-2", index=0, size=2)}), runs[0]]
+    with pytest.raises(AlreadyExists):
+        b.create_runs(clash)
+    assert a.sweep_runs("sweep-2") == []
 
 
 def test_runs_created_each_on_its_own_in_one_commit(pair: tuple[Store, Store]) -> None:

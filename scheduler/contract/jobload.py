@@ -140,7 +140,8 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
         err = _best_error(by_field[field])
         msg = _message(err)
         name = ".".join(field)
-        if not name and msg.split(":", 1)[0] in ("job", "server_job", "service", "num_nodes", "containerize"):
+        if not name and msg.split(":", 1)[0] in ("job", "server_job", "service", "num_nodes", "containerize", "sweep",
+                                                      "max_parallel"):
             name, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
             field = (name,)
         more = len(fields) - 1

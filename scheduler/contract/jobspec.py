@@ -6,12 +6,24 @@ Only pydantic and pyyaml are imported here so that the CLI stays light.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from .jobyaml import ENV_NAME, MAX_ENV_BYTES, JobSpecError, env_problem  # noqa: F401 - their home is jobyaml (no pydantic)
 
@@ -167,6 +179,36 @@ def parse_duration(v: Any) -> float | None:
     return seconds
 
 
+SweepValue = StrictBool | StrictInt | StrictFloat | StrictStr
+MAX_SWEEP_POINTS = 1000  # a batch's limit (RunBatch): a sweep is written in one commit
+SWEEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def sweep_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The points of a sweep grid, in order (the last name varies fastest). ValueError saying what is wrong:
+    a name that cannot be an environment variable, an empty or repeated list, more than MAX_SWEEP_POINTS."""
+    if not grid:
+        raise ValueError("give at least one parameter: {name: [value, ...]}")
+    if len(grid) > 16:
+        raise ValueError(f"at most 16 parameters, got {len(grid)}")
+    size = 1
+    for name, values in grid.items():
+        if not SWEEP_NAME.fullmatch(name):
+            raise ValueError(f'"{name[:80]}": a parameter name is letters, digits and "_" (it becomes '
+                             "FEDML_SWEEP_<NAME>)")
+        if not values:
+            raise ValueError(f"{name}: give at least one value")
+        if len({json.dumps(x) for x in values}) != len(values):
+            raise ValueError(f"{name}: a value is repeated")
+        for x in values:
+            if isinstance(x, str) and ("\0" in x or len(x) > 4096):
+                raise ValueError(f"{name}: a value holds a NUL character or is over 4096 characters")
+        size *= len(values)
+        if size > MAX_SWEEP_POINTS:
+            raise ValueError(f"more than {MAX_SWEEP_POINTS} points")
+    return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+
+
 class JobSpec(_Model):
     workspace: str | None = None
     job: Commands = None
@@ -191,6 +233,10 @@ class JobSpec(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     service: ServiceSpec | None = None
     federate: FederateSpec | None = None
+    # A sweep (our addition): one run per point of the grid {name: [values]}, each with FEDML_SWEEP_<NAME> set;
+    # at most max_parallel of them queued or running at once (docs/sweeps.md).
+    sweep: dict[str, list[SweepValue]] | None = None
+    max_parallel: int | None = Field(default=None, ge=1, le=MAX_SWEEP_POINTS)
     _lines: Any = PrivateAttr(default=None)  # where each key is in the file (set by load_text)
 
     @model_validator(mode="before")
@@ -213,6 +259,13 @@ class JobSpec(_Model):
                 and data["docker"].get("image"):
             data = {**data, "containerize": True}
         return data
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, v: dict[str, list[SweepValue]] | None) -> dict[str, list[SweepValue]] | None:
+        if v is not None:
+            sweep_points(v)
+        return v
 
     @field_validator("max_duration", mode="before")
     @classmethod
@@ -258,6 +311,10 @@ class JobSpec(_Model):
         if self.serves and self.containerize:
             raise ValueError("containerize: serve endpoints run their replicas as processes on the node; "
                              "containers for replicas are not supported yet")
+        if self.sweep is not None and self.serves:
+            raise ValueError("sweep: an endpoint (job_type serve or deploy) is not swept: launch one per setting")
+        if self.max_parallel is not None and self.sweep is None:
+            raise ValueError("max_parallel: only with a sweep (the most of its points queued or running at once)")
         if self.serves and self.num_nodes > 1:
             raise ValueError("num_nodes: an endpoint's replicas run on one node; scale with service.replicas")
         return self

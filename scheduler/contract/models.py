@@ -13,7 +13,7 @@ import time
 from enum import Enum
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, Field, field_serializer, model_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_serializer, model_validator
 
 from .jobspec import JobSpec
 from .jobyaml import JOB_TEXT_MAX
@@ -173,6 +173,18 @@ class Dependency(BaseModel):
         return cls(run_id=run_id, when=when or "ok")  # type: ignore[arg-type]
 
 
+class SweepPoint(BaseModel):
+    """A run that is one point of a sweep (`sweep:` in the job, `fedml launch --sweep`): the sweep's id (its
+    parent, `fedml run status SWEEP`), the point's index among `size`, its values, and the most of the sweep's
+    points queued or running at once."""
+
+    id: str
+    index: int
+    size: int
+    point: dict[str, Any] = Field(default_factory=dict)
+    max_parallel: int | None = None
+
+
 class Run(BaseModel):
     id: str
     name: str
@@ -198,6 +210,7 @@ class Run(BaseModel):
     reason: str | None = None
     stop_requested: bool = False
     after: list[Dependency] = Field(default_factory=list)  # runs it waits for (Dependency)
+    sweep: SweepPoint | None = None  # the sweep it is a point of
     log_count: int = 0
     node_names: dict[str, str] = Field(default_factory=dict)  # node id -> name, filled when a run is read
     created_at: float = Field(default_factory=time.time)
@@ -340,6 +353,11 @@ class RunCreate(BaseModel):
     workspace_sha: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     after: list[str] = Field(default_factory=list, max_length=100)  # "RUN_ID[:ok|:any]": runs it waits for
+    # A sweep's parameters, over the job's own `sweep:` ({name: [values]}; `fedml launch --sweep`), and the most
+    # of its points queued or running at once. The answer is the first point's run; run.sweep.id names them all.
+    sweep: dict[str, list[StrictBool | StrictInt | StrictFloat | StrictStr]] | None = Field(default=None,
+                                                                                            max_length=16)
+    max_parallel: int | None = Field(default=None, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _one_job(self) -> RunCreate:

@@ -25,6 +25,11 @@ from .core import ACTIVE
 _ACTIVE = frozenset(ACTIVE)
 
 
+def _gate(run: Run) -> str | None:
+    """The sweep whose max_parallel holds this run back, if any."""
+    return run.sweep.id if run.sweep is not None and run.sweep.max_parallel else None
+
+
 def order(run: Run) -> tuple[float, float, str]:
     """Queue order: higher priority first, then first come, first served."""
     return (-run.priority, run.created_at, run.id)
@@ -63,6 +68,10 @@ class Book:
         self.dirty: set[str] = set()  # nodes whose held GPUs changed since the pass last looked
         self.live: set[str] = set()  # queued and active runs: a dependency among them has not ended
         self.waiting_for: dict[str, Run] = {}  # queued runs with dependencies (Run.after), not in a shape yet
+        # Sweeps with max_parallel: the runs let into the queue (queued in a shape, or active), and those held
+        # back until fewer than max_parallel are (release_sweeps).
+        self.sweep_open: dict[str, set[str]] = {}
+        self.gated: dict[str, dict[str, Run]] = {}
 
     @classmethod
     def build(cls, seq: int, runs: Iterable[Run]) -> Book:
@@ -77,6 +86,16 @@ class Book:
         before = self.queued.pop(run.id, None)
         self._release(run.id)
         self.waiting_for.pop(run.id, None)
+        gate = _gate(run)
+        was_open = False
+        if gate is not None:
+            self.gated.get(gate, {}).pop(run.id, None)
+            opened = self.sweep_open.get(gate)
+            if opened is not None and run.id in opened:
+                was_open = True
+                opened.discard(run.id)
+                if not opened:
+                    del self.sweep_open[gate]
         if run.status == RunStatus.QUEUED or run.status in _ACTIVE:
             self.live.add(run.id)
         else:
@@ -84,12 +103,42 @@ class Book:
         if run.status == RunStatus.QUEUED and run.after:
             self.waiting_for[run.id] = run  # the pass queues it once its dependencies have ended (ready())
             return
+        if gate is not None and (run.status in _ACTIVE or run.status == RunStatus.QUEUED and was_open):
+            self.sweep_open.setdefault(gate, set()).add(run.id)
+        elif gate is not None and run.status == RunStatus.QUEUED:
+            self.gated.setdefault(gate, {})[run.id] = run  # until its sweep has room (release_sweeps)
+            return
         self._queue(run, before)
 
     def ready(self, run: Run) -> None:
-        """A run whose dependencies have ended well: queued in its shape from now on."""
+        """A run whose dependencies have ended well: queued in its shape from now on (or held back with its
+        sweep's other points until the sweep has room)."""
         self.waiting_for.pop(run.id, None)
+        gate = _gate(run)
+        if gate is not None:
+            self.gated.setdefault(gate, {})[run.id] = run
+            return
         self._queue(run, None)
+
+    def release_sweeps(self) -> int:
+        """Let held-back points of each sweep into the queue, in queue order, while fewer than its max_parallel
+        are queued or running. Costs a look at the sweeps that hold points back, not at the queue."""
+        released = 0
+        for sweep_id, held in list(self.gated.items()):
+            if not held:
+                del self.gated[sweep_id]
+                continue
+            opened = self.sweep_open.setdefault(sweep_id, set())
+            first = next(iter(held.values()))
+            room = (first.sweep.max_parallel if first.sweep and first.sweep.max_parallel else 1) - len(opened)
+            if room <= 0:
+                continue
+            for run in sorted(held.values(), key=order)[:room]:
+                del held[run.id]
+                opened.add(run.id)
+                self._queue(run, None)
+                released += 1
+        return released
 
     def _queue(self, run: Run, before: tuple[Waiting, Request, tuple[float, float, str]] | None) -> None:
         if run.status == RunStatus.QUEUED:

@@ -124,6 +124,8 @@ class PlacementMixin(SchedulerBase):
         book = self._sync_book()
         if book.waiting_for:
             self._dependencies_ended(book)
+        if book.gated:
+            book.release_sweeps()
         if not book.queued:
             self._idle = (tickets, time.monotonic())
             self._waiting, self._counted = {}, {}

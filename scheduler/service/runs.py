@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
+import time
 from pathlib import Path
+from typing import Any
 
 from .. import access
 from ..contract.errors import ApiError, BadRequest, Conflict, Invalid
 from ..contract.jobload import load_text, unknown_keys, validate
-from ..contract.jobspec import JobSpec, JobSpecError, env_problem
+from ..contract.jobspec import JobSpec, JobSpecError, env_problem, sweep_points
 from ..contract.models import (
+    TERMINAL,
     Dependency,
     Endpoint,
     Principal,
     Run,
     RunCreate,
     RunStatus,
+    SweepPoint,
 )
 from ..placement import Request
 from ..store import NotFound
@@ -25,9 +31,91 @@ from .core import LOCAL, SchedulerBase, new_run_id
 class RunsMixin(SchedulerBase):
     def create_run(self, req: RunCreate, who: Principal = LOCAL) -> Run:
         run = self._new_run(req, who)
+        grid = self._grid(run.job, req)
+        if grid is not None:  # a sweep: one run per point, all written in one commit; the answer is the first
+            runs = self._points(run, grid, req.max_parallel or run.job.max_parallel)
+            self.store.create_runs(runs)
+            self.kick()
+            return runs[0]
         self._group.create(self.store, run)
         self.kick()
         return run
+
+    @staticmethod
+    def _grid(spec: JobSpec, req: RunCreate) -> dict[str, list[Any]] | None:
+        """The sweep's parameters: the job's `sweep:` with the request's (`--sweep`) over it."""
+        if not spec.sweep and not req.sweep:
+            if req.max_parallel is not None:
+                raise Invalid("max_parallel: only with a sweep (the most of its points queued or running at once)")
+            return None
+        if spec.serves:
+            raise Invalid("sweep: an endpoint (job_type serve or deploy) is not swept: launch one per setting")
+        grid = {**(spec.sweep or {}), **(req.sweep or {})}
+        try:
+            sweep_points(grid)
+        except ValueError as exc:
+            raise Invalid(f"sweep: {exc}") from None
+        return grid
+
+    def _points(self, first: Run, grid: dict[str, list[Any]], max_parallel: int | None) -> list[Run]:
+        """The runs of a sweep: `first` for point 0 and a copy per further point, each with its values in
+        FEDML_SWEEP_<NAME> (and FEDML_SWEEP_ID, _INDEX, _SIZE), created a microsecond apart so the queue takes
+        them in order."""
+        points = sweep_points(grid)
+        sweep_id = "sweep-" + secrets.token_hex(8)
+        runs = []
+        for i, point in enumerate(points):
+            env = {**first.env, "FEDML_SWEEP_ID": sweep_id, "FEDML_SWEEP_INDEX": str(i),
+                   "FEDML_SWEEP_SIZE": str(len(points)),
+                   **{f"FEDML_SWEEP_{k.upper()}": _text(v) for k, v in point.items()}}
+            for k, v in env.items():
+                if (why := env_problem(k, v)) is not None:
+                    raise Invalid(f"sweep: {why}")
+            sweep = SweepPoint(id=sweep_id, index=i, size=len(points), point=point, max_parallel=max_parallel)
+            held = max_parallel is not None and i >= max_parallel
+            runs.append(first.model_copy(update={"id": first.id if i == 0 else new_run_id(), "env": env,
+                                                 "sweep": sweep, "created_at": first.created_at + i * 1e-6,
+                                                 **({"reason": _held(max_parallel)} if held else {})}))
+        return runs
+
+    def sweep(self, sweep_id: str, who: Principal = LOCAL) -> list[Run]:
+        """The runs of a sweep the caller may see (each point's first run and its retries), oldest first.
+        NotFound when there are none."""
+        runs = [self.waiting(r) for r in self.store.sweep_runs(sweep_id) if access.may_see_run(who, r)]
+        if not runs:
+            raise NotFound(f"sweep {sweep_id} not found")
+        return runs
+
+    def stop_sweep(self, sweep_id: str, who: Principal = LOCAL) -> list[Run]:
+        """Stop every unfinished run of the sweep (as stop_run does each). Returns the sweep's runs."""
+        for run in self.sweep(sweep_id, who):
+            if not run.terminal:
+                self.stop_run(run.id, who)
+        return self.sweep(sweep_id, who)
+
+    def retry_sweep(self, sweep_id: str, who: Principal = LOCAL, *, all_points: bool = False) -> list[Run]:
+        """Launch again each point whose latest run ended without finishing (all ended points with
+        `all_points`): new runs of the same sweep, written in one commit. Returns the new runs."""
+        access.require_not_node(who, "launch")
+        latest: dict[int, Run] = {}
+        for run in self.sweep(sweep_id, who):
+            assert run.sweep is not None
+            latest[run.sweep.index] = run  # (oldest first: the last one is the newest)
+        again = [r for _, r in sorted(latest.items()) if r.status in TERMINAL
+                 and (all_points or r.status != RunStatus.FINISHED)]
+        if not again:
+            return []
+        now = time.time()
+        runs = [r.model_copy(update={
+            "id": new_run_id(), "status": RunStatus.QUEUED, "placements": [], "scores": [], "master_port": None,
+            "artifacts": [], "node_id": None, "gpus": [], "attempt": 1, "attempts": [], "exit_code": None,
+            "reason": None, "stop_requested": False, "log_count": 0, "node_names": {}, "created_at": now + i * 1e-6,
+            "updated_at": now, "started_at": None, "ended_at": None, "owner": r.owner, "after": [],
+            **({"reason": _held(r.sweep.max_parallel)} if r.sweep and r.sweep.max_parallel else {})})
+            for i, r in enumerate(again)]
+        self.store.create_runs(runs)
+        self.kick()
+        return runs
 
     def create_runs(self, reqs: list[RunCreate], who: Principal = LOCAL) -> list[Run]:
         """Several runs at once (sweeps): every one validated before any is written, then written in one durable
@@ -42,6 +130,8 @@ class RunsMixin(SchedulerBase):
                 raise type(exc)(f"runs[{i}]: {exc}") from None
             if run.endpoint is not None:  # its name must be unique among endpoints: checked one at a time
                 raise Invalid(f"runs[{i}]: an endpoint (serve/deploy job) is launched on its own, not in a batch")
+            if self._grid(run.job, req) is not None:
+                raise Invalid(f"runs[{i}]: a sweep is launched on its own (POST /runs), not in a batch")
             runs.append(run)
         self.store.create_runs(runs)  # all or none
         self.kick()
@@ -159,3 +249,14 @@ class RunsMixin(SchedulerBase):
             run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
         self.run_changed(run)
         return run
+
+
+def _text(v: Any) -> str:
+    """A sweep value as its environment variable holds it (true/false as YAML writes them)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _held(max_parallel: int | None) -> str:
+    return f"waiting for room in its sweep (at most {max_parallel} of its points queued or running)"
