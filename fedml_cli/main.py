@@ -82,12 +82,28 @@ def launch(
     api_key: Annotated[str | None, typer.Option("--api_key", "--api-key", "-k", metavar="KEY",
                                                 help="The API key for this command (as FEDML_API_KEY; FedML's "
                                                      "scripts pass -k). Not needed for the local scheduler.")] = None,
+    sweep: Annotated[list[str] | None, typer.Option("--sweep", metavar="NAME=V1,V2",
+                                                    help="Run the job once per point of a grid: one run per "
+                                                         "combination of the values, each with FEDML_SWEEP_NAME "
+                                                         "set; repeatable; over the job's `sweep:`.")] = None,
+    max_parallel: Annotated[int | None, typer.Option("--max-parallel", min=1, max=1000,
+                                                     help="A sweep's most points queued or running at once.")]
+    = None,
 ) -> None:
     """Validate JOB.yaml, upload its workspace, start a run and follow its logs.
 
-    Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on.
+    Exits with the job's exit code (0 when it finished). Ctrl-C stops following; the run goes on. A sweep
+    (`--sweep`, `sweep:`) is followed as a whole: exit 0 when every point finished.
     """
     from scheduler.contract.jobyaml import env_problem
+
+    from . import sweeps
+
+    try:
+        grid = sweeps.parse(sweep)
+    except CliError as exc:
+        raise fail(exc) from None
+    sweep_args = {"sweep": grid or None, "max_parallel": max_parallel}
 
     overrides: dict[str, str] = {}
     for item in env or []:
@@ -106,7 +122,7 @@ def launch(
     if not dry_run and not strict:
         try:
             api, run = submit(job_file, name=name, env=overrides, show_progress=not as_json,
-                              warn=lambda w: _err(f"warning: {w}"), after=after)
+                              warn=lambda w: _err(f"warning: {w}"), after=after, **sweep_args)
         except CliError as exc:
             raise fail(exc) from None
         _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
@@ -121,16 +137,20 @@ def launch(
         raise typer.Exit(USAGE)
     if dry_run:
         _show_dry_run(job_file, loaded, loaded.spec.model_dump(mode="json", exclude_none=True), overrides, name,
-                      as_json)
+                      as_json, grid, max_parallel)
         return
     try:
-        api, run = submit_loaded(job_file, loaded, name=name, env=overrides, show_progress=not as_json, after=after)
+        api, run = submit_loaded(job_file, loaded, name=name, env=overrides, show_progress=not as_json, after=after,
+                                 **sweep_args)
     except CliError as exc:
         raise fail(exc) from None
     _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
 
 
 def _launched(api: Any, run: dict[str, Any], *, detach: bool, as_json: bool, stop_on_interrupt: bool) -> None:
+    if run.get("sweep"):
+        _launched_sweep(api, run["sweep"], detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
+        return
     if detach:
         if as_json:
             _print_json(run)
@@ -150,15 +170,43 @@ def _launched(api: Any, run: dict[str, Any], *, detach: bool, as_json: bool, sto
     raise typer.Exit(code)
 
 
+def _launched_sweep(api: Any, sweep: dict[str, Any], *, detach: bool, as_json: bool, stop_on_interrupt: bool) -> None:
+    from . import sweeps
+
+    sid = sweep["id"]
+    if detach:
+        if as_json:
+            _print_json(api.get(f"/sweeps/{sid}"))
+        else:
+            sys.stdout.write(sid + "\n")
+            _err(f"Sweep {sid} submitted: {sweep['size']} runs. `fedml run status {sid}` shows them.")
+        return
+    if not as_json:
+        mp = f", at most {sweep['max_parallel']} at once" if sweep.get("max_parallel") else ""
+        _err(f"Sweep {sid} submitted: {sweep['size']} runs{mp}; waiting for them (Ctrl-C stops waiting, not the "
+             f"sweep; `fedml logs RUN` shows one).")
+    raise typer.Exit(sweeps.watch(api, sid, as_json=as_json, stop_on_interrupt=stop_on_interrupt))
+
+
 app.command("logs")(runs.logs)
 
 
 def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides: dict[str, str],
-                  name: str | None, as_json: bool) -> None:
+                  name: str | None, as_json: bool, grid: dict[str, list[Any]], max_parallel: int | None) -> None:
     ws = loaded.workspace_dir
     resolved = {"file": str(loaded.path), "name": name or loaded.spec.job_name or loaded.path.stem,
                 "workspace_dir": str(ws) if ws else None, "job": job_doc, "env": overrides,
                 "exported_env": loaded.spec.fedml_env_vars()}
+    if grid or loaded.spec.sweep:
+        from scheduler.contract.jobspec import sweep_points
+
+        try:
+            resolved["sweep_points"] = sweep_points({**(loaded.spec.sweep or {}), **grid})
+        except ValueError as exc:
+            raise fail(CliError(f"--sweep: {exc}", USAGE)) from None
+        resolved["max_parallel"] = max_parallel or loaded.spec.max_parallel
+    elif max_parallel is not None:
+        raise fail(CliError("--max-parallel: only with a sweep (--sweep, or sweep: in the job)", USAGE))
     if as_json:
         _print_json(resolved)
         return

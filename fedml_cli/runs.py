@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -153,10 +154,21 @@ def run_list(
         return
     from rich.table import Table
 
+    from . import sweeps
+
     table = Table(box=None, header_style="bold")
     for col in ("RUN", "NAME", "STATUS", "NODE", "CREATED", "DURATION", "EXIT"):
         table.add_column(col)
-    for r in runs:
+    for kind, item in sweeps.grouped(runs):
+        if kind == "sweep":  # a sweep's points as one row: `fedml run status SWEEP_ID` lists them
+            pts = item
+            states = Counter(p["status"] for p in pts)
+            size = pts[0]["sweep"]["size"]
+            table.add_row(pts[0]["sweep"]["id"], pts[0]["name"],
+                          f"SWEEP {size} points: " + ", ".join(f"{n} {st.lower()}" for st, n in states.most_common()),
+                          "-", _ago(min(p["created_at"] for p in pts)), "-", "-")
+            continue
+        r = item
         dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
         table.add_row(r["id"], r["name"], _styled(r["status"]), _node(r, r.get("node_id")), _ago(r["created_at"]),
                       _duration(dur), "-" if r.get("exit_code") is None else str(r["exit_code"]))
@@ -176,10 +188,14 @@ def run_status(
                                                             "considered: each scorer's value and weight.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show one run: state, why it waits or failed, node, times, exit code."""
+    """Show one run: state, why it waits or failed, node, times, exit code. A sweep's id shows its points."""
+    from . import sweeps
     from .api import connect
 
     api = connect()
+    if sweeps.is_sweep(run_id or rid):
+        sweeps.show(api.get(f"/sweeps/{run_id or rid}"), as_json=as_json)
+        return
     r = api.get(f"/runs/{which_run(api, run_id, rid, run_name)}")
     if as_json:
         _print_json({**r, "fedml_status": fedml_status(r)})
@@ -240,15 +256,51 @@ def run_stop(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stop a run: its whole process tree gets SIGTERM, then SIGKILL after a grace period."""
+    """Stop a run: its whole process tree gets SIGTERM, then SIGKILL after a grace period. A sweep's id stops
+    every point of it that has not ended."""
+    from . import sweeps
     from .api import connect
 
     api = connect()
+    if sweeps.is_sweep(run_id or rid):
+        sid = run_id or rid
+        s = api.post(f"/sweeps/{sid}/stop")
+        deadline = time.monotonic() + (timeout if wait else 0)
+        while s["done"] < s["size"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            s = api.get(f"/sweeps/{sid}")
+        stop_said({"status": "FINISHED" if s["done"] == s["size"] else "RUNNING"}, waited=wait, as_json=as_json,
+                  doc=s, message=f"Sweep {sid}: {sweeps.summary_line(s)}.")
+        return
     run_id = which_run(api, run_id, rid)
     r = wait_ended(api, api.post(f"/runs/{run_id}/stop"), timeout if wait else 0)
     stop_said(r, waited=wait, as_json=as_json, doc=r, message=(
         f"Run {run_id} {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
         if r["status"] in TERMINAL else f"Stop requested for run {run_id} (now {r['status']})."))
+
+
+@run_app.command("retry")
+def run_retry(
+    sweep_id: Annotated[str, typer.Argument(metavar="SWEEP_ID")],
+    all_points: Annotated[bool, typer.Option("--all", help="Every ended point, not only those that failed, "
+                                                           "were stopped or lost.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Launch a sweep's failed points again (new runs of the same sweep; `fedml run status SWEEP_ID` shows each
+    point's latest run)."""
+    from . import sweeps
+    from .api import connect
+
+    if not sweeps.is_sweep(sweep_id):
+        raise CliError(f"{sweep_id}: retry takes a sweep's id (sweep-...); launch a run again with `fedml launch`",
+                       USAGE)
+    s = connect().post(f"/sweeps/{sweep_id}/retry", params={"all": "true" if all_points else "false"})
+    if as_json:
+        _print_json(s)
+        return
+    again = s.get("relaunched") or []
+    _err(f"Sweep {sweep_id}: {len(again)} point(s) launched again" + (f" ({', '.join(again)})" if again else
+                                                                       " (none had ended badly)") + ".")
 
 
 @run_app.command("artifacts")

@@ -15,19 +15,28 @@ Warn = Callable[[str], None]
 
 def submit(job_file: str, *, name: str | None = None, env: dict[str, str] | None = None,
            show_progress: bool = True, warn: Warn | None = None, api: Any = None,
-           after: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+           after: list[str] | None = None, sweep: dict[str, list[Any]] | None = None,
+           max_parallel: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Start a run of `job_file`. Returns (the API client, the run as created). `warn` gets each warning (keys
     that look like typos); `api` is the client to use (default: the scheduler `connect()` finds); `after`: runs
-    it waits for ("RUN_ID[:ok|:any]")."""
+    it waits for ("RUN_ID[:ok|:any]"); `sweep`, `max_parallel`: a sweep's parameters over the job's own and
+    the most of its points at once (the run returned is the first point's, its `sweep` names the rest)."""
     env = dict(env or {})
-    sent = _submit_text(job_file, name, env, show_progress, warn, api, after or [])
+    extra = _extra(after, sweep, max_parallel)
+    sent = _submit_text(job_file, name, env, show_progress, warn, api, extra)
     if sent is not None:
         return sent
     loaded = load(job_file)
     for w in loaded.warnings:
         if warn is not None:
             warn(w)
-    return submit_loaded(job_file, loaded, name=name, env=env, show_progress=show_progress, api=api, after=after)
+    return submit_loaded(job_file, loaded, name=name, env=env, show_progress=show_progress, api=api, after=after,
+                         sweep=sweep, max_parallel=max_parallel)
+
+
+def _extra(after: list[str] | None, sweep: dict[str, list[Any]] | None, max_parallel: int | None) -> dict[str, Any]:
+    """RunCreate's optional fields, only those given."""
+    return {k: v for k, v in (("after", after), ("sweep", sweep), ("max_parallel", max_parallel)) if v}
 
 
 def load(job_file: str) -> Any:
@@ -42,7 +51,8 @@ def load(job_file: str) -> Any:
 
 
 def submit_loaded(job_file: str, loaded: Any, *, name: str | None, env: dict[str, str], show_progress: bool,
-                  api: Any = None, after: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+                  api: Any = None, after: list[str] | None = None, sweep: dict[str, list[Any]] | None = None,
+                  max_parallel: int | None = None) -> tuple[Any, dict[str, Any]]:
     spec = loaded.spec
     if not spec.commands().strip():
         raise CliError(f"{job_file}: job: this file refers to a job stored on FedML's platform (job_args); "
@@ -53,7 +63,7 @@ def submit_loaded(job_file: str, loaded: Any, *, name: str | None, env: dict[str
     sha = upload_workspace(api, loaded.workspace_dir, show_progress)
     run = api.post("/runs", json={"job": spec.model_dump(mode="json", exclude_none=True), "name": name,
                                   "job_file": os.path.basename(job_file), "workspace_sha": sha, "env": env,
-                                  **({"after": after} if after else {})})
+                                  **_extra(after, sweep, max_parallel)})
     return api, run
 
 
@@ -72,7 +82,7 @@ def upload_workspace(api: Any, workspace: Any, show_progress: bool) -> str | Non
 
 
 def _submit_text(job_file: str, name: str | None, env: dict[str, str], show_progress: bool, warn: Warn | None,
-                 api: Any, after: list[str]) -> tuple[Any, dict[str, Any]] | None:
+                 api: Any, extra: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
     """The fast way, when a scheduler is already there to ask: read the file as YAML only (syntax errors and the
     workspace are checked here, with their lines), send its text, and let the scheduler validate it with the same
     `FILE:LINE: field: message` errors. Not loading the job's schema (pydantic) here is most of what a launch
@@ -100,7 +110,7 @@ def _submit_text(job_file: str, name: str | None, env: dict[str, str], show_prog
     api = api or connect()
     sha = upload_workspace(api, workspace, show_progress)
     run = api.post("/runs", json={"job_text": text, "name": name, "job_file": job_file, "workspace_sha": sha,
-                                  "env": env, **({"after": after} if after else {})})
+                                  "env": env, **extra})
     for w in run.get("warnings") or []:
         if warn is not None:
             warn(w)

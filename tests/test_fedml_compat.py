@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -250,3 +251,55 @@ def test_a_fedml_workflow_of_three_jobs_runs_in_dependency_order(fedml: Fedml, t
     d_id, e_id, status = got["failing"]
     e = json.loads(fedml("run", "status", e_id, "--json").stdout)
     assert status == "FAILED" and e["status"] == "FAILED" and f"{d_id} ended FAILED" in e["reason"]
+
+
+def test_a_sweep_of_four_points_runs_and_reports(fedml: Fedml, tmp_path: Path) -> None:
+    """`sweep:` in the job plus `--sweep` on the command line: one run per point with FEDML_SWEEP_* set, at most
+    --max-parallel at once, followed as a whole (exit 0 when every point finished), one row in `fedml run list`,
+    its points in `fedml run status SWEEP`; a point that fails fails the launch (exit 1) and `fedml run retry`
+    launches it again; `fedml run stop SWEEP` stops every point."""
+    job = write_job(tmp_path / "sweep", 'echo "point $FEDML_SWEEP_INDEX lr=$FEDML_SWEEP_LR bs=$FEDML_SWEEP_BS"\n'
+                    'if [ "$FEDML_SWEEP_BS" = 128 ] && [ ! -e "$FEDML_FLAG" ]; then exit 3; fi\nsleep 0.3',
+                    extra="sweep:\n  lr: [0.1, 0.01]\n")
+    r = fedml("launch", str(job), "--sweep", "bs=32,64", "--max-parallel", "2", "--json", timeout=180)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["size"] == 4 and s["counts"] == {"FINISHED": 4} and s["max_parallel"] == 2
+    points = [(x["sweep"]["point"]["lr"], x["sweep"]["point"]["bs"]) for x in s["runs"]]
+    assert points == [(0.1, 32), (0.1, 64), (0.01, 32), (0.01, 64)]
+    for i, run in enumerate(s["runs"]):
+        logs = fedml("logs", run["id"]).stdout
+        assert f"point {i} lr={points[i][0]} bs={points[i][1]}" in logs
+    starts = sorted((x["started_at"], x["ended_at"]) for x in s["runs"])
+    for k, (start, _) in enumerate(starts):  # never more than two at once
+        assert sum(1 for st, en in starts[:k] if en > start) < 2
+    listed = fedml("run", "list").stdout
+    assert s["id"] in listed and "SWEEP 4 points: 4 finished" in listed and s["runs"][0]["id"] not in listed
+    shown = fedml("run", "status", s["id"]).stdout
+    assert "4/4 done" in shown and all(x["id"] in shown for x in s["runs"])
+
+    flag = tmp_path / "flag"
+    r = fedml("launch", str(job), "--sweep", "bs=64,128", "--json", "--env", f"FEDML_FLAG={flag}", timeout=180)
+    assert r.returncode == 1, r.stderr  # bs=128 failed, twice (lr 0.1 and 0.01)
+    failed = json.loads(r.stdout)
+    assert failed["counts"] == {"FINISHED": 2, "FAILED": 2}
+    flag.write_text("")
+    r = fedml("run", "retry", failed["id"], "--json")  # (the same --env: the flag file exists now)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["relaunched"]) == 2
+    deadline = time.time() + 120
+    while (now := json.loads(fedml("run", "status", failed["id"], "--json").stdout))["done"] < 4:
+        assert time.time() < deadline, now
+        time.sleep(0.2)
+    assert now["counts"] == {"FINISHED": 4} and now["retried"] == 2
+
+    slow = write_job(tmp_path / "slow", "sleep 60", extra="sweep:\n  i: [1, 2, 3]\n")
+    r = fedml("launch", str(slow), "--detach")
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.strip()
+    assert sid.startswith("sweep-")
+    r = fedml("run", "stop", sid, "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["counts"] == {"KILLED": 3}
+    r = fedml("launch", str(job), "--sweep", "bs", "--dry-run")
+    assert r.returncode == 2 and "--sweep: expected NAME=VALUE" in r.stderr

@@ -43,6 +43,7 @@ class LaunchResult:
     project_id: str | None = None
     inner_id: str | None = None  # the endpoint of a serve job (FedML: its endpoint id)
     run: dict[str, Any] | None = None  # the run as the scheduler created it (fedml launch's fields)
+    sweep_id: str | None = None  # a sweep's (`sweep:` in the job): run_id is then its first point's run
 
     @property
     def result_msg(self) -> str:  # FedML's docs name it so
@@ -133,7 +134,8 @@ def launch_job(yaml_file: str, api_key: str | None = None, resource_id: str | No
     if warnings:
         message += " Warnings: " + "; ".join(warnings)
     endpoint = (run.get("endpoint") or {}).get("name")
-    return LaunchResult(result_code=0, result_message=message, run_id=run["id"], inner_id=endpoint, run=run)
+    return LaunchResult(result_code=0, result_message=message, run_id=run["id"], inner_id=endpoint, run=run,
+                        sweep_id=(run.get("sweep") or {}).get("id"))
 
 
 def launch_job_on_cluster(yaml_file: str, cluster: str, api_key: str | None = None, resource_id: str | None = None,
