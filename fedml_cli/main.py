@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__, admin, cluster, endpoint, model_cmd, runs, scheduler_cmd, templates
+from . import __version__, admin, cluster, clusters_cmd, endpoint, model_cmd, runs, scheduler_cmd, templates
 from .errors import USAGE, CliError
 from .follow import _follow, _QueueWatch
 from .output import Group, JsonOpt, fail
@@ -57,6 +57,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(admin.node_app, name="node")
 app.add_typer(endpoint.endpoint_app, name="endpoint")
 app.add_typer(model_cmd.model_app, name="model")
+app.add_typer(clusters_cmd.cluster_app, name="cluster")
 scheduler_cmd.scheduler_app.add_typer(admin.key_app, name="key")
 scheduler_cmd.scheduler_app.add_typer(admin.token_app, name="token")
 
@@ -89,6 +90,12 @@ def launch(
     max_parallel: Annotated[int | None, typer.Option("--max-parallel", min=1, max=1000,
                                                      help="A sweep's most points queued or running at once.")]
     = None,
+    cluster_name: Annotated[str | None, typer.Option("--cluster", "-c", metavar="CLUSTER",
+                                                     help="Run only on this cluster's nodes (`fedml cluster list`)."
+                                                     )] = None,
+    group: Annotated[str | None, typer.Option("--group", "-g", metavar="GROUP",
+                                              help="FedML's node group: only nodes joined with --label "
+                                                   "group=GROUP.")] = None,
 ) -> None:
     """Validate JOB.yaml, upload its workspace, start a run and follow its logs.
 
@@ -103,7 +110,9 @@ def launch(
         grid = sweeps.parse(sweep)
     except CliError as exc:
         raise fail(exc) from None
-    sweep_args = {"sweep": grid or None, "max_parallel": max_parallel}
+    extra = {"sweep": grid or None, "max_parallel": max_parallel, "cluster": cluster_name}
+    if group is not None:
+        extra["labels"] = {"group": group}
 
     overrides: dict[str, str] = {}
     for item in env or []:
@@ -122,7 +131,7 @@ def launch(
     if not dry_run and not strict:
         try:
             api, run = submit(job_file, name=name, env=overrides, show_progress=not as_json,
-                              warn=lambda w: _err(f"warning: {w}"), after=after, **sweep_args)
+                              warn=lambda w: _err(f"warning: {w}"), after=after, **extra)
         except CliError as exc:
             raise fail(exc) from None
         _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)
@@ -141,7 +150,7 @@ def launch(
         return
     try:
         api, run = submit_loaded(job_file, loaded, name=name, env=overrides, show_progress=not as_json, after=after,
-                                 **sweep_args)
+                                 **extra)
     except CliError as exc:
         raise fail(exc) from None
     _launched(api, run, detach=detach, as_json=as_json, stop_on_interrupt=stop_on_interrupt)

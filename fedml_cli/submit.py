@@ -16,13 +16,15 @@ Warn = Callable[[str], None]
 def submit(job_file: str, *, name: str | None = None, env: dict[str, str] | None = None,
            show_progress: bool = True, warn: Warn | None = None, api: Any = None,
            after: list[str] | None = None, sweep: dict[str, list[Any]] | None = None,
-           max_parallel: int | None = None) -> tuple[Any, dict[str, Any]]:
+           max_parallel: int | None = None, cluster: str | None = None,
+           labels: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
     """Start a run of `job_file`. Returns (the API client, the run as created). `warn` gets each warning (keys
     that look like typos); `api` is the client to use (default: the scheduler `connect()` finds); `after`: runs
     it waits for ("RUN_ID[:ok|:any]"); `sweep`, `max_parallel`: a sweep's parameters over the job's own and
-    the most of its points at once (the run returned is the first point's, its `sweep` names the rest)."""
+    the most of its points at once (the run returned is the first point's, its `sweep` names the rest);
+    `cluster`: only on that cluster's nodes; `labels`: node labels asked for, over the job's."""
     env = dict(env or {})
-    extra = _extra(after, sweep, max_parallel)
+    extra = _extra(after, sweep, max_parallel, cluster, labels)
     sent = _submit_text(job_file, name, env, show_progress, warn, api, extra)
     if sent is not None:
         return sent
@@ -31,12 +33,14 @@ def submit(job_file: str, *, name: str | None = None, env: dict[str, str] | None
         if warn is not None:
             warn(w)
     return submit_loaded(job_file, loaded, name=name, env=env, show_progress=show_progress, api=api, after=after,
-                         sweep=sweep, max_parallel=max_parallel)
+                         sweep=sweep, max_parallel=max_parallel, cluster=cluster, labels=labels)
 
 
-def _extra(after: list[str] | None, sweep: dict[str, list[Any]] | None, max_parallel: int | None) -> dict[str, Any]:
+def _extra(after: list[str] | None, sweep: dict[str, list[Any]] | None, max_parallel: int | None,
+           cluster: str | None, labels: dict[str, str] | None) -> dict[str, Any]:
     """RunCreate's optional fields, only those given."""
-    return {k: v for k, v in (("after", after), ("sweep", sweep), ("max_parallel", max_parallel)) if v}
+    return {k: v for k, v in (("after", after), ("sweep", sweep), ("max_parallel", max_parallel),
+                              ("cluster", cluster), ("labels", labels)) if v}
 
 
 def load(job_file: str) -> Any:
@@ -52,7 +56,8 @@ def load(job_file: str) -> Any:
 
 def submit_loaded(job_file: str, loaded: Any, *, name: str | None, env: dict[str, str], show_progress: bool,
                   api: Any = None, after: list[str] | None = None, sweep: dict[str, list[Any]] | None = None,
-                  max_parallel: int | None = None) -> tuple[Any, dict[str, Any]]:
+                  max_parallel: int | None = None, cluster: str | None = None,
+                  labels: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
     spec = loaded.spec
     if not spec.commands().strip():
         raise CliError(f"{job_file}: job: this file refers to a job stored on FedML's platform (job_args); "
@@ -63,7 +68,7 @@ def submit_loaded(job_file: str, loaded: Any, *, name: str | None, env: dict[str
     sha = upload_workspace(api, loaded.workspace_dir, show_progress)
     run = api.post("/runs", json={"job": spec.model_dump(mode="json", exclude_none=True), "name": name,
                                   "job_file": os.path.basename(job_file), "workspace_sha": sha, "env": env,
-                                  **_extra(after, sweep, max_parallel)})
+                                  **_extra(after, sweep, max_parallel, cluster, labels)})
     return api, run
 
 

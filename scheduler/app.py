@@ -24,15 +24,15 @@ from .contract.models import Principal
 from .gateway import Endpoints, Gateway
 from .middleware import Guard, Intercept
 from .routes import blobs as blob_routes
+from .routes import clusters, keys, logs, nodes, runs, sweeps, system
 from .routes import endpoints as endpoint_routes
-from .routes import keys, logs, nodes, runs, sweeps, system
 from .routes.deps import API, Ctx
 from .routes.inference import PREFIX, Inference
 from .service import Scheduler
 from .store import Store
 
 log = logging.getLogger("fedml.scheduler")
-ROUTERS = (system, blob_routes, runs, sweeps, logs, nodes, endpoint_routes, keys)
+ROUTERS = (system, blob_routes, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys)
 
 @dataclass
 class Settings:

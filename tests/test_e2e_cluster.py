@@ -17,6 +17,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -900,3 +901,48 @@ def test_no_secret_in_logs_argv_or_store(c: Cluster) -> None:
     for where, text in texts.items():
         for s in c.secrets:
             assert s not in text, f"a secret ({s[:8]}…) appears in {where}"
+
+
+# ---- clusters (FedML's `fedml cluster ...`, `fedml launch -c`) ------------------------------------------------
+
+def test_a_named_cluster_takes_the_runs_launched_on_it_and_stops_as_a_whole(c: Cluster, tmp_path: Path) -> None:
+    """`fedml cluster create pair n1 n2` (admin): `fedml launch -c pair` runs only there, whatever is free
+    elsewhere; `cluster list/status/exists`; `cluster stop` drains both and stops their runs; `start` undrains;
+    `kill` dissolves it. FedML's `-g GROUP` asks for nodes labelled group=GROUP (none here: refused)."""
+    r = c.fedml("cluster", "create", "pair", "n1", "n2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(n["name"] for n in json.loads(r.stdout)["nodes"]) == ["n1", "n2"]
+    on_pair = []
+    for i in range(5):
+        r = c.fedml("launch", str(job(tmp_path / f"on{i}", "sleep 30", gpu_type=None)), "-c", "pair", "--detach")
+        assert r.returncode == 0, r.stderr
+        on_pair.append(r.stdout.strip())
+    placed = c.wait_all(on_pair[:4], ("RUNNING",), timeout=30)
+    pair_ids = {c.nodes()[n]["id"] for n in ("n1", "n2")}
+    assert {r["node_id"] for r in placed} == pair_ids  # the pair's 4 GPUs
+    assert c.run(on_pair[4])["status"] == "QUEUED"  # n3 and n4 are free, but not in the cluster
+    listed = c.json("cluster", "list")
+    assert [(x["name"], x["status"], x["active_runs"], x["gpus"]) for x in listed] == [("pair", "RUNNING", 4, 4)]
+    assert c.fedml("cluster", "exists", "pair").returncode == 0
+    assert c.fedml("cluster", "exists", "nope").returncode == 4
+    sdk = ("import json, fedml; found = fedml.api.cluster_list(); print(json.dumps([[(x.cluster_name, x.status, "
+           "len(x.devices)) for x in found.cluster_list], fedml.api.cluster_exists('pair'), "
+           "fedml.api.cluster_status('nope')[0]]))")
+    p = subprocess.run([sys.executable, "-c", sdk], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                       env=Fedml(c.base / "client").env({"FEDML_SERVER": c.url, "FEDML_API_KEY": c.admin}))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == [[["pair", "RUNNING", 2]], True, None]
+    r = c.fedml("launch", str(job(tmp_path / "nope", "echo", gpu_type=None)), "-c", "nope")
+    assert r.returncode == 2 and "no cluster nope" in r.stderr
+    r = c.fedml("launch", str(job(tmp_path / "grp", "echo", gpu_type=None)), "-g", "gpu-team")
+    assert r.returncode == 2 and "group" in r.stderr, r.stderr
+    r = c.fedml("cluster", "stop", "pair")
+    assert r.returncode == 0, r.stderr
+    ended = c.wait_all(on_pair, TERMINAL, timeout=30)
+    assert {r["status"] for r in ended} == {"KILLED"}
+    assert all(c.nodes()[n]["draining"] for n in ("n1", "n2"))
+    assert c.json("cluster", "status", "pair")[0]["status"] == "STOPPED"
+    assert c.fedml("cluster", "start", "pair").returncode == 0
+    assert not any(c.nodes()[n]["draining"] for n in ("n1", "n2"))
+    assert c.fedml("cluster", "kill", "pair").returncode == 0
+    assert c.json("cluster", "list") == [] and c.fedml("cluster", "exists", "pair").returncode == 4

@@ -57,7 +57,7 @@ STOPPING = textwrap.dedent('''
     bad = fedml.api.launch_job(sys.argv[2])
     missing = fedml.api.run_status(run_id="run-0000000000000000")
     try:
-        fedml.api.cluster_list()
+        fedml.api.model_push("m")
         unsupported = "no error"
     except NotImplementedError as exc:
         unsupported = str(exc)
@@ -94,7 +94,7 @@ def test_fedml_api_stops_runs_and_says_what_failed(fedml: Fedml, tmp_path: Path)
     assert got["bad_code"] == 2 and got["bad_run"] is None
     assert "bad.yaml:3" in got["bad_message"] and "minimum_num_gpus" in got["bad_message"]
     assert got["missing"] == [None, None]
-    assert "cluster_list" in got["unsupported"] and "labels" in got["unsupported"]
+    assert "model_push" in got["unsupported"] and "model_deploy" in got["unsupported"]
 
 
 def test_fedml_import_is_light() -> None:

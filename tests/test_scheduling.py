@@ -11,7 +11,7 @@ import pytest
 from scheduler import auth
 from scheduler.contract.errors import ApiError as Rejected
 from scheduler.contract.errors import status_of
-from scheduler.contract.models import GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport, attempt_ref
+from scheduler.contract.models import ClusterCreate, GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport, attempt_ref
 from scheduler.notify import Notifier
 from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
 from scheduler.service import Scheduler
@@ -740,3 +740,49 @@ def test_a_sweep_runs_at_most_max_parallel_points_at_once(sched: Scheduler) -> N
     assert again.schedule_pass() == 2  # still two at a time
     assert len(again.sweep(sid)) == 9
     assert again.retry_sweep(sid) == []  # nothing has ended badly since
+
+
+def test_a_cluster_is_a_named_set_of_nodes_runs_ask_for(sched: Scheduler) -> None:
+    """`fedml cluster create NAME NODE...` (admin): `launch -c NAME` places only on its nodes; an agent cannot
+    put its node in a cluster by labelling it (it would capture the cluster's runs); stopping a cluster drains
+    its nodes and stops their runs, kill dissolves it; autostop drains a node idle that long."""
+    boss = admin(sched)
+    alice = auth.verify(sched.store, auth.issue(sched.store, name="alice", scope="user", owner="alice")[1])
+    a, b = join(sched, "a", 2), join(sched, "b", 2)
+    sneaky = join(sched, "sneaky", 8, labels={"fedml.cluster/prod": "true"})  # claims membership: ignored
+    assert "fedml.cluster/prod" not in sched.store.get_node(sneaky).labels
+    with pytest.raises(Rejected, match="admin"):
+        sched.create_cluster("prod", ClusterCreate(nodes=["a"]), alice)  # type: ignore[arg-type]
+    with pytest.raises(Rejected, match="no cluster prod"):
+        sched.create_run(RunCreate(job={"job": "echo"}, cluster="prod"), alice)  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        sched.create_cluster("prod", ClusterCreate(nodes=["nope"]), boss)
+    with pytest.raises(Rejected, match="cluster name"):
+        sched.create_cluster("../x", ClusterCreate(nodes=["a"]), boss)
+    c = sched.create_cluster("prod", ClusterCreate(nodes=["a", b]), boss)
+    assert sorted(n.name for n in c.nodes) == ["a", "b"] and c.gpus == 4
+    join(sched, "sneaky2", 8, labels={"fedml.cluster/prod": "true"})  # still not: only an admin adds nodes
+    runs = [sched.create_run(RunCreate(job={"job": "echo", "computing": {"minimum_num_gpus": 1}}, cluster="prod"),
+                             alice).id for _ in range(5)]  # type: ignore[arg-type]
+    assert sched.schedule_pass() == 4  # the cluster's 4 GPUs, none of the 16 elsewhere
+    assert {sched.get_run(r).node_id for r in runs[:4]} == {a, b} and sched.get_run(runs[4]).node_id is None
+    assert [x.name for x in sched.clusters(alice)] == ["prod"] and sched.cluster("prod", alice).active_runs == 4
+    sched.register_node(NodeInfo(name="a", gpus=gpus("NVIDIA A100 80GB PCIe", 2), job_user="fedml-job",
+                                 labels={"x": "1"}),
+                        auth.verify(sched.store, auth.issue(sched.store, name="n", scope="node", owner=a)[1]))
+    assert sched.store.get_node(a).labels.get("fedml.cluster/prod") == "true"  # its agent coming back keeps it
+    stopped = sched.stop_cluster("prod", boss)
+    assert stopped.draining == 2 and all(sched.get_run(r).stop_requested for r in runs[:4])
+    assert sched.get_run(runs[4]).status == RunStatus.KILLED  # queued there: stopped before it started
+    sched.start_cluster("prod", boss)
+    assert sched.cluster("prod", boss).draining == 0
+    sched.autostop_cluster("prod", 1.0, boss)
+    for r in runs[:4]:
+        run = sched.get_run(r)
+        sched.report(r, StatusReport(status=RunStatus.KILLED, exit_code=-15), run.node_id)
+    t0 = time.time()
+    assert sched.check_autostop(now=t0) == [] and sched.check_autostop(now=t0 + 30) == []
+    assert sorted(n.name for n in sched.check_autostop(now=t0 + 61)) == ["a", "b"]
+    assert sched.cluster("prod", boss).draining == 2
+    sched.stop_cluster("prod", boss, kill=True)
+    assert sched.clusters(boss) == [] and "fedml.cluster/prod" not in sched.store.get_node(a).labels

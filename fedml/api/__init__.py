@@ -27,7 +27,9 @@ from fedml_cli.fedml_names import fedml_status
 
 from .constants import RunStatus
 
-__all__ = ["LaunchResult", "RunLogResult", "RunModel", "RunModelList", "RunStatus", "endpoint_delete", "fedml_login",
+__all__ = ["ClusterModel", "ClusterModelList", "LaunchResult", "RunLogResult", "RunModel", "RunModelList", "RunStatus",
+           "cluster_autostop", "cluster_exists", "cluster_kill", "cluster_killall", "cluster_list", "cluster_start",
+           "cluster_startall", "cluster_status", "cluster_stop", "cluster_stopall", "endpoint_delete", "fedml_login",
            "launch_job", "launch_job_on_cluster", "model_create", "model_delete", "model_deploy", "model_list",
            "model_run", "run_list", "run_logs", "run_status", "run_stop"]
 
@@ -117,7 +119,7 @@ def fedml_login(api_key: str | None = None) -> tuple[int, str]:
 
 def launch_job(yaml_file: str, api_key: str | None = None, resource_id: str | None = None,
                device_server: str | None = None, device_edges: list[str] | None = None,
-               feature_entry_point: Any = None) -> LaunchResult:
+               feature_entry_point: Any = None, cluster: str | None = None) -> LaunchResult:
     """Validate `yaml_file`, upload its workspace and start a run. Never raises for a bad file or an unreachable
     scheduler: result_code is then the `fedml launch` exit code (2: invalid, 3: unreachable...), result_message
     the reason. resource_id, device_server and device_edges name FedML platform resources: placement here is the
@@ -127,7 +129,7 @@ def launch_job(yaml_file: str, api_key: str | None = None, resource_id: str | No
     warnings: list[str] = []
     try:
         with _key(api_key):
-            _, run = submit(yaml_file, show_progress=False, warn=warnings.append)
+            _, run = submit(yaml_file, show_progress=False, warn=warnings.append, cluster=cluster)
     except CliError as exc:
         return LaunchResult(result_code=exc.code, result_message=str(exc))
     message = "Your job has been launched successfully."  # FedML's words, which its scripts may print
@@ -141,8 +143,8 @@ def launch_job(yaml_file: str, api_key: str | None = None, resource_id: str | No
 def launch_job_on_cluster(yaml_file: str, cluster: str, api_key: str | None = None, resource_id: str | None = None,
                           device_server: str | None = None, device_edges: list[str] | None = None,
                           feature_entry_point: Any = None) -> LaunchResult:
-    raise NotImplementedError("clusters are not in fedml launch yet: put labels on the nodes (`fedml login "
-                              "--label`) and ask for them in the job YAML (`labels:`), then use launch_job")
+    """launch_job, placed only on the cluster's nodes (`fedml launch -c CLUSTER`)."""
+    return launch_job(yaml_file, api_key=api_key, cluster=cluster)
 
 
 def _model(run: dict[str, Any]) -> RunModel:
@@ -311,6 +313,88 @@ def endpoint_delete(endpoint_id: str, api_key: str | None = None) -> bool:
     return True
 
 
+@dataclass
+class ClusterModel:
+    """A cluster as FedML's cluster calls return it (FedMLClusterModel): status RUNNING, IDLE or STOPPED."""
+
+    cluster_name: str
+    status: str
+    cluster_id: str
+    devices: list[dict[str, Any]] = field(default_factory=list)  # its nodes (`fedml node list` fields)
+
+
+@dataclass
+class ClusterModelList:
+    cluster_list: list[ClusterModel]
+
+
+def _cluster_model(c: dict[str, Any]) -> ClusterModel:
+    from fedml_cli.clusters_cmd import status_of
+
+    return ClusterModel(cluster_name=c["name"], status=status_of(c), cluster_id=c["name"], devices=c["nodes"])
+
+
+def cluster_list(cluster_names: tuple[str, ...] | list[str] = (), api_key: str | None = None) -> ClusterModelList:
+    """The clusters (those named, or all)."""
+    with _key(api_key):
+        found = [_cluster_model(c) for c in _connect().get("/clusters")]
+    return ClusterModelList([c for c in found if not cluster_names or c.cluster_name in cluster_names])
+
+
+def cluster_exists(cluster_name: str, api_key: str | None = None) -> bool:
+    return bool(cluster_list((cluster_name,), api_key).cluster_list)
+
+
+def cluster_status(cluster_name: str, api_key: str | None = None) -> tuple[str | None, ClusterModelList | None]:
+    """(its status, a one-cluster list), or (None, None) when there is no such cluster."""
+    found = cluster_list((cluster_name,), api_key)
+    return (found.cluster_list[0].status, found) if found.cluster_list else (None, None)
+
+
+def _cluster_call(names: list[str] | None, path: str, api_key: str | None, **params: Any) -> bool:
+    try:
+        with _key(api_key):
+            api = _connect()
+            for name in names if names is not None else [c["name"] for c in api.get("/clusters")]:
+                api.post(f"/clusters/{name}/{path}", params=params or None)
+    except CliError as exc:
+        _said(exc)
+        return False
+    return True
+
+
+def cluster_start(cluster_name: str, api_key: str | None = None) -> bool:
+    """Undrain the cluster's nodes (admin)."""
+    return _cluster_call([cluster_name], "start", api_key)
+
+
+def cluster_startall(api_key: str | None = None) -> bool:
+    return _cluster_call(None, "start", api_key)
+
+
+def cluster_stop(cluster_name: str, api_key: str | None = None) -> bool:
+    """Drain the cluster's nodes and stop its runs (admin)."""
+    return _cluster_call([cluster_name], "stop", api_key)
+
+
+def cluster_stopall(api_key: str | None = None) -> bool:
+    return _cluster_call(None, "stop", api_key)
+
+
+def cluster_kill(cluster_name: str, api_key: str | None = None) -> bool:
+    """Stop the cluster and dissolve it (admin)."""
+    return _cluster_call([cluster_name], "stop", api_key, kill="true")
+
+
+def cluster_killall(api_key: str | None = None) -> bool:
+    return _cluster_call(None, "stop", api_key, kill="true")
+
+
+def cluster_autostop(cluster_id: str, time: int, api_key: str | None = None) -> bool:
+    """Drain each node of the cluster after `time` minutes without a run (0: off) (admin)."""
+    return _cluster_call([cluster_id], "autostop", api_key, **({"minutes": time} if time else {}))
+
+
 def _instead(name: str, use: str) -> Any:
     def missing(*args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"fedml.api.{name} has no equivalent in fedml launch yet: {use}")
@@ -320,10 +404,6 @@ def _instead(name: str, use: str) -> Any:
 
 
 # FedML's API beyond runs: what to use until each exists here.
-_CLUSTERS = "clusters are not in fedml launch yet; label nodes and ask for the labels in the job YAML"
-for _name in ("cluster_list", "cluster_exists", "cluster_status", "cluster_start", "cluster_startall", "cluster_stop",
-              "cluster_stopall", "cluster_autostop", "cluster_kill", "cluster_killall"):
-    globals()[_name] = _instead(_name, _CLUSTERS)
 for _name in ("model_package", "model_push", "model_pull"):
     globals()[_name] = _instead(_name, "model cards stay on the machine that made them (model_create) and are "
                                        "deployed from there (model_deploy): there is no model registry to push to")

@@ -310,8 +310,13 @@ class Node(NodeInfo):
     peer_address: bool = False  # joined with a user key: reached where its requests come from, not where it says
     state: str = "ONLINE"  # ONLINE | OFFLINE
     draining: bool = False  # no new runs; running ones finish
+    autostop_minutes: float | None = None  # `fedml cluster autostop`: drained after this long without a run
     registered_at: float = Field(default_factory=time.time)
     last_seen: float = Field(default_factory=time.time)
+
+
+CLUSTER_LABEL = "fedml.cluster/"  # + NAME: "true", an enforced label on each node of the cluster NAME
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 class NodeView(Node):
@@ -319,6 +324,25 @@ class NodeView(Node):
 
     gpus_free: list[int] = Field(default_factory=list)
     active_runs: int = 0
+
+
+class ClusterCreate(BaseModel):
+    """POST /clusters/{name}: these nodes (ids or names), and/or every node carrying `label` (k=v) now."""
+
+    nodes: list[str] = Field(default_factory=list, max_length=10_000)
+    label: str | None = Field(default=None, max_length=300)
+
+
+class Cluster(BaseModel):
+    """A named set of nodes (`fedml cluster ...`): `fedml launch -c NAME` places runs only there."""
+
+    name: str
+    nodes: list[NodeView] = Field(default_factory=list)
+    gpus: int = 0
+    gpus_free: int = 0
+    active_runs: int = 0
+    draining: int = 0  # nodes of it that take no new runs
+    autostop_minutes: float | None = None
 
 
 SYSTEM_RANK = -1  # log lines the scheduler writes itself (stream "fedml"): attempt markers
@@ -358,6 +382,8 @@ class RunCreate(BaseModel):
     sweep: dict[str, list[StrictBool | StrictInt | StrictFloat | StrictStr]] | None = Field(default=None,
                                                                                             max_length=16)
     max_parallel: int | None = Field(default=None, ge=1, le=1000)
+    cluster: str | None = Field(default=None, max_length=63)  # `fedml launch -c NAME`: only on that cluster's nodes
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)  # node labels asked for, over the job's
 
     @model_validator(mode="after")
     def _one_job(self) -> RunCreate:

@@ -5,13 +5,14 @@ Every method that takes a Principal asks scheduler/access.py who may do what.
 """
 
 from .agents import AgentsMixin
+from .clusters import ClustersMixin
 from .core import ACTIVE, LOCAL, new_run_id
 from .nodes import NodesMixin
 from .placing import PlacementMixin
 from .runs import RunsMixin
 
 
-class Scheduler(RunsMixin, NodesMixin, AgentsMixin, PlacementMixin):
+class Scheduler(RunsMixin, NodesMixin, ClustersMixin, AgentsMixin, PlacementMixin):
     """The one object routes and tests drive; each noun's methods live in their own module."""
 
 

@@ -86,9 +86,12 @@ class AgentsMixin(SchedulerBase):
             return self.store.update_run(run_id, artifacts=[*keep, art])
 
     def check_heartbeats(self) -> list[Node]:
-        """Mark silent nodes OFFLINE and their ranks LOST. Returns the nodes that went offline."""
+        """Mark silent nodes OFFLINE and their ranks LOST (and drain idle nodes with autostop: clusters.py).
+        Returns the nodes that went offline."""
         with self.store.lock("heartbeats", ttl=10.0):  # one replica at a time
-            return self._check_heartbeats()
+            gone = self._check_heartbeats()
+            self.check_autostop()
+            return gone
 
     def _check_heartbeats(self) -> list[Node]:
         now = time.time()

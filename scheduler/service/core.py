@@ -142,6 +142,7 @@ class SchedulerBase:
         assert self.heartbeat_timeout >= self.lease + min(heartbeat_interval, 1.0)
         # (run ref, node) -> when a RUNNING placement was first missing from its node's polls (soft state)
         self._missing: dict[tuple[str, str], float] = {}
+        self._idle_since: dict[str, float] = {}  # node with autostop -> since when it has had no run (clusters.py)
         self.rng = rng or random.Random()
         self._schedule_lock = threading.Lock()
         # Heartbeats are soft state (Store.heartbeat: in memory, or a Redis hash the replicas share): a durable

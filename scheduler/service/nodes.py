@@ -8,6 +8,7 @@ import time
 from .. import access, auth
 from ..contract.errors import Conflict, Gone, Unauthenticated
 from ..contract.models import (
+    CLUSTER_LABEL,
     Node,
     NodeInfo,
     NodeView,
@@ -36,7 +37,8 @@ class NodesMixin(SchedulerBase):
             if not existing.peer_address:
                 owner = None if info.job_user else (existing.joined_by or "admin")
             node = Node(**info.model_dump(exclude={"name", "labels", "address"}), id=existing.id, name=existing.name,
-                        labels={**info.labels, **existing.enforced_labels}, enforced_labels=existing.enforced_labels,
+                        labels={**_claimable(info.labels), **existing.enforced_labels},
+                        enforced_labels=existing.enforced_labels, autostop_minutes=existing.autostop_minutes,
                         address=(peer or existing.address) if existing.peer_address else info.address,
                         peer_address=existing.peer_address,
                         owner=owner, joined_by=existing.joined_by, draining=existing.draining,
@@ -65,7 +67,7 @@ class NodesMixin(SchedulerBase):
         # A user's node is reached where its registration came from: a user cannot point the scheduler's
         # gateway at an address of their choosing (SSRF). Admins and join tokens vouch for what the agent says.
         address = (peer or info.address) if who.scope == "user" else info.address
-        node = Node(**info.model_dump(exclude={"labels", "address"}), labels={**info.labels, **enforced},
+        node = Node(**info.model_dump(exclude={"labels", "address"}), labels={**_claimable(info.labels), **enforced},
                     address=address, peer_address=who.scope == "user", enforced_labels=enforced, owner=owner, joined_by=who.owner,
                     id="node-" + secrets.token_hex(8), registered_at=now, last_seen=now)
         # The key first: a scheduler that dies between the two leaves an unused key, never a node that holds its
@@ -115,3 +117,9 @@ class NodesMixin(SchedulerBase):
                 auth.revoke(self.store, k, why="node removed")  # its agent is told to exit, not to join again
         self.kick()
         return node
+
+
+def _claimable(labels: dict[str, str]) -> dict[str, str]:
+    """The labels an agent may give its node: not a cluster's (CLUSTER_LABEL), which only an admin gives
+    (`fedml cluster create`, or a join token's labels): a node must not join a cluster to capture its runs."""
+    return {k: v for k, v in labels.items() if not k.startswith(CLUSTER_LABEL)}

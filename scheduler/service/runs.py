@@ -25,6 +25,7 @@ from ..contract.models import (
 )
 from ..placement import Request
 from ..store import NotFound
+from .clusters import cluster_key
 from .core import LOCAL, SchedulerBase, new_run_id
 
 
@@ -151,6 +152,14 @@ class RunsMixin(SchedulerBase):
         for k, v in req.env.items():
             if (why := env_problem(k, v)) is not None:
                 raise Invalid(f"env: {why}")
+        if req.labels:
+            spec = spec.model_copy(update={"labels": {**spec.labels, **req.labels}})
+        if req.cluster is not None:  # its nodes carry the cluster's label (clusters.py): ask for it
+            key = cluster_key(req.cluster)
+            if not any(n.enforced_labels.get(key) == "true" for n in self.nodes()):
+                raise Invalid(f"cluster: no cluster {req.cluster} (`fedml cluster list`; an admin makes one with "
+                              "`fedml cluster create NAME NODE...`)")
+            spec = spec.model_copy(update={"labels": {**spec.labels, key: "true"}})
         if not spec.commands().strip():
             raise Invalid(f"{req.job_file or 'job'}: job: this file refers to a job stored on FedML's "
                                 "platform (job_args); this scheduler needs the commands in `job`")
