@@ -115,6 +115,12 @@ class RunWorker(threading.Thread):
             except (UnsafeArchive, Refused, Unreachable, OSError) as exc:
                 self._report_final(RunStatus.FAILED, None, f"workspace: {exc}")
                 return
+            for m in run.mounts:  # named storage (`storage:` in the job): into the workspace, never through a link
+                try:
+                    unpack(self.agent.blob(m.sha256), workspace / m.path)
+                except (UnsafeArchive, Refused, Unreachable, OSError) as exc:
+                    self._report_final(RunStatus.FAILED, None, f"storage {m.name} (at {m.path}): {exc}")
+                    return
             a = self.assignment
             (self.job_dir / "artifacts").mkdir(exist_ok=True)
             user = self.agent.job_user

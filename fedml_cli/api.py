@@ -90,11 +90,11 @@ class Api:
         self._check(r)
         return True
 
-    def put_blob(self, sha: str, path: str, *, show_progress: bool = True) -> None:
+    def put_blob(self, sha: str, path: str, *, show_progress: bool = True, what: str = "the workspace") -> None:
         from .progress import Progress, read_chunks
 
         size = os.path.getsize(path)
-        with Progress("uploading the workspace", size, enabled=show_progress) as bar:
+        with Progress(f"uploading {what}", size, enabled=show_progress) as bar:
             self.request("PUT", f"/blobs/{sha}", content=read_chunks(path, bar),
                          headers={"content-type": "application/gzip", "content-length": str(size)},
                          timeout=httpx.Timeout(600.0, connect=5.0))

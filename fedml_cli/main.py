@@ -11,7 +11,18 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__, admin, cluster, clusters_cmd, endpoint, model_cmd, runs, scheduler_cmd, templates
+from . import (
+    __version__,
+    admin,
+    cluster,
+    clusters_cmd,
+    endpoint,
+    model_cmd,
+    runs,
+    scheduler_cmd,
+    storage_cmd,
+    templates,
+)
 from .errors import USAGE, CliError
 from .follow import _follow, _QueueWatch
 from .output import Group, JsonOpt, fail
@@ -58,6 +69,7 @@ app.add_typer(admin.node_app, name="node")
 app.add_typer(endpoint.endpoint_app, name="endpoint")
 app.add_typer(model_cmd.model_app, name="model")
 app.add_typer(clusters_cmd.cluster_app, name="cluster")
+app.add_typer(storage_cmd.storage_app, name="storage")
 scheduler_cmd.scheduler_app.add_typer(admin.key_app, name="key")
 scheduler_cmd.scheduler_app.add_typer(admin.token_app, name="token")
 

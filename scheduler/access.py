@@ -21,6 +21,9 @@ _NOT_FOR_NODES = {
     "list nodes": "a node key cannot list nodes",
     "list endpoints": "a node key cannot list endpoints",
     "scale": "a node key cannot scale endpoints",
+    "list clusters": "a node key cannot list clusters",
+    "read clusters": "a node key cannot read clusters",
+    "use storage": "a node key has no storage (its runs get theirs through `storage:` in the job)",
 }
 
 

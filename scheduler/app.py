@@ -24,15 +24,16 @@ from .contract.models import Principal
 from .gateway import Endpoints, Gateway
 from .middleware import Guard, Intercept
 from .routes import blobs as blob_routes
-from .routes import clusters, keys, logs, nodes, runs, sweeps, system
+from .routes import clusters, keys, logs, nodes, runs, storage, sweeps, system
 from .routes import endpoints as endpoint_routes
 from .routes.deps import API, Ctx
 from .routes.inference import PREFIX, Inference
 from .service import Scheduler
+from .storage import NamedStorage
 from .store import Store
 
 log = logging.getLogger("fedml.scheduler")
-ROUTERS = (system, blob_routes, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys)
+ROUTERS = (system, blob_routes, storage, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys)
 
 @dataclass
 class Settings:
@@ -99,7 +100,9 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return access.may_read_blob(who, owned_by=lambda owner: blob_store.owned_by(sha, owner),
                                     placed_here=lambda _node: False) and blob_store.has(sha)
 
-    sched = Scheduler(store, notifier, blob_exists=blob_usable, heartbeat_interval=settings.heartbeat_interval)
+    named = NamedStorage(settings.blob_dir)
+    sched = Scheduler(store, notifier, blob_exists=blob_usable, storage=named.get,
+                      heartbeat_interval=settings.heartbeat_interval)
     health = Health()
 
     async def schedule_loop() -> None:
@@ -166,8 +169,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                 await task
 
     app = FastAPI(title="fedml launch scheduler", version=__version__, lifespan=lifespan)
-    c = Ctx(store=store, settings=settings, sched=sched, notifier=notifier, blobs=blob_store, endpoints=eps,
-            gateway=gateway, health=health)
+    c = Ctx(store=store, settings=settings, sched=sched, notifier=notifier, blobs=blob_store, storage=named,
+            endpoints=eps, gateway=gateway, health=health)
     app.state.ctx = c
     app.state.scheduler = sched
     app.state.store = store

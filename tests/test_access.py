@@ -99,3 +99,16 @@ def test_blobs_are_read_by_uploaders_admins_and_nodes_running_them() -> None:
 
     assert [access.may_read_blob(w, owned, placed) for w in (ADMIN, ALICE, BOB, NODE_A, NODE_B)] == \
         [True, True, False, True, False]
+
+
+def test_every_action_refused_to_nodes_has_its_sentence() -> None:
+    """Each `require_not_node(who, "ACTION")` in the scheduler names an action access.py can say (a missing one
+    was a KeyError, a 500, where a node key should get a 403)."""
+    import re
+    from pathlib import Path
+
+    from scheduler import access
+
+    root = Path(access.__file__).parent
+    used = {m for f in root.rglob("*.py") for m in re.findall(r'require_not_node\(who, "([^"]+)"', f.read_text())}
+    assert used and used <= set(access._NOT_FOR_NODES), used - set(access._NOT_FOR_NODES)

@@ -303,3 +303,62 @@ def test_a_sweep_of_four_points_runs_and_reports(fedml: Fedml, tmp_path: Path) -
     assert json.loads(r.stdout)["counts"] == {"KILLED": 3}
     r = fedml("launch", str(job), "--sweep", "bs", "--dry-run")
     assert r.returncode == 2 and "--sweep: expected NAME=VALUE" in r.stderr
+
+
+STORAGE_SDK = textwrap.dedent('''
+    import json, sys
+    import fedml
+    up = fedml.api.upload(sys.argv[1], name="notes", description="sdk", metadata={"k": 1})
+    listed = fedml.api.list_storage_objects()
+    meta = fedml.api.get_storage_user_defined_metadata("notes")
+    down = fedml.api.download("notes", dest_path=sys.argv[2])
+    gone = fedml.api.delete("notes")
+    again = fedml.api.get_storage_metadata("notes")
+    print(json.dumps({"up": up.code, "kind": up.data["kind"], "listed": sorted(o["name"] for o in listed.data),
+                      "meta": meta.data, "down": down.data, "gone": gone.code, "again": [again.code, again.message]}))
+''')
+
+
+def test_named_storage_uploads_mounts_into_jobs_and_downloads(fedml: Fedml, tmp_path: Path) -> None:
+    """`fedml storage upload/list/get-metadata/download/delete` and FedML's fedml.api storage calls; a job's
+    `storage:` gets the objects unpacked into its workspace; a workspace whose mount point is a symlink makes the
+    run fail saying so (nothing is written through it)."""
+    data = tmp_path / "mnist"
+    (data / "sub").mkdir(parents=True)
+    (data / "train.csv").write_text("1,2\n")
+    (data / "sub" / "x.txt").write_text("deep\n")
+    (tmp_path / "notes.txt").write_text("a note\n")
+    r = fedml("storage", "upload", str(data), "-d", "digits", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["name"] == "mnist" and json.loads(r.stdout)["files"] == 2
+    r = fedml("storage", "upload", str(tmp_path / "notes.txt"), "-n", "cfg", "-um", '{"v": "1"}')
+    assert r.returncode == 0, r.stderr
+    r = fedml("storage", "list")
+    assert "mnist" in r.stdout and "digits" in r.stdout and "cfg" in r.stdout
+    meta = json.loads(fedml("storage", "get-metadata", "cfg", "--json").stdout)
+    assert meta["kind"] == "file" and meta["filename"] == "notes.txt" and meta["metadata"] == {"v": "1"}
+    job = write_job(tmp_path / "job", "cat data/train.csv data/sub/x.txt cfg/notes.txt",
+                    extra="storage:\n  - {name: mnist, path: data/}\n  - {name: cfg}\n")
+    r = fedml("launch", str(job), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["1,2", "deep", "a note"]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert fedml("storage", "download", "mnist", "-p", str(out)).returncode == 0
+    assert (out / "mnist" / "sub" / "x.txt").read_text() == "deep\n"
+    r = fedml("storage", "download", "mnist", "-p", str(out))
+    assert r.returncode == 2 and "not empty" in r.stderr  # nothing overwritten
+    linked = write_job(tmp_path / "linked", "ls data", extra="storage:\n  - {name: mnist, path: data}\n",
+                       workspace={"real/keep.txt": "mine\n"})
+    (linked.parent / "ws" / "data").symlink_to("real")
+    r = fedml("launch", str(linked), "--json", timeout=120)
+    assert r.returncode != 0
+    run = json.loads(fedml("run", "status", json.loads(r.stdout.splitlines()[-1])["run_id"], "--json").stdout)
+    assert run["status"] == "FAILED" and "storage mnist" in run["reason"], run["reason"]
+    got = script(fedml, tmp_path, STORAGE_SDK, str(tmp_path / "notes.txt"), str(out))
+    assert got["up"] == "SUCCESS" and got["kind"] == "file" and got["listed"] == ["cfg", "mnist", "notes"]
+    assert got["meta"] == {"k": "1"} and got["down"] == str(out / "notes.txt") and got["gone"] == "SUCCESS"
+    assert got["again"][0] == "FAILURE" and "no storage object notes" in got["again"][1]
+    assert fedml("storage", "delete", "mnist").returncode == 0
+    r = fedml("launch", str(job))
+    assert r.returncode == 2 and "no storage object mnist" in r.stderr and "job.yaml" in r.stderr

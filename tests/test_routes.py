@@ -155,3 +155,63 @@ def test_lone_surrogates_anywhere_in_a_request_are_refused_and_nothing_is_stored
             assert r.status_code == 422 and "surrogate" in r.text, (body, r.status_code, r.text)
         assert c.get("/api/v1/runs", headers=h).json() == []
     store.close()
+
+
+def _blob(c: TestClient, keys: dict[str, str], who: str, files: dict[str, str]) -> str:
+    """Pack `files` (as `fedml storage upload` does) and upload the archive as `who`. Returns its sha256."""
+    import tempfile
+
+    from scheduler.contract.archive import pack
+
+    with tempfile.TemporaryDirectory() as d:
+        for rel, text in files.items():
+            (Path(d) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(d) / rel).write_text(text)
+        packed = pack(Path(d))
+    data = Path(packed.path).read_bytes()
+    Path(packed.path).unlink()
+    r = c.put(f"/api/v1/blobs/{packed.sha256}", content=data, headers=as_(keys, who))
+    assert r.status_code == 201, r.text
+    return packed.sha256
+
+
+def test_named_storage_is_its_owners_alone(client: tuple[TestClient, dict[str, str]]) -> None:
+    """`fedml storage`: a name for an uploaded blob, seen, read, mounted and deleted by its owner only; a name
+    cannot be given to someone else's blob (the hash alone must not lend it); nodes have no storage; a job's
+    storage: resolves the caller's own names when launched."""
+    c, keys = client
+    sha = _blob(c, keys, "alice", {"train.csv": "a,b\n"})
+    r = c.put("/api/v1/storage/mnist", json={"sha256": sha, "kind": "dir", "files": 1, "description": "digits"},
+              headers=as_(keys, "alice"))
+    assert r.status_code == 201, r.text
+    assert r.json()["owner"] == "alice" and r.json()["size"] > 0
+    assert [o["name"] for o in c.get("/api/v1/storage", headers=as_(keys, "alice")).json()] == ["mnist"]
+    assert c.get("/api/v1/storage", headers=as_(keys, "bob")).json() == []
+    assert c.get("/api/v1/storage/mnist", headers=as_(keys, "bob")).status_code == 404
+    assert c.get("/api/v1/storage/mnist/data", headers=as_(keys, "bob")).status_code == 404
+    assert c.get("/api/v1/storage/mnist?owner=alice", headers=as_(keys, "bob")).status_code == 403
+    assert c.get("/api/v1/storage/mnist?owner=alice", headers=as_(keys, "admin")).json()["sha256"] == sha
+    assert c.get("/api/v1/storage?everyone=true", headers=as_(keys, "bob")).status_code == 403
+    # bob names alice's blob by its hash: refused, the same answer as a hash nobody uploaded
+    stolen = c.put("/api/v1/storage/mine", json={"sha256": sha}, headers=as_(keys, "bob"))
+    nothing = c.put("/api/v1/storage/mine", json={"sha256": "0" * 64}, headers=as_(keys, "bob"))
+    assert stolen.status_code == nothing.status_code == 400 and stolen.json()["detail"].replace(
+        sha[:12], "X") == nothing.json()["detail"].replace("0" * 12, "X")
+    for bad in ("../x", "a" * 200, ".hidden"):
+        assert c.put(f"/api/v1/storage/{bad}", json={"sha256": sha}, headers=as_(keys, "alice")).status_code in (
+            400, 404, 422), bad
+    job = {"job": "cat data/train.csv", "storage": [{"name": "mnist", "path": "data"}]}
+    run = c.post("/api/v1/runs", json={"job": job}, headers=as_(keys, "alice"))
+    assert run.status_code == 201, run.text
+    assert run.json()["mounts"] == [{"name": "mnist", "path": "data", "sha256": sha, "kind": "dir",
+                                     "filename": None}]
+    theirs = c.post("/api/v1/runs", json={"job": job}, headers=as_(keys, "bob"))
+    assert theirs.status_code == 422 and "no storage object mnist" in theirs.json()["detail"]
+    escape = c.post("/api/v1/runs", json={"job": {**job, "storage": [{"name": "mnist", "path": "../../etc"}]}},
+                    headers=as_(keys, "alice"))
+    assert escape.status_code == 422 and "inside the workspace" in escape.json()["detail"]
+    assert c.delete("/api/v1/storage/mnist", headers=as_(keys, "bob")).status_code == 404
+    assert c.delete("/api/v1/storage/mnist", headers=as_(keys, "alice")).status_code == 200
+    assert c.get("/api/v1/storage", headers=as_(keys, "alice")).json() == []
+    node = auth.issue(c.app.state.store, name="n", scope="node", owner="node-x")[1]  # type: ignore[attr-defined]
+    assert c.get("/api/v1/storage", headers={"Authorization": f"Bearer {node}"}).status_code == 403

@@ -27,11 +27,13 @@ from fedml_cli.fedml_names import fedml_status
 
 from .constants import RunStatus
 
-__all__ = ["ClusterModel", "ClusterModelList", "LaunchResult", "RunLogResult", "RunModel", "RunModelList", "RunStatus",
-           "cluster_autostop", "cluster_exists", "cluster_kill", "cluster_killall", "cluster_list", "cluster_start",
-           "cluster_startall", "cluster_status", "cluster_stop", "cluster_stopall", "endpoint_delete", "fedml_login",
-           "launch_job", "launch_job_on_cluster", "model_create", "model_delete", "model_deploy", "model_list",
-           "model_run", "run_list", "run_logs", "run_status", "run_stop"]
+__all__ = ["ClusterModel", "ClusterModelList", "FedMLResponse", "LaunchResult", "RunLogResult", "RunModel",
+           "RunModelList", "RunStatus", "cluster_autostop", "cluster_exists", "cluster_kill", "cluster_killall",
+           "cluster_list", "cluster_start", "cluster_startall", "cluster_status", "cluster_stop", "cluster_stopall",
+           "delete", "download", "endpoint_delete", "fedml_login", "get_storage_metadata",
+           "get_storage_user_defined_metadata", "launch_job", "launch_job_on_cluster", "list_storage_objects",
+           "model_create", "model_delete", "model_deploy", "model_list", "model_run", "run_list", "run_logs",
+           "run_status", "run_stop", "upload"]
 
 
 @dataclass
@@ -395,6 +397,64 @@ def cluster_autostop(cluster_id: str, time: int, api_key: str | None = None) -> 
     return _cluster_call([cluster_id], "autostop", api_key, **({"minutes": time} if time else {}))
 
 
+@dataclass
+class FedMLResponse:
+    """What FedML's storage calls return: code "SUCCESS" or "FAILURE", a message, and the data."""
+
+    code: str
+    message: str
+    data: Any = None
+
+
+def _storage_call(api_key: str | None, fn: Any) -> FedMLResponse:
+    try:
+        with _key(api_key):
+            return FedMLResponse("SUCCESS", "", fn(_connect()))
+    except CliError as exc:
+        return FedMLResponse("FAILURE", str(exc))
+
+
+def upload(data_path: str, api_key: str | None = None, tag_list: list[str] | None = None, service: str = "R2",
+           name: str | None = None, description: str | None = None, metadata: dict[str, Any] | None = None,
+           show_progress: bool = False, out_progress_to_err: bool = True, progress_desc: str | None = None,
+           ) -> FedMLResponse:
+    """Store a file or directory under `name` (`fedml storage upload`); data: the object's record. `service`
+    (FedML's cloud bucket) is accepted and unused: the scheduler keeps it."""
+    from fedml_cli import storage
+
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return _storage_call(api_key, lambda api: storage.upload(api, data_path, name, description=description or "",
+                                                             metadata=meta, show_progress=show_progress))
+
+
+def download(data_name: str, api_key: str | None = None, service: str = "R2", dest_path: str | None = None,
+             show_progress: bool = True) -> FedMLResponse:
+    """Download and unpack a stored object into dest_path (default: here); data: where it is."""
+    from fedml_cli import storage
+
+    return _storage_call(api_key, lambda api: str(storage.download(api, data_name, dest_path or ".")))
+
+
+def list_storage_objects(api_key: str | None = None) -> FedMLResponse:
+    """data: your stored objects (their records)."""
+    return _storage_call(api_key, lambda api: api.get("/storage"))
+
+
+def get_storage_metadata(data_name: str, api_key: str | None = None) -> FedMLResponse:
+    """data: the object's record (kind, size, files, sha256, description, metadata)."""
+    return _storage_call(api_key, lambda api: api.get(f"/storage/{data_name}"))
+
+
+def get_storage_user_defined_metadata(data_name: str, api_key: str | None = None) -> FedMLResponse:
+    """data: the metadata given at upload."""
+    return _storage_call(api_key, lambda api: api.get(f"/storage/{data_name}")["metadata"])
+
+
+def delete(data_name: str, api_key: str | None = None, service: str = "R2") -> FedMLResponse:
+    """Delete the name (runs launched with it keep what they had)."""
+    return _storage_call(api_key, lambda api: api.delete(f"/storage/{data_name}"))
+
+
 def _instead(name: str, use: str) -> Any:
     def missing(*args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"fedml.api.{name} has no equivalent in fedml launch yet: {use}")
@@ -407,9 +467,6 @@ def _instead(name: str, use: str) -> Any:
 for _name in ("model_package", "model_push", "model_pull"):
     globals()[_name] = _instead(_name, "model cards stay on the machine that made them (model_create) and are "
                                        "deployed from there (model_deploy): there is no model registry to push to")
-for _name in ("upload", "download", "list_storage_objects", "delete", "get_storage_metadata",
-              "get_storage_user_defined_metadata"):
-    globals()[_name] = _instead(_name, "put data in the job's workspace (uploaded with the job) or on the nodes")
 for _name in ("login", "logout", "device_bind", "device_unbind"):
     globals()[_name] = _instead(_name, "run `fedml login --help` on the machine to join it as a node")
 del _name

@@ -98,6 +98,35 @@ class DockerSpec(_Model):
     network: str | None = None  # our addition: the container's --network (default: the node's, else host)
 
 
+class StorageMount(_Model):
+    """`storage: [{name: mnist, path: data/}]`: a named storage object (`fedml storage upload`) unpacked into
+    the workspace at `path` (default: its name) before the job starts."""
+
+    name: str
+    path: str | None = Field(default=None, max_length=255)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError(f'"{v[:80]}" is not a storage name (letters, digits, "-", "_", ".")')
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = [p for p in v.replace("\\", "/").split("/") if p not in ("", ".")]
+        if v.startswith("/") or ".." in parts or "\0" in v:
+            raise ValueError(f'"{v[:80]}": a path inside the workspace (relative, no "..")')
+        return "/".join(parts)
+
+    @property
+    def where(self) -> str:
+        return self.path or self.name
+
+
 class RetrySpec(_Model):
     max_attempts: int = Field(default=1, ge=1, le=100)
     on: list[Literal["lost", "error"]] = Field(default_factory=lambda: ["lost"])
@@ -236,6 +265,7 @@ class JobSpec(_Model):
     # A sweep (our addition): one run per point of the grid {name: [values]}, each with FEDML_SWEEP_<NAME> set;
     # at most max_parallel of them queued or running at once (docs/sweeps.md).
     sweep: dict[str, list[SweepValue]] | None = None
+    storage: list[StorageMount] | None = Field(default=None, max_length=32)  # named data unpacked into the workspace
     max_parallel: int | None = Field(default=None, ge=1, le=MAX_SWEEP_POINTS)
     _lines: Any = PrivateAttr(default=None)  # where each key is in the file (set by load_text)
 

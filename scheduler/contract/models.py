@@ -211,6 +211,7 @@ class Run(BaseModel):
     stop_requested: bool = False
     after: list[Dependency] = Field(default_factory=list)  # runs it waits for (Dependency)
     sweep: SweepPoint | None = None  # the sweep it is a point of
+    mounts: list[Mount] = Field(default_factory=list)  # storage objects unpacked into its workspace
     log_count: int = 0
     node_names: dict[str, str] = Field(default_factory=dict)  # node id -> name, filled when a run is read
     created_at: float = Field(default_factory=time.time)
@@ -363,6 +364,40 @@ class LogRow(NamedTuple):
         return (f'{{"pos":{self.pos},"rank":{self.rank},"attempt":{self.attempt},"seq":{self.seq},'
                 f'"ts":{self.ts:.6f},"stream":{json.dumps(self.stream)},'
                 f'"line":{json.dumps(self.line, ensure_ascii=False)}}}')
+
+
+STORAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class StoragePut(BaseModel):
+    """PUT /storage/{name}: name an uploaded blob (a tar.gz of a file or a directory) for its owner."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    kind: Literal["file", "dir"] = "dir"
+    filename: str | None = Field(default=None, max_length=255)  # a file's own name (kind "file")
+    files: int = Field(default=0, ge=0)
+    description: str = Field(default="", max_length=1000)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class StorageObject(StoragePut):
+    """A named file or directory in the scheduler's storage (`fedml storage ...`), its owner's alone."""
+
+    name: str
+    owner: str
+    size: int = 0
+    created_at: float = Field(default_factory=time.time)
+
+
+class Mount(BaseModel):
+    """A storage object a run gets in its workspace (`storage:` in the job), as resolved when it was launched:
+    a later upload under the same name does not change what the run reads."""
+
+    name: str
+    path: str
+    sha256: str
+    kind: Literal["file", "dir"] = "dir"
+    filename: str | None = None
 
 
 class RunCreate(BaseModel):

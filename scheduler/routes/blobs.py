@@ -19,8 +19,9 @@ def _visible(c: Ctx, sha: str, who: Principal) -> bool:
     c.blobs.path(sha)  # 400 for a malformed name
     return access.may_read_blob(
         who, owned_by=lambda owner: c.blobs.owned_by(sha, owner),
-        placed_here=lambda node_id: any(r.workspace_sha == sha for r in c.store.list_runs(
-            status=[RunStatus.STARTING, RunStatus.RUNNING], node_id=node_id))) and c.blobs.has(sha)
+        placed_here=lambda node_id: any(r.workspace_sha == sha or any(m.sha256 == sha for m in r.mounts)
+                                        for r in c.store.list_runs(status=[RunStatus.STARTING, RunStatus.RUNNING],
+                                                                   node_id=node_id))) and c.blobs.has(sha)
 
 
 @router.head("/{sha}")

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..gateway import Endpoints, Gateway
     from ..notify import Notifier
     from ..service import Scheduler
+    from ..storage import NamedStorage
     from ..store import Store
 
 API = "/api/v1"
@@ -34,6 +35,7 @@ class Ctx:
     sched: Scheduler
     notifier: Notifier
     blobs: BlobStore
+    storage: NamedStorage
     endpoints: Endpoints
     gateway: Gateway
     health: Health

@@ -125,11 +125,12 @@ _malloc_trim = None
 
 
 class SchedulerBase:
-    def __init__(self, store: Store, notifier: Notifier, *, blob_exists: object = None,
+    def __init__(self, store: Store, notifier: Notifier, *, blob_exists: object = None, storage: object = None,
                  heartbeat_interval: float = 10.0, rng: random.Random | None = None) -> None:
         self.store = store
         self.notifier = notifier
         self._blob_exists = blob_exists
+        self._storage = storage  # (owner, name) -> StorageObject | None: named storage (scheduler/storage.py)
         self.heartbeat_interval = heartbeat_interval
         # Fencing (runtime/fence.py): an agent's jobs die when its lease (renewed by each answered poll) runs out;
         # the node is written off only once the lease has certainly run out, with a slack for the guard to act

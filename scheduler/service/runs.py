@@ -17,6 +17,7 @@ from ..contract.models import (
     TERMINAL,
     Dependency,
     Endpoint,
+    Mount,
     Principal,
     Run,
     RunCreate,
@@ -167,6 +168,7 @@ class RunsMixin(SchedulerBase):
         # else's files. The same answer whether it exists or not, so it tells nothing about others' blobs.
         if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha, who):
             raise BadRequest(f"workspace {req.workspace_sha[:12]} has not been uploaded")
+        mounts = self._mounts(spec, who, req.job_file or "job")
         request = Request.of(spec, who.owner)
         never = self.never_fits(request)
         if never is not None:
@@ -179,6 +181,7 @@ class RunsMixin(SchedulerBase):
             warnings=warnings,
             workspace_sha=req.workspace_sha,
             env=req.env,
+            mounts=mounts,
             priority=spec.priority,
             owner=who.owner,
             num_nodes=request.count,
@@ -193,6 +196,19 @@ class RunsMixin(SchedulerBase):
             if pending:
                 run.reason = f"waiting for {', '.join(pending)} to end"
         return run
+
+    def _mounts(self, spec: JobSpec, who: Principal, file: str) -> list[Mount]:
+        """The job's `storage:` resolved to the caller's objects now (a later upload under the name does not
+        change this run's inputs). Invalid naming the one missing."""
+        out: list[Mount] = []
+        for i, m in enumerate(spec.storage or []):
+            obj = self._storage(who.owner, m.name) if callable(self._storage) else None
+            if obj is None:
+                raise Invalid(f"{file}: storage.{i}.name: no storage object {m.name} (`fedml storage list`; "
+                              f"upload it with "
+                              f"`fedml storage upload PATH -n {m.name}`)")
+            out.append(Mount(name=m.name, path=m.where, sha256=obj.sha256, kind=obj.kind, filename=obj.filename))
+        return out
 
     def _dependencies(self, run: Run, after: list[str], who: Principal) -> list[str]:
         """Check `after` (RUN_ID[:ok|:any]: runs the caller may see) and set run.after; the runs still to end.
