@@ -14,20 +14,30 @@ from . import local
 from .errors import NOT_FOUND, UNREACHABLE, USAGE, CliError
 
 API = "/api/v1"
+IDEMPOTENT = frozenset({"GET", "HEAD"})  # tried again after a transport error (Api._retried)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name) or default))
+    except ValueError:
+        return default
 
 
 class Api:
-    def __init__(self, url: str, token: str | None, *, embedded: bool = False) -> None:
+    def __init__(self, url: str, token: str | None, *, embedded: bool = False, timeout: float = 30.0,
+                 retries: int | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.embedded = embedded
         self._restarted = False
+        self.retries = retries if retries is not None else _env_int("FEDML_RETRIES", 3)
         if token and not (token.isascii() and token.isprintable() and " " not in token):
             # An HTTP header carries ASCII only: such a key cannot be ours (a paste with a stray character?)
             raise CliError("the API key holds characters no API key has (spaces, control or non-ASCII characters); "
                            "check FEDML_API_KEY or what was pasted", USAGE)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, connect=5.0),
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0),
                                  transport=transport(self.url))
 
     def _check(self, r: httpx.Response) -> httpx.Response:
@@ -56,19 +66,41 @@ class Api:
         try:
             return self._check(self.http.request(method, API + path, **kw))
         except httpx.ConnectError:
-            if not self.embedded or self._restarted:
-                raise CliError(f"cannot reach the scheduler at {self.url}", UNREACHABLE) from None
-            self._reconnect()
-            return self.request(method, path, **kw)
+            if self.embedded and not self._restarted:
+                self._reconnect()
+                return self.request(method, path, **kw)
+            if method in IDEMPOTENT and self.retries > 1:
+                return self._retried(method, path, kw)
+            raise CliError(f"cannot reach the scheduler at {self.url}", UNREACHABLE) from None
         except httpx.TransportError as exc:
+            if method in IDEMPOTENT and self.retries > 1:
+                return self._retried(method, path, kw)
             raise CliError(f"cannot reach the scheduler at {self.url}: {exc or type(exc).__name__}",
                            UNREACHABLE) from None
+
+    def _retried(self, method: str, path: str, kw: dict[str, Any]) -> httpx.Response:
+        """A read that failed in transit (a scheduler restarting, a dropped connection), tried again with
+        backoff (0.2 s, 0.4 s ... at most 2 s; FEDML_RETRIES attempts in all). Writes are never repeated
+        here: a create that reached the scheduler must not run twice. tenacity is imported only now."""
+        import tenacity
+
+        try:
+            for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(self.retries - 1),
+                                             wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
+                                             retry=tenacity.retry_if_exception_type(httpx.TransportError),
+                                             reraise=True):
+                with attempt:
+                    r = self.http.request(method, API + path, **kw)
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the scheduler at {self.url} ({self.retries} tries): "
+                           f"{exc or type(exc).__name__}", UNREACHABLE) from None
+        return self._check(r)
 
     def _reconnect(self) -> None:
         """The local scheduler's state file pointed at a dead address: start it again."""
         self._restarted = True
         url, token = local.ensure_running()
-        self.__init__(url, token, embedded=True)  # type: ignore[misc]
+        self.__init__(url, token, embedded=True, retries=self.retries)  # type: ignore[misc]
         self._restarted = True
 
     def get(self, path: str, **kw: Any) -> Any:
