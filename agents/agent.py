@@ -238,6 +238,10 @@ class Agent:
                 log.warning("poll refused: %s", exc)
                 self.stopping.wait(2.0)
                 continue
+            if resp.shutdown and not resp.start and not self.workers:
+                log.warning("the scheduler asks this agent to exit: %s", resp.shutdown)
+                self.stopping.set()
+                return
             try:
                 for a in resp.start:
                     ref = attempt_ref(a.run.id, a.run.attempt)

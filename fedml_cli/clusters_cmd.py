@@ -142,14 +142,19 @@ def cluster_autostop(
     name: NameArg,
     minutes: Annotated[float, typer.Option("--time", "-t", min=0, metavar="MIN",
                                            help="Minutes without a run before a node is drained (0: off).")],
+    stop_agents: Annotated[bool, typer.Option("--stop-agents", help="Then tell the node's agent to exit too (the "
+                                                                    "machine leaves until `fedml login --node` "
+                                                                    "on it again).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Drain each node of the cluster once it has had no run for MIN minutes (`start` undrains)."""
-    out = _each([name], "autostop", {"minutes": minutes} if minutes > 0 else None)
+    """Drain each node of the cluster once it has had no run for MIN minutes (`start` undrains); with
+    --stop-agents its agent exits then."""
+    out = _each([name], "autostop", {"minutes": minutes, "stop_agents": stop_agents} if minutes > 0 else None)
     if as_json:
         _print_json(out[0])
     else:
-        _err(f"Cluster {name}: " + (f"a node is drained after {minutes:g} min without a run." if minutes > 0
+        _err(f"Cluster {name}: " + (f"a node is drained after {minutes:g} min without a run"
+                                    + (", and its agent exits." if stop_agents else ".") if minutes > 0
                                     else "autostop is off."))
 
 

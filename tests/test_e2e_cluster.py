@@ -946,3 +946,33 @@ def test_a_named_cluster_takes_the_runs_launched_on_it_and_stops_as_a_whole(c: C
     assert not any(c.nodes()[n]["draining"] for n in ("n1", "n2"))
     assert c.fedml("cluster", "kill", "pair").returncode == 0
     assert c.json("cluster", "list") == [] and c.fedml("cluster", "exists", "pair").returncode == 4
+
+
+def test_autostop_drains_an_idle_cluster_and_stops_its_agents(tmp_path: Path) -> None:
+    """`fedml cluster autostop NAME -t MIN --stop-agents`: once the node has had no run for MIN minutes it is
+    drained and its agent (a real `fedml login --node` process) exits; `fedml login --node` on it brings it
+    back, taking runs after `fedml cluster start`."""
+    from .cluster import start_cluster
+
+    gen = start_cluster(tmp_path, ("idle",), torch=False, heartbeat=0.5)
+    c = next(gen)
+    try:
+        def agents() -> list[psutil.Process]:
+            return [p for p in our_processes(tmp_path / "agents") if "agents.agent" in " ".join(p.cmdline())]
+
+        assert agents(), "no agent process to watch"
+        assert c.fedml("cluster", "create", "lab", "idle").returncode == 0
+        r = c.fedml("cluster", "autostop", "lab", "-t", "0.02", "--stop-agents")  # 1.2 s
+        assert r.returncode == 0 and "its agent exits" in r.stderr, r.stderr
+        wait_for("the idle node's agent to exit", lambda: not agents(), timeout=30)
+        node = c.json("node", "list")[0]
+        assert node["draining"] and node["stop_agent"]
+        r = c.agents("login", c.admin, "--server", c.url, "--node", "--name", "idle", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert c.fedml("cluster", "autostop", "lab", "-t", "0").returncode == 0  # off: it stays this time
+        assert c.fedml("cluster", "start", "lab").returncode == 0
+        r = c.fedml("launch", str(write_job(tmp_path / "j", "echo back")), "-c", "lab")
+        assert r.returncode == 0 and r.stdout.strip() == "back", r.stderr
+        assert agents()
+    finally:
+        gen.close()

@@ -784,5 +784,22 @@ def test_a_cluster_is_a_named_set_of_nodes_runs_ask_for(sched: Scheduler) -> Non
     assert sched.check_autostop(now=t0) == [] and sched.check_autostop(now=t0 + 30) == []
     assert sorted(n.name for n in sched.check_autostop(now=t0 + 61)) == ["a", "b"]
     assert sched.cluster("prod", boss).draining == 2
+    assert sched.poll_once(a, []).shutdown is None  # drained, but its agent was not asked to exit
+    sched.start_cluster("prod", boss)
+    sched.autostop_cluster("prod", 1.0, boss, stop_agents=True)
+    busy = sched.create_run(RunCreate(job={"job": "echo", "computing": {"minimum_num_gpus": 1}}, cluster="prod"),
+                            alice)  # type: ignore[arg-type]
+    assert sched.schedule_pass() == 1
+    busy_node = sched.get_run(busy.id).node_id
+    idle_node = b if busy_node == a else a
+    t1 = time.time()
+    sched.check_autostop(now=t1)
+    assert [n.id for n in sched.check_autostop(now=t1 + 61)] == [idle_node]  # the busy one stays
+    assert sched.poll_once(idle_node, []).shutdown and "autostop" in sched.poll_once(idle_node, []).shutdown
+    assert sched.poll_once(idle_node, ["run-x:1"]).shutdown is None  # it still runs something: not yet
+    assert sched.poll_once(busy_node, []).shutdown is None
+    node_key = auth.verify(sched.store, auth.issue(sched.store, name="n2", scope="node", owner=idle_node)[1])
+    sched.register_node(NodeInfo(name="x", gpus=gpus("NVIDIA A100 80GB PCIe", 2), job_user="fedml-job"), node_key)
+    assert sched.poll_once(idle_node, []).shutdown is None  # started again by hand: it stays
     sched.stop_cluster("prod", boss, kill=True)
     assert sched.clusters(boss) == [] and "fedml.cluster/prod" not in sched.store.get_node(a).labels

@@ -392,9 +392,11 @@ def cluster_killall(api_key: str | None = None) -> bool:
     return _cluster_call(None, "stop", api_key, kill="true")
 
 
-def cluster_autostop(cluster_id: str, time: int, api_key: str | None = None) -> bool:
-    """Drain each node of the cluster after `time` minutes without a run (0: off) (admin)."""
-    return _cluster_call([cluster_id], "autostop", api_key, **({"minutes": time} if time else {}))
+def cluster_autostop(cluster_id: str, time: int, api_key: str | None = None, stop_agents: bool = True) -> bool:
+    """After `time` minutes without a run (0: off), drain each node of the cluster and (as FedML's stops its
+    machines) tell its agent to exit (admin)."""
+    return _cluster_call([cluster_id], "autostop", api_key,
+                         **({"minutes": time, "stop_agents": str(stop_agents).lower()} if time else {}))
 
 
 @dataclass

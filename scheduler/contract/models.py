@@ -312,6 +312,8 @@ class Node(NodeInfo):
     state: str = "ONLINE"  # ONLINE | OFFLINE
     draining: bool = False  # no new runs; running ones finish
     autostop_minutes: float | None = None  # `fedml cluster autostop`: drained after this long without a run
+    autostop_agents: bool = False  # ... and then its agent told to exit (`--stop-agents`)
+    stop_agent: bool = False  # its agent exits at its next poll without runs (cleared when it registers again)
     registered_at: float = Field(default_factory=time.time)
     last_seen: float = Field(default_factory=time.time)
 
@@ -344,6 +346,7 @@ class Cluster(BaseModel):
     active_runs: int = 0
     draining: int = 0  # nodes of it that take no new runs
     autostop_minutes: float | None = None
+    autostop_agents: bool = False
 
 
 SYSTEM_RANK = -1  # log lines the scheduler writes itself (stream "fedml"): attempt markers
@@ -488,6 +491,7 @@ class PollResponse(BaseModel):
     # Seconds the node's lease lasts from when this poll was sent: the agent's guards kill its jobs once it runs
     # out unrenewed (runtime/fence.py). The scheduler writes a node off only after lease + slack.
     lease: float = 0.0
+    shutdown: str | None = None  # the agent exits (`fedml cluster autostop --stop-agents`), saying this
 
 
 class Registered(BaseModel):

@@ -39,6 +39,6 @@ def start_cluster(name: str = Name, who: Principal = Depends(auth), c: Ctx = Dep
 
 
 @router.post("/{name}/autostop")
-def autostop_cluster(name: str = Name, minutes: float | None = Query(default=None), who: Principal = Depends(auth),
-                     c: Ctx = Depends(ctx)) -> Cluster:
-    return c.sched.autostop_cluster(name, minutes, who)
+def autostop_cluster(name: str = Name, minutes: float | None = Query(default=None), stop_agents: bool = False,
+                     who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Cluster:
+    return c.sched.autostop_cluster(name, minutes, who, stop_agents=stop_agents)

@@ -68,8 +68,11 @@ class AgentsMixin(SchedulerBase):
                 scale[ref] = run.endpoint.replicas
         # Whatever the node runs that is no longer its to run is stopped: reconciliation after restarts.
         stop = [rid for rid in running if rid not in wanted]
+        shutdown = None
+        if not wanted and not running and node_id in self.agents_to_stop():
+            shutdown = "idle past its cluster's autostop: this agent exits (`fedml login --node` starts it again)"
         return PollResponse(start=start, stop=stop, scale=scale, heartbeat_interval=self.heartbeat_interval,
-                            lease=self.lease)
+                            lease=self.lease, shutdown=shutdown)
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
         access.require_acts_for_node(who, node_id)

@@ -67,6 +67,7 @@ class ClustersMixin(SchedulerBase):
         mine = [v for v in views if v.enforced_labels.get(key) == "true"]
         stops = {v.autostop_minutes for v in mine}
         return Cluster(name=name, nodes=mine, gpus=sum(len(v.gpus) for v in mine),
+                       autostop_agents=any(v.autostop_agents for v in mine),
                        gpus_free=sum(len(v.gpus_free) for v in mine), active_runs=sum(v.active_runs for v in mine),
                        draining=sum(1 for v in mine if v.draining),
                        autostop_minutes=stops.pop() if len(stops) == 1 else None)
@@ -102,18 +103,24 @@ class ClustersMixin(SchedulerBase):
         """Undrain the cluster's nodes (admin)."""
         access.require_admin(who, "only an admin key can start clusters")
         for view in self.cluster(name, who).nodes:
-            self.set_draining(view.id, False, who)
+            node = self.set_draining(view.id, False, who)
+            if node.stop_agent:  # (its agent may have exited already: it comes back with `fedml login --node`)
+                self.store.upsert_node(node.model_copy(update={"stop_agent": False}))
+                self._nodes_changed()
         return self.cluster(name, who)
 
-    def autostop_cluster(self, name: str, minutes: float | None, who: Principal) -> Cluster:
-        """Drain each node of the cluster once it has had no run for `minutes` (None: never) (admin)."""
+    def autostop_cluster(self, name: str, minutes: float | None, who: Principal, *,
+                         stop_agents: bool = False) -> Cluster:
+        """Drain each node of the cluster once it has had no run for `minutes` (None: never), and with
+        `stop_agents` tell its agent to exit then (admin)."""
         access.require_admin(who, "only an admin key can set autostop")
         if minutes is not None and not 0 < minutes <= 525_600:
             raise Invalid("minutes: between 0 and 525600 (a year)")
         for view in self.cluster(name, who).nodes:
             node = self.store.get_node(view.id)
             if node is not None:
-                self.store.upsert_node(node.model_copy(update={"autostop_minutes": minutes}))
+                self.store.upsert_node(node.model_copy(update={"autostop_minutes": minutes,
+                                                               "autostop_agents": stop_agents and bool(minutes)}))
         self._nodes_changed()
         return self.cluster(name, who)
 
@@ -134,7 +141,8 @@ class ClustersMixin(SchedulerBase):
             if now - since >= node.autostop_minutes * 60:
                 fresh = self.store.get_node(node.id)
                 if fresh is not None and not fresh.draining:
-                    self.store.upsert_node(fresh.model_copy(update={"draining": True}))
+                    self.store.upsert_node(fresh.model_copy(update={"draining": True,
+                                                                    "stop_agent": fresh.autostop_agents}))
                     self._nodes_changed()
                     drained.append(fresh)
                     log.info("node %s drained: no run for %.0f min (autostop)", node.name, node.autostop_minutes)

@@ -144,6 +144,7 @@ class SchedulerBase:
         # (run ref, node) -> when a RUNNING placement was first missing from its node's polls (soft state)
         self._missing: dict[tuple[str, str], float] = {}
         self._idle_since: dict[str, float] = {}  # node with autostop -> since when it has had no run (clusters.py)
+        self._stop_agents: tuple[list[Node], frozenset[str]] | None = None  # agents_to_stop()
         self.rng = rng or random.Random()
         self._schedule_lock = threading.Lock()
         # Heartbeats are soft state (Store.heartbeat: in memory, or a Redis hash the replicas share): a durable
@@ -195,6 +196,15 @@ class SchedulerBase:
                 version, nodes = got[0], merge_nodes(nodes, got[1], got[2])
         self._nodes = (now, ticket, version, nodes)
         return nodes
+
+    def agents_to_stop(self) -> frozenset[str]:
+        """Nodes whose agent is to exit once idle (Node.stop_agent): from the node cache, rebuilt only when it
+        changes (a poll asks this)."""
+        nodes = self.nodes()
+        cached = self._stop_agents
+        if cached is None or cached[0] is not nodes:
+            cached = self._stop_agents = (nodes, frozenset(n.id for n in nodes if n.stop_agent))
+        return cached[1]
 
     def _nodes_changed(self) -> None:
         """This process wrote a node: the next nodes() reads what moved (the store's feed), at once."""

@@ -39,6 +39,7 @@ class NodesMixin(SchedulerBase):
             node = Node(**info.model_dump(exclude={"name", "labels", "address"}), id=existing.id, name=existing.name,
                         labels={**_claimable(info.labels), **existing.enforced_labels},
                         enforced_labels=existing.enforced_labels, autostop_minutes=existing.autostop_minutes,
+                        autostop_agents=existing.autostop_agents,
                         address=(peer or existing.address) if existing.peer_address else info.address,
                         peer_address=existing.peer_address,
                         owner=owner, joined_by=existing.joined_by, draining=existing.draining,
