@@ -190,6 +190,35 @@ def test_fedml_login_key_joins_this_machine_as_a_node_where_the_scheduler_is_kno
         machine("logout", env=env, timeout=120)
 
 
+def test_fedml_api_device_bind_joins_this_machine_and_unbind_leaves(fedml: Fedml, tmp_path: Path) -> None:
+    """fedml.api.device_bind / login (FedML's Python names) do what `fedml login KEY` does where the scheduler is
+    known: this machine joins as a node (the key never in a command line); device_unbind leaves."""
+    assert fedml("run", "list").returncode == 0
+    state = json.loads((fedml.home / "local" / "scheduler.json").read_text())
+    token = (fedml.home / "local" / "token").read_text().strip()
+    machine = Fedml(tmp_path / "machine-home")
+    sdk = textwrap.dedent('''
+        import json, sys, fedml
+        joined = fedml.api.device_bind(api_key=sys.argv[1], name="sdk-node")
+        print(json.dumps({"joined": joined}))
+    ''')
+    env = machine.env({"FEDML_SERVER": state["url"]})
+    try:
+        p = subprocess.run([sys.executable, "-c", sdk, token], capture_output=True, text=True, env=env, timeout=180,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 0 and json.loads(p.stdout) == {"joined": True}, p.stderr
+        assert "sdk-node" in [n["name"] for n in json.loads(fedml("node", "list", "--json").stdout)]
+        p = subprocess.run([sys.executable, "-c", "import fedml; print(fedml.api.device_unbind())"],
+                           capture_output=True, text=True, env=env, timeout=180, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0 and p.stdout.strip() == "True", p.stderr
+        assert "sdk-node" not in [n["name"] for n in json.loads(fedml("node", "list", "--json").stdout)]
+        p = subprocess.run([sys.executable, "-c", "import fedml; print(fedml.api.login(api_key='nope'))"],
+                           capture_output=True, text=True, env=env, timeout=180, stdin=subprocess.DEVNULL)
+        assert p.stdout.strip() == "False" and "error" in p.stderr  # a wrong key: False, and why
+    finally:
+        machine("logout", env={"FEDML_SERVER": state["url"]}, timeout=120)
+
+
 def test_launch_after_waits_for_a_run_to_end(fedml: Fedml, tmp_path: Path) -> None:
     """`fedml launch --after RUN`: the run starts only once RUN has finished; a bad --after is a usage error."""
     first = write_job(tmp_path / "a", "sleep 1; echo first")

@@ -30,10 +30,10 @@ from .constants import RunStatus
 __all__ = ["ClusterModel", "ClusterModelList", "FedMLResponse", "LaunchResult", "RunLogResult", "RunModel",
            "RunModelList", "RunStatus", "cluster_autostop", "cluster_exists", "cluster_kill", "cluster_killall",
            "cluster_list", "cluster_start", "cluster_startall", "cluster_status", "cluster_stop", "cluster_stopall",
-           "delete", "download", "endpoint_delete", "fedml_login", "get_storage_metadata",
-           "get_storage_user_defined_metadata", "launch_job", "launch_job_on_cluster", "list_storage_objects",
-           "model_create", "model_delete", "model_deploy", "model_list", "model_run", "run_list", "run_logs",
-           "run_status", "run_stop", "upload"]
+           "delete", "device_bind", "device_unbind", "download", "endpoint_delete", "fedml_login",
+           "get_storage_metadata", "get_storage_user_defined_metadata", "launch_job", "launch_job_on_cluster",
+           "list_storage_objects", "login", "logout", "model_create", "model_delete", "model_deploy", "model_list",
+           "model_run", "run_list", "run_logs", "run_status", "run_stop", "upload"]
 
 
 @dataclass
@@ -457,6 +457,55 @@ def delete(data_name: str, api_key: str | None = None, service: str = "R2") -> F
     return _storage_call(api_key, lambda api: api.delete(f"/storage/{data_name}"))
 
 
+def _fedml(args: list[str], api_key: str | None = None, timeout: float = 180.0) -> bool:
+    """Run the `fedml` command (the key in its environment, never in argv): True when it succeeded, else False
+    with what it said on stderr."""
+    import subprocess
+
+    env = {**os.environ, **({"FEDML_API_KEY": api_key} if api_key else {})}
+    try:
+        done = subprocess.run([sys.executable, "-m", "fedml_cli.entry", *args], env=env, capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        sys.stderr.write(f"error: fedml {args[0]} took over {timeout:.0f} s\n")
+        return False
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+    return done.returncode == 0
+
+
+def login(api_key: str | None = None, computing: bool = True, server: bool = False, supplier: bool = False,
+          master_inference_gateway_port: int | None = None, worker_inference_proxy_port: int | None = None,
+          worker_connection_type: str | None = None, marketplace_type: Any = None,
+          price_per_hour: float | None = None, name: str = "") -> bool:
+    """Join this machine to the scheduler FEDML_SERVER (or an earlier login) names as a node, as `fedml login
+    KEY` does: its agent starts in the background. computing=False and server=False: only store the
+    credentials. (FedML's server role, a federated-learning server, is any node here; the port and marketplace
+    arguments have no meaning here.) True when joined; else False with the reason on stderr."""
+    args = ["login", "--node" if computing or server or supplier else "--client"]
+    if name:
+        args += ["--name", name]
+    if price_per_hour is not None:
+        args += ["--price-per-gpu-hour", str(price_per_hour)]
+    return _fedml(args, api_key)
+
+
+def logout(computing: bool = True, server: bool = False) -> bool:
+    """Stop this machine's agent and leave (`fedml logout`)."""
+    return _fedml(["logout"])
+
+
+def device_bind(api_key: str | None = None, computing: bool = True, server: bool = False, supplier: bool = False,
+                **kwargs: Any) -> bool:
+    """FedML's name for login."""
+    return login(api_key, computing, server, supplier, **kwargs)
+
+
+def device_unbind(computing: bool = True, server: bool = False) -> bool:
+    """FedML's name for logout."""
+    return logout(computing, server)
+
+
 def _instead(name: str, use: str) -> Any:
     def missing(*args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"fedml.api.{name} has no equivalent in fedml launch yet: {use}")
@@ -469,6 +518,4 @@ def _instead(name: str, use: str) -> Any:
 for _name in ("model_package", "model_push", "model_pull"):
     globals()[_name] = _instead(_name, "model cards stay on the machine that made them (model_create) and are "
                                        "deployed from there (model_deploy): there is no model registry to push to")
-for _name in ("login", "logout", "device_bind", "device_unbind"):
-    globals()[_name] = _instead(_name, "run `fedml login --help` on the machine to join it as a node")
 del _name
