@@ -5,14 +5,13 @@ Imported by main.py at start-up, so only typer is imported at module level.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Annotated, Any
 
 import typer
 
-from .errors import FAILED, NOT_FOUND, USAGE
+from .errors import FAILED, USAGE
 from .output import JsonOpt
 from .output import err as _err
 from .output import print_json as _print_json
@@ -150,32 +149,11 @@ def endpoint_call(
     method: Annotated[str, typer.Option("--method", "-X", help="HTTP method.")] = "POST",
 ) -> None:
     """Send one request through the gateway and print the answer (exit 1 on an HTTP error)."""
+    from . import model_cards
     from .api import connect
 
-    if data == "-":
-        data = sys.stdin.read()
-    elif data.startswith("@"):
-        try:
-            with open(data[1:]) as f:
-                data = f.read()
-        except OSError as exc:
-            _err(f"error: {data[1:]}: {exc.strerror}")
-            raise typer.Exit(USAGE) from None
-    try:
-        json.loads(data)
-    except ValueError as exc:
-        _err(f"error: the request body is not JSON: {exc}")
-        raise typer.Exit(USAGE) from None
-    try:
-        api = connect()
-        r = api.http.request(method.upper(), f"/inference/{name}" + (f"/{path.lstrip('/')}" if path else ""),
-                             content=data if method.upper() not in ("GET", "HEAD") else None,
-                             headers={"content-type": "application/json"})
-    except Exception as exc:  # httpx errors: keep httpx out of this module's imports
-        _err(f"error: cannot reach the scheduler: {exc}")
-        raise typer.Exit(3) from None
+    r = model_cards.call(connect(), name, model_cards.read_body(data), path=path, method=method)
     sys.stdout.write(r.text + ("" if r.text.endswith("\n") else "\n"))
-    if r.status_code >= 400:
-        _err(f"error: HTTP {r.status_code}")
-        unknown = r.status_code == 404 and r.headers.get("x-fedml-replica") is None  # the gateway's, not the model's
-        raise typer.Exit(NOT_FOUND if unknown else FAILED)
+    failed = model_cards.call_failed(r)
+    if failed is not None:
+        raise failed

@@ -167,6 +167,21 @@ def _endpoint(api: Any, name: str) -> dict[str, Any] | None:
     return ep
 
 
+def read_body(data: str) -> str:
+    """A request body as given on the command line: "-" reads stdin, "@FILE" a file, anything else is the body."""
+    import sys
+
+    if data == "-":
+        return sys.stdin.read()
+    if data.startswith("@"):
+        try:
+            with open(data[1:]) as f:
+                return f.read()
+        except OSError as exc:
+            raise CliError(f"{data[1:]}: {exc.strerror}", USAGE) from None
+    return data
+
+
 def call(api: Any, endpoint: str, body: str, *, path: str = "", method: str = "POST") -> Any:
     """One request through the gateway (httpx.Response). CliError(USAGE) if `body` is not JSON."""
     try:

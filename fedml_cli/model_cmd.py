@@ -123,15 +123,7 @@ def model_run(
             raise CliError("give the request as JSON (no model card of that name has a request_input_example)",
                            USAGE)
         data = json.dumps(example)
-    elif data == "-":
-        data = sys.stdin.read()
-    elif data.startswith("@"):
-        try:
-            with open(data[1:]) as f:
-                data = f.read()
-        except OSError as exc:
-            raise CliError(f"{data[1:]}: {exc.strerror}", USAGE) from None
-    r = model_cards.call(connect(), endpoint, data)
+    r = model_cards.call(connect(), endpoint, model_cards.read_body(data))
     sys.stdout.write(r.text + ("" if r.text.endswith("\n") else "\n"))
     failed = model_cards.call_failed(r)
     if failed is not None:
