@@ -692,7 +692,9 @@ def test_a_sweep_is_one_run_per_point_with_its_values(sched: Scheduler) -> None:
     for bad, why in (({"sweep": {"lr": []}}, "at least one value"), ({"sweep": {"x-y": [1]}}, "parameter name"),
                      ({"max_parallel": 2}, "only with a sweep"),
                      ({"sweep": {"a": list(range(40)), "b": list(range(40))}}, "more than 1000"),
-                     ({"job_type": "serve", "sweep": {"a": [1]}}, "not swept")):
+                     ({"job_type": "serve", "sweep": {"a": [1]}}, "not swept"),
+                     ({"sweep": {"index": [1]}}, "FEDML_SWEEP_INDEX is taken"),
+                     ({"sweep": {"lr": [1], "LR": [2]}}, "FEDML_SWEEP_LR is taken")):
         with pytest.raises(Rejected, match=why):
             sched.create_run(RunCreate(job={"job": "echo", **bad}))
     with pytest.raises(Rejected, match="only with a sweep"):

@@ -120,11 +120,11 @@ class StorageMount(_Model):
         parts = [p for p in v.replace("\\", "/").split("/") if p not in ("", ".")]
         if v.startswith("/") or ".." in parts or "\0" in v:
             raise ValueError(f'"{v[:80]}": a path inside the workspace (relative, no "..")')
-        return "/".join(parts)
+        return "/".join(parts) or "."  # "." (or ""): the workspace itself
 
     @property
     def where(self) -> str:
-        return self.path or self.name
+        return self.name if self.path is None else self.path
 
 
 class RetrySpec(_Model):
@@ -221,10 +221,15 @@ def sweep_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     if len(grid) > 16:
         raise ValueError(f"at most 16 parameters, got {len(grid)}")
     size = 1
+    seen: set[str] = set()
     for name, values in grid.items():
         if not SWEEP_NAME.fullmatch(name):
             raise ValueError(f'"{name[:80]}": a parameter name is letters, digits and "_" (it becomes '
                              "FEDML_SWEEP_<NAME>)")
+        if name.upper() in ("ID", "INDEX", "SIZE") or name.upper() in seen:
+            raise ValueError(f'"{name}": FEDML_SWEEP_{name.upper()} is taken (by the sweep itself or another '
+                             "parameter): rename it")
+        seen.add(name.upper())
         if not values:
             raise ValueError(f"{name}: give at least one value")
         if len({json.dumps(x) for x in values}) != len(values):
