@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-unit test-load bench lint clean podman k8s redis
+.PHONY: install test test-unit test-load bench lint clean podman k8s redis browser
 
 install:
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ install:
 	$(BIN)/python -m fedml_cli.entry --write-help-cache  # `fedml --help` prints it: 0.03 s instead of 0.11 s (fedml_cli/entry.py)
 	@echo "installed: activate with 'source $(VENV)/bin/activate' (or run $(BIN)/fedml)"
 
-test: k8s redis
+test: k8s redis browser
 	$(BIN)/pytest -q -m "not load and not fault"
 
 # The fast layer of the pyramid: pure logic, routes in process, the stores (Redis for its half).
@@ -33,6 +33,11 @@ redis:
 		(apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq redis-server iproute2 >/dev/null)
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no >/dev/null
+
+# Headless Chromium for the dashboard's browser tests (Debian's package, as root: apt; Playwright drives it).
+browser:
+	@command -v chromium >/dev/null || \
+		(apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null)
 
 bench: redis
 	$(BIN)/python bench/cli_startup.py

@@ -240,6 +240,30 @@ def _show_dry_run(job_file: str, loaded: Any, job_doc: dict[str, Any], overrides
 # ---- version, env ------------------------------------------------------------------------------------------
 
 @app.command()
+def dashboard(
+    open_browser: Annotated[bool | None, typer.Option("--open/--no-open", help="Open it in a browser (default: "
+                                                                              "only where there is a display).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print (and open) the web dashboard's address with a one-time sign-in link for your key (it lasts 5
+    minutes and works once); the dashboard is served by the scheduler itself."""
+    from .api import connect
+
+    api = connect()
+    got = api.post("/ui/link")
+    url = f"{api.url}/#/signin/{got['code']}"
+    if as_json:
+        _print_json({"url": api.url + "/", "sign_in": url, "expires_in": got["expires_in"]})
+        return
+    sys.stdout.write(url + "\n")
+    _err(f"The dashboard: {api.url}/ (the address above signs you in once, within {got['expires_in'] / 60:.0f} min).")
+    if open_browser if open_browser is not None else bool(os.environ.get("DISPLAY") or sys.platform == "darwin"):
+        import webbrowser
+
+        webbrowser.open(url)
+
+
+@app.command()
 def version(as_json: JsonOpt = False) -> None:
     """Print the version."""
     if as_json:

@@ -22,13 +22,15 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def issue(store: Store, *, name: str, scope: str, owner: str) -> tuple[ApiKey, str]:
-    """Create a key; returns the record and the secret (shown once, never stored)."""
+def issue(store: Store, *, name: str, scope: str, owner: str, ttl: float | None = None,
+          parent: str | None = None) -> tuple[ApiKey, str]:
+    """Create a key (that expires after `ttl` seconds, if given; revoked with `parent`, the key it was made
+    from, if given: a dashboard session); returns the record and the secret (shown once, never stored)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
     secret = f"fml_{scope[0]}_{secrets.token_urlsafe(32)}"
     key = ApiKey(id="key-" + secrets.token_hex(8), name=name, scope=scope, owner=owner, hash=digest(secret),
-                 prefix=secret[:10])
+                 prefix=secret[:10], expires_at=time.time() + ttl if ttl else None, parent=parent)
     store.put_key(key)
     return key, secret
 
@@ -59,9 +61,34 @@ def lookup(store: Store, secret: str) -> ApiKey | None:
 def usable(key: ApiKey | None) -> bool:
     if key is None or key.revoked_at is not None:
         return False
+    if key.expires_at is not None and key.expires_at <= time.time():  # a join token's, a dashboard session's
+        return False
     if key.scope == "join":
-        return (key.expires_at is None or key.expires_at > time.time()) and (key.uses_left is None or key.uses_left > 0)
+        return key.uses_left is None or key.uses_left > 0
     return True
+
+
+SESSION_COOKIE = "fedml_session"  # the dashboard's session: a key of its own (issue(..., ttl)), HttpOnly
+
+
+def session_of(cookie_header: str) -> str:
+    """The dashboard session's secret in a Cookie header ("" if none)."""
+    from http.cookies import CookieError, SimpleCookie
+
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(cookie_header)
+    except CookieError:
+        return ""
+    morsel = jar.get(SESSION_COOKIE)
+    return morsel.value if morsel is not None and len(morsel.value) <= 200 else ""
+
+
+def session_csrf(secret: str) -> str:
+    """The CSRF token of a dashboard session: what a page must send (X-CSRF-Token) with every action it takes
+    with the session cookie. Derived from the session's secret, which it does not reveal; a page of another
+    site can neither read it nor (SameSite=Strict) send the cookie."""
+    return hashlib.sha256(b"fedml-csrf:" + secret.encode()).hexdigest()[:40]
 
 
 def verify(store: Store, secret: str) -> Principal | None:
@@ -86,8 +113,12 @@ def use_join(store: Store, key_id: str) -> ApiKey:
 
 
 def revoke(store: Store, key: ApiKey, why: str | None = None) -> ApiKey:
+    """Revoke the key, and the keys made from it (its dashboard sessions and sign-in links)."""
     key = key.model_copy(update={"revoked_at": time.time(), "revoked_why": why})
     store.put_key(key)
+    for child in store.list_keys():
+        if child.parent == key.id and child.revoked_at is None:
+            revoke(store, child, why=f"{key.name} was revoked")
     return key
 
 

@@ -1,19 +1,26 @@
-"""ASGI middleware in front of the API: the key and the body's size are checked before a byte of the body is
-read (the Guard), and the inference gateway's paths skip FastAPI altogether (Intercept)."""
+"""ASGI middleware in front of the API: the key (or the dashboard's session cookie, with its CSRF token for an
+action) and the body's size are checked before a byte of the body is read (the Guard), and the inference
+gateway's paths skip FastAPI altogether (Intercept)."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from .auth import session_csrf, session_of
 from .routes.deps import API
 
 
 class _TooLarge(Exception):
     pass
+
+
+SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+UI_CAP = 4096  # the dashboard's own routes (/ui/: sign-in): no key yet, a small body
 
 
 class Guard:
@@ -24,15 +31,27 @@ class Guard:
         self.app, self.identify, self.caps, self.default_cap = app, identify, caps, default_cap
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/ui/"):
+            await self._capped(scope, receive, send, UI_CAP, f"request body is larger than {UI_CAP} bytes")
+            return
         if scope["type"] != "http" or not scope["path"].startswith(API + "/"):
             await self.app(scope, receive, send)
             return
-        authorization, length = "", ""
+        authorization, cookie, csrf = "", "", ""
         for k, v in scope["headers"]:  # ASGI servers give header names lower-cased
             if k == b"authorization":
                 authorization = v.decode("latin-1")
-            elif k == b"content-length":
-                length = v.decode("latin-1")
+            elif k == b"cookie":
+                cookie = v.decode("latin-1")
+            elif k == b"x-csrf-token":
+                csrf = v.decode("latin-1")
+        if not authorization and cookie:  # the dashboard: its session cookie, and for an action its CSRF token
+            secret = session_of(cookie)
+            if secret:
+                if scope["method"] not in SAFE and not hmac.compare_digest(csrf, session_csrf(secret)):
+                    await _answer(send, 403, "missing or wrong X-CSRF-Token for this session")
+                    return
+                authorization = f"Bearer {secret}"
         status, detail, who = await run_in_threadpool(self.identify, authorization, scope["path"])
         if who is None:
             await _answer(send, status, detail)
@@ -40,6 +59,12 @@ class Guard:
         scope["fedml.principal"] = who
         cap, why = next(((c, m) for pattern, c, m in self.caps if pattern.match(scope["path"])), (self.default_cap, ""))
         why = why or f"request body is larger than the limit of {_size(cap)} for {scope['path']}"
+        await self._capped(scope, receive, send, cap, why)
+
+    async def _capped(self, scope: dict, receive: Any, send: Any, cap: int, why: str) -> None:
+        """Pass the request on with its body capped at `cap` bytes: 413 at once by Content-Length, or as it
+        streams past the cap."""
+        length = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-length"), "")
         if length and not length.isdigit():
             await _answer(send, 400, "bad Content-Length")
             return

@@ -511,6 +511,7 @@ class ApiKey(BaseModel):
     created_at: float = Field(default_factory=time.time)
     revoked_at: float | None = None
     revoked_why: str | None = None  # "node removed": the node's agent is told to exit rather than join again
+    parent: str | None = None  # the key it was made from (a dashboard session): revoked with it
     # join tokens: registrations left (None: any number until it expires), expiry, labels every node gets
     uses_left: int | None = None
     expires_at: float | None = None

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -25,14 +25,20 @@ async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1, le=MAX_SE
                     tail: int | None = Query(default=None, ge=0, le=MAX_SEQ), follow: bool = False,
                     rank: int | None = Query(default=None, ge=0),
                     format: Literal["ndjson", "text"] = "ndjson",
+                    limit: int | None = Query(default=None, ge=1, le=5000),
                     who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> StreamingResponse:
     """NDJSON, one LogRow object per line and an end record; or, with format=text, the records for display
-    (Store.read_logs_text: "pos TAB rank TAB o|e|f TAB line") and an "end TAB {json}" line."""
+    (Store.read_logs_text: "pos TAB rank TAB o|e|f TAB line") and an "end TAB {json}" line. With `limit`: a
+    window of at most that many lines after `after` and no end record (the dashboard's log view reads so)."""
     run = await run_in_threadpool(c.sched.get_run, run_id, who)
     if rank is not None and rank >= run.num_nodes:
         raise Invalid(f"run {run_id} has no rank {rank} (its ranks are 0..{run.num_nodes - 1})")
     if tail is not None:  # the last N lines of that rank, not the last N lines filtered
         after = max(after, await run_in_threadpool(c.store.tail_after, run_id, tail, rank))
+    if limit is not None:
+        _, window = await run_in_threadpool(c.store.read_logs_text if format == "text" else c.store.read_logs_ndjson,
+                                            run_id, after, limit, rank)
+        return Response(window, media_type="text/plain; charset=utf-8" if format == "text" else "application/x-ndjson")
     if format == "text":
         return StreamingResponse(_stream(c, run_id, after, follow, rank, c.store.read_logs_text, b"end\t"),
                                  media_type="text/plain; charset=utf-8")

@@ -1,0 +1,420 @@
+// The fedml launch dashboard: plain JavaScript, no build step, no CDN. Every view reads the same HTTP API the
+// CLI uses (/api/v1, with the session cookie; actions send the session's CSRF token), and re-reads it when the
+// push stream (/api/v1/events, server-sent events) says something changed. Text from the API is always put in
+// the page as text (textContent), never as HTML.
+"use strict";
+
+const S = { session: null, events: null, page: null, timer: null, moved: new Set() };
+const TERMINAL = new Set(["FINISHED", "FAILED", "KILLED"]);
+const LINE_H = 18; // px, one log row (app.css .log .row)
+const WINDOW = 500; // log lines read at a time
+
+function h(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === false || v == null) continue;
+    if (k === "class") e.className = v;
+    else if (k === "style") e.style.cssText = v; // (through the CSSOM: the CSP allows no inline style attribute)
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const k of kids.flat(Infinity)) if (k != null) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+
+async function api(path, { method = "GET", body, params } = {}) {
+  const url = new URL("/api/v1" + path, location.origin);
+  for (const [k, v] of Object.entries(params || {})) {
+    if (Array.isArray(v)) v.forEach((x) => url.searchParams.append(k, x));
+    else if (v != null && v !== "") url.searchParams.set(k, v);
+  }
+  const headers = {};
+  if (method !== "GET") headers["x-csrf-token"] = S.session ? S.session.csrf : "";
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const r = await fetch(url, { method, headers, credentials: "same-origin",
+                               body: body === undefined ? undefined : JSON.stringify(body) });
+  if (r.status === 401) { signedOut("Your session has ended: sign in again."); throw new Error("not signed in"); }
+  const type = r.headers.get("content-type") || "";
+  const data = type.includes("json") && !type.includes("ndjson") ? await r.json() : await r.text();
+  if (!r.ok) {
+    const d = data && data.detail;
+    throw new Error(typeof d === "string" ? d : d ? JSON.stringify(d) : `HTTP ${r.status}`);
+  }
+  return data;
+}
+
+function ago(ts) {
+  if (!ts) return "-";
+  const s = Date.now() / 1000 - ts;
+  if (s < 60) return `${s.toFixed(0)}s ago`;
+  if (s < 3600) return `${(s / 60).toFixed(0)}m ago`;
+  if (s < 86400) return `${(s / 3600).toFixed(1)}h ago`;
+  return new Date(ts * 1000).toLocaleString();
+}
+
+function duration(run) {
+  if (!run.started_at) return "-";
+  const s = (run.ended_at || Date.now() / 1000) - run.started_at;
+  return s < 120 ? `${s.toFixed(1)}s` : s < 7200 ? `${(s / 60).toFixed(1)}m` : `${(s / 3600).toFixed(1)}h`;
+}
+
+function chip(status) { return h("span", { class: `chip s-${status.toLowerCase()}` }, status); }
+function nodeNames(run) {
+  const ids = [...new Set((run.placements || []).map((p) => p.node_id))];
+  return ids.map((id) => (run.node_names || {})[id] || id).join(", ") || "-";
+}
+function say(text, kind = "error") { return h("p", { class: kind, role: kind === "error" ? "alert" : null }, text); }
+function setMain(...kids) { document.getElementById("main").replaceChildren(...kids.filter((k) => k != null)); }
+
+// ---- session -----------------------------------------------------------------------------------------------
+function signedOut(message) {
+  S.session = null;
+  if (S.events) { S.events.close(); S.events = null; }
+  document.getElementById("nav").hidden = true;
+  const key = h("input", { type: "password", id: "api-key", autocomplete: "off", required: true,
+                           placeholder: "fml_u_...", "aria-label": "API key" });
+  const err = h("p", { class: "error", role: "alert" }, message || "");
+  const form = h("form", { class: "signin", onsubmit: async (ev) => {
+    ev.preventDefault();
+    const r = await fetch("/ui/session", { method: "POST", credentials: "same-origin",
+                                          headers: { "content-type": "application/json" },
+                                          body: JSON.stringify({ api_key: key.value }) });
+    const data = await r.json().catch(() => ({}));
+    if (!r.ok) { err.textContent = data.detail || `HTTP ${r.status}`; return; }
+    key.value = "";
+    started(data);
+  } }, h("h1", {}, "Sign in"), h("label", { for: "api-key" }, "API key"), key,
+     h("button", { type: "submit", id: "signin" }, "Sign in"), err,
+     h("p", { class: "muted" }, "A user key sees your runs; an admin key sees everything. `fedml dashboard` prints this address."));
+  setMain(form);
+  key.focus();
+}
+
+function started(session) {
+  S.session = session;
+  document.getElementById("nav").hidden = false;
+  document.getElementById("nav-keys").hidden = !session.admin;
+  document.getElementById("who").textContent = `${session.owner}${session.admin ? " (admin)" : ""}`;
+  route();
+}
+
+async function signOut() {
+  await fetch("/ui/session", { method: "DELETE", credentials: "same-origin",
+                                headers: { "x-csrf-token": S.session ? S.session.csrf : "" } });
+  location.hash = "#/runs";
+  signedOut("Signed out.");
+}
+
+// ---- push: one stream for the page open --------------------------------------------------------------------
+function listen(runId) {
+  if (S.events) S.events.close();
+  S.events = new EventSource("/api/v1/events" + (runId ? `?run=${encodeURIComponent(runId)}` : ""));
+  for (const what of ["runs", "nodes", "run"]) {
+    S.events.addEventListener(what, () => { // a burst of events: one refresh, told everything that moved
+      S.moved.add(what);
+      clearTimeout(S.timer);
+      S.timer = setTimeout(() => {
+        const moved = S.moved;
+        S.moved = new Set();
+        if (S.page && S.page.refresh) S.page.refresh(moved);
+      }, 150);
+    });
+  }
+}
+
+// ---- router ------------------------------------------------------------------------------------------------
+async function linkSignIn() {
+  // A one-time code from `fedml dashboard` (#/signin/CODE): spent at once, and gone from the address bar and
+  // the history. True when the address held one.
+  const link = (location.hash.match(/^#\/signin\/(.+)$/) || [])[1];
+  if (!link) return false;
+  history.replaceState(null, "", "#/runs");
+  const r = await fetch("/ui/session", { method: "POST", credentials: "same-origin",
+                                        headers: { "content-type": "application/json" },
+                                        body: JSON.stringify({ api_key: decodeURIComponent(link) }) });
+  if (r.ok) started(await r.json());
+  else signedOut("That sign-in link was used or has expired: run `fedml dashboard` again, or sign in with a key.");
+  return true;
+}
+
+async function route() {
+  if (await linkSignIn()) return;
+  if (!S.session) return;
+  const [, page, arg] = (location.hash || "#/runs").split("/");
+  if (S.page && S.page.close) S.page.close();
+  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("here", a.getAttribute("href") === `#/${page}`);
+  const pages = { runs: runsPage, run: runPage, queue: queuePage, nodes: nodesPage, endpoints: endpointsPage,
+                  keys: keysPage };
+  S.page = (pages[page] || runsPage)(arg ? decodeURIComponent(arg) : null);
+  listen(page === "run" ? decodeURIComponent(arg || "") : null);
+  document.getElementById("main").focus();
+}
+
+function view(title, load, controls) {
+  // A page: its title, `controls` (made once: what is typed there survives pushed refreshes) and a body rebuilt
+  // by `load()` on each refresh (an error is said, not thrown). Refreshes may overlap (a pushed event, a
+  // click): only the latest one started is shown.
+  const body = h("div", { class: "body" });
+  setMain(h("h1", {}, title), controls || null, body);
+  let latest = 0;
+  const page = {
+    refresh: async () => {
+      const mine = ++latest;
+      let kids;
+      try { kids = [].concat(await load(page)); } catch (e) {
+        if (e.message === "not signed in") return;
+        kids = [say(e.message)];
+      }
+      if (mine === latest) body.replaceChildren(...kids.flat(Infinity).filter((k) => k != null));
+    },
+  };
+  page.refresh();
+  return page;
+}
+
+// ---- runs --------------------------------------------------------------------------------------------------
+function runsPage() {
+  const f = { status: "", mine: false, q: "", limit: 100 };
+  let page = null;
+  const search = h("input", { type: "search", placeholder: "filter by id, name, node, label", id: "run-filter",
+                              "aria-label": "filter runs", oninput: (e) => { f.q = e.target.value; page.refresh(); } });
+  const mine = S.session.admin ? h("label", {}, h("input", { type: "checkbox",
+    onchange: (e) => { f.mine = e.target.checked; page.refresh(); } }), " Mine only") : null;
+  page = view("Runs", async () => {
+    const runs = await api("/runs", { params: { limit: f.limit } });
+    const counts = {};
+    for (const r of runs) counts[r.status] = (counts[r.status] || 0) + 1;
+    const shown = runs.filter((r) => (!f.status || r.status === f.status) && (!f.mine || r.owner === S.session.owner)
+      && (!f.q || `${r.id} ${r.name} ${nodeNames(r)} ${JSON.stringify(r.job.labels || {})}`.includes(f.q)));
+    const chips = h("div", { class: "chips" }, ["", ...Object.keys(counts).sort()].map((st) =>
+      h("button", { type: "button", class: f.status === st ? "on" : "", onclick: () => { f.status = st; page.refresh(); } },
+        st ? `${st} ${counts[st]}` : `All ${runs.length}`)));
+    const rows = shown.map((r) => h("tr", {},
+      h("td", {}, h("a", { href: `#/run/${encodeURIComponent(r.id)}` }, r.id)), h("td", {}, r.name), h("td", {}, r.owner),
+      h("td", {}, chip(r.status), r.reason ? h("div", { class: "reason" }, r.reason) : null),
+      h("td", {}, nodeNames(r)), h("td", {}, (r.gpus || []).join(",") || "-"), h("td", {}, r.priority),
+      h("td", {}, r.attempt), h("td", {}, ago(r.created_at)), h("td", {}, duration(r)),
+      h("td", {}, r.exit_code == null ? "-" : r.exit_code)));
+    const more = runs.length >= f.limit ? h("button", { type: "button", onclick: () => { f.limit *= 2; page.refresh(); } },
+      "Show more") : null;
+    return [chips, rows.length ? table(["Run", "Name", "Owner", "Status", "Nodes", "GPUs", "Priority", "Attempt",
+                                        "Created", "Duration", "Exit"], rows, "runs") : say("No runs here yet.", "muted"), more];
+  }, h("div", { class: "bar" }, search, mine));
+  return page;
+}
+
+function table(cols, rows, id) {
+  return h("table", { id }, h("thead", {}, h("tr", {}, cols.map((c) => h("th", { scope: "col" }, c)))), h("tbody", {}, rows));
+}
+
+// ---- one run: details, timeline, actions, logs -------------------------------------------------------------
+function runPage(runId) {
+  let logs = null;
+  const page = view(`Run ${runId}`, async (pg) => {
+    const r = await api(`/runs/${encodeURIComponent(runId)}`);
+    const rows = [["Name", r.name], ["Owner", r.owner], ["Status", chip(r.status)], ["Reason", r.reason || "-"],
+                  ["Nodes", nodeNames(r)], ["GPUs", (r.gpus || []).join(",") || "-"], ["Attempt", r.attempt],
+                  ["Created", ago(r.created_at)], ["Duration", duration(r)],
+                  ["Exit code", r.exit_code == null ? "-" : r.exit_code], ["Job file", r.job_file || "-"]];
+    const details = h("dl", { class: "details" }, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+    const timeline = h("ol", { class: "timeline" },
+      (r.attempts || []).map((a) => h("li", {}, `attempt ${a.attempt} on ${(a.placements || []).map((p) =>
+        (r.node_names || {})[p.node_id] || p.node_id).join(", ") || "-"}: ${a.reason || "ended"}`)),
+      h("li", {}, `attempt ${r.attempt}: ${r.status}${r.reason ? ` (${r.reason})` : ""}`));
+    const ranks = (r.placements || []).length > 1 ? table(["Rank", "Node", "GPUs", "State", "Exit"],
+      r.placements.map((p) => h("tr", {}, h("td", {}, p.rank), h("td", {}, (r.node_names || {})[p.node_id] || p.node_id),
+        h("td", {}, p.gpus.join(",") || "-"), h("td", {}, chip(p.status)), h("td", {}, p.exit_code == null ? "-" : p.exit_code))),
+      "ranks") : null;
+    const err = h("span", { class: "error", role: "alert" });
+    const stop = !TERMINAL.has(r.status) ? h("button", { type: "button", id: "stop", class: "danger", onclick: async () => {
+      try { await api(`/runs/${encodeURIComponent(runId)}/stop`, { method: "POST" }); pg.refresh(); } catch (e) { err.textContent = e.message; }
+    } }, r.stop_requested ? "Stopping…" : "Stop") : null;
+    if (!logs) logs = logView(r);
+    else logs.update(r);
+    const spec = h("details", {}, h("summary", {}, "Job spec"), h("pre", {}, JSON.stringify(r.job, null, 2)));
+    return [h("div", { class: "bar" }, stop, err), details, h("h2", {}, "Timeline"), timeline, ranks, spec,
+            h("h2", {}, "Logs"), logs.el];
+  });
+  const refresh = page.refresh;
+  page.refresh = (moved) => (moved && !moved.has("run") ? null : refresh()); // (its own run's changes only)
+  page.close = () => logs && logs.close();
+  return page;
+}
+
+function logView(run) {
+  // A virtual list over the run's log: only the rows in sight are in the page, read in windows of WINDOW lines
+  // by position as they scroll into view (a 1,000,000-line log is 1,000,000 * LINE_H px of scroll and a few
+  // hundred elements). Following: new lines arrive on the log stream and the view stays at the end.
+  const st = { total: run.log_count || 0, windows: new Map(), rank: "", follow: !TERMINAL.has(run.status),
+               stick: true, reader: null, run, q: "" };
+  const spacer = h("div", { class: "spacer" });
+  const rows = h("div", { class: "rows" });
+  const box = h("div", { class: "log", id: "log", tabindex: 0, role: "log", "aria-label": "run log" }, spacer, rows);
+  const rank = h("select", { id: "rank", "aria-label": "rank", onchange: (e) => { st.rank = e.target.value; reset(); } },
+    h("option", { value: "" }, "all ranks"), Array.from({ length: run.num_nodes || 1 }, (_, i) => h("option", { value: i }, `rank ${i}`)));
+  const search = h("input", { type: "search", placeholder: "find in loaded lines", "aria-label": "find in log",
+                              onchange: (e) => { st.q = e.target.value; draw(); } });
+  const follow = h("button", { type: "button", id: "follow", onclick: () => { st.stick = !st.stick; follow.textContent = st.stick ? "Pause" : "Follow"; if (st.stick) box.scrollTop = box.scrollHeight; } }, "Pause");
+  const top = h("button", { type: "button", onclick: () => { st.stick = false; follow.textContent = "Follow"; box.scrollTop = 0; } }, "Start");
+  const end = h("button", { type: "button", onclick: () => { box.scrollTop = box.scrollHeight; } }, "End");
+  const download = h("a", { href: `/api/v1/runs/${encodeURIComponent(run.id)}/logs?format=text`, download: `${run.id}.log` }, "Download");
+  const el = h("div", {}, h("div", { class: "bar" }, rank, search, follow, top, end, download), box);
+
+  function rowsFor(records) { return records.filter((x) => "line" in x && (st.rank === "" || String(x.rank) === st.rank)); }
+  async function load(w) {
+    if (st.windows.has(w)) return;
+    st.windows.set(w, null);
+    const text = await api(`/runs/${encodeURIComponent(run.id)}/logs`, { params: { after: w * WINDOW - 1, limit: WINDOW } });
+    st.windows.set(w, rowsFor(text.split("\n").filter(Boolean).map((l) => JSON.parse(l))));
+    draw();
+  }
+  function lineAt(i) { const w = st.windows.get(Math.floor(i / WINDOW)); return w ? w.find((x) => x.pos === i) : undefined; }
+  function draw() {
+    spacer.style.height = `${st.total * LINE_H}px`;
+    const first = Math.max(0, Math.floor(box.scrollTop / LINE_H) - 20);
+    const last = Math.min(st.total, first + Math.ceil(box.clientHeight / LINE_H) + 40);
+    for (let w = Math.floor(first / WINDOW); w <= Math.floor(Math.max(first, last - 1) / WINDOW); w++) load(w);
+    const out = [];
+    for (let i = first; i < last; i++) {
+      const x = lineAt(i);
+      if (x === undefined && st.rank !== "") continue;
+      const cls = `row r${x ? x.rank % 6 : 0}${x && x.stream === "stderr" ? " err" : ""}${x && st.q && x.line.includes(st.q) ? " hit" : ""}`;
+      out.push(h("div", { class: cls, style: `top:${i * LINE_H}px`, "data-pos": i },
+        h("span", { class: "meta" }, x ? `${x.rank}:${x.attempt}` : ""), x ? x.line : "…"));
+    }
+    rows.replaceChildren(...out);
+  }
+  async function tailStream() {
+    // Follow: the NDJSON stream from the last position, rows appended as they are stored.
+    const ctl = new AbortController();
+    st.reader = ctl;
+    try {
+      const r = await fetch(`/api/v1/runs/${encodeURIComponent(run.id)}/logs?follow=true&after=${st.total - 1}`,
+                            { credentials: "same-origin", signal: ctl.signal });
+      const reader = r.body.getReader();
+      const dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        const lines = buf.split("\n");
+        buf = lines.pop();
+        for (const l of lines) {
+          if (!l) continue;
+          const x = JSON.parse(l);
+          if (!("line" in x)) continue;
+          const w = Math.floor(x.pos / WINDOW);
+          if (!st.windows.get(w)) st.windows.set(w, []);
+          if (st.rank === "" || String(x.rank) === st.rank) st.windows.get(w).push(x);
+          st.total = Math.max(st.total, x.pos + 1);
+        }
+        draw();
+        if (st.stick) box.scrollTop = box.scrollHeight;
+      }
+    } catch (e) { if (e.name !== "AbortError") console.warn(e); }
+  }
+  function reset() { st.windows.clear(); draw(); }
+  let queued = false;
+  box.addEventListener("scroll", () => {
+    const atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 2 * LINE_H;
+    if (!atEnd && st.stick) { st.stick = false; follow.textContent = "Follow"; }
+    if (!queued) { queued = true; requestAnimationFrame(() => { queued = false; draw(); }); }
+  }, { passive: true });
+  requestAnimationFrame(() => { draw(); if (st.follow) { box.scrollTop = box.scrollHeight; tailStream(); } });
+  return {
+    el,
+    update(r) { st.run = r; if (!st.follow && r.log_count > st.total) { st.total = r.log_count; draw(); } },
+    close() { if (st.reader) st.reader.abort(); },
+  };
+}
+
+// ---- the queue ---------------------------------------------------------------------------------------------
+function queuePage() {
+  return view("Queue", async () => {
+    const runs = await api("/runs", { params: { status: ["QUEUED"], limit: 10000 } });
+    runs.sort((a, b) => b.priority - a.priority || a.created_at - b.created_at || (a.id < b.id ? -1 : 1));
+    if (!runs.length) return say("Nothing waits: every run has a place.", "muted");
+    return table(["#", "Run", "Name", "Owner", "Priority", "GPUs asked", "Waiting", "Why"], runs.map((r, i) =>
+      h("tr", {}, h("td", {}, i + 1), h("td", {}, h("a", { href: `#/run/${encodeURIComponent(r.id)}` }, r.id)),
+        h("td", {}, r.name), h("td", {}, r.owner), h("td", {}, r.priority),
+        h("td", {}, ((r.job.computing || {}).minimum_num_gpus || 0) * (r.num_nodes || 1)),
+        h("td", {}, ago(r.created_at)), h("td", { class: "reason" }, r.reason || "waiting for the next pass"))), "queue");
+  });
+}
+
+// ---- nodes -------------------------------------------------------------------------------------------------
+function nodesPage() {
+  return view("Nodes", async (page) => {
+    const [nodes, active] = await Promise.all([api("/nodes"), api("/runs", { params: { status: ["STARTING", "RUNNING"], limit: 10000 } })]);
+    const holder = {};
+    for (const r of active) for (const p of r.placements || []) if (!p.done) for (const g of p.gpus) holder[`${p.node_id}/${g}`] = r.id;
+    return table(["Node", "State", "Last heartbeat", "Labels", "Price", "Runtimes", "GPUs", ""], nodes.map((n) => {
+      const act = S.session.admin ? h("button", { type: "button", class: "drain", "data-node": n.name, onclick: async () => {
+        await api(`/nodes/${encodeURIComponent(n.name)}/drain`, { method: "POST", params: { undo: n.draining ? "true" : null } });
+        page.refresh();
+      } }, n.draining ? "Undrain" : "Drain") : null;
+      const gpus = h("ul", { class: "gpus" }, (n.gpus || []).map((g) => {
+        const run = holder[`${n.id}/${g.index}`];
+        return h("li", {}, `${g.index}: ${g.name}${g.memory_mb ? ` ${(g.memory_mb / 1024).toFixed(0)} GB` : ""} `,
+          run ? h("a", { href: `#/run/${encodeURIComponent(run)}` }, run) : h("span", { class: "muted" }, "free"));
+      }));
+      return h("tr", {}, h("td", {}, n.name), h("td", {}, chip(n.draining ? "DRAINING" : n.state)), h("td", {}, ago(n.last_seen)),
+        h("td", {}, Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ") || "-"),
+        h("td", {}, n.price_per_gpu_hour == null ? "-" : n.price_per_gpu_hour), h("td", {}, (n.runtimes || []).join(", ")),
+        h("td", {}, gpus), h("td", {}, act));
+    }), "nodes");
+  });
+}
+
+// ---- endpoints ---------------------------------------------------------------------------------------------
+function endpointsPage() {
+  return view("Endpoints", async () => {
+    const eps = await api("/endpoints");
+    if (!eps.length) return say("No endpoints (a job with job_type: serve makes one).", "muted");
+    return table(["Endpoint", "Run", "Status", "Ready", "In flight", "Requests", "Path"], eps.map((e) => h("tr", {},
+      h("td", {}, e.name), h("td", {}, h("a", { href: `#/run/${encodeURIComponent(e.run_id)}` }, e.run_id)),
+      h("td", {}, chip(e.status)), h("td", {}, `${e.ready}/${e.replicas}`), h("td", {}, e.inflight),
+      h("td", {}, e.requests), h("td", {}, e.path))), "endpoints");
+  });
+}
+
+// ---- keys (admin) ------------------------------------------------------------------------------------------
+function keysPage() {
+  let page = null;
+  const name = h("input", { id: "key-name", placeholder: "name (a user's name)", "aria-label": "key name" });
+  const scope = h("select", { id: "key-scope", "aria-label": "scope" }, h("option", { value: "user" }, "user"), h("option", { value: "admin" }, "admin"));
+  const shown = h("p", { id: "new-key", class: "secret" }); // the key just created: shown once, here only
+  const err = h("span", { class: "error", role: "alert" });
+  const create = h("form", { class: "bar", onsubmit: async (ev) => {
+    ev.preventDefault();
+    err.textContent = "";
+    try {
+      const got = await api("/keys", { method: "POST", params: { name: name.value, scope: scope.value } });
+      shown.textContent = `New key for ${got.key.name} (shown once): ${got.secret}`;
+      name.value = "";
+      page.refresh();
+    } catch (e) { err.textContent = e.message; }
+  } }, name, scope, h("button", { type: "submit", id: "create-key" }, "Create"), err);
+  page = view("API keys", async () => {
+    const keys = (await api("/keys")).filter((k) => k.scope === "admin" || k.scope === "user");
+    return [table(["Key", "Name", "Scope", "Created", "State", ""], keys.map((k) => h("tr", {},
+      h("td", {}, `${k.id} (${k.prefix}…)`), h("td", {}, k.name), h("td", {}, k.scope), h("td", {}, ago(k.created_at)),
+      h("td", {}, k.revoked_at ? `revoked ${ago(k.revoked_at)}` : k.expires_at ? `expires ${new Date(k.expires_at * 1000).toLocaleString()}` : "active"),
+      h("td", {}, k.revoked_at ? null : h("button", { type: "button", class: "revoke danger", "data-key": k.name, onclick: async () => {
+        await api(`/keys/${encodeURIComponent(k.id)}`, { method: "DELETE" });
+        page.refresh();
+      } }, "Revoke")))), "keys")];
+  }, h("div", {}, create, shown));
+  return page;
+}
+
+// ---- start -------------------------------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", async () => {
+  document.getElementById("signout").addEventListener("click", signOut);
+  window.addEventListener("hashchange", route);
+  if (await linkSignIn()) return;
+  const r = await fetch("/ui/session", { credentials: "same-origin" });
+  if (r.ok) started(await r.json());
+  else signedOut("");
+});

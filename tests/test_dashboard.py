@@ -1,0 +1,206 @@
+"""The web dashboard (issue 16). In process (FastAPI's TestClient): sessions, CSRF, what a page may read.
+In a real browser (headless Chromium from Debian's packages, driven by Playwright): sign in, a launched run
+appears by itself, its log lines arrive live, a `<script>` line is text, stop it, the queue's reason, drain a
+node, create and revoke a key, another user does not see the run. Screenshots land in the test's directory
+(and in FEDML_SCREENSHOTS when set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scheduler import auth
+from scheduler.app import Settings, create_app
+from scheduler.sqlite_store import SQLiteStore
+
+from .conftest import Fedml, needs, write_job
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], SQLiteStore]]:
+    store = SQLiteStore(tmp_path / "s.db")
+    keys = {name: auth.issue(store, name=name, scope=scope, owner=name if scope == "user" else "admin")[1]
+            for name, scope in (("admin", "admin"), ("alice", "user"), ("bob", "user"))}
+    keys["node"] = auth.issue(store, name="n", scope="node", owner="node-1")[1]
+    with TestClient(create_app(store, Settings(blob_dir=tmp_path / "blobs"))) as c:
+        yield c, keys, store
+    store.close()
+
+
+def sign_in(c: TestClient, key: str) -> dict[str, Any]:
+    r = c.post("/ui/session", json={"api_key": key})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_pages_and_assets_are_served_with_a_strict_policy(client: Any) -> None:
+    c, _, _ = client
+    r = c.get("/")
+    assert r.status_code == 200 and "<main" in r.text
+    assert "script-src 'self'" in r.headers["content-security-policy"] and "unsafe" not in r.headers["content-security-policy"]
+    assert c.get("/ui/app.js").status_code == 200 and c.get("/ui/app.css").status_code == 200
+    assert c.get("/ui/../app.py").status_code == 404 and c.get("/ui/secret").status_code == 404
+
+
+def test_no_data_without_a_session_and_no_action_without_its_csrf_token(client: Any) -> None:
+    """A session is a key of its own in an HttpOnly, SameSite=Strict cookie; every action needs its CSRF token;
+    signing out revokes it; node keys and bad keys sign nothing in."""
+    c, keys, _ = client
+    for path in ("/api/v1/runs", "/api/v1/events", "/api/v1/nodes"):
+        assert c.get(path).status_code == 401, path
+    assert c.get("/ui/session").status_code == 401
+    for bad in (keys["node"], "fml_u_nope", "x" * 150):
+        assert c.post("/ui/session", json={"api_key": bad}).status_code == 401
+    assert c.post("/ui/session", content=b"{" + b" " * 5000 + b"}",
+                  headers={"content-type": "application/json"}).status_code == 413  # capped before it is read
+    r = c.post("/ui/session", json={"api_key": keys["alice"]})
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict") and "Path=/" in cookie
+    assert keys["alice"] not in cookie  # a session key of its own, not the user's key
+    csrf = r.json()["csrf"]
+    assert r.json()["owner"] == "alice" and r.json()["admin"] is False
+    assert c.get("/ui/session").json()["csrf"] == csrf
+    job = {"job": {"job": "echo hi"}}
+    assert c.post("/api/v1/runs", json=job).status_code == 403  # no token
+    assert c.post("/api/v1/runs", json=job, headers={"x-csrf-token": "0" * 40}).status_code == 403
+    r = c.post("/api/v1/runs", json=job, headers={"x-csrf-token": csrf})
+    assert r.status_code == 201 and r.json()["owner"] == "alice"
+    theirs = c.post("/api/v1/runs", json=job, headers={"Authorization": f"Bearer {keys['bob']}"}).json()
+    assert [x["id"] for x in c.get("/api/v1/runs").json()] == [r.json()["id"]]  # only hers
+    assert c.get(f"/api/v1/runs/{theirs['id']}").status_code == 404
+    assert c.get("/api/v1/keys").status_code == 403  # a user's session is no admin
+    assert c.delete("/ui/session").status_code == 403  # signing out is an action too
+    session = c.cookies.get("fedml_session")
+    assert c.delete("/ui/session", headers={"x-csrf-token": csrf}).status_code == 200
+    c.cookies.set("fedml_session", session)  # the old cookie, kept by a client that ignores the deletion
+    assert c.get("/api/v1/runs").status_code == 401 and c.get("/ui/session").status_code == 401
+
+
+def test_a_session_expires_and_a_sign_in_link_works_once(client: Any) -> None:
+    c, keys, store = client
+    code = c.post("/api/v1/ui/link", headers={"Authorization": f"Bearer {keys['bob']}"}).json()["code"]
+    assert c.post("/api/v1/ui/link", headers={"Authorization": f"Bearer {keys['node']}"}).status_code == 403
+    assert sign_in(c, code)["owner"] == "bob"
+    c.cookies.clear()
+    assert c.post("/ui/session", json={"api_key": code}).status_code == 401  # spent
+    _, short = auth.issue(store, name="short", scope="user", owner="carol", ttl=0.01)
+    time.sleep(0.05)
+    assert c.post("/ui/session", json={"api_key": short}).status_code == 401  # expired
+    assert c.get("/api/v1/runs", headers={"Authorization": f"Bearer {short}"}).status_code == 401
+
+
+# ---- in a real browser -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    needs("Chromium", os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (make install puts Debian's chromium there)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        needs("Playwright", False, "the playwright package is missing (make install)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def shot(page: Any, tmp_path: Path, name: str) -> None:
+    path = tmp_path / "screenshots" / f"{name}.png"
+    path.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("FEDML_SCREENSHOTS"):
+        shutil.copy(path, Path(os.environ["FEDML_SCREENSHOTS"]) / path.name)
+
+
+def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) -> None:
+    assert fedml("run", "list").returncode == 0  # the local scheduler and its agent
+    url = json.loads((fedml.home / "local" / "scheduler.json").read_text())["url"]
+    admin = (fedml.home / "local" / "token").read_text().strip()  # (the local scheduler's admin key)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.fill("#api-key", "fml_u_wrong")
+    page.click("#signin")
+    page.wait_for_selector("text=not a valid admin or user API key")
+    link = json.loads(fedml("dashboard", "--json", "--no-open").stdout)["sign_in"]  # `fedml dashboard`'s link
+    page.goto(link)
+    page.wait_for_selector("#nav >> text=Keys")
+    assert "signin" not in page.url  # the code is gone from the address bar
+    again = browser.new_context().new_page()
+    again.goto(link)
+    again.wait_for_selector("text=That sign-in link was used or has expired")  # once only
+    again.fill("#api-key", admin)
+    again.click("#signin")
+    again.wait_for_selector("#nav >> text=Keys")
+    again.context.close()
+
+    # a run launched from the CLI appears by itself (pushed), and its lines arrive live
+    job = write_job(tmp_path / "talk", 'for i in $(seq 1 40); do echo "line $i"; sleep 0.05; done\n'
+                    "echo '<script>window.pwned = 1</script><b>bold</b>'\nsleep 60")
+    r = fedml("launch", str(job), "--detach")
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+    page.wait_for_selector(f"#runs >> text={run_id}", timeout=15_000)
+    shot(page, tmp_path, "runs")
+    page.click(f"#runs >> text={run_id}")
+    page.wait_for_selector("#log .row >> text=line 40", timeout=30_000)
+    page.wait_for_selector("#log .row >> text=<script>window.pwned = 1</script><b>bold</b>", timeout=15_000)
+    assert page.evaluate("window.pwned") is None and page.locator("#log b").count() == 0  # shown as text
+    page.select_option("#rank", "0")
+    page.wait_for_selector("#log .row >> text=line 3")
+    shot(page, tmp_path, "run")
+    page.click("#stop")
+    page.wait_for_selector("dd >> text=KILLED", timeout=30_000)
+
+    # the queue: a run waiting for another says so, with its place
+    first = fedml("launch", str(write_job(tmp_path / "long", "sleep 60")), "--detach").stdout.strip()
+    waiting = fedml("launch", str(write_job(tmp_path / "after", "echo after")), "--after", first, "--detach")
+    assert waiting.returncode == 0, waiting.stderr
+    page.goto(url + "/#/queue")
+    page.wait_for_selector(f"#queue >> text=waiting for {first} to end", timeout=15_000)
+    shot(page, tmp_path, "queue")
+
+    # nodes: drain and undrain from the page
+    page.goto(url + "/#/nodes")
+    page.click("#nodes button.drain")
+    page.wait_for_selector("#nodes >> text=DRAINING", timeout=15_000)
+    shot(page, tmp_path, "nodes")
+    page.click("#nodes button.drain")
+    page.wait_for_selector("#nodes >> text=Drain", timeout=15_000)
+
+    # keys: create one (shown once), then sign in with it in another browser: it sees none of the admin's runs
+    page.goto(url + "/#/keys")
+    page.fill("#key-name", "bob")
+    page.click("#create-key")
+    page.wait_for_selector("#new-key >> text=shown once")
+    secret = page.inner_text("#new-key").rsplit(" ", 1)[-1]
+    shot(page, tmp_path, "keys")
+    other = browser.new_context().new_page()
+    other.goto(url + "/")
+    other.fill("#api-key", secret)
+    other.click("#signin")
+    other.wait_for_selector("text=No runs here yet.")
+    assert other.locator(f"text={run_id}").count() == 0
+    other.goto(url + f"/#/run/{run_id}")
+    other.wait_for_selector("text=not found")
+    page.click('#keys button.revoke[data-key="bob"]')
+    page.wait_for_selector("#keys >> text=revoked")
+    other.goto(url + "/#/nodes")
+    other.wait_for_selector("text=Your session has ended", timeout=15_000)  # bob's key was revoked: so is his session
+    fedml("run", "stop", first)
+    assert not errors, errors
