@@ -32,6 +32,12 @@ def require_not_node(who: Principal, action: str) -> None:
         raise Forbidden(_NOT_FOR_NODES[action])
 
 
+def is_person(who: Principal) -> bool:
+    """An admin or a user, not a node's key or a join token: who may sign in to the dashboard (and make a
+    sign-in link)."""
+    return who.scope in ("admin", "user")
+
+
 def require_admin(who: Principal, why: str = "this needs an admin key") -> None:
     if not who.admin:
         raise Forbidden(why)

@@ -232,14 +232,14 @@ def sweep_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
         seen.add(name.upper())
         if not values:
             raise ValueError(f"{name}: give at least one value")
+        size *= len(values)
+        if size > MAX_SWEEP_POINTS:  # (before looking at the values: a list of 100,000 is refused at once)
+            raise ValueError(f"more than {MAX_SWEEP_POINTS} points")
         if len({json.dumps(x) for x in values}) != len(values):
             raise ValueError(f"{name}: a value is repeated")
         for x in values:
             if isinstance(x, str) and ("\0" in x or len(x) > 4096):
                 raise ValueError(f"{name}: a value holds a NUL character or is over 4096 characters")
-        size *= len(values)
-        if size > MAX_SWEEP_POINTS:
-            raise ValueError(f"more than {MAX_SWEEP_POINTS} points")
     return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 

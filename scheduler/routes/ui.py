@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from .. import access
 from .. import auth as keys
 from ..auth import SESSION_COOKIE, session_csrf, session_of
 from ..contract.errors import Forbidden
@@ -49,7 +50,7 @@ class SignIn(BaseModel):
 
 def _who(c: Ctx, secret: str) -> Principal | None:
     who = keys.verify(c.store, secret) if secret else None
-    return who if who is not None and who.scope in ("admin", "user") else None
+    return who if who is not None and access.is_person(who) else None
 
 
 def _session(who: Principal, secret: str) -> dict[str, Any]:
@@ -64,7 +65,7 @@ LINK_TTL = 300.0
 def sign_in_link(who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> dict[str, Any]:
     """A one-time code that signs the caller in (`fedml dashboard` puts it in the address it opens): a key of the
     caller's that lasts LINK_TTL seconds and is revoked once used."""
-    if who.scope not in ("admin", "user"):
+    if not access.is_person(who):
         raise Forbidden("only an admin or user key signs in to the dashboard")
     _, code = keys.issue(c.store, name=LINK, scope=who.scope, owner=who.owner, ttl=LINK_TTL, parent=who.key_id)
     return {"code": code, "expires_in": LINK_TTL}
