@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ router = APIRouter(include_in_schema=False)
 UI = Path(__file__).resolve().parent.parent / "ui"
 ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
 SESSION_TTL = 12 * 3600.0
+STREAM_S = 600.0  # an event stream's longest life (events())
 # Only our own scripts, styles and API: an injected <script> or inline handler does not run.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -119,14 +121,17 @@ async def events(request: Request, run: str | None = Query(default=None, max_len
     """Server-sent events for the pages open: `runs` when runs were created, placed or ended, `nodes` when
     nodes changed, `run` when the given run changed. Each names what moved, not what it is: a page reads the
     API for that (so it shows only what its key may see). Bursts are coalesced (at most 4 events a second)."""
-    keys_watched = {"schedule": "runs", "nodes": "nodes", **({f"state:{run}": "run"} if run else {})}
-    if run:
-        await run_in_threadpool(c.sched.get_run, run, who)  # 404 for a run the caller may not see
+    keys_watched = {"schedule": "runs", "nodes": "nodes", **({f"run:{run}": "run"} if run else {})}
+    seen = (await run_in_threadpool(c.sched.get_run, run, who)).updated_at if run else 0.0  # 404: not theirs
 
     async def stream() -> AsyncIterator[bytes]:
+        nonlocal seen
         tickets = {k: c.notifier.ticket(k) for k in keys_watched}
         yield b"retry: 2000\n\n"
-        while not await request.is_disconnected():
+        # A stream lasts STREAM_S at most: the browser reconnects (retry), and the Guard checks the session again
+        # (a revoked one then stops getting even these bare names).
+        deadline = time.monotonic() + STREAM_S
+        while time.monotonic() < deadline and not await request.is_disconnected():
             waits = [asyncio.ensure_future(c.notifier.wait(k, t, 15.0)) for k, t in tickets.items()]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -135,6 +140,12 @@ async def events(request: Request, run: str | None = Query(default=None, max_len
                     w.cancel()
             moved = {k for k, t in tickets.items() if c.notifier.ticket(k) != t}
             tickets = {k: c.notifier.ticket(k) for k in keys_watched}
+            if run and f"run:{run}" in moved:  # also moved by its log lines: say "run" only when its state did
+                got = await run_in_threadpool(c.store.get_run, run)
+                if got is None or got.updated_at == seen:
+                    moved.discard(f"run:{run}")
+                else:
+                    seen = got.updated_at
             if not moved:
                 yield b": keep-alive\n\n"
                 continue

@@ -255,7 +255,6 @@ class SchedulerBase:
 
     def run_changed(self, run: Run) -> None:
         self.notifier.notify(f"run:{run.id}")  # (also moved by each batch of its log lines: log followers)
-        self.notifier.notify(f"state:{run.id}")  # its state alone: the dashboard's run page
         for p in run.placements:
             self.notifier.notify(f"node:{p.node_id}")
 
