@@ -55,6 +55,7 @@ bench: redis
 	$(BIN)/python bench/fedavg_round.py
 	$(BIN)/python bench/gateway.py
 	bash scripts/podman-up.sh >/dev/null && $(BIN)/python bench/container_start.py
+	$(MAKE) browser && $(BIN)/python bench/dashboard.py --seconds 5
 
 # The engine the container tests and bench use: podman serving the Docker Engine API (installs it as root).
 podman:

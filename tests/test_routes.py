@@ -215,3 +215,17 @@ def test_named_storage_is_its_owners_alone(client: tuple[TestClient, dict[str, s
     assert c.get("/api/v1/storage", headers=as_(keys, "alice")).json() == []
     node = auth.issue(c.app.state.store, name="n", scope="node", owner="node-x")[1]  # type: ignore[attr-defined]
     assert c.get("/api/v1/storage", headers={"Authorization": f"Bearer {node}"}).status_code == 403
+
+
+def test_a_reused_list_answer_is_never_stale_nor_anothers(client: tuple[TestClient, dict[str, str]]) -> None:
+    """GET /runs answers many open dashboards once while nothing was written (routes/runs.py): a run written
+    since is in the next answer at once, and one owner's answer is never another's."""
+    c, keys = client
+    assert c.get("/api/v1/runs?limit=10", headers=as_(keys, "alice")).json() == []
+    assert c.get("/api/v1/runs?limit=10", headers=as_(keys, "bob")).json() == []
+    made = c.post("/api/v1/runs", json={"job": {"job": "echo"}}, headers=as_(keys, "alice")).json()
+    assert [r["id"] for r in c.get("/api/v1/runs?limit=10", headers=as_(keys, "alice")).json()] == [made["id"]]
+    assert c.get("/api/v1/runs?limit=10", headers=as_(keys, "bob")).json() == []
+    assert [r["id"] for r in c.get("/api/v1/runs?limit=10", headers=as_(keys, "admin")).json()] == [made["id"]]
+    c.post(f"/api/v1/runs/{made['id']}/stop", headers=as_(keys, "alice"))
+    assert c.get("/api/v1/runs?limit=10", headers=as_(keys, "alice")).json()[0]["status"] == "KILLED"

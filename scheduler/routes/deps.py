@@ -3,7 +3,7 @@ the bounds on numbers the stores keep."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, HTTPException, Request
@@ -39,6 +39,7 @@ class Ctx:
     endpoints: Endpoints
     gateway: Gateway
     health: Health
+    list_cache: dict[tuple[object, ...], tuple[int, float, bytes]] = field(default_factory=dict)  # routes/runs.py
 
     def identify(self, header: str, path: str) -> tuple[int, str, Principal | None]:
         """(status, why, principal): the bearer key of a request, checked before its body is read."""

@@ -120,7 +120,8 @@ async def events(request: Request, run: str | None = Query(default=None, max_len
                  who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> StreamingResponse:
     """Server-sent events for the pages open: `runs` when runs were created, placed or ended, `nodes` when
     nodes changed, `run` when the given run changed. Each names what moved, not what it is: a page reads the
-    API for that (so it shows only what its key may see). Bursts are coalesced (at most 4 events a second)."""
+    API for that (so it shows only what its key may see). Bursts are coalesced: at most one event a second, four for
+    the run's own state."""
     keys_watched = {"schedule": "runs", "nodes": "nodes", **({f"run:{run}": "run"} if run else {})}
     seen = (await run_in_threadpool(c.sched.get_run, run, who)).updated_at if run else 0.0  # 404: not theirs
 
@@ -151,7 +152,8 @@ async def events(request: Request, run: str | None = Query(default=None, max_len
                 continue
             for k in sorted(moved):
                 yield f"event: {keys_watched[k]}\ndata: {json.dumps({'what': keys_watched[k]})}\n\n".encode()
-            await asyncio.sleep(0.25)
+            # Coalesce: a busy cluster changes runs many times a second, and each event makes the page read.
+            await asyncio.sleep(0.25 if run and f"run:{run}" in moved else 1.0)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
