@@ -42,9 +42,6 @@ from .errors import FAILED, UNREACHABLE, CliError, Failed, Invalid, NotFound, Un
 __all__ = ["AsyncClient", "Client", "CliError", "EndpointView", "Failed", "Invalid", "KeyView", "NotFound",
            "SweepView", "Unreachable"]
 
-TERMINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
-
-
 class _View(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -160,7 +157,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             run = self.run(run_id)
-            if run.status.value in TERMINAL:
+            if run.terminal:
                 return run
             if deadline is not None and time.monotonic() > deadline:
                 raise Failed(f"run {run_id} is still {run.status.value} after {timeout:g} s", FAILED)
@@ -281,19 +278,20 @@ class AsyncClient:
         self._sync.close()
 
     async def _request(self, method: str, path: str, **kw: Any) -> Any:
+        """As Api.request: reads tried again after a transport error (the same backoff), writes once."""
+        import tenacity
+
         path = _safe_path(path)
-        tries = self._sync.api.retries if method in IDEMPOTENT else 1
-        delay = 0.2
-        for attempt in range(tries):
-            try:
-                r = await self.http.request(method, API + path, **kw)
-                break
-            except httpx.TransportError as exc:
-                if attempt + 1 >= tries:
-                    raise CliError(f"cannot reach the scheduler at {self._sync.url}: {exc or type(exc).__name__}",
-                                   UNREACHABLE) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        try:
+            async for attempt in tenacity.AsyncRetrying(
+                    stop=tenacity.stop_after_attempt(self._sync.api.retries if method in IDEMPOTENT else 1),
+                    wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
+                    retry=tenacity.retry_if_exception_type(httpx.TransportError), reraise=True):
+                with attempt:
+                    r = await self.http.request(method, API + path, **kw)
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the scheduler at {self._sync.url}: {exc or type(exc).__name__}",
+                           UNREACHABLE) from None
         return self._sync.api._check(r).json()
 
     async def launch(self, job_file: str, **kw: Any) -> Run:
@@ -313,7 +311,7 @@ class AsyncClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             run = await self.run(run_id)
-            if run.status.value in TERMINAL:
+            if run.terminal:
                 return run
             if deadline is not None and time.monotonic() > deadline:
                 raise Failed(f"run {run_id} is still {run.status.value} after {timeout:g} s", FAILED)

@@ -10,8 +10,6 @@ from typing import Any
 
 from .errors import FAILED, INTERRUPTED, USAGE, CliError
 
-TERMINAL = {"FINISHED", "FAILED", "KILLED"}
-
 
 def is_sweep(ident: str | None) -> bool:
     return bool(ident) and str(ident).startswith("sweep-")
