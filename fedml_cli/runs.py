@@ -281,26 +281,32 @@ def run_stop(
 
 @run_app.command("retry")
 def run_retry(
-    sweep_id: Annotated[str, typer.Argument(metavar="SWEEP_ID")],
-    all_points: Annotated[bool, typer.Option("--all", help="Every ended point, not only those that failed, "
-                                                           "were stopped or lost.")] = False,
+    ref: Annotated[str, typer.Argument(metavar="RUN_ID|SWEEP_ID")],
+    all_points: Annotated[bool, typer.Option("--all", help="A sweep: every ended point, not only those that "
+                                                           "failed, were stopped or lost.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Launch a sweep's failed points again (new runs of the same sweep; `fedml run status SWEEP_ID` shows each
-    point's latest run)."""
+    """Launch an ended run again (a new run of the same job, workspace and environment), or a sweep's failed
+    points (new runs of the same sweep; `fedml run status SWEEP_ID` shows each point's latest run)."""
     from . import sweeps
     from .api import connect
 
-    if not sweeps.is_sweep(sweep_id):
-        raise CliError(f"{sweep_id}: retry takes a sweep's id (sweep-...); launch a run again with `fedml launch`",
-                       USAGE)
-    s = connect().post(f"/sweeps/{sweep_id}/retry", params={"all": "true" if all_points else "false"})
+    if not sweeps.is_sweep(ref):
+        if all_points:
+            raise CliError("--all: only with a sweep's id (sweep-...)", USAGE)
+        r = connect().post(f"/runs/{ref}/retry")
+        if as_json:
+            _print_json(r)
+            return
+        _err(f"Run {ref} launched again as {r['id']} (`fedml logs -f {r['id']}`).")
+        return
+    s = connect().post(f"/sweeps/{ref}/retry", params={"all": "true" if all_points else "false"})
     if as_json:
         _print_json(s)
         return
     again = s.get("relaunched") or []
-    _err(f"Sweep {sweep_id}: {len(again)} point(s) launched again" + (f" ({', '.join(again)})" if again else
-                                                                       " (none had ended badly)") + ".")
+    _err(f"Sweep {ref}: {len(again)} point(s) launched again" + (f" ({', '.join(again)})" if again else
+                                                                 " (none had ended badly)") + ".")
 
 
 @run_app.command("artifacts")

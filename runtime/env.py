@@ -6,6 +6,7 @@ import os
 import sys
 
 from scheduler.contract.jobspec import JobSpec
+from scheduler.contract.runenv import job_env
 
 # Variables of the agent's own environment that a job should not inherit.
 _DROP = ("FEDML_API_KEY", "FEDML_SCHEDULER_TOKEN", "FEDML_SERVER", "FEDML_ADMIN_KEY")
@@ -37,27 +38,7 @@ def run_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int = 0, num_node
         here = os.path.dirname(sys.executable)
         rest = [p for p in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(os.pathsep) if p and p != here]
         env["PATH"] = os.pathsep.join([here, *rest])
-    env.update(spec.fedml_env_vars())
-    env.update({
-        "FEDML_CURRENT_RUN_ID": run_id,
-        "FEDML_CURRENT_EDGE_ID": node_id,
-        "FEDML_CLIENT_RANK": str(rank),
-        "FEDML_NUM_NODES": str(num_nodes),
-        "FEDML_NODE_0_ADDR": node0_addr,
-        "FEDML_NODE_0_PORT": str(node0_port),
-        "FEDML_SERVER_ADDR": node0_addr,  # federate: where rank 0 (the server) runs
-        "FEDML_JOB_TYPE": spec.job_type,
-        "FEDML_ATTEMPT": str(attempt),  # jobs can fence their own outputs by attempt
-        "NODE_RANK": str(rank),
-        "WORLD_SIZE": str(num_nodes),
-        "MASTER_ADDR": node0_addr,
-        "MASTER_PORT": str(node0_port),
-        # Job output goes to files the agent tails; unbuffered Python makes it arrive as it is printed.
-        "PYTHONUNBUFFERED": "1",
-    })
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus or [])
-    if artifact_dir:
-        env["FEDML_ARTIFACT_DIR"] = artifact_dir  # files left here are kept by the scheduler (`fedml run artifacts`)
-    env.update(spec.envs)
-    env.update(overrides or {})
+    env.update(job_env(run_id=run_id, spec=spec, node_id=node_id, rank=rank, num_nodes=num_nodes,
+                       node0_addr=node0_addr, node0_port=node0_port, gpus=gpus, attempt=attempt,
+                       artifact_dir=artifact_dir, overrides=overrides))
     return env

@@ -16,6 +16,7 @@ does not drop replicas a burst is about to need.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import threading
@@ -34,6 +35,12 @@ DOWN_WINDOW = 30.0
 HISTORY_S = 610.0  # the longest scale_down_delay (600 s) and some
 CACHE_S = 0.5  # how stale the gateway's view of replicas may get (changes through this replica drop it)
 SUSPECT_S = 1.0  # a replica whose connection just failed is skipped this long, until its state is reported
+# What the gateway answered (rate, latency to the replica's first byte, errors), kept in 10 s buckets for the
+# last STATS_S: `fedml endpoint status` and the dashboard's Endpoints page show them.
+STATS_S = 300.0
+BUCKET_S = 10.0
+# Latency histogram bounds: 0.25 ms to ~4.6 min, 4 bins per doubling (a percentile is within 19 % of the truth).
+LATENCY_BOUNDS = tuple(0.00025 * 2 ** (i / 4) for i in range(81))
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and ones the proxy sets itself.
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -61,6 +68,7 @@ class Load:
         self._integral = 0.0
         self._last = time.monotonic()
         self.samples: deque[tuple[float, float]] = deque()  # (time, integral)
+        self.answers: deque[list[Any]] = deque()  # [bucket number, requests, errors, latency histogram]
 
     def _advance(self) -> None:
         now = time.monotonic()
@@ -75,6 +83,38 @@ class Load:
     def leave(self) -> None:
         self._advance()
         self.inflight -= 1
+
+    def answered(self, seconds: float, ok: bool) -> None:
+        """One request answered (`ok`: below 500), `seconds` after it arrived (to the replica's first byte)."""
+        n = int(time.monotonic() // BUCKET_S)
+        if not self.answers or self.answers[-1][0] != n:
+            self.answers.append([n, 0, 0, [0] * (len(LATENCY_BOUNDS) + 1)])
+            while self.answers[0][0] <= n - STATS_S / BUCKET_S:
+                self.answers.popleft()
+        b = self.answers[-1]
+        b[1] += 1
+        b[2] += 0 if ok else 1
+        b[3][bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+
+    def stats(self) -> dict[str, float | int | None]:
+        """Over the last STATS_S: requests per second, p50 and p99 latency (ms; None with no request), errors."""
+        n = int(time.monotonic() // BUCKET_S)
+        recent = [b for b in self.answers if b[0] > n - STATS_S / BUCKET_S]
+        total = sum(b[1] for b in recent)
+        hist = [sum(col) for col in zip(*(b[3] for b in recent), strict=True)] if recent else []
+
+        def pct(q: float) -> float | None:
+            if not total:
+                return None
+            seen = 0
+            for i, c in enumerate(hist):
+                seen += c
+                if seen >= q * total:
+                    return round(1000 * LATENCY_BOUNDS[min(i, len(LATENCY_BOUNDS) - 1)], 2)
+            return None
+
+        return {"window_s": STATS_S, "rate": round(total / STATS_S, 3), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                "errors": sum(b[2] for b in recent), "answered": total}
 
     def sample(self) -> None:
         self._advance()
@@ -129,6 +169,7 @@ class Endpoints:
     def changed(self) -> None:
         self._gen += 1
         self._cache = None
+        self.sched.notifier.notify("endpoints")  # (open dashboards' Endpoints pages: routes/ui.py events)
 
     def fresh(self) -> bool:
         cached = self._cache
@@ -321,6 +362,7 @@ class Gateway:
         session = self._session()
         load = eps.loads.setdefault(run.id, Load())
         load.enter()
+        began = time.monotonic()
         try:
             last_error = ""
             for r in order:
@@ -346,13 +388,17 @@ class Gateway:
                                             f"({type(exc).__name__})") from None
                     finally:
                         resp.release()
+                    load.answered(time.monotonic() - began, resp.status < 500)
                     load.leave()
                     return resp.status, out_headers, content
+                load.answered(time.monotonic() - began, resp.status < 500)  # (streamed: to its first byte)
                 return resp.status, out_headers, _body(resp, _Once(load.leave))  # chunked, SSE: streamed
             if await run_in_threadpool(eps.live, run.id) is None:  # replicas refuse: the endpoint was just stopped
                 raise NotFound(f"no endpoint named {name}")
             raise Unavailable(f"endpoint {name}: no replica answered ({last_error}); retry later")
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, GatewayTimeout | Unavailable | BadGateway):
+                load.answered(time.monotonic() - began, False)
             load.leave()
             raise
 

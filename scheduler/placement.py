@@ -302,6 +302,11 @@ def ranking(req: Request, candidates: list[Candidate]) -> list[str]:
     return [c.node.id for c in usable]
 
 
+def usable_gpus(req: Request, node: Node) -> list[int]:
+    """The node's GPUs (indexes) the request could run on, busy or not."""
+    return [g.index for g in _matching(req, node.gpus)]
+
+
 def free_matching(req: Request, c: Candidate) -> int:
     """How many of the node's free GPUs the request could use."""
     return len(_matching(req, c.free))

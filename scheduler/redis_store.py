@@ -48,6 +48,7 @@ from .store import (
     DEFAULT_LOG_RETENTION,
     QUIET_FIELDS,
     AlreadyExists,
+    Cursor,
     GpuBusy,
     KeyCache,
     NotFound,
@@ -252,27 +253,34 @@ class RedisStore(Store):
         return self._modify(run_id, lambda run: run.changed(**fields), quiet=fields.keys() <= QUIET_FIELDS)
 
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
-                  owner: str | None = None, limit: int = 1000) -> list[Run]:
+                  owner: str | None = None, limit: int = 1000, before: Cursor | None = None) -> list[Run]:
         statuses = None if status is None else {s.value for s in status}
         k = self.k
         if node_id is not None:
             ids = [m.decode() for m in self.r.smembers(k.node_runs(node_id))]
-        else:
-            # Newest first from the most selective index; filters applied after reading need every id.
-            filtering = owner is not None and statuses is not None
-            stop = -1 if filtering else limit - 1
-            if statuses is not None:
-                with self.r.pipeline(transaction=False) as p:
-                    for s in statuses:
-                        p.zrevrange(k.status(s), 0, stop, withscores=True)
-                    scored = [pair for part in p.execute() for pair in part]
-                scored.sort(key=lambda pair: -pair[1])
-                ids = [m.decode() for m, _ in scored]
-            else:
-                ids = [m.decode() for m in self.r.zrevrange(k.owner(owner) if owner else k.runs, 0, stop)]
-            cut = None if filtering else limit
-            ids = ids[:cut] if cut is not None else ids
-        return self._filtered(ids, statuses, owner, limit)
+            return self._filtered(ids, statuses, owner, limit, before)
+        # Newest first from the most selective index; filters applied after reading need every id.
+        filtering = owner is not None and statuses is not None
+        top = "+inf" if before is None else before[0]  # (inclusive: ties with the cursor are cut below)
+        num = None if filtering else limit + (64 if before is not None else 0)
+        sets = [k.status(s) for s in statuses] if statuses is not None else [k.owner(owner) if owner else k.runs]
+        with self.r.pipeline(transaction=False) as p:
+            for key in sets:
+                p.zrevrangebyscore(key, top, "-inf", start=0 if num is not None else None, num=num, withscores=True)
+            scored = [(m.decode(), score) for part in p.execute() for m, score in part]
+        scored.sort(key=lambda pair: (-pair[1], _desc(pair[0])))
+        if before is not None:
+            scored = [(m, sc) for m, sc in scored if sc < before[0] or (sc == before[0] and m < before[1])]
+        ids = [m for m, _ in scored]
+        return self._filtered(ids if filtering else ids[:limit], statuses, owner, limit, before)
+
+    def count_runs(self, owner: str | None = None) -> dict[str, int]:
+        states = [s.value for s in RunStatus]
+        with self.r.pipeline(transaction=False) as p:
+            for st in states:  # an owner's: the size of the intersection of its set and the state's (ZINTERCARD)
+                p.zcard(self.k.status(st)) if owner is None else p.zintercard(2, [self.k.status(st), self.k.owner(owner)])
+            got = p.execute()
+        return {st: int(n) for st, n in zip(states, got, strict=True) if n}
 
     def each_run(self, status: Iterable[RunStatus], page: int = 2000) -> Iterator[Run]:
         statuses = {s.value for s in status}
@@ -285,11 +293,12 @@ class RedisStore(Store):
                 if run.status.value in statuses:  # (moved meanwhile)
                     yield run
 
-    def _filtered(self, ids: list[str], statuses: set[str] | None, owner: str | None, limit: int) -> list[Run]:
+    def _filtered(self, ids: list[str], statuses: set[str] | None, owner: str | None, limit: int,
+                  before: Cursor | None = None) -> list[Run]:
         runs = self._docs(ids)
         out = [r for r in runs if (statuses is None or r.status.value in statuses)
-               and (owner is None or r.owner == owner)]
-        out.sort(key=lambda r: r.created_at, reverse=True)
+               and (owner is None or r.owner == owner) and (before is None or (r.created_at, r.id) < before)]
+        out.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         return out[:limit]
 
     def endpoint_runs(self) -> list[Run]:
@@ -569,3 +578,8 @@ def wipe_prefix(url: str) -> int:
 
 
 __all__ = ["RedisStore", "wipe_prefix"]
+
+
+def _desc(member: str) -> tuple[int, ...]:
+    """A sort key that orders ids from the highest down (newest first among runs created at the same instant)."""
+    return tuple(-b for b in member.encode())

@@ -18,6 +18,7 @@ from .store import (
     QUIET_FIELDS,
     TEXT_STREAM,
     AlreadyExists,
+    Cursor,
     GpuBusy,
     KeyCache,
     NotFound,
@@ -42,6 +43,9 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status, priority, created_at);
 -- each_run's pages (the book's rebuild): the runs of one status in id order, not a walk past every finished run.
 CREATE INDEX IF NOT EXISTS runs_status_id ON runs(status, id);
 CREATE INDEX IF NOT EXISTS runs_seq ON runs(seq);
+-- Pages of the newest runs (list_runs, the dashboard): no sort of every run per page.
+CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at, id);
+CREATE INDEX IF NOT EXISTS runs_owner ON runs(owner, status);
 CREATE INDEX IF NOT EXISTS runs_node ON runs(node_id, status);
 -- The gateway's look-up of serving runs each second (endpoint_runs): the few runs with an endpoint, not a scan of
 -- every queued and running one.
@@ -310,9 +314,12 @@ class SQLiteStore(Store):
             return self._next_pos(self._db, run_id)
 
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
-                  owner: str | None = None, limit: int = 1000) -> list[Run]:
+                  owner: str | None = None, limit: int = 1000, before: Cursor | None = None) -> list[Run]:
         where: list[str] = []
         args: list[Any] = []
+        if before is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args += [before[0], before[0], before[1]]
         if status is not None:
             st = [s.value for s in status]
             where.append(f"status IN ({','.join('?' * len(st))})")
@@ -324,11 +331,16 @@ class SQLiteStore(Store):
             where.append("owner=?")
             args.append(owner)
         sql = "SELECT doc FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at DESC LIMIT ?"
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, limit)).fetchall()
         with bulk():
             return [Run.model_validate_json(r[0]) for r in rows]
+
+    def count_runs(self, owner: str | None = None) -> dict[str, int]:
+        sql = "SELECT status, COUNT(*) FROM runs" + (" WHERE owner=?" if owner is not None else "") + " GROUP BY status"
+        with self._lock:
+            return {st: int(n) for st, n in self._db.execute(sql, (owner,) if owner is not None else ())}
 
     def each_run(self, status: Iterable[RunStatus], page: int = 2000) -> Iterator[Run]:
         for st in {s.value for s in status}:

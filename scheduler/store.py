@@ -154,6 +154,9 @@ TEXT_STREAM = {"stderr": "e", "fedml": "f"}
 DEFAULT_LOG_RETENTION = 1_000_000  # log lines kept per run (the newest), in every store
 
 
+Cursor = tuple[float, str]  # (created_at, id) of a run: list_runs pages go on after it
+
+
 class Store(abc.ABC):
     # -- runs --------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -187,7 +190,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
-                  owner: str | None = None, limit: int = 1000) -> list[Run]: ...
+                  owner: str | None = None, limit: int = 1000, before: Cursor | None = None) -> list[Run]:
+        """Newest first; `before`: only runs older than that (created_at, id), the last of the page before."""
+
+    def count_runs(self, owner: str | None = None) -> dict[str, int]:
+        """How many runs (of `owner`) are in each state, from the stores' indexes (the dashboard's chips)."""
+        out: dict[str, int] = {}
+        for r in self.list_runs(owner=owner, limit=100_000_000):
+            out[r.status.value] = out.get(r.status.value, 0) + 1
+        return out
 
     def each_run(self, status: Iterable[RunStatus], page: int = 2000) -> Iterator[Run]:
         """Every run in `status`, in no set order, parsed a page at a time: not one moment's snapshot (a run

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,7 +129,8 @@ def shot(page: Any, tmp_path: Path, name: str) -> None:
 
 
 def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) -> None:
-    assert fedml("run", "list").returncode == 0  # the local scheduler and its agent
+    # the local scheduler and its agent, with one (declared) GPU for the queue to wait for
+    assert fedml("run", "list", env={"FEDML_LOCAL_GPUS": "A100-80G:1"}).returncode == 0
     url = json.loads((fedml.home / "local" / "scheduler.json").read_text())["url"]
     admin = (fedml.home / "local" / "token").read_text().strip()  # (the local scheduler's admin key)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -166,14 +169,67 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     shot(page, tmp_path, "run")
     page.click("#stop")
     page.wait_for_selector("dd >> text=KILLED", timeout=30_000)
+    page.wait_for_selector("#timeline >> text=KILLED")
+    assert "for i in $(seq 1 40)" in (page.text_content("#spec pre") or "")  # the job file as submitted
+    page.click("#env summary")
+    page.wait_for_selector(f"#env-table >> text={run_id}")  # FEDML_CURRENT_RUN_ID, among the variables
+    page.click("#retry")  # a new run of the same job
+    page.wait_for_url(lambda u: run_id not in u)
+    again = page.url.rsplit("/", 1)[-1]
+    page.wait_for_selector(f"h1 >> text={again}")
+    page.wait_for_selector("#log .row >> text=line 2", timeout=30_000)
+    assert again.startswith("run-") and again != run_id
+    page.click("#stop")
+    page.wait_for_selector("dd >> text=KILLED", timeout=30_000)
 
-    # the queue: a run waiting for another says so, with its place
-    first = fedml("launch", str(write_job(tmp_path / "long", "sleep 60")), "--detach").stdout.strip()
+    from playwright.sync_api import expect
+
+    # the runs page filters on the scheduler: the search box finds the run by its id
+    page.goto(url + "/#/runs")
+    page.fill("#run-filter", again)
+    page.wait_for_selector(f"#runs >> text={again}")
+    expect(page.locator("#runs tbody tr")).to_have_count(1)  # (the page's policy lets no test script eval)
+    page.click('button[data-status="KILLED"]')
+    page.wait_for_selector(f"#runs >> text={again}")
+
+    # the queue: the GPU is busy with a run of 10 minutes at most: the next GPU run waits first in line, and
+    # says why, behind whom and from when; a run waiting for another is not in line yet
+    gpu = "computing:\n  minimum_num_gpus: 1\n"
+    busy = fedml("launch", str(write_job(tmp_path / "busy", "sleep 60", extra=gpu + "max_duration: 10m\n")), "--detach")
+    assert busy.returncode == 0, busy.stderr
+    first = busy.stdout.strip()
+    nxt = fedml("launch", str(write_job(tmp_path / "next", "echo next", extra=gpu)), "--detach")
+    assert nxt.returncode == 0, nxt.stderr
+    queued = nxt.stdout.strip()
     waiting = fedml("launch", str(write_job(tmp_path / "after", "echo after")), "--after", first, "--detach")
     assert waiting.returncode == 0, waiting.stderr
     page.goto(url + "/#/queue")
-    page.wait_for_selector(f"#queue >> text=waiting for {first} to end", timeout=15_000)
+    row = f'#queue tr[data-run="{queued}"]'
+    page.wait_for_selector(f"{row} >> text=no node with 1 free GPU", timeout=15_000)
+    assert page.inner_text(f"{row} .position") == "1"
+    assert re.fullmatch(r"about (9|10)m from now", page.inner_text(f"{row} .starts")), page.inner_text(f"{row} .starts")
+    page.wait_for_selector(f"#held >> text=waiting for {first} to end", timeout=15_000)
     shot(page, tmp_path, "queue")
+    for done in (first, queued):
+        assert fedml("run", "stop", done).returncode == 0
+
+    # an endpoint: its replicas, what the gateway answered, and scaling from the page
+    from tests.test_serve import serve_job
+
+    served = fedml("launch", str(serve_job(tmp_path / "serve", service="name: echo\nreplicas: 1")), "--detach",
+                   env={"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")})
+    assert served.returncode == 0, served.stderr
+    page.goto(url + "/#/endpoints")
+    page.wait_for_selector('section[data-endpoint="echo"] >> text=1 of 1', timeout=60_000)
+    page.fill('section[data-endpoint="echo"] input.replicas', "2")
+    page.click('section[data-endpoint="echo"] >> text=Scale')
+    page.wait_for_selector('section[data-endpoint="echo"] >> text=2 of 2', timeout=60_000)
+    for i in range(5):
+        assert fedml("endpoint", "call", "echo", json.dumps({"i": i})).returncode == 0
+    page.reload()
+    page.wait_for_selector('section[data-endpoint="echo"] .traffic >> text=0 errors of 5')
+    shot(page, tmp_path, "endpoints")
+    fedml("run", "stop", served.stdout.strip())
 
     # nodes: drain and undrain from the page
     page.goto(url + "/#/nodes")
@@ -205,5 +261,4 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     page.wait_for_selector('#keys button.revoke[data-key="bob"]', state="detached")  # bob's row: revoked
     other.goto(url + "/#/nodes")
     other.wait_for_selector("text=Your session has ended", timeout=15_000)  # bob's key was revoked: so is his session
-    fedml("run", "stop", first)
     assert not errors, errors

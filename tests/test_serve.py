@@ -131,6 +131,8 @@ def test_replicas_ports_gateway_round_robin_and_stop(local: Local, tmp_path: Pat
         assert sub.status_code == 200 and sub.json()["path"] == "/v1/generate", sub.text
         assert c.post("/inference/nope", json={}).status_code == 404
         assert httpx.post(local.url + "/inference/echo", json={}).status_code == 401  # a key is needed
+    traffic = local.json("endpoint", "list")[0]["traffic"]  # what the gateway answered, for the last 5 minutes
+    assert traffic["answered"] == 21 and traffic["errors"] == 0 and 0 < traffic["p50_ms"] <= traffic["p99_ms"], traffic
     r = local("endpoint", "call", "echo", '{"x": 1}')
     assert r.returncode == 0 and json.loads(r.stdout)["echo"] == {"x": 1}, (r.stdout, r.stderr)
     r = local("run", "stop", run_id)

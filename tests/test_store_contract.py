@@ -185,6 +185,27 @@ def test_list_runs_filters_by_status_owner_and_node_newest_first(store: Store) -
     assert [r.id for r in store.list_runs(node_id="node-a")] == [runs[1].id]
     assert store.list_runs(node_id="node-a", status=[RunStatus.QUEUED]) == []
     assert store.list_runs(owner="carol") == []
+    assert store.count_runs() == {"QUEUED": 4, "STARTING": 2}
+    assert store.count_runs("alice") == {"QUEUED": 2, "STARTING": 1} and store.count_runs("carol") == {}
+
+
+def test_list_runs_pages_on_after_a_cursor_with_ties_kept_apart(store: Store) -> None:
+    base = time.time()
+    # three created at one instant: the id orders them, and no page boundary loses or repeats one
+    runs = [store.create_run(mk_run(i, owner="alice" if i % 2 else "bob", created=base + min(i, 3)))
+            for i in range(7)]
+    newest_first = sorted(runs, key=lambda r: (r.created_at, r.id), reverse=True)
+    for kw in ({}, {"status": [RunStatus.QUEUED]}, {"owner": "alice"}, {"owner": "alice", "status": [RunStatus.QUEUED]}):
+        want = [r.id for r in newest_first if kw.get("owner") in (None, r.owner)]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = store.list_runs(limit=2, before=cursor, **kw)  # type: ignore[arg-type]
+            if not page:
+                break
+            seen += [r.id for r in page]
+            cursor = (page[-1].created_at, page[-1].id)
+        assert seen == want, kw
 
 
 def test_transition_is_a_compare_and_set_on_the_state_machine(store: Store) -> None:

@@ -191,6 +191,7 @@ class Run(BaseModel):
     status: RunStatus = RunStatus.QUEUED
     job: JobSpec  # typed once where a run is read; on the wire and in the stores, the spec's document
     job_file: str | None = None
+    job_text: str | None = None  # the job file as submitted (comments and all), when it came as text
     workspace_sha: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)  # keys of its job file that look like typos, when it came

@@ -39,7 +39,7 @@ class Ctx:
     endpoints: Endpoints
     gateway: Gateway
     health: Health
-    list_cache: dict[tuple[object, ...], tuple[int, float, bytes]] = field(default_factory=dict)  # routes/runs.py
+    list_cache: dict[tuple[object, ...], tuple[int, float, bytes, dict[str, str]]] = field(default_factory=dict)  # routes/runs.py
 
     def identify(self, header: str, path: str) -> tuple[int, str, Principal | None]:
         """(status, why, principal): the bearer key of a request, checked before its body is read."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from ..contract.models import Principal, ReplicaReport, Run, ScaleRequest
+from ..gateway import Load
 from .deps import API, Ctx, auth, ctx
 
 router = APIRouter(prefix=API)
@@ -13,13 +14,16 @@ router = APIRouter(prefix=API)
 def _view(c: Ctx, run: Run) -> dict[str, object]:
     ep = run.endpoint
     assert ep is not None
-    states = [r.model_dump() for r in ep.states] if ep.attempt == run.attempt else []
+    names = {n.id: n.name for n in c.sched.nodes()}
+    states = [{**r.model_dump(), "node": names.get(r.node_id, r.node_id)} for r in ep.states] \
+        if ep.attempt == run.attempt else []
     load = c.endpoints.loads.get(run.id)
     return {"name": ep.name, "run_id": run.id, "status": run.status.value, "owner": run.owner,
             "replicas": ep.replicas, "min_replicas": ep.min_replicas, "max_replicas": ep.max_replicas,
             "autoscale": ep.autoscale, "ready": sum(1 for r in states if r["state"] == "ready"),
             "states": states, "node_id": run.node_id, "path": f"/inference/{ep.name}",
             "inflight": load.inflight if load else 0, "requests": load.total if load else 0,
+            "traffic": (load or Load()).stats(),  # as this scheduler replica's gateway saw it
             "created_at": run.created_at, "reason": run.reason}
 
 

@@ -119,10 +119,11 @@ def sign_out(request: Request, c: Ctx = Depends(ctx)) -> JSONResponse:
 async def events(request: Request, run: str | None = Query(default=None, max_length=64),
                  who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> StreamingResponse:
     """Server-sent events for the pages open: `runs` when runs were created, placed or ended, `nodes` when
-    nodes changed, `run` when the given run changed. Each names what moved, not what it is: a page reads the
-    API for that (so it shows only what its key may see). Bursts are coalesced: at most one event a second, four for
-    the run's own state."""
-    keys_watched = {"schedule": "runs", "nodes": "nodes", **({f"run:{run}": "run"} if run else {})}
+    nodes changed, `endpoints` when replicas or scales did, `run` when the given run changed. Each names what
+    moved, not what it is: a page reads the API for that (so it shows only what its key may see). Bursts are
+    coalesced: at most one event a second, four for the run's own state."""
+    keys_watched = {"schedule": "runs", "nodes": "nodes", "endpoints": "endpoints",
+                    **({f"run:{run}": "run"} if run else {})}
     seen = (await run_in_threadpool(c.sched.get_run, run, who)).updated_at if run else 0.0  # 404: not theirs
 
     async def stream() -> AsyncIterator[bytes]:

@@ -9,10 +9,11 @@ from .clusters import ClustersMixin
 from .core import ACTIVE, LOCAL, new_run_id
 from .nodes import NodesMixin
 from .placing import PlacementMixin
+from .queue import QueueMixin
 from .runs import RunsMixin
 
 
-class Scheduler(RunsMixin, NodesMixin, ClustersMixin, AgentsMixin, PlacementMixin):
+class Scheduler(RunsMixin, NodesMixin, ClustersMixin, AgentsMixin, PlacementMixin, QueueMixin):
     """The one object routes and tests drive; each noun's methods live in their own module."""
 
 

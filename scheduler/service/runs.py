@@ -24,6 +24,7 @@ from ..contract.models import (
     RunStatus,
     SweepPoint,
 )
+from ..contract.runenv import job_env, shown
 from ..placement import Request
 from ..store import NotFound
 from .clusters import cluster_key
@@ -108,16 +109,41 @@ class RunsMixin(SchedulerBase):
         if not again:
             return []
         now = time.time()
-        runs = [r.model_copy(update={
-            "id": new_run_id(), "status": RunStatus.QUEUED, "placements": [], "scores": [], "master_port": None,
-            "artifacts": [], "node_id": None, "gpus": [], "attempt": 1, "attempts": [], "exit_code": None,
-            "reason": None, "stop_requested": False, "log_count": 0, "node_names": {}, "created_at": now + i * 1e-6,
-            "updated_at": now, "started_at": None, "ended_at": None, "owner": r.owner, "after": [],
-            **({"reason": _held(r.sweep.max_parallel)} if r.sweep and r.sweep.max_parallel else {})})
-            for i, r in enumerate(again)]
+        runs = [_again(r, now + i * 1e-6, **({"reason": _held(r.sweep.max_parallel)} if r.sweep and
+                                             r.sweep.max_parallel else {})) for i, r in enumerate(again)]
         self.store.create_runs(runs)
         self.kick()
         return runs
+
+    def retry_run(self, run_id: str, who: Principal = LOCAL) -> Run:
+        """Launch an ended run again (the dashboard's Retry, `fedml run retry RUN`): a new run of the same job,
+        workspace, environment and owner, as its sweep's point when it was one. Refused while it has not ended."""
+        access.require_not_node(who, "launch")
+        run = self.get_run(run_id, who)
+        if not run.terminal:
+            raise Conflict(f"run {run_id} is {run.status.value}: stop it first, or wait for it to end")
+        if run.endpoint is not None:
+            raise Conflict(f"run {run_id} served endpoint {run.endpoint.name}: launch the serve job again")
+        again = _again(run, time.time())
+        self.store.create_runs([again])
+        self.kick()
+        return again
+
+    def run_env(self, run_id: str, who: Principal, rank: int = 0) -> dict[str, str]:
+        """What the scheduler and the job file put in rank `rank`'s environment (its current or last
+        placement), secret-looking values hidden; the agent adds its own PATH, locale and CUDA settings."""
+        run = self.get_run(run_id, who)
+        if not 0 <= rank < run.num_nodes:
+            raise Invalid(f"run {run_id} has no rank {rank} (its ranks are 0..{run.num_nodes - 1})")
+        placed = {p.rank: p for p in run.placements}
+        nodes = {n.id: n for n in self.nodes()}
+        node0 = nodes.get(placed[0].node_id) if 0 in placed else None
+        mine = placed.get(rank)
+        env = job_env(run_id=run.id, spec=run.job, node_id=mine.node_id if mine else "(not placed yet)", rank=rank,
+                      num_nodes=run.num_nodes, node0_addr=node0.address if node0 else "(rank 0's node)",
+                      node0_port=run.master_port or 29500, gpus=mine.gpus if mine else [], attempt=run.attempt,
+                      artifact_dir="(a directory of the run's, made by the agent)", overrides=run.env)
+        return shown(env)
 
     def create_runs(self, reqs: list[RunCreate], who: Principal = LOCAL) -> list[Run]:
         """Several runs at once (sweeps): every one validated before any is written, then written in one durable
@@ -178,6 +204,7 @@ class RunsMixin(SchedulerBase):
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
             job=spec,
             job_file=Path(req.job_file).name if req.job_file else None,
+            job_text=req.job_text,
             warnings=warnings,
             workspace_sha=req.workspace_sha,
             env=req.env,
@@ -257,9 +284,15 @@ class RunsMixin(SchedulerBase):
             raise NotFound(f"run {run_id} not found")
         return self.waiting(run)
 
-    def list_runs(self, who: Principal, status: list[RunStatus] | None, limit: int) -> list[Run]:
-        return [self.waiting(r) for r in self.store.list_runs(status=status, limit=limit,
-                                                              owner=access.runs_listed_for(who))]
+    def list_runs(self, who: Principal, status: list[RunStatus] | None, limit: int, *,
+                  before: tuple[float, str] | None = None, node_id: str | None = None,
+                  owner: str | None = None) -> list[Run]:
+        """Newest first: those `who` may list (`owner`: only that owner's, within them)."""
+        mine = access.runs_listed_for(who)
+        if mine is not None and owner not in (None, mine):
+            return []
+        return [self.waiting(r) for r in self.store.list_runs(status=status, limit=limit, before=before,
+                                                              node_id=node_id, owner=mine or owner)]
 
     def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
         access.require_not_node(who, "stop")
@@ -274,6 +307,15 @@ class RunsMixin(SchedulerBase):
             run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
         self.run_changed(run)
         return run
+
+
+def _again(r: Run, now: float, **fields: Any) -> Run:
+    """A new run of `r`'s job (same spec, workspace, environment, owner, sweep point), queued afresh."""
+    return r.model_copy(update={
+        "id": new_run_id(), "status": RunStatus.QUEUED, "placements": [], "scores": [], "master_port": None,
+        "artifacts": [], "node_id": None, "gpus": [], "attempt": 1, "attempts": [], "exit_code": None,
+        "reason": None, "stop_requested": False, "log_count": 0, "node_names": {}, "created_at": now,
+        "updated_at": now, "started_at": None, "ended_at": None, "after": [], **fields})
 
 
 def _text(v: Any) -> str:

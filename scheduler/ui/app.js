@@ -22,7 +22,7 @@ function h(tag, attrs, ...kids) {
   return e;
 }
 
-async function api(path, { method = "GET", body, params } = {}) {
+async function api(path, { method = "GET", body, params, withHeaders = false } = {}) {
   const url = new URL("/api/v1" + path, location.origin);
   for (const [k, v] of Object.entries(params || {})) {
     if (Array.isArray(v)) v.forEach((x) => url.searchParams.append(k, x));
@@ -40,7 +40,7 @@ async function api(path, { method = "GET", body, params } = {}) {
     const d = data && data.detail;
     throw new Error(typeof d === "string" ? d : d ? JSON.stringify(d) : `HTTP ${r.status}`);
   }
-  return data;
+  return withHeaders ? { data, headers: r.headers } : data;
 }
 
 function ago(ts) {
@@ -109,8 +109,9 @@ async function signOut() {
 function listen(runId) {
   if (S.events) S.events.close();
   S.events = new EventSource("/api/v1/events" + (runId ? `?run=${encodeURIComponent(runId)}` : ""));
-  for (const what of ["runs", "nodes", "run"]) {
+  for (const what of ["runs", "nodes", "endpoints", "run"]) {
     S.events.addEventListener(what, () => { // a burst of events: one refresh, told everything that moved
+      if (S.page && S.page.wants && !S.page.wants.has(what)) return; // (what the page open does not show)
       S.moved.add(what);
       clearTimeout(S.timer);
       S.timer = setTimeout(() => {
@@ -150,7 +151,7 @@ async function route() {
   document.getElementById("main").focus();
 }
 
-function view(title, load, controls) {
+function view(title, load, controls, wants = ["runs", "nodes"]) {
   // A page: its title, `controls` (made once: what is typed there survives pushed refreshes) and a body rebuilt
   // by `load()` on each refresh (an error is said, not thrown). Refreshes may overlap (a pushed event, a
   // click): only the latest one started is shown.
@@ -158,6 +159,7 @@ function view(title, load, controls) {
   setMain(h("h1", {}, title), controls || null, body);
   let latest = 0;
   const page = {
+    wants: new Set(wants),
     refresh: async () => {
       const mine = ++latest;
       let kids;
@@ -174,31 +176,43 @@ function view(title, load, controls) {
 
 // ---- runs --------------------------------------------------------------------------------------------------
 function runsPage() {
-  const f = { status: "", mine: false, q: "", limit: 100 };
+  // Filtered and paged by the scheduler (GET /runs: status, q, mine, before): a page of 100 however many runs
+  // there are. `pages` holds the cursors of the pages before this one (Newer goes back to them).
+  const f = { status: "", mine: false, q: "", pages: [], before: null, next: null };
+  const PAGE = 100;
   let page = null;
-  const search = h("input", { type: "search", placeholder: "filter by id, name, node, label", id: "run-filter",
-                              "aria-label": "filter runs", oninput: (e) => { f.q = e.target.value; page.refresh(); } });
-  const mine = S.session.admin ? h("label", {}, h("input", { type: "checkbox",
-    onchange: (e) => { f.mine = e.target.checked; page.refresh(); } }), " Mine only") : null;
+  let typing = null;
+  const again = () => { f.pages = []; f.before = null; page.refresh(); };
+  const search = h("input", { type: "search", placeholder: "filter by id, name, owner, node, label", id: "run-filter",
+                              "aria-label": "filter runs", oninput: (e) => {
+                                clearTimeout(typing); typing = setTimeout(() => { f.q = e.target.value.trim(); again(); }, 250); } });
+  const mine = S.session.admin ? h("label", {}, h("input", { type: "checkbox", id: "runs-mine",
+    onchange: (e) => { f.mine = e.target.checked; again(); } }), " Mine only") : null;
   page = view("Runs", async () => {
-    const runs = await api("/runs", { params: { limit: f.limit } });
-    const counts = {};
-    for (const r of runs) counts[r.status] = (counts[r.status] || 0) + 1;
-    const shown = runs.filter((r) => (!f.status || r.status === f.status) && (!f.mine || r.owner === S.session.owner)
-      && (!f.q || `${r.id} ${r.name} ${nodeNames(r)} ${JSON.stringify(r.job.labels || {})}`.includes(f.q)));
+    const [got, counts] = await Promise.all([
+      api("/runs", { params: { limit: PAGE, status: f.status ? [f.status] : null, q: f.q || null, before: f.before,
+                               mine: f.mine || null }, withHeaders: true }),
+      api("/runs/counts")]);
+    const runs = got.data;
+    f.next = got.headers.get("x-next-before");
+    const total = Object.values(counts).reduce((a, b) => a + b, 0);
     const chips = h("div", { class: "chips" }, ["", ...Object.keys(counts).sort()].map((st) =>
-      h("button", { type: "button", class: f.status === st ? "on" : "", onclick: () => { f.status = st; page.refresh(); } },
-        st ? `${st} ${counts[st]}` : `All ${runs.length}`)));
-    const rows = shown.map((r) => h("tr", {},
+      h("button", { type: "button", class: f.status === st ? "on" : "", "data-status": st || "all",
+                    onclick: () => { f.status = st; again(); } },
+        st ? `${st} ${counts[st]}` : `All ${total}`)));
+    const rows = runs.map((r) => h("tr", {},
       h("td", {}, h("a", { href: `#/run/${encodeURIComponent(r.id)}` }, r.id)), h("td", {}, r.name), h("td", {}, r.owner),
       h("td", {}, chip(r.status), r.reason ? h("div", { class: "reason" }, r.reason) : null),
       h("td", {}, nodeNames(r)), h("td", {}, (r.gpus || []).join(",") || "-"), h("td", {}, r.priority),
       h("td", {}, r.attempt), h("td", {}, ago(r.created_at)), h("td", {}, duration(r)),
       h("td", {}, r.exit_code == null ? "-" : r.exit_code)));
-    const more = runs.length >= f.limit ? h("button", { type: "button", onclick: () => { f.limit *= 2; page.refresh(); } },
-      "Show more") : null;
+    const newer = f.pages.length ? h("button", { type: "button", id: "newer", onclick: () => { f.before = f.pages.pop(); page.refresh(); } }, "← Newer") : null;
+    const older = f.next ? h("button", { type: "button", id: "older", onclick: () => { f.pages.push(f.before); f.before = f.next; page.refresh(); } }, "Older →") : null;
+    const where = h("span", { class: "muted" }, f.pages.length ? `page ${f.pages.length + 1}` : "newest first",
+      f.q ? ` · matching “${f.q}”${f.next && runs.length < PAGE ? " (looked at the 5,000 runs after the page before: Older looks further)" : ""}` : "");
     return [chips, rows.length ? table(["Run", "Name", "Owner", "Status", "Nodes", "GPUs", "Priority", "Attempt",
-                                        "Created", "Duration", "Exit"], rows, "runs") : say("No runs here yet.", "muted"), more];
+                                        "Created", "Duration", "Exit"], rows, "runs") : say(f.q || f.status ? "No runs match here." : "No runs here yet.", "muted"),
+            h("div", { class: "bar pager" }, newer, where, older)];
   }, h("div", { class: "bar" }, search, mine));
   return page;
 }
@@ -217,26 +231,52 @@ function runPage(runId) {
                   ["Created", ago(r.created_at)], ["Duration", duration(r)],
                   ["Exit code", r.exit_code == null ? "-" : r.exit_code], ["Job file", r.job_file || "-"]];
     const details = h("dl", { class: "details" }, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
-    const timeline = h("ol", { class: "timeline" },
-      (r.attempts || []).map((a) => h("li", {}, `attempt ${a.attempt} on ${(a.placements || []).map((p) =>
-        (r.node_names || {})[p.node_id] || p.node_id).join(", ") || "-"}: ${a.reason || "ended"}`)),
-      h("li", {}, `attempt ${r.attempt}: ${r.status}${r.reason ? ` (${r.reason})` : ""}`));
+    // queued -> placed on n3 -> started -> lost: node offline -> attempt 2 on n1 -> ... -> where it is now
+    const on = (ps) => (ps || []).map((p) => (r.node_names || {})[p.node_id] || p.node_id).join(", ") || "-";
+    const at = (ts) => (ts ? new Date(ts * 1000).toLocaleTimeString() : "");
+    const steps = [[r.created_at, "queued"]];
+    for (const a of r.attempts || []) {
+      steps.push([a.started_at, `attempt ${a.attempt} ran on ${on(a.placements)}`]);
+      steps.push([a.ended_at, `attempt ${a.attempt} ended: ${a.reason || "-"}`]);
+    }
+    if ((r.placements || []).length) steps.push([r.started_at, `attempt ${r.attempt} ${r.started_at ? "ran" : "placed"} on ${on(r.placements)}`]);
+    steps.push([r.ended_at || r.updated_at, `${r.status}${r.reason ? `: ${r.reason}` : ""}`]);
+    const timeline = h("ol", { class: "timeline", id: "timeline" }, steps.map(([ts, what]) => h("li", {}, h("span", { class: "muted" }, at(ts)), " ", what)));
     const ranks = (r.placements || []).length > 1 ? table(["Rank", "Node", "GPUs", "State", "Exit"],
       r.placements.map((p) => h("tr", {}, h("td", {}, p.rank), h("td", {}, (r.node_names || {})[p.node_id] || p.node_id),
         h("td", {}, p.gpus.join(",") || "-"), h("td", {}, chip(p.status)), h("td", {}, p.exit_code == null ? "-" : p.exit_code))),
       "ranks") : null;
     const err = h("span", { class: "error", role: "alert" });
-    const stop = !TERMINAL.has(r.status) ? h("button", { type: "button", id: "stop", class: "danger", onclick: async () => {
-      try { await api(`/runs/${encodeURIComponent(runId)}/stop`, { method: "POST" }); pg.refresh(); } catch (e) { err.textContent = e.message; }
-    } }, r.stop_requested ? "Stopping…" : "Stop") : null;
+    const act = (what, label, id, cls, after) => h("button", { type: "button", id, class: cls, onclick: async () => {
+      try { after(await api(`/runs/${encodeURIComponent(runId)}/${what}`, { method: "POST" })); } catch (e) { err.textContent = e.message; }
+    } }, label);
+    const stop = !TERMINAL.has(r.status) ? act("stop", r.stop_requested ? "Stopping…" : "Stop", "stop", "danger", () => pg.refresh()) : null;
+    const retry = TERMINAL.has(r.status) && !r.endpoint ? act("retry", "Retry", "retry", null,
+      (again) => { location.hash = `#/run/${encodeURIComponent(again.id)}`; }) : null;
     if (!logs) logs = logView(r);
     else logs.update(r);
-    const spec = h("details", {}, h("summary", {}, "Job spec"), h("pre", {}, JSON.stringify(r.job, null, 2)));
-    return [h("div", { class: "bar" }, stop, err), details, h("h2", {}, "Timeline"), timeline, ranks, spec,
+    // As submitted: the file's text when it came as one (`fedml launch`), else the document it was sent as.
+    const spec = h("details", { id: "spec" }, h("summary", {}, r.job_text ? `Job file${r.job_file ? ` (${r.job_file})` : ""}, as submitted` : "Job spec"),
+      h("pre", {}, r.job_text || JSON.stringify(r.job, null, 2)));
+    const envBox = h("div", {});
+    const env = h("details", { id: "env", ontoggle: async (ev) => {
+      if (!ev.target.open || envBox.childElementCount) return;
+      try {
+        const got = await api(`/runs/${encodeURIComponent(runId)}/env`, { params: { rank: 0 } });
+        envBox.replaceChildren(table(["Variable", "Value"], Object.entries(got.env).map(([k, v]) =>
+          h("tr", {}, h("td", {}, k), h("td", { class: "value" }, v))), "env-table"), h("p", { class: "muted" }, `Rank 0, ${got.note}.`));
+      } catch (e) { envBox.replaceChildren(say(e.message)); }
+    } }, h("summary", {}, "Environment (secrets hidden)"), envBox);
+    const latest = {};
+    for (const a of [...(r.artifacts || [])].sort((x, y) => x.attempt - y.attempt)) latest[a.rank] = a;
+    const arts = Object.values(latest).length ? [h("h2", {}, "Artifacts"), table(["Rank", "Attempt", "Files", "Size", ""],
+      Object.values(latest).map((a) => h("tr", {}, h("td", {}, a.rank), h("td", {}, a.attempt), h("td", {}, a.files),
+        h("td", {}, `${(a.size / 1024).toFixed(1)} KiB`), h("td", {}, h("a", {
+          href: `/api/v1/runs/${encodeURIComponent(runId)}/artifacts/${a.rank}`, download: `${runId}-rank${a.rank}-artifacts.tar.gz` },
+          "Download")))), "artifacts")] : null;
+    return [h("div", { class: "bar" }, stop, retry, err), details, h("h2", {}, "Timeline"), timeline, ranks, arts, spec, env,
             h("h2", {}, "Logs"), logs.el];
-  });
-  const refresh = page.refresh;
-  page.refresh = (moved) => (moved && !moved.has("run") ? null : refresh()); // (its own run's changes only)
+  }, null, ["run"]);
   page.close = () => logs && logs.close();
   return page;
 }
@@ -330,17 +370,42 @@ function logView(run) {
 }
 
 // ---- the queue ---------------------------------------------------------------------------------------------
+function when(row, now) {
+  // The estimated start (GET /queue): "about 12m from now", or why there is no basis for one.
+  if (row.start_at == null) return h("span", { class: "muted" }, `no estimate: ${row.no_basis || "no basis"}`);
+  const s = row.start_at - now;
+  if (s <= 1) return "at the next pass (its GPUs are free)";
+  const span = s < 3600 ? `${(s / 60).toFixed(0)}m` : s < 172800 ? `${(s / 3600).toFixed(1)}h` : `${(s / 86400).toFixed(1)}d`;
+  return h("span", { title: `${new Date(row.start_at * 1000).toLocaleString()}, from ${row.basis}` }, `about ${span} from now`);
+}
+
 function queuePage() {
-  return view("Queue", async () => {
-    const runs = await api("/runs", { params: { status: ["QUEUED"], limit: 10000 } });
-    runs.sort((a, b) => b.priority - a.priority || a.created_at - b.created_at || (a.id < b.id ? -1 : 1));
-    if (!runs.length) return say("Nothing waits: every run has a place.", "muted");
-    return table(["#", "Run", "Name", "Owner", "Priority", "GPUs asked", "Waiting", "Why"], runs.map((r, i) =>
-      h("tr", {}, h("td", {}, i + 1), h("td", {}, h("a", { href: `#/run/${encodeURIComponent(r.id)}` }, r.id)),
-        h("td", {}, r.name), h("td", {}, r.owner), h("td", {}, r.priority),
-        h("td", {}, ((r.job.computing || {}).minimum_num_gpus || 0) * (r.num_nodes || 1)),
-        h("td", {}, ago(r.created_at)), h("td", { class: "reason" }, r.reason || "waiting for the next pass"))), "queue");
-  });
+  const f = { mine: false };
+  let page = null;
+  const mine = S.session.admin ? h("label", {}, h("input", { type: "checkbox", id: "queue-mine",
+    onchange: (e) => { f.mine = e.target.checked; page.refresh(); } }), " Mine only") : null;
+  page = view("Queue", async () => {
+    const q = await api("/queue", { params: { limit: 500, mine: f.mine || null } });
+    const out = [h("p", { class: "muted" }, `${q.total} run${q.total === 1 ? "" : "s"} in line, in the order the scheduler `
+      + "considers them: higher priority first, then first come first served; a run that fits may start before a "
+      + "bigger one ahead of it on nodes that one does not hold (backfill).")];
+    if (!q.runs.length && !q.held.length) return [...out, say("Nothing waits: every run has a place.", "muted")];
+    if (q.runs.length) out.push(table(["#", "Run", "Name", "Owner", "Priority", "GPUs", "Waiting", "Why", "Ahead of it", "Starts"],
+      q.runs.map((r) => h("tr", { "data-run": r.id }, h("td", { class: "position" }, r.position),
+        h("td", {}, h("a", { href: `#/run/${encodeURIComponent(r.id)}` }, r.id)), h("td", {}, r.name || "-"),
+        h("td", {}, r.owner), h("td", {}, r.priority == null ? "-" : r.priority),
+        h("td", {}, `${r.gpus * r.nodes}${r.gpu_type ? ` ${r.gpu_type}` : ""}${r.nodes > 1 ? ` (${r.nodes} nodes)` : ""}`),
+        h("td", {}, ago(r.created_at)), h("td", { class: "reason" }, r.reason),
+        h("td", { class: "ahead" }, r.ahead.runs ? `${r.ahead.runs} run${r.ahead.runs > 1 ? "s" : ""}, ${r.ahead.gpus} GPUs: `
+          + r.ahead.owners.slice(0, 3).map((o) => `${o.owner} ${o.runs}×/${o.gpus} GPUs`).join(", ")
+          + (r.ahead.owners.length > 3 ? ", …" : "") : "nobody"),
+        h("td", { class: "starts" }, when(r, q.now)))), "queue"));
+    if (q.held.length) out.push(h("h2", {}, "Not in line yet"), table(["Run", "Name", "Owner", "Why"], q.held.map((r) =>
+      h("tr", {}, h("td", {}, h("a", { href: `#/run/${encodeURIComponent(r.id)}` }, r.id)), h("td", {}, r.name),
+        h("td", {}, r.owner), h("td", { class: "reason" }, r.reason))), "held"));
+    return out;
+  }, h("div", { class: "bar" }, mine));
+  return page;
 }
 
 // ---- nodes -------------------------------------------------------------------------------------------------
@@ -369,14 +434,41 @@ function nodesPage() {
 
 // ---- endpoints ---------------------------------------------------------------------------------------------
 function endpointsPage() {
-  return view("Endpoints", async () => {
+  let page = null;
+  const typed = {}; // replica counts typed but not sent yet survive the page's refreshes
+  page = view("Endpoints", async () => {
     const eps = await api("/endpoints");
     if (!eps.length) return say("No endpoints (a job with job_type: serve makes one).", "muted");
-    return table(["Endpoint", "Run", "Status", "Ready", "In flight", "Requests", "Path"], eps.map((e) => h("tr", {},
-      h("td", {}, e.name), h("td", {}, h("a", { href: `#/run/${encodeURIComponent(e.run_id)}` }, e.run_id)),
-      h("td", {}, chip(e.status)), h("td", {}, `${e.ready}/${e.replicas}`), h("td", {}, e.inflight),
-      h("td", {}, e.requests), h("td", {}, e.path))), "endpoints");
-  });
+    return eps.map((e) => {
+      const t = e.traffic || {};
+      const err = h("span", { class: "error", role: "alert" });
+      const want = h("input", { type: "number", min: 0, max: 64, value: typed[e.name] ?? e.replicas, class: "replicas",
+                                "aria-label": `replicas of ${e.name}`, oninput: (ev) => { typed[e.name] = ev.target.value; } });
+      const scale = TERMINAL.has(e.status) ? null : h("form", { class: "bar scale", onsubmit: async (ev) => {
+        ev.preventDefault();
+        try {
+          await api(`/endpoints/${encodeURIComponent(e.name)}/scale`, { method: "POST", body: { replicas: Number(want.value) } });
+          delete typed[e.name];
+          page.refresh();
+        } catch (x) { err.textContent = x.message; }
+      } }, h("label", {}, "Replicas ", want), h("button", { type: "submit" }, "Scale"),
+         e.autoscale ? h("span", { class: "muted" }, `autoscaled within ${e.min_replicas}..${e.max_replicas}`) : null, err);
+      const ms = (v) => (v == null ? "-" : `${v} ms`);
+      return h("section", { class: "endpoint", "data-endpoint": e.name },
+        h("h2", {}, e.name, " ", chip(e.status)),
+        h("dl", { class: "details" },
+          h("dt", {}, "Run"), h("dd", {}, h("a", { href: `#/run/${encodeURIComponent(e.run_id)}` }, e.run_id)),
+          h("dt", {}, "Address"), h("dd", {}, `POST ${e.path}`), h("dt", {}, "Ready"), h("dd", {}, `${e.ready} of ${e.replicas}`),
+          h("dt", {}, `Last ${(t.window_s || 300) / 60} min`), h("dd", { class: "traffic" },
+            `${t.rate ?? 0} req/s, p50 ${ms(t.p50_ms)}, p99 ${ms(t.p99_ms)}, ${t.errors ?? 0} errors of ${t.answered ?? 0}; ${e.inflight} in flight now`)),
+        scale,
+        e.states.length ? table(["Replica", "State", "Node", "Port", "Restarts", "Last exit", "Since", "Message"], e.states.map((r) =>
+          h("tr", {}, h("td", {}, r.index), h("td", {}, chip(r.state)), h("td", {}, r.node || r.node_id || "-"), h("td", {}, r.port),
+            h("td", {}, r.restarts), h("td", {}, r.last_exit == null ? "-" : r.last_exit), h("td", {}, ago(r.since)),
+            h("td", { class: "reason" }, r.message || ""))), `replicas-${e.name}`) : say(e.reason || "No replica reported yet.", "muted"));
+    });
+  }, null, ["endpoints", "runs"]);
+  return page;
 }
 
 // ---- keys (admin) ------------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""Where each queued run stands: its place in line, who is ahead of it on the GPUs it could use, and when it may
+start (pure: no store, no clock; scheduler/service/queue.py feeds it).
+
+The estimate is Slurm's kind (`squeue --start`), made simple: every GPU has a time it is free from (now, or when
+the run holding it is expected to end), and the queue is walked in the order passes consider it. A run of g GPUs
+on n nodes starts when n nodes it may use each have g matching GPUs free; it then holds them for its expected
+duration. Expected durations: the job's `max_duration` (an upper bound: it is stopped then), else the median of
+its name's finished runs for that owner ("history"), else none, and then no run behind it on those GPUs has an
+estimate either: the answer says whose run gave no basis. Runs that arrive later with a higher priority, and
+backfill into gaps, make real starts differ; the dashboard and `fedml queue` say "about".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+INF = math.inf
+BASIS = "the expected ends of the runs before it (their max_duration, or how long their name ran before)"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One queued run, in queue order."""
+
+    run_id: str
+    owner: str
+    shape: Hashable  # runs of one shape could use the same nodes (placement.Request)
+    gpus: int  # per node
+    count: int  # nodes
+    duration: float | None  # expected seconds it runs, when there is a basis
+    basis: str | None  # "max_duration" | "history"
+
+
+@dataclass(slots=True)
+class Gpu:
+    free_at: float  # from when it is free (now, the end expected of its run, INF with no basis)
+    why: str | None = None  # with INF: whose run gives no basis
+
+
+@dataclass(slots=True)
+class Standing:
+    position: int  # 1 = next
+    ahead_runs: int = 0  # queued before it that could use some of the same nodes
+    ahead_gpus: int = 0
+    ahead_owners: dict[str, list[int]] = field(default_factory=dict)  # owner -> [runs, gpus]
+    start_at: float | None = None
+    basis: str | None = None  # what the estimate rests on
+    no_basis: str | None = None  # why there is none
+
+
+def stand(entries: list[Entry], gpus: dict[str, dict[int, Gpu]], eligible: Callable[[Hashable], dict[str, list[int]]],
+          *, now: float, estimate_first: int = 500) -> list[Standing]:
+    """The standing of each entry (same order). `gpus`: node -> GPU index -> Gpu (mutated: the walk books GPUs).
+    `eligible(shape)`: node -> the GPU indexes of that node the shape may use (nodes it may never use absent).
+    Start times are estimated for the first `estimate_first` entries (the walk costs nodes x GPUs per entry)."""
+    out: list[Standing] = []
+    nodes_of: dict[Hashable, dict[str, list[int]]] = {}
+    overlap: dict[tuple[Hashable, Hashable], bool] = {}
+    seen: dict[Hashable, dict[str, list[int]]] = {}  # per shape: owner -> [runs, gpus] so far
+    for i, e in enumerate(entries):
+        mine = nodes_of.get(e.shape)
+        if mine is None:
+            mine = nodes_of[e.shape] = eligible(e.shape)
+        st = Standing(position=i + 1)
+        for shape, owners in seen.items():
+            key = (shape, e.shape)
+            hit = overlap.get(key)
+            if hit is None:
+                hit = overlap[key] = shape == e.shape or not nodes_of[shape].keys().isdisjoint(mine.keys())
+            if hit:
+                for owner, (runs, g) in owners.items():
+                    got = st.ahead_owners.setdefault(owner, [0, 0])
+                    got[0] += runs
+                    got[1] += g
+        st.ahead_runs = sum(v[0] for v in st.ahead_owners.values())
+        st.ahead_gpus = sum(v[1] for v in st.ahead_owners.values())
+        tally = seen.setdefault(e.shape, {}).setdefault(e.owner, [0, 0])
+        tally[0] += 1
+        tally[1] += e.gpus * e.count
+        if i < estimate_first:
+            _estimate(e, st, gpus, mine, now)
+        else:
+            st.no_basis = f"only the first {estimate_first} in line get an estimate"
+        out.append(st)
+    return out
+
+
+def _estimate(e: Entry, st: Standing, gpus: dict[str, dict[int, Gpu]], mine: dict[str, list[int]],
+              now: float) -> None:
+    if not mine:
+        st.no_basis = "no node it may use"
+        return
+    if e.gpus == 0:  # CPU work waits for a node, not for GPUs: no GPU timeline to go by
+        st.start_at, st.basis = now, "no GPUs asked"
+        return
+    options: list[tuple[float, str, list[Gpu]]] = []  # (when g matching GPUs are free there, node, those GPUs)
+    for node, idx in mine.items():
+        have = gpus.get(node, {})
+        free = sorted((have[g] for g in idx if g in have), key=lambda x: x.free_at)
+        if len(free) >= e.gpus:
+            options.append((free[e.gpus - 1].free_at, node, free[: e.gpus]))
+    if len(options) < e.count:
+        st.no_basis = f"fewer than {e.count} node(s) it may use have {e.gpus} such GPU(s)"
+        return
+    options.sort(key=lambda o: o[0])
+    chosen = options[: e.count]
+    start = max(now, chosen[-1][0])
+    if start == INF:
+        blocker = next((g.why for _, _, got in chosen for g in got if g.free_at == INF and g.why), None)
+        st.no_basis = blocker or "a run ahead of it has no expected end"
+    else:
+        st.start_at = start
+        st.basis = "free now" if start <= now else BASIS
+    end = INF if e.duration is None or start == INF else start + e.duration
+    why = None if e.duration is not None else f"{e.run_id} ({e.owner}) has no max_duration and no finished run to go by"
+    for _, _, got in chosen:
+        for g in got:
+            if end == INF:
+                g.free_at, g.why = INF, g.why if start == INF else why
+            else:
+                g.free_at, g.why = end, None
+
+
+def median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
