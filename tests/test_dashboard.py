@@ -101,6 +101,45 @@ def test_a_session_expires_and_a_sign_in_link_works_once(client: Any) -> None:
     assert c.get("/api/v1/runs", headers={"Authorization": f"Bearer {short}"}).status_code == 401
 
 
+def test_runs_are_filtered_and_paged_by_the_scheduler_and_counted_per_state(client: Any) -> None:
+    c, keys, _ = client
+    alice, bob = ({"authorization": f"Bearer {keys[k]}"} for k in ("alice", "bob"))
+    mine = [c.post("/api/v1/runs", json={"job": {"job": "echo", "job_name": f"train-{i}"}}, headers=alice).json()["id"]
+            for i in range(5)]
+    c.post("/api/v1/runs", json={"job": {"job": "echo", "job_name": "train-bob"}}, headers=bob)
+    first = c.get("/api/v1/runs", params={"limit": 2}, headers=alice)
+    assert [r["id"] for r in first.json()] == mine[:-3:-1]
+    rest = c.get("/api/v1/runs", params={"limit": 10, "before": first.headers["x-next-before"]}, headers=alice)
+    assert [r["id"] for r in rest.json()] == mine[-3::-1] and "x-next-before" not in rest.headers
+    found = c.get("/api/v1/runs", params={"q": "TRAIN-3"}, headers=alice).json()  # (bob's train-bob is not alice's)
+    assert [r["id"] for r in found] == [mine[3]]
+    assert c.get("/api/v1/runs", params={"before": "1;drop"}, headers=alice).status_code == 422
+    assert c.get("/api/v1/runs", params={"node": "nope"}, headers=alice).status_code == 422
+    assert c.get("/api/v1/runs/counts", headers=alice).json() == {"QUEUED": 5}
+    admin = {"authorization": f"Bearer {keys['admin']}"}
+    assert c.get("/api/v1/runs/counts", headers=admin).json() == {"QUEUED": 6}
+    assert c.get("/api/v1/runs", params={"mine": "true"}, headers=admin).json() == []
+
+
+def test_retry_and_the_environment_shown_without_secrets(client: Any) -> None:
+    c, keys, _ = client
+    alice, bob = ({"authorization": f"Bearer {keys[k]}"} for k in ("alice", "bob"))
+    run = c.post("/api/v1/runs", json={"job": {"job": "echo", "envs": {"HF_TOKEN": "hf_secret", "LR": "0.1"}},
+                                       "env": {"DB_PASSWORD": "pw"}}, headers=alice).json()
+    env = c.get(f"/api/v1/runs/{run['id']}/env", headers=alice).json()["env"]
+    assert env["LR"] == "0.1" and env["FEDML_CURRENT_RUN_ID"] == run["id"]
+    assert env["HF_TOKEN"] == "(hidden)" and env["DB_PASSWORD"] == "(hidden)"
+    assert c.get(f"/api/v1/runs/{run['id']}/env", headers=bob).status_code == 404  # not bob's
+    assert c.post(f"/api/v1/runs/{run['id']}/retry", headers=alice).status_code == 409  # it has not ended
+    c.post(f"/api/v1/runs/{run['id']}/stop", headers=alice)
+    assert c.post(f"/api/v1/runs/{run['id']}/retry", headers=bob).status_code == 404
+    again = c.post(f"/api/v1/runs/{run['id']}/retry", headers=alice)
+    assert again.status_code == 201, again.text
+    new = again.json()
+    assert new["id"] != run["id"] and new["status"] == "QUEUED" and new["owner"] == "alice"
+    assert new["job"] == run["job"] and new["env"] == {"DB_PASSWORD": "pw"}
+
+
 # ---- in a real browser -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -210,6 +249,10 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     assert re.fullmatch(r"about (9|10)m from now", page.inner_text(f"{row} .starts")), page.inner_text(f"{row} .starts")
     page.wait_for_selector(f"#held >> text=waiting for {first} to end", timeout=15_000)
     shot(page, tmp_path, "queue")
+    said = json.loads(fedml("queue", "--json").stdout)  # the same answer in the CLI
+    assert [r["id"] for r in said["runs"]] == [queued] and said["held"][0]["reason"] == f"waiting for {first} to end"
+    plain = fedml("queue")
+    assert plain.returncode == 0 and queued in plain.stdout and "no node with 1 free GPU" in plain.stdout, plain.stdout
     for done in (first, queued):
         assert fedml("run", "stop", done).returncode == 0
 
