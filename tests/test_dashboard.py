@@ -305,3 +305,35 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     other.goto(url + "/#/nodes")
     other.wait_for_selector("text=Your session has ended", timeout=15_000)  # bob's key was revoked: so is his session
     assert not errors, errors
+
+
+def test_a_rank_filter_shows_that_ranks_lines_one_after_another(browser: Any, tmp_path: Path) -> None:
+    """Two ranks on two real agents print interleaved lines; filtered to rank 1 the log shows rank 1's lines
+    each in the row after the one before (the scheduler filters: no row left empty for rank 0's lines)."""
+    from .cluster import start_cluster
+
+    gen = start_cluster(tmp_path, ("a", "b"), torch=False)
+    c = next(gen)
+    try:
+        job = write_job(tmp_path / "two", 'for i in $(seq 1 30); do echo "r$FEDML_CLIENT_RANK line $i"; sleep 0.02; done',
+                        extra="num_nodes: 2\n")
+        r = c.fedml("launch", str(job))
+        assert r.returncode == 0, r.stderr
+        run_id = next(x for x in r.stdout.split() + r.stderr.split() if x.startswith("run-"))
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(c.url + "/")
+        page.fill("#api-key", c.admin)
+        page.click("#signin")
+        page.wait_for_selector("#nav >> text=Keys")
+        page.goto(c.url + f"/#/run/{run_id}")
+        page.wait_for_selector("#log .row >> text=r0 line 30", timeout=30_000)
+        page.select_option("#rank", "1")
+        page.wait_for_selector("#log-note >> text=rank 1: 30 lines")
+        rows = page.locator("#log .row").all()
+        texts = [row.evaluate("e => e.lastChild.textContent") for row in rows]  # (after the rank:attempt)
+        tops = [row.evaluate("e => e.offsetTop") for row in rows]
+        assert [t for t in texts if t] == [f"r1 line {i}" for i in range(1, 31)], texts
+        assert tops == [18 * i for i in range(30)], tops
+    finally:
+        next(gen, None)
+

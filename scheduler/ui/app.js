@@ -285,8 +285,12 @@ function logView(run) {
   // A virtual list over the run's log: only the rows in sight are in the page, read in windows of WINDOW lines
   // by position as they scroll into view (a 1,000,000-line log is 1,000,000 * LINE_H px of scroll and a few
   // hundred elements). Following: new lines arrive on the log stream and the view stays at the end.
+  // One rank (the rank filter): that rank's lines only, one after another with no gaps, read from its start in
+  // windows of RANK_WINDOW as they scroll into view (the scheduler filters them); "End" reads on to its end.
+  const RANK_WINDOW = 5000;
   const st = { total: run.log_count || 0, windows: new Map(), rank: "", follow: !TERMINAL.has(run.status),
-               stick: true, reader: null, run, q: "" };
+               stick: true, reader: null, run, q: "",
+               rl: [], rcur: -1, rdone: false, rbusy: false, rheld: [] }; // the one rank's lines, read so far
   const spacer = h("div", { class: "spacer" });
   const rows = h("div", { class: "rows" });
   const box = h("div", { class: "log", id: "log", tabindex: 0, role: "log", "aria-label": "run log" }, spacer, rows);
@@ -294,35 +298,79 @@ function logView(run) {
     h("option", { value: "" }, "all ranks"), Array.from({ length: run.num_nodes || 1 }, (_, i) => h("option", { value: i }, `rank ${i}`)));
   const search = h("input", { type: "search", placeholder: "find in loaded lines", "aria-label": "find in log",
                               onchange: (e) => { st.q = e.target.value; draw(); } });
-  const follow = h("button", { type: "button", id: "follow", onclick: () => { st.stick = !st.stick; follow.textContent = st.stick ? "Pause" : "Follow"; if (st.stick) box.scrollTop = box.scrollHeight; } }, "Pause");
+  const follow = h("button", { type: "button", id: "follow", onclick: () => { st.stick = !st.stick; follow.textContent = st.stick ? "Pause" : "Follow"; if (st.stick) toEnd(); } }, "Pause");
   const top = h("button", { type: "button", onclick: () => { st.stick = false; follow.textContent = "Follow"; box.scrollTop = 0; } }, "Start");
-  const end = h("button", { type: "button", onclick: () => { box.scrollTop = box.scrollHeight; } }, "End");
+  const end = h("button", { type: "button", id: "log-end", onclick: () => toEnd() }, "End");
+  const note = h("span", { class: "muted", id: "log-note" });
   const download = h("a", { href: `/api/v1/runs/${encodeURIComponent(run.id)}/logs?format=text`, download: `${run.id}.log` }, "Download");
-  const el = h("div", {}, h("div", { class: "bar" }, rank, search, follow, top, end, download), box);
+  const el = h("div", {}, h("div", { class: "bar" }, rank, search, follow, top, end, download, note), box);
 
-  function rowsFor(records) { return records.filter((x) => "line" in x && (st.rank === "" || String(x.rank) === st.rank)); }
+  const one = () => st.rank !== "";
+  function count() { return one() ? st.rl.length + (st.rdone ? 0 : 1) : st.total; } // (+1: "reading…" row)
+  function parse(text) { return text.split("\n").filter(Boolean).map((l) => JSON.parse(l)).filter((x) => "line" in x); }
   async function load(w) {
     if (st.windows.has(w)) return;
     st.windows.set(w, null);
     const text = await api(`/runs/${encodeURIComponent(run.id)}/logs`, { params: { after: w * WINDOW - 1, limit: WINDOW } });
-    st.windows.set(w, rowsFor(text.split("\n").filter(Boolean).map((l) => JSON.parse(l))));
+    st.windows.set(w, parse(text));
     draw();
   }
-  function lineAt(i) { const w = st.windows.get(Math.floor(i / WINDOW)); return w ? w.find((x) => x.pos === i) : undefined; }
+  async function loadRank() {
+    // The next RANK_WINDOW lines of the rank after the last one read; fewer than that: its end (for now).
+    if (st.rbusy || st.rdone) return;
+    st.rbusy = true;
+    const want = st.rank;
+    try {
+      const got = parse(await api(`/runs/${encodeURIComponent(run.id)}/logs`,
+                                  { params: { after: st.rcur, limit: RANK_WINDOW, rank: want } }));
+      if (want !== st.rank) return; // the filter changed meanwhile
+      for (const x of got) st.rl.push(x);
+      if (got.length) st.rcur = got[got.length - 1].pos;
+      if (got.length < RANK_WINDOW) { // read to its end: lines the stream brought meanwhile follow on
+        st.rdone = true;
+        for (const x of st.rheld) if (x.pos > st.rcur) { st.rl.push(x); st.rcur = x.pos; }
+        st.rheld = [];
+      }
+      note.textContent = `rank ${want}: ${st.rl.length.toLocaleString()} lines${st.rdone ? "" : " read so far"}`;
+    } finally { st.rbusy = false; }
+    draw();
+  }
+  async function toEnd() {
+    if (one()) while (!st.rdone && one()) await loadRank();
+    box.scrollTop = box.scrollHeight;
+  }
+  function lineAt(i) {
+    if (one()) return st.rl[i];
+    const w = st.windows.get(Math.floor(i / WINDOW));
+    return w ? w.find((x) => x.pos === i) : undefined;
+  }
   function draw() {
-    spacer.style.height = `${st.total * LINE_H}px`;
+    const n = count();
+    spacer.style.height = `${n * LINE_H}px`;
     const first = Math.max(0, Math.floor(box.scrollTop / LINE_H) - 20);
-    const last = Math.min(st.total, first + Math.ceil(box.clientHeight / LINE_H) + 40);
-    for (let w = Math.floor(first / WINDOW); w <= Math.floor(Math.max(first, last - 1) / WINDOW); w++) load(w);
+    const last = Math.min(n, first + Math.ceil(box.clientHeight / LINE_H) + 40);
+    if (one()) { if (last >= st.rl.length) loadRank(); }
+    else for (let w = Math.floor(first / WINDOW); w <= Math.floor(Math.max(first, last - 1) / WINDOW); w++) load(w);
     const out = [];
     for (let i = first; i < last; i++) {
       const x = lineAt(i);
-      if (x === undefined && st.rank !== "") continue;
       const cls = `row r${x ? x.rank % 6 : 0}${x && x.stream === "stderr" ? " err" : ""}${x && st.q && x.line.includes(st.q) ? " hit" : ""}`;
-      out.push(h("div", { class: cls, style: `top:${i * LINE_H}px`, "data-pos": i },
+      out.push(h("div", { class: cls, style: `top:${i * LINE_H}px`, "data-pos": x ? x.pos : "" },
         h("span", { class: "meta" }, x ? `${x.rank}:${x.attempt}` : ""), x ? x.line : "…"));
     }
     rows.replaceChildren(...out);
+  }
+  function arrived(x) {
+    // A line from the live stream: into its window (all ranks), and onto the one rank's list once that has been
+    // read to its end (until then it is held, and added after what the read brings).
+    const w = Math.floor(x.pos / WINDOW);
+    if (!st.windows.get(w)) st.windows.set(w, []);
+    st.windows.get(w).push(x);
+    st.total = Math.max(st.total, x.pos + 1);
+    if (one() && String(x.rank) === st.rank) {
+      if (st.rdone && x.pos > st.rcur) { st.rl.push(x); st.rcur = x.pos; }
+      else if (!st.rdone) st.rheld.push(x);
+    }
   }
   async function tailStream() {
     // Follow: the NDJSON stream from the last position, rows appended as they are stored.
@@ -343,18 +391,19 @@ function logView(run) {
         for (const l of lines) {
           if (!l) continue;
           const x = JSON.parse(l);
-          if (!("line" in x)) continue;
-          const w = Math.floor(x.pos / WINDOW);
-          if (!st.windows.get(w)) st.windows.set(w, []);
-          if (st.rank === "" || String(x.rank) === st.rank) st.windows.get(w).push(x);
-          st.total = Math.max(st.total, x.pos + 1);
+          if ("line" in x) arrived(x);
         }
         draw();
         if (st.stick) box.scrollTop = box.scrollHeight;
       }
     } catch (e) { if (e.name !== "AbortError") console.warn(e); }
   }
-  function reset() { st.windows.clear(); draw(); }
+  function reset() {
+    Object.assign(st, { rl: [], rcur: -1, rdone: false, rbusy: false, rheld: [] });
+    note.textContent = "";
+    box.scrollTop = 0;
+    draw();
+  }
   let queued = false;
   box.addEventListener("scroll", () => {
     const atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 2 * LINE_H;
