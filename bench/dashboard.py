@@ -2,6 +2,8 @@
 
 - runs page with N runs in the store: time to first byte of the page, the API call the Runs page makes, and time
   from navigation to the table drawn;
+- the queue page with 10,000 runs waiting behind 8,000 running on 1,000 nodes: GET /queue (place, who is
+  ahead, estimated start) built anew (after a write and after the view's reuse time);
 - a job printing a line every 10 ms: time from the print to the line on the run page (p50, p99), measured in the
   page against the time the job wrote into the line (one machine, one clock);
 - a 1,000,000-line log: the run page opened, scrolled to ten places and back to the first line; the tab's JS heap
@@ -51,10 +53,35 @@ store.close()
 """
 
 
+QUEUE_SETUP = r"""
+import sys, time
+from pathlib import Path
+from scheduler.contract.models import GpuInfo, Node, Placement, Run, RunStatus
+from scheduler.sqlite_store import SQLiteStore
+store = SQLiteStore(Path(sys.argv[1]) / "local" / "scheduler.db")
+nodes, active, queued = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+now = time.time()
+one = {"job": "sleep 1", "max_duration": "1h", "computing": {"minimum_num_gpus": 1}}
+with store.batch():
+    for n in range(nodes):
+        # (no agents: heard from "in an hour", so they stay online, and their runs running, while this measures)
+        store.upsert_node(Node(id=f"node-{n:05d}", name=f"n{n}", job_user="fedml-job", last_seen=now + 3600,
+                               gpus=[GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(8)]))
+    for j in range(active):
+        store.create_run(Run(id=f"run-a{j:07d}", name="busy", job=one, status=RunStatus.RUNNING, owner=f"u{j % 7}",
+                             placements=[Placement(rank=0, node_id=f"node-{(j // 8) % nodes:05d}", gpus=[j % 8])],
+                             created_at=now - 600 + j * 1e-3, started_at=now - 600 + j * 1e-3))
+    for j in range(queued):
+        store.create_run(Run(id=f"run-q{j:07d}", name=f"wait-{j % 13}", job=one, owner=f"u{j % 7}",
+                             created_at=now + j * 1e-3))
+store.close()
+"""
+
+
 class Server:
     """`python -m scheduler.server` on a home of its own (with its local agent unless no_agent)."""
 
-    def __init__(self, runs: int, *, no_agent: bool) -> None:
+    def __init__(self, runs: int, *, no_agent: bool, setup: list[str] | None = None) -> None:
         import psutil
 
         self.home = Path(tempfile.mkdtemp(prefix="fedml-bench-dash-"))
@@ -62,6 +89,9 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(REPO), "FEDML_HOME": str(self.home)}
         if runs:
             subprocess.run([sys.executable, "-c", SETUP, str(self.home), str(runs)], env=env, cwd=REPO, check=True)
+        if setup:
+            subprocess.run([sys.executable, "-c", *setup[:1], str(self.home), *setup[1:]], env=env, cwd=REPO,
+                           check=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "scheduler.server", "--home", str(self.home), "--quiet",
                                       *(["--no-agent"] if no_agent else [])],
                                      env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,9 +141,11 @@ def runs_page(browser: Any, n: int) -> dict[str, float]:
     s = Server(n, no_agent=True)
     try:
         h = {"Authorization": f"Bearer {s.token}"}
-        ttfb, api = [], []
+        ttfb, api, fresh, deep, found, counts = [], [], [], [], [], []
         with httpx.Client(base_url=s.url) as c:
-            for _ in range(20):
+            half = c.get(f"/api/v1/runs/run-h{n // 2:07d}", headers=h).json()
+            mid = f"{half['created_at']!r},{half['id']}"
+            for i in range(20):
                 t = time.perf_counter()
                 with c.stream("GET", "/") as r:
                     next(r.iter_raw())
@@ -121,6 +153,22 @@ def runs_page(browser: Any, n: int) -> dict[str, float]:
                 t = time.perf_counter()
                 assert len(c.get("/api/v1/runs", params={"limit": 100}, headers=h).json()) == 100
                 api.append(time.perf_counter() - t)
+                # not from the list cache (another limit each time): the store's page itself
+                t = time.perf_counter()
+                assert len(c.get("/api/v1/runs", params={"limit": 101 + i}, headers=h).json()) == 101 + i
+                fresh.append(time.perf_counter() - t)
+                # a page half way back (the cursor of the run in the middle) and a search that scans
+                t = time.perf_counter()
+                got = c.get("/api/v1/runs", params={"limit": 100 + i, "before": mid}, headers=h)
+                assert len(got.json()) == 100 + i, got.text
+                deep.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                got = c.get("/api/v1/runs", params={"limit": 100, "q": f"old-{i}x"}, headers=h)  # (no match: 5,000 looked at)
+                assert got.status_code == 200 and "x-next-before" in got.headers
+                found.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                assert c.get("/api/v1/runs/counts", params={"i": i}, headers=h).json()["FINISHED"] == n
+                counts.append(time.perf_counter() - t)
         page = signed_in(browser, s)
         drawn = []
         for _ in range(5):
@@ -130,8 +178,44 @@ def runs_page(browser: Any, n: int) -> dict[str, float]:
             page.wait_for_selector("#runs tbody tr")
             drawn.append(time.perf_counter() - t)
         page.close()
-        return {"runs": n, "ttfb_ms": statistics.median(ttfb) * 1e3, "api_runs_ms": statistics.median(api) * 1e3,
-                "page_drawn_ms": statistics.median(drawn) * 1e3}
+        med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+        return {"runs": n, "ttfb_ms": med(ttfb), "api_runs_ms": med(api), "api_runs_uncached_ms": med(fresh),
+                "api_page_half_way_ms": med(deep), "api_search_5000_ms": med(found), "api_counts_ms": med(counts),
+                "page_drawn_ms": med(drawn)}
+    finally:
+        s.close()
+
+
+def queue_page(browser: Any, nodes: int, active: int, queued: int) -> dict[str, float]:
+    """GET /queue (the Queue page, `fedml queue`) with `queued` runs waiting behind `active` running ones that fill
+    `nodes` nodes of 8 GPUs: each read after a write and after the view's reuse, so each is built anew."""
+    from scheduler.contract.transport import httpx
+
+    s = Server(0, no_agent=True, setup=[QUEUE_SETUP, str(nodes), str(active), str(queued)])
+    try:
+        h = {"Authorization": f"Bearer {s.token}"}
+        took, built, cpu = [], [], []
+        with httpx.Client(base_url=s.url, timeout=120) as c:
+            q = c.get("/api/v1/queue", params={"limit": 500}, headers=h).json()  # (the scheduler builds its book)
+            for _ in range(5):
+                # a write, then past the view's reuse (10x what it took to build): the next answer is built anew
+                c.post("/api/v1/runs", json={"job": {"job": "echo"}}, headers=h)
+                time.sleep(max(2.0, 10 * q["took_s"]) + 0.1)
+                c0, t = s.cpu(), time.perf_counter()
+                q = c.get("/api/v1/queue", params={"limit": 500}, headers=h).json()
+                took.append(time.perf_counter() - t)
+                cpu.append(s.cpu() - c0)
+                built.append(q["took_s"])
+            assert q["total"] >= queued and q["runs"][0]["start_at"] is not None, q["runs"][:1]
+        page = signed_in(browser, s)
+        t = time.perf_counter()
+        page.goto(s.url + "/#/queue")
+        page.wait_for_selector("#queue tbody tr")
+        drawn = time.perf_counter() - t
+        page.close()
+        return {"nodes": nodes, "active": active, "queued": queued, "api_queue_ms": statistics.median(took) * 1e3,
+                "api_queue_cpu_ms": statistics.median(cpu) * 1e3, "view_built_ms": statistics.median(built) * 1e3,
+                "page_drawn_ms": drawn * 1e3}
     finally:
         s.close()
 
@@ -273,6 +357,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=100_000)
     ap.add_argument("--dashboards", type=int, default=100)
     ap.add_argument("--log-lines", type=int, default=1_000_000)
+    ap.add_argument("--queued", type=int, default=10_000)
+    ap.add_argument("--queue-nodes", type=int, default=1000, help="nodes of 8 GPUs, all busy, for the queue page")
     ap.add_argument("--latency-lines", type=int, default=500)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rate", type=float, default=5, help="runs created a second during the CPU measurement")
@@ -285,7 +371,13 @@ def main() -> int:
         try:
             results["runs_page"] = r = runs_page(browser, a.runs)
             print(f"runs page, {r['runs']} runs: first byte {r['ttfb_ms']:.1f} ms, GET /runs?limit=100 "
-                  f"{r['api_runs_ms']:.1f} ms, table drawn {r['page_drawn_ms']:.0f} ms", flush=True)
+                  f"{r['api_runs_ms']:.1f} ms ({r['api_runs_uncached_ms']:.1f} ms uncached; a page half way back "
+                  f"{r['api_page_half_way_ms']:.1f} ms; a search over 5,000 {r['api_search_5000_ms']:.0f} ms; counts "
+                  f"{r['api_counts_ms']:.1f} ms), table drawn {r['page_drawn_ms']:.0f} ms", flush=True)
+            results["queue_page"] = r = queue_page(browser, a.queue_nodes, a.queue_nodes * 8, a.queued)
+            print(f"queue page, {r['queued']} queued behind {r['active']} running on {r['nodes']} nodes: GET /queue "
+                  f"built anew {r['api_queue_ms']:.0f} ms ({r['api_queue_cpu_ms']:.0f} ms of scheduler CPU; the view "
+                  f"{r['view_built_ms']:.0f} ms), page drawn {r['page_drawn_ms']:.0f} ms", flush=True)
             results["line_latency"] = r = line_latency(browser, a.latency_lines)
             print(f"print -> line on the page ({r['lines']} lines at ~100/s, printed while the page was open): "
                   f"p50 {r['p50_ms']:.0f} ms, "

@@ -12,6 +12,7 @@ backfill into gaps, make real starts differ; the dashboard and `fedml queue` say
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -54,73 +55,120 @@ def stand(entries: list[Entry], gpus: dict[str, dict[int, Gpu]], eligible: Calla
           *, now: float, estimate_first: int = 500) -> list[Standing]:
     """The standing of each entry (same order). `gpus`: node -> GPU index -> Gpu (mutated: the walk books GPUs).
     `eligible(shape)`: node -> the GPU indexes of that node the shape may use (nodes it may never use absent).
-    Start times are estimated for the first `estimate_first` entries (the walk costs nodes x GPUs per entry)."""
+    Start times are estimated for the first `estimate_first` entries."""
     out: list[Standing] = []
-    nodes_of: dict[Hashable, dict[str, list[int]]] = {}
-    overlap: dict[tuple[Hashable, Hashable], bool] = {}
-    seen: dict[Hashable, dict[str, list[int]]] = {}  # per shape: owner -> [runs, gpus] so far
+    ids: dict[Hashable, int] = {}  # shapes by a small number: hashing a shape (a Request) per pair is slow
+    nodes_of: list[dict[str, list[int]]] = []
+    overlap: dict[tuple[int, int], bool] = {}
+    seen: dict[int, dict[str, list[int]]] = {}  # per shape: owner -> [runs, gpus] so far
+    timeline = _Timeline(gpus)
     for i, e in enumerate(entries):
-        mine = nodes_of.get(e.shape)
-        if mine is None:
-            mine = nodes_of[e.shape] = eligible(e.shape)
+        sid = ids.get(e.shape)
+        if sid is None:
+            sid = ids[e.shape] = len(ids)
+            nodes_of.append(eligible(e.shape))
+        mine = nodes_of[sid]
         st = Standing(position=i + 1)
-        for shape, owners in seen.items():
-            key = (shape, e.shape)
-            hit = overlap.get(key)
+        for other, owners in seen.items():
+            hit = overlap.get((other, sid))
             if hit is None:
-                hit = overlap[key] = shape == e.shape or not nodes_of[shape].keys().isdisjoint(mine.keys())
+                hit = overlap[(other, sid)] = other == sid or not nodes_of[other].keys().isdisjoint(mine.keys())
             if hit:
                 for owner, (runs, g) in owners.items():
-                    got = st.ahead_owners.setdefault(owner, [0, 0])
-                    got[0] += runs
-                    got[1] += g
+                    got = st.ahead_owners.get(owner)
+                    if got is None:
+                        st.ahead_owners[owner] = [runs, g]
+                    else:
+                        got[0] += runs
+                        got[1] += g
         st.ahead_runs = sum(v[0] for v in st.ahead_owners.values())
         st.ahead_gpus = sum(v[1] for v in st.ahead_owners.values())
-        tally = seen.setdefault(e.shape, {}).setdefault(e.owner, [0, 0])
+        tally = seen.setdefault(sid, {}).setdefault(e.owner, [0, 0])
         tally[0] += 1
         tally[1] += e.gpus * e.count
         if i < estimate_first:
-            _estimate(e, st, gpus, mine, now)
+            timeline.estimate(e, st, mine, now)
         else:
             st.no_basis = f"only the first {estimate_first} in line get an estimate"
         out.append(st)
     return out
 
 
-def _estimate(e: Entry, st: Standing, gpus: dict[str, dict[int, Gpu]], mine: dict[str, list[int]],
-              now: float) -> None:
-    if not mine:
-        st.no_basis = "no node it may use"
-        return
-    if e.gpus == 0:  # CPU work waits for a node, not for GPUs: no GPU timeline to go by
-        st.start_at, st.basis = now, "no GPUs asked"
-        return
-    options: list[tuple[float, str, list[Gpu]]] = []  # (when g matching GPUs are free there, node, those GPUs)
-    for node, idx in mine.items():
-        have = gpus.get(node, {})
-        free = sorted((have[g] for g in idx if g in have), key=lambda x: x.free_at)
-        if len(free) >= e.gpus:
-            options.append((free[e.gpus - 1].free_at, node, free[: e.gpus]))
-    if len(options) < e.count:
-        st.no_basis = f"fewer than {e.count} node(s) it may use have {e.gpus} such GPU(s)"
-        return
-    options.sort(key=lambda o: o[0])
-    chosen = options[: e.count]
-    start = max(now, chosen[-1][0])
-    if start == INF:
-        blocker = next((g.why for _, _, got in chosen for g in got if g.free_at == INF and g.why), None)
-        st.no_basis = blocker or "a run ahead of it has no expected end"
-    else:
-        st.start_at = start
-        st.basis = "free now" if start <= now else BASIS
-    end = INF if e.duration is None or start == INF else start + e.duration
-    why = None if e.duration is not None else f"{e.run_id} ({e.owner}) has no max_duration and no finished run to go by"
-    for _, _, got in chosen:
-        for g in got:
-            if end == INF:
-                g.free_at, g.why = INF, g.why if start == INF else why
-            else:
-                g.free_at, g.why = end, None
+class _Timeline:
+    """When each node could next give a shape its GPUs: per (shape, GPUs a node) a heap of (time, node), kept
+    lazily (a node whose GPUs were booked since its entry was pushed is looked at again when it comes up), so an
+    entry costs O(nodes it books x log nodes), not a look at every node."""
+
+    def __init__(self, gpus: dict[str, dict[int, Gpu]]) -> None:
+        self.gpus = gpus
+        self.version: dict[str, int] = {}
+        self.heaps: dict[tuple[Hashable, int], list[tuple[float, str, int]]] = {}  # (time, node, version)
+        self.pushed: dict[tuple[Hashable, int, str], int] = {}  # the version of a node's newest entry in a heap
+
+    def _ready_at(self, node: str, idx: list[int], g: int) -> list[Gpu] | None:
+        have = self.gpus.get(node, {})
+        free = sorted((have[i] for i in idx if i in have), key=lambda x: x.free_at)
+        return free[:g] if len(free) >= g else None
+
+    def estimate(self, e: Entry, st: Standing, mine: dict[str, list[int]], now: float) -> None:
+        if not mine:
+            st.no_basis = "no node it may use"
+            return
+        if e.gpus == 0:  # CPU work waits for a node, not for GPUs: no GPU timeline to go by
+            st.start_at, st.basis = now, "no GPUs asked"
+            return
+        key = (e.shape, e.gpus)
+        heap = self.heaps.get(key)
+        if heap is None:
+            heap = []
+            for node, idx in mine.items():
+                got = self._ready_at(node, idx, e.gpus)
+                if got is not None:
+                    heap.append((got[-1].free_at, node, self.version.get(node, 0)))
+                    self.pushed[(*key, node)] = self.version.get(node, 0)
+            heapq.heapify(heap)
+            self.heaps[key] = heap
+        chosen: list[tuple[float, str, list[Gpu]]] = []
+        while len(chosen) < e.count and heap:
+            t, node, ver = heapq.heappop(heap)
+            now_ver = self.version.get(node, 0)
+            if ver != now_ver:  # booked since: its time has moved (one entry per node at its newest version)
+                if self.pushed.get((*key, node)) != now_ver:
+                    again = self._ready_at(node, mine[node], e.gpus)
+                    if again is not None:
+                        heapq.heappush(heap, (again[-1].free_at, node, now_ver))
+                        self.pushed[(*key, node)] = now_ver
+                continue
+            got = self._ready_at(node, mine[node], e.gpus)
+            if got is None:
+                continue
+            chosen.append((t, node, got))
+        if len(chosen) < e.count:
+            for t, node, _ in chosen:
+                heapq.heappush(heap, (t, node, self.version.get(node, 0)))  # (the same version: still the newest)
+            st.no_basis = f"fewer than {e.count} node(s) it may use have {e.gpus} such GPU(s)"
+            return
+        start = max(now, chosen[-1][0])
+        if start == INF:
+            blocker = next((g.why for _, _, got in chosen for g in got if g.free_at == INF and g.why), None)
+            st.no_basis = blocker or "a run ahead of it has no expected end"
+        else:
+            st.start_at = start
+            st.basis = "free now" if start <= now else BASIS
+        end = INF if e.duration is None or start == INF else start + e.duration
+        why = None if e.duration is not None else \
+            f"{e.run_id} ({e.owner}) has no max_duration and no finished run to go by"
+        for _, node, got in chosen:
+            for g in got:
+                if end == INF:
+                    g.free_at, g.why = INF, g.why if start == INF else why
+                else:
+                    g.free_at, g.why = end, None
+            self.version[node] = self.version.get(node, 0) + 1
+            again = self._ready_at(node, mine[node], e.gpus)
+            if again is not None:
+                heapq.heappush(heap, (again[-1].free_at, node, self.version[node]))
+                self.pushed[(*key, node)] = self.version[node]
 
 
 def median(values: list[float]) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,43 @@ def test_the_scheduler_shows_a_user_their_place_and_who_is_ahead(tmp_path: Path)
     assert [r["id"] for r in mine["runs"]] == [b1.id, b2.id]
     assert mine["runs"][1]["ahead"] == {"runs": 2, "gpus": 2, "owners": [{"owner": "alice", "runs": 1, "gpus": 1},
                                                                           {"owner": "bob", "runs": 1, "gpus": 1}]}
+
+
+def reference(entries: list[Entry], gpus: dict[str, dict[int, Gpu]], eligible: Any, now: float) -> list[float | None]:
+    """The estimate written plainly (every node looked at for every run), to check the heap-kept one against."""
+    out: list[float | None] = []
+    for e in entries:
+        mine = eligible(e.shape)
+        options = []
+        for node, idx in mine.items():
+            free = sorted((gpus[node][g] for g in idx), key=lambda x: x.free_at)
+            if len(free) >= e.gpus:
+                options.append((free[e.gpus - 1].free_at, node, free[: e.gpus]))
+        if len(options) < e.count:
+            out.append(None)
+            continue
+        options.sort(key=lambda o: (o[0], o[1]))  # (ties: by node, as the heap breaks them)
+        chosen = options[: e.count]
+        start = max(now, chosen[-1][0])
+        out.append(None if start == INF else start)
+        end = INF if e.duration is None or start == INF else start + e.duration
+        for _, _, got in chosen:
+            for g in got:
+                g.free_at = end
+    return out
+
+
+def test_the_heap_kept_estimate_agrees_with_looking_at_every_node() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        nodes = {f"n{i}": rng.choice([2, 4, 8]) for i in range(rng.randint(1, 12))}
+        shapes = {s: {n: list(range(k)) for n, k in nodes.items() if rng.random() < 0.7} for s in "abc"}
+
+        def fresh() -> dict[str, dict[int, Gpu]]:
+            r2 = random.Random(len(nodes))
+            return {n: {g: Gpu(r2.choice([0.0, 10.0, 50.0, 300.0])) for g in range(k)} for n, k in nodes.items()}
+
+        entries = [entry(f"r{i}", shape=rng.choice("abc"), gpus=rng.choice([1, 2, 4]), count=rng.choice([1, 1, 2]),
+                         duration=rng.choice([5.0, 60.0, 600.0])) for i in range(rng.randint(1, 30))]
+        got = [s.start_at for s in stand(entries, fresh(), shapes.__getitem__, now=0.0)]
+        assert got == reference(entries, fresh(), shapes.__getitem__, 0.0)
