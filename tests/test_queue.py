@@ -126,7 +126,7 @@ def test_the_heap_kept_estimate_agrees_with_looking_at_every_node() -> None:
         nodes = {f"n{i}": rng.choice([2, 4, 8]) for i in range(rng.randint(1, 12))}
         shapes = {s: {n: list(range(k)) for n, k in nodes.items() if rng.random() < 0.7} for s in "abc"}
 
-        def fresh() -> dict[str, dict[int, Gpu]]:
+        def fresh(nodes: dict[str, int] = nodes) -> dict[str, dict[int, Gpu]]:
             r2 = random.Random(len(nodes))
             return {n: {g: Gpu(r2.choice([0.0, 10.0, 50.0, 300.0])) for g in range(k)} for n, k in nodes.items()}
 

@@ -35,8 +35,8 @@ class QueueMixin(SchedulerBase):
         owner = access.runs_listed_for(who) or (who.owner if mine else None)
         rows = [r for r in view["runs"] if owner is None or r["owner"] == owner]
         held = [r for r in view["held"] if owner is None or r["owner"] == owner]
-        return {"now": view["now"], "took_s": view["took_s"], "total": view["total"], "shown": len(rows[:limit]), "runs": rows[:limit],
-                "held": held[:limit]}
+        return {"now": view["now"], "took_s": view["took_s"], "total": view["total"], "shown": len(rows[:limit]),
+                "runs": rows[:limit], "held": held[:limit]}
 
     def _whole_queue(self) -> dict[str, Any]:
         seq, mono = self.store.runs_seq(), time.monotonic()
