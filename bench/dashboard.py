@@ -167,7 +167,8 @@ def runs_page(browser: Any, n: int) -> dict[str, float]:
                 assert got.status_code == 200 and "x-next-before" in got.headers
                 found.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                assert c.get("/api/v1/runs/counts", params={"i": i}, headers=h).json()["FINISHED"] == n
+                got = c.get("/api/v1/runs", params={"limit": 1 + i, "counts": "true"}, headers=h)
+                assert json.loads(got.headers["x-run-counts"])["FINISHED"] == n
                 counts.append(time.perf_counter() - t)
         page = signed_in(browser, s)
         drawn = []
@@ -284,8 +285,8 @@ def big_log(browser: Any, lines: int) -> dict[str, Any]:
 
 
 async def _dashboards(url: str, token: str, n: int, stop: asyncio.Event) -> int:
-    """n pages: each an event stream, and on each burst of events one read of the runs list (what the Runs page
-    does). Returns the reads made."""
+    """n pages: each an event stream, and on each burst of events one read of the runs list and of the counts
+    (what the Runs page does). Returns the reads made."""
     from scheduler.contract.transport import httpx
 
     reads = 0
@@ -297,8 +298,8 @@ async def _dashboards(url: str, token: str, n: int, stop: asyncio.Event) -> int:
             async for line in r.aiter_lines():
                 if stop.is_set():
                     return
-                if line.startswith("event:"):
-                    await c.get("/api/v1/runs", params={"limit": 100}, headers=h)
+                if line.startswith("event:"):  # the Runs page: its page of runs and the counts per state
+                    await c.get("/api/v1/runs", params={"limit": 100, "counts": "true"}, headers=h)
                     reads += 1
 
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=2 * n + 10)) as c:

@@ -40,6 +40,7 @@ class Ctx:
     gateway: Gateway
     health: Health
     list_cache: dict[tuple[object, ...], tuple[int, float, bytes, dict[str, str]]] = field(default_factory=dict)  # routes/runs.py
+    event_streams: int = 0  # dashboards' event streams open now (routes/ui.py)
 
     def identify(self, header: str, path: str) -> tuple[int, str, Principal | None]:
         """(status, why, principal): the bearer key of a request, checked before its body is read."""

@@ -58,6 +58,8 @@ def list_runs(status: list[RunStatus] | None = Query(default=None),
                                     "node names or labels"),
               node: str | None = Query(default=None, max_length=64, description="runs placed on this node"),
               mine: bool = Query(default=False, description="an admin's own runs only"),
+              counts: bool = Query(default=False, description="add X-Run-Counts: how many runs the caller may see "
+                                   "are in each state (JSON)"),
               who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Response:
     # Open dashboards all read the list each time runs change: the same question from many pages (the same
     # owner filter, states and limit) is answered once while no run was written since (the store's change
@@ -75,7 +77,7 @@ def list_runs(status: list[RunStatus] | None = Query(default=None),
         if found is None:
             raise Invalid(f"node: no node {node} (`fedml node list`)")
         node_id = found.id
-    key = (owner, tuple(sorted(s.value for s in status or [])), limit, cursor, q, node_id)
+    key = (owner, tuple(sorted(s.value for s in status or [])), limit, cursor, q, node_id, counts)
     seq, now = c.store.runs_seq(), time.monotonic()
     hit = c.list_cache.get(key)
     if hit is not None and hit[0] == seq and now - hit[1] < LIST_FRESH_S:
@@ -101,29 +103,17 @@ def list_runs(status: list[RunStatus] | None = Query(default=None),
                 runs = runs[:limit]
                 cursor = (runs[-1].created_at, runs[-1].id)
             break
-    counts = c.store.log_counts([r.id for r in runs])
+    lines = c.store.log_counts([r.id for r in runs])
     for r in runs:
-        r.log_count = counts.get(r.id, 0)
+        r.log_count = lines.get(r.id, 0)
     body = _RUNS.dump_json(c.named(runs))
     headers = {"x-next-before": f"{cursor[0]!r},{cursor[1]}"} if more and cursor is not None else {}
+    if counts:  # (the dashboard's chips: with the page, one request per refresh rather than two)
+        headers["x-run-counts"] = json.dumps(c.store.count_runs(access.runs_listed_for(who)), separators=(",", ":"))
     if len(c.list_cache) >= 256:  # (bounded: one entry per owner, states and limit asked lately)
         c.list_cache.clear()
     c.list_cache[key] = (seq, now, body, headers)
     return Response(body, media_type="application/json", headers=headers)
-
-
-@router.get("/counts")
-def count_runs(who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Response:
-    """How many runs the caller may see are in each state (each open dashboard asks: answered from the list
-    cache while no run was written, as lists are)."""
-    owner = access.runs_listed_for(who)
-    key, seq, now = ("counts", owner), c.store.runs_seq(), time.monotonic()
-    hit = c.list_cache.get(key)
-    if hit is not None and hit[0] == seq and now - hit[1] < LIST_FRESH_S:
-        return Response(hit[2], media_type="application/json")
-    body = json.dumps(c.store.count_runs(owner)).encode()
-    c.list_cache[key] = (seq, now, body, {})
-    return Response(body, media_type="application/json")
 
 
 @router.get("/{run_id}")

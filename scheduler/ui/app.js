@@ -189,11 +189,10 @@ function runsPage() {
   const mine = S.session.admin ? h("label", {}, h("input", { type: "checkbox", id: "runs-mine",
     onchange: (e) => { f.mine = e.target.checked; again(); } }), " Mine only") : null;
   page = view("Runs", async () => {
-    const [got, counts] = await Promise.all([
-      api("/runs", { params: { limit: PAGE, status: f.status ? [f.status] : null, q: f.q || null, before: f.before,
-                               mine: f.mine || null }, withHeaders: true }),
-      api("/runs/counts")]);
+    const got = await api("/runs", { params: { limit: PAGE, status: f.status ? [f.status] : null, q: f.q || null,
+                                               before: f.before, mine: f.mine || null, counts: true }, withHeaders: true });
     const runs = got.data;
+    const counts = JSON.parse(got.headers.get("x-run-counts") || "{}");
     f.next = got.headers.get("x-next-before");
     const total = Object.values(counts).reduce((a, b) => a + b, 0);
     const chips = h("div", { class: "chips" }, ["", ...Object.keys(counts).sort()].map((st) =>
