@@ -34,10 +34,11 @@ redis:
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no >/dev/null
 
-# Headless Chromium for the dashboard's browser tests (Debian's package, as root: apt; Playwright drives it).
+# Headless Chromium and Firefox for the dashboard's browser tests (Debian's packages, as root: apt; Playwright
+# drives Chromium, Mozilla's marionette-driver drives Firefox).
 browser:
-	@command -v chromium >/dev/null || \
-		(apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null)
+	@(command -v chromium && command -v firefox-esr) >/dev/null || \
+		(apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium firefox-esr fonts-dejavu-core >/dev/null)
 
 bench: redis
 	$(BIN)/python bench/cli_startup.py

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -276,6 +277,26 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     shot(page, tmp_path, "endpoints")
     fedml("run", "stop", served.stdout.strip())
 
+    # on a phone, in dark mode, by keyboard: nothing wider than the screen, dark colours, the nav reached by Tab
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark").new_page()
+    phone.goto(url + "/")
+    phone.fill("#api-key", admin)
+    phone.press("#api-key", "Enter")
+    phone.wait_for_selector("#runs tbody tr")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    assert phone.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(17, 20, 24)"
+    shot(phone, tmp_path, "phone-dark")
+    seen = []
+    for _ in range(10):  # (back from the page's content, where a page puts the focus, to the nav above it)
+        phone.keyboard.press("Shift+Tab")
+        seen.append(phone.evaluate("document.activeElement.textContent"))
+        if seen[-1] == "Queue":
+            break
+    assert seen[-1] == "Queue", seen
+    phone.keyboard.press("Enter")
+    phone.wait_for_selector("h1 >> text=Queue")
+    phone.context.close()
+
     # nodes: drain and undrain from the page
     page.goto(url + "/#/nodes")
     page.click("#nodes button.drain")
@@ -339,3 +360,89 @@ def test_a_rank_filter_shows_that_ranks_lines_one_after_another(browser: Any, tm
     finally:
         next(gen, None)
 
+
+
+# ---- in Firefox ----------------------------------------------------------------------------------------------
+
+FIREFOX = shutil.which("firefox-esr") or "/usr/bin/firefox-esr"
+
+
+@pytest.fixture
+def firefox(tmp_path: Path) -> Iterator[Any]:
+    """Debian's Firefox ESR, headless, driven over Marionette by Mozilla's own client (marionette-driver): what
+    Selenium's geckodriver speaks to, without a binary from outside the package registries. A profile of its own
+    (its Marionette port, no first-run pages or updates)."""
+    needs("Firefox", os.path.exists(FIREFOX), f"{FIREFOX} is missing (make install puts Debian's firefox-esr there)")
+    try:
+        from marionette_driver.marionette import Marionette
+    except ImportError:
+        needs("marionette-driver", False, "the marionette-driver package is missing (make install)")
+    from .procs import free_port
+
+    port = free_port()
+    profile = tmp_path / "firefox-profile"
+    profile.mkdir()
+    (profile / "user.js").write_text("".join(f'user_pref("{k}", {json.dumps(v)});\n' for k, v in {
+        "marionette.port": port, "browser.shell.checkDefaultBrowser": False, "app.update.disabledForTesting": True,
+        "browser.startup.homepage_override.mstone": "ignore", "datareporting.policy.dataSubmissionEnabled": False,
+        "toolkit.telemetry.reportingpolicy.firstRun": False, "network.proxy.type": 0,
+        "browser.aboutwelcome.enabled": False}.items()))
+    proc = subprocess.Popen([FIREFOX, "--headless", "--marionette", "--no-remote", "--profile", str(profile),
+                             "--window-size", "1280,900"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MOZ_CRASHREPORTER_DISABLE": "1"})
+    m = Marionette(host="127.0.0.1", port=port, startup_timeout=60)
+    try:
+        m.start_session()
+        yield m
+    finally:
+        try:
+            m.delete_session()
+        except Exception:  # noqa: BLE001 - the browser may be gone already; it is killed below either way
+            pass
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_the_dashboard_in_firefox(fedml: Fedml, firefox: Any, tmp_path: Path) -> None:
+    """Sign in, see a launched run appear (pushed), follow its live lines, stop it, and the queue, in Firefox."""
+    import base64
+
+    from marionette_driver import By, Wait
+
+    m = firefox
+
+    def until(what: str, check: Any, timeout: float = 30) -> Any:
+        return Wait(m, timeout=timeout, interval=0.1).until(lambda _: check(), message=what)
+
+    def text(css: str) -> str:  # (in one go: the page replaces its rows as they change)
+        return str(m.execute_script("return Array.from(document.querySelectorAll(arguments[0]))"
+                                    ".map(e => e.textContent).join(' ')", script_args=[css]))
+
+    assert fedml("run", "list").returncode == 0
+    url = json.loads((fedml.home / "local" / "scheduler.json").read_text())["url"]
+    admin = (fedml.home / "local" / "token").read_text().strip()
+    m.navigate(url + "/")
+    until("the sign-in form", lambda: m.find_elements(By.ID, "api-key"))
+    m.find_element(By.ID, "api-key").send_keys(admin)
+    m.find_element(By.ID, "signin").click()
+    until("signed in", lambda: "Keys" in text("#nav"))
+
+    job = write_job(tmp_path / "talk", 'for i in $(seq 1 30); do echo "line $i"; sleep 0.05; done\n'
+                    "echo '<script>window.pwned = 1</script>'\nsleep 60")
+    r = fedml("launch", str(job), "--detach")
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+    until("the run in the table, pushed", lambda: run_id in text("#runs"))
+    m.find_element(By.LINK_TEXT, run_id).click()
+    until("its lines, live", lambda: "line 30" in text("#log .row"))
+    until("the script line, as text", lambda: "<script>" in text("#log .row"))
+    assert m.execute_script("return window.wrappedJSObject.pwned === undefined "
+                            "&& document.querySelectorAll('#log script').length === 0") is True  # text, not HTML
+    (tmp_path / "firefox-run.png").write_bytes(base64.b64decode(m.screenshot()))
+    m.find_element(By.ID, "stop").click()
+    until("KILLED", lambda: "KILLED" in text("dd"))
+    m.navigate(url + "/#/queue")
+    until("the queue page", lambda: "Nothing waits" in text("main"))
