@@ -376,7 +376,7 @@ class RedisStore(Store):
         return int(nxt)
 
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
-                  rank: int | None = None) -> list[LogRow]:
+                  rank: int | None = None, attempt: int | None = None) -> list[LogRow]:
         out: list[LogRow] = []
         key = self.k.logs(run_id)
         start = "-" if after < 0 else f"(0-{after + 1}"
@@ -387,9 +387,11 @@ class RedisStore(Store):
                 r, s, payload = fields[b"d"].split(b" ", 2)
                 if rank is not None and int(r) != rank:
                     continue
-                ts, stream, text, attempt = json.loads(payload)
-                out.append(LogRow(int(eid.split(b"-")[1]) - 1, int(r), int(s), ts, stream, text, attempt))
-            if len(entries) < want or rank is None:
+                ts, stream, text, its = json.loads(payload)
+                if attempt is not None and its != attempt:
+                    continue
+                out.append(LogRow(int(eid.split(b"-")[1]) - 1, int(r), int(s), ts, stream, text, its))
+            if len(entries) < want or (rank is None and attempt is None):
                 break
             start = "(" + entries[-1][0].decode()
         return out

@@ -469,7 +469,8 @@ class SQLiteStore(Store):
         row = db.execute("SELECT last FROM log_chunks WHERE run_id=? ORDER BY pos DESC LIMIT 1", (run_id,)).fetchone()
         return 0 if row is None else row[0] + 1
 
-    def _segments(self, run_id: str, after: int, limit: int, rank: int | None) -> list[_Segment]:
+    def _segments(self, run_id: str, after: int, limit: int, rank: int | None,
+                  attempt: int | None = None) -> list[_Segment]:
         """The stored lines with pos > after (of `rank`), at most `limit`, as one segment per chunk. The rows
         are read under the lock, decoded outside it."""
         picked: list[tuple[tuple[Any, ...], int, int]] = []
@@ -481,6 +482,9 @@ class SQLiteStore(Store):
             if rank is not None:
                 sql += " AND rank=?"
                 args.append(rank)
+            if attempt is not None:
+                sql += " AND attempt=?"
+                args.append(attempt)
             cur = self._db.execute(sql + " ORDER BY pos", args)
             left = limit
             while left > 0:
@@ -506,26 +510,26 @@ class SQLiteStore(Store):
         return out
 
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
-                  rank: int | None = None) -> list[LogRow]:
+                  rank: int | None = None, attempt: int | None = None) -> list[LogRow]:
         rows: list[LogRow] = []
-        for g in self._segments(run_id, after, limit, rank):
+        for g in self._segments(run_id, after, limit, rank, attempt):
             streams = repeat(g.streams) if isinstance(g.streams, str) else g.streams  # (repeat: zip not strict)
             rows.extend(LogRow(g.pos + i, g.rank, g.seq + i, t, s, line, g.attempt)
                         for i, (t, s, line) in enumerate(zip(g.stamps, streams, g.lines, strict=False)))
         return rows
 
     def read_logs_ndjson(self, run_id: str, after: int = -1, limit: int = 5000,
-                         rank: int | None = None) -> tuple[int, bytes]:
-        rows = self.read_logs(run_id, after, limit, rank)
+                         rank: int | None = None, attempt: int | None = None) -> tuple[int, bytes]:
+        rows = self.read_logs(run_id, after, limit, rank, attempt)
         if not rows:
             return after, b""
         return rows[-1].pos, ("\n".join([r.to_json() for r in rows]) + "\n").encode()
 
     def read_logs_text(self, run_id: str, after: int = -1, limit: int = 5000,
-                       rank: int | None = None) -> tuple[int, bytes]:
+                       rank: int | None = None, attempt: int | None = None) -> tuple[int, bytes]:
         parts: list[str] = []
         last = after
-        for g in self._segments(run_id, after, limit, rank):
+        for g in self._segments(run_id, after, limit, rank, attempt):
             if isinstance(g.streams, str):  # one stream, no newline in a line (_pack): one format per line
                 record = f"{{}}\t{g.rank}\t{TEXT_STREAM.get(g.streams, 'o')}\t{{}}\n".format
                 parts.extend(map(record, range(g.pos, g.pos + len(g.lines)), g.lines))

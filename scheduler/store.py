@@ -248,25 +248,25 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,
-                  rank: int | None = None) -> list[LogRow]:
-        """Lines with pos > after, in order."""
+                  rank: int | None = None, attempt: int | None = None) -> list[LogRow]:
+        """Lines with pos > after, in order (of that rank, of that attempt)."""
 
     def read_logs_ndjson(self, run_id: str, after: int = -1, limit: int = 5000,
-                         rank: int | None = None) -> tuple[int, bytes]:
+                         rank: int | None = None, attempt: int | None = None) -> tuple[int, bytes]:
         """The same lines as NDJSON records (LogRow.to_json), ready to send: (the last position read, else
         `after`; the bytes, each record ending in a newline). A store may build them without a LogRow each."""
-        rows = self.read_logs(run_id, after, limit, rank)
+        rows = self.read_logs(run_id, after, limit, rank, attempt)
         if not rows:
             return after, b""
         return rows[-1].pos, ("\n".join(r.to_json() for r in rows) + "\n").encode()
 
     def read_logs_text(self, run_id: str, after: int = -1, limit: int = 5000,
-                       rank: int | None = None) -> tuple[int, bytes]:
+                       rank: int | None = None, attempt: int | None = None) -> tuple[int, bytes]:
         """The same lines as text records for display, ready to send: "pos<TAB>rank<TAB>S<TAB>line\n" with S
         "e" (stderr), "f" (the scheduler's own lines) or "o" (anything else). A newline inside a stored line is
         sent as a space (agents split output at newlines; the NDJSON form keeps such a line exactly). Decoding a
         record is a split, not a JSON parse: `fedml logs` reads a finished run much faster."""
-        rows = self.read_logs(run_id, after, limit, rank)
+        rows = self.read_logs(run_id, after, limit, rank, attempt)
         if not rows:
             return after, b""
         return rows[-1].pos, "".join(f"{r.pos}\t{r.rank}\t{TEXT_STREAM.get(r.stream, 'o')}\t"

@@ -4,6 +4,7 @@ reads them as NDJSON, following until it ends."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
@@ -24,26 +25,29 @@ router = APIRouter(prefix=f"{API}/runs")
 async def read_logs(run_id: str, after: int = Query(default=-1, ge=-1, le=MAX_SEQ),
                     tail: int | None = Query(default=None, ge=0, le=MAX_SEQ), follow: bool = False,
                     rank: int | None = Query(default=None, ge=0),
+                    attempt: int | None = Query(default=None, ge=1, le=1_000_000),
                     format: Literal["ndjson", "text"] = "ndjson",
                     limit: int | None = Query(default=None, ge=1, le=5000),
                     who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> StreamingResponse:
     """NDJSON, one LogRow object per line and an end record; or, with format=text, the records for display
-    (Store.read_logs_text: "pos TAB rank TAB o|e|f TAB line") and an "end TAB {json}" line. With `limit`: a
-    window of at most that many lines after `after` and no end record (the dashboard's log view reads so)."""
+    (Store.read_logs_text: "pos TAB rank TAB o|e|f TAB line") and an "end TAB {json}" line; only one `rank`'s or
+    one `attempt`'s lines when given. With `limit`: a window of at most that many lines after `after` and no end
+    record (the dashboard's log view reads so)."""
     run = await run_in_threadpool(c.sched.get_run, run_id, who)
     if rank is not None and rank >= run.num_nodes:
         raise Invalid(f"run {run_id} has no rank {rank} (its ranks are 0..{run.num_nodes - 1})")
+    if attempt is not None and tail is not None:
+        raise Invalid("tail: not with attempt (read an attempt's lines from its start)")
     if tail is not None:  # the last N lines of that rank, not the last N lines filtered
         after = max(after, await run_in_threadpool(c.store.tail_after, run_id, tail, rank))
+    read = partial(c.store.read_logs_text if format == "text" else c.store.read_logs_ndjson, attempt=attempt)
     if limit is not None:
-        _, window = await run_in_threadpool(c.store.read_logs_text if format == "text" else c.store.read_logs_ndjson,
-                                            run_id, after, limit, rank)
+        _, window = await run_in_threadpool(read, run_id, after, limit, rank)
         return Response(window, media_type="text/plain; charset=utf-8" if format == "text" else "application/x-ndjson")
     if format == "text":
-        return StreamingResponse(_stream(c, run_id, after, follow, rank, c.store.read_logs_text, b"end\t"),
+        return StreamingResponse(_stream(c, run_id, after, follow, rank, read, b"end\t"),
                                  media_type="text/plain; charset=utf-8")
-    return StreamingResponse(_stream(c, run_id, after, follow, rank, c.store.read_logs_ndjson, b""),
-                             media_type="application/x-ndjson")
+    return StreamingResponse(_stream(c, run_id, after, follow, rank, read, b""), media_type="application/x-ndjson")
 
 
 async def _stream(c: Ctx, run_id: str, after: int, follow: bool, rank: int | None,

@@ -284,17 +284,19 @@ function logView(run) {
   // A virtual list over the run's log: only the rows in sight are in the page, read in windows of WINDOW lines
   // by position as they scroll into view (a 1,000,000-line log is 1,000,000 * LINE_H px of scroll and a few
   // hundred elements). Following: new lines arrive on the log stream and the view stays at the end.
-  // One rank (the rank filter): that rank's lines only, one after another with no gaps, read from its start in
-  // windows of RANK_WINDOW as they scroll into view (the scheduler filters them); "End" reads on to its end.
+  // One rank or one attempt (the filters): those lines only, one after another with no gaps, read from the start
+  // in windows of RANK_WINDOW as they scroll into view (the scheduler filters them); "End" reads on to the end.
   const RANK_WINDOW = 5000;
-  const st = { total: run.log_count || 0, windows: new Map(), rank: "", follow: !TERMINAL.has(run.status),
+  const st = { total: run.log_count || 0, windows: new Map(), rank: "", attempt: "", follow: !TERMINAL.has(run.status),
                stick: true, reader: null, run, q: "",
-               rl: [], rcur: -1, rdone: false, rbusy: false, rheld: [] }; // the one rank's lines, read so far
+               rl: [], rcur: -1, rdone: false, rbusy: false, rheld: [] }; // the filtered lines, read so far
   const spacer = h("div", { class: "spacer" });
   const rows = h("div", { class: "rows" });
   const box = h("div", { class: "log", id: "log", tabindex: 0, role: "log", "aria-label": "run log" }, spacer, rows);
   const rank = h("select", { id: "rank", "aria-label": "rank", onchange: (e) => { st.rank = e.target.value; reset(); } },
     h("option", { value: "" }, "all ranks"), Array.from({ length: run.num_nodes || 1 }, (_, i) => h("option", { value: i }, `rank ${i}`)));
+  const attempt = h("select", { id: "attempt", "aria-label": "attempt", onchange: (e) => { st.attempt = e.target.value; reset(); } },
+    h("option", { value: "" }, "all attempts"), Array.from({ length: run.attempt || 1 }, (_, i) => h("option", { value: i + 1 }, `attempt ${i + 1}`)));
   const search = h("input", { type: "search", placeholder: "find in loaded lines", "aria-label": "find in log",
                               onchange: (e) => { st.q = e.target.value; draw(); } });
   const follow = h("button", { type: "button", id: "follow", onclick: () => { st.stick = !st.stick; follow.textContent = st.stick ? "Pause" : "Follow"; if (st.stick) toEnd(); } }, "Pause");
@@ -302,9 +304,11 @@ function logView(run) {
   const end = h("button", { type: "button", id: "log-end", onclick: () => toEnd() }, "End");
   const note = h("span", { class: "muted", id: "log-note" });
   const download = h("a", { href: `/api/v1/runs/${encodeURIComponent(run.id)}/logs?format=text`, download: `${run.id}.log` }, "Download");
-  const el = h("div", {}, h("div", { class: "bar" }, rank, search, follow, top, end, download, note), box);
+  const el = h("div", {}, h("div", { class: "bar" }, rank, attempt, search, follow, top, end, download, note), box);
 
-  const one = () => st.rank !== "";
+  const one = () => st.rank !== "" || st.attempt !== "";
+  const wanted = (x) => (st.rank === "" || String(x.rank) === st.rank) && (st.attempt === "" || String(x.attempt) === st.attempt);
+  const named = () => [st.rank !== "" ? `rank ${st.rank}` : "", st.attempt !== "" ? `attempt ${st.attempt}` : ""].filter(Boolean).join(", ");
   function count() { return one() ? st.rl.length + (st.rdone ? 0 : 1) : st.total; } // (+1: "reading…" row)
   function parse(text) { return text.split("\n").filter(Boolean).map((l) => JSON.parse(l)).filter((x) => "line" in x); }
   async function load(w) {
@@ -318,11 +322,11 @@ function logView(run) {
     // The next RANK_WINDOW lines of the rank after the last one read; fewer than that: its end (for now).
     if (st.rbusy || st.rdone) return;
     st.rbusy = true;
-    const want = st.rank;
+    const want = `${st.rank}/${st.attempt}`;
     try {
       const got = parse(await api(`/runs/${encodeURIComponent(run.id)}/logs`,
-                                  { params: { after: st.rcur, limit: RANK_WINDOW, rank: want } }));
-      if (want !== st.rank) return; // the filter changed meanwhile
+                                  { params: { after: st.rcur, limit: RANK_WINDOW, rank: st.rank, attempt: st.attempt } }));
+      if (want !== `${st.rank}/${st.attempt}`) return; // the filter changed meanwhile
       for (const x of got) st.rl.push(x);
       if (got.length) st.rcur = got[got.length - 1].pos;
       if (got.length < RANK_WINDOW) { // read to its end: lines the stream brought meanwhile follow on
@@ -330,7 +334,7 @@ function logView(run) {
         for (const x of st.rheld) if (x.pos > st.rcur) { st.rl.push(x); st.rcur = x.pos; }
         st.rheld = [];
       }
-      note.textContent = `rank ${want}: ${st.rl.length.toLocaleString()} lines${st.rdone ? "" : " read so far"}`;
+      note.textContent = `${named()}: ${st.rl.length.toLocaleString()} lines${st.rdone ? "" : " read so far"}`;
     } finally { st.rbusy = false; }
     draw();
   }
@@ -366,7 +370,7 @@ function logView(run) {
     if (!st.windows.get(w)) st.windows.set(w, []);
     st.windows.get(w).push(x);
     st.total = Math.max(st.total, x.pos + 1);
-    if (one() && String(x.rank) === st.rank) {
+    if (one() && wanted(x)) {
       if (st.rdone && x.pos > st.rcur) { st.rl.push(x); st.rcur = x.pos; }
       else if (!st.rdone) st.rheld.push(x);
     }
@@ -412,7 +416,11 @@ function logView(run) {
   requestAnimationFrame(() => { draw(); if (st.follow) { box.scrollTop = box.scrollHeight; tailStream(); } });
   return {
     el,
-    update(r) { st.run = r; if (!st.follow && r.log_count > st.total) { st.total = r.log_count; draw(); } },
+    update(r) {
+      st.run = r;
+      for (let a = attempt.options.length; a <= r.attempt; a++) attempt.append(h("option", { value: a }, `attempt ${a}`));
+      if (!st.follow && r.log_count > st.total) { st.total = r.log_count; draw(); }
+    },
     close() { if (st.reader) st.reader.abort(); },
   };
 }
