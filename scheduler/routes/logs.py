@@ -4,8 +4,8 @@ reads them as NDJSON, following until it ends."""
 from __future__ import annotations
 
 import json
-from functools import partial
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
