@@ -306,7 +306,7 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     page.wait_for_selector("#nodes >> text=DRAINING", timeout=15_000)
     shot(page, tmp_path, "nodes")
     page.click("#nodes button.drain")
-    page.wait_for_selector("#nodes >> text=Drain", timeout=15_000)
+    page.wait_for_selector("#nodes button.drain >> text=Drain", timeout=15_000)
 
     # keys: create one (shown once), then sign in with it in another browser: it sees none of the admin's runs
     page.goto(url + "/#/keys")
@@ -330,6 +330,13 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     page.wait_for_selector('#keys button.revoke[data-key="bob"]', state="detached")  # bob's row: revoked
     other.goto(url + "/#/nodes")
     other.wait_for_selector("text=Your session has ended", timeout=15_000)  # bob's key was revoked: so is his session
+
+    # remove the node (after a confirmation): it leaves the page, and the API
+    page.goto(url + "/#/nodes")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#nodes button.remove")
+    page.wait_for_selector("#nodes button.remove", state="detached", timeout=15_000)
+    assert json.loads(fedml("node", "list", "--json").stdout) == []
     assert not errors, errors
 
 

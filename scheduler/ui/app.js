@@ -471,10 +471,17 @@ function nodesPage() {
     const holder = {};
     for (const r of active) for (const p of r.placements || []) if (!p.done) for (const g of p.gpus) holder[`${p.node_id}/${g}`] = r.id;
     return table(["Node", "State", "Last heartbeat", "Labels", "Price", "Runtimes", "GPUs", ""], nodes.map((n) => {
-      const act = S.session.admin ? h("button", { type: "button", class: "drain", "data-node": n.name, onclick: async () => {
-        await api(`/nodes/${encodeURIComponent(n.name)}/drain`, { method: "POST", params: { undo: n.draining ? "true" : null } });
-        page.refresh();
-      } }, n.draining ? "Undrain" : "Drain") : null;
+      const err = h("span", { class: "error", role: "alert" });
+      const act = S.session.admin ? [h("button", { type: "button", class: "drain", "data-node": n.name, onclick: async () => {
+        try {
+          await api(`/nodes/${encodeURIComponent(n.name)}/drain`, { method: "POST", params: { undo: n.draining ? "true" : null } });
+          page.refresh();
+        } catch (e) { err.textContent = e.message; }
+      } }, n.draining ? "Undrain" : "Drain"), " ", h("button", { type: "button", class: "remove danger", "data-node": n.name, onclick: async () => {
+        // (as `fedml node remove`: its runs are lost and requeued by their retry policy, its key revoked)
+        if (!confirm(`Remove node ${n.name}? Its runs become LOST (requeued by their retry policy) and its key is revoked.`)) return;
+        try { await api(`/nodes/${encodeURIComponent(n.name)}`, { method: "DELETE" }); page.refresh(); } catch (e) { err.textContent = e.message; }
+      } }, "Remove"), err] : null;
       const gpus = h("ul", { class: "gpus" }, (n.gpus || []).map((g) => {
         const run = holder[`${n.id}/${g.index}`];
         return h("li", {}, `${g.index}: ${g.name}${g.memory_mb ? ` ${(g.memory_mb / 1024).toFixed(0)} GB` : ""} `,
