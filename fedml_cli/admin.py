@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .cluster import _labels
-from .errors import USAGE
+from .errors import USAGE, CliError
 from .output import JsonOpt, print_json
 from .output import err as _err
 
@@ -100,11 +100,15 @@ def node_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="Node n
 @key_app.command("create")
 def key_create(name: Annotated[str, typer.Argument(metavar="NAME", help="Who the key is for (its runs are theirs).")],
                admin: Annotated[bool, typer.Option("--admin", help="An admin key (sees all runs, manages nodes/keys).")] = False,
+               metrics: Annotated[bool, typer.Option("--metrics", help="A key that reads GET /metrics (Prometheus) "
+                                                                       "and nothing else.")] = False,
                as_json: JsonOpt = False) -> None:
     """Create a key and print its secret once."""
     from .api import connect
 
-    r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "user"})
+    if admin and metrics:
+        raise CliError("--admin and --metrics: a key is one or the other", USAGE)
+    r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "metrics" if metrics else "user"})
     if as_json:
         print_json(r)
         return

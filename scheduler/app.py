@@ -24,7 +24,7 @@ from .contract.models import Principal
 from .gateway import Endpoints, Gateway
 from .middleware import Guard, Intercept
 from .routes import blobs as blob_routes
-from .routes import clusters, keys, logs, nodes, queue, runs, storage, sweeps, system, ui
+from .routes import clusters, keys, logs, metrics, nodes, queue, runs, storage, sweeps, system, ui
 from .routes import endpoints as endpoint_routes
 from .routes.deps import API, Ctx
 from .routes.inference import PREFIX, Inference
@@ -33,7 +33,7 @@ from .storage import NamedStorage
 from .store import Store
 
 log = logging.getLogger("fedml.scheduler")
-ROUTERS = (system, blob_routes, storage, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys, queue, ui)
+ROUTERS = (system, blob_routes, storage, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys, queue, metrics, ui)
 
 @dataclass
 class Settings:

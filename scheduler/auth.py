@@ -15,7 +15,7 @@ import time
 from .contract.models import ApiKey, Principal
 from .store import Store
 
-SCOPES = ("admin", "user", "node", "join")
+SCOPES = ("admin", "user", "node", "join", "metrics")  # metrics: reads GET /metrics only (routes/metrics.py)
 
 
 def digest(secret: str) -> str:

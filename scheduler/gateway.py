@@ -69,6 +69,11 @@ class Load:
         self._last = time.monotonic()
         self.samples: deque[tuple[float, float]] = deque()  # (time, integral)
         self.answers: deque[list[Any]] = deque()  # [bucket number, requests, errors, latency histogram]
+        # Since the start, for GET /metrics (Prometheus takes rates itself): answers, errors, latency histogram.
+        self.answered_total = 0
+        self.errors_total = 0
+        self.latency_total = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.latency_sum = 0.0
 
     def _advance(self) -> None:
         now = time.monotonic()
@@ -92,9 +97,14 @@ class Load:
             while self.answers[0][0] <= n - STATS_S / BUCKET_S:
                 self.answers.popleft()
         b = self.answers[-1]
+        i = bisect.bisect_left(LATENCY_BOUNDS, seconds)
         b[1] += 1
         b[2] += 0 if ok else 1
-        b[3][bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        b[3][i] += 1
+        self.answered_total += 1
+        self.errors_total += 0 if ok else 1
+        self.latency_total[i] += 1
+        self.latency_sum += seconds
 
     def stats(self) -> dict[str, float | int | None]:
         """Over the last STATS_S: requests per second, p50 and p99 latency (ms; None with no request), errors."""

@@ -133,6 +133,15 @@ def test_replicas_ports_gateway_round_robin_and_stop(local: Local, tmp_path: Pat
         assert httpx.post(local.url + "/inference/echo", json={}).status_code == 401  # a key is needed
     traffic = local.json("endpoint", "list")[0]["traffic"]  # what the gateway answered, for the last 5 minutes
     assert traffic["answered"] == 21 and traffic["errors"] == 0 and 0 < traffic["p50_ms"] <= traffic["p99_ms"], traffic
+    with local.client() as c:  # the same in Prometheus' form (GET /metrics, read by prometheus-client's parser)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for f in text_string_to_metric_families(c.get("/metrics").text) for s in f.samples}
+    echo = (("endpoint", "echo"),)
+    assert m[("fedml_gateway_requests_total", echo)] == 21 and m[("fedml_gateway_errors_total", echo)] == 0
+    assert m[("fedml_gateway_latency_seconds_count", echo)] == 21
+    assert m[("fedml_endpoint_replicas", (("endpoint", "echo"), ("state", "ready")))] == 2
     r = local("endpoint", "call", "echo", '{"x": 1}')
     assert r.returncode == 0 and json.loads(r.stdout)["echo"] == {"x": 1}, (r.stdout, r.stderr)
     r = local("run", "stop", run_id)

@@ -53,6 +53,8 @@ class Ctx:
         assert key is not None
         if key.scope == "join" and path != f"{API}/nodes/register":
             return 403, "a join token only registers nodes", None
+        if key.scope == "metrics":  # (GET /metrics checks its own key: it is not under the API)
+            return 403, "a metrics key only reads /metrics", None
         return 200, "", Principal(scope=key.scope, owner=key.owner, key_id=key.id)
 
     def named(self, runs: list[Run]) -> list[Run]:

@@ -19,11 +19,11 @@ def _public(k: ApiKey) -> dict[str, object]:
 @router.post("/keys", status_code=201)
 def create_key(name: str = Query(min_length=1, max_length=100), scope: str = Query(default="user"),
                who: Principal = Depends(admin), c: Ctx = Depends(ctx)) -> dict[str, object]:
-    if scope not in ("admin", "user"):
-        raise Invalid("scope must be admin or user (node keys are issued at registration)")
+    if scope not in ("admin", "user", "metrics"):
+        raise Invalid("scope must be admin, user or metrics (node keys are issued at registration)")
     if any(k.name == name and k.revoked_at is None and k.scope != "node" for k in c.store.list_keys()):
         raise Conflict(f"a key named {name} exists already")
-    key, secret = keys.issue(c.store, name=name, scope=scope, owner=name if scope == "user" else "admin")
+    key, secret = keys.issue(c.store, name=name, scope=scope, owner={"user": name, "metrics": "metrics"}.get(scope, "admin"))
     return {"key": _public(key), "secret": secret}
 
 

@@ -97,6 +97,7 @@ def _append(c: Ctx, run_id: str, body: LogBatch, who: Principal) -> JSONResponse
     except SeqGap as gap:
         return JSONResponse({"detail": f"log lines missing before seq {body.first_seq}",
                              "next_seq": gap.expected}, status_code=409)
+    c.sched.tally.add("log_lines", len(body.lines))  # (received: a resent batch counts again)
     c.notifier.notify(f"run:{run_id}")
     return JSONResponse({"next_seq": nxt})
 

@@ -26,6 +26,7 @@ class AgentsMixin(SchedulerBase):
         access.require_acts_for_node(who, node_id)
         now = time.time()
         before, runs = self.store.heartbeat_and_runs(node_id, now, ACTIVE)
+        self.tally.add("heartbeats")
         if not before:
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
                 self.store.touch_node(node_id, now)

@@ -41,6 +41,34 @@ def new_run_id() -> str:
     return "run-" + secrets.token_hex(8)
 
 
+# Queue waits (seconds from submission to a first placement) are counted in these buckets (GET /metrics).
+WAIT_BOUNDS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+
+class Tally:
+    """What this scheduler process has done since it started, as plain counters (exported by GET /metrics,
+    scheduler/routes/metrics.py): placements, runs created, heartbeats, log lines, and queue waits by bucket."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, float] = {"placements": 0, "runs_created": 0, "heartbeats": 0, "log_lines": 0}
+        self.waits = [0] * (len(WAIT_BOUNDS) + 1)  # per bucket (the last: above every bound)
+        self.wait_sum = 0.0
+
+    def add(self, name: str, n: float = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def waited(self, seconds: float) -> None:
+        with self._lock:
+            self.waits[bisect.bisect_left(WAIT_BOUNDS, seconds)] += 1
+            self.wait_sum += seconds
+
+    def snapshot(self) -> tuple[dict[str, float], list[int], float]:
+        with self._lock:
+            return dict(self.counts), list(self.waits), self.wait_sum
+
+
 class GroupCommit:
     """Concurrent submissions share one durable commit (Store.create_each: one SQLite transaction, one Redis round
     trip), each still committed before it is acknowledged: a submitter queues its run; whoever holds the writer's
@@ -173,6 +201,7 @@ class SchedulerBase:
         self._book_at = 0.0
         self._cands: Cands | None = None
         self._group = GroupCommit()  # single submissions (create_run) share durable commits
+        self.tally = Tally()
 
     NODE_CACHE_S = 2.0
 

@@ -295,8 +295,12 @@ class PlacementMixin(SchedulerBase):
 
     def _announce(self, runs: list[Run]) -> None:
         # After the commit: an agent woken by this must find its assignment in the store.
+        now = time.time()
         for run in runs:
             self.run_changed(run)
+            if run.attempt == 1:
+                self.tally.waited(now - run.created_at)
+        self.tally.add("placements", len(runs))
         runs.clear()
 
 

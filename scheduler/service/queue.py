@@ -90,6 +90,11 @@ class QueueMixin(SchedulerBase):
         self._queue_view = (seq, mono, view)
         return view
 
+    def gpus_held(self) -> dict[str, dict[int, str]]:
+        """node -> GPU -> the run holding it, as the book knows it now (GET /metrics)."""
+        with self._schedule_lock:
+            return {n: dict(g) for n, g in self._sync_book().held.items()}
+
     def _durations(self, mono: float) -> dict[tuple[str, str], float]:
         """(owner, name) -> the median duration of its latest finished runs."""
         got = self._history
