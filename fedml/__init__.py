@@ -30,10 +30,18 @@ def set_local_on_premise_platform_port(port: int) -> None:
     """FedML's on-premise platform port: no effect here (FEDML_SERVER names the scheduler)."""
 
 
+def log(metrics: dict[str, Any], step: int | None = None, customized_step_key: str | None = None,
+        commit: bool = True, **kw: Any) -> None:
+    """Report metrics from a job (`fedml.log({"loss": 0.3}, step=i)`): see fedml.mlops.log."""
+    from . import mlops
+
+    mlops.log(metrics, step=step, customized_step_key=customized_step_key, commit=commit, **kw)
+
+
 def __getattr__(name: str) -> Any:
-    if name == "api":  # imported when first used: `import fedml` stays as light as it can be
-        return importlib.import_module("fedml.api")
+    if name in ("api", "mlops"):  # imported when first used: `import fedml` stays as light as it can be
+        return importlib.import_module(f"fedml.{name}")
     raise AttributeError(f"module 'fedml' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "get_env_version", "set_env_version", "set_local_on_premise_platform_port"]
+__all__ = ["__version__", "get_env_version", "log", "set_env_version", "set_local_on_premise_platform_port"]

@@ -353,3 +353,117 @@ def _download_artifacts(api: Any, run: dict[str, Any], latest: dict[int, dict[st
         finally:
             os.unlink(tmp)
         _err(f"rank {rank}: {a['files']} file(s) -> {target}")
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 32) -> str:
+    """The last `width` values as block characters, lowest to highest."""
+    vals = values[-width:]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    if hi == lo:
+        return SPARK[3] * len(vals)
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / (hi - lo) * len(SPARK)))] for v in vals)
+
+
+def _metrics_table(rows: list[tuple[str, dict[str, Any]]], title: str | None = None) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", title=title)
+    for col in ("METRIC", "RUN", "RANK", "ATTEMPT", "LAST", "MIN", "MAX", "POINTS", ""):
+        table.add_column(col, overflow="fold")
+    for run_id, s in rows:
+        values = [p[1] for p in s["points"]]
+        table.add_row(s["name"], run_id, str(s["rank"]), str(s["attempt"]), f"{s['last']:.6g}",
+                      f"{min(values):.6g}", f"{max(values):.6g}", str(s["reported"]), sparkline(values))
+    return table
+
+
+@run_app.command("metrics")
+def run_metrics(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    name: Annotated[list[str] | None, typer.Option("--name", "-n", help="Only this metric (repeat for more).")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Redraw every 2 s until the run ends.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The metrics the run's job reported (`fedml.log({...}, step=i)` in Python, or a line
+    `FEDML_METRIC {"loss": 0.3}` printed from any language): latest, min, max and a sparkline per metric, rank
+    and attempt. --json gives every point ([step, value, time], at most 2,000 a series)."""
+    from .api import connect
+
+    api = connect()
+    params = {"name": name} if name else None
+
+    def read() -> dict[str, Any]:
+        return api.get(f"/runs/{run_id}/metrics", params=params)
+
+    got = read()
+    if as_json:
+        _print_json(got)
+        return
+    from rich.console import Group as RichGroup
+    from rich.text import Text
+
+    def render(m: dict[str, Any]) -> Any:
+        parts: list[Any] = []
+        if m["series"]:
+            parts.append(_metrics_table([(m["run_id"], s) for s in m["series"]]))
+        else:
+            parts.append(Text("no metrics yet: a job reports them with fedml.log({...}) or by printing "
+                              'FEDML_METRIC {"name": value}', style="dim"))
+        if m["ignored"]:
+            parts.append(Text(f"{m['ignored']} metric line(s) ignored; the latest: {m['ignored_why']}", style="yellow"))
+        if not m["complete"]:
+            parts.append(Text("(the log is long: read in part; run this again to read on)", style="dim"))
+        return RichGroup(*parts)
+
+    console = _console()
+    if not watch or got["status"] in TERMINAL:
+        console.print(render(got))
+        return
+    from rich.live import Live
+
+    with Live(render(got), console=console, refresh_per_second=2) as live:
+        while got["status"] not in TERMINAL:
+            time.sleep(2)
+            got = read()
+            live.update(render(got))
+
+
+@run_app.command("compare")
+def run_compare(
+    run_ids: Annotated[list[str], typer.Argument(metavar="RUN_ID...", help="Two or more runs (a sweep's points).")],
+    name: Annotated[list[str] | None, typer.Option("--name", "-n", help="Only this metric (repeat for more).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One metric across runs, side by side: latest, min, max and a sparkline of each run's rank 0, latest
+    attempt (the others with --json)."""
+    from .api import connect
+
+    if len(run_ids) < 2:
+        raise CliError("compare takes two or more runs", USAGE)
+    api = connect()
+    params = {"name": name} if name else None
+    got = [api.get(f"/runs/{r}/metrics", params=params) for r in run_ids]
+    if as_json:
+        _print_json({"runs": got})
+        return
+    by_name: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for m in got:
+        latest: dict[str, dict[str, Any]] = {}
+        for s in m["series"]:
+            if s["rank"] == 0 and (s["name"] not in latest or s["attempt"] > latest[s["name"]]["attempt"]):
+                latest[s["name"]] = s
+        for metric, s in latest.items():
+            by_name.setdefault(metric, []).append((m["run_id"], s))
+    console = _console()
+    if not by_name:
+        console.print("none of these runs reported metrics" + (f" named {', '.join(name)}" if name else ""))
+        return
+    for metric in sorted(by_name):
+        console.print(_metrics_table(by_name[metric], title=metric))

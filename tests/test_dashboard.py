@@ -196,6 +196,7 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
 
     # a run launched from the CLI appears by itself (pushed), and its lines arrive live
     job = write_job(tmp_path / "talk", 'for i in $(seq 1 40); do echo "line $i"; sleep 0.05; done\n'
+                    'for i in 1 2 3 4 5; do echo "FEDML_METRIC {\\"loss\\": $((10 - i)), \\"step\\": $i}"; done\n'
                     "echo '<script>window.pwned = 1</script><b>bold</b>'\nsleep 60")
     r = fedml("launch", str(job), "--detach")
     assert r.returncode == 0, r.stderr
@@ -206,6 +207,9 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     page.wait_for_selector("#log .row >> text=line 40", timeout=30_000)
     page.wait_for_selector("#log .row >> text=<script>window.pwned = 1</script><b>bold</b>", timeout=15_000)
     assert page.evaluate("window.pwned") is None and page.locator("#log b").count() == 0  # shown as text
+    page.wait_for_selector('#metrics figure[data-metric="loss"] polyline', timeout=15_000)  # the job's metrics, plotted
+    assert "loss 5" in page.inner_text('#metrics figure[data-metric="loss"] figcaption')
+    assert "null" not in page.inner_text("#metrics")
     page.select_option("#rank", "0")
     page.wait_for_selector("#log .row >> text=line 3")
     page.select_option("#attempt", "1")  # (the scheduler filters: rank 0's lines of attempt 1)

@@ -73,6 +73,9 @@ def test_federate_template_three_clients_on_three_nodes(cluster: Cluster) -> Non
     assert accs[-1] > accs[0] and max(accs[1:]) > accs[0], accs
     final = final_of(logs[0])
     assert final >= 0.85 and final == accs[-1], logs[0]
+    m = {s["name"]: s for s in c.json("run", "metrics", run_id)["series"]}  # a point per round (job metrics)
+    assert [p[0] for p in m["accuracy"]["points"]] == [1, 2, 3, 4, 5]
+    assert [round(p[1], 4) for p in m["accuracy"]["points"]] == accs and m["clients"]["last"] == 3
     for rank in (1, 2, 3):
         assert any(ln.startswith(f"client {rank}: round 5 trained") for ln in logs[rank]), logs[rank]
         assert f"client {rank}: server done after 5 rounds of ours" in logs[rank], logs[rank]

@@ -51,6 +51,10 @@ def test_train_template_finishes_with_accuracy_and_keeps_its_checkpoint(shared_f
     acc = float(re.search(r"^final accuracy ([0-9.]+)$", r.stdout, re.M).group(1))  # type: ignore[union-attr]
     assert acc >= 0.9
     run_id = r.stderr.split("Run ")[1].split()[0]
+    # the same figures as job metrics (fedml.log in the template): a loss per epoch, the accuracy at the end
+    m = {s["name"]: s for s in json.loads(shared_fedml("run", "metrics", run_id, "--json").stdout)["series"]}
+    assert [p[0] for p in m["loss"]["points"]] == list(range(1, 13))
+    assert [round(p[1], 4) for p in m["loss"]["points"]] == losses and round(m["accuracy"]["last"], 4) == acc
     listed = json.loads(shared_fedml("run", "artifacts", run_id, "--json").stdout)
     assert [(a["rank"], a["files"]) for a in listed] == [(0, 1)]
     out = tmp_path / "out"

@@ -7,13 +7,14 @@ Every method that takes a Principal asks scheduler/access.py who may do what.
 from .agents import AgentsMixin
 from .clusters import ClustersMixin
 from .core import ACTIVE, LOCAL, new_run_id
+from .metrics import MetricsMixin
 from .nodes import NodesMixin
 from .placing import PlacementMixin
 from .queue import QueueMixin
 from .runs import RunsMixin
 
 
-class Scheduler(RunsMixin, NodesMixin, ClustersMixin, AgentsMixin, PlacementMixin, QueueMixin):
+class Scheduler(RunsMixin, NodesMixin, ClustersMixin, AgentsMixin, PlacementMixin, QueueMixin, MetricsMixin):
     """The one object routes and tests drive; each noun's methods live in their own module."""
 
 

@@ -223,6 +223,7 @@ function table(cols, rows, id) {
 // ---- one run: details, timeline, actions, logs -------------------------------------------------------------
 function runPage(runId) {
   let logs = null;
+  let plots = null;
   const page = view(`Run ${runId}`, async (pg) => {
     const r = await api(`/runs/${encodeURIComponent(runId)}`);
     const rows = [["Name", r.name], ["Owner", r.owner], ["Status", chip(r.status)], ["Reason", r.reason || "-"],
@@ -254,6 +255,7 @@ function runPage(runId) {
       (again) => { location.hash = `#/run/${encodeURIComponent(again.id)}`; }) : null;
     if (!logs) logs = logView(r);
     else logs.update(r);
+    if (!plots) plots = metricsView(r);
     // As submitted: the file's text when it came as one (`fedml launch`), else the document it was sent as.
     const spec = h("details", { id: "spec" }, h("summary", {}, r.job_text ? `Job file${r.job_file ? ` (${r.job_file})` : ""}, as submitted` : "Job spec"),
       h("pre", {}, r.job_text || JSON.stringify(r.job, null, 2)));
@@ -274,9 +276,9 @@ function runPage(runId) {
           href: `/api/v1/runs/${encodeURIComponent(runId)}/artifacts/${a.rank}`, download: `${runId}-rank${a.rank}-artifacts.tar.gz` },
           "Download")))), "artifacts")] : null;
     return [h("div", { class: "bar" }, stop, retry, err), details, h("h2", {}, "Timeline"), timeline, ranks, arts, spec, env,
-            h("h2", {}, "Logs"), logs.el];
+            h("h2", {}, "Metrics"), plots.el, h("h2", {}, "Logs"), logs.el];
   }, null, ["run"]);
-  page.close = () => logs && logs.close();
+  page.close = () => { if (logs) logs.close(); if (plots) plots.close(); };
   return page;
 }
 
@@ -423,6 +425,60 @@ function logView(run) {
     },
     close() { if (st.reader) st.reader.abort(); },
   };
+}
+
+// ---- a run's metrics: a small line plot per metric, a line per rank and attempt ---------------------------------
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs, ...kids) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+  for (const k of kids) e.append(k instanceof Node ? k : document.createTextNode(String(k)));
+  return e;
+}
+const RANK_COLOURS = ["#0b5fff", "#8e44ad", "#16a085", "#d35400", "#2980b9", "#c0392b"];
+
+function metricsView(run) {
+  // Read from GET /runs/ID/metrics (what the job reported with fedml.log or FEDML_METRIC lines); re-read every
+  // 5 s while the run goes on.
+  const el = h("div", { id: "metrics" });
+  let timer = null;
+  async function load() {
+    let m;
+    try { m = await api(`/runs/${encodeURIComponent(run.id)}/metrics`); } catch (e) { el.replaceChildren(say(e.message)); return; }
+    const by = {};
+    for (const s of m.series) (by[s.name] = by[s.name] || []).push(s);
+    const names = Object.keys(by).sort();
+    if (!names.length) {
+      el.replaceChildren(h("p", { class: "muted" }, "No metrics: a job reports them with fedml.log({\"loss\": 0.3}, step=i), or by printing a line FEDML_METRIC {\"loss\": 0.3}."));
+    } else {
+      el.replaceChildren(h("div", { class: "plots" }, names.map((n) => plot(n, by[n]))),
+        ...(m.ignored ? [h("p", { class: "muted" }, `${m.ignored} metric line(s) ignored; the latest: ${m.ignored_why}`)] : []));
+    }
+    clearTimeout(timer);
+    if (!TERMINAL.has(m.status)) timer = setTimeout(load, 5000);
+  }
+  function plot(name, series) {
+    const W = 320, H = 140, L = 44, B = 18;
+    const pts = series.flatMap((s) => s.points);
+    const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
+    const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const sx = (x) => L + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (W - L - 6);
+    const sy = (y) => 6 + (y1 === y0 ? 0.5 : 1 - (y - y0) / (y1 - y0)) * (H - B - 12);
+    const fmt = (v) => (Math.abs(v) >= 1000 || (v !== 0 && Math.abs(v) < 0.01) ? v.toExponential(1) : +v.toFixed(3));
+    const lines = series.map((s) => svg("polyline", { fill: "none", "stroke-width": 1.5, stroke: RANK_COLOURS[s.rank % 6],
+      "stroke-dasharray": s.attempt > 1 ? "4 2" : "none", points: s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ") },
+      svg("title", {}, `rank ${s.rank}, attempt ${s.attempt}: last ${fmt(s.last)}`)));
+    const graph = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": `${name} by step` },
+      svg("line", { x1: L, y1: H - B, x2: W - 4, y2: H - B, class: "axis" }), svg("line", { x1: L, y1: 4, x2: L, y2: H - B, class: "axis" }),
+      svg("text", { x: L - 4, y: 12, "text-anchor": "end", class: "tick" }, fmt(y1)),
+      svg("text", { x: L - 4, y: H - B, "text-anchor": "end", class: "tick" }, fmt(y0)),
+      svg("text", { x: L, y: H - 4, class: "tick" }, fmt(x0)), svg("text", { x: W - 4, y: H - 4, "text-anchor": "end", class: "tick" }, fmt(x1)),
+      ...lines);
+    const last = series.map((s) => `${series.length > 1 ? `r${s.rank}/a${s.attempt} ` : ""}${fmt(s.last)}`).join(", ");
+    return h("figure", { class: "plot", "data-metric": name }, graph, h("figcaption", {}, h("b", {}, name), ` ${last}`));
+  }
+  load();
+  return { el, close() { clearTimeout(timer); } };
 }
 
 // ---- the queue ---------------------------------------------------------------------------------------------

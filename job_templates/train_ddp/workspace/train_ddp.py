@@ -38,6 +38,11 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+try:
+    import fedml  # installed with the agent on every node: fedml.log reports metrics (light: no torch of its own)
+except ImportError:  # run by hand elsewhere: figures only printed
+    fedml = None
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
@@ -132,12 +137,16 @@ def main() -> int:
             total += loss.item() * len(yb)
             n += len(yb)
         line = f"epoch {epoch}/{args.epochs} loss {total / max(n, 1):.4f}"
+        figures = {"loss": total / max(n, 1)}
         if rank == 0:
             model.eval()
             with torch.no_grad():
                 acc = (model.module(x_test).argmax(1) == y_test).float().mean().item()
             line += f" accuracy {acc:.4f}"
+            figures["accuracy"] = acc
         print(line)
+        if fedml is not None:  # each rank's own curve (`fedml run metrics RUN`)
+            fedml.log(figures, step=epoch)
 
     digest = state_sha256(model.module)
     if rank == 0:

@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from scheduler.contract.metrics import line as metric_line
+
 from .common import MAX_BODY, FederateConfig, FederateError, _log, bytes_to_state, fedavg, state_to_bytes
 
 
@@ -233,6 +235,9 @@ class FedAvgServer:
             else:
                 _log(f"round {r} done ({len(got)} clients)")
             _log(f"round {r}: {samples} samples from clients {sorted(got)}, {took:.2f} s")
+            # The round's figures as job metrics (`fedml run metrics RUN`: a curve per round).
+            _log(metric_line({"clients": len(got), "samples": samples, "round_seconds": took,
+                              **({"accuracy": acc} if acc is not None else {})}, step=r))
         if acc is not None:
             _log(f"final accuracy {acc:.4f}")
         self._save()

@@ -1,0 +1,109 @@
+"""Job metrics (`fedml run metrics`, the dashboard's plots): read out of the run's stored log, where jobs print
+them (scheduler/contract/metrics.py). Each run's series are kept here as they are read, and only lines stored
+since the last read are parsed the next time; a restarted scheduler (or another replica) reads the log again.
+
+Bounded: at most MAX_SERIES series a run (name, rank, attempt), each thinned to at most MAX_POINTS points
+(every other point dropped when it is full: an even sample of the whole run, the latest point always kept);
+at most CACHED runs held; a read parses at most SCAN_LINES new lines and says when there is more.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..contract.metrics import parse
+from ..contract.models import Principal
+from .core import SchedulerBase
+
+MAX_SERIES = 1000
+MAX_POINTS = 2000
+CACHED = 256
+SCAN_LINES = 1_000_000
+WINDOW = 5000
+
+
+@dataclass
+class _Series:
+    points: list[tuple[float, float, float]] = field(default_factory=list)  # (step, value, ts)
+    every: int = 1  # points kept: every n-th reported (doubled each time the list is full)
+    seen: int = 0  # points reported
+    last: tuple[float, float, float] | None = None
+
+    def add(self, step: float, value: float, ts: float) -> None:
+        self.seen += 1
+        self.last = (step, value, ts)
+        if (self.seen - 1) % self.every == 0:
+            self.points.append(self.last)
+            if len(self.points) >= MAX_POINTS:
+                self.points = self.points[::2]
+                self.every *= 2
+
+
+@dataclass
+class _RunMetrics:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pos: int = -1  # the last log position read
+    series: dict[tuple[str, int, int], _Series] = field(default_factory=dict)
+    ignored: int = 0
+    why: str | None = None  # the latest reason a metric line was ignored
+    dropped: int = 0  # values of series beyond MAX_SERIES
+
+
+class MetricsMixin(SchedulerBase):
+    _metrics: OrderedDict[str, _RunMetrics] | None = None
+    _metrics_lock = threading.Lock()
+
+    def run_metrics(self, run_id: str, who: Principal, names: set[str] | None = None) -> dict[str, Any]:
+        """The run's metric series read so far from its log (all of it unless more than SCAN_LINES lines came
+        since the last read: then `complete` is false and the next read goes on)."""
+        run = self.get_run(run_id, who)  # (NotFound: not theirs)
+        with self._metrics_lock:
+            if self._metrics is None:
+                self._metrics = OrderedDict()
+            state = self._metrics.get(run_id)
+            if state is None:
+                state = self._metrics[run_id] = _RunMetrics()
+                while len(self._metrics) > CACHED:
+                    self._metrics.popitem(last=False)
+            self._metrics.move_to_end(run_id)
+        with state.lock:
+            complete = self._read(run_id, state)
+            series = [{"name": name, "rank": rank, "attempt": attempt, "points": [list(p) for p in s.points]
+                       + ([list(s.last)] if s.last is not None and s.points[-1] != s.last else []),
+                       "reported": s.seen, "last": s.last[1] if s.last else None}
+                      for (name, rank, attempt), s in sorted(state.series.items())
+                      if names is None or name in names]
+            return {"run_id": run.id, "status": run.status.value, "series": series, "ignored": state.ignored,
+                    "ignored_why": state.why, "dropped": state.dropped, "read_to": state.pos, "complete": complete}
+
+    def _read(self, run_id: str, state: _RunMetrics) -> bool:
+        scanned = 0
+        while scanned < SCAN_LINES:
+            rows = self.store.read_logs(run_id, state.pos, WINDOW)
+            if not rows:
+                return True
+            for r in rows:
+                got = parse(r.line)
+                if got is None:
+                    continue
+                if got.problem is not None:
+                    state.ignored += 1
+                    state.why = f"line {r.pos}: {got.problem}"
+                    continue
+                for name, value in got.values.items():
+                    key = (name, r.rank, r.attempt)
+                    s = state.series.get(key)
+                    if s is None:
+                        if len(state.series) >= MAX_SERIES:
+                            state.dropped += 1
+                            continue
+                        s = state.series[key] = _Series()
+                    s.add(float(got.step) if got.step is not None else float(s.seen), value, r.ts)
+            state.pos = rows[-1].pos
+            scanned += len(rows)
+            if len(rows) < WINDOW:
+                return True
+        return False
