@@ -332,36 +332,24 @@ def test_a_version_3_sqlite_database_keeps_its_log_lines_as_chunks(tmp_path: Pat
     db.close()
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_log_reads_of_one_attempt_include_its_late_lines(kind: str, tmp_path: Path) -> None:
+def test_log_reads_of_one_attempt_include_its_late_lines(store: Store) -> None:
     """An attempt's lines, also those its node sent after the next attempt had begun (docs: an earlier attempt's
     lines are kept under it), and with a rank filter too."""
-    if kind == "sqlite":
-        s: Store = SQLiteStore(tmp_path / "attempts.db")
-    else:
-        from scheduler.redis_store import RedisStore
-
-        s = RedisStore(redis_url())
-    try:
-        run = s.create_run(mk_run())
-        s.append_logs(run.id, 1, 0, 0, [(1.0, "stdout", "a1 r0 0"), (1.0, "stdout", "a1 r0 1")])
-        s.append_logs(run.id, 1, 1, 0, [(1.0, "stdout", "a1 r1 0")])
-        s.append_logs(run.id, 2, 0, 0, [(2.0, "stdout", "a2 r0 0")])
-        s.append_logs(run.id, 1, 0, 2, [(1.5, "stdout", "a1 r0 2 (late)")])
-        s.append_logs(run.id, 2, 1, 0, [(2.0, "stdout", "a2 r1 0")])
-        lines = lambda **kw: [r.line for r in s.read_logs(run.id, -1, 100, **kw)]  # noqa: E731
-        assert lines(attempt=1) == ["a1 r0 0", "a1 r0 1", "a1 r1 0", "a1 r0 2 (late)"]
-        assert lines(attempt=2) == ["a2 r0 0", "a2 r1 0"]
-        assert lines(attempt=1, rank=0) == ["a1 r0 0", "a1 r0 1", "a1 r0 2 (late)"]
-        assert [r.line for r in s.read_logs(run.id, 1, 1, attempt=1)] == ["a1 r1 0"]  # a window after pos 1
-        _, nd = s.read_logs_ndjson(run.id, -1, 100, 1, attempt=2)
-        assert [json.loads(x)["line"] for x in nd.splitlines()] == ["a2 r1 0"]
-        _, text = s.read_logs_text(run.id, -1, 100, None, attempt=2)
-        assert text.decode().splitlines() == ["3\t0\to\ta2 r0 0", "5\t1\to\ta2 r1 0"]
-    finally:
-        if kind == "redis":
-            s.wipe()  # type: ignore[attr-defined]
-        s.close()
+    run = store.create_run(mk_run())
+    store.append_logs(run.id, 1, 0, 0, [(1.0, "stdout", "a1 r0 0"), (1.0, "stdout", "a1 r0 1")])
+    store.append_logs(run.id, 1, 1, 0, [(1.0, "stdout", "a1 r1 0")])
+    store.append_logs(run.id, 2, 0, 0, [(2.0, "stdout", "a2 r0 0")])
+    store.append_logs(run.id, 1, 0, 2, [(1.5, "stdout", "a1 r0 2 (late)")])
+    store.append_logs(run.id, 2, 1, 0, [(2.0, "stdout", "a2 r1 0")])
+    lines = lambda **kw: [r.line for r in store.read_logs(run.id, -1, 100, **kw)]  # noqa: E731
+    assert lines(attempt=1) == ["a1 r0 0", "a1 r0 1", "a1 r1 0", "a1 r0 2 (late)"]
+    assert lines(attempt=2) == ["a2 r0 0", "a2 r1 0"]
+    assert lines(attempt=1, rank=0) == ["a1 r0 0", "a1 r0 1", "a1 r0 2 (late)"]
+    assert [r.line for r in store.read_logs(run.id, 1, 1, attempt=1)] == ["a1 r1 0"]  # a window after pos 1
+    _, nd = store.read_logs_ndjson(run.id, -1, 100, 1, attempt=2)
+    assert [json.loads(x)["line"] for x in nd.splitlines()] == ["a2 r1 0"]
+    _, text = store.read_logs_text(run.id, -1, 100, None, attempt=2)
+    assert text.decode().splitlines() == ["3\t0\to\ta2 r0 0", "5\t1\to\ta2 r1 0"]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
