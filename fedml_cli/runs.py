@@ -393,7 +393,7 @@ def run_metrics(
 ) -> None:
     """The metrics the run's job reported (`fedml.log({...}, step=i)` in Python, or a line
     `FEDML_METRIC {"loss": 0.3}` printed from any language): latest, min, max and a sparkline per metric, rank
-    and attempt. --json gives every point ([step, value, time], at most 2,000 a series)."""
+    and attempt. --json gives every point ([step, value, time], at most 1,000 a series)."""
     from .api import connect
 
     api = connect()

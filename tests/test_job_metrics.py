@@ -99,3 +99,32 @@ def test_a_job_s_metrics_are_shown_within_seconds_and_compared_across_runs(fedml
     both = fedml("run", "compare", run_id, other, "-n", "loss")
     assert both.returncode == 0 and run_id in both.stdout and other in both.stdout, both.stdout
     assert "acc" not in both.stdout
+
+
+@pytest.mark.unit
+def test_what_the_scheduler_keeps_of_a_run_s_metrics_is_bounded(tmp_path: Path) -> None:
+    """A job printing more points and names than are kept: each series is thinned to an even sample of the whole
+    run with its latest point, and series past the limit are counted as dropped."""
+    import random
+
+    from scheduler.contract.models import Principal, Run
+    from scheduler.notify import Notifier
+    from scheduler.service import Scheduler
+    from scheduler.service.metrics import MAX_POINTS, MAX_SERIES
+    from scheduler.sqlite_store import SQLiteStore
+
+    s = Scheduler(SQLiteStore(tmp_path / "s.db"), Notifier(), rng=random.Random(1))
+    run = s.store.create_run(Run(id="run-m", name="m", job={"job": "x"}, owner="alice"))
+    n = 5 * MAX_POINTS + 3
+    s.store.append_logs(run.id, 1, 0, 0, [(float(i), "stdout", line({"loss": i}, step=i)) for i in range(n)])
+    wide = [(0.0, "stdout", line({f"m{j}": 1.0 for j in range(k, k + 100)})) for k in range(0, MAX_SERIES + 100, 100)]
+    s.store.append_logs(run.id, 1, 1, 0, wide)
+    got = s.run_metrics(run.id, Principal(scope="user", owner="alice", key_id="k1"))
+    loss = next(x for x in got["series"] if x["name"] == "loss")
+    steps = [p[0] for p in loss["points"]]
+    assert len(steps) <= MAX_POINTS + 1 and steps[0] == 0 and steps[-1] == n - 1 and loss["reported"] == n
+    gaps = {b - a for a, b in zip(steps[:-2], steps[1:-1], strict=True)}
+    assert len(gaps) == 1  # evenly spaced (the latest point aside)
+    assert len(got["series"]) == MAX_SERIES and got["dropped"] > 0
+    with pytest.raises(Exception, match="not found"):
+        s.run_metrics(run.id, Principal(scope="user", owner="bob", key_id="k2"))

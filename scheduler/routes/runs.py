@@ -139,7 +139,7 @@ def retry_run(run_id: str, who: Principal = Depends(auth), c: Ctx = Depends(ctx)
 def run_metrics(run_id: str, name: list[str] | None = Query(default=None, max_length=100),
                 who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> dict[str, object]:
     """The metrics the run's job reported (`fedml.log`, or `FEDML_METRIC {...}` lines), per name, rank and
-    attempt: [step, value, time] points, thinned to at most 2,000 a series (`name`: only those)."""
+    attempt: [step, value, time] points, thinned to at most 1,000 a series (`name`: only those)."""
     return c.sched.run_metrics(run_id, who, set(name) if name else None)
 
 

@@ -2,14 +2,16 @@
 them (scheduler/contract/metrics.py). Each run's series are kept here as they are read, and only lines stored
 since the last read are parsed the next time; a restarted scheduler (or another replica) reads the log again.
 
-Bounded: at most MAX_SERIES series a run (name, rank, attempt), each thinned to at most MAX_POINTS points
-(every other point dropped when it is full: an even sample of the whole run, the latest point always kept);
-at most CACHED runs held; a read parses at most SCAN_LINES new lines and says when there is more.
+Bounded, whatever a job prints: at most MAX_SERIES series a run (name, rank, attempt), each thinned to at most
+MAX_POINTS points (every other point dropped when it is full: an even sample of the whole run, the latest point
+always kept), held as arrays of doubles (24 bytes a point: 6 MiB a run at most); at most CACHED runs held; a read
+parses at most SCAN_LINES new lines and says when there is more.
 """
 
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,28 +20,38 @@ from ..contract.metrics import parse
 from ..contract.models import Principal
 from .core import SchedulerBase
 
-MAX_SERIES = 1000
-MAX_POINTS = 2000
-CACHED = 256
+MAX_SERIES = 256
+MAX_POINTS = 1000
+CACHED = 32
 SCAN_LINES = 1_000_000
 WINDOW = 5000
 
 
 @dataclass
 class _Series:
-    points: list[tuple[float, float, float]] = field(default_factory=list)  # (step, value, ts)
-    every: int = 1  # points kept: every n-th reported (doubled each time the list is full)
+    steps: array = field(default_factory=lambda: array("d"))
+    values: array = field(default_factory=lambda: array("d"))
+    stamps: array = field(default_factory=lambda: array("d"))
+    every: int = 1  # points kept: every n-th reported (doubled each time the arrays are full)
     seen: int = 0  # points reported
-    last: tuple[float, float, float] | None = None
+    last: tuple[float, float, float] | None = None  # (step, value, ts)
 
     def add(self, step: float, value: float, ts: float) -> None:
         self.seen += 1
         self.last = (step, value, ts)
         if (self.seen - 1) % self.every == 0:
-            self.points.append(self.last)
-            if len(self.points) >= MAX_POINTS:
-                self.points = self.points[::2]
+            self.steps.append(step)
+            self.values.append(value)
+            self.stamps.append(ts)
+            if len(self.steps) >= MAX_POINTS:
+                self.steps, self.values, self.stamps = self.steps[::2], self.values[::2], self.stamps[::2]
                 self.every *= 2
+
+    def points(self) -> list[list[float]]:
+        out = [[s, v, t] for s, v, t in zip(self.steps, self.values, self.stamps, strict=True)]
+        if self.last is not None and (not out or tuple(out[-1]) != self.last):
+            out.append(list(self.last))  # (the latest, also when thinning skipped it)
+        return out
 
 
 @dataclass
@@ -71,8 +83,7 @@ class MetricsMixin(SchedulerBase):
             self._metrics.move_to_end(run_id)
         with state.lock:
             complete = self._read(run_id, state)
-            series = [{"name": name, "rank": rank, "attempt": attempt, "points": [list(p) for p in s.points]
-                       + ([list(s.last)] if s.last is not None and s.points[-1] != s.last else []),
+            series = [{"name": name, "rank": rank, "attempt": attempt, "points": s.points(),
                        "reported": s.seen, "last": s.last[1] if s.last else None}
                       for (name, rank, attempt), s in sorted(state.series.items())
                       if names is None or name in names]
