@@ -219,11 +219,34 @@ def run_status(
     for a in r.get("attempts") or []:  # earlier attempts: where each ran and why it ended
         nodes = ",".join(_node(r, p["node_id"]) for p in a.get("placements") or []) or "-"
         rows.append((f"attempt {a['attempt']}", f"on {nodes}: {escape(a.get('reason') or '-')}"))
+    if r["status"] == "QUEUED":  # its place in line, who is ahead, and about when it starts (GET /queue)
+        rows += _standing(api.get("/queue", params={"run": r["id"]}))
     console = Console()
     for k, v in rows:
         console.print(f"[bold]{k:>10}[/bold]  {v}")
     if explain:
         _explain(console, r)
+
+
+def _standing(q: dict[str, Any]) -> list[tuple[str, str]]:
+    from rich.markup import escape
+
+    if q["held"]:
+        return [("in line", "not yet: " + escape(q["held"][0]["reason"]))]
+    if not q["runs"]:
+        return []
+    s = q["runs"][0]
+    a = s["ahead"]
+    ahead = (f"{a['runs']} run(s), {a['gpus']} GPU(s): " + ", ".join(f"{o['owner']} {o['runs']}/{o['gpus']} GPUs"
+                                                                     for o in a["owners"][:5])) if a["runs"] else "nobody"
+    if s["start_at"] is None:
+        starts = f"no estimate: {escape(s['no_basis'] or '-')}"
+    else:
+        wait = max(0.0, s["start_at"] - q["now"])
+        starts = "at the next pass" if wait < 1 else (f"in about {_duration(wait)} "
+                                                      f"({time.strftime('%H:%M', time.localtime(s['start_at']))}; "
+                                                      f"from {s['basis']})")
+    return [("in line", f"{s['position']} of {q['total']}"), ("ahead", ahead), ("starts", starts)]
 
 
 def _explain(console: Any, r: dict[str, Any]) -> None:

@@ -263,6 +263,8 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     assert [r["id"] for r in said["runs"]] == [queued] and said["held"][0]["reason"] == f"waiting for {first} to end"
     plain = fedml("queue")
     assert plain.returncode == 0 and queued in plain.stdout and "no node with 1 free GPU" in plain.stdout, plain.stdout
+    status = fedml("run", "status", queued).stdout  # its standing in `fedml run status` too
+    assert re.search(r"in line\s+1 of 1", status) and re.search(r"starts\s+in about (9|10)m", status), status
     for done in (first, queued):
         assert fedml("run", "stop", done).returncode == 0
 

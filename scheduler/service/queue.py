@@ -11,6 +11,7 @@ from .. import access
 from ..contract.models import Principal, Run, RunStatus
 from ..placement import Candidate, Request, could_use, not_draining, online, usable_gpus
 from ..queueview import INF, Entry, Gpu, median, stand
+from ..store import NotFound
 from .core import SchedulerBase
 
 HISTORY_S = 60.0  # finished runs' durations are re-read this often
@@ -27,14 +28,16 @@ class QueueMixin(SchedulerBase):
     _ends: dict[str, tuple[float, str | None]] | None = None  # active run -> (expected end or INF, why none)
     _queue_view: tuple[int, float, dict[str, Any]] | None = None
 
-    def queue(self, who: Principal, *, limit: int = 100, mine: bool = False) -> dict[str, Any]:
+    def queue(self, who: Principal, *, limit: int = 100, mine: bool = False, run: str | None = None) -> dict[str, Any]:
         """Pending runs in the order passes consider them, those the caller may see (a user: their own; the
         runs ahead of theirs are counted by owner and size, not shown). Runs waiting for other runs to end, or
-        for their sweep to have room, are listed apart: passes do not consider them yet."""
+        for their sweep to have room, are listed apart: passes do not consider them yet. `run`: that one only."""
+        if run is not None and ((got := self.store.get_run(run)) is None or not access.may_see_run(who, got)):
+            raise NotFound(f"run {run} not found")
         view = self._whole_queue()
         owner = access.runs_listed_for(who) or (who.owner if mine else None)
-        rows = [r for r in view["runs"] if owner is None or r["owner"] == owner]
-        held = [r for r in view["held"] if owner is None or r["owner"] == owner]
+        rows = [r for r in view["runs"] if (owner is None or r["owner"] == owner) and run in (None, r["id"])]
+        held = [r for r in view["held"] if (owner is None or r["owner"] == owner) and run in (None, r["id"])]
         return {"now": view["now"], "took_s": view["took_s"], "total": view["total"], "shown": len(rows[:limit]),
                 "runs": rows[:limit], "held": held[:limit]}
 
