@@ -263,6 +263,27 @@ def dashboard(
         webbrowser.open(url)
 
 
+notify_app = typer.Typer(help="Webhooks of your runs (`notify:` in a job: docs/notify.md).", no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
+
+
+@notify_app.command("secret")
+def notify_secret(
+    owner: Annotated[str | None, typer.Option("--owner", help="Another owner's (admin only).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the secret your runs' webhooks are signed with: a receiver checks that the X-Fedml-Signature header
+    is "sha256=" followed by the hex HMAC-SHA256 of the request body, keyed by this secret."""
+    from .api import connect
+
+    got = connect().get("/webhooks/secret", params={"owner": owner} if owner else None)
+    if as_json:
+        _print_json(got)
+        return
+    sys.stdout.write(got["secret"] + "\n")
+    _err(f"Webhooks of {got['owner']}'s runs are signed with the secret above ({got['header']}: {got['signature']}).")
+
+
 @app.command()
 def queue(
     mine: Annotated[bool, typer.Option("--mine", help="An admin's own runs only (a user sees only theirs).")] = False,

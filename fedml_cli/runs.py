@@ -219,6 +219,11 @@ def run_status(
     for a in r.get("attempts") or []:  # earlier attempts: where each ran and why it ended
         nodes = ",".join(_node(r, p["node_id"]) for p in a.get("placements") or []) or "-"
         rows.append((f"attempt {a['attempt']}", f"on {nodes}: {escape(a.get('reason') or '-')}"))
+    for d in (r.get("deliveries") or [])[-5:]:  # its webhooks (notify: in the job), the latest
+        how = f"HTTP {d['code']}" if d.get("code") else escape(d.get("error") or "-")
+        rows.append(("webhook", f"{d['event']} (attempt {d['attempt']}) -> {escape(d['url'])}: "
+                                f"[{'green' if d['state'] == 'delivered' else 'red'}]{d['state']}[/] after "
+                                f"{d['tries']} tr{'y' if d['tries'] == 1 else 'ies'} ({how})"))
     if r["status"] == "QUEUED":  # its place in line, who is ahead, and about when it starts (GET /queue)
         rows += _standing(api.get("/queue", params={"run": r["id"]}))
     console = Console()

@@ -37,6 +37,9 @@ def scheduler_start(
                                                                         "(the newest; default 1,000,000).")] = None,
     gpus: Annotated[str | None, typer.Option(help="GPUs the local agent declares when NVML sees none, "
                                                   "e.g. A100-80G:2.")] = None,
+    webhook_allow: Annotated[str | None, typer.Option(help="Networks besides public addresses that jobs' webhooks "
+                                                           "may reach, e.g. 10.1.0.0/16,127.0.0.0/8 (default: none).")]
+    = None,
 ) -> None:
     """Run a scheduler in the foreground (Ctrl-C stops it). State lives in the user data dir (FEDML_HOME).
 
@@ -51,7 +54,8 @@ def scheduler_start(
         pass
     args = ["--host", host, "--port", str(port), "--max-workspace-mb", str(max_workspace_mb),
             "--heartbeat-interval", str(heartbeat_interval), "--run-as", run_as, "--store", store]
-    for flag, value in (("--blob-dir", blob_dir), ("--log-retention-lines", log_retention_lines), ("--gpus", gpus)):
+    for flag, value in (("--blob-dir", blob_dir), ("--log-retention-lines", log_retention_lines), ("--gpus", gpus),
+                        ("--webhook-allow", webhook_allow)):
         if value is not None:
             args += [flag, str(value)]
     if agent is not None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -31,6 +33,7 @@ from .routes.inference import PREFIX, Inference
 from .service import Scheduler
 from .storage import NamedStorage
 from .store import Store
+from .webhooks import Webhooks
 
 log = logging.getLogger("fedml.scheduler")
 ROUTERS = (system, blob_routes, storage, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys, queue, metrics, ui)
@@ -45,6 +48,9 @@ class Settings:
     max_log_batch_mb: int = 32
     max_inference_mb: int = 64
     listen: tuple[str, int] | None = None  # our own address: the gateway never proxies to it
+    webhook_allow: list[Any] = field(default_factory=list)  # networks webhooks may reach besides public ones
+    # Seconds before a webhook's first retry (doubling): tests make it short.
+    webhook_backoff: float = field(default_factory=lambda: float(os.environ.get("FEDML_WEBHOOK_BACKOFF", "1")))
 
 
 def out_of_space(exc: BaseException) -> str | None:
@@ -163,14 +169,18 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                  asyncio.create_task(autoscale_loop()), asyncio.create_task(health_loop())]
         yield
         await gateway.close()
+        hooks.close()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    hooks = Webhooks(settings.blob_dir / "webhook.key", sched.record_delivery, allow=settings.webhook_allow,
+                     backoff=settings.webhook_backoff)
+    sched.on_event = hooks.enqueue
     app = FastAPI(title="fedml launch scheduler", version=__version__, lifespan=lifespan)
     c = Ctx(store=store, settings=settings, sched=sched, notifier=notifier, blobs=blob_store, storage=named,
-            endpoints=eps, gateway=gateway, health=health)
+            endpoints=eps, gateway=gateway, health=health, webhooks=hooks)
     app.state.ctx = c
     app.state.scheduler = sched
     app.state.store = store

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .contract import __version__, paths
 from .store import DEFAULT_LOG_RETENTION, Store
+from .webhooks import parse_allow
 
 
 def write_secret(path: Path, secret: str) -> None:
@@ -131,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-workspace-mb", type=int, default=512)
     p.add_argument("--heartbeat-interval", type=float, default=float(os.environ.get("FEDML_HEARTBEAT_INTERVAL", "10")),
                    help="seconds; a node silent for 3 intervals is offline")
+    p.add_argument("--webhook-allow", default=os.environ.get("FEDML_WEBHOOK_ALLOW", ""),
+                   help="networks besides public addresses that jobs' webhooks may reach (CIDR,CIDR)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    try:
+        allow = parse_allow(args.webhook_allow)
+    except ValueError as exc:
+        p.error(f"--webhook-allow: {exc}")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
     os.umask(0o077)  # the database, blobs and logs hold runs' secrets: ours alone
@@ -173,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
     url = f"http://{shown_host}:{port}"
     app = create_app(store, Settings(blob_dir=args.blob_dir or local / "blobs", max_workspace_mb=args.max_workspace_mb,
-                                     heartbeat_interval=args.heartbeat_interval, listen=(args.host, port)))
+                                     heartbeat_interval=args.heartbeat_interval, listen=(args.host, port),
+                                     webhook_allow=allow))
 
     state = paths.state_file(base)
     tmp = state.with_suffix(".tmp")

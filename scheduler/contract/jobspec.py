@@ -127,6 +127,30 @@ class StorageMount(_Model):
         return self.name if self.path is None else self.path
 
 
+NOTIFY_EVENTS = ("started", "finished", "failed", "killed", "lost")  # (a run's states, and "lost" for a requeue)
+
+
+class NotifyTarget(_Model):
+    """`notify: [{url: https://hooks.example/..., on: [finished, failed]}]`: a JSON POST when the run reaches one
+    of those (docs/notify.md): signed with the owner's webhook secret, retried, never in the scheduler's way."""
+
+    url: str = Field(max_length=2048)
+    on: list[Literal["started", "finished", "failed", "killed", "lost"]] = Field(
+        default_factory=lambda: ["finished", "failed", "lost"], min_length=1, max_length=5)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f'"{v[:80]}" is not an http(s) URL')
+        if u.username or u.password:
+            raise ValueError("a webhook URL carries no user or password (requests are signed instead)")
+        return v
+
+
 class RetrySpec(_Model):
     max_attempts: int = Field(default=1, ge=1, le=100)
     on: list[Literal["lost", "error"]] = Field(default_factory=lambda: ["lost"])
@@ -271,6 +295,7 @@ class JobSpec(_Model):
     # at most max_parallel of them queued or running at once (docs/sweeps.md).
     sweep: dict[str, list[SweepValue]] | None = None
     storage: list[StorageMount] | None = Field(default=None, max_length=32)  # named data unpacked into the workspace
+    notify: list[NotifyTarget] | None = Field(default=None, max_length=8)  # webhooks (docs/notify.md)
     max_parallel: int | None = Field(default=None, ge=1, le=MAX_SWEEP_POINTS)
     _lines: Any = PrivateAttr(default=None)  # where each key is in the file (set by load_text)
 

@@ -213,6 +213,7 @@ class Run(BaseModel):
     after: list[Dependency] = Field(default_factory=list)  # runs it waits for (Dependency)
     sweep: SweepPoint | None = None  # the sweep it is a point of
     mounts: list[Mount] = Field(default_factory=list)  # storage objects unpacked into its workspace
+    deliveries: list[Delivery] = Field(default_factory=list)  # its webhooks' deliveries, the latest 20
     log_count: int = 0
     node_names: dict[str, str] = Field(default_factory=dict)  # node id -> name, filled when a run is read
     created_at: float = Field(default_factory=time.time)
@@ -391,6 +392,20 @@ class StorageObject(StoragePut):
     owner: str
     size: int = 0
     created_at: float = Field(default_factory=time.time)
+
+
+class Delivery(BaseModel):
+    """A webhook's delivery for one of the run's events (`notify:` in the job): what was sent where, and how it
+    went (`fedml run status RUN`). The URL is kept without its query (which may hold a token)."""
+
+    event: str
+    attempt: int  # the run's attempt it was about
+    url: str
+    state: Literal["delivered", "failed"]
+    tries: int
+    code: int | None = None  # the receiver's last HTTP status
+    error: str | None = None
+    at: float = Field(default_factory=time.time)
 
 
 class Mount(BaseModel):

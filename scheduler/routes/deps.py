@@ -4,7 +4,7 @@ the bounds on numbers the stores keep."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
@@ -41,6 +41,7 @@ class Ctx:
     health: Health
     list_cache: dict[tuple[object, ...], tuple[int, float, bytes, dict[str, str]]] = field(default_factory=dict)  # routes/runs.py
     event_streams: int = 0  # dashboards' event streams open now (routes/ui.py)
+    webhooks: Any = None  # scheduler/webhooks.py (the owner's signing secret: routes/keys.py)
 
     def identify(self, header: str, path: str) -> tuple[int, str, Principal | None]:
         """(status, why, principal): the bearer key of a request, checked before its body is read."""

@@ -1,13 +1,15 @@
-"""API keys and node join tokens (admin only). Secrets are shown once and stored hashed."""
+"""API keys and node join tokens (admin only; secrets are shown once and stored hashed), and each owner's
+webhook signing secret."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query
 
+from .. import access
 from .. import auth as keys
-from ..contract.errors import Conflict, Invalid, NotFound
+from ..contract.errors import Conflict, Forbidden, Invalid, NotFound
 from ..contract.models import ApiKey, JoinTokenCreate, Principal
-from .deps import API, Ctx, admin, ctx
+from .deps import API, Ctx, admin, auth, ctx
 
 router = APIRouter(prefix=API)
 
@@ -48,3 +50,18 @@ def create_token(body: JoinTokenCreate, who: Principal = Depends(admin), c: Ctx 
     key, secret = keys.issue_join(c.store, creator=who.owner, ttl=body.ttl, uses=body.uses, labels=body.labels,
                                   name=body.name)
     return {"key": _public(key), "secret": secret}
+
+
+@router.get("/webhooks/secret")
+def webhook_secret(owner: str | None = Query(default=None, max_length=100), who: Principal = Depends(auth),
+                   c: Ctx = Depends(ctx)) -> dict[str, str]:
+    """The key your runs' webhooks are signed with (an admin may ask for another owner's): a receiver checks
+    X-Fedml-Signature = "sha256=" + hex HMAC-SHA256(secret, body)."""
+    if not access.is_person(who):
+        raise Forbidden("only an admin or user key has a webhook secret")
+    if owner is not None and owner != who.owner and not who.admin:
+        raise Forbidden("only an admin reads another owner's webhook secret")
+    mine = owner or who.owner
+    return {"owner": mine, "secret": c.webhooks.secret(mine), "header": "X-Fedml-Signature",
+            "signature": "sha256=<hex HMAC-SHA256 of the request body, keyed by the secret>"}
+

@@ -11,11 +11,12 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..contract.errors import Conflict
 from ..contract.models import (
+    Delivery,
     Node,
     Principal,
     Run,
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedml.scheduler")
 
 ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
+EVENTS = {RunStatus.RUNNING: "started", RunStatus.FINISHED: "finished", RunStatus.FAILED: "failed",
+          RunStatus.KILLED: "killed", RunStatus.LOST: "lost"}  # a state reached -> its webhook event
 LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
 
 
@@ -202,6 +205,9 @@ class SchedulerBase:
         self._cands: Cands | None = None
         self._group = GroupCommit()  # single submissions (create_run) share durable commits
         self.tally = Tally()
+        # Told of each event of a run whose job has `notify:` targets, by the replica whose write made it
+        # (scheduler/webhooks.py: it returns at once). None: no webhooks (tests of the scheduler alone).
+        self.on_event: Callable[[Run, str], None] | None = None
 
     NODE_CACHE_S = 2.0
 
@@ -279,8 +285,32 @@ class SchedulerBase:
         if out.retried:
             log.info("run %s: %s", run.id, out.fields["reason"])
         if out.status is None:
-            return self.store.update_run(run.id, **out.fields)
-        return self.store.transition(run.id, out.status, **out.fields)
+            new = self.store.update_run(run.id, **out.fields)
+        else:
+            new = self.store.transition(run.id, out.status, **out.fields)
+        self.moved(run, new)
+        return new
+
+    def moved(self, before: Run, after: Run) -> None:
+        """After a write that may have moved a run: tell on_event of its event, if its job wants to hear of it
+        (an attempt lost and requeued is "lost"; a state reached is started, finished, failed, killed, lost)."""
+        if self.on_event is None or not after.job.notify:
+            return
+        if after.attempt > before.attempt:
+            event = "lost" if any(p.status == RunStatus.LOST for p in before.placements) else None
+        elif after.status != before.status:
+            event = EVENTS.get(after.status)
+        else:
+            return
+        if event is not None:
+            self.on_event(after, event)
+
+    def record_delivery(self, run_id: str, delivery: Delivery) -> None:
+        """Keep a webhook delivery on its run (the latest 20)."""
+        with self.run_lock(run_id):
+            run = self.store.get_run(run_id)
+            if run is not None:
+                self.store.update_run(run_id, deliveries=[*run.deliveries, delivery][-20:])
 
     def run_changed(self, run: Run) -> None:
         self.notifier.notify(f"run:{run.id}")  # (also moved by each batch of its log lines: log followers)

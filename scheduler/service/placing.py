@@ -177,7 +177,9 @@ class PlacementMixin(SchedulerBase):
                        "waits for any ending)")
                 book.waiting_for.pop(run.id, None)
                 with contextlib.suppress(InvalidTransition, NotFound):
-                    self.run_changed(self.store.transition(run.id, RunStatus.FAILED, reason=why))
+                    failed_run = self.store.transition(run.id, RunStatus.FAILED, reason=why)
+                    self.run_changed(failed_run)
+                    self.moved(run, failed_run)
                 log.info("run %s: %s", run.id, why)
 
     def _sync_book(self) -> Book:

@@ -306,8 +306,9 @@ class RunsMixin(SchedulerBase):
             if run.terminal:
                 return run
             if run.status in (RunStatus.QUEUED, RunStatus.LOST):
-                run = self.store.transition(run_id, RunStatus.KILLED, reason="stopped before it started")
+                before, run = run, self.store.transition(run_id, RunStatus.KILLED, reason="stopped before it started")
                 self.run_changed(run)
+                self.moved(before, run)
                 return run
             run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
         self.run_changed(run)
