@@ -35,6 +35,7 @@ from scheduler.contract.models import NodeInfo, RunStatus, attempt_ref, parse_re
 from .client import AgentClient, Refused, Unreachable, server_from_state_file
 from .inventory import collect, detect_address
 from .jobuser import JobUser, JobUserError, grant_traverse, interpreter_paths, resolve
+from .telemetry import Sampler
 from .worker import RunWorker, _write_json
 
 log = logging.getLogger("fedml.agent")
@@ -58,6 +59,7 @@ class Agent:
         self.lease_file = home / "lease"  # renewed by every answered poll; guards kill jobs when it runs out
         self.stopping = threading.Event()
         self._blob_locks: dict[str, threading.Lock] = {}
+        self.sampler = Sampler()  # GPU samples sent with polls (agents/telemetry.py)
         # The agent's files are its own; a job running as another user may only pass through HOME and jobs/ to
         # reach its own directory (0711: no listing), so the node key, blobs and logs stay out of its reach.
         shared = 0o711 if self.job_user.separate else 0o700
@@ -207,8 +209,9 @@ class Agent:
                 # lease is lost (a replica died under it), and the next try must come while the lease still runs.
                 # After a failed poll, ask for an answer at once (wait 0): the lease is renewed in milliseconds
                 # instead of after a long poll that a dying replica may drop again.
+                gpus = self.sampler.sample({parse_ref(ref)[0] for ref in running})
                 resp = self.client.poll(self.node_id, running, wait=0.0 if failed else 15.0,
-                                        timeout=max(1.0, length * 0.4) if length > 0 else None)
+                                        timeout=max(1.0, length * 0.4) if length > 0 else None, gpus=gpus)
                 failed = False
                 if resp.lease > 0:
                     # From when the poll was sent, not answered: the scheduler saw us no earlier than that.

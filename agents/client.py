@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scheduler.contract.models import LogBatch, NodeInfo, PollResponse, Registered, RunStatus, StatusReport
+from scheduler.contract.models import GpuSample, LogBatch, NodeInfo, PollResponse, Registered, RunStatus, StatusReport
 from scheduler.contract.transport import httpx, transport
 
 API = "/api/v1"
@@ -92,9 +92,12 @@ class AgentClient:
     def deregister(self, node_id: str) -> None:
         self._call("DELETE", f"/nodes/{node_id}")
 
-    def poll(self, node_id: str, running: list[str], wait: float, timeout: float | None = None) -> PollResponse:
-        r = self._call("POST", f"/nodes/{node_id}/poll", json={"running": running, "wait": wait},
-                       timeout=timeout or wait + 30)
+    def poll(self, node_id: str, running: list[str], wait: float, timeout: float | None = None,
+             gpus: list[GpuSample] | None = None) -> PollResponse:
+        body: dict[str, Any] = {"running": running, "wait": wait}
+        if gpus:
+            body["gpus"] = [g.model_dump(exclude_none=True, exclude_defaults=True) | {"index": g.index} for g in gpus]
+        r = self._call("POST", f"/nodes/{node_id}/poll", json=body, timeout=timeout or wait + 30)
         return PollResponse.model_validate(r.json())
 
     def report(self, run_id: str, attempt: int, node_id: str, status: RunStatus, exit_code: int | None = None,

@@ -13,7 +13,9 @@ from scheduler.contract.models import GpuInfo, NodeInfo, parse_gpu_decl
 def nvml_gpus() -> tuple[list[GpuInfo], str | None]:
     """GPUs seen by NVML, or ([], why not)."""
     try:
-        import pynvml
+        from .telemetry import nvml
+
+        pynvml = nvml()  # (or the test double: agents/nvml_double.py)
     except ImportError:
         return [], "nvidia-ml-py is not installed"
     try:

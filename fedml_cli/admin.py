@@ -34,7 +34,13 @@ def _gpu_summary(n: dict[str, Any]) -> str:
         t = by_type.setdefault(g["name"], [0, 0])
         t[1] += 1
         t[0] += g["index"] in free
-    return ", ".join(f"{f}/{t} {name}" for name, (f, t) in by_type.items()) or "-"
+    out = ", ".join(f"{f}/{t} {name}" for name, (f, t) in by_type.items()) or "-"
+    if n.get("gpus_busy_outside"):  # a process of no run holds them (agents' NVML samples): not offered to runs
+        out += f" [yellow](GPU {','.join(map(str, n['gpus_busy_outside']))} busy outside the scheduler)[/yellow]"
+    samples = n.get("gpu_samples") or []
+    if samples:
+        out += " util " + " ".join(f"{s['util']}%" if s.get("util") is not None else "-" for s in samples)
+    return out
 
 
 @node_app.command("list")

@@ -316,6 +316,9 @@ class Node(NodeInfo):
     autostop_minutes: float | None = None  # `fedml cluster autostop`: drained after this long without a run
     autostop_agents: bool = False  # ... and then its agent told to exit (`--stop-agents`)
     stop_agent: bool = False  # its agent exits at its next poll without runs (cleared when it registers again)
+    # GPUs a process that belongs to no run of the node is using (an orphan of a stopped run, something started
+    # outside the scheduler), from the agent's NVML samples: not offered to runs until it is gone.
+    gpus_busy_outside: list[int] = Field(default_factory=list)
     registered_at: float = Field(default_factory=time.time)
     last_seen: float = Field(default_factory=time.time)
 
@@ -329,6 +332,7 @@ class NodeView(Node):
 
     gpus_free: list[int] = Field(default_factory=list)
     active_runs: int = 0
+    gpu_samples: list[GpuSample] = Field(default_factory=list)  # the latest the scheduler answering got
 
 
 class ClusterCreate(BaseModel):
@@ -485,9 +489,23 @@ def parse_ref(ref: str) -> tuple[str, int]:
     return (run_id, int(attempt)) if run_id and attempt.isdigit() else (ref, 0)
 
 
+class GpuSample(BaseModel):
+    """One GPU as the agent's NVML sample saw it (agents/telemetry.py), sent with its polls."""
+
+    index: int = Field(ge=0, le=1023)
+    util: int | None = Field(default=None, ge=0, le=100)  # % of the last sample period busy
+    mem_used_mb: int | None = Field(default=None, ge=0)
+    mem_total_mb: int | None = Field(default=None, ge=0)
+    power_w: float | None = Field(default=None, ge=0)
+    temp_c: int | None = None
+    pids: list[int] = Field(default_factory=list, max_length=256)  # compute processes on it
+    outside: list[int] = Field(default_factory=list, max_length=256)  # of those, the ones no run of this node owns
+
+
 class PollRequest(BaseModel):
     running: list[str] = Field(default_factory=list)  # attempt refs
     wait: float = Field(default=20.0, ge=0, le=60)
+    gpus: list[GpuSample] | None = Field(default=None, max_length=64)  # the latest NVML sample, when there is one
 
 
 class Assignment(BaseModel):

@@ -53,10 +53,13 @@ class _State(Collector):
             g.add_metric([k], v)
         yield g
         held = sum(len(on) for on in c.sched.gpus_held().values())
-        g = GaugeMetricFamily("fedml_gpus", "GPUs of all nodes: total, and held by a run", labels=["state"])
+        g = GaugeMetricFamily("fedml_gpus", "GPUs of all nodes: total, held by a run, used by a process of no run",
+                              labels=["state"])
         g.add_metric(["total"], gpus_total)
         g.add_metric(["held"], held)
+        g.add_metric(["busy_outside"], sum(len(n.gpus_busy_outside) for n in nodes))
         yield g
+        yield from _per_gpu(c, {n.id: n.name for n in nodes}, now)
 
         done, waits, wait_sum = c.sched.tally.snapshot()
         for name, what in (("placements", "Runs placed (an attempt each)"), ("runs_created", "Runs created"),
@@ -92,6 +95,33 @@ class _State(Collector):
             ready.add_metric([name, "ready"], sum(1 for r in ep.states if r.state == "ready") if
                              ep.attempt == run.attempt else 0)
         yield from (requests, errors, inflight, latency, ready)
+
+
+def _per_gpu(c: Ctx, names: dict[str, str], now: float) -> Iterator[Any]:
+    """Every GPU's latest NVML sample that this process got from its node's agent (fresh ones only)."""
+    labels = ["node", "gpu"]
+    fams = {"util": GaugeMetricFamily("fedml_gpu_utilization_ratio", "Busy share of the last sample", labels=labels),
+            "used": GaugeMetricFamily("fedml_gpu_memory_used_bytes", "Memory in use", labels=labels),
+            "total": GaugeMetricFamily("fedml_gpu_memory_total_bytes", "Memory", labels=labels),
+            "power": GaugeMetricFamily("fedml_gpu_power_watts", "Power draw", labels=labels),
+            "temp": GaugeMetricFamily("fedml_gpu_temperature_celsius", "Temperature", labels=labels),
+            "procs": GaugeMetricFamily("fedml_gpu_processes", "Compute processes, and of those of no run",
+                                       labels=[*labels, "owner"])}
+    for node_id, (at, samples) in c.sched.gpu_samples().items():
+        name = names.get(node_id)
+        if name is None or now - at > c.sched.heartbeat_timeout:
+            continue
+        for s in samples:
+            key = [name, str(s.index)]
+            for fam, value in (("util", None if s.util is None else s.util / 100), ("power", s.power_w),
+                               ("temp", s.temp_c),
+                               ("used", None if s.mem_used_mb is None else s.mem_used_mb * 1024 * 1024),
+                               ("total", None if s.mem_total_mb is None else s.mem_total_mb * 1024 * 1024)):
+                if value is not None:
+                    fams[fam].add_metric(key, value)
+            fams["procs"].add_metric([*key, "run"], len(s.pids) - len(s.outside))
+            fams["procs"].add_metric([*key, "none"], len(s.outside))
+    yield from fams.values()
 
 
 def _cumulative(bounds: tuple[float, ...], per: list[int]) -> list[tuple[str, float]]:

@@ -49,7 +49,7 @@ def remove_node(ref: str, who: Principal = Depends(auth), c: Ctx = Depends(ctx))
 async def poll(node_id: str, body: PollRequest, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> PollResponse:
     key = f"node:{node_id}"
     ticket = c.notifier.ticket(key)
-    resp = await run_in_threadpool(c.sched.poll_once, node_id, body.running, who)
+    resp = await run_in_threadpool(c.sched.poll_once, node_id, body.running, who, body.gpus)
     if resp.start or resp.stop or body.wait == 0:
         return resp
     # Held at most half an interval: each answer renews the node's lease (2.5 intervals at most).

@@ -9,6 +9,7 @@ from .. import access
 from ..contract.models import (
     Artifact,
     Assignment,
+    GpuSample,
     Node,
     PollResponse,
     Principal,
@@ -22,11 +23,14 @@ from .core import ACTIVE, LOCAL, SchedulerBase, log
 
 
 class AgentsMixin(SchedulerBase):
-    def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL) -> PollResponse:
+    def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL,
+                  gpus: list[GpuSample] | None = None) -> PollResponse:
         access.require_acts_for_node(who, node_id)
         now = time.time()
         before, runs = self.store.heartbeat_and_runs(node_id, now, ACTIVE)
         self.tally.add("heartbeats")
+        if gpus is not None:
+            self._gpu_samples(node_id, gpus, now)
         if not before:
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
                 self.store.touch_node(node_id, now)
@@ -78,6 +82,26 @@ class AgentsMixin(SchedulerBase):
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
         access.require_acts_for_node(who, node_id)
         return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
+
+    def _gpu_samples(self, node_id: str, gpus: list[GpuSample], now: float) -> None:
+        """Keep the node's latest GPU sample (soft state, like heartbeats); when the GPUs that a process of no
+        run holds change, write them on the node (Node.gpus_busy_outside): placement leaves those alone, on every
+        replica, until they are free again."""
+        self._samples[node_id] = (now, gpus)
+        outside = sorted({g.index for g in gpus if g.outside})
+        if self._outside.get(node_id) == outside:
+            return
+        node = self.store.get_node(node_id)
+        if node is None:
+            return
+        if node.gpus_busy_outside != outside:
+            if outside:
+                log.warning("node %s: GPU %s used by processes of no run (%s): not offered to runs", node.name,
+                            ",".join(map(str, outside)), ", ".join(f"pid {p}" for g in gpus for p in g.outside))
+            self.store.upsert_node(node.model_copy(update={"gpus_busy_outside": outside}))
+            self._nodes_changed()
+            self.kick()
+        self._outside[node_id] = outside
 
     def check_log_writer(self, run_id: str, who: Principal, attempt: int | None = None, *, logs: bool = False) -> None:
         access.require_log_writer(who, run_id, None if who.admin else self.store.get_run(run_id), attempt, logs=logs)

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..contract.errors import Conflict
 from ..contract.models import (
@@ -208,6 +208,10 @@ class SchedulerBase:
         # Told of each event of a run whose job has `notify:` targets, by the replica whose write made it
         # (scheduler/webhooks.py: it returns at once). None: no webhooks (tests of the scheduler alone).
         self.on_event: Callable[[Run, str], None] | None = None
+        # The agents' latest GPU samples (node -> (when, samples); soft state), and the GPUs busy outside the
+        # scheduler last written on each node (agents.py).
+        self._samples: dict[str, tuple[float, list[Any]]] = {}
+        self._outside: dict[str, list[int]] = {}
 
     NODE_CACHE_S = 2.0
 
@@ -304,6 +308,10 @@ class SchedulerBase:
             return
         if event is not None:
             self.on_event(after, event)
+
+    def gpu_samples(self) -> dict[str, tuple[float, list[Any]]]:
+        """node -> (when, its latest GPU sample: GpuSample), as this scheduler process got them."""
+        return dict(self._samples)
 
     def record_delivery(self, run_id: str, delivery: Delivery) -> None:
         """Keep a webhook delivery on its run (the latest 20)."""

@@ -88,8 +88,10 @@ class NodesMixin(SchedulerBase):
             for p in r.placements:
                 if not p.done:
                     count[p.node_id] = count.get(p.node_id, 0) + 1
+        samples = self.gpu_samples()
         return [NodeView(**c.node.model_dump(exclude={"last_seen"}), last_seen=self.last_seen(c.node, {}),
-                         gpus_free=[g.index for g in c.free], active_runs=count.get(c.node.id, 0))
+                         gpus_free=[g.index for g in c.free], active_runs=count.get(c.node.id, 0),
+                         gpu_samples=samples.get(c.node.id, (0.0, []))[1])
                 for c in self._candidates(active)]
 
     def find_node(self, ref: str) -> Node:

@@ -41,7 +41,8 @@ class PlacementMixin(SchedulerBase):
                     held.setdefault(p.node_id, set()).update(p.gpus)
         seen = self.store.heartbeats()
         return [Candidate(node=n if n.id not in seen else n.model_copy(update={"last_seen": self.last_seen(n, seen)}),
-                          free=[g for g in n.gpus if g.index not in held.get(n.id, set())], now=now,
+                          free=[g for g in n.gpus if g.index not in held.get(n.id, set())
+                                and g.index not in n.gpus_busy_outside], now=now,
                           heartbeat_timeout=self.heartbeat_timeout)
                 for n in self.nodes()]
 
@@ -217,7 +218,8 @@ class PlacementMixin(SchedulerBase):
             c = cache.by_id.get(node_id)
             if c is not None:
                 held = book.held_on(node_id)
-                cache.set_free(c, [g for g in c.node.gpus if g.index not in held])
+                outside = c.node.gpus_busy_outside  # (used by a process of no run: not offered)
+                cache.set_free(c, [g for g in c.node.gpus if g.index not in held and g.index not in outside])
         book.dirty = set()
         return cache
 

@@ -1,0 +1,83 @@
+"""A test double of NVML (the part of nvidia-ml-py's `pynvml` the agent calls), used instead of the real library
+when FEDML_NVML_DOUBLE names a JSON file. The tests own that file and change it while the agent runs: every call
+reads it afresh, so the next sample sees what a test just wrote. Nothing else reads it; CI has no GPU.
+
+    {"gpus": [{"name": "NVIDIA A100 80GB PCIe", "memory_total_mb": 81920, "memory_used_mb": 1024,
+               "utilization": 35, "power_w": 120.5, "temperature_c": 51, "pids": [4242]}]}
+
+Each GPU's `pids` are its compute processes (nvmlDeviceGetComputeRunningProcesses), as real ones would be: host
+process ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+from typing import Any
+
+NVML_TEMPERATURE_GPU = 0
+
+
+class NVMLError(Exception):
+    pass
+
+
+def _gpus() -> list[dict[str, Any]]:
+    path = os.environ.get("FEDML_NVML_DOUBLE", "")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return list(json.load(f).get("gpus", []))
+    except (OSError, ValueError) as exc:
+        raise NVMLError(f"NVML double {path}: {exc}") from None
+
+
+def nvmlInit() -> None:  # noqa: N802 - NVML's names
+    _gpus()
+
+
+def nvmlShutdown() -> None:  # noqa: N802
+    pass
+
+
+def nvmlDeviceGetCount() -> int:  # noqa: N802
+    return len(_gpus())
+
+
+def nvmlDeviceGetHandleByIndex(i: int) -> int:  # noqa: N802
+    if not 0 <= i < len(_gpus()):
+        raise NVMLError(f"no GPU {i}")
+    return i
+
+
+def _gpu(h: int) -> dict[str, Any]:
+    gpus = _gpus()
+    if not 0 <= h < len(gpus):
+        raise NVMLError(f"GPU {h} is gone")
+    return gpus[h]
+
+
+def nvmlDeviceGetName(h: int) -> str:  # noqa: N802
+    return str(_gpu(h).get("name", "NVIDIA Test GPU"))
+
+
+def nvmlDeviceGetMemoryInfo(h: int) -> Any:  # noqa: N802
+    g = _gpu(h)
+    total, used = int(g.get("memory_total_mb", 16384)) << 20, int(g.get("memory_used_mb", 0)) << 20
+    return SimpleNamespace(total=total, used=used, free=total - used)
+
+
+def nvmlDeviceGetUtilizationRates(h: int) -> Any:  # noqa: N802
+    return SimpleNamespace(gpu=int(_gpu(h).get("utilization", 0)), memory=0)
+
+
+def nvmlDeviceGetPowerUsage(h: int) -> int:  # noqa: N802 - milliwatts, as NVML's
+    return int(float(_gpu(h).get("power_w", 0.0)) * 1000)
+
+
+def nvmlDeviceGetTemperature(h: int, sensor: int) -> int:  # noqa: N802
+    return int(_gpu(h).get("temperature_c", 0))
+
+
+def nvmlDeviceGetComputeRunningProcesses(h: int) -> list[Any]:  # noqa: N802
+    return [SimpleNamespace(pid=int(p), usedGpuMemory=None) for p in _gpu(h).get("pids", [])]

@@ -1,0 +1,107 @@
+"""GPU truth (agents/telemetry.py): the agent's NVML samples reach the scheduler with its polls; a GPU used by a
+process that belongs to no run is marked on the node and not offered to runs until it is free; the samples show
+in `fedml node list` and GET /metrics. There is no GPU in CI: these tests drive agents/nvml_double.py, a documented
+test double of NVML whose state (GPUs, utilisation, processes) they write, with a real scheduler, agent and jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .conftest import Fedml, write_job
+from .procs import wait_for
+
+
+class Gpus:
+    """The double's state file: two A100s; each GPU's compute processes are what a test puts there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pids: dict[int, list[int]] = {0: [], 1: []}
+        self.write()
+
+    def write(self) -> None:
+        gpus = [{"name": "NVIDIA A100 80GB PCIe", "memory_total_mb": 81920, "memory_used_mb": 2048 * len(p),
+                 "utilization": 40 if p else 0, "power_w": 60.0, "temperature_c": 40, "pids": p}
+                for _, p in sorted(self.pids.items())]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"gpus": gpus}))
+        tmp.replace(self.path)
+
+
+def node(fedml: Fedml) -> dict[str, Any]:
+    nodes = json.loads(fedml("node", "list", "--json").stdout)
+    assert len(nodes) == 1, nodes
+    return nodes[0]
+
+
+def status(fedml: Fedml, run_id: str) -> dict[str, Any]:
+    return json.loads(fedml("run", "status", run_id, "--json").stdout)
+
+
+def test_a_gpu_used_outside_the_scheduler_is_not_given_to_runs_until_it_is_free(fedml: Fedml, tmp_path: Path) -> None:
+    gpus = Gpus(tmp_path / "nvml.json")
+    env = {"FEDML_NVML_DOUBLE": str(gpus.path), "FEDML_GPU_SAMPLE_S": "0.2", "FEDML_HEARTBEAT_INTERVAL": "1"}
+    one_gpu = "computing:\n  minimum_num_gpus: 1\n"
+    pidfile = tmp_path / "job.pid"
+    job = write_job(tmp_path / "a", f"echo $$ > {pidfile}\nexec sleep 60", extra=one_gpu)
+    first = fedml("launch", str(job), "--detach", env=env)  # (starts the scheduler and its agent with the double)
+    assert first.returncode == 0, first.stderr
+    run_a = first.stdout.strip()
+    assert [g["name"] for g in node(fedml)["gpus"]] == ["NVIDIA A100 80GB PCIe"] * 2  # the double's inventory
+    pid = int(wait_for("the job's pid", lambda: pidfile.exists() and pidfile.read_text().strip()))
+    held = status(fedml, run_a)["gpus"][0]
+    gpus.pids[held] = [pid]  # the job's own process on its GPU: that is the run's, nothing is marked
+    orphan = subprocess.Popen(["sleep", "60"])  # a process of no run (no FEDML_CURRENT_RUN_ID)
+    try:
+        gpus.pids[1 - held] = [orphan.pid]
+        gpus.write()
+        n = wait_for("the other GPU marked busy outside the scheduler",
+                     lambda: (m := node(fedml))["gpus_busy_outside"] == [1 - held] and m, timeout=30)
+        assert {s["index"]: s["pids"] for s in n["gpu_samples"]} == {held: [pid], 1 - held: [orphan.pid]}
+        assert [s["outside"] for s in sorted(n["gpu_samples"], key=lambda s: s["index"])][held] == []
+        assert n["gpus_free"] == []
+        assert "busy outside the scheduler" in " ".join(fedml("node", "list").stdout.split())
+        second = fedml("launch", str(write_job(tmp_path / "b", "echo second", extra=one_gpu)), "--detach")
+        run_b = second.stdout.strip()
+        r = wait_for("the second run waiting", lambda: (s := status(fedml, run_b))["reason"] and s)
+        assert r["status"] == "QUEUED" and "no node with 1 free GPU" in r["reason"], r
+    finally:
+        orphan.kill()
+        orphan.wait()
+    gpus.pids[1 - held] = []
+    gpus.write()
+    wait_for("the GPU free again, and the waiting run placed on it",
+             lambda: status(fedml, run_b)["status"] in ("STARTING", "RUNNING", "FINISHED"), timeout=30)
+    assert status(fedml, run_b)["gpus"] == [1 - held]
+    assert node(fedml)["gpus_busy_outside"] == []
+    fedml("run", "stop", run_a)
+
+
+def test_gpu_samples_are_in_the_metrics(fedml: Fedml, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from scheduler.contract.transport import httpx
+
+    gpus = Gpus(tmp_path / "nvml.json")
+    gpus.pids[0] = [999_999]  # (no such process: it belongs to no run)
+    gpus.write()
+    env = {"FEDML_NVML_DOUBLE": str(gpus.path), "FEDML_GPU_SAMPLE_S": "0.2", "FEDML_HEARTBEAT_INTERVAL": "1"}
+    assert fedml("run", "list", env=env).returncode == 0
+    url = json.loads((fedml.home / "local" / "scheduler.json").read_text())["url"]
+    admin = (fedml.home / "local" / "token").read_text().strip()
+
+    def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {admin}"}).text
+        m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for f in text_string_to_metric_families(text) for s in f.samples}
+        return m if any(k[0] == "fedml_gpu_utilization_ratio" for k in m) else None
+
+    m = wait_for("per-GPU samples in /metrics", scraped, timeout=30)
+    name = node(fedml)["name"]
+    assert m[("fedml_gpu_utilization_ratio", (("gpu", "0"), ("node", name)))] == 0.4
+    assert m[("fedml_gpu_memory_total_bytes", (("gpu", "1"), ("node", name)))] == 81920 * 1024 * 1024
+    assert m[("fedml_gpu_processes", (("gpu", "0"), ("node", name), ("owner", "none")))] == 1
+    assert m[("fedml_gpus", (("state", "busy_outside"),))] == 1
