@@ -20,12 +20,13 @@ class Gpus:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.pids: dict[int, list[int]] = {0: [], 1: []}
+        self.util: dict[int, int] = {}  # (default: 40 % with a process on it, else 0)
         self.write()
 
     def write(self) -> None:
         gpus = [{"name": "NVIDIA A100 80GB PCIe", "memory_total_mb": 81920, "memory_used_mb": 2048 * len(p),
-                 "utilization": 40 if p else 0, "power_w": 60.0, "temperature_c": 40, "pids": p}
-                for _, p in sorted(self.pids.items())]
+                 "utilization": self.util.get(i, 40 if p else 0), "power_w": 60.0, "temperature_c": 40, "pids": p}
+                for i, p in sorted(self.pids.items())]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"gpus": gpus}))
         tmp.replace(self.path)
@@ -105,3 +106,35 @@ def test_gpu_samples_are_in_the_metrics(fedml: Fedml, tmp_path: Path) -> None:
     assert m[("fedml_gpu_memory_total_bytes", (("gpu", "1"), ("node", name)))] == 81920 * 1024 * 1024
     assert m[("fedml_gpu_processes", (("gpu", "0"), ("node", name), ("owner", "none")))] == 1
     assert m[("fedml_gpus", (("state", "busy_outside"),))] == 1
+
+
+def test_an_idle_run_is_stopped_or_warned_about_by_its_utilization_policy(fedml: Fedml, tmp_path: Path) -> None:
+    gpus = Gpus(tmp_path / "nvml.json")
+    gpus.util = {0: 0, 1: 0}  # (its process sits on the GPU and does nothing)
+    gpus.write()
+    env = {"FEDML_NVML_DOUBLE": str(gpus.path), "FEDML_GPU_SAMPLE_S": "0.2", "FEDML_HEARTBEAT_INTERVAL": "1"}
+    runs = {}
+    for action in ("stop", "warn"):
+        pidfile = tmp_path / f"{action}.pid"
+        job = write_job(tmp_path / action, f"echo $$ > {pidfile}\nexec sleep 120", extra=(
+            "computing:\n  minimum_num_gpus: 1\nutilization_policy:\n  min_gpu_utilization: 10\n"
+            f"  time_window: 10s\n  action: {action}\n"))
+        r = fedml("launch", str(job), "--detach", env=env)
+        assert r.returncode == 0, r.stderr
+        runs[action] = r.stdout.strip()
+        pid = int(wait_for("the job's pid", lambda p=pidfile: p.exists() and p.read_text().strip()))
+        gpus.pids[status(fedml, runs[action])["gpus"][0]] = [pid]
+        gpus.write()
+    stopped = wait_for("the idle run stopped by its policy",
+                       lambda: (s := status(fedml, runs["stop"]))["status"] == "KILLED" and s, timeout=60)
+    assert "GPU utilisation below 10% for 10s" in stopped["reason"], stopped
+    said = fedml("logs", runs["stop"])  # (the scheduler's own lines go to standard error)
+    assert "── stopping: GPU utilisation below 10% for 10s" in said.stderr, said
+    warned = wait_for("a warning in the other run's log",
+                      lambda: "── warning: GPU utilisation below 10%" in fedml("logs", runs["warn"]).stderr, timeout=30)
+    assert warned and status(fedml, runs["warn"])["status"] == "RUNNING"
+    m = json.loads(fedml("run", "metrics", runs["warn"], "--json").stdout)  # its GPU, sampled, in its metrics
+    util = next(s for s in m["series"] if s["name"] == "gpu/util_pct")
+    assert util["points"] and util["last"] == 0.0
+    fedml("run", "stop", runs["warn"])
+

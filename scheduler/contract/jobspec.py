@@ -151,6 +151,20 @@ class NotifyTarget(_Model):
         return v
 
 
+class UtilizationPolicy(_Model):
+    """dstack's `utilization_policy`: a run whose GPUs on a node all stay below `min_gpu_utilization` % for
+    `time_window` is stopped (`action: stop`, the default) or warned about in its log (`warn`)."""
+
+    min_gpu_utilization: int = Field(ge=1, le=100)
+    time_window: float = Field(ge=10, le=7 * 86400)  # seconds ("30m")
+    action: Literal["stop", "warn"] = "stop"
+
+    @field_validator("time_window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        return parse_duration(v)
+
+
 class RetrySpec(_Model):
     max_attempts: int = Field(default=1, ge=1, le=100)
     on: list[Literal["lost", "error"]] = Field(default_factory=lambda: ["lost"])
@@ -296,6 +310,7 @@ class JobSpec(_Model):
     sweep: dict[str, list[SweepValue]] | None = None
     storage: list[StorageMount] | None = Field(default=None, max_length=32)  # named data unpacked into the workspace
     notify: list[NotifyTarget] | None = Field(default=None, max_length=8)  # webhooks (docs/notify.md)
+    utilization_policy: UtilizationPolicy | None = None  # idle GPUs: stop or warn (docs/metrics.md)
     max_parallel: int | None = Field(default=None, ge=1, le=MAX_SWEEP_POINTS)
     _lines: Any = PrivateAttr(default=None)  # where each key is in the file (set by load_text)
 

@@ -3,10 +3,14 @@ heartbeats (a silent node goes OFFLINE and its ranks LOST)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import deque
+from typing import Any
 
 from .. import access
 from ..contract.models import (
+    SYSTEM_RANK,
     Artifact,
     Assignment,
     GpuSample,
@@ -21,6 +25,15 @@ from ..contract.models import (
 from ..store import NotFound
 from .core import ACTIVE, LOCAL, SchedulerBase, log
 
+GPU_USE_POINTS = 720  # a rank's GPU samples kept: an hour at one every GPU_USE_EVERY_S
+GPU_USE_EVERY_S = 5.0
+GPU_USE_KEYS = 4096  # (run, attempt, rank) kept, the oldest forgotten first
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 3600:g}h" if seconds >= 3600 and seconds % 3600 == 0 else (
+        f"{seconds / 60:g}m" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g}s")
+
 
 class AgentsMixin(SchedulerBase):
     def poll_once(self, node_id: str, running: list[str], who: Principal = LOCAL,
@@ -31,6 +44,7 @@ class AgentsMixin(SchedulerBase):
         self.tally.add("heartbeats")
         if gpus is not None:
             self._gpu_samples(node_id, gpus, now)
+            self._runs_gpu_use(node_id, gpus, runs, now)
         if not before:
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
                 self.store.touch_node(node_id, now)
@@ -102,6 +116,54 @@ class AgentsMixin(SchedulerBase):
             self._nodes_changed()
             self.kick()
         self._outside[node_id] = outside
+
+    def _runs_gpu_use(self, node_id: str, gpus: list[GpuSample], runs: list[Run], now: float) -> None:
+        """Each running rank's GPUs on this node as the sample saw them (mean utilisation, memory used): kept per
+        run (`fedml run metrics`: gpu/util_pct, gpu/mem_used_mb), and held against its job's utilization_policy."""
+        by_index = {g.index: g for g in gpus}
+        for run in runs:
+            p = run.placement_on(node_id)
+            if p is None or p.done or p.status != RunStatus.RUNNING or not p.gpus:
+                continue
+            mine = [by_index[i] for i in p.gpus if i in by_index]
+            if not mine:
+                continue
+            utils = [g.util for g in mine if g.util is not None]
+            util = sum(utils) / len(utils) if utils else None
+            used = sum(g.mem_used_mb or 0 for g in mine)
+            key = (run.id, run.attempt, p.rank)
+            series = self._gpu_use.get(key)
+            if series is None:
+                series = self._gpu_use[key] = deque(maxlen=GPU_USE_POINTS)
+                while len(self._gpu_use) > GPU_USE_KEYS:
+                    gone = next(iter(self._gpu_use))
+                    self._gpu_use.pop(gone)
+                    self._below.pop(gone, None)
+            if not series or now - series[-1][0] >= GPU_USE_EVERY_S:  # (polls come faster than samples)
+                series.append((now, util, used))
+            policy = run.job.utilization_policy
+            if policy is None or util is None or (run.id, run.attempt) in self._idle_acted:
+                continue
+            if util >= policy.min_gpu_utilization:
+                self._below.pop(key, None)
+                continue
+            since = self._below.setdefault(key, now)  # below the policy's floor since then, sample after sample
+            if now - since >= policy.time_window:
+                self._idle_policy(run, p.rank, policy, now)
+
+    def _idle_policy(self, run: Run, rank: int, policy: Any, now: float) -> None:
+        """Stop (or warn about) a run whose GPUs on a node stayed below the policy's utilisation for its window."""
+        self._idle_acted.add((run.id, run.attempt))
+        why = f"GPU utilisation below {policy.min_gpu_utilization}% for {_span(policy.time_window)} " \
+              f"(rank {rank}; utilization_policy)"
+        line = f"── {'stopping' if policy.action == 'stop' else 'warning'}: {why}"
+        with contextlib.suppress(Exception):  # (the log line says why; the stop below is what matters)
+            seq = self.store.next_seq(run.id, run.attempt, SYSTEM_RANK)
+            self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, seq, [(now, "fedml", line)])
+            self.notifier.notify(f"run:{run.id}")
+        log.info("run %s: %s", run.id, line)
+        if policy.action == "stop":
+            self.stop_run(run.id, LOCAL, reason=f"stopped: {why}")  # type: ignore[attr-defined]  # (RunsMixin's)
 
     def check_log_writer(self, run_id: str, who: Principal, attempt: int | None = None, *, logs: bool = False) -> None:
         access.require_log_writer(who, run_id, None if who.admin else self.store.get_run(run_id), attempt, logs=logs)

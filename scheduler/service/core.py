@@ -212,6 +212,9 @@ class SchedulerBase:
         # scheduler last written on each node (agents.py).
         self._samples: dict[str, tuple[float, list[Any]]] = {}
         self._outside: dict[str, list[int]] = {}
+        self._gpu_use: dict[tuple[str, int, int], Any] = {}  # (run, attempt, rank) -> its GPUs' samples (agents.py)
+        self._idle_acted: set[tuple[str, int]] = set()  # (run, attempt) its utilization_policy acted on
+        self._below: dict[tuple[str, int, int], float] = {}  # (run, attempt, rank) -> below the policy's floor since
 
     NODE_CACHE_S = 2.0
 
@@ -312,6 +315,10 @@ class SchedulerBase:
     def gpu_samples(self) -> dict[str, tuple[float, list[Any]]]:
         """node -> (when, its latest GPU sample: GpuSample), as this scheduler process got them."""
         return dict(self._samples)
+
+    def gpu_use(self, run_id: str) -> dict[tuple[int, int], list[tuple[float, float | None, int]]]:
+        """(attempt, rank) -> [(time, mean utilisation %, memory used MB)] of the run's GPUs, as sampled."""
+        return {(a, r): list(v) for (rid, a, r), v in list(self._gpu_use.items()) if rid == run_id}
 
     def record_delivery(self, run_id: str, delivery: Delivery) -> None:
         """Keep a webhook delivery on its run (the latest 20)."""

@@ -87,8 +87,18 @@ class MetricsMixin(SchedulerBase):
                        "reported": s.seen, "last": s.last[1] if s.last else None}
                       for (name, rank, attempt), s in sorted(state.series.items())
                       if names is None or name in names]
-            return {"run_id": run.id, "status": run.status.value, "series": series, "ignored": state.ignored,
-                    "ignored_why": state.why, "dropped": state.dropped, "read_to": state.pos, "complete": complete}
+            ignored, why, dropped, pos = state.ignored, state.why, state.dropped, state.pos
+        # Its GPUs as the agents sampled them (the last hour, this scheduler process's): steps are seconds since
+        # the run started.
+        t0 = run.started_at or run.created_at
+        for (attempt, rank), samples in sorted(self.gpu_use(run_id).items()):
+            for name, pick in (("gpu/util_pct", 1), ("gpu/mem_used_mb", 2)):
+                pts = [[round(p[0] - t0), float(p[pick]), p[0]] for p in samples if p[pick] is not None]
+                if pts and (names is None or name in names):
+                    series.append({"name": name, "rank": rank, "attempt": attempt, "points": pts,
+                                   "reported": len(pts), "last": pts[-1][1]})
+        return {"run_id": run.id, "status": run.status.value, "series": series, "ignored": ignored,
+                "ignored_why": why, "dropped": dropped, "read_to": pos, "complete": complete}
 
     def _read(self, run_id: str, state: _RunMetrics) -> bool:
         scanned = 0

@@ -299,7 +299,7 @@ class RunsMixin(SchedulerBase):
         return [self.waiting(r) for r in self.store.list_runs(status=status, limit=limit, before=before,
                                                               node_id=node_id, owner=mine or owner)]
 
-    def stop_run(self, run_id: str, who: Principal = LOCAL) -> Run:
+    def stop_run(self, run_id: str, who: Principal = LOCAL, reason: str = "stop requested") -> Run:
         access.require_not_node(who, "stop")
         with self.run_lock(run_id):
             run = self.get_run(run_id, who)
@@ -310,7 +310,7 @@ class RunsMixin(SchedulerBase):
                 self.run_changed(run)
                 self.moved(before, run)
                 return run
-            run = self.store.update_run(run_id, stop_requested=True, reason="stop requested")
+            run = self.store.update_run(run_id, stop_requested=True, reason=reason)
         self.run_changed(run)
         return run
 
