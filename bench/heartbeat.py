@@ -114,6 +114,17 @@ def client(base: str, concurrency: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base, transport=transport, timeout=httpx.Timeout(30.0))
 
 
+GPUS = 0  # --gpus: GPU samples sent with each heartbeat (agents/telemetry.py), as an 8-GPU node's agent sends
+
+
+def poll_body() -> bytes:
+    doc: dict[str, Any] = {"running": [], "wait": 0}
+    if GPUS:
+        doc["gpus"] = [{"index": i, "util": 87, "mem_used_mb": 61234, "mem_total_mb": 81920, "power_w": 312.5,
+                        "temp_c": 64, "pids": [40000 + i]} for i in range(GPUS)]
+    return json.dumps(doc).encode()
+
+
 def node_info(i: int) -> dict[str, Any]:
     return {"name": f"hb-{i:05d}", "gpus": [{"index": g, "name": "NVIDIA A100 80GB PCIe", "memory_mb": 81920}
                                            for g in range(8)],
@@ -213,7 +224,7 @@ async def heartbeat(bases: list[str], nodes: list[tuple[str, str]], concurrency:
     lat: list[float] = []
     errors: dict[str, int] = {}
     me = psutil.Process()
-    body = json.dumps({"running": [], "wait": 0}).encode()
+    body = poll_body()
     shares = [s for s in (nodes[w::concurrency] for w in range(concurrency)) if s]
     window: dict[str, float] = {}
     stop_at = [float("inf")]
@@ -297,7 +308,7 @@ async def paced(bases: list[str], nodes: list[tuple[str, str]], rate: float, sec
     percentiles instead of slowing the client down: no coordinated omission)."""
     lat: list[float] = []
     errors: dict[str, int] = {}
-    body = json.dumps({"running": [], "wait": 0}).encode()
+    body = poll_body()
     urls = [urlsplit(b) for b in bases]
     conns = [RawConn(urls[i % len(urls)].hostname or "127.0.0.1", urls[i % len(urls)].port or 80)
              for i in range(concurrency)]
@@ -356,9 +367,13 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=1,
                     help="scheduler replicas sharing the store (redis only; agents spread over them, as behind a "
                          "load balancer); CPU figures are all replicas together")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="GPU samples in each heartbeat (GPU telemetry on: 8 for an 8-GPU node; default 0)")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="heartbeat client: a lean hand-written HTTP/1.1 one (default) or httpx.AsyncClient")
     args = ap.parse_args()
+    global GPUS
+    GPUS = args.gpus
     if args.nodes < 1 or args.concurrency < 1 or args.seconds <= 0:
         ap.error("--nodes, --concurrency and --seconds must be positive")
     if args.replicas < 1 or (args.replicas > 1 and args.store != "redis"):
