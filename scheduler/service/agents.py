@@ -135,10 +135,10 @@ class AgentsMixin(SchedulerBase):
             series = self._gpu_use.get(key)
             if series is None:
                 series = self._gpu_use[key] = deque(maxlen=GPU_USE_POINTS)
-                while len(self._gpu_use) > GPU_USE_KEYS:
-                    gone = next(iter(self._gpu_use))
-                    self._gpu_use.pop(gone)
-                    self._below.pop(gone, None)
+                while len(self._gpu_use) > GPU_USE_KEYS:  # (polls run in several threads: pops may race)
+                    gone = next(iter(self._gpu_use), None)
+                    self._gpu_use.pop(gone, None)  # type: ignore[arg-type]
+                    self._below.pop(gone, None)  # type: ignore[arg-type]
             if not series or now - series[-1][0] >= GPU_USE_EVERY_S:  # (polls come faster than samples)
                 series.append((now, util, used))
             policy = run.job.utilization_policy
