@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ class Agent:
 
     def __init__(self, client: AgentClient, home: Path, info: NodeInfo, runtime: Runtime | None = None,
                  stop_grace: float = 10.0, join_key: str | None = None,
-                 orphaned: Any = None, job_user: JobUser | None = None) -> None:
+                 orphaned: Any = None, job_user: JobUser | None = None, reclaim_orphans: bool = False) -> None:
         self.client, self.home, self.info = client, home, info
         self.job_user = job_user or resolve("self")
         self.orphaned = orphaned or (lambda: False)  # True once our scheduler is gone for good
@@ -60,6 +61,10 @@ class Agent:
         self.stopping = threading.Event()
         self._blob_locks: dict[str, threading.Lock] = {}
         self.sampler = Sampler()  # GPU samples sent with polls (agents/telemetry.py)
+        # Runs this agent ran that have ended (the latest 1,000): with reclaim_orphans, their processes still on
+        # a GPU are killed when sampled (--reclaim-orphans).
+        self.ended: deque[str] = deque(maxlen=1000)
+        self.reclaim_orphans = reclaim_orphans
         # The agent's files are its own; a job running as another user may only pass through HOME and jobs/ to
         # reach its own directory (0711: no listing), so the node key, blobs and logs stay out of its reach.
         shared = 0o711 if self.job_user.separate else 0o700
@@ -199,6 +204,7 @@ class Agent:
         while not self.stopping.is_set():
             for rid in [r for r, w in self.workers.items() if w.done]:
                 del self.workers[rid]
+                self.ended.append(parse_ref(rid)[0])
             try:
                 # Every attempt this node still has, finishing ones included: a placement the scheduler thinks
                 # runs here and that is missing from this list is written off (its final report was lost).
@@ -209,7 +215,9 @@ class Agent:
                 # lease is lost (a replica died under it), and the next try must come while the lease still runs.
                 # After a failed poll, ask for an answer at once (wait 0): the lease is renewed in milliseconds
                 # instead of after a long poll that a dying replica may drop again.
-                gpus = self.sampler.sample({parse_ref(ref)[0] for ref in running})
+                given = {w.run_id: w.gpus_given() for w in self.workers.values()}
+                gone = set(self.ended) - set(given) if self.reclaim_orphans else None
+                gpus = self.sampler.sample(given, gone)
                 resp = self.client.poll(self.node_id, running, wait=0.0 if failed else 15.0,
                                         timeout=max(1.0, length * 0.4) if length > 0 else None, gpus=gpus)
                 failed = False
@@ -307,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--price-per-gpu-hour", type=float)
     p.add_argument("--address", help="address other nodes reach this one at (default: detected)")
     p.add_argument("--stop-grace", type=float, default=float(os.environ.get("FEDML_STOP_GRACE", "10")))
+    p.add_argument("--reclaim-orphans", action="store_true",
+                   default=os.environ.get("FEDML_RECLAIM_ORPHANS", "").lower() in ("1", "true", "yes"),
+                   help="kill processes of runs this agent ran, which have ended, that still hold a GPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns what matters
@@ -328,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     # The embedded agent follows its scheduler: a clean stop removes the state file (a crash does not).
     orphaned = (lambda: not state_file.exists()) if state_file else None
     agent = Agent(AgentClient(server, None), args.home, info, stop_grace=args.stop_grace, join_key=join_key,
+                  reclaim_orphans=args.reclaim_orphans,
                   orphaned=orphaned, job_user=job_user)
 
     def on_term(*_: Any) -> None:

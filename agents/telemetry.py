@@ -5,7 +5,8 @@ sent with the next poll (models.GpuSample, ~100 bytes a GPU).
 A process on a GPU belongs to a run of this node when its environment says so (FEDML_CURRENT_RUN_ID, which every
 job's processes inherit; a root agent reads every process's): one that belongs to no run it runs now (an orphan of
 a stopped run, something started outside the scheduler) is reported as `outside`, and the scheduler then keeps
-that GPU from new runs until it is free.
+that GPU from new runs until it is free. With reclaim (`--reclaim-orphans`), an orphan of a run this agent ran
+and that has ended is killed. A run's process on a GPU it was not given is reported as `misplaced` (its run id).
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def run_of(pid: int) -> str | None:
         return None
 
 
+def reclaim(pid: int, run_id: str | None, gpu: int) -> None:
+    """Kill an orphan of an ended run that still holds a GPU (`--reclaim-orphans`)."""
+    try:
+        p = psutil.Process(pid)
+        if p.environ().get("FEDML_CURRENT_RUN_ID") != run_id:  # (the pid was reused meanwhile)
+            return
+        p.kill()
+        log.warning("killed pid %d on GPU %d: left by run %s, which has ended (--reclaim-orphans)", pid, gpu, run_id)
+    except (psutil.Error, OSError) as exc:
+        log.info("could not reclaim pid %d on GPU %d: %s", pid, gpu, exc)
+
+
 class Sampler:
     def __init__(self) -> None:
         self._nv: Any = None
@@ -51,9 +64,10 @@ class Sampler:
         self._retry_at = 0.0  # NVML failed (no driver, no GPU): asked again from then
         self._said = False
 
-    def sample(self, runs: set[str]) -> list[GpuSample] | None:
-        """The latest sample (a new one at most every SAMPLE_S); None without NVML or GPUs. `runs`: the ids of
-        the runs this node runs now."""
+    def sample(self, runs: dict[str, set[int] | None], ended: set[str] | None = None) -> list[GpuSample] | None:
+        """The latest sample (a new one at most every SAMPLE_S); None without NVML or GPUs. `runs`: the runs this
+        node runs now, each with the GPUs it was given here (None: not known). `ended`: runs this agent ran that
+        have ended, whose processes left on a GPU are killed (None: kill nothing)."""
         now = time.monotonic()
         if self._off or now < self._retry_at or (self._last is not None and now - self._at < SAMPLE_S):
             return self._last
@@ -62,7 +76,7 @@ class Sampler:
                 nv = nvml()
                 nv.nvmlInit()
                 self._nv = nv
-            self._last = self._read(self._nv, runs) or None
+            self._last = self._read(self._nv, runs, ended) or None
         except ImportError:
             self._off = True
             return None
@@ -74,7 +88,7 @@ class Sampler:
         self._at = now
         return self._last
 
-    def _read(self, nv: Any, runs: set[str]) -> list[GpuSample]:
+    def _read(self, nv: Any, runs: dict[str, set[int] | None], ended: set[str] | None) -> list[GpuSample]:
         out = []
         for i in range(nv.nvmlDeviceGetCount()):
             h = nv.nvmlDeviceGetHandleByIndex(i)
@@ -87,9 +101,16 @@ class Sampler:
             except Exception:  # noqa: BLE001 - not every GPU answers every query
                 pass
             pids = sorted({int(p.pid) for p in nv.nvmlDeviceGetComputeRunningProcesses(h)})[:256]
-            outside = [p for p in pids if run_of(p) not in runs]
+            owners = {p: run_of(p) for p in pids}
+            outside = [p for p, rid in owners.items() if rid not in runs]
+            misplaced = sorted({rid for rid in owners.values() if rid in runs and runs[rid] is not None
+                                and i not in runs[rid]})  # type: ignore[operator]
+            if ended:
+                for p in outside:
+                    if owners[p] in ended:
+                        reclaim(p, owners[p], i)
             out.append(GpuSample(index=i, util=util, mem_used_mb=int(mem.used) >> 20, mem_total_mb=int(mem.total) >> 20,
-                                 power_w=power, temp_c=temp, pids=pids, outside=outside))
+                                 power_w=power, temp_c=temp, pids=pids, outside=outside, misplaced=misplaced[:64]))
         return out
 
     def close(self) -> None:

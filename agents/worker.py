@@ -76,6 +76,13 @@ class RunWorker(threading.Thread):
         except FileNotFoundError:  # the run directory is already cleaned up
             pass
 
+    def gpus_given(self) -> set[int] | None:
+        """The GPUs this rank was given on the node (None: not known, e.g. re-attached from an older agent)."""
+        if self.assignment is not None:
+            return set(self.assignment.gpus)
+        got = self.saved.get("gpus")
+        return set(got) if isinstance(got, list) else None
+
     def run(self) -> None:
         try:
             self._run()
@@ -101,7 +108,7 @@ class RunWorker(threading.Thread):
             spec = run.job
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.saved = {"run_id": run.id, "rank": self.assignment.rank, "attempt": run.attempt,
-                          "max_duration": spec.max_duration, "started": time.time()}
+                          "max_duration": spec.max_duration, "started": time.time(), "gpus": self.assignment.gpus}
             self._save()
             # Made by us, reachable by no one else until it is handed to the job's user just before the start.
             shutil.rmtree(self.job_dir, ignore_errors=True)

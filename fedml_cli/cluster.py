@@ -102,6 +102,8 @@ def login(
     run_as: Annotated[str | None, typer.Option("--run-as", metavar="USER", help="With --node: user jobs run as. "
                                                "Default: fedml-job (made if missing) when the agent runs as root; "
                                                "otherwise the agent's own user, and the node runs only your runs.")] = None,
+    reclaim_orphans: Annotated[bool, typer.Option("--reclaim-orphans", help="With --node: kill what runs the agent "
+                                                  "ran leave on a GPU after they end (orphaned workers).")] = False,
     key_fd: Annotated[int | None, typer.Option("--key-fd", hidden=True)] = None,
 ) -> None:
     """Store credentials for a scheduler, or with --node join this machine to it as a node.
@@ -137,7 +139,8 @@ def login(
         _err(f"error: {', '.join(pool_opts)} only apply with --kubernetes")
         raise typer.Exit(USAGE)
     node_opts = [o for o, v in (("--name", name), ("--label", label), ("--gpus", gpus), ("--price-per-gpu-hour", price),
-                                ("--address", address), ("--foreground", foreground or None), ("--run-as", run_as))
+                                ("--address", address), ("--foreground", foreground or None), ("--run-as", run_as),
+                                ("--reclaim-orphans", reclaim_orphans or None))
                  if v is not None]
     if node_opts and not (node or kubernetes):
         # Node options without --node once stored client credentials and dropped them silently.
@@ -169,7 +172,7 @@ def login(
         _err(f"Logged in to {server} as {who['owner']} ({who['scope']} key). Commands now go there; "
              f"`fedml logout` forgets it.")
         return
-    _join(api_key, server, name, labels, gpus, price, address, foreground, run_as)
+    _join(api_key, server, name, labels, gpus, price, address, foreground, run_as, reclaim_orphans)
 
 
 def _given_key(api_key: str | None, key_fd: int | None) -> str | None:
@@ -235,7 +238,8 @@ def _hand_over(home: Path, api_key: str) -> Path:
 
 
 def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], gpus: str | None,
-          price: float | None, address: str | None, foreground: bool, run_as: str | None = None) -> None:
+          price: float | None, address: str | None, foreground: bool, run_as: str | None = None,
+          reclaim_orphans: bool = False) -> None:
     import socket
 
 
@@ -252,6 +256,8 @@ def _join(api_key: str, server: str, name: str | None, labels: dict[str, str], g
         args += ["--address", address]
     if run_as:
         args += ["--run-as", run_as]
+    if reclaim_orphans:
+        args.append("--reclaim-orphans")
     pid, info = _start_agent("agents.agent", args, api_key, home, "node.json", "agent", timeout=30,
                              foreground=foreground)
     _err(f"Node {info['name']} joined {server} as {info['id']}; agent pid {pid}, log {home / 'agent.log'}. "

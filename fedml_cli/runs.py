@@ -219,6 +219,8 @@ def run_status(
     for a in r.get("attempts") or []:  # earlier attempts: where each ran and why it ended
         nodes = ",".join(_node(r, p["node_id"]) for p in a.get("placements") or []) or "-"
         rows.append((f"attempt {a['attempt']}", f"on {nodes}: {escape(a.get('reason') or '-')}"))
+    for w in (r.get("warnings") or [])[-5:]:  # its job file's likely typos; a GPU it used without having it
+        rows.append(("warning", f"[yellow]{escape(w)}[/yellow]"))
     for d in (r.get("deliveries") or [])[-5:]:  # its webhooks (notify: in the job), the latest
         how = f"HTTP {d['code']}" if d.get("code") else escape(d.get("error") or "-")
         rows.append(("webhook", f"{d['event']} (attempt {d['attempt']}) -> {escape(d['url'])}: "

@@ -138,3 +138,41 @@ def test_an_idle_run_is_stopped_or_warned_about_by_its_utilization_policy(fedml:
     assert util["points"] and util["last"] == 0.0
     fedml("run", "stop", runs["warn"])
 
+
+
+def test_orphans_of_ended_runs_are_reclaimed_and_a_gpu_used_without_being_given_is_flagged(
+        fedml: Fedml, tmp_path: Path) -> None:
+    """An agent with --reclaim-orphans (FEDML_RECLAIM_ORPHANS) kills what an ended run of its own left on a GPU
+    (here a process that left the run's session and its cleanup, as stray dataloader workers do); a run whose
+    process sits on a GPU it was not given gets a warning in its log and status."""
+    import psutil
+
+    gpus = Gpus(tmp_path / "nvml.json")
+    env = {"FEDML_NVML_DOUBLE": str(gpus.path), "FEDML_GPU_SAMPLE_S": "0.2", "FEDML_HEARTBEAT_INTERVAL": "1",
+           "FEDML_RECLAIM_ORPHANS": "1"}
+    one_gpu = "computing:\n  minimum_num_gpus: 1\n"
+    orphan_file, pidfile = tmp_path / "orphan.pid", tmp_path / "job.pid"
+    leaver = write_job(tmp_path / "leaver", f"env -u FEDML_RUN_DIR setsid sleep 300 > /dev/null 2>&1 < /dev/null &\n"
+                       f"echo $! > {orphan_file}", extra=one_gpu)
+    r = fedml("launch", str(leaver), env=env)
+    assert r.returncode == 0, r.stderr
+    orphan = int(orphan_file.read_text())
+    assert psutil.pid_exists(orphan)  # it outlived its run
+    gpus.pids[0] = [orphan]
+    gpus.write()
+    wait_for("the orphan killed by the agent", lambda: not psutil.pid_exists(orphan) or
+             psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE, timeout=30)
+    gpus.pids[0] = []
+    gpus.write()
+
+    job = write_job(tmp_path / "greedy", f"echo $$ > {pidfile}\nexec sleep 60", extra=one_gpu)
+    greedy = fedml("launch", str(job), "--detach", env=env).stdout.strip()
+    pid = int(wait_for("the job's pid", lambda: pidfile.exists() and pidfile.read_text().strip()))
+    given = status(fedml, greedy)["gpus"][0]
+    gpus.pids = {given: [pid], 1 - given: [pid]}  # it also uses the GPU it was not given
+    gpus.write()
+    warned = wait_for("the run flagged", lambda: (s := status(fedml, greedy))["warnings"] and s, timeout=30)
+    assert f"uses GPU {1 - given} of node" in warned["warnings"][-1] and "not given" in warned["warnings"][-1]
+    assert f"uses GPU {1 - given}" in fedml("logs", greedy).stderr
+    assert node(fedml)["gpus_busy_outside"] == []  # (its own run's process: not a stranger)
+    fedml("run", "stop", greedy)

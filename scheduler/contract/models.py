@@ -500,6 +500,7 @@ class GpuSample(BaseModel):
     temp_c: int | None = None
     pids: list[int] = Field(default_factory=list, max_length=256)  # compute processes on it
     outside: list[int] = Field(default_factory=list, max_length=256)  # of those, the ones no run of this node owns
+    misplaced: list[str] = Field(default_factory=list, max_length=64)  # runs using it without having been given it
 
 
 class PollRequest(BaseModel):

@@ -121,6 +121,13 @@ class AgentsMixin(SchedulerBase):
         """Each running rank's GPUs on this node as the sample saw them (mean utilisation, memory used): kept per
         run (`fedml run metrics`: gpu/util_pct, gpu/mem_used_mb), and held against its job's utilization_policy."""
         by_index = {g.index: g for g in gpus}
+        mine_by_id = {r.id: r for r in runs}
+        for g in gpus:
+            for rid in g.misplaced:
+                run = mine_by_id.get(rid)
+                if run is not None and (rid, run.attempt, node_id, g.index) not in self._flagged:
+                    self._flagged.add((rid, run.attempt, node_id, g.index))
+                    self._misplaced(run, node_id, g.index, now)
         for run in runs:
             p = run.placement_on(node_id)
             if p is None or p.done or p.status != RunStatus.RUNNING or not p.gpus:
@@ -150,6 +157,25 @@ class AgentsMixin(SchedulerBase):
             since = self._below.setdefault(key, now)  # below the policy's floor since then, sample after sample
             if now - since >= policy.time_window:
                 self._idle_policy(run, p.rank, policy, now)
+
+    def _misplaced(self, run: Run, node_id: str, index: int, now: float) -> None:
+        """A run's process on a GPU of the node it was not given (outside CUDA_VISIBLE_DEVICES): said in its log and
+        kept in its warnings (`fedml run status`), once per GPU and attempt."""
+        p = run.placement_on(node_id)
+        given = ",".join(map(str, p.gpus)) if p is not None and p.gpus else "none"
+        why = f"uses GPU {index} of node {self._node_name(node_id)}, which it was not given (its GPUs there: {given})"
+        with contextlib.suppress(Exception):
+            seq = self.store.next_seq(run.id, run.attempt, SYSTEM_RANK)
+            self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, seq, [(now, "fedml", f"── warning: {why}")])
+            with self.run_lock(run.id):
+                got = self.store.get_run(run.id)
+                if got is not None:
+                    self.store.update_run(run.id, warnings=[*got.warnings, why][-20:])
+            self.notifier.notify(f"run:{run.id}")
+        log.warning("run %s %s", run.id, why)
+
+    def _node_name(self, node_id: str) -> str:
+        return next((n.name for n in self.nodes() if n.id == node_id), node_id)
 
     def _idle_policy(self, run: Run, rank: int, policy: Any, now: float) -> None:
         """Stop (or warn about) a run whose GPUs on a node stayed below the policy's utilisation for its window."""

@@ -215,6 +215,7 @@ class SchedulerBase:
         self._gpu_use: dict[tuple[str, int, int], Any] = {}  # (run, attempt, rank) -> its GPUs' samples (agents.py)
         self._idle_acted: set[tuple[str, int]] = set()  # (run, attempt) its utilization_policy acted on
         self._below: dict[tuple[str, int, int], float] = {}  # (run, attempt, rank) -> below the policy's floor since
+        self._flagged: set[tuple[str, int, str, int]] = set()  # (run, attempt, node, GPU) said to use a GPU not its
 
     NODE_CACHE_S = 2.0
 

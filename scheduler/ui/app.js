@@ -538,10 +538,15 @@ function nodesPage() {
         if (!confirm(`Remove node ${n.name}? Its runs become LOST (requeued by their retry policy) and its key is revoked.`)) return;
         try { await api(`/nodes/${encodeURIComponent(n.name)}`, { method: "DELETE" }); page.refresh(); } catch (e) { err.textContent = e.message; }
       } }, "Remove"), err] : null;
+      const sampled = Object.fromEntries((n.gpu_samples || []).map((s) => [s.index, s]));
       const gpus = h("ul", { class: "gpus" }, (n.gpus || []).map((g) => {
         const run = holder[`${n.id}/${g.index}`];
-        return h("li", {}, `${g.index}: ${g.name}${g.memory_mb ? ` ${(g.memory_mb / 1024).toFixed(0)} GB` : ""} `,
-          run ? h("a", { href: `#/run/${encodeURIComponent(run)}` }, run) : h("span", { class: "muted" }, "free"));
+        const s = sampled[g.index];
+        const use = s ? ` ${s.util ?? "-"}% ${s.mem_used_mb != null ? `${(s.mem_used_mb / 1024).toFixed(1)}/${((s.mem_total_mb || g.memory_mb) / 1024).toFixed(0)} GB` : ""}` : "";
+        const outside = (n.gpus_busy_outside || []).includes(g.index);
+        return h("li", { class: outside ? "outside" : null }, `${g.index}: ${g.name}${g.memory_mb ? ` ${(g.memory_mb / 1024).toFixed(0)} GB` : ""}${use} `,
+          run ? h("a", { href: `#/run/${encodeURIComponent(run)}` }, run)
+            : outside ? h("span", { class: "error" }, "busy outside the scheduler") : h("span", { class: "muted" }, "free"));
       }));
       return h("tr", {}, h("td", {}, n.name), h("td", {}, chip(n.draining ? "DRAINING" : n.state)), h("td", {}, ago(n.last_seen)),
         h("td", {}, Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ") || "-"),
