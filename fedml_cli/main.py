@@ -293,8 +293,6 @@ def queue(
     """Pending runs in the order the scheduler considers them: each one's place, why it waits, who is ahead of it
     on the GPUs it could use, and about when it starts (from the running jobs' max_duration or how long their
     names ran before; it says when there is no basis for an estimate)."""
-    import time
-
     from .api import connect
 
     q = connect().get("/queue", params={"limit": limit, "mine": "true" if mine else "false"})
@@ -302,7 +300,10 @@ def queue(
         _print_json(q)
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from .show import _duration, standing
 
     console = Console() if sys.stdout.isatty() else Console(width=250)  # piped: keep ids whole
     if not q["runs"] and not q["held"]:
@@ -311,19 +312,12 @@ def queue(
     table = Table(box=None, header_style="bold")
     for col in ("#", "RUN", "NAME", "OWNER", "PRI", "GPUS", "WAITING", "WHY", "AHEAD OF IT", "STARTS"):
         table.add_column(col, overflow="fold")
-    now = q["now"]
     for r in q["runs"]:
-        a = r["ahead"]
-        ahead = (f"{a['runs']} runs/{a['gpus']} GPUs: " + ", ".join(f"{o['owner']} {o['runs']}/{o['gpus']}"
-                                                                      for o in a["owners"][:3])) if a["runs"] else "-"
-        if r["start_at"] is None:
-            starts = f"no estimate: {r['no_basis']}"
-        else:
-            wait = max(0.0, r["start_at"] - now)
-            starts = "next pass" if wait < 1 else f"~{_span(wait)} ({time.strftime('%H:%M', time.localtime(r['start_at']))})"
+        ahead, starts = standing(r, q["now"])
         gpus = f"{r['gpus'] * r['nodes']}" + (f" {r['gpu_type']}" if r["gpu_type"] else "")
         table.add_row(str(r["position"]), r["id"], r["name"] or "-", r["owner"], str(r["priority"]), gpus,
-                      _span(now - r["created_at"]) if r["created_at"] else "-", r["reason"], ahead, starts)
+                      _duration(q["now"] - r["created_at"]) if r["created_at"] else "-", escape(r["reason"]),
+                      escape(ahead), escape(starts))
     if q["runs"]:
         console.print(table)
     if q["total"] > q["shown"]:
@@ -331,12 +325,7 @@ def queue(
     if q["held"]:
         console.print("\n[bold]Not in line yet[/bold]")
         for r in q["held"]:
-            console.print(f"  {r['id']}  {r['owner']}  {r['reason']}")
-
-
-def _span(seconds: float) -> str:
-    return (f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200
-            else f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.1f}d")
+            console.print(f"  {r['id']}  {escape(r['owner'])}  {escape(r['reason'])}")
 
 
 @app.command()

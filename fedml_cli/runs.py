@@ -18,7 +18,19 @@ from .follow import _follow
 from .output import JsonOpt
 from .output import err as _err
 from .output import print_json as _print_json
-from .show import STATUSES, TERMINAL, _ago, _console, _duration, _node, _styled, stop_said, wait_ended, write_text
+from .show import (
+    STATUSES,
+    TERMINAL,
+    _ago,
+    _console,
+    _duration,
+    _node,
+    _styled,
+    standing,
+    stop_said,
+    wait_ended,
+    write_text,
+)
 
 run_app = typer.Typer(help="Inspect and stop runs.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -243,17 +255,8 @@ def _standing(q: dict[str, Any]) -> list[tuple[str, str]]:
     if not q["runs"]:
         return []
     s = q["runs"][0]
-    a = s["ahead"]
-    ahead = (f"{a['runs']} run(s), {a['gpus']} GPU(s): " + ", ".join(f"{o['owner']} {o['runs']}/{o['gpus']} GPUs"
-                                                                     for o in a["owners"][:5])) if a["runs"] else "nobody"
-    if s["start_at"] is None:
-        starts = f"no estimate: {escape(s['no_basis'] or '-')}"
-    else:
-        wait = max(0.0, s["start_at"] - q["now"])
-        starts = "at the next pass" if wait < 1 else (f"in about {_duration(wait)} "
-                                                      f"({time.strftime('%H:%M', time.localtime(s['start_at']))}; "
-                                                      f"from {s['basis']})")
-    return [("in line", f"{s['position']} of {q['total']}"), ("ahead", ahead), ("starts", starts)]
+    ahead, starts = standing(s, q["now"], owners=5, detail=True)
+    return [("in line", f"{s['position']} of {q['total']}"), ("ahead", escape(ahead)), ("starts", escape(starts))]
 
 
 def _explain(console: Any, r: dict[str, Any]) -> None:

@@ -113,3 +113,20 @@ def stop_said(run: dict[str, Any], *, waited: bool, as_json: bool, doc: dict[str
         err(message)
     if waited and run["status"] not in TERMINAL:
         raise typer.Exit(FAILED)
+
+
+def standing(row: dict[str, Any], now: float, *, owners: int = 3, detail: bool = False) -> tuple[str, str]:
+    """A queued run's standing (a row of GET /queue) as text: who is ahead of it, and about when it starts."""
+    import time
+
+    a = row["ahead"]
+    ahead = (f"{a['runs']} run(s), {a['gpus']} GPU(s): " + ", ".join(
+        f"{o['owner']} {o['runs']}/{o['gpus']} GPUs" for o in a["owners"][:owners])) if a["runs"] else "nobody"
+    if row["start_at"] is None:
+        return ahead, f"no estimate: {row['no_basis'] or '-'}"
+    wait = max(0.0, row["start_at"] - now)
+    if wait < 1:
+        return ahead, "at the next pass"
+    when = time.strftime("%H:%M", time.localtime(row["start_at"]))
+    return ahead, f"in about {_duration(wait)} ({when}" + (f"; from {row['basis']})" if detail else ")")
+
