@@ -131,6 +131,7 @@ def test_retry_and_the_environment_shown_without_secrets(client: Any) -> None:
                                        "env": {"DB_PASSWORD": "pw"}}, headers=alice).json()
     env = c.get(f"/api/v1/runs/{run['id']}/env", headers=alice).json()["env"]
     assert env["LR"] == "0.1" and env["FEDML_CURRENT_RUN_ID"] == run["id"]
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # (CUDA's numbering is NVML's, which the GPUs given use)
     assert env["HF_TOKEN"] == "(hidden)" and env["DB_PASSWORD"] == "(hidden)"
     assert c.get(f"/api/v1/runs/{run['id']}/env", headers=bob).status_code == 404  # not bob's
     assert c.post(f"/api/v1/runs/{run['id']}/retry", headers=alice).status_code == 409  # it has not ended

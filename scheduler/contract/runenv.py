@@ -35,6 +35,9 @@ def job_env(*, run_id: str, spec: JobSpec, node_id: str, rank: int, num_nodes: i
         # Job output goes to files the agent tails; unbuffered Python makes it arrive as it is printed.
         "PYTHONUNBUFFERED": "1",
     })
+    # The GPUs given are NVML's indexes (the agent's inventory and samples): CUDA numbers devices the same way only
+    # in PCI bus order (its default puts the fastest first, another GPU on a mixed node).
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus or [])
     if artifact_dir:
         env["FEDML_ARTIFACT_DIR"] = artifact_dir  # files left here are kept by the scheduler (`fedml run artifacts`)
