@@ -333,6 +333,11 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     assert other.locator(f"text={run_id}").count() == 0
     other.goto(url + f"/#/run/{run_id}")
     other.wait_for_selector("text=not found")
+    page.fill("#key-name", "prometheus")  # a key for Prometheus: listed, and revoked from here too
+    page.select_option("#key-scope", "metrics")
+    page.click("#create-key")
+    page.wait_for_selector("#new-key >> text=fml_m_")
+    page.wait_for_selector('#keys tr:has(button.revoke[data-key="prometheus"]) >> text=metrics')
     page.click('#keys button.revoke[data-key="bob"]')
     page.wait_for_selector('#keys button.revoke[data-key="bob"]', state="detached")  # bob's row: revoked
     other.goto(url + "/#/nodes")

@@ -599,7 +599,8 @@ function endpointsPage() {
 function keysPage() {
   let page = null;
   const name = h("input", { id: "key-name", placeholder: "name (a user's name)", "aria-label": "key name" });
-  const scope = h("select", { id: "key-scope", "aria-label": "scope" }, h("option", { value: "user" }, "user"), h("option", { value: "admin" }, "admin"));
+  const scope = h("select", { id: "key-scope", "aria-label": "scope" }, h("option", { value: "user" }, "user"), h("option", { value: "admin" }, "admin"),
+    h("option", { value: "metrics" }, "metrics (reads /metrics only)"));
   const shown = h("p", { id: "new-key", class: "secret" }); // the key just created: shown once, here only
   const err = h("span", { class: "error", role: "alert" });
   const create = h("form", { class: "bar", onsubmit: async (ev) => {
@@ -613,7 +614,7 @@ function keysPage() {
     } catch (e) { err.textContent = e.message; }
   } }, name, scope, h("button", { type: "submit", id: "create-key" }, "Create"), err);
   page = view("API keys", async () => {
-    const keys = (await api("/keys")).filter((k) => k.scope === "admin" || k.scope === "user");
+    const keys = (await api("/keys")).filter((k) => ["admin", "user", "metrics"].includes(k.scope));
     return [table(["Key", "Name", "Scope", "Created", "State", ""], keys.map((k) => h("tr", {},
       h("td", {}, `${k.id} (${k.prefix}…)`), h("td", {}, k.name), h("td", {}, k.scope), h("td", {}, ago(k.created_at)),
       h("td", {}, k.revoked_at ? `revoked ${ago(k.revoked_at)}` : k.expires_at ? `expires ${new Date(k.expires_at * 1000).toLocaleString()}` : "active"),
