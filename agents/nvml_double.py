@@ -3,10 +3,12 @@ when FEDML_NVML_DOUBLE names a JSON file. The tests own that file and change it 
 reads it afresh, so the next sample sees what a test just wrote. Nothing else reads it; CI has no GPU.
 
     {"gpus": [{"name": "NVIDIA A100 80GB PCIe", "memory_total_mb": 81920, "memory_used_mb": 1024,
-               "utilization": 35, "power_w": 120.5, "temperature_c": 51, "pids": [4242]}]}
+               "utilization": 35, "power_w": 120.5, "temperature_c": 51, "pids": [4242],
+               "ecc_uncorrected": 0, "xid": [79]}]}
 
 Each GPU's `pids` are its compute processes (nvmlDeviceGetComputeRunningProcesses), as real ones would be: host
-process ids.
+process ids. `xid`: critical errors, each delivered once to the process's event set (nvmlEventSetWait) in the
+order written; `ecc_uncorrected`: the volatile count of uncorrected ECC errors.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ from types import SimpleNamespace
 from typing import Any
 
 NVML_TEMPERATURE_GPU = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_VOLATILE_ECC = 0
+nvmlEventTypeXidCriticalError = 8  # noqa: N816 - NVML's name
+_delivered: dict[int, int] = {}  # GPU -> how many of its `xid` entries were delivered
 
 
 class NVMLError(Exception):
+    pass
+
+
+class NVMLError_Timeout(NVMLError):  # noqa: N801 - pynvml's name
     pass
 
 
@@ -81,3 +91,30 @@ def nvmlDeviceGetTemperature(h: int, sensor: int) -> int:  # noqa: N802
 
 def nvmlDeviceGetComputeRunningProcesses(h: int) -> list[Any]:  # noqa: N802
     return [SimpleNamespace(pid=int(p), usedGpuMemory=None) for p in _gpu(h).get("pids", [])]
+
+
+def nvmlDeviceGetTotalEccErrors(h: int, error_type: int, counter: int) -> int:  # noqa: N802
+    return int(_gpu(h).get("ecc_uncorrected", 0))
+
+
+def nvmlDeviceGetIndex(h: int) -> int:  # noqa: N802
+    return h
+
+
+def nvmlEventSetCreate() -> Any:  # noqa: N802
+    return SimpleNamespace(devices=set())
+
+
+def nvmlDeviceRegisterEvents(h: int, types: int, event_set: Any) -> None:  # noqa: N802
+    event_set.devices.add(h)
+
+
+def nvmlEventSetWait(event_set: Any, timeout_ms: int) -> Any:  # noqa: N802
+    for h in sorted(event_set.devices):
+        xids = list(_gpu(h).get("xid", []))
+        done = _delivered.get(h, 0)
+        if done < len(xids):
+            _delivered[h] = done + 1
+            return SimpleNamespace(device=h, eventType=nvmlEventTypeXidCriticalError, eventData=int(xids[done]))
+    raise NVMLError_Timeout("no event")
+

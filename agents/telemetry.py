@@ -1,4 +1,5 @@
-"""The agent's GPU samples (issue 17): per GPU its utilisation, memory, power, temperature and compute processes,
+"""The agent's GPU samples (issue 17): per GPU its utilisation, memory, power, temperature, uncorrected ECC errors,
+critical (XID) errors and compute processes,
 read from NVML (nvidia-ml-py; agents/nvml_double.py where FEDML_NVML_DOUBLE says so) at most every SAMPLE_S and
 sent with the next poll (models.GpuSample, ~100 bytes a GPU).
 
@@ -63,6 +64,7 @@ class Sampler:
         self._off = False  # no NVML library here: not asked again
         self._retry_at = 0.0  # NVML failed (no driver, no GPU): asked again from then
         self._said = False
+        self._events: Any = None  # an NVML event set for XID (critical) errors, where the driver has one
 
     def sample(self, runs: dict[str, set[int] | None], ended: set[str] | None = None) -> list[GpuSample] | None:
         """The latest sample (a new one at most every SAMPLE_S); None without NVML or GPUs. `runs`: the runs this
@@ -76,7 +78,12 @@ class Sampler:
                 nv = nvml()
                 nv.nvmlInit()
                 self._nv = nv
-            self._last = self._read(self._nv, runs, ended) or None
+                self._events = self._xid_events(nv)
+            fresh = self._read(self._nv, runs, ended) or None
+            self._at = now
+            # XID errors go with one poll only; the polls before the next sample resend the rest of it
+            self._last = [g.model_copy(update={"xid": []}) for g in fresh] if fresh else None
+            return fresh
         except ImportError:
             self._off = True
             return None
@@ -88,17 +95,46 @@ class Sampler:
         self._at = now
         return self._last
 
+    @staticmethod
+    def _xid_events(nv: Any) -> Any:
+        """An event set every GPU reports its critical (XID) errors to; None where the driver has none."""
+        try:
+            events = nv.nvmlEventSetCreate()
+            for i in range(nv.nvmlDeviceGetCount()):
+                nv.nvmlDeviceRegisterEvents(nv.nvmlDeviceGetHandleByIndex(i), nv.nvmlEventTypeXidCriticalError, events)
+            return events
+        except Exception as exc:  # noqa: BLE001 - not supported on every GPU or driver
+            log.info("no XID events from NVML: %s", exc)
+            return None
+
+    def _xids(self, nv: Any) -> dict[int, list[int]]:
+        """The XID errors since the last sample, by GPU (the event set's queue, drained without waiting)."""
+        out: dict[int, list[int]] = {}
+        for _ in range(256):
+            try:
+                ev = nv.nvmlEventSetWait(self._events, 0)
+            except Exception:  # noqa: BLE001 - NVMLError_Timeout: nothing (more) queued
+                break
+            out.setdefault(int(nv.nvmlDeviceGetIndex(ev.device)), []).append(int(ev.eventData))
+        return out
+
     def _read(self, nv: Any, runs: dict[str, set[int] | None], ended: set[str] | None) -> list[GpuSample]:
         out = []
+        xids = self._xids(nv) if self._events is not None else {}
         for i in range(nv.nvmlDeviceGetCount()):
             h = nv.nvmlDeviceGetHandleByIndex(i)
             mem = nv.nvmlDeviceGetMemoryInfo(h)
-            util = power = temp = None
+            util = power = temp = ecc = None
             try:
                 util = int(nv.nvmlDeviceGetUtilizationRates(h).gpu)
                 power = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
                 temp = int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
             except Exception:  # noqa: BLE001 - not every GPU answers every query
+                pass
+            try:
+                ecc = int(nv.nvmlDeviceGetTotalEccErrors(h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                                                         nv.NVML_VOLATILE_ECC))
+            except Exception:  # noqa: BLE001 - no ECC on consumer GPUs
                 pass
             pids = sorted({int(p.pid) for p in nv.nvmlDeviceGetComputeRunningProcesses(h)})[:256]
             owners = {p: run_of(p) for p in pids}
@@ -110,7 +146,8 @@ class Sampler:
                     if owners[p] in ended:
                         reclaim(p, owners[p], i)
             out.append(GpuSample(index=i, util=util, mem_used_mb=int(mem.used) >> 20, mem_total_mb=int(mem.total) >> 20,
-                                 power_w=power, temp_c=temp, pids=pids, outside=outside, misplaced=misplaced[:64]))
+                                 power_w=power, temp_c=temp, pids=pids, outside=outside, misplaced=misplaced[:64],
+                                 ecc_uncorrected=ecc, xid=xids.get(i, [])[:16]))
         return out
 
     def close(self) -> None:

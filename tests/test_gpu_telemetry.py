@@ -21,12 +21,13 @@ class Gpus:
         self.path = path
         self.pids: dict[int, list[int]] = {0: [], 1: []}
         self.util: dict[int, int] = {}  # (default: 40 % with a process on it, else 0)
+        self.extra: dict[int, dict[str, Any]] = {}  # more of the double's fields: ecc_uncorrected, xid
         self.write()
 
     def write(self) -> None:
         gpus = [{"name": "NVIDIA A100 80GB PCIe", "memory_total_mb": 81920, "memory_used_mb": 2048 * len(p),
-                 "utilization": self.util.get(i, 40 if p else 0), "power_w": 60.0, "temperature_c": 40, "pids": p}
-                for i, p in sorted(self.pids.items())]
+                 "utilization": self.util.get(i, 40 if p else 0), "power_w": 60.0, "temperature_c": 40, "pids": p,
+                 **self.extra.get(i, {})} for i, p in sorted(self.pids.items())]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"gpus": gpus}))
         tmp.replace(self.path)
@@ -88,6 +89,7 @@ def test_gpu_samples_are_in_the_metrics(fedml: Fedml, tmp_path: Path) -> None:
 
     gpus = Gpus(tmp_path / "nvml.json")
     gpus.pids[0] = [999_999]  # (no such process: it belongs to no run)
+    gpus.extra[1] = {"ecc_uncorrected": 2, "xid": [79, 48]}  # errors on the other GPU: counted once each
     gpus.write()
     env = {"FEDML_NVML_DOUBLE": str(gpus.path), "FEDML_GPU_SAMPLE_S": "0.2", "FEDML_HEARTBEAT_INTERVAL": "1"}
     assert fedml("run", "list", env=env).returncode == 0
@@ -106,6 +108,13 @@ def test_gpu_samples_are_in_the_metrics(fedml: Fedml, tmp_path: Path) -> None:
     assert m[("fedml_gpu_memory_total_bytes", (("gpu", "1"), ("node", name)))] == 81920 * 1024 * 1024
     assert m[("fedml_gpu_processes", (("gpu", "0"), ("node", name), ("owner", "none")))] == 1
     assert m[("fedml_gpus", (("state", "busy_outside"),))] == 1
+    assert m[("fedml_gpu_ecc_uncorrected", (("gpu", "1"), ("node", name)))] == 2
+    m = wait_for("both XID errors counted", lambda: (x := scraped()) and x.get(
+        ("fedml_gpu_xid_errors_total", (("gpu", "1"), ("node", name)))) == 2 and x, timeout=30)
+    beats = m[("fedml_heartbeats_total", ())]  # several polls later (each with a sample): still counted once each
+    later = wait_for("more polls", lambda: (x := scraped()) and x[("fedml_heartbeats_total", ())] >= beats + 5 and x,
+                     timeout=30)
+    assert later[("fedml_gpu_xid_errors_total", (("gpu", "1"), ("node", name)))] == 2
 
 
 def test_an_idle_run_is_stopped_or_warned_about_by_its_utilization_policy(fedml: Fedml, tmp_path: Path) -> None:

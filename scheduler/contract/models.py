@@ -501,6 +501,8 @@ class GpuSample(BaseModel):
     pids: list[int] = Field(default_factory=list, max_length=256)  # compute processes on it
     outside: list[int] = Field(default_factory=list, max_length=256)  # of those, the ones no run of this node owns
     misplaced: list[str] = Field(default_factory=list, max_length=64)  # runs using it without having been given it
+    ecc_uncorrected: int | None = Field(default=None, ge=0)  # uncorrected ECC errors (volatile count)
+    xid: list[int] = Field(default_factory=list, max_length=16)  # critical (XID) errors since the last sample
 
 
 class PollRequest(BaseModel):

@@ -106,7 +106,12 @@ def _per_gpu(c: Ctx, names: dict[str, str], now: float) -> Iterator[Any]:
             "power": GaugeMetricFamily("fedml_gpu_power_watts", "Power draw", labels=labels),
             "temp": GaugeMetricFamily("fedml_gpu_temperature_celsius", "Temperature", labels=labels),
             "procs": GaugeMetricFamily("fedml_gpu_processes", "Compute processes, and of those of no run",
-                                       labels=[*labels, "owner"])}
+                                       labels=[*labels, "owner"]),
+            "ecc": GaugeMetricFamily("fedml_gpu_ecc_uncorrected", "Uncorrected ECC errors (volatile)", labels=labels)}
+    xids = CounterMetricFamily("fedml_gpu_xid_errors", "Critical (XID) errors its agent reported", labels=labels)
+    for (node_id, index), n in c.sched.xid_counts().items():
+        if node_id in names:
+            xids.add_metric([names[node_id], str(index)], n)
     for node_id, (at, samples) in c.sched.gpu_samples().items():
         name = names.get(node_id)
         if name is None or now - at > c.sched.heartbeat_timeout:
@@ -114,7 +119,7 @@ def _per_gpu(c: Ctx, names: dict[str, str], now: float) -> Iterator[Any]:
         for s in samples:
             key = [name, str(s.index)]
             for fam, value in (("util", None if s.util is None else s.util / 100), ("power", s.power_w),
-                               ("temp", s.temp_c),
+                               ("temp", s.temp_c), ("ecc", s.ecc_uncorrected),
                                ("used", None if s.mem_used_mb is None else s.mem_used_mb * 1024 * 1024),
                                ("total", None if s.mem_total_mb is None else s.mem_total_mb * 1024 * 1024)):
                 if value is not None:
@@ -122,6 +127,7 @@ def _per_gpu(c: Ctx, names: dict[str, str], now: float) -> Iterator[Any]:
             fams["procs"].add_metric([*key, "run"], len(s.pids) - len(s.outside))
             fams["procs"].add_metric([*key, "none"], len(s.outside))
     yield from fams.values()
+    yield xids
 
 
 def _cumulative(bounds: tuple[float, ...], per: list[int]) -> list[tuple[str, float]]:

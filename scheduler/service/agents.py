@@ -102,6 +102,12 @@ class AgentsMixin(SchedulerBase):
         run holds change, write them on the node (Node.gpus_busy_outside): placement leaves those alone, on every
         replica, until they are free again."""
         self._samples[node_id] = (now, gpus)
+        for g in gpus:
+            if g.xid:  # (each XID comes with one poll: agents/telemetry.py)
+                key = (node_id, g.index)
+                self._xids[key] = self._xids.get(key, 0) + len(g.xid)
+                log.warning("node %s GPU %d: XID error(s) %s", self._node_name(node_id), g.index,
+                            ",".join(map(str, g.xid)))
         outside = sorted({g.index for g in gpus if g.outside})
         if self._outside.get(node_id) == outside:
             return

@@ -216,6 +216,7 @@ class SchedulerBase:
         self._idle_acted: set[tuple[str, int]] = set()  # (run, attempt) its utilization_policy acted on
         self._below: dict[tuple[str, int, int], float] = {}  # (run, attempt, rank) -> below the policy's floor since
         self._flagged: set[tuple[str, int, str, int]] = set()  # (run, attempt, node, GPU) said to use a GPU not its
+        self._xids: dict[tuple[str, int], int] = {}  # (node, GPU) -> XID errors reported since this process started
 
     NODE_CACHE_S = 2.0
 
@@ -316,6 +317,10 @@ class SchedulerBase:
     def gpu_samples(self) -> dict[str, tuple[float, list[Any]]]:
         """node -> (when, its latest GPU sample: GpuSample), as this scheduler process got them."""
         return dict(self._samples)
+
+    def xid_counts(self) -> dict[tuple[str, int], int]:
+        """(node, GPU) -> XID (critical) errors its agent reported to this process."""
+        return dict(self._xids)
 
     def gpu_use(self, run_id: str) -> dict[tuple[int, int], list[tuple[float, float | None, int]]]:
         """(attempt, rank) -> [(time, mean utilisation %, memory used MB)] of the run's GPUs, as sampled."""
