@@ -38,6 +38,19 @@ def is_person(who: Principal) -> bool:
     return who.scope in ("admin", "user")
 
 
+def may_read_metrics(who: Principal) -> bool:
+    """GET /metrics (Prometheus): an admin, or a metrics key (which reads nothing else: routes/deps.identify)."""
+    return who.admin or who.scope == "metrics"
+
+
+def require_may_read_webhook_secret(who: Principal, owner: str) -> None:
+    """A person reads their own webhook signing secret; an admin anyone's."""
+    if not is_person(who):
+        raise Forbidden("only an admin or user key has a webhook secret")
+    if owner != who.owner and not who.admin:
+        raise Forbidden("only an admin reads another owner's webhook secret")
+
+
 def require_admin(who: Principal, why: str = "this needs an admin key") -> None:
     if not who.admin:
         raise Forbidden(why)

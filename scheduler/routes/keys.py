@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Query
 
 from .. import access
 from .. import auth as keys
-from ..contract.errors import Conflict, Forbidden, Invalid, NotFound
+from ..contract.errors import Conflict, Invalid, NotFound
 from ..contract.models import ApiKey, JoinTokenCreate, Principal
 from .deps import API, Ctx, admin, auth, ctx
 
@@ -57,11 +57,8 @@ def webhook_secret(owner: str | None = Query(default=None, max_length=100), who:
                    c: Ctx = Depends(ctx)) -> dict[str, str]:
     """The key your runs' webhooks are signed with (an admin may ask for another owner's): a receiver checks
     X-Fedml-Signature = "sha256=" + hex HMAC-SHA256(secret, body)."""
-    if not access.is_person(who):
-        raise Forbidden("only an admin or user key has a webhook secret")
-    if owner is not None and owner != who.owner and not who.admin:
-        raise Forbidden("only an admin reads another owner's webhook secret")
     mine = owner or who.owner
+    access.require_may_read_webhook_secret(who, mine)
     return {"owner": mine, "secret": c.webhooks.secret(mine), "header": "X-Fedml-Signature",
             "signature": "sha256=<hex HMAC-SHA256 of the request body, keyed by the secret>"}
 

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .. import access
 from .. import auth as keys
 from ..contract.models import RunStatus
 from ..gateway import LATENCY_BOUNDS
@@ -147,7 +148,7 @@ def metrics(request: Request, c: Ctx = Depends(ctx)) -> Response:
     if who is None:
         return JSONResponse({"detail": "an admin or metrics key is needed (Authorization: Bearer ...)"},
                             status_code=401, headers={"www-authenticate": "Bearer"})
-    if not (who.admin or who.scope == "metrics"):
+    if not access.may_read_metrics(who):
         return JSONResponse({"detail": "only an admin or metrics key reads /metrics (`fedml scheduler key create "
                                        "NAME --metrics`)"}, status_code=403)
     registry = CollectorRegistry(auto_describe=False)  # (one per scrape: it holds nothing but the collector)
