@@ -159,12 +159,13 @@ class Webhooks:
             if why is not None:
                 error = f"refused: {why}"
                 return  # (no retry: the address will not become public)
-            try:
-                r = httpx.post(url, content=body, headers=headers, timeout=TIMEOUT_S, follow_redirects=False)
+            try:  # (streamed and closed unread: a receiver's answer body, however big or slow, is not read)
+                with httpx.stream("POST", url, content=body, headers=headers, timeout=TIMEOUT_S,
+                                  follow_redirects=False) as r:
+                    code = r.status_code
             except httpx.HTTPError as exc:
                 code, error = None, f"{type(exc).__name__}: {exc}"[:300]
                 raise _Again() from None
-            code = r.status_code
             if 200 <= code < 300:
                 error = None
                 return

@@ -56,6 +56,14 @@ def test_only_an_admin_or_a_metrics_key_reads_metrics_and_a_metrics_key_reads_no
     assert c.post("/api/v1/runs", json={"job": {"job": "echo"}}, headers=bearer(secret)).status_code == 403
     assert c.post("/ui/session", json={"api_key": secret}).status_code == 401  # no dashboard either
     assert c.post("/api/v1/keys", params={"name": "x", "scope": "node"}, headers=bearer(keys["admin"])).status_code == 422
+    # a webhook signing secret: one's own; an admin's for anyone; never a metrics key's or a join token's
+    own = c.get("/api/v1/webhooks/secret", headers=bearer(keys["alice"]))
+    assert own.status_code == 200 and own.json()["owner"] == "alice"
+    assert c.get("/api/v1/webhooks/secret", params={"owner": "bob"}, headers=bearer(keys["alice"])).status_code == 403
+    assert c.get("/api/v1/webhooks/secret", params={"owner": "alice"},
+                 headers=bearer(keys["admin"])).json()["secret"] == own.json()["secret"]
+    for key in (secret, keys["join"]):
+        assert c.get("/api/v1/webhooks/secret", headers=bearer(key)).status_code == 403
 
 
 def test_the_numbers_are_the_apis(client: Any) -> None:
