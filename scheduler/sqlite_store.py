@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -270,6 +271,21 @@ class SQLiteStore(Store):
     def batch(self) -> _Tx:
         return self._tx()
 
+    batch_commits_once = True
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        with self._tx() as db:
+            name = f"sp{self._depth[0]}"
+            db.execute(f"SAVEPOINT {name}")
+            try:
+                yield
+            except BaseException:
+                db.execute(f"ROLLBACK TO {name}")
+                db.execute(f"RELEASE {name}")
+                raise
+            db.execute(f"RELEASE {name}")
+
     @staticmethod
     def _run_row(run: Run) -> tuple[Any, ...]:
         doc = run.model_dump_json()
@@ -381,14 +397,16 @@ class SQLiteStore(Store):
         with bulk():
             return (rows[-1][0] if rows else seq), [Run.model_validate_json(r[1]) for r in rows]
 
-    def _write(self, db: sqlite3.Connection, run: Run, *, quiet: bool = False) -> None:
+    def _write(self, db: sqlite3.Connection, run: Run, old: Run, *, quiet: bool = False) -> None:
+        """Write `run` over `old` (the stored run it was made from)."""
         if quiet:
             db.execute("UPDATE runs SET doc=? WHERE id=?", (run.model_dump_json(), run.id))
             return
         db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=?, seq=? WHERE id=?",
                    (*self._run_row(run)[1:], self._next_seq(db), run.id))
-        db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
-        db.execute("DELETE FROM gpu_claims WHERE run_id=?", (run.id,))
+        if not old.terminal and old.placements:  # (a queued run has no rows in either)
+            db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
+            db.execute("DELETE FROM gpu_claims WHERE run_id=?", (run.id,))
         self._index(db, run)
 
     @staticmethod
@@ -407,10 +425,10 @@ class SQLiteStore(Store):
             if run is None:
                 raise NotFound(run_id)
             held = run.gpu_claims()
-            run = run.changed(to, **fields)
-            self._check_gpus(db, run, run.gpu_claims() - held)
-            self._write(db, run)
-        return run
+            new = run.changed(to, **fields)
+            self._check_gpus(db, new, new.gpu_claims() - held)
+            self._write(db, new, run)
+        return new
 
     def _check_gpus(self, db: sqlite3.Connection, run: Run, claims: set[tuple[str, int]]) -> None:
         """GpuBusy if another unfinished run holds one of `claims` (as the Redis store checks)."""
@@ -425,10 +443,10 @@ class SQLiteStore(Store):
             if run is None:
                 raise NotFound(run_id)
             held = run.gpu_claims()
-            run = run.changed(**fields)
-            self._check_gpus(db, run, run.gpu_claims() - held)
-            self._write(db, run, quiet=fields.keys() <= QUIET_FIELDS)
-        return run
+            new = run.changed(**fields)
+            self._check_gpus(db, new, new.gpu_claims() - held)
+            self._write(db, new, run, quiet=fields.keys() <= QUIET_FIELDS)
+        return new
 
     # -- logs --------------------------------------------------------------------------------------------
     def next_seq(self, run_id: str, attempt: int, rank: int) -> int:

@@ -332,6 +332,16 @@ class Store(abc.ABC):
         together make them one write (a transition with its fields)."""
         return contextlib.nullcontext()
 
+    # Whether batch() is one transaction (SQLite): its writes commit together, at its end, and savepoint()
+    # works in it. A report that frees GPUs is then committed with the placements into them, one durable
+    # commit per freed slot instead of two (service/placing.py: _settle_freeing).
+    batch_commits_once = False
+
+    def savepoint(self) -> Any:
+        """Inside batch(), where batch_commits_once: the writes made in it are undone if it raises (the
+        exception goes on), and the batch's other writes stay."""
+        raise NotImplementedError(f"{type(self).__name__} has no savepoints")
+
     # -- what scheduler replicas sharing this store must agree on ------------------------------------------
     # Defaults serve a store that one scheduler process owns (SQLite): state and locks of this instance.
     # A store shared by several replicas (Redis) keeps these where every replica sees them.

@@ -11,7 +11,17 @@ import pytest
 from scheduler import auth
 from scheduler.contract.errors import ApiError as Rejected
 from scheduler.contract.errors import status_of
-from scheduler.contract.models import ClusterCreate, GpuInfo, NodeInfo, Principal, RunCreate, RunStatus, StatusReport, attempt_ref
+from scheduler.contract.models import (
+    ClusterCreate,
+    GpuInfo,
+    NodeInfo,
+    Principal,
+    Run,
+    RunCreate,
+    RunStatus,
+    StatusReport,
+    attempt_ref,
+)
 from scheduler.notify import Notifier
 from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
 from scheduler.service import Scheduler
@@ -82,13 +92,13 @@ def test_gpus_are_never_shared_and_the_queue_waits_with_a_reason(sched: Schedule
     waiting = sched.get_run(runs[4])
     assert waiting.status == RunStatus.QUEUED
     assert "no node with 1 free A100-80G GPU" in waiting.reason and "2 nodes have them busy" in waiting.reason
-    # one finishes: the waiting run gets exactly the freed GPU
+    # one finishes: the waiting run gets exactly the freed GPU, placed in the report's own commit (SQLite)
     done = placed[0]
     sched.report(done.id, StatusReport(status=RunStatus.RUNNING), done.node_id)
     sched.report(done.id, StatusReport(status=RunStatus.FINISHED, exit_code=0), done.node_id)
-    assert sched.schedule_pass() == 1
     now = sched.get_run(runs[4])
-    assert (now.node_id, now.gpus) == (done.node_id, done.gpus)
+    assert now.status == RunStatus.STARTING and (now.node_id, now.gpus) == (done.node_id, done.gpus)
+    assert sched.schedule_pass() == 0  # that pass was done
 
 
 def test_never_fitting_job_is_rejected_with_the_reason(sched: Scheduler) -> None:
@@ -138,10 +148,9 @@ def test_silent_node_goes_offline_and_its_run_is_retried_elsewhere(sched: Schedu
     silence(sched, first)
     sched.poll_once(other, [])
     assert [n.id for n in sched.check_heartbeats()] == [first]
-    run = sched.get_run(rid)
-    assert run.status == RunStatus.QUEUED and run.attempt == 2 and "went offline" in run.reason
-    sched.schedule_pass()
-    assert sched.get_run(rid).node_id == other  # the offline node is not used
+    run = sched.get_run(rid)  # requeued, and placed at once into the GPU that was freed (in the same commit)
+    assert run.attempt == 2 and "went offline" in (run.attempts[-1].reason or "")
+    assert run.status == RunStatus.STARTING and run.node_id == other  # the offline node is not used
     # the node comes back still running attempt 1: it is told to stop it
     assert sched.poll_once(first, [attempt_ref(rid, 1)]).stop == [attempt_ref(rid, 1)]
     assert sched.poll_once(other, [attempt_ref(rid, 2)]).stop == []  # the new attempt is left alone
@@ -376,8 +385,19 @@ def test_a_pass_that_placed_nothing_is_not_repeated_until_something_changes(sche
     real = sched.store.list_runs
     sched.store.list_runs = lambda **kw: reads.append(kw) or real(**kw)  # type: ignore[method-assign]
     assert sched.schedule_pass() == 0 and reads == []  # nothing happened since: the queue is not read again
-    sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # capacity freed: a kick
-    assert sched.schedule_pass() == 1 and sched.get_run(second).status == RunStatus.STARTING
+    # capacity freed: the pass runs with the report, in its commit (SQLite), and is not repeated after it
+    sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)
+    assert sched.get_run(second).status == RunStatus.STARTING and sched.schedule_pass() == 0
+    third = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 0  # blocked again
+    join(sched, "b", 1)  # a node joins: a kick
+    assert sched.schedule_pass() == 1 and sched.get_run(third).status == RunStatus.STARTING
+    synced: list[object] = []
+    feed = sched.store.runs_changed_since
+    sched.store.runs_changed_since = lambda *a, **kw: synced.append(a) or feed(*a, **kw)  # type: ignore[method-assign]
+    assert sched.schedule_pass() == 0 and synced == []  # a pass that placed is not repeated for nothing either
+    submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 0 and synced != []  # (a kick: it is)
 
 
 def test_the_stored_reason_changes_with_its_meaning_not_with_the_counts(sched: Scheduler) -> None:
@@ -805,3 +825,41 @@ def test_a_cluster_is_a_named_set_of_nodes_runs_ask_for(sched: Scheduler) -> Non
     assert sched.poll_once(idle_node, []).shutdown is None  # started again by hand: it stays
     sched.stop_cluster("prod", boss, kill=True)
     assert sched.clusters(boss) == [] and "fedml.cluster/prod" not in sched.store.get_node(a).labels
+
+
+def test_a_freed_slot_is_placed_in_the_reports_own_commit(sched: Scheduler) -> None:
+    """SQLite: the report that frees a GPU and the placement into it are one durable commit, not two."""
+    a = join(sched, "a", 1)
+    first = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 1
+    second = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 0
+    sql: list[str] = []
+    sched.store._db.set_trace_callback(sql.append)  # type: ignore[attr-defined]
+    sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)
+    sched.store._db.set_trace_callback(None)  # type: ignore[attr-defined]
+    assert sql.count("COMMIT") == 1, sql
+    assert sched.store.get_run(first).status == RunStatus.FINISHED
+    assert sched.store.get_run(second).status == RunStatus.STARTING
+
+
+def test_a_pass_that_fails_after_a_report_undoes_itself_alone(sched: Scheduler) -> None:
+    a = join(sched, "a", 1)
+    first = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 1
+    second = submit(sched, computing={"minimum_num_gpus": 1})
+    assert sched.schedule_pass() == 0
+    real = sched.store.transition
+
+    def broken(run_id: str, to: RunStatus, **fields: object) -> Run:
+        if to == RunStatus.STARTING:
+            real(run_id, to, **fields)  # written, then the pass fails: the savepoint undoes the write
+            raise RuntimeError("a bug in the pass")
+        return real(run_id, to, **fields)
+
+    sched.store.transition = broken  # type: ignore[method-assign]
+    sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # no error: the report stays
+    sched.store.transition = real  # type: ignore[method-assign]
+    assert sched.store.get_run(first).status == RunStatus.FINISHED
+    assert sched.store.get_run(second).status == RunStatus.QUEUED  # the failed pass's write was undone
+    assert sched.schedule_pass() == 1 and sched.store.get_run(second).status == RunStatus.STARTING  # (it kicked)

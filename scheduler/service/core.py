@@ -282,11 +282,19 @@ class SchedulerBase:
                 raise Conflict(f"run {run_id} is not placed on node {node_id}")
             if p.done or run.terminal or p.status == status:
                 return run  # a resend, or a report about an attempt already settled
+            held = run.gpu_claims()
             p.status, p.exit_code, p.reason = status, exit_code, reason
-            run = self._settle(run)
+            run, passed = self._settle_freeing(run, held) if status.terminal or status == RunStatus.LOST \
+                else (self._settle(run), False)
         self.run_changed(run)
-        self.kick()
+        if not passed:  # (a pass that ran with the write has placed what it could)
+            self.kick()
         return run
+
+    def _settle_freeing(self, run: Run, held: set[tuple[str, int]]) -> tuple[Run, bool]:
+        """_settle for a rank that ended (its GPUs, `held` before, may be freed). Returns (the run, whether a
+        scheduling pass ran after the write); placing.py places into the freed GPUs in the same commit."""
+        return self._settle(run), False
 
     def _settle(self, run: Run) -> Run:
         """Apply the outcome policy (scheduler/outcome.py) to the run's ranks: the new state in one write."""

@@ -106,7 +106,7 @@ class PlacementMixin(SchedulerBase):
         length of the queue or the number of running jobs. The book is rebuilt from the store every BOOK_REBUILD_S."""
         # One pass at a time across replicas, for efficiency only: the store refuses a stale placement anyway,
         # so a pass that outlives the lock's TTL is harmless, and a replica killed mid-pass blocks no one long.
-        # A pass that placed nothing is not repeated until something that could change its answer happens: every
+        # A pass is not repeated until something that could change its answer happens: every
         # such change (a run created or ended, a node joining, leaving, coming back or draining) kicks "schedule"
         # or "nodes", locally or relayed from another replica. A full pass every FULL_PASS_S is the safety net.
         tickets = (self.notifier.ticket("schedule"), self.notifier.ticket("nodes"))  # before reading anything
@@ -120,8 +120,47 @@ class PlacementMixin(SchedulerBase):
                 self._book = None  # it may hold placements that were rolled back: read the store again
                 raise
 
-    def _pass(self, tickets: tuple[int, int]) -> int:
-        """One pass under the locks (schedule_pass)."""
+    def _settle_freeing(self, run: Run, held: set[tuple[str, int]]) -> tuple[Run, bool]:
+        # A freed slot costs one durable commit, not two (the report's, then the placement's): where the store's
+        # batch is one transaction and no pass is running, the pass that places into the GPUs this write frees
+        # runs inside the write's transaction. A pass that fails is undone alone (a savepoint): the report
+        # stays, and the next pass tries again. Never waits for the pass lock (a pass holding it may be waiting
+        # for the store); nor on a store without one-commit batches (Redis: nothing to gain).
+        if not self.store.batch_commits_once or not self._schedule_lock.acquire(blocking=False):
+            return self._settle(run), False
+        placed: list[Run] = []
+
+        def hold(runs: list[Run]) -> None:  # (announced after the commit, below)
+            placed.extend(runs)
+            runs.clear()
+
+        try:
+            with self.store.lock("schedule", ttl=5.0):
+                tickets = (self.notifier.ticket("schedule"), self.notifier.ticket("nodes"))  # before reading
+                try:
+                    with self.store.batch():
+                        new = self._settle(run)
+                        passed = new.gpu_claims() < held
+                        if passed:
+                            try:
+                                with self.store.savepoint():
+                                    self._pass(tickets, hold)
+                            except Exception:
+                                log.exception("the pass after run %s's report failed; the next pass places", run.id)
+                                self._book, passed = None, False
+                                placed.clear()
+                except BaseException:
+                    self._book = None  # it may hold placements that were not committed
+                    raise
+        finally:
+            self._schedule_lock.release()
+        if placed:
+            self._announce(placed)  # after the commit: an agent woken must find its assignment
+        return new, passed
+
+    def _pass(self, tickets: tuple[int, int], announce: Callable[[list[Run]], None] | None = None) -> int:
+        """One pass under the locks (schedule_pass). `announce` gets the runs placed after each commit of the
+        pass (default: announced then)."""
         book = self._sync_book()
         if book.waiting_for:
             self._dependencies_ended(book)
@@ -134,7 +173,7 @@ class PlacementMixin(SchedulerBase):
         ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen)
         heads = book.heads()
         placed = 0
-        with _Commits(self.store, self._announce) as ps.commits:
+        with _Commits(self.store, announce or self._announce) as ps.commits:
             while heads:
                 key, req = heapq.heappop(heads)
                 shape = book.shapes[req]
@@ -151,7 +190,10 @@ class PlacementMixin(SchedulerBase):
                     book.pop(shape)
                 if (nxt := book.head(shape)) is not None:
                     heapq.heappush(heads, (nxt[1], req))
-        self._idle = None if placed else (tickets, time.monotonic())
+        # Every shape was tried until it found no room or ran out of runs: the next pass would find what this
+        # one left, until something that could change it happens (a kick moves the tickets; a GpuBusy retry
+        # kicked already). What it placed only took capacity.
+        self._idle = (tickets, time.monotonic())
         self._waiting, self._counted, self._reserved = dict(ps.no_room), {}, ps.held_ahead
         return placed
 
