@@ -402,8 +402,14 @@ class SQLiteStore(Store):
         if quiet:
             db.execute("UPDATE runs SET doc=? WHERE id=?", (run.model_dump_json(), run.id))
             return
-        db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=?, seq=? WHERE id=?",
-                   (*self._run_row(run)[1:], self._next_seq(db), run.id))
+        if (run.owner, run.priority, run.created_at) == (old.owner, old.priority, old.created_at):
+            # (set once, at creation: an UPDATE that names a column rewrites its index entries even unchanged,
+            # pages written and synced at every commit: 27 -> 25 pages per freed slot)
+            db.execute("UPDATE runs SET status=?, node_id=?, doc=?, seq=? WHERE id=?",
+                       (run.status.value, run.node_id, run.model_dump_json(), self._next_seq(db), run.id))
+        else:
+            db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=?, seq=? "
+                       "WHERE id=?", (*self._run_row(run)[1:], self._next_seq(db), run.id))
         if not old.terminal and old.placements:  # (a queued run has no rows in either)
             db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
             db.execute("DELETE FROM gpu_claims WHERE run_id=?", (run.id,))
