@@ -82,6 +82,42 @@ def tenancy(n: dict[str, Any]) -> str:
     return f"shared (jobs as {n['job_user']})" if n.get("job_user") else "shared"
 
 
+@node_app.command("gpus")
+def node_gpus(name: Annotated[str, typer.Argument(metavar="NAME", help="Node name or id.")],
+              since: Annotated[str, typer.Option("--since", help="How far back: 30m, 6h, 7d (a week at most).")] = "1h",
+              as_json: JsonOpt = False) -> None:
+    """Each GPU of a node over time, as its agent sampled it: utilisation, memory used, power and temperature
+    (every 5 s over the last hour, minute means before it, kept a week), with a sparkline of utilisation."""
+    from .api import connect
+
+    seconds = _duration(since)
+    if seconds is None or not 0 < seconds <= 7 * 86400:
+        raise CliError(f"--since: between 1s and 7d, got {since!r}", USAGE)
+    got = connect().get(f"/nodes/{name}/gpus", params={"since": seconds})
+    if as_json:
+        print_json(got)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from .runs import sparkline
+
+    table = Table(box=None, header_style="bold", title=f"{got['name']}: GPUs over the last {since}")
+    for col in ("GPU", "NAME", "UTIL NOW", "UTIL MEAN", "MEM USED", "POWER", "TEMP", "POINTS", "UTILISATION"):
+        table.add_column(col)
+    for g in got["gpus"]:
+        pts = g["points"]
+        util = [p[1] for p in pts if p[1] is not None]
+        last = pts[-1] if pts else None
+
+        def val(i: int, unit: str, last: list[Any] | None = last) -> str:
+            return "-" if last is None or last[i] is None else f"{last[i]:.0f}{unit}"
+
+        table.add_row(str(g["index"]), g["name"], val(1, "%"), f"{sum(util) / len(util):.0f}%" if util else "-",
+                      val(2, " MB"), val(3, " W"), val(4, " C"), str(len(pts)), sparkline(util, 48))
+    (Console() if sys.stdout.isatty() else Console(width=250)).print(table)  # (piped: nothing cut)
+
+
 @node_app.command("drain")
 def node_drain(name: Annotated[str, typer.Argument(metavar="NAME", help="Node name or id.")],
                undo: Annotated[bool, typer.Option("--undo", help="Accept new runs again.")] = False) -> None:

@@ -23,6 +23,7 @@ from .blobs import BlobStore
 from .contract import __version__
 from .contract.errors import ApiError, status_of
 from .contract.models import Principal
+from .contract.series import FLUSH_S
 from .gateway import Endpoints, Gateway
 from .middleware import Guard, Intercept
 from .routes import blobs as blob_routes
@@ -51,6 +52,8 @@ class Settings:
     webhook_allow: list[Any] = field(default_factory=list)  # networks webhooks may reach besides public ones
     # Seconds before a webhook's first retry (doubling): tests make it short.
     webhook_backoff: float = field(default_factory=lambda: float(os.environ.get("FEDML_WEBHOOK_BACKOFF", "1")))
+    # Seconds GPU series points wait in memory before they are written (contract/series.py): tests make it short.
+    series_flush: float = field(default_factory=lambda: float(os.environ.get("FEDML_SERIES_FLUSH_S", str(FLUSH_S))))
 
 
 def out_of_space(exc: BaseException) -> str | None:
@@ -150,6 +153,18 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             health.clear()
             sched.kick()
 
+    async def series_loop() -> None:
+        # GPU series points wait in memory at most FLUSH_S (scheduler/contract/series.py), then are written at once.
+        while True:
+            await asyncio.sleep(settings.series_flush)
+            try:
+                await run_in_threadpool(sched.flush_series)
+            except Exception as exc:
+                if (why := out_of_space(exc)) is not None:
+                    health.mark(why)
+                else:
+                    log.exception("writing GPU series failed")
+
     eps = Endpoints(sched)
     eps.listen = settings.listen
     gateway = Gateway(eps)
@@ -166,8 +181,11 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(heartbeat_loop()),
-                 asyncio.create_task(autoscale_loop()), asyncio.create_task(health_loop())]
+                 asyncio.create_task(autoscale_loop()), asyncio.create_task(health_loop()),
+                 asyncio.create_task(series_loop())]
         yield
+        with contextlib.suppress(Exception):  # (a clean stop keeps the last minute of GPU series too)
+            await run_in_threadpool(sched.flush_series)
         await gateway.close()
         hooks.close()
         for task in tasks:

@@ -46,6 +46,9 @@ class Keys:
     def gpus(self, node_id: str) -> str:  # hash: GPU index -> run id holding it
         return f"{self.p}gpus:{node_id}"
 
+    def series(self, key: str, tier: int, block: int) -> str:  # string of packed points; expires with its block
+        return f"{self.p}series:{tier}:{block}:{key}"
+
     def logs(self, run_id: str) -> str:  # stream
         return f"{self.p}logs:{run_id}"
 
@@ -223,6 +226,16 @@ return 'ok'
 
 # KEYS: seen, the node's runs. ARGV: node id, ts. Returns {the heartbeat before or '', the node's runs...}:
 # an agent's poll asks for both, in one round trip.
+# GPU series (store.append_series): KEYS are block keys; ARGV holds, per key, its packed points and the time its
+# block expires. One call per batch of rows: a command pair per row cost the client most of a flush.
+APPEND_SERIES = """
+for i, key in ipairs(KEYS) do
+  redis.call('APPEND', key, ARGV[2 * i - 1])
+  redis.call('EXPIREAT', key, ARGV[2 * i])
+end
+return #KEYS
+"""
+
 HEARTBEAT = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

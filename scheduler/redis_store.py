@@ -30,10 +30,12 @@ from typing import Any
 import redis
 
 from .contract.models import TERMINAL, UNSETTLED, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus
+from .contract.series import TIERS
 from .notify import Notifier
 from .redis_notify import RelayNotifier
 from .redis_schema import (
     APPEND_LOGS,
+    APPEND_SERIES,
     CAS_FIELD,
     DEL_NODE,
     HEARTBEAT,
@@ -87,6 +89,7 @@ class RedisStore(Store):
         self._del_node = self.r.register_script(DEL_NODE)
         self._put_key = self.r.register_script(PUT_KEY)
         self._heartbeat = self.r.register_script(HEARTBEAT)
+        self._append_series = self.r.register_script(APPEND_SERIES)
         self._locks = threading.local()
         self._notifier: RelayNotifier | None = None
         # The documents this process last read or wrote: a write expects them without reading again (a
@@ -498,6 +501,25 @@ class RedisStore(Store):
     def list_keys(self) -> list[ApiKey]:
         keys = [ApiKey.model_validate_json(raw) for raw in self.r.hvals(self.k.key_docs)]
         return sorted(keys, key=lambda k: k.created_at)
+
+    # -- GPU series --------------------------------------------------------------------------------------
+    def append_series(self, rows: list[tuple[str, int, int, bytes]], now: float) -> None:
+        # A key per block: APPEND adds the points, and the key expires when its block is past the tier's keep.
+        tiers = {t.id: t for t in TIERS}
+        with self.r.pipeline(transaction=False) as p:
+            for i in range(0, len(rows), 500):
+                keys, args = [], []
+                for key, tier, block, data in rows[i:i + 500]:
+                    keys.append(self.k.series(key, tier, block))
+                    args += [data, int((block + 1) * tiers[tier].block + tiers[tier].keep)]
+                self._append_series(keys=keys, args=args, client=p)
+            p.execute()
+
+    def read_series(self, key: str, tier: int, blocks: range) -> bytes:
+        if not blocks:
+            return b""
+        got = self.r.mget([self.k.series(key, tier, b) for b in blocks])
+        return b"".join(g for g in got if g)
 
     # -- shared by the replicas ------------------------------------------------------------------------------
     def heartbeat(self, node_id: str, ts: float) -> float | None:

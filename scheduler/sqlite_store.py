@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
+from .contract.series import TIERS, expired_before
 from .store import (
     DEFAULT_LOG_RETENTION,
     QUIET_FIELDS,
@@ -107,6 +108,16 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
     PRIMARY KEY (node_id, gpu)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
+-- GPU series (contract/series.py): a row per (series, tier, block) of packed points, appended to at each flush;
+-- blocks past their tier's keep are dropped by block number (series_block).
+CREATE TABLE IF NOT EXISTS series (
+    key TEXT NOT NULL,
+    tier INTEGER NOT NULL,
+    block INTEGER NOT NULL,
+    points BLOB NOT NULL,
+    PRIMARY KEY (key, tier, block)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS series_block ON series(tier, block);
 -- The runs of each sweep (Run.sweep.id), written with them: a sweep's status reads its runs alone.
 CREATE TABLE IF NOT EXISTS sweep_runs (
     sweep_id TEXT NOT NULL,
@@ -453,6 +464,21 @@ class SQLiteStore(Store):
             self._check_gpus(db, new, new.gpu_claims() - held)
             self._write(db, new, run, quiet=fields.keys() <= QUIET_FIELDS)
         return new
+
+    # -- GPU series --------------------------------------------------------------------------------------
+    def append_series(self, rows: list[tuple[str, int, int, bytes]], now: float) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT INTO series (key, tier, block, points) VALUES (?,?,?,?) ON CONFLICT "
+                           "(key, tier, block) DO UPDATE SET points = CAST(points || excluded.points AS BLOB)", rows)
+            # (|| makes text of blobs; the cast gives back the same bytes)
+            for tier in TIERS:
+                db.execute("DELETE FROM series WHERE tier=? AND block<?", (tier.id, expired_before(tier, now)))
+
+    def read_series(self, key: str, tier: int, blocks: range) -> bytes:
+        with self._lock:
+            got = self._db.execute("SELECT points FROM series WHERE key=? AND tier=? AND block>=? AND block<? "
+                                   "ORDER BY block", (key, tier, blocks.start, blocks.stop)).fetchall()
+        return b"".join(r[0] for r in got)
 
     # -- logs --------------------------------------------------------------------------------------------
     def next_seq(self, run_id: str, attempt: int, rank: int) -> int:

@@ -342,6 +342,16 @@ class Store(abc.ABC):
         exception goes on), and the batch's other writes stay."""
         raise NotImplementedError(f"{type(self).__name__} has no savepoints")
 
+    # -- GPU series (contract/series.py: tiers of blocks of packed points) ------------------------------------
+    @abc.abstractmethod
+    def append_series(self, rows: list[tuple[str, int, int, bytes]], now: float) -> None:
+        """Append each (key, tier, block, packed points) to that block, in one write, and drop the blocks past
+        their tier's keep (as of `now`)."""
+
+    @abc.abstractmethod
+    def read_series(self, key: str, tier: int, blocks: range) -> bytes:
+        """The packed points of `key`'s blocks `blocks` of `tier`, in block order (missing blocks: nothing)."""
+
     # -- what scheduler replicas sharing this store must agree on ------------------------------------------
     # Defaults serve a store that one scheduler process owns (SQLite): state and locks of this instance.
     # A store shared by several replicas (Redis) keeps these where every replica sees them.

@@ -117,6 +117,63 @@ def test_gpu_samples_are_in_the_metrics(fedml: Fedml, tmp_path: Path) -> None:
     assert later[("fedml_gpu_xid_errors_total", (("gpu", "1"), ("node", name)))] == 2
 
 
+def test_gpu_series_are_kept_in_the_store_across_a_restart(fedml: Fedml, tmp_path: Path) -> None:
+    """Each GPU's series and each run's are written to the store (every FEDML_SERIES_FLUSH_S; the default is a
+    minute), so a restarted scheduler still shows them: GET /nodes/NODE/gpus and `fedml run metrics`."""
+    from scheduler.contract.transport import httpx
+
+    gpus = Gpus(tmp_path / "nvml.json")
+    gpus.util = {0: 70, 1: 5}
+    gpus.write()
+    env = {"FEDML_NVML_DOUBLE": str(gpus.path), "FEDML_GPU_SAMPLE_S": "0.2", "FEDML_HEARTBEAT_INTERVAL": "1",
+           "FEDML_SERIES_FLUSH_S": "0.5"}
+    pidfile = tmp_path / "job.pid"
+    job = write_job(tmp_path / "job", f"echo $$ > {pidfile}\nexec sleep 120",
+                    extra="computing:\n  minimum_num_gpus: 1\n")
+    r = fedml("launch", str(job), "--detach", env=env)
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+    pid = int(wait_for("the job's pid", lambda: pidfile.exists() and pidfile.read_text().strip()))
+    gpus.pids[status(fedml, run_id)["gpus"][0]] = [pid]
+    gpus.write()
+
+    def gpu_points(name: str) -> dict[int, list[list[float]]]:
+        local = json.loads((fedml.home / "local" / "scheduler.json").read_text())
+        admin = (fedml.home / "local" / "token").read_text().strip()
+        got = httpx.get(f"{local['url']}/api/v1/nodes/{name}/gpus", params={"since": 600},
+                        headers={"authorization": f"Bearer {admin}"})
+        assert got.status_code == 200, got.text
+        return {g["index"]: g["points"] for g in got.json()["gpus"]}
+
+    name = node(fedml)["name"]
+
+    def two_points_each() -> dict[int, list[list[float]]] | None:  # (a point per 5 s at most)
+        got = gpu_points(name)
+        return got if all(len(p) >= 2 for p in got.values()) else None
+
+    before = wait_for("two points of each GPU", two_points_each, timeout=30)
+    assert [p[1] for p in before[0]][:2] == [70.0, 70.0] and before[1][0][1] == 5.0
+    assert before[0][0][2] is not None and before[0][0][3] == 60.0  # memory used, power
+    m = json.loads(fedml("run", "metrics", run_id, "--json").stdout)
+    util = [s for s in m["series"] if s["name"] == "gpu/util_pct"]
+    assert util and util[0]["points"], m
+    fedml("run", "stop", run_id)
+    wait_for("the run stopped", lambda: status(fedml, run_id)["status"] == "KILLED", timeout=60)
+    fedml.stop()
+    assert fedml("run", "list", env=env).returncode == 0  # a new scheduler process: nothing in its memory
+    after = gpu_points(name)
+    kept = [p for p in after[0] if p[0] <= before[0][-1][0]]
+    assert kept[:len(before[0])] == before[0], (kept, before[0])  # the same points, read back from the store
+    again = json.loads(fedml("run", "metrics", run_id, "--json").stdout)
+    kept_util = [s for s in again["series"] if s["name"] == "gpu/util_pct"]
+    assert kept_util and len(kept_util[0]["points"]) >= len(util[0]["points"]), again
+    shown = fedml("node", "gpus", name, "--since", "10m")
+    assert shown.returncode == 0 and "UTILISATION" in shown.stdout and "70%" in shown.stdout, shown
+    assert json.loads(fedml("node", "gpus", name, "--json").stdout)["gpus"][0]["points"][0] == before[0][0]
+    bad = fedml("node", "gpus", name, "--since", "9d")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --since: between 1s and 7d, got '9d'", bad
+
+
 def test_an_idle_run_is_stopped_or_warned_about_by_its_utilization_policy(fedml: Fedml, tmp_path: Path) -> None:
     gpus = Gpus(tmp_path / "nvml.json")
     gpus.util = {0: 0, 1: 0}  # (its process sits on the GPU and does nothing)

@@ -1006,3 +1006,25 @@ def test_each_run_reads_every_run_of_the_statuses_a_page_at_a_time(store: Store)
     assert sorted(r.id for r in got) == sorted([runs[1].id, *(r.id for r in runs[3:])])
     assert {r.id: r.status for r in got}[runs[1].id] == RunStatus.RUNNING
     assert [r.id for r in store.each_run([RunStatus.STARTING], page=1)] == [runs[0].id]
+
+
+def test_gpu_series_blocks_are_appended_to_read_in_order_and_dropped_after_their_keep(
+        pair: tuple[Store, Store]) -> None:
+    from scheduler.contract import series as S
+
+    a, b = pair
+    now = time.time()
+    block = S.block_of(S.FINE, now)
+    p1, p2, p3 = (S.pack([(now + i, float(i), 1.0, None, None)]) for i in range(3))
+    a.append_series([("gpu:n:0", S.FINE.id, block, p1), ("gpu:n:1", S.FINE.id, block, p3)], now)
+    b.append_series([("gpu:n:0", S.FINE.id, block, p2)], now)  # (another replica's flush: appended after)
+    a.append_series([("gpu:n:0", S.FINE.id, block - 1, p3)], now)  # an earlier block: read first
+    assert b.read_series("gpu:n:0", S.FINE.id, range(block - 1, block + 1)) == p3 + p1 + p2
+    assert a.read_series("gpu:n:0", S.FINE.id, range(block, block + 1)) == p1 + p2
+    assert a.read_series("gpu:n:0", S.COARSE.id, range(0, 10)) == b""
+    assert a.read_series("gpu:n:0", S.FINE.id, range(block, block)) == b""
+    old = S.expired_before(S.FINE, now) - 1  # a block past its keep: dropped when the next flush comes (SQLite),
+    a.append_series([("gpu:n:2", S.FINE.id, old, p1)], now)  # or expired at once (Redis)
+    a.append_series([], now)
+    assert b.read_series("gpu:n:2", S.FINE.id, range(old, old + 1)) == b""
+    assert b.read_series("gpu:n:1", S.FINE.id, range(block, block + 1)) == p3

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from .. import access
@@ -33,6 +36,13 @@ def register(info: NodeInfo, request: Request, who: Principal = Depends(auth), c
 def list_nodes(who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> list[NodeView]:
     access.require_not_node(who, "list nodes")
     return c.sched.node_views()
+
+
+@router.get("/nodes/{ref}/gpus")
+def node_gpus(ref: str, since: float = Query(3600.0, ge=0, le=7 * 24 * 3600, description="seconds back"),
+              who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> dict[str, Any]:
+    """Each GPU of the node over the last `since` seconds: every 5 s over the last hour, minute means before."""
+    return c.sched.node_gpu_series(ref, time.time() - since, who)
 
 
 @router.post("/nodes/{ref}/drain")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from typing import Any
 
 from .. import access
@@ -22,12 +21,9 @@ from ..contract.models import (
     StatusReport,
     attempt_ref,
 )
+from ..contract.series import gpu_key, run_key
 from ..store import NotFound
 from .core import ACTIVE, LOCAL, SchedulerBase, log
-
-GPU_USE_POINTS = 720  # a rank's GPU samples kept: an hour at one every GPU_USE_EVERY_S
-GPU_USE_EVERY_S = 5.0
-GPU_USE_KEYS = 4096  # (run, attempt, rank) kept, the oldest forgotten first
 
 
 def _span(seconds: float) -> str:
@@ -103,6 +99,8 @@ class AgentsMixin(SchedulerBase):
         replica, until they are free again."""
         self._samples[node_id] = (now, gpus)
         for g in gpus:
+            self.add_point(gpu_key(node_id, g.index), (now, g.util, g.mem_used_mb, g.power_w, g.temp_c))
+        for g in gpus:
             if g.xid:  # (each XID comes with one poll: agents/telemetry.py)
                 key = (node_id, g.index)
                 self._xids[key] = self._xids.get(key, 0) + len(g.xid)
@@ -145,15 +143,10 @@ class AgentsMixin(SchedulerBase):
             util = sum(utils) / len(utils) if utils else None
             used = sum(g.mem_used_mb or 0 for g in mine)
             key = (run.id, run.attempt, p.rank)
-            series = self._gpu_use.get(key)
-            if series is None:
-                series = self._gpu_use[key] = deque(maxlen=GPU_USE_POINTS)
-                while len(self._gpu_use) > GPU_USE_KEYS:  # (polls run in several threads: pops may race)
-                    gone = next(iter(self._gpu_use), None)
-                    self._gpu_use.pop(gone, None)  # type: ignore[arg-type]
-                    self._below.pop(gone, None)  # type: ignore[arg-type]
-            if not series or now - series[-1][0] >= GPU_USE_EVERY_S:  # (polls come faster than samples)
-                series.append((now, util, used))
+            power = [g.power_w for g in mine if g.power_w is not None]
+            temps = [g.temp_c for g in mine if g.temp_c is not None]
+            self.add_point(run_key(*key), (now, util, float(used), sum(power) if power else None,
+                                           max(temps) if temps else None))
             policy = run.job.utilization_policy
             if policy is None or util is None or (run.id, run.attempt) in self._idle_acted:
                 continue

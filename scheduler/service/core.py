@@ -22,6 +22,8 @@ from ..contract.models import (
     Run,
     RunStatus,
 )
+from ..contract.series import COARSE, FINE, FLUSH_S, SAMPLE_S, Point, merge, pack, read_plan, run_key, unpack
+from ..contract.series import rows as series_rows
 from ..notify import Notifier
 from ..outcome import decide
 from ..placement import Candidate, NoFit, Request
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from .placing import Cands
 
 log = logging.getLogger("fedml.scheduler")
+SERIES_WRITE = 4000  # GPU series rows per store write (a write holds SQLite's lock: ~30 ms, not a whole flush)
 
 ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
 EVENTS = {RunStatus.RUNNING: "started", RunStatus.FINISHED: "finished", RunStatus.FAILED: "failed",
@@ -212,7 +215,11 @@ class SchedulerBase:
         # scheduler last written on each node (agents.py).
         self._samples: dict[str, tuple[float, list[Any]]] = {}
         self._outside: dict[str, list[int]] = {}
-        self._gpu_use: dict[tuple[str, int, int], Any] = {}  # (run, attempt, rank) -> its GPUs' samples (agents.py)
+        # GPU series points not written yet (series key -> points, contract/series.py), the time of each series'
+        # latest point, and since when each run's series has had none (flush_series writes them every FLUSH_S).
+        self._series: dict[str, list[Point]] = {}
+        self._series_at: dict[str, float] = {}
+        self._series_lock = threading.Lock()
         self._idle_acted: set[tuple[str, int]] = set()  # (run, attempt) its utilization_policy acted on
         self._below: dict[tuple[str, int, int], float] = {}  # (run, attempt, rank) -> below the policy's floor since
         self._flagged: set[tuple[str, int, str, int]] = set()  # (run, attempt, node, GPU) said to use a GPU not its
@@ -330,9 +337,63 @@ class SchedulerBase:
         """(node, GPU) -> XID (critical) errors its agent reported to this process."""
         return dict(self._xids)
 
-    def gpu_use(self, run_id: str) -> dict[tuple[int, int], list[tuple[float, float | None, int]]]:
-        """(attempt, rank) -> [(time, mean utilisation %, memory used MB)] of the run's GPUs, as sampled."""
-        return {(a, r): list(v) for (rid, a, r), v in list(self._gpu_use.items()) if rid == run_id}
+    def add_point(self, key: str, point: Point) -> bool:
+        """Buffer a GPU series point, unless the series has one from less than SAMPLE_S ago (agents poll more often
+        than they sample). Written by the next flush_series."""
+        with self._series_lock:
+            last = self._series_at.get(key)
+            if last is not None and point[0] - last < SAMPLE_S * 0.9:
+                return False
+            self._series_at[key] = point[0]
+            self._series.setdefault(key, []).append(point)
+        return True
+
+    def flush_series(self, now: float | None = None) -> int:
+        """Write the buffered GPU series points to the store (every FLUSH_S, and when the scheduler stops): a crash
+        loses at most that much of them (they are soft state, as heartbeats are). Returns the points written."""
+        now = time.time() if now is None else now
+        with self._series_lock:
+            buffered, self._series = self._series, {}
+            # (a series with no point for two flushes is forgotten: its next point starts it again)
+            self._series_at = {k: t for k, t in self._series_at.items() if now - t < 2 * FLUSH_S}
+            live = {tuple(k.split(":")[1:]) for k in self._series_at if k.startswith("run:")}
+        self._below = {k: v for k, v in list(self._below.items()) if (k[0], str(k[1]), str(k[2])) in live}
+        if buffered:
+            rows = series_rows(buffered)
+            written = 0
+            try:
+                for written in range(0, len(rows), SERIES_WRITE):  # (the store is free between the writes)
+                    self.store.append_series(rows[written:written + SERIES_WRITE], now)
+            except Exception:  # a store that cannot write now: what is not written waits for the next flush
+                left = {r[0] for r in rows[written:]}  # (a series half written is written again: read once)
+                with self._series_lock:
+                    for key in left:
+                        self._series[key] = buffered[key] + self._series.get(key, [])
+                raise
+        return sum(len(p) for p in buffered.values())
+
+    def series(self, key: str, since: float, now: float | None = None) -> list[Point]:
+        """A GPU series from `since`: minute means before the last hour, every point of the last hour (the store's,
+        and those this process has not written yet)."""
+        now = time.time() if now is None else now
+        got: dict[int, bytes] = {}
+        for tier, blocks in read_plan(since, now):
+            got[tier.id] = self.store.read_series(key, tier.id, blocks)
+        with self._series_lock:
+            pending = pack(self._series.get(key, ()))  # (as the store will hold them: whole seconds, floats)
+        return merge(since, now, unpack(got.get(COARSE.id, b"")), unpack(got.get(FINE.id, b"") + pending))
+
+    def gpu_use(self, run: Run) -> dict[tuple[int, int], list[Point]]:
+        """(attempt, rank) -> the series of the run's GPUs there (mean utilisation, memory used summed), from when
+        the run was created."""
+        ranks = {(a.attempt, p.rank) for a in run.attempts for p in a.placements if p.gpus}
+        ranks |= {(run.attempt, p.rank) for p in run.placements if p.gpus}
+        out = {}
+        for attempt, rank in sorted(ranks):
+            pts = self.series(run_key(run.id, attempt, rank), run.created_at)
+            if pts:
+                out[(attempt, rank)] = pts
+        return out
 
     def record_delivery(self, run_id: str, delivery: Delivery) -> None:
         """Keep a webhook delivery on its run (the latest 20)."""

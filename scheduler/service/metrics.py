@@ -88,11 +88,11 @@ class MetricsMixin(SchedulerBase):
                       for (name, rank, attempt), s in sorted(state.series.items())
                       if names is None or name in names]
             ignored, why, dropped, pos = state.ignored, state.why, state.dropped, state.pos
-        # Its GPUs as the agents sampled them (the last hour, this scheduler process's): steps are seconds since
-        # the run started.
+        # Its GPUs as the agents sampled them (the store's series: every 5 s over the last hour, minute means
+        # before it, a week at most): steps are seconds since the run started.
         t0 = run.started_at or run.created_at
-        for (attempt, rank), samples in sorted(self.gpu_use(run_id).items()):
-            for name, pick in (("gpu/util_pct", 1), ("gpu/mem_used_mb", 2)):
+        for (attempt, rank), samples in sorted(self.gpu_use(run).items()):
+            for name, pick in (("gpu/util_pct", 1), ("gpu/mem_used_mb", 2), ("gpu/power_w", 3)):
                 pts = [[round(p[0] - t0), float(p[pick]), p[0]] for p in samples if p[pick] is not None]
                 if pts and (names is None or name in names):
                     series.append({"name": name, "rank": rank, "attempt": attempt, "points": pts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
 from .. import access, auth
 from ..contract.errors import Conflict, Gone, Unauthenticated
@@ -16,6 +17,7 @@ from ..contract.models import (
     Registered,
     RunStatus,
 )
+from ..contract.series import COARSE, FIELDS, gpu_key
 from ..store import NotFound
 from .core import ACTIVE, SchedulerBase, log
 
@@ -93,6 +95,19 @@ class NodesMixin(SchedulerBase):
                          gpus_free=[g.index for g in c.free], active_runs=count.get(c.node.id, 0),
                          gpu_samples=samples.get(c.node.id, (0.0, []))[1])
                 for c in self._candidates(active)]
+
+    def node_gpu_series(self, ref: str, since: float, who: Principal) -> dict[str, Any]:
+        """Each GPU of a node over time (contract/series.py: every 5 s over the last hour, minute means before
+        it, a week at most): {node, name, since, gpus: [{index, name, points: [[t, util %, mem MB, W, C]]}]}."""
+        access.require_not_node(who, "read node GPU series")
+        node = self.find_node(ref)
+        now = time.time()
+        since = max(since, now - COARSE.keep)
+        return {"node": node.id, "name": node.name, "since": since,
+                "fields": ["time", *FIELDS],
+                "gpus": [{"index": g.index, "name": g.name, "memory_mb": g.memory_mb,
+                          "points": [list(p) for p in self.series(gpu_key(node.id, g.index), since, now)]}
+                         for g in node.gpus]}
 
     def find_node(self, ref: str) -> Node:
         node = self.store.get_node(ref) or self.store.node_by_name(ref)
