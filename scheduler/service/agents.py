@@ -98,8 +98,7 @@ class AgentsMixin(SchedulerBase):
         run holds change, write them on the node (Node.gpus_busy_outside): placement leaves those alone, on every
         replica, until they are free again."""
         self._samples[node_id] = (now, gpus)
-        for g in gpus:
-            self.add_point(gpu_key(node_id, g.index), (now, g.util, g.mem_used_mb, g.power_w, g.temp_c))
+        self.add_points([(gpu_key(node_id, g.index), (now, g.util, g.mem_used_mb, g.power_w, g.temp_c)) for g in gpus])
         for g in gpus:
             if g.xid:  # (each XID comes with one poll: agents/telemetry.py)
                 key = (node_id, g.index)

@@ -340,13 +340,26 @@ class SchedulerBase:
     def add_point(self, key: str, point: Point) -> bool:
         """Buffer a GPU series point, unless the series has one from less than SAMPLE_S ago (agents poll more often
         than they sample). Written by the next flush_series."""
+        return self.add_points([(key, point)]) == 1
+
+    def add_points(self, points: list[tuple[str, Point]]) -> int:
+        """add_point for each (key, point), under one lock (a poll brings a point per GPU). Returns how many were
+        kept."""
+        kept = 0
         with self._series_lock:
-            last = self._series_at.get(key)
-            if last is not None and point[0] - last < SAMPLE_S * 0.9:
-                return False
-            self._series_at[key] = point[0]
-            self._series.setdefault(key, []).append(point)
-        return True
+            at, buffered = self._series_at, self._series
+            for key, point in points:
+                last = at.get(key)
+                if last is not None and point[0] - last < SAMPLE_S * 0.9:
+                    continue
+                at[key] = point[0]
+                got = buffered.get(key)
+                if got is None:
+                    buffered[key] = [point]
+                else:
+                    got.append(point)
+                kept += 1
+        return kept
 
     def flush_series(self, now: float | None = None) -> int:
         """Write the buffered GPU series points to the store (every FLUSH_S, and when the scheduler stops): a crash
