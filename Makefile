@@ -53,6 +53,7 @@ bench: redis
 	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --store redis
 	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --gpus 8  # GPU telemetry on
 	$(BIN)/python bench/job_metrics.py --lines 200000
+	$(BIN)/python bench/gpu_series.py --nodes 10000
 	$(BIN)/python bench/e2e_peers.py --jobs 200
 	$(BIN)/python bench/vs_slurm.py --runs 10
 	$(BIN)/python bench/fedavg_round.py
