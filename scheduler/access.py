@@ -24,6 +24,7 @@ _NOT_FOR_NODES = {
     "list clusters": "a node key cannot list clusters",
     "read clusters": "a node key cannot read clusters",
     "use storage": "a node key has no storage (its runs get theirs through `storage:` in the job)",
+    "read node GPU series": "a node key cannot read the nodes' GPU series",
 }
 
 
@@ -48,7 +49,12 @@ def require_may_read_webhook_secret(who: Principal, owner: str) -> None:
     if not is_person(who):
         raise Forbidden("only an admin or user key has a webhook secret")
     if owner != who.owner and not who.admin:
-        raise Forbidden("only an admin reads another owner's webhook secret")
+        raise Forbidden("only an admin reads another owner's webhook secret (or a team's)")
+
+
+def may_see_team(who: Principal, team: str) -> bool:
+    """Admins see every team; a person the team their key belongs to. (Others are told there is no such team.)"""
+    return who.admin or (is_person(who) and who.team == team)
 
 
 def require_admin(who: Principal, why: str = "this needs an admin key") -> None:
