@@ -144,18 +144,22 @@ def key_create(name: Annotated[str, typer.Argument(metavar="NAME", help="Who the
                admin: Annotated[bool, typer.Option("--admin", help="An admin key (sees all runs, manages nodes/keys).")] = False,
                metrics: Annotated[bool, typer.Option("--metrics", help="A key that reads GET /metrics (Prometheus) "
                                                                        "and nothing else.")] = False,
+               team: Annotated[str | None, typer.Option("--team", help="The team whose runs it launches "
+                                                                       "(`fedml team create` first).")] = None,
                as_json: JsonOpt = False) -> None:
     """Create a key and print its secret once."""
     from .api import connect
 
     if admin and metrics:
         raise CliError("--admin and --metrics: a key is one or the other", USAGE)
-    r = connect().post("/keys", params={"name": name, "scope": "admin" if admin else "metrics" if metrics else "user"})
+    params = {"name": name, "scope": "admin" if admin else "metrics" if metrics else "user"}
+    r = connect().post("/keys", params={**params, **({"team": team} if team else {})})
     if as_json:
         print_json(r)
         return
     sys.stdout.write(r["secret"] + "\n")
-    _err(f"Key {r['key']['id']} for {name} ({r['key']['scope']}). The secret above is shown only now.")
+    team_note = f", team {r['key']['team']}" if r["key"].get("team") else ""
+    _err(f"Key {r['key']['id']} for {name} ({r['key']['scope']}{team_note}). The secret above is shown only now.")
 
 
 @key_app.command("list")

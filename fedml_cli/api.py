@@ -112,6 +112,9 @@ class Api:
     def delete(self, path: str, **kw: Any) -> Any:
         return self.request("DELETE", path, **kw).json()
 
+    def put(self, path: str, **kw: Any) -> Any:
+        return self.request("PUT", path, **kw).json()
+
     def has_blob(self, sha: str) -> bool:
         try:
             r = self.http.head(f"{API}/blobs/{sha}")

@@ -21,6 +21,7 @@ from . import (
     runs,
     scheduler_cmd,
     storage_cmd,
+    teams_cmd,
     templates,
 )
 from .errors import USAGE, CliError
@@ -70,6 +71,7 @@ app.add_typer(endpoint.endpoint_app, name="endpoint")
 app.add_typer(model_cmd.model_app, name="model")
 app.add_typer(clusters_cmd.cluster_app, name="cluster")
 app.add_typer(storage_cmd.storage_app, name="storage")
+app.add_typer(teams_cmd.team_app, name="team")
 scheduler_cmd.scheduler_app.add_typer(admin.key_app, name="key")
 scheduler_cmd.scheduler_app.add_typer(admin.token_app, name="token")
 

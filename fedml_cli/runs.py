@@ -221,6 +221,7 @@ def run_status(
             ("exit code", "-" if r.get("exit_code") is None else str(r["exit_code"])),
             ("node", _node(r, r.get("node_id"))), ("gpus", ",".join(map(str, r.get("gpus") or [])) or "-"),
             ("job type", r["job"].get("job_type", "train")), ("file", r.get("job_file") or "-"),
+            ("owner", escape(r["owner"]) + (f" (team {escape(r['team'])})" if r.get("team") else "")),
             ("created", _ago(r["created_at"])), ("duration", _duration(dur)), ("log lines", str(r["log_count"])),
             ("attempt", str(r.get("attempt", 1)))]
     if len(r.get("placements") or []) > 1:

@@ -27,7 +27,7 @@ from .contract.series import FLUSH_S
 from .gateway import Endpoints, Gateway
 from .middleware import Guard, Intercept
 from .routes import blobs as blob_routes
-from .routes import clusters, keys, logs, metrics, nodes, queue, runs, storage, sweeps, system, ui
+from .routes import clusters, keys, logs, metrics, nodes, queue, runs, storage, sweeps, system, teams, ui
 from .routes import endpoints as endpoint_routes
 from .routes.deps import API, Ctx
 from .routes.inference import PREFIX, Inference
@@ -37,7 +37,7 @@ from .store import Store
 from .webhooks import Webhooks
 
 log = logging.getLogger("fedml.scheduler")
-ROUTERS = (system, blob_routes, storage, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys, queue, metrics, ui)
+ROUTERS = (system, blob_routes, storage, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys, queue, metrics, teams, ui)
 
 @dataclass
 class Settings:

@@ -23,14 +23,15 @@ def digest(secret: str) -> str:
 
 
 def issue(store: Store, *, name: str, scope: str, owner: str, ttl: float | None = None,
-          parent: str | None = None) -> tuple[ApiKey, str]:
+          parent: str | None = None, team: str | None = None) -> tuple[ApiKey, str]:
     """Create a key (that expires after `ttl` seconds, if given; revoked with `parent`, the key it was made
-    from, if given: a dashboard session); returns the record and the secret (shown once, never stored)."""
+    from, if given: a dashboard session; launching runs of `team`, if given); returns the record and the secret
+    (shown once, never stored)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
     secret = f"fml_{scope[0]}_{secrets.token_urlsafe(32)}"
     key = ApiKey(id="key-" + secrets.token_hex(8), name=name, scope=scope, owner=owner, hash=digest(secret),
-                 prefix=secret[:10], expires_at=time.time() + ttl if ttl else None, parent=parent)
+                 prefix=secret[:10], expires_at=time.time() + ttl if ttl else None, parent=parent, team=team)
     store.put_key(key)
     return key, secret
 
@@ -96,7 +97,7 @@ def verify(store: Store, secret: str) -> Principal | None:
     if not usable(key):
         return None
     assert key is not None
-    return Principal(scope=key.scope, owner=key.owner, key_id=key.id)
+    return Principal(scope=key.scope, owner=key.owner, key_id=key.id, team=key.team)
 
 
 def use_join(store: Store, key_id: str) -> ApiKey:

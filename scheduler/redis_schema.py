@@ -46,6 +46,10 @@ class Keys:
     def gpus(self, node_id: str) -> str:  # hash: GPU index -> run id holding it
         return f"{self.p}gpus:{node_id}"
 
+    @property
+    def teams(self) -> str:  # hash: team name -> doc
+        return f"{self.p}teams"
+
     def series(self, key: str, tier: int, block: int) -> str:  # string of packed points; expires with its block
         return f"{self.p}series:{tier}:{block}:{key}"
 

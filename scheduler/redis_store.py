@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from .contract.models import TERMINAL, UNSETTLED, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus
+from .contract.models import TERMINAL, UNSETTLED, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus, Team
 from .contract.series import TIERS
 from .notify import Notifier
 from .redis_notify import RelayNotifier
@@ -501,6 +501,27 @@ class RedisStore(Store):
     def list_keys(self) -> list[ApiKey]:
         keys = [ApiKey.model_validate_json(raw) for raw in self.r.hvals(self.k.key_docs)]
         return sorted(keys, key=lambda k: k.created_at)
+
+    # -- teams -------------------------------------------------------------------------------------------
+    def put_team(self, team: Team, *, new: bool = False) -> Team:
+        doc = team.model_dump_json()
+        if new:
+            if not self.r.hsetnx(self.k.teams, team.name, doc):
+                raise AlreadyExists(f"a team named {team.name} exists already")
+        else:
+            self.r.hset(self.k.teams, team.name, doc)
+        return team
+
+    def get_team(self, name: str) -> Team | None:
+        raw = self.r.hget(self.k.teams, name)
+        return None if raw is None else Team.model_validate_json(raw)
+
+    def list_teams(self) -> list[Team]:
+        return sorted((Team.model_validate_json(v) for v in self.r.hvals(self.k.teams)), key=lambda t: t.name)
+
+    def delete_team(self, name: str) -> None:
+        if not self.r.hdel(self.k.teams, name):
+            raise NotFound(f"team {name} not found")
 
     # -- GPU series --------------------------------------------------------------------------------------
     def append_series(self, rows: list[tuple[str, int, int, bytes]], now: float) -> None:

@@ -13,7 +13,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
+from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus, Team
 from .contract.series import TIERS, expired_before
 from .store import (
     DEFAULT_LOG_RETENTION,
@@ -108,6 +108,7 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
     PRIMARY KEY (node_id, gpu)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
+CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
 -- GPU series (contract/series.py): a row per (series, tier, block) of packed points, appended to at each flush;
 -- blocks past their tier's keep are dropped by block number (series_block).
 CREATE TABLE IF NOT EXISTS series (
@@ -464,6 +465,31 @@ class SQLiteStore(Store):
             self._check_gpus(db, new, new.gpu_claims() - held)
             self._write(db, new, run, quiet=fields.keys() <= QUIET_FIELDS)
         return new
+
+    # -- teams -------------------------------------------------------------------------------------------
+    def put_team(self, team: Team, *, new: bool = False) -> Team:
+        with self._tx() as db:
+            try:
+                db.execute(f"INSERT {'' if new else 'OR REPLACE '}INTO teams (name, doc) VALUES (?,?)",
+                           (team.name, team.model_dump_json()))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"a team named {team.name} exists already") from None
+        return team
+
+    def get_team(self, name: str) -> Team | None:
+        with self._lock:
+            row = self._db.execute("SELECT doc FROM teams WHERE name=?", (name,)).fetchone()
+        return Team.model_validate_json(row[0]) if row else None
+
+    def list_teams(self) -> list[Team]:
+        with self._lock:
+            rows = self._db.execute("SELECT doc FROM teams ORDER BY name").fetchall()
+        return [Team.model_validate_json(r[0]) for r in rows]
+
+    def delete_team(self, name: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM teams WHERE name=?", (name,)).rowcount == 0:
+                raise NotFound(f"team {name} not found")
 
     # -- GPU series --------------------------------------------------------------------------------------
     def append_series(self, rows: list[tuple[str, int, int, bytes]], now: float) -> None:

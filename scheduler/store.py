@@ -18,7 +18,7 @@ from typing import Any
 
 from .contract import errors
 from .contract.errors import Conflict
-from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus
+from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus, Team
 from .notify import Notifier
 
 
@@ -341,6 +341,22 @@ class Store(abc.ABC):
         """Inside batch(), where batch_commits_once: the writes made in it are undone if it raises (the
         exception goes on), and the batch's other writes stay."""
         raise NotImplementedError(f"{type(self).__name__} has no savepoints")
+
+    # -- teams (docs/teams.md) -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def put_team(self, team: Team, *, new: bool = False) -> Team:
+        """Write a team; with `new`, AlreadyExists if one of that name exists (checked in the same step)."""
+
+    @abc.abstractmethod
+    def get_team(self, name: str) -> Team | None: ...
+
+    @abc.abstractmethod
+    def list_teams(self) -> list[Team]:
+        """Every team, by name."""
+
+    @abc.abstractmethod
+    def delete_team(self, name: str) -> None:
+        """NotFound if there is none."""
 
     # -- GPU series (contract/series.py: tiers of blocks of packed points) ------------------------------------
     @abc.abstractmethod

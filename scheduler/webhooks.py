@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .contract.jobspec import NotifyTarget
 from .contract.models import Delivery, Run
 
 log = logging.getLogger("fedml.scheduler")
@@ -119,9 +120,10 @@ class Webhooks:
         """The owner's signing secret (the same on every replica, for as long as the key file lives)."""
         return hmac.new(self.key(), f"webhook:{owner}".encode(), hashlib.sha256).hexdigest()
 
-    def enqueue(self, run: Run, event: str) -> None:
-        """Deliver `event` of `run` to each of its targets that asked for it. Returns at once."""
-        for target in run.job.notify or []:
+    def enqueue(self, run: Run, event: str, targets: list[NotifyTarget] | None = None, signer: str | None = None) -> None:
+        """Deliver `event` of `run` to each of `targets` (default: its job's) that asked for it, signed with the
+        secret of `signer` (default: the run's owner; "team:NAME" for a team's default targets). Returns at once."""
+        for target in run.job.notify or [] if targets is None else targets:
             if event not in target.on:
                 continue
             with self._lock:
@@ -137,14 +139,14 @@ class Webhooks:
                                              state="failed", tries=0, error="too many deliveries pending"))
                 continue
             assert self._pool is not None
-            self._pool.submit(self._send, run, event, target.url)
+            self._pool.submit(self._send, run, event, target.url, signer or run.owner)
 
-    def _send(self, run: Run, event: str, url: str) -> None:
+    def _send(self, run: Run, event: str, url: str, signer: str) -> None:
         import httpx
         import tenacity
 
         body = json.dumps(payload(run, event), separators=(",", ":")).encode()
-        sig = hmac.new(self.secret(run.owner).encode(), body, hashlib.sha256).hexdigest()  # (the text is the key)
+        sig = hmac.new(self.secret(signer).encode(), body, hashlib.sha256).hexdigest()  # (the text is the key)
         headers = {"content-type": "application/json", "user-agent": "fedml-launch-webhook",
                    "x-fedml-event": event, "x-fedml-delivery": str(uuid.uuid4()), "x-fedml-signature": f"sha256={sig}"}
         tries, code, error = 0, None, None

@@ -18,7 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.contract.models import ApiKey, Endpoint, GpuInfo, InvalidTransition, Node, Placement, Run, RunStatus, SweepPoint
+from scheduler.contract.models import (
+    ApiKey,
+    Endpoint,
+    GpuInfo,
+    InvalidTransition,
+    Node,
+    Placement,
+    Run,
+    RunStatus,
+    SweepPoint,
+    Team,
+)
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
@@ -1028,3 +1039,19 @@ def test_gpu_series_blocks_are_appended_to_read_in_order_and_dropped_after_their
     a.append_series([], now)
     assert b.read_series("gpu:n:2", S.FINE.id, range(old, old + 1)) == b""
     assert b.read_series("gpu:n:1", S.FINE.id, range(block, block + 1)) == p3
+
+
+def test_teams_are_made_once_listed_by_name_changed_and_removed(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    a.put_team(Team(name="vision", shares=2), new=True)
+    b.put_team(Team(name="nlp"), new=True)
+    with pytest.raises(AlreadyExists):
+        b.put_team(Team(name="vision"), new=True)  # (another replica making the same team)
+    assert [t.name for t in b.list_teams()] == ["nlp", "vision"]
+    assert b.get_team("vision").shares == 2  # type: ignore[union-attr]
+    a.put_team(Team(name="vision", shares=5))  # a change
+    assert b.get_team("vision").shares == 5  # type: ignore[union-attr]
+    b.delete_team("vision")
+    assert a.get_team("vision") is None and [t.name for t in a.list_teams()] == ["nlp"]
+    with pytest.raises(NotFound):
+        a.delete_team("vision")

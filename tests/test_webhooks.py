@@ -141,3 +141,35 @@ def test_a_loopback_receiver_is_refused_unless_allowed(fedml: Fedml, tmp_path: P
     d = deliveries(fedml, run_id, 1)[0]
     assert d["state"] == "failed" and "not a public address" in d["error"] and d["tries"] == 1, d
     assert receiver.got == []
+
+
+def test_a_teams_webhooks_are_the_default_of_its_runs(fedml: Fedml, tmp_path: Path, receiver: Receiver) -> None:
+    """`fedml team notify TEAM --url ...`: a run of the team whose job names no webhook is delivered there,
+    signed with the team's secret; a job's own `notify:` replaces the team's."""
+    assert fedml("team", "create", "ml", env=FAST).returncode == 0
+    r = fedml("team", "notify", "ml", "--url", receiver.url, "--on", "finished")
+    assert r.returncode == 0, r.stderr
+    # (an admin key of the team: the local node runs only its admin's jobs)
+    member = fedml("scheduler", "key", "create", "ann", "--admin", "--team", "ml").stdout.strip()
+    as_ann = {**FAST, "FEDML_SERVER": json.loads((fedml.home / "local" / "scheduler.json").read_text())["url"],
+              "FEDML_API_KEY": member}
+    plain = write_job(tmp_path / "plain", "echo hi")
+    r = fedml("launch", str(plain), env=as_ann)
+    assert r.returncode == 0, r.stderr
+    run_id = r.stderr.split("Run ")[1].split()[0]
+    done = deliveries(fedml, run_id, 1)
+    assert done[0]["event"] == "finished" and done[0]["state"] == "delivered", done
+    (headers, body), = receiver.got
+    secret = fedml("notify", "secret", "--owner", "team:ml").stdout.strip()
+    assert hmac.compare_digest(headers["x-fedml-signature"],
+                               "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest())
+    doc = json.loads(body)
+    assert doc["run_id"] == run_id
+    status = json.loads(fedml("run", "status", run_id, "--json").stdout)
+    assert status["team"] == "ml"
+    shown = fedml("team", "show", "ml").stdout
+    assert "ann" in shown and receiver.url in shown, shown  # (its keys; the query of the URL is the admin's)
+    bad = fedml("team", "notify", "ml")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: give --url (one or more) or --clear", bad
+    assert fedml("team", "notify", "ml", "--clear").returncode == 0
+    assert json.loads(fedml("team", "show", "ml", "--json").stdout)["notify"] == []

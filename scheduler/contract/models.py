@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_serializer, model_validator
 
-from .jobspec import JobSpec
+from .jobspec import JobSpec, NotifyTarget
 from .jobyaml import JOB_TEXT_MAX
 
 
@@ -214,6 +214,7 @@ class Run(BaseModel):
     sweep: SweepPoint | None = None  # the sweep it is a point of
     mounts: list[Mount] = Field(default_factory=list)  # storage objects unpacked into its workspace
     deliveries: list[Delivery] = Field(default_factory=list)  # its webhooks' deliveries, the latest 20
+    team: str | None = None  # the team of the key that launched it (docs/teams.md)
     log_count: int = 0
     node_names: dict[str, str] = Field(default_factory=dict)  # node id -> name, filled when a run is read
     created_at: float = Field(default_factory=time.time)
@@ -553,13 +554,37 @@ class ApiKey(BaseModel):
     uses_left: int | None = None
     expires_at: float | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    team: str | None = None  # user and admin keys: the team whose runs it launches (docs/teams.md)
 
 
 class Principal(BaseModel):
     scope: str
     owner: str
     key_id: str
+    team: str | None = None
 
     @property
     def admin(self) -> bool:
         return self.scope == "admin"
+
+
+TEAM_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+
+
+class Team(BaseModel):
+    """A team (`fedml team create`): the keys that belong to it launch its runs (docs/teams.md). Its webhook
+    targets are the default of its runs whose job names none."""
+
+    name: str = Field(pattern=TEAM_NAME)
+    shares: int = Field(default=1, ge=1, le=1_000_000)  # its weight among teams (fair share)
+    notify: list[NotifyTarget] = Field(default_factory=list, max_length=8)
+    created_at: float = Field(default_factory=time.time)
+
+
+class TeamCreate(BaseModel):
+    name: str = Field(pattern=TEAM_NAME, description="lower-case letters, digits, - and _; 40 at most")
+    shares: int = Field(default=1, ge=1, le=1_000_000)
+
+
+class TeamNotify(BaseModel):
+    notify: list[NotifyTarget] = Field(default_factory=list, max_length=8)

@@ -56,7 +56,7 @@ class Ctx:
             return 403, "a join token only registers nodes", None
         if key.scope == "metrics":  # (GET /metrics checks its own key: it is not under the API)
             return 403, "a metrics key only reads /metrics", None
-        return 200, "", Principal(scope=key.scope, owner=key.owner, key_id=key.id)
+        return 200, "", Principal(scope=key.scope, owner=key.owner, key_id=key.id, team=key.team)
 
     def named(self, runs: list[Run]) -> list[Run]:
         """Users named their nodes: give each run the names of the nodes it ran on (one lookup per node)."""

@@ -20,12 +20,20 @@ def _public(k: ApiKey) -> dict[str, object]:
 
 @router.post("/keys", status_code=201)
 def create_key(name: str = Query(min_length=1, max_length=100), scope: str = Query(default="user"),
+               team: str | None = Query(default=None, max_length=40),
                who: Principal = Depends(admin), c: Ctx = Depends(ctx)) -> dict[str, object]:
     if scope not in ("admin", "user", "metrics"):
         raise Invalid("scope must be admin, user or metrics (node keys are issued at registration)")
+    if name.startswith("team:"):
+        raise Invalid("a key's name may not start with team: (a team's webhook secret is named so)")
+    if team is not None and scope == "metrics":
+        raise Invalid("a metrics key launches nothing: it belongs to no team")
+    if team is not None and c.store.get_team(team) is None:
+        raise NotFound(f"no team {team} (make it with `fedml team create {team}`)")
     if any(k.name == name and k.revoked_at is None and k.scope != "node" for k in c.store.list_keys()):
         raise Conflict(f"a key named {name} exists already")
-    key, secret = keys.issue(c.store, name=name, scope=scope, owner={"user": name, "metrics": "metrics"}.get(scope, "admin"))
+    key, secret = keys.issue(c.store, name=name, scope=scope, owner={"user": name, "metrics": "metrics"}.get(scope, "admin"),
+                             team=team)
     return {"key": _public(key), "secret": secret}
 
 

@@ -73,7 +73,8 @@ def sign_in_link(who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> dict[
     caller's that lasts LINK_TTL seconds and is revoked once used."""
     if not access.is_person(who):
         raise Forbidden("only an admin or user key signs in to the dashboard")
-    _, code = keys.issue(c.store, name=LINK, scope=who.scope, owner=who.owner, ttl=LINK_TTL, parent=who.key_id)
+    _, code = keys.issue(c.store, name=LINK, scope=who.scope, owner=who.owner, ttl=LINK_TTL, parent=who.key_id,
+                         team=who.team)
     return {"code": code, "expires_in": LINK_TTL}
 
 
@@ -89,7 +90,8 @@ def sign_in(body: SignIn, request: Request, c: Ctx = Depends(ctx)) -> JSONRespon
     if used is not None and used.name == LINK:  # one time only
         keys.revoke(c.store, used, why="used to sign in")
     _, secret = keys.issue(c.store, name=f"dashboard session of {who.owner}", scope=who.scope, owner=who.owner,
-                           ttl=SESSION_TTL, parent=(used.parent or used.id) if used is not None else None)
+                           ttl=SESSION_TTL, parent=(used.parent or used.id) if used is not None else None,
+                           team=who.team)
     out = JSONResponse(_session(who, secret))
     out.set_cookie(SESSION_COOKIE, secret, max_age=int(SESSION_TTL), httponly=True, samesite="strict", path="/",
                    secure=request.url.scheme == "https")

@@ -12,9 +12,11 @@ from .nodes import NodesMixin
 from .placing import PlacementMixin
 from .queue import QueueMixin
 from .runs import RunsMixin
+from .teams import TeamsMixin
 
 
-class Scheduler(RunsMixin, NodesMixin, ClustersMixin, AgentsMixin, PlacementMixin, QueueMixin, MetricsMixin):
+class Scheduler(RunsMixin, NodesMixin, ClustersMixin, AgentsMixin, PlacementMixin, QueueMixin, MetricsMixin,
+                TeamsMixin):
     """The one object routes and tests drive; each noun's methods live in their own module."""
 
 

@@ -21,6 +21,7 @@ from ..contract.models import (
     Principal,
     Run,
     RunStatus,
+    Team,
 )
 from ..contract.series import COARSE, FINE, FLUSH_S, SAMPLE_S, Point, merge, pack, read_plan, run_key, unpack
 from ..contract.series import rows as series_rows
@@ -210,7 +211,8 @@ class SchedulerBase:
         self.tally = Tally()
         # Told of each event of a run whose job has `notify:` targets, by the replica whose write made it
         # (scheduler/webhooks.py: it returns at once). None: no webhooks (tests of the scheduler alone).
-        self.on_event: Callable[[Run, str], None] | None = None
+        self.on_event: Callable[[Run, str, list[Any], str], None] | None = None
+        self._teams: dict[str, tuple[float, Team | None]] = {}  # team_cached()
         # The agents' latest GPU samples (node -> (when, samples); soft state), and the GPUs busy outside the
         # scheduler last written on each node (agents.py).
         self._samples: dict[str, tuple[float, list[Any]]] = {}
@@ -318,7 +320,13 @@ class SchedulerBase:
     def moved(self, before: Run, after: Run) -> None:
         """After a write that may have moved a run: tell on_event of its event, if its job wants to hear of it
         (an attempt lost and requeued is "lost"; a state reached is started, finished, failed, killed, lost)."""
-        if self.on_event is None or not after.job.notify:
+        if self.on_event is None:
+            return
+        targets, signer = after.job.notify, after.owner
+        if not targets and after.team is not None:  # its team's default targets, signed with the team's secret
+            team = self.team_cached(after.team)
+            targets, signer = (team.notify if team is not None else None), f"team:{after.team}"
+        if not targets:
             return
         if after.attempt > before.attempt:
             event = "lost" if any(p.status == RunStatus.LOST for p in before.placements) else None
@@ -327,7 +335,19 @@ class SchedulerBase:
         else:
             return
         if event is not None:
-            self.on_event(after, event)
+            self.on_event(after, event, targets, signer)
+
+    TEAM_CACHE_S = 2.0
+
+    def team_cached(self, name: str) -> Team | None:
+        """A team as read at most TEAM_CACHE_S ago (each run's transitions ask for its team's webhook targets)."""
+        now = time.monotonic()
+        got = self._teams.get(name)
+        if got is None or now - got[0] > self.TEAM_CACHE_S:
+            if len(self._teams) > 10_000:
+                self._teams.clear()
+            got = self._teams[name] = (now, self.store.get_team(name))
+        return got[1]
 
     def gpu_samples(self) -> dict[str, tuple[float, list[Any]]]:
         """node -> (when, its latest GPU sample: GpuSample), as this scheduler process got them."""

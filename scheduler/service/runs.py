@@ -216,6 +216,7 @@ class RunsMixin(SchedulerBase):
             mounts=mounts,
             priority=spec.priority,
             owner=who.owner,
+            team=who.team,
             num_nodes=request.count,
             # Its shape found no room in the last pass: it waits for the same reason, written with it rather than
             # by the next pass (a run at a time: 10,000 submissions into a full cluster cost 10,000 more writes).

@@ -1,0 +1,101 @@
+"""`fedml team ...`: teams of people sharing the GPUs (docs/teams.md). Only typer at module level."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from .errors import USAGE, CliError
+from .output import JsonOpt, print_json
+from .output import err as _err
+
+team_app = typer.Typer(help="Teams: every key of a person can belong to one, and its runs are the team's "
+                            "(docs/teams.md).", no_args_is_help=True, rich_markup_mode=None)
+
+TeamArg = Annotated[str, typer.Argument(metavar="TEAM", help="The team's name.")]
+
+
+@team_app.command("create")
+def team_create(name: TeamArg,
+                shares: Annotated[int, typer.Option("--shares", min=1, help="Its weight among teams.")] = 1,
+                as_json: JsonOpt = False) -> None:
+    """Make a team (admin). Then give its people keys: `fedml scheduler key create NAME --team TEAM`."""
+    from .api import connect
+
+    team = connect().post("/teams", json={"name": name, "shares": shares})
+    if as_json:
+        print_json(team)
+        return
+    _err(f"Team {team['name']} made (shares {team['shares']}). Keys for it: "
+         f"`fedml scheduler key create NAME --team {team['name']}`.")
+
+
+@team_app.command("list")
+def team_list(as_json: JsonOpt = False) -> None:
+    """Teams (an admin sees all of them; a person the team of their key)."""
+    from .api import connect
+
+    teams = connect().get("/teams")
+    if as_json:
+        print_json(teams)
+        return
+    if not teams:
+        _err("no teams (an admin makes one with `fedml team create NAME`)")
+        return
+    for t in teams:
+        hooks = f"  webhooks: {len(t['notify'])}" if t.get("notify") else ""
+        sys.stdout.write(f"{t['name']:<24} shares {t['shares']}{hooks}\n")
+
+
+@team_app.command("show")
+def team_show(name: TeamArg, as_json: JsonOpt = False) -> None:
+    """A team: its shares, webhooks, keys (admin), and what its runs hold now."""
+    from .api import connect
+
+    t = connect().get(f"/teams/{name}")
+    if as_json:
+        print_json(t)
+        return
+    out = [f"team       {t['name']}", f"shares     {t['shares']}",
+           f"now        {t['active_runs']} active run(s) holding {t['gpus_held']} GPU(s)"
+           + (f" ({', '.join(t['users'])})" if t["users"] else "")]
+    for n in t.get("notify") or []:
+        out.append(f"webhook    {n['url']}  on {', '.join(n['on'])}")
+    for k in t.get("keys") or []:
+        out.append(f"key        {k['id']}  {k['scope']:<5}  {k['name']}")
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+@team_app.command("delete")
+def team_delete(name: TeamArg) -> None:
+    """Remove a team (admin): refused while keys belong to it. Its runs keep its name."""
+    from .api import connect
+
+    connect().delete(f"/teams/{name}")
+    _err(f"Team {name} removed.")
+
+
+@team_app.command("notify")
+def team_notify(
+    name: TeamArg,
+    url: Annotated[list[str] | None, typer.Option("--url", help="A webhook URL (repeat for more).")] = None,
+    on: Annotated[str, typer.Option("--on", help="Events, comma-separated: started, finished, failed, killed, "
+                                                  "lost.")] = "finished,failed,lost",
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the team's webhooks.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The webhooks of the team's runs whose job names none (admin): signed with the team's secret
+    (`fedml notify secret --owner team:TEAM`)."""
+    from .api import connect
+
+    if clear == bool(url):
+        raise CliError("give --url (one or more) or --clear", USAGE)
+    events = [e.strip() for e in on.split(",") if e.strip()]
+    body: dict[str, Any] = {"notify": [] if clear else [{"url": u, "on": events} for u in url or []]}
+    team = connect().put(f"/teams/{name}/notify", json=body)
+    if as_json:
+        print_json(team)
+        return
+    _err(f"Team {name}: {len(team['notify'])} webhook(s).")

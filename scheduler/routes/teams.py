@@ -1,0 +1,39 @@
+"""Teams (docs/teams.md): admins make, change and remove them; a person sees the team their key belongs to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from ..contract.models import Principal, Team, TeamCreate, TeamNotify
+from .deps import API, Ctx, auth, ctx
+
+router = APIRouter(prefix=API)
+
+
+@router.post("/teams", status_code=201)
+def create_team(body: TeamCreate, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Team:
+    return c.sched.create_team(body, who)
+
+
+@router.get("/teams")
+def list_teams(who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> list[Team]:
+    return c.sched.list_teams(who)
+
+
+@router.get("/teams/{name}")
+def show_team(name: str, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> dict[str, Any]:
+    return c.sched.team_view(name, who)
+
+
+@router.delete("/teams/{name}")
+def delete_team(name: str, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Team:
+    return c.sched.delete_team(name, who)
+
+
+@router.put("/teams/{name}/notify")
+def team_notify(name: str, body: TeamNotify, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Team:
+    """The webhook targets of the team's runs whose job names none (signed with the team's secret: GET
+    /webhooks/secret?owner=team:NAME)."""
+    return c.sched.set_team_notify(name, body, who)

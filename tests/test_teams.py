@@ -1,0 +1,101 @@
+"""Teams (docs/teams.md), in process: the app over a real SQLite store, driven by FastAPI's TestClient. Who may
+make, see, change and remove a team; keys that belong to one launch its runs. (The store part is in
+tests/test_store_contract.py for both stores; a team's webhooks end to end in tests/test_webhooks.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scheduler import auth
+from scheduler.app import Settings, create_app
+from scheduler.sqlite_store import SQLiteStore
+
+pytestmark = pytest.mark.unit
+
+API = "/api/v1"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    store = SQLiteStore(tmp_path / "s.db")
+    admin = auth.issue(store, name="admin", scope="admin", owner="admin")[1]
+    with TestClient(create_app(store, Settings(blob_dir=tmp_path / "blobs"))) as c:
+        yield c, {"admin": admin}
+    store.close()
+
+
+def h(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def key(c: TestClient, admin: str, name: str, **params: str) -> str:
+    r = c.post(f"{API}/keys", params={"name": name, **params}, headers=h(admin))
+    assert r.status_code == 201, r.text
+    return str(r.json()["secret"])
+
+
+def test_a_teams_keys_launch_its_runs_and_a_person_sees_only_their_team(client: tuple[TestClient, dict[str, str]]) -> None:
+    c, k = client
+    admin = k["admin"]
+    for name in ("vision", "nlp"):
+        assert c.post(f"{API}/teams", json={"name": name, "shares": 2}, headers=h(admin)).status_code == 201
+    assert c.post(f"{API}/teams", json={"name": "vision"}, headers=h(admin)).status_code == 409
+    assert c.post(f"{API}/teams", json={"name": "Bad Name"}, headers=h(admin)).status_code == 422
+    alice = key(c, admin, "alice", team="vision")
+    bob = key(c, admin, "bob", team="nlp")
+    loner = key(c, admin, "carol")  # a key of no team
+    run = c.post(f"{API}/runs", json={"job": {"job": "echo hi"}}, headers=h(alice)).json()
+    assert run["team"] == "vision" and run["owner"] == "alice"
+    assert c.post(f"{API}/runs", json={"job": {"job": "echo hi"}}, headers=h(loner)).json()["team"] is None
+    assert [t["name"] for t in c.get(f"{API}/teams", headers=h(alice)).json()] == ["vision"]
+    assert [t["name"] for t in c.get(f"{API}/teams", headers=h(admin)).json()] == ["nlp", "vision"]
+    assert c.get(f"{API}/teams", headers=h(loner)).json() == []
+    shown = c.get(f"{API}/teams/vision", headers=h(alice)).json()
+    assert shown["name"] == "vision" and shown["shares"] == 2 and shown["keys"] == []  # (keys: an admin's view)
+    assert [x["name"] for x in c.get(f"{API}/teams/vision", headers=h(admin)).json()["keys"]] == ["alice"]
+    assert c.get(f"{API}/teams/vision", headers=h(bob)).status_code == 404  # another team's: no such team
+    for who in (alice, bob):  # only an admin makes, changes or removes teams
+        assert c.post(f"{API}/teams", json={"name": "mine"}, headers=h(who)).status_code == 403
+        assert c.delete(f"{API}/teams/nlp", headers=h(who)).status_code in (403, 404)
+        assert c.put(f"{API}/teams/nlp/notify", json={"notify": []}, headers=h(who)).status_code in (403, 404)
+
+
+def test_keys_name_only_teams_that_exist_and_a_team_with_keys_is_not_removed(
+        client: tuple[TestClient, dict[str, str]]) -> None:
+    c, k = client
+    admin = k["admin"]
+    r = c.post(f"{API}/keys", params={"name": "dave", "team": "nope"}, headers=h(admin))
+    assert r.status_code == 404 and "fedml team create nope" in r.json()["detail"]
+    assert c.post(f"{API}/teams", json={"name": "ops"}, headers=h(admin)).status_code == 201
+    r = c.post(f"{API}/keys", params={"name": "prom", "scope": "metrics", "team": "ops"}, headers=h(admin))
+    assert r.status_code == 422
+    assert c.post(f"{API}/keys", params={"name": "team:ops"}, headers=h(admin)).status_code == 422
+    key(c, admin, "erin", team="ops")
+    r = c.delete(f"{API}/teams/ops", headers=h(admin))
+    assert r.status_code == 409 and "erin" in r.json()["detail"]
+    assert c.delete(f"{API}/keys/erin", headers=h(admin)).status_code == 200
+    assert c.delete(f"{API}/teams/ops", headers=h(admin)).json()["name"] == "ops"
+    assert c.get(f"{API}/teams/ops", headers=h(admin)).status_code == 404
+    assert c.delete(f"{API}/teams/ops", headers=h(admin)).status_code == 404
+
+
+def test_a_teams_webhooks_are_checked_and_its_secret_is_an_admins_to_read(
+        client: tuple[TestClient, dict[str, str]]) -> None:
+    c, k = client
+    admin = k["admin"]
+    assert c.post(f"{API}/teams", json={"name": "ml"}, headers=h(admin)).status_code == 201
+    bad = {"notify": [{"url": "ftp://x/hook", "on": ["failed"]}]}
+    assert c.put(f"{API}/teams/ml/notify", json=bad, headers=h(admin)).status_code == 422
+    good = {"notify": [{"url": "https://hooks.example/ml?token=t0ps3cret", "on": ["failed"]}]}
+    assert c.put(f"{API}/teams/ml/notify", json=good, headers=h(admin)).json()["notify"][0]["on"] == ["failed"]
+    member = key(c, admin, "fay", team="ml")
+    assert c.get(f"{API}/teams/ml", headers=h(member)).json()["notify"][0]["url"] == "https://hooks.example/ml"
+    assert "t0ps3cret" not in c.get(f"{API}/teams", headers=h(member)).text
+    assert "t0ps3cret" in c.get(f"{API}/teams/ml", headers=h(admin)).text
+    assert c.get(f"{API}/webhooks/secret", params={"owner": "team:ml"}, headers=h(member)).status_code == 403
+    got = c.get(f"{API}/webhooks/secret", params={"owner": "team:ml"}, headers=h(admin)).json()
+    assert got["owner"] == "team:ml" and len(got["secret"]) == 64
