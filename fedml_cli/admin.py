@@ -90,7 +90,10 @@ def node_gpus(name: Annotated[str, typer.Argument(metavar="NAME", help="Node nam
     (every 5 s over the last hour, minute means before it, kept a week), with a sparkline of utilisation."""
     from .api import connect
 
-    seconds = _duration(since)
+    try:
+        seconds = _duration(since)
+    except typer.BadParameter as exc:
+        raise CliError(f"--since: {exc.message}", USAGE) from None
     if seconds is None or not 0 < seconds <= 7 * 86400:
         raise CliError(f"--since: between 1s and 7d, got {since!r}", USAGE)
     got = connect().get(f"/nodes/{name}/gpus", params={"since": seconds})

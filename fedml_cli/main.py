@@ -72,6 +72,7 @@ app.add_typer(model_cmd.model_app, name="model")
 app.add_typer(clusters_cmd.cluster_app, name="cluster")
 app.add_typer(storage_cmd.storage_app, name="storage")
 app.add_typer(teams_cmd.team_app, name="team")
+app.command("usage")(teams_cmd.usage)
 scheduler_cmd.scheduler_app.add_typer(admin.key_app, name="key")
 scheduler_cmd.scheduler_app.add_typer(admin.token_app, name="token")
 

@@ -169,7 +169,7 @@ def run_list(
     from . import sweeps
 
     table = Table(box=None, header_style="bold")
-    for col in ("RUN", "NAME", "STATUS", "NODE", "CREATED", "DURATION", "EXIT"):
+    for col in ("RUN", "NAME", "STATUS", "NODE", "CREATED", "DURATION", "EXIT", "GPU-HOURS", "COST"):
         table.add_column(col)
     for kind, item in sweeps.grouped(runs):
         if kind == "sweep":  # a sweep's points as one row: `fedml run status SWEEP_ID` lists them
@@ -178,12 +178,14 @@ def run_list(
             size = pts[0]["sweep"]["size"]
             table.add_row(pts[0]["sweep"]["id"], pts[0]["name"],
                           f"SWEEP {size} points: " + ", ".join(f"{n} {st.lower()}" for st, n in states.most_common()),
-                          "-", _ago(min(p["created_at"] for p in pts)), "-", "-")
+                          "-", _ago(min(p["created_at"] for p in pts)), "-", "-",
+                          *_spent(sum((p.get("spent") or {}).get(k, 0.0) for p in pts) for k in ("gpu_seconds", "cost")))
             continue
         r = item
         dur = ((r.get("ended_at") or time.time()) - r["started_at"]) if r.get("started_at") else None
         table.add_row(r["id"], r["name"], _styled(r["status"]), _node(r, r.get("node_id")), _ago(r["created_at"]),
-                      _duration(dur), "-" if r.get("exit_code") is None else str(r["exit_code"]))
+                      _duration(dur), "-" if r.get("exit_code") is None else str(r["exit_code"]),
+                      *_spent((r.get("spent") or {}).get(k, 0.0) for k in ("gpu_seconds", "cost")))
     console = _console()
     if not runs:
         console.print("no runs" + (f" with status {', '.join(wanted)}" if wanted else ""))
@@ -222,6 +224,8 @@ def run_status(
             ("node", _node(r, r.get("node_id"))), ("gpus", ",".join(map(str, r.get("gpus") or [])) or "-"),
             ("job type", r["job"].get("job_type", "train")), ("file", r.get("job_file") or "-"),
             ("owner", escape(r["owner"]) + (f" (team {escape(r['team'])})" if r.get("team") else "")),
+            ("used", "{} GPU-hours, cost {}".format(*_spent((r.get("spent") or {}).get(k, 0.0)
+                                                           for k in ("gpu_seconds", "cost"))).replace("-", "0")),
             ("created", _ago(r["created_at"])), ("duration", _duration(dur)), ("log lines", str(r["log_count"])),
             ("attempt", str(r.get("attempt", 1)))]
     if len(r.get("placements") or []) > 1:
@@ -416,6 +420,12 @@ def _metrics_table(rows: list[tuple[str, dict[str, Any]]], title: str | None = N
         table.add_row(s["name"], run_id, str(s["rank"]), str(s["attempt"]), f"{s['last']:.6g}",
                       f"{min(values):.6g}", f"{max(values):.6g}", str(s["reported"]), sparkline(values))
     return table
+
+
+def _spent(values: Any) -> tuple[str, str]:
+    """FedML's "Spend Time" and "Cost" columns: GPU-hours and cost ("-" for none)."""
+    gpu_s, cost = values
+    return (f"{gpu_s / 3600:.2f}" if gpu_s else "-", f"{cost:.2f}" if cost else "-")
 
 
 @run_app.command("metrics")

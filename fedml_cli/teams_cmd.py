@@ -99,3 +99,45 @@ def team_notify(
         print_json(team)
         return
     _err(f"Team {name}: {len(team['notify'])} webhook(s).")
+
+
+def usage(
+    by: Annotated[str, typer.Option("--by", help="Sum by team, user or run.")] = "team",
+    since: Annotated[str, typer.Option("--since", help="Runs created in the last: 1h, 7d, 30d.")] = "7d",
+    team: Annotated[str | None, typer.Option("--team", help="Only this team's runs.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """GPU-hours and cost of the runs created in a window, by team, user or run (like Slurm's sreport). An admin
+    sees everyone's; a person their own runs. Each run counts whole: all its attempts, a running one up to now."""
+    from .admin import _duration
+    from .api import connect
+
+    if by not in ("team", "user", "run"):
+        raise CliError(f"--by: team, user or run, got {by!r}", USAGE)
+    try:
+        seconds = _duration(since)
+    except typer.BadParameter as exc:
+        raise CliError(f"--since: {exc.message}", USAGE) from None
+    if seconds is None or seconds <= 0:
+        raise CliError(f"--since: a duration such as 1h, 7d or 30d, got {since!r}", USAGE)
+    got = connect().get("/usage", params={"by": by, "since": seconds, **({"team": team} if team else {})})
+    if as_json:
+        print_json(got)
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", title=f"GPU usage of the runs created in the last {since}")
+    cols = [by.upper(), *(("NAME", "OWNER", "STATUS") if by == "run" else ()), "RUNS", "GPU-HOURS", "COST"]
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("RUNS", "GPU-HOURS", "COST") else "left")
+    for row in got["rows"]:
+        extra = (escape(row["name"]), escape(row["owner"]), row["status"]) if by == "run" else ()
+        table.add_row(escape(str(row[by])), *extra, str(row["runs"]), f"{row['gpu_hours']:.2f}", f"{row['cost']:.2f}")
+    total = got["total"]
+    table.add_row("total", *(("", "", "") if by == "run" else ()), str(total["runs"]), f"{total['gpu_hours']:.2f}",
+                  f"{total['cost']:.2f}", style="bold")
+    (Console() if sys.stdout.isatty() else Console(width=250)).print(table)
+    if not got["complete"]:
+        _err("(the report stopped after 200,000 runs: narrow --since)")

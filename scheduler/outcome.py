@@ -74,7 +74,9 @@ def decide(run: Run, spec: JobSpec, placements: list[Placement]) -> Outcome:
 def _retry(run: Run, spec: JobSpec, ps: list[Placement], why: str) -> Outcome:
     n = run.attempt + 1
     done = AttemptRecord(attempt=run.attempt, placements=ps, reason=why, started_at=run.started_at)
+    gpu_s, cost = run.attempt_spent(done.ended_at)  # (what this attempt used is kept: attempts are dropped)
     return Outcome(RunStatus.QUEUED, {
+        "gpu_seconds_done": run.gpu_seconds_done + gpu_s, "cost_done": run.cost_done + cost,
         "placements": [], "scores": [], "attempt": n, "stop_requested": False, "exit_code": None, "master_port": None,
         "started_at": None, "attempts": [*run.attempts, done][-KEEP_ATTEMPTS:],
         "reason": f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})"})

@@ -99,3 +99,26 @@ def test_a_teams_webhooks_are_checked_and_its_secret_is_an_admins_to_read(
     assert c.get(f"{API}/webhooks/secret", params={"owner": "team:ml"}, headers=h(member)).status_code == 403
     got = c.get(f"{API}/webhooks/secret", params={"owner": "team:ml"}, headers=h(admin)).json()
     assert got["owner"] == "team:ml" and len(got["secret"]) == 64
+
+
+def test_usage_and_the_run_tables_columns_from_the_cli(fedml, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`fedml usage` end to end (a real scheduler and agent): the run launched is in the report, the totals add
+    up, and the run tables have FedML's spend columns. (The local node has no GPU: zero GPU-hours.)"""
+    import json
+
+    from .conftest import write_job
+
+    job = write_job(tmp_path / "j", "echo hi")
+    r = fedml("launch", str(job))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(fedml("usage", "--by", "run", "--since", "1h", "--json").stdout)
+    assert got["total"]["runs"] == len(got["rows"]) >= 1 and got["complete"] is True
+    assert got["rows"][0]["status"] == "FINISHED" and got["rows"][0]["gpu_hours"] == 0.0
+    table = fedml("usage", "--by", "user")
+    assert table.returncode == 0 and "GPU-HOURS" in table.stdout and "total" in table.stdout, table
+    listed = fedml("run", "list")
+    assert "GPU-HOURS" in listed.stdout and "COST" in listed.stdout, listed.stdout
+    bad = fedml("usage", "--by", "node")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --by: team, user or run, got 'node'", bad
+    bad = fedml("usage", "--since", "soon")
+    assert bad.returncode == 2 and "--since" in bad.stderr and bad.stderr.count("\n") == 1, bad

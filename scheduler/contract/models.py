@@ -62,6 +62,13 @@ def check_transition(run_id: str, current: RunStatus, wanted: RunStatus) -> None
         raise InvalidTransition(run_id, current, wanted)
 
 
+class Spent(BaseModel):
+    """A run's use of GPUs: GPU-seconds over all its attempts, and their cost (node price x GPUs x time)."""
+
+    gpu_seconds: float = 0.0
+    cost: float = 0.0
+
+
 class Placement(BaseModel):
     """One rank of a run on one node. A run with num_nodes: N has N, on N distinct nodes."""
 
@@ -71,6 +78,7 @@ class Placement(BaseModel):
     status: RunStatus = RunStatus.STARTING
     exit_code: int | None = None
     reason: str | None = None
+    price_per_gpu_hour: float | None = None  # its node's price when it was placed (what its GPU-hours cost)
 
     @property
     def done(self) -> bool:
@@ -215,6 +223,11 @@ class Run(BaseModel):
     mounts: list[Mount] = Field(default_factory=list)  # storage objects unpacked into its workspace
     deliveries: list[Delivery] = Field(default_factory=list)  # its webhooks' deliveries, the latest 20
     team: str | None = None  # the team of the key that launched it (docs/teams.md)
+    # GPU-seconds and cost of its earlier attempts (spent() adds the current one's): kept when attempts are
+    # dropped from `attempts`.
+    gpu_seconds_done: float = 0.0
+    cost_done: float = 0.0
+    spent: Spent | None = None  # filled when a run is read (spent()): never stored
     log_count: int = 0
     node_names: dict[str, str] = Field(default_factory=dict)  # node id -> name, filled when a run is read
     created_at: float = Field(default_factory=time.time)
@@ -229,6 +242,21 @@ class Run(BaseModel):
     @field_serializer("job")
     def _job_document(self, job: JobSpec) -> dict[str, Any]:
         return job.model_dump(mode="json", exclude_none=True)
+
+    def attempt_spent(self, now: float) -> tuple[float, float]:
+        """(GPU-seconds, cost) of the current attempt: every GPU of its placements from its start (RUNNING) to its
+        end (or `now`); cost at each node's price when it was placed (none: free)."""
+        if self.started_at is None:
+            return 0.0, 0.0
+        seconds = max(0.0, (self.ended_at if self.ended_at is not None else now) - self.started_at)
+        gpus = sum(len(p.gpus) for p in self.placements)
+        cost = sum(len(p.gpus) * (p.price_per_gpu_hour or 0.0) for p in self.placements) * seconds / 3600
+        return gpus * seconds, cost
+
+    def spend(self, now: float) -> Spent:
+        """What the run has used so far (docs/teams.md: usage)."""
+        gpu_s, cost = self.attempt_spent(now)
+        return Spent(gpu_seconds=round(self.gpu_seconds_done + gpu_s, 3), cost=round(self.cost_done + cost, 6))
 
     def gpu_claims(self) -> set[tuple[str, int]]:
         """The GPUs this run holds, as (node id, index): those of its unfinished placements while it is

@@ -3,6 +3,7 @@ the bounds on numbers the stores keep."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,7 @@ class Ctx:
     def named(self, runs: list[Run]) -> list[Run]:
         """Users named their nodes: give each run the names of the nodes it ran on (one lookup per node)."""
         names: dict[str, str] = {}
+        now = time.time()
         for r in runs:
             ids = {p.node_id for p in r.placements} | {p.node_id for a in r.attempts for p in a.placements} | \
                 {s.node_id for s in r.scores}
@@ -69,6 +71,7 @@ class Ctx:
                     node = self.store.get_node(nid)
                     names[nid] = node.name if node is not None else nid
             r.node_names = {nid: names[nid] for nid in ids}
+            r.spent = r.spend(now)
         return runs
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from ..contract.models import Principal, Team, TeamCreate, TeamNotify
 from .deps import API, Ctx, auth, ctx
@@ -37,3 +37,12 @@ def team_notify(name: str, body: TeamNotify, who: Principal = Depends(auth), c: 
     """The webhook targets of the team's runs whose job names none (signed with the team's secret: GET
     /webhooks/secret?owner=team:NAME)."""
     return c.sched.set_team_notify(name, body, who)
+
+
+@router.get("/usage")
+def usage(by: str = Query("team", pattern="^(team|user|run)$"),
+          since: float = Query(7 * 86400.0, gt=0, le=400 * 86400, description="seconds back"),
+          team: str | None = Query(None, max_length=40),
+          who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> dict[str, Any]:
+    """GPU-hours and cost of the runs created in the window, by team, user or run (`fedml usage`)."""
+    return c.sched.usage(who, by, since, team)

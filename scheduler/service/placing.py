@@ -293,7 +293,8 @@ class PlacementMixin(SchedulerBase):
                         ps.commits.wrote()
                 shape.reason = verdict.summary
             return _Outcome.BLOCKED, None
-        placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus) for i, pl in enumerate(verdict)]
+        placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus, price_per_gpu_hour=pl.node.price_per_gpu_hour)
+                      for i, pl in enumerate(verdict)]
         scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)
                   for i, pl in enumerate(verdict)] + verdict[0].runners_up
         try:

@@ -322,7 +322,8 @@ def _again(r: Run, now: float, **fields: Any) -> Run:
         "id": new_run_id(), "status": RunStatus.QUEUED, "placements": [], "scores": [], "master_port": None,
         "artifacts": [], "node_id": None, "gpus": [], "attempt": 1, "attempts": [], "exit_code": None,
         "reason": None, "stop_requested": False, "log_count": 0, "node_names": {}, "created_at": now,
-        "updated_at": now, "started_at": None, "ended_at": None, "after": [], **fields})
+        "updated_at": now, "started_at": None, "ended_at": None, "after": [], "gpu_seconds_done": 0.0,
+        "cost_done": 0.0, **fields})
 
 
 def _text(v: Any) -> str:

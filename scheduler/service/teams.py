@@ -3,11 +3,12 @@ launches are the team's (Run.team). A team's webhook targets are the default of 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import access
-from ..contract.errors import Conflict
+from ..contract.errors import Conflict, Invalid
 from ..contract.models import Principal, Team, TeamCreate, TeamNotify
 from ..store import NotFound
 from .core import ACTIVE, SchedulerBase
@@ -57,6 +58,50 @@ class TeamsMixin(SchedulerBase):
         self._teams.pop(name, None)
         return team
 
+
+    USAGE_SCAN = 200_000  # runs a usage report reads at most (it says when it stopped there)
+
+    def usage(self, who: Principal, by: str, since: float, team: str | None = None) -> dict[str, Any]:
+        """GPU-hours and cost of the runs created in the last `since` seconds, summed by team, user or run (an
+        admin's report covers everyone; a person's their own runs), as `sreport` does for Slurm. Each run counts
+        whole (all its attempts, the current one up to now): the rows add up to the runs' own figures exactly."""
+        if by not in ("team", "user", "run"):
+            raise Invalid("by: team, user or run")
+        owner = access.runs_listed_for(who)
+        now = time.time()
+        start = now - since
+        rows: dict[str, dict[str, Any]] = {}
+        scanned, before, complete = 0, None, True
+        while True:
+            page = self.store.list_runs(owner=owner, limit=2000, before=before)
+            for r in page:
+                if r.created_at < start:
+                    break
+                if team is not None and r.team != team:
+                    continue
+                spent = r.spend(now)
+                key = {"team": r.team or "-", "user": r.owner, "run": r.id}[by]
+                row = rows.setdefault(key, {by: key, "runs": 0, "gpu_seconds": 0.0, "cost": 0.0})
+                if by == "run":
+                    row.update(name=r.name, owner=r.owner, team=r.team, status=r.status.value)
+                row["runs"] += 1
+                row["gpu_seconds"] += spent.gpu_seconds
+                row["cost"] += spent.cost
+            else:
+                scanned += len(page)
+                if len(page) == 2000 and scanned < self.USAGE_SCAN:
+                    before = (page[-1].created_at, page[-1].id)
+                    continue
+                complete = len(page) < 2000
+            break
+        out = sorted(rows.values(), key=lambda x: -x["gpu_seconds"])
+        for row in out:
+            row["gpu_hours"] = round(row["gpu_seconds"] / 3600, 4)
+            row["gpu_seconds"] = round(row["gpu_seconds"], 3)
+            row["cost"] = round(row["cost"], 4)
+        return {"by": by, "since": start, "until": now, "rows": out, "complete": complete,
+                "total": {"runs": sum(x["runs"] for x in out), "gpu_hours": round(sum(x["gpu_seconds"] for x in out) / 3600, 4),
+                          "cost": round(sum(x["cost"] for x in out), 4)}}
 
 def _shown(team: Team, who: Principal) -> Team:
     """The team as `who` may see it: a webhook URL's query and fragment (where receivers keep tokens) are an
