@@ -61,11 +61,42 @@ def team_show(name: TeamArg, as_json: JsonOpt = False) -> None:
     out = [f"team       {t['name']}", f"shares     {t['shares']}",
            f"now        {t['active_runs']} active run(s) holding {t['gpus_held']} GPU(s)"
            + (f" ({', '.join(t['users'])})" if t["users"] else "")]
+    for kind, cap in (t.get("quotas") or {}).items():
+        out.append(f"quota      {kind}: {(t.get('quota_held') or {}).get(kind, 0)} of {cap} GPUs held")
     for n in t.get("notify") or []:
         out.append(f"webhook    {n['url']}  on {', '.join(n['on'])}")
     for k in t.get("keys") or []:
         out.append(f"key        {k['id']}  {k['scope']:<5}  {k['name']}")
     sys.stdout.write("\n".join(out) + "\n")
+
+
+@team_app.command("quota")
+def team_quota(
+    name: TeamArg,
+    gpus: Annotated[list[str] | None, typer.Option("--gpus", metavar="TYPE:N", help='GPUs its runs may hold at once, '
+                                                   'of a type (A100-80G:8) or of any type (any:4); repeat.')] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="No quota: its runs are limited by the GPUs alone.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a team's GPU quotas (admin): a run of the team waits ("holds its quota") while placing it would hold
+    more; a run asking for more than the quota is refused at launch. A GPU job is charged to its resource_type's
+    quota if the team has one, else to "any"."""
+    from .api import connect
+
+    if clear == bool(gpus):
+        raise CliError("give --gpus TYPE:N (one or more) or --clear", USAGE)
+    quotas: dict[str, int] = {}
+    for item in gpus or []:
+        kind, _, n = item.rpartition(":")
+        if not kind or not n.isdigit():
+            raise CliError(f"--gpus: TYPE:N, such as A100-80G:8 or any:4, got {item!r}", USAGE)
+        quotas[kind] = int(n)
+    team = connect().put(f"/teams/{name}/quota", json={"gpus": quotas})
+    if as_json:
+        print_json(team)
+        return
+    said = ", ".join(f"{k}: {v}" for k, v in team["quotas"].items()) or "none"
+    _err(f"Team {name}: GPU quotas {said}.")
 
 
 @team_app.command("delete")

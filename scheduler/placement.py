@@ -32,9 +32,10 @@ class Request:
     owner: str | None = None  # whose run: private nodes take only their owner's
     cpus: float = 0.0  # computing.cpus / memory_gb: the node must have at least this much (0: any)
     memory_mb: int = 0
+    team: str | None = None  # whose quota it is charged to (runs of different teams are different shapes)
 
     @classmethod
-    def of(cls, spec: JobSpec, owner: str | None = None) -> Request:
+    def of(cls, spec: JobSpec, owner: str | None = None, team: str | None = None) -> Request:
         c = spec.computing
         want_gpu = c.device_type != "CPU"
         return cls(
@@ -50,6 +51,7 @@ class Request:
             owner=owner,
             cpus=float(c.cpus or 0.0),
             memory_mb=int((c.memory_gb or 0) * 1024),
+            team=team,
         )
 
     def shortfall(self) -> str:

@@ -47,6 +47,10 @@ class Keys:
         return f"{self.p}gpus:{node_id}"
 
     @property
+    def quota_held(self) -> str:  # hash: quota key "team\tbucket" -> GPUs its unfinished runs hold (PUT_RUN)
+        return f"{self.p}quotaheld"
+
+    @property
     def teams(self) -> str:  # hash: team name -> doc
         return f"{self.p}teams"
 
@@ -113,7 +117,8 @@ class Keys:
 # KEYS: run, runs, status:old, status:new, owner, [changes, the change counter: left out by a quiet write]
 # ARGV: run id, expected doc ("" = create), new doc, created_at, gpu prefix, noderuns prefix,
 #       endpoints set, "+" (an unsettled run with an endpoint) / "-" (one that settled) / "",
-#       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...
+#       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...,
+#       6, quota hash, old quota key, its GPUs, new quota key, its GPUs, limit (-1: no check)  (Run.quota_key)
 PUT_RUN = """
 local cur = redis.call('GET', KEYS[1])
 if ARGV[2] == '' then
@@ -128,13 +133,22 @@ local function list()
   i = i + n + 1
   return out
 end
-local old_nodes, new_nodes, release, claim = list(), list(), list(), list()
+local old_nodes, new_nodes, release, claim, quota = list(), list(), list(), list(), list()
 for _, c in ipairs(claim) do
   local node, gpu = string.match(c, '^(.*)\\t(%d+)$')
   local holder = redis.call('HGET', ARGV[5] .. node, gpu)
   if holder and holder ~= ARGV[1] then return 'busy\\t' .. node .. '\\t' .. gpu .. '\\t' .. holder end
 end
+local qhash, qold, qold_n = quota[1], quota[2], tonumber(quota[3])
+local qnew, qnew_n, qlimit = quota[4], tonumber(quota[5]), tonumber(quota[6])
+if qnew ~= '' and qlimit >= 0 then
+  local others = tonumber(redis.call('HGET', qhash, qnew) or '0')
+  if qold == qnew then others = others - qold_n end
+  if others + qnew_n > qlimit then return 'quota\\t' .. qnew .. '\\t' .. others .. '\\t' .. qlimit end
+end
 redis.call('SET', KEYS[1], ARGV[3])
+if qold ~= '' and qold_n > 0 then redis.call('HINCRBY', qhash, qold, -qold_n) end
+if qnew ~= '' and qnew_n > 0 then redis.call('HINCRBY', qhash, qnew, qnew_n) end
 if KEYS[3] ~= KEYS[4] or ARGV[2] == '' then
   if ARGV[2] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])

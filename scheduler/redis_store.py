@@ -54,10 +54,12 @@ from .store import (
     GpuBusy,
     KeyCache,
     NotFound,
+    QuotaFull,
     SeqGap,
     Store,
     bulk,
     compact_nodes,
+    quota_charge,
 )
 
 log = logging.getLogger("fedml.scheduler")
@@ -100,7 +102,8 @@ class RedisStore(Store):
         self._endpoints_ready = False  # the endpoints set is known to be built (endpoint_runs)
 
     # -- runs --------------------------------------------------------------------------------------------
-    def _put_call(self, old_doc: str, old: Run | None, new: Run, quiet: bool) -> tuple[list[str], list[Any]]:
+    def _put_call(self, old_doc: str, old: Run | None, new: Run, quiet: bool,
+                  quota_limit: int | None = None) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of PUT_RUN (redis_schema.py) for writing `new` over `old_doc`."""
         k = self.k
         release = _claims(old) - _claims(new)
@@ -111,13 +114,15 @@ class RedisStore(Store):
         for group in (sorted(_nodes_of(old)), sorted(_nodes_of(new)),
                       sorted(f"{n}\t{g}" for n, g in release), sorted(f"{n}\t{g}" for n, g in claim)):
             args += [len(group), *group]
+        args += [6, k.quota_held, *quota_charge(old), *quota_charge(new), -1 if quota_limit is None else quota_limit]
         old_status = old.status.value if old else new.status.value
         return [k.run(new.id), k.runs, k.status(old_status), k.status(new.status.value), k.owner(new.owner),
                 *(() if quiet else (k.changes, k.runs_seq))], args
 
-    def _put(self, old_doc: str, old: Run | None, new: Run, quiet: bool = False) -> None:
+    def _put(self, old_doc: str, old: Run | None, new: Run, quiet: bool = False,
+             quota_limit: int | None = None) -> None:
         """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
-        keys, args = self._put_call(old_doc, old, new, quiet)
+        keys, args = self._put_call(old_doc, old, new, quiet, quota_limit)
         got = self._put_run(keys=keys, args=args)
         got = got.decode() if isinstance(got, bytes) else got
         if got == "ok":
@@ -128,6 +133,9 @@ class RedisStore(Store):
         if got == "conflict":
             self._docs_seen.pop(new.id, None)
             raise _Conflict()
+        if got.startswith("quota\t"):
+            _, team, bucket, held, limit = got.split("\t")  # (the key is "team<TAB>bucket")
+            raise QuotaFull(f"{team}\t{bucket}", int(held), int(limit))
         _, node, gpu, holder = got.split("\t")
         raise GpuBusy(node, int(gpu), holder)
 
@@ -219,7 +227,7 @@ class RedisStore(Store):
         run.log_count = int(pos or 0)
         return run
 
-    def _modify(self, run_id: str, change: Any, quiet: bool = False) -> Run:
+    def _modify(self, run_id: str, change: Any, quiet: bool = False, quota_limit: int | None = None) -> Run:
         """Read, change, compare-and-set; again if another writer got in between."""
         for attempt in range(1000):
             got = self._read(run_id, fresh=attempt > 0)
@@ -234,7 +242,7 @@ class RedisStore(Store):
                     continue
                 raise
             try:
-                self._put(doc, old, new, quiet)
+                self._put(doc, old, new, quiet, quota_limit)
                 return new
             except _Conflict:
                 continue
@@ -249,8 +257,8 @@ class RedisStore(Store):
             return seq, []
         return int(got[-1][1]), self._docs([m.decode() for m, _ in got])
 
-    def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
-        return self._modify(run_id, lambda run: run.changed(to, **fields))
+    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
+        return self._modify(run_id, lambda run: run.changed(to, **fields), quota_limit=quota_limit)
 
     def update_run(self, run_id: str, **fields: object) -> Run:
         return self._modify(run_id, lambda run: run.changed(**fields), quiet=fields.keys() <= QUIET_FIELDS)

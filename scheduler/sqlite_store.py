@@ -24,10 +24,12 @@ from .store import (
     GpuBusy,
     KeyCache,
     NotFound,
+    QuotaFull,
     SeqGap,
     Store,
     bulk,
     compact_nodes,
+    quota_charge,
 )
 
 SCHEMA = """
@@ -109,6 +111,9 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
 CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
+-- The GPUs each unfinished run holds against its team's quota (Run.quota_key), kept by every run write.
+CREATE TABLE IF NOT EXISTS quota_held (run_id TEXT PRIMARY KEY, key TEXT NOT NULL, gpus INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS quota_held_key ON quota_held(key);
 -- GPU series (contract/series.py): a row per (series, tier, block) of packed points, appended to at each flush;
 -- blocks past their tier's keep are dropped by block number (series_block).
 CREATE TABLE IF NOT EXISTS series (
@@ -422,9 +427,11 @@ class SQLiteStore(Store):
         else:
             db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=?, seq=? "
                        "WHERE id=?", (*self._run_row(run)[1:], self._next_seq(db), run.id))
-        if not old.terminal and old.placements:  # (a queued run has no rows in either)
+        if not old.terminal and old.placements:  # (a queued run has no rows in any)
             db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
             db.execute("DELETE FROM gpu_claims WHERE run_id=?", (run.id,))
+            if old.quota_key:
+                db.execute("DELETE FROM quota_held WHERE run_id=?", (run.id,))
         self._index(db, run)
 
     @staticmethod
@@ -436,8 +443,11 @@ class SQLiteStore(Store):
             # (checked before: _check_gpus; a claim another run holds fails here rather than being taken)
             db.executemany("INSERT INTO gpu_claims (node_id, gpu, run_id) VALUES (?,?,?)",
                            [(n, g, run.id) for n, g in run.gpu_claims()])
+            key, gpus = quota_charge(run)
+            if gpus:
+                db.execute("INSERT INTO quota_held (run_id, key, gpus) VALUES (?,?,?)", (run.id, key, gpus))
 
-    def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
+    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         with self._tx() as db:
             run = self._get(db, run_id)
             if run is None:
@@ -445,6 +455,12 @@ class SQLiteStore(Store):
             held = run.gpu_claims()
             new = run.changed(to, **fields)
             self._check_gpus(db, new, new.gpu_claims() - held)
+            if quota_limit is not None:
+                key, gpus = quota_charge(new)
+                others = db.execute("SELECT COALESCE(SUM(gpus), 0) FROM quota_held WHERE key=? AND run_id<>?",
+                                    (key, run_id)).fetchone()[0]
+                if others + gpus > quota_limit:
+                    raise QuotaFull(key, int(others), quota_limit)
             self._write(db, new, run)
         return new
 

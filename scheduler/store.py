@@ -145,6 +145,22 @@ class GpuBusy(Exception):
         super().__init__(f"GPU {gpu} of node {node_id} is held by {holder}")
 
 
+class QuotaFull(Exception):
+    """A placement would take its team past its quota (Run.quota_key): another replica's placements used it
+    meanwhile, or the caller's count was stale. Nothing was written."""
+
+    def __init__(self, key: str, held: int, limit: int) -> None:
+        self.key, self.held, self.limit = key, held, limit
+        super().__init__(f"quota {key.replace(chr(9), ' ')}: {held} of {limit} GPUs held")
+
+
+def quota_charge(run: Run | None) -> tuple[str, int]:
+    """(the quota key, GPUs it holds against it) of a run as stored ("", 0: none)."""
+    if run is None or not run.quota_key:
+        return "", 0
+    return run.quota_key, len(run.gpu_claims())
+
+
 # Run fields that placement does not read: a write of only these does not move the change counter (a blocked
 # pass writes the queue's reason into every waiting run; the book need not read them all back).
 QUIET_FIELDS = frozenset({"reason", "artifacts", "endpoint"})
@@ -229,10 +245,11 @@ class Store(abc.ABC):
         written again is listed once, by its last write. Runs are never deleted, so nothing is missed."""
 
     @abc.abstractmethod
-    def transition(self, run_id: str, to: RunStatus, **fields: object) -> Run:
+    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         """Move a run to `to` if the state machine allows it from its current state (compare-and-set),
         setting `fields` in the same write. Raises InvalidTransition or NotFound, and GpuBusy (writing
-        nothing) when a placement it sets names a GPU that another unfinished placement holds."""
+        nothing) when a placement it sets names a GPU that another unfinished placement holds. With
+        `quota_limit`: QuotaFull (writing nothing) if the runs of its quota_key would hold more GPUs than that."""
 
     @abc.abstractmethod
     def update_run(self, run_id: str, **fields: object) -> Run:

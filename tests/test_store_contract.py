@@ -1055,3 +1055,76 @@ def test_teams_are_made_once_listed_by_name_changed_and_removed(pair: tuple[Stor
     assert a.get_team("vision") is None and [t.name for t in a.list_teams()] == ["nlp"]
     with pytest.raises(NotFound):
         a.delete_team("vision")
+
+
+def test_a_placement_past_its_teams_quota_is_refused_and_ended_runs_give_theirs_back(pair: tuple[Store, Store]) -> None:
+    """Store.transition's quota_limit: the GPUs the unfinished runs of one quota key hold are counted by the
+    store in the same step as the write (also across replicas), so no placement takes a team past it."""
+    from scheduler.store import QuotaFull
+
+    a, b = pair
+    key = "ml\tany"
+    runs = [f"run-q{i}" for i in range(4)]
+    for i, rid in enumerate(runs):
+        a.create_run(Run(id=rid, name="q", job={"job": "x"}, created_at=float(i)))
+
+    def place(store: Store, rid: str, gpus: list[int], limit: int = 3) -> Run:
+        return store.transition(rid, RunStatus.STARTING, quota_limit=limit, quota_key=key,
+                                placements=[Placement(rank=0, node_id="n1", gpus=gpus)])
+
+    place(a, runs[0], [0, 1])
+    place(b, runs[1], [2])  # (another replica: 3 of 3)
+    with pytest.raises(QuotaFull) as full:
+        place(a, runs[2], [3])
+    assert (full.value.key, full.value.held, full.value.limit) == (key, 3, 3)
+    assert b.get_run(runs[2]).status == RunStatus.QUEUED  # type: ignore[union-attr]  # nothing written
+    place(a, runs[2], [3], limit=4)  # a larger quota: room
+    a.transition(runs[0], RunStatus.RUNNING)  # (the same GPUs: the count does not move)
+    with pytest.raises(QuotaFull):
+        place(b, runs[3], [4], limit=4)
+    b.transition(runs[0], RunStatus.FINISHED)  # ended: its 2 GPUs are the team's again
+    place(a, runs[3], [4, 5], limit=4)
+    with pytest.raises(QuotaFull):
+        b.transition(runs[3], RunStatus.RUNNING, quota_limit=3)  # (4 held, the limit now 3: refused)
+    b.transition(runs[3], RunStatus.RUNNING)  # (no limit given: not checked)
+
+
+def test_two_replicas_racing_never_take_a_team_past_its_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: with no pass lock, two replicas placing two teams' queues at once from the same stale view keep
+    each team within its quota (the store counts and refuses), and every GPU is held once."""
+    scheds, close = _replicas(2)
+    try:
+        store = scheds[0].store
+        now = time.time()
+        for i in range(8):
+            store.upsert_node(node(i, gpus=4).model_copy(update={"last_seen": now}))
+        store.put_team(Team(name="red", quotas={"any": 5}), new=True)
+        store.put_team(Team(name="blue", quotas={"any": 7}), new=True)
+        for i in range(60):  # 30 one-GPU runs per team, 32 GPUs: the quotas bind
+            team = "red" if i % 2 else "blue"
+            store.create_run(mk_run(i, created=now + i * 1e-3).model_copy(update={"team": team}))
+        for s in scheds:
+            monkeypatch.setattr(s.store, "lock", _no_lock)
+        gate = threading.Barrier(2)
+
+        def go(i: int) -> None:
+            gate.wait()
+            for _ in range(3):
+                scheds[i].schedule_pass()
+                scheds[i].kick()
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        starting = store.list_runs(status=[RunStatus.STARTING], limit=1000)
+        by_team = {t: sum(len(r.placements[0].gpus) for r in starting if r.team == t) for t in ("red", "blue")}
+        assert by_team == {"red": 5, "blue": 7}, by_team
+        held = [(r.placements[0].node_id, g) for r in starting for g in r.placements[0].gpus]
+        assert len(held) == len(set(held)) == 12
+        waiting = store.list_runs(status=[RunStatus.QUEUED], limit=1000)
+        assert len(waiting) == 48 and all("holds its quota" in (r.reason or "") for r in waiting), \
+            {r.reason for r in waiting}
+    finally:
+        close()

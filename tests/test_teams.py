@@ -120,5 +120,14 @@ def test_usage_and_the_run_tables_columns_from_the_cli(fedml, tmp_path) -> None:
     assert "GPU-HOURS" in listed.stdout and "COST" in listed.stdout, listed.stdout
     bad = fedml("usage", "--by", "node")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --by: team, user or run, got 'node'", bad
+    assert fedml("team", "create", "ml").returncode == 0
+    r = fedml("team", "quota", "ml", "--gpus", "any:4", "--gpus", "A100-80G:2")
+    assert r.returncode == 0 and "any: 4" in r.stderr, r
+    shown = fedml("team", "show", "ml").stdout
+    assert "quota      any: 0 of 4 GPUs held" in shown and "A100-80G: 0 of 2" in shown, shown
+    bad = fedml("team", "quota", "ml", "--gpus", "lots")
+    assert bad.returncode == 2 and "TYPE:N" in bad.stderr and bad.stderr.count("\n") == 1, bad
+    assert fedml("team", "quota", "ml", "--clear").returncode == 0
+    assert json.loads(fedml("team", "show", "ml", "--json").stdout)["quotas"] == {}
     bad = fedml("usage", "--since", "soon")
     assert bad.returncode == 2 and "--since" in bad.stderr and bad.stderr.count("\n") == 1, bad

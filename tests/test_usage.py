@@ -99,3 +99,42 @@ def test_the_usage_report_adds_up_to_the_runs_exactly_and_a_person_sees_their_ow
     assert [row["user"] for row in ann["rows"]] == ["ann"] and ann["rows"][0]["runs"] == 3
     assert sched.usage(admin, "team", 3600, team="nlp")["total"]["runs"] == 3
     assert sched.usage(admin, "team", 0.000001)["rows"] == []  # (none created in the last microsecond)
+
+
+def test_a_team_at_its_quota_waits_while_others_run_and_starts_when_its_gpus_come_back(sched: Scheduler) -> None:
+    from scheduler.contract.errors import Invalid
+    from scheduler.contract.models import TeamCreate, TeamQuota
+
+    admin = person(sched, "root", "admin")
+    a = sched.register_node(NodeInfo(name="a", job_user="fedml-job", gpus=[
+        GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(6)]), admin).node.id
+    for t in ("ml", "cv"):
+        sched.create_team(TeamCreate(name=t), admin)
+    sched.set_team_quota("ml", TeamQuota(gpus={"any": 2, "A100-80G": 1}), admin)
+    ann, cal = person(sched, "ann", team="ml"), person(sched, "cal", team="cv")
+    one = {"job": "x", "computing": {"minimum_num_gpus": 1}}
+    mine = [sched.create_run(RunCreate(job=one), ann).id for _ in range(3)]  # type: ignore[arg-type]
+    typed = sched.create_run(RunCreate(job={"job": "x", "computing": {  # type: ignore[arg-type]
+        "minimum_num_gpus": 1, "resource_type": "A100-80G"}}), ann).id
+    typed2 = sched.create_run(RunCreate(job={"job": "x", "computing": {  # type: ignore[arg-type]
+        "minimum_num_gpus": 1, "resource_type": "A100-80G"}}), ann).id
+    theirs = [sched.create_run(RunCreate(job=one), cal).id for _ in range(2)]  # type: ignore[arg-type]
+    while sched.schedule_pass():
+        pass
+    status = {r: sched.get_run(r).status for r in [*mine, typed, typed2, *theirs]}
+    assert [status[r] for r in mine] == [RunStatus.STARTING, RunStatus.STARTING, RunStatus.QUEUED]
+    assert (status[typed], status[typed2]) == (RunStatus.STARTING, RunStatus.QUEUED)  # its type's own quota
+    assert all(status[r] == RunStatus.STARTING for r in theirs)  # another team is not held back (6 GPUs: 5 used)
+    assert sched.get_run(mine[2], admin).reason == "team ml holds its quota of 2 GPUs (docs/teams.md)"
+    assert sched.get_run(typed2, admin).reason == "team ml holds its quota of 1 A100-80G GPU (docs/teams.md)"
+    view = sched.team_view("ml", admin)
+    assert view["quota_held"] == {"any": 2, "A100-80G": 1} and view["gpus_held"] == 3
+    sched.report(mine[0], StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # one of its GPUs back
+    assert sched.get_run(mine[2]).status == RunStatus.STARTING
+    with pytest.raises(Invalid) as e:  # more than its quota could ever give: refused at launch
+        sched.create_run(RunCreate(job={"job": "x", "computing": {"minimum_num_gpus": 3}}), ann)  # type: ignore[arg-type]
+    assert "team ml's quota for them is 2" in str(e.value)
+    sched.set_team_quota("ml", TeamQuota(gpus={}), admin)  # no quota: only the GPUs limit it
+    while sched.schedule_pass():
+        pass
+    assert sched.get_run(typed2).status == RunStatus.STARTING

@@ -13,7 +13,17 @@ import time
 from enum import Enum
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from .jobspec import JobSpec, NotifyTarget
 from .jobyaml import JOB_TEXT_MAX
@@ -223,6 +233,9 @@ class Run(BaseModel):
     mounts: list[Mount] = Field(default_factory=list)  # storage objects unpacked into its workspace
     deliveries: list[Delivery] = Field(default_factory=list)  # its webhooks' deliveries, the latest 20
     team: str | None = None  # the team of the key that launched it (docs/teams.md)
+    # "TEAM\tBUCKET" while placed against its team's quota for BUCKET (a GPU type, or "any"): the stores keep the
+    # GPUs each key holds, and refuse a placement past the quota (Store.transition's quota_limit)
+    quota_key: str | None = None
     # GPU-seconds and cost of its earlier attempts (spent() adds the current one's): kept when attempts are
     # dropped from `attempts`.
     gpu_seconds_done: float = 0.0
@@ -606,12 +619,35 @@ class Team(BaseModel):
     name: str = Field(pattern=TEAM_NAME)
     shares: int = Field(default=1, ge=1, le=1_000_000)  # its weight among teams (fair share)
     notify: list[NotifyTarget] = Field(default_factory=list, max_length=8)
+    # GPUs its runs may hold at once, per GPU type ("A100-80G") or "any" (every GPU job not charged to a type of
+    # its own): a cap until borrowing and preemption come (docs/teams.md)
+    quotas: dict[str, int] = Field(default_factory=dict, max_length=32)
     created_at: float = Field(default_factory=time.time)
+
+    def bucket(self, resource_type: str | None) -> str | None:
+        """The quota a GPU job of `resource_type` is charged to: its type's, else "any", else none."""
+        if resource_type and resource_type in self.quotas:
+            return resource_type
+        return "any" if "any" in self.quotas else None
 
 
 class TeamCreate(BaseModel):
     name: str = Field(pattern=TEAM_NAME, description="lower-case letters, digits, - and _; 40 at most")
     shares: int = Field(default=1, ge=1, le=1_000_000)
+
+
+class TeamQuota(BaseModel):
+    gpus: dict[str, int] = Field(default_factory=dict, max_length=32, description='GPU type or "any" -> GPUs')
+
+    @field_validator("gpus")
+    @classmethod
+    def _sane(cls, v: dict[str, int]) -> dict[str, int]:
+        for kind, n in v.items():
+            if not kind or len(kind) > 64 or "\t" in kind:
+                raise ValueError(f"quota: {kind[:64]!r} is not a GPU type")
+            if not 0 <= n <= 1_000_000:
+                raise ValueError(f"quota: {kind}: {n} GPUs is not between 0 and 1,000,000")
+        return v
 
 
 class TeamNotify(BaseModel):

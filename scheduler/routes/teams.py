@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
-from ..contract.models import Principal, Team, TeamCreate, TeamNotify
+from ..contract.models import Principal, Team, TeamCreate, TeamNotify, TeamQuota
 from .deps import API, Ctx, auth, ctx
 
 router = APIRouter(prefix=API)
@@ -37,6 +37,12 @@ def team_notify(name: str, body: TeamNotify, who: Principal = Depends(auth), c: 
     """The webhook targets of the team's runs whose job names none (signed with the team's secret: GET
     /webhooks/secret?owner=team:NAME)."""
     return c.sched.set_team_notify(name, body, who)
+
+
+@router.put("/teams/{name}/quota")
+def team_quota(name: str, body: TeamQuota, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Team:
+    """The team's GPU quotas: {"gpus": {"A100-80G": 8, "any": 4}} (empty: none)."""
+    return c.sched.set_team_quota(name, body, who)
 
 
 @router.get("/usage")

@@ -65,6 +65,8 @@ class Book:
         self.shapes: dict[Request, Shape] = {}
         self.claims: dict[str, dict[str, set[int]]] = {}  # active run -> node -> GPUs it holds
         self.held: dict[str, dict[int, str]] = {}  # node -> GPU -> the run holding it
+        self.charged: dict[str, tuple[str, int]] = {}  # active run -> (its quota key, GPUs it holds against it)
+        self.quota_held: dict[str, int] = {}  # quota key "team\tbucket" -> GPUs its active runs hold
         self.dirty: set[str] = set()  # nodes whose held GPUs changed since the pass last looked
         self.live: set[str] = set()  # queued and active runs: a dependency among them has not ended
         self.waiting_for: dict[str, Run] = {}  # queued runs with dependencies (Run.after), not in a shape yet
@@ -142,7 +144,7 @@ class Book:
 
     def _queue(self, run: Run, before: tuple[Waiting, Request, tuple[float, float, str]] | None) -> None:
         if run.status == RunStatus.QUEUED:
-            req = Request.of(run.job, run.owner)
+            req = Request.of(run.job, run.owner, run.team)
             key = order(run)
             self.queued[run.id] = (Waiting.of(run), req, key)
             shape = self.shapes.get(req)
@@ -165,8 +167,19 @@ class Book:
                     on = self.held.setdefault(node, {})
                     for g in gpus:
                         on[g] = run.id
+                if run.quota_key:
+                    n = sum(len(g) for g in claims.values())
+                    self.charged[run.id] = (run.quota_key, n)
+                    self.quota_held[run.quota_key] = self.quota_held.get(run.quota_key, 0) + n
 
     def _release(self, run_id: str) -> None:
+        charged = self.charged.pop(run_id, None)
+        if charged is not None:
+            left = self.quota_held.get(charged[0], 0) - charged[1]
+            if left > 0:
+                self.quota_held[charged[0]] = left
+            else:
+                self.quota_held.pop(charged[0], None)
         for node, gpus in self.claims.pop(run_id, {}).items():
             self.dirty.add(node)
             on = self.held.get(node, {})

@@ -21,7 +21,7 @@ from ..contract.models import (
     RunStatus,
 )
 from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation
-from ..store import GpuBusy, NotFound, bulk
+from ..store import GpuBusy, NotFound, QuotaFull, bulk
 from .book import Book, Shape, Waiting
 from .core import ACTIVE, BIG_CLUSTER, SchedulerBase, log, trim_heap
 
@@ -51,7 +51,7 @@ class PlacementMixin(SchedulerBase):
         over the candidates of the last pass, once per shape and pass (a pass itself only looks at nodes with a
         free GPU and does not count the others)."""
         if run.status == RunStatus.QUEUED and run.reason:
-            req = Request.of(run.job, run.owner)
+            req = Request.of(run.job, run.owner, run.team)
             last = self._waiting.get(req)
             if last is not None and last.summary == run.reason:
                 counted = self._counted
@@ -265,8 +265,35 @@ class PlacementMixin(SchedulerBase):
         book.dirty = set()
         return cache
 
+    def _quota(self, req: Request) -> tuple[str, str, int] | None:
+        """(quota key, bucket, GPUs) of the team quota a GPU request is charged to; None: no team, no GPUs, or no
+        quota for it (docs/teams.md)."""
+        if req.team is None or not req.gpus:
+            return None
+        team = self.team_cached(req.team)
+        bucket = None if team is None else team.bucket(req.resource_type)
+        if team is None or bucket is None:
+            return None
+        return f"{req.team}\t{bucket}", bucket, team.quotas[bucket]
+
+    def _tell(self, shape: Shape, book: Book, ps: _Pass, why: str) -> None:
+        """Store `why` as the reason of every queued run of the shape (only when its meaning changed)."""
+        if shape.reason != why:
+            for r in list(book.runs_of(shape)):
+                if r.reason != why:
+                    with contextlib.suppress(NotFound):
+                        self.store.update_run(r.id, reason=why)
+                    r.reason = why
+                    ps.commits.wrote()
+            shape.reason = why
+
     def _place_one(self, run: Waiting, shape: Shape, ps: _Pass, book: Book) -> tuple[_Outcome, Run | None]:
         req = shape.req
+        quota = self._quota(req)
+        if quota is not None and book.quota_held.get(quota[0], 0) + req.gpus * req.count > quota[2]:
+            # Its team holds its quota: it waits without holding nodes for itself (others may use them).
+            self._tell(shape, book, ps, quota_reason(req, quota))
+            return _Outcome.BLOCKED, None
         # Only nodes with a free GPU can take a GPU job; a busy cluster has few, so a freed slot costs a look at
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
         # added when it is shown (waiting()).
@@ -284,24 +311,23 @@ class PlacementMixin(SchedulerBase):
                 ps.head_blocked = True
                 ps.reserved |= self._reservation(req, ps)
             # The stored reason changes only with its meaning; the counts are added when it is shown (waiting()).
-            if shape.reason != verdict.summary:
-                for r in list(book.runs_of(shape)):
-                    if r.reason != verdict.summary:
-                        with contextlib.suppress(NotFound):
-                            self.store.update_run(r.id, reason=verdict.summary)
-                        r.reason = verdict.summary
-                        ps.commits.wrote()
-                shape.reason = verdict.summary
+            self._tell(shape, book, ps, verdict.summary)
             return _Outcome.BLOCKED, None
         placements = [Placement(rank=i, node_id=pl.node.id, gpus=pl.gpus, price_per_gpu_hour=pl.node.price_per_gpu_hour)
                       for i, pl in enumerate(verdict)]
         scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)
                   for i, pl in enumerate(verdict)] + verdict[0].runners_up
+        charge = {} if quota is None else {"quota_key": quota[0], "quota_limit": quota[2]}
         try:
             new = self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores,
-                                        reason=None, master_port=self.rng.randrange(20000, 40000))
+                                        reason=None, master_port=self.rng.randrange(20000, 40000), **charge)
         except (InvalidTransition, NotFound):
             return _Outcome.GONE, None  # stopped meanwhile: the change feed brings its new state
+        except QuotaFull:  # another replica's placements took the team's quota: the feed brings them
+            assert quota is not None
+            self._tell(shape, book, ps, quota_reason(req, quota))
+            self.kick()
+            return _Outcome.BLOCKED, None
         except GpuBusy as busy:  # another replica placed a run there: this pass's view of that node is stale
             if busy.node_id in ps.by_id:
                 ps.cands.set_free(ps.by_id[busy.node_id], [])
@@ -487,3 +513,8 @@ class _Pass:
                 self._filled = 0
 
 
+def quota_reason(req: Request, quota: tuple[str, str, int]) -> str:
+    """Why a run waits for its team's quota (no counts: stored, it changes only with its meaning)."""
+    _, bucket, cap = quota
+    kind = "" if bucket == "any" else f" {bucket}"
+    return f"team {req.team} holds its quota of {cap}{kind} GPU{'s' if cap != 1 else ''} (docs/teams.md)"

@@ -200,10 +200,14 @@ class RunsMixin(SchedulerBase):
         if req.workspace_sha and callable(self._blob_exists) and not self._blob_exists(req.workspace_sha, who):
             raise BadRequest(f"workspace {req.workspace_sha[:12]} has not been uploaded")
         mounts = self._mounts(spec, who, req.job_file or "job")
-        request = Request.of(spec, who.owner)
+        request = Request.of(spec, who.owner, who.team)
         never = self.never_fits(request)
         if never is not None:
             raise Invalid(f"cannot ever run here: {never}")
+        quota = self._quota(request)  # type: ignore[attr-defined]  # (PlacementMixin's)
+        if quota is not None and request.gpus * request.count > quota[2]:
+            raise Invalid(f"cannot ever run here: it needs {request.gpus * request.count} GPUs and team {who.team}'s "
+                          f"quota for them is {quota[2]} ({quota[1]}; `fedml team show {who.team}`)")
         run = Run(
             id=new_run_id(),
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),

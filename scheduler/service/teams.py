@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .. import access
 from ..contract.errors import Conflict, Invalid
-from ..contract.models import Principal, Team, TeamCreate, TeamNotify
+from ..contract.models import Principal, Team, TeamCreate, TeamNotify, TeamQuota
 from ..store import NotFound
 from .core import ACTIVE, SchedulerBase
 
@@ -36,8 +36,13 @@ class TeamsMixin(SchedulerBase):
         keys = [{"id": k.id, "name": k.name, "scope": k.scope, "owner": k.owner}
                 for k in self.store.list_keys() if k.team == name and k.revoked_at is None and k.parent is None] \
             if who.admin else []
+        held: dict[str, int] = {}
+        for r in active:
+            if r.quota_key:
+                bucket = r.quota_key.split("\t", 1)[1]
+                held[bucket] = held.get(bucket, 0) + len(r.gpu_claims())
         return {**_shown(team, who).model_dump(mode="json"), "keys": keys, "active_runs": len(active), "gpus_held": gpus,
-                "users": sorted({r.owner for r in active})}
+                "users": sorted({r.owner for r in active}), "quota_held": held}
 
     def delete_team(self, name: str, who: Principal) -> Team:
         access.require_admin(who, "only an admin removes teams")
@@ -48,6 +53,17 @@ class TeamsMixin(SchedulerBase):
                            "revoke them first (`fedml scheduler key revoke NAME`)")
         self.store.delete_team(name)
         self._teams.pop(name, None)
+        return team
+
+    def set_team_quota(self, name: str, body: TeamQuota, who: Principal) -> Team:
+        """A team's GPU quotas (docs/teams.md): its runs wait when placing one would hold more. Runs placed before
+        a quota was lowered keep running."""
+        access.require_admin(who, "only an admin sets a team's quotas")
+        with self.store.lock(f"team:{name}"):
+            team = self.find_team(name, who)
+            team = self.store.put_team(team.model_copy(update={"quotas": dict(body.gpus)}))
+        self._teams.pop(name, None)
+        self.kick()  # (a raised quota may let runs start)
         return team
 
     def set_team_notify(self, name: str, body: TeamNotify, who: Principal) -> Team:
