@@ -112,8 +112,9 @@ CREATE TABLE IF NOT EXISTS gpu_claims (
 CREATE INDEX IF NOT EXISTS gpu_claims_run ON gpu_claims(run_id);
 CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
 -- The GPUs each unfinished run holds against its team's quota (Run.quota_key), kept by every run write.
+-- (quota_sum: the same summed per key, kept with it: a placement's check is one look-up, not a sum over the team's runs)
 CREATE TABLE IF NOT EXISTS quota_held (run_id TEXT PRIMARY KEY, key TEXT NOT NULL, gpus INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS quota_held_key ON quota_held(key);
+CREATE TABLE IF NOT EXISTS quota_sum (key TEXT PRIMARY KEY, gpus INTEGER NOT NULL) WITHOUT ROWID;
 -- GPU series (contract/series.py): a row per (series, tier, block) of packed points, appended to at each flush;
 -- blocks past their tier's keep are dropped by block number (series_block).
 CREATE TABLE IF NOT EXISTS series (
@@ -431,7 +432,7 @@ class SQLiteStore(Store):
             db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
             db.execute("DELETE FROM gpu_claims WHERE run_id=?", (run.id,))
             if old.quota_key:
-                db.execute("DELETE FROM quota_held WHERE run_id=?", (run.id,))
+                self._unquota(db, run.id)
         self._index(db, run)
 
     @staticmethod
@@ -446,6 +447,16 @@ class SQLiteStore(Store):
             key, gpus = quota_charge(run)
             if gpus:
                 db.execute("INSERT INTO quota_held (run_id, key, gpus) VALUES (?,?,?)", (run.id, key, gpus))
+                db.execute("INSERT INTO quota_sum (key, gpus) VALUES (?,?) ON CONFLICT (key) DO UPDATE SET "
+                           "gpus = gpus + excluded.gpus", (key, gpus))
+
+    @staticmethod
+    def _unquota(db: sqlite3.Connection, run_id: str) -> None:
+        """The run's GPUs no longer count against its quota (its row in quota_held, and the key's sum)."""
+        row = db.execute("SELECT key, gpus FROM quota_held WHERE run_id=?", (run_id,)).fetchone()
+        if row is not None:
+            db.execute("UPDATE quota_sum SET gpus = gpus - ? WHERE key=?", (row[1], row[0]))
+            db.execute("DELETE FROM quota_held WHERE run_id=?", (run_id,))
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         with self._tx() as db:
@@ -457,8 +468,8 @@ class SQLiteStore(Store):
             self._check_gpus(db, new, new.gpu_claims() - held)
             if quota_limit is not None:
                 key, gpus = quota_charge(new)
-                others = db.execute("SELECT COALESCE(SUM(gpus), 0) FROM quota_held WHERE key=? AND run_id<>?",
-                                    (key, run_id)).fetchone()[0]
+                row = db.execute("SELECT gpus FROM quota_sum WHERE key=?", (key,)).fetchone()
+                others = (row[0] if row else 0) - (quota_charge(run)[1] if run.quota_key == key else 0)
                 if others + gpus > quota_limit:
                     raise QuotaFull(key, int(others), quota_limit)
             self._write(db, new, run)
