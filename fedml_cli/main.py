@@ -291,14 +291,16 @@ def notify_secret(
 def queue(
     mine: Annotated[bool, typer.Option("--mine", help="An admin's own runs only (a user sees only theirs).")] = False,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="Show at most this many.")] = 100,
+    team: Annotated[str | None, typer.Option("--team", help="Only this team's runs.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pending runs in the order the scheduler considers them: each one's place, why it waits, who is ahead of it
-    on the GPUs it could use, and about when it starts (from the running jobs' max_duration or how long their
-    names ran before; it says when there is no basis for an estimate)."""
+    """Pending runs in the order the scheduler considers them: each one's place, why it waits (no room, or its
+    team's quota), who is ahead of it on the GPUs it could use, and about when it starts (from the running jobs'
+    max_duration or how long their names ran before; it says when there is no basis for an estimate)."""
     from .api import connect
 
-    q = connect().get("/queue", params={"limit": limit, "mine": "true" if mine else "false"})
+    q = connect().get("/queue", params={"limit": limit, "mine": "true" if mine else "false",
+                                        **({"team": team} if team else {})})
     if as_json:
         _print_json(q)
         return
@@ -318,7 +320,8 @@ def queue(
     for r in q["runs"]:
         ahead, starts = standing(r, q["now"])
         gpus = f"{r['gpus'] * r['nodes']}" + (f" {r['gpu_type']}" if r["gpu_type"] else "")
-        table.add_row(str(r["position"]), r["id"], r["name"] or "-", r["owner"], str(r["priority"]), gpus,
+        owner = r["owner"] + (f" ({r['team']})" if r.get("team") else "")
+        table.add_row(str(r["position"]), r["id"], r["name"] or "-", escape(owner), str(r["priority"]), gpus,
                       _duration(q["now"] - r["created_at"]) if r["created_at"] else "-", escape(r["reason"]),
                       escape(ahead), escape(starts))
     if q["runs"]:

@@ -127,6 +127,9 @@ def test_a_team_at_its_quota_waits_while_others_run_and_starts_when_its_gpus_com
     assert all(status[r] == RunStatus.STARTING for r in theirs)  # another team is not held back (6 GPUs: 5 used)
     assert sched.get_run(mine[2], admin).reason == "team ml holds its quota of 2 GPUs (docs/teams.md)"
     assert sched.get_run(typed2, admin).reason == "team ml holds its quota of 1 A100-80G GPU (docs/teams.md)"
+    q = sched.queue(admin, team="ml")  # (`fedml queue --team ml`)
+    assert {r["id"] for r in q["runs"]} == {mine[2], typed2} and all(r["team"] == "ml" for r in q["runs"])
+    assert all("holds its quota" in r["reason"] for r in q["runs"]) and sched.queue(admin, team="cv")["runs"] == []
     view = sched.team_view("ml", admin)
     assert view["quota_held"] == {"any": 2, "A100-80G": 1} and view["gpus_held"] == 3
     sched.report(mine[0], StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # one of its GPUs back

@@ -17,7 +17,8 @@ router = APIRouter(prefix=API)
 @router.get("/queue")
 async def get_queue(limit: int = Query(default=100, ge=1, le=1000), mine: bool = False,
                     run: str | None = Query(default=None, max_length=64, description="only this run's standing"),
+                    team: str | None = Query(default=None, max_length=40, description="only this team's runs"),
                     who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> dict[str, Any]:
     """A user sees their own pending runs (those ahead of theirs counted by owner and GPUs); an admin sees all
     (`mine`: only the admin's own)."""
-    return await run_in_threadpool(c.sched.queue, who, limit=limit, mine=mine, run=run)
+    return await run_in_threadpool(c.sched.queue, who, limit=limit, mine=mine, run=run, team=team)

@@ -28,7 +28,8 @@ class QueueMixin(SchedulerBase):
     _ends: dict[str, tuple[float, str | None]] | None = None  # active run -> (expected end or INF, why none)
     _queue_view: tuple[int, float, dict[str, Any]] | None = None
 
-    def queue(self, who: Principal, *, limit: int = 100, mine: bool = False, run: str | None = None) -> dict[str, Any]:
+    def queue(self, who: Principal, *, limit: int = 100, mine: bool = False, run: str | None = None,
+              team: str | None = None) -> dict[str, Any]:
         """Pending runs in the order passes consider them, those the caller may see (a user: their own; the
         runs ahead of theirs are counted by owner and size, not shown). Runs waiting for other runs to end, or
         for their sweep to have room, are listed apart: passes do not consider them yet. `run`: that one only."""
@@ -36,8 +37,10 @@ class QueueMixin(SchedulerBase):
             raise NotFound(f"run {run} not found")
         view = self._whole_queue()
         owner = access.runs_listed_for(who) or (who.owner if mine else None)
-        rows = [r for r in view["runs"] if (owner is None or r["owner"] == owner) and run in (None, r["id"])]
-        held = [r for r in view["held"] if (owner is None or r["owner"] == owner) and run in (None, r["id"])]
+        rows = [r for r in view["runs"] if (owner is None or r["owner"] == owner) and run in (None, r["id"])
+                and team in (None, r["team"])]
+        held = [r for r in view["held"] if (owner is None or r["owner"] == owner) and run in (None, r["id"])
+                and team in (None, r["team"])]
         return {"now": view["now"], "took_s": view["took_s"], "total": view["total"], "shown": len(rows[:limit]),
                 "runs": rows[:limit], "held": held[:limit]}
 
@@ -78,7 +81,8 @@ class QueueMixin(SchedulerBase):
             if run is not None:
                 run = self.waiting(run)
             rows.append({
-                "position": st.position, "id": waiting.id, "owner": e.owner, "gpus": req.gpus, "nodes": req.count,
+                "position": st.position, "id": waiting.id, "owner": e.owner, "team": req.team, "gpus": req.gpus,
+                "nodes": req.count,
                 "gpu_type": req.resource_type, "name": run.name if run else None,
                 "priority": run.priority if run else None, "created_at": run.created_at if run else None,
                 "reason": (run.reason if run else waiting.reason) or "waiting for the next pass",
@@ -87,7 +91,8 @@ class QueueMixin(SchedulerBase):
                           "owners": [{"owner": o, "runs": v[0], "gpus": v[1]} for o, v in
                                      sorted(st.ahead_owners.items(), key=lambda kv: (-kv[1][1], kv[0]))]},
                 "start_at": st.start_at, "basis": st.basis, "no_basis": st.no_basis})
-        held = [{"id": r.id, "name": r.name, "owner": r.owner, "priority": r.priority, "created_at": r.created_at,
+        held = [{"id": r.id, "name": r.name, "owner": r.owner, "team": r.team, "priority": r.priority,
+                 "created_at": r.created_at,
                  "reason": r.reason or "held back until its sweep has room"} for r in apart]
         view = {"now": now, "total": len(rows), "runs": rows, "held": held, "took_s": time.monotonic() - mono}
         self._queue_view = (seq, mono, view)
