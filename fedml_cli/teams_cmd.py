@@ -63,6 +63,8 @@ def team_show(name: TeamArg, as_json: JsonOpt = False) -> None:
            + (f" ({', '.join(t['users'])})" if t["users"] else "")]
     for kind, cap in (t.get("quotas") or {}).items():
         out.append(f"quota      {kind}: {(t.get('quota_held') or {}).get(kind, 0)} of {cap} GPUs held")
+    if t.get("budget") is not None:
+        out.append(f"budget     {t['budget_spent']:.2f} of {t['budget']:g} spent this {t['budget_period']}")
     for n in t.get("notify") or []:
         out.append(f"webhook    {n['url']}  on {', '.join(n['on'])}")
     for k in t.get("keys") or []:
@@ -97,6 +99,38 @@ def team_quota(
         return
     said = ", ".join(f"{k}: {v}" for k, v in team["quotas"].items()) or "none"
     _err(f"Team {name}: GPU quotas {said}.")
+
+
+@team_app.command("budget")
+def team_budget(
+    name: TeamArg,
+    amount: Annotated[str | None, typer.Argument(metavar="AMOUNT[/PERIOD]", help="Money per day, week or month "
+                                                  "(500/month, 20/day; the period defaults to month).")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="No budget.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a team's budget (admin): once its runs created in the period cost that much (node price x GPUs x
+    time), its runs wait for the next period, saying why. Runs already running go on."""
+    from .api import connect
+
+    if clear == (amount is not None):
+        raise CliError("give AMOUNT[/PERIOD] (500/month) or --clear", USAGE)
+    body: dict[str, Any] = {"amount": None}
+    if amount is not None:
+        money, _, period = amount.partition("/")
+        try:
+            value = float(money)
+        except ValueError:
+            value = -1.0
+        if value < 0 or (period or "month") not in ("day", "week", "month"):
+            raise CliError(f"budget: AMOUNT[/day|week|month], such as 500/month, got {amount!r}", USAGE)
+        body = {"amount": value, "period": period or "month"}
+    team = connect().put(f"/teams/{name}/budget", json=body)
+    if as_json:
+        print_json(team)
+        return
+    _err(f"Team {name}: " + (f"a budget of {team['budget']:g} per {team['budget_period']}."
+                              if team.get("budget") is not None else "no budget."))
 
 
 @team_app.command("delete")

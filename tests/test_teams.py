@@ -127,6 +127,12 @@ def test_usage_and_the_run_tables_columns_from_the_cli(fedml, tmp_path) -> None:
     assert "quota      any: 0 of 4 GPUs held" in shown and "A100-80G: 0 of 2" in shown, shown
     bad = fedml("team", "quota", "ml", "--gpus", "lots")
     assert bad.returncode == 2 and "TYPE:N" in bad.stderr and bad.stderr.count("\n") == 1, bad
+    r = fedml("team", "budget", "ml", "500/month")
+    assert r.returncode == 0 and "a budget of 500 per month" in r.stderr, r
+    assert "budget     0.00 of 500 spent this month" in fedml("team", "show", "ml").stdout
+    bad = fedml("team", "budget", "ml", "lots/year")
+    assert bad.returncode == 2 and "500/month" in bad.stderr and bad.stderr.count("\n") == 1, bad
+    assert fedml("team", "budget", "ml", "--clear").returncode == 0
     assert fedml("team", "quota", "ml", "--clear").returncode == 0
     assert json.loads(fedml("team", "show", "ml", "--json").stdout)["quotas"] == {}
     bad = fedml("usage", "--since", "soon")

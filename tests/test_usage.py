@@ -141,3 +141,44 @@ def test_a_team_at_its_quota_waits_while_others_run_and_starts_when_its_gpus_com
     while sched.schedule_pass():
         pass
     assert sched.get_run(typed2).status == RunStatus.STARTING
+
+
+def test_a_team_that_spent_its_budget_waits_with_the_reason_until_it_has_one_again(sched: Scheduler) -> None:
+    from scheduler.contract.models import TeamBudget, TeamCreate
+
+    admin = person(sched, "root", "admin")
+    a = sched.register_node(NodeInfo(name="a", job_user="fedml-job", price_per_gpu_hour=3600.0, gpus=[
+        GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(2)]), admin).node.id
+    sched.create_team(TeamCreate(name="ml"), admin)
+    sched.set_team_budget("ml", TeamBudget(amount=0.05, period="day"), admin)  # 0.05 at 1 per GPU-second
+    ann = person(sched, "ann", team="ml")
+    one = {"job": "x", "computing": {"minimum_num_gpus": 1}}
+    first = sched.create_run(RunCreate(job=one), ann).id  # type: ignore[arg-type]
+    assert sched.schedule_pass() == 1  # nothing spent yet
+    sched.report(first, StatusReport(status=RunStatus.RUNNING), a)
+    time.sleep(0.1)
+    sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)
+    spent = sched.get_run(first).spend(time.time()).cost
+    assert spent >= 0.05  # (0.1 s of one GPU at 1 a second)
+    sched.BUDGET_REFRESH_S = 0.0  # type: ignore[misc]  # (counted at every pass here; 30 s by default)
+    second = sched.create_run(RunCreate(job=one), ann).id  # type: ignore[arg-type]
+    assert sched.schedule_pass() == 0
+    assert sched.get_run(second).reason == "team ml has spent its budget of 0.05 this day (docs/teams.md)"
+    view = sched.team_view("ml", admin)
+    assert view["budget_spent"] == round(spent, 4) and view["budget"] == 0.05
+    other = sched.create_run(RunCreate(job=one)).id  # type: ignore[arg-type]  # (no team: not held back)
+    assert sched.schedule_pass() == 1 and sched.get_run(other).status == RunStatus.STARTING
+    sched.set_team_budget("ml", TeamBudget(amount=None), admin)
+    assert sched.schedule_pass() == 1 and sched.get_run(second).status == RunStatus.STARTING
+
+
+def test_a_budgets_period_starts_at_midnight_monday_or_the_first_utc() -> None:
+    import datetime
+
+    from scheduler.contract.models import Team
+
+    now = datetime.datetime(2026, 12, 6, 15, 30, tzinfo=datetime.timezone.utc).timestamp()  # a Sunday
+    day = lambda *a: datetime.datetime(*a, tzinfo=datetime.timezone.utc).timestamp()  # noqa: E731
+    assert Team(name="t", budget_period="day").period_start(now) == day(2026, 12, 6)
+    assert Team(name="t", budget_period="week").period_start(now) == day(2026, 11, 30)
+    assert Team(name="t", budget_period="month").period_start(now) == day(2026, 12, 1)

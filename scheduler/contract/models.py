@@ -7,6 +7,7 @@ next to what a run holds).
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import time
@@ -622,7 +623,21 @@ class Team(BaseModel):
     # GPUs its runs may hold at once, per GPU type ("A100-80G") or "any" (every GPU job not charged to a type of
     # its own): a cap until borrowing and preemption come (docs/teams.md)
     quotas: dict[str, int] = Field(default_factory=dict, max_length=32)
+    # Money its runs may cost per period (node price x GPUs x time, runs created in the period): once spent, its
+    # runs wait until the next period (docs/teams.md). None: no budget.
+    budget: float | None = Field(default=None, ge=0)
+    budget_period: Literal["day", "week", "month"] = "month"
     created_at: float = Field(default_factory=time.time)
+
+    def period_start(self, now: float) -> float:
+        """When the budget's current period began (UTC: midnight, Monday, the 1st)."""
+        day = datetime.datetime.fromtimestamp(now, datetime.UTC).replace(hour=0, minute=0, second=0,
+                                                                                 microsecond=0)
+        if self.budget_period == "week":
+            day -= datetime.timedelta(days=day.weekday())
+        elif self.budget_period == "month":
+            day = day.replace(day=1)
+        return day.timestamp()
 
     def bucket(self, resource_type: str | None) -> str | None:
         """The quota a GPU job of `resource_type` is charged to: its type's, else "any", else none."""
@@ -648,6 +663,11 @@ class TeamQuota(BaseModel):
             if not 0 <= n <= 1_000_000:
                 raise ValueError(f"quota: {kind}: {n} GPUs is not between 0 and 1,000,000")
         return v
+
+
+class TeamBudget(BaseModel):
+    amount: float | None = Field(default=None, ge=0, le=1e12, description="None: no budget")
+    period: Literal["day", "week", "month"] = "month"
 
 
 class TeamNotify(BaseModel):

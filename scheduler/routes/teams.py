@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
-from ..contract.models import Principal, Team, TeamCreate, TeamNotify, TeamQuota
+from ..contract.models import Principal, Team, TeamBudget, TeamCreate, TeamNotify, TeamQuota
 from .deps import API, Ctx, auth, ctx
 
 router = APIRouter(prefix=API)
@@ -43,6 +43,12 @@ def team_notify(name: str, body: TeamNotify, who: Principal = Depends(auth), c: 
 def team_quota(name: str, body: TeamQuota, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Team:
     """The team's GPU quotas: {"gpus": {"A100-80G": 8, "any": 4}} (empty: none)."""
     return c.sched.set_team_quota(name, body, who)
+
+
+@router.put("/teams/{name}/budget")
+def team_budget(name: str, body: TeamBudget, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Team:
+    """The team's budget: {"amount": 500, "period": "month"} (amount null: none)."""
+    return c.sched.set_team_budget(name, body, who)
 
 
 @router.get("/usage")

@@ -294,6 +294,11 @@ class PlacementMixin(SchedulerBase):
             # Its team holds its quota: it waits without holding nodes for itself (others may use them).
             self._tell(shape, book, ps, quota_reason(req, quota))
             return _Outcome.BLOCKED, None
+        if req.team is not None and (team := self.team_cached(req.team)) is not None and team.budget is not None \
+                and self.team_spent(team) >= team.budget:  # type: ignore[attr-defined]  # (TeamsMixin's)
+            self._tell(shape, book, ps, f"team {req.team} has spent its budget of {team.budget:g} this "
+                                        f"{team.budget_period} (docs/teams.md)")
+            return _Outcome.BLOCKED, None
         # Only nodes with a free GPU can take a GPU job; a busy cluster has few, so a freed slot costs a look at
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
         # added when it is shown (waiting()).

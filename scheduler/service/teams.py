@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .. import access
 from ..contract.errors import Conflict, Invalid
-from ..contract.models import Principal, Team, TeamCreate, TeamNotify, TeamQuota
+from ..contract.models import Principal, Team, TeamBudget, TeamCreate, TeamNotify, TeamQuota
 from ..store import NotFound
 from .core import ACTIVE, SchedulerBase
 
@@ -42,7 +42,8 @@ class TeamsMixin(SchedulerBase):
                 bucket = r.quota_key.split("\t", 1)[1]
                 held[bucket] = held.get(bucket, 0) + len(r.gpu_claims())
         return {**_shown(team, who).model_dump(mode="json"), "keys": keys, "active_runs": len(active), "gpus_held": gpus,
-                "users": sorted({r.owner for r in active}), "quota_held": held}
+                "users": sorted({r.owner for r in active}), "quota_held": held,
+                "budget_spent": None if team.budget is None else round(self.team_spent(team), 4)}
 
     def delete_team(self, name: str, who: Principal) -> Team:
         access.require_admin(who, "only an admin removes teams")
@@ -65,6 +66,47 @@ class TeamsMixin(SchedulerBase):
         self._teams.pop(name, None)
         self.kick()  # (a raised quota may let runs start)
         return team
+
+    def set_team_budget(self, name: str, body: TeamBudget, who: Principal) -> Team:
+        """A team's budget in money per day, week or month (docs/teams.md): once its runs created in the period
+        cost that much, its runs wait for the next period."""
+        access.require_admin(who, "only an admin sets a team's budget")
+        with self.store.lock(f"team:{name}"):
+            team = self.find_team(name, who)
+            team = self.store.put_team(team.model_copy(update={"budget": body.amount, "budget_period": body.period}))
+        self._teams.pop(name, None)
+        self._spent_at = 0.0  # (counted again at the next pass)
+        self.kick()
+        return team
+
+    BUDGET_REFRESH_S = 30.0
+    _spent: dict[str, float] | None = None
+    _spent_at = 0.0
+
+    def team_spent(self, team: Team) -> float:
+        """What the team's runs created in its budget's current period cost so far: every budgeted team's, counted
+        in one pass over the runs at most every BUDGET_REFRESH_S (a run's cost grows while it runs)."""
+        now = time.time()
+        if self._spent is None or now - self._spent_at > self.BUDGET_REFRESH_S:
+            budgeted = {t.name: t.period_start(now) for t in self.store.list_teams() if t.budget is not None}
+            spent = dict.fromkeys(budgeted, 0.0)
+            if budgeted:
+                start = min(budgeted.values())
+                before = None
+                for _ in range(self.USAGE_SCAN // 2000):
+                    page = self.store.list_runs(limit=2000, before=before)
+                    for r in page:
+                        if r.created_at < start:
+                            break
+                        if r.team in budgeted and r.created_at >= budgeted[r.team]:
+                            spent[r.team] += r.spend(now).cost
+                    else:
+                        if len(page) == 2000:
+                            before = (page[-1].created_at, page[-1].id)
+                            continue
+                    break
+            self._spent, self._spent_at = spent, now
+        return self._spent.get(team.name, 0.0)
 
     def set_team_notify(self, name: str, body: TeamNotify, who: Principal) -> Team:
         access.require_admin(who, "only an admin sets a team's webhooks")
