@@ -177,8 +177,8 @@ def test_a_budgets_period_starts_at_midnight_monday_or_the_first_utc() -> None:
 
     from scheduler.contract.models import Team
 
-    now = datetime.datetime(2026, 12, 6, 15, 30, tzinfo=datetime.timezone.utc).timestamp()  # a Sunday
-    day = lambda *a: datetime.datetime(*a, tzinfo=datetime.timezone.utc).timestamp()  # noqa: E731
+    now = datetime.datetime(2026, 12, 6, 15, 30, tzinfo=datetime.UTC).timestamp()  # a Sunday
+    day = lambda *a: datetime.datetime(*a, tzinfo=datetime.UTC).timestamp()  # noqa: E731
     assert Team(name="t", budget_period="day").period_start(now) == day(2026, 12, 6)
     assert Team(name="t", budget_period="week").period_start(now) == day(2026, 11, 30)
     assert Team(name="t", budget_period="month").period_start(now) == day(2026, 12, 1)
