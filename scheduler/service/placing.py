@@ -171,7 +171,9 @@ class PlacementMixin(SchedulerBase):
             self._waiting, self._counted = {}, {}
             return 0
         ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen)
-        heads = book.heads()
+        rank = self.fair_rank()
+        heads = [(rank(key, req), req) for key, req in book.heads()]
+        heapq.heapify(heads)
         placed = 0
         with _Commits(self.store, announce or self._announce) as ps.commits:
             while heads:
@@ -189,7 +191,7 @@ class PlacementMixin(SchedulerBase):
                 if outcome is not _Outcome.RETRY:
                     book.pop(shape)
                 if (nxt := book.head(shape)) is not None:
-                    heapq.heappush(heads, (nxt[1], req))
+                    heapq.heappush(heads, (rank(nxt[1], req), req))
         # Every shape was tried until it found no room or ran out of runs: the next pass would find what this
         # one left, until something that could change it happens (a kick moves the tickets; a GpuBusy retry
         # kicked already). What it placed only took capacity.
@@ -264,6 +266,21 @@ class PlacementMixin(SchedulerBase):
                 cache.set_free(c, [g for g in c.node.gpus if g.index not in held and g.index not in outside])
         book.dirty = set()
         return cache
+
+    def fair_rank(self) -> Callable[[tuple[float, float, str], Request], tuple[Any, ...]]:
+        """The order of queued runs: with teams, the team that used least for its shares first (fair share,
+        docs/teams.md), then priority, then, inside the team, the user who used least, then arrival; without
+        teams, priority then arrival (book.order)."""
+        fair = self.fair_usage()  # type: ignore[attr-defined]  # (TeamsMixin's)
+        if fair is None:
+            return lambda key, req: key
+        teams, users = fair
+
+        def rank(key: tuple[float, float, str], req: Request) -> tuple[Any, ...]:
+            team = req.team or ""
+            return (teams.get(team, 0.0), key[0], users.get((team, req.owner or ""), 0.0), key[1], key[2])
+
+        return rank
 
     def _quota(self, req: Request) -> tuple[str, str, int] | None:
         """(quota key, bucket, GPUs) of the team quota a GPU request is charged to; None: no team, no GPUs, or no

@@ -52,7 +52,8 @@ class QueueMixin(SchedulerBase):
             return cached[2]
         with self._schedule_lock:
             book = self._sync_book()
-            line = sorted(book.queued.values(), key=lambda q: q[2])
+            rank = self.fair_rank()  # type: ignore[attr-defined]  # (PlacementMixin's: the order passes use)
+            line = sorted(book.queued.values(), key=lambda q: rank(q[2], q[1]))
             held_gpus = {n: dict(g) for n, g in book.held.items()}
             active = list(book.claims)
             apart = [*book.waiting_for.values(), *(r for runs in book.gated.values() for r in runs.values())]

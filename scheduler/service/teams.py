@@ -3,6 +3,7 @@ launches are the team's (Run.team). A team's webhook targets are the default of 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -78,6 +79,52 @@ class TeamsMixin(SchedulerBase):
         self._spent_at = 0.0  # (counted again at the next pass)
         self.kick()
         return team
+
+    # Fair share (docs/teams.md): teams' (and their users') GPU-seconds, each weighed down by half every half-life
+    # since it was used (a run's at its end; a running one's now), counted over the runs at most every
+    # FAIR_REFRESH_S. FEDML_FAIRSHARE_HALF_LIFE (seconds) sets the half-life; the default is 7 days (Slurm's).
+    FAIR_REFRESH_S = 60.0
+    _fair: tuple[float, tuple[dict[str, float], dict[tuple[str, str], float]] | None] | None = None
+
+    def half_life(self) -> float:
+        return float(os.environ.get("FEDML_FAIRSHARE_HALF_LIFE") or 7 * 86400)
+
+    def fair_usage(self) -> tuple[dict[str, float], dict[tuple[str, str], float]] | None:
+        """(team -> decayed GPU-seconds / its shares, (team, user) -> decayed GPU-seconds), or None when there are
+        no teams (then the queue is in priority and arrival order alone)."""
+        now = time.time()
+        got = self._fair
+        if got is not None and now - got[0] <= self.FAIR_REFRESH_S:
+            return got[1]
+        teams = {t.name: t for t in self.store.list_teams()}
+        if not teams:
+            self._fair = (now, None)
+            return None
+        half = self.half_life()
+        start = now - 5 * half  # (older use weighs under 1/32: left out)
+        by_team: dict[str, float] = {}
+        by_user: dict[tuple[str, str], float] = {}
+        before = None
+        for _ in range(self.USAGE_SCAN // 2000):
+            page = self.store.list_runs(limit=2000, before=before)
+            for r in page:
+                if r.created_at < start:  # (a run created before is left out, even if it still runs)
+                    break
+                spent = r.spend(now).gpu_seconds
+                if not spent:
+                    continue
+                used = spent * 0.5 ** (max(0.0, now - (r.ended_at or now)) / half)
+                team = r.team or ""
+                by_team[team] = by_team.get(team, 0.0) + used
+                by_user[(team, r.owner)] = by_user.get((team, r.owner), 0.0) + used
+            else:
+                if len(page) == 2000:
+                    before = (page[-1].created_at, page[-1].id)
+                    continue
+            break
+        factors = {t: u / (teams[t].shares if t in teams else 1) for t, u in by_team.items()}
+        self._fair = (now, (factors, by_user))
+        return factors, by_user
 
     BUDGET_REFRESH_S = 30.0
     _spent: dict[str, float] | None = None
