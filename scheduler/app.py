@@ -165,6 +165,15 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                 else:
                     log.exception("writing GPU series failed")
 
+    async def fair_loop() -> None:
+        # Fair share's usage counted over the runs outside the passes (service/teams.py), once a minute.
+        while True:
+            await asyncio.sleep(sched.FAIR_REFRESH_S)
+            try:
+                await run_in_threadpool(sched.refresh_fair_usage)
+            except Exception:
+                log.exception("counting fair-share usage failed")
+
     eps = Endpoints(sched)
     eps.listen = settings.listen
     gateway = Gateway(eps)
@@ -182,7 +191,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(heartbeat_loop()),
                  asyncio.create_task(autoscale_loop()), asyncio.create_task(health_loop()),
-                 asyncio.create_task(series_loop())]
+                 asyncio.create_task(series_loop()), asyncio.create_task(fair_loop())]
         yield
         with contextlib.suppress(Exception):  # (a clean stop keeps the last minute of GPU series too)
             await run_in_threadpool(sched.flush_series)

@@ -92,10 +92,16 @@ class TeamsMixin(SchedulerBase):
     def fair_usage(self) -> tuple[dict[str, float], dict[tuple[str, str], float]] | None:
         """(team -> decayed GPU-seconds / its shares, (team, user) -> decayed GPU-seconds), or None when there are
         no teams (then the queue is in priority and arrival order alone)."""
-        now = time.time()
         got = self._fair
-        if got is not None and now - got[0] <= self.FAIR_REFRESH_S:
+        # (the scheduler's loop refreshes it every FAIR_REFRESH_S outside any pass: a pass counts it itself only
+        # when nothing has for three times that, or the first time)
+        if got is not None and time.time() - got[0] <= 3 * self.FAIR_REFRESH_S:
             return got[1]
+        return self.refresh_fair_usage()
+
+    def refresh_fair_usage(self) -> tuple[dict[str, float], dict[tuple[str, str], float]] | None:
+        """Count fair_usage() again (reads the runs of the last 5 half-lives, up to USAGE_SCAN of them)."""
+        now = time.time()
         teams = {t.name: t for t in self.store.list_teams()}
         if not teams:
             self._fair = (now, None)
