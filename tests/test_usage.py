@@ -141,6 +141,7 @@ def test_a_team_at_its_quota_waits_while_others_run_and_starts_when_its_gpus_com
     while sched.schedule_pass():
         pass
     assert sched.get_run(typed2).status == RunStatus.STARTING
+    assert sched.get_run(typed2).quota_key is None and sched.get_run(mine[2]).quota_key == "ml\tany"
 
 
 def test_a_team_that_spent_its_budget_waits_with_the_reason_until_it_has_one_again(sched: Scheduler) -> None:

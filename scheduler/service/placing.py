@@ -339,7 +339,8 @@ class PlacementMixin(SchedulerBase):
                       for i, pl in enumerate(verdict)]
         scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)
                   for i, pl in enumerate(verdict)] + verdict[0].runners_up
-        charge = {} if quota is None else {"quota_key": quota[0], "quota_limit": quota[2]}
+        # (always set: an attempt placed after its team's quota was removed must not count against the old one)
+        charge: dict[str, Any] = {"quota_key": None} if quota is None else {"quota_key": quota[0], "quota_limit": quota[2]}
         try:
             new = self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores,
                                         reason=None, master_port=self.rng.randrange(20000, 40000), **charge)
