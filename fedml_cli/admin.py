@@ -90,11 +90,8 @@ def node_gpus(name: Annotated[str, typer.Argument(metavar="NAME", help="Node nam
     (every 5 s over the last hour, minute means before it, kept a week), with a sparkline of utilisation."""
     from .api import connect
 
-    try:
-        seconds = _duration(since)
-    except typer.BadParameter as exc:
-        raise CliError(f"--since: {exc.message}", USAGE) from None
-    if seconds is None or not 0 < seconds <= 7 * 86400:
+    seconds = since_seconds(since)
+    if not seconds <= 7 * 86400:
         raise CliError(f"--since: between 1s and 7d, got {since!r}", USAGE)
     got = connect().get(f"/nodes/{name}/gpus", params={"since": seconds})
     if as_json:
@@ -186,6 +183,17 @@ def key_revoke(ref: Annotated[str, typer.Argument(metavar="ID_OR_NAME")]) -> Non
 
     k = connect().delete(f"/keys/{ref}")
     _err(f"Key {k['id']} ({k['name']}) revoked.")
+
+
+def since_seconds(text: str) -> float:
+    """--since's duration in seconds (more than 0), or a one-line usage error."""
+    try:
+        seconds = _duration(text)
+    except typer.BadParameter as exc:
+        raise CliError(f"--since: {exc.message}", USAGE) from None
+    if seconds is None or seconds <= 0:
+        raise CliError(f"--since: a duration such as 1h, 7d or 30d, got {text!r}", USAGE)
+    return seconds
 
 
 def _duration(text: str) -> float | None:

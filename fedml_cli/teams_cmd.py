@@ -174,17 +174,12 @@ def usage(
 ) -> None:
     """GPU-hours and cost of the runs created in a window, by team, user or run (like Slurm's sreport). An admin
     sees everyone's; a person their own runs. Each run counts whole: all its attempts, a running one up to now."""
-    from .admin import _duration
+    from .admin import since_seconds
     from .api import connect
 
     if by not in ("team", "user", "run"):
         raise CliError(f"--by: team, user or run, got {by!r}", USAGE)
-    try:
-        seconds = _duration(since)
-    except typer.BadParameter as exc:
-        raise CliError(f"--since: {exc.message}", USAGE) from None
-    if seconds is None or seconds <= 0:
-        raise CliError(f"--since: a duration such as 1h, 7d or 30d, got {since!r}", USAGE)
+    seconds = since_seconds(since)
     got = connect().get("/usage", params={"by": by, "since": seconds, **({"team": team} if team else {})})
     if as_json:
         print_json(got)

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,16 +126,17 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                     log.exception("schedule pass failed")
             await notifier.wait("schedule", ticket, 2.0)
 
-    async def heartbeat_loop() -> None:
+    async def every(seconds: float, work: Callable[[], object], what: str) -> None:
+        """Run `work` in the thread pool every `seconds`; a full store marks the scheduler degraded."""
         while True:
-            await asyncio.sleep(max(0.2, settings.heartbeat_interval / 2))
+            await asyncio.sleep(seconds)
             try:
-                await run_in_threadpool(sched.check_heartbeats)
+                await run_in_threadpool(work)
             except Exception as exc:
                 if (why := out_of_space(exc)) is not None:
                     health.mark(why)
                 else:
-                    log.exception("heartbeat check failed")
+                    log.exception("%s failed", what)
 
     async def health_loop() -> None:
         # While degraded, try one small durable write a second; when it lands, writes are taken again and the
@@ -153,27 +154,6 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             health.clear()
             sched.kick()
 
-    async def series_loop() -> None:
-        # GPU series points wait in memory at most FLUSH_S (scheduler/contract/series.py), then are written at once.
-        while True:
-            await asyncio.sleep(settings.series_flush)
-            try:
-                await run_in_threadpool(sched.flush_series)
-            except Exception as exc:
-                if (why := out_of_space(exc)) is not None:
-                    health.mark(why)
-                else:
-                    log.exception("writing GPU series failed")
-
-    async def fair_loop() -> None:
-        # Fair share's usage counted over the runs outside the passes (service/teams.py), once a minute.
-        while True:
-            await asyncio.sleep(sched.FAIR_REFRESH_S)
-            try:
-                await run_in_threadpool(sched.refresh_fair_usage)
-            except Exception:
-                log.exception("counting fair-share usage failed")
-
     eps = Endpoints(sched)
     eps.listen = settings.listen
     gateway = Gateway(eps)
@@ -189,9 +169,14 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(heartbeat_loop()),
-                 asyncio.create_task(autoscale_loop()), asyncio.create_task(health_loop()),
-                 asyncio.create_task(series_loop()), asyncio.create_task(fair_loop())]
+        tasks = [asyncio.create_task(schedule_loop()), asyncio.create_task(autoscale_loop()),
+                 asyncio.create_task(health_loop()),
+                 asyncio.create_task(every(max(0.2, settings.heartbeat_interval / 2), sched.check_heartbeats,
+                                           "heartbeat check")),
+                 # GPU series points wait in memory at most this long (contract/series.py), then are written at once
+                 asyncio.create_task(every(settings.series_flush, sched.flush_series, "writing GPU series")),
+                 # fair share's usage, counted over the runs outside the passes (service/teams.py)
+                 asyncio.create_task(every(sched.FAIR_REFRESH_S, sched.refresh_fair_usage, "counting fair-share usage"))]
         yield
         with contextlib.suppress(Exception):  # (a clean stop keeps the last minute of GPU series too)
             await run_in_threadpool(sched.flush_series)
