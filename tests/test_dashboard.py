@@ -253,7 +253,10 @@ def test_the_dashboard_in_a_browser(fedml: Fedml, browser: Any, tmp_path: Path) 
     queued = nxt.stdout.strip()
     waiting = fedml("launch", str(write_job(tmp_path / "after", "echo after")), "--after", first, "--detach")
     assert waiting.returncode == 0, waiting.stderr
+    assert fedml("team", "create", "ml").returncode == 0  # a team's quota bar on the queue page
+    assert fedml("team", "quota", "ml", "--gpus", "any:4").returncode == 0
     page.goto(url + "/#/queue")
+    page.wait_for_selector('#quotas tr[data-team="ml"] >> text=0 of 4 GPUs', timeout=15_000)
     row = f'#queue tr[data-run="{queued}"]'
     page.wait_for_selector(f"{row} >> text=no node with 1 free GPU", timeout=15_000)
     assert page.inner_text(f"{row} .position") == "1"

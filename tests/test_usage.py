@@ -132,6 +132,8 @@ def test_a_team_at_its_quota_waits_while_others_run_and_starts_when_its_gpus_com
     assert all("holds its quota" in r["reason"] for r in q["runs"]) and sched.queue(admin, team="cv")["runs"] == []
     view = sched.team_view("ml", admin)
     assert view["quota_held"] == {"any": 2, "A100-80G": 1} and view["gpus_held"] == 3
+    listed = {t["name"]: t["quota_held"] for t in sched.teams_held(ann)}  # (the dashboard's quota bars)
+    assert listed == {"ml": {"any": 2, "A100-80G": 1}}
     sched.report(mine[0], StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # one of its GPUs back
     assert sched.get_run(mine[2]).status == RunStatus.STARTING
     with pytest.raises(Invalid) as e:  # more than its quota could ever give: refused at launch

@@ -18,8 +18,9 @@ def create_team(body: TeamCreate, who: Principal = Depends(auth), c: Ctx = Depen
 
 
 @router.get("/teams")
-def list_teams(who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> list[Team]:
-    return c.sched.list_teams(who)
+def list_teams(who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> list[dict[str, Any]]:
+    """The teams the caller may see, each with `quota_held`: GPUs its runs hold against each quota now."""
+    return c.sched.teams_held(who)
 
 
 @router.get("/teams/{name}")

@@ -23,6 +23,17 @@ class TeamsMixin(SchedulerBase):
     def list_teams(self, who: Principal) -> list[Team]:
         return [_shown(t, who) for t in self.store.list_teams() if access.may_see_team(who, t.name)]
 
+    def teams_held(self, who: Principal) -> list[dict[str, Any]]:
+        """The teams `who` may see, each with the GPUs its runs hold against each quota now (the book's count:
+        the dashboard's quota bars)."""
+        with self._schedule_lock:
+            held = dict(self._sync_book().quota_held)  # type: ignore[attr-defined]  # (PlacementMixin's)
+        out = []
+        for t in self.list_teams(who):
+            mine = {k.split("\t", 1)[1]: n for k, n in held.items() if k.split("\t", 1)[0] == t.name}
+            out.append({**t.model_dump(mode="json"), "quota_held": mine})
+        return out
+
     def find_team(self, name: str, who: Principal) -> Team:
         team = self.store.get_team(name)
         if team is None or not access.may_see_team(who, name):

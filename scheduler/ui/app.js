@@ -497,15 +497,25 @@ function queuePage() {
   const mine = S.session.admin ? h("label", {}, h("input", { type: "checkbox", id: "queue-mine",
     onchange: (e) => { f.mine = e.target.checked; page.refresh(); } }), " Mine only") : null;
   page = view("Queue", async () => {
-    const q = await api("/queue", { params: { limit: 500, mine: f.mine || null } });
+    const [q, teams] = await Promise.all([api("/queue", { params: { limit: 500, mine: f.mine || null } }), api("/teams")]);
     const out = [h("p", { class: "muted" }, `${q.total} run${q.total === 1 ? "" : "s"} in line, in the order the scheduler `
-      + "considers them: higher priority first, then first come first served; a run that fits may start before a "
-      + "bigger one ahead of it on nodes that one does not hold (backfill).")];
+      + "considers them: the team that used least for its shares first (fair share), then higher priority, then "
+      + "first come first served; a run that fits may start before a bigger one ahead of it on nodes that one does "
+      + "not hold (backfill).")];
+    // Each team's quotas: what its runs hold now of each (`fedml team show`).
+    const bars = teams.flatMap((t) => Object.entries(t.quotas || {}).map(([kind, cap]) => {
+      const held = (t.quota_held || {})[kind] || 0;
+      return h("tr", { "data-team": t.name }, h("td", {}, t.name), h("td", {}, kind),
+        h("td", {}, h("meter", { min: 0, max: Math.max(cap, 1), value: Math.min(held, cap) })),
+        h("td", {}, `${held} of ${cap} GPUs`));
+    }));
+    if (bars.length) out.push(h("h2", {}, "Team quotas"), table(["Team", "Quota", "", "Held"], bars, "quotas"),
+      h("h2", {}, "In line"));
     if (!q.runs.length && !q.held.length) return [...out, say("Nothing waits: every run has a place.", "muted")];
     if (q.runs.length) out.push(table(["#", "Run", "Name", "Owner", "Priority", "GPUs", "Waiting", "Why", "Ahead of it", "Starts"],
       q.runs.map((r) => h("tr", { "data-run": r.id }, h("td", { class: "position" }, r.position),
         h("td", {}, h("a", { href: `#/run/${encodeURIComponent(r.id)}` }, r.id)), h("td", {}, r.name || "-"),
-        h("td", {}, r.owner), h("td", {}, r.priority == null ? "-" : r.priority),
+        h("td", {}, r.team ? `${r.owner} (${r.team})` : r.owner), h("td", {}, r.priority == null ? "-" : r.priority),
         h("td", {}, `${r.gpus * r.nodes}${r.gpu_type ? ` ${r.gpu_type}` : ""}${r.nodes > 1 ? ` (${r.nodes} nodes)` : ""}`),
         h("td", {}, ago(r.created_at)), h("td", { class: "reason" }, r.reason),
         h("td", { class: "ahead" }, r.ahead.runs ? `${r.ahead.runs} run${r.ahead.runs > 1 ? "s" : ""}, ${r.ahead.gpus} GPUs: `
