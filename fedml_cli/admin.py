@@ -79,7 +79,9 @@ def tenancy(n: dict[str, Any]) -> str:
     cannot keep jobs from its key)."""
     if n.get("owner"):
         return f"single-tenant: {n['owner']}"
-    return f"shared (jobs as {n['job_user']})" if n.get("job_user") else "shared"
+    teams = f", teams {','.join(n['teams'])}" if n.get("teams") else ""
+    return (f"shared (jobs as {n['job_user']}{teams})" if n.get("job_user") else
+            f"shared ({teams[2:]})" if teams else "shared")
 
 
 @node_app.command("gpus")
@@ -216,17 +218,21 @@ def token_create(
     label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="K=V",
                                                     help="Label every node joined with it gets; repeatable.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="What it is for, shown in `key list`.")] = None,
+    team: Annotated[list[str] | None, typer.Option("--team", help="Nodes joined with it run only this team's runs; "
+                                                                   "repeatable (docs/teams.md).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make a join token (printed once, stored hashed). On the node: `fedml login --server URL --node` and paste
-    it, or pipe it in. Nodes joined so run every user's jobs, as an unprivileged user, so join them as root."""
+    it, or pipe it in. Nodes joined so run every user's jobs (with --team: only those teams'), as an unprivileged
+    user, so join them as root."""
     from .api import connect
 
     if not node:
         _err("error: say what the token is for: --node")
         raise typer.Exit(USAGE)
     labels = _labels(label)
-    r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name})
+    r = connect().post("/tokens", json={"ttl": _duration(ttl), "uses": uses or None, "labels": labels, "name": name,
+                                        "teams": list(team or [])})
     if as_json:
         print_json(r)
         return

@@ -37,13 +37,15 @@ def issue(store: Store, *, name: str, scope: str, owner: str, ttl: float | None 
 
 
 def issue_join(store: Store, *, creator: str, ttl: float | None, uses: int | None,
-               labels: dict[str, str] | None = None, name: str | None = None) -> tuple[ApiKey, str]:
+               labels: dict[str, str] | None = None, name: str | None = None,
+               teams: list[str] | None = None) -> tuple[ApiKey, str]:
     """A join token: registers up to `uses` nodes (None: any number) until `ttl` seconds from now."""
     secret = f"fml_j_{secrets.token_urlsafe(32)}"
     now = time.time()
     key = ApiKey(id="key-" + secrets.token_hex(8), name=name or f"join token by {creator}", scope="join",
                  owner=creator, hash=digest(secret), prefix=secret[:10], uses_left=uses,
-                 expires_at=now + ttl if ttl else None, labels=dict(labels or {}), created_at=now)
+                 expires_at=now + ttl if ttl else None, labels=dict(labels or {}), created_at=now,
+                 teams=list(teams or []))
     store.put_key(key)
     return key, secret
 

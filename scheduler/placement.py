@@ -146,6 +146,12 @@ def owner_allows(req: Request, c: Candidate) -> str | None:
     return None if owner is None or owner == req.owner else "are private to another user"
 
 
+def team_allows(req: Request, c: Candidate) -> str | None:
+    # A node joined with a token for some teams (`fedml scheduler token create --node --team T`) runs only theirs.
+    teams = c.node.teams
+    return None if not teams or req.team in teams else "are reserved for other teams"
+
+
 def labels_match(req: Request, c: Candidate) -> str | None:
     for k, v in req.labels:
         if c.node.labels.get(k) != v:
@@ -219,7 +225,7 @@ def scores(req: Request, c: Candidate) -> tuple[float, dict[str, float]]:
 
 
 # could this node ever?
-STATIC_FILTERS: list[Filter] = [owner_allows, has_runtime, labels_match, cost_cap, cpus_memory, gpus_exist]
+STATIC_FILTERS: list[Filter] = [owner_allows, team_allows, has_runtime, labels_match, cost_cap, cpus_memory, gpus_exist]
 PIPELINE: list[Filter] = [online, not_draining, *STATIC_FILTERS, gpus_free]
 
 

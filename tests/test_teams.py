@@ -137,3 +137,28 @@ def test_usage_and_the_run_tables_columns_from_the_cli(fedml, tmp_path) -> None:
     assert json.loads(fedml("team", "show", "ml", "--json").stdout)["quotas"] == {}
     bad = fedml("usage", "--since", "soon")
     assert bad.returncode == 2 and "--since" in bad.stderr and bad.stderr.count("\n") == 1, bad
+
+
+def test_a_node_joined_with_a_teams_token_runs_only_that_teams_runs(client: tuple[TestClient, dict[str, str]]) -> None:
+    c, k = client
+    admin = k["admin"]
+    for t in ("vision", "nlp"):
+        assert c.post(f"{API}/teams", json={"name": t}, headers=h(admin)).status_code == 201
+    assert c.post(f"{API}/tokens", json={"teams": ["nope"]}, headers=h(admin)).status_code == 404
+    token = c.post(f"{API}/tokens", json={"teams": ["vision"]}, headers=h(admin)).json()["secret"]
+    gpu = {"name": "NVIDIA A100 80GB PCIe", "memory_mb": 81920}
+    r = c.post(f"{API}/nodes/register", json={"name": "v1", "job_user": "fedml-job", "teams": ["nlp"],
+                                              "gpus": [{"index": 0, **gpu}]}, headers=h(token))
+    assert r.status_code == 200, r.text
+    node, node_key = r.json()["node"], r.json()["node_token"]
+    assert node["teams"] == ["vision"]  # the token's, not what the agent said
+    seer, reader = key(c, admin, "vera", team="vision"), key(c, admin, "nils", team="nlp")
+    job = {"job": {"job": "x", "computing": {"minimum_num_gpus": 1}}}
+    r = c.post(f"{API}/runs", json=job, headers=h(reader))  # the only GPU node is vision's: never for nlp
+    assert r.status_code == 422 and "is reserved for other teams" in r.json()["detail"], r.text
+    assert c.post(f"{API}/runs", json=job, headers=h(seer)).status_code == 201
+    nodes = c.get(f"{API}/nodes", headers=h(admin)).json()
+    assert [n["teams"] for n in nodes if n["name"] == "v1"] == [["vision"]]
+    back = c.post(f"{API}/nodes/register", json={"name": "v1", "job_user": "fedml-job", "gpus": [{"index": 0, **gpu}]},
+                  headers=h(node_key))  # its agent comes back with its node key: the teams stay
+    assert back.status_code == 200 and back.json()["node"]["teams"] == ["vision"], back.text

@@ -12,7 +12,7 @@ import json
 import re
 import time
 from enum import Enum
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -71,6 +71,9 @@ class InvalidTransition(Exception):
 def check_transition(run_id: str, current: RunStatus, wanted: RunStatus) -> None:
     if wanted not in TRANSITIONS[current]:
         raise InvalidTransition(run_id, current, wanted)
+
+
+TEAM_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"  # a team's name (docs/teams.md)
 
 
 class Spent(BaseModel):
@@ -353,6 +356,7 @@ class Node(NodeInfo):
     owner: str | None = None
     joined_by: str = ""  # who registered it (a user, "admin", or a join token's maker)
     enforced_labels: dict[str, str] = Field(default_factory=dict)  # from the join token: the agent cannot drop them
+    teams: list[str] = Field(default_factory=list)  # from the join token: only these teams' runs (empty: anyone's)
     peer_address: bool = False  # joined with a user key: reached where its requests come from, not where it says
     state: str = "ONLINE"  # ONLINE | OFFLINE
     draining: bool = False  # no new runs; running ones finish
@@ -504,6 +508,7 @@ class JoinTokenCreate(BaseModel):
     uses: int | None = Field(default=1, ge=1, le=1_000_000)  # None: any number until it expires
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
     name: str | None = Field(default=None, max_length=100)
+    teams: list[Annotated[str, Field(pattern=TEAM_NAME)]] = Field(default_factory=list, max_length=32)
 
 
 class StatusReport(BaseModel):
@@ -597,6 +602,7 @@ class ApiKey(BaseModel):
     expires_at: float | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     team: str | None = None  # user and admin keys: the team whose runs it launches (docs/teams.md)
+    teams: list[str] = Field(default_factory=list)  # join tokens: the teams whose runs their nodes take (empty: any)
 
 
 class Principal(BaseModel):
@@ -608,9 +614,6 @@ class Principal(BaseModel):
     @property
     def admin(self) -> bool:
         return self.scope == "admin"
-
-
-TEAM_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 
 
 class Team(BaseModel):

@@ -55,8 +55,11 @@ def revoke_key(ref: str, who: Principal = Depends(admin), c: Ctx = Depends(ctx))
 @router.post("/tokens", status_code=201)
 def create_token(body: JoinTokenCreate, who: Principal = Depends(admin), c: Ctx = Depends(ctx)) -> dict[str, object]:
     """A node join token (`fedml scheduler token create --node`): shown once, stored hashed."""
+    for team in body.teams:
+        if c.store.get_team(team) is None:
+            raise NotFound(f"no team {team} (make it with `fedml team create {team}`)")
     key, secret = keys.issue_join(c.store, creator=who.owner, ttl=body.ttl, uses=body.uses, labels=body.labels,
-                                  name=body.name)
+                                  name=body.name, teams=body.teams)
     return {"key": _public(key), "secret": secret}
 
 

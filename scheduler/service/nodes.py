@@ -41,6 +41,7 @@ class NodesMixin(SchedulerBase):
             node = Node(**info.model_dump(exclude={"name", "labels", "address"}), id=existing.id, name=existing.name,
                         labels={**_claimable(info.labels), **existing.enforced_labels},
                         enforced_labels=existing.enforced_labels, autostop_minutes=existing.autostop_minutes,
+                        teams=existing.teams,
                         autostop_agents=existing.autostop_agents,
                         address=(peer or existing.address) if existing.peer_address else info.address,
                         peer_address=existing.peer_address,
@@ -57,12 +58,14 @@ class NodesMixin(SchedulerBase):
                                 f"another --name, come back with that node's key, or have an admin remove it "
                                 f"first (`fedml node remove {info.name}`)")
         enforced: dict[str, str] = {}
+        teams: list[str] = []
         if who.scope == "join":
             try:
                 token = auth.use_join(self.store, who.key_id)
             except ValueError as exc:
                 raise Unauthenticated(str(exc)) from None
             enforced = dict(token.labels)
+            teams = list(token.teams)
         if who.scope == "user":
             owner: str | None = who.owner
         else:
@@ -72,6 +75,7 @@ class NodesMixin(SchedulerBase):
         address = (peer or info.address) if who.scope == "user" else info.address
         node = Node(**info.model_dump(exclude={"labels", "address"}), labels={**_claimable(info.labels), **enforced},
                     address=address, peer_address=who.scope == "user", enforced_labels=enforced, owner=owner, joined_by=who.owner,
+                    teams=teams,
                     id="node-" + secrets.token_hex(8), registered_at=now, last_seen=now)
         # The key first: a scheduler that dies between the two leaves an unused key, never a node that holds its
         # name with no key to come back with.
