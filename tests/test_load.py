@@ -101,3 +101,81 @@ def test_concurrent_launches_on_two_replicas_each_run_once(cluster: Replicas, tm
         assert lines == ["from the workspace", f"done {i}"], (i, lines)
     print(f"\n{RUNS} launches from {CLIENTS} clients accepted in {accepted:.1f} s "
           f"({RUNS / accepted:.0f}/s); all finished after {finished:.1f} s on {AGENTS} agents, 2 replicas")
+
+
+def test_concurrent_launches_of_two_teams_never_take_either_past_its_quota(cluster: Replicas) -> None:
+    """Issue 18: RUNS launches at once from two teams (quotas 7 and 9 of the 40 GPUs) through both replicas. The
+    store's count of each team's held GPUs, read atomically while the runs come and go, never passes the quota,
+    reaches it (the quota binds), and is 0 again when all have ended; every run ends FINISHED, each GPU held by one
+    run at a time."""
+    import redis
+
+    c = cluster
+    quotas = {"red": 7, "blue": 9}
+    keys = {}
+    for team, cap in quotas.items():
+        assert c.call("POST", "/teams", json={"name": team}).status_code == 201
+        assert c.call("PUT", f"/teams/{team}/quota", json={"gpus": {"any": cap}}).status_code == 200
+        r = c.call("POST", "/keys", params={"name": f"{team}-user", "team": team})
+        assert r.status_code == 201, r.text
+        keys[team] = r.json()["secret"]
+    job = {"computing": {"minimum_num_gpus": 1}, "job": "sleep 1"}
+
+    async def client(k: int, n: int) -> list[tuple[int, str]]:
+        team = "red" if k % 2 else "blue"
+        out = []
+        async with httpx.AsyncClient(base_url=c.server + "/api/v1", timeout=60,
+                                     headers={"Authorization": f"Bearer {keys[team]}"}) as http:
+            for i in range(n):
+                r = await http.post("/runs", json={"job": job, "name": f"q{k}-{i}"})
+                out.append((r.status_code, r.json()["id"] if r.status_code == 201 else r.text))
+        return out
+
+    async def all_clients() -> list[tuple[int, str]]:
+        shares = [RUNS // CLIENTS + (1 if k < RUNS % CLIENTS else 0) for k in range(CLIENTS)]
+        parts = await asyncio.gather(*(client(k, n) for k, n in enumerate(shares)))
+        return [x for part in parts for x in part]
+
+    url, prefix = c.url.split("?prefix=")
+    held = redis.Redis.from_url(url)
+    seen = {t: 0 for t in quotas}
+    stop = False
+
+    def watch() -> None:  # the store's own count, read in one step while launches and runs go on
+        while not stop:
+            for team in quotas:
+                n = int(held.hget(f"{prefix}quotaheld", f"{team}\tany") or 0)
+                assert n <= quotas[team], (team, n)
+                seen[team] = max(seen[team], n)
+            time.sleep(0.02)
+
+    import threading
+    errors: list[BaseException] = []
+    watcher = threading.Thread(target=lambda: _catch(watch, errors), daemon=True)
+    watcher.start()
+    try:
+        answers = asyncio.run(all_clients())
+        refused = [a for a in answers if a[0] != 201]
+        assert not refused, refused[:5]
+        ids = [a[1] for a in answers]
+        runs = c.wait_terminal(ids, timeout=max(180, RUNS * 1.0))
+    finally:
+        stop = True
+        watcher.join(timeout=5)
+    assert not errors, errors
+    assert seen == quotas, seen  # each team's quota bound, and was never passed
+    assert all(r["status"] == "FINISHED" for r in runs.values()), {r["status"] for r in runs.values()}
+    assert {t: int(held.hget(f"{prefix}quotaheld", f"{t}\tany") or 0) for t in quotas} == {"red": 0, "blue": 0}
+    by_gpu: dict[tuple[str, int], list[tuple[float, float]]] = collections.defaultdict(list)
+    for r in runs.values():
+        by_gpu[(r["node_id"], r["gpus"][0])].append((r["started_at"], r["ended_at"]))
+    for spans in by_gpu.values():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+
+
+def _catch(fn: object, errors: list[BaseException]) -> None:
+    try:
+        fn()  # type: ignore[operator]
+    except BaseException as exc:  # (reported by the test's thread)
+        errors.append(exc)
