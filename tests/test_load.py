@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from fedml_cli.pack import pack
 from scheduler.contract.transport import httpx
@@ -55,22 +57,9 @@ def test_concurrent_launches_on_two_replicas_each_run_once(cluster: Replicas, tm
            "job": f'echo "$FEDML_CURRENT_RUN_ID $CUDA_VISIBLE_DEVICES" >> {markers}\n'
                   'cat data.txt\necho "done $FEDML_CURRENT_RUN_ID"\n'}
 
-    async def client(k: int, n: int) -> list[tuple[int, str]]:
-        out = []
-        async with httpx.AsyncClient(base_url=c.server + "/api/v1", timeout=60,
-                                     headers={"Authorization": f"Bearer {c.admin}"}) as http:
-            for i in range(n):
-                r = await http.post("/runs", json={"job": job, "name": f"c{k}-{i}", "workspace_sha": packed.sha256})
-                out.append((r.status_code, r.json()["id"] if r.status_code == 201 else r.text))
-        return out
-
-    async def all_clients() -> list[tuple[int, str]]:
-        shares = [RUNS // CLIENTS + (1 if k < RUNS % CLIENTS else 0) for k in range(CLIENTS)]
-        parts = await asyncio.gather(*(client(k, n) for k, n in enumerate(shares)))
-        return [x for part in parts for x in part]
-
     t0 = time.monotonic()
-    answers = asyncio.run(all_clients())
+    answers = launch_all(c.server, lambda k: c.admin,
+                         lambda k, i: {"job": job, "name": f"c{k}-{i}", "workspace_sha": packed.sha256})
     accepted = time.monotonic() - t0
     refused = [a for a in answers if a[0] != 201]
     assert not refused, refused[:5]
@@ -88,13 +77,7 @@ def test_concurrent_launches_on_two_replicas_each_run_once(cluster: Replicas, tm
     assert set(ran) == set(ids), (len(ran), len(ids))
     twice = [i for i, k in ran.items() if k != 1]
     assert not twice, twice[:5]
-    # No GPU held by two runs at once: each (node, GPU)'s runs do not overlap in time.
-    by_gpu: dict[tuple[str, int], list[tuple[float, float]]] = collections.defaultdict(list)
-    for r in runs.values():
-        by_gpu[(r["node_id"], r["gpus"][0])].append((r["started_at"], r["ended_at"]))
-    for spans in by_gpu.values():
-        spans.sort()
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    held_once(runs)
     assert len({r["node_id"] for r in runs.values()}) == AGENTS  # every agent got work
     for i in ids:
         lines = [x["line"] for x in c.logs(i)]
@@ -108,8 +91,6 @@ def test_concurrent_launches_of_two_teams_never_take_either_past_its_quota(clust
     store's count of each team's held GPUs, read atomically while the runs come and go, never passes the quota,
     reaches it (the quota binds), and is 0 again when all have ended; every run ends FINISHED, each GPU held by one
     run at a time."""
-    import redis
-
     c = cluster
     quotas = {"red": 7, "blue": 9}
     keys = {}
@@ -120,21 +101,6 @@ def test_concurrent_launches_of_two_teams_never_take_either_past_its_quota(clust
         assert r.status_code == 201, r.text
         keys[team] = r.json()["secret"]
     job = {"computing": {"minimum_num_gpus": 1}, "job": "sleep 1"}
-
-    async def client(k: int, n: int) -> list[tuple[int, str]]:
-        team = "red" if k % 2 else "blue"
-        out = []
-        async with httpx.AsyncClient(base_url=c.server + "/api/v1", timeout=60,
-                                     headers={"Authorization": f"Bearer {keys[team]}"}) as http:
-            for i in range(n):
-                r = await http.post("/runs", json={"job": job, "name": f"q{k}-{i}"})
-                out.append((r.status_code, r.json()["id"] if r.status_code == 201 else r.text))
-        return out
-
-    async def all_clients() -> list[tuple[int, str]]:
-        shares = [RUNS // CLIENTS + (1 if k < RUNS % CLIENTS else 0) for k in range(CLIENTS)]
-        parts = await asyncio.gather(*(client(k, n) for k, n in enumerate(shares)))
-        return [x for part in parts for x in part]
 
     url, prefix = c.url.split("?prefix=")
     held = redis.Redis.from_url(url)
@@ -149,12 +115,12 @@ def test_concurrent_launches_of_two_teams_never_take_either_past_its_quota(clust
                 seen[team] = max(seen[team], n)
             time.sleep(0.02)
 
-    import threading
     errors: list[BaseException] = []
     watcher = threading.Thread(target=lambda: _catch(watch, errors), daemon=True)
     watcher.start()
     try:
-        answers = asyncio.run(all_clients())
+        answers = launch_all(c.server, lambda k: keys["red" if k % 2 else "blue"],
+                             lambda k, i: {"job": job, "name": f"q{k}-{i}"})
         refused = [a for a in answers if a[0] != 201]
         assert not refused, refused[:5]
         ids = [a[1] for a in answers]
@@ -166,12 +132,7 @@ def test_concurrent_launches_of_two_teams_never_take_either_past_its_quota(clust
     assert seen == quotas, seen  # each team's quota bound, and was never passed
     assert all(r["status"] == "FINISHED" for r in runs.values()), {r["status"] for r in runs.values()}
     assert {t: int(held.hget(f"{prefix}quotaheld", f"{t}\tany") or 0) for t in quotas} == {"red": 0, "blue": 0}
-    by_gpu: dict[tuple[str, int], list[tuple[float, float]]] = collections.defaultdict(list)
-    for r in runs.values():
-        by_gpu[(r["node_id"], r["gpus"][0])].append((r["started_at"], r["ended_at"]))
-    for spans in by_gpu.values():
-        spans.sort()
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    held_once(runs)
 
 
 def _catch(fn: object, errors: list[BaseException]) -> None:
@@ -179,3 +140,35 @@ def _catch(fn: object, errors: list[BaseException]) -> None:
         fn()  # type: ignore[operator]
     except BaseException as exc:  # (reported by the test's thread)
         errors.append(exc)
+
+
+def launch_all(server: str, key_of: Callable[[int], str], body_of: Callable[[int, int], dict[str, object]]
+               ) -> list[tuple[int, str]]:
+    """RUNS launches at once from CLIENTS clients (client k with key_of(k), its i-th body body_of(k, i)): each
+    (status, the run's id or the refusal)."""
+
+    async def client(k: int, n: int) -> list[tuple[int, str]]:
+        out = []
+        async with httpx.AsyncClient(base_url=server + "/api/v1", timeout=60,
+                                     headers={"Authorization": f"Bearer {key_of(k)}"}) as http:
+            for i in range(n):
+                r = await http.post("/runs", json=body_of(k, i))
+                out.append((r.status_code, r.json()["id"] if r.status_code == 201 else r.text))
+        return out
+
+    async def all_clients() -> list[tuple[int, str]]:
+        shares = [RUNS // CLIENTS + (1 if k < RUNS % CLIENTS else 0) for k in range(CLIENTS)]
+        parts = await asyncio.gather(*(client(k, n) for k, n in enumerate(shares)))
+        return [x for part in parts for x in part]
+
+    return asyncio.run(all_clients())
+
+
+def held_once(runs: dict[str, dict[str, object]]) -> None:
+    """No GPU held by two runs at once: each (node, GPU)'s runs do not overlap in time."""
+    by_gpu: dict[tuple[object, object], list[tuple[float, float]]] = collections.defaultdict(list)
+    for r in runs.values():
+        by_gpu[(r["node_id"], r["gpus"][0])].append((r["started_at"], r["ended_at"]))  # type: ignore[index]
+    for spans in by_gpu.values():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import access
 from ..contract.errors import Conflict, Invalid
-from ..contract.models import Principal, Team, TeamBudget, TeamCreate, TeamNotify, TeamQuota
+from ..contract.models import Principal, Run, Team, TeamBudget, TeamCreate, TeamNotify, TeamQuota
 from ..store import NotFound
 from .core import ACTIVE, SchedulerBase
 
@@ -121,24 +122,14 @@ class TeamsMixin(SchedulerBase):
         start = now - 5 * half  # (older use weighs under 1/32: left out)
         by_team: dict[str, float] = {}
         by_user: dict[tuple[str, str], float] = {}
-        before = None
-        for _ in range(self.USAGE_SCAN // 2000):
-            page = self.store.list_runs(limit=2000, before=before)
-            for r in page:
-                if r.created_at < start:  # (a run created before is left out, even if it still runs)
-                    break
-                spent = r.spend(now).gpu_seconds
-                if not spent:
-                    continue
-                used = spent * 0.5 ** (max(0.0, now - (r.ended_at or now)) / half)
-                team = r.team or ""
-                by_team[team] = by_team.get(team, 0.0) + used
-                by_user[(team, r.owner)] = by_user.get((team, r.owner), 0.0) + used
-            else:
-                if len(page) == 2000:
-                    before = (page[-1].created_at, page[-1].id)
-                    continue
-            break
+        for r in Recent(self.store, start, self.USAGE_SCAN):  # (a run created before is left out, even if it runs)
+            spent = r.spend(now).gpu_seconds
+            if not spent:
+                continue
+            used = spent * 0.5 ** (max(0.0, now - (r.ended_at or now)) / half)
+            team = r.team or ""
+            by_team[team] = by_team.get(team, 0.0) + used
+            by_user[(team, r.owner)] = by_user.get((team, r.owner), 0.0) + used
         factors = {t: u / (teams[t].shares if t in teams else 1) for t, u in by_team.items()}
         self._fair = (now, (factors, by_user))
         return factors, by_user
@@ -155,20 +146,9 @@ class TeamsMixin(SchedulerBase):
             budgeted = {t.name: t.period_start(now) for t in self.store.list_teams() if t.budget is not None}
             spent = dict.fromkeys(budgeted, 0.0)
             if budgeted:
-                start = min(budgeted.values())
-                before = None
-                for _ in range(self.USAGE_SCAN // 2000):
-                    page = self.store.list_runs(limit=2000, before=before)
-                    for r in page:
-                        if r.created_at < start:
-                            break
-                        if r.team in budgeted and r.created_at >= budgeted[r.team]:
-                            spent[r.team] += r.spend(now).cost
-                    else:
-                        if len(page) == 2000:
-                            before = (page[-1].created_at, page[-1].id)
-                            continue
-                    break
+                for r in Recent(self.store, min(budgeted.values()), self.USAGE_SCAN):
+                    if r.team in budgeted and r.created_at >= budgeted[r.team]:
+                        spent[r.team] += r.spend(now).cost
             self._spent, self._spent_at = spent, now
         return self._spent.get(team.name, 0.0)
 
@@ -179,7 +159,6 @@ class TeamsMixin(SchedulerBase):
             team = self.store.put_team(team.model_copy(update={"notify": body.notify}))
         self._teams.pop(name, None)
         return team
-
 
     USAGE_SCAN = 200_000  # runs a usage report reads at most (it says when it stopped there)
 
@@ -193,29 +172,19 @@ class TeamsMixin(SchedulerBase):
         now = time.time()
         start = now - since
         rows: dict[str, dict[str, Any]] = {}
-        scanned, before, complete = 0, None, True
-        while True:
-            page = self.store.list_runs(owner=owner, limit=2000, before=before)
-            for r in page:
-                if r.created_at < start:
-                    break
-                if team is not None and r.team != team:
-                    continue
-                spent = r.spend(now)
-                key = {"team": r.team or "-", "user": r.owner, "run": r.id}[by]
-                row = rows.setdefault(key, {by: key, "runs": 0, "gpu_seconds": 0.0, "cost": 0.0})
-                if by == "run":
-                    row.update(name=r.name, owner=r.owner, team=r.team, status=r.status.value)
-                row["runs"] += 1
-                row["gpu_seconds"] += spent.gpu_seconds
-                row["cost"] += spent.cost
-            else:
-                scanned += len(page)
-                if len(page) == 2000 and scanned < self.USAGE_SCAN:
-                    before = (page[-1].created_at, page[-1].id)
-                    continue
-                complete = len(page) < 2000
-            break
+        recent = Recent(self.store, start, self.USAGE_SCAN, owner)
+        for r in recent:
+            if team is not None and r.team != team:
+                continue
+            spent = r.spend(now)
+            key = {"team": r.team or "-", "user": r.owner, "run": r.id}[by]
+            row = rows.setdefault(key, {by: key, "runs": 0, "gpu_seconds": 0.0, "cost": 0.0})
+            if by == "run":
+                row.update(name=r.name, owner=r.owner, team=r.team, status=r.status.value)
+            row["runs"] += 1
+            row["gpu_seconds"] += spent.gpu_seconds
+            row["cost"] += spent.cost
+        complete = recent.complete
         out = sorted(rows.values(), key=lambda x: -x["gpu_seconds"])
         for row in out:
             row["gpu_hours"] = round(row["gpu_seconds"] / 3600, 4)
@@ -224,6 +193,33 @@ class TeamsMixin(SchedulerBase):
         return {"by": by, "since": start, "until": now, "rows": out, "complete": complete,
                 "total": {"runs": sum(x["runs"] for x in out), "gpu_hours": round(sum(x["gpu_seconds"] for x in out) / 3600, 4),
                           "cost": round(sum(x["cost"] for x in out), 4)}}
+
+class Recent:
+    """The runs created since `start` (of `owner`, if given), newest first, read 2,000 at a time and `most` at
+    most: `complete` says, once iterated, whether that was all of them."""
+
+    PAGE = 2000
+
+    def __init__(self, store: Any, start: float, most: int, owner: str | None = None) -> None:
+        self.store, self.start, self.most, self.owner = store, start, most, owner
+        self.complete = True
+
+    def __iter__(self) -> Iterator[Run]:
+        before, scanned = None, 0
+        while True:
+            page = self.store.list_runs(owner=self.owner, limit=self.PAGE, before=before)
+            for r in page:
+                if r.created_at < self.start:
+                    return
+                yield r
+            scanned += len(page)
+            if len(page) < self.PAGE:
+                return
+            if scanned >= self.most:
+                self.complete = False
+                return
+            before = (page[-1].created_at, page[-1].id)
+
 
 def _shown(team: Team, who: Principal) -> Team:
     """The team as `who` may see it: a webhook URL's query and fragment (where receivers keep tokens) are an
