@@ -262,7 +262,10 @@ class Agent:
                         w.start()
                 for rid in resp.stop:
                     if rid in self.workers:
-                        self.workers[rid].request_stop()
+                        if rid in resp.grace:  # preempted: the job's own grace to save a checkpoint
+                            self.workers[rid].request_stop("preempted", grace=resp.grace[rid])
+                        else:
+                            self.workers[rid].request_stop()
                 for rid, n in resp.scale.items():
                     if rid in self.workers:
                         self.workers[rid].desired = n

@@ -63,11 +63,12 @@ class RunWorker(threading.Thread):
         self._replicas_mtime = 0
         self._replicas_checked = 0.0
 
-    def request_stop(self, reason: str = "stopped by user") -> None:
+    def request_stop(self, reason: str = "stopped by user", grace: float | None = None) -> None:
+        """Stop the job: SIGTERM, then `grace` seconds (default: the agent's --stop-grace), then SIGKILL."""
         if not self.stop_event.is_set() and not self.finishing:
             self.stop_reason = reason
+            self._save(stop_requested=True, **({} if grace is None else {"stop_grace": grace}))
             self.stop_event.set()
-            self._save(stop_requested=True)
 
     def _save(self, **fields: Any) -> None:
         self.saved.update(fields)
@@ -130,6 +131,7 @@ class RunWorker(threading.Thread):
                     return
             a = self.assignment
             (self.job_dir / "artifacts").mkdir(exist_ok=True)
+            self._resume_artifacts(run, a.rank)
             user = self.agent.job_user
             env = run_env(run_id=run.id, spec=spec, node_id=self.agent.node_id, rank=a.rank, num_nodes=a.num_nodes,
                           node0_addr=a.node0_addr, node0_port=a.node0_port, gpus=a.gpus, overrides=run.env,
@@ -158,6 +160,26 @@ class RunWorker(threading.Thread):
             self._guard()
             self._report_running()
         self._follow()
+
+    def _resume_artifacts(self, run: Any, rank: int) -> None:
+        """A later attempt (retried, or requeued after a preemption) starts with what this rank left in
+        FEDML_ARTIFACT_DIR in the latest attempt before it that kept any: a job resumes from its checkpoint there
+        (docs/teams.md). Unpacked like a workspace (no link followed, sizes bounded); an archive that cannot be
+        fetched or unpacked leaves the directory empty, and the job starts afresh."""
+        earlier = [x for x in run.artifacts if x.rank == rank and x.attempt < run.attempt]
+        if not earlier:
+            return
+        last = max(earlier, key=lambda x: x.attempt)
+        dest = self.job_dir / "artifacts"
+        try:
+            unpack(self.agent.blob(last.sha256), dest)
+            log.info("run %s rank %d: attempt %d starts with attempt %d's artifacts", self.run_id, rank,
+                     run.attempt, last.attempt)
+        except (UnsafeArchive, Refused, Unreachable, OSError) as exc:
+            log.warning("run %s rank %d: attempt %d's artifacts not restored (%s); it starts without them",
+                        self.run_id, rank, last.attempt, exc)
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
 
     def _guard(self) -> None:
         """Make sure a lease guard (runtime/fence.py) watches this attempt: it kills the job if this agent stops
@@ -263,7 +285,9 @@ class RunWorker(threading.Thread):
             if deadline and time.time() > deadline and not self.stop_event.is_set():
                 self.request_stop(f"exceeded max_duration ({self.saved['max_duration']:.0f} s)")
             if self.stop_event.is_set() and stopper is None:
-                stopper = threading.Thread(target=h.stop, args=(self.agent.stop_grace,), daemon=True)
+                grace = self.saved.get("stop_grace")
+                grace = float(grace) if isinstance(grace, int | float) else self.agent.stop_grace
+                stopper = threading.Thread(target=h.stop, args=(grace,), daemon=True)
                 stopper.start()
             status = h.poll()
             try:

@@ -13,7 +13,7 @@ from .errors import FAILED, OK
 from .output import err, print_json
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST")
+STATUSES = ("QUEUED", "STARTING", "RUNNING", "FINISHED", "FAILED", "KILLED", "LOST", "PREEMPTED")
 
 
 def _ago(ts: float | None) -> str:
@@ -92,7 +92,7 @@ def _console() -> Any:
 
 def _styled(status: str) -> str:
     color = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "LOST": "red", "RUNNING": "cyan",
-             "STARTING": "cyan", "QUEUED": "blue"}.get(status, "white")
+             "STARTING": "cyan", "QUEUED": "blue", "PREEMPTED": "magenta"}.get(status, "white")
     return f"[{color}]{status}[/{color}]"
 
 

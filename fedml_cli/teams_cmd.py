@@ -62,7 +62,11 @@ def team_show(name: TeamArg, as_json: JsonOpt = False) -> None:
            f"now        {t['active_runs']} active run(s) holding {t['gpus_held']} GPU(s)"
            + (f" ({', '.join(t['users'])})" if t["users"] else "")]
     for kind, cap in (t.get("quotas") or {}).items():
-        out.append(f"quota      {kind}: {(t.get('quota_held') or {}).get(kind, 0)} of {cap} GPUs held")
+        held = (t.get("quota_held") or {}).get(kind, 0)
+        borrowed = f" ({held - cap} borrowed)" if held > cap else ""
+        out.append(f"quota      {kind}: {held} of {cap} GPUs held{borrowed}")
+    if t.get("quotas") and (limits := _limits(t)):
+        out.append(f"borrowing  {limits[2:]}")
     if t.get("budget") is not None:
         out.append(f"budget     {t['budget_spent']:.2f} of {t['budget']:g} spent this {t['budget_period']}")
     for n in t.get("notify") or []:
@@ -77,28 +81,54 @@ def team_quota(
     name: TeamArg,
     gpus: Annotated[list[str] | None, typer.Option("--gpus", metavar="TYPE:N", help='GPUs its runs may hold at once, '
                                                    'of a type (A100-80G:8) or of any type (any:4); repeat.')] = None,
+    borrow_limit: Annotated[int | None, typer.Option(
+        "--borrow-limit", min=0, metavar="N", help="GPUs over each quota its runs may borrow from other teams' idle "
+        "quota of the same name (reclaimed by preemption when they need it). Default 0: none.")] = None,
+    lend_limit: Annotated[int | None, typer.Option(
+        "--lend-limit", min=-1, metavar="N", help="GPUs of each of its idle quotas other teams may borrow (-1: all of "
+        "it, the default).")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="No quota: its runs are limited by the GPUs alone.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Set a team's GPU quotas (admin): a run of the team waits ("holds its quota") while placing it would hold
-    more; a run asking for more than the quota is refused at launch. A GPU job is charged to its resource_type's
-    quota if the team has one, else to "any"."""
+    more; a run asking for more than the quota (and what it may borrow) is refused at launch. A GPU job is charged
+    to its resource_type's quota if the team has one, else to "any". With --borrow-limit, its preemptible runs may
+    use other teams' idle quota; they are preempted when those teams need it back (docs/teams.md)."""
     from .api import connect
 
-    if clear == bool(gpus):
-        raise CliError("give --gpus TYPE:N (one or more) or --clear", USAGE)
-    quotas: dict[str, int] = {}
-    for item in gpus or []:
-        kind, _, n = item.rpartition(":")
-        if not kind or not n.isdigit():
-            raise CliError(f"--gpus: TYPE:N, such as A100-80G:8 or any:4, got {item!r}", USAGE)
-        quotas[kind] = int(n)
-    team = connect().put(f"/teams/{name}/quota", json={"gpus": quotas})
+    if clear and gpus:
+        raise CliError("give --gpus TYPE:N (one or more) or --clear, not both", USAGE)
+    if not (clear or gpus or borrow_limit is not None or lend_limit is not None):
+        raise CliError("give --gpus TYPE:N (one or more), --clear, --borrow-limit N or --lend-limit N", USAGE)
+    body: dict[str, object] = {}
+    if gpus or clear:
+        quotas: dict[str, int] = {}
+        for item in gpus or []:
+            kind, _, n = item.rpartition(":")
+            if not kind or not n.isdigit():
+                raise CliError(f"--gpus: TYPE:N, such as A100-80G:8 or any:4, got {item!r}", USAGE)
+            quotas[kind] = int(n)
+        body["gpus"] = quotas
+    if borrow_limit is not None:
+        body["borrow_limit"] = borrow_limit
+    if lend_limit is not None:
+        body["lend_limit"] = lend_limit
+    team = connect().put(f"/teams/{name}/quota", json=body)
     if as_json:
         print_json(team)
         return
     said = ", ".join(f"{k}: {v}" for k, v in team["quotas"].items()) or "none"
-    _err(f"Team {name}: GPU quotas {said}.")
+    _err(f"Team {name}: GPU quotas {said}{_limits(team)}.")
+
+
+def _limits(t: dict[str, object]) -> str:
+    """"; borrows up to 4, lends 2" (what differs from the defaults)."""
+    out = []
+    if t.get("borrow_limit"):
+        out.append(f"borrows up to {t['borrow_limit']} over each")
+    if t.get("lend_limit") is not None:
+        out.append(f"lends at most {t['lend_limit']} of each")
+    return "; " + ", ".join(out) if out else ""
 
 
 @team_app.command("budget")

@@ -23,6 +23,10 @@ import psutil
 from .base import ExitStatus, Handle, LaunchSpec, Runtime, read_job_file, substitute
 
 WRAPPER = r"""# written by the fedml agent; runs bootstrap then job with `set -e` semantics
+# A stop signals the whole group: the wrapper outlives its child (which gets the signal too, and may take its
+# grace to save a checkpoint), since the agent kills what is left of the group once the wrapper is gone. (A
+# handler, not an ignore: children start with it reset to the default, and can trap it themselves.)
+trap ':' TERM INT
 cd "$FEDML_WORKSPACE_DIR" || exit 1
 if [ -s "$FEDML_RUN_DIR/bootstrap.sh" ]; then
     bash -e "$FEDML_RUN_DIR/bootstrap.sh"

@@ -6,6 +6,9 @@ answer with one store write (so a scheduler that dies between two writes cannot 
   rest, down to its min_clients); when the server ends, the clients are stopped.
 - A failed or lost attempt is retried (QUEUED again, attempt + 1) when `retry.on` names why and attempts are left;
   else the run FAILED. A stop that was asked for ends KILLED; otherwise every rank finished: FINISHED.
+- A PREEMPTED run whose ranks have all stopped is QUEUED again as its next attempt (not counted against
+  `retry.max_attempts`: it did nothing wrong), unless a stop was asked meanwhile (KILLED) or every rank finished
+  before the stop reached it (FINISHED).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ def decide(run: Run, spec: JobSpec, placements: list[Placement]) -> Outcome:
             return Outcome(RunStatus.RUNNING, fields)
         return Outcome(None, fields)
     deciding = ps[:1] if federation else ps
+    if run.status == RunStatus.PREEMPTED and run.preempted is not None:
+        if all(p.status == RunStatus.FINISHED for p in deciding):
+            return Outcome(RunStatus.FINISHED, {"placements": ps, "exit_code": 0, "reason": None, "preempted": None})
+        if run.preempted.requeue:
+            return _requeue(run, ps, run.preempted.text(), preempted_by=run.preempted.by,
+                            why=f"{run.preempted.text()}; requeued as attempt {run.attempt + 1}")
+        return Outcome(RunStatus.KILLED, {"placements": ps, "reason": run.reason, "preempted": None})
     failed = [p for p in deciding if p.status == RunStatus.FAILED]
     lost = [p for p in deciding if p.status == RunStatus.LOST]
     if failed:
@@ -73,10 +83,16 @@ def decide(run: Run, spec: JobSpec, placements: list[Placement]) -> Outcome:
 
 def _retry(run: Run, spec: JobSpec, ps: list[Placement], why: str) -> Outcome:
     n = run.attempt + 1
-    done = AttemptRecord(attempt=run.attempt, placements=ps, reason=why, started_at=run.started_at)
+    return _requeue(run, ps, why, why=f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})")
+
+
+def _requeue(run: Run, ps: list[Placement], ended: str, *, why: str, preempted_by: str | None = None) -> Outcome:
+    """QUEUED again as the next attempt; the one that ended (`ended`: why) is kept in `attempts`."""
+    done = AttemptRecord(attempt=run.attempt, placements=ps, reason=ended, started_at=run.started_at,
+                         preempted_by=preempted_by)
     gpu_s, cost = run.attempt_spent(done.ended_at)  # (what this attempt used is kept: attempts are dropped)
     return Outcome(RunStatus.QUEUED, {
         "gpu_seconds_done": run.gpu_seconds_done + gpu_s, "cost_done": run.cost_done + cost,
-        "placements": [], "scores": [], "attempt": n, "stop_requested": False, "exit_code": None, "master_port": None,
-        "started_at": None, "attempts": [*run.attempts, done][-KEEP_ATTEMPTS:],
-        "reason": f"{why}; retrying (attempt {n} of {spec.retry.max_attempts})"})
+        "placements": [], "scores": [], "attempt": run.attempt + 1, "stop_requested": False, "exit_code": None,
+        "master_port": None, "started_at": None, "attempts": [*run.attempts, done][-KEEP_ATTEMPTS:],
+        "preempted": None, "reason": why})

@@ -33,6 +33,7 @@ class Request:
     cpus: float = 0.0  # computing.cpus / memory_gb: the node must have at least this much (0: any)
     memory_mb: int = 0
     team: str | None = None  # whose quota it is charged to (runs of different teams are different shapes)
+    preemptible: bool = True  # the job's `preemptible` (only those may use GPUs borrowed from other teams)
 
     @classmethod
     def of(cls, spec: JobSpec, owner: str | None = None, team: str | None = None) -> Request:
@@ -52,6 +53,7 @@ class Request:
             cpus=float(c.cpus or 0.0),
             memory_mb=int((c.memory_gb or 0) * 1024),
             team=team,
+            preemptible=spec.preemptible,
         )
 
     def shortfall(self) -> str:

@@ -53,9 +53,10 @@ class Cluster:
     def agents(self) -> Fedml:
         return Fedml(self.base / "agents")
 
-    def fedml(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def fedml(self, *args: str, timeout: float = 60, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        """`fedml ARGS` as a client of the head (the admin key, or `key`)."""
         return Fedml(self.base / "client")(*args, timeout=timeout,
-                                           env={"FEDML_SERVER": self.url, "FEDML_API_KEY": self.admin})
+                                           env={"FEDML_SERVER": self.url, "FEDML_API_KEY": key or self.admin})
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return Fedml(self.base / "client").popen(*args, env={"FEDML_SERVER": self.url, "FEDML_API_KEY": self.admin})
@@ -80,7 +81,9 @@ class Cluster:
 
 
 def start_cluster(tmp_path: Path, names: tuple[str, ...], *, torch: bool = True,
-                  heartbeat: float = 1.0, agent_env: dict[str, str] | None = None) -> Iterator[Cluster]:
+                  heartbeat: float = 1.0, agent_env: dict[str, str] | None = None,
+                  node_args: dict[str, list[str]] | None = None) -> Iterator[Cluster]:
+    """`node_args`: more `fedml login` options per node name (e.g. ["--gpus", "A100-80G:1"])."""
     if torch:
         needs("torch", all(importlib.util.find_spec(m) for m in ("torch", "sklearn")),
               f"torch and scikit-learn must be importable by {sys.executable} (the jobs' python3)")
@@ -95,7 +98,8 @@ def start_cluster(tmp_path: Path, names: tuple[str, ...], *, torch: bool = True,
         c.admin = wait_for("the admin key in $FEDML_HOME/local/token",
                            lambda: token.exists() and token.read_text().strip(), timeout=10)
         env = c.agents.env({"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), **(agent_env or {})})
-        logins = {name: subprocess.Popen([FEDML, "login", c.admin, "--server", c.url, "--node", "--name", name],
+        logins = {name: subprocess.Popen([FEDML, "login", c.admin, "--server", c.url, "--node", "--name", name,
+                                          *(node_args or {}).get(name, [])],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                          stdin=subprocess.DEVNULL) for name in names}
         for name, p in logins.items():

@@ -1089,6 +1089,37 @@ def test_a_placement_past_its_teams_quota_is_refused_and_ended_runs_give_theirs_
     b.transition(runs[3], RunStatus.RUNNING)  # (no limit given: not checked)
 
 
+def test_a_preempted_run_holds_its_gpus_and_quota_until_it_is_requeued(pair: tuple[Store, Store]) -> None:
+    """PREEMPTED (docs/teams.md): the run still holds its GPUs and its quota while its ranks stop; QUEUED again
+    (its next attempt) it holds neither, and another run may take them."""
+    from scheduler.contract.models import Preemption
+    from scheduler.store import QuotaFull
+
+    a, b = pair
+    key = "ml\tany"
+    victim, other = "run-p0", "run-p1"
+    for i, rid in enumerate((victim, other)):
+        a.create_run(Run(id=rid, name="p", job={"job": "x"}, created_at=float(i)))
+    a.transition(victim, RunStatus.STARTING, quota_limit=1, quota_key=key,
+                 placements=[Placement(rank=0, node_id="n1", gpus=[0])])
+    a.transition(victim, RunStatus.RUNNING)
+    got = b.transition(victim, RunStatus.PREEMPTED, stop_requested=True,
+                       preempted=Preemption(by=other, owner="bob", why="priority 1 over 0 in team ml"))
+    assert got.preempted is not None and got.preempted.by == other and got.gpu_claims() == {("n1", 0)}
+    with pytest.raises(GpuBusy):
+        a.transition(other, RunStatus.STARTING, placements=[Placement(rank=0, node_id="n1", gpus=[0])])
+    with pytest.raises(QuotaFull):
+        a.transition(other, RunStatus.STARTING, quota_limit=1, quota_key=key,
+                     placements=[Placement(rank=0, node_id="n1", gpus=[1])])
+    with pytest.raises(InvalidTransition):
+        b.transition(victim, RunStatus.RUNNING)  # (preempted: only stopping is left to it)
+    b.transition(victim, RunStatus.QUEUED, attempt=2, placements=[], preempted=None, stop_requested=False)
+    placed = a.transition(other, RunStatus.STARTING, quota_limit=1, quota_key=key,
+                          placements=[Placement(rank=0, node_id="n1", gpus=[0])])
+    assert placed.gpu_claims() == {("n1", 0)}
+    assert [r.id for r in b.list_runs(status=[RunStatus.PREEMPTED], limit=10)] == []
+
+
 def test_two_replicas_racing_never_take_a_team_past_its_quota(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 18: with no pass lock, two replicas placing two teams' queues at once from the same stale view keep
     each team within its quota (the store counts and refuses), and every GPU is held once."""

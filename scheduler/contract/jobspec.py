@@ -165,6 +165,20 @@ class UtilizationPolicy(_Model):
         return parse_duration(v)
 
 
+class PreemptionSpec(_Model):
+    """How the run is stopped when a run that outranks it needs its GPUs (docs/teams.md: preemption): SIGTERM,
+    then `grace` seconds (a duration: "60s", "2m") to save a checkpoint in FEDML_ARTIFACT_DIR, then SIGKILL."""
+
+    grace: float = Field(default=30.0, ge=0, le=3600)
+
+    @field_validator("grace", mode="before")
+    @classmethod
+    def _grace(cls, v: Any) -> Any:
+        if v in (0, "0", "0s"):
+            return 0.0
+        return parse_duration(v)
+
+
 class RetrySpec(_Model):
     max_attempts: int = Field(default=1, ge=1, le=100)
     on: list[Literal["lost", "error"]] = Field(default_factory=lambda: ["lost"])
@@ -301,6 +315,11 @@ class JobSpec(_Model):
     priority: int = Field(default=0, ge=-1000, le=1000)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     max_duration: float | None = None
+    # Preemption (docs/teams.md): whether a run that outranks it may stop it and take its GPUs (it is then
+    # requeued as its next attempt), and how long it gets to stop. `preemptible: false` runs are never stopped
+    # that way, and so never use GPUs borrowed from another team's quota.
+    preemptible: bool = True
+    preemption: PreemptionSpec = Field(default_factory=PreemptionSpec)
     envs: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     service: ServiceSpec | None = None

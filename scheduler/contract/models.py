@@ -38,6 +38,9 @@ class RunStatus(str, Enum):
     FAILED = "FAILED"
     KILLED = "KILLED"
     LOST = "LOST"
+    # Being stopped for a run that outranks it (docs/teams.md: preemption): its GPUs are held until its ranks
+    # have stopped (SIGTERM, then the job's grace); then it is QUEUED again as its next attempt.
+    PREEMPTED = "PREEMPTED"
 
     @property
     def terminal(self) -> bool:
@@ -45,16 +48,20 @@ class RunStatus(str, Enum):
 
 
 TERMINAL = frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED})
-UNSETTLED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST)  # not ended yet
+UNSETTLED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.LOST,
+             RunStatus.PREEMPTED)  # not ended yet
 
 # The run state machine, in one place. LOST (node vanished) goes back to QUEUED when the retry policy allows.
 TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.QUEUED: frozenset({RunStatus.STARTING, RunStatus.KILLED, RunStatus.FAILED}),
     RunStatus.STARTING: frozenset({RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED,
-                                   RunStatus.LOST, RunStatus.QUEUED}),
+                                   RunStatus.LOST, RunStatus.QUEUED, RunStatus.PREEMPTED}),
     # RUNNING -> QUEUED: a failed attempt retried (retry.on: [error]).
     RunStatus.RUNNING: frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.LOST,
-                                  RunStatus.QUEUED}),
+                                  RunStatus.QUEUED, RunStatus.PREEMPTED}),
+    # PREEMPTED -> QUEUED once its ranks have stopped (the next attempt); KILLED when a stop was asked meanwhile;
+    # FINISHED or FAILED when its ranks ended that way before the stop reached them.
+    RunStatus.PREEMPTED: frozenset({RunStatus.QUEUED, RunStatus.KILLED, RunStatus.FINISHED, RunStatus.FAILED}),
     RunStatus.LOST: frozenset({RunStatus.QUEUED, RunStatus.FAILED, RunStatus.KILLED}),
     RunStatus.FINISHED: frozenset(),
     RunStatus.FAILED: frozenset(),
@@ -81,6 +88,22 @@ class Spent(BaseModel):
 
     gpu_seconds: float = 0.0
     cost: float = 0.0
+
+
+class Preemption(BaseModel):
+    """Why a run is PREEMPTED: the run it makes room for, whose it is, and why that run outranks it."""
+
+    by: str  # the run it makes room for
+    owner: str
+    team: str | None = None
+    why: str  # "priority 10 over 0 in team vision", "team vision reclaims its quota of 4 A100 GPUs"
+    grace: float = 30.0  # seconds its ranks get between SIGTERM and SIGKILL (the job's preemption.grace)
+    requeue: bool = True  # False: a stop was asked while it was being preempted (it ends KILLED)
+    at: float = Field(default_factory=time.time)
+
+    def text(self) -> str:
+        return f"preempted by {self.by} of {self.owner}" + (f" (team {self.team})" if self.team else "") + \
+            f": {self.why}"
 
 
 class Placement(BaseModel):
@@ -177,6 +200,7 @@ class AttemptRecord(BaseModel):
     reason: str | None = None
     started_at: float | None = None
     ended_at: float = Field(default_factory=time.time)
+    preempted_by: str | None = None  # the run it was stopped for (PREEMPTED), if that is how it ended
 
 
 class Dependency(BaseModel):
@@ -232,6 +256,7 @@ class Run(BaseModel):
     exit_code: int | None = None
     reason: str | None = None
     stop_requested: bool = False
+    preempted: Preemption | None = None  # while PREEMPTED: for which run, and why
     after: list[Dependency] = Field(default_factory=list)  # runs it waits for (Dependency)
     sweep: SweepPoint | None = None  # the sweep it is a point of
     mounts: list[Mount] = Field(default_factory=list)  # storage objects unpacked into its workspace
@@ -571,6 +596,7 @@ class Assignment(BaseModel):
 class PollResponse(BaseModel):
     start: list[Assignment] = Field(default_factory=list)
     stop: list[str] = Field(default_factory=list)  # attempt refs
+    grace: dict[str, float] = Field(default_factory=dict)  # ref -> seconds between SIGTERM and SIGKILL (preemptions)
     scale: dict[str, int] = Field(default_factory=dict)  # attempt ref of an endpoint -> replicas wanted
     heartbeat_interval: float = 5.0
     # Seconds the node's lease lasts from when this poll was sent: the agent's guards kill its jobs once it runs
@@ -624,8 +650,13 @@ class Team(BaseModel):
     shares: int = Field(default=1, ge=1, le=1_000_000)  # its weight among teams (fair share)
     notify: list[NotifyTarget] = Field(default_factory=list, max_length=8)
     # GPUs its runs may hold at once, per GPU type ("A100-80G") or "any" (every GPU job not charged to a type of
-    # its own): a cap until borrowing and preemption come (docs/teams.md)
+    # its own): its nominal quota (docs/teams.md)
     quotas: dict[str, int] = Field(default_factory=dict, max_length=32)
+    # Per quota: how many GPUs over it the team may borrow from other teams' idle quota of the same GPU type
+    # (borrowed GPUs are reclaimed by preemption when their team needs them), and how many of its own idle quota
+    # it lends (None: all of it). Kueue's borrowingLimit and lendingLimit.
+    borrow_limit: int = Field(default=0, ge=0, le=1_000_000)
+    lend_limit: int | None = Field(default=None, ge=0, le=1_000_000)
     # Money its runs may cost per period (node price x GPUs x time, runs created in the period): once spent, its
     # runs wait until the next period (docs/teams.md). None: no budget.
     budget: float | None = Field(default=None, ge=0)
@@ -655,12 +686,15 @@ class TeamCreate(BaseModel):
 
 
 class TeamQuota(BaseModel):
-    gpus: dict[str, int] = Field(default_factory=dict, max_length=32, description='GPU type or "any" -> GPUs')
+    gpus: dict[str, int] | None = Field(default=None, max_length=32,
+                                        description='GPU type or "any" -> GPUs ({}: none; None: unchanged)')
+    borrow_limit: int | None = Field(default=None, ge=0, le=1_000_000, description="None: unchanged")
+    lend_limit: int | None = Field(default=None, ge=-1, le=1_000_000, description="None: unchanged; -1: all of it")
 
     @field_validator("gpus")
     @classmethod
-    def _sane(cls, v: dict[str, int]) -> dict[str, int]:
-        for kind, n in v.items():
+    def _sane(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        for kind, n in (v or {}).items():
             if not kind or len(kind) > 64 or "\t" in kind:
                 raise ValueError(f"quota: {kind[:64]!r} is not a GPU type")
             if not 0 <= n <= 1_000_000:

@@ -1,6 +1,7 @@
 """Workspace blobs, content-addressed. A blob is visible to the principals that uploaded its bytes (and admins,
-and a node while a run using it is placed there): to anyone else HEAD and GET answer 404 whether it exists or
-not, and an upload of the same bytes is accepted (it proves possession)."""
+and a node while a run using it, as its workspace, storage or an earlier attempt's artifacts, is placed there):
+to anyone else HEAD and GET answer 404 whether it exists or not, and an upload of the same bytes is accepted (it
+proves possession)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ def _visible(c: Ctx, sha: str, who: Principal) -> bool:
     c.blobs.path(sha)  # 400 for a malformed name
     return access.may_read_blob(
         who, owned_by=lambda owner: c.blobs.owned_by(sha, owner),
+        # (a run's artifacts too: an attempt starts with what its rank left in the attempt before, docs/teams.md)
         placed_here=lambda node_id: any(r.workspace_sha == sha or any(m.sha256 == sha for m in r.mounts)
+                                        or any(a.sha256 == sha for a in r.artifacts)
                                         for r in c.store.list_runs(status=[RunStatus.STARTING, RunStatus.RUNNING],
                                                                    node_id=node_id))) and c.blobs.has(sha)
 

@@ -65,7 +65,8 @@ class _State(Collector):
         done, waits, wait_sum = c.sched.tally.snapshot()
         for name, what in (("placements", "Runs placed (an attempt each)"), ("runs_created", "Runs created"),
                            ("heartbeats", "Agents' polls (heartbeats) answered"),
-                           ("log_lines", "Log lines received from agents")):
+                           ("log_lines", "Log lines received from agents"),
+                           ("preemptions", "Runs preempted (stopped for a run that outranks them)")):
             yield CounterMetricFamily(f"fedml_{name}", what, value=done[name])
         yield HistogramMetricFamily("fedml_queue_wait_seconds", "From submission to a first placement",
                                     buckets=_cumulative(WAIT_BOUNDS, waits), sum_value=wait_sum)

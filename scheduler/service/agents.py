@@ -52,6 +52,7 @@ class AgentsMixin(SchedulerBase):
         start: list[Assignment] = []
         wanted: set[str] = set()
         scale: dict[str, int] = {}
+        grace: dict[str, float] = {}
         for run in runs:
             p = run.placement_on(node_id)
             if p is None or p.done:
@@ -60,6 +61,8 @@ class AgentsMixin(SchedulerBase):
             if run.stop_requested:
                 if ref not in have and p.status == RunStatus.STARTING:  # nothing to kill: settle it here
                     self._rank_update(run.id, node_id, RunStatus.KILLED, None, run.reason or "stopped")
+                elif run.status == RunStatus.PREEMPTED and run.preempted is not None:
+                    grace[ref] = run.preempted.grace  # (the job's preemption.grace, not the agent's stop grace)
                 continue
             wanted.add(ref)
             if p.status == RunStatus.RUNNING and ref not in have:
@@ -86,7 +89,8 @@ class AgentsMixin(SchedulerBase):
         shutdown = None
         if not wanted and not running and node_id in self.agents_to_stop():
             shutdown = "idle past its cluster's autostop: this agent exits (`fedml login --node` starts it again)"
-        return PollResponse(start=start, stop=stop, scale=scale, heartbeat_interval=self.heartbeat_interval,
+        return PollResponse(start=start, stop=stop, grace={r: g for r, g in grace.items() if r in stop}, scale=scale,
+                            heartbeat_interval=self.heartbeat_interval,
                             lease=self.lease, shutdown=shutdown)
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:

@@ -15,6 +15,7 @@ the next one is found in O(log n).
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,21 @@ class Waiting:
         return cls(run.id, run.attempt, run.reason, run.attempts[-1].reason if run.attempts else None)
 
 
+@dataclass(slots=True)
+class Holder:
+    """What preemption needs of an active run that holds GPUs (scheduler/service/preempting.py)."""
+
+    team: str | None
+    owner: str
+    priority: int
+    preemptible: bool
+    quota_key: str | None
+    gpus: int  # GPUs it holds in all
+    started: float  # when its attempt was placed (or started)
+    preempted_by: str | None  # while PREEMPTED: the run it makes room for
+    grace: float  # its job's preemption.grace
+
+
 class Shape:
     __slots__ = ("req", "heap", "reason")
 
@@ -67,6 +83,12 @@ class Book:
         self.held: dict[str, dict[int, str]] = {}  # node -> GPU -> the run holding it
         self.charged: dict[str, tuple[str, int]] = {}  # active run -> (its quota key, GPUs it holds against it)
         self.quota_held: dict[str, int] = {}  # quota key "team\tbucket" -> GPUs its active runs hold
+        self.holders: dict[str, Holder] = {}  # active runs holding GPUs
+        self.of_team: dict[str | None, set[str]] = {}  # team -> its runs in holders
+        # Preemptions under way: the waiting run -> the runs being stopped for it (PREEMPTED); and when the last
+        # of them stopped (the pass tries it first for a while: the GPUs were freed for it)
+        self.preempting: dict[str, set[str]] = {}
+        self.freed_for: dict[str, float] = {}
         self.dirty: set[str] = set()  # nodes whose held GPUs changed since the pass last looked
         self.live: set[str] = set()  # queued and active runs: a dependency among them has not ended
         self.waiting_for: dict[str, Run] = {}  # queued runs with dependencies (Run.after), not in a shape yet
@@ -167,12 +189,31 @@ class Book:
                     on = self.held.setdefault(node, {})
                     for g in gpus:
                         on[g] = run.id
+                n = sum(len(g) for g in claims.values())
                 if run.quota_key:
-                    n = sum(len(g) for g in claims.values())
                     self.charged[run.id] = (run.quota_key, n)
                     self.quota_held[run.quota_key] = self.quota_held.get(run.quota_key, 0) + n
+                by = run.preempted.by if run.status == RunStatus.PREEMPTED and run.preempted else None
+                self.holders[run.id] = Holder(run.team, run.owner, run.priority, run.job.preemptible, run.quota_key,
+                                              n, run.started_at or run.updated_at, by, run.job.preemption.grace)
+                self.of_team.setdefault(run.team, set()).add(run.id)
+                if by is not None:
+                    self.preempting.setdefault(by, set()).add(run.id)
 
     def _release(self, run_id: str) -> None:
+        holder = self.holders.pop(run_id, None)
+        if holder is not None:
+            mates = self.of_team.get(holder.team)
+            if mates is not None:
+                mates.discard(run_id)
+                if not mates:
+                    del self.of_team[holder.team]
+            by = holder.preempted_by
+            if by is not None and by in self.preempting:
+                self.preempting[by].discard(run_id)
+                if not self.preempting[by]:
+                    del self.preempting[by]
+                    self.freed_for[by] = time.monotonic()
         charged = self.charged.pop(run_id, None)
         if charged is not None:
             left = self.quota_held.get(charged[0], 0) - charged[1]
@@ -222,3 +263,14 @@ class Book:
 
     def held_on(self, node_id: str) -> dict[int, str]:
         return self.held.get(node_id, {})
+
+    FREED_FOR_S = 60.0
+
+    def preemptors(self) -> set[str]:
+        """Queued runs that preempted others: those still stopping, and those whose victims stopped in the last
+        FREED_FOR_S (the pass tries them before the rest of the queue: the GPUs were freed for them)."""
+        now = time.monotonic()
+        for run_id, at in list(self.freed_for.items()):
+            if now - at > self.FREED_FOR_S or run_id not in self.queued:
+                del self.freed_for[run_id]
+        return {r for r in self.preempting if r in self.queued} | set(self.freed_for)

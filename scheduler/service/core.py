@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..contract.errors import Conflict
 from ..contract.models import (
     Delivery,
+    InvalidTransition,
     Node,
     Principal,
     Run,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedml.scheduler")
 SERIES_WRITE = 4000  # GPU series rows per store write (a write holds SQLite's lock: ~30 ms, not a whole flush)
 
-ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING)
+ACTIVE = (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.PREEMPTED)  # holding GPUs
 EVENTS = {RunStatus.RUNNING: "started", RunStatus.FINISHED: "finished", RunStatus.FAILED: "failed",
           RunStatus.KILLED: "killed", RunStatus.LOST: "lost"}  # a state reached -> its webhook event
 LOCAL = Principal(scope="admin", owner="admin", key_id="local")  # in-process callers and tests
@@ -54,11 +55,13 @@ WAIT_BOUNDS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600
 
 class Tally:
     """What this scheduler process has done since it started, as plain counters (exported by GET /metrics,
-    scheduler/routes/metrics.py): placements, runs created, heartbeats, log lines, and queue waits by bucket."""
+    scheduler/routes/metrics.py): placements, runs created, heartbeats, log lines, preemptions, and queue waits by
+    bucket."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.counts: dict[str, float] = {"placements": 0, "runs_created": 0, "heartbeats": 0, "log_lines": 0}
+        self.counts: dict[str, float] = {"placements": 0, "runs_created": 0, "heartbeats": 0, "log_lines": 0,
+                                         "preemptions": 0}
         self.waits = [0] * (len(WAIT_BOUNDS) + 1)  # per bucket (the last: above every bound)
         self.wait_sum = 0.0
 
@@ -281,20 +284,28 @@ class SchedulerBase:
     def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
                      reason: str | None, attempt: int | None = None) -> Run:
         with self.run_lock(run_id):
-            run = self.store.get_run(run_id)
-            if run is None:
-                raise NotFound(f"run {run_id} not found")
-            if attempt is not None and attempt != run.attempt:
-                raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
-            p = run.placement_on(node_id)
-            if p is None:
-                raise Conflict(f"run {run_id} is not placed on node {node_id}")
-            if p.done or run.terminal or p.status == status:
-                return run  # a resend, or a report about an attempt already settled
-            held = run.gpu_claims()
-            p.status, p.exit_code, p.reason = status, exit_code, reason
-            run, passed = self._settle_freeing(run, held) if status.terminal or status == RunStatus.LOST \
-                else (self._settle(run), False)
+            for tries in range(3):
+                run = self.store.get_run(run_id)
+                if run is None:
+                    raise NotFound(f"run {run_id} not found")
+                if attempt is not None and attempt != run.attempt:
+                    raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
+                p = run.placement_on(node_id)
+                if p is None:
+                    raise Conflict(f"run {run_id} is not placed on node {node_id}")
+                if p.done or run.terminal or p.status == status:
+                    return run  # a resend, or a report about an attempt already settled
+                held = run.gpu_claims()
+                p.status, p.exit_code, p.reason = status, exit_code, reason
+                try:
+                    run, passed = self._settle_freeing(run, held) if status.terminal or status == RunStatus.LOST \
+                        else (self._settle(run), False)
+                    break
+                except InvalidTransition:
+                    # A pass preempted it since it was read (passes do not take runs' locks): decide again on it
+                    # as it is now.
+                    if tries == 2:
+                        raise
         self.run_changed(run)
         if not passed:  # (a pass that ran with the write has placed what it could)
             self.kick()

@@ -23,7 +23,8 @@ from ..contract.models import (
 from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation
 from ..store import GpuBusy, NotFound, QuotaFull, bulk
 from .book import Book, Shape, Waiting
-from .core import ACTIVE, BIG_CLUSTER, SchedulerBase, log, trim_heap
+from .core import ACTIVE, BIG_CLUSTER, log, trim_heap
+from .preempting import PreemptionMixin
 
 FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this often
 # The book is rebuilt from a full read of the store this often, as a safety net only: the change feed is complete.
@@ -31,7 +32,7 @@ FULL_PASS_S = 30.0  # an idle scheduler still looks at its whole queue this ofte
 BOOK_REBUILD_S = 300.0
 
 
-class PlacementMixin(SchedulerBase):
+class PlacementMixin(PreemptionMixin):
     def _candidates(self, active: list[Run]) -> list[Candidate]:
         now = time.time()
         held: dict[str, set[int]] = {}
@@ -129,6 +130,7 @@ class PlacementMixin(SchedulerBase):
         if not self.store.batch_commits_once or not self._schedule_lock.acquire(blocking=False):
             return self._settle(run), False
         placed: list[Run] = []
+        moved: list[Run] = []  # runs the pass preempted
 
         def hold(runs: list[Run]) -> None:  # (announced after the commit, below)
             placed.extend(runs)
@@ -144,11 +146,12 @@ class PlacementMixin(SchedulerBase):
                         if passed:
                             try:
                                 with self.store.savepoint():
-                                    self._pass(tickets, hold)
+                                    self._pass(tickets, hold, moved.append)
                             except Exception:
                                 log.exception("the pass after run %s's report failed; the next pass places", run.id)
                                 self._book, passed = None, False
                                 placed.clear()
+                                moved.clear()
                 except BaseException:
                     self._book = None  # it may hold placements that were not committed
                     raise
@@ -156,11 +159,14 @@ class PlacementMixin(SchedulerBase):
             self._schedule_lock.release()
         if placed:
             self._announce(placed)  # after the commit: an agent woken must find its assignment
+        for r in moved:
+            self.run_changed(r)
         return new, passed
 
-    def _pass(self, tickets: tuple[int, int], announce: Callable[[list[Run]], None] | None = None) -> int:
+    def _pass(self, tickets: tuple[int, int], announce: Callable[[list[Run]], None] | None = None,
+              changed: Callable[[Run], None] | None = None) -> int:
         """One pass under the locks (schedule_pass). `announce` gets the runs placed after each commit of the
-        pass (default: announced then)."""
+        pass (default: announced then), `changed` each run it preempted (default: run_changed then)."""
         book = self._sync_book()
         if book.waiting_for:
             self._dependencies_ended(book)
@@ -172,10 +178,16 @@ class PlacementMixin(SchedulerBase):
             return 0
         ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen)
         rank = self.fair_rank()
+        if book.preempting or book.freed_for:  # runs that preempted others go first (the GPUs are freed for them)
+            self.hold_for_preemptors(book, ps)
+            first, fair = book.preemptors(), rank
+
+            def rank(key: tuple[float, float, str], req: Request) -> tuple[Any, ...]:
+                return (key[2] not in first, *fair(key, req))
         heads = [(rank(key, req), req) for key, req in book.heads()]
         heapq.heapify(heads)
         placed = 0
-        with _Commits(self.store, announce or self._announce) as ps.commits:
+        with _Commits(self.store, announce or self._announce, changed or self.run_changed) as ps.commits:
             while heads:
                 key, req = heapq.heappop(heads)
                 shape = book.shapes[req]
@@ -307,8 +319,12 @@ class PlacementMixin(SchedulerBase):
     def _place_one(self, run: Waiting, shape: Shape, ps: _Pass, book: Book) -> tuple[_Outcome, Run | None]:
         req = shape.req
         quota = self._quota(req)
-        if quota is not None and book.quota_held.get(quota[0], 0) + req.gpus * req.count > quota[2]:
-            # Its team holds its quota: it waits without holding nodes for itself (others may use them).
+        if quota is not None and (short := book.quota_held.get(quota[0], 0) + req.gpus * req.count
+                                  - self.quota_limit(req, quota, book, ps)) > 0:
+            # Its team holds its quota: it waits without holding nodes for itself (others may use them), unless
+            # it outranks runs of its own that hold it (preemption).
+            if run.id in book.preempting or self.preempt(run, req, ps, book, quota, short) is not None:
+                return _Outcome.BLOCKED, None  # (its reason says whom it preempts)
             self._tell(shape, book, ps, quota_reason(req, quota))
             return _Outcome.BLOCKED, None
         if req.team is not None and (team := self.team_cached(req.team)) is not None and team.budget is not None \
@@ -319,13 +335,18 @@ class PlacementMixin(SchedulerBase):
         # Only nodes with a free GPU can take a GPU job; a busy cluster has few, so a freed slot costs a look at
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
         # added when it is shown (waiting()).
+        reserved = frozenset(ps.reserved - ps.held_for[req] if req in ps.held_for else ps.reserved)
         if req.gpus and ps.by_id:
-            verdict = place(req, ps.with_free, reserved=frozenset(ps.reserved), rng=self.rng)
+            verdict = place(req, ps.with_free, reserved=reserved, rng=self.rng)
             if isinstance(verdict, NoFit):
                 never = self.never_fits(req) is not None
                 verdict = NoFit(req.shortfall(), never=never, counts=verdict.counts, summary=req.shortfall())
         else:
-            verdict = place(req, ps.all(), reserved=frozenset(ps.reserved), rng=self.rng)
+            verdict = place(req, ps.all(), reserved=reserved, rng=self.rng)
+        if isinstance(verdict, NoFit) and not verdict.never and req.team is not None and req.gpus and (
+                run.id in book.preempting or self.preempt(run, req, ps, book, quota, 0) is not None):
+            ps.no_room[req] = verdict
+            return _Outcome.BLOCKED, None  # its victims are stopping; their nodes are held for it
         if isinstance(verdict, NoFit):
             ps.no_room[req] = verdict
             ps.held_ahead[req] = frozenset(ps.reserved)  # what jobs ahead of it held when it found no room
@@ -340,7 +361,8 @@ class PlacementMixin(SchedulerBase):
         scores = [NodeScore(node_id=pl.node.id, rank=i, total=pl.score, scores=pl.scores, weights=WEIGHTS)
                   for i, pl in enumerate(verdict)] + verdict[0].runners_up
         # (always set: an attempt placed after its team's quota was removed must not count against the old one)
-        charge: dict[str, Any] = {"quota_key": None} if quota is None else {"quota_key": quota[0], "quota_limit": quota[2]}
+        charge: dict[str, Any] = {"quota_key": None} if quota is None else {
+            "quota_key": quota[0], "quota_limit": self.store_limit(req, quota)}
         try:
             new = self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores,
                                         reason=None, master_port=self.rng.randrange(20000, 40000), **charge)
@@ -407,9 +429,11 @@ class _Commits:
 
     EVERY = 256
 
-    def __init__(self, store: Any, announce: Callable[[list[Run]], None]) -> None:
-        self.store, self.announce = store, announce
+    def __init__(self, store: Any, announce: Callable[[list[Run]], None],
+                 changed: Callable[[Run], None] | None = None) -> None:
+        self.store, self.announce, self.on_changed = store, announce, changed
         self.placed: list[Run] = []
+        self.changed: list[Run] = []  # other runs the pass moved (preempted): told after the commit too
         self.count = 0
         self._batch: contextlib.ExitStack | None = None
 
@@ -434,6 +458,10 @@ class _Commits:
         self._batch.close()
         self._batch, self.count = None, 0
         self.announce(self.placed)
+        for run in self.changed:
+            if self.on_changed is not None:
+                self.on_changed(run)
+        self.changed.clear()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._batch is not None:
@@ -514,6 +542,8 @@ class _Pass:
         self.no_room: dict[Request, NoFit] = {}
         self.commits: _Commits | None = None  # set by the pass
         self.held_ahead: dict[Request, frozenset[str]] = {}
+        self.held_for: dict[Request, set[str]] = {}  # nodes held for runs that preempted others (by their shape)
+        self.owed: dict[str, set[str]] = {}  # quota name -> teams waiting within it (preempting.py)
         self._filled = 0
 
     def all(self) -> list[Candidate]:
@@ -525,6 +555,14 @@ class _Pass:
                 c.now, c.last_seen = self.now, self._last_seen(c.node, seen)
             self.all_seen = everyone
         return self.all_seen
+
+    def seen_now(self, node_ids: set[str]) -> None:
+        """Bring these nodes' heartbeats up to date (nodes with no free GPU, which the pass did not look at)."""
+        if node_ids:
+            seen = self._heartbeats(list(node_ids))
+            for i in node_ids:
+                if (c := self.by_id.get(i)) is not None:
+                    c.now, c.last_seen = self.now, self._last_seen(c.node, seen)
 
     def took(self, c: Candidate) -> None:
         """A placement took GPUs of `c`. Nodes it filled stay in `with_free` (placement skips them) until they

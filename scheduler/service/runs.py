@@ -205,9 +205,12 @@ class RunsMixin(SchedulerBase):
         if never is not None:
             raise Invalid(f"cannot ever run here: {never}")
         quota = self._quota(request)  # type: ignore[attr-defined]  # (PlacementMixin's)
-        if quota is not None and request.gpus * request.count > quota[2]:
+        if quota is not None and request.gpus * request.count > (most := self.store_limit(request, quota)):  # type: ignore[attr-defined]
+            borrow = f", {most - quota[2]} more borrowed" if most > quota[2] else (
+                " (`preemptible: false` runs do not borrow)" if not request.preemptible
+                and (t := self.team_cached(who.team or "")) is not None and t.borrow_limit else "")
             raise Invalid(f"cannot ever run here: it needs {request.gpus * request.count} GPUs and team {who.team}'s "
-                          f"quota for them is {quota[2]} ({quota[1]}; `fedml team show {who.team}`)")
+                          f"quota for them is {quota[2]}{borrow} ({quota[1]}; `fedml team show {who.team}`)")
         run = Run(
             id=new_run_id(),
             name=req.name or spec.job_name or (Path(req.job_file).stem if req.job_file else "job"),
@@ -315,7 +318,14 @@ class RunsMixin(SchedulerBase):
                 self.run_changed(run)
                 self.moved(before, run)
                 return run
-            run = self.store.update_run(run_id, stop_requested=True, reason=reason)
+            if run.status == RunStatus.PREEMPTED and run.preempted is not None:  # stopping already: not requeued then
+                run = self.store.update_run(run_id, reason=reason,
+                                            preempted=run.preempted.model_copy(update={"requeue": False}))
+            else:
+                run = self.store.update_run(run_id, stop_requested=True, reason=reason)
+                if run.status == RunStatus.PREEMPTED and run.preempted is not None and run.preempted.requeue:
+                    # (a pass preempted it after it was read: passes take no run's lock)
+                    run = self.store.update_run(run_id, preempted=run.preempted.model_copy(update={"requeue": False}))
         self.run_changed(run)
         return run
 

@@ -70,13 +70,21 @@ class TeamsMixin(SchedulerBase):
         return team
 
     def set_team_quota(self, name: str, body: TeamQuota, who: Principal) -> Team:
-        """A team's GPU quotas (docs/teams.md): its runs wait when placing one would hold more. Runs placed before
-        a quota was lowered keep running."""
+        """A team's GPU quotas, and how much over them it may borrow and of them it lends (docs/teams.md): its runs
+        wait when placing one would hold more. Runs placed before a quota was lowered keep running."""
         access.require_admin(who, "only an admin sets a team's quotas")
+        update: dict[str, Any] = {}
+        if body.gpus is not None:
+            update["quotas"] = dict(body.gpus)
+        if body.borrow_limit is not None:
+            update["borrow_limit"] = body.borrow_limit
+        if body.lend_limit is not None:
+            update["lend_limit"] = None if body.lend_limit < 0 else body.lend_limit
         with self.store.lock(f"team:{name}"):
             team = self.find_team(name, who)
-            team = self.store.put_team(team.model_copy(update={"quotas": dict(body.gpus)}))
+            team = self.store.put_team(team.model_copy(update=update))
         self._teams.pop(name, None)
+        self._teams_all = None  # type: ignore[assignment]  # (PreemptionMixin's)
         self.kick()  # (a raised quota may let runs start)
         return team
 

@@ -533,7 +533,7 @@ function queuePage() {
 // ---- nodes -------------------------------------------------------------------------------------------------
 function nodesPage() {
   return view("Nodes", async (page) => {
-    const [nodes, active] = await Promise.all([api("/nodes"), api("/runs", { params: { status: ["STARTING", "RUNNING"], limit: 10000 } })]);
+    const [nodes, active] = await Promise.all([api("/nodes"), api("/runs", { params: { status: ["STARTING", "RUNNING", "PREEMPTED"], limit: 10000 } })]);
     const holder = {};
     for (const r of active) for (const p of r.placements || []) if (!p.done) for (const g of p.gpus) holder[`${p.node_id}/${g}`] = r.id;
     return table(["Node", "State", "Last heartbeat", "Labels", "Price", "Runtimes", "GPUs", ""], nodes.map((n) => {
