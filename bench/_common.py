@@ -177,10 +177,11 @@ def worktree(rev: str | None) -> Iterator[Path | None]:
 BUSY_JOB = {"job": "echo hi", "computing": {"minimum_num_gpus": 1, "resource_type": "A100-80G"}}
 
 
-def busy_cluster(store: Any, nodes: int, queued: int, gpus: int = 8) -> Any:
+def busy_cluster(store: Any, nodes: int, queued: int, gpus: int = 8, teams: int = 0) -> Any:
     """`nodes` nodes x `gpus` A100s written into `store`, every GPU busy with a one-GPU run, `queued` more runs
     waiting behind them; returns the Scheduler that placed them (an hour-long heartbeat interval: the nodes send
-    none and must stay online however long the setup takes). The scheduler modules are imported here, so a
+    none and must stay online however long the setup takes). `teams`: the runs spread over that many teams, each
+    with a GPU quota (that does not bind) and fair share (issue 18). The scheduler modules are imported here, so a
     benchmark run against another revision (PYTHONPATH) builds the cluster with that revision's code."""
     import random
 
@@ -190,6 +191,15 @@ def busy_cluster(store: Any, nodes: int, queued: int, gpus: int = 8) -> Any:
 
     sched = Scheduler(store, Notifier(), heartbeat_interval=3600.0, rng=random.Random(1))
     now = time.time()
+    if teams:
+        from scheduler.contract.models import Team
+
+        for t in range(teams):
+            store.put_team(Team(name=f"team{t:03d}", quotas={"any": nodes * gpus}), new=True)
+
+    def team(j: int) -> dict[str, str]:
+        return {"team": f"team{j % teams:03d}", "owner": f"user{j % (teams * 3)}"} if teams else {}
+
     with store.batch():
         for i in range(nodes):
             store.upsert_node(Node(id=f"node-{i:05d}", name=f"n{i}", last_seen=now, gpus=[
@@ -198,10 +208,11 @@ def busy_cluster(store: Any, nodes: int, queued: int, gpus: int = 8) -> Any:
         store.heartbeat(f"node-{i:05d}", now)
     with store.batch():
         for j in range(nodes * gpus):
-            store.create_run(Run(id=f"run-a{j:06d}", name="busy", job=BUSY_JOB, created_at=now + j * 1e-6))
+            store.create_run(Run(id=f"run-a{j:06d}", name="busy", job=BUSY_JOB, created_at=now + j * 1e-6, **team(j)))
     while sched.schedule_pass():
         pass
     with store.batch():
         for j in range(queued):
-            store.create_run(Run(id=f"run-q{j:06d}", name="waiting", job=BUSY_JOB, created_at=now + 1 + j * 1e-6))
+            store.create_run(Run(id=f"run-q{j:06d}", name="waiting", job=BUSY_JOB, created_at=now + 1 + j * 1e-6,
+                                 **team(j)))
     return sched

@@ -11,6 +11,7 @@ With --compare REV the same measurement also runs against the code of git revisi
 interleaved in one run (A B A B), so the ratio is measured on the same machine at the same time.
 
     .venv/bin/python bench/queue_drain.py [--nodes 1000] [--queued 100,1000,10000] [--drain 50] [--compare REV]
+                                          [--teams 0,50]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def placements(sched: object) -> float | None:
     return None if tally is None else tally.snapshot()[0].get("placements", 0.0)
 
 
-def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, float]:
+def measure(nodes: int, queued: int, drain: int, store_kind: str, teams: int = 0) -> dict[str, float]:
     """Runs inside the tree under test (its modules first on sys.path)."""
     import random
 
@@ -51,7 +52,7 @@ def measure(nodes: int, queued: int, drain: int, store_kind: str) -> dict[str, f
         from scheduler.redis_store import RedisStore
 
         store = RedisStore("redis://127.0.0.1:6379/7", prefix=f"bench-queue-{os.getpid()}:")
-    sched = busy_cluster(store, nodes, queued)
+    sched = busy_cluster(store, nodes, queued, teams=teams) if teams else busy_cluster(store, nodes, queued)
     job = BUSY_JOB
     sched.kick()  # (written behind the scheduler's back: tell it)
     sched.schedule_pass()  # the first blocked pass (writes the queue reasons)
@@ -104,11 +105,13 @@ def main() -> int:
     p.add_argument("--drain", type=int, default=50)
     p.add_argument("--store", default="sqlite", choices=["sqlite", "redis"])
     p.add_argument("--compare", metavar="REV", help="also measure git revision REV, interleaved")
+    p.add_argument("--teams", default="0", help="the runs spread over N teams with quotas and fair share (issue 18); "
+                                                "several, comma-separated (0: none), are measured interleaved")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(measure(a.nodes, a.one or 0, a.drain, a.store)))
+        print(json.dumps(measure(a.nodes, a.one or 0, a.drain, a.store, int(a.teams))))
         return 0
     with worktree(a.compare) as before:
         trees = [(a.compare[:12], before)] if a.compare and before else []
@@ -119,8 +122,12 @@ def run_all(a: argparse.Namespace, trees: list[tuple[str, Path]]) -> int:
     results = []
     for q in (int(x) for x in a.queued.split(",")):
         row = {"queued": q}
-        for name, tree in trees:  # interleaved: each size measured on both trees before the next
-            r = run_in(tree, ["--nodes", str(a.nodes), "--one", str(q), "--drain", str(a.drain), "--store", a.store])
+        for (name, tree), teams in ((tt, t) for tt in trees for t in a.teams.split(",")):
+            # interleaved: each size measured on both trees (and with each number of teams) before the next
+            r = run_in(tree, ["--nodes", str(a.nodes), "--one", str(q), "--drain", str(a.drain), "--store", a.store,
+                              "--teams", teams])
+            if teams != "0":
+                name = f"{name}, {teams} teams"
             row[name] = r
             print(f"{a.store} {a.nodes} nodes x 8 busy, {q:>6} queued [{name:>12}]: idle pass {r['idle_pass_ms']:8.1f} ms"
                   f"  submit {r['submit_ms']:7.1f} ms  slot freed -> placed {r['freed_to_placed_ms']:8.1f} ms"

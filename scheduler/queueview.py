@@ -6,8 +6,10 @@ the run holding it is expected to end), and the queue is walked in the order pas
 on n nodes starts when n nodes it may use each have g matching GPUs free; it then holds them for its expected
 duration. Expected durations: the job's `max_duration` (an upper bound: it is stopped then), else the median of
 its name's finished runs for that owner ("history"), else none, and then no run behind it on those GPUs has an
-estimate either: the answer says whose run gave no basis. Runs that arrive later with a higher priority, and
-backfill into gaps, make real starts differ; the dashboard and `fedml queue` say "about".
+estimate either: the answer says whose run gave no basis. A run charged to its team's quota also waits until
+the team's runs (those running, and those booked before it in the walk) hold few enough of it: its nominal
+quota (borrowing idle quota of other teams may start it sooner). Runs that arrive later with a higher priority,
+preemptions, and backfill into gaps make real starts differ; the dashboard and `fedml queue` say "about".
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Entry:
     count: int  # nodes
     duration: float | None  # expected seconds it runs, when there is a basis
     basis: str | None  # "max_duration" | "history"
+    quota: str | None = None  # the team quota it is charged to (a key of `quotas` in stand())
 
 
 @dataclass(slots=True)
@@ -51,17 +54,28 @@ class Standing:
     no_basis: str | None = None  # why there is none
 
 
+@dataclass(slots=True)
+class Quota:
+    """A team quota as the walk books it: its limit, and when each GPU charged to it is expected free (one time
+    per GPU; INF: its run has no expected end, `why`)."""
+
+    limit: int
+    free_at: list[float] = field(default_factory=list)
+    why: str | None = None
+
+
 def stand(entries: list[Entry], gpus: dict[str, dict[int, Gpu]], eligible: Callable[[Hashable], dict[str, list[int]]],
-          *, now: float, estimate_first: int = 500) -> list[Standing]:
+          *, now: float, estimate_first: int = 500, quotas: dict[str, Quota] | None = None) -> list[Standing]:
     """The standing of each entry (same order). `gpus`: node -> GPU index -> Gpu (mutated: the walk books GPUs).
     `eligible(shape)`: node -> the GPU indexes of that node the shape may use (nodes it may never use absent).
-    Start times are estimated for the first `estimate_first` entries."""
+    `quotas`: the team quotas entries are charged to (mutated likewise). Start times are estimated for the first
+    `estimate_first` entries."""
     out: list[Standing] = []
     ids: dict[Hashable, int] = {}  # shapes by a small number: hashing a shape (a Request) per pair is slow
     nodes_of: list[dict[str, list[int]]] = []
     overlap: dict[tuple[int, int], bool] = {}
     seen: dict[int, dict[str, list[int]]] = {}  # per shape: owner -> [runs, gpus] so far
-    timeline = _Timeline(gpus)
+    timeline = _Timeline(gpus, quotas or {})
     for i, e in enumerate(entries):
         sid = ids.get(e.shape)
         if sid is None:
@@ -99,8 +113,8 @@ class _Timeline:
     lazily (a node whose GPUs were booked since its entry was pushed is looked at again when it comes up), so an
     entry costs O(nodes it books x log nodes), not a look at every node."""
 
-    def __init__(self, gpus: dict[str, dict[int, Gpu]]) -> None:
-        self.gpus = gpus
+    def __init__(self, gpus: dict[str, dict[int, Gpu]], quotas: dict[str, Quota]) -> None:
+        self.gpus, self.quotas = gpus, quotas
         self.version: dict[str, int] = {}
         self.heaps: dict[tuple[Hashable, int], list[tuple[float, str, int]]] = {}  # (time, node, version)
         self.pushed: dict[tuple[Hashable, int, str], int] = {}  # the version of a node's newest entry in a heap
@@ -149,6 +163,18 @@ class _Timeline:
             st.no_basis = f"fewer than {e.count} node(s) it may use have {e.gpus} such GPU(s)"
             return
         start = max(now, chosen[-1][0])
+        quota = self.quotas.get(e.quota) if e.quota else None
+        if quota is not None and start != INF:  # and when its team holds few enough of its quota
+            times = sorted(quota.free_at)
+            over = len(times) + e.gpus * e.count - quota.limit
+            if over > 0 and (over > len(times) or times[over - 1] == INF):
+                for t, node, _ in chosen:  # (not booked: the nodes stay as they were for the next entry)
+                    heapq.heappush(heap, (t, node, self.version.get(node, 0)))
+                st.no_basis = "more GPUs than its team's quota" if over > len(times) else \
+                    quota.why or "its team's quota is held by runs with no expected end"
+                return
+            if over > 0:
+                start = max(start, times[over - 1])
         if start == INF:
             blocker = next((g.why for _, _, got in chosen for g in got if g.free_at == INF and g.why), None)
             st.no_basis = blocker or "a run ahead of it has no expected end"
@@ -158,6 +184,10 @@ class _Timeline:
         end = INF if e.duration is None or start == INF else start + e.duration
         why = None if e.duration is not None else \
             f"{e.run_id} ({e.owner}) has no max_duration and no finished run to go by"
+        if quota is not None:  # the GPUs freed by then are no longer charged; its own are, until its end
+            quota.free_at = [t for t in quota.free_at if t > start] + [end] * (e.gpus * e.count)
+            if end == INF and quota.why is None:
+                quota.why = why
         for _, node, got in chosen:
             for g in got:
                 if end == INF:

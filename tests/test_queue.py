@@ -12,7 +12,7 @@ import pytest
 from scheduler import auth
 from scheduler.contract.models import GpuInfo, NodeInfo, Principal, RunCreate
 from scheduler.notify import Notifier
-from scheduler.queueview import INF, Entry, Gpu, stand
+from scheduler.queueview import INF, Entry, Gpu, Quota, stand
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 
@@ -50,6 +50,22 @@ def test_no_basis_names_the_run_in_the_way() -> None:
     out = stand([entry("r1", duration=None), entry("r2")], gpus, lambda s: {"n0": [0]}, now=0.0)
     assert out[0].start_at == 10.0
     assert out[1].start_at is None and "r1 (a) has no max_duration" in (out[1].no_basis or "")
+
+
+def test_a_run_of_a_team_at_its_quota_starts_when_its_teams_runs_give_enough_back() -> None:
+    # Free GPUs everywhere, but team t's quota of 2 is held until 100 and 300; r1 (1 GPU) may start at 100, then
+    # holds it until 150; r2 (2 GPUs) needs two of the quota free: at 300 (r1's ended at 150, the other at 300).
+    gpus = {"n0": {i: Gpu(0.0) for i in range(4)}}
+    quotas = {"t\tany": Quota(2, [100.0, 300.0])}
+    e1, e2 = entry("r1"), entry("r2", gpus=2)
+    e1.quota = e2.quota = "t\tany"
+    other = entry("r3")  # another team's: no quota, free now
+    out = stand([e1, e2, other], gpus, lambda s: {"n0": [0, 1, 2, 3]}, now=0.0, quotas=quotas)
+    assert [s.start_at for s in out] == [100.0, 300.0, 0.0]
+    # a quota held by a run with no expected end: no basis, saying whose
+    quotas = {"t\tany": Quota(1, [INF], "run-y (ann) runs with no max_duration")}
+    out = stand([e1], {"n0": {0: Gpu(0.0)}}, lambda s: {"n0": [0]}, now=0.0, quotas=quotas)
+    assert out[0].start_at is None and "run-y (ann)" in (out[0].no_basis or "")
 
 
 def test_ahead_counts_only_runs_that_could_use_the_same_nodes() -> None:

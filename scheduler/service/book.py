@@ -85,6 +85,8 @@ class Book:
         self.quota_held: dict[str, int] = {}  # quota key "team\tbucket" -> GPUs its active runs hold
         self.holders: dict[str, Holder] = {}  # active runs holding GPUs
         self.of_team: dict[str | None, set[str]] = {}  # team -> its runs in holders
+        # team -> priority -> how many of its holders may be preempted (a pass asks "any below P?" per shape)
+        self.preemptible: dict[str | None, dict[int, int]] = {}
         # Preemptions under way: the waiting run -> the runs being stopped for it (PREEMPTED); and when the last
         # of them stopped (the pass tries it first for a while: the GPUs were freed for it)
         self.preempting: dict[str, set[str]] = {}
@@ -197,6 +199,9 @@ class Book:
                 self.holders[run.id] = Holder(run.team, run.owner, run.priority, run.job.preemptible, run.quota_key,
                                               n, run.started_at or run.updated_at, by, run.job.preemption.grace)
                 self.of_team.setdefault(run.team, set()).add(run.id)
+                if run.job.preemptible and by is None:
+                    prios = self.preemptible.setdefault(run.team, {})
+                    prios[run.priority] = prios.get(run.priority, 0) + 1
                 if by is not None:
                     self.preempting.setdefault(by, set()).add(run.id)
 
@@ -208,6 +213,13 @@ class Book:
                 mates.discard(run_id)
                 if not mates:
                     del self.of_team[holder.team]
+            if holder.preemptible and holder.preempted_by is None:
+                prios = self.preemptible[holder.team]
+                prios[holder.priority] -= 1
+                if not prios[holder.priority]:
+                    del prios[holder.priority]
+                    if not prios:
+                        del self.preemptible[holder.team]
             by = holder.preempted_by
             if by is not None and by in self.preempting:
                 self.preempting[by].discard(run_id)
@@ -260,6 +272,11 @@ class Book:
             got = self.queued.get(run_id)
             if got is not None and got[1] == shape.req:
                 yield got[0]
+
+    def may_preempt(self, team: str | None, priority: int) -> bool:
+        """Does the team hold a run it may preempt for this priority (preemptible, lower, not being preempted)?"""
+        prios = self.preemptible.get(team)
+        return prios is not None and min(prios) < priority
 
     def held_on(self, node_id: str) -> dict[int, str]:
         return self.held.get(node_id, {})

@@ -205,7 +205,7 @@ class SchedulerBase:
         self._waiting: dict[Request, NoFit] = {}
         self._counted: dict[Request, str] = {}  # the same with its counts, computed when first shown
         self._reserved: dict[Request, frozenset[str]] = {}  # per waiting shape: nodes held by jobs ahead of it
-        self._ranked: tuple[list[Node] | None, dict[Request, list[str]]] = (None, {})  # placing._reservation
+        self._ranked: tuple[list[Node] | None, dict[Request, list[str]], bool] = (None, {}, False)  # placing._reservation
         # The queue by shape and the GPUs active runs hold (book.py), and the candidates built on it.
         self._book: Book | None = None
         self._book_at = 0.0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import heapq
 import random
@@ -319,8 +320,8 @@ class PlacementMixin(PreemptionMixin):
     def _place_one(self, run: Waiting, shape: Shape, ps: _Pass, book: Book) -> tuple[_Outcome, Run | None]:
         req = shape.req
         quota = self._quota(req)
-        if quota is not None and (short := book.quota_held.get(quota[0], 0) + req.gpus * req.count
-                                  - self.quota_limit(req, quota, book, ps)) > 0:
+        if quota is not None and (after := book.quota_held.get(quota[0], 0) + req.gpus * req.count) > quota[2] and \
+                (short := after - self.quota_limit(req, quota, book, ps)) > 0:
             # Its team holds its quota: it waits without holding nodes for itself (others may use them), unless
             # it outranks runs of its own that hold it (preemption).
             if run.id in book.preempting or self.preempt(run, req, ps, book, quota, short) is not None:
@@ -336,7 +337,11 @@ class PlacementMixin(PreemptionMixin):
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
         # added when it is shown (waiting()).
         reserved = frozenset(ps.reserved - ps.held_for[req] if req in ps.held_for else ps.reserved)
-        if req.gpus and ps.by_id:
+        if req.gpus and not ps.cands.free and ps.head_blocked and shape.reason == req.shortfall():
+            # No node has a free GPU, the head's reservation is made, and the shape's runs were told so already:
+            # nothing to place or to write (with teams, a busy queue has a shape per team and user).
+            verdict: list[Any] | NoFit = NoFit(req.shortfall(), summary=req.shortfall())
+        elif req.gpus and ps.by_id:
             verdict = place(req, ps.with_free, reserved=reserved, rng=self.rng)
             if isinstance(verdict, NoFit):
                 never = self.never_fits(req) is not None
@@ -399,12 +404,15 @@ class PlacementMixin(PreemptionMixin):
         if len(held) < req.count:
             nodes = self.nodes()
             if self._ranked[0] is not nodes:
-                self._ranked = (nodes, {})
-            ranked = self._ranked[1].get(req)
+                # (where no node is private or a team's, owner and team do not change a ranking: one per kind of
+                # request, not per user and team)
+                self._ranked = (nodes, {}, any(n.owner is not None or n.teams for n in nodes))
+            key = req if self._ranked[2] else dataclasses.replace(req, owner=None, team=None, preemptible=True)
+            ranked = self._ranked[1].get(key)
             if ranked is None:
                 self.never_fits(req)  # (builds the static candidates for these nodes)
                 assert self._static is not None
-                ranked = self._ranked[1][req] = ranking(req, self._static[1])
+                ranked = self._ranked[1][key] = ranking(req, self._static[1])
             for node_id in ranked:
                 if len(held) >= req.count:
                     break
@@ -544,6 +552,7 @@ class _Pass:
         self.held_ahead: dict[Request, frozenset[str]] = {}
         self.held_for: dict[Request, set[str]] = {}  # nodes held for runs that preempted others (by their shape)
         self.owed: dict[str, set[str]] = {}  # quota name -> teams waiting within it (preempting.py)
+        self.borrowing: dict[str, dict[str, int]] = {}  # quota name -> teams over it -> by how much
         self._filled = 0
 
     def all(self) -> list[Candidate]:

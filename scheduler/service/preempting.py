@@ -74,6 +74,16 @@ class PreemptionMixin(SchedulerBase):
                     got.add(k.name)
         return got
 
+    def _borrowing(self, bucket: str, book: Book, ps: _Pass) -> dict[str, int]:
+        """The teams that hold more than their quota of `bucket`, and by how much (once per pass and quota)."""
+        got = ps.borrowing.get(bucket)
+        if got is None:
+            got = ps.borrowing[bucket] = {}
+            for name, k in self.teams_now().items():
+                if bucket in k.quotas and (held := book.quota_held.get(f"{name}\t{bucket}", 0)) > k.quotas[bucket]:
+                    got[name] = held - k.quotas[bucket]
+        return got
+
     def store_limit(self, req: Request, quota: tuple[str, str, int]) -> int:
         """The store's last word on the team's GPUs (exact across replicas): its quota and all it may borrow."""
         team = self.team_cached(req.team) if req.team else None
@@ -99,19 +109,22 @@ class PreemptionMixin(SchedulerBase):
             return None
         priority = -int(book.queued[run.id][2][0])
         need = req.gpus * req.count
+        # (asked of every blocked shape in every pass: the two cheap questions first)
+        by_priority = book.may_preempt(req.team, priority)
+        over: dict[str, int] = {}  # borrowing teams -> GPUs they hold over their quota of the bucket
+        if quota is not None and not quota_short and book.quota_held.get(quota[0], 0) + need <= quota[2]:
+            over = {t: n for t, n in self._borrowing(quota[1], book, ps).items() if t != req.team}
+        if not by_priority and not over:
+            return None
         found: list[tuple[str, Any, str]] = []  # (run id, holder, why)
-        for vid in book.of_team.get(req.team, ()):
+        for vid in book.of_team.get(req.team, ()) if by_priority else ():
             h = book.holders[vid]
             if h.priority < priority and h.preemptible and h.preempted_by is None:
                 found.append((vid, h, f"priority {priority} over {h.priority} in team {req.team}"))
-        over: dict[str, int] = {}  # borrowing teams -> GPUs they hold over their quota of the bucket
-        if quota is not None and not quota_short and book.quota_held.get(quota[0], 0) + need <= quota[2]:
+        if over:
+            assert quota is not None
             bucket = quota[1]
-            for name, k in self.teams_now().items():
-                held = book.quota_held.get(f"{name}\t{bucket}", 0)
-                if name == req.team or bucket not in k.quotas or held <= k.quotas[bucket]:
-                    continue
-                over[name] = held - k.quotas[bucket]
+            for name in over:
                 for vid in book.of_team.get(name, ()):
                     h = book.holders[vid]
                     if h.quota_key == f"{name}\t{bucket}" and h.preemptible and h.preempted_by is None:

@@ -10,7 +10,7 @@ from typing import Any
 from .. import access
 from ..contract.models import Principal, Run, RunStatus
 from ..placement import Candidate, Request, could_use, not_draining, online, usable_gpus
-from ..queueview import INF, Entry, Gpu, median, stand
+from ..queueview import INF, Entry, Gpu, Quota, median, stand
 from ..store import NotFound
 from .core import SchedulerBase
 
@@ -56,6 +56,7 @@ class QueueMixin(SchedulerBase):
             line = sorted(book.queued.values(), key=lambda q: rank(q[2], q[1]))
             held_gpus = {n: dict(g) for n, g in book.held.items()}
             active = list(book.claims)
+            charged = dict(book.charged)
             apart = [*book.waiting_for.values(), *(r for runs in book.gated.values() for r in runs.values())]
         now = time.time()
         history = self._durations(mono)
@@ -66,16 +67,27 @@ class QueueMixin(SchedulerBase):
             if (run := self.store.get_run(waiting.id)) is not None:
                 docs[waiting.id] = run
         entries = []
+        quotas: dict[str, Quota] = {}
         for waiting, req, _ in line:
             run = docs.get(waiting.id)
             duration, basis = _duration(run, history) if run is not None else (None, None)
-            entries.append(Entry(waiting.id, req.owner or "", req, req.gpus, req.count, duration, basis))
+            q = self._quota(req)  # type: ignore[attr-defined]  # (PlacementMixin's)
+            if q is not None and q[0] not in quotas:
+                quotas[q[0]] = Quota(q[2])
+            entries.append(Entry(waiting.id, req.owner or "", req, req.gpus, req.count, duration, basis,
+                                 q[0] if q is not None else None))
+        for run_id, (key, n) in charged.items():  # what the teams' running runs hold, until their expected ends
+            if key in quotas:
+                end, why = ends.get(run_id, (INF, None))
+                quotas[key].free_at.extend([end] * n)
+                if end == INF and quotas[key].why is None:
+                    quotas[key].why = why
         gpus: dict[str, dict[int, Gpu]] = {}
         for node in self.nodes():
             on = held_gpus.get(node.id, {})
             gpus[node.id] = {g.index: Gpu(now) if g.index not in on else Gpu(*ends.get(on[g.index], (INF, None)))
                              for g in node.gpus}
-        standings = stand(entries, gpus, eligible, now=now, estimate_first=ESTIMATE_FIRST)
+        standings = stand(entries, gpus, eligible, now=now, estimate_first=ESTIMATE_FIRST, quotas=quotas)
         rows = []
         for (waiting, req, _), e, st in zip(line, entries, standings, strict=True):
             run = docs.get(waiting.id)
