@@ -127,6 +127,15 @@ def test_usage_and_the_run_tables_columns_from_the_cli(fedml, tmp_path) -> None:
     assert "quota      any: 0 of 4 GPUs held" in shown and "A100-80G: 0 of 2" in shown, shown
     bad = fedml("team", "quota", "ml", "--gpus", "lots")
     assert bad.returncode == 2 and "TYPE:N" in bad.stderr and bad.stderr.count("\n") == 1, bad
+    r = fedml("team", "quota", "ml", "--borrow-limit", "2", "--lend-limit", "1")  # the quotas stay as they were
+    assert r.returncode == 0 and "any: 4" in r.stderr and "borrows up to 2 over each, lends at most 1" in r.stderr, r
+    assert "borrowing  borrows up to 2 over each, lends at most 1 of each" in fedml("team", "show", "ml").stdout
+    for args, says in (([], "--borrow-limit N"), (["--clear", "--gpus", "any:1"], "not both"),
+                       (["--borrow-limit", "-1"], "--borrow-limit")):
+        bad = fedml("team", "quota", "ml", *args)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, (args, bad)
+    r = fedml("team", "quota", "ml", "--lend-limit", "-1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["lend_limit"] is None, r
     r = fedml("team", "budget", "ml", "500/month")
     assert r.returncode == 0 and "a budget of 500 per month" in r.stderr, r
     assert "budget     0.00 of 500 spent this month" in fedml("team", "show", "ml").stdout
