@@ -196,17 +196,23 @@ def test_a_gang_is_stopped_whole_and_a_non_preemptible_run_never(world) -> None:
 
 def test_a_stop_asked_while_preempted_ends_it_killed(world) -> None:  # type: ignore[no-untyped-def]
     sched, admin, people = world
-    node(sched, admin, "n", 1)
+    n = node(sched, admin, "n", 2)
+    stopping = launch(sched, people["red-a"])  # being stopped by its user: no one's victim (it would be requeued)
     low = launch(sched, people["red-a"])
     sched.schedule_pass()
     running(sched, low)
+    running(sched, stopping)
+    sched.stop_run(stopping, people["red-a"])
     launch(sched, people["red-b"], priority=1)
     sched.schedule_pass()
     assert status(sched, low) == RunStatus.PREEMPTED
+    assert sched.get_run(stopping).status == RunStatus.RUNNING
     sched.stop_run(low, people["red-a"])
     stopped(sched, low)
     got = sched.get_run(low)
     assert got.status == RunStatus.KILLED and got.attempt == 1
+    sched.report(stopping, StatusReport(status=RunStatus.KILLED), n)
+    assert sched.get_run(stopping).status == RunStatus.KILLED
 
 
 def quota(sched: Scheduler, admin: Principal, team: str, gpus: int, borrow: int | None = None) -> None:
