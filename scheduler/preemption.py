@@ -108,6 +108,8 @@ def choose(need: Need, free: dict[str, int], victims: Sequence[Victim],
         got = _greedy(Need(need.gpus, 1, need.quota), {node: free.get(node, 0)}, here + rest, allowed)
         if got is not None and (best is None or _cost(got) < _cost(best)):
             best = got
-    if best is None and need.quota:  # free GPUs on some node; only the quota is short
-        best = _greedy(need, free, [v for v in ordered if v.quota_gpus], allowed)
+    if need.quota:  # and where GPUs are free already: only the quota is short there
+        got = _greedy(need, free, [v for v in ordered if v.quota_gpus], allowed)
+        if got is not None and (best is None or _cost(got) < _cost(best)):
+            best = got
     return best

@@ -83,6 +83,10 @@ def test_waiting_for_its_quota_it_stops_runs_of_that_quota() -> None:
     # GPUs are free, the team's quota is what is short: a run holding that quota is stopped, not one of another
     victims = [v("other", 0, 20, {"a": 1}, quota=0), v("mine", 0, 10, {"b": 1}, quota=1)]
     assert ids(choose(Need(gpus=1, quota=1), {"c": 1}, victims)) == ["mine"]
+    # one run of the quota, on a node where the waiting run needs 2: stopping it alone gives the quota back and,
+    # with the free GPU on c, room; on b the run would need it and the other run as well
+    victims = [v("other", 0, 20, {"b": 1}, quota=0), v("mine", 0, 10, {"b": 1}, quota=2)]
+    assert ids(choose(Need(gpus=2, quota=2), {"c": 2}, victims)) == ["mine"]
 
 
 # -- in the scheduler -----------------------------------------------------------------------------------------
