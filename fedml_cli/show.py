@@ -121,7 +121,8 @@ def standing(row: dict[str, Any], now: float, *, owners: int = 3, detail: bool =
 
     a = row["ahead"]
     ahead = (f"{a['runs']} run(s), {a['gpus']} GPU(s): " + ", ".join(
-        f"{o['owner']} {o['runs']}/{o['gpus']} GPUs" for o in a["owners"][:owners])) if a["runs"] else "nobody"
+        f"{o['owner']}{' (' + o['team'] + ')' if o.get('team') else ''} {o['runs']}/{o['gpus']} GPUs"
+        for o in a["owners"][:owners])) if a["runs"] else "nobody"
     if row["start_at"] is None:
         return ahead, f"no estimate: {row['no_basis'] or '-'}"
     wait = max(0.0, row["start_at"] - now)

@@ -286,3 +286,22 @@ def test_preemption_needs_a_team(world) -> None:  # type: ignore[no-untyped-def]
     high = launch(sched, plain, priority=9)
     sched.schedule_pass()
     assert status(sched, low) == RunStatus.STARTING and status(sched, high) == RunStatus.QUEUED
+
+
+def test_the_queue_counts_a_teams_quota_in_its_estimates_and_names_the_team_ahead(world) -> None:  # type: ignore[no-untyped-def]
+    sched, admin, people = world
+    n = node(sched, admin, "n", 2)
+    quota(sched, admin, "red", 1)
+    first = launch(sched, people["red-a"], max_duration="10m")
+    sched.schedule_pass()
+    running(sched, first)
+    second = launch(sched, people["red-a"], max_duration="10m")
+    big = launch(sched, people["blue-a"], computing={"minimum_num_gpus": 2})
+    sched.schedule_pass()
+    q = {r["id"]: r for r in sched.queue(admin)["runs"]}
+    started = sched.get_run(first).started_at
+    assert started is not None and n
+    # a GPU is free, but red's quota is not: it starts when `first` is expected to end
+    assert q[second]["start_at"] == pytest.approx(started + 600, abs=1)
+    assert "team red holds its quota of 1 GPU" in q[second]["reason"]
+    assert q[big]["ahead"]["owners"] == [{"owner": "red-a", "team": "red", "runs": 1, "gpus": 1}]

@@ -88,6 +88,10 @@ class QueueMixin(SchedulerBase):
             gpus[node.id] = {g.index: Gpu(now) if g.index not in on else Gpu(*ends.get(on[g.index], (INF, None)))
                              for g in node.gpus}
         standings = stand(entries, gpus, eligible, now=now, estimate_first=ESTIMATE_FIRST, quotas=quotas)
+        teams_of: dict[str, set[str]] = {}  # owner -> the teams of their queued runs (who is ahead: owner, team)
+        for _, req, _ in line:
+            if req.team:
+                teams_of.setdefault(req.owner or "", set()).add(req.team)
         rows = []
         for (waiting, req, _), e, st in zip(line, entries, standings, strict=True):
             run = docs.get(waiting.id)
@@ -101,7 +105,8 @@ class QueueMixin(SchedulerBase):
                 "reason": (run.reason if run else waiting.reason) or "waiting for the next pass",
                 "expected_duration": e.duration, "duration_basis": e.basis,
                 "ahead": {"runs": st.ahead_runs, "gpus": st.ahead_gpus,
-                          "owners": [{"owner": o, "runs": v[0], "gpus": v[1]} for o, v in
+                          "owners": [{"owner": o, "team": ",".join(sorted(teams_of.get(o, ()))) or None,
+                                      "runs": v[0], "gpus": v[1]} for o, v in
                                      sorted(st.ahead_owners.items(), key=lambda kv: (-kv[1][1], kv[0]))]},
                 "start_at": st.start_at, "basis": st.basis, "no_basis": st.no_basis})
         held = [{"id": r.id, "name": r.name, "owner": r.owner, "team": r.team, "priority": r.priority,

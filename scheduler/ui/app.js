@@ -519,7 +519,7 @@ function queuePage() {
         h("td", {}, `${r.gpus * r.nodes}${r.gpu_type ? ` ${r.gpu_type}` : ""}${r.nodes > 1 ? ` (${r.nodes} nodes)` : ""}`),
         h("td", {}, ago(r.created_at)), h("td", { class: "reason" }, r.reason),
         h("td", { class: "ahead" }, r.ahead.runs ? `${r.ahead.runs} run${r.ahead.runs > 1 ? "s" : ""}, ${r.ahead.gpus} GPUs: `
-          + r.ahead.owners.slice(0, 3).map((o) => `${o.owner} ${o.runs}×/${o.gpus} GPUs`).join(", ")
+          + r.ahead.owners.slice(0, 3).map((o) => `${o.owner}${o.team ? ` (${o.team})` : ""} ${o.runs}×/${o.gpus} GPUs`).join(", ")
           + (r.ahead.owners.length > 3 ? ", …" : "") : "nobody"),
         h("td", { class: "starts" }, when(r, q.now)))), "queue"));
     if (q.held.length) out.push(h("h2", {}, "Not in line yet"), table(["Run", "Name", "Owner", "Why"], q.held.map((r) =>
