@@ -108,8 +108,8 @@ def test_the_scheduler_shows_a_user_their_place_and_who_is_ahead(tmp_path: Path)
     assert "no node with 1 free GPU" in first["reason"]
     mine = s.queue(bob)  # a user sees their own rows; the others are counted
     assert [r["id"] for r in mine["runs"]] == [b1.id, b2.id]
-    assert mine["runs"][1]["ahead"] == {"runs": 2, "gpus": 2, "owners": [{"owner": "alice", "runs": 1, "gpus": 1},
-                                                                          {"owner": "bob", "runs": 1, "gpus": 1}]}
+    assert mine["runs"][1]["ahead"] == {"runs": 2, "gpus": 2, "owners": [
+        {"owner": "alice", "team": None, "runs": 1, "gpus": 1}, {"owner": "bob", "team": None, "runs": 1, "gpus": 1}]}
 
 
 def reference(entries: list[Entry], gpus: dict[str, dict[int, Gpu]], eligible: Any, now: float) -> list[float | None]:
