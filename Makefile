@@ -45,7 +45,8 @@ bench: redis
 	$(BIN)/python bench/launch_latency.py
 	$(BIN)/python bench/log_throughput.py
 	$(BIN)/python bench/placement.py --store sqlite,redis --sizes 1000,10000,100000
-	$(BIN)/python bench/queue_drain.py --nodes 1000 --queued 100,1000 --drain 20
+	$(BIN)/python bench/queue_drain.py --nodes 1000 --queued 100,1000 --drain 20 --teams 0,50
+	$(BIN)/python bench/preemption.py --rounds 10 --days 1
 	$(BIN)/python bench/idle_cpu.py --queued 10000 --seconds 10 --rounds 1
 	$(BIN)/python bench/memory.py --nodes 100000 --queued 100000 --store sqlite --slurm-jobs 20000
 	$(BIN)/python bench/submit_rate.py --nodes 1000 --queued 10000 --seconds 10
