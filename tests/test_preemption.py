@@ -305,3 +305,19 @@ def test_the_queue_counts_a_teams_quota_in_its_estimates_and_names_the_team_ahea
     assert q[second]["start_at"] == pytest.approx(started + 600, abs=1)
     assert "team red holds its quota of 1 GPU" in q[second]["reason"]
     assert q[big]["ahead"]["owners"] == [{"owner": "red-a", "team": "red", "runs": 1, "gpus": 1}]
+
+
+def test_shapes_skipped_while_no_gpu_is_free_still_show_their_counts(world) -> None:  # type: ignore[no-untyped-def]
+    sched, admin, people = world
+    n = node(sched, admin, "n", 2)
+    busy = [launch(sched, people["red-a"]), launch(sched, people["red-b"])]
+    sched.schedule_pass()
+    waiting = [launch(sched, people[p]) for p in ("blue-a", "blue-b", "red-a", "red-b")]  # four shapes
+    sched.schedule_pass()  # (each told "no node with 1 free GPU")
+    sched.report(busy[0], StatusReport(status=RunStatus.FINISHED, exit_code=0), n)  # a pass places one of them
+    started = [r for r in waiting if status(sched, r) == RunStatus.STARTING]
+    assert len(started) == 1
+    reasons = sorted(sched.get_run(r).reason or "" for r in waiting if r not in started)
+    # the first blocked holds the node; those the pass then skipped (no GPU free, nothing to preempt) are counted
+    assert reasons == ["no node with 1 free GPU (1 node has them busy)"] + \
+        ["no node with 1 free GPU (1 node is held for a job ahead in the queue)"] * 2, reasons

@@ -87,6 +87,7 @@ class Book:
         self.of_team: dict[str | None, set[str]] = {}  # team -> its runs in holders
         # team -> priority -> how many of its holders may be preempted (a pass asks "any below P?" per shape)
         self.preemptible: dict[str | None, dict[int, int]] = {}
+        self.queued_priorities: dict[str | None, dict[int, int]] = {}  # team -> priority -> its queued runs
         # Preemptions under way: the waiting run -> the runs being stopped for it (PREEMPTED); and when the last
         # of them stopped (the pass tries it first for a while: the GPUs were freed for it)
         self.preempting: dict[str, set[str]] = {}
@@ -110,6 +111,8 @@ class Book:
     def apply(self, run: Run) -> None:
         """Take `run` as it is now in the store."""
         before = self.queued.pop(run.id, None)
+        if before is not None:
+            self._count_queued(before[1].team, -int(before[2][0]), -1)
         self._release(run.id)
         self.waiting_for.pop(run.id, None)
         gate = _gate(run)
@@ -171,6 +174,7 @@ class Book:
             req = Request.of(run.job, run.owner, run.team)
             key = order(run)
             self.queued[run.id] = (Waiting.of(run), req, key)
+            self._count_queued(req.team, run.priority, 1)
             shape = self.shapes.get(req)
             fresh = shape is None
             if shape is None:
@@ -274,6 +278,21 @@ class Book:
             got = self.queued.get(run_id)
             if got is not None and got[1] == shape.req:
                 yield got[0]
+
+    def _count_queued(self, team: str | None, priority: int, n: int) -> None:
+        prios = self.queued_priorities.setdefault(team, {})
+        left = prios.get(priority, 0) + n
+        if left > 0:
+            prios[priority] = left
+        else:
+            prios.pop(priority, None)
+            if not prios:
+                del self.queued_priorities[team]
+
+    def any_priority_preemption(self) -> bool:
+        """Does some team have a run queued above a run of its own it may preempt?"""
+        return any(t is not None and t in self.preemptible and max(prios) > min(self.preemptible[t])
+                   for t, prios in self.queued_priorities.items())
 
     def may_preempt(self, team: str | None, priority: int) -> bool:
         """Does the team hold a run it may preempt for this priority (preemptible, lower, not being preempted)?"""

@@ -188,10 +188,19 @@ class PlacementMixin(PreemptionMixin):
         heads = [(rank(key, req), req) for key, req in book.heads()]
         heapq.heapify(heads)
         placed = 0
+        settled: bool | None = None  # no GPU free, and nothing any run may preempt: GPU shapes told so are skipped
         with _Commits(self.store, announce or self._announce, changed or self.run_changed) as ps.commits:
             while heads:
                 key, req = heapq.heappop(heads)
                 shape = book.shapes[req]
+                if req.gpus and not ps.cands.free and ps.head_blocked and shape.reason == req.shortfall():
+                    if settled is None:
+                        settled = not self.preemption_possible(book, ps)
+                    if settled:  # (with teams, a busy queue has a shape per team and user: 150 of them here)
+                        if (last := self._waiting.get(req)) is not None:  # (what `waiting()` counts from)
+                            ps.no_room[req] = last
+                            ps.held_ahead[req] = frozenset(ps.reserved)
+                        continue
                 got = book.head(shape)
                 if got is None:
                     continue

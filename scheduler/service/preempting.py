@@ -84,6 +84,19 @@ class PreemptionMixin(SchedulerBase):
                     got[name] = held - k.quotas[bucket]
         return got
 
+    def preemption_possible(self, book: Book, ps: _Pass) -> bool:
+        """Could any queued run preempt now: one queued above a preemptible run of its team, or a team holding
+        more than its quota (borrowing, which the owner may reclaim), or a preemption under way?"""
+        if book.preempting or book.any_priority_preemption():
+            return True
+        teams = self.teams_now()
+        for key, held in book.quota_held.items():
+            name, _, bucket = key.partition("\t")
+            k = teams.get(name)
+            if k is not None and held > k.quotas.get(bucket, held):
+                return True
+        return False
+
     def store_limit(self, req: Request, quota: tuple[str, str, int]) -> int:
         """The store's last word on the team's GPUs (exact across replicas): its quota and all it may borrow."""
         team = self.team_cached(req.team) if req.team else None
