@@ -170,10 +170,9 @@ def _day(store: Store, clock: Clock, jobs: int, fair: bool, seed: int) -> dict[s
     sched = Scheduler(store, Notifier(), heartbeat_interval=1e9, rng=random.Random(seed))
     admin = auth.verify(store, auth.issue(store, name="root", scope="admin", owner="admin")[1])
     assert admin is not None
-    nodes = [sched.register_node(NodeInfo(name=f"n{i}", job_user="fedml-job", gpus=[
-        GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(8)]), admin).node.id
-        for i in range(8)]
-    del nodes
+    for i in range(8):
+        sched.register_node(NodeInfo(name=f"n{i}", job_user="fedml-job", gpus=[
+            GpuInfo(index=g, name="NVIDIA A100 80GB PCIe", memory_mb=81920) for g in range(8)]), admin)
     people: dict[str, Principal] = {}
     for t, shares in SHARES.items():
         if fair:
@@ -195,7 +194,7 @@ def _day(store: Store, clock: Clock, jobs: int, fair: bool, seed: int) -> dict[s
     team_of: dict[str, str] = {}
     duration: dict[str, float] = {}
     used_all_waiting = dict.fromkeys(SHARES, 0.0)
-    running: dict[str, tuple[str, int, float]] = {}  # run -> (team, gpus, since)
+    running: dict[str, tuple[str, int]] = {}  # run -> (team, GPUs)
     waiting = dict.fromkeys(SHARES, 0)
     i = 0
     seq = 0
@@ -204,7 +203,7 @@ def _day(store: Store, clock: Clock, jobs: int, fair: bool, seed: int) -> dict[s
                   start + day)
         # GPU-seconds used since the last event, counted while every team had work waiting
         if all(waiting.values()):
-            for team, gpus, _ in running.values():
+            for team, gpus in running.values():
                 used_all_waiting[team] += gpus * (nxt - clock.now)
         clock.now = nxt
         while events and events[0][0] <= clock.now:
@@ -224,7 +223,7 @@ def _day(store: Store, clock: Clock, jobs: int, fair: bool, seed: int) -> dict[s
             sched.report(r.id, StatusReport(status=RunStatus.RUNNING), r.placements[0].node_id)
             t = team_of[r.id]
             waiting[t] -= 1
-            running[r.id] = (t, sum(len(p.gpus) for p in r.placements), clock.now)
+            running[r.id] = (t, sum(len(p.gpus) for p in r.placements))
             seq += 1
             heapq.heappush(events, (clock.now + duration[r.id], seq, r.id, r.placements[0].node_id))
     total = sum(used_all_waiting.values())

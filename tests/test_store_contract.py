@@ -907,13 +907,18 @@ def _replicas(n: int) -> tuple[list[Scheduler], Callable[[], None]]:
     return scheds, close
 
 
+def eight_nodes(store: Store, now: float) -> None:
+    """8 nodes of 4 GPUs, seen now (32 GPUs for the replicas' races)."""
+    for i in range(8):
+        store.upsert_node(node(i, gpus=4).model_copy(update={"last_seen": now}))
+
+
 def test_two_replicas_placing_at_once_never_double_place(monkeypatch: pytest.MonkeyPatch) -> None:
     scheds, close = _replicas(2)
     try:
         store = scheds[0].store
         now = time.time()
-        for i in range(8):
-            store.upsert_node(node(i, gpus=4).model_copy(update={"last_seen": now}))
+        eight_nodes(store, now)
         for i in range(60):  # 60 one-GPU runs for 32 GPUs
             store.create_run(mk_run(i, created=now + i * 1e-3))
         # No pass lock: both replicas place the same queue at the same moment, from the same stale view;
@@ -1127,8 +1132,7 @@ def test_two_replicas_racing_never_take_a_team_past_its_quota(monkeypatch: pytes
     try:
         store = scheds[0].store
         now = time.time()
-        for i in range(8):
-            store.upsert_node(node(i, gpus=4).model_copy(update={"last_seen": now}))
+        eight_nodes(store, now)
         store.put_team(Team(name="red", quotas={"any": 5}), new=True)
         store.put_team(Team(name="blue", quotas={"any": 7}), new=True)
         for i in range(60):  # 30 one-GPU runs per team, 32 GPUs: the quotas bind

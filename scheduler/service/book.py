@@ -201,11 +201,11 @@ class Book:
                     self.quota_held[run.quota_key] = self.quota_held.get(run.quota_key, 0) + n
                 by = run.preempted.by if run.status == RunStatus.PREEMPTED and run.preempted else None
                 # (a run being stopped already, by its user or its gang, is no one's victim: it would be requeued)
-                self.holders[run.id] = Holder(run.team, run.owner, run.priority,
-                                              run.job.preemptible and not run.stop_requested, run.quota_key,
-                                              n, run.started_at or run.updated_at, by, run.job.preemption.grace)
+                holder = self.holders[run.id] = Holder(
+                    run.team, run.owner, run.priority, run.job.preemptible and not run.stop_requested, run.quota_key,
+                    n, run.started_at or run.updated_at, by, run.job.preemption.grace)
                 self.of_team.setdefault(run.team, set()).add(run.id)
-                if run.job.preemptible and not run.stop_requested and by is None:
+                if holder.preemptible and by is None:
                     prios = self.preemptible.setdefault(run.team, {})
                     prios[run.priority] = prios.get(run.priority, 0) + 1
                 if by is not None:

@@ -193,7 +193,7 @@ class PlacementMixin(PreemptionMixin):
             while heads:
                 key, req = heapq.heappop(heads)
                 shape = book.shapes[req]
-                if req.gpus and not ps.cands.free and ps.head_blocked and shape.reason == req.shortfall():
+                if ps.told_none_free(shape):
                     if settled is None:
                         settled = not self.preemption_possible(book, ps)
                     if settled:  # (with teams, a busy queue has a shape per team and user: 150 of them here)
@@ -346,9 +346,7 @@ class PlacementMixin(PreemptionMixin):
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
         # added when it is shown (waiting()).
         reserved = frozenset(ps.reserved - ps.held_for[req] if req in ps.held_for else ps.reserved)
-        if req.gpus and not ps.cands.free and ps.head_blocked and shape.reason == req.shortfall():
-            # No node has a free GPU, the head's reservation is made, and the shape's runs were told so already:
-            # nothing to place or to write (with teams, a busy queue has a shape per team and user).
+        if ps.told_none_free(shape):  # nothing to place or to write (with teams: a shape per team and user)
             verdict: list[Any] | NoFit = NoFit(req.shortfall(), summary=req.shortfall())
         elif req.gpus and ps.by_id:
             verdict = place(req, ps.with_free, reserved=reserved, rng=self.rng)
@@ -573,6 +571,12 @@ class _Pass:
                 c.now, c.last_seen = self.now, self._last_seen(c.node, seen)
             self.all_seen = everyone
         return self.all_seen
+
+    def told_none_free(self, shape: Shape) -> bool:
+        """A GPU shape whose runs were told "no node with a free GPU", while no node has one and the head's
+        reservation is made: placement would find the same, and nothing is to be written."""
+        req = shape.req
+        return bool(req.gpus) and not self.cands.free and self.head_blocked and shape.reason == req.shortfall()
 
     def seen_now(self, node_ids: set[str]) -> None:
         """Bring these nodes' heartbeats up to date (nodes with no free GPU, which the pass did not look at)."""

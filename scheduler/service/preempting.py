@@ -202,7 +202,7 @@ class PreemptionMixin(SchedulerBase):
         if not stopped:
             return None
         self.tally.add("preemptions", len(stopped))
-        grace = max(book.holders[r].grace for r in stopped if r in book.holders) if stopped else 0.0
+        grace = max(why[r][0].grace for r in stopped)
         reason = (f"preempting {len(stopped)} run{'s' if len(stopped) > 1 else ''} to make room "
                   f"({', '.join(stopped[:5])}{', ...' if len(stopped) > 5 else ''}; they stop within {grace:g} s)")
         with contextlib.suppress(NotFound):
