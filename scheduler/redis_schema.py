@@ -119,6 +119,7 @@ class Keys:
 #       endpoints set, "+" (an unsettled run with an endpoint) / "-" (one that settled) / "",
 #       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...,
 #       6, quota hash, old quota key, its GPUs, new quota key, its GPUs, limit (-1: no check)  (Run.quota_key)
+# Returns "ok<TAB>the write's change counter" ("ok" for a quiet write), or why it wrote nothing.
 PUT_RUN = """
 local cur = redis.call('GET', KEYS[1])
 if ARGV[2] == '' then
@@ -168,7 +169,11 @@ for _, c in ipairs(claim) do
   redis.call('HSET', ARGV[5] .. node, gpu, ARGV[1])
 end
 if ARGV[8] == '+' then redis.call('SADD', ARGV[7], ARGV[1]) elseif ARGV[8] == '-' then redis.call('SREM', ARGV[7], ARGV[1]) end
-if KEYS[6] then redis.call('ZADD', KEYS[6], redis.call('INCR', KEYS[7]), ARGV[1]) end
+if KEYS[6] then
+  local v = redis.call('INCR', KEYS[7])
+  redis.call('ZADD', KEYS[6], v, ARGV[1])
+  return 'ok\t' .. v
+end
 return 'ok'
 """
 

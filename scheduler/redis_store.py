@@ -24,7 +24,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import redis
@@ -125,8 +125,9 @@ class RedisStore(Store):
         keys, args = self._put_call(old_doc, old, new, quiet, quota_limit)
         got = self._put_run(keys=keys, args=args)
         got = got.decode() if isinstance(got, bytes) else got
-        if got == "ok":
+        if got == "ok" or got.startswith("ok\t"):
             self._remember(new.id, args[2])
+            new._version = int(got[3:]) if got != "ok" else None
             return
         if got == "exists":
             raise AlreadyExists(f"run {new.id} exists already")
@@ -156,8 +157,9 @@ class RedisStore(Store):
         out: list[Exception | None] = []
         for (_, args), run, g in zip(calls, runs, got, strict=True):
             said = g.decode() if isinstance(g, bytes) else g
-            if said == "ok":
+            if isinstance(said, str) and said.startswith("ok\t"):
                 self._remember(run.id, args[2])
+                run._version = int(said[3:])
                 out.append(None)
             elif said == "exists":
                 out.append(AlreadyExists(f"run {run.id} exists already"))
@@ -187,12 +189,13 @@ class RedisStore(Store):
                 got = p.execute()
             except redis.WatchError:
                 raise AlreadyExists("a run of the batch was written meanwhile; nothing was written") from None
-        got = got[:len(calls)]  # (then the sweeps' SADDs)
-        bad = [g for g in got if (g.decode() if isinstance(g, bytes) else g) != "ok"]
+        said = [g.decode() if isinstance(g, bytes) else g for g in got[:len(calls)]]  # (then the sweeps' SADDs)
+        bad = [g for g in said if not (isinstance(g, str) and g.startswith("ok\t"))]
         if bad:  # cannot be: the keys were watched and absent
             raise RuntimeError(f"batch create: {bad[0]!r}")
-        for (_, args), run in zip(calls, runs, strict=True):
+        for (_, args), run, g in zip(calls, runs, said, strict=True):
             self._remember(run.id, args[2])
+            run._version = int(g[3:])
         return runs
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
@@ -215,16 +218,18 @@ class RedisStore(Store):
             self._remember(run_id, doc)
         return doc, Run.model_validate_json(doc)
 
-    def get_run(self, run_id: str) -> Run | None:
+    def get_run(self, run_id: str, *, logs: bool = True) -> Run | None:
         with self.r.pipeline(transaction=False) as p:
             p.get(self.k.run(run_id))
-            p.get(self.k.log_pos(run_id))
-            raw, pos = p.execute()
+            if logs:
+                p.get(self.k.log_pos(run_id))
+            raw, *pos = p.execute()
         if raw is None:
             return None
         self._remember(run_id, raw.decode())
         run = Run.model_validate_json(raw)
-        run.log_count = int(pos or 0)
+        if logs:
+            run.log_count = int(pos[0] or 0)
         return run
 
     def _modify(self, run_id: str, change: Any, quiet: bool = False, quota_limit: int | None = None) -> Run:
@@ -251,11 +256,13 @@ class RedisStore(Store):
     def runs_seq(self) -> int:
         return int(self.r.get(self.k.runs_seq) or 0)
 
-    def runs_changed_since(self, seq: int, limit: int = 100_000) -> tuple[int, list[Run]]:
+    def runs_changed_since(self, seq: int, limit: int = 100_000,
+                           known: Mapping[str, int] | None = None) -> tuple[int, list[Run]]:
         got = self.r.zrangebyscore(self.k.changes, f"({seq}", "+inf", start=0, num=limit, withscores=True)
         if not got:
             return seq, []
-        return int(got[-1][1]), self._docs([m.decode() for m, _ in got])
+        known = known or {}
+        return int(got[-1][1]), self._docs([m.decode() for m, v in got if known.get(m.decode()) != int(v)])
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         return self._modify(run_id, lambda run: run.changed(to, **fields), quota_limit=quota_limit)

@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,14 +43,16 @@ CREATE TABLE IF NOT EXISTS runs (
     doc TEXT NOT NULL,
     seq INTEGER NOT NULL DEFAULT 0  -- the store's change counter at the run's last write (runs_changed_since)
 );
-CREATE INDEX IF NOT EXISTS runs_status ON runs(status, priority, created_at);
+-- (runs_status (status, priority, created_at) and runs_node (node_id, status) of older databases answered no query
+-- any more, and each cost two pages written and synced at every run write that moves its status)
+DROP INDEX IF EXISTS runs_status;
+DROP INDEX IF EXISTS runs_node;
 -- each_run's pages (the book's rebuild): the runs of one status in id order, not a walk past every finished run.
 CREATE INDEX IF NOT EXISTS runs_status_id ON runs(status, id);
 CREATE INDEX IF NOT EXISTS runs_seq ON runs(seq);
 -- Pages of the newest runs (list_runs, the dashboard): no sort of every run per page.
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at, id);
 CREATE INDEX IF NOT EXISTS runs_owner ON runs(owner, status);
-CREATE INDEX IF NOT EXISTS runs_node ON runs(node_id, status);
 -- The gateway's look-up of serving runs each second (endpoint_runs): the few runs with an endpoint, not a scan of
 -- every queued and running one.
 CREATE INDEX IF NOT EXISTS runs_endpoint ON runs(created_at) WHERE json_extract(doc, '$.endpoint') IS NOT NULL;
@@ -323,23 +325,25 @@ class SQLiteStore(Store):
         try:
             with self._tx() as db:
                 self._check_gpus(db, run, run.gpu_claims())  # (a run is created queued: none, but the contract)
+                seq = self._next_seq(db)
                 db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
-                           "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), self._next_seq(db)))
+                           "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), seq))
                 self._index(db, run)
                 if run.sweep is not None:
                     db.execute("INSERT INTO sweep_runs (sweep_id, run_id) VALUES (?,?)", (run.sweep.id, run.id))
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"run {run.id} exists already") from None
+        run._version = seq
         return run
 
     def _get(self, db: sqlite3.Connection, run_id: str) -> Run | None:
         row = db.execute("SELECT doc FROM runs WHERE id=?", (run_id,)).fetchone()
         return Run.model_validate_json(row[0]) if row else None
 
-    def get_run(self, run_id: str) -> Run | None:
+    def get_run(self, run_id: str, *, logs: bool = True) -> Run | None:
         with self._lock:
             run = self._get(self._db, run_id)
-        if run is not None:
+        if run is not None and logs:
             run.log_count = self._log_count(run_id)
         return run
 
@@ -408,26 +412,31 @@ class SQLiteStore(Store):
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0])
 
-    def runs_changed_since(self, seq: int, limit: int = 100_000) -> tuple[int, list[Run]]:
+    def runs_changed_since(self, seq: int, limit: int = 100_000,
+                           known: Mapping[str, int] | None = None) -> tuple[int, list[Run]]:
         with self._lock:
-            rows = self._db.execute("SELECT seq, doc FROM runs WHERE seq > ? ORDER BY seq LIMIT ?",
+            rows = self._db.execute("SELECT seq, id, doc FROM runs WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (seq, limit)).fetchall()
+        known = known or {}
         with bulk():
-            return (rows[-1][0] if rows else seq), [Run.model_validate_json(r[1]) for r in rows]
+            return (rows[-1][0] if rows else seq), [Run.model_validate_json(r[2]) for r in rows
+                                                    if known.get(r[1]) != r[0]]
 
     def _write(self, db: sqlite3.Connection, run: Run, old: Run, *, quiet: bool = False) -> None:
         """Write `run` over `old` (the stored run it was made from)."""
-        if quiet:
+        if quiet:  # (no new seq: the change feed does not list it)
             db.execute("UPDATE runs SET doc=? WHERE id=?", (run.model_dump_json(), run.id))
             return
+        seq = self._next_seq(db)
         if (run.owner, run.priority, run.created_at) == (old.owner, old.priority, old.created_at):
             # (set once, at creation: an UPDATE that names a column rewrites its index entries even unchanged,
             # pages written and synced at every commit: 27 -> 25 pages per freed slot)
             db.execute("UPDATE runs SET status=?, node_id=?, doc=?, seq=? WHERE id=?",
-                       (run.status.value, run.node_id, run.model_dump_json(), self._next_seq(db), run.id))
+                       (run.status.value, run.node_id, run.model_dump_json(), seq, run.id))
         else:
             db.execute("UPDATE runs SET status=?, node_id=?, owner=?, priority=?, created_at=?, doc=?, seq=? "
-                       "WHERE id=?", (*self._run_row(run)[1:], self._next_seq(db), run.id))
+                       "WHERE id=?", (*self._run_row(run)[1:], seq, run.id))
+        run._version = seq
         if not old.terminal and old.placements:  # (a queued run has no rows in any)
             db.execute("DELETE FROM run_nodes WHERE run_id=?", (run.id,))
             db.execute("DELETE FROM gpu_claims WHERE run_id=?", (run.id,))

@@ -13,7 +13,7 @@ import gc
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .contract import errors
@@ -202,7 +202,9 @@ class Store(abc.ABC):
         return out
 
     @abc.abstractmethod
-    def get_run(self, run_id: str) -> Run | None: ...
+    def get_run(self, run_id: str, *, logs: bool = True) -> Run | None:
+        """The run, with its stored log lines counted (Run.log_count) unless `logs` is False (a caller that
+        does not show them: an agent's report)."""
 
     @abc.abstractmethod
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
@@ -239,10 +241,15 @@ class Store(abc.ABC):
         write of QUIET_FIELDS alone."""
 
     @abc.abstractmethod
-    def runs_changed_since(self, seq: int, limit: int = 100_000) -> tuple[int, list[Run]]:
+    def runs_changed_since(self, seq: int, limit: int = 100_000,
+                           known: Mapping[str, int] | None = None) -> tuple[int, list[Run]]:
         """(the counter it read up to, the runs written after `seq` as they are now), oldest change first: the
         change feed an in-memory view of the queue and of held GPUs follows (scheduler/service/book.py). A run
-        written again is listed once, by its last write. Runs are never deleted, so nothing is missed."""
+        written again is listed once, by its last write. Runs are never deleted, so nothing is missed.
+
+        `known`: run id -> the counter of a write of it the caller has applied already (Run._version of what a
+        write returned). A run whose last write is that one is left out, unread and unparsed; the counter read
+        up to still passes it."""
 
     @abc.abstractmethod
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:

@@ -49,8 +49,8 @@ def counting(store: Store) -> list[int]:
         read[0] += len(out)
         return out
 
-    def changed(seq: int, limit: int = 100_000) -> tuple[int, list[Run]]:
-        got = feed(seq, limit)
+    def changed(seq: int, limit: int = 100_000, **kw: Any) -> tuple[int, list[Run]]:
+        got = feed(seq, limit, **kw)
         read[0] += len(got[1])
         return got
     store.list_runs = list_runs  # type: ignore[method-assign]
@@ -119,7 +119,9 @@ def test_a_freed_slot_costs_the_same_whatever_the_queue(kind: str, tmp_path: Pat
     (small_reads, small_ms), (big_reads, big_ms) = results[DRAIN], results[QUEUED]
     print(f"\n{kind}: {NODES} nodes busy; per freed slot: {small_reads:.1f} runs read, {small_ms:.2f} ms with "
           f"{DRAIN} queued; {big_reads:.1f} runs read, {big_ms:.2f} ms with {QUEUED} queued")
-    # Each slot: the finished run and the placed one come back through the change feed (a few documents).
-    assert big_reads <= 5, f"{big_reads:.0f} runs read per freed slot with {QUEUED} queued: the pass re-reads"
+    # The scheduler's own writes are applied as written, not read back from the change feed: on SQLite the report
+    # and the placement (one transaction), on Redis the placement (the report is written outside the pass and
+    # read back: one document).
+    assert big_reads <= 1, f"{big_reads:.1f} runs read per freed slot with {QUEUED} queued: the pass re-reads"
     assert big_reads <= small_reads + 1
     assert big_ms < max(4 * small_ms, small_ms + 20), "a freed slot costs more with a longer queue"

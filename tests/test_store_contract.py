@@ -273,6 +273,29 @@ def test_the_change_feed_lists_each_run_written_since_once_as_it_is_now(pair: tu
     assert [r.id for r in runs] == [two.id] and start < seq3 < seq2
 
 
+def test_the_change_feed_leaves_out_a_write_the_reader_applied_already(pair: tuple[Store, Store]) -> None:
+    """A write returns its run with the change counter it took (Run._version); given that as `known`, the feed
+    leaves the run out until it is written again, by anyone, and its counter still passes it."""
+    a, b = pair
+    start = b.runs_seq()
+    one, two = a.create_run(mk_run(1)), a.create_run(mk_run(2))
+    assert one._version is not None and two._version is not None and start < one._version < two._version
+    placed = start_on(a, one, "node-a", [0])
+    assert placed._version is not None and placed._version > two._version
+    assert placed.changed(reason="x")._version is None  # a copy being changed is not written yet
+    known = {one.id: placed._version}
+    seq, runs = b.runs_changed_since(start, known=known)
+    assert [r.id for r in runs] == [two.id] and seq == b.runs_seq()
+    stale = b.runs_changed_since(start, known={one.id: one._version})[1]  # (an older write of it: listed)
+    assert [(r.id, r.status) for r in stale] == [(two.id, RunStatus.QUEUED), (one.id, RunStatus.STARTING)]
+    quiet = a.update_run(one.id, reason="placed")  # a quiet write takes no counter: the feed does not list it
+    assert quiet._version is None and b.runs_changed_since(seq, known=known) == (seq, [])
+    b.update_run(one.id, reason="by the other replica", stop_requested=True)  # written again: listed
+    seq2, runs = b.runs_changed_since(seq, known=known)
+    assert [(r.id, r.stop_requested) for r in runs] == [(one.id, True)] and seq2 > seq
+    assert a.runs_changed_since(seq2, known=known) == (seq2, [])
+
+
 def test_a_version_2_sqlite_database_gains_the_change_counter(tmp_path: Path) -> None:
     import sqlite3
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import (
     BaseModel,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -276,6 +277,10 @@ class Run(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     ended_at: float | None = None
+    # The store's change counter at the write that made this object (set by a store on what it has just written;
+    # None on what it reads, and on a copy being changed). The scheduler's book applies its own writes as it makes
+    # them, and the change feed then leaves them out instead of reading them back (Store.runs_changed_since).
+    _version: int | None = PrivateAttr(default=None)
 
     @property
     def terminal(self) -> bool:
@@ -315,6 +320,7 @@ class Run(BaseModel):
             check_transition(self.id, self.status, to)
             fields = {**fields, "status": to}
         new = self.model_copy(update=fields)
+        new._version = None  # (not written yet)
         now = time.time() if now is None else now
         if to == RunStatus.RUNNING and new.started_at is None:
             new.started_at = now

@@ -93,6 +93,10 @@ class Book:
         self.preempting: dict[str, set[str]] = {}
         self.freed_for: dict[str, float] = {}
         self.dirty: set[str] = set()  # nodes whose held GPUs changed since the pass last looked
+        # Runs applied as this scheduler wrote them: run id -> the store's change counter of that write. The
+        # change feed leaves a run out while its last write is that one (Store.runs_changed_since's `known`):
+        # a freed slot's report and placement are not read back and parsed again.
+        self.own: dict[str, int] = {}
         self.live: set[str] = set()  # queued and active runs: a dependency among them has not ended
         self.waiting_for: dict[str, Run] = {}  # queued runs with dependencies (Run.after), not in a shape yet
         # Sweeps with max_parallel: the runs let into the queue (queued in a shape, or active), and those held
@@ -109,7 +113,11 @@ class Book:
 
     # -- changes -------------------------------------------------------------------------------------------
     def apply(self, run: Run) -> None:
-        """Take `run` as it is now in the store."""
+        """Take `run` as it is now in the store (as read, or as a write of this scheduler just returned it)."""
+        if run._version is not None and run._version > self.seq:
+            self.own[run.id] = run._version
+        else:
+            self.own.pop(run.id, None)
         before = self.queued.pop(run.id, None)
         if before is not None:
             self._count_queued(before[1].team, -int(before[2][0]), -1)

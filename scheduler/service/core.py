@@ -285,7 +285,7 @@ class SchedulerBase:
                      reason: str | None, attempt: int | None = None) -> Run:
         with self.run_lock(run_id):
             for tries in range(3):
-                run = self.store.get_run(run_id)
+                run = self.store.get_run(run_id, logs=False)
                 if run is None:
                     raise NotFound(f"run {run_id} not found")
                 if attempt is not None and attempt != run.attempt:

@@ -145,6 +145,8 @@ class PlacementMixin(PreemptionMixin):
                         new = self._settle(run)
                         passed = new.gpu_claims() < held
                         if passed:
+                            if self._book is not None:  # (as written: the pass's change feed leaves it out)
+                                self._book.apply(new)
                             try:
                                 with self.store.savepoint():
                                     self._pass(tickets, hold, moved.append)
@@ -259,11 +261,15 @@ class PlacementMixin(PreemptionMixin):
                 trim_heap()  # (the pages of parsed runs are freed; their memory goes back to the system)
             return self._book
         while True:
-            seq, runs = self.store.runs_changed_since(book.seq, limit=10_000)
+            seq, runs = self.store.runs_changed_since(book.seq, limit=10_000, known=book.own)
             for run in runs:
                 book.apply(run)
             book.seq = seq
-            if len(runs) < 10_000:
+            passed = 0
+            if book.own:  # (the feed has passed these writes: left out, or read as a later write)
+                left = {k: v for k, v in book.own.items() if v > seq}
+                passed, book.own = len(book.own) - len(left), left
+            if len(runs) + passed < 10_000:  # (it read fewer rows than its limit: nothing more to read)
                 return book
 
     def _live_candidates(self, book: Book) -> Cands:
