@@ -2,7 +2,9 @@
 and a real store: SQLite (on disk, synchronous=FULL) and/or Redis (127.0.0.1:6379, a key prefix of its own,
 wiped afterwards; each placement a Lua compare-and-set that also claims the GPU).
 
-For each cluster size: register the nodes (8 GPUs each), queue JOBS one-GPU runs, then time
+For each cluster size: register the nodes (8 GPUs each), queue JOBS one-GPU runs (submitted to the scheduler,
+Scheduler.create_runs as POST /runs/batch does; with --queued-via replica, written by another replica, which this
+scheduler then reads from the store's change feed), then time
 Scheduler.schedule_pass() placing all of them (each placement a committed QUEUED -> STARTING transition) in a
 scheduler whose first pass (loading the nodes, timed apart) is done. Also times one `place()` call alone (no
 store). Goals (issue 14): >= 5,000 placements/s at 10,000 nodes, >= 1,000/s at 100,000.
@@ -30,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scheduler.contract.models import GpuInfo, Node, Run, RunStatus, Team  # noqa: E402
+from scheduler.contract.models import GpuInfo, Node, Principal, Run, RunCreate, RunStatus, Team  # noqa: E402
 from scheduler.notify import Notifier  # noqa: E402
 from scheduler.placement import Request, place  # noqa: E402
 from scheduler.service import Scheduler  # noqa: E402
@@ -49,17 +51,19 @@ def open_store(kind: str, tmp: Path, n_nodes: int) -> Store:
     return RedisStore(f"{REDIS}?prefix=fedml-bench-{secrets.token_hex(4)}:")
 
 
-def bench(n_nodes: int, jobs: int, tmp: Path, kind: str = "sqlite", teams: int = 0) -> dict[str, object]:
+def bench(n_nodes: int, jobs: int, tmp: Path, kind: str = "sqlite", teams: int = 0,
+          via: str = "scheduler") -> dict[str, object]:
     store = open_store(kind, tmp, n_nodes)
     try:
-        return _bench(store, n_nodes, jobs, kind, teams)
+        return _bench(store, n_nodes, jobs, kind, teams, via)
     finally:
         if kind == "redis":
             store.wipe()  # type: ignore[attr-defined]
         store.close()
 
 
-def _bench(store: Store, n_nodes: int, jobs: int, kind: str, teams: int = 0) -> dict[str, object]:
+def _bench(store: Store, n_nodes: int, jobs: int, kind: str, teams: int = 0,
+           via: str = "scheduler") -> dict[str, object]:
     sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(1))
     for t in range(teams):  # issue 18: runs spread over teams, each with a GPU quota (that does not bind here)
         store.put_team(Team(name=f"team{t:03d}", quotas={"any": 10 * n_nodes, "A100-80G": 10 * n_nodes}), new=True)
@@ -76,11 +80,18 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str, teams: int = 0) -> 
     t = time.perf_counter()
     assert sched.schedule_pass() == 1
     first_pass = time.perf_counter() - t
-    with store.batch():
-        for j in range(jobs):
-            store.create_run(Run(id=f"run-{j:06d}", name="b", job=job, created_at=now + j * 1e-6,
-                                 team=f"team{j % teams:03d}" if teams else None))
-    sched.kick()  # (written behind the scheduler's back: tell it, as a replica's relayed wake-up does)
+    if via == "scheduler":  # submitted to this scheduler (Scheduler.create_runs: POST /runs/batch), 1,000 a batch
+        for first in range(0, jobs, 1000):
+            for t in range(max(teams, 1)):
+                who = Principal(scope="user", owner=f"u{t}", key_id="k", team=f"team{t:03d}" if teams else None)
+                n = len(range(first + t, min(first + 1000, jobs), max(teams, 1)))
+                sched.create_runs([RunCreate(job=job, name="b") for _ in range(n)], who)
+    else:  # written by another replica: this scheduler reads them from the store's change feed
+        with store.batch():
+            for j in range(jobs):
+                store.create_run(Run(id=f"run-{j:06d}", name="b", job=job, created_at=now + j * 1e-6,
+                                     team=f"team{j % teams:03d}" if teams else None))
+        sched.kick()  # (as a replica's relayed wake-up does)
     t = time.perf_counter()
     placed = 0
     while placed < jobs:
@@ -102,7 +113,8 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str, teams: int = 0) -> 
         t1 = time.perf_counter()
         place(req, cands, rng=rng)
         times.append(time.perf_counter() - t1)
-    return {"store": kind, "nodes": n_nodes, "jobs": jobs, "teams": teams, "placed": placed, "seconds": round(elapsed, 3),
+    return {"store": kind, "nodes": n_nodes, "jobs": jobs, "teams": teams, "queued_via": via, "placed": placed,
+            "seconds": round(elapsed, 3),
             "first_pass_s": round(first_pass, 3),
             "placements_per_s": round(placed / elapsed, 1),
             "place_call_us_median": round(statistics.median(times) * 1e6, 1),
@@ -165,6 +177,9 @@ def main() -> int:
     p.add_argument("--teams", type=int, default=0, help="also place the jobs spread over N teams with quotas "
                                                        "(issue 18: >= 80%% of the rate without), alternating")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the --teams comparison (default 3)")
+    p.add_argument("--queued-via", default="scheduler", choices=["scheduler", "replica"],
+                   help="the queue submitted to this scheduler (the default: it knows those runs as it wrote them), "
+                        "or written by another replica (read from the store's change feed)")
     args = p.parse_args()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedml-bench-placement-") as d:
@@ -179,13 +194,13 @@ def main() -> int:
                     return 1
         for kind in args.store.split(","):
             for n in (int(x) for x in args.sizes.split(",")):
-                r = bench(n, args.jobs, Path(d), kind)
+                r = bench(n, args.jobs, Path(d), kind, via=args.queued_via)
                 results.append(r)
                 report(r, n, kind)
                 ratios = []
                 for k in range(args.teams and args.rounds):  # without teams, with, alternating (a noisy machine)
-                    base = r if k == 0 else bench(n, args.jobs, Path(d) / f"base{k}", kind)
-                    t = bench(n, args.jobs, Path(d) / f"teams{k}", kind, teams=args.teams)
+                    base = r if k == 0 else bench(n, args.jobs, Path(d) / f"base{k}", kind, via=args.queued_via)
+                    t = bench(n, args.jobs, Path(d) / f"teams{k}", kind, teams=args.teams, via=args.queued_via)
                     results.append(t)
                     ratios.append(t["placements_per_s"] / base["placements_per_s"])  # type: ignore[operator]
                     print(f"{kind:>6} {n:>6} nodes, round {k + 1}: {base['placements_per_s']:.0f} placements/s, over "
@@ -202,7 +217,8 @@ def report(r: dict[str, Any], n: int, kind: str) -> None:
     target = TARGETS.get(n)
     verdict = "PASS" if target is None or r["placements_per_s"] >= target else "MISS"
     where = "committed to SQLite" if kind == "sqlite" else "a Lua compare-and-set in Redis"
-    print(f"{kind:>6} {n:>6} nodes: placed {r['placed']} of {r['jobs']} one-GPU jobs in {r['seconds']} s = "
+    print(f"{kind:>6} {n:>6} nodes: placed {r['placed']} of {r['jobs']} one-GPU jobs (queued via {r['queued_via']}) "
+          f"in {r['seconds']} s = "
           f"{r['placements_per_s']:.0f} placements/s (each {where})"
           + (" (the rest did not fit: every A100 taken)" if r["placed"] < r["jobs"] else "")
           + (f"; issue 14's goal >= {target:,}/s: {verdict}" if target else ""))

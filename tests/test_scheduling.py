@@ -401,8 +401,9 @@ def test_a_pass_that_placed_nothing_is_not_repeated_until_something_changes(sche
 
 
 def test_the_book_takes_its_own_writes_as_written_and_reads_what_others_write_after_them(sched: Scheduler) -> None:
-    """A placement and the report that frees a slot are applied to the book as the store's write returned them
-    (the change feed leaves them out); a later write of the same run by another writer (a replica) is read."""
+    """What this scheduler writes (a submission, a placement, the report that frees a slot) is applied to the book
+    as the store's write returned it, and the change feed leaves it out; what another writer (a replica) writes,
+    also over one of its own writes, is read from the feed."""
     a = join(sched, "a", 1)
     first = submit(sched, computing={"minimum_num_gpus": 1})
     assert sched.schedule_pass() == 1
@@ -415,12 +416,15 @@ def test_the_book_takes_its_own_writes_as_written_and_reads_what_others_write_af
     sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # frees the GPU, places second
     assert sched.get_run(second).status == RunStatus.STARTING and fed == []  # neither was read back
     third = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 0 and fed == [third]
+    assert sched.schedule_pass() == 0 and fed == []  # (blocked: the book knows it without reading it)
+    other = sched.store.create_run(Run(id="run-by-a-replica", name="x", job={"job": "x"}))
+    sched.kick()
+    assert sched.schedule_pass() == 0 and fed == [other.id]  # (held back: `third` holds the node)
     # Another writer ends `second` behind this scheduler's back: its own write of it is no longer the last one.
     sched.store.transition(second, RunStatus.KILLED, reason="stopped by another replica")
     sched.kick()
-    assert sched.schedule_pass() == 1 and fed[-1:] == [second]  # read, and its GPU given to the next run
-    assert sched.get_run(third).status == RunStatus.STARTING
+    assert sched.schedule_pass() == 2 and fed[-1:] == [second]  # read, and its GPU given to the next run
+    assert sched.get_run(third).status == sched.get_run(other.id).status == RunStatus.STARTING
 
 
 def test_the_stored_reason_changes_with_its_meaning_not_with_the_counts(sched: Scheduler) -> None:

@@ -114,9 +114,10 @@ class Book:
     # -- changes -------------------------------------------------------------------------------------------
     def apply(self, run: Run) -> None:
         """Take `run` as it is now in the store (as read, or as a write of this scheduler just returned it)."""
-        if run._version is not None and run._version > self.seq:
-            self.own[run.id] = run._version
-        else:
+        version = run._version  # (a private attribute: read once, it is a slow look-up)
+        if version is not None and version > self.seq:
+            self.own[run.id] = version
+        elif self.own:
             self.own.pop(run.id, None)
         before = self.queued.pop(run.id, None)
         if before is not None:

@@ -4,6 +4,7 @@ by the outcome policy (scheduler/outcome.py) in one store write."""
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import gc
 import logging
@@ -209,6 +210,10 @@ class SchedulerBase:
         # The queue by shape and the GPUs active runs hold (book.py), and the candidates built on it.
         self._book: Book | None = None
         self._book_at = 0.0
+        # Runs this scheduler has just written (created, settled by a report), from any thread: the next pass
+        # applies them to the book as written, and the change feed then leaves them out (Book.own). Bounded:
+        # one dropped is only read back from the feed.
+        self._fresh: collections.deque[Run] = collections.deque(maxlen=100_000)
         self._cands: Cands | None = None
         self._group = GroupCommit()  # single submissions (create_run) share durable commits
         self.tally = Tally()
@@ -325,8 +330,14 @@ class SchedulerBase:
             new = self.store.update_run(run.id, **out.fields)
         else:
             new = self.store.transition(run.id, out.status, **out.fields)
+        self.wrote(new)
         self.moved(run, new)
         return new
+
+    def wrote(self, *runs: Run) -> None:
+        """Runs as a write of this scheduler's returned them: the next pass takes them into its book without
+        reading them back (_sync_book)."""
+        self._fresh.extend(runs)
 
     def moved(self, before: Run, after: Run) -> None:
         """After a write that may have moved a run: tell on_event of its event, if its job wants to hear of it

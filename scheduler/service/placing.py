@@ -120,6 +120,7 @@ class PlacementMixin(PreemptionMixin):
                 return self._pass(tickets)
             except BaseException:
                 self._book = None  # it may hold placements that were rolled back: read the store again
+                self._fresh.clear()  # (and what was written in the same transaction may be gone too)
                 raise
 
     def _settle_freeing(self, run: Run, held: set[tuple[str, int]]) -> tuple[Run, bool]:
@@ -145,18 +146,18 @@ class PlacementMixin(PreemptionMixin):
                         new = self._settle(run)
                         passed = new.gpu_claims() < held
                         if passed:
-                            if self._book is not None:  # (as written: the pass's change feed leaves it out)
-                                self._book.apply(new)
                             try:
                                 with self.store.savepoint():
                                     self._pass(tickets, hold, moved.append)
                             except Exception:
                                 log.exception("the pass after run %s's report failed; the next pass places", run.id)
                                 self._book, passed = None, False
+                                self._fresh.clear()
                                 placed.clear()
                                 moved.clear()
                 except BaseException:
                     self._book = None  # it may hold placements that were not committed
+                    self._fresh.clear()  # (and the report's write, rolled back with them)
                     raise
         finally:
             self._schedule_lock.release()
@@ -260,6 +261,12 @@ class PlacementMixin(PreemptionMixin):
             if len(self._book.queued) + len(self._book.claims) >= BIG_CLUSTER:
                 trim_heap()  # (the pages of parsed runs are freed; their memory goes back to the system)
             return self._book
+        fresh = self._fresh
+        while fresh:  # (what this scheduler wrote since: as written, unless the book has passed that write)
+            run = fresh.popleft()
+            version = run._version
+            if version is not None and version > max(book.seq, book.own.get(run.id, 0)):
+                book.apply(run)
         while True:
             seq, runs = self.store.runs_changed_since(book.seq, limit=10_000, known=book.own)
             for run in runs:

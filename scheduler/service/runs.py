@@ -38,10 +38,12 @@ class RunsMixin(SchedulerBase):
         if grid is not None:  # a sweep: one run per point, all written in one commit; the answer is the first
             runs = self._points(run, grid, req.max_parallel or run.job.max_parallel)
             self.store.create_runs(runs)
+            self.wrote(*runs)
             self.tally.add("runs_created", len(runs))
             self.kick()
             return runs[0]
         self._group.create(self.store, run)
+        self.wrote(run)
         self.tally.add("runs_created")
         self.kick()
         return run
@@ -114,6 +116,7 @@ class RunsMixin(SchedulerBase):
         runs = [_again(r, now + i * 1e-6, **({"reason": _held(r.sweep.max_parallel)} if r.sweep and
                                              r.sweep.max_parallel else {})) for i, r in enumerate(again)]
         self.store.create_runs(runs)
+        self.wrote(*runs)
         self.tally.add("runs_created", len(runs))
         self.kick()
         return runs
@@ -129,6 +132,7 @@ class RunsMixin(SchedulerBase):
             raise Conflict(f"run {run_id} served endpoint {run.endpoint.name}: launch the serve job again")
         again = _again(run, time.time())
         self.store.create_runs([again])
+        self.wrote(again)
         self.tally.add("runs_created")
         self.kick()
         return again
@@ -166,6 +170,7 @@ class RunsMixin(SchedulerBase):
                 raise Invalid(f"runs[{i}]: a sweep is launched on its own (POST /runs), not in a batch")
             runs.append(run)
         self.store.create_runs(runs)  # all or none
+        self.wrote(*runs)
         self.tally.add("runs_created", len(runs))
         self.kick()
         return runs
