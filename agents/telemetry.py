@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from scheduler.contract.models import GpuSample
+from scheduler.contract.models import GPU_SAMPLE_BOUNDS, GpuSample
 
 log = logging.getLogger("fedml.agent")
 SAMPLE_S = float(os.environ.get("FEDML_GPU_SAMPLE_S", "5"))  # (tests sample faster)
@@ -145,9 +145,14 @@ class Sampler:
                 for p in outside:
                     if owners[p] in ended:
                         reclaim(p, owners[p], i)
-            out.append(GpuSample(index=i, util=util, mem_used_mb=int(mem.used) >> 20, mem_total_mb=int(mem.total) >> 20,
-                                 power_w=power, temp_c=temp, pids=pids, outside=outside, misplaced=misplaced[:64],
-                                 ecc_uncorrected=ecc, xid=xids.get(i, [])[:16]))
+            values = {"util": util, "mem_used_mb": int(mem.used) >> 20, "mem_total_mb": int(mem.total) >> 20,
+                      "power_w": power, "temp_c": temp, "ecc_uncorrected": ecc}
+            # (a reading past what the scheduler takes, e.g. a driver's "not available" sentinel, is left out: it
+            # would refuse the whole poll)
+            values = {k: v if v is None or GPU_SAMPLE_BOUNDS[k][0] <= v <= GPU_SAMPLE_BOUNDS[k][1] else None
+                      for k, v in values.items()}
+            out.append(GpuSample(index=i, **values, pids=pids, outside=outside, misplaced=misplaced[:64],
+                                 xid=[x for x in xids.get(i, []) if 0 <= x <= 2**32][:16]))
         return out
 
     def close(self) -> None:

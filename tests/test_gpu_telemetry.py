@@ -242,3 +242,28 @@ def test_orphans_of_ended_runs_are_reclaimed_and_a_gpu_used_without_being_given_
     assert f"uses GPU {1 - given}" in fedml("logs", greedy).stderr
     assert node(fedml)["gpus_busy_outside"] == []  # (its own run's process: not a stranger)
     fedml("run", "stop", greedy)
+
+
+def test_a_gpu_reading_past_the_contracts_bounds_is_left_out_of_the_sample(tmp_path: Path, monkeypatch: Any) -> None:
+    """A node's sample is bounded when it comes (422 past GPU_SAMPLE_BOUNDS): the agent leaves out a reading
+    past them (a driver's "not available" sentinel, say) instead of sending a poll that would be refused."""
+    import pydantic
+    import pytest
+
+    from agents.telemetry import Sampler
+    from scheduler.contract.models import GpuSample
+
+    double = tmp_path / "nvml.json"
+    double.write_text(json.dumps({"gpus": [
+        {"name": "NVIDIA A100 80GB PCIe", "memory_total_mb": 81920, "memory_used_mb": 1024, "utilization": 35,
+         "power_w": 1e12, "temperature_c": 4294967295, "ecc_uncorrected": 2**60, "xid": [79, -5]}]}))
+    monkeypatch.setenv("FEDML_NVML_DOUBLE", str(double))
+    got = Sampler().sample({})
+    assert got is not None and len(got) == 1
+    g = got[0]
+    assert (g.util, g.mem_used_mb, g.mem_total_mb) == (35, 1024, 81920)  # what is in bounds is kept
+    assert (g.power_w, g.temp_c, g.ecc_uncorrected, g.xid) == (None, None, None, [79])
+    for bad in ({"power_w": float("inf")}, {"temp_c": 10**30}, {"mem_used_mb": 10**40}, {"xid": [-1]},
+                {"ecc_uncorrected": 2**64}):
+        with pytest.raises(pydantic.ValidationError):
+            GpuSample(index=0, **bad)  # (what the scheduler answers 422 to)

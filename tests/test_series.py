@@ -103,3 +103,12 @@ def test_a_flush_that_fails_half_way_writes_the_rest_later_and_each_point_is_rea
     assert sched.flush_series(now + 2) > 0
     for k in keys:
         assert sched.series(k, now - 1, now + 3) == [(now, 10.0, None, None, None)], k
+
+
+def test_a_value_past_a_float32_is_kept_as_missing_and_never_fails_a_flush() -> None:
+    """A flush packs a minute of every GPU's points at once: one value no float32 holds raised, and the flush, which
+    keeps what it did not write, failed again every minute (found by tests/test_fuzz.py)."""
+    pts = [(1000.0, 1e300, math.inf, -1e39, 41.0), (1005.0, math.nan, 3.3e38, -3.3e38, None)]
+    got = S.unpack(S.pack(pts))
+    assert got[0] == (1000.0, None, None, None, 41.0)
+    assert got[1][:2] == (1005.0, None) and got[1][2] == pytest.approx(3.3e38, rel=1e-6) and got[1][4] is None

@@ -56,12 +56,19 @@ def _points(n: int) -> struct.Struct:
     return struct.Struct("<" + "Iffff" * n)
 
 
+_F32_MAX = 3.4e38
+
+
+def _f32(x: float | None) -> float:
+    """A value as a point stores it: missing, or past what a float32 holds (a node's samples are bounded when
+    they come, but a point must never make a whole flush fail), as NaN."""
+    return x if x is not None and -_F32_MAX < x < _F32_MAX else math.nan
+
+
 def pack(points: Sequence[Point]) -> bytes:
     flat: list[float] = []
-    nan = math.nan
     for t, u, m, p, c in points:
-        flat += (int(t), nan if u is None else u, nan if m is None else m, nan if p is None else p,
-                 nan if c is None else c)
+        flat += (int(t), _f32(u), _f32(m), _f32(p), _f32(c))
     return _points(len(points)).pack(*flat) if len(points) <= 256 else b"".join(
         pack(points[i:i + 256]) for i in range(0, len(points), 256))
 
