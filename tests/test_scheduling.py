@@ -890,3 +890,48 @@ def test_a_pass_that_fails_after_a_report_undoes_itself_alone(sched: Scheduler) 
     assert sched.store.get_run(first).status == RunStatus.FINISHED
     assert sched.store.get_run(second).status == RunStatus.QUEUED  # the failed pass's write was undone
     assert sched.schedule_pass() == 1 and sched.store.get_run(second).status == RunStatus.STARTING  # (it kicked)
+
+
+def test_the_node_cache_merges_changes_like_a_fresh_sorted_list_and_keeps_positions() -> None:
+    """merge_nodes against sorting every node again, over random writes: in-place changes (the fast path: the
+    same positions), joins, renames and removals; every node not written stays the same object."""
+    from scheduler.contract.models import Node
+    from scheduler.service.core import merge_nodes
+
+    rng = random.Random(11)
+    nodes = sorted((Node(id=f"id{i}", name=f"n{rng.randrange(10**6):06d}") for i in range(200)), key=lambda n: n.name)
+    pos = {n.id: i for i, n in enumerate(nodes)}
+    for step in range(300):
+        alive = {n.id: n for n in nodes}
+        kind = rng.choice(["touch", "touch", "touch", "join", "rename", "remove"])
+        ids = rng.sample(sorted(alive), 3)
+        if kind == "touch":
+            changed, gone = [alive[i].model_copy(update={"draining": not alive[i].draining}) for i in ids], set()
+        elif kind == "join":
+            changed, gone = [Node(id=f"new{step}", name=f"n{rng.randrange(10**6):06d}")], set()
+        elif kind == "rename":
+            changed, gone = [alive[ids[0]].model_copy(update={"name": f"n{rng.randrange(10**6):06d}"})], set()
+        else:
+            changed, gone = [], {ids[0]}
+        out, out_pos = merge_nodes(nodes, changed, gone, pos)
+        want = {**{i: n for i, n in alive.items() if i not in gone}, **{n.id: n for n in changed}}
+        assert [n.id for n in out] == [n.id for n in sorted(want.values(), key=lambda n: (n.name, n.id))] or \
+            [n.name for n in out] == sorted(n.name for n in want.values())
+        assert all(out[i] is n for n, i in ((n, out_pos[n.id]) for n in out)) and len(out_pos) == len(out)
+        assert all(n is want[n.id] for n in out) and out is not nodes
+        if kind == "touch":
+            assert out_pos is pos  # (in place: the same positions)
+        nodes, pos = out, out_pos
+
+
+def test_an_agent_told_to_stop_is_known_from_the_node_changes(sched: Scheduler) -> None:
+    a, b = join(sched, "a", 1), join(sched, "b", 1)
+    assert sched.agents_to_stop() == frozenset()
+    node = sched.store.get_node(a)
+    assert node is not None
+    sched.store.upsert_node(node.model_copy(update={"stop_agent": True}))
+    sched._nodes_changed()
+    assert sched.agents_to_stop() == {a}
+    sched.store.upsert_node(node.model_copy(update={"stop_agent": False}))
+    sched._nodes_changed()
+    assert sched.agents_to_stop() == frozenset() and b not in sched.agents_to_stop()
