@@ -82,6 +82,16 @@ def submit(s: Scheduler, job: str = "echo hi", **spec: object) -> str:
     return s.create_run(RunCreate(job={"job": job, **spec})).id
 
 
+def one_running_one_waiting(s: Scheduler) -> tuple[str, str, str]:
+    """A node with one GPU, a one-GPU run placed on it and another waiting behind it: (node, placed, waiting)."""
+    node = join(s, "a", 1)
+    first = submit(s, computing={"minimum_num_gpus": 1})
+    assert s.schedule_pass() == 1
+    second = submit(s, computing={"minimum_num_gpus": 1})
+    assert s.schedule_pass() == 0  # blocked: the one GPU is taken
+    return node, first, second
+
+
 def test_gpus_are_never_shared_and_the_queue_waits_with_a_reason(sched: Scheduler) -> None:
     a, b = join(sched, "a"), join(sched, "b")
     runs = [submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"}) for _ in range(5)]
@@ -376,11 +386,7 @@ def test_a_submission_into_a_busy_cluster_reads_no_runs(sched: Scheduler) -> Non
 
 
 def test_a_pass_that_placed_nothing_is_not_repeated_until_something_changes(sched: Scheduler) -> None:
-    a = join(sched, "a", 1)
-    first = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 1
-    second = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 0  # blocked: the one GPU is taken
+    a, first, second = one_running_one_waiting(sched)
     reads: list[object] = []
     real = sched.store.list_runs
     sched.store.list_runs = lambda **kw: reads.append(kw) or real(**kw)  # type: ignore[method-assign]
@@ -404,11 +410,7 @@ def test_the_book_takes_its_own_writes_as_written_and_reads_what_others_write_af
     """What this scheduler writes (a submission, a placement, the report that frees a slot) is applied to the book
     as the store's write returned it, and the change feed leaves it out; what another writer (a replica) writes,
     also over one of its own writes, is read from the feed."""
-    a = join(sched, "a", 1)
-    first = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 1
-    second = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 0
+    a, first, second = one_running_one_waiting(sched)
     fed: list[str] = []
     feed = sched.store.runs_changed_since
     sched.store.runs_changed_since = lambda *x, **kw: (  # type: ignore[method-assign]
@@ -856,11 +858,7 @@ def test_a_cluster_is_a_named_set_of_nodes_runs_ask_for(sched: Scheduler) -> Non
 
 def test_a_freed_slot_is_placed_in_the_reports_own_commit(sched: Scheduler) -> None:
     """SQLite: the report that frees a GPU and the placement into it are one durable commit, not two."""
-    a = join(sched, "a", 1)
-    first = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 1
-    second = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 0
+    a, first, second = one_running_one_waiting(sched)
     sql: list[str] = []
     sched.store._db.set_trace_callback(sql.append)  # type: ignore[attr-defined]
     sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)
@@ -871,11 +869,7 @@ def test_a_freed_slot_is_placed_in_the_reports_own_commit(sched: Scheduler) -> N
 
 
 def test_a_pass_that_fails_after_a_report_undoes_itself_alone(sched: Scheduler) -> None:
-    a = join(sched, "a", 1)
-    first = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 1
-    second = submit(sched, computing={"minimum_num_gpus": 1})
-    assert sched.schedule_pass() == 0
+    a, first, second = one_running_one_waiting(sched)
     real = sched.store.transition
 
     def broken(run_id: str, to: RunStatus, **fields: object) -> Run:
