@@ -193,7 +193,6 @@ class SchedulerBase:
         # (run ref, node) -> when a RUNNING placement was first missing from its node's polls (soft state)
         self._missing: dict[tuple[str, str], float] = {}
         self._idle_since: dict[str, float] = {}  # node with autostop -> since when it has had no run (clusters.py)
-        self._stop_agents: frozenset[str] = frozenset()  # agents_to_stop(), kept with the node cache
         self.rng = rng or random.Random()
         self._schedule_lock = threading.Lock()
         # Heartbeats are soft state (Store.heartbeat: in memory, or a Redis hash the replicas share): a durable
@@ -206,8 +205,9 @@ class SchedulerBase:
         # from the other replicas, and every NODE_CACHE_S) brings the nodes written since, merged into a new list
         # in which every other node is the same object. Re-listing on a timer parsed every node every 2 s, and
         # re-listing on every change made a burst of joins quadratic (50,000 nodes joined at 197/s on Redis).
-        self._nodes: tuple[float, int, int, list[Node]] | None = None
-        self._node_pos: dict[str, int] = {}  # each cached node's position in that list (merge_nodes)
+        # With each node's position in the list (merge_nodes) and the nodes whose agent is to stop: one tuple,
+        # replaced whole (polls call nodes() from many threads).
+        self._nodes: tuple[float, int, int, list[Node], dict[str, int], frozenset[str]] | None = None
         # The same nodes with every GPU free, for "could it ever run" (placing.never_fits); rebuilt with the cache.
         # With its answers per request shape (a sweep submits one shape thousands of times).
         self._static: tuple[list[Node], list[Candidate], dict[Request, str | None]] | None = None
@@ -262,24 +262,23 @@ class SchedulerBase:
             nodes = self.store.list_nodes()
             if len(nodes) >= BIG_CLUSTER:
                 settle_heap()
-            self._node_pos = {n.id: i for i, n in enumerate(nodes)}
-            self._stop_agents = frozenset(n.id for n in nodes if n.stop_agent)
+            pos = {n.id: i for i, n in enumerate(nodes)}
+            stop = frozenset(n.id for n in nodes if n.stop_agent)
         else:
-            version, nodes = cached[2], cached[3]
+            version, nodes, pos, stop = cached[2], cached[3], cached[4], cached[5]
             if got[0] != version:
-                version, (nodes, self._node_pos) = got[0], merge_nodes(nodes, got[1], got[2], self._node_pos)
-                stop = self._stop_agents
+                version, (nodes, pos) = got[0], merge_nodes(nodes, got[1], got[2], pos)
                 if got[2] & stop or any(n.stop_agent != (n.id in stop) for n in got[1]):
-                    self._stop_agents = (stop - got[2] - {n.id for n in got[1]}) | {n.id for n in got[1]
-                                                                                    if n.stop_agent}
-        self._nodes = (now, ticket, version, nodes)
+                    stop = (stop - got[2] - {n.id for n in got[1]}) | {n.id for n in got[1] if n.stop_agent}
+        self._nodes = (now, ticket, version, nodes, pos, stop)
         return nodes
 
     def agents_to_stop(self) -> frozenset[str]:
         """Nodes whose agent is to exit once idle (Node.stop_agent): kept with the node cache, from what changed
         (a poll asks this; a scan of every node at each change cost ~7 ms at 10,000 nodes)."""
         self.nodes()
-        return self._stop_agents
+        assert self._nodes is not None
+        return self._nodes[5]
 
     def _nodes_changed(self) -> None:
         """This process wrote a node: the next nodes() reads what moved (the store's feed), at once."""
