@@ -53,6 +53,14 @@ def run_processes(run_id: str, under: Path | None = None) -> list[psutil.Process
     return out
 
 
+def cmdline(p: psutil.Process) -> str:
+    """The process's command line, "" once it has exited (a zombie until its parent reaps it has none)."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def our_processes(base: Path) -> list[psutil.Process]:
     """Live processes that belong to this cluster: FEDML_HOME or cmdline or cwd under `base`."""
     me = os.getpid()

@@ -33,7 +33,7 @@ from scheduler.contract.transport import httpx
 
 from .cluster import head_answers
 from .conftest import FEDML, Fedml, write_job
-from .procs import alive, free_port, our_processes, run_processes, wait_for
+from .procs import alive, cmdline, free_port, our_processes, run_processes, wait_for
 
 HEARTBEAT = 1.0
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -958,7 +958,7 @@ def test_autostop_drains_an_idle_cluster_and_stops_its_agents(tmp_path: Path) ->
     c = next(gen)
     try:
         def agents() -> list[psutil.Process]:
-            return [p for p in our_processes(tmp_path / "agents") if "agents.agent" in " ".join(p.cmdline())]
+            return [p for p in our_processes(tmp_path / "agents") if "agents.agent" in cmdline(p)]
 
         assert agents(), "no agent process to watch"
         assert c.fedml("cluster", "create", "lab", "idle").returncode == 0
