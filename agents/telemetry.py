@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from scheduler.contract.models import GPU_SAMPLE_BOUNDS, GpuSample
+from scheduler.contract.models import GPU_SAMPLE_BOUNDS, XID_MAX, GpuSample
 
 log = logging.getLogger("fedml.agent")
 SAMPLE_S = float(os.environ.get("FEDML_GPU_SAMPLE_S", "5"))  # (tests sample faster)
@@ -152,7 +152,7 @@ class Sampler:
             values = {k: v if v is None or GPU_SAMPLE_BOUNDS[k][0] <= v <= GPU_SAMPLE_BOUNDS[k][1] else None
                       for k, v in values.items()}
             out.append(GpuSample(index=i, **values, pids=pids, outside=outside, misplaced=misplaced[:64],
-                                 xid=[x for x in xids.get(i, []) if 0 <= x <= 2**32][:16]))
+                                 xid=[x for x in xids.get(i, []) if 0 <= x <= XID_MAX][:16]))
         return out
 
     def close(self) -> None:

@@ -573,23 +573,31 @@ def parse_ref(ref: str) -> tuple[str, int]:
 GPU_SAMPLE_BOUNDS: dict[str, tuple[float, float]] = {
     "util": (0, 100), "mem_used_mb": (0, 16_000_000), "mem_total_mb": (0, 16_000_000), "power_w": (0, 100_000),
     "temp_c": (-273, 1_000), "ecc_uncorrected": (0, 2**53)}
-_XID = Annotated[int, Field(ge=0, le=2**32)]
+XID_MAX = 2**32
+
+
+def _sampled(name: str) -> Any:
+    """An optional reading of a GPU sample, within GPU_SAMPLE_BOUNDS[name]."""
+    lo, hi = GPU_SAMPLE_BOUNDS[name]
+    return Field(default=None, ge=lo, le=hi, allow_inf_nan=False) if name == "power_w" else \
+        Field(default=None, ge=lo, le=hi)
 
 
 class GpuSample(BaseModel):
     """One GPU as the agent's NVML sample saw it (agents/telemetry.py), sent with its polls."""
 
     index: int = Field(ge=0, le=1023)
-    util: int | None = Field(default=None, ge=0, le=100)  # % of the last sample period busy
-    mem_used_mb: int | None = Field(default=None, ge=0, le=16_000_000)
-    mem_total_mb: int | None = Field(default=None, ge=0, le=16_000_000)
-    power_w: float | None = Field(default=None, ge=0, le=100_000, allow_inf_nan=False)
-    temp_c: int | None = Field(default=None, ge=-273, le=1_000)
+    util: int | None = _sampled("util")  # % of the last sample period busy
+    mem_used_mb: int | None = _sampled("mem_used_mb")
+    mem_total_mb: int | None = _sampled("mem_total_mb")
+    power_w: float | None = _sampled("power_w")
+    temp_c: int | None = _sampled("temp_c")
     pids: list[int] = Field(default_factory=list, max_length=256)  # compute processes on it
     outside: list[int] = Field(default_factory=list, max_length=256)  # of those, the ones no run of this node owns
     misplaced: list[str] = Field(default_factory=list, max_length=64)  # runs using it without having been given it
-    ecc_uncorrected: int | None = Field(default=None, ge=0, le=2**53)  # uncorrected ECC errors (volatile count)
-    xid: list[_XID] = Field(default_factory=list, max_length=16)  # critical (XID) errors since the last sample
+    ecc_uncorrected: int | None = _sampled("ecc_uncorrected")  # uncorrected ECC errors (volatile count)
+    # critical (XID) errors since the last sample
+    xid: list[Annotated[int, Field(ge=0, le=XID_MAX)]] = Field(default_factory=list, max_length=16)
 
 
 class PollRequest(BaseModel):
