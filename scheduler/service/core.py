@@ -117,9 +117,55 @@ class _Slot:
         self.error: BaseException | None = None
 
 
-# From this many nodes on, the records the scheduler keeps (a Node with its GPUs per node, a Candidate each) are
+# From this many nodes on, the records the scheduler keeps (a CachedNode with its GPUs per node, a Candidate each) are
 # millions of objects: see settle_heap.
 BIG_CLUSTER = 10_000
+_NODE_FIELDS = tuple(Node.model_fields)
+_NODE_FIELDS_SET = set(_NODE_FIELDS)
+
+
+class _NodeSlots:
+    __slots__ = _NODE_FIELDS
+
+
+class CachedNode(_NodeSlots):
+    """A node as the node cache holds it: Node's fields in slots, read as a Node is (its attributes; model_copy
+    and model_dump give a real Node's). Read-only: other holders share it (placing's candidates compare it by
+    identity); a change is a model_copy(update=...) written to the store.
+
+    Why not the parsed Node: pydantic keeps a model's fields in a dict, and 24 fields make it 832 bytes, past the
+    512 bytes Python's small-object allocator serves. Each came from the C heap, between the blocks parsing freed
+    around it (the row's JSON, the record's own fields-set), so none of those pages could go back: 100,000 cached
+    nodes kept ~250 MiB more resident than they hold (bench/memory.py: 408 MiB with 20 fields, 690 with 24). In
+    slots they are 24 pointers each, from the small-object allocator, and the parsed records are freed whole."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, node: Node | CachedNode) -> CachedNode:
+        if isinstance(node, CachedNode):
+            return node
+        c = _NodeSlots()
+        for k, v in node.__dict__.items():
+            setattr(c, k, v)
+        c.__class__ = cls  # (the same slots: filled writable, 2 µs a node, then read-only)
+        return c  # type: ignore[return-value]
+
+    def node(self) -> Node:
+        """A real Node with these fields (the values shared, as a shallow copy's are)."""
+        return Node.model_construct(_NODE_FIELDS_SET, **{k: getattr(self, k) for k in _NODE_FIELDS})
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Node:
+        return self.node().model_copy(update=update, deep=deep)
+
+    def model_dump(self, **kw: Any) -> dict[str, Any]:
+        return self.node().model_dump(**kw)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a cached node is read-only (set {name} with model_copy(update=...))")
+
+    def __repr__(self) -> str:
+        return f"CachedNode(id={self.id!r}, name={self.name!r})"
 
 
 def merge_nodes(nodes: list[Node], changed: list[Node], gone: set[str],
@@ -248,7 +294,7 @@ class SchedulerBase:
 
     NODE_CACHE_S = 2.0
 
-    def nodes(self) -> list[Node]:
+    def nodes(self) -> list[CachedNode]:
         cached, now = self._nodes, time.monotonic()
         ticket = self.notifier.ticket("nodes")
         if cached is not None and cached[1] == ticket and now - cached[0] <= self.NODE_CACHE_S:
@@ -259,7 +305,7 @@ class SchedulerBase:
         got = None if cached is None else self.store.nodes_since(cached[2])
         if cached is None or got is None or len(got[1]) + len(got[2]) > max(100, len(cached[3]) // 4):
             version = self.store.nodes_version()  # before listing: a write landing meanwhile moves it again
-            nodes = self.store.list_nodes()
+            nodes = [CachedNode.of(n) for n in self.store.list_nodes()]
             if len(nodes) >= BIG_CLUSTER:
                 settle_heap()
             pos = {n.id: i for i, n in enumerate(nodes)}
@@ -267,7 +313,8 @@ class SchedulerBase:
         else:
             version, nodes, pos, stop = cached[2], cached[3], cached[4], cached[5]
             if got[0] != version:
-                version, (nodes, pos) = got[0], merge_nodes(nodes, got[1], got[2], pos)
+                changed = [CachedNode.of(n) for n in got[1]]
+                version, (nodes, pos) = got[0], merge_nodes(nodes, changed, got[2], pos)
                 if got[2] & stop or any(n.stop_agent != (n.id in stop) for n in got[1]):
                     stop = (stop - got[2] - {n.id for n in got[1]}) | {n.id for n in got[1] if n.stop_agent}
         self._nodes = (now, ticket, version, nodes, pos, stop)
