@@ -921,7 +921,7 @@ def test_the_node_cache_merges_changes_like_a_fresh_sorted_list_and_keeps_positi
 def test_a_cached_node_reads_as_its_node_is_read_only_and_fits_the_small_object_allocator(sched: Scheduler) -> None:
     """The node cache holds CachedNode (Node's fields in slots): the same values as the stored node, a model_copy
     and a model_dump that are the Node's, no assignment, and small enough (at most 512 bytes) for Python's
-    small-object allocator, which a pydantic Node's 24-field dict is not (bench/memory.py: ~230 MiB at 100,000
+    small-object allocator, which a pydantic Node's 24-field dict is not (bench/memory.py: ~250 MiB at 100,000
     nodes)."""
     import sys
 
