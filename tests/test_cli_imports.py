@@ -53,6 +53,12 @@ def test_a_dry_run_validates_without_the_server_or_heavy_sdks(tmp_path: Path) ->
     assert len(mods) <= 360, f"{len(mods)} modules for a dry run"
 
 
+def _run_ids(fedml: Fedml) -> set[str]:
+    r = fedml("run", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return {run["id"] for run in json.loads(r.stdout)}
+
+
 def test_a_launch_to_a_running_scheduler_leaves_validation_to_it(tmp_path: Path, shared_fedml: Fedml) -> None:
     """With a scheduler to ask, `fedml launch` reads the file as YAML only and sends its text: no pydantic on the
     client, the same one-line `FILE:LINE: field: message` error and exit 2 as when it validates itself (the
@@ -64,13 +70,13 @@ def test_a_launch_to_a_running_scheduler_leaves_validation_to_it(tmp_path: Path,
     assert "scheduler.contract.jobyaml" in mods  # it did read the file
     bad = tmp_path / "bad.yaml"
     bad.write_text("job: echo hi\ncomputing:\n  minimum_num_gpus: -1\n")
-    before = shared_fedml("run", "list", "--json").stdout
+    before = _run_ids(shared_fedml)  # (ids: a run launched above may finish meanwhile)
     sent = shared_fedml("launch", str(bad), "--detach")
     local = shared_fedml("launch", str(bad), "--dry-run")
     assert sent.returncode == local.returncode == 2, (sent, local)
     assert sent.stderr.strip() == local.stderr.strip() and sent.stderr.count("\n") == 1, (sent.stderr, local.stderr)
     assert sent.stderr.startswith(f"error: {bad}:3: computing.minimum_num_gpus: ")
-    assert shared_fedml("run", "list", "--json").stdout == before, "a bad file was submitted"
+    assert _run_ids(shared_fedml) == before, "a bad file was submitted"
     typo = tmp_path / "typo.yaml"
     typo.write_text("job: echo hi\ncomputing:\n  minimum_num_gpu: 0\n  device_type: CPU\n")
     r = shared_fedml("launch", str(typo), "--detach")
