@@ -68,11 +68,16 @@ def compact_nodes(nodes: list[Node]) -> list[Node]:
     return nodes
 
 
-def _share_fields_set(m: Any) -> None:
-    cls = type(m)
+def all_fields(cls: type) -> set[str]:
+    """The one set of every field name of `cls` that parsed records share (a parsed record's fields-set)."""
     full = _ALL_SET.get(cls)
     if full is None:
-        full = _ALL_SET[cls] = set(cls.model_fields)
+        full = _ALL_SET[cls] = set(cls.model_fields)  # type: ignore[attr-defined]
+    return full
+
+
+def _share_fields_set(m: Any) -> None:
+    full = all_fields(type(m))
     if m.__pydantic_fields_set__ is not full and m.__pydantic_fields_set__ == full:
         object.__setattr__(m, "__pydantic_fields_set__", full)
 

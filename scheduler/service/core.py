@@ -30,7 +30,7 @@ from ..contract.series import rows as series_rows
 from ..notify import Notifier
 from ..outcome import decide
 from ..placement import Candidate, NoFit, Request
-from ..store import NotFound, Store
+from ..store import NotFound, Store, all_fields
 
 if TYPE_CHECKING:
     from .book import Book
@@ -121,7 +121,7 @@ class _Slot:
 # millions of objects: see settle_heap.
 BIG_CLUSTER = 10_000
 _NODE_FIELDS = tuple(Node.model_fields)
-_NODE_FIELDS_SET = set(_NODE_FIELDS)
+_NODE_FIELDS_SET = all_fields(Node)  # the set compact_nodes shares
 
 
 class _NodeSlots:
