@@ -175,54 +175,72 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"fedml scheduler: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 3
-    sock.listen(2048)
     port = sock.getsockname()[1]
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
     url = f"http://{shown_host}:{port}"
     app = create_app(store, Settings(blob_dir=args.blob_dir or local / "blobs", max_workspace_mb=args.max_workspace_mb,
                                      heartbeat_interval=args.heartbeat_interval, listen=(args.host, port),
                                      webhook_allow=allow))
-
     state = paths.state_file(base)
-    tmp = state.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "started_at": time.time(),
-                               "version": __version__}))
-    os.replace(tmp, state)
-    agent = spawn_agent(local, store, args.gpus, args.run_as) if args.agent else None
-    if not args.quiet:
-        print(f"fedml scheduler {__version__} listening on {url} (state in {local})"
-              + ("" if agent else "; no local agent (--agent runs one)"), file=sys.stderr, flush=True)
-        if new_admin:
-            # The key itself goes to a terminal only: stderr redirected to a log file must not keep it.
-            shown = (f"Admin API key (shown once; also saved to {paths.token_file(base)}, mode 0600):\n    {new_admin}"
-                     if sys.stderr.isatty() else f"Admin API key saved to {paths.token_file(base)} (mode 0600)")
-            print(f"{shown}\n"
-                  f"Join a node:     fedml scheduler token create --node   (prints a join token), then on the node:\n"
-                  f"                 fedml login --server http://<this host>:{port} --node   (reads the token from stdin)\n"
-                  f"More keys:       fedml scheduler key create NAME", file=sys.stderr, flush=True)
-
+    agent: subprocess.Popen[bytes] | None = None
     stopping = False
-    if agent is not None:
-        import threading
 
-        def supervise() -> None:
-            # The local agent is a separate process; if it dies, start it again (it re-attaches to its jobs).
-            nonlocal agent
-            while not stopping:
-                time.sleep(2.0)
-                pid = agent_pid(local)
-                if stopping or agent.poll() is None or (pid and _alive(pid)):
-                    continue
-                logging.getLogger("fedml.scheduler").warning("local agent is not running; starting it again")
-                agent = spawn_agent(local, store, args.gpus, args.run_as)
+    def announce() -> None:
+        """The app serves: write the address where the CLI finds it, start the local agent, say so."""
+        nonlocal agent
+        tmp = state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "started_at": time.time(),
+                                   "version": __version__}))
+        os.replace(tmp, state)
+        agent = spawn_agent(local, store, args.gpus, args.run_as) if args.agent else None
+        if not args.quiet:
+            print(f"fedml scheduler {__version__} listening on {url} (state in {local})"
+                  + ("" if agent else "; no local agent (--agent runs one)"), file=sys.stderr, flush=True)
+            if new_admin:
+                # The key itself goes to a terminal only: stderr redirected to a log file must not keep it.
+                shown = (f"Admin API key (shown once; also saved to {paths.token_file(base)}, mode 0600):\n"
+                         f"    {new_admin}" if sys.stderr.isatty()
+                         else f"Admin API key saved to {paths.token_file(base)} (mode 0600)")
+                print(f"{shown}\n"
+                      f"Join a node:     fedml scheduler token create --node   (prints a join token), then on the node:\n"
+                      f"                 fedml login --server http://<this host>:{port} --node   (reads the token from "
+                      f"stdin)\nMore keys:       fedml scheduler key create NAME", file=sys.stderr, flush=True)
+        if agent is not None:
+            import threading
 
-        threading.Thread(target=supervise, name="agent-supervisor", daemon=True).start()
+            threading.Thread(target=supervise, name="agent-supervisor", daemon=True).start()
+
+    def supervise() -> None:
+        # The local agent is a separate process; if it dies, start it again (it re-attaches to its jobs).
+        nonlocal agent
+        while not stopping:
+            time.sleep(2.0)
+            pid = agent_pid(local)
+            if stopping or agent is None or agent.poll() is None or (pid and _alive(pid)):
+                continue
+            logging.getLogger("fedml.scheduler").warning("local agent is not running; starting it again")
+            agent = spawn_agent(local, store, args.gpus, args.run_as)
 
     import uvicorn
 
+    class Server(uvicorn.Server):
+        # The socket is bound (a process listening there already failed that) but listens only once the app serves:
+        # uvicorn listens on it after the app's startup. A replica that accepted connections while it was still
+        # starting (seconds on a loaded machine) held what a balancer sent it in its backlog: agents' polls timed
+        # out there, their leases ran out and their jobs were fenced although the other replica was up. Refused,
+        # the balancer takes the next replica at once. The address is announced then too, so it always answers.
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                await super().startup(sockets=sockets)
+            except OSError as exc:  # another process bound the port too (SO_REUSEADDR) and listened first
+                print(f"fedml scheduler: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+                sys.exit(3)
+            if not self.should_exit:
+                announce()
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
                             timeout_keep_alive=30)
-    server = uvicorn.Server(config)
+    server = Server(config)
 
     def leave(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from .conftest import ROOT, Fedml, write_job
+from .procs import free_port, wait_for
 
 HELLO = ROOT / "job_templates" / "hello" / "job.yaml"
 
@@ -332,6 +336,44 @@ def test_foreground_scheduler_is_used_and_cleans_up(fedml: Fedml, tmp_path: Path
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=30)
     assert not state.exists()
+
+
+def test_a_starting_scheduler_refuses_connections_until_it_serves(tmp_path: Path) -> None:
+    """A replica behind a balancer must not accept what it cannot answer yet: one that listened while it built
+    its app held the agents' polls in its backlog for seconds on a loaded machine, their leases ran out and
+    their jobs were fenced although the other replica was up. Frozen (SIGSTOP) while it starts, it refuses
+    connections; let go, it answers, and only then writes its address for the CLI."""
+    port = free_port()
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDML_")}
+    p = subprocess.Popen([sys.executable, "-m", "scheduler.server", "--home", str(home), "--port", str(port),
+                          "--no-agent", "--quiet"], env={**env, "FEDML_HOME": str(home)}, cwd=ROOT,
+                         stdin=subprocess.DEVNULL)
+    try:
+        # Its admin token is written just before it binds its port and builds its app (scheduler/server.py).
+        deadline = time.monotonic() + 30
+        while not (home / "local" / "token").exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the scheduler never wrote its token"
+            time.sleep(0.002)
+        p.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            assert not (home / "local" / "scheduler.json").exists()
+        finally:
+            p.send_signal(signal.SIGCONT)
+        wait_for("the scheduler to answer", lambda: _healthz(port), timeout=30, every=0.05)
+        assert json.loads((home / "local" / "scheduler.json").read_text())["url"] == f"http://127.0.0.1:{port}"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def _healthz(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_output_with_unicode_separators_progress_bars_and_binary_is_shown_whole(shared_fedml: Fedml,
