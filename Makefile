@@ -40,27 +40,33 @@ browser:
 	@(command -v chromium && command -v firefox-esr) >/dev/null || \
 		(apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium firefox-esr fonts-dejavu-core >/dev/null)
 
+# Each script timed (bench/_timed.py), then a table of where the time went and the total (goal: 15 minutes).
+TIMED := $(BIN)/python bench/_timed.py --file $(VENV)/bench-times.tsv --
 bench: redis
-	$(BIN)/python bench/cli_startup.py
-	$(BIN)/python bench/launch_latency.py
-	$(BIN)/python bench/log_throughput.py
-	$(BIN)/python bench/placement.py --store sqlite,redis --sizes 1000,10000,100000
-	$(BIN)/python bench/queue_drain.py --nodes 1000 --queued 100,1000 --drain 20 --teams 0,50
-	$(BIN)/python bench/preemption.py --rounds 10 --days 1
-	$(BIN)/python bench/idle_cpu.py --queued 10000 --seconds 10 --rounds 1
-	$(BIN)/python bench/memory.py --nodes 100000 --queued 100000 --store sqlite --slurm-jobs 20000
-	$(BIN)/python bench/submit_rate.py --nodes 1000 --queued 10000 --seconds 10
-	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30
-	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --store redis
-	$(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --gpus 8  # GPU telemetry on
-	$(BIN)/python bench/job_metrics.py --lines 200000
-	$(BIN)/python bench/gpu_series.py --nodes 10000
-	$(BIN)/python bench/e2e_peers.py --jobs 200
-	$(BIN)/python bench/vs_slurm.py --runs 10
-	$(BIN)/python bench/fedavg_round.py
-	$(BIN)/python bench/gateway.py
-	bash scripts/podman-up.sh >/dev/null && $(BIN)/python bench/container_start.py
-	$(MAKE) browser && $(BIN)/python bench/dashboard.py --seconds 5
+	@rm -f $(VENV)/bench-times.tsv
+	$(TIMED) $(BIN)/python bench/cli_startup.py
+	$(TIMED) $(BIN)/python bench/launch_latency.py
+	$(TIMED) $(BIN)/python bench/log_throughput.py
+	$(TIMED) $(BIN)/python bench/placement.py --store sqlite,redis --sizes 1000,10000,100000
+	$(TIMED) $(BIN)/python bench/queue_drain.py --nodes 1000 --queued 100,1000 --drain 20 --teams 0,50
+	$(TIMED) $(BIN)/python bench/preemption.py --rounds 10 --days 1
+	$(TIMED) $(BIN)/python bench/idle_cpu.py --queued 10000 --seconds 10 --rounds 1
+	$(TIMED) $(BIN)/python bench/memory.py --nodes 100000 --queued 100000 --store sqlite --slurm-jobs 20000
+	$(TIMED) $(BIN)/python bench/submit_rate.py --nodes 1000 --queued 10000 --seconds 10
+	$(TIMED) $(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30
+	$(TIMED) $(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --store redis
+	$(TIMED) $(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 30 --gpus 8  # GPU telemetry on
+	$(TIMED) $(BIN)/python bench/job_metrics.py --lines 200000
+	$(TIMED) $(BIN)/python bench/gpu_series.py --nodes 10000
+	$(TIMED) $(BIN)/python bench/e2e_peers.py --jobs 200
+	$(TIMED) $(BIN)/python bench/vs_slurm.py --runs 10
+	$(TIMED) $(BIN)/python bench/fedavg_round.py
+	$(TIMED) $(BIN)/python bench/gateway.py
+	$(TIMED) bash scripts/podman-up.sh >/dev/null
+	$(TIMED) $(BIN)/python bench/container_start.py
+	$(TIMED) $(MAKE) browser
+	$(TIMED) $(BIN)/python bench/dashboard.py --seconds 5
+	@$(BIN)/python bench/_timed.py --file $(VENV)/bench-times.tsv --summary
 
 # The engine the container tests and bench use: podman serving the Docker Engine API (installs it as root).
 podman:
