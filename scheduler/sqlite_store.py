@@ -766,7 +766,11 @@ class _Tx:
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
         if self.depth[0] == 0:
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except BaseException:  # (another process held the write lock past the busy timeout)
+                self.lock.release()  # kept, every other thread's store call would wait on it for ever
+                raise
         self.depth[0] += 1
         return self.db
 

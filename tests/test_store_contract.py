@@ -296,6 +296,32 @@ def test_the_change_feed_leaves_out_a_write_the_reader_applied_already(pair: tup
     assert a.runs_changed_since(seq2, known=known) == (seq2, [])
 
 
+def test_a_sqlite_write_that_cannot_begin_leaves_the_store_usable(tmp_path: Path) -> None:
+    """Another process holding the database's write lock past the busy timeout (an admin's sqlite3 shell, a
+    backup) makes BEGIN fail. The store's own lock must not stay held by the thread that tried: every other
+    request thread would then wait on it for ever, and the scheduler would hang."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    s._db.execute("PRAGMA busy_timeout=50")  # (30 s in service)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            s.create_run(mk_run(1))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    done: list[Run] = []
+    t = threading.Thread(target=lambda: done.append(s.create_run(mk_run(2))), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert done, "another thread's write waited on the store's lock: the failed BEGIN kept it"
+    assert [r.id for r in s.list_runs()] == [done[0].id]
+    s.close()
+
+
 def test_a_version_2_sqlite_database_gains_the_change_counter(tmp_path: Path) -> None:
     import sqlite3
 
