@@ -27,7 +27,7 @@ import pytest
 
 from scheduler.contract.transport import httpx
 
-from .procs import free_port, wait_for
+from .procs import answers, free_port, wait_for
 from .test_store_contract import redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,15 +105,8 @@ class Replicas:
             self.wait_replica(i)
         self._spawn("lb", [sys.executable, "-m", "tests.lb", "--listen", f"{self.host}:{self.lb_port}",
                            *[a for p in self.ports for a in ("--backend", f"127.0.0.1:{p}")]], self.env())
-        wait_for("the balancer to answer", lambda: self._answers(self.server), timeout=15, every=0.05)
+        wait_for("the balancer to answer", lambda: answers(self.server), timeout=15, every=0.05)
         return self
-
-    @staticmethod
-    def _answers(url: str) -> bool:
-        try:
-            return httpx.get(url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
 
     # -- agents ------------------------------------------------------------------------------------------
     def start_agent(self, name: str, gpus: str = "T4:2", netns: str | None = None, server: str | None = None,

@@ -12,12 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
 from .conftest import ROOT, Fedml, write_job
-from .procs import free_port, wait_for
+from .procs import answers, free_port, wait_for
 
 HELLO = ROOT / "job_templates" / "hello" / "job.yaml"
 
@@ -364,20 +363,14 @@ def test_a_starting_scheduler_refuses_connections_until_it_serves(tmp_path: Path
                     socket.create_connection(("127.0.0.1", port), timeout=5).close()
             finally:
                 p.send_signal(signal.SIGCONT)
-            wait_for("the scheduler to answer", functools.partial(_healthz, port), timeout=30, every=0.05)
+            wait_for("the scheduler to answer", functools.partial(answers, f"http://127.0.0.1:{port}"), timeout=30,
+                     every=0.05)
             assert json.loads((home / "local" / "scheduler.json").read_text())["url"] == f"http://127.0.0.1:{port}"
             return
         finally:
             p.terminate()
             p.wait(timeout=30)
     pytest.fail("5 tries, and each time the scheduler was serving before the test could stop it")
-
-
-def _healthz(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_output_with_unicode_separators_progress_bars_and_binary_is_shown_whole(shared_fedml: Fedml,
