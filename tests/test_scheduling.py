@@ -339,6 +339,17 @@ def test_heartbeats_stay_in_memory_and_only_state_changes_are_written(sched: Sch
     assert sched.store.get_node(a).state == "ONLINE" and writes == [a, a]
 
 
+def test_a_registration_that_loses_the_race_for_its_name_leaves_no_key(sched: Scheduler) -> None:
+    """The name check passed, then another registration took the name: the node's key and the node are one
+    transaction (SQLite), so the refused registration leaves no key behind."""
+    join(sched, "taken", 1)
+    keys = len(sched.store.list_keys())
+    sched.store.node_by_name = lambda name: None  # type: ignore[method-assign]  # (the check ran before the other's write)
+    with pytest.raises(Rejected, match="exists already"):
+        join(sched, "taken", 1)
+    assert len(sched.store.list_keys()) == keys + 1  # the admin key join() made; no node key
+
+
 def test_polls_after_a_restart_list_the_nodes_once_not_each(sched: Scheduler) -> None:
     """A restarted scheduler's node cache is cold: the polls that find one of them listing the nodes answer
     without listing them too (64 at once listing 10,000 nodes held a Redis scheduler to 108 first heartbeats a

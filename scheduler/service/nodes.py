@@ -77,10 +77,12 @@ class NodesMixin(SchedulerBase):
                     address=address, peer_address=who.scope == "user", enforced_labels=enforced, owner=owner, joined_by=who.owner,
                     teams=teams,
                     id="node-" + secrets.token_hex(8), registered_at=now, last_seen=now)
-        # The key first: a scheduler that dies between the two leaves an unused key, never a node that holds its
-        # name with no key to come back with.
-        _, token_secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
-        self.store.upsert_node(node)
+        # One transaction where the store has them (SQLite): a registration that loses the race for its name
+        # leaves no key, and costs one durable commit, not two. Elsewhere the key first: a scheduler that dies
+        # between the two leaves an unused key, never a node that holds its name with no key to come back with.
+        with self.store.batch():
+            _, token_secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
+            self.store.upsert_node(node)
         self._nodes_changed()
         log.info("node %s (%s) registered by %s (%s)%s", node.name, node.id, who.owner, who.scope,
                  f", private to {owner}" if owner else "")
