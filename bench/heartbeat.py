@@ -11,11 +11,14 @@ NODES simulated nodes over HTTP (POST /api/v1/nodes/register with the admin key;
 2. open loop, for PACED_SECONDS: heartbeats due at a fixed PACED_RATE (default 1,000/s: 10,000 agents every
    10 s, issue 6), latency counted from when each was due.
 
+With --gpus 0,8 both are measured for each number of GPU samples in turn, on the same scheduler and nodes,
+with the CPU per heartbeat of each against none (the same run).
+
 Prints heartbeats/s, p50/p90/p99/max latency, errors, the scheduler's and this client's CPU, and what the rate
 means for agents heartbeating every 10 s. Loopback only; the temporary home is removed at the end (kept on
 an error). Exit 1 on any failed heartbeat; a missed target is a figure, not an error. Last line: JSON.
 
-    .venv/bin/python bench/heartbeat.py [--nodes 2000] [--seconds 15] [--concurrency 64] [--paced-rate 1000]
+    .venv/bin/python bench/heartbeat.py [--nodes 2000] [--seconds 15] [--concurrency 64] [--paced-rate 1000] [--gpus 0,8]
 
 Not covered: 10,000 connections held open at once (real agents long-poll, one connection each).
 """
@@ -351,6 +354,43 @@ async def paced(bases: list[str], nodes: list[tuple[str, str]], rate: float, sec
             "scheduler_cpu_pct": round(100 * (cpu_seconds(scheds) - cpu0) / wall, 1)}
 
 
+def measure(args: argparse.Namespace, urls: list[str], nodes: list[tuple[str, str]], procs: list[psutil.Process],
+            gpus: int, several: bool, first: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The closed loop, then the paced phase, with `gpus` GPU samples in each heartbeat; prints the figures."""
+    global GPUS
+    GPUS = gpus
+    if several:
+        print(f"## heartbeats with {gpus} GPU samples each" + (" (GPU telemetry on)" if gpus else ""))
+    hb = asyncio.run(heartbeat(urls, nodes, args.concurrency, args.warmup, args.seconds, procs, args.client))
+    lat = hb["latency_ms"]
+    agents = hb["rate_per_s"] * INTERVAL
+    verdict = "PASS" if hb["rate_per_s"] >= TARGET_RATE else "MISS"
+    print(f"{'first' if first else 'one more'} heartbeat of every node (warm-up, not counted): "
+          f"{hb['first_pass_s']:.2f} s ({hb['first_pass_per_s']:.0f}/s)")
+    print(f"heartbeats: {hb['heartbeats']} in {hb['seconds']:.1f} s = {hb['rate_per_s']:.0f}/s "
+          f"({args.concurrency} agents back-to-back over {len(nodes)} nodes, wait=0, {args.client} client)")
+    print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
+    print(f"errors: {hb['errors']}" + (f" {hb['error_kinds']}" if hb["errors"] else ""))
+    print(f"CPU over the window: scheduler{'s' if args.replicas > 1 else ''} {hb['scheduler_cpu_pct']:.0f} % (100 % = "
+          f"one core; each runs Python under one GIL), this client {hb['client_cpu_pct']:.0f} %; {psutil.cpu_count()} cores")
+    if hb["other_cpu_pct"] > 50:
+        print(f"   NOTE: other processes used {hb['other_cpu_pct']:.0f} % of a core meanwhile: these figures are "
+              "lower than this machine gives when idle")
+    print(f"=> sustains ~{agents:,.0f} agents heartbeating every {INTERVAL:.0f} s; issue 6 wants "
+          f"{TARGET_AGENTS:,} ({TARGET_RATE:,.0f}/s): {verdict} ({hb['rate_per_s'] / TARGET_RATE:.0%} of it)")
+    print("   (a real agent long-polls with wait=15: one request per interval, but two poll_once calls, "
+          "one on arrival and one when the wait ends)")
+    pc: dict[str, Any] | None = None
+    if args.paced_seconds > 0 and args.paced_rate > 0:
+        pc = asyncio.run(paced(urls, nodes, args.paced_rate, args.paced_seconds, args.concurrency, procs))
+        pl = pc["latency_ms"]
+        print(f"paced at {args.paced_rate:.0f}/s for {args.paced_seconds:.0f} s (open loop, latency from when each "
+              f"was due): {pc['ok']}/{pc['sent']} answered in {pc['wall_s']:.1f} s = {pc['achieved_per_s']:.0f}/s; "
+              f"latency ms p50 {pl['p50']}  p90 {pl['p90']}  p99 {pl['p99']}  max {pl['max']}; "
+              f"errors {pc['errors']}; scheduler CPU {pc['scheduler_cpu_pct']:.0f} %")
+    return hb, pc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=2000, help="simulated nodes to register (default 2000)")
@@ -367,13 +407,18 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=1,
                     help="scheduler replicas sharing the store (redis only; agents spread over them, as behind a "
                          "load balancer); CPU figures are all replicas together")
-    ap.add_argument("--gpus", type=int, default=0,
-                    help="GPU samples in each heartbeat (GPU telemetry on: 8 for an 8-GPU node; default 0)")
+    ap.add_argument("--gpus", default="0",
+                    help="GPU samples in each heartbeat (GPU telemetry on: 8 for an 8-GPU node; default 0); several, "
+                         "separated by commas (0,8), are measured one after the other on the same scheduler and nodes")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="heartbeat client: a lean hand-written HTTP/1.1 one (default) or httpx.AsyncClient")
     args = ap.parse_args()
-    global GPUS
-    GPUS = args.gpus
+    try:
+        gpu_counts = [int(x) for x in str(args.gpus).split(",")]
+    except ValueError:
+        gpu_counts = [-1]
+    if any(g < 0 for g in gpu_counts):
+        ap.error("--gpus: a number of GPU samples, or several separated by commas (0,8)")
     if args.nodes < 1 or args.concurrency < 1 or args.seconds <= 0:
         ap.error("--nodes, --concurrency and --seconds must be positive")
     if args.replicas < 1 or (args.replicas > 1 and args.store != "redis"):
@@ -406,46 +451,31 @@ def main() -> int:
         print(f"registered {len(nodes)} nodes in {reg_s:.2f} s ({len(nodes) / reg_s:.0f}/s, "
               f"{args.register_concurrency} connections, scheduler CPU {reg_cpu:.0f} %)")
 
-        hb = asyncio.run(heartbeat(urls, nodes, args.concurrency, args.warmup, args.seconds, procs,
-                                    args.client))
-        lat = hb["latency_ms"]
-        agents = hb["rate_per_s"] * INTERVAL
-        verdict = "PASS" if hb["rate_per_s"] >= TARGET_RATE else "MISS"
-        print(f"first heartbeat of every node (warm-up, not counted): {hb['first_pass_s']:.2f} s "
-              f"({hb['first_pass_per_s']:.0f}/s)")
-        print(f"heartbeats: {hb['heartbeats']} in {hb['seconds']:.1f} s = {hb['rate_per_s']:.0f}/s "
-              f"({args.concurrency} agents back-to-back over {len(nodes)} nodes, wait=0, {args.client} client)")
-        print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
-        print(f"errors: {hb['errors']}" + (f" {hb['error_kinds']}" if hb["errors"] else ""))
-        print(f"CPU over the window: scheduler{'s' if args.replicas > 1 else ''} {hb['scheduler_cpu_pct']:.0f} % (100 % = "
-              f"one core; each runs Python under one GIL), this client {hb['client_cpu_pct']:.0f} %; {psutil.cpu_count()} cores")
-        if hb["other_cpu_pct"] > 50:
-            print(f"   NOTE: other processes used {hb['other_cpu_pct']:.0f} % of a core meanwhile: these figures are "
-                  "lower than this machine gives when idle")
-        print(f"=> sustains ~{agents:,.0f} agents heartbeating every {INTERVAL:.0f} s; issue 6 wants "
-              f"{TARGET_AGENTS:,} ({TARGET_RATE:,.0f}/s): {verdict} ({hb['rate_per_s'] / TARGET_RATE:.0%} of it)")
-        print("   (a real agent long-polls with wait=15: one request per interval, but two poll_once calls, "
-              "one on arrival and one when the wait ends)")
-        pc: dict[str, Any] | None = None
-        if args.paced_seconds > 0 and args.paced_rate > 0:
-            pc = asyncio.run(paced(urls, nodes, args.paced_rate, args.paced_seconds, args.concurrency, procs))
-            pl = pc["latency_ms"]
-            print(f"paced at {args.paced_rate:.0f}/s for {args.paced_seconds:.0f} s (open loop, latency from when each "
-                  f"was due): {pc['ok']}/{pc['sent']} answered in {pc['wall_s']:.1f} s = {pc['achieved_per_s']:.0f}/s; "
-                  f"latency ms p50 {pl['p50']}  p90 {pl['p90']}  p99 {pl['p99']}  max {pl['max']}; "
-                  f"errors {pc['errors']}; scheduler CPU {pc['scheduler_cpu_pct']:.0f} %")
         result = {"store": args.store, "replicas": args.replicas, "nodes": len(nodes), "concurrency": args.concurrency,
-                  "register_s": round(reg_s, 2),
-                  "register_per_s": round(len(nodes) / reg_s, 1), "register_scheduler_cpu_pct": round(reg_cpu, 1),
-                  **hb, "agents_at_10s": round(agents), "target_agents": TARGET_AGENTS, "target_rate": TARGET_RATE,
-                  "verdict": verdict, "paced": pc}
-        failed = bool(hb["errors"] or not hb["heartbeats"] or (pc and pc["errors"]))
+                  "register_s": round(reg_s, 2), "register_per_s": round(len(nodes) / reg_s, 1),
+                  "register_scheduler_cpu_pct": round(reg_cpu, 1), "target_agents": TARGET_AGENTS,
+                  "target_rate": TARGET_RATE}
+        failed = False
+        for k, gpus in enumerate(gpu_counts):  # the same scheduler and nodes: 10,000 are not registered again
+            hb, pc = measure(args, urls, nodes, procs, gpus, several=len(gpu_counts) > 1, first=k == 0)
+            failed = failed or bool(hb["errors"] or not hb["heartbeats"] or (pc and pc["errors"]))
+            one = {**hb, "agents_at_10s": round(hb["rate_per_s"] * INTERVAL),
+                   "verdict": "PASS" if hb["rate_per_s"] >= TARGET_RATE else "MISS", "paced": pc}
+            if len(gpu_counts) == 1:
+                result.update(one)
+            else:
+                result.setdefault("by_gpus", {})[str(gpus)] = one
+        if len(gpu_counts) > 1:
+            cost = {g: r["scheduler_cpu_pct"] / r["rate_per_s"] for g, r in result["by_gpus"].items() if r["rate_per_s"]}
+            if "0" in cost and len(cost) > 1:
+                result["cpu_per_heartbeat_vs_none"] = {g: round(c / cost["0"], 2) for g, c in cost.items() if g != "0"}
+                print("CPU per heartbeat against none (the same run): " + ", ".join(
+                    f"{g} GPU samples {x:.2f}x" for g, x in result["cpu_per_heartbeat_vs_none"].items()))
         keep = failed
         return 1 if failed else 0
     except BrokenPipeError:  # stdout went away (`| head`): nothing to report, nothing worth keeping
         return 1
     except Exception as exc:  # report, keep the home for a post-mortem
-        keep = True
         print(f"# error: {type(exc).__name__}: {exc}")
         if sched is not None:
             for ln in sched.tail():

@@ -7,8 +7,8 @@ set -euo pipefail
 CPUS="${1:-256}"
 if ! command -v slurmctld >/dev/null || ! command -v sbatch >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq slurm-wlm munge >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq slurm-wlm munge >/dev/null
 fi
 HOST="$(hostname -s)"
 CONF=/etc/slurm/slurm.conf
