@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,9 @@ from scheduler.contract.models import (
 from scheduler.notify import Notifier
 from scheduler.placement import Candidate, NoFit, Request, place, sample_limit
 from scheduler.service import Scheduler
+from scheduler.service.core import GroupCommit
 from scheduler.sqlite_store import SQLiteStore
-from scheduler.store import NotFound
+from scheduler.store import AlreadyExists, NotFound
 
 pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
 
@@ -348,6 +350,50 @@ def test_a_registration_that_loses_the_race_for_its_name_leaves_no_key(sched: Sc
     with pytest.raises(Rejected, match="exists already"):
         join(sched, "taken", 1)
     assert len(sched.store.list_keys()) == keys + 1  # the admin key join() made; no node key
+
+
+def test_concurrent_writes_share_one_commit_and_fail_alone(tmp_path: Path) -> None:
+    """GroupCommit.write: writes queued while another holds the writer's turn are done together in one
+    transaction (one durable commit), each learns its own outcome, and one refused (a name taken) is undone
+    alone; every write is committed when its caller returns."""
+    store = SQLiteStore(tmp_path / "s.db")
+    group = GroupCommit()
+    batches = []
+    real_batch = store.batch
+    store.batch = lambda: (batches.append(1), real_batch())[1]  # type: ignore[method-assign]
+    inside, go = threading.Event(), threading.Event()
+
+    def first() -> Node:
+        inside.set()
+        assert go.wait(30)
+        return store.upsert_node(Node(id="node-0", name="n0"))
+
+    outcome: dict[str, object] = {}
+
+    def call(key: str, work: Callable[[], object]) -> None:
+        try:
+            outcome[key] = group.write(store, work)
+        except Exception as exc:
+            outcome[key] = exc
+
+    threads = [threading.Thread(target=call, args=("0", first))]
+    threads[0].start()
+    assert inside.wait(30)
+    for i in range(1, 9):  # queued behind the first: written together, by one of them
+        node = Node(id=f"node-{i}", name="n0" if i == 5 else f"n{i}")  # node-5 takes n0's name: refused alone
+        threads.append(threading.Thread(target=call, args=(str(i), lambda n=node: store.upsert_node(n))))
+        threads[-1].start()
+    deadline = time.monotonic() + 30
+    while len(group._work) < 8 and time.monotonic() < deadline:  # (all queued before the first commits)
+        time.sleep(0.01)
+    go.set()
+    for t in threads:
+        t.join(30)
+    assert isinstance(outcome["5"], AlreadyExists)
+    assert all(isinstance(outcome[str(i)], Node) for i in range(9) if i != 5)
+    assert len(batches) == 2  # the first alone, then the eight queued behind it in one transaction
+    again = SQLiteStore(tmp_path / "s.db")  # what a restart reads: every acknowledged write, not the refused one
+    assert sorted(n.id for n in again.list_nodes()) == sorted(f"node-{i}" for i in range(9) if i != 5)
 
 
 def test_polls_after_a_restart_list_the_nodes_once_not_each(sched: Scheduler) -> None:

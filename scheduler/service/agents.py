@@ -43,7 +43,7 @@ class AgentsMixin(SchedulerBase):
             self._runs_gpu_use(node_id, gpus, runs, now)
         if not before:
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
-                self.store.touch_node(node_id, now)
+                self._group.write(self.store, lambda: self.store.touch_node(node_id, now))  # (shares commits)
                 self._nodes_changed()
             except NotFound:
                 self.store.heartbeat(node_id, 0.0)  # so that every poll of it is refused

@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..contract.errors import Conflict
 from ..contract.models import (
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .book import Book
     from .placing import Cands
 
+T = TypeVar("T")
 log = logging.getLogger("fedml.scheduler")
 SERIES_WRITE = 4000  # GPU series rows per store write (a write holds SQLite's lock: ~30 ms, not a whole flush)
 
@@ -83,12 +84,49 @@ class Tally:
 class GroupCommit:
     """Concurrent submissions share one durable commit (Store.create_each: one SQLite transaction, one Redis round
     trip), each still committed before it is acknowledged: a submitter queues its run; whoever holds the writer's
-    turn writes every run queued so far, and each learns its own outcome. Alone, a run is written at once."""
+    turn writes every run queued so far, and each learns its own outcome. Alone, a run is written at once.
+    write() does the same for any other writes (a node's registration, its first heartbeat)."""
 
     def __init__(self) -> None:
         self._queued: list[_Slot] = []
-        self._lock = threading.Lock()  # guards _queued
+        self._work: list[_Work] = []
+        self._lock = threading.Lock()  # guards _queued and _work
         self._turn = threading.Lock()  # one writer at a time
+
+    def write(self, store: Store, work: Callable[[], T]) -> T:
+        """Do `work` (store writes) and commit it durably before returning what it returned. Where the store's
+        batch is one transaction (SQLite), concurrent callers' work shares one commit, each in a savepoint of
+        its own: one that raises is undone alone and raises to its own caller; a failed commit raises to all.
+        Elsewhere (Redis: each write is committed as it is made) `work` is done at once. Never call it holding
+        the store (inside batch()): the writer's turn is taken before the store's lock."""
+        if not store.batch_commits_once:
+            return work()
+        slot = _Work(work)
+        with self._lock:
+            self._work.append(slot)
+        with self._turn:
+            if not slot.done:  # no writer took it: do it and everything queued behind it, in one transaction
+                with self._lock:
+                    group, self._work = self._work, []
+                try:
+                    with store.batch():
+                        for w in group:
+                            try:
+                                with store.savepoint():
+                                    w.result = w.work()
+                            except Exception as exc:  # (undone alone; the others stay)
+                                w.error = exc
+                except BaseException as exc:  # the commit failed: none of them is acknowledged
+                    for w in group:
+                        w.error = exc if isinstance(exc, Exception) else RuntimeError("the commit was interrupted")
+                    if not isinstance(exc, Exception):
+                        raise
+                finally:
+                    for w in group:
+                        w.done = True
+        if slot.error is not None:
+            raise slot.error
+        return slot.result  # type: ignore[return-value]
 
     def create(self, store: Store, run: Run) -> None:
         slot = _Slot(run)
@@ -106,6 +144,16 @@ class GroupCommit:
                     s.error, s.done = error, True
         if slot.error is not None:
             raise slot.error
+
+
+class _Work:
+    __slots__ = ("work", "done", "result", "error")
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.work = work
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 class _Slot:
@@ -273,7 +321,7 @@ class SchedulerBase:
         # one dropped is only read back from the feed.
         self._fresh: collections.deque[Run] = collections.deque(maxlen=100_000)
         self._cands: Cands | None = None
-        self._group = GroupCommit()  # single submissions (create_run) share durable commits
+        self._group = GroupCommit()  # single submissions (create_run), registrations, first heartbeats share commits
         self.tally = Tally()
         # Told of each event of a run whose job has `notify:` targets, by the replica whose write made it
         # (scheduler/webhooks.py: it returns at once). None: no webhooks (tests of the scheduler alone).

@@ -47,7 +47,7 @@ class NodesMixin(SchedulerBase):
                         peer_address=existing.peer_address,
                         owner=owner, joined_by=existing.joined_by, draining=existing.draining,
                         registered_at=existing.registered_at, last_seen=now)
-            self.store.upsert_node(node)
+            self._group.write(self.store, lambda: self.store.upsert_node(node))  # (10,000 agents restarting)
             self._nodes_changed()
             self.kick()
             return Registered(node=node)
@@ -77,12 +77,16 @@ class NodesMixin(SchedulerBase):
                     address=address, peer_address=who.scope == "user", enforced_labels=enforced, owner=owner, joined_by=who.owner,
                     teams=teams,
                     id="node-" + secrets.token_hex(8), registered_at=now, last_seen=now)
-        # One transaction where the store has them (SQLite): a registration that loses the race for its name
-        # leaves no key, and costs one durable commit, not two. Elsewhere the key first: a scheduler that dies
-        # between the two leaves an unused key, never a node that holds its name with no key to come back with.
-        with self.store.batch():
-            _, token_secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)
+        # One transaction where the store has them (SQLite; shared with concurrent registrations' as one durable
+        # commit): a registration that loses the race for its name leaves no key. Elsewhere the key first: a
+        # scheduler that dies between the two leaves an unused key, never a node that holds its name with no key
+        # to come back with.
+        def write() -> str:
+            secret = auth.issue(self.store, name=f"node {node.name}", scope="node", owner=node.id)[1]
             self.store.upsert_node(node)
+            return secret
+
+        token_secret = self._group.write(self.store, write)
         self._nodes_changed()
         log.info("node %s (%s) registered by %s (%s)%s", node.name, node.id, who.owner, who.scope,
                  f", private to {owner}" if owner else "")
