@@ -417,7 +417,7 @@ def test_polls_after_a_restart_list_the_nodes_once_not_each(sched: Scheduler) ->
     first = threading.Thread(target=lambda: answers.append(fresh.poll_once(ids[0], [])), name="first")
     first.start()
     assert inside.wait(30)
-    for nid in ids[1:]:  # meanwhile: answered at once, no list of their own, nobody told to stop yet
+    for nid in ids[1:]:  # meanwhile: answered at once, no list of their own, nobody told to stop yet (n5 either)
         assert fresh.poll_once(nid, []).shutdown is None
     assert calls == ["first"]
     go.set()

@@ -373,14 +373,13 @@ class SchedulerBase:
         """Nodes whose agent is to exit once idle (Node.stop_agent): kept with the node cache, from what changed
         (a poll asks this; a scan of every node at each change cost ~7 ms at 10,000 nodes).
 
-        One poll at a time brings the cache up to date; a poll that finds another doing it answers from the
-        cache as it is (before the first load: no agent is to stop), and the next poll asks again. Every poll
-        re-listed the nodes itself when the cache was cold or far behind (a restart, a burst of joins): 64 at
-        once re-listing 10,000 nodes held a Redis scheduler's first heartbeats to 108/s (92 s for 10,000
-        agents, bench/heartbeat.py)."""
+        One poll at a time brings the cache up to date; a poll that finds another doing it tells no agent to
+        stop (the cache may not hold a write just made: a node needed again), and that agent is asked again at
+        its next poll. Every poll re-listed the nodes itself when the cache was cold or far behind (a restart, a
+        burst of joins): 64 at once re-listing 10,000 nodes held a Redis scheduler's first heartbeats to 108/s
+        (92 s for 10,000 agents, bench/heartbeat.py)."""
         if not self._polls_refresh.acquire(blocking=False):
-            cached = self._nodes
-            return cached[5] if cached is not None else frozenset()
+            return frozenset()
         try:
             self.nodes()
         finally:
