@@ -88,10 +88,17 @@ class GroupCommit:
     write() does the same for any other writes (a node's registration, its first heartbeat)."""
 
     def __init__(self) -> None:
-        self._queued: list[_Slot] = []
-        self._work: list[_Work] = []
-        self._lock = threading.Lock()  # guards _queued and _work
+        self._runs: list[_Slot] = []
+        self._work: list[_Slot] = []
+        self._lock = threading.Lock()  # guards _runs and _work
         self._turn = threading.Lock()  # one writer at a time
+
+    def create(self, store: Store, run: Run) -> None:
+        def flush(group: list[_Slot]) -> None:
+            for s, error in zip(group, store.create_each([s.item for s in group]), strict=True):
+                s.error = error
+
+        self._in_turn(self._runs, _Slot(run), flush)
 
     def write(self, store: Store, work: Callable[[], T]) -> T:
         """Do `work` (store writes) and commit it durably before returning what it returned. Where the store's
@@ -101,67 +108,50 @@ class GroupCommit:
         the store (inside batch()): the writer's turn is taken before the store's lock."""
         if not store.batch_commits_once:
             return work()
-        slot = _Work(work)
-        with self._lock:
-            self._work.append(slot)
-        with self._turn:
-            if not slot.done:  # no writer took it: do it and everything queued behind it, in one transaction
-                with self._lock:
-                    group, self._work = self._work, []
-                try:
-                    with store.batch():
-                        for w in group:
-                            try:
-                                with store.savepoint():
-                                    w.result = w.work()
-                            except Exception as exc:  # (undone alone; the others stay)
-                                w.error = exc
-                except BaseException as exc:  # the commit failed: none of them is acknowledged
-                    for w in group:
-                        w.error = exc if isinstance(exc, Exception) else RuntimeError("the commit was interrupted")
-                    if not isinstance(exc, Exception):
-                        raise
-                finally:
-                    for w in group:
-                        w.done = True
-        if slot.error is not None:
-            raise slot.error
-        return slot.result  # type: ignore[return-value]
 
-    def create(self, store: Store, run: Run) -> None:
-        slot = _Slot(run)
+        def flush(group: list[_Slot]) -> None:
+            with store.batch():
+                for s in group:
+                    try:
+                        with store.savepoint():
+                            s.result = s.item()
+                    except Exception as exc:  # (undone alone; the others stay)
+                        s.error = exc
+
+        return self._in_turn(self._work, _Slot(work), flush)  # type: ignore[no-any-return]
+
+    def _in_turn(self, queue: list[_Slot], slot: _Slot, flush: Callable[[list[_Slot]], None]) -> Any:
+        """Queue `slot`; whoever holds the writer's turn flushes every slot queued so far. Its result, or its
+        error raised, once the flush that held it has returned."""
         with self._lock:
-            self._queued.append(slot)
+            queue.append(slot)
         with self._turn:
             if not slot.done:  # no writer took it: write it and everything queued behind it
                 with self._lock:
-                    group, self._queued = self._queued, []
+                    group = queue[:]
+                    queue.clear()
                 try:
-                    errors: list[BaseException | None] = list(store.create_each([s.run for s in group]))
-                except Exception as exc:  # the store failed: every run of the group is refused, none acknowledged
-                    errors = [exc] * len(group)
-                for s, error in zip(group, errors, strict=True):
-                    s.error, s.done = error, True
+                    flush(group)
+                except BaseException as exc:  # the store failed: none of the group is acknowledged
+                    for s in group:
+                        s.error = exc if isinstance(exc, Exception) else RuntimeError("the commit was interrupted")
+                    if not isinstance(exc, Exception):
+                        raise
+                finally:
+                    for s in group:
+                        s.done = True
         if slot.error is not None:
             raise slot.error
-
-
-class _Work:
-    __slots__ = ("work", "done", "result", "error")
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self.work = work
-        self.done = False
-        self.result: Any = None
-        self.error: BaseException | None = None
+        return slot.result
 
 
 class _Slot:
-    __slots__ = ("run", "done", "error")
+    __slots__ = ("item", "done", "result", "error")
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
+    def __init__(self, item: Any) -> None:
+        self.item = item  # a run to create, or the work to do
         self.done = False
+        self.result: Any = None
         self.error: BaseException | None = None
 
 
