@@ -170,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    def cannot_listen(exc: OSError) -> int:
+        print(f"fedml scheduler: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 3
+
     try:
         sock.bind((args.host, args.port))
     except OSError as exc:
-        print(f"fedml scheduler: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
-        return 3
+        return cannot_listen(exc)
     port = sock.getsockname()[1]
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else ("[::1]" if args.host == "::" else args.host)
     url = f"http://{shown_host}:{port}"
@@ -233,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 await super().startup(sockets=sockets)
             except OSError as exc:  # another process bound the port too (SO_REUSEADDR) and listened first
-                print(f"fedml scheduler: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
-                sys.exit(3)
+                sys.exit(cannot_listen(exc))
             if not self.should_exit:
                 announce()
 
