@@ -356,7 +356,8 @@ async def paced(bases: list[str], nodes: list[tuple[str, str]], rate: float, sec
 
 def measure(args: argparse.Namespace, urls: list[str], nodes: list[tuple[str, str]], procs: list[psutil.Process],
             gpus: int, several: bool, first: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The closed loop, then the paced phase, with `gpus` GPU samples in each heartbeat; prints the figures."""
+    """The closed loop, then the paced phase, with `gpus` GPU samples in each heartbeat; prints the figures and
+    returns them (the closed loop's with what its rate means for agents at 10 s, and its verdict)."""
     global GPUS
     GPUS = gpus
     if several:
@@ -365,6 +366,7 @@ def measure(args: argparse.Namespace, urls: list[str], nodes: list[tuple[str, st
     lat = hb["latency_ms"]
     agents = hb["rate_per_s"] * INTERVAL
     verdict = "PASS" if hb["rate_per_s"] >= TARGET_RATE else "MISS"
+    hb.update(agents_at_10s=round(agents), verdict=verdict)
     print(f"{'first' if first else 'one more'} heartbeat of every node (warm-up, not counted): "
           f"{hb['first_pass_s']:.2f} s ({hb['first_pass_per_s']:.0f}/s)")
     print(f"heartbeats: {hb['heartbeats']} in {hb['seconds']:.1f} s = {hb['rate_per_s']:.0f}/s "
@@ -459,8 +461,7 @@ def main() -> int:
         for k, gpus in enumerate(gpu_counts):  # the same scheduler and nodes: 10,000 are not registered again
             hb, pc = measure(args, urls, nodes, procs, gpus, several=len(gpu_counts) > 1, first=k == 0)
             failed = failed or bool(hb["errors"] or not hb["heartbeats"] or (pc and pc["errors"]))
-            one = {**hb, "agents_at_10s": round(hb["rate_per_s"] * INTERVAL),
-                   "verdict": "PASS" if hb["rate_per_s"] >= TARGET_RATE else "MISS", "paced": pc}
+            one = {**hb, "paced": pc}
             if len(gpu_counts) == 1:
                 result.update(one)
             else:
