@@ -152,10 +152,14 @@ def validate(data: Any, *, file: str = "job.yaml", lines: _Lines | None = None) 
 
 
 def load_text(text: str, *, file: str = "job.yaml") -> JobSpec:
+    return load_text_lines(text, file=file)[0]
+
+
+def load_text_lines(text: str, *, file: str = "job.yaml") -> tuple[JobSpec, _Lines]:
+    """The job, and where each key is in the text (for warnings that name a line: unknown_keys). Kept beside
+    the spec, not on it: a private attribute costs every run read back from a store ~2 us to set up."""
     data, lines = parse_text(text, file=file)
-    spec = validate(data, file=file, lines=lines)
-    spec._lines = lines
-    return spec
+    return validate(data, file=file, lines=lines), lines
 
 
 MAX_WARNINGS = 20
@@ -164,13 +168,12 @@ MAX_WARNINGS = 20
 _FEDML_EXTRA = {"computing": {"allow_cross_cloud_resources"}}
 
 
-def unknown_keys(spec: JobSpec, file: str = "job.yaml") -> list[str]:
+def unknown_keys(spec: JobSpec, file: str = "job.yaml", lines: _Lines | None = None) -> list[str]:
     """One line per key that looks like a typo: a key no schema defines inside a block with a fixed schema
     (`computing: {minimum_num_gpu: 1}` once launched with 0 GPUs), or a top-level key one letter or so away
     from a known one. Other top-level keys are FedML's free keys (exported as FEDML_ENV_*), not typos."""
     import difflib
 
-    lines: _Lines | None = spec._lines
     out: list[tuple[int, str]] = []
 
     def note(path: tuple[str, ...], key: str, known: list[str], cutoff: float, always: bool) -> None:
@@ -218,13 +221,13 @@ def load_file(path: str | Path) -> LoadedJob:
     p = Path(path)
     name = str(path)
     text = read_text(path)
-    spec = load_text(text, file=name)
-    ws_dir = workspace_dir(spec.workspace, p, spec._lines)
+    spec, lines = load_text_lines(text, file=name)
+    ws_dir = workspace_dir(spec.workspace, p, lines)
     if spec.job_type == "federate" and spec.federate is None and spec.num_nodes == 1 and ws_dir is not None:
         fed = fedml_config_federation(spec, ws_dir)
         if fed is not None:
             spec.federate = fed
-    return LoadedJob(spec=spec, path=p.resolve(), workspace_dir=ws_dir, warnings=unknown_keys(spec, name))
+    return LoadedJob(spec=spec, path=p.resolve(), workspace_dir=ws_dir, warnings=unknown_keys(spec, name, lines))
 
 
 _CONFIG_ARG = re.compile(r"--(?:cf|config)[= ]+([^\s;&|]+)")

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import access
 from ..contract.errors import ApiError, BadRequest, Conflict, Invalid
-from ..contract.jobload import load_text, unknown_keys, validate
+from ..contract.jobload import load_text_lines, unknown_keys, validate
 from ..contract.jobspec import JobSpec, JobSpecError, env_problem, sweep_points
 from ..contract.models import (
     TERMINAL,
@@ -180,8 +180,8 @@ class RunsMixin(SchedulerBase):
         warnings: list[str] = []
         try:
             if req.job_text is not None:  # the file as written: read here, errors with its name and line
-                spec = load_text(req.job_text, file=req.job_file or "job.yaml")
-                warnings = unknown_keys(spec, req.job_file or "job.yaml")
+                spec, lines = load_text_lines(req.job_text, file=req.job_file or "job.yaml")
+                warnings = unknown_keys(spec, req.job_file or "job.yaml", lines)
             else:
                 spec = validate(req.job, file=req.job_file or "job")
         except JobSpecError as exc:
