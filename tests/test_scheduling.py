@@ -276,6 +276,27 @@ def test_price_cap_and_labels_filter_nodes(sched: Scheduler) -> None:
     assert sched.get_run(r2).node_id == sched.find_node("dear").id
 
 
+def test_a_node_that_changes_is_judged_again_not_by_what_it_was(sched: Scheduler) -> None:
+    """Placement remembers, per candidate and request, what the static filters said of a node (labels, GPU model,
+    owner): a node that changes gets a new candidate, so a run that could not use it before can now."""
+    join(sched, "a", 1, labels={"zone": "x"})
+    b = join(sched, "b", 1)
+    first = submit(sched, computing={"minimum_num_gpus": 1}, labels={"zone": "x"})
+    sched.schedule_pass()
+    assert sched.get_run(first).node_id == sched.find_node("a").id
+    second = submit(sched, computing={"minimum_num_gpus": 1}, labels={"zone": "x"})
+    sched.schedule_pass()  # b has a free GPU but lacks the label: remembered so
+    assert sched.get_run(second).status == RunStatus.QUEUED
+    cands = sched._cands
+    assert cands is not None and any(c.static for c in cands.by_id.values() if c.node.id == b)
+    node = sched.store.get_node(b)
+    assert node is not None
+    sched.store.upsert_node(node.model_copy(update={"labels": {"zone": "x"}}))
+    sched._nodes_changed()
+    sched.schedule_pass()
+    assert sched.get_run(second).node_id == b
+
+
 def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
     from scheduler.contract.models import Node
 
