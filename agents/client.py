@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from scheduler.contract.models import GpuSample, LogBatch, NodeInfo, PollRespons
 from scheduler.contract.transport import httpx, transport
 
 API = "/api/v1"
+log = logging.getLogger("fedml.agent")
 
 
 class Unreachable(Exception):
@@ -50,6 +52,7 @@ class AgentClient:
         self._timeout = timeout
         self._http: httpx.Client | None = None
         self._base: str | None = None
+        self._log_rows = False  # the scheduler takes log lines only as rows (older than LogBatch's columns)
 
     def base_url(self) -> str:
         return self._resolve().rstrip("/")
@@ -112,12 +115,20 @@ class AgentClient:
 
     def send_logs(self, run_id: str, batch: LogBatch) -> int:
         """Returns the scheduler's next expected seq."""
+        if self._log_rows and batch.text is not None:
+            batch = LogBatch.model_construct(rank=batch.rank, attempt=batch.attempt, first_seq=batch.first_seq,
+                                             lines=batch.rows())
         try:
-            r = self._call("POST", f"/runs/{run_id}/logs", content=batch.model_dump_json(),
+            r = self._call("POST", f"/runs/{run_id}/logs", content=batch.model_dump_json(exclude_none=True),
                            headers={"content-type": "application/json"})
         except Refused as exc:
             if exc.status == 409 and "next_seq" in exc.body:
                 return int(exc.body["next_seq"])
+            if exc.status == 422 and batch.text is not None and not self._log_rows:
+                # A scheduler older than this agent knows only the row form: send that from now on.
+                log.info("the scheduler refused log lines as columns (%s); sending them as rows", exc)
+                self._log_rows = True
+                return self.send_logs(run_id, batch)
             raise
         return int(r.json()["next_seq"])
 

@@ -6,6 +6,7 @@ re-reads and resends exactly the lines after it; the scheduler drops any it alre
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import time
@@ -176,7 +177,10 @@ class Shipper:
 
     def pump(self, final: bool = False) -> int:
         """Read what is there and ship it. Returns lines shipped (0: nothing new). Raises Unreachable."""
-        lines: list[tuple[float, str, str]] = []
+        # Columns, as LogBatch sends them: each read's lines share its time and its stream (a batch of one
+        # stream's lines, the usual one, sends each once).
+        lines: list[str] = []
+        reads: list[tuple[float, str, int]] = []  # (time, stream, lines) of each read that gave lines
         ends: list[tuple[_Tail, int]] = []
         saved = [(t, t.skipping, t._after_cr) for t in self.tails]
         budget = MAX_BATCH_BYTES
@@ -185,17 +189,24 @@ class Shipper:
             if end != t.offset:
                 ends.append((t, end))
             if got:
-                now = time.time()
-                lines.extend((now, t.stream, text) for text in got)
+                reads.append((time.time(), t.stream, len(got)))
+                lines.extend(got)
                 budget = max(4096, budget - sum(len(x) for x in got))
         if not lines:
             for t, end in ends:  # bytes that make no line (the rest of a truncated one, a "\n" after "\r")
                 t.offset = end
             return 0
         mark = (self.next_seq, {t.stream: t.offset for t in self.tails})
-        # (built, not validated: these are the agent's own values, and validating 20,000 tuples cost as much as
+        # (built, not validated: these are the agent's own values, and validating 20,000 lines cost as much as
         # sending them)
-        batch = LogBatch.model_construct(rank=self.rank, attempt=self.attempt, first_seq=self.next_seq, lines=lines)
+        if len(reads) == 1:
+            ts: float | list[float] = reads[0][0]
+            stream: str | list[str] = reads[0][1]
+        else:
+            ts = [x for now, _, n in reads for x in itertools.repeat(now, n)]
+            stream = [x for _, name, n in reads for x in itertools.repeat(name, n)]
+        batch = LogBatch.model_construct(rank=self.rank, attempt=self.attempt, first_seq=self.next_seq, text=lines,
+                                         ts=ts, stream=stream)
         try:
             acked = self.client.send_logs(self.run_id, batch)
         except Refused as exc:

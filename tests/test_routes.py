@@ -112,6 +112,31 @@ def test_a_job_text_is_bounded_and_a_batch_takes_documents(client: tuple[TestCli
     assert c.get("/api/v1/runs", headers=as_(keys, "alice")).json() == []
 
 
+def test_log_lines_sent_as_columns_or_as_rows_are_stored_alike(client: tuple[TestClient, dict[str, str]]) -> None:
+    """Agents send a batch as columns (a text per line; one time and stream for all, or one per line); agents
+    before sent a (time, stream, text) row per line, and still may. A malformed batch is refused whole."""
+    c, keys = client
+    run = c.post("/api/v1/runs", json={"job": {"job": "echo"}}, headers=as_(keys, "alice")).json()["id"]
+    url, admin = f"/api/v1/runs/{run}/logs", as_(keys, "admin")  # (an admin may write a run's log: tools)
+
+    def post(**body: object) -> object:
+        r = c.post(url, json={"rank": 0, "attempt": 1, **body}, headers=admin)
+        return r.json()["next_seq"] if r.status_code == 200 else r.status_code
+
+    assert post(first_seq=0, text=["a", "b"], ts=1.5, stream="stdout") == 2
+    assert post(first_seq=2, text=["c", "d"], ts=[2.0, 2.5], stream=["stderr", "stdout"]) == 4
+    assert post(first_seq=4, lines=[[3.0, "stderr", "e"]]) == 5
+    assert post(first_seq=5, text=[], ts=4.0, stream="stdout") == 5
+    for bad in ({"text": ["x"]}, {"text": ["x"], "ts": 1.0}, {"text": ["x"], "ts": [1.0, 2.0], "stream": "stdout"},
+                {"text": ["x"], "ts": 1.0, "stream": ["stdout", "stderr"]}, {"text": ["x"], "ts": "soon", "stream": "o"},
+                {"text": ["x"], "ts": 1.0, "stream": "stdout", "lines": [[1.0, "stdout", "y"]]}, {}):
+        assert post(first_seq=5, **bad) == 422, bad
+    rows = [json.loads(x) for x in c.get(url, headers=as_(keys, "alice")).text.splitlines()]
+    assert [(r["seq"], r["ts"], r["stream"], r["line"]) for r in rows if "line" in r] == [
+        (0, 1.5, "stdout", "a"), (1, 1.5, "stdout", "b"), (2, 2.0, "stderr", "c"), (3, 2.5, "stdout", "d"),
+        (4, 3.0, "stderr", "e")]
+
+
 def test_logs_read_as_text_records_end_with_the_runs_outcome(tmp_path: Path) -> None:
     """`fedml logs` reads the text form: a record per line, then "end TAB {json}"; owners only, as with NDJSON."""
     store = SQLiteStore(tmp_path / "s.db")

@@ -25,7 +25,7 @@ class Scheduler:
         have = len(self.lines)
         if b.first_seq > have:
             return have  # the 409 with next_seq, as AgentClient.send_logs returns it
-        self.lines.extend(text for i, (_, _, text) in enumerate(b.lines) if b.first_seq + i >= have)
+        self.lines.extend(text for i, (_, _, text) in enumerate(b.rows()) if b.first_seq + i >= have)
         return len(self.lines)
 
 
@@ -146,3 +146,49 @@ def test_reading_lines_is_linear_in_what_was_written(tmp_path: Path) -> None:
         return time.perf_counter() - t0
     small, big = read_all(20_000), read_all(200_000)
     assert big < 40 * small + 0.05, f"20,000 lines in {small:.3f} s, 200,000 in {big:.3f} s"
+
+
+def test_an_agent_sends_rows_to_a_scheduler_that_knows_only_rows(tmp_path: Path) -> None:
+    """A scheduler older than its agents refuses a batch of columns (422): the agent's client sends the same
+    lines as rows, then and from then on; nothing is lost or numbered twice. Over real HTTP on loopback."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from agents.client import AgentClient
+
+    got: list[dict[str, object]] = []
+
+    class OldScheduler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            got.append(body)
+            ok = "lines" in body and "text" not in body
+            answer = {"next_seq": body["first_seq"] + len(body["lines"])} if ok else {"detail": [{"loc": ["lines"]}]}
+            data = json.dumps(answer).encode()
+            self.send_response(200 if ok else 422)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OldScheduler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        f = tmp_path / "out"
+        f.write_bytes(b"one\ntwo\n")
+        client = AgentClient(f"http://127.0.0.1:{server.server_address[1]}", "token")
+        sh = Shipper(client, "run-1", 0, {"stdout": f})
+        assert sh.pump() == 2
+        with f.open("ab") as out:
+            out.write(b"three\n")
+        assert sh.pump() == 1 and sh.next_seq == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ["text" in b for b in got] == [True, False, False]  # refused once, then rows only
+    assert [[line[2] for line in b["lines"]] for b in got[1:]] == [["one", "two"], ["three"]]  # type: ignore[index]
+    assert [b["first_seq"] for b in got] == [0, 0, 2]

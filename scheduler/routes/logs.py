@@ -84,8 +84,8 @@ async def append_logs(run_id: str, request: Request, who: Principal = Depends(au
     try:
         body = LogBatch.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from None
-    if not (0 <= body.rank <= MAX_ID and 0 <= body.attempt <= MAX_ID and body.first_seq + len(body.lines) <= MAX_SEQ):
+        raise HTTPException(422, exc.errors(include_url=False, include_input=False, include_context=False)) from None
+    if not (0 <= body.rank <= MAX_ID and 0 <= body.attempt <= MAX_ID and body.first_seq + body.count() <= MAX_SEQ):
         raise Invalid("rank, attempt or first_seq out of range")
     return await run_in_threadpool(_append, c, run_id, body, who)
 
@@ -93,11 +93,11 @@ async def append_logs(run_id: str, request: Request, who: Principal = Depends(au
 def _append(c: Ctx, run_id: str, body: LogBatch, who: Principal) -> JSONResponse:
     c.sched.check_log_writer(run_id, who, body.attempt, logs=True)
     try:
-        nxt = c.store.append_logs(run_id, body.attempt, body.rank, body.first_seq, body.lines)
+        nxt = c.store.append_logs(run_id, body.attempt, body.rank, body.first_seq, body.rows())
     except SeqGap as gap:
         return JSONResponse({"detail": f"log lines missing before seq {body.first_seq}",
                              "next_seq": gap.expected}, status_code=409)
-    c.sched.tally.add("log_lines", len(body.lines))  # (received: a resent batch counts again)
+    c.sched.tally.add("log_lines", body.count())  # (received: a resent batch counts again)
     c.notifier.notify(f"run:{run_id}")
     return JSONResponse({"next_seq": nxt})
 
