@@ -13,7 +13,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus, Team
+from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogBatch, LogRow, Node, Run, RunStatus, Team
 from .contract.series import TIERS, expired_before
 from .store import (
     DEFAULT_LOG_RETENTION,
@@ -165,16 +165,18 @@ SCHEMA_VERSION = 4
 _CHUNK_LINES = 5000  # lines per log chunk at most: a follower reads 5,000 at a time
 
 
-def _pack(lines: list[tuple[float, str, str]]) -> tuple[bytes, str, str]:
-    """A chunk's (ts, stream, text) columns for (ts, stream, line) triples (see the log_chunks table)."""
-    stamps, streams, texts = zip(*lines, strict=True)
-    ts = array("d", stamps).tobytes()
-    stream = streams[0]
-    if stream and streams.count(stream) == len(streams):
+def _pack(stamps: float | list[float], streams: str | list[str], texts: list[str]) -> tuple[bytes, str, str]:
+    """A chunk's (ts, stream, text) columns (see the log_chunks table) for its lines' texts, and their times and
+    streams: one per line, or one for all."""
+    n = len(texts)
+    ts = (array("d", (stamps,)) * n if isinstance(stamps, float | int) else array("d", stamps)).tobytes()
+    stream = streams if isinstance(streams, str) else streams[0]
+    if stream and (isinstance(streams, str) or streams.count(stream) == n):
         text = "\n".join(texts)
-        if text.count("\n") == len(texts) - 1:  # no line holds a newline: the split gives them back
+        if text.count("\n") == n - 1:  # no line holds a newline: the split gives them back
             return ts, stream, text
-    return ts, "", json.dumps([streams, texts], ensure_ascii=False)
+    per_line = [streams] * n if isinstance(streams, str) else streams
+    return ts, "", json.dumps([per_line, texts], ensure_ascii=False)
 
 
 def _unpack(ts: bytes, stream: str, text: str) -> tuple[list[float], str | list[str], list[str]]:
@@ -277,9 +279,10 @@ class SQLiteStore(Store):
                                 and rows[i][0] == rows[i - 1][0] + 1 and rows[i][3] == rows[i - 1][3] + 1):
                             continue
                         first, part = rows[start], rows[start:i]
+                        packed = _pack([r[4] for r in part], [r[5] for r in part], [r[6] for r in part])
                         db.execute("INSERT INTO log_chunks (run_id, pos, last, attempt, rank, seq, ts, stream, text) "
                                    "VALUES (?,?,?,?,?,?,?,?,?)", (run_id, first[0], part[-1][0], first[1], first[2],
-                                                                  first[3], *_pack([r[4:] for r in part])))
+                                                                  first[3], *packed))
                         start = i
                 db.execute("DROP TABLE logs")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -551,24 +554,42 @@ class SQLiteStore(Store):
 
     def append_logs(self, run_id: str, attempt: int, rank: int, first_seq: int,
                     lines: list[tuple[float, str, str]]) -> int:
+        if not lines:
+            return self._append(run_id, attempt, rank, first_seq, [], "", [])
+        stamps, streams, texts = (list(column) for column in zip(*lines, strict=True))
+        return self._append(run_id, attempt, rank, first_seq, stamps, streams, texts)
+
+    def append_log_batch(self, run_id: str, batch: LogBatch) -> int:
+        if batch.text is None:  # (rows)
+            return super().append_log_batch(run_id, batch)
+        assert batch.ts is not None and batch.stream is not None  # (LogBatch checks: with text, both are given)
+        return self._append(run_id, batch.attempt, batch.rank, batch.first_seq, batch.ts, batch.stream, batch.text)
+
+    def _append(self, run_id: str, attempt: int, rank: int, first_seq: int, stamps: float | list[float],
+                streams: str | list[str], texts: list[str]) -> int:
+        """append_logs of columns: a text per line, and the times and streams of the lines (or one for all)."""
         with self._tx() as db:
             row = db.execute("SELECT next_seq FROM log_seq WHERE run_id=? AND attempt=? AND rank=?",
                              (run_id, attempt, rank)).fetchone()
             expected = row[0] if row else 0
             if first_seq > expected:
                 raise SeqGap(expected)
-            fresh = lines[expected - first_seq:]
-            if not fresh:
+            skip = expected - first_seq  # (lines it has already: a resend)
+            fresh = len(texts) - skip
+            if fresh <= 0:
                 return expected
             pos = self._next_pos(db, run_id)
             chunks = []
-            for i in range(0, len(fresh), _CHUNK_LINES):
-                part = fresh[i:i + _CHUNK_LINES]
-                chunks.append((run_id, pos + i, pos + i + len(part) - 1, attempt, rank, expected + i, *_pack(part)))
+            for i in range(skip, len(texts), _CHUNK_LINES):
+                j = min(i + _CHUNK_LINES, len(texts))
+                packed = _pack(stamps if isinstance(stamps, float | int) else stamps[i:j],
+                               streams if isinstance(streams, str) else streams[i:j], texts[i:j])
+                at = pos + i - skip
+                chunks.append((run_id, at, at + j - i - 1, attempt, rank, first_seq + i, *packed))
             db.executemany("INSERT INTO log_chunks (run_id, pos, last, attempt, rank, seq, ts, stream, text) "
                            "VALUES (?,?,?,?,?,?,?,?,?)", chunks)
-            nxt = expected + len(fresh)
-            cut = pos + len(fresh) - self.log_retention  # positions below this are past the retention
+            nxt = expected + fresh
+            cut = pos + fresh - self.log_retention  # positions below this are past the retention
             if cut > 0:  # whole chunks: a run keeps at least its newest log_retention lines
                 db.execute("DELETE FROM log_chunks WHERE run_id=? AND pos<? AND last<?", (run_id, cut, cut))
             db.execute("INSERT INTO log_seq (run_id, attempt, rank, next_seq) VALUES (?,?,?,?) "

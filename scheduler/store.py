@@ -18,7 +18,7 @@ from typing import Any
 
 from .contract import errors
 from .contract.errors import Conflict
-from .contract.models import UNSETTLED, ApiKey, LogRow, Node, Run, RunStatus, Team
+from .contract.models import UNSETTLED, ApiKey, LogBatch, LogRow, Node, Run, RunStatus, Team
 from .notify import Notifier
 
 
@@ -274,6 +274,11 @@ class Store(abc.ABC):
         """Store lines first_seq.. for (run, attempt, rank); lines below the next expected seq are duplicates
         and are dropped. Returns the next expected seq. Raises SeqGap if first_seq is beyond it. A run keeps
         at least its newest `log_retention` lines: older ones may be dropped (positions are never reused)."""
+
+    def append_log_batch(self, run_id: str, batch: LogBatch) -> int:
+        """append_logs of a batch as an agent sent it (LogBatch: columns, or rows); a store that keeps lines as
+        columns takes the columns as they are."""
+        return self.append_logs(run_id, batch.attempt, batch.rank, batch.first_seq, batch.rows())
 
     @abc.abstractmethod
     def read_logs(self, run_id: str, after: int = -1, limit: int = 5000,

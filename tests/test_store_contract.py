@@ -23,6 +23,7 @@ from scheduler.contract.models import (
     Endpoint,
     GpuInfo,
     InvalidTransition,
+    LogBatch,
     Node,
     Placement,
     Run,
@@ -598,6 +599,39 @@ def test_logs_append_in_order_and_drop_resent_lines(pair: tuple[Store, Store]) -
     assert got is not None and got.log_count == 5
     assert a.next_seq(run.id, 1, 0) == 5 and a.next_seq(run.id, 2, 0) == 0
     assert a.append_logs(run.id, 1, 0, 5, []) == 5
+
+
+def test_a_batch_as_columns_is_stored_as_the_same_lines_as_rows(store: Store) -> None:
+    """What an agent sends (LogBatch: a text per line, a time and a stream for all or per line) is stored line
+    for line as append_logs stores rows: across chunk boundaries, resent lines dropped, odd text kept."""
+    a, b = store.create_run(mk_run(1)), store.create_run(mk_run(2))
+    n = 12_345  # (over two chunks of 5,000)
+    texts = [f"l{i}" if i % 97 else f"odd {i}\t\u2028 \"q\" " + ("two\nlines" if i % 2 else "") for i in range(n)]
+    streams = ["stdout" if i % 3 else "stderr" for i in range(n)]
+    rows = [(1000.0 + i, streams[i], texts[i]) for i in range(n)]
+
+    def cols(first: int, end: int, one: bool = False) -> LogBatch:
+        if one:
+            return LogBatch(first_seq=first, text=texts[first:end], ts=5.0, stream="stdout")
+        return LogBatch(first_seq=first, text=texts[first:end], ts=[r[0] for r in rows[first:end]],
+                        stream=streams[first:end])
+
+    assert store.append_logs(a.id, 1, 0, 0, rows[:7000]) == 7000
+    assert store.append_logs(a.id, 1, 0, 6000, rows[6000:]) == n  # 1,000 resent
+    assert store.append_log_batch(b.id, cols(0, 7000)) == 7000
+    assert store.append_log_batch(b.id, cols(6000, n)) == n
+    assert store.append_log_batch(b.id, cols(0, 10)) == n  # all resent
+    with pytest.raises(SeqGap):
+        store.append_log_batch(b.id, cols(n + 1, n + 2))
+
+    def read(run_id: str) -> list[tuple[int, int, float, str, str]]:
+        return [(r.pos, r.seq, r.ts, r.stream, r.line) for r in store.read_logs(run_id, limit=2 * n)]
+
+    assert read(a.id) == read(b.id) and len(read(b.id)) == n
+    c = store.create_run(mk_run(3))  # one time and one stream for the batch
+    assert store.append_log_batch(c.id, cols(0, 6000, one=True)) == 6000
+    assert {(r[2], r[3]) for r in read(c.id)} == {(5.0, "stdout")} and [r[4] for r in read(c.id)] == texts[:6000]
+    assert store.append_log_batch(c.id, LogBatch(first_seq=6000, text=[], ts=5.0, stream="stdout")) == 6000
 
 
 def test_logs_as_ndjson_are_the_same_records_as_the_rows(store: Store) -> None:

@@ -93,7 +93,7 @@ async def append_logs(run_id: str, request: Request, who: Principal = Depends(au
 def _append(c: Ctx, run_id: str, body: LogBatch, who: Principal) -> JSONResponse:
     c.sched.check_log_writer(run_id, who, body.attempt, logs=True)
     try:
-        nxt = c.store.append_logs(run_id, body.attempt, body.rank, body.first_seq, body.rows())
+        nxt = c.store.append_log_batch(run_id, body)
     except SeqGap as gap:
         return JSONResponse({"detail": f"log lines missing before seq {body.first_seq}",
                              "next_seq": gap.expected}, status_code=409)
