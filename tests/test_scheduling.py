@@ -79,6 +79,8 @@ def silence(s: Scheduler, node_id: str, seconds: float = 10.0) -> None:
     """As if the node's last heartbeat was `seconds` ago (and the scheduler has been up longer)."""
     s._started = 0.0
     s.store.heartbeat(node_id, time.time() - seconds)
+    if node_id in s._heard:  # (what this scheduler itself heard from its agent, too)
+        s._heard[node_id] = time.time() - seconds
     s.store.upsert_node(s.store.get_node(node_id).model_copy(update={"last_seen": time.time() - seconds}))
     s._nodes_changed()  # a write by another process: its "nodes" wake-up is relayed (the node cache looks again)
 
@@ -295,6 +297,38 @@ def test_a_node_that_changes_is_judged_again_not_by_what_it_was(sched: Scheduler
     sched._nodes_changed()
     sched.schedule_pass()
     assert sched.get_run(second).node_id == b
+
+
+def test_a_pass_asks_the_store_only_for_heartbeats_it_has_not_just_heard(sched: Scheduler) -> None:
+    """A node whose agent this scheduler heard (a poll, a report) within half the heartbeat timeout is online
+    without reading its heartbeat from the store (a round trip on Redis per freed slot); one heard longer ago
+    is read, and a node the store has OFFLINE stays offline whatever was heard."""
+    a, b = join(sched, "a", 2), join(sched, "b", 2)
+    asked: list[list[str]] = []
+    store_beats = sched.store.heartbeats
+
+    def heartbeats(ids: list[str] | None = None) -> dict[str, float]:
+        asked.append(sorted(ids) if ids is not None else ["(all)"])
+        return store_beats(ids)
+
+    sched.store.heartbeats = heartbeats  # type: ignore[method-assign]
+    sched.poll_once(a, [])  # a is heard now; b joined but never polled
+    first = submit(sched, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    assert asked[-1] == [b] and sched.get_run(first).status == RunStatus.STARTING
+    sched._heard[a] = time.time() - sched.heartbeat_timeout  # heard too long ago: read again
+    second = submit(sched, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    assert asked[-1] == sorted([a, b]) and sched.get_run(second).status == RunStatus.STARTING
+    for n in (a, b):
+        node = sched.store.get_node(n)
+        assert node is not None
+        sched.store.upsert_node(node.model_copy(update={"state": "OFFLINE"}))
+        sched._heard[n] = time.time()
+    sched._nodes_changed()
+    third = submit(sched, computing={"minimum_num_gpus": 1})
+    sched.schedule_pass()
+    assert sched.get_run(third).status == RunStatus.QUEUED
 
 
 def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:

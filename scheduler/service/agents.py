@@ -37,6 +37,8 @@ class AgentsMixin(SchedulerBase):
         access.require_acts_for_node(who, node_id)
         now = time.time()
         before, runs = self.store.heartbeat_and_runs(node_id, now, ACTIVE)
+        if before:  # (a first heartbeat is heard once it has been written: below)
+            self._heard[node_id] = now
         self.tally.add("heartbeats")
         if gpus is not None:
             self._gpu_samples(node_id, gpus, now)
@@ -45,6 +47,7 @@ class AgentsMixin(SchedulerBase):
             try:  # first heartbeat since start, or back from OFFLINE: persist the state change
                 self._group.write(self.store, lambda: self.store.touch_node(node_id, now))  # (shares commits)
                 self._nodes_changed()
+                self._heard[node_id] = now
             except NotFound:
                 self.store.heartbeat(node_id, 0.0)  # so that every poll of it is refused
                 raise NotFound(f"node {node_id} is not registered") from None
@@ -95,7 +98,9 @@ class AgentsMixin(SchedulerBase):
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
         access.require_acts_for_node(who, node_id)
-        return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
+        run = self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
+        self._heard[node_id] = time.time()  # (a placement of the run is there: _rank_update refuses any other)
+        return run
 
     def _gpu_samples(self, node_id: str, gpus: list[GpuSample], now: float) -> None:
         """Keep the node's latest GPU sample (soft state, like heartbeats); when the GPUs that a process of no

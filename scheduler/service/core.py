@@ -283,6 +283,10 @@ class SchedulerBase:
         # write per heartbeat would cap a 10,000-node cluster at the disk's fsync rate. Only ONLINE <-> OFFLINE
         # changes are persisted. After a restart every node gets one full timeout to check in again.
         self._started = time.time()
+        # node -> when this process last heard from its agent (a poll, a report): proof that it was alive then.
+        # A pass takes a node heard within half the timeout as online without reading its heartbeat from the
+        # store (a round trip on Redis for every freed slot); anything older is read as before.
+        self._heard: dict[str, float] = {}
         # Node records change rarely (join, drain, remove, offline); placement reads them for every launch.
         # Cached here as (checked at, "nodes" ticket, store's nodes_version, nodes), listed once; after that the
         # store's change feed (Store.nodes_since: checked at every "nodes" wake-up, which a shared store relays

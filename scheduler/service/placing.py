@@ -180,7 +180,8 @@ class PlacementMixin(PreemptionMixin):
             self._idle = (tickets, time.monotonic())
             self._waiting, self._counted = {}, {}
             return 0
-        ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen)
+        ps = _Pass(self._live_candidates(book), self.store.heartbeats, self.last_seen, self._heard,
+                   self.heartbeat_timeout / 2)
         rank = self.fair_rank()
         if book.preempting or book.freed_for:  # runs that preempted others go first (the GPUs are freed for them)
             self.hold_for_preemptors(book, ps)
@@ -555,13 +556,17 @@ class _Pass:
     """What one scheduling pass knows: candidates with their free GPUs, and the head job's reservation."""
 
     def __init__(self, cands: Cands, heartbeats: Callable[..., dict[str, float]],
-                 last_seen: Callable[[Node, dict[str, float]], float]) -> None:
+                 last_seen: Callable[[Node, dict[str, float]], float], heard: dict[str, float] | None = None,
+                 heard_for: float = 0.0) -> None:
         self.cands = cands
         self.by_id = cands.by_id  # kept between passes: not rebuilt per pass
         self.with_free = cands.with_free()
         self._heartbeats, self._last_seen, self.now = heartbeats, last_seen, time.time()
-        # Whether a node is online: from its latest heartbeat, read for the nodes this pass looks at.
-        seen = heartbeats([c.node.id for c in self.with_free])
+        # Whether a node is online: from its latest heartbeat, read for the nodes this pass looks at, but for
+        # those this scheduler heard from within `heard_for` (SchedulerBase._heard): alive then, so online now.
+        heard = heard or {}
+        fresh = {i: t for c in self.with_free if self.now - (t := heard.get(i := c.node.id, 0.0)) <= heard_for}
+        seen = {**heartbeats([c.node.id for c in self.with_free if c.node.id not in fresh]), **fresh}
         for c in self.with_free:
             c.now, c.last_seen = self.now, last_seen(c.node, seen)
         self.all_seen: list[Candidate] | None = None
