@@ -14,23 +14,31 @@ queue, and each step 8 random jobs end and 8 new one-GPU jobs arrive. Measured f
 it was (every node it could use) and as it is (only the node it would get), in one run over the real
 Scheduler and SQLite: GPU utilisation while the head waits, small jobs started meanwhile, steps the head waited.
 
+With --compare REV the same placements also run against the code of git revision REV (a worktree), each
+measurement in a process of its own, the two alternating for --rounds rounds (A B A B): the ratio of the medians,
+of placements per second and per CPU-second of the placing process (what a shared, noisy machine changes least).
+
     .venv/bin/python bench/placement.py [--jobs 5000] [--sizes 1000,10000,100000] [--store sqlite,redis] [--no-backfill]
+                                        [--compare REV [--rounds 5]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# (the scheduler of the tree under test: this one, or a revision's worktree for --compare)
+sys.path.insert(0, os.environ.get("FEDML_BENCH_TREE") or str(Path(__file__).resolve().parent.parent))
 
 from scheduler.contract.models import GpuInfo, Node, Principal, Run, RunCreate, RunStatus, Team  # noqa: E402
 from scheduler.notify import Notifier  # noqa: E402
@@ -92,14 +100,14 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str, teams: int = 0,
                 store.create_run(Run(id=f"run-{j:06d}", name="b", job=job, created_at=now + j * 1e-6,
                                      team=f"team{j % teams:03d}" if teams else None))
         sched.kick()  # (as a replica's relayed wake-up does)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     placed = 0
     while placed < jobs:
         n = sched.schedule_pass()
         if n == 0:
             break
         placed += n
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
     running = store.list_runs(status=[RunStatus.STARTING], limit=jobs + 2)
     pairs = {(r.placements[0].node_id, g) for r in running for g in r.placements[0].gpus}
     assert len(pairs) == len(running) == placed + 1, "a GPU was handed out twice"
@@ -122,6 +130,7 @@ def _bench(store: Store, n_nodes: int, jobs: int, kind: str, teams: int = 0,
             "seconds": round(elapsed, 3),
             "first_pass_s": round(first_pass, 3),
             "placements_per_s": round(placed / elapsed, 1),
+            "placements_per_cpu_s": round(placed / cpu, 1),
             "place_call_us_median": round(statistics.median(times) * 1e6, 1),
             "place_call_us_p99": round(sorted(times)[int(len(times) * 0.99)] * 1e6, 1)}
 
@@ -181,11 +190,19 @@ def main() -> int:
     p.add_argument("--no-backfill", action="store_true", help="skip the backfill comparison")
     p.add_argument("--teams", type=int, default=0, help="also place the jobs spread over N teams with quotas "
                                                        "(issue 18: >= 80%% of the rate without), alternating")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of the --teams comparison (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the --teams or --compare comparison (default 3)")
+    p.add_argument("--compare", metavar="REV", help="also measure git revision REV, alternating (A B A B)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--queued-via", default="scheduler", choices=["scheduler", "replica"],
                    help="the queue submitted to this scheduler (the default: it knows those runs as it wrote them), "
                         "or written by another replica (read from the store's change feed)")
     args = p.parse_args()
+    if args.child:  # one measurement, in the tree FEDML_BENCH_TREE names
+        with tempfile.TemporaryDirectory(prefix="fedml-bench-placement-") as d:
+            print(json.dumps(bench(int(args.sizes), args.jobs, Path(d), args.store, via=args.queued_via)))
+        return 0
+    if args.compare:
+        return compare(args)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedml-bench-placement-") as d:
         if not args.no_backfill:
@@ -215,6 +232,43 @@ def main() -> int:
                     print(f"{kind:>6} {n:>6} nodes, the jobs over {args.teams} teams with quotas: median {ratio:.0%} of "
                           f"the rate without teams (issue 18's goal >= 80%: {'PASS' if ratio >= 0.8 else 'MISS'})")
     print(json.dumps({"bench": "placement", "results": results}))
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from _common import worktree
+
+    out: list[dict[str, Any]] = []
+    with worktree(args.compare) as before:
+        assert before is not None
+        trees = [(args.compare[:12], before), ("now", Path(__file__).resolve().parent.parent)]
+        for kind in args.store.split(","):
+            for n in (int(x) for x in args.sizes.split(",")):
+                got: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
+                for k in range(args.rounds):
+                    for name, tree in trees:
+                        r = subprocess.run([sys.executable, __file__, "--child", "--sizes", str(n), "--store", kind,
+                                            "--jobs", str(args.jobs), "--queued-via", args.queued_via],
+                                           env={**os.environ, "FEDML_BENCH_TREE": str(tree)}, capture_output=True,
+                                           text=True, timeout=3600)
+                        if r.returncode != 0:
+                            sys.exit(f"bench: the measurement of {name} failed:\n{r.stderr[-3000:]}")
+                        got[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                        print(f"{kind:>6} {n:>6} nodes, round {k + 1} [{name:>12}]: "
+                              f"{got[name][-1]['placements_per_s']:8.0f} placements/s, "
+                              f"{got[name][-1]['placements_per_cpu_s']:8.0f} per CPU-second", flush=True)
+                med = {name: {m: statistics.median(x[m] for x in rs) for m in ("placements_per_s", "placements_per_cpu_s")}
+                       for name, rs in got.items()}
+                (a, _), (b, _) = trees
+                row = {"store": kind, "nodes": n, "jobs": args.jobs, "rounds": args.rounds, "medians": med,
+                       "ratio_per_s": round(med[b]["placements_per_s"] / med[a]["placements_per_s"], 3),
+                       "ratio_per_cpu_s": round(med[b]["placements_per_cpu_s"] / med[a]["placements_per_cpu_s"], 3)}
+                out.append(row)
+                print(f"{kind:>6} {n:>6} nodes, medians of {args.rounds}: {a} {med[a]['placements_per_s']:.0f}/s "
+                      f"({med[a]['placements_per_cpu_s']:.0f} per CPU-s), now {med[b]['placements_per_s']:.0f}/s "
+                      f"({med[b]['placements_per_cpu_s']:.0f} per CPU-s): {row['ratio_per_s']:.2f}x, "
+                      f"{row['ratio_per_cpu_s']:.2f}x per CPU-second")
+    print(json.dumps({"bench": "placement", "compare": args.compare, "results": out}))
     return 0
 
 
