@@ -13,7 +13,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .contract.jobspec import JobSpec
 from .contract.models import GpuInfo, Node, NodeScore
@@ -34,14 +34,6 @@ class Request:
     memory_mb: int = 0
     team: str | None = None  # whose quota it is charged to (runs of different teams are different shapes)
     preemptible: bool = True  # the job's `preemptible` (only those may use GPUs borrowed from other teams)
-
-    def __post_init__(self) -> None:
-        # A request keys a pass's dicts and every candidate's static answers: hashed once here, not at each
-        # look-up (13 fields: most of a look-up's cost).
-        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
-
-    def __hash__(self) -> int:
-        return self._hash  # type: ignore[attr-defined, no-any-return]
 
     @classmethod
     def of(cls, spec: JobSpec, owner: str | None = None, team: str | None = None) -> Request:
@@ -80,9 +72,6 @@ class Candidate:
     now: float
     heartbeat_timeout: float
     last_seen: float | None = None  # the latest heartbeat, when newer than node.last_seen (heartbeats are soft state)
-    # What the static filters said of this node, per request (static_filters): a node that changes is a new
-    # Node object and so gets a new Candidate; this one's node does not change under it.
-    static: dict[Request, str | None] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -194,6 +183,12 @@ def gpus_exist(req: Request, c: Candidate) -> str | None:
     return None
 
 
+def gpus_free(req: Request, c: Candidate) -> str | None:
+    if req.gpus and len(_matching(req, c.free)) < req.gpus:
+        return "have them busy"
+    return None
+
+
 # -- scorers -----------------------------------------------------------------------------------------------
 # Each scorer answers in [0, 1] (higher is better) and has a name and a weight; a node's score is the weighted
 # mean. The values are recorded with the placement (Run.scores) so `fedml run status --explain` can say why one
@@ -233,42 +228,7 @@ def scores(req: Request, c: Candidate) -> tuple[float, dict[str, float]]:
 
 # could this node ever?
 STATIC_FILTERS: list[Filter] = [owner_allows, team_allows, has_runtime, labels_match, cost_cap, cpus_memory, gpus_exist]
-_STATIC_KEPT = 256  # requests remembered per candidate (a queue has a few shapes; more are answered, not kept)
-
-
-def _static(req: Request, c: Candidate) -> tuple[str | None, frozenset[int]]:
-    """(the first reason of STATIC_FILTERS, the indexes of the node's GPUs the request could use), remembered on
-    the candidate per request: a placement walks past nodes that could never take it (another GPU model, a
-    private node) at a dict look-up each, not seven filters and a match of every GPU's name."""
-    memo = c.static
-    try:
-        return memo[req]
-    except KeyError:
-        pass
-    why = next((r for f in STATIC_FILTERS if (r := f(req, c)) is not None), None)
-    got = why, frozenset(g.index for g in _matching(req, c.node.gpus))
-    if len(memo) < _STATIC_KEPT:
-        memo[req] = got
-    return got
-
-
-def static_filters(req: Request, c: Candidate) -> str | None:
-    return _static(req, c)[0]
-
-
-def usable_free(req: Request, c: Candidate) -> list[int]:
-    """The node's free GPUs (indexes) the request could use."""
-    usable = _static(req, c)[1]
-    return [g.index for g in c.free if g.index in usable]
-
-
-def gpus_free(req: Request, c: Candidate) -> str | None:
-    if req.gpus and len(usable_free(req, c)) < req.gpus:
-        return "have them busy"
-    return None
-
-
-PIPELINE: list[Filter] = [online, not_draining, static_filters, gpus_free]
+PIPELINE: list[Filter] = [online, not_draining, *STATIC_FILTERS, gpus_free]
 
 
 def sample_limit(req: Request, n_nodes: int) -> int:
@@ -309,7 +269,7 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
         if not candidates:
             return NoFit("no nodes have joined yet (make a join token with `fedml scheduler token create --node`, then "
                          "on the node: `fedml login --server URL --node`)")
-        statically = sum(static_filters(req, c) is None for c in candidates)
+        statically = sum(all(f(req, c) is None for f in STATIC_FILTERS) for c in candidates)
         detail = "; ".join(f"{n} node{'s' if n > 1 else ''} {r if n > 1 else _singular(r)}"
                            for r, n in sorted(why.items()))
         if feasible:
@@ -318,7 +278,7 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
     scored = sorted(((scores(req, c), c) for c in feasible), key=lambda sc: sc[0][0], reverse=True)
     out = []
     for (total, each), c in scored[: req.count]:
-        gpus = sorted(usable_free(req, c))[: req.gpus]
+        gpus = sorted(g.index for g in _matching(req, c.free))[: req.gpus]
         out.append(Choice(node=c.node, gpus=gpus, score=total, scores=each))
     out[0].runners_up = [NodeScore(node_id=c.node.id, total=total, scores=each, weights=WEIGHTS)
                          for (total, each), c in scored[req.count:]]
@@ -345,7 +305,7 @@ def _coprime_stride(n: int, rng: random.Random | object) -> int:
 
 def could_use(req: Request, c: Candidate) -> bool:
     """Could `req` ever run on this node (ignoring what is busy now)?"""
-    return static_filters(req, c) is None
+    return all(f(req, c) is None for f in STATIC_FILTERS)
 
 
 def ranking(req: Request, candidates: list[Candidate]) -> list[str]:
@@ -363,7 +323,7 @@ def usable_gpus(req: Request, node: Node) -> list[int]:
 
 def free_matching(req: Request, c: Candidate) -> int:
     """How many of the node's free GPUs the request could use."""
-    return len(usable_free(req, c))
+    return len(_matching(req, c.free))
 
 
 def reservation(req: Request, candidates: list[Candidate]) -> set[str]:
