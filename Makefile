@@ -59,7 +59,7 @@ bench: redis
 	$(TIMED) $(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 20 --store redis
 	$(TIMED) $(BIN)/python bench/job_metrics.py --lines 200000
 	$(TIMED) $(BIN)/python bench/gpu_series.py --nodes 10000
-	$(TIMED) $(BIN)/python bench/e2e_peers.py --jobs 100
+	$(TIMED) $(BIN)/python bench/e2e_peers.py --jobs 60
 	$(TIMED) $(BIN)/python bench/vs_slurm.py --runs 10
 	$(TIMED) $(BIN)/python bench/fedavg_round.py
 	$(TIMED) $(BIN)/python bench/gateway.py
