@@ -45,6 +45,13 @@ def server_from_state_file(path: Path) -> Callable[[], str]:
     return resolve
 
 
+def _wants_rows(body: dict[str, Any]) -> bool:
+    """Is this 422 a scheduler saying that a log batch lacks `lines` (one that knows no other form)?"""
+    detail = body.get("detail")
+    return isinstance(detail, list) and any(
+        isinstance(d, dict) and d.get("type") == "missing" and d.get("loc") == ["lines"] for d in detail)
+
+
 class AgentClient:
     def __init__(self, server: str | Callable[[], str], token: str | None, timeout: float = 30.0) -> None:
         self._resolve = server if callable(server) else (lambda: server)
@@ -124,7 +131,7 @@ class AgentClient:
         except Refused as exc:
             if exc.status == 409 and "next_seq" in exc.body:
                 return int(exc.body["next_seq"])
-            if exc.status == 422 and batch.text is not None and not self._log_rows:
+            if exc.status == 422 and batch.text is not None and not self._log_rows and _wants_rows(exc.body):
                 # A scheduler older than this agent knows only the row form: send that from now on.
                 log.info("the scheduler refused log lines as columns (%s); sending them as rows", exc)
                 self._log_rows = True

@@ -164,7 +164,8 @@ def test_an_agent_sends_rows_to_a_scheduler_that_knows_only_rows(tmp_path: Path)
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             got.append(body)
             ok = "lines" in body and "text" not in body
-            answer = {"next_seq": body["first_seq"] + len(body["lines"])} if ok else {"detail": [{"loc": ["lines"]}]}
+            answer = {"next_seq": body["first_seq"] + len(body["lines"])} if ok else {"detail": [
+                {"type": "missing", "loc": ["lines"], "msg": "Field required"}]}  # (what pydantic said there)
             data = json.dumps(answer).encode()
             self.send_response(200 if ok else 422)
             self.send_header("content-type", "application/json")
