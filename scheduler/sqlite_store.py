@@ -169,13 +169,13 @@ def _pack(stamps: float | list[float], streams: str | list[str], texts: list[str
     """A chunk's (ts, stream, text) columns (see the log_chunks table) for its lines' texts, and their times and
     streams: one per line, or one for all."""
     n = len(texts)
-    ts = (array("d", (stamps,)) * n if isinstance(stamps, float | int) else array("d", stamps)).tobytes()
-    stream = streams if isinstance(streams, str) else streams[0]
-    if stream and (isinstance(streams, str) or streams.count(stream) == n):
+    ts = (array("d", stamps) if isinstance(stamps, list) else array("d", (stamps,)) * n).tobytes()
+    stream = streams[0] if isinstance(streams, list) else streams
+    if stream and (not isinstance(streams, list) or streams.count(stream) == n):
         text = "\n".join(texts)
         if text.count("\n") == n - 1:  # no line holds a newline: the split gives them back
             return ts, stream, text
-    per_line = [streams] * n if isinstance(streams, str) else streams
+    per_line = streams if isinstance(streams, list) else [streams] * n
     return ts, "", json.dumps([per_line, texts], ensure_ascii=False)
 
 
@@ -582,8 +582,8 @@ class SQLiteStore(Store):
             chunks = []
             for i in range(skip, len(texts), _CHUNK_LINES):
                 j = min(i + _CHUNK_LINES, len(texts))
-                packed = _pack(stamps if isinstance(stamps, float | int) else stamps[i:j],
-                               streams if isinstance(streams, str) else streams[i:j], texts[i:j])
+                packed = _pack(stamps[i:j] if isinstance(stamps, list) else stamps,
+                               streams[i:j] if isinstance(streams, list) else streams, texts[i:j])
                 at = pos + i - skip
                 chunks.append((run_id, at, at + j - i - 1, attempt, rank, first_seq + i, *packed))
             db.executemany("INSERT INTO log_chunks (run_id, pos, last, attempt, rank, seq, ts, stream, text) "

@@ -287,7 +287,7 @@ def test_a_node_that_changes_is_judged_again_not_by_what_it_was(sched: Scheduler
     sched.schedule_pass()
     assert sched.get_run(first).node_id == sched.find_node("a").id
     second = submit(sched, computing={"minimum_num_gpus": 1}, labels={"zone": "x"})
-    sched.schedule_pass()  # b has a free GPU but lacks the label: remembered so
+    sched.schedule_pass()  # b has a free GPU but lacks the label
     assert sched.get_run(second).status == RunStatus.QUEUED
     node = sched.store.get_node(b)
     assert node is not None
