@@ -52,7 +52,9 @@ def test_a_gpu_used_outside_the_scheduler_is_not_given_to_runs_until_it_is_free(
     first = fedml("launch", str(job), "--detach", env=env)  # (starts the scheduler and its agent with the double)
     assert first.returncode == 0, first.stderr
     run_a = first.stdout.strip()
-    assert [g["name"] for g in node(fedml)["gpus"]] == ["NVIDIA A100 80GB PCIe"] * 2  # the double's inventory
+    # (--detach returns once the run is stored; the local agent it started may not have joined yet)
+    joined = wait_for("the local agent's node", lambda: json.loads(fedml("node", "list", "--json").stdout))
+    assert [g["name"] for g in joined[0]["gpus"]] == ["NVIDIA A100 80GB PCIe"] * 2  # the double's inventory
     pid = int(wait_for("the job's pid", lambda: pidfile.exists() and pidfile.read_text().strip()))
     held = status(fedml, run_a)["gpus"][0]
     gpus.pids[held] = [pid]  # the job's own process on its GPU: that is the run's, nothing is marked
