@@ -118,8 +118,38 @@ def gpu_matches(wanted: str | None, gpu_name: str) -> bool:
     return _tokens(wanted) <= _tokens(gpu_name)
 
 
+# wanted GPU type -> {GPU name: matches}: placement asks this for every GPU of every node it visits (~10 lists
+# of 8 a placement), and a dict lookup is a third of the cached call's cost. Both levels are bounded (the types
+# come from users' job files, the names from agents): past the bound a table starts again empty.
+_NAME_TABLES: dict[str | None, dict[str, bool]] = {}
+_TABLES_MAX, _NAMES_MAX = 256, 4096
+
+
+def _names_matching(wanted: str | None) -> dict[str, bool]:
+    table = _NAME_TABLES.get(wanted)
+    if table is None:
+        if len(_NAME_TABLES) >= _TABLES_MAX:
+            _NAME_TABLES.clear()
+        table = _NAME_TABLES[wanted] = {}
+    elif len(table) >= _NAMES_MAX:
+        table.clear()
+    return table
+
+
 def _matching(req: Request, gpus: Iterable[GpuInfo]) -> list[GpuInfo]:
-    return [g for g in gpus if gpu_matches(req.resource_type, g.name) and g.memory_mb >= req.gpu_memory_mb]
+    """The GPUs of `gpus` of the type and memory `req` asks for."""
+    wanted, memory = req.resource_type, req.gpu_memory_mb
+    if wanted is None:
+        return [g for g in gpus if g.memory_mb >= memory]
+    table = _names_matching(wanted)
+    out = []
+    for g in gpus:
+        ok = table.get(g.name)
+        if ok is None:
+            ok = table[g.name] = gpu_matches(wanted, g.name)
+        if ok and g.memory_mb >= memory:
+            out.append(g)
+    return out
 
 
 # -- filters -----------------------------------------------------------------------------------------------
@@ -177,14 +207,32 @@ def cpus_memory(req: Request, c: Candidate) -> str | None:
     return None
 
 
+def _enough(req: Request, gpus: Iterable[GpuInfo]) -> bool:
+    """At least req.gpus of `gpus` are of the type and memory asked for (looks no further than that many)."""
+    wanted, memory, need = req.resource_type, req.gpu_memory_mb, req.gpus
+    table = None if wanted is None else _names_matching(wanted)
+    for g in gpus:
+        if table is not None:
+            ok = table.get(g.name)
+            if ok is None:
+                ok = table[g.name] = gpu_matches(wanted, g.name)
+            if not ok:
+                continue
+        if g.memory_mb >= memory:
+            need -= 1
+            if need <= 0:
+                return True
+    return need <= 0
+
+
 def gpus_exist(req: Request, c: Candidate) -> str | None:
-    if req.gpus and len(_matching(req, c.node.gpus)) < req.gpus:
+    if req.gpus and not _enough(req, c.node.gpus):
         return f"have fewer than {req.gpus}" + (f" {req.resource_type}" if req.resource_type else " GPUs")
     return None
 
 
 def gpus_free(req: Request, c: Candidate) -> str | None:
-    if req.gpus and len(_matching(req, c.free)) < req.gpus:
+    if req.gpus and not _enough(req, c.free):
         return "have them busy"
     return None
 
@@ -221,9 +269,13 @@ WEIGHTS = {s.name: s.weight for s in SCORERS}
 
 def scores(req: Request, c: Candidate) -> tuple[float, dict[str, float]]:
     """(weighted mean, each scorer's value) for one node."""
-    each = {s.name: round(s.score(req, c), 4) for s in SCORERS}
-    total = sum(s.weight * each[s.name] for s in SCORERS) / sum(s.weight for s in SCORERS)
-    return round(total, 4), each
+    each: dict[str, float] = {}
+    total = weights = 0.0
+    for s in SCORERS:  # (a loop, not comprehensions and sums over generators: twice per placement)
+        each[s.name] = v = round(s.score(req, c), 4)
+        total += s.weight * v
+        weights += s.weight
+    return round(total / weights, 4), each
 
 
 # could this node ever?

@@ -8,7 +8,20 @@ import time
 import pytest
 
 from scheduler.contract.models import GpuInfo, Node
-from scheduler.placement import SCORERS, WEIGHTS, Candidate, Request, binpack, cheap, place, scores
+from scheduler import placement
+from scheduler.placement import (
+    SCORERS,
+    WEIGHTS,
+    Candidate,
+    Request,
+    binpack,
+    cheap,
+    gpu_matches,
+    gpus_exist,
+    gpus_free,
+    place,
+    scores,
+)
 from scheduler.service import Scheduler
 
 from .test_scheduling import join, sched, submit  # noqa: F401  (the fixture)
@@ -45,6 +58,54 @@ def test_every_scorer_is_named_weighted_and_in_range() -> None:
         req = Request(gpus=rng.randrange(0, len(c.free) + 1))
         mean, each = scores(req, c)
         assert set(each) == set(WEIGHTS) and all(0.0 <= v <= 1.0 for v in each.values()) and 0.0 <= mean <= 1.0
+
+
+def test_the_total_is_the_weighted_mean_of_the_scorers() -> None:
+    rng = random.Random(11)
+    for _ in range(300):
+        total = rng.randrange(0, 9)
+        c = cand("x", total, rng.randrange(0, total + 1), price=rng.choice([None, rng.uniform(0, 50)]))
+        req = Request(gpus=rng.randrange(0, 3))
+        mean, each = scores(req, c)
+        assert each == {s.name: round(s.score(req, c), 4) for s in SCORERS}
+        assert mean == round(sum(s.weight * each[s.name] for s in SCORERS) / sum(s.weight for s in SCORERS), 4)
+
+
+NAMES = ["NVIDIA A100 80GB PCIe", "NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090",
+         "Tesla T4", "NVIDIA L40S"]
+
+
+def test_gpu_filters_count_only_gpus_of_the_type_and_memory_asked_for() -> None:
+    """The filters look at a node's GPUs one by one, through a table of names per wanted type: they must say
+    what counting every matching GPU says, for mixed nodes, memory floors and no type at all."""
+    rng = random.Random(5)
+    for _ in range(2000):
+        gpus = [GpuInfo(index=i, name=rng.choice(NAMES), memory_mb=rng.choice([24576, 40960, 81920]))
+                for i in range(rng.randrange(0, 9))]
+        free = [g for g in gpus if rng.random() < 0.6]
+        req = Request(gpus=rng.randrange(1, 5), resource_type=rng.choice([None, "A100", "A100-80G", "H100", "T4", "L4"]),
+                      gpu_memory_mb=rng.choice([0, 40960, 81920]))
+        c = Candidate(node=Node(id="n", name="n", gpus=gpus), free=free, now=0.0, heartbeat_timeout=30)
+
+        def count(of: list[GpuInfo]) -> int:
+            return sum(gpu_matches(req.resource_type, g.name) and g.memory_mb >= req.gpu_memory_mb for g in of)
+
+        assert (gpus_exist(req, c) is None) == (count(gpus) >= req.gpus), (req, gpus)
+        assert (gpus_free(req, c) is None) == (count(free) >= req.gpus), (req, free)
+        assert [g.index for g in placement._matching(req, free)] == [
+            g.index for g in free if gpu_matches(req.resource_type, g.name) and g.memory_mb >= req.gpu_memory_mb]
+
+
+def test_the_gpu_name_tables_stay_bounded() -> None:
+    """The wanted types come from users' job files and the names from agents: neither may grow the tables
+    without end."""
+    for i in range(3 * placement._TABLES_MAX):
+        many = [GpuInfo(index=g, name=f"GPU model {i}-{g}") for g in range(40)]
+        c = Candidate(node=Node(id="n", name="n", gpus=many), free=many, now=0.0, heartbeat_timeout=30)
+        assert gpus_exist(Request(gpus=1, resource_type=f"X{i}"), c) is not None
+        assert gpus_exist(Request(gpus=1, resource_type="MODEL"), c) is None
+    assert len(placement._NAME_TABLES) <= placement._TABLES_MAX
+    assert all(len(t) <= placement._NAMES_MAX for t in placement._NAME_TABLES.values())
 
 
 def test_packing_wins_and_cost_breaks_ties() -> None:
