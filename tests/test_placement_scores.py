@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from scheduler.contract.models import GpuInfo, Node
 from scheduler import placement
+from scheduler.contract.models import GpuInfo, Node
 from scheduler.placement import (
     SCORERS,
     WEIGHTS,
@@ -87,13 +87,11 @@ def test_gpu_filters_count_only_gpus_of_the_type_and_memory_asked_for() -> None:
                       gpu_memory_mb=rng.choice([0, 40960, 81920]))
         c = Candidate(node=Node(id="n", name="n", gpus=gpus), free=free, now=0.0, heartbeat_timeout=30)
 
-        def count(of: list[GpuInfo]) -> int:
-            return sum(gpu_matches(req.resource_type, g.name) and g.memory_mb >= req.gpu_memory_mb for g in of)
-
-        assert (gpus_exist(req, c) is None) == (count(gpus) >= req.gpus), (req, gpus)
-        assert (gpus_free(req, c) is None) == (count(free) >= req.gpus), (req, free)
-        assert [g.index for g in placement._matching(req, free)] == [
-            g.index for g in free if gpu_matches(req.resource_type, g.name) and g.memory_mb >= req.gpu_memory_mb]
+        fits = [g.index for g in gpus if gpu_matches(req.resource_type, g.name) and g.memory_mb >= req.gpu_memory_mb]
+        fits_free = [g.index for g in free if g.index in fits]
+        assert (gpus_exist(req, c) is None) == (len(fits) >= req.gpus), (req, gpus)
+        assert (gpus_free(req, c) is None) == (len(fits_free) >= req.gpus), (req, free)
+        assert [g.index for g in placement._matching(req, free)] == fits_free
 
 
 def test_the_gpu_name_tables_stay_bounded() -> None:
