@@ -72,7 +72,10 @@ def bench(n_nodes: int, jobs: int, tmp: Path, kind: str = "sqlite", teams: int =
 
 def _bench(store: Store, n_nodes: int, jobs: int, kind: str, teams: int = 0,
            via: str = "scheduler") -> dict[str, object]:
-    sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(1))
+    # Agents heartbeat every 10 s up to 10,000 nodes (~1,000 heartbeats/s, what one scheduler absorbs: heartbeat.py);
+    # a cluster ten times that size needs an interval ten times longer. At 10 s, 100,000 nodes registered on a slow
+    # machine were all past their 30 s timeout (offline) before the timed passes, and nothing was placed.
+    sched = Scheduler(store, Notifier(), heartbeat_interval=max(10.0, n_nodes / 1000), rng=random.Random(1))
     for t in range(teams):  # issue 18: runs spread over teams, each with a GPU quota (that does not bind here)
         store.put_team(Team(name=f"team{t:03d}", quotas={"any": 10 * n_nodes, "A100-80G": 10 * n_nodes}), new=True)
     now = time.time()
