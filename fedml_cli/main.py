@@ -4,6 +4,7 @@ imported here."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -418,24 +419,40 @@ def _launch_key_out_of_argv(argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "fedml_cli.main", *out])
 
 
-# Commands run often enough that building all the others first shows: typer turns each of the ~70 commands into
-# a click command from its signature before running one (~40 ms, a fifth of a trivial launch). These are built
-# alone, with the same usage line, help and errors (tests/test_cli_output.py compares them with the whole tree's).
-ALONE = ("launch", "logs")
-
-
-def alone(name: str) -> typer.Typer | None:
-    """A Typer app holding only the top-level command `name` (None if there is none, or while the shell asks for
-    completions: those walk the whole tree)."""
+# typer turns every command of the tree into a click command (its signature, its annotations evaluated) before it
+# runs one: ~75 commands, 0.1-0.2 s on every `fedml` call. A call builds only the path its words name (a top-level
+# command, or a group and one of its commands), with the same usage lines, help and errors as the whole tree
+# (tests/test_cli_output.py compares them); anything else (top-level options, a word no command has, the shell
+# asking for completions) builds the whole tree.
+def pruned(argv: list[str]) -> typer.Typer | None:
+    """`app` holding only the command path `argv` starts with, or None where the whole tree is needed."""
     if any(k.startswith("_FEDML") and k.endswith("_COMPLETE") for k in os.environ):
         return None
-    for info in app.registered_commands:
-        if (info.name or (info.callback.__name__ if info.callback else "")) == name:
-            one = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                              context_settings=app.info.context_settings)
-            one.registered_commands = [info]
-            return one
-    return None
+    if not argv or argv[0].startswith("-"):
+        return None
+    top = _only(app, argv[0])
+    if top is None:
+        return None
+    if top.registered_groups and argv[1:2] and not argv[1].startswith("-"):
+        group = top.registered_groups[0]
+        inner = _only(group.typer_instance, argv[1]) if group.typer_instance is not None else None
+        if inner is not None:  # (else the whole group: its help, or its error for a word it has no command for)
+            group = copy.copy(group)
+            group.typer_instance = inner
+            top.registered_groups = [group]
+    return top
+
+
+def _only(t: typer.Typer, name: str) -> typer.Typer | None:
+    """A shallow copy of `t` with only its command or group called `name` (None: no such one, or two)."""
+    commands = [c for c in t.registered_commands
+                if (c.name or (c.callback and typer.main.get_command_name(c.callback.__name__))) == name]
+    groups = [g for g in t.registered_groups if g.name == name]
+    if len(commands) + len(groups) != 1:
+        return None
+    one = copy.copy(t)
+    one.registered_commands, one.registered_groups = commands, groups
+    return one
 
 
 def main() -> None:
@@ -445,12 +462,8 @@ def main() -> None:
         cluster.reexec_without_key(sys.argv[1:])
     if sys.argv[1:2] == ["launch"]:
         _launch_key_out_of_argv(sys.argv[1:])
-    one = alone(sys.argv[1]) if sys.argv[1:2] and sys.argv[1] in ALONE else None
     try:
-        if one is not None:
-            one(args=sys.argv[2:], prog_name=f"fedml {sys.argv[1]}")
-        else:
-            app()
+        (pruned(sys.argv[1:]) or app)()
     except CliError as exc:
         _err(f"error: {exc}")
         sys.exit(exc.code)

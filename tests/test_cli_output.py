@@ -86,8 +86,57 @@ def test_hot_commands_built_alone_say_what_the_whole_tree_says(tmp_path, args) -
     assert a.returncode != 0 or "Usage: fedml " + args[0] in a.stdout
 
 
-def test_a_hot_command_builds_itself_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The ~40 ms saved: typer turns only `launch` into a click command, not every command of the tree."""
+def _paths() -> list[tuple[list[str], bool]]:
+    """Every command path of the tree, and whether it is a group: top-level commands and groups, and each
+    group's commands and groups."""
+    import typer.main
+
+    from fedml_cli.main import app
+
+    def name(c) -> str:  # type: ignore[no-untyped-def]
+        return str(c.name or typer.main.get_command_name(c.callback.__name__))
+
+    out = [([name(c)], False) for c in app.registered_commands]
+    for g in app.registered_groups:
+        out.append(([g.name], True))
+        out += [([g.name, name(c)], False) for c in g.typer_instance.registered_commands]
+        out += [([g.name, s.name], True) for s in g.typer_instance.registered_groups]
+    return out
+
+
+def test_every_command_built_alone_says_what_the_whole_tree_says(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A call builds only the commands its words name (fedml_cli/main.py: pruned): for every command path of the
+    tree, its help and its usage errors (an unknown option; in a group, an unknown command) must be those of the
+    whole tree, word for word, with the same exit code."""
+    import typer.main
+    import typer.testing
+    from typer.testing import CliRunner
+
+    from fedml_cli.main import app, pruned
+
+    whole = typer.main.get_command(app)  # (built once: the runner builds what it is given at every call)
+    monkeypatch.setattr(typer.testing, "_get_command", lambda t: whole if t is app else typer.main.get_command(t))
+    paths = _paths()
+    assert len(paths) > 60 and (["run", "status"], False) in paths and (["scheduler", "key"], True) in paths
+    tried = 0
+    for path, group in paths:
+        # (a command given a word it does not know would run with it: only groups are given one)
+        for tail in (["--help"], ["-h"], ["--no-such-option"], *([["no-such-command"]] if group else [])):
+            args = path + tail
+            one = pruned(args)
+            assert one is not None, args
+            a = CliRunner().invoke(one, args, prog_name="fedml", terminal_width=100)
+            b = CliRunner().invoke(app, args, prog_name="fedml", terminal_width=100)
+            assert (a.exit_code, a.output) == (b.exit_code, b.output), args
+            assert a.exit_code in (0, 2), (args, a.output)  # help, or a usage error: nothing ran
+            tried += 1
+    assert tried == sum(4 if group else 3 for _, group in paths)
+    for args in (["--version"], ["no-such-command"], []):  # the whole tree: top-level options, unknown words
+        assert pruned(args) is None
+
+
+def test_a_call_builds_only_the_commands_it_names(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The time saved: typer turns only the command named into a click command, not every command of the tree."""
     import typer.main
 
     from fedml_cli import main
@@ -95,12 +144,15 @@ def test_a_hot_command_builds_itself_alone(monkeypatch) -> None:  # type: ignore
     built: list[str] = []
     real = typer.main.get_command_from_info
 
-    def counting(info, **kw):  # type: ignore[no-untyped-def]
-        built.append(info.name or info.callback.__name__)
-        return real(info, **kw)
+    def counting(command_info, **kw):  # type: ignore[no-untyped-def]
+        built.append(command_info.name or command_info.callback.__name__)
+        return real(command_info, **kw)
 
     monkeypatch.setattr(typer.main, "get_command_from_info", counting)
-    monkeypatch.setattr(main.sys, "argv", ["fedml", "launch", "--help"])
-    with pytest.raises(SystemExit) as e:
-        main.main()
-    assert e.value.code == 0 and built == ["launch"]
+    for argv, want in ((["launch", "--help"], ["launch"]), (["run", "status", "--help"], ["status"]),
+                       (["scheduler", "key", "--help"], ["create", "list", "revoke"])):
+        built.clear()
+        monkeypatch.setattr(main.sys, "argv", ["fedml", *argv])
+        with pytest.raises(SystemExit) as e:
+            main.main()
+        assert e.value.code == 0 and sorted(built) == want, (argv, built)
