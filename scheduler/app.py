@@ -37,7 +37,12 @@ from .store import Store
 from .webhooks import Webhooks
 
 log = logging.getLogger("fedml.scheduler")
-ROUTERS = (system, blob_routes, storage, runs, sweeps, clusters, logs, nodes, endpoint_routes, keys, queue, metrics, teams, ui)
+# A request is matched against the routers in this order, one by one: agents' polls and reports (nodes) and log
+# batches (logs) are most of the requests, so they come first (a poll matched 8th of 14 spent ~20 % of its time
+# being routed). No route of one router matches another's paths (tests/test_routes.py), so the order changes
+# nothing else.
+ROUTERS = (nodes, logs, runs, system, blob_routes, storage, sweeps, clusters, endpoint_routes, keys, queue, metrics, teams,
+           ui)
 
 @dataclass
 class Settings:
@@ -233,7 +238,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     for kind in (OSError, sqlite3.Error, *_redis_errors()):
         app.add_exception_handler(kind, _storage)
 
-    app.add_middleware(Guard, identify=c.identify, caps=[
+    app.add_middleware(Guard, identify=c.identify, identify_cached=c.identify_cached, caps=[
         (re.compile(rf"^{API}/blobs/[^/]+$"), settings.max_workspace_mb * 1024 * 1024,
          f"archive is larger than the limit of {settings.max_workspace_mb} MiB; add large files to .gitignore or "
          f"raise --max-workspace-mb"),

@@ -13,7 +13,7 @@ import secrets
 import time
 
 from .contract.models import ApiKey, Principal
-from .store import Store
+from .store import MISS, Store
 
 SCOPES = ("admin", "user", "node", "join", "metrics")  # metrics: reads GET /metrics only (routes/metrics.py)
 
@@ -57,6 +57,20 @@ def lookup(store: Store, secret: str) -> ApiKey | None:
     d = digest(secret)
     key = store.key_by_hash(d)
     if key is None or not hmac.compare_digest(key.hash, d):
+        return None
+    return key
+
+
+def lookup_cached(store: Store, secret: str) -> ApiKey | None | object:
+    """lookup's answer where the store's key cache holds it without a read (no I/O: the event loop asks this
+    first), else MISS."""
+    if not secret:
+        return None
+    d = digest(secret)
+    key = store.key_cached(d)
+    if key is MISS:
+        return MISS
+    if not isinstance(key, ApiKey) or not hmac.compare_digest(key.hash, d):
         return None
     return key
 

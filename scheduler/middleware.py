@@ -27,8 +27,10 @@ class Guard:
     """ASGI middleware for /api/: the bearer key is checked before a byte of the body is read, and the body is
     capped per route (by Content-Length at once, and by counting as it streams). Everything else passes."""
 
-    def __init__(self, app: Any, identify: Any, caps: list[tuple[re.Pattern[str], int, str]], default_cap: int) -> None:
-        self.app, self.identify, self.caps, self.default_cap = app, identify, caps, default_cap
+    def __init__(self, app: Any, identify: Any, identify_cached: Any, caps: list[tuple[re.Pattern[str], int, str]],
+                 default_cap: int) -> None:
+        self.app, self.identify, self.identify_cached = app, identify, identify_cached
+        self.caps, self.default_cap = caps, default_cap
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/ui/"):
@@ -52,7 +54,10 @@ class Guard:
                     await _answer(send, 403, "missing or wrong X-CSRF-Token for this session")
                     return
                 authorization = f"Bearer {secret}"
-        status, detail, who = await run_in_threadpool(self.identify, authorization, scope["path"])
+        # (a key the cache holds is judged here; only one that takes a read of the store costs a thread)
+        got = self.identify_cached(authorization, scope["path"])
+        status, detail, who = got if got is not None else \
+            await run_in_threadpool(self.identify, authorization, scope["path"])
         if who is None:
             await _answer(send, status, detail)
             return

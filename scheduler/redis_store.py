@@ -511,6 +511,9 @@ class RedisStore(Store):
     def key_by_hash(self, digest: str) -> ApiKey | None:
         return self._keys.get(digest)
 
+    def key_cached(self, digest: str) -> ApiKey | None | object:
+        return self._keys.peek(digest)
+
     def _read_key(self, digest: str) -> ApiKey | None:
         raw = self.r.hget(self.k.key_docs, digest)
         return ApiKey.model_validate_json(raw) if raw else None

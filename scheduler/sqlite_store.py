@@ -758,6 +758,9 @@ class SQLiteStore(Store):
     def key_by_hash(self, digest: str) -> ApiKey | None:
         return self._keys.get(digest)
 
+    def key_cached(self, digest: str) -> ApiKey | None | object:
+        return self._keys.peek(digest)
+
     def _keys_version(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT v FROM meta WHERE k='keys'").fetchone()[0])

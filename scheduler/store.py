@@ -82,6 +82,9 @@ def _share_fields_set(m: Any) -> None:
         object.__setattr__(m, "__pydantic_fields_set__", full)
 
 
+MISS = object()  # KeyCache.peek, Store.key_cached: the answer needs a read of the store
+
+
 class KeyCache:
     """API keys by digest, remembered while the store's key version stays: every request is authenticated, and a
     look-up per request (10,000 agents heartbeating) cost a store read each (a Redis round trip; on SQLite a turn
@@ -103,6 +106,15 @@ class KeyCache:
         back, tagged with the version not re-read yet, and it was used for up to a second."""
         self._cache.clear()
         self._checked = 0.0
+
+    def peek(self, digest: str) -> ApiKey | None | object:
+        """The key if the cache can answer without reading the store now (its version looked at within TTL,
+        the key read under it); MISS otherwise (get() reads). Nothing is written: a request on the event loop asks
+        this first, and only a miss costs a thread-pool hop."""
+        if time.monotonic() - self._checked >= self.TTL:
+            return MISS
+        hit = self._cache.get(digest)
+        return hit[1] if hit is not None and hit[0] == self._seen else MISS
 
     def get(self, digest: str) -> ApiKey | None:
         now = time.monotonic()
@@ -356,6 +368,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def key_by_hash(self, digest: str) -> ApiKey | None: ...
+
+    def key_cached(self, digest: str) -> ApiKey | None | object:
+        """key_by_hash's answer if it needs no read of the store now (no I/O: safe on the event loop), else MISS."""
+        return MISS
 
     @abc.abstractmethod
     def list_keys(self) -> list[ApiKey]: ...

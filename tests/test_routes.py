@@ -254,3 +254,30 @@ def test_a_reused_list_answer_is_never_stale_nor_anothers(client: tuple[TestClie
     assert [r["id"] for r in c.get("/api/v1/runs?limit=10", headers=as_(keys, "admin")).json()] == [made["id"]]
     c.post(f"/api/v1/runs/{made['id']}/stop", headers=as_(keys, "alice"))
     assert c.get("/api/v1/runs?limit=10", headers=as_(keys, "alice")).json()[0]["status"] == "KILLED"
+
+
+def test_a_key_the_cache_holds_is_checked_without_a_thread_and_a_revoked_one_is_refused_at_once(
+        client: tuple[TestClient, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard judges a key its store's cache holds on the event loop (a thread-pool hop cost ~25 % of a
+    heartbeat); only a key that takes a read of the store goes to a thread. Revoking a key here drops the cache:
+    the very next request reads it again, and is refused."""
+    from scheduler import middleware
+
+    c, keys = client
+    hops: list[object] = []
+    real = middleware.run_in_threadpool
+
+    async def counted(fn, *args):  # type: ignore[no-untyped-def]
+        hops.append(fn)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(middleware, "run_in_threadpool", counted)
+    assert c.get("/api/v1/runs", headers=as_(keys, "alice")).status_code == 200
+    assert len(hops) == 1  # the first look reads the key (a thread)
+    for _ in range(3):
+        assert c.get("/api/v1/runs", headers=as_(keys, "alice")).status_code == 200
+    assert len(hops) == 1  # then the cache answers
+    assert c.delete("/api/v1/keys/alice", headers=as_(keys, "admin")).status_code == 200  # (the key's name)
+    r = c.get("/api/v1/runs", headers=as_(keys, "alice"))
+    assert r.status_code == 401, r.text
+    assert c.get("/api/v1/runs", headers={"Authorization": "Bearer fml_u_nosuchkey"}).status_code == 401

@@ -33,7 +33,7 @@ from scheduler.contract.models import (
 )
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
-from scheduler.store import AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from scheduler.store import MISS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
 from .conftest import needs
 
@@ -827,8 +827,15 @@ def test_a_key_read_just_before_its_revocation_is_not_used_after_it(kind: str, t
         seen = cache._seen  # what the racing request saw before it read the key
         store.put_key(key.model_copy(update={"revoked_at": 5.0}))
         cache._cache["a" * 64] = (seen, key)  # ... and stores it after the revocation
+        assert store.key_cached("a" * 64) is MISS  # (the event loop's look, without a read: not the stale key)
         got = store.key_by_hash("a" * 64)
         assert got is not None and got.revoked_at == 5.0
+        cache._cache["a" * 64] = (seen, key)  # (the same race after the version was read again)
+        assert store.key_cached("a" * 64) is MISS
+        got = store.key_by_hash("a" * 64)
+        assert got is not None and got.revoked_at == 5.0
+        cached = store.key_cached("a" * 64)
+        assert isinstance(cached, ApiKey) and cached.revoked_at == 5.0
     finally:
         if kind == "redis":
             store.wipe()  # type: ignore[attr-defined]
@@ -845,6 +852,7 @@ def test_a_key_revoked_by_another_process_is_refused_within_the_cache_time(tmp_p
         assert (a.key_by_hash("a" * 64) or key).revoked_at is None
         b.put_key(key.model_copy(update={"revoked_at": 5.0}))
         a._keys._checked -= a._keys.TTL  # (as if the time had passed)
+        assert a.key_cached("a" * 64) is MISS  # past the cache time, even a look without a read reads
         assert (a.key_by_hash("a" * 64) or key).revoked_at == 5.0
     finally:
         a.close()
@@ -858,9 +866,12 @@ def test_keys_are_found_by_digest_and_revocation_sticks(pair: tuple[Store, Store
     a.put_key(k2)
     a.put_key(k1)
     assert [k.id for k in b.list_keys()] == ["key-1", "key-2"]
+    assert b.key_cached("a" * 64) is MISS  # (not read yet)
     got = b.key_by_hash("a" * 64)
     assert got is not None and got.id == "key-1" and got.revoked_at is None
+    assert b.key_cached("a" * 64) == got and b.key_cached("c" * 64) is MISS  # read: the cache answers
     a.put_key(k1.model_copy(update={"revoked_at": 5.0}))
+    assert a.key_cached("a" * 64) is MISS  # revoked here: the next look reads
     got = a.key_by_hash("a" * 64)
     assert got is not None and got.revoked_at == 5.0
     # Another replica may answer from its cache of keys for up to a second.
