@@ -281,3 +281,22 @@ def test_a_key_the_cache_holds_is_checked_without_a_thread_and_a_revoked_one_is_
     r = c.get("/api/v1/runs", headers=as_(keys, "alice"))
     assert r.status_code == 401, r.text
     assert c.get("/api/v1/runs", headers={"Authorization": "Bearer fml_u_nosuchkey"}).status_code == 401
+
+
+def test_no_route_of_one_router_answers_another_routers_paths() -> None:
+    """A request is matched against the routers in app.ROUTERS's order, the busiest first: that order may change
+    only which router is asked first, never which route answers. So no route may match a path of another
+    router's route (a path made from its template) for a method both take."""
+    import re
+
+    from scheduler.app import ROUTERS
+
+    def sample(template: str) -> str:
+        return re.sub(r"\{[^}:]+:path\}", "a/b", re.sub(r"\{[^}:]+\}", "x1", template))
+
+    routes = [(m.__name__, r) for m in ROUTERS for r in m.router.routes]
+    assert len(routes) > 50
+    clashes = [(ma, a.path, mb, b.path) for ma, a in routes for mb, b in routes
+               if ma != mb and set(getattr(a, "methods", None) or {"GET"}) & set(getattr(b, "methods", None) or {"GET"})
+               and b.path_regex.match(sample(a.path))]
+    assert clashes == [], clashes
