@@ -15,7 +15,7 @@ install:
 	@echo "installed: activate with 'source $(VENV)/bin/activate' (or run $(BIN)/fedml)"
 
 test: k8s redis browser
-	$(BIN)/pytest -q -m "not load and not fault"
+	$(BIN)/pytest -q -m "not load and not fault" --durations=25
 
 # The fast layer of the pyramid: pure logic, routes in process, the stores (Redis for its half).
 test-unit: redis

@@ -79,10 +79,15 @@ def test_replicas_killed_again_and_again_lose_no_run_and_no_line(twenty: Replica
                                                                  shared_tmp: Path) -> None:
     c = twenty
     markers = shared_tmp / "ran.txt"  # the jobs (fedml-job under a root agent) append to it
-    # 40 GPUs for the runs: they are placed, log a line a second, and report in waves, through the kills.
-    script = (f'echo "$FEDML_CURRENT_RUN_ID" >> {markers}\n'
-              f'for i in $(seq 0 {LINES - 1}); do echo "$FEDML_CURRENT_RUN_ID line $i"; sleep 1; done\n')
-    ids = [launch(c, script, f"k{i}") for i in range(RUNS)]
+    # 40 GPUs for the runs: they are placed, log a line a second, and report in waves, through the kills. The last
+    # wave starts its lines only once the kills are over (an event, not a guess at how long restarting a replica
+    # takes here): on a slow machine the whole workload once ended before the last kill, and nothing was tested.
+    release = shared_tmp / "kills-done"
+    lines = f'for i in $(seq 0 {LINES - 1}); do echo "$FEDML_CURRENT_RUN_ID line $i"; sleep 1; done\n'
+    script = f'echo "$FEDML_CURRENT_RUN_ID" >> {markers}\n' + lines
+    gated = f'echo "$FEDML_CURRENT_RUN_ID" >> {markers}\nwhile [ ! -e {release} ]; do sleep 0.2; done\n' + lines
+    last_wave = min(40, RUNS // 4)
+    ids = [launch(c, gated if i >= RUNS - last_wave else script, f"k{i}") for i in range(RUNS)]
     rng = random.Random(6)
     t0 = time.monotonic()
     for k in range(KILLS):
@@ -93,6 +98,7 @@ def test_replicas_killed_again_and_again_lose_no_run_and_no_line(twenty: Replica
         c.start_replica(i)
     kills_took = time.monotonic() - t0
     runs = c.runs(ids)
+    release.touch()
     ended = collections.Counter((r["status"], r["reason"]) for r in runs.values() if r["status"] in TERMINAL)
     still = RUNS - sum(ended.values())
     assert still > 0, f"the workload ended before the last kill: nothing was tested ({ended.most_common(3)})"
