@@ -39,8 +39,8 @@ from .webhooks import Webhooks
 log = logging.getLogger("fedml.scheduler")
 # A request is matched against the routers in this order, one by one: agents' polls and reports (nodes) and log
 # batches (logs) are most of the requests, so they come first (a poll matched 8th of 14 spent ~20 % of its time
-# being routed). No route of one router matches another's paths (tests/test_routes.py), so the order changes
-# nothing else.
+# being routed); within nodes, polls and reports come first. No route matches another's paths
+# (tests/test_routes.py), so the order changes nothing else.
 ROUTERS = (nodes, logs, runs, system, blob_routes, storage, sweeps, clusters, endpoint_routes, keys, queue, metrics, teams,
            ui)
 

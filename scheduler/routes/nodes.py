@@ -25,6 +25,26 @@ from .deps import API, Ctx, auth, ctx
 router = APIRouter(prefix=API)
 
 
+# The agents' routes first: every heartbeat and report is matched against the routes above it, and they are
+# most of the traffic (no route here matches another's paths: tests/test_routes.py).
+@router.post("/nodes/{node_id}/poll")
+async def poll(node_id: str, body: PollRequest, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> PollResponse:
+    key = f"node:{node_id}"
+    ticket = c.notifier.ticket(key)
+    resp = await run_in_threadpool(c.sched.poll_once, node_id, body.running, who, body.gpus)
+    if resp.start or resp.stop or body.wait == 0:
+        return resp
+    # Held at most half an interval: each answer renews the node's lease (2.5 intervals at most).
+    await c.notifier.wait(key, ticket, min(body.wait, c.settings.heartbeat_interval / 2))
+    return await run_in_threadpool(c.sched.poll_once, node_id, body.running, who)
+
+
+@router.post("/runs/{run_id}/status")
+def report(run_id: str, body: StatusReport, node_id: str, who: Principal = Depends(auth),
+           c: Ctx = Depends(ctx)) -> Run:
+    return c.sched.report(run_id, body, node_id, who)
+
+
 @router.post("/nodes/register")
 def register(info: NodeInfo, request: Request, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Registered:
     """An agent joins (admin key or join token: a shared node; user key: a private one; gets a node key back)
@@ -53,21 +73,3 @@ def drain(ref: str, undo: bool = False, who: Principal = Depends(auth), c: Ctx =
 @router.delete("/nodes/{ref}")
 def remove_node(ref: str, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> Node:
     return c.sched.remove_node(ref, who)
-
-
-@router.post("/nodes/{node_id}/poll")
-async def poll(node_id: str, body: PollRequest, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> PollResponse:
-    key = f"node:{node_id}"
-    ticket = c.notifier.ticket(key)
-    resp = await run_in_threadpool(c.sched.poll_once, node_id, body.running, who, body.gpus)
-    if resp.start or resp.stop or body.wait == 0:
-        return resp
-    # Held at most half an interval: each answer renews the node's lease (2.5 intervals at most).
-    await c.notifier.wait(key, ticket, min(body.wait, c.settings.heartbeat_interval / 2))
-    return await run_in_threadpool(c.sched.poll_once, node_id, body.running, who)
-
-
-@router.post("/runs/{run_id}/status")
-def report(run_id: str, body: StatusReport, node_id: str, who: Principal = Depends(auth),
-           c: Ctx = Depends(ctx)) -> Run:
-    return c.sched.report(run_id, body, node_id, who)
