@@ -1,6 +1,7 @@
 """The lease guard: one small process per running attempt that kills the attempt when the node's lease expires.
 
     python -m runtime.fence --lease HOME/lease --marker RUNS/<ref>/fenced --state '<handle state JSON>' --run-dir D
+    python -m runtime.fence --serve     (the agent's spawner: forks a guard per request, see Spawner)
 
 Why: the scheduler gives up on a node it has not heard from for `offline timeout` seconds and may start the run's
 next attempt elsewhere. The job must be dead by then, whatever happened to the agent (SIGKILLed, SIGSTOPped,
@@ -31,6 +32,7 @@ import select
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 CLOCK = time.CLOCK_BOOTTIME
 
@@ -131,19 +133,109 @@ def _exit_fd(handle) -> int | None:  # type: ignore[no-untyped-def]
 
 
 def spawn(lease: Path, marker: Path, state: dict, run_dir: Path) -> int:  # type: ignore[type-arg]
-    """Start a guard for a started job (detached: it survives the agent). Returns its pid."""
+    """Start a guard for a started job (detached: it survives the agent). Returns its pid.
+
+    Forked by this process's spawner (below): a fresh interpreter per attempt cost ~50 ms of CPU, and 60 trivial
+    jobs started at once took 3.6 s to end on a 2-core node instead of 1.1 s. Started directly where the spawner
+    cannot be had."""
+    pid = _spawner.spawn(lease, marker, state, run_dir)
+    return pid if pid is not None else _spawn_process(lease, marker, state, run_dir)
+
+
+def _guard_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FEDML_RUN")}
+
+
+def _spawn_process(lease: Path, marker: Path, state: dict, run_dir: Path) -> int:  # type: ignore[type-arg]
     import subprocess
 
     p = subprocess.Popen([sys.executable, "-m", "runtime.fence", "--lease", str(lease), "--marker", str(marker),
                           "--run-dir", str(run_dir), "--state", json.dumps(state)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True,
-                         cwd="/", env={k: v for k, v in os.environ.items() if not k.startswith("FEDML_RUN")})
+                         start_new_session=True, close_fds=True, cwd="/", env=_guard_env())
     # Reaped in the background so the agent does not keep a zombie (the guard's exit status means nothing).
     import threading
 
     threading.Thread(target=p.wait, daemon=True, name=f"fence-{p.pid}").start()
     return p.pid
+
+
+class Spawner:
+    """A small helper process (`python -m runtime.fence --serve`, single-threaded, this module and the process
+    runtime loaded) that forks a guard for each request on its stdin and answers with the guard's pid. A fork of
+    it costs ~1 ms. It exits when its stdin closes (the agent is gone); the guards, each in a session of its own,
+    go on. One request at a time (the agent's workers share it); None where it is not answering (the caller
+    starts the guard directly, and the next request starts a new helper)."""
+
+    TIMEOUT = 10.0  # seconds for an answer: a stuck helper must not hold a job's start
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._proc: Any = None
+
+    def spawn(self, lease: Path, marker: Path, state: dict, run_dir: Path) -> int | None:  # type: ignore[type-arg]
+        req = json.dumps({"lease": str(lease), "marker": str(marker), "run_dir": str(run_dir), "state": state})
+        with self._lock:
+            try:
+                proc = self._started()
+                proc.stdin.write(req.encode() + b"\n")
+                proc.stdin.flush()
+                if not select.select([proc.stdout], [], [], self.TIMEOUT)[0]:
+                    raise TimeoutError("the guard spawner did not answer")
+                return int(json.loads(proc.stdout.readline())["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self._stop()
+                return None
+
+    def _started(self) -> Any:
+        import subprocess
+
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen([sys.executable, "-m", "runtime.fence", "--serve"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                                          close_fds=True, cwd="/", env=_guard_env())
+        return self._proc
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+            self._proc = None
+
+
+_spawner = Spawner()
+
+
+def serve() -> int:
+    """The spawner's side: one JSON request a line on stdin, one `{"pid": N}` a line on stdout."""
+    import signal
+
+    from .process import ProcessRuntime  # noqa: F401 - loaded once here, not in every guard
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # guards are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for line in sys.stdin.buffer:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the guard: its own session, nothing of the agent's pipes, nothing of the helper's loop
+            rc = 1
+            try:
+                os.setsid()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.close(null)
+                rc = _watch(Path(req["lease"]), Path(req["marker"]), Path(req["run_dir"]), req["state"])
+            finally:
+                os._exit(rc)
+        sys.stdout.write(json.dumps({"pid": pid}) + "\n")
+        sys.stdout.flush()
+    return 0
 
 
 class _Container:
@@ -187,29 +279,36 @@ class _Container:
                 time.sleep(0.25)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedml-fence")
-    p.add_argument("--lease", type=Path, required=True)
-    p.add_argument("--marker", type=Path, required=True)
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--state", required=True)
-    args = p.parse_args(argv)
-    state = json.loads(args.state)
+def _watch(lease: Path, marker: Path, run_dir: Path, state: dict) -> int:  # type: ignore[type-arg]
+    """Guard the job `state` names until it ends or is fenced (exit 0); 2 for a runtime no guard can watch."""
     rt = state.get("runtime", "process")
     if rt == "process":
         from .process import ProcessRuntime
 
-        handle = ProcessRuntime().reattach(state, args.run_dir)
+        handle = ProcessRuntime().reattach(state, run_dir)
         period = 0.5  # the pidfd says when the job ends; this only bounds how late a shortened lease is seen
     elif rt == "docker" and state.get("container"):
-        handle = _Container(str(state["container"]), args.run_dir)
+        handle = _Container(str(state["container"]), run_dir)
         period = 0.5
     else:
         return 2
     if handle is None:
         return 0
-    guard(args.lease, args.marker, handle, period)
+    guard(lease, marker, handle, period)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--serve"]:
+        return serve()
+    p = argparse.ArgumentParser(prog="fedml-fence")
+    p.add_argument("--lease", type=Path, required=True)
+    p.add_argument("--marker", type=Path, required=True)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--state", required=True)
+    a = p.parse_args(args)
+    return _watch(a.lease, a.marker, a.run_dir, json.loads(a.state))
 
 
 if __name__ == "__main__":

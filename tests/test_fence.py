@@ -99,3 +99,80 @@ def test_without_a_pid_it_polls_the_handle(tmp_path: Path) -> None:
     assert fence.guard(lease(tmp_path, 30), tmp_path / "fenced", job, period=0.05) == "ended"
     assert job.polls >= 5
     assert os.path.exists(path := tmp_path / "lease") and fence.expiry(path) > fence.now()
+
+
+# ---- the spawner: guards forked by a helper process ---------------------------------------------------------
+
+def _job(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen[bytes], dict[str, object], Path]:
+    """A real job in a process group of its own, and the state its runtime handle would save."""
+    import psutil
+
+    proc = subprocess.Popen(["sleep", str(seconds)], start_new_session=True)
+    run_dir = tmp_path / f"run-{proc.pid}"
+    run_dir.mkdir()
+    state = {"runtime": "process", "pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
+             "run_id": run_dir.name}
+    return proc, state, run_dir
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    import psutil
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_guards_forked_by_the_spawner_fence_their_job_and_outlive_the_spawner(tmp_path: Path) -> None:
+    """A guard forked by the spawner is a process of its own session (a terminal's Ctrl-C or the agent's death
+    does not reach it), keeps guarding once the spawner is gone, and fences its job at the lease's expiry; the
+    next request starts a new spawner."""
+    import psutil
+
+    spawner = fence.Spawner()
+    try:
+        path = lease(tmp_path, 2.0)
+        job, state, run_dir = _job(tmp_path, 60)
+        pid = spawner.spawn(path, run_dir / "fenced", state, run_dir)
+        assert pid is not None
+        helper = spawner._proc.pid
+        assert psutil.Process(pid).ppid() == helper and os.getsid(pid) == pid
+        spawner._proc.kill()  # the agent, and with it the spawner, gone
+        spawner._proc.wait()
+        assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # the guard goes on
+        job.wait(timeout=15)  # killed by the guard when the lease ran out (no one renews it)
+        assert (run_dir / "fenced").exists() and _gone(pid, 10)
+
+        path = lease(tmp_path, 30)
+        job, state, run_dir = _job(tmp_path, 0.5)
+        pid = spawner.spawn(path, run_dir / "fenced", state, run_dir)
+        assert pid is not None and spawner._proc.pid != helper  # a new spawner
+        job.wait(timeout=15)
+        assert _gone(pid, 10) and not (run_dir / "fenced").exists()  # the job ended: so did its guard
+    finally:
+        spawner._stop()
+
+
+def test_a_spawner_that_does_not_answer_is_replaced_by_a_guard_of_its_own_process(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    stuck = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    monkeypatch.setattr(fence._spawner, "_proc", stuck)
+    monkeypatch.setattr(fence.Spawner, "TIMEOUT", 0.5)
+    job, state, run_dir = _job(tmp_path, 60)
+    try:
+        pid = fence.spawn(lease(tmp_path, 30), run_dir / "fenced", state, run_dir)
+        assert stuck.wait(timeout=5) is not None  # the stuck one was killed
+        assert "--lease" in psutil.Process(pid).cmdline() and os.getsid(pid) == pid
+    finally:
+        job.kill()
+        job.wait()
+        fence._spawner._stop()
+    assert _gone(pid, 10)
