@@ -53,7 +53,7 @@ bench: redis
 	$(TIMED) $(BIN)/python bench/idle_cpu.py --queued 10000 --seconds 10 --rounds 1
 	@# Slurm before memory.py: its slurmctld figure needs the packages (e2e_peers and vs_slurm would set it up later)
 	$(TIMED) bash bench/peers/slurm-up.sh >/dev/null || echo "Slurm could not be set up: its figures are reported as not measured"
-	$(TIMED) $(BIN)/python bench/memory.py --nodes 100000 --queued 100000 --store sqlite --slurm-jobs 10000
+	$(TIMED) $(BIN)/python bench/memory.py --nodes 100000 --queued 100000 --store sqlite --slurm-jobs 5000
 	$(TIMED) $(BIN)/python bench/submit_rate.py --nodes 1000 --queued 10000 --seconds 10
 	$(TIMED) $(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 20 --gpus 0,8  # then GPU telemetry on
 	$(TIMED) $(BIN)/python bench/heartbeat.py --nodes 10000 --seconds 10 --paced-seconds 20 --store redis
