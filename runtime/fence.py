@@ -199,10 +199,15 @@ class Spawner:
         return self._proc
 
     def _stop(self) -> None:
+        import subprocess
+
         if self._proc is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 self._proc.kill()
                 self._proc.wait(timeout=5)
+            for pipe in (self._proc.stdin, self._proc.stdout):
+                with contextlib.suppress(OSError):
+                    pipe.close()
             self._proc = None
 
 

@@ -11,6 +11,7 @@ import resource
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,13 @@ def _job(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen[bytes], dict[
     return proc, state, run_dir
 
 
+def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.02)
+
+
 def _gone(pid: int, timeout: float) -> bool:
     import psutil
 
@@ -142,7 +150,8 @@ def test_guards_forked_by_the_spawner_fence_their_job_and_outlive_the_spawner(tm
         pid = spawner.spawn(path, run_dir / "fenced", state, run_dir)
         assert pid is not None
         helper = spawner._proc.pid
-        assert psutil.Process(pid).ppid() == helper and os.getsid(pid) == pid
+        assert psutil.Process(pid).ppid() == helper
+        _until(lambda: os.getsid(pid) == pid, "the guard's own session")  # (its first act, just after the fork)
         spawner._proc.kill()  # the agent, and with it the spawner, gone
         spawner._proc.wait()
         assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # the guard goes on
@@ -170,7 +179,7 @@ def test_a_spawner_that_does_not_answer_is_replaced_by_a_guard_of_its_own_proces
     try:
         pid = fence.spawn(lease(tmp_path, 30), run_dir / "fenced", state, run_dir)
         assert stuck.wait(timeout=5) is not None  # the stuck one was killed
-        assert "--lease" in psutil.Process(pid).cmdline() and os.getsid(pid) == pid
+        assert "--lease" in psutil.Process(pid).cmdline() and os.getsid(pid) == pid  # (a session from its start)
     finally:
         job.kill()
         job.wait()
