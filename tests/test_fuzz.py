@@ -270,8 +270,8 @@ def yaml_grammar(draw: st.DrawFn) -> bytes:
     """YAML text built from its grammar: block and flow collections nested up to 8 deep (deeper: the brackets
     below, up to 5,000), anchors and aliases (forward, backward, to themselves), long and odd scalars, tags,
     documents; then encoded as UTF-8, UTF-8 with a BOM, UTF-16, Latin-1, or with NULs and stray bytes.
-    (Each collection holds 1.1 nodes or more on average: a tree allowed 40 levels grew to the limit, and drawing
-    it took ~130 ms an example, most of this test's time.)"""
+    (A node has 1.1 children or more on average: a tree allowed 40 levels grew to the limit, and drawing it took
+    ~130 ms an example, most of this test's time.)"""
     anchors: list[str] = []
 
     def scalar() -> str:
