@@ -11,12 +11,13 @@ import resource
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from runtime import fence
+
+from .procs import alive, wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -116,25 +117,14 @@ def _job(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen[bytes], dict[
     return proc, state, run_dir
 
 
-def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"no {what} after {timeout:.0f} s"
-        time.sleep(0.02)
-
-
-def _gone(pid: int, timeout: float) -> bool:
+def _gone(pid: int) -> bool:
+    """The process has exited (gone, or a zombie its parent has not reaped yet)."""
     import psutil
 
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+    try:
+        return not alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_guards_forked_by_the_spawner_fence_their_job_and_outlive_the_spawner(tmp_path: Path) -> None:
@@ -151,19 +141,22 @@ def test_guards_forked_by_the_spawner_fence_their_job_and_outlive_the_spawner(tm
         assert pid is not None
         helper = spawner._proc.pid
         assert psutil.Process(pid).ppid() == helper
-        _until(lambda: os.getsid(pid) == pid, "the guard's own session")  # (its first act, just after the fork)
+        # (its first act, just after the fork)
+        wait_for("the guard's own session", lambda: os.getsid(pid) == pid, timeout=10, every=0.02)
         spawner._proc.kill()  # the agent, and with it the spawner, gone
         spawner._proc.wait()
         assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # the guard goes on
         job.wait(timeout=15)  # killed by the guard when the lease ran out (no one renews it)
-        assert (run_dir / "fenced").exists() and _gone(pid, 10)
+        assert (run_dir / "fenced").exists()
+        wait_for("the guard to exit", lambda: _gone(pid), timeout=10)
 
         path = lease(tmp_path, 30)
         job, state, run_dir = _job(tmp_path, 0.5)
         pid = spawner.spawn(path, run_dir / "fenced", state, run_dir)
         assert pid is not None and spawner._proc.pid != helper  # a new spawner
         job.wait(timeout=15)
-        assert _gone(pid, 10) and not (run_dir / "fenced").exists()  # the job ended: so did its guard
+        wait_for("the guard to exit with its job", lambda: _gone(pid), timeout=10)
+        assert not (run_dir / "fenced").exists()
     finally:
         spawner._stop()
 
@@ -184,4 +177,4 @@ def test_a_spawner_that_does_not_answer_is_replaced_by_a_guard_of_its_own_proces
         job.kill()
         job.wait()
         fence._spawner._stop()
-    assert _gone(pid, 10)
+    wait_for("the guard to exit", lambda: _gone(pid), timeout=10)
