@@ -567,6 +567,9 @@ class RedisStore(Store):
         got = self._heartbeat(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])
         return float(got[0]) if got[0] else None
 
+    def heartbeat_if_seen(self, node_id: str, ts: float) -> float | None:
+        return None  # (never asked: reads_now() is False here, every read is a round trip)
+
     def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
         # One script records the heartbeat and reads the node's run index; one MGET reads the runs.
         got = self._heartbeat(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])

@@ -314,6 +314,18 @@ class SQLiteStore(Store):
         doc = run.model_dump_json()
         return (run.id, run.status.value, run.node_id, run.owner, run.priority, run.created_at, doc)
 
+    @contextlib.contextmanager
+    def reads_now(self) -> Iterator[bool]:
+        # (WAL: a read never waits for another process's writer; this process's other threads use the one
+        # connection under _lock, and a transaction holds it from BEGIN to COMMIT, so a read made here sees no
+        # other thread's half-done writes)
+        got = self._lock.acquire(blocking=False)
+        try:
+            yield got
+        finally:
+            if got:
+                self._lock.release()
+
     def probe_write(self) -> None:
         with self._tx() as db:  # a committed write: a page in the WAL, as any real write needs
             db.execute("INSERT OR REPLACE INTO probe (k, ts) VALUES (1, ?)", (time.time(),))

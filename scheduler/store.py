@@ -437,6 +437,24 @@ class Store(abc.ABC):
             self._seen[node_id] = ts
         return before
 
+    def heartbeat_if_seen(self, node_id: str, ts: float) -> float | None:
+        """`heartbeat`, but only for a node with a heartbeat already (not None, not 0.0: marked OFFLINE since),
+        in one step: returns the one before, and a falsy one means nothing was recorded (the first heartbeat
+        persists the node's state: a write, not this). Used only where reads_now() says True."""
+        with self._soft:
+            before = self._seen.get(node_id)
+            if before:
+                self._seen[node_id] = ts
+        return before
+
+    @contextlib.contextmanager
+    def reads_now(self) -> Iterator[bool]:
+        """Whether this thread may read the store until the block ends without waiting for anything: True only
+        where the store is in this process and no other thread is using it (held for the block). An event loop
+        then reads itself instead of handing a short read to a thread (the hand-off was half of a heartbeat's
+        cost). False here: a store over the network waits for its answers."""
+        yield False
+
     def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
         """A poll's two reads as one call: record the heartbeat (as `heartbeat`) and list the node's runs in
         `status` (as `list_runs(status=..., node_id=...)`). A shared store answers both in one round trip."""

@@ -16,6 +16,7 @@ from scheduler.contract.errors import status_of
 from scheduler.contract.models import (
     ClusterCreate,
     GpuInfo,
+    GpuSample,
     Node,
     NodeInfo,
     PollResponse,
@@ -392,6 +393,61 @@ def test_heartbeats_stay_in_memory_and_only_state_changes_are_written(sched: Sch
     assert sched.store.get_node(a).state == "OFFLINE"
     sched.poll_once(a, [])
     assert sched.store.get_node(a).state == "ONLINE" and writes == [a, a]
+
+
+def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothing(sched: Scheduler) -> None:
+    """poll_now (what the event loop calls before handing a poll to a thread) answers as poll_once would, and
+    declines, having recorded nothing, every poll that must write or wait: the first heartbeat, one back from
+    OFFLINE, a rank to settle, a GPU sample that changes the node, the store busy in another thread."""
+    a = join(sched, "a", 2)
+    beats = sched.store.heartbeats
+    assert sched.poll_now(a, []) is None and a not in beats()  # first heartbeat: written (touch_node)
+    sched.poll_once(a, [])
+    before = beats()[a]
+    got = sched.poll_now(a, [])
+    assert got is not None and got.start == [] and got.stop == [] and beats()[a] > before
+
+    rid = submit(sched, **{"computing": {"minimum_num_gpus": 1}})
+    sched.schedule_pass()
+    ref = attempt_ref(rid, 1)
+    got = sched.poll_now(a, ["run-gone@1"])  # an assignment to start, and something to stop
+    assert got is not None and [s.run.id for s in got.start] == [rid] and got.stop == ["run-gone@1"]
+    assert got == sched.poll_once(a, ["run-gone@1"])
+    sched.report(rid, StatusReport(status=RunStatus.RUNNING, attempt=1), a)
+    assert sched.poll_now(a, [ref]) == PollResponse(heartbeat_interval=1.0, lease=sched.lease)
+
+    quiet = [GpuSample(index=0, util=50), GpuSample(index=1, util=0)]
+    assert sched.poll_now(a, [ref], gpus=quiet) is None  # the node's outside-run GPUs not known yet: looked up
+    sched.poll_once(a, [ref], gpus=quiet)
+    assert sched.poll_now(a, [ref], gpus=quiet) is not None
+    outside = [GpuSample(index=0, util=50), GpuSample(index=1, util=90, pids=[4242], outside=[4242])]
+    at = beats()[a]
+    assert sched.poll_now(a, [ref], gpus=outside) is None and beats()[a] == at  # written on the node: a thread
+    assert sched.poll_now(a, []) is None and beats()[a] == at  # its RUNNING rank is missing: poll_once judges it
+
+    held, release = threading.Event(), threading.Event()
+
+    def busy() -> None:  # another thread inside a store transaction
+        with sched.store.batch():  # type: ignore[attr-defined]
+            held.set()
+            assert release.wait(30)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        assert held.wait(30)
+        assert sched.poll_now(a, [ref]) is None and beats()[a] == at
+    finally:
+        release.set()
+        t.join(30)
+    assert sched.poll_now(a, [ref]) is not None
+
+    silence(sched, a)
+    sched.check_heartbeats()
+    assert sched.store.get_node(a).state == "OFFLINE"
+    assert sched.poll_now(a, [ref]) is None and beats()[a] == 0.0  # back from OFFLINE: written in a thread
+    sched.poll_once(a, [ref])
+    assert sched.store.get_node(a).state == "ONLINE"
 
 
 def test_a_registration_that_loses_the_race_for_its_name_leaves_no_key(sched: Scheduler) -> None:

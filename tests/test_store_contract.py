@@ -896,6 +896,40 @@ def test_heartbeats_return_the_one_before(pair: tuple[Store, Store]) -> None:
     assert b.heartbeats(["node-2", "node-9"]) == {"node-2": 3.0} and b.heartbeats([]) == {}  # only those asked
 
 
+def test_a_store_is_read_on_the_event_loop_only_when_no_read_can_wait(store: Store) -> None:
+    """reads_now(): True only where this thread may read without waiting (SQLite, no other thread inside the
+    store; held for the block), never over the network (Redis); heartbeat_if_seen records only a node heard
+    from before and not marked OFFLINE since."""
+    if not isinstance(store, SQLiteStore):
+        with store.reads_now() as ok:
+            assert ok is False
+        return
+    with store.reads_now() as ok:
+        assert ok is True
+        assert store.list_runs(node_id="node-a") == []  # (its reads re-enter what it holds)
+    held, release = threading.Event(), threading.Event()
+
+    def inside() -> None:
+        with store.batch():
+            held.set()
+            assert release.wait(30)
+
+    t = threading.Thread(target=inside)
+    t.start()
+    try:
+        assert held.wait(30)
+        with store.reads_now() as ok:
+            assert ok is False
+    finally:
+        release.set()
+        t.join(30)
+    assert store.heartbeat_if_seen("node-a", 5.0) is None and store.heartbeats() == {}
+    store.heartbeat("node-a", 4.0)
+    assert store.heartbeat_if_seen("node-a", 5.0) == 4.0 and store.heartbeats() == {"node-a": 5.0}
+    store.heartbeat("node-a", 0.0)  # marked OFFLINE
+    assert store.heartbeat_if_seen("node-a", 6.0) == 0.0 and store.heartbeats() == {"node-a": 0.0}
+
+
 def test_a_heartbeat_and_the_nodes_runs_in_one_call(store: Store) -> None:
     """What a poll reads: its heartbeat recorded and the node's runs in the given states (one round trip on
     Redis; it was a hidden prefetch that the next list_runs call happened to use)."""

@@ -51,6 +51,55 @@ class AgentsMixin(SchedulerBase):
             except NotFound:
                 self.store.heartbeat(node_id, 0.0)  # so that every poll of it is refused
                 raise NotFound(f"node {node_id} is not registered") from None
+        return self._answer(node_id, running, runs, now, self.agents_to_stop)
+
+    def poll_now(self, node_id: str, running: list[str], who: Principal = LOCAL,
+                 gpus: list[GpuSample] | None = None) -> PollResponse | None:
+        """poll_once, where it can be answered at once: nothing to write and nothing to wait for (the store
+        reads now, reads_now(); the node heard from before; the node cache current; no rank to settle, no GPU
+        sample that changes a node or a run). An event loop calls this itself; None: it calls poll_once in a
+        thread, and nothing was done here (no heartbeat recorded, no sample kept)."""
+        access.require_acts_for_node(who, node_id)
+        with self.store.reads_now() as now_ok:
+            if not now_ok:
+                return None
+            stopping = self.agents_to_stop_cached()
+            if stopping is None:
+                return None
+            runs = self.store.list_runs(status=ACTIVE, node_id=node_id, limit=1_000_000)
+            have = set(running)
+            for run in runs:  # a rank the node does not have and should: poll_once settles it (a write)
+                p = run.placement_on(node_id)
+                if p is not None and not p.done and attempt_ref(run.id, run.attempt) not in have and (
+                        p.status == RunStatus.RUNNING or (run.stop_requested and p.status == RunStatus.STARTING)):
+                    return None
+            if gpus is not None and not self._samples_quiet(node_id, gpus, runs):
+                return None
+            now = time.time()
+            before = self.store.heartbeat_if_seen(node_id, now)
+            if not before:  # (its first heartbeat, or back from OFFLINE: a write)
+                return None
+            self._heard[node_id] = now
+            self.tally.add("heartbeats")
+            if gpus is not None:
+                self._gpu_samples(node_id, gpus, now)
+                self._runs_gpu_use(node_id, gpus, runs, now)
+            return self._answer(node_id, running, runs, now, lambda: stopping)
+
+    def _samples_quiet(self, node_id: str, gpus: list[GpuSample], runs: list[Run]) -> bool:
+        """Whether keeping these GPU samples writes nothing: the GPUs used outside runs are as the node has them
+        (_gpu_samples), no process is on a GPU its run was not given, and no running rank here has a utilisation
+        policy to judge (_runs_gpu_use)."""
+        if self._outside.get(node_id) != sorted({g.index for g in gpus if g.outside}):
+            return False
+        if any(g.misplaced for g in gpus):
+            return False
+        return not any(run.job.utilization_policy is not None for run in runs)
+
+    def _answer(self, node_id: str, running: list[str], runs: list[Run], now: float,
+                agents_to_stop: Any) -> PollResponse:
+        """What a poll answers the node, from its runs as just read: assignments to start, runs to stop, the
+        replicas of its serving runs; and whether its agent is to exit."""
         have = set(running)
         start: list[Assignment] = []
         wanted: set[str] = set()
@@ -90,7 +139,7 @@ class AgentsMixin(SchedulerBase):
         # Whatever the node runs that is no longer its to run is stopped: reconciliation after restarts.
         stop = [rid for rid in running if rid not in wanted]
         shutdown = None
-        if not wanted and not running and node_id in self.agents_to_stop():
+        if not wanted and not running and node_id in agents_to_stop():
             shutdown = "idle past its cluster's autostop: this agent exits (`fedml login --node` starts it again)"
         return PollResponse(start=start, stop=stop, grace={r: g for r, g in grace.items() if r in stop}, scale=scale,
                             heartbeat_interval=self.heartbeat_interval,

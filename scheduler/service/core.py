@@ -381,6 +381,14 @@ class SchedulerBase:
         assert self._nodes is not None
         return self._nodes[5]
 
+    def agents_to_stop_cached(self) -> frozenset[str] | None:
+        """agents_to_stop() where the node cache is up to date and nothing has to be read for it; None otherwise."""
+        cached = self._nodes
+        if cached is None or cached[1] != self.notifier.ticket("nodes") or \
+                time.monotonic() - cached[0] > self.NODE_CACHE_S:
+            return None
+        return cached[5]
+
     def _nodes_changed(self) -> None:
         """This process wrote a node: the next nodes() reads what moved (the store's feed), at once."""
         if self._nodes is not None:
