@@ -568,7 +568,7 @@ class RedisStore(Store):
         return float(got[0]) if got[0] else None
 
     def heartbeat_if_seen(self, node_id: str, ts: float) -> float | None:
-        return None  # (never asked: reads_now() is False here, every read is a round trip)
+        return None  # (never asked: snapshot() has none here, every read is a round trip)
 
     def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
         # One script records the heartbeat and reads the node's run index; one MGET reads the runs.

@@ -7,6 +7,7 @@ Binds its socket before it announces itself, so the address in the state file al
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="networks besides public addresses that jobs' webhooks may reach (CIDR,CIDR)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    # The cyclic collector's young generation collected every 50,000 allocations, not every 700: at each pass
+    # the objects of every request in flight are alive, and moved to an older generation, from which they were
+    # freed (by reference counting) a moment later, unseen. That churn alone triggered a full pass (~0.3 s at
+    # 10,000 nodes here, the event loop held) every few seconds at 1,000 heartbeats/s; now about once a minute
+    # (bench/heartbeat.py --gpus 8). A young pass walks at most 50,000 objects.
+    gc.set_threshold(50_000, 20, 10)
     try:
         allow = parse_allow(args.webhook_allow)
     except ValueError as exc:

@@ -20,12 +20,14 @@ from .store import (
     QUIET_FIELDS,
     TEXT_STREAM,
     AlreadyExists,
+    Busy,
     Cursor,
     GpuBusy,
     KeyCache,
     NotFound,
     QuotaFull,
     SeqGap,
+    Snapshot,
     Store,
     bulk,
     compact_nodes,
@@ -212,6 +214,8 @@ class SQLiteStore(Store):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._reader: _Snapshot | None = None  # snapshot()'s connection, opened at its first use
+        self._reading = threading.Lock()
         self._keys = KeyCache(self._keys_version, self._read_key)
         self._depth = [0]  # transaction nesting (guarded by _lock)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -315,16 +319,25 @@ class SQLiteStore(Store):
         return (run.id, run.status.value, run.node_id, run.owner, run.priority, run.created_at, doc)
 
     @contextlib.contextmanager
-    def reads_now(self) -> Iterator[bool]:
-        # (WAL: a read never waits for another process's writer; this process's other threads use the one
-        # connection under _lock, and a transaction holds it from BEGIN to COMMIT, so a read made here sees no
-        # other thread's half-done writes)
-        got = self._lock.acquire(blocking=False)
+    def snapshot(self) -> Iterator[Snapshot | None]:
+        # A connection of its own, read-only: under WAL a reader sees the last commit and never waits for the
+        # writer. The one connection under _lock would not do: a thread holding it can lose the interpreter for
+        # milliseconds (a switch interval), and polls that found it taken went to threads, which took it in turn.
+        if self.path == ":memory:" or not self._reading.acquire(blocking=False):  # (another thread reads: rare)
+            yield None
+            return
         try:
-            yield got
+            if self._reader is None:
+                try:
+                    db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=0)
+                    db.execute("PRAGMA query_only=ON")
+                except sqlite3.Error:  # (a file that cannot be opened again: the store's own connection reads)
+                    yield None
+                    return
+                self._reader = _Snapshot(db)
+            yield self._reader
         finally:
-            if got:
-                self._lock.release()
+            self._reading.release()
 
     def probe_write(self) -> None:
         with self._tx() as db:  # a committed write: a page in the WAL, as any real write needs
@@ -368,6 +381,16 @@ class SQLiteStore(Store):
 
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
                   owner: str | None = None, limit: int = 1000, before: Cursor | None = None) -> list[Run]:
+        sql, args = self._runs_query(status, node_id, owner, limit, before)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        with bulk():
+            return [Run.model_validate_json(r[0]) for r in rows]
+
+    @staticmethod
+    def _runs_query(status: Iterable[RunStatus] | None, node_id: str | None, owner: str | None, limit: int,
+                    before: Cursor | None) -> tuple[str, list[Any]]:
+        """list_runs' SQL and its arguments."""
         where: list[str] = []
         args: list[Any] = []
         if before is not None:
@@ -384,11 +407,7 @@ class SQLiteStore(Store):
             where.append("owner=?")
             args.append(owner)
         sql = "SELECT doc FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
-        with bulk():
-            return [Run.model_validate_json(r[0]) for r in rows]
+        return sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*args, limit]
 
     def count_runs(self, owner: str | None = None) -> dict[str, int]:
         sql = "SELECT status, COUNT(*) FROM runs" + (" WHERE owner=?" if owner is not None else "") + " GROUP BY status"
@@ -788,8 +807,31 @@ class SQLiteStore(Store):
         return sorted((ApiKey.model_validate_json(r[0]) for r in rows), key=lambda k: k.created_at)
 
     def close(self) -> None:
+        with self._reading:
+            if self._reader is not None:
+                self._reader.db.close()
+                self._reader = None
         with self._lock:
             self._db.close()
+
+
+class _Snapshot(Snapshot):
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def _rows(self, sql: str, args: Iterable[Any]) -> list[Any]:
+        try:
+            return self.db.execute(sql, tuple(args)).fetchall()  # (all of it: the read ends with the statement)
+        except sqlite3.OperationalError as exc:  # SQLITE_BUSY (busy_timeout 0: never waits), or worse
+            raise Busy(str(exc)) from None
+
+    def node_runs(self, node_id: str, status: Iterable[RunStatus]) -> list[Run]:
+        sql, args = SQLiteStore._runs_query(status, node_id, None, 1_000_000, None)
+        return [Run.model_validate_json(r[0]) for r in self._rows(sql, args)]
+
+    def get_node(self, node_id: str) -> Node | None:
+        rows = self._rows("SELECT doc FROM nodes WHERE id=?", (node_id,))
+        return Node.model_validate_json(rows[0][0]) if rows else None
 
 
 class _Tx:

@@ -145,6 +145,22 @@ class AlreadyExists(Conflict, ValueError):
     a Conflict (409) when a race the checks before it lost lets it reach a request."""
 
 
+class Busy(Exception):
+    """A Snapshot's read would have had to wait: nothing was read (ask the store itself, from a thread)."""
+
+
+class Snapshot(abc.ABC):
+    """What a poll reads, from the store's last commit, without waiting for a writer or another thread (Busy
+    where it would have to): Store.snapshot()."""
+
+    @abc.abstractmethod
+    def node_runs(self, node_id: str, status: Iterable[RunStatus]) -> list[Run]:
+        """list_runs(status=status, node_id=node_id) without a limit."""
+
+    @abc.abstractmethod
+    def get_node(self, node_id: str) -> Node | None: ...
+
+
 class SeqGap(Exception):
     """A log batch starts after the next expected sequence number: lines in between were never received."""
 
@@ -440,7 +456,7 @@ class Store(abc.ABC):
     def heartbeat_if_seen(self, node_id: str, ts: float) -> float | None:
         """`heartbeat`, but only for a node with a heartbeat already (not None, not 0.0: marked OFFLINE since),
         in one step: returns the one before, and a falsy one means nothing was recorded (the first heartbeat
-        persists the node's state: a write, not this). Used only where reads_now() says True."""
+        persists the node's state: a write, not this). Used with snapshot()."""
         with self._soft:
             before = self._seen.get(node_id)
             if before:
@@ -448,12 +464,11 @@ class Store(abc.ABC):
         return before
 
     @contextlib.contextmanager
-    def reads_now(self) -> Iterator[bool]:
-        """Whether this thread may read the store until the block ends without waiting for anything: True only
-        where the store is in this process and no other thread is using it (held for the block). An event loop
-        then reads itself instead of handing a short read to a thread (the hand-off was half of a heartbeat's
-        cost). False here: a store over the network waits for its answers."""
-        yield False
+    def snapshot(self) -> Iterator[Snapshot | None]:
+        """Reads that never wait (Snapshot), for the block: an event loop reads itself instead of handing a
+        short read to a thread (the hand-off was half of a heartbeat's cost). None where there are none (here: a
+        store over the network waits for its answers)."""
+        yield None
 
     def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
         """A poll's two reads as one call: record the heartbeat (as `heartbeat`) and list the node's runs in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -396,9 +397,10 @@ def test_heartbeats_stay_in_memory_and_only_state_changes_are_written(sched: Sch
 
 
 def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothing(sched: Scheduler) -> None:
-    """poll_now (what the event loop calls before handing a poll to a thread) answers as poll_once would, and
-    declines, having recorded nothing, every poll that must write or wait: the first heartbeat, one back from
-    OFFLINE, a rank to settle, a GPU sample that changes the node, the store busy in another thread."""
+    """poll_now (what the event loop calls before handing a poll to a thread) answers as poll_once would, from
+    the store's last commit without waiting for a thread that is writing, and declines, having recorded nothing,
+    every poll that must write: the first heartbeat, one back from OFFLINE, a rank to settle, a GPU sample that
+    changes the node."""
     a = join(sched, "a", 2)
     beats = sched.store.heartbeats
     assert sched.poll_now(a, []) is None and a not in beats()  # first heartbeat: written (touch_node)
@@ -417,9 +419,12 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
     assert sched.poll_now(a, [ref]) == PollResponse(heartbeat_interval=1.0, lease=sched.lease)
 
     quiet = [GpuSample(index=0, util=50), GpuSample(index=1, util=0)]
-    assert sched.poll_now(a, [ref], gpus=quiet) is None  # the node's outside-run GPUs not known yet: looked up
-    sched.poll_once(a, [ref], gpus=quiet)
-    assert sched.poll_now(a, [ref], gpus=quiet) is not None
+    sched._nodes_changed()  # (a node written: the node cache is read again before it answers anything)
+    assert sched.poll_now(a, [ref], gpus=quiet) is None  # the node's GPUs used outside runs: not known here
+    sched.nodes()
+    assert sched.poll_now(a, [ref], gpus=quiet) is not None  # known from the node cache: none, as sampled
+    at_, kept = sched.gpu_samples()[a]
+    assert kept == quiet and not gc.is_tracked(sched._samples[a][1])  # (kept as JSON: nothing for the collector)
     outside = [GpuSample(index=0, util=50), GpuSample(index=1, util=90, pids=[4242], outside=[4242])]
     at = beats()[a]
     assert sched.poll_now(a, [ref], gpus=outside) is None and beats()[a] == at  # written on the node: a thread
@@ -427,8 +432,9 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
 
     held, release = threading.Event(), threading.Event()
 
-    def busy() -> None:  # another thread inside a store transaction
+    def busy() -> None:  # another thread inside a store transaction, its write not committed yet
         with sched.store.batch():  # type: ignore[attr-defined]
+            sched.store.update_run(rid, stop_requested=True)
             held.set()
             assert release.wait(30)
 
@@ -436,11 +442,14 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
     t.start()
     try:
         assert held.wait(30)
-        assert sched.poll_now(a, [ref]) is None and beats()[a] == at
+        got = sched.poll_now(a, [ref])  # not waiting for it: the last commit, where the run is not stopped
+        assert got is not None and got.stop == [] and beats()[a] > at
     finally:
         release.set()
         t.join(30)
-    assert sched.poll_now(a, [ref]) is not None
+    assert sched.poll_now(a, [ref]).stop == [ref]  # committed now
+    sched.store.update_run(rid, stop_requested=False)
+    at = beats()[a]
 
     silence(sched, a)
     sched.check_heartbeats()

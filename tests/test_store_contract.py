@@ -896,21 +896,30 @@ def test_heartbeats_return_the_one_before(pair: tuple[Store, Store]) -> None:
     assert b.heartbeats(["node-2", "node-9"]) == {"node-2": 3.0} and b.heartbeats([]) == {}  # only those asked
 
 
-def test_a_store_is_read_on_the_event_loop_only_when_no_read_can_wait(store: Store) -> None:
-    """reads_now(): True only where this thread may read without waiting (SQLite, no other thread inside the
-    store; held for the block), never over the network (Redis); heartbeat_if_seen records only a node heard
+def test_a_snapshot_reads_the_last_commit_without_waiting(store: Store) -> None:
+    """snapshot(): what an event loop reads itself. SQLite: a connection of its own that reads the last commit
+    and does not wait for a thread inside a write transaction (nor sees its writes); one reader at a time (a
+    second gets None). Redis: none (every read is a round trip). heartbeat_if_seen records only a node heard
     from before and not marked OFFLINE since."""
     if not isinstance(store, SQLiteStore):
-        with store.reads_now() as ok:
-            assert ok is False
+        with store.snapshot() as snap:
+            assert snap is None
         return
-    with store.reads_now() as ok:
-        assert ok is True
-        assert store.list_runs(node_id="node-a") == []  # (its reads re-enter what it holds)
+    store.upsert_node(Node(id="node-a", name="a"))
+    mine = start_on(store, store.create_run(mk_run(1)), "node-a", [0])
+    with store.snapshot() as snap:
+        assert snap is not None
+        assert [r.model_dump() for r in snap.node_runs("node-a", [RunStatus.STARTING])] == [mine.model_dump()]
+        assert snap.node_runs("node-a", [RunStatus.RUNNING]) == [] and snap.node_runs("node-b", RunStatus) == []
+        got = snap.get_node("node-a")
+        assert got is not None and got.name == "a" and snap.get_node("node-b") is None
+        with store.snapshot() as other:
+            assert other is None  # (in use)
     held, release = threading.Event(), threading.Event()
 
     def inside() -> None:
         with store.batch():
+            start_on(store, store.create_run(mk_run(2)), "node-a", [1])
             held.set()
             assert release.wait(30)
 
@@ -918,11 +927,13 @@ def test_a_store_is_read_on_the_event_loop_only_when_no_read_can_wait(store: Sto
     t.start()
     try:
         assert held.wait(30)
-        with store.reads_now() as ok:
-            assert ok is False
+        with store.snapshot() as snap:
+            assert snap is not None and [r.id for r in snap.node_runs("node-a", RunStatus)] == [mine.id]
     finally:
         release.set()
         t.join(30)
+    with store.snapshot() as snap:
+        assert snap is not None and len(snap.node_runs("node-a", RunStatus)) == 2  # committed now
     assert store.heartbeat_if_seen("node-a", 5.0) is None and store.heartbeats() == {}
     store.heartbeat("node-a", 4.0)
     assert store.heartbeat_if_seen("node-a", 5.0) == 4.0 and store.heartbeats() == {"node-a": 5.0}

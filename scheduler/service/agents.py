@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import access
@@ -22,8 +23,8 @@ from ..contract.models import (
     attempt_ref,
 )
 from ..contract.series import gpu_key, run_key
-from ..store import NotFound
-from .core import ACTIVE, LOCAL, SchedulerBase, log
+from ..store import Busy, NotFound, Snapshot
+from .core import ACTIVE, LOCAL, SchedulerBase, log, pack_samples
 
 
 def _span(seconds: float) -> str:
@@ -51,53 +52,67 @@ class AgentsMixin(SchedulerBase):
             except NotFound:
                 self.store.heartbeat(node_id, 0.0)  # so that every poll of it is refused
                 raise NotFound(f"node {node_id} is not registered") from None
-        return self._answer(node_id, running, runs, now, self.agents_to_stop)
+        return self._answer(node_id, running, runs, now, self.agents_to_stop, self.store.get_node)
 
     def poll_now(self, node_id: str, running: list[str], who: Principal = LOCAL,
                  gpus: list[GpuSample] | None = None) -> PollResponse | None:
-        """poll_once, where it can be answered at once: nothing to write and nothing to wait for (the store
-        reads now, reads_now(); the node heard from before; the node cache current; no rank to settle, no GPU
-        sample that changes a node or a run). An event loop calls this itself; None: it calls poll_once in a
-        thread, and nothing was done here (no heartbeat recorded, no sample kept)."""
+        """poll_once, where it can be answered at once: nothing to write and nothing to wait for (the store's
+        snapshot() reads; the node heard from before; the node cache current; no rank to settle, no GPU sample
+        that changes a node or a run). An event loop calls this itself; None: it calls poll_once in a thread, and
+        nothing was done here (no heartbeat recorded, no sample kept)."""
         access.require_acts_for_node(who, node_id)
-        with self.store.reads_now() as now_ok:
-            if not now_ok:
+        with self.store.snapshot() as snap:
+            if snap is None:
                 return None
             stopping = self.agents_to_stop_cached()
             if stopping is None:
                 return None
-            runs = self.store.list_runs(status=ACTIVE, node_id=node_id, limit=1_000_000)
-            have = set(running)
-            for run in runs:  # a rank the node does not have and should: poll_once settles it (a write)
-                p = run.placement_on(node_id)
-                if p is not None and not p.done and attempt_ref(run.id, run.attempt) not in have and (
-                        p.status == RunStatus.RUNNING or (run.stop_requested and p.status == RunStatus.STARTING)):
-                    return None
-            if gpus is not None and not self._samples_quiet(node_id, gpus, runs):
+            try:
+                return self._poll_now(node_id, running, gpus, snap, stopping)
+            except Busy:
                 return None
-            now = time.time()
-            before = self.store.heartbeat_if_seen(node_id, now)
-            if not before:  # (its first heartbeat, or back from OFFLINE: a write)
-                return None
-            self._heard[node_id] = now
-            self.tally.add("heartbeats")
-            if gpus is not None:
-                self._gpu_samples(node_id, gpus, now)
-                self._runs_gpu_use(node_id, gpus, runs, now)
-            return self._answer(node_id, running, runs, now, lambda: stopping)
+
+    def _poll_now(self, node_id: str, running: list[str], gpus: list[GpuSample] | None, snap: Snapshot,
+                  stopping: frozenset[str]) -> PollResponse | None:
+        runs = snap.node_runs(node_id, ACTIVE)
+        have = set(running)
+        rank0: set[str] = set()  # the nodes of rank 0 of the runs it is to start (their address is in the answer)
+        for run in runs:
+            p = run.placement_on(node_id)
+            if p is None or p.done or attempt_ref(run.id, run.attempt) in have:
+                continue
+            if p.status == RunStatus.RUNNING or (run.stop_requested and p.status == RunStatus.STARTING):
+                return None  # a rank the node should have and does not: poll_once settles it (a write)
+            if p.status == RunStatus.STARTING:
+                rank0.add(run.placements[0].node_id)
+        if gpus is not None and not self._samples_quiet(node_id, gpus, runs):
+            return None
+        nodes = {n: snap.get_node(n) for n in rank0}  # (every read before anything is recorded: Busy leaves none)
+        now = time.time()
+        before = self.store.heartbeat_if_seen(node_id, now)
+        if not before:  # (its first heartbeat, or back from OFFLINE: a write)
+            return None
+        self._heard[node_id] = now
+        self.tally.add("heartbeats")
+        if gpus is not None:
+            self._gpu_samples(node_id, gpus, now)
+            self._runs_gpu_use(node_id, gpus, runs, now)
+        return self._answer(node_id, running, runs, now, lambda: stopping, nodes.get)
 
     def _samples_quiet(self, node_id: str, gpus: list[GpuSample], runs: list[Run]) -> bool:
         """Whether keeping these GPU samples writes nothing: the GPUs used outside runs are as the node has them
         (_gpu_samples), no process is on a GPU its run was not given, and no running rank here has a utilisation
         policy to judge (_runs_gpu_use)."""
-        if self._outside.get(node_id) != sorted({g.index for g in gpus if g.outside}):
+        outside = sorted({g.index for g in gpus if g.outside})
+        if self._outside.get(node_id) != outside and (
+                (cached := self.cached_node(node_id)) is None or cached.gpus_busy_outside != outside):
             return False
         if any(g.misplaced for g in gpus):
             return False
         return not any(run.job.utilization_policy is not None for run in runs)
 
     def _answer(self, node_id: str, running: list[str], runs: list[Run], now: float,
-                agents_to_stop: Any) -> PollResponse:
+                agents_to_stop: Callable[[], frozenset[str]], get_node: Callable[[str], Node | None]) -> PollResponse:
         """What a poll answers the node, from its runs as just read: assignments to start, runs to stop, the
         replicas of its serving runs; and whether its agent is to exit."""
         have = set(running)
@@ -130,7 +145,7 @@ class AgentsMixin(SchedulerBase):
                 continue
             self._missing.pop((ref, node_id), None)
             if p.status == RunStatus.STARTING and ref not in have:
-                rank0 = self.store.get_node(run.placements[0].node_id)
+                rank0 = get_node(run.placements[0].node_id)
                 start.append(Assignment(run=run, rank=p.rank, num_nodes=len(run.placements), gpus=p.gpus,
                                         node0_addr=rank0.address if rank0 else "127.0.0.1",
                                         node0_port=run.master_port or 29500))
@@ -155,7 +170,7 @@ class AgentsMixin(SchedulerBase):
         """Keep the node's latest GPU sample (soft state, like heartbeats); when the GPUs that a process of no
         run holds change, write them on the node (Node.gpus_busy_outside): placement leaves those alone, on every
         replica, until they are free again."""
-        self._samples[node_id] = (now, gpus)
+        self._samples[node_id] = (now, pack_samples(gpus))
         self.add_points([(gpu_key(node_id, g.index), (now, g.util, g.mem_used_mb, g.power_w, g.temp_c)) for g in gpus])
         for g in gpus:
             if g.xid:  # (each XID comes with one poll: agents/telemetry.py)
@@ -165,6 +180,9 @@ class AgentsMixin(SchedulerBase):
                             ",".join(map(str, g.xid)))
         outside = sorted({g.index for g in gpus if g.outside})
         if self._outside.get(node_id) == outside:
+            return
+        if (cached := self.cached_node(node_id)) is not None and cached.gpus_busy_outside == outside:
+            self._outside[node_id] = outside  # (a node's first sample since start: no read, as after a restart)
             return
         node = self.store.get_node(node_id)
         if node is None:
