@@ -5,11 +5,13 @@ Every scheduler a test starts lives under its own FEDML_HOME in a temp dir and i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,29 @@ ROOT = Path(__file__).resolve().parent.parent
 # The FedML job YAMLs the tests use, copied from ../shared/compat (tests/data/README.md): a clone tests itself.
 COMPAT = ROOT / "tests" / "data" / "fedml_examples"
 FEDML = shutil.which("fedml", path=str(Path(sys.executable).parent)) or "fedml"
+
+
+@contextlib.contextmanager
+def write_open(store: object, write: Callable[[], object]) -> Iterator[None]:
+    """For the block: another thread inside a store transaction (`store.batch()`) that has made `write` and not
+    committed it; it commits when the block ends."""
+    held, release = threading.Event(), threading.Event()
+
+    def inside() -> None:
+        with store.batch():  # type: ignore[attr-defined]
+            write()
+            held.set()
+            assert release.wait(30)
+
+    t = threading.Thread(target=inside)
+    t.start()
+    try:
+        assert held.wait(30)
+        yield
+    finally:
+        release.set()
+        t.join(30)
+    assert not t.is_alive()
 
 
 def needs(what: str, ok: bool, why: str) -> None:

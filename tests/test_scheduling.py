@@ -35,6 +35,8 @@ from scheduler.service.core import GroupCommit
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import AlreadyExists, NotFound
 
+from .conftest import write_open
+
 pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
 
 
@@ -430,23 +432,9 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
     assert sched.poll_now(a, [ref], gpus=outside) is None and beats()[a] == at  # written on the node: a thread
     assert sched.poll_now(a, []) is None and beats()[a] == at  # its RUNNING rank is missing: poll_once judges it
 
-    held, release = threading.Event(), threading.Event()
-
-    def busy() -> None:  # another thread inside a store transaction, its write not committed yet
-        with sched.store.batch():  # type: ignore[attr-defined]
-            sched.store.update_run(rid, stop_requested=True)
-            held.set()
-            assert release.wait(30)
-
-    t = threading.Thread(target=busy)
-    t.start()
-    try:
-        assert held.wait(30)
+    with write_open(sched.store, lambda: sched.store.update_run(rid, stop_requested=True)):
         got = sched.poll_now(a, [ref])  # not waiting for it: the last commit, where the run is not stopped
         assert got is not None and got.stop == [] and beats()[a] > at
-    finally:
-        release.set()
-        t.join(30)
     assert sched.poll_now(a, [ref]).stop == [ref]  # committed now
     sched.store.update_run(rid, stop_requested=False)
     at = beats()[a]

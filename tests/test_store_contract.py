@@ -35,7 +35,7 @@ from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import MISS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
 
-from .conftest import needs
+from .conftest import needs, write_open
 
 pytestmark = pytest.mark.unit  # in process, no servers: `make test-unit` (under 10 s)
 
@@ -915,23 +915,9 @@ def test_a_snapshot_reads_the_last_commit_without_waiting(store: Store) -> None:
         assert got is not None and got.name == "a" and snap.get_node("node-b") is None
         with store.snapshot() as other:
             assert other is None  # (in use)
-    held, release = threading.Event(), threading.Event()
-
-    def inside() -> None:
-        with store.batch():
-            start_on(store, store.create_run(mk_run(2)), "node-a", [1])
-            held.set()
-            assert release.wait(30)
-
-    t = threading.Thread(target=inside)
-    t.start()
-    try:
-        assert held.wait(30)
-        with store.snapshot() as snap:
-            assert snap is not None and [r.id for r in snap.node_runs("node-a", RunStatus)] == [mine.id]
-    finally:
-        release.set()
-        t.join(30)
+    uncommitted = write_open(store, lambda: start_on(store, store.create_run(mk_run(2)), "node-a", [1]))
+    with uncommitted, store.snapshot() as snap:
+        assert snap is not None and [r.id for r in snap.node_runs("node-a", RunStatus)] == [mine.id]
     with store.snapshot() as snap:
         assert snap is not None and len(snap.node_runs("node-a", RunStatus)) == 2  # committed now
     assert store.heartbeat_if_seen("node-a", 5.0) is None and store.heartbeats() == {}
