@@ -425,7 +425,7 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
     assert sched.poll_now(a, [ref], gpus=quiet) is None  # the node's GPUs used outside runs: not known here
     sched.nodes()
     assert sched.poll_now(a, [ref], gpus=quiet) is not None  # known from the node cache: none, as sampled
-    at_, kept = sched.gpu_samples()[a]
+    _, kept = sched.gpu_samples()[a]
     assert kept == quiet and not gc.is_tracked(sched._samples[a][1])  # (kept as JSON: nothing for the collector)
     outside = [GpuSample(index=0, util=50), GpuSample(index=1, util=90, pids=[4242], outside=[4242])]
     at = beats()[a]
@@ -437,7 +437,6 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
         assert got is not None and got.stop == [] and beats()[a] > at
     assert sched.poll_now(a, [ref]).stop == [ref]  # committed now
     sched.store.update_run(rid, stop_requested=False)
-    at = beats()[a]
 
     silence(sched, a)
     sched.check_heartbeats()
