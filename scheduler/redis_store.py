@@ -55,6 +55,7 @@ from .store import (
     KeyCache,
     NotFound,
     QuotaFull,
+    Sends,
     SeqGap,
     Store,
     bulk,
@@ -123,22 +124,29 @@ class RedisStore(Store):
              quota_limit: int | None = None) -> None:
         """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
         keys, args = self._put_call(old_doc, old, new, quiet, quota_limit)
-        got = self._put_run(keys=keys, args=args)
+        failed = self._said(self._put_run(keys=keys, args=args), new, args[2])
+        if failed is not None:
+            raise failed
+
+    def _said(self, got: Any, new: Run, doc: str) -> Exception | None:
+        """What PUT_RUN answered for writing `new` (as `doc`): None where written, else the error."""
+        if isinstance(got, Exception):  # (a pipeline's: the command failed)
+            return got
         got = got.decode() if isinstance(got, bytes) else got
         if got == "ok" or got.startswith("ok\t"):
-            self._remember(new.id, args[2])
+            self._remember(new.id, doc)
             new._version = int(got[3:]) if got != "ok" else None
-            return
+            return None
         if got == "exists":
-            raise AlreadyExists(f"run {new.id} exists already")
+            return AlreadyExists(f"run {new.id} exists already")
         if got == "conflict":
             self._docs_seen.pop(new.id, None)
-            raise _Conflict()
+            return _Conflict()
         if got.startswith("quota\t"):
             _, team, bucket, held, limit = got.split("\t")  # (the key is "team<TAB>bucket")
-            raise QuotaFull(f"{team}\t{bucket}", int(held), int(limit))
+            return QuotaFull(f"{team}\t{bucket}", int(held), int(limit))
         _, node, gpu, holder = got.split("\t")
-        raise GpuBusy(node, int(gpu), holder)
+        return GpuBusy(node, int(gpu), holder)
 
     def create_run(self, run: Run) -> Run:
         if run.sweep is not None:  # with its sweep's set, in one transaction
@@ -237,23 +245,31 @@ class RedisStore(Store):
     def _modify(self, run_id: str, change: Any, quiet: bool = False, quota_limit: int | None = None) -> Run:
         """Read, change, compare-and-set; again if another writer got in between."""
         for attempt in range(1000):
-            got = self._read(run_id, fresh=attempt > 0)
-            if got is None:
-                raise NotFound(run_id)
-            doc, old = got
-            try:
-                new = change(old)
-            except InvalidTransition:
-                if attempt == 0 and run_id in self._docs_seen:  # judged on a remembered copy: look again
-                    self._docs_seen.pop(run_id, None)
-                    continue
-                raise
+            doc, old, new = self._changed(run_id, change, fresh=attempt > 0)
             try:
                 self._put(doc, old, new, quiet, quota_limit)
                 return new
             except _Conflict:
                 continue
         raise RuntimeError(f"run {run_id}: too many concurrent writers")
+
+    def _changed(self, run_id: str, change: Any, fresh: bool = False) -> tuple[str, Run, Run]:
+        """(the stored document, the run, the run changed): read, or remembered (read again where the change is
+        refused on a remembered copy)."""
+        got = self._read(run_id, fresh=fresh)
+        if got is None:
+            raise NotFound(run_id)
+        doc, old = got
+        try:
+            return doc, old, change(old)
+        except InvalidTransition:
+            if fresh or run_id not in self._docs_seen:
+                raise
+        self._docs_seen.pop(run_id, None)  # judged on a remembered copy: look again
+        return self._changed(run_id, change, fresh=True)
+
+    def sends(self) -> _Sends:
+        return _Sends(self)
 
     def runs_seq(self) -> int:
         return int(self.r.get(self.k.runs_seq) or 0)
@@ -634,6 +650,44 @@ class RedisStore(Store):
 
 class _Conflict(Exception):
     """The document changed between our read and our write."""
+
+
+class _Sends(Sends):
+    """A pass's transitions, judged on the documents this process holds (remembered, or read), written by one
+    pipeline of PUT_RUN calls at send(): one round trip for them all. Each is its own compare-and-set, as
+    transition()'s; one that finds its run changed since (a conflict) is made again over the new state, alone."""
+
+    def __init__(self, store: RedisStore) -> None:
+        super().__init__(store)
+        self.redis = store
+        self.pending: list[tuple[Run, str, list[str], list[Any], RunStatus, dict[str, Any], int | None]] = []
+
+    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
+        doc, old, new = self.redis._changed(run_id, lambda run: run.changed(to, **fields))
+        keys, args = self.redis._put_call(doc, old, new, False, quota_limit)
+        self.pending.append((new, args[2], keys, args, to, fields, quota_limit))
+        return new
+
+    def send(self) -> dict[str, Run | Exception]:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return {}
+        store = self.redis
+        with store.r.pipeline(transaction=False) as p:
+            for _, _, keys, args, *_ in pending:
+                store._put_run(keys=keys, args=args, client=p)
+            got = p.execute(raise_on_error=False)
+        out: dict[str, Run | Exception] = {}
+        for (new, doc, _, _, to, fields, quota_limit), said in zip(pending, got, strict=True):
+            failed = store._said(said, new, doc)
+            if isinstance(failed, _Conflict):  # written meanwhile by another: the transition again, over that
+                try:
+                    out[new.id] = store.transition(new.id, to, quota_limit=quota_limit, **fields)
+                except (InvalidTransition, NotFound, GpuBusy, QuotaFull) as exc:
+                    out[new.id] = exc
+            elif failed is not None:
+                out[new.id] = failed
+        return out
 
 
 def wipe_prefix(url: str) -> int:

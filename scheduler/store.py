@@ -187,6 +187,28 @@ class QuotaFull(Exception):
         super().__init__(f"quota {key.replace(chr(9), ' ')}: {held} of {limit} GPUs held")
 
 
+class Sends:
+    """Transitions a scheduling pass makes one after another, each judged alone (its own compare-and-set),
+    written by the latest when send() is called: Store.sends(). Here each is written at once (a local store:
+    SQLite); a store across the network sends those made since the last send() together (Redis: one round trip
+    for a pass's 256 placements, not one each)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
+        """Store.transition's run as it will be written. Raises what that does where it is known before the
+        write (here: every error, nothing written); what is known only when written comes from send()."""
+        return self.store.transition(run_id, to, quota_limit=quota_limit, **fields)
+
+    def send(self) -> dict[str, Run | Exception]:
+        """Write the transitions made since the last send(). Returns those that did not end as transition()
+        returned them, by run id: the run as written (another writer changed it meanwhile: the transition was
+        made again over its new state), or the error, nothing written (InvalidTransition, NotFound, GpuBusy,
+        QuotaFull)."""
+        return {}
+
+
 def quota_charge(run: Run | None) -> tuple[str, int]:
     """(the quota key, GPUs it holds against it) of a run as stored ("", 0: none)."""
     if run is None or not run.quota_key:
@@ -397,6 +419,10 @@ class Store(abc.ABC):
         atomicity across them (Redis commits each write as it comes): callers that need two changes to be seen
         together make them one write (a transition with its fields)."""
         return contextlib.nullcontext()
+
+    def sends(self) -> Sends:
+        """Transitions sent together (see Sends): for a pass that places many runs."""
+        return Sends(self)
 
     # Whether batch() is one transaction (SQLite): its writes commit together, at its end, and savepoint()
     # works in it. A report that frees GPUs is then committed with the placements into them, one durable

@@ -574,6 +574,59 @@ def test_racing_placements_never_share_a_gpu(pair: tuple[Store, Store]) -> None:
     assert sorted((r.id, r.gpus[0]) for r in starting) == sorted(placed)
 
 
+def test_transitions_sent_together_are_each_a_compare_and_set(pair: tuple[Store, Store]) -> None:
+    """Store.sends(): what a pass's placements go through. Each transition is judged alone; whatever send() says
+    is what the store holds: a run it reports failed got nothing of its transition, a run it reports written
+    over a newer copy is as reported, every other run as transition() returned it; no GPU is held twice."""
+    a, b = pair
+    runs = [a.create_run(mk_run(i)) for i in range(4)]
+    sends = a.sends()
+    made: dict[str, Run] = {}
+    early: dict[str, Exception] = {}  # errors known before the write (a store that writes at once)
+
+    def place(run: Run, gpu: int) -> None:
+        try:
+            made[run.id] = sends.transition(run.id, RunStatus.STARTING,
+                                            placements=[Placement(rank=0, node_id="node-a", gpus=[gpu])])
+        except (GpuBusy, InvalidTransition) as exc:
+            early[run.id] = exc
+
+    place(runs[0], 0)
+    place(runs[1], 1)
+    b.update_run(runs[1].id, reason="another writer got in between")  # (a conflict where writes are deferred)
+    place(runs[2], 0)  # GPU 0 is the first run's
+    place(runs[3], 2)
+    b.transition(runs[3].id, RunStatus.KILLED)  # stopped meanwhile (before its placement, where deferred)
+    failed = sends.send()
+    assert not sends.send()  # (nothing left to send)
+    outcome = {**early, **failed}
+    assert runs[0].id not in outcome
+    assert isinstance(outcome[runs[2].id], GpuBusy) and outcome[runs[2].id].holder == runs[0].id
+    for run in runs[:3]:  # (the fourth: below)
+        stored = b.get_run(run.id)
+        assert stored is not None
+        said = outcome.get(run.id, made.get(run.id))
+        if isinstance(said, Exception):  # nothing of the placement written
+            assert stored.placements == [] and stored.status == RunStatus.QUEUED, stored
+        else:
+            assert said is not None and (stored.status, stored.placements) == (said.status, said.placements)
+    # (the second run: placed either way; the fourth: placed then stopped, or its placement refused)
+    second = b.get_run(runs[1].id)
+    assert second is not None and second.status == RunStatus.STARTING
+    fourth = b.get_run(runs[3].id)
+    assert fourth is not None and fourth.status == RunStatus.KILLED and not fourth.gpu_claims()
+    if isinstance(a, SQLiteStore):
+        assert not failed and set(early) == {runs[2].id}  # (written at once: errors known at once)
+    else:
+        assert isinstance(failed[runs[1].id], Run) and failed[runs[1].id].status == RunStatus.STARTING
+        assert isinstance(failed[runs[3].id], InvalidTransition) and not early
+    held = [(r.placements[0].node_id, g) for r in b.list_runs(status=[RunStatus.STARTING]) for g in r.gpus]
+    assert sorted(held) == [("node-a", 0), ("node-a", 1)]
+    c = a.create_run(mk_run(9))
+    assert a.sends().transition(c.id, RunStatus.STARTING,
+                                placements=[Placement(rank=0, node_id="node-a", gpus=[2])]).status == RunStatus.STARTING
+
+
 # ---- logs --------------------------------------------------------------------------------------------------
 
 def lines(n: int, tag: str = "l") -> list[tuple[float, str, str]]:
@@ -1069,6 +1122,50 @@ def test_two_replicas_placing_at_once_never_double_place(monkeypatch: pytest.Mon
         assert len(held) == len(set(held)) == 32, sorted(held)
         assert sum(placed) == 32 and len(starting) == 32
         assert len(store.list_runs(status=[RunStatus.QUEUED], limit=1000)) == 28
+    finally:
+        close()
+
+
+def test_a_placement_refused_when_sent_goes_back_to_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass's placements are written together when it commits (Redis: one pipeline). One that another
+    replica's write beat meanwhile (its GPU taken) is not counted nor announced, its run is queued again in the
+    book (not held as placed), and a later pass places it."""
+    from scheduler import redis_store
+
+    scheds, close = _replicas(2)
+    try:
+        a, b = scheds[0].store, scheds[1].store
+        a.upsert_node(node(0, gpus=2).model_copy(update={"last_seen": time.time()}))
+        first = a.create_run(mk_run(1))
+        a.create_run(mk_run(2))
+        intruder = b.create_run(mk_run(9))
+        real = redis_store._Sends.send
+        taken: list[int] = []
+
+        def send(self: redis_store._Sends) -> dict[str, Run | Exception]:
+            if self.pending and not taken:  # the other replica places a run on the first run's GPU, first
+                gpu = next(new for new, *_ in self.pending if new.id == first.id).placements[0].gpus[0]
+                b.transition(intruder.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-0",
+                                                                                    gpus=[gpu])])
+                taken.append(gpu)
+            return real(self)
+
+        monkeypatch.setattr(redis_store._Sends, "send", send)
+        announced: list[str] = []
+        real_changed = scheds[0].run_changed
+        monkeypatch.setattr(scheds[0], "run_changed", lambda run: (announced.append(run.id), real_changed(run)))
+        assert scheds[0].schedule_pass() == 1  # the second run; the first's GPU was taken
+        back = a.get_run(first.id)
+        assert back is not None and back.status == RunStatus.QUEUED and back.placements == []
+        assert first.id not in announced
+        assert scheds[0].schedule_pass() == 0  # the node is full: the first run waits
+        b.transition(intruder.id, RunStatus.RUNNING)
+        b.transition(intruder.id, RunStatus.FINISHED)
+        scheds[0].kick()
+        assert scheds[0].schedule_pass() == 1
+        placed = a.get_run(first.id)
+        assert placed is not None and placed.status == RunStatus.STARTING and placed.gpus == taken
+        assert first.id in announced
     finally:
         close()
 

@@ -191,9 +191,9 @@ class PlacementMixin(PreemptionMixin):
                 return (key[2] not in first, *fair(key, req))
         heads = [(rank(key, req), req) for key, req in book.heads()]
         heapq.heapify(heads)
-        placed = 0
         settled: bool | None = None  # no GPU free, and nothing any run may preempt: GPU shapes told so are skipped
-        with _Commits(self.store, announce or self._announce, changed or self.run_changed) as ps.commits:
+        with _Commits(self.store, announce or self._announce, changed or self.run_changed,
+                      lambda placed, failed: self._sent(book, ps, placed, failed)) as ps.commits:
             while heads:
                 key, req = heapq.heappop(heads)
                 shape = book.shapes[req]
@@ -213,7 +213,6 @@ class PlacementMixin(PreemptionMixin):
                     continue  # every run of the shape would get the same answer in this pass
                 if new is not None:
                     ps.commits.wrote(new)
-                    placed += 1
                 if outcome is not _Outcome.RETRY:
                     book.pop(shape)
                 if (nxt := book.head(shape)) is not None:
@@ -223,7 +222,7 @@ class PlacementMixin(PreemptionMixin):
         # kicked already). What it placed only took capacity.
         self._idle = (tickets, time.monotonic())
         self._waiting, self._counted, self._reserved = dict(ps.no_room), {}, ps.held_ahead
-        return placed
+        return ps.commits.placed_in_all
 
     def _dependencies_ended(self, book: Book) -> None:
         """Queued runs waiting for others (Run.after): those whose dependencies have all ended join the queue,
@@ -389,9 +388,10 @@ class PlacementMixin(PreemptionMixin):
         # (always set: an attempt placed after its team's quota was removed must not count against the old one)
         charge: dict[str, Any] = {"quota_key": None} if quota is None else {
             "quota_key": quota[0], "quota_limit": self.store_limit(req, quota)}
-        try:
-            new = self.store.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores,
-                                        reason=None, master_port=self.rng.randrange(20000, 40000), **charge)
+        assert ps.commits is not None
+        try:  # (written by the latest when the pass commits: _Commits, _sent)
+            new = ps.commits.sends.transition(run.id, RunStatus.STARTING, placements=placements, scores=scores,
+                                              reason=None, master_port=self.rng.randrange(20000, 40000), **charge)
         except (InvalidTransition, NotFound):
             return _Outcome.GONE, None  # stopped meanwhile: the change feed brings its new state
         except QuotaFull:  # another replica's placements took the team's quota: the feed brings them
@@ -409,12 +409,43 @@ class PlacementMixin(PreemptionMixin):
             c = ps.by_id[pl.node.id]
             ps.cands.set_free(c, [g for g in c.free if g.index not in pl.gpus])
             ps.took(c)
-        if run.attempt > 1:  # the log says where each attempt ran and why the one before it ended
+        if run.attempt > 1:  # the log says where each attempt ran and why the one before it ended (once written)
             names = ", ".join(pl.node.name for pl in verdict)
             why = run.last_reason
-            self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, 0, [(
-                time.time(), "fedml", f"── attempt {run.attempt} on node {names}" + (f": {why}" if why else ""))])
+            ps.commits.lines[run.id] = (run.attempt, f"── attempt {run.attempt} on node {names}"
+                                                       + (f": {why}" if why else ""))
         return _Outcome.PLACED, new
+
+    def _sent(self, book: Book, ps: _Pass, placed: list[Run], failed: dict[str, Run | Exception]) -> None:
+        """After the pass's transitions were written (Store.sends): `placed` as written. The book takes the
+        writes' versions (the change feed leaves them out, as the scheduler's own), and forgets each placement
+        that `failed` (not written: its run as stored now, its GPUs free again, the pass kicked to look again),
+        or takes it as written over a newer copy of its run."""
+        for i, new in enumerate(placed):
+            got = failed.get(new.id)
+            if isinstance(got, Run):
+                placed[i] = new = got
+            elif got is not None:
+                continue
+            if new._version is not None and new._version > book.seq:
+                book.own[new.id] = new._version
+        if not failed:
+            return
+        placed[:] = [r for r in placed if not isinstance(failed.get(r.id), Exception)]
+        for run_id, got in failed.items():
+            if isinstance(got, Run):
+                book.apply(got)
+                continue
+            log.info("run %s: its placement was not written (%s); the next pass looks again", run_id, got)
+            ps.commits.lines.pop(run_id, None)
+            stored = self.store.get_run(run_id, logs=False)
+            if stored is None:
+                self._book = None  # (runs are not removed: read the store again rather than guess)
+            else:
+                book.apply(stored)  # (its placement's GPUs free again: their nodes are looked at again)
+            if isinstance(got, GpuBusy) and got.node_id in ps.by_id:  # another replica's: not for this pass
+                ps.cands.set_free(ps.by_id[got.node_id], [])
+        self.kick()
 
     def _reservation(self, req: Request, ps: _Pass) -> set[str]:
         """The nodes the blocked head holds: those with the most usable free GPUs (in a busy cluster, among the
@@ -459,9 +490,13 @@ class _Commits:
     EVERY = 256
 
     def __init__(self, store: Any, announce: Callable[[list[Run]], None],
-                 changed: Callable[[Run], None] | None = None) -> None:
-        self.store, self.announce, self.on_changed = store, announce, changed
+                 changed: Callable[[Run], None] | None = None,
+                 sent: Callable[[list[Run], dict[str, Run | Exception]], None] | None = None) -> None:
+        self.store, self.announce, self.on_changed, self.on_sent = store, announce, changed, sent
+        self.sends = store.sends()  # the placements' transitions (one round trip for a commit's on Redis)
+        self.lines: dict[str, tuple[int, str]] = {}  # run -> (attempt, its log's first line), written once placed
         self.placed: list[Run] = []
+        self.placed_in_all = 0  # placements written (those send() failed left out)
         self.changed: list[Run] = []  # other runs the pass moved (preempted): told after the commit too
         self.count = 0
         self._batch: contextlib.ExitStack | None = None
@@ -483,9 +518,24 @@ class _Commits:
             self._open()
 
     def _commit(self) -> None:
-        assert self._batch is not None
-        self._batch.close()
-        self._batch, self.count = None, 0
+        batch, self._batch = self._batch, None
+        assert batch is not None
+        try:
+            failed = self.sends.send()
+            if self.on_sent is not None:
+                self.on_sent(self.placed, failed)
+            if self.lines:
+                now = time.time()
+                for run in self.placed:
+                    if (line := self.lines.get(run.id)) is not None and line[0] == run.attempt:
+                        self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, 0, [(now, "fedml", line[1])])
+                self.lines.clear()
+        except BaseException as exc:  # (the batch is left as a failed pass leaves it: rolled back on SQLite)
+            batch.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        batch.close()
+        self.placed_in_all += len(self.placed)
+        self.count = 0
         self.announce(self.placed)
         for run in self.changed:
             if self.on_changed is not None:
