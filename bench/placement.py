@@ -40,6 +40,9 @@ from typing import Any
 # (the scheduler of the tree under test: this one, or a revision's worktree for --compare)
 sys.path.insert(0, os.environ.get("FEDML_BENCH_TREE") or str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from _common import collect_as_the_scheduler  # noqa: E402
+
 from scheduler.contract.models import GpuInfo, Node, Principal, Run, RunCreate, RunStatus, Team  # noqa: E402
 from scheduler.notify import Notifier  # noqa: E402
 from scheduler.placement import Candidate, NoFit, Request, place  # noqa: E402
@@ -61,6 +64,7 @@ def open_store(kind: str, tmp: Path, n_nodes: int) -> Store:
 
 def bench(n_nodes: int, jobs: int, tmp: Path, kind: str = "sqlite", teams: int = 0,
           via: str = "scheduler") -> dict[str, object]:
+    collect_as_the_scheduler()
     store = open_store(kind, tmp, n_nodes)
     try:
         return _bench(store, n_nodes, jobs, kind, teams, via)

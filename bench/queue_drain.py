@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BUSY_JOB, REPO, busy_cluster, worktree  # noqa: E402
+from _common import BUSY_JOB, REPO, busy_cluster, collect_as_the_scheduler, worktree  # noqa: E402
 
 
 def placements(sched: object) -> float | None:
@@ -39,6 +39,7 @@ def placements(sched: object) -> float | None:
 
 def measure(nodes: int, queued: int, drain: int, store_kind: str, teams: int = 0) -> dict[str, float]:
     """Runs inside the tree under test (its modules first on sys.path)."""
+    collect_as_the_scheduler()
     import random
 
     from scheduler.contract.models import RunCreate, RunStatus, StatusReport

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     # freed (by reference counting) a moment later, unseen. That churn alone triggered a full pass (~0.3 s at
     # 10,000 nodes here, the event loop held) every few seconds at 1,000 heartbeats/s; now about once a minute
     # (bench/heartbeat.py --gpus 8). A young pass walks at most 50,000 objects.
-    gc.set_threshold(50_000, 20, 10)
+    gc.set_threshold(50_000, 20, 10)  # (the in-process benches set the same: bench/_common.py)
     try:
         allow = parse_allow(args.webhook_allow)
     except ValueError as exc:
