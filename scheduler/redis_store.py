@@ -158,10 +158,7 @@ class RedisStore(Store):
         # One round trip: a pipeline of PUT_RUN calls, each atomic on its own (not a transaction: one run id
         # taken must not refuse the others).
         calls = [self._put_call("", None, run, False) for run in runs]
-        with self.r.pipeline(transaction=False) as p:
-            for keys, args in calls:
-                self._put_run(keys=keys, args=args, client=p)
-            got = p.execute(raise_on_error=False)
+        got = self._puts(calls)
         out: list[Exception | None] = []
         for (_, args), run, g in zip(calls, runs, got, strict=True):
             said = g.decode() if isinstance(g, bytes) else g
@@ -205,6 +202,33 @@ class RedisStore(Store):
             self._remember(run.id, args[2])
             run._version = int(g[3:])
         return runs
+
+    def _puts(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """PUT_RUN for each (KEYS, ARGV), in one round trip: each call's answer, or the error it met. Not through
+        redis-py's script objects: a pipeline of those asks SCRIPT EXISTS first, a round trip more each time. A
+        server that lost the script (restarted) answers NOSCRIPT without running the call: it is loaded and those
+        calls are sent again."""
+        if len(calls) == 1:  # (a pipeline of one costs its set-up)
+            keys, args = calls[0]
+            try:
+                return [self._put_run(keys=keys, args=args)]
+            except redis.ResponseError as exc:
+                return [exc]
+        got: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            with self.r.pipeline(transaction=False) as p:
+                for i in todo:
+                    keys, args = calls[i]
+                    p.evalsha(self._put_run.sha, len(keys), *keys, *args)
+                said = p.execute(raise_on_error=False)
+            for i, g in zip(todo, said, strict=True):
+                got[i] = g
+            todo = [i for i, g in zip(todo, said, strict=True) if isinstance(g, redis.exceptions.NoScriptError)]
+            if not todo:
+                break
+            self._put_run.sha = self.r.script_load(PUT_RUN)
+        return got
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
 
@@ -673,10 +697,7 @@ class _Sends(Sends):
         if not pending:
             return {}
         store = self.redis
-        with store.r.pipeline(transaction=False) as p:
-            for _, _, keys, args, *_ in pending:
-                store._put_run(keys=keys, args=args, client=p)
-            got = p.execute(raise_on_error=False)
+        got = store._puts([(keys, args) for _, _, keys, args, *_ in pending])
         out: dict[str, Run | Exception] = {}
         for (new, doc, _, _, to, fields, quota_limit), said in zip(pending, got, strict=True):
             failed = store._said(said, new, doc)
