@@ -268,6 +268,18 @@ return out
 """
 
 
+# HEARTBEAT for a node heard from before only (Store.heartbeat_if_seen): a node with no heartbeat, or one marked
+# OFFLINE (0), is left as it is and answers {''} (its first heartbeat persists its state: the poll's thread does).
+HEARTBEAT_IF_SEEN = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old or tonumber(old) == 0 then return {''} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local out = {old}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = m end
+return out
+"""
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """redis://HOST:PORT/DB?prefix=P -> (the URL redis-py takes, the key prefix)."""
     parts = urlsplit(url)

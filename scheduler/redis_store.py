@@ -19,6 +19,7 @@ method beside the SQLite store; its keys and scripts and its pub/sub relay alrea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -39,6 +40,7 @@ from .redis_schema import (
     CAS_FIELD,
     DEL_NODE,
     HEARTBEAT,
+    HEARTBEAT_IF_SEEN,
     LOG_CHUNK,
     PUT_KEY,
     PUT_NODE,
@@ -92,6 +94,7 @@ class RedisStore(Store):
         self._del_node = self.r.register_script(DEL_NODE)
         self._put_key = self.r.register_script(PUT_KEY)
         self._heartbeat = self.r.register_script(HEARTBEAT)
+        self._heartbeat_if_seen = self.r.register_script(HEARTBEAT_IF_SEEN)
         self._append_series = self.r.register_script(APPEND_SERIES)
         self._locks = threading.local()
         self._notifier: RelayNotifier | None = None
@@ -101,6 +104,7 @@ class RedisStore(Store):
         self._docs_seen: dict[str, str] = {}
         self._keys = KeyCache(lambda: int(self.r.get(self.k.keys_version) or 0), self._read_key)
         self._endpoints_ready = False  # the endpoints set is known to be built (endpoint_runs)
+        self._aclient: tuple[Any, Any, Any] | None = None  # (event loop, its client, a script): poll_reads
 
     # -- runs --------------------------------------------------------------------------------------------
     def _put_call(self, old_doc: str, old: Run | None, new: Run, quiet: bool,
@@ -402,13 +406,18 @@ class RedisStore(Store):
     def _docs(self, ids: list[str]) -> list[Run]:
         out: list[Run] = []
         for i in range(0, len(ids), 1000):
-            raws = self.r.mget([self.k.run(x) for x in ids[i:i + 1000]])
-            with bulk():
-                for raw in raws:
-                    if raw is not None:
-                        run = Run.model_validate_json(raw)
-                        self._remember(run.id, raw.decode())
-                        out.append(run)
+            out += self._parsed(self.r.mget([self.k.run(x) for x in ids[i:i + 1000]]))
+        return out
+
+    def _parsed(self, raws: list[bytes | None]) -> list[Run]:
+        """The runs of documents as read (None: a run gone meanwhile), remembered."""
+        out = []
+        with bulk():
+            for raw in raws:
+                if raw is not None:
+                    run = Run.model_validate_json(raw)
+                    self._remember(run.id, raw.decode())
+                    out.append(run)
         return out
 
     # -- logs --------------------------------------------------------------------------------------------
@@ -608,7 +617,36 @@ class RedisStore(Store):
         return float(got[0]) if got[0] else None
 
     def heartbeat_if_seen(self, node_id: str, ts: float) -> float | None:
-        return None  # (never asked: snapshot() has none here, every read is a round trip)
+        got = self._heartbeat_if_seen(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])
+        return float(got[0]) if got[0] else None
+
+    async def poll_reads(self, node_id: str, ts: float,
+                         status: Iterable[RunStatus]) -> tuple[float | None, list[Run]] | None:
+        # On the event loop with a client of its own (redis.asyncio): a poll's two round trips awaited there,
+        # where handing the poll to a thread cost as much as the poll (scheduler/service/agents.py: poll_soon).
+        client, script = self._async_client()
+        got = await script(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])
+        before = float(got[0]) if got[0] else None
+        ids = [m.decode() for m in got[1:]]
+        if not before or not ids:
+            return before, []
+        wanted = {s.value for s in status}
+        runs = [r for r in self._parsed(await client.mget([self.k.run(x) for x in ids])) if r.status.value in wanted]
+        runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)  # (as list_runs orders them)
+        return before, runs
+
+    def _async_client(self) -> tuple[Any, Any]:
+        """The event loop's client and its HEARTBEAT_IF_SEEN script (one per loop: a client's connections belong
+        to the loop that made them)."""
+        loop = asyncio.get_running_loop()
+        got = self._aclient
+        if got is None or got[0] is not loop:
+            import redis.asyncio
+
+            client = redis.asyncio.Redis.from_url(self.url, socket_timeout=30, socket_connect_timeout=5,
+                                                  health_check_interval=30)
+            got = self._aclient = (loop, client, client.register_script(HEARTBEAT_IF_SEEN))
+        return got[1], got[2]
 
     def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
         # One script records the heartbeat and reads the node's run index; one MGET reads the runs.
@@ -655,6 +693,7 @@ class RedisStore(Store):
     def close(self) -> None:
         if self._notifier is not None:
             self._notifier.close()
+        self._aclient = None  # (its connections close with it: they belong to its event loop, not this thread)
         self.r.close()
 
     # -- tests and tools ---------------------------------------------------------------------------------

@@ -496,6 +496,14 @@ class Store(abc.ABC):
         store over the network waits for its answers)."""
         yield None
 
+    async def poll_reads(self, node_id: str, ts: float,
+                         status: Iterable[RunStatus]) -> tuple[float | None, list[Run]] | None:
+        """heartbeat_if_seen, and the node's runs in `status` (as heartbeat_and_runs lists them; none where the
+        heartbeat was not recorded), awaited on the event loop: a poll's reads where snapshot() has none (a store
+        over the network waits for its answers; an event loop awaits them instead of handing the poll to a
+        thread). None where the store has no such reads (here: the poll reads a snapshot, or in a thread)."""
+        return None
+
     def heartbeat_and_runs(self, node_id: str, ts: float, status: Iterable[RunStatus]) -> tuple[float | None, list[Run]]:
         """A poll's two reads as one call: record the heartbeat (as `heartbeat`) and list the node's runs in
         `status` (as `list_runs(status=..., node_id=...)`). A shared store answers both in one round trip."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import random
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -444,6 +446,56 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
     assert sched.poll_now(a, [ref]) is None and beats()[a] == 0.0  # back from OFFLINE: written in a thread
     sched.poll_once(a, [ref])
     assert sched.store.get_node(a).state == "ONLINE"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_poll_awaited_on_the_loop_answers_as_one_in_a_thread(kind: str, tmp_path: Path) -> None:
+    """poll_soon (what the poll route awaits before handing a poll to a thread): over SQLite poll_now; over
+    Redis, which has no snapshot, the poll's reads awaited on the event loop (Store.poll_reads). It answers as
+    poll_once would, and declines where the poll writes (the first heartbeat and one back from OFFLINE, left
+    unrecorded; a rank to settle)."""
+    if kind == "sqlite":
+        store: Any = SQLiteStore(tmp_path / "s.db")
+    else:
+        from scheduler.redis_store import RedisStore
+
+        from .test_store_contract import redis_url
+        store = RedisStore(redis_url())
+    sched = Scheduler(store, Notifier(), heartbeat_interval=1.0, rng=random.Random(7))
+
+    async def body() -> None:
+        a = join(sched, "a", 2)
+        beats = sched.store.heartbeats
+        assert await sched.poll_soon(a, []) is None and a not in beats()  # first heartbeat: written (touch_node)
+        sched.poll_once(a, [])
+        before = beats()[a]
+        got = await sched.poll_soon(a, [])
+        assert got is not None and got.start == [] and got.stop == [] and beats()[a] > before
+        rid = submit(sched, **{"computing": {"minimum_num_gpus": 1}})
+        sched.schedule_pass()
+        ref = attempt_ref(rid, 1)
+        got = await sched.poll_soon(a, ["run-gone@1"])  # an assignment to start, and something to stop
+        assert got is not None and [s.run.id for s in got.start] == [rid] and got.stop == ["run-gone@1"]
+        assert got == sched.poll_once(a, ["run-gone@1"])
+        sched.report(rid, StatusReport(status=RunStatus.RUNNING, attempt=1), a)
+        assert await sched.poll_soon(a, [ref]) == PollResponse(heartbeat_interval=1.0, lease=sched.lease)
+        assert await sched.poll_soon(a, []) is None  # its RUNNING rank is missing: poll_once judges it
+        sched.store.update_run(rid, stop_requested=True)
+        got = await sched.poll_soon(a, [ref])
+        assert got is not None and got.stop == [ref]
+        silence(sched, a)
+        sched.check_heartbeats()
+        assert sched.store.get_node(a).state == "OFFLINE"
+        assert await sched.poll_soon(a, [ref]) is None and beats()[a] == 0.0  # back from OFFLINE: a thread writes
+        sched.poll_once(a, [ref])
+        assert sched.store.get_node(a).state == "ONLINE"
+
+    try:
+        asyncio.run(body())
+    finally:
+        if kind == "redis":
+            store.wipe()
+        store.close()
 
 
 def test_a_registration_that_loses_the_race_for_its_name_leaves_no_key(sched: Scheduler) -> None:

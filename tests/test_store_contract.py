@@ -8,6 +8,7 @@ placing the same queue at once (no run placed twice, no GPU handed to two runs).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import secrets
@@ -955,7 +956,12 @@ def test_a_snapshot_reads_the_last_commit_without_waiting(store: Store) -> None:
     """snapshot(): what an event loop reads itself. SQLite: a connection of its own that reads the last commit
     and does not wait for a thread inside a write transaction (nor sees its writes); one reader at a time (a
     second gets None). Redis: none (every read is a round trip). heartbeat_if_seen records only a node heard
-    from before and not marked OFFLINE since."""
+    from before and not marked OFFLINE since, on both."""
+    assert not store.heartbeat_if_seen("node-h", 5.0) and "node-h" not in store.heartbeats()
+    store.heartbeat("node-h", 4.0)
+    assert store.heartbeat_if_seen("node-h", 5.0) == 4.0 and store.heartbeats()["node-h"] == 5.0
+    store.heartbeat("node-h", 0.0)  # marked OFFLINE
+    assert not store.heartbeat_if_seen("node-h", 6.0) and store.heartbeats()["node-h"] == 0.0
     if not isinstance(store, SQLiteStore):
         with store.snapshot() as snap:
             assert snap is None
@@ -975,11 +981,30 @@ def test_a_snapshot_reads_the_last_commit_without_waiting(store: Store) -> None:
         assert snap is not None and [r.id for r in snap.node_runs("node-a", RunStatus)] == [mine.id]
     with store.snapshot() as snap:
         assert snap is not None and len(snap.node_runs("node-a", RunStatus)) == 2  # committed now
-    assert store.heartbeat_if_seen("node-a", 5.0) is None and store.heartbeats() == {}
-    store.heartbeat("node-a", 4.0)
-    assert store.heartbeat_if_seen("node-a", 5.0) == 4.0 and store.heartbeats() == {"node-a": 5.0}
-    store.heartbeat("node-a", 0.0)  # marked OFFLINE
-    assert store.heartbeat_if_seen("node-a", 6.0) == 0.0 and store.heartbeats() == {"node-a": 0.0}
+
+
+def test_a_polls_reads_are_awaited_where_there_is_no_snapshot(store: Store) -> None:
+    """poll_reads(): what an event loop awaits for a poll where snapshot() has none. Redis: heartbeat_if_seen and
+    the node's runs in the given states, over a client of the loop's own. SQLite: none (its snapshot is read)."""
+    async def body() -> None:
+        got = await store.poll_reads("node-a", 5.0, RunStatus)
+        if isinstance(store, SQLiteStore):
+            assert got is None
+            return
+        assert got == (None, []) and "node-a" not in store.heartbeats()  # never heard from: nothing recorded
+        mine = start_on(store, store.create_run(mk_run(1)), "node-a", [0])
+        start_on(store, store.create_run(mk_run(2)), "node-b", [0])
+        store.heartbeat("node-a", 4.0)
+        got = await store.poll_reads("node-a", 5.0, [RunStatus.STARTING, RunStatus.RUNNING])
+        assert got is not None and got[0] == 4.0 and [r.id for r in got[1]] == [mine.id]
+        assert [r.model_dump() for r in got[1]] == [mine.model_dump()] and store.heartbeats()["node-a"] == 5.0
+        got = await store.poll_reads("node-a", 6.0, [RunStatus.RUNNING])
+        assert got is not None and got == (5.0, [])
+        store.heartbeat("node-a", 0.0)  # marked OFFLINE
+        got = await store.poll_reads("node-a", 7.0, RunStatus)
+        assert got is not None and not got[0] and store.heartbeats()["node-a"] == 0.0
+
+    asyncio.run(body())
 
 
 def test_a_heartbeat_and_the_nodes_runs_in_one_call(store: Store) -> None:

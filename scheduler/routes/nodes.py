@@ -31,15 +31,15 @@ router = APIRouter(prefix=API)
 async def poll(node_id: str, body: PollRequest, who: Principal = Depends(auth), c: Ctx = Depends(ctx)) -> PollResponse:
     key = f"node:{node_id}"
     ticket = c.notifier.ticket(key)
-    # On the event loop where the poll needs no write and the store can be read at once (poll_now); in a thread
-    # otherwise.
-    resp = c.sched.poll_now(node_id, body.running, who, body.gpus) or \
+    # On the event loop where the poll needs no write and the store can be read at once, or awaited there
+    # (poll_soon); in a thread otherwise.
+    resp = await c.sched.poll_soon(node_id, body.running, who, body.gpus) or \
         await run_in_threadpool(c.sched.poll_once, node_id, body.running, who, body.gpus)
     if resp.start or resp.stop or body.wait == 0:
         return resp
     # Held at most half an interval: each answer renews the node's lease (2.5 intervals at most).
     await c.notifier.wait(key, ticket, min(body.wait, c.settings.heartbeat_interval / 2))
-    return c.sched.poll_now(node_id, body.running, who) or \
+    return await c.sched.poll_soon(node_id, body.running, who) or \
         await run_in_threadpool(c.sched.poll_once, node_id, body.running, who)
 
 

@@ -75,8 +75,47 @@ class AgentsMixin(SchedulerBase):
     def _poll_now(self, node_id: str, running: list[str], gpus: list[GpuSample] | None, snap: Snapshot,
                   stopping: frozenset[str]) -> PollResponse | None:
         runs = snap.node_runs(node_id, ACTIVE)
+        rank0 = self._quiet(node_id, running, gpus, runs)
+        if rank0 is None:
+            return None
+        nodes = {n: snap.get_node(n) for n in rank0}  # (every read before anything is recorded: Busy leaves none)
+        now = time.time()
+        before = self.store.heartbeat_if_seen(node_id, now)
+        if not before:  # (its first heartbeat, or back from OFFLINE: a write)
+            return None
+        return self._heard_now(node_id, running, gpus, runs, now, stopping, nodes.get)
+
+    async def poll_soon(self, node_id: str, running: list[str], who: Principal = LOCAL,
+                        gpus: list[GpuSample] | None = None) -> PollResponse | None:
+        """poll_now, or where the store has no snapshot, the same with its reads awaited on the event loop
+        (Store.poll_reads: Redis); None: poll_once in a thread answers. A poll declined after the heartbeat was
+        recorded (a rank to settle, a GPU sample that changes something) records it again there: harmless, the
+        node was heard from before either way."""
+        resp = self.poll_now(node_id, running, who, gpus)
+        if resp is not None:
+            return resp
+        stopping = self.agents_to_stop_cached()
+        if stopping is None:
+            return None
+        now = time.time()
+        got = await self.store.poll_reads(node_id, now, ACTIVE)  # (None at once from a store with a snapshot)
+        if got is None or not got[0]:  # (none here; or its first heartbeat, or back from OFFLINE: a write)
+            return None
+        runs = got[1]
+        rank0 = self._quiet(node_id, running, gpus, runs)
+        if rank0 is None:
+            return None
+        nodes = {n: self.cached_node(n) for n in rank0}
+        if None in nodes.values():
+            return None
+        return self._heard_now(node_id, running, gpus, runs, now, stopping, nodes.get)  # type: ignore[arg-type]
+
+    def _quiet(self, node_id: str, running: list[str], gpus: list[GpuSample] | None,
+               runs: list[Run]) -> set[str] | None:
+        """Whether a poll with the node's `runs` as read writes nothing: the nodes of rank 0 of the runs it is
+        to start (their address is in the answer), or None where it writes (poll_once answers)."""
         have = set(running)
-        rank0: set[str] = set()  # the nodes of rank 0 of the runs it is to start (their address is in the answer)
+        rank0: set[str] = set()
         for run in runs:
             p = run.placement_on(node_id)
             if p is None or p.done or attempt_ref(run.id, run.attempt) in have:
@@ -87,17 +126,17 @@ class AgentsMixin(SchedulerBase):
                 rank0.add(run.placements[0].node_id)
         if gpus is not None and not self._samples_quiet(node_id, gpus, runs):
             return None
-        nodes = {n: snap.get_node(n) for n in rank0}  # (every read before anything is recorded: Busy leaves none)
-        now = time.time()
-        before = self.store.heartbeat_if_seen(node_id, now)
-        if not before:  # (its first heartbeat, or back from OFFLINE: a write)
-            return None
+        return rank0
+
+    def _heard_now(self, node_id: str, running: list[str], gpus: list[GpuSample] | None, runs: list[Run],
+                   now: float, stopping: frozenset[str], get_node: Callable[[str], Node | None]) -> PollResponse:
+        """The rest of a poll answered at once, its heartbeat recorded."""
         self._heard[node_id] = now
         self.tally.add("heartbeats")
         if gpus is not None:
             self._gpu_samples(node_id, gpus, now)
             self._runs_gpu_use(node_id, gpus, runs, now)
-        return self._answer(node_id, running, runs, now, lambda: stopping, nodes.get)
+        return self._answer(node_id, running, runs, now, lambda: stopping, get_node)
 
     def _samples_quiet(self, node_id: str, gpus: list[GpuSample], runs: list[Run]) -> bool:
         """Whether keeping these GPU samples writes nothing: the GPUs used outside runs are as the node has them
