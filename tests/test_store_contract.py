@@ -1197,6 +1197,28 @@ def test_a_placement_refused_when_sent_goes_back_to_the_queue(monkeypatch: pytes
         close()
 
 
+def test_a_run_placed_in_a_pass_is_written_before_the_pass_stops_it(store: Store) -> None:
+    """_Commits.placed_first: a pass that is to preempt a run it placed itself commits first (a store that sends
+    a pass's placements at its commits holds the run as still queued until then, and refuses the stop)."""
+    from scheduler.service.placing import _Commits
+
+    run = store.create_run(mk_run(1))
+    announced: list[str] = []
+    with _Commits(store, lambda runs: (announced.extend(r.id for r in runs), runs.clear())) as commits:
+        new = commits.sends.transition(run.id, RunStatus.STARTING,
+                                       placements=[Placement(rank=0, node_id="node-a", gpus=[0])])
+        commits.wrote(new)
+        held = store.get_run(run.id)
+        assert held is not None and held.status == (RunStatus.STARTING if isinstance(store, SQLiteStore)
+                                                    else RunStatus.QUEUED)  # (Redis: sent at the commit)
+        commits.placed_first(["run-other"])
+        assert announced == []
+        commits.placed_first([run.id])
+        assert announced == [run.id]
+        stopped = store.transition(run.id, RunStatus.PREEMPTED, stop_requested=True)
+        assert stopped.status == RunStatus.PREEMPTED and stopped.gpus == [0]
+
+
 class _NoLock:
     def __enter__(self) -> None:
         return None

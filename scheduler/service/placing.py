@@ -517,6 +517,13 @@ class _Commits:
             self._commit()
             self._open()
 
+    def placed_first(self, run_ids: Iterable[str]) -> None:
+        """Commit now if one of these runs was placed since the last commit: a write about to be made reads
+        them as the store has them (where a store sends a pass's placements at its commit, still queued)."""
+        if self.placed and not {r.id for r in self.placed}.isdisjoint(run_ids):
+            self._commit()
+            self._open()
+
     def _commit(self) -> None:
         batch, self._batch = self._batch, None
         assert batch is not None

@@ -180,6 +180,8 @@ class PreemptionMixin(SchedulerBase):
         if not chosen:
             return None
         stopped = []
+        assert ps.commits is not None
+        ps.commits.placed_first(v.run_id for v in chosen)  # (a victim this pass placed: written before it is stopped)
         for v in chosen:
             h, text = why[v.run_id]
             p = Preemption(by=run.id, owner=req.owner or "", team=req.team, why=text, grace=h.grace)
@@ -189,7 +191,6 @@ class PreemptionMixin(SchedulerBase):
             except (InvalidTransition, NotFound):
                 continue  # it ended meanwhile: the change feed brings it
             book.apply(new)
-            assert ps.commits is not None
             ps.commits.changed.append(new)
             ps.commits.wrote()
             stopped.append(v.run_id)
