@@ -720,6 +720,8 @@ class _Sends(Sends):
     pipeline of PUT_RUN calls at send(): one round trip for them all. Each is its own compare-and-set, as
     transition()'s; one that finds its run changed since (a conflict) is made again over the new state, alone."""
 
+    deferred = True
+
     def __init__(self, store: RedisStore) -> None:
         super().__init__(store)
         self.redis = store

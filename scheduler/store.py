@@ -193,6 +193,8 @@ class Sends:
     SQLite); a store across the network sends those made since the last send() together (Redis: one round trip
     for a pass's 256 placements, not one each)."""
 
+    deferred = False  # whether transition() leaves the write to send() (the run it returns has no _version yet)
+
     def __init__(self, store: Store) -> None:
         self.store = store
 

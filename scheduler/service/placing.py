@@ -421,6 +421,9 @@ class PlacementMixin(PreemptionMixin):
         writes' versions (the change feed leaves them out, as the scheduler's own), and forgets each placement
         that `failed` (not written: its run as stored now, its GPUs free again, the pass kicked to look again),
         or takes it as written over a newer copy of its run."""
+        assert ps.commits is not None
+        if not failed and not ps.commits.sends.deferred:  # (written at once: the book has them as written)
+            return
         for i, new in enumerate(placed):
             got = failed.get(new.id)
             if isinstance(got, Run):
