@@ -363,6 +363,35 @@ def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
     assert calls == 2 and elapsed < 0.5
 
 
+def test_a_pass_walks_only_the_nodes_with_the_gpu_type_asked_for(sched: Scheduler) -> None:
+    """_Pass.of_kind: a placement's random walk visits the nodes that have GPUs of the type asked for, not the
+    others (whose every filter ran to say no): with 2 A100 nodes among 30 H100 ones, placing A100 runs until both
+    are full, and the one that then finds no room, never looks at an H100 node."""
+    import scheduler.placement as pl
+
+    a100 = {join(sched, f"a{i}", 2) for i in range(2)}
+    h100 = {join(sched, f"h{i}", 2, kind="NVIDIA H100 80GB HBM3") for i in range(30)}
+    for n in a100 | h100:
+        sched.poll_once(n, [])
+    runs = [submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"}) for _ in range(5)]
+    visited: list[str] = []
+
+    def counting(r: Request, c: Candidate) -> None:
+        visited.append(c.node.id)
+
+    pl.PIPELINE.insert(0, counting)  # type: ignore[arg-type]
+    try:
+        assert sched.schedule_pass() == 4
+    finally:
+        pl.PIPELINE.remove(counting)  # type: ignore[arg-type]
+    assert visited and set(visited) <= a100
+    assert {r.node_id for r in map(sched.store.get_run, runs[:4])} == a100  # (both full)
+    waiting = sched.store.get_run(runs[4])
+    assert waiting.status == RunStatus.QUEUED and waiting.reason == "no node with 1 free A100-80G GPU"
+    h = submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "H100"})  # another kind: its own walk
+    assert sched.schedule_pass() == 1 and sched.store.get_run(h).node_id in h100
+
+
 def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Scheduler) -> None:
     a = join(sched, "a", 1)
     b = join(sched, "b", 1)
