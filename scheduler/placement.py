@@ -12,7 +12,7 @@ import functools
 import math
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from .contract.jobspec import JobSpec
@@ -291,9 +291,10 @@ def sample_limit(req: Request, n_nodes: int) -> int:
 
 
 def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str] = frozenset(),
-          rng: random.Random | None = None) -> list[Choice] | NoFit:
+          rng: random.Random | None = None, kind: Container[str] | None = None) -> list[Choice] | NoFit:
     """`req.count` placements on distinct nodes, or NoFit with the reasons. `reserved` nodes are held for a
-    job ahead in the queue and are not used."""
+    job ahead in the queue and are not used. `kind`: the ids of the nodes with GPUs of the type asked for, where
+    the caller knows them; the walk passes the others at once (a NoFit's counts leave them out)."""
     rng = rng or random
     n = len(candidates)
     limit = sample_limit(req, n)
@@ -306,6 +307,8 @@ def place(req: Request, candidates: list[Candidate], *, reserved: frozenset[str]
     pipeline = PIPELINE
     for k in range(n):
         c = candidates[(start + k * stride) % n]
+        if kind is not None and c.node.id not in kind:
+            continue
         reason = "are held for a job ahead in the queue" if c.node.id in reserved else None
         if reason is None:
             for f in pipeline:  # (a loop, not a generator per node: this runs for every node visited)

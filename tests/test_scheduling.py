@@ -364,9 +364,10 @@ def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
 
 
 def test_a_pass_walks_only_the_nodes_with_the_gpu_type_asked_for(sched: Scheduler) -> None:
-    """_Pass.of_kind: a placement's random walk visits the nodes that have GPUs of the type asked for, not the
+    """Cands.kind: a placement's random walk visits the nodes that have GPUs of the type asked for, not the
     others (whose every filter ran to say no): with 2 A100 nodes among 30 H100 ones, placing A100 runs until both
-    are full, and the one that then finds no room, never looks at an H100 node."""
+    are full, and the one that then finds no room, never looks at an H100 node; a node whose GPUs change is of
+    its new kind from the next pass."""
     import scheduler.placement as pl
 
     a100 = {join(sched, f"a{i}", 2) for i in range(2)}
@@ -390,6 +391,11 @@ def test_a_pass_walks_only_the_nodes_with_the_gpu_type_asked_for(sched: Schedule
     assert waiting.status == RunStatus.QUEUED and waiting.reason == "no node with 1 free A100-80G GPU"
     h = submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "H100"})  # another kind: its own walk
     assert sched.schedule_pass() == 1 and sched.store.get_run(h).node_id in h100
+    changed = next(n for n in sorted(h100) if n != sched.store.get_run(h).node_id)  # its GPUs are A100s now
+    node = sched.store.get_node(changed)
+    sched.store.upsert_node(node.model_copy(update={"gpus": gpus("NVIDIA A100 80GB PCIe", 2)}))
+    sched._nodes_changed()
+    assert sched.schedule_pass() == 1 and sched.store.get_run(runs[4]).node_id == changed
 
 
 def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Scheduler) -> None:

@@ -362,7 +362,7 @@ class PlacementMixin(PreemptionMixin):
         if ps.told_none_free(shape):  # nothing to place or to write (with teams: a shape per team and user)
             verdict: list[Any] | NoFit = NoFit(req.shortfall(), summary=req.shortfall())
         elif req.gpus and ps.by_id:
-            verdict = place(req, ps.of_kind(req), reserved=reserved, rng=self.rng)
+            verdict = place(req, ps.with_free, reserved=reserved, rng=self.rng, kind=ps.cands.kind(req))
             if isinstance(verdict, NoFit):
                 never = self.never_fits(req) is not None
                 verdict = NoFit(req.shortfall(), never=never, counts=verdict.counts, summary=req.shortfall())
@@ -578,6 +578,8 @@ class Cands:
         self.by_id = {n.id: Candidate(node=n, free=[], now=0.0, heartbeat_timeout=heartbeat_timeout) for n in nodes}
         self.order = {n.id: i for i, n in enumerate(nodes)}
         self.free: set[str] = set()
+        # (GPU type, memory) -> the nodes with such a GPU, and a request that asks for one: kind()
+        self.kinds: dict[tuple[str | None, int], tuple[set[str], Request]] = {}
 
     def follow(self, nodes: list[Node]) -> set[str]:
         """Take the node list `nodes` (SchedulerBase.nodes: a node that did not change is the same object):
@@ -595,10 +597,33 @@ class Cands:
         for gone in self.by_id.keys() - ids:
             del self.by_id[gone]
             self.free.discard(gone)
+            for kind, _ in self.kinds.values():
+                kind.discard(gone)
+        for kind, probe in self.kinds.values():
+            for i in dirty:
+                if usable_gpus(probe, self.by_id[i].node):
+                    kind.add(i)
+                else:
+                    kind.discard(i)
         if dirty or len(self.order) != len(nodes):
             self.order = {n.id: i for i, n in enumerate(nodes)}
         self.nodes = nodes
         return dirty
+
+    def kind(self, req: Request) -> set[str] | None:
+        """The nodes with a GPU of the type and memory `req` asks for (None: any GPU will do): a placement's
+        random walk passes the others with one look-up (with three GPU types, two visits in three ran every
+        filter to learn that). Made once per kind, kept as nodes change (follow)."""
+        if req.resource_type is None and not req.gpu_memory_mb:
+            return None
+        key = (req.resource_type, req.gpu_memory_mb)
+        got = self.kinds.get(key)
+        if got is None:
+            if len(self.kinds) >= 64:  # (bounded: the kinds come from users' job files)
+                self.kinds.clear()
+            probe = Request(gpus=1, resource_type=req.resource_type, gpu_memory_mb=req.gpu_memory_mb)
+            got = self.kinds[key] = ({i for i, c in self.by_id.items() if usable_gpus(probe, c.node)}, probe)
+        return got[0]
 
     def set_free(self, c: Candidate, free: list[Any]) -> None:
         c.free = free
@@ -639,7 +664,6 @@ class _Pass:
         self.owed: dict[str, set[str]] = {}  # quota name -> teams waiting within it (preempting.py)
         self.borrowing: dict[str, dict[str, int]] = {}  # quota name -> teams over it -> by how much
         self._filled = 0
-        self._kinds: dict[tuple[str | None, int], _Kind] = {}  # (GPU type, memory) -> of_kind's list
 
     def all(self) -> list[Candidate]:
         """Every node, heartbeats brought up to date (once per pass, only when a pass needs them all)."""
@@ -665,42 +689,14 @@ class _Pass:
                 if (c := self.by_id.get(i)) is not None:
                     c.now, c.last_seen = self.now, self._last_seen(c.node, seen)
 
-    def of_kind(self, req: Request) -> list[Candidate]:
-        """`with_free` less the nodes with no GPU of the type and memory `req` asks for: a placement's random walk
-        visits only nodes that could take it (with three GPU types, a third of them; each other visit ran every
-        filter to learn it). Kept per pass and kind: a node's GPUs do not change while its candidate lives. Nodes
-        filled stay in it, as in `with_free`, until they are half of it."""
-        if req.resource_type is None and not req.gpu_memory_mb:
-            return self.with_free
-        key = (req.resource_type, req.gpu_memory_mb)
-        kind = self._kinds.get(key)
-        if kind is None or kind.source is not self.with_free:
-            kind = self._kinds[key] = _Kind(self.with_free, [c for c in self.with_free if usable_gpus(req, c.node)])
-        elif kind.filled * 2 > len(kind.cands):
-            kind.cands = [c for c in kind.cands if c.free]
-            kind.ids, kind.filled = {c.node.id for c in kind.cands}, 0
-        return kind.cands
-
     def took(self, c: Candidate) -> None:
         """A placement took GPUs of `c`. Nodes it filled stay in `with_free` (placement skips them) until they
         are half of it: then it is rebuilt, so each placement costs O(1) on average, not a list rebuild."""
         if not c.free:
-            for kind in self._kinds.values():
-                if c.node.id in kind.ids:
-                    kind.filled += 1
             self._filled += 1
             if self._filled * 2 > len(self.with_free):
                 self.with_free = [x for x in self.with_free if x.free]
                 self._filled = 0
-
-
-class _Kind:
-    """The candidates of `source` (a pass's with_free) that have GPUs of one type and memory (_Pass.of_kind)."""
-
-    __slots__ = ("source", "cands", "ids", "filled")
-
-    def __init__(self, source: list[Candidate], cands: list[Candidate]) -> None:
-        self.source, self.cands, self.ids, self.filled = source, cands, {c.node.id for c in cands}, 0
 
 
 def quota_reason(req: Request, quota: tuple[str, str, int]) -> str:
