@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from .conftest import ROOT, Fedml, write_job
-from .procs import answers, free_port, wait_for
+from .procs import answers, cmdline, free_port, wait_for
 
 HELLO = ROOT / "job_templates" / "hello" / "job.yaml"
 
@@ -265,7 +265,8 @@ def test_scheduler_stop_leaves_running_jobs_running_past_the_lease(fedml: Fedml,
     wait_status(fedml, run_id, ("RUNNING",))
     s = fedml("scheduler", "stop")
     assert "stopped agent" in s.stderr, s.stderr
-    shells = [p for p in run_processes(run_id) if any(a.endswith(("wrapper.sh", "job.sh")) for a in p.cmdline())]
+    # (cmdline(): the loop's `sleep 0.1` children come and go while they are listed)
+    shells = [p for p in run_processes(run_id) if any(a.endswith(("wrapper.sh", "job.sh")) for a in cmdline(p).split())]
     assert len(shells) == 2, shells
     from runtime import fence
 
