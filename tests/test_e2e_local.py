@@ -262,19 +262,22 @@ def test_scheduler_stop_leaves_running_jobs_running_past_the_lease(fedml: Fedml,
     env = {"FEDML_HEARTBEAT_INTERVAL": "1"}  # a lease of 2 s
     job = write_job(tmp_path, f'echo started\nwhile [ ! -e "{go}" ]; do sleep 0.1; done\necho done')
     run_id = fedml("launch", str(job), "--detach", env=env).stdout.strip()
-    wait_status(fedml, run_id, ("RUNNING",))
-    s = fedml("scheduler", "stop")
-    assert "stopped agent" in s.stderr, s.stderr
-    # (cmdline(): the loop's `sleep 0.1` children come and go while they are listed)
-    shells = [p for p in run_processes(run_id) if any(a.endswith(("wrapper.sh", "job.sh")) for a in cmdline(p).split())]
-    assert len(shells) == 2, shells
-    from runtime import fence
+    try:
+        wait_status(fedml, run_id, ("RUNNING",))
+        s = fedml("scheduler", "stop")
+        assert "stopped agent" in s.stderr, s.stderr
+        # (cmdline(): the loop's `sleep 0.1` children come and go while they are listed)
+        shells = [p for p in run_processes(run_id)
+                  if any(a.endswith(("wrapper.sh", "job.sh")) for a in cmdline(p).split())]
+        assert len(shells) == 2, shells
+        from runtime import fence
 
-    until, _ = fence.read(fedml.home / "local" / "agent" / "lease")
-    assert until - fence.now() > 86400, "the lease was not parked"
-    time.sleep(5)  # 2.5 leases: a lease left to run out would have had the job killed by now
-    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in shells)
-    go.touch()
+        until, _ = fence.read(fedml.home / "local" / "agent" / "lease")
+        assert until - fence.now() > 86400, "the lease was not parked"
+        time.sleep(5)  # 2.5 leases: a lease left to run out would have had the job killed by now
+        assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in shells)
+    finally:
+        go.touch()  # (also when this failed: with its lease parked, nothing else would ever end the job)
     f = fedml("logs", "-f", run_id, env=env, timeout=60)  # starts the scheduler again; it restarts the agent
     assert f.returncode == 0, f.stderr
     assert f.stdout.splitlines() == ["started", "done"]
