@@ -178,7 +178,7 @@ def worktree(rev: str | None) -> Iterator[Path | None]:
 def collect_as_the_scheduler() -> None:
     """The collector's thresholds the scheduler process sets (scheduler/server.py): an in-process measurement of
     its code (placement, drain) collects as it does. With Python's default (a young pass every 700 allocations),
-    100,000 nodes in memory made the placements' full passes a quarter of the time."""
+    full collections over 100,000 nodes' objects took nearly a quarter of a Redis placement burst."""
     gc.set_threshold(50_000, 20, 10)
 
 
