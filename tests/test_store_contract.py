@@ -625,9 +625,9 @@ def test_transitions_sent_together_are_each_a_compare_and_set(pair: tuple[Store,
         assert isinstance(failed[runs[3].id], InvalidTransition) and not early
     held = [(r.placements[0].node_id, g) for r in b.list_runs(status=[RunStatus.STARTING]) for g in r.gpus]
     assert sorted(held) == [("node-a", 0), ("node-a", 1)]
-    c = a.create_run(mk_run(9))
-    assert a.sends().transition(c.id, RunStatus.STARTING,
-                                placements=[Placement(rank=0, node_id="node-a", gpus=[2])]).status == RunStatus.STARTING
+    c, later = a.create_run(mk_run(9)), a.sends()  # GPU 2 is free: the fourth run holds nothing
+    assert later.transition(c.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-a", gpus=[2])]
+                            ).status == RunStatus.STARTING and later.send() == {}
 
 
 # ---- logs --------------------------------------------------------------------------------------------------
