@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, os.environ.get("FEDML_BENCH_TREE") or str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
-from _common import collect_as_the_scheduler  # noqa: E402
+from _common import collect_as_the_scheduler, worktree  # noqa: E402
 
 from scheduler.contract.models import GpuInfo, Node, Principal, Run, RunCreate, RunStatus, Team  # noqa: E402
 from scheduler.notify import Notifier  # noqa: E402
@@ -243,8 +243,6 @@ def main() -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from _common import worktree
-
     out: list[dict[str, Any]] = []
     with worktree(args.compare) as before:
         assert before is not None

@@ -283,7 +283,7 @@ class RedisStore(Store):
 
     def _changed(self, run_id: str, change: Any, fresh: bool = False) -> tuple[str, Run, Run]:
         """(the stored document, the run, the run changed): read, or remembered (read again where the change is
-        refused on a remembered copy)."""
+        refused on a copy not read fresh)."""
         got = self._read(run_id, fresh=fresh)
         if got is None:
             raise NotFound(run_id)
@@ -291,7 +291,7 @@ class RedisStore(Store):
         try:
             return doc, old, change(old)
         except InvalidTransition:
-            if fresh or run_id not in self._docs_seen:
+            if fresh:
                 raise
         self._docs_seen.pop(run_id, None)  # judged on a remembered copy: look again
         return self._changed(run_id, change, fresh=True)
@@ -725,12 +725,12 @@ class _Sends(Sends):
     def __init__(self, store: RedisStore) -> None:
         super().__init__(store)
         self.redis = store
-        self.pending: list[tuple[Run, str, list[str], list[Any], RunStatus, dict[str, Any], int | None]] = []
+        self.pending: list[tuple[Run, list[str], list[Any], RunStatus, dict[str, Any], int | None]] = []
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         doc, old, new = self.redis._changed(run_id, lambda run: run.changed(to, **fields))
         keys, args = self.redis._put_call(doc, old, new, False, quota_limit)
-        self.pending.append((new, args[2], keys, args, to, fields, quota_limit))
+        self.pending.append((new, keys, args, to, fields, quota_limit))
         return new
 
     def send(self) -> dict[str, Run | Exception]:
@@ -738,10 +738,10 @@ class _Sends(Sends):
         if not pending:
             return {}
         store = self.redis
-        got = store._puts([(keys, args) for _, _, keys, args, *_ in pending])
+        got = store._puts([(keys, args) for _, keys, args, *_ in pending])
         out: dict[str, Run | Exception] = {}
-        for (new, doc, _, _, to, fields, quota_limit), said in zip(pending, got, strict=True):
-            failed = store._said(said, new, doc)
+        for (new, _, args, to, fields, quota_limit), said in zip(pending, got, strict=True):
+            failed = store._said(said, new, args[2])  # (ARGV[3]: the new document)
             if isinstance(failed, _Conflict):  # written meanwhile by another: the transition again, over that
                 try:
                     out[new.id] = store.transition(new.id, to, quota_limit=quota_limit, **fields)
