@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import redis
@@ -270,29 +270,40 @@ class RedisStore(Store):
             run.log_count = int(pos[0] or 0)
         return run
 
-    def _modify(self, run_id: str, change: Any, quiet: bool = False, quota_limit: int | None = None) -> Run:
-        """Read, change, compare-and-set; again if another writer got in between."""
+    def modify(self, run_id: str, change: Callable[[Run], Run | None], *, quiet: bool = False) -> tuple[Run, Run]:
+        return self._modify(run_id, change, quiet)
+
+    def _modify(self, run_id: str, change: Callable[[Run], Run | None], quiet: bool = False,
+                quota_limit: int | None = None) -> tuple[Run, Run]:
+        """Read (or remember), change, compare-and-set; again, on a fresh read, if another writer got in between."""
         for attempt in range(1000):
             doc, old, new = self._changed(run_id, change, fresh=attempt > 0)
+            if new is None:
+                return old, old
             try:
                 self._put(doc, old, new, quiet, quota_limit)
-                return new
+                return old, new
             except _Conflict:
                 continue
         raise RuntimeError(f"run {run_id}: too many concurrent writers")
 
-    def _changed(self, run_id: str, change: Any, fresh: bool = False) -> tuple[str, Run, Run]:
-        """(the stored document, the run, the run changed): read, or remembered (read again where the change is
-        refused on a copy not read fresh)."""
+    def _changed(self, run_id: str, change: Callable[[Run], Run | None],
+                 fresh: bool = False) -> tuple[str, Run, Run | None]:
+        """(the stored document, the run, the run changed): read, or remembered. Only a change to write is
+        judged on a remembered copy: where `change` refuses it or finds nothing to write, the run is read again
+        and judged on that (a copy another replica's write left stale must not refuse, nor skip, a change)."""
         got = self._read(run_id, fresh=fresh)
         if got is None:
             raise NotFound(run_id)
         doc, old = got
-        try:
+        if fresh:
             return doc, old, change(old)
-        except InvalidTransition:
-            if fresh:
-                raise
+        try:
+            new = change(old)
+        except Exception:
+            new = None
+        if new is not None:
+            return doc, old, new
         self._docs_seen.pop(run_id, None)  # judged on a remembered copy: look again
         return self._changed(run_id, change, fresh=True)
 
@@ -311,10 +322,10 @@ class RedisStore(Store):
         return int(got[-1][1]), self._docs([m.decode() for m, v in got if known.get(m.decode()) != int(v)])
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
-        return self._modify(run_id, lambda run: run.changed(to, **fields), quota_limit=quota_limit)
+        return self._modify(run_id, lambda run: run.changed(to, **fields), quota_limit=quota_limit)[1]
 
     def update_run(self, run_id: str, **fields: object) -> Run:
-        return self._modify(run_id, lambda run: run.changed(**fields), quiet=fields.keys() <= QUIET_FIELDS)
+        return self._modify(run_id, lambda run: run.changed(**fields), quiet=fields.keys() <= QUIET_FIELDS)[1]
 
     def list_runs(self, *, status: Iterable[RunStatus] | None = None, node_id: str | None = None,
                   owner: str | None = None, limit: int = 1000, before: Cursor | None = None) -> list[Run]:
@@ -729,6 +740,7 @@ class _Sends(Sends):
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         doc, old, new = self.redis._changed(run_id, lambda run: run.changed(to, **fields))
+        assert new is not None  # (Run.changed returns a run or raises)
         keys, args = self.redis._put_call(doc, old, new, False, quota_limit)
         self.pending.append((new, keys, args, to, fields, quota_limit))
         return new

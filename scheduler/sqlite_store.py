@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -502,21 +502,7 @@ class SQLiteStore(Store):
             db.execute("DELETE FROM quota_held WHERE run_id=?", (run_id,))
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
-        with self._tx() as db:
-            run = self._get(db, run_id)
-            if run is None:
-                raise NotFound(run_id)
-            held = run.gpu_claims()
-            new = run.changed(to, **fields)
-            self._check_gpus(db, new, new.gpu_claims() - held)
-            if quota_limit is not None:
-                key, gpus = quota_charge(new)
-                row = db.execute("SELECT gpus FROM quota_sum WHERE key=?", (key,)).fetchone()
-                others = (row[0] if row else 0) - (quota_charge(run)[1] if run.quota_key == key else 0)
-                if others + gpus > quota_limit:
-                    raise QuotaFull(key, int(others), quota_limit)
-            self._write(db, new, run)
-        return new
+        return self._modify(run_id, lambda run: run.changed(to, **fields), quota_limit=quota_limit)[1]
 
     def _check_gpus(self, db: sqlite3.Connection, run: Run, claims: set[tuple[str, int]]) -> None:
         """GpuBusy if another unfinished run holds one of `claims` (as the Redis store checks)."""
@@ -526,15 +512,29 @@ class SQLiteStore(Store):
                 raise GpuBusy(n, g, row[0])
 
     def update_run(self, run_id: str, **fields: object) -> Run:
-        with self._tx() as db:
+        return self._modify(run_id, lambda run: run.changed(**fields), quiet=fields.keys() <= QUIET_FIELDS)[1]
+
+    def modify(self, run_id: str, change: Callable[[Run], Run | None], *, quiet: bool = False) -> tuple[Run, Run]:
+        return self._modify(run_id, change, quiet=quiet)
+
+    def _modify(self, run_id: str, change: Callable[[Run], Run | None], *, quiet: bool = False,
+                quota_limit: int | None = None) -> tuple[Run, Run]:
+        with self._tx() as db:  # (the read and the write in one transaction: no other writer between them)
             run = self._get(db, run_id)
             if run is None:
                 raise NotFound(run_id)
-            held = run.gpu_claims()
-            new = run.changed(**fields)
-            self._check_gpus(db, new, new.gpu_claims() - held)
-            self._write(db, new, run, quiet=fields.keys() <= QUIET_FIELDS)
-        return new
+            new = change(run)
+            if new is None:
+                return run, run
+            self._check_gpus(db, new, new.gpu_claims() - run.gpu_claims())
+            if quota_limit is not None:
+                key, gpus = quota_charge(new)
+                row = db.execute("SELECT gpus FROM quota_sum WHERE key=?", (key,)).fetchone()
+                others = (row[0] if row else 0) - (quota_charge(run)[1] if run.quota_key == key else 0)
+                if others + gpus > quota_limit:
+                    raise QuotaFull(key, int(others), quota_limit)
+            self._write(db, new, run, quiet=quiet)
+        return run, new
 
     # -- teams -------------------------------------------------------------------------------------------
     def put_team(self, team: Team, *, new: bool = False) -> Team:

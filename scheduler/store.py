@@ -319,6 +319,14 @@ class Store(abc.ABC):
     def update_run(self, run_id: str, **fields: object) -> Run:
         """Change fields other than status (reason, stop_requested...)."""
 
+    @abc.abstractmethod
+    def modify(self, run_id: str, change: Callable[[Run], Run | None], *, quiet: bool = False) -> tuple[Run, Run]:
+        """One read-modify-write of a run, atomic: `change` gets the run as stored and returns it changed
+        (Run.changed: the state machine's check is in it), or None for nothing to write; what it raises is
+        raised, nothing written. Where another writer got in between, it is called again on the run as that one
+        left it: it must decide from its argument alone (no run lock is needed around it). GpuBusy as
+        transition(). Returns (the run as it was, the run as written: the same where nothing was)."""
+
     # -- logs --------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def append_logs(self, run_id: str, attempt: int, rank: int, first_seq: int,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.contract.errors import Conflict
 from scheduler.contract.models import (
     ApiKey,
     Endpoint,
@@ -29,6 +30,7 @@ from scheduler.contract.models import (
     Placement,
     Run,
     RunStatus,
+    StatusReport,
     SweepPoint,
     Team,
 )
@@ -237,6 +239,52 @@ def test_transition_is_a_compare_and_set_on_the_state_machine(store: Store) -> N
         store.transition(run.id, RunStatus.KILLED)
     got = store.get_run(run.id)
     assert got is not None and got.status == RunStatus.FINISHED and got.exit_code == 0
+
+
+def test_modify_decides_on_the_run_as_another_writer_left_it(pair: tuple[Store, Store]) -> None:
+    """Store.modify: `change` judges the run as stored. A copy this handle remembers from before another
+    handle's write is never the one written over, nor the one that refuses or skips the change."""
+    a, b = pair
+    run = a.create_run(mk_run(1))
+    seen: list[str | None] = []
+
+    def change(r: Run) -> Run | None:
+        seen.append(r.reason)
+        return r.changed(reason=f"{r.reason} then a")
+
+    assert a.get_run(run.id) is not None  # (a remembers this copy)
+    b.update_run(run.id, reason="b", stop_requested=True)
+    before, after = a.modify(run.id, change)
+    assert seen[-1] == "b" and before.reason == "b" and after.reason == "b then a"
+    stored = b.get_run(run.id)
+    assert stored is not None and stored.reason == "b then a" and stored.stop_requested
+
+    # nothing to write, judged on a stale copy, is judged again on the stored run
+    assert a.get_run(run.id) is not None
+    b.update_run(run.id, reason="c")
+    before, after = a.modify(run.id, lambda r: None if r.reason == "b then a" else r.changed(reason="a again"))
+    assert after is not before and after.reason == "a again"
+    before, after = a.modify(run.id, lambda r: None)
+    assert after is before and before.reason == "a again"
+
+    # a refusal judged on a stale copy is judged again: the stored run is QUEUED, not STARTING
+    start_on(a, run, "node-0", [0])
+    b.transition(run.id, RunStatus.QUEUED, placements=[])  # (requeued by the other handle)
+
+    def placed_again(r: Run) -> Run:
+        if r.status != RunStatus.QUEUED:
+            raise Conflict(f"{r.status.value}")
+        return r.changed(RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-0", gpus=[1])])
+
+    _, after = a.modify(run.id, placed_again)
+    assert after.status == RunStatus.STARTING and after.gpus == [1]
+    with pytest.raises(Conflict):
+        a.modify(run.id, placed_again)
+    with pytest.raises(GpuBusy):  # a claim another run holds: refused at the write, nothing written
+        other = a.create_run(mk_run(2))
+        a.modify(other.id, lambda r: r.changed(RunStatus.STARTING,
+                                                placements=[Placement(rank=0, node_id="node-0", gpus=[1])]))
+    assert (got := b.get_run(other.id)) is not None and got.status == RunStatus.QUEUED
 
 
 def test_update_run_changes_fields_but_not_status(store: Store) -> None:
@@ -1149,6 +1197,48 @@ def test_two_replicas_placing_at_once_never_double_place(monkeypatch: pytest.Mon
         assert len(held) == len(set(held)) == 32, sorted(held)
         assert sum(placed) == 32 and len(starting) == 32
         assert len(store.list_runs(status=[RunStatus.QUEUED], limit=1000)) == 28
+    finally:
+        close()
+
+
+def test_ranks_reporting_at_once_on_two_replicas_lose_no_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reports take no run lock (Store.modify): the two ranks of a gang end at the same moment, each reported to
+    another replica, the second written between the first's decision and its write. Neither rank's report is
+    lost: the run ends FINISHED with both ranks finished and its GPUs free."""
+    from scheduler import redis_store
+
+    scheds, close = _replicas(2)
+    try:
+        a, b = scheds[0].store, scheds[1].store
+        now = time.time()
+        for i in range(2):
+            a.upsert_node(node(i, gpus=1).model_copy(update={"last_seen": now}))
+        job = {"job": "echo hi", "num_nodes": 2, "computing": {"minimum_num_gpus": 1}}
+        run = a.create_run(Run(id="run-gang", name="gang", job=job, owner="alice", created_at=now))
+        assert scheds[0].schedule_pass() == 1
+        placed = b.get_run(run.id)
+        assert placed is not None and len(placed.placements) == 2
+        for p in placed.placements:
+            for s in scheds:  # (both replicas now remember the run as RUNNING on both ranks)
+                s.report(run.id, StatusReport(status=RunStatus.RUNNING, attempt=1), p.node_id)
+        rank0, rank1 = (p.node_id for p in placed.placements)
+        real_put = redis_store.RedisStore._put
+        cut_in: list[str] = []
+
+        def put(self: redis_store.RedisStore, *args: object, **kw: object) -> None:
+            if self is a and not cut_in:  # the other rank's report lands between this one's read and write
+                cut_in.append(rank1)
+                scheds[1].report(run.id, StatusReport(status=RunStatus.FINISHED, exit_code=0, attempt=1), rank1)
+            return real_put(self, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(redis_store.RedisStore, "_put", put)
+        done = scheds[0].report(run.id, StatusReport(status=RunStatus.FINISHED, exit_code=0, attempt=1), rank0)
+        assert cut_in == [rank1]
+        assert done.status == RunStatus.FINISHED, done
+        stored = b.get_run(run.id)
+        assert stored is not None and stored.status == RunStatus.FINISHED
+        assert [p.status for p in stored.placements] == [RunStatus.FINISHED, RunStatus.FINISHED]
+        assert stored.gpu_claims() == set()
     finally:
         close()
 

@@ -21,7 +21,6 @@ from ..contract.errors import Conflict
 from ..contract.models import (
     Delivery,
     GpuSample,
-    InvalidTransition,
     Node,
     Principal,
     Run,
@@ -427,59 +426,62 @@ class SchedulerBase:
     @contextlib.contextmanager
     def run_lock(self, run_id: str) -> Iterator[None]:
         """One run's read-modify-write at a time: across this process's threads and across replicas (the store's
-        lock on that run alone). Never one lock for all runs: a replica killed while it held a run's lock leaves
-        it held until its TTL, and only that run's updates may wait for it (one process-wide lock taken first
-        made every report, stop and poll of the surviving replica queue behind it, and agents' leases ran out)."""
+        lock on that run alone), for writers that extend a list they read (warnings, artifacts, deliveries, the
+        endpoint). Reports and stops take none: they decide inside Store.modify. Never one lock for all runs: a
+        replica killed while it held a run's lock leaves it held until its TTL, and only that run's updates may
+        wait for it (one process-wide lock taken first made every report, stop and poll of the surviving replica
+        queue behind it, and agents' leases ran out)."""
         with self.store.lock(f"run:{run_id}"):
             yield
 
     def _rank_update(self, run_id: str, node_id: str, status: RunStatus, exit_code: int | None,
                      reason: str | None, attempt: int | None = None) -> Run:
-        with self.run_lock(run_id):
-            for tries in range(3):
-                run = self.store.get_run(run_id, logs=False)
-                if run is None:
-                    raise NotFound(f"run {run_id} not found")
-                if attempt is not None and attempt != run.attempt:
-                    raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
-                p = run.placement_on(node_id)
-                if p is None:
-                    raise Conflict(f"run {run_id} is not placed on node {node_id}")
-                if p.done or run.terminal or p.status == status:
-                    return run  # a resend, or a report about an attempt already settled
-                held = run.gpu_claims()
-                p.status, p.exit_code, p.reason = status, exit_code, reason
-                try:
-                    run, passed = self._settle_freeing(run, held) if status.terminal or status == RunStatus.LOST \
-                        else (self._settle(run), False)
-                    break
-                except InvalidTransition:
-                    # A pass preempted it since it was read (passes do not take runs' locks): decide again on it
-                    # as it is now.
-                    if tries == 2:
-                        raise
+        # No run lock: the report is decided on the run as stored and written with that state, as one
+        # compare-and-set (Store.modify); a writer that got in between (another rank's report, a stop, a pass's
+        # preemption) makes it decide again on the run as that one left it. On Redis a lock cost two round trips
+        # of a freed slot's eight, and the read a third (the store remembers the run's last document).
+        def change(run: Run) -> Run | None:
+            if attempt is not None and attempt != run.attempt:
+                raise Conflict(f"run {run_id} is on attempt {run.attempt}; attempt {attempt} was superseded")
+            p = run.placement_on(node_id)
+            if p is None:
+                raise Conflict(f"run {run_id} is not placed on node {node_id}")
+            if p.done or run.terminal or p.status == status:
+                return None  # a resend, or a report about an attempt already settled
+            reported = p.model_copy(update={"status": status, "exit_code": exit_code, "reason": reason})
+            out = decide(run, run.job, [reported if q is p else q for q in run.placements])
+            return run.changed(out.status, **out.fields)
+
+        try:
+            if status.terminal or status == RunStatus.LOST:
+                before, run, passed = self._settle_freeing(run_id, change)
+            else:
+                (before, run), passed = self._settle(run_id, change), False
+        except NotFound:
+            raise NotFound(f"run {run_id} not found") from None
+        if run is before:
+            return run
         self.run_changed(run)
         if not passed:  # (a pass that ran with the write has placed what it could)
             self.kick()
         return run
 
-    def _settle_freeing(self, run: Run, held: set[tuple[str, int]]) -> tuple[Run, bool]:
-        """_settle for a rank that ended (its GPUs, `held` before, may be freed). Returns (the run, whether a
+    def _settle_freeing(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run, bool]:
+        """_settle for a rank that ended (its GPUs may be freed). Returns (the run before, after, whether a
         scheduling pass ran after the write); placing.py places into the freed GPUs in the same commit."""
-        return self._settle(run), False
+        return *self._settle(run_id, change), False
 
-    def _settle(self, run: Run) -> Run:
-        """Apply the outcome policy (scheduler/outcome.py) to the run's ranks: the new state in one write."""
-        out = decide(run, run.job, run.placements)
-        if out.retried:
-            log.info("run %s: %s", run.id, out.fields["reason"])
-        if out.status is None:
-            new = self.store.update_run(run.id, **out.fields)
-        else:
-            new = self.store.transition(run.id, out.status, **out.fields)
+    def _settle(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run]:
+        """The outcome policy (scheduler/outcome.py, in `change`) applied to the run's ranks as stored: the new
+        state in one write. Returns (the run before, after: the same object where nothing was written)."""
+        before, new = self.store.modify(run_id, change)
+        if new is before:
+            return before, new
+        if new.status == RunStatus.QUEUED and new.attempt > before.attempt:
+            log.info("run %s: %s", run_id, new.reason)
         self.wrote(new)
-        self.moved(run, new)
-        return new
+        self.moved(before, new)
+        return before, new
 
     def wrote(self, *runs: Run) -> None:
         """Runs as a write of this scheduler's returned them: the next pass takes them into its book without

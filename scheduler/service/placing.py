@@ -123,14 +123,14 @@ class PlacementMixin(PreemptionMixin):
                 self._fresh.clear()  # (and what was written in the same transaction may be gone too)
                 raise
 
-    def _settle_freeing(self, run: Run, held: set[tuple[str, int]]) -> tuple[Run, bool]:
+    def _settle_freeing(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run, bool]:
         # A freed slot costs one durable commit, not two (the report's, then the placement's): where the store's
         # batch is one transaction and no pass is running, the pass that places into the GPUs this write frees
         # runs inside the write's transaction. A pass that fails is undone alone (a savepoint): the report
         # stays, and the next pass tries again. Never waits for the pass lock (a pass holding it may be waiting
         # for the store); nor on a store without one-commit batches (Redis: nothing to gain).
         if not self.store.batch_commits_once or not self._schedule_lock.acquire(blocking=False):
-            return self._settle(run), False
+            return *self._settle(run_id, change), False
         placed: list[Run] = []
         moved: list[Run] = []  # runs the pass preempted
 
@@ -143,14 +143,14 @@ class PlacementMixin(PreemptionMixin):
                 tickets = (self.notifier.ticket("schedule"), self.notifier.ticket("nodes"))  # before reading
                 try:
                     with self.store.batch():
-                        new = self._settle(run)
-                        passed = new.gpu_claims() < held
+                        before, new = self._settle(run_id, change)
+                        passed = new.gpu_claims() < before.gpu_claims()
                         if passed:
                             try:
                                 with self.store.savepoint():
                                     self._pass(tickets, hold, moved.append)
                             except Exception:
-                                log.exception("the pass after run %s's report failed; the next pass places", run.id)
+                                log.exception("the pass after run %s's report failed; the next pass places", run_id)
                                 self._book, passed = None, False
                                 self._fresh.clear()
                                 placed.clear()
@@ -165,7 +165,7 @@ class PlacementMixin(PreemptionMixin):
             self._announce(placed)  # after the commit: an agent woken must find its assignment
         for r in moved:
             self.run_changed(r)
-        return new, passed
+        return before, new, passed
 
     def _pass(self, tickets: tuple[int, int], announce: Callable[[list[Run]], None] | None = None,
               changed: Callable[[Run], None] | None = None) -> int:

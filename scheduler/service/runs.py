@@ -314,24 +314,21 @@ class RunsMixin(SchedulerBase):
 
     def stop_run(self, run_id: str, who: Principal = LOCAL, reason: str = "stop requested") -> Run:
         access.require_not_node(who, "stop")
-        with self.run_lock(run_id):
-            run = self.get_run(run_id, who)
+        self.get_run(run_id, who)  # (may `who` see it: NotFound, as for a run that does not exist, if not)
+
+        def change(run: Run) -> Run | None:  # decided on the run as stored (Store.modify): no run lock
             if run.terminal:
-                return run
+                return None
             if run.status in (RunStatus.QUEUED, RunStatus.LOST):
-                before, run = run, self.store.transition(run_id, RunStatus.KILLED, reason="stopped before it started")
-                self.run_changed(run)
-                self.moved(before, run)
-                return run
-            if run.status == RunStatus.PREEMPTED and run.preempted is not None:  # stopping already: not requeued then
-                run = self.store.update_run(run_id, reason=reason,
-                                            preempted=run.preempted.model_copy(update={"requeue": False}))
-            else:
-                run = self.store.update_run(run_id, stop_requested=True, reason=reason)
-                if run.status == RunStatus.PREEMPTED and run.preempted is not None and run.preempted.requeue:
-                    # (a pass preempted it after it was read: passes take no run's lock)
-                    run = self.store.update_run(run_id, preempted=run.preempted.model_copy(update={"requeue": False}))
-        self.run_changed(run)
+                return run.changed(RunStatus.KILLED, reason="stopped before it started")
+            if run.status == RunStatus.PREEMPTED and run.preempted is not None:  # stopping already: not requeued
+                return run.changed(reason=reason, preempted=run.preempted.model_copy(update={"requeue": False}))
+            return run.changed(stop_requested=True, reason=reason)
+
+        before, run = self.store.modify(run_id, change)
+        if run is not before:
+            self.run_changed(run)
+            self.moved(before, run)
         return run
 
 
