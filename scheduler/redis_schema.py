@@ -120,6 +120,12 @@ class Keys:
 #       n_old_nodes, old nodes..., n_new_nodes, new nodes..., n_release, release "node\tgpu"..., n_claim, claim...,
 #       6, quota hash, old quota key, its GPUs, new quota key, its GPUs, limit (-1: no check)  (Run.quota_key)
 # Returns "ok<TAB>the write's change counter" ("ok" for a quiet write), or why it wrote nothing.
+# A lock's release (the value is its holder's token): as redis-py's Lock releases, sent here in a pipeline.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 PUT_RUN = """
 local cur = redis.call('GET', KEYS[1])
 if ARGV[2] == '' then

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -45,6 +46,7 @@ from .redis_schema import (
     PUT_KEY,
     PUT_NODE,
     PUT_RUN,
+    RELEASE_LOCK,
     Keys,
     parse_url,
 )
@@ -88,6 +90,7 @@ class RedisStore(Store):
                                       retry_on_timeout=True)
         self.r.ping()  # fail at start, with the reason, rather than at the first request
         self._put_run = self.r.register_script(PUT_RUN)
+        self._release_lock = self.r.register_script(RELEASE_LOCK)
         self._append = self.r.register_script(APPEND_LOGS)
         self._put_node = self.r.register_script(PUT_NODE)
         self._cas_field = self.r.register_script(CAS_FIELD)
@@ -207,11 +210,14 @@ class RedisStore(Store):
             run._version = int(g[3:])
         return runs
 
-    def _puts(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _puts(self, calls: list[tuple[list[str], list[Any]]],
+              let_go: tuple[list[str], list[Any]] | None = None) -> list[Any]:
         """PUT_RUN for each (KEYS, ARGV), in one round trip: each call's answer, or the error it met. Not through
         redis-py's script objects: a pipeline of those asks SCRIPT EXISTS first, a round trip more each time. A
         server that lost the script (restarted) answers NOSCRIPT without running the call: it is loaded and those
-        calls are sent again."""
+        calls are sent again. `let_go`: the pass lock's release (_let_go), sent in the same round trip."""
+        if let_go is not None:
+            return self._sent_with(calls, let_go)
         if len(calls) == 1:  # (a pipeline of one costs its set-up)
             keys, args = calls[0]
             try:
@@ -232,6 +238,22 @@ class RedisStore(Store):
             if not todo:
                 break
             self._put_run.sha = self.r.script_load(PUT_RUN)
+        return got
+
+    def _sent_with(self, calls: list[tuple[list[str], list[Any]]], let_go: tuple[list[str], list[Any]]) -> list[Any]:
+        """_puts's calls and then the lock's release, in one pipeline: the calls' answers. A call the server
+        refused for want of its script is sent again (as _puts does)."""
+        with self.r.pipeline(transaction=False) as p:
+            for keys, args in calls:
+                p.evalsha(self._put_run.sha, len(keys), *keys, *args)
+            p.evalsha(self._release_lock.sha, len(let_go[0]), *let_go[0], *let_go[1])
+            *got, released = p.execute(raise_on_error=False)
+        if isinstance(released, redis.exceptions.NoScriptError):
+            self._release_lock(keys=let_go[0], args=let_go[1])
+        lost = [i for i, g in enumerate(got) if isinstance(g, redis.exceptions.NoScriptError)]
+        if lost:
+            for i, g in zip(lost, self._puts([calls[i] for i in lost]), strict=True):
+                got[i] = g
         return got
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
@@ -316,6 +338,11 @@ class RedisStore(Store):
     def runs_changed_since(self, seq: int, limit: int = 100_000,
                            known: Mapping[str, int] | None = None) -> tuple[int, list[Run]]:
         got = self.r.zrangebyscore(self.k.changes, f"({seq}", "+inf", start=0, num=limit, withscores=True)
+        return self._feed_page(seq, got, known)
+
+    def _feed_page(self, seq: int, got: list[tuple[bytes, float]],
+                   known: Mapping[str, int] | None) -> tuple[int, list[Run]]:
+        """runs_changed_since's answer from its ZRANGEBYSCORE's: the runs not `known` read (MGET)."""
         if not got:
             return seq, []
         known = known or {}
@@ -695,6 +722,47 @@ class RedisStore(Store):
             with contextlib.suppress(redis.exceptions.LockError):  # expired: another holder may have it now
                 lk.release()
 
+    FEED_PAGE = 10_000  # runs_changed_since's limit in a pass (service/placing.py: _sync_book)
+
+    @contextlib.contextmanager
+    def pass_lock(self, ttl: float, feed: tuple[int, Mapping[str, int]] | None = None,
+                  ) -> Iterator[tuple[int, list[Run]] | None]:
+        # The lock is taken (SET NX PX, as redis-py's Lock) in the round trip that reads the change feed, and let
+        # go (compare-and-delete, as redis-py's) in the round trip of the pass's last placements: a pass that
+        # places costs two round trips, not four. Where the lock is held elsewhere, the usual wait (lock()).
+        held: dict[str, int] = self._locks.__dict__.setdefault("held", {})
+        if feed is None or held.get("schedule"):
+            with self.lock("schedule", ttl):
+                yield None
+            return
+        key, token = self.k.lock("schedule"), secrets.token_hex(16)
+        seq, known = feed
+        with self.r.pipeline(transaction=False) as p:
+            p.set(key, token, nx=True, px=int(ttl * 1000))
+            p.zrangebyscore(self.k.changes, f"({seq}", "+inf", start=0, num=self.FEED_PAGE, withscores=True)
+            took, got = p.execute()
+        if not took:
+            with self.lock("schedule", ttl):
+                yield None
+            return
+        held["schedule"] = 1
+        self._locks.release = (key, token)
+        try:
+            yield self._feed_page(seq, got, known)
+        finally:
+            held.pop("schedule", None)
+            if getattr(self._locks, "release", None) is not None:  # (not let go with a send)
+                self._locks.release = None
+                self._release_lock(keys=[key], args=[token])
+
+    def _let_go(self) -> tuple[list[str], list[Any]] | None:
+        """The pass lock's release, to send with the pass's last placements (once)."""
+        got = getattr(self._locks, "release", None)
+        if got is None:
+            return None
+        self._locks.release = None
+        return [got[0]], [got[1]]
+
     def notifier(self) -> Notifier:
         if self._notifier is None:
             self._notifier = RelayNotifier(self.r, self.k.channel)
@@ -745,12 +813,12 @@ class _Sends(Sends):
         self.pending.append((new, keys, args, to, fields, quota_limit))
         return new
 
-    def send(self) -> dict[str, Run | Exception]:
+    def send(self, last: bool = False) -> dict[str, Run | Exception]:
         pending, self.pending = self.pending, []
         if not pending:
             return {}
         store = self.redis
-        got = store._puts([(keys, args) for _, keys, args, *_ in pending])
+        got = store._puts([(keys, args) for _, keys, args, *_ in pending], store._let_go() if last else None)
         out: dict[str, Run | Exception] = {}
         for (new, _, args, to, fields, quota_limit), said in zip(pending, got, strict=True):
             failed = store._said(said, new, args[2])  # (ARGV[3]: the new document)

@@ -203,11 +203,11 @@ class Sends:
         write (here: every error, nothing written); what is known only when written comes from send()."""
         return self.store.transition(run_id, to, quota_limit=quota_limit, **fields)
 
-    def send(self) -> dict[str, Run | Exception]:
+    def send(self, last: bool = False) -> dict[str, Run | Exception]:
         """Write the transitions made since the last send(). Returns those that did not end as transition()
         returned them, by run id: the run as written (another writer changed it meanwhile: the transition was
         made again over its new state), or the error, nothing written (InvalidTransition, NotFound, GpuBusy,
-        QuotaFull)."""
+        QuotaFull). `last`: the pass's last; under pass_lock(), a store may let the lock go with it."""
         return {}
 
 
@@ -533,6 +533,16 @@ class Store(abc.ABC):
         with TimeoutError after ttl + 5 s."""
         with self._stripes[zlib.crc32(name.encode()) % len(self._stripes)]:
             yield
+
+    @contextlib.contextmanager
+    def pass_lock(self, ttl: float, feed: tuple[int, Mapping[str, int]] | None = None,
+                  ) -> Iterator[tuple[int, list[Run]] | None]:
+        """lock("schedule", ttl) for one scheduling pass. `feed` = (seq, known): a store whose reads are round
+        trips may read runs_changed_since(seq, known=known) in the round trip that takes the lock, and yield
+        its answer (else None: the pass reads the feed itself), and may let the lock go in the round trip of
+        the pass's last Sends.send(last=True)."""
+        with self.lock("schedule", ttl):
+            yield None
 
     def notifier(self) -> Notifier:
         """Wake-ups for long polls and log followers; a shared store relays them between replicas."""

@@ -1095,6 +1095,74 @@ def test_a_lock_is_held_by_one_holder_at_a_time(pair: tuple[Store, Store]) -> No
     assert most[0] == 1 and count[0] == 80
 
 
+@pytest.mark.parametrize("flush", [False, True])
+def test_a_pass_lock_reads_the_feed_as_it_is_taken_and_goes_with_the_last_send(pair: tuple[Store, Store],
+                                                                                flush: bool) -> None:
+    """Store.pass_lock: the "schedule" lock, held against every other holder for the pass. Where the store reads
+    the change feed with it, the answer is runs_changed_since's; where it lets the lock go with the pass's last
+    send, the placements are written and the lock is free at once (also after the server lost its scripts)."""
+    a, b = pair
+    seq = a.runs_seq()
+    runs = [a.create_run(mk_run(i)) for i in range(3)]
+    known = {runs[0].id: runs[0]._version}  # (applied already: left out)
+    shared = not isinstance(a, SQLiteStore)
+    taken: list[str] = []
+
+    def other_holder() -> None:
+        with b.lock("schedule", ttl=30.0):
+            taken.append("b")
+
+    with a.pass_lock(30.0, (seq, known)) as fed:  # (a TTL longer than the waits below)
+        if shared:
+            assert fed is not None
+            assert fed[0] == runs[-1]._version and sorted(r.id for r in fed[1]) == sorted(r.id for r in runs[1:])
+            assert fed == a.runs_changed_since(seq, known=known)
+        else:
+            assert fed is None  # (read by the pass: no round trip to save)
+        t = threading.Thread(target=other_holder)
+        t.start()
+        sends = a.sends()
+        sends.transition(runs[1].id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-a", gpus=[0])])
+        time.sleep(0.05)
+        assert taken == []  # held
+        if flush:
+            a.r.script_flush() if shared else None  # type: ignore[attr-defined]
+        assert sends.send(last=True) == {}
+        if shared:  # let go with the send: the other holder gets it before this pass's end
+            t.join(timeout=3)
+            assert taken == ["b"]
+    t.join(timeout=10)
+    assert taken == ["b"]
+    placed = b.get_run(runs[1].id)
+    assert placed is not None and placed.status == RunStatus.STARTING and placed.gpus == [0]
+    with b.lock("schedule", ttl=5.0):  # (free)
+        pass
+
+
+def test_a_pass_lock_held_elsewhere_is_waited_for(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    inside = threading.Event()
+    out = threading.Event()
+
+    def other_holder() -> None:
+        with b.lock("schedule", ttl=5.0):
+            inside.set()
+            out.wait(5)
+
+    t = threading.Thread(target=other_holder)
+    t.start()
+    assert inside.wait(5)
+    threading.Timer(0.2, out.set).start()
+    t0 = time.monotonic()
+    with a.pass_lock(5.0, (a.runs_seq(), {})) as fed:
+        assert out.is_set() and fed is None and time.monotonic() - t0 >= 0.15
+        sends = a.sends()
+        assert sends.send(last=True) == {}  # (nothing to send: the lock goes at the end)
+    t.join()
+    with b.lock("schedule", ttl=0.5):
+        pass
+
+
 def test_wake_ups_reach_the_other_replica() -> None:
     from scheduler.redis_store import RedisStore
 
@@ -1259,13 +1327,13 @@ def test_a_placement_refused_when_sent_goes_back_to_the_queue(monkeypatch: pytes
         real = redis_store._Sends.send
         taken: list[int] = []
 
-        def send(self: redis_store._Sends) -> dict[str, Run | Exception]:
+        def send(self: redis_store._Sends, last: bool = False) -> dict[str, Run | Exception]:
             if self.pending and not taken:  # the other replica places a run on the first run's GPU, first
                 gpu = next(new for new, *_ in self.pending if new.id == first.id).placements[0].gpus[0]
                 b.transition(intruder.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-0",
                                                                                     gpus=[gpu])])
                 taken.append(gpu)
-            return real(self)
+            return real(self, last)
 
         monkeypatch.setattr(redis_store._Sends, "send", send)
         announced: list[str] = []

@@ -326,6 +326,8 @@ class SchedulerBase:
         # one dropped is only read back from the feed.
         self._fresh: collections.deque[Run] = collections.deque(maxlen=100_000)
         self._cands: Cands | None = None
+        # The change feed after the book's seq as read with the pass lock (Store.pass_lock): (book, seq, answer)
+        self._fed: tuple[Book, int, tuple[int, list[Run]]] | None = None
         self._group = GroupCommit()  # single submissions (create_run), registrations, first heartbeats share commits
         self.tally = Tally()
         # Told of each event of a run whose job has `notify:` targets, by the replica whose write made it

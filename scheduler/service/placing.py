@@ -115,13 +115,20 @@ class PlacementMixin(PreemptionMixin):
         idle = self._idle
         if idle is not None and idle[0] == tickets and time.monotonic() - idle[1] < FULL_PASS_S:
             return 0
-        with self._schedule_lock, self.store.lock("schedule", ttl=5.0):
-            try:
-                return self._pass(tickets)
-            except BaseException:
-                self._book = None  # it may hold placements that were rolled back: read the store again
-                self._fresh.clear()  # (and what was written in the same transaction may be gone too)
-                raise
+        with self._schedule_lock:
+            book = self._book  # (the feed after it is read with the lock, where that saves a round trip)
+            feed = None if book is None or time.monotonic() - self._book_at > BOOK_REBUILD_S else \
+                (book.seq, {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}})
+            with self.store.pass_lock(5.0, feed) as fed:
+                self._fed = None if fed is None or feed is None else (book, feed[0], fed)
+                try:
+                    return self._pass(tickets)
+                except BaseException:
+                    self._book = None  # it may hold placements that were rolled back: read the store again
+                    self._fresh.clear()  # (and what was written in the same transaction may be gone too)
+                    raise
+                finally:
+                    self._fed = None
 
     def _settle_freeing(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run, bool]:
         # A freed slot costs one durable commit, not two (the report's, then the placement's): where the store's
@@ -267,8 +274,12 @@ class PlacementMixin(PreemptionMixin):
             version = run._version
             if version is not None and version > max(book.seq, book.own.get(run.id, 0)):
                 book.apply(run)
+        fed, self._fed = self._fed, None
         while True:
-            seq, runs = self.store.runs_changed_since(book.seq, limit=10_000, known=book.own)
+            if fed is not None and fed[0] is book and fed[1] == book.seq:  # (read with the pass lock)
+                (seq, runs), fed = fed[2], None
+            else:
+                seq, runs = self.store.runs_changed_since(book.seq, limit=10_000, known=book.own)
             for run in runs:
                 book.apply(run)
             book.seq = seq
@@ -527,11 +538,11 @@ class _Commits:
             self._commit()
             self._open()
 
-    def _commit(self) -> None:
+    def _commit(self, last: bool = False) -> None:
         batch, self._batch = self._batch, None
         assert batch is not None
         try:
-            failed = self.sends.send()
+            failed = self.sends.send(last)
             if self.on_sent is not None:
                 self.on_sent(self.placed, failed)
             if self.lines:
@@ -558,7 +569,7 @@ class _Commits:
                 self._batch.__exit__(exc_type, exc, tb)
                 self._batch = None
                 return
-            self._commit()
+            self._commit(last=True)
 
 
 class _Outcome(enum.Enum):
