@@ -725,7 +725,7 @@ class RedisStore(Store):
     FEED_PAGE = 10_000  # runs_changed_since's limit in a pass (service/placing.py: _sync_book)
 
     @contextlib.contextmanager
-    def pass_lock(self, ttl: float, feed: tuple[int, Mapping[str, int]] | None = None,
+    def pass_lock(self, ttl: float, feed: tuple[int, Callable[[], Mapping[str, int]]] | None = None,
                   ) -> Iterator[tuple[int, list[Run]] | None]:
         # The lock is taken (SET NX PX, as redis-py's Lock) in the round trip that reads the change feed, and let
         # go (compare-and-delete, as redis-py's) in the round trip of the pass's last placements: a pass that
@@ -748,7 +748,7 @@ class RedisStore(Store):
         held["schedule"] = 1
         self._locks.release = (key, token)
         try:
-            yield self._feed_page(seq, got, known)
+            yield self._feed_page(seq, got, known())
         finally:
             held.pop("schedule", None)
             if getattr(self._locks, "release", None) is not None:  # (not let go with a send)

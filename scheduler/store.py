@@ -535,10 +535,10 @@ class Store(abc.ABC):
             yield
 
     @contextlib.contextmanager
-    def pass_lock(self, ttl: float, feed: tuple[int, Mapping[str, int]] | None = None,
+    def pass_lock(self, ttl: float, feed: tuple[int, Callable[[], Mapping[str, int]]] | None = None,
                   ) -> Iterator[tuple[int, list[Run]] | None]:
         """lock("schedule", ttl) for one scheduling pass. `feed` = (seq, known): a store whose reads are round
-        trips may read runs_changed_since(seq, known=known) in the round trip that takes the lock, and yield
+        trips may read runs_changed_since(seq, known=known()) in the round trip that takes the lock, and yield
         its answer (else None: the pass reads the feed itself), and may let the lock go in the round trip of
         the pass's last Sends.send(last=True)."""
         with self.lock("schedule", ttl):

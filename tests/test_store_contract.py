@@ -1112,7 +1112,7 @@ def test_a_pass_lock_reads_the_feed_as_it_is_taken_and_goes_with_the_last_send(p
         with b.lock("schedule", ttl=30.0):
             taken.append("b")
 
-    with a.pass_lock(30.0, (seq, known)) as fed:  # (a TTL longer than the waits below)
+    with a.pass_lock(30.0, (seq, lambda: known)) as fed:  # (a TTL longer than the waits below)
         if shared:
             assert fed is not None
             assert fed[0] == runs[-1]._version and sorted(r.id for r in fed[1]) == sorted(r.id for r in runs[1:])
@@ -1154,7 +1154,7 @@ def test_a_pass_lock_held_elsewhere_is_waited_for(pair: tuple[Store, Store]) -> 
     assert inside.wait(5)
     threading.Timer(0.2, out.set).start()
     t0 = time.monotonic()
-    with a.pass_lock(5.0, (a.runs_seq(), {})) as fed:
+    with a.pass_lock(5.0, (a.runs_seq(), dict)) as fed:
         assert out.is_set() and fed is None and time.monotonic() - t0 >= 0.15
         sends = a.sends()
         assert sends.send(last=True) == {}  # (nothing to send: the lock goes at the end)

@@ -117,10 +117,14 @@ class PlacementMixin(PreemptionMixin):
             return 0
         with self._schedule_lock:
             book = self._book  # (the feed after it is read with the lock, where that saves a round trip)
-            feed = None if book is None or time.monotonic() - self._book_at > BOOK_REBUILD_S else \
-                (book.seq, {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}})
-            with self.store.pass_lock(5.0, feed) as fed:
-                self._fed = None if fed is None or feed is None else (book, feed[0], fed)
+            seq = None if book is None or time.monotonic() - self._book_at > BOOK_REBUILD_S else book.seq
+
+            def known() -> dict[str, int]:  # (the writes the book has, or will have from _fresh: not read back)
+                assert book is not None
+                return {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}}
+
+            with self.store.pass_lock(5.0, None if seq is None else (seq, known)) as fed:
+                self._fed = None if fed is None or seq is None else (book, seq, fed)
                 try:
                     return self._pass(tickets)
                 except BaseException:
