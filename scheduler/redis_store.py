@@ -58,9 +58,11 @@ from .store import (
     GpuBusy,
     KeyCache,
     NotFound,
+    PassLock,
     QuotaFull,
     Sends,
     SeqGap,
+    Stale,
     Store,
     bulk,
     compact_nodes,
@@ -217,7 +219,7 @@ class RedisStore(Store):
         server that lost the script (restarted) answers NOSCRIPT without running the call: it is loaded and those
         calls are sent again. `let_go`: the pass lock's release (_let_go), sent in the same round trip."""
         if let_go is not None:
-            return self._sent_with(calls, let_go)
+            return self._with_puts(calls, let_go=let_go)[0]
         if len(calls) == 1:  # (a pipeline of one costs its set-up)
             keys, args = calls[0]
             try:
@@ -240,21 +242,29 @@ class RedisStore(Store):
             self._put_run.sha = self.r.script_load(PUT_RUN)
         return got
 
-    def _sent_with(self, calls: list[tuple[list[str], list[Any]]], let_go: tuple[list[str], list[Any]]) -> list[Any]:
-        """_puts's calls and then the lock's release, in one pipeline: the calls' answers. A call the server
-        refused for want of its script is sent again (as _puts does)."""
+    def _with_puts(self, calls: list[tuple[list[str], list[Any]]], then: Callable[[Any], None] | None = None,
+                   let_go: tuple[list[str], list[Any]] | None = None) -> tuple[list[Any], list[Any]]:
+        """_puts's calls, then the commands `then` adds to the pipeline, then the pass lock's release, in one
+        round trip: (the calls' answers, those of `then`'s commands). A call the server refused for want of its
+        script is sent again (as _puts does); so is the release, alone."""
         with self.r.pipeline(transaction=False) as p:
             for keys, args in calls:
                 p.evalsha(self._put_run.sha, len(keys), *keys, *args)
-            p.evalsha(self._release_lock.sha, len(let_go[0]), *let_go[0], *let_go[1])
-            *got, released = p.execute(raise_on_error=False)
-        if isinstance(released, redis.exceptions.NoScriptError):
-            self._release_lock(keys=let_go[0], args=let_go[1])
-        lost = [i for i, g in enumerate(got) if isinstance(g, redis.exceptions.NoScriptError)]
+            if then is not None:
+                then(p)
+            if let_go is not None:
+                p.evalsha(self._release_lock.sha, len(let_go[0]), *let_go[0], *let_go[1])
+            got = p.execute(raise_on_error=False)
+        if let_go is not None:
+            *got, released = got
+            if isinstance(released, redis.exceptions.NoScriptError):
+                self._release_lock(keys=let_go[0], args=let_go[1])
+        puts, rest = got[:len(calls)], got[len(calls):]
+        lost = [i for i, g in enumerate(puts) if isinstance(g, redis.exceptions.NoScriptError)]
         if lost:
             for i, g in zip(lost, self._puts([calls[i] for i in lost]), strict=True):
-                got[i] = g
-        return got
+                puts[i] = g
+        return puts, rest
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
 
@@ -725,30 +735,38 @@ class RedisStore(Store):
     FEED_PAGE = 10_000  # runs_changed_since's limit in a pass (service/placing.py: _sync_book)
 
     @contextlib.contextmanager
-    def pass_lock(self, ttl: float, feed: tuple[int, Callable[[], Mapping[str, int]]] | None = None,
-                  ) -> Iterator[tuple[int, list[Run]] | None]:
-        # The lock is taken (SET NX PX, as redis-py's Lock) in the round trip that reads the change feed, and let
-        # go (compare-and-delete, as redis-py's) in the round trip of the pass's last placements: a pass that
-        # places costs two round trips, not four. Where the lock is held elsewhere, the usual wait (lock()).
+    def pass_lock(self, ttl: float, feed: tuple[int, Callable[[], Mapping[str, int]]] | None = None, *,
+                  sends: Sends | None = None, wait: bool = True) -> Iterator[PassLock]:
+        # The lock is taken (SET NX PX, as redis-py's Lock) in the round trip that writes `sends` and reads the
+        # change feed, and let go (compare-and-delete, as redis-py's) in the round trip of the pass's last
+        # placements: a report and the pass that places into the GPUs it frees cost two round trips, not five.
         held: dict[str, int] = self._locks.__dict__.setdefault("held", {})
-        if feed is None or held.get("schedule"):
-            with self.lock("schedule", ttl):
-                yield None
+        pending = sends.take() if isinstance(sends, _Sends) else []
+        if held.get("schedule"):  # (re-entrant: held by this thread already)
+            yield PassLock(True, None, sends.sent(pending) if isinstance(sends, _Sends) else {})
             return
         key, token = self.k.lock("schedule"), secrets.token_hex(16)
-        seq, known = feed
-        with self.r.pipeline(transaction=False) as p:
+
+        def then(p: Any) -> None:
             p.set(key, token, nx=True, px=int(ttl * 1000))
-            p.zrangebyscore(self.k.changes, f"({seq}", "+inf", start=0, num=self.FEED_PAGE, withscores=True)
-            took, got = p.execute()
-        if not took:
+            if feed is not None:
+                p.zrangebyscore(self.k.changes, f"({feed[0]}", "+inf", start=0, num=self.FEED_PAGE, withscores=True)
+
+        puts, rest = self._with_puts([(keys, args) for _, keys, args, _ in pending], then)
+        sent = sends.answered(pending, puts) if isinstance(sends, _Sends) else {}
+        if isinstance(rest[0], Exception):
+            raise rest[0]
+        if not rest[0]:  # held elsewhere
+            if not wait:
+                yield PassLock(False, None, sent)
+                return
             with self.lock("schedule", ttl):
-                yield None
+                yield PassLock(True, None, sent)
             return
         held["schedule"] = 1
         self._locks.release = (key, token)
         try:
-            yield self._feed_page(seq, got, known())
+            yield PassLock(True, None if feed is None else self._feed_page(feed[0], rest[1], feed[1]()), sent)
         finally:
             held.pop("schedule", None)
             if getattr(self._locks, "release", None) is not None:  # (not let go with a send)
@@ -797,34 +815,61 @@ class _Conflict(Exception):
 class _Sends(Sends):
     """A pass's transitions, judged on the documents this process holds (remembered, or read), written by one
     pipeline of PUT_RUN calls at send(): one round trip for them all. Each is its own compare-and-set, as
-    transition()'s; one that finds its run changed since (a conflict) is made again over the new state, alone."""
+    transition()'s; one that finds its run changed since (a conflict) is made again over the new state, alone
+    (a modify(): answered Stale)."""
 
     deferred = True
 
     def __init__(self, store: RedisStore) -> None:
         super().__init__(store)
         self.redis = store
-        self.pending: list[tuple[Run, list[str], list[Any], RunStatus, dict[str, Any], int | None]] = []
+        # (the run as it will be written, PUT_RUN's KEYS and ARGV, how to make it again after a conflict)
+        self.pending: list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]] = []
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         doc, old, new = self.redis._changed(run_id, lambda run: run.changed(to, **fields))
         assert new is not None  # (Run.changed returns a run or raises)
         keys, args = self.redis._put_call(doc, old, new, False, quota_limit)
-        self.pending.append((new, keys, args, to, fields, quota_limit))
+        self.pending.append((new, keys, args,
+                             lambda: self.redis.transition(run_id, to, quota_limit=quota_limit, **fields)))
         return new
 
-    def send(self, last: bool = False) -> dict[str, Run | Exception]:
+    def modify(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run]:
+        doc, old, new = self.redis._changed(run_id, change)
+        if new is None:
+            return old, old
+        keys, args = self.redis._put_call(doc, old, new, False)
+        self.pending.append((new, keys, args, None))
+        return old, new
+
+    def take(self) -> list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]]:
         pending, self.pending = self.pending, []
+        return pending
+
+    def send(self, last: bool = False) -> dict[str, Run | Exception]:
+        pending = self.take()
         if not pending:
             return {}
         store = self.redis
-        got = store._puts([(keys, args) for _, keys, args, *_ in pending], store._let_go() if last else None)
+        return self.answered(pending, store._puts([(keys, args) for _, keys, args, _ in pending],
+                                                  store._let_go() if last else None))
+
+    def sent(self, pending: list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]]) -> dict[str, Run | Exception]:
+        return self.answered(pending, self.redis._puts([(keys, args) for _, keys, args, _ in pending])) if pending else {}
+
+    def answered(self, pending: list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]],
+                 got: list[Any]) -> dict[str, Run | Exception]:
+        """send()'s answer from PUT_RUN's answers to `pending`."""
+        store = self.redis
         out: dict[str, Run | Exception] = {}
-        for (new, _, args, to, fields, quota_limit), said in zip(pending, got, strict=True):
+        for (new, _, args, redo), said in zip(pending, got, strict=True):
             failed = store._said(said, new, args[2])  # (ARGV[3]: the new document)
             if isinstance(failed, _Conflict):  # written meanwhile by another: the transition again, over that
+                if redo is None:
+                    out[new.id] = Stale(f"run {new.id} was written since it was read")
+                    continue
                 try:
-                    out[new.id] = store.transition(new.id, to, quota_limit=quota_limit, **fields)
+                    out[new.id] = redo()
                 except (InvalidTransition, NotFound, GpuBusy, QuotaFull) as exc:
                     out[new.id] = exc
             elif failed is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import gc
 import threading
 import time
@@ -169,6 +170,11 @@ class SeqGap(Exception):
         super().__init__(f"expected sequence {expected}")
 
 
+class Stale(Exception):
+    """A change judged on a copy of the run that another writer's write made stale: nothing was written (the
+    caller decides again on the run as stored: Store.modify)."""
+
+
 class GpuBusy(Exception):
     """A placement names a GPU that another run holds: the caller's view of the cluster was stale (another
     scheduler replica placed a run there meanwhile). Nothing was written."""
@@ -203,12 +209,26 @@ class Sends:
         write (here: every error, nothing written); what is known only when written comes from send()."""
         return self.store.transition(run_id, to, quota_limit=quota_limit, **fields)
 
+    def modify(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run]:
+        """Store.modify's (before, after) as it will be written. Unlike transition(), a change another writer
+        got in before is not made again over the new state: send() answers Stale for it, nothing written."""
+        return self.store.modify(run_id, change)
+
     def send(self, last: bool = False) -> dict[str, Run | Exception]:
         """Write the transitions made since the last send(). Returns those that did not end as transition()
         returned them, by run id: the run as written (another writer changed it meanwhile: the transition was
         made again over its new state), or the error, nothing written (InvalidTransition, NotFound, GpuBusy,
         QuotaFull). `last`: the pass's last; under pass_lock(), a store may let the lock go with it."""
         return {}
+
+
+@dataclasses.dataclass
+class PassLock:
+    """What Store.pass_lock yields."""
+
+    taken: bool  # the lock is held (False only with wait=False)
+    feed: tuple[int, list[Run]] | None  # runs_changed_since's answer, read with the lock (None: not read)
+    sent: dict[str, Run | Exception]  # the sends' answer (Sends.send)
 
 
 def quota_charge(run: Run | None) -> tuple[str, int]:
@@ -535,14 +555,22 @@ class Store(abc.ABC):
             yield
 
     @contextlib.contextmanager
-    def pass_lock(self, ttl: float, feed: tuple[int, Callable[[], Mapping[str, int]]] | None = None,
-                  ) -> Iterator[tuple[int, list[Run]] | None]:
-        """lock("schedule", ttl) for one scheduling pass. `feed` = (seq, known): a store whose reads are round
-        trips may read runs_changed_since(seq, known=known()) in the round trip that takes the lock, and yield
-        its answer (else None: the pass reads the feed itself), and may let the lock go in the round trip of
-        the pass's last Sends.send(last=True)."""
-        with self.lock("schedule", ttl):
-            yield None
+    def pass_lock(self, ttl: float, feed: tuple[int, Callable[[], Mapping[str, int]]] | None = None, *,
+                  sends: Sends | None = None, wait: bool = True) -> Iterator[PassLock]:
+        """lock("schedule", ttl) for one scheduling pass, first sending `sends` (its answer: PassLock.sent).
+        wait=False: where another holds it, do not wait (PassLock.taken False). `feed` = (seq, known): a store
+        whose reads are round trips may read runs_changed_since(seq, known=known()) in the same round trip
+        (PassLock.feed; else None: the pass reads the feed itself), after the sends are written, and may let
+        the lock go in the round trip of the pass's last Sends.send(last=True)."""
+        sent = sends.send() if sends is not None else {}
+        stripe = self._stripes[zlib.crc32(b"schedule") % len(self._stripes)]  # (lock()'s)
+        if not stripe.acquire(blocking=wait):
+            yield PassLock(False, None, sent)
+            return
+        try:
+            yield PassLock(True, None, sent)
+        finally:
+            stripe.release()
 
     def notifier(self) -> Notifier:
         """Wake-ups for long polls and log followers; a shared store relays them between replicas."""

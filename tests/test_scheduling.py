@@ -689,6 +689,57 @@ def test_a_pass_that_placed_nothing_is_not_repeated_until_something_changes(sche
     assert sched.schedule_pass() == 0 and synced != []  # (a kick: it is)
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_report_that_frees_a_slot_places_into_it_in_the_same_call(kind: str, tmp_path: Path) -> None:
+    """The report that frees a GPU runs the pass that gives it to the next run (SQLite: in the report's commit;
+    Redis: its write, the pass lock and the change feed in one round trip, the placement and the lock's release
+    in a second). No pass is left to run after it, and none is repeated for nothing."""
+    if kind == "sqlite":
+        store: Any = SQLiteStore(tmp_path / "s.db")
+    else:
+        from scheduler.redis_store import RedisStore
+
+        from .test_store_contract import redis_url
+        store = RedisStore(redis_url())
+    sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(7))
+    try:
+        a, first, second = one_running_one_waiting(sched)
+        sched.report(first, StatusReport(status=RunStatus.RUNNING, attempt=1), a)
+        trips: list[str] = []
+        if kind == "redis":
+            import redis.client
+
+            real_execute = redis.client.Pipeline.execute
+            real_command = redis.client.Redis.execute_command
+
+            def execute(p: Any, *x: Any, **kw: Any) -> Any:
+                trips.append("pipeline")
+                return real_execute(p, *x, **kw)
+
+            def command(r: Any, *x: Any, **kw: Any) -> Any:
+                trips.append(str(x[0]))
+                return real_command(r, *x, **kw)
+
+            redis.client.Pipeline.execute = execute  # type: ignore[method-assign]
+            redis.client.Redis.execute_command = command  # type: ignore[method-assign]
+        try:
+            sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0, attempt=1), a)
+            placed = sched.store.get_run(second)
+            assert placed is not None and placed.status == RunStatus.STARTING
+            trips_of_report = len(trips) - 1  # (the read just above)
+            assert sched.schedule_pass() == 0
+        finally:
+            if kind == "redis":
+                redis.client.Pipeline.execute = real_execute  # type: ignore[method-assign]
+                redis.client.Redis.execute_command = real_command  # type: ignore[method-assign]
+        if kind == "redis":
+            assert trips_of_report == 2 and len(trips) == 3, trips  # (and the pass after: nothing to read)
+    finally:
+        if kind == "redis":
+            store.wipe()
+        store.close()
+
+
 def test_the_book_takes_its_own_writes_as_written_and_reads_what_others_write_after_them(sched: Scheduler) -> None:
     """What this scheduler writes (a submission, a placement, the report that frees a slot) is applied to the book
     as the store's write returned it, and the change feed leaves it out; what another writer (a replica) writes,

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ from scheduler.contract.models import (
 )
 from scheduler.service import Scheduler
 from scheduler.sqlite_store import SQLiteStore
-from scheduler.store import MISS, AlreadyExists, GpuBusy, NotFound, SeqGap, Store
+from scheduler.store import MISS, AlreadyExists, GpuBusy, NotFound, SeqGap, Stale, Store
 
 from .conftest import needs, write_open
 
@@ -1112,7 +1113,9 @@ def test_a_pass_lock_reads_the_feed_as_it_is_taken_and_goes_with_the_last_send(p
         with b.lock("schedule", ttl=30.0):
             taken.append("b")
 
-    with a.pass_lock(30.0, (seq, lambda: known)) as fed:  # (a TTL longer than the waits below)
+    with a.pass_lock(30.0, (seq, lambda: known)) as held:  # (a TTL longer than the waits below)
+        fed = held.feed
+        assert held.taken and held.sent == {}
         if shared:
             assert fed is not None
             assert fed[0] == runs[-1]._version and sorted(r.id for r in fed[1]) == sorted(r.id for r in runs[1:])
@@ -1154,12 +1157,62 @@ def test_a_pass_lock_held_elsewhere_is_waited_for(pair: tuple[Store, Store]) -> 
     assert inside.wait(5)
     threading.Timer(0.2, out.set).start()
     t0 = time.monotonic()
-    with a.pass_lock(5.0, (a.runs_seq(), dict)) as fed:
-        assert out.is_set() and fed is None and time.monotonic() - t0 >= 0.15
+    with a.pass_lock(5.0, (a.runs_seq(), dict)) as held:
+        assert out.is_set() and held.taken and held.feed is None and time.monotonic() - t0 >= 0.15
         sends = a.sends()
         assert sends.send(last=True) == {}  # (nothing to send: the lock goes at the end)
     t.join()
     with b.lock("schedule", ttl=0.5):
+        pass
+
+
+def test_a_pass_lock_sends_first_and_need_not_wait(pair: tuple[Store, Store]) -> None:
+    """pass_lock(sends=...): the changes are written whether the lock is free or not, before the feed is read
+    (it lists them); with wait=False a lock held elsewhere is not waited for. A change judged on a copy another
+    writer made stale is not made again: Stale, nothing written."""
+    a, b = pair
+    seq = a.runs_seq()
+    runs = [a.create_run(mk_run(i)) for i in range(2)]
+    for r in runs:
+        assert a.get_run(r.id) is not None  # (a remembers these copies)
+    b.update_run(runs[1].id, reason="another writer")  # (a's copy of the second is stale now)
+    shared = not isinstance(a, SQLiteStore)
+    sends = a.sends()
+    before, new = sends.modify(runs[0].id, lambda r: r.changed(reason="first"))
+    assert before.reason is None and new.reason == "first"
+    _, second = sends.modify(runs[1].id, lambda r: r.changed(reason=f"{r.reason} then second"))
+    inside, out = threading.Event(), threading.Event()
+
+    def other_holder() -> None:
+        with b.lock("schedule", ttl=5.0):
+            inside.set()
+            out.wait(5)
+
+    t = threading.Thread(target=other_holder)
+    t.start()
+    assert inside.wait(5)
+    try:
+        with a.pass_lock(5.0, (seq, dict), sends=sends, wait=False) as held:
+            assert not held.taken and held.feed is None
+            if shared:  # judged on the stale copy: refused, not redone
+                assert set(held.sent) == {runs[1].id} and isinstance(held.sent[runs[1].id], Stale)
+                assert second.reason == "None then second"
+            else:  # (written at once, in its transaction: on the run as stored)
+                assert held.sent == {} and second.reason == "another writer then second"
+    finally:
+        out.set()
+        t.join()
+    assert (got := b.get_run(runs[0].id)) is not None and got.reason == "first"
+    assert (got := b.get_run(runs[1].id)) is not None and got.reason == ("another writer" if shared else second.reason)
+    sends = a.sends()
+    _, third = sends.modify(runs[0].id, lambda r: r.changed(RunStatus.STARTING, placements=[
+        Placement(rank=0, node_id="node-a", gpus=[0])]))
+    with a.pass_lock(5.0, (a.runs_seq() - 1, dict), sends=sends, wait=False) as held:
+        assert held.taken and held.sent == {}
+        if shared:  # the feed read after the write: it lists it
+            assert held.feed is not None and [r.id for r in held.feed[1]] == [runs[0].id]
+            assert held.feed[1][0].status == RunStatus.STARTING
+    with b.lock("schedule", ttl=0.5):  # (let go)
         pass
 
 
@@ -1290,16 +1343,17 @@ def test_ranks_reporting_at_once_on_two_replicas_lose_no_report(monkeypatch: pyt
             for s in scheds:  # (both replicas now remember the run as RUNNING on both ranks)
                 s.report(run.id, StatusReport(status=RunStatus.RUNNING, attempt=1), p.node_id)
         rank0, rank1 = (p.node_id for p in placed.placements)
-        real_put = redis_store.RedisStore._put
+        real_changed = redis_store.RedisStore._changed
         cut_in: list[str] = []
 
-        def put(self: redis_store.RedisStore, *args: object, **kw: object) -> None:
-            if self is a and not cut_in:  # the other rank's report lands between this one's read and write
+        def changed(self: redis_store.RedisStore, *args: Any, **kw: Any) -> Any:
+            got = real_changed(self, *args, **kw)
+            if self is a and not cut_in:  # the other rank's report lands between this one's decision and write
                 cut_in.append(rank1)
                 scheds[1].report(run.id, StatusReport(status=RunStatus.FINISHED, exit_code=0, attempt=1), rank1)
-            return real_put(self, *args, **kw)  # type: ignore[arg-type]
+            return got
 
-        monkeypatch.setattr(redis_store.RedisStore, "_put", put)
+        monkeypatch.setattr(redis_store.RedisStore, "_changed", changed)
         done = scheds[0].report(run.id, StatusReport(status=RunStatus.FINISHED, exit_code=0, attempt=1), rank0)
         assert cut_in == [rank1]
         assert done.status == RunStatus.FINISHED, done

@@ -201,9 +201,9 @@ class AgentsMixin(SchedulerBase):
 
     def report(self, run_id: str, rep: StatusReport, node_id: str, who: Principal = LOCAL) -> Run:
         access.require_acts_for_node(who, node_id)
-        run = self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
-        self._heard[node_id] = time.time()  # (a placement of the run is there: _rank_update refuses any other)
-        return run
+        if self.cached_node(node_id) is not None:  # (heard before the write: the pass that may run with it
+            self._heard[node_id] = time.time()     # needs no heartbeat read for this node)
+        return self._rank_update(run_id, node_id, rep.status, rep.exit_code, rep.reason, attempt=rep.attempt)
 
     def _gpu_samples(self, node_id: str, gpus: list[GpuSample], now: float) -> None:
         """Keep the node's latest GPU sample (soft state, like heartbeats); when the GPUs that a process of no

@@ -477,13 +477,16 @@ class SchedulerBase:
         """The outcome policy (scheduler/outcome.py, in `change`) applied to the run's ranks as stored: the new
         state in one write. Returns (the run before, after: the same object where nothing was written)."""
         before, new = self.store.modify(run_id, change)
-        if new is before:
-            return before, new
-        if new.status == RunStatus.QUEUED and new.attempt > before.attempt:
-            log.info("run %s: %s", run_id, new.reason)
-        self.wrote(new)
-        self.moved(before, new)
+        if new is not before:
+            self.wrote(new)
+            self._settled(before, new)
         return before, new
+
+    def _settled(self, before: Run, new: Run) -> None:
+        """After a report's write (_settle): its log line, its event."""
+        if new.status == RunStatus.QUEUED and new.attempt > before.attempt:
+            log.info("run %s: %s", new.id, new.reason)
+        self.moved(before, new)
 
     def wrote(self, *runs: Run) -> None:
         """Runs as a write of this scheduler's returned them: the next pass takes them into its book without

@@ -22,7 +22,7 @@ from ..contract.models import (
     RunStatus,
 )
 from ..placement import WEIGHTS, Candidate, NoFit, Request, free_matching, place, ranking, reservation, usable_gpus
-from ..store import GpuBusy, NotFound, QuotaFull, bulk
+from ..store import GpuBusy, NotFound, QuotaFull, Sends, Stale, bulk
 from .book import Book, Shape, Waiting
 from .core import ACTIVE, BIG_CLUSTER, log, trim_heap
 from .preempting import PreemptionMixin
@@ -123,8 +123,8 @@ class PlacementMixin(PreemptionMixin):
                 assert book is not None
                 return {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}}
 
-            with self.store.pass_lock(5.0, None if seq is None else (seq, known)) as fed:
-                self._fed = None if fed is None or seq is None else (book, seq, fed)
+            with self.store.pass_lock(5.0, None if seq is None else (seq, known)) as held:
+                self._fed = None if held.feed is None or seq is None else (book, seq, held.feed)
                 try:
                     return self._pass(tickets)
                 except BaseException:
@@ -139,8 +139,16 @@ class PlacementMixin(PreemptionMixin):
         # batch is one transaction and no pass is running, the pass that places into the GPUs this write frees
         # runs inside the write's transaction. A pass that fails is undone alone (a savepoint): the report
         # stays, and the next pass tries again. Never waits for the pass lock (a pass holding it may be waiting
-        # for the store); nor on a store without one-commit batches (Redis: nothing to gain).
-        if not self.store.batch_commits_once or not self._schedule_lock.acquire(blocking=False):
+        # for the store). Where writes are sent (Redis), the report goes with the pass lock instead.
+        if not self.store.batch_commits_once:
+            sends = self.store.sends()
+            if not sends.deferred or not self._schedule_lock.acquire(blocking=False):
+                return *self._settle(run_id, change), False
+            try:
+                return self._settle_sent(run_id, change, sends)
+            finally:
+                self._schedule_lock.release()
+        if not self._schedule_lock.acquire(blocking=False):
             return *self._settle(run_id, change), False
         placed: list[Run] = []
         moved: list[Run] = []  # runs the pass preempted
@@ -176,6 +184,45 @@ class PlacementMixin(PreemptionMixin):
             self._announce(placed)  # after the commit: an agent woken must find its assignment
         for r in moved:
             self.run_changed(r)
+        return before, new, passed
+
+    def _settle_sent(self, run_id: str, change: Callable[[Run], Run | None], sends: Sends) -> tuple[Run, Run, bool]:
+        """_settle_freeing where writes are sent (Redis): the report's write, the pass lock and the change feed in
+        one round trip (Store.pass_lock), then the pass placing into the GPUs it freed, its placements and the
+        lock's release in a second: a freed slot costs two round trips. The report stands on its own (its own
+        compare-and-set): a pass that fails after it leaves it written, and the next pass places."""
+        tickets = (self.notifier.ticket("schedule"), self.notifier.ticket("nodes"))  # before reading
+        before, new = sends.modify(run_id, change)  # (judged on the run as this replica last had it)
+        if new is before:
+            return before, before, False
+        book = self._book
+        seq = None if book is None or time.monotonic() - self._book_at > BOOK_REBUILD_S else book.seq
+        self.wrote(new)  # (its version comes with the write: taken into the book only if written)
+
+        def known() -> dict[str, int]:
+            assert book is not None
+            return {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}}
+
+        passed = False
+        with self.store.pass_lock(5.0, None if seq is None else (seq, known), sends=sends, wait=False) as held:
+            failed = held.sent.get(run_id)
+            if failed is None:
+                self._settled(before, new)
+                passed = held.taken and new.gpu_claims() < before.gpu_claims()
+            elif not isinstance(failed, Stale):
+                raise failed
+            if passed:
+                self._fed = None if held.feed is None or seq is None else (book, seq, held.feed)
+                try:
+                    self._pass(tickets)
+                except Exception:
+                    log.exception("the pass after run %s's report failed; the next pass places", run_id)
+                    self._book, passed = None, False
+                    self._fresh.clear()
+                finally:
+                    self._fed = None
+        if failed is not None:  # written by another since this replica read it: decided again, alone
+            return *self._settle(run_id, change), False
         return before, new, passed
 
     def _pass(self, tickets: tuple[int, int], announce: Callable[[list[Run]], None] | None = None,
