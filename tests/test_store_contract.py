@@ -1142,19 +1142,24 @@ def test_a_pass_lock_reads_the_feed_as_it_is_taken_and_goes_with_the_last_send(p
         pass
 
 
-def test_a_pass_lock_held_elsewhere_is_waited_for(pair: tuple[Store, Store]) -> None:
-    a, b = pair
-    inside = threading.Event()
-    out = threading.Event()
+def held_elsewhere(store: Store) -> tuple[threading.Thread, threading.Event]:
+    """The "schedule" lock taken by another thread through `store`, held until the event returned is set."""
+    inside, out = threading.Event(), threading.Event()
 
     def other_holder() -> None:
-        with b.lock("schedule", ttl=5.0):
+        with store.lock("schedule", ttl=5.0):
             inside.set()
             out.wait(5)
 
     t = threading.Thread(target=other_holder)
     t.start()
     assert inside.wait(5)
+    return t, out
+
+
+def test_a_pass_lock_held_elsewhere_is_waited_for(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    t, out = held_elsewhere(b)
     threading.Timer(0.2, out.set).start()
     t0 = time.monotonic()
     with a.pass_lock(5.0, (a.runs_seq(), dict)) as held:
@@ -1181,16 +1186,7 @@ def test_a_pass_lock_sends_first_and_need_not_wait(pair: tuple[Store, Store]) ->
     before, new = sends.modify(runs[0].id, lambda r: r.changed(reason="first"))
     assert before.reason is None and new.reason == "first"
     _, second = sends.modify(runs[1].id, lambda r: r.changed(reason=f"{r.reason} then second"))
-    inside, out = threading.Event(), threading.Event()
-
-    def other_holder() -> None:
-        with b.lock("schedule", ttl=5.0):
-            inside.set()
-            out.wait(5)
-
-    t = threading.Thread(target=other_holder)
-    t.start()
-    assert inside.wait(5)
+    t, out = held_elsewhere(b)
     try:
         with a.pass_lock(5.0, (seq, dict), sends=sends, wait=False) as held:
             assert not held.taken and held.feed is None
