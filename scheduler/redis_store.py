@@ -754,9 +754,7 @@ class RedisStore(Store):
 
         puts, rest = self._with_puts([(keys, args) for _, keys, args, _ in pending], then)
         sent = sends.answered(pending, puts) if isinstance(sends, _Sends) else {}
-        if isinstance(rest[0], Exception):
-            raise rest[0]
-        if not rest[0]:  # held elsewhere
+        if isinstance(rest[0], Exception) or not rest[0]:  # held elsewhere (or refused: the sends' answer stands)
             if not wait:
                 yield PassLock(False, None, sent)
                 return

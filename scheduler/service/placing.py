@@ -116,15 +116,9 @@ class PlacementMixin(PreemptionMixin):
         if idle is not None and idle[0] == tickets and time.monotonic() - idle[1] < FULL_PASS_S:
             return 0
         with self._schedule_lock:
-            book = self._book  # (the feed after it is read with the lock, where that saves a round trip)
-            seq = None if book is None or time.monotonic() - self._book_at > BOOK_REBUILD_S else book.seq
-
-            def known() -> dict[str, int]:  # (the writes the book has, or will have from _fresh: not read back)
-                assert book is not None
-                return {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}}
-
-            with self.store.pass_lock(5.0, None if seq is None else (seq, known)) as held:
-                self._fed = None if held.feed is None or seq is None else (book, seq, held.feed)
+            book, ask = self._feed_ask()
+            with self.store.pass_lock(5.0, ask) as held:
+                self._fed = None if held.feed is None or ask is None else (book, ask[0], held.feed)
                 try:
                     return self._pass(tickets)
                 except BaseException:
@@ -195,16 +189,10 @@ class PlacementMixin(PreemptionMixin):
         before, new = sends.modify(run_id, change)  # (judged on the run as this replica last had it)
         if new is before:
             return before, before, False
-        book = self._book
-        seq = None if book is None or time.monotonic() - self._book_at > BOOK_REBUILD_S else book.seq
         self.wrote(new)  # (its version comes with the write: taken into the book only if written)
-
-        def known() -> dict[str, int]:
-            assert book is not None
-            return {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}}
-
+        book, ask = self._feed_ask()
         passed = False
-        with self.store.pass_lock(5.0, None if seq is None else (seq, known), sends=sends, wait=False) as held:
+        with self.store.pass_lock(5.0, ask, sends=sends, wait=False) as held:
             failed = held.sent.get(run_id)
             if failed is None:
                 self._settled(before, new)
@@ -212,7 +200,7 @@ class PlacementMixin(PreemptionMixin):
             elif not isinstance(failed, Stale):
                 raise failed
             if passed:
-                self._fed = None if held.feed is None or seq is None else (book, seq, held.feed)
+                self._fed = None if held.feed is None or ask is None else (book, ask[0], held.feed)
                 try:
                     self._pass(tickets)
                 except Exception:
@@ -224,6 +212,17 @@ class PlacementMixin(PreemptionMixin):
         if failed is not None:  # written by another since this replica read it: decided again, alone
             return *self._settle(run_id, change), False
         return before, new, passed
+
+    def _feed_ask(self) -> tuple[Book | None, tuple[int, Callable[[], dict[str, int]]] | None]:
+        """The book, and what of the change feed Store.pass_lock may read with the lock: after the book's seq,
+        leaving out the writes the book has or will take from _fresh (None: the book is to be rebuilt)."""
+        book = self._book
+        if book is None or time.monotonic() - self._book_at > BOOK_REBUILD_S:
+            return book, None
+
+        def known() -> dict[str, int]:
+            return {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}}
+        return book, (book.seq, known)
 
     def _pass(self, tickets: tuple[int, int], announce: Callable[[list[Run]], None] | None = None,
               changed: Callable[[Run], None] | None = None) -> int:
