@@ -126,6 +126,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# The documents of a queued run and of those queued after it (the QUEUED zset's order: by created_at), ARGV[2] in
+# all: a pass about to place a run this replica does not remember reads those it is likely to place next with
+# it, in one round trip. KEYS: the QUEUED zset. ARGV: run id, how many, the run key prefix. Returns id, doc, ...
+# (the run asked for first; where it is not queued, it alone).
+QUEUED_DOCS = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local ids = {ARGV[1]}
+if s then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], s, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))) do
+    if id ~= ARGV[1] then ids[#ids + 1] = id end
+  end
+end
+local out = {}
+for _, id in ipairs(ids) do
+  local doc = redis.call('GET', ARGV[3] .. id)
+  if doc then out[#out + 1] = id; out[#out + 1] = doc end
+end
+return out
+"""
+
 PUT_RUN = """
 local cur = redis.call('GET', KEYS[1])
 if ARGV[2] == '' then

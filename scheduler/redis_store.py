@@ -46,6 +46,7 @@ from .redis_schema import (
     PUT_KEY,
     PUT_NODE,
     PUT_RUN,
+    QUEUED_DOCS,
     RELEASE_LOCK,
     Keys,
     parse_url,
@@ -93,6 +94,7 @@ class RedisStore(Store):
         self.r.ping()  # fail at start, with the reason, rather than at the first request
         self._put_run = self.r.register_script(PUT_RUN)
         self._release_lock = self.r.register_script(RELEASE_LOCK)
+        self._queued_docs = self.r.register_script(QUEUED_DOCS)
         self._append = self.r.register_script(APPEND_LOGS)
         self._put_node = self.r.register_script(PUT_NODE)
         self._cas_field = self.r.register_script(CAS_FIELD)
@@ -285,6 +287,17 @@ class RedisStore(Store):
             doc = raw.decode()
             self._remember(run_id, doc)
         return doc, Run.model_validate_json(doc)
+
+    QUEUED_AHEAD = 256  # documents read with a queued run this replica does not remember (a pass's commit)
+
+    def _remember_queued(self, run_id: str) -> None:
+        """Remember `run_id`'s document and those of the runs queued after it (QUEUED_DOCS): a pass placing the
+        queue in order after a restart, or behind more queued runs than DOCS_SEEN, reads its runs' documents
+        QUEUED_AHEAD at a time, not one round trip each."""
+        got = self._queued_docs(keys=[self.k.status(RunStatus.QUEUED.value)],
+                                args=[run_id, self.QUEUED_AHEAD, self.k.run("")])
+        for i in range(0, len(got), 2):
+            self._remember(got[i].decode(), got[i + 1].decode())
 
     def get_run(self, run_id: str, *, logs: bool = True) -> Run | None:
         if not logs:  # (one command: a pipeline of one costs its set-up, ~15 us, on every report's read)
@@ -825,6 +838,8 @@ class _Sends(Sends):
         self.pending: list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]] = []
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
+        if run_id not in self.redis._docs_seen:
+            self.redis._remember_queued(run_id)
         doc, old, new = self.redis._changed(run_id, lambda run: run.changed(to, **fields))
         assert new is not None  # (Run.changed returns a run or raises)
         keys, args = self.redis._put_call(doc, old, new, False, quota_limit)

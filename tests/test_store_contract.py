@@ -1361,6 +1361,35 @@ def test_ranks_reporting_at_once_on_two_replicas_lose_no_report(monkeypatch: pyt
         close()
 
 
+def test_a_pass_reads_the_documents_it_does_not_remember_many_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued runs whose documents the placing replica does not remember (written by another replica, or
+    forgotten: more than DOCS_SEEN, a restart) are read QUEUED_AHEAD at a time in queue order, not one round
+    trip per placement."""
+    from scheduler.redis_store import RedisStore
+
+    scheds, close = _replicas(2)
+    try:
+        a, b = scheds[0].store, scheds[1].store
+        assert isinstance(a, RedisStore)
+        now = time.time()
+        runs = [b.create_run(mk_run(i, created=now + i * 1e-3)) for i in range(300)]
+        assert scheds[0].schedule_pass() == 0  # (no node yet: the book is built, every document remembered)
+        for i in range(38):  # 304 GPUs
+            a.upsert_node(node(i, gpus=8).model_copy(update={"last_seen": now}))
+        scheds[0]._nodes_changed()
+        a._docs_seen.clear()  # forgotten
+        reads: list[str] = []
+        real_get, real_ahead = a.r.get, a._queued_docs
+        monkeypatch.setattr(a.r, "get", lambda key: reads.append(str(key)) or real_get(key))
+        monkeypatch.setattr(a, "_queued_docs", lambda **kw: reads.append("ahead") or real_ahead(**kw))
+        assert scheds[0].schedule_pass() == 300
+        assert [r for r in reads if "run:" in r] == [] and reads.count("ahead") <= 3, reads
+        placed = b.list_runs(status=[RunStatus.STARTING], limit=1000)
+        assert sorted(r.id for r in placed) == sorted(r.id for r in runs)
+    finally:
+        close()
+
+
 def test_a_placement_refused_when_sent_goes_back_to_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pass's placements are written together when it commits (Redis: one pipeline). One that another
     replica's write beat meanwhile (its GPU taken) is not counted nor announced, its run is queued again in the
