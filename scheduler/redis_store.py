@@ -765,7 +765,7 @@ class RedisStore(Store):
             if feed is not None:
                 p.zrangebyscore(self.k.changes, f"({feed[0]}", "+inf", start=0, num=self.FEED_PAGE, withscores=True)
 
-        puts, rest = self._with_puts([(keys, args) for _, keys, args, _ in pending], then)
+        puts, rest = self._with_puts([(keys, args) for _, keys, args, *_ in pending], then)
         sent = sends.answered(pending, puts) if isinstance(sends, _Sends) else {}
         if isinstance(rest[0], Exception) or not rest[0]:  # held elsewhere (or refused: the sends' answer stands)
             if not wait:
@@ -823,6 +823,11 @@ class _Conflict(Exception):
     """The document changed between our read and our write."""
 
 
+# What _Sends holds per change: the run as it will be written, PUT_RUN's KEYS and ARGV, how to make it again after
+# a conflict (None: answer Stale), whether it is a note() (answered by nothing).
+_Send = tuple[Run, list[str], list[Any], Callable[[], Run] | None, bool]
+
+
 class _Sends(Sends):
     """A pass's transitions, judged on the documents this process holds (remembered, or read), written by one
     pipeline of PUT_RUN calls at send(): one round trip for them all. Each is its own compare-and-set, as
@@ -834,8 +839,7 @@ class _Sends(Sends):
     def __init__(self, store: RedisStore) -> None:
         super().__init__(store)
         self.redis = store
-        # (the run as it will be written, PUT_RUN's KEYS and ARGV, how to make it again after a conflict)
-        self.pending: list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]] = []
+        self.pending: list[_Send] = []
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         if run_id not in self.redis._docs_seen:
@@ -844,18 +848,29 @@ class _Sends(Sends):
         assert new is not None  # (Run.changed returns a run or raises)
         keys, args = self.redis._put_call(doc, old, new, False, quota_limit)
         self.pending.append((new, keys, args,
-                             lambda: self.redis.transition(run_id, to, quota_limit=quota_limit, **fields)))
+                             lambda: self.redis.transition(run_id, to, quota_limit=quota_limit, **fields), False))
         return new
+
+    def note(self, run_id: str, **fields: object) -> None:
+        if run_id not in self.redis._docs_seen:
+            self.redis._remember_queued(run_id)
+        try:
+            doc, old, new = self.redis._changed(run_id, lambda run: run.changed(**fields))
+        except NotFound:
+            return
+        assert new is not None  # (Run.changed returns a run or raises)
+        keys, args = self.redis._put_call(doc, old, new, fields.keys() <= QUIET_FIELDS)
+        self.pending.append((new, keys, args, lambda: self.redis.update_run(run_id, **fields), True))
 
     def modify(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run]:
         doc, old, new = self.redis._changed(run_id, change)
         if new is None:
             return old, old
         keys, args = self.redis._put_call(doc, old, new, False)
-        self.pending.append((new, keys, args, None))
+        self.pending.append((new, keys, args, None, False))
         return old, new
 
-    def take(self) -> list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]]:
+    def take(self) -> list[_Send]:
         pending, self.pending = self.pending, []
         return pending
 
@@ -864,19 +879,26 @@ class _Sends(Sends):
         if not pending:
             return {}
         store = self.redis
-        return self.answered(pending, store._puts([(keys, args) for _, keys, args, _ in pending],
+        return self.answered(pending, store._puts([(keys, args) for _, keys, args, *_ in pending],
                                                   store._let_go() if last else None))
 
-    def sent(self, pending: list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]]) -> dict[str, Run | Exception]:
-        return self.answered(pending, self.redis._puts([(keys, args) for _, keys, args, _ in pending])) if pending else {}
+    def sent(self, pending: list[_Send]) -> dict[str, Run | Exception]:
+        return self.answered(pending, self.redis._puts([(keys, args) for _, keys, args, *_ in pending])) if pending else {}
 
-    def answered(self, pending: list[tuple[Run, list[str], list[Any], Callable[[], Run] | None]],
+    def answered(self, pending: list[_Send],
                  got: list[Any]) -> dict[str, Run | Exception]:
         """send()'s answer from PUT_RUN's answers to `pending`."""
         store = self.redis
         out: dict[str, Run | Exception] = {}
-        for (new, _, args, redo), said in zip(pending, got, strict=True):
+        for (new, _, args, redo, note), said in zip(pending, got, strict=True):
             failed = store._said(said, new, args[2])  # (ARGV[3]: the new document)
+            if note:  # (answered by nothing: made again over a newer copy; a run gone is passed over)
+                if isinstance(failed, _Conflict) and redo is not None:
+                    with contextlib.suppress(NotFound):
+                        redo()
+                elif failed is not None and not isinstance(failed, NotFound):
+                    log.warning("run %s: a note was not written: %s", new.id, failed)
+                continue
             if isinstance(failed, _Conflict):  # written meanwhile by another: the transition again, over that
                 if redo is None:
                     out[new.id] = Stale(f"run {new.id} was written since it was read")

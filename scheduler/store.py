@@ -209,6 +209,13 @@ class Sends:
         write (here: every error, nothing written); what is known only when written comes from send()."""
         return self.store.transition(run_id, to, quota_limit=quota_limit, **fields)
 
+    def note(self, run_id: str, **fields: object) -> None:
+        """update_run of fields placement does not read (QUIET_FIELDS: a queued run's reason), which nothing
+        waits on: written here at once, where sends are deferred with the next send() (answered by nothing:
+        made again over a newer copy, passed over for a run gone)."""
+        with contextlib.suppress(NotFound):
+            self.store.update_run(run_id, **fields)
+
     def modify(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run]:
         """Store.modify's (before, after) as it will be written. Unlike transition(), a change another writer
         got in before is not made again over the new state: send() answers Stale for it, nothing written."""

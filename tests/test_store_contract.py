@@ -1373,7 +1373,15 @@ def test_a_pass_reads_the_documents_it_does_not_remember_many_at_a_time(monkeypa
         assert isinstance(a, RedisStore)
         now = time.time()
         runs = [b.create_run(mk_run(i, created=now + i * 1e-3)) for i in range(300)]
-        assert scheds[0].schedule_pass() == 0  # (no node yet: the book is built, every document remembered)
+        trips: list[int] = []
+        real_puts = a._puts
+        monkeypatch.setattr(a, "_puts", lambda calls, *x: trips.append(len(calls)) or real_puts(calls, *x))
+        # No node yet: the book is built (every document remembered), and the reason written into all 300
+        # runs, 256 to a round trip.
+        assert scheds[0].schedule_pass() == 0
+        assert trips == [256, 44]
+        reasons = {r.reason for r in b.list_runs(status=[RunStatus.QUEUED], limit=1000)}
+        assert len(reasons) == 1 and next(iter(reasons)).startswith("no nodes have joined yet"), reasons
         for i in range(38):  # 304 GPUs
             a.upsert_node(node(i, gpus=8).model_copy(update={"last_seen": now}))
         scheds[0]._nodes_changed()

@@ -394,8 +394,7 @@ class PlacementMixin(PreemptionMixin):
         if shape.reason != why:
             for r in list(book.runs_of(shape)):
                 if r.reason != why:
-                    with contextlib.suppress(NotFound):
-                        self.store.update_run(r.id, reason=why)
+                    ps.commits.sends.note(r.id, reason=why)  # (Redis: sent with the placements, 256 at a time)
                     r.reason = why
                     ps.commits.wrote()
             shape.reason = why
