@@ -398,6 +398,33 @@ def test_a_pass_walks_only_the_nodes_with_the_gpu_type_asked_for(sched: Schedule
     assert sched.schedule_pass() == 1 and sched.store.get_run(runs[4]).node_id == changed
 
 
+def test_a_pass_that_uses_up_a_gpu_kind_does_not_walk_its_filled_nodes(sched: Scheduler) -> None:
+    """_Pass.took: the nodes a pass fills stay in its list of nodes with a free GPU until they are half of it,
+    or half of its nodes of the GPU kind being placed. With A100 nodes a third of the cluster, a pass that fills
+    every A100 (the others staying free) once walked ever more filled A100 nodes per placement; now a placement
+    visits a bounded number of them."""
+    import scheduler.placement as pl
+
+    a100 = {join(sched, f"a{i}", 1) for i in range(60)}
+    others = {join(sched, f"h{i}", 1, kind="NVIDIA H100 80GB HBM3") for i in range(120)}
+    for n in a100 | others:
+        sched.poll_once(n, [])
+    for _ in range(60):
+        submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"})
+    full: list[str] = []
+
+    def counting(r: Request, c: Candidate) -> None:
+        if not c.free:
+            full.append(c.node.id)
+
+    pl.PIPELINE.insert(0, counting)  # type: ignore[arg-type]
+    try:
+        assert sched.schedule_pass() == 60
+    finally:
+        pl.PIPELINE.remove(counting)  # type: ignore[arg-type]
+    assert set(full) <= a100 and len(full) <= 2 * 60, len(full)  # (346 without: the last placements walked them all)
+
+
 def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Scheduler) -> None:
     a = join(sched, "a", 1)
     b = join(sched, "b", 1)

@@ -419,10 +419,12 @@ class PlacementMixin(PreemptionMixin):
         # them, not at every node. The reason stored is the shape's shortfall; the counts over every node are
         # added when it is shown (waiting()).
         reserved = frozenset(ps.reserved - ps.held_for[req] if req in ps.held_for else ps.reserved)
+        kind = None  # (the nodes of the GPU kind asked for: Cands.kind)
         if ps.told_none_free(shape):  # nothing to place or to write (with teams: a shape per team and user)
             verdict: list[Any] | NoFit = NoFit(req.shortfall(), summary=req.shortfall())
         elif req.gpus and ps.by_id:
-            verdict = place(req, ps.with_free, reserved=reserved, rng=self.rng, kind=ps.cands.kind(req))
+            kind = ps.cands.kind(req)
+            verdict = place(req, ps.with_free, reserved=reserved, rng=self.rng, kind=kind)
             if isinstance(verdict, NoFit):
                 never = self.never_fits(req) is not None
                 verdict = NoFit(req.shortfall(), never=never, counts=verdict.counts, summary=req.shortfall())
@@ -468,7 +470,7 @@ class PlacementMixin(PreemptionMixin):
         for pl in verdict:
             c = ps.by_id[pl.node.id]
             ps.cands.set_free(c, [g for g in c.free if g.index not in pl.gpus])
-            ps.took(c)
+            ps.took(c, kind)
         if run.attempt > 1:  # the log says where each attempt ran and why the one before it ended (once written)
             names = ", ".join(pl.node.name for pl in verdict)
             why = run.last_reason
@@ -724,6 +726,7 @@ class _Pass:
         self.owed: dict[str, set[str]] = {}  # quota name -> teams waiting within it (preempting.py)
         self.borrowing: dict[str, dict[str, int]] = {}  # quota name -> teams over it -> by how much
         self._filled = 0
+        self._of_kind: dict[int, list[int]] = {}  # id(a kind's set) -> [its nodes in with_free, those filled]
 
     def all(self) -> list[Candidate]:
         """Every node, heartbeats brought up to date (once per pass, only when a pass needs them all)."""
@@ -749,14 +752,27 @@ class _Pass:
                 if (c := self.by_id.get(i)) is not None:
                     c.now, c.last_seen = self.now, self._last_seen(c.node, seen)
 
-    def took(self, c: Candidate) -> None:
-        """A placement took GPUs of `c`. Nodes it filled stay in `with_free` (placement skips them) until they
-        are half of it: then it is rebuilt, so each placement costs O(1) on average, not a list rebuild."""
-        if not c.free:
-            self._filled += 1
-            if self._filled * 2 > len(self.with_free):
-                self.with_free = [x for x in self.with_free if x.free]
-                self._filled = 0
+    def took(self, c: Candidate, kind: set[str] | None = None) -> None:
+        """A placement took GPUs of `c` (for a request of GPUs of `kind`: Cands.kind). Nodes it filled stay in
+        `with_free` (placement skips them) until they are half of it, or half of its nodes of that kind (a walk
+        passes the other kinds at once, and runs every filter on a filled node of its own): then it is rebuilt,
+        so each placement costs O(1) on average, not a list rebuild, nor a walk over the filled nodes of the
+        kind a pass is using up."""
+        if c.free:
+            return
+        self._filled += 1
+        if kind is not None:
+            key = id(kind)
+            if key not in self._of_kind:  # (how many of with_free are of the kind, counted once per rebuild)
+                self._of_kind[key] = [sum(1 for x in self.with_free if x.node.id in kind), 0]
+            counts = self._of_kind[key]
+            counts[1] += 1
+            if counts[1] * 2 > counts[0]:
+                self._filled = len(self.with_free)  # (rebuilt below)
+        if self._filled * 2 > len(self.with_free):
+            self.with_free = [x for x in self.with_free if x.free]
+            self._filled = 0
+            self._of_kind = {}
 
 
 def quota_reason(req: Request, quota: tuple[str, str, int]) -> str:
