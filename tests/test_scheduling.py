@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import random
 import threading
@@ -363,29 +364,35 @@ def test_placement_looks_at_a_bounded_sample_of_nodes() -> None:
     assert calls == 2 and elapsed < 0.5
 
 
+def pass_visiting(sched: Scheduler) -> tuple[int, list[Candidate]]:
+    """A scheduling pass: (how many runs it placed, the candidates placement's walk ran its filters on, as they
+    were then)."""
+    import scheduler.placement as pl
+
+    visited: list[Candidate] = []
+
+    def counting(r: Request, c: Candidate) -> None:
+        visited.append(dataclasses.replace(c, free=list(c.free)))  # (as it was then)
+
+    pl.PIPELINE.insert(0, counting)  # type: ignore[arg-type]
+    try:
+        return sched.schedule_pass(), visited
+    finally:
+        pl.PIPELINE.remove(counting)  # type: ignore[arg-type]
+
+
 def test_a_pass_walks_only_the_nodes_with_the_gpu_type_asked_for(sched: Scheduler) -> None:
     """Cands.kind: a placement's random walk visits the nodes that have GPUs of the type asked for, not the
     others (whose every filter ran to say no): with 2 A100 nodes among 30 H100 ones, placing A100 runs until both
     are full, and the one that then finds no room, never looks at an H100 node; a node whose GPUs change is of
     its new kind from the next pass."""
-    import scheduler.placement as pl
-
     a100 = {join(sched, f"a{i}", 2) for i in range(2)}
     h100 = {join(sched, f"h{i}", 2, kind="NVIDIA H100 80GB HBM3") for i in range(30)}
     for n in a100 | h100:
         sched.poll_once(n, [])
     runs = [submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"}) for _ in range(5)]
-    visited: list[str] = []
-
-    def counting(r: Request, c: Candidate) -> None:
-        visited.append(c.node.id)
-
-    pl.PIPELINE.insert(0, counting)  # type: ignore[arg-type]
-    try:
-        assert sched.schedule_pass() == 4
-    finally:
-        pl.PIPELINE.remove(counting)  # type: ignore[arg-type]
-    assert visited and set(visited) <= a100
+    placed, visited = pass_visiting(sched)
+    assert placed == 4 and visited and {c.node.id for c in visited} <= a100
     assert {r.node_id for r in map(sched.store.get_run, runs[:4])} == a100  # (both full)
     waiting = sched.store.get_run(runs[4])
     assert waiting.status == RunStatus.QUEUED and waiting.reason == "no node with 1 free A100-80G GPU"
@@ -403,26 +410,16 @@ def test_a_pass_that_uses_up_a_gpu_kind_does_not_walk_its_filled_nodes(sched: Sc
     or half of its nodes of the GPU kind being placed. With A100 nodes a third of the cluster, a pass that fills
     every A100 (the others staying free) once walked ever more filled A100 nodes per placement; now a placement
     visits a bounded number of them."""
-    import scheduler.placement as pl
-
     a100 = {join(sched, f"a{i}", 1) for i in range(60)}
     others = {join(sched, f"h{i}", 1, kind="NVIDIA H100 80GB HBM3") for i in range(120)}
     for n in a100 | others:
         sched.poll_once(n, [])
     for _ in range(60):
         submit(sched, computing={"minimum_num_gpus": 1, "resource_type": "A100-80G"})
-    full: list[str] = []
-
-    def counting(r: Request, c: Candidate) -> None:
-        if not c.free:
-            full.append(c.node.id)
-
-    pl.PIPELINE.insert(0, counting)  # type: ignore[arg-type]
-    try:
-        assert sched.schedule_pass() == 60
-    finally:
-        pl.PIPELINE.remove(counting)  # type: ignore[arg-type]
-    assert set(full) <= a100 and len(full) <= 2 * 60, len(full)  # (347 without: the last placements walked them all)
+    placed, visited = pass_visiting(sched)
+    full = [c.node.id for c in visited if not c.free]
+    # (347 without the rebuild by kind: the last placements walked every filled A100 node)
+    assert placed == 60 and set(full) <= a100 and len(full) <= 2 * 60, len(full)
 
 
 def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Scheduler) -> None:
