@@ -220,35 +220,19 @@ class RedisStore(Store):
         redis-py's script objects: a pipeline of those asks SCRIPT EXISTS first, a round trip more each time. A
         server that lost the script (restarted) answers NOSCRIPT without running the call: it is loaded and those
         calls are sent again. `let_go`: the pass lock's release (_let_go), sent in the same round trip."""
-        if let_go is not None:
-            return self._with_puts(calls, let_go=let_go)[0]
-        if len(calls) == 1:  # (a pipeline of one costs its set-up)
+        if len(calls) == 1 and let_go is None:  # (a pipeline of one costs its set-up)
             keys, args = calls[0]
             try:
                 return [self._put_run(keys=keys, args=args)]
             except redis.ResponseError as exc:
                 return [exc]
-        got: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _ in range(2):
-            with self.r.pipeline(transaction=False) as p:
-                for i in todo:
-                    keys, args = calls[i]
-                    p.evalsha(self._put_run.sha, len(keys), *keys, *args)
-                said = p.execute(raise_on_error=False)
-            for i, g in zip(todo, said, strict=True):
-                got[i] = g
-            todo = [i for i, g in zip(todo, said, strict=True) if isinstance(g, redis.exceptions.NoScriptError)]
-            if not todo:
-                break
-            self._put_run.sha = self.r.script_load(PUT_RUN)
-        return got
+        return self._with_puts(calls, let_go=let_go)[0]
 
     def _with_puts(self, calls: list[tuple[list[str], list[Any]]], then: Callable[[Any], None] | None = None,
                    let_go: tuple[list[str], list[Any]] | None = None) -> tuple[list[Any], list[Any]]:
         """_puts's calls, then the commands `then` adds to the pipeline, then the pass lock's release, in one
-        round trip: (the calls' answers, those of `then`'s commands). A call the server refused for want of its
-        script is sent again (as _puts does); so is the release, alone."""
+        round trip: (the calls' answers, those of `then`'s commands). Calls the server refused for want of the
+        script are sent again once it is loaded; so is the release, alone."""
         with self.r.pipeline(transaction=False) as p:
             for keys, args in calls:
                 p.evalsha(self._put_run.sha, len(keys), *keys, *args)
@@ -264,8 +248,13 @@ class RedisStore(Store):
         puts, rest = got[:len(calls)], got[len(calls):]
         lost = [i for i, g in enumerate(puts) if isinstance(g, redis.exceptions.NoScriptError)]
         if lost:
-            for i, g in zip(lost, self._puts([calls[i] for i in lost]), strict=True):
-                puts[i] = g
+            self._put_run.sha = self.r.script_load(PUT_RUN)
+            with self.r.pipeline(transaction=False) as p:
+                for i in lost:
+                    keys, args = calls[i]
+                    p.evalsha(self._put_run.sha, len(keys), *keys, *args)
+                for i, g in zip(lost, p.execute(raise_on_error=False), strict=True):
+                    puts[i] = g
         return puts, rest
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
@@ -841,10 +830,14 @@ class _Sends(Sends):
         self.redis = store
         self.pending: list[_Send] = []
 
-    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
+    def _judged(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[str, Run, Run | None]:
+        """RedisStore._changed, the documents of the runs queued after a run not remembered read with its own."""
         if run_id not in self.redis._docs_seen:
             self.redis._remember_queued(run_id)
-        doc, old, new = self.redis._changed(run_id, lambda run: run.changed(to, **fields))
+        return self.redis._changed(run_id, change)
+
+    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
+        doc, old, new = self._judged(run_id, lambda run: run.changed(to, **fields))
         assert new is not None  # (Run.changed returns a run or raises)
         keys, args = self.redis._put_call(doc, old, new, False, quota_limit)
         self.pending.append((new, keys, args,
@@ -852,10 +845,8 @@ class _Sends(Sends):
         return new
 
     def note(self, run_id: str, **fields: object) -> None:
-        if run_id not in self.redis._docs_seen:
-            self.redis._remember_queued(run_id)
         try:
-            doc, old, new = self.redis._changed(run_id, lambda run: run.changed(**fields))
+            doc, old, new = self._judged(run_id, lambda run: run.changed(**fields))
         except NotFound:
             return
         assert new is not None  # (Run.changed returns a run or raises)
