@@ -172,8 +172,21 @@ def test_endpoint_runs_are_the_unsettled_runs_that_serve_one(pair: tuple[Store, 
     a.transition(ended.id, RunStatus.KILLED)
     assert [r.id for r in b.endpoint_runs()] == [served.id]
     assert {plain.id, fake.id} <= {r.id for r in b.list_runs()}
+    later = a.update_run(plain.id, endpoint=ep.model_copy(update={"name": "e3"}))  # (a quiet write on SQLite)
+    assert [r.id for r in b.endpoint_runs()] == [served.id, later.id]  # (newest first)
+    a.transition(later.id, RunStatus.KILLED)
+    assert [r.id for r in b.endpoint_runs()] == [served.id]
     from scheduler.redis_store import RedisStore
 
+    if isinstance(b, SQLiteStore):  # a database written before the endpoint_runs table existed: filled on open
+        b._db.executescript("DROP TABLE endpoint_runs; UPDATE meta SET v=0 WHERE k='endpoints';")
+        b = SQLiteStore(b.path)
+        try:
+            assert [r.id for r in b.endpoint_runs()] == [served.id]
+            a.transition(served.id, RunStatus.KILLED)
+            assert b.endpoint_runs() == []
+        finally:
+            b.close()
     if isinstance(b, RedisStore):  # a database written before the endpoints set existed: indexed on first look
         b.r.delete(b.k.endpoints, b.k.endpoints_built)
         b = RedisStore(b.url, prefix=b.k.p)  # (a scheduler started on it)
