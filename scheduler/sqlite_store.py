@@ -13,7 +13,18 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .contract.models import TERMINAL, UNSETTLED, ApiKey, LogBatch, LogRow, Node, Run, RunStatus, Team
+from .contract.models import (
+    TERMINAL,
+    UNSETTLED,
+    ApiKey,
+    InvalidTransition,
+    LogBatch,
+    LogRow,
+    Node,
+    Run,
+    RunStatus,
+    Team,
+)
 from .contract.series import TIERS, expired_before
 from .store import (
     DEFAULT_LOG_RETENTION,
@@ -26,6 +37,7 @@ from .store import (
     KeyCache,
     NotFound,
     QuotaFull,
+    Sends,
     SeqGap,
     Snapshot,
     Store,
@@ -316,11 +328,13 @@ class SQLiteStore(Store):
         with self._tx() as db:
             name = f"sp{self._depth[0]}"
             db.execute(f"SAVEPOINT {name}")
+            unsent = self._depth[2]
             try:
                 yield
             except BaseException:
                 db.execute(f"ROLLBACK TO {name}")
                 db.execute(f"RELEASE {name}")
+                self._depth[2] = unsent  # (a _Sends of the undone part is dropped with what it held back)
                 raise
             db.execute(f"RELEASE {name}")
 
@@ -503,16 +517,21 @@ class SQLiteStore(Store):
     def _index(db: sqlite3.Connection, run: Run) -> None:
         """The run's rows in run_nodes and gpu_claims (none: those of a finished run)."""
         if not run.terminal and run.placements:
-            db.executemany("INSERT OR IGNORE INTO run_nodes (node_id, run_id) VALUES (?,?)",
-                           [(p.node_id, run.id) for p in run.placements])
-            # (checked before: _check_gpus; a claim another run holds fails here rather than being taken)
-            db.executemany("INSERT INTO gpu_claims (node_id, gpu, run_id) VALUES (?,?,?)",
-                           [(n, g, run.id) for n, g in run.gpu_claims()])
-            key, gpus = quota_charge(run)
-            if gpus:
-                db.execute("INSERT INTO quota_held (run_id, key, gpus) VALUES (?,?,?)", (run.id, key, gpus))
-                db.execute("INSERT INTO quota_sum (key, gpus) VALUES (?,?) ON CONFLICT (key) DO UPDATE SET "
-                           "gpus = gpus + excluded.gpus", (key, gpus))
+            SQLiteStore._index_many(db, [run])
+
+    @staticmethod
+    def _index_many(db: sqlite3.Connection, runs: list[Run]) -> None:
+        """_index of unfinished runs with placements, in one statement per table."""
+        db.executemany("INSERT OR IGNORE INTO run_nodes (node_id, run_id) VALUES (?,?)",
+                       [(p.node_id, run.id) for run in runs for p in run.placements])
+        # (checked before: _check_gpus; a claim another run holds fails here rather than being taken)
+        db.executemany("INSERT INTO gpu_claims (node_id, gpu, run_id) VALUES (?,?,?)",
+                       [(n, g, run.id) for run in runs for n, g in run.gpu_claims()])
+        held = [(run.id, *charge) for run in runs if (charge := quota_charge(run))[1]]
+        if held:
+            db.executemany("INSERT INTO quota_held (run_id, key, gpus) VALUES (?,?,?)", held)
+            db.executemany("INSERT INTO quota_sum (key, gpus) VALUES (?,?) ON CONFLICT (key) DO UPDATE SET "
+                           "gpus = gpus + excluded.gpus", [h[1:] for h in held])
 
     @staticmethod
     def _unquota(db: sqlite3.Connection, run_id: str) -> None:
@@ -531,6 +550,9 @@ class SQLiteStore(Store):
             row = db.execute("SELECT run_id FROM gpu_claims WHERE node_id=? AND gpu=?", (n, g)).fetchone()
             if row is not None and row[0] != run.id:
                 raise GpuBusy(n, g, row[0])
+
+    def sends(self) -> Sends:
+        return _Sends(self)
 
     def update_run(self, run_id: str, **fields: object) -> Run:
         return self._modify(run_id, lambda run: run.changed(**fields), quiet=fields.keys() <= QUIET_FIELDS)[1]
@@ -855,6 +877,119 @@ class _Snapshot(Snapshot):
         return Node.model_validate_json(rows[0][0]) if rows else None
 
 
+class _Sends(Sends):
+    """A pass's placements, judged one by one as they are made (the run read and changed: InvalidTransition and
+    NotFound at once), written together at send(): one statement per table for up to 256 of them, not five
+    each. Only inside the pass's transaction (batch()): it holds the store's lock and SQLite's write lock from
+    the reads to the writes, so what was read is what is overwritten. What is known only when written comes from
+    send(): a GPU another run holds (GpuBusy), a team's quota full (QuotaFull), nothing written for that run.
+    A change other than a queued run's placement, or one outside a transaction, is written at once."""
+
+    deferred = True
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__(store)
+        self.sqlite = store
+        # run id -> (as it will be written, as read, how: to, quota limit, fields)
+        self._pending: dict[str, tuple[Run, str, tuple[RunStatus, int | None, dict[str, object]]]] = {}
+        self._failed: dict[str, Run | Exception] = {}
+
+    def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
+        store = self.sqlite
+        if run_id in self._pending:  # (its second change in the batch: over the first, written)
+            self._flush()
+        with store._lock:
+            if store._depth[0] == 0:  # (no transaction holds what is read until it is written)
+                return store.transition(run_id, to, quota_limit=quota_limit, **fields)
+            row = store._db.execute("SELECT doc FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(run_id)
+        run = Run.model_validate_json(row[0])
+        new = run.changed(to, **fields)
+        if run.placements or run.terminal or new.terminal or not new.placements or \
+                (new.owner, new.priority, new.created_at, new.endpoint is None) != \
+                (run.owner, run.priority, run.created_at, run.endpoint is None):
+            self._flush()  # (the rows it had, its columns or its endpoint change: the one-by-one write)
+            return store.transition(run_id, to, quota_limit=quota_limit, **fields)
+        self._pending[run_id] = (new, row[0], (to, quota_limit, fields))
+        store._depth[2] += 1
+        return new
+
+    def note(self, run_id: str, **fields: object) -> None:
+        if run_id in self._pending:
+            self._flush()
+        super().note(run_id, **fields)
+
+    def modify(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[Run, Run]:
+        self._flush()
+        return super().modify(run_id, change)
+
+    def send(self, last: bool = False) -> dict[str, Run | Exception]:
+        self._flush()
+        failed, self._failed = self._failed, {}
+        return failed
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        store = self.sqlite
+        with store._tx() as db:
+            if store._depth[0] == 1:  # (the transaction they were judged in has ended, undone: so are they)
+                raise RuntimeError(f"{len(pending)} placements were held back in a transaction that has ended")
+            store._depth[2] -= len(pending)
+            claims = {run.id: run.gpu_claims() for run, _, _ in pending.values()}
+            nodes = sorted({n for held in claims.values() for n, _ in held})
+            taken: dict[tuple[str, int], str] = {}
+            for i in range(0, len(nodes), 500):
+                part = nodes[i:i + 500]
+                taken.update(((n, g), r) for n, g, r in db.execute(
+                    f"SELECT node_id, gpu, run_id FROM gpu_claims WHERE node_id IN ({','.join('?' * len(part))})",
+                    part))
+            sums: dict[str, int] = {}
+            ok: list[Run] = []
+            for run, _, (_, limit, _) in pending.values():
+                busy = next(((n, g) for n, g in sorted(claims[run.id]) if taken.get((n, g), run.id) != run.id), None)
+                if busy is not None:
+                    self._failed[run.id] = GpuBusy(*busy, taken[busy])
+                    continue
+                if limit is not None:
+                    key, gpus = quota_charge(run)
+                    if key not in sums:
+                        row = db.execute("SELECT gpus FROM quota_sum WHERE key=?", (key,)).fetchone()
+                        sums[key] = row[0] if row else 0
+                    if sums[key] + gpus > limit:
+                        self._failed[run.id] = QuotaFull(key, int(sums[key]), limit)
+                        continue
+                    sums[key] += gpus
+                taken.update(dict.fromkeys(claims[run.id], run.id))
+                ok.append(run)
+            rows = []
+            for run in ok:
+                run._version = store._next_seq(db)
+                rows.append((run.status.value, run.node_id, run.model_dump_json(), run._version, run.id,
+                             pending[run.id][1]))
+            # (each over the document it was decided on: the pass itself may have written one of them since,
+            # in this transaction; that one is decided again below, over what it wrote)
+            if db.executemany("UPDATE runs SET status=?, node_id=?, doc=?, seq=? WHERE id=? AND doc=?",
+                              rows).rowcount != len(rows):
+                written = {r[0] for r in db.execute(
+                    f"SELECT id FROM runs WHERE seq >= ? AND id IN ({','.join('?' * len(ok))})",
+                    (ok[0]._version, *(r.id for r in ok)))}
+                redo = [r for r in ok if r.id not in written]
+                ok = [r for r in ok if r.id in written]
+            else:
+                redo = []
+            store._index_many(db, ok)
+            for run in redo:
+                run._version, run_id = None, run.id  # (not written as returned)
+                to, limit, fields = pending[run_id][2]
+                try:
+                    self._failed[run_id] = store.transition(run_id, to, quota_limit=limit, **fields)
+                except (InvalidTransition, NotFound, GpuBusy, QuotaFull) as exc:
+                    self._failed[run_id] = exc
+
+
 class _Tx:
     """BEGIN IMMEDIATE ... COMMIT under the store lock; ROLLBACK on error. Nested uses (inside `batch()`)
     join the outer transaction, which commits once."""
@@ -878,6 +1013,10 @@ class _Tx:
         self.depth[0] -= 1
         try:
             if self.depth[0] == 0:
+                unsent, self.depth[2] = self.depth[2], 0
+                if unsent and not exc_type:  # (a pass that placed runs and did not write them: none of it stands)
+                    self.db.execute("ROLLBACK")
+                    raise RuntimeError(f"{unsent} placements made in a transaction were not sent before its commit")
                 self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.lock.release()

@@ -880,18 +880,17 @@ def test_a_pass_that_fails_midway_leaves_no_run_behind(sched: Scheduler) -> None
     applied them, is dropped and read again, so the next pass places every run (none stays queued unseen)."""
     join(sched, "a", 4)
     runs = [submit(sched, computing={"minimum_num_gpus": 1}) for _ in range(3)]
-    real, calls = sched.store.transition, [0]
+    store = sched.store
+    assert isinstance(store, SQLiteStore)
 
-    def failing(run_id: str, to: RunStatus, **fields: object) -> object:
-        calls[0] += 1
-        if calls[0] == 2:
-            raise OSError(28, "No space left on device")
-        return real(run_id, to, **fields)
-    sched.store.transition = failing  # type: ignore[method-assign]
+    def failing(db: object, placed: list[Run]) -> None:  # (the placements' rows are written: then the disk is full)
+        assert [r.status for r in store.list_runs(status=[RunStatus.STARTING])] == [RunStatus.STARTING] * 3
+        raise OSError(28, "No space left on device")
+    store._index_many = failing  # type: ignore[method-assign]
     with pytest.raises(OSError):
         sched.schedule_pass()
-    sched.store.transition = real  # type: ignore[method-assign]
-    assert {sched.get_run(r).status for r in runs} == {RunStatus.QUEUED}  # the first placement was rolled back
+    del store._index_many
+    assert {sched.get_run(r).status for r in runs} == {RunStatus.QUEUED}  # the placements were rolled back
     sched.kick()
     assert sched.schedule_pass() == 3
     held = [g for r in runs for g in sched.get_run(r).placements[0].gpus]
@@ -1228,17 +1227,16 @@ def test_a_freed_slot_is_placed_in_the_reports_own_commit(sched: Scheduler) -> N
 
 def test_a_pass_that_fails_after_a_report_undoes_itself_alone(sched: Scheduler) -> None:
     a, first, second = one_running_one_waiting(sched)
-    real = sched.store.transition
+    store = sched.store
+    assert isinstance(store, SQLiteStore)
 
-    def broken(run_id: str, to: RunStatus, **fields: object) -> Run:
-        if to == RunStatus.STARTING:
-            real(run_id, to, **fields)  # written, then the pass fails: the savepoint undoes the write
-            raise RuntimeError("a bug in the pass")
-        return real(run_id, to, **fields)
+    def broken(db: object, placed: list[Run]) -> None:  # the placement's row written, then the pass fails
+        assert store.get_run(second).status == RunStatus.STARTING  # (the savepoint undoes it)
+        raise RuntimeError("a bug in the pass")
 
-    sched.store.transition = broken  # type: ignore[method-assign]
+    store._index_many = broken  # type: ignore[method-assign]
     sched.report(first, StatusReport(status=RunStatus.FINISHED, exit_code=0), a)  # no error: the report stays
-    sched.store.transition = real  # type: ignore[method-assign]
+    del store._index_many
     assert sched.store.get_run(first).status == RunStatus.FINISHED
     assert sched.store.get_run(second).status == RunStatus.QUEUED  # the failed pass's write was undone
     assert sched.schedule_pass() == 1 and sched.store.get_run(second).status == RunStatus.STARTING  # (it kicked)

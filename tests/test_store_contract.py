@@ -9,6 +9,7 @@ placing the same queue at once (no run placed twice, no GPU handed to two runs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import secrets
@@ -643,6 +644,9 @@ def test_transitions_sent_together_are_each_a_compare_and_set(pair: tuple[Store,
     over a newer copy is as reported, every other run as transition() returned it; no GPU is held twice."""
     a, b = pair
     runs = [a.create_run(mk_run(i)) for i in range(4)]
+    tx = contextlib.ExitStack()
+    if isinstance(a, SQLiteStore):  # (a pass's transaction: sends are held back until send() within it; the
+        tx.enter_context(a.batch())  # writes between are the pass's own, in the same transaction)
     sends = a.sends()
     made: dict[str, Run] = {}
     early: dict[str, Exception] = {}  # errors known before the write (a store that writes at once)
@@ -664,6 +668,7 @@ def test_transitions_sent_together_are_each_a_compare_and_set(pair: tuple[Store,
         a.r.script_flush()  # type: ignore[attr-defined]  # (a restarted server: the calls are sent again, once loaded)
     failed = sends.send()
     assert not sends.send()  # (nothing left to send)
+    tx.close()
     outcome = {**early, **failed}
     assert runs[0].id not in outcome
     assert isinstance(outcome[runs[2].id], GpuBusy) and outcome[runs[2].id].holder == runs[0].id
@@ -680,16 +685,43 @@ def test_transitions_sent_together_are_each_a_compare_and_set(pair: tuple[Store,
     assert second is not None and second.status == RunStatus.STARTING
     fourth = b.get_run(runs[3].id)
     assert fourth is not None and fourth.status == RunStatus.KILLED and not fourth.gpu_claims()
-    if isinstance(a, SQLiteStore):
-        assert not failed and set(early) == {runs[2].id}  # (written at once: errors known at once)
-    else:
-        assert isinstance(failed[runs[1].id], Run) and failed[runs[1].id].status == RunStatus.STARTING
-        assert isinstance(failed[runs[3].id], InvalidTransition) and not early
+    assert isinstance(failed[runs[1].id], Run) and failed[runs[1].id].status == RunStatus.STARTING
+    assert failed[runs[1].id].reason == "another writer got in between"  # (placed over it: nothing lost)
+    assert isinstance(failed[runs[3].id], InvalidTransition) and not early
     held = [(r.placements[0].node_id, g) for r in b.list_runs(status=[RunStatus.STARTING]) for g in r.gpus]
     assert sorted(held) == [("node-a", 0), ("node-a", 1)]
     c, later = a.create_run(mk_run(9)), a.sends()  # GPU 2 is free: the fourth run holds nothing
     assert later.transition(c.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-a", gpus=[2])]
                             ).status == RunStatus.STARTING and later.send() == {}
+    if isinstance(a, SQLiteStore):  # (outside a transaction nothing holds the run between read and write)
+        assert b.get_run(c.id).status == RunStatus.STARTING  # type: ignore[union-attr]  # written at once
+
+
+def test_sqlite_placements_held_back_are_never_committed_unsent(tmp_path: Path) -> None:
+    """SQLite's sends hold a pass's placements back until send() in the pass's transaction: a transaction that
+    would commit without sending them commits nothing (a run the pass took as placed is not left queued
+    unseen); one undone by a savepoint drops its placements alone."""
+    s = SQLiteStore(tmp_path / "held.db")
+    try:
+        first, second = s.create_run(mk_run(1)), s.create_run(mk_run(2))
+        on_a = [Placement(rank=0, node_id="node-a", gpus=[0])]
+        sends = s.sends()
+        with pytest.raises(RuntimeError, match="not sent"), s.batch():
+            s.update_run(second.id, reason="written in the same transaction")
+            sends.transition(first.id, RunStatus.STARTING, placements=on_a)
+        with pytest.raises(RuntimeError, match="has ended"):
+            sends.send()  # (judged in a transaction that is undone: never written in another)
+        assert [(r.status, r.reason) for r in (s.get_run(first.id), s.get_run(second.id))] == \
+            [(RunStatus.QUEUED, None), (RunStatus.QUEUED, None)]  # type: ignore[union-attr]
+        with s.batch():
+            s.update_run(second.id, reason="kept")
+            with pytest.raises(ValueError), s.savepoint():
+                s.sends().transition(first.id, RunStatus.STARTING, placements=on_a)
+                raise ValueError("a failed pass")
+        assert [(r.status, r.reason) for r in (s.get_run(first.id), s.get_run(second.id))] == \
+            [(RunStatus.QUEUED, None), (RunStatus.QUEUED, "kept")]  # type: ignore[union-attr]
+    finally:
+        s.close()
 
 
 # ---- logs --------------------------------------------------------------------------------------------------
@@ -1467,8 +1499,7 @@ def test_a_run_placed_in_a_pass_is_written_before_the_pass_stops_it(store: Store
                                        placements=[Placement(rank=0, node_id="node-a", gpus=[0])])
         commits.wrote(new)
         held = store.get_run(run.id)
-        assert held is not None and held.status == (RunStatus.STARTING if isinstance(store, SQLiteStore)
-                                                    else RunStatus.QUEUED)  # (Redis: sent at the commit)
+        assert held is not None and held.status == RunStatus.QUEUED  # (sent at the commit)
         commits.placed_first(["run-other"])
         assert announced == []
         commits.placed_first([run.id])
@@ -1621,6 +1652,22 @@ def test_a_placement_past_its_teams_quota_is_refused_and_ended_runs_give_theirs_
     with pytest.raises(QuotaFull):
         b.transition(runs[3], RunStatus.RUNNING, quota_limit=3)  # (4 held, the limit now 3: refused)
     b.transition(runs[3], RunStatus.RUNNING)  # (no limit given: not checked)
+    # A pass's placements sent together (Store.sends, in its transaction on SQLite): each fits alone (4 held of
+    # 5), the second not after the first; it is refused at the latest by send(), nothing of it written.
+    more = [a.create_run(Run(id=f"run-q{i}", name="q", job={"job": "x"}, created_at=float(i))).id for i in (4, 5)]
+    with contextlib.ExitStack() as tx:
+        if isinstance(a, SQLiteStore):
+            tx.enter_context(a.batch())
+        sends, refused = a.sends(), {}
+        for rid, gpu in zip(more, (6, 7), strict=True):
+            try:
+                sends.transition(rid, RunStatus.STARTING, quota_limit=5, quota_key=key,
+                                 placements=[Placement(rank=0, node_id="n1", gpus=[gpu])])
+            except QuotaFull as exc:
+                refused[rid] = exc
+        refused.update(sends.send())
+    assert list(refused) == [more[1]] and isinstance(refused[more[1]], QuotaFull)
+    assert [b.get_run(rid).status for rid in more] == [RunStatus.STARTING, RunStatus.QUEUED]  # type: ignore[union-attr]
 
 
 def test_a_preempted_run_holds_its_gpus_and_quota_until_it_is_requeued(pair: tuple[Store, Store]) -> None:
