@@ -1461,7 +1461,7 @@ def test_a_placement_refused_when_sent_goes_back_to_the_queue(monkeypatch: pytes
 
         def send(self: redis_store._Sends, last: bool = False) -> dict[str, Run | Exception]:
             if self.pending and not taken:  # the other replica places a run on the first run's GPU, first
-                gpu = next(new for new, *_ in self.pending if new.id == first.id).placements[0].gpus[0]
+                gpu = next(new for _, _, new, *_ in self.pending if new.id == first.id).placements[0].gpus[0]
                 b.transition(intruder.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-0",
                                                                                     gpus=[gpu])])
                 taken.append(gpu)

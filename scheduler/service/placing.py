@@ -492,8 +492,9 @@ class PlacementMixin(PreemptionMixin):
                 placed[i] = new = got
             elif got is not None:
                 continue
-            if new._version is not None and new._version > book.seq:
-                book.own[new.id] = new._version
+            version = new._version  # (a private attribute: read once, it is a slow look-up)
+            if version is not None and version > book.seq:
+                book.own[new.id] = version
         if not failed:
             return
         placed[:] = [r for r in placed if not isinstance(failed.get(r.id), Exception)]
