@@ -828,9 +828,8 @@ class _Sends(Sends):
     def __init__(self, store: RedisStore) -> None:
         super().__init__(store)
         self.redis = store
-        # (the document judged on, the run, the run changed, quiet, quota limit, redo, note): PUT_RUN's call is
-        # made at take(), for all of them in one loop (a document dumped amid a placement's other work took
-        # twice as long)
+        # (the document judged on, the run, the run changed, quiet, quota limit, redo, note): PUT_RUN's call (the
+        # new document dumped) is made at take(), for all of them in one loop
         self.pending: list[tuple[str, Run, Run, bool, int | None, Callable[[], Run] | None, bool]] = []
 
     def _judged(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[str, Run, Run | None]:
