@@ -104,7 +104,10 @@ def test_gpu_samples_are_in_the_metrics(fedml: Fedml, tmp_path: Path) -> None:
              for f in text_string_to_metric_families(text) for s in f.samples}
         return m if any(k[0] == "fedml_gpu_utilization_ratio" for k in m) else None
 
-    m = wait_for("per-GPU samples in /metrics", scraped, timeout=30)
+    # (the samples are shown from the first heartbeat that carries them; the GPU used outside runs once the node
+    # is written with it, a moment later: a slow machine scraped in between)
+    m = wait_for("per-GPU samples and the GPU used outside runs in /metrics", lambda: (x := scraped()) and x.get(
+        ("fedml_gpus", (("state", "busy_outside"),))) == 1 and x, timeout=30)
     name = node(fedml)["name"]
     assert m[("fedml_gpu_utilization_ratio", (("gpu", "0"), ("node", name)))] == 0.4
     assert m[("fedml_gpu_memory_total_bytes", (("gpu", "1"), ("node", name)))] == 81920 * 1024 * 1024
