@@ -524,7 +524,7 @@ class SQLiteStore(Store):
         """_index of unfinished runs with placements, in one statement per table."""
         db.executemany("INSERT OR IGNORE INTO run_nodes (node_id, run_id) VALUES (?,?)",
                        [(p.node_id, run.id) for run in runs for p in run.placements])
-        # (checked before: _check_gpus; a claim another run holds fails here rather than being taken)
+        # (checked before: _check_gpus, or _Sends' look-up; a claim another run holds fails here, not taken)
         db.executemany("INSERT INTO gpu_claims (node_id, gpu, run_id) VALUES (?,?,?)",
                        [(n, g, run.id) for run in runs for n, g in run.gpu_claims()])
         held = [(run.id, *charge) for run in runs if (charge := quota_charge(run))[1]]
