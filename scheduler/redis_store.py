@@ -26,9 +26,10 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import hiredis
 import redis
 
 from .contract.models import TERMINAL, UNSETTLED, ApiKey, InvalidTransition, LogRow, Node, Run, RunStatus, Team
@@ -220,27 +221,19 @@ class RedisStore(Store):
         redis-py's script objects: a pipeline of those asks SCRIPT EXISTS first, a round trip more each time. A
         server that lost the script (restarted) answers NOSCRIPT without running the call: it is loaded and those
         calls are sent again. `let_go`: the pass lock's release (_let_go), sent in the same round trip."""
-        if len(calls) == 1 and let_go is None:  # (a pipeline of one costs its set-up)
-            keys, args = calls[0]
-            try:
-                return [self._put_run(keys=keys, args=args)]
-            except redis.ResponseError as exc:
-                return [exc]
         return self._with_puts(calls, let_go=let_go)[0]
 
-    def _with_puts(self, calls: list[tuple[list[str], list[Any]]], then: Callable[[Any], None] | None = None,
+    def _with_puts(self, calls: list[tuple[list[str], list[Any]]], more: Sequence[tuple[Any, ...]] = (),
                    let_go: tuple[list[str], list[Any]] | None = None) -> tuple[list[Any], list[Any]]:
-        """_puts's calls, then the commands `then` adds to the pipeline, then the pass lock's release, in one
-        round trip: (the calls' answers, those of `then`'s commands). Calls the server refused for want of the
-        script are sent again once it is loaded; so is the release, alone."""
-        with self.r.pipeline(transaction=False) as p:
-            for keys, args in calls:
-                p.evalsha(self._put_run.sha, len(keys), *keys, *args)
-            if then is not None:
-                then(p)
-            if let_go is not None:
-                p.evalsha(self._release_lock.sha, len(let_go[0]), *let_go[0], *let_go[1])
-            got = p.execute(raise_on_error=False)
+        """_puts's calls, then the commands `more` (raw: their replies as the server sent them), then the pass
+        lock's release, in one round trip: (the calls' answers, those of `more`). Calls the server refused for
+        want of the script are sent again once it is loaded; so is the release, alone."""
+        sha = self._put_run.sha
+        commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        commands.extend(more)
+        if let_go is not None:
+            commands.append(("EVALSHA", self._release_lock.sha, len(let_go[0]), *let_go[0], *let_go[1]))
+        got = self._pipe(commands)
         if let_go is not None:
             *got, released = got
             if isinstance(released, redis.exceptions.NoScriptError):
@@ -248,14 +241,36 @@ class RedisStore(Store):
         puts, rest = got[:len(calls)], got[len(calls):]
         lost = [i for i, g in enumerate(puts) if isinstance(g, redis.exceptions.NoScriptError)]
         if lost:
-            self._put_run.sha = self.r.script_load(PUT_RUN)
-            with self.r.pipeline(transaction=False) as p:
-                for i in lost:
-                    keys, args = calls[i]
-                    p.evalsha(self._put_run.sha, len(keys), *keys, *args)
-                for i, g in zip(lost, p.execute(raise_on_error=False), strict=True):
-                    puts[i] = g
+            self._put_run.sha = sha = self.r.script_load(PUT_RUN)
+            again = self._pipe([("EVALSHA", sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in lost])
+            for i, g in zip(lost, again, strict=True):
+                puts[i] = g
         return puts, rest
+
+    def _pipe(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Each command's reply as the server sent it (RESP2: bytes, ints, lists, None), or the error it answered,
+        all in one round trip. Packed by hiredis and read raw, not through redis-py's Pipeline, which encodes each
+        argument in a Python call of its own and runs a callback per reply: for a pass's PUT_RUN calls (~30
+        arguments each) that was a fifth of a freed slot's own time. A broken connection is dropped and the
+        commands sent again on a new one, as redis-py's pipelines do (a PUT_RUN that had landed then answers
+        "conflict", and is decided again over what it wrote)."""
+        packed = b"".join([hiredis.pack_command(c) for c in commands])
+        pool = self.r.connection_pool
+        conn = pool.get_connection()
+
+        def once() -> list[Any]:
+            conn.send_packed_command([packed])
+            out: list[Any] = []
+            for _ in commands:
+                try:
+                    out.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:  # (read whole: the next reply follows)
+                    out.append(exc)
+            return out
+        try:
+            return conn.retry.call_with_retry(once, lambda _error: conn.disconnect())
+        finally:
+            pool.release(conn)
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
 
@@ -749,12 +764,11 @@ class RedisStore(Store):
             return
         key, token = self.k.lock("schedule"), secrets.token_hex(16)
 
-        def then(p: Any) -> None:
-            p.set(key, token, nx=True, px=int(ttl * 1000))
-            if feed is not None:
-                p.zrangebyscore(self.k.changes, f"({feed[0]}", "+inf", start=0, num=self.FEED_PAGE, withscores=True)
-
-        puts, rest = self._with_puts([(keys, args) for _, keys, args, *_ in pending], then)
+        more: list[tuple[Any, ...]] = [("SET", key, token, "NX", "PX", int(ttl * 1000))]
+        if feed is not None:
+            more.append(("ZRANGEBYSCORE", self.k.changes, f"({feed[0]}", "+inf", "WITHSCORES", "LIMIT", 0,
+                         self.FEED_PAGE))
+        puts, rest = self._with_puts([(keys, args) for _, keys, args, *_ in pending], more)
         sent = sends.answered(pending, puts) if isinstance(sends, _Sends) else {}
         if isinstance(rest[0], Exception) or not rest[0]:  # held elsewhere (or refused: the sends' answer stands)
             if not wait:
@@ -766,7 +780,15 @@ class RedisStore(Store):
         held["schedule"] = 1
         self._locks.release = (key, token)
         try:
-            yield PassLock(True, None if feed is None else self._feed_page(feed[0], rest[1], feed[1]()), sent)
+            page = None
+            if feed is not None:
+                if isinstance(rest[1], Exception):
+                    raise rest[1]
+                got = rest[1]  # (RESP3: [member, score] pairs; RESP2: member, score, member, ...)
+                pairs = ([(m, float(v)) for m, v in got] if got and isinstance(got[0], list)
+                         else list(zip(got[::2], map(float, got[1::2]), strict=True)))
+                page = self._feed_page(feed[0], pairs, feed[1]())
+            yield PassLock(True, page, sent)
         finally:
             held.pop("schedule", None)
             if getattr(self._locks, "release", None) is not None:  # (not let go with a send)

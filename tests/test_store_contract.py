@@ -959,6 +959,40 @@ def test_the_nodes_change_feed_gives_what_moved_since_a_version(pair: tuple[Stor
     assert b.nodes_since(v2 + 1000) is None  # a version this store never reached: list them all
 
 
+
+def test_redis_sends_go_out_again_on_a_new_connection_when_the_server_dropped_theirs() -> None:
+    """Redis: a pass's writes go out raw (RedisStore._pipe, not redis-py's pipeline), on a connection of the
+    client's pool. One the server closed since it was last used (a restart, an idle timeout, CLIENT KILL) is
+    opened again and the commands are sent on it: the placement lands once, and each reply of the batch, an
+    error included, stays its own command's."""
+    import redis
+
+    from scheduler.redis_store import RedisStore
+
+    store = RedisStore(redis_url())
+    killer = redis.Redis.from_url(store.url)
+    try:
+        runs = [store.create_run(mk_run(i)) for i in range(2)]
+        before = store.r.client_id()  # (the pool's one connection, handed back)
+        assert killer.client_kill_filter(_id=before) == 1
+        sends = store.sends()
+        placed = sends.transition(runs[0].id, RunStatus.STARTING,
+                                  placements=[Placement(rank=0, node_id="node-a", gpus=[0])])
+        busy = sends.transition(runs[1].id, RunStatus.STARTING,  # (refused by the script: its GPU is taken)
+                                placements=[Placement(rank=0, node_id="node-a", gpus=[0])])
+        failed = sends.send()
+        assert set(failed) == {busy.id} and isinstance(failed[busy.id], GpuBusy), failed
+        assert store.r.client_id() != before  # (it did go out on a new connection)
+        stored = store.get_run(placed.id)
+        assert stored is not None and stored.status == RunStatus.STARTING and stored.attempt == placed.attempt
+        got = store._pipe([("INCR", store.k.run(placed.id)), ("PING",)])  # (an error reply, then the next)
+        assert isinstance(got[0], redis.exceptions.ResponseError) and got[1] == b"PONG", got
+        assert store.get_run(placed.id) == stored
+    finally:
+        store.wipe()
+        store.close()
+        killer.close()
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_a_key_read_just_before_its_revocation_is_not_used_after_it(kind: str, tmp_path: Path) -> None:
     """The key cache (store.KeyCache): a request that read the key before the revocation and stores it after (a
