@@ -136,7 +136,7 @@ class RedisStore(Store):
              quota_limit: int | None = None) -> None:
         """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
         keys, args = self._put_call(old_doc, old, new, quiet, quota_limit)
-        failed = self._said(self._put_run(keys=keys, args=args), new, args[2])
+        failed = self._said(self._puts([(keys, args)])[0], new, args[2])
         if failed is not None:
             raise failed
 
