@@ -248,12 +248,14 @@ class RedisStore(Store):
         return puts, rest
 
     def _pipe(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Each command's reply as the server sent it (RESP2: bytes, ints, lists, None), or the error it answered,
-        all in one round trip. Packed by hiredis and read raw, not through redis-py's Pipeline, which encodes each
-        argument in a Python call of its own and runs a callback per reply: for a pass's PUT_RUN calls (~30
-        arguments each) that was a fifth of a freed slot's own time. A broken connection is dropped and the
-        commands sent again on a new one, as redis-py's pipelines do (a PUT_RUN that had landed then answers
-        "conflict", and is decided again over what it wrote)."""
+        """Each command's reply as the server sent it (bytes, ints, lists, None: no redis-py callback), or the
+        error it answered, all in one round trip. Packed by hiredis and read raw, not through redis-py's
+        Pipeline, which encodes each argument in a Python call of its own and runs a callback per reply: for a
+        pass's PUT_RUN calls (~30 arguments each) that was a fifth of a freed slot's own time. A broken
+        connection is dropped and the commands sent again on a new one, as redis-py's pipelines do (a PUT_RUN
+        that had landed then answers "conflict", and is decided again over what it wrote)."""
+        if not commands:
+            return []
         packed = b"".join([hiredis.pack_command(c) for c in commands])
         pool = self.r.connection_pool
         conn = pool.get_connection()
@@ -269,6 +271,9 @@ class RedisStore(Store):
             return out
         try:
             return conn.retry.call_with_retry(once, lambda _error: conn.disconnect())
+        except BaseException:
+            conn.disconnect()  # (replies may be left unread on it: never hand it to the next caller)
+            raise
         finally:
             pool.release(conn)
 
