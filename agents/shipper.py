@@ -24,6 +24,10 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 PARTIAL_AFTER = 0.5
 TRUNCATED = " [fedml: line truncated at 64 KiB]"
 BULK = True  # split runs of plain lines at once (False: the per-line path alone, which tests compare it with)
+# A batch that is not full (the job's output read to its end) is followed by the next no sooner than this after it
+# was read: each batch costs a request, a commit on the scheduler and a checkpoint here (~1.5 ms in all), and a job
+# printing fast was shipped ~450 lines at a time (440 batches for 200,000 lines). A line waits at most this long.
+SHIP_EVERY = 0.02
 
 
 class _Tail:
@@ -167,6 +171,7 @@ class Shipper:
         self.tails = [_Tail(s, p, (offsets or {}).get(s, 0)) for s, p in files.items()]
         self.next_seq = next_seq
         self.shipped = 0
+        self.caught_up = True  # the last pump() read every tail to its end (not stopped by a batch's size)
         self.rewinds = 0
         # (first seq, offsets) before each batch acknowledged: where to read again from if the scheduler turns
         # out to have fewer lines than it acknowledged. The checkpoint we started from is the oldest we know.
@@ -184,6 +189,7 @@ class Shipper:
         ends: list[tuple[_Tail, int]] = []
         saved = [(t, t.skipping, t._after_cr) for t in self.tails]
         budget = MAX_BATCH_BYTES
+        full = False
         for t in self.tails:
             got, end = t.read_lines(MAX_BATCH_LINES - len(lines), budget, final)
             if end != t.offset:
@@ -191,7 +197,10 @@ class Shipper:
             if got:
                 reads.append((time.time(), t.stream, len(got)))
                 lines.extend(got)
-                budget = max(4096, budget - sum(len(x) for x in got))
+                budget -= sum(len(x) for x in got)
+                full = full or len(lines) >= MAX_BATCH_LINES or budget < MAX_LINE + 4096
+                budget = max(4096, budget)
+        self.caught_up = not full
         if not lines:
             for t, end in ends:  # bytes that make no line (the rest of a truncated one, a "\n" after "\r")
                 t.offset = end

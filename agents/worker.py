@@ -27,7 +27,7 @@ from scheduler.contract.models import Assignment, RunStatus, parse_ref
 
 from .client import Refused, Unreachable
 from .jobuser import chown_tree
-from .shipper import Shipper
+from .shipper import SHIP_EVERY, Shipper
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -290,6 +290,7 @@ class RunWorker(threading.Thread):
                 stopper = threading.Thread(target=h.stop, args=(grace,), daemon=True)
                 stopper.start()
             status = h.poll()
+            read_at = time.monotonic()
             try:
                 n = shipper.pump()
                 if n:
@@ -301,6 +302,8 @@ class RunWorker(threading.Thread):
                 self._sync_serve()
             if status is None and not n:
                 h.wait(0.02)
+            elif status is None and shipper.caught_up:  # (SHIP_EVERY: more lines to a batch; returns at the exit)
+                h.wait(max(0.0, read_at + SHIP_EVERY - time.monotonic()))
         if stopper is not None:
             stopper.join()
         shipper.drain()

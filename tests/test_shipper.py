@@ -108,6 +108,26 @@ def test_a_scheduler_that_lost_lines_gets_them_again(tmp_path: Path) -> None:
     assert s.lines == ["l0", "l1", "l2", "l3"]
 
 
+
+def test_a_batch_says_whether_the_output_was_read_to_its_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """caught_up: the worker waits SHIP_EVERY before the next batch only after one that read the job's output to
+    its end (a fast printer's lines go in fewer, larger batches); after a batch cut at its size it goes on at once."""
+    monkeypatch.setattr(mod, "MAX_BATCH_LINES", 3)
+    f = tmp_path / "out"
+    f.write_bytes(b"a\nb\nc\nd\n")
+    s = Scheduler()
+    sh = Shipper(s, "run-1", 0, {"stdout": f})  # type: ignore[arg-type]
+    assert sh.pump() == 3 and not sh.caught_up  # (cut at its size: more is waiting)
+    assert sh.pump() == 1 and sh.caught_up
+    assert sh.pump() == 0 and sh.caught_up
+    monkeypatch.setattr(mod, "MAX_BATCH_LINES", 1000)
+    monkeypatch.setattr(mod, "MAX_BATCH_BYTES", 8192)
+    with open(f, "ab") as out:
+        out.write(b"x" * 5000 + b"\n" + b"y" * 5000 + b"\n" + b"z\n")
+    assert sh.pump() == 1 and not sh.caught_up  # (cut at its bytes)
+    sh.drain()
+    assert s.lines == ["a", "b", "c", "d", "x" * 5000, "y" * 5000, "z"] and sh.caught_up
+
 def test_a_partial_line_is_shipped_after_a_short_wait_and_cut_the_same_way_on_a_resend(tmp_path: Path) -> None:
     f = tmp_path / "out"
     f.write_bytes(b"progress 10%")
