@@ -228,12 +228,22 @@ class RedisStore(Store):
         """_puts's calls, then the commands `more` (raw: their replies as the server sent them), then the pass
         lock's release, in one round trip: (the calls' answers, those of `more`). Calls the server refused for
         want of the script are sent again once it is loaded; so is the release, alone."""
+        return self._landed(self._send_puts(calls, more, let_go))
+
+    def _send_puts(self, calls: list[tuple[list[str], list[Any]]], more: Sequence[tuple[Any, ...]] = (),
+                   let_go: tuple[list[str], list[Any]] | None = None) -> _Flight:
+        """_with_puts's commands sent, their replies left to read (_landed)."""
         sha = self._put_run.sha
         commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
         commands.extend(more)
         if let_go is not None:
             commands.append(("EVALSHA", self._release_lock.sha, len(let_go[0]), *let_go[0], *let_go[1]))
-        got = self._pipe(commands)
+        return self._pipe_send(commands, (calls, let_go))
+
+    def _landed(self, flight: _Flight) -> tuple[list[Any], list[Any]]:
+        """_with_puts's answer to what _send_puts sent."""
+        calls, let_go = flight.what
+        got = self._pipe_read(flight)
         if let_go is not None:
             *got, released = got
             if isinstance(released, redis.exceptions.NoScriptError):
@@ -251,31 +261,60 @@ class RedisStore(Store):
         """Each command's reply as the server sent it (bytes, ints, lists, None: no redis-py callback), or the
         error it answered, all in one round trip. Packed by hiredis and read raw, not through redis-py's
         Pipeline, which encodes each argument in a Python call of its own and runs a callback per reply: for a
-        pass's PUT_RUN calls (~30 arguments each) that was a fifth of a freed slot's own time. A broken
-        connection is dropped and the commands sent again on a new one, as redis-py's pipelines do (a PUT_RUN
-        that had landed then answers "conflict", and is decided again over what it wrote)."""
-        if not commands:
-            return []
-        packed = b"".join([hiredis.pack_command(c) for c in commands])
-        pool = self.r.connection_pool
-        conn = pool.get_connection()
+        pass's PUT_RUN calls (~30 arguments each) that was a fifth of a freed slot's own time."""
+        return self._pipe_read(self._pipe_send(commands))
 
-        def once() -> list[Any]:
-            conn.send_packed_command([packed])
+    def _pipe_send(self, commands: list[tuple[Any, ...]], what: Any = None) -> _Flight:
+        """_pipe's first half: the commands sent on a connection taken from the pool, which the _Flight holds
+        until _pipe_read has read their replies (a pass computes its next placements meanwhile)."""
+        flight = _Flight(self.r.connection_pool.get_connection(), commands,
+                         b"".join([hiredis.pack_command(c) for c in commands]), what)
+        if commands:
+            try:
+                flight.conn.send_packed_command([flight.packed])
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                flight.sent = False  # (sent again, on a new connection, when it is read)
+            except BaseException:
+                self._drop(flight)
+                raise
+        return flight
+
+    def _pipe_read(self, flight: _Flight) -> list[Any]:
+        """_pipe's second half: the replies of what _pipe_send sent. A broken connection is dropped and the
+        commands sent again on a new one, as redis-py's pipelines do (a PUT_RUN that had landed then answers
+        "conflict", and is decided again over what it wrote)."""
+        conn, n = flight.conn, len(flight.commands)
+
+        def replies() -> list[Any]:
             out: list[Any] = []
-            for _ in commands:
+            for _ in range(n):
                 try:
                     out.append(conn.read_response())
                 except redis.exceptions.ResponseError as exc:  # (read whole: the next reply follows)
                     out.append(exc)
             return out
+
+        def again() -> list[Any]:
+            conn.send_packed_command([flight.packed])
+            return replies()
         try:
-            return conn.retry.call_with_retry(once, lambda _error: conn.disconnect())
+            if not n:
+                return []
+            if flight.sent:
+                try:
+                    return replies()
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    conn.disconnect()
+            return conn.retry.call_with_retry(again, lambda _error: conn.disconnect())
         except BaseException:
             conn.disconnect()  # (replies may be left unread on it: never hand it to the next caller)
             raise
         finally:
-            pool.release(conn)
+            self.r.connection_pool.release(conn)
+
+    def _drop(self, flight: _Flight) -> None:
+        flight.conn.disconnect()
+        self.r.connection_pool.release(flight.conn)
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
 
@@ -835,6 +874,15 @@ class RedisStore(Store):
         return n
 
 
+class _Flight:
+    """Commands sent on a connection of the pool whose replies are yet to be read (RedisStore._pipe_send)."""
+
+    __slots__ = ("conn", "commands", "packed", "what", "sent")
+
+    def __init__(self, conn: Any, commands: list[tuple[Any, ...]], packed: bytes, what: Any) -> None:
+        self.conn, self.commands, self.packed, self.what, self.sent = conn, commands, packed, what, True
+
+
 class _Conflict(Exception):
     """The document changed between our read and our write."""
 
@@ -858,6 +906,7 @@ class _Sends(Sends):
         # (the document judged on, the run, the run changed, quiet, quota limit, redo, note): PUT_RUN's call (the
         # new document dumped) is made at take(), for all of them in one loop
         self.pending: list[tuple[str, Run, Run, bool, int | None, Callable[[], Run] | None, bool]] = []
+        self.flying: tuple[_Flight, list[_Send]] | None = None  # sent with overlap=True, answers not read yet
 
     def _judged(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[str, Run, Run | None]:
         """RedisStore._changed, the documents of the runs queued after a run not remembered read with its own."""
@@ -895,13 +944,34 @@ class _Sends(Sends):
         return [(new, *put_call(doc, old, new, quiet, limit), redo, note)
                 for doc, old, new, quiet, limit, redo, note in pending]
 
-    def send(self, last: bool = False) -> dict[str, Run | Exception]:
+    def send(self, last: bool = False, *, overlap: bool = False) -> dict[str, Run | Exception]:
+        out = self._land()
         if not self.pending:
-            return {}
+            return out
         pending = self.take()
         store = self.redis
-        return self.answered(pending, store._puts([(keys, args) for _, keys, args, *_ in pending],
-                                                  store._let_go() if last else None))
+        calls = [(keys, args) for _, keys, args, *_ in pending]
+        if overlap and not last:  # (Redis runs them while the pass makes its next placements)
+            self.flying = (store._send_puts(calls), pending)
+            return out
+        return {**out, **self.answered(pending, store._puts(calls, store._let_go() if last else None))}
+
+    def in_flight(self) -> set[str]:
+        return set() if self.flying is None else {new.id for new, *_ in self.flying[1]}
+
+    def abandon(self) -> None:
+        try:
+            self._land()
+        except Exception:  # (the pass is failing already: its error is the one to tell)
+            log.exception("the answers of a failed pass's last placements could not be read")
+        self.pending.clear()
+
+    def _land(self) -> dict[str, Run | Exception]:
+        """The answers of what is in flight."""
+        if self.flying is None:
+            return {}
+        (flight, pending), self.flying = self.flying, None
+        return self.answered(pending, self.redis._landed(flight)[0])
 
     def sent(self, pending: list[_Send]) -> dict[str, Run | Exception]:
         return self.answered(pending, self.redis._puts([(keys, args) for _, keys, args, *_ in pending])) if pending else {}

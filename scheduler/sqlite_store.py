@@ -924,7 +924,7 @@ class _Sends(Sends):
         self._flush()
         return super().modify(run_id, change)
 
-    def send(self, last: bool = False) -> dict[str, Run | Exception]:
+    def send(self, last: bool = False, *, overlap: bool = False) -> dict[str, Run | Exception]:
         self._flush()
         failed, self._failed = self._failed, {}
         return failed

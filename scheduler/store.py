@@ -221,12 +221,23 @@ class Sends:
         got in before is not made again over the new state: send() answers Stale for it, nothing written."""
         return self.store.modify(run_id, change)
 
-    def send(self, last: bool = False) -> dict[str, Run | Exception]:
+    def send(self, last: bool = False, *, overlap: bool = False) -> dict[str, Run | Exception]:
         """Write the transitions made since the last send(). Returns those that did not end as transition()
         returned them, by run id: the run as written (another writer changed it meanwhile: the transition was
         made again over its new state), or the error, nothing written (InvalidTransition, NotFound, GpuBusy,
-        QuotaFull). `last`: the pass's last; under pass_lock(), a store may let the lock go with it."""
+        QuotaFull). `last`: the pass's last; under pass_lock(), a store may let the lock go with it.
+        `overlap`: a store across the network may leave these in flight (sent, their answers not read: the pass
+        makes its next placements meanwhile) until the next send(), which answers for them too; in_flight()
+        names them. A send() without it, or the last, answers for everything."""
         return {}
+
+    def in_flight(self) -> set[str]:
+        """The run ids of the changes sent whose answers send() has not given yet (send(overlap=True))."""
+        return set()
+
+    def abandon(self) -> None:
+        """A pass that failed: what is in flight is landed (no connection is left with unread answers) and what
+        was not sent is dropped; nothing of it is answered."""
 
 
 @dataclasses.dataclass

@@ -1453,8 +1453,8 @@ def test_a_pass_reads_the_documents_it_does_not_remember_many_at_a_time(monkeypa
         now = time.time()
         runs = [b.create_run(mk_run(i, created=now + i * 1e-3)) for i in range(300)]
         trips: list[int] = []
-        real_puts = a._puts
-        monkeypatch.setattr(a, "_puts", lambda calls, *x: trips.append(len(calls)) or real_puts(calls, *x))
+        real_send = a._send_puts  # (each round trip of PUT_RUN calls: sent at once, or left in flight)
+        monkeypatch.setattr(a, "_send_puts", lambda calls, *x: (calls and trips.append(len(calls))) or real_send(calls, *x))
         # No node yet: the book is built (every document remembered), and the reason written into all 300
         # runs, 256 to a round trip.
         assert scheds[0].schedule_pass() == 0
@@ -1477,6 +1477,77 @@ def test_a_pass_reads_the_documents_it_does_not_remember_many_at_a_time(monkeypa
         close()
 
 
+
+def test_a_pass_goes_on_while_its_last_commit_is_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis: a pass's commit of 256 placements is left in flight (Sends.send's overlap) while the pass makes the
+    next; each is counted and announced once its answer is in, none before. A pass that fails with a commit in
+    flight lands it (no connection goes back to the pool with answers unread on it); the book is read again and
+    the next pass places the rest: every run placed once, no GPU twice."""
+    from scheduler import redis_store
+    from scheduler.service import placing
+
+    scheds, close = _replicas(1)
+    try:
+        sched, a = scheds[0], scheds[0].store
+        assert isinstance(a, redis_store.RedisStore)
+        now = time.time()
+        for i in range(40):  # 320 GPUs
+            a.upsert_node(node(i, gpus=8).model_copy(update={"last_seen": now}))
+        runs = [a.create_run(mk_run(i, created=now + i * 1e-3)) for i in range(300)]
+        sched.kick()
+        announced: list[str] = []
+        sending: list[redis_store._Sends] = []
+        real_changed = sched.run_changed
+
+        def changed(run: Run) -> None:
+            assert not sending or run.id not in sending[0].in_flight()  # (nothing told before its answer is in)
+            announced.append(run.id)
+            real_changed(run)
+        monkeypatch.setattr(sched, "run_changed", changed)
+        flown: list[int] = []
+        real_send = redis_store._Sends.send
+
+        def send(self: redis_store._Sends, last: bool = False, **kw: Any) -> dict[str, Run | Exception]:
+            sending[:] = [self]
+            got = real_send(self, last, **kw)
+            flown.append(len(self.in_flight()))
+            return got
+        monkeypatch.setattr(redis_store._Sends, "send", send)
+        real_place, calls = placing.place, [0]
+
+        def place(*x: Any, **kw: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 280:  # (the first 256 sent, in flight)
+                raise RuntimeError("the pass fails")
+            return real_place(*x, **kw)
+        monkeypatch.setattr(placing, "place", place)
+        busy = len(a.r.connection_pool._in_use_connections)  # (the relay's subscription holds one)
+        with pytest.raises(RuntimeError, match="the pass fails"):
+            sched.schedule_pass()
+        assert flown == [256]
+        assert len(a.r.connection_pool._in_use_connections) == busy  # (the one in flight landed and went back)
+        assert a.r.ping() and a.get_run(runs[0].id) is not None  # (the connections answer what they are asked)
+        landed = a.list_runs(status=[RunStatus.STARTING], limit=1000)
+        assert len(landed) == 256 and not set(announced) & {r.id for r in landed}
+        monkeypatch.setattr(placing, "place", real_place)
+        flown.clear()
+        sched.kick()
+        assert sched.schedule_pass() == 300 - 256
+        placed = a.list_runs(status=[RunStatus.STARTING], limit=1000)
+        assert sorted(r.id for r in placed) == sorted(r.id for r in runs)
+        held = [(r.placements[0].node_id, g) for r in placed for g in r.placements[0].gpus]
+        assert len(held) == len(set(held)) == 300
+        a._docs_seen.clear()  # (a pass of 300 at once: two commits, the first in flight while the second is made)
+        for r in placed:
+            a.transition(r.id, RunStatus.KILLED)
+        more = [a.create_run(mk_run(1000 + i, created=now + 1 + i * 1e-3)) for i in range(300)]
+        sched.kick()
+        announced.clear()
+        assert sched.schedule_pass() == 300 and flown[-2:] == [256, 0]
+        assert set(announced) >= {r.id for r in more}
+    finally:
+        close()
+
 def test_a_placement_refused_when_sent_goes_back_to_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pass's placements are written together when it commits (Redis: one pipeline). One that another
     replica's write beat meanwhile (its GPU taken) is not counted nor announced, its run is queued again in the
@@ -1493,13 +1564,13 @@ def test_a_placement_refused_when_sent_goes_back_to_the_queue(monkeypatch: pytes
         real = redis_store._Sends.send
         taken: list[int] = []
 
-        def send(self: redis_store._Sends, last: bool = False) -> dict[str, Run | Exception]:
+        def send(self: redis_store._Sends, last: bool = False, **kw: Any) -> dict[str, Run | Exception]:
             if self.pending and not taken:  # the other replica places a run on the first run's GPU, first
                 gpu = next(new for _, _, new, *_ in self.pending if new.id == first.id).placements[0].gpus[0]
                 b.transition(intruder.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="node-0",
                                                                                     gpus=[gpu])])
                 taken.append(gpu)
-            return real(self, last)
+            return real(self, last, **kw)
 
         monkeypatch.setattr(redis_store._Sends, "send", send)
         announced: list[str] = []

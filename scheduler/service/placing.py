@@ -562,6 +562,7 @@ class _Commits:
         self.sends = store.sends()  # the placements' transitions (one round trip for a commit's on Redis)
         self.lines: dict[str, tuple[int, str]] = {}  # run -> (attempt, its log's first line), written once placed
         self.placed: list[Run] = []
+        self.flying: list[Run] = []  # placed and sent, their answers not read yet (Sends.send's overlap)
         self.placed_in_all = 0  # placements written (those send() failed left out)
         self.changed: list[Run] = []  # other runs the pass moved (preempted): told after the commit too
         self.count = 0
@@ -580,36 +581,45 @@ class _Commits:
             self.placed.append(placed)
         self.count += 1
         if self.count >= self.EVERY:
-            self._commit()
+            self._commit(overlap=True)
             self._open()
 
     def placed_first(self, run_ids: Iterable[str]) -> None:
         """Commit now if one of these runs was placed since the last commit: a write about to be made reads
         them as the store has them (where a store sends a pass's placements at its commit, still queued)."""
-        if self.placed and not {r.id for r in self.placed}.isdisjoint(run_ids):
+        if (self.placed or self.flying) and not {r.id for r in self.placed + self.flying}.isdisjoint(run_ids):
             self._commit()
             self._open()
 
-    def _commit(self, last: bool = False) -> None:
+    def _commit(self, last: bool = False, overlap: bool = False) -> None:
+        """Send what the pass wrote since the last commit. With `overlap`, a store may leave it in flight while
+        the pass goes on (Redis runs the scripts of one commit while the pass makes the next one's placements);
+        the placements are counted, logged and announced once their answers are in."""
         batch, self._batch = self._batch, None
         assert batch is not None
         try:
-            failed = self.sends.send(last)
+            failed = self.sends.send(last, overlap=overlap)
+            placed, self.placed = self.flying + self.placed, []
+            if flying := self.sends.in_flight():
+                self.flying = [r for r in placed if r.id in flying]
+                placed = [r for r in placed if r.id not in flying]
+            else:
+                self.flying = []
             if self.on_sent is not None:
-                self.on_sent(self.placed, failed)
+                self.on_sent(placed, failed)
             if self.lines:
                 now = time.time()
-                for run in self.placed:
-                    if (line := self.lines.get(run.id)) is not None and line[0] == run.attempt:
+                for run in placed:
+                    if (line := self.lines.pop(run.id, None)) is not None and line[0] == run.attempt:
                         self.store.append_logs(run.id, run.attempt, SYSTEM_RANK, 0, [(now, "fedml", line[1])])
-                self.lines.clear()
         except BaseException as exc:  # (the batch is left as a failed pass leaves it: rolled back on SQLite)
+            self.sends.abandon()
             batch.__exit__(type(exc), exc, exc.__traceback__)
             raise
         batch.close()
-        self.placed_in_all += len(self.placed)
+        self.placed_in_all += len(placed)
         self.count = 0
-        self.announce(self.placed)
+        self.announce(placed)
         for run in self.changed:
             if self.on_changed is not None:
                 self.on_changed(run)
@@ -618,6 +628,7 @@ class _Commits:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._batch is not None:
             if exc_type is not None:  # a failed pass: its open writes are rolled back (SQLite), not announced
+                self.sends.abandon()
                 self._batch.__exit__(exc_type, exc, tb)
                 self._batch = None
                 return
