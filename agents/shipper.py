@@ -25,8 +25,9 @@ PARTIAL_AFTER = 0.5
 TRUNCATED = " [fedml: line truncated at 64 KiB]"
 BULK = True  # split runs of plain lines at once (False: the per-line path alone, which tests compare it with)
 # A batch that is not full (the job's output read to its end) is followed by the next no sooner than this after it
-# was read: each batch costs a request, a commit on the scheduler and a checkpoint here (~1.5 ms in all), and a job
-# printing fast was shipped ~450 lines at a time (440 batches for 200,000 lines). A line waits at most this long.
+# was read: each batch costs a request, a commit on the scheduler and a checkpoint here, and a job printing fast was
+# shipped in ~100 batches per 200,000 lines (now ~30-50: a quarter less CPU for the scheduler and the agent
+# together). A line waits at most this long.
 SHIP_EVERY = 0.02
 
 
