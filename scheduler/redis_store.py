@@ -267,8 +267,8 @@ class RedisStore(Store):
     def _pipe_send(self, commands: list[tuple[Any, ...]], what: Any = None) -> _Flight:
         """_pipe's first half: the commands sent on a connection taken from the pool, which the _Flight holds
         until _pipe_read has read their replies (a pass computes its next placements meanwhile)."""
-        flight = _Flight(self.r.connection_pool.get_connection(), commands,
-                         b"".join([hiredis.pack_command(c) for c in commands]), what)
+        packed = b"".join([hiredis.pack_command(c) for c in commands])  # (before a connection is taken)
+        flight = _Flight(self.r.connection_pool.get_connection(), commands, packed, what)
         if commands:
             try:
                 flight.conn.send_packed_command([flight.packed])
