@@ -268,14 +268,15 @@ class RedisStore(Store):
         """_pipe's first half: the commands sent on a connection taken from the pool, which the _Flight holds
         until _pipe_read has read their replies (a pass computes its next placements meanwhile)."""
         packed = b"".join([hiredis.pack_command(c) for c in commands])  # (before a connection is taken)
-        flight = _Flight(self.r.connection_pool.get_connection(), commands, packed, what)
+        flight = _Flight(self.r.connection_pool.get_connection(), len(commands), packed, what)
         if commands:
             try:
                 flight.conn.send_packed_command([flight.packed])
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 flight.sent = False  # (sent again, on a new connection, when it is read)
             except BaseException:
-                self._drop(flight)
+                flight.conn.disconnect()
+                self.r.connection_pool.release(flight.conn)
                 raise
         return flight
 
@@ -283,7 +284,7 @@ class RedisStore(Store):
         """_pipe's second half: the replies of what _pipe_send sent. A broken connection is dropped and the
         commands sent again on a new one, as redis-py's pipelines do (a PUT_RUN that had landed then answers
         "conflict", and is decided again over what it wrote)."""
-        conn, n = flight.conn, len(flight.commands)
+        conn, n = flight.conn, flight.n
 
         def replies() -> list[Any]:
             out: list[Any] = []
@@ -311,10 +312,6 @@ class RedisStore(Store):
             raise
         finally:
             self.r.connection_pool.release(conn)
-
-    def _drop(self, flight: _Flight) -> None:
-        flight.conn.disconnect()
-        self.r.connection_pool.release(flight.conn)
 
     DOCS_SEEN = 20_000  # run documents remembered (the newest used): ~2 KB each
 
@@ -877,10 +874,10 @@ class RedisStore(Store):
 class _Flight:
     """Commands sent on a connection of the pool whose replies are yet to be read (RedisStore._pipe_send)."""
 
-    __slots__ = ("conn", "commands", "packed", "what", "sent")
+    __slots__ = ("conn", "n", "packed", "what", "sent")
 
-    def __init__(self, conn: Any, commands: list[tuple[Any, ...]], packed: bytes, what: Any) -> None:
-        self.conn, self.commands, self.packed, self.what, self.sent = conn, commands, packed, what, True
+    def __init__(self, conn: Any, n: int, packed: bytes, what: Any) -> None:
+        self.conn, self.n, self.packed, self.what, self.sent = conn, n, packed, what, True  # (n: the commands)
 
 
 class _Conflict(Exception):
