@@ -32,6 +32,7 @@ from .store import (
     TEXT_STREAM,
     AlreadyExists,
     Busy,
+    Created,
     Cursor,
     GpuBusy,
     KeyCache,
@@ -236,6 +237,7 @@ class SQLiteStore(Store):
         # [transaction nesting, the last run seq given in the open transaction or 0, writes _Sends holds back in
         # it] (guarded by _lock)
         self._depth = [0, 0, 0]
+        self._created = Created()  # the runs created here, parsed, for their placement (guarded by _lock)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss, not only a crash of this process.
@@ -384,9 +386,12 @@ class SQLiteStore(Store):
             with self._tx() as db:
                 self._check_gpus(db, run, run.gpu_claims())  # (a run is created queued: none, but the contract)
                 seq = self._next_seq(db)
+                row = self._run_row(run)
                 db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
-                           "VALUES (?,?,?,?,?,?,?,?)", (*self._run_row(run), seq))
+                           "VALUES (?,?,?,?,?,?,?,?)", (*row, seq))
                 self._index(db, run)
+                if run.status == RunStatus.QUEUED:
+                    self._created.keep(run, row[6])
                 if run.sweep is not None:
                     db.execute("INSERT INTO sweep_runs (sweep_id, run_id) VALUES (?,?)", (run.sweep.id, run.id))
                 if run.endpoint is not None:
@@ -893,6 +898,8 @@ class _Sends(Sends):
         # run id -> (as it will be written, as read, how: to, quota limit, fields)
         self._pending: dict[str, tuple[Run, str, tuple[RunStatus, int | None, dict[str, object]]]] = {}
         self._failed: dict[str, Run | Exception] = {}
+        with store._lock:
+            store._created.prune()  # (an idle scheduler holds no run created long ago)
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         store = self.sqlite
@@ -902,9 +909,9 @@ class _Sends(Sends):
             if store._depth[0] == 0:  # (no transaction holds what is read until it is written)
                 return store.transition(run_id, to, quota_limit=quota_limit, **fields)
             row = store._db.execute("SELECT doc FROM runs WHERE id=?", (run_id,)).fetchone()
-        if row is None:
-            raise NotFound(run_id)
-        run = Run.model_validate_json(row[0])
+            if row is None:
+                raise NotFound(run_id)
+            run = store._created.parsed(run_id, row[0])  # (not to be changed: the base of the copy below)
         new = run.changed(to, **fields)
         if run.placements or run.terminal or new.terminal or not new.placements or \
                 (new.owner, new.priority, new.created_at, new.endpoint is None) != \

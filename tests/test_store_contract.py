@@ -724,6 +724,87 @@ def test_sqlite_placements_held_back_are_never_committed_unsent(tmp_path: Path) 
         s.close()
 
 
+def test_a_sqlite_placement_is_made_over_the_run_as_stored_not_as_created(tmp_path: Path) -> None:
+    """A store keeps the runs it created, parsed, for their placement (store.Created): only while the stored
+    document is still the one it wrote. A run another process changed since is placed over that change; a
+    run its creator changed afterwards in memory is placed as it was written."""
+    a, b = SQLiteStore(tmp_path / "kept.db"), SQLiteStore(tmp_path / "kept.db")  # (b: another process)
+    try:
+        renamed, changed_after, plain = (a.create_run(mk_run(i)) for i in range(3))
+        assert len(a._created) == 3
+        b.update_run(renamed.id, name="renamed by another process")
+        changed_after.name = "changed by its creator after the write"
+        with a.batch():
+            sends = a.sends()
+            for gpu, run in enumerate((renamed, changed_after, plain)):
+                sends.transition(run.id, RunStatus.STARTING, placements=[Placement(rank=0, node_id="n", gpus=[gpu])])
+            assert sends.send() == {}
+        got = {r.id: r for r in (b.get_run(x.id) for x in (renamed, changed_after, plain)) if r is not None}
+        assert {r.status for r in got.values()} == {RunStatus.STARTING}
+        assert got[renamed.id].name == "renamed by another process"
+        assert got[changed_after.id].name == "r1" and got[plain.id].name == "r2"
+        assert len(a._created) == 0  # (each taken once)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_runs_kept_for_their_placement_are_bounded_in_number_and_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scheduler.store as store_module
+    from scheduler.store import Created
+
+    clock = [100.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(Created, "MAX", 3)
+    kept, runs = Created(), [mk_run(i) for i in range(5)]
+    for run in runs:
+        kept.keep(run, run.model_dump_json())
+        clock[0] += 1.0
+    assert len(kept) == 3  # (the first three: the queue's order places the oldest first)
+    doc = runs[0].model_dump_json()
+    runs[0].name = "changed by its creator"
+    assert kept.parsed(runs[0].id, doc).name == "r0" and len(kept) == 2  # (a copy, taken once)
+    clock[0] = 100.0 + Created.AGE + 1.5  # the second is past AGE, the third not
+    kept.prune()
+    assert len(kept) == 1 and kept.parsed(runs[2].id, runs[2].model_dump_json()).id == runs[2].id
+
+
+def test_a_kept_run_is_placed_as_the_same_document_as_its_stored_one_read_back(tmp_path: Path) -> None:
+    """store.Created's premise: a run as the scheduler created it and the same run parsed back from the document
+    written are placed as the same document, for every FedML example and template (defaults, free keys,
+    multi-OS commands, services, sweeps' points...)."""
+    from scheduler.contract.errors import Invalid
+    from scheduler.contract.models import Principal, RunCreate
+    from scheduler.notify import Notifier
+
+    from .conftest import COMPAT, ROOT
+
+    needs("the FedML compatibility corpus", COMPAT.is_dir(), f"{COMPAT} is missing")
+    texts = {str(p): p.read_text() for p in sorted(COMPAT.rglob("*.yaml")) + sorted((ROOT / "job_templates").rglob(
+        "job.yaml"))}
+    texts["swept"] = ("job: python train.py --lr $lr\nsweep: {lr: [0.1, 0.01]}\nenvs: {A: 1, B: true}\n"
+                      "labels: {zone: eu}\nmax_duration: 2h\ncomputing: {minimum_num_gpus: 2, resource_type: H100}\n"
+                      "retry: {max_attempts: 3, on: [error, lost]}\npreemption: {grace: 10s}\nfree_key: {x: [1, 2]}\n")
+    store = SQLiteStore(tmp_path / "same.db")
+    sched = Scheduler(store, Notifier(), heartbeat_interval=10.0, rng=random.Random(1))
+    who = Principal(scope="user", owner="alice", key_id="k")
+    checked = 0
+    try:
+        for name, text in texts.items():
+            with contextlib.suppress(Invalid):  # (a model's config, not a job file; a job stored on FedML's site)
+                sched.create_run(RunCreate(job_text=text, job_file=name, env={"E": "1"}), who)
+        for run_id, (_, doc, kept) in list(store._created._runs.items()):
+            assert doc == store._db.execute("SELECT doc FROM runs WHERE id=?", (run_id,)).fetchone()[0]
+            place = {"placements": [Placement(rank=0, node_id="n", gpus=[0])], "reason": None, "master_port": 1}
+            as_kept = kept.changed(RunStatus.STARTING, now=5.0, **place).model_dump_json()
+            as_read = Run.model_validate_json(doc).changed(RunStatus.STARTING, now=5.0, **place).model_dump_json()
+            assert as_kept == as_read, kept.job_file
+            checked += 1
+        assert checked >= 18, f"only {checked} runs were made of {len(texts)} job files"
+    finally:
+        store.close()
+
+
 # ---- logs --------------------------------------------------------------------------------------------------
 
 def lines(n: int, tag: str = "l") -> list[tuple[float, str, str]]:
