@@ -974,7 +974,7 @@ class _Sends(Sends):
             rows = []
             for run in ok:
                 run._version = store._next_seq(db)
-                rows.append((run.status.value, run.node_id, run.model_dump_json(), run._version, run.id,
+                rows.append((run.status.value, run.node_id, run.model_dump_json(), run.version, run.id,
                              pending[run.id][1]))
             # (each over the document it was decided on: the pass itself may have written one of them since,
             # in this transaction; that one is decided again below, over what it wrote)
@@ -982,7 +982,7 @@ class _Sends(Sends):
                               rows).rowcount != len(rows):
                 written = {r[0] for r in db.execute(
                     f"SELECT id FROM runs WHERE seq >= ? AND id IN ({','.join('?' * len(ok))})",
-                    (ok[0]._version, *(r.id for r in ok)))}
+                    (ok[0].version, *(r.id for r in ok)))}
                 redo = [r for r in ok if r.id not in written]
                 ok = [r for r in ok if r.id in written]
             else:

@@ -348,6 +348,7 @@ def test_the_change_feed_leaves_out_a_write_the_reader_applied_already(pair: tup
     placed = start_on(a, one, "node-a", [0])
     assert placed._version is not None and placed._version > two._version
     assert placed.changed(reason="x")._version is None  # a copy being changed is not written yet
+    assert (one.version, placed.version, placed.changed(reason="x").version) == (one._version, placed._version, None)
     known = {one.id: placed._version}
     seq, runs = b.runs_changed_since(start, known=known)
     assert [r.id for r in runs] == [two.id] and seq == b.runs_seq()

@@ -284,6 +284,12 @@ class Run(BaseModel):
     _version: int | None = PrivateAttr(default=None)
 
     @property
+    def version(self) -> int | None:
+        """_version, read without pydantic's look-up of a private attribute (2.7 us: it asks the attribute's
+        default for a descriptor and catches the AttributeError), which a pass made four times per placement."""
+        return self.__pydantic_private__["_version"]  # type: ignore[index]
+
+    @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
 

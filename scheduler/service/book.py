@@ -114,7 +114,7 @@ class Book:
     # -- changes -------------------------------------------------------------------------------------------
     def apply(self, run: Run) -> None:
         """Take `run` as it is now in the store (as read, or as a write of this scheduler just returned it)."""
-        version = run._version  # (a private attribute: read once, it is a slow look-up)
+        version = run.version
         if version is not None and version > self.seq:
             self.own[run.id] = version
         elif self.own:

@@ -221,7 +221,7 @@ class PlacementMixin(PreemptionMixin):
             return book, None
 
         def known() -> dict[str, int]:
-            return {**book.own, **{r.id: r._version for r in list(self._fresh) if r._version is not None}}
+            return {**book.own, **{r.id: v for r in list(self._fresh) if (v := r.version) is not None}}
         return book, (book.seq, known)
 
     def _pass(self, tickets: tuple[int, int], announce: Callable[[list[Run]], None] | None = None,
@@ -321,7 +321,7 @@ class PlacementMixin(PreemptionMixin):
         fresh = self._fresh
         while fresh:  # (what this scheduler wrote since: as written, unless the book has passed that write)
             run = fresh.popleft()
-            version = run._version
+            version = run.version
             if version is not None and version > max(book.seq, book.own.get(run.id, 0)):
                 book.apply(run)
         fed, self._fed = self._fed, None
@@ -492,7 +492,7 @@ class PlacementMixin(PreemptionMixin):
                 placed[i] = new = got
             elif got is not None:
                 continue
-            version = new._version  # (a private attribute: read once, it is a slow look-up)
+            version = new.version
             if version is not None and version > book.seq:
                 book.own[new.id] = version
         if not failed:
