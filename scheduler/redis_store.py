@@ -56,6 +56,7 @@ from .store import (
     DEFAULT_LOG_RETENTION,
     QUIET_FIELDS,
     AlreadyExists,
+    Created,
     Cursor,
     GpuBusy,
     KeyCache,
@@ -110,6 +111,7 @@ class RedisStore(Store):
         # placement right after the pass listed the queue costs one round trip, not two). A stale one only
         # costs a failed compare-and-set and a fresh read.
         self._docs_seen: dict[str, str] = {}
+        self._created = Created()  # the runs created here, parsed, for their placement
         self._keys = KeyCache(lambda: int(self.r.get(self.k.keys_version) or 0), self._read_key)
         self._endpoints_ready = False  # the endpoints set is known to be built (endpoint_runs)
         self._aclient: tuple[Any, Any, Any] | None = None  # (event loop, its client, a script): poll_reads
@@ -133,12 +135,14 @@ class RedisStore(Store):
                 *(() if quiet else (k.changes, k.runs_seq))], args
 
     def _put(self, old_doc: str, old: Run | None, new: Run, quiet: bool = False,
-             quota_limit: int | None = None) -> None:
-        """Write `new` if the stored document is still `old_doc` ("" = must not exist). Raises _Conflict."""
+             quota_limit: int | None = None) -> str:
+        """Write `new` if the stored document is still `old_doc` ("" = must not exist), and return the document
+        written. Raises _Conflict."""
         keys, args = self._put_call(old_doc, old, new, quiet, quota_limit)
         failed = self._said(self._puts([(keys, args)])[0], new, args[2])
         if failed is not None:
             raise failed
+        return str(args[2])
 
     def _said(self, got: Any, new: Run, doc: str) -> Exception | None:
         """What PUT_RUN answered for writing `new` (as `doc`): None where written, else the error."""
@@ -163,7 +167,9 @@ class RedisStore(Store):
     def create_run(self, run: Run) -> Run:
         if run.sweep is not None:  # with its sweep's set, in one transaction
             return self.create_runs([run])[0]
-        self._put("", None, run)
+        doc = self._put("", None, run)
+        if run.status == RunStatus.QUEUED:
+            self._created.keep(run, doc)
         return run
 
     def create_each(self, runs: list[Run]) -> list[Exception | None]:
@@ -177,6 +183,8 @@ class RedisStore(Store):
             if isinstance(said, str) and said.startswith("ok\t"):
                 self._remember(run.id, args[2])
                 run._version = int(said[3:])
+                if run.status == RunStatus.QUEUED:
+                    self._created.keep(run, args[2])
                 out.append(None)
             elif said == "exists":
                 out.append(AlreadyExists(f"run {run.id} exists already"))
@@ -213,6 +221,8 @@ class RedisStore(Store):
         for (_, args), run, g in zip(calls, runs, said, strict=True):
             self._remember(run.id, args[2])
             run._version = int(g[3:])
+            if run.status == RunStatus.QUEUED:
+                self._created.keep(run, args[2])
         return runs
 
     def _puts(self, calls: list[tuple[list[str], list[Any]]],
@@ -323,7 +333,9 @@ class RedisStore(Store):
             for old in list(itertools.islice(seen, len(seen) // 10)):
                 del seen[old]
 
-    def _read(self, run_id: str, fresh: bool = False) -> tuple[str, Run] | None:
+    def _read(self, run_id: str, fresh: bool = False, kept: bool = False) -> tuple[str, Run] | None:
+        """(its document, the run): remembered unless `fresh`, else read. With `kept`, the run may be the one
+        kept from its creation (Created): only the base of a copy, never handed out."""
         doc = None if fresh else self._docs_seen.get(run_id)
         if doc is None:
             raw = self.r.get(self.k.run(run_id))
@@ -331,7 +343,7 @@ class RedisStore(Store):
                 return None
             doc = raw.decode()
             self._remember(run_id, doc)
-        return doc, Run.model_validate_json(doc)
+        return doc, self._created.parsed(run_id, doc) if kept else Run.model_validate_json(doc)
 
     QUEUED_AHEAD = 256  # documents read with a queued run this replica does not remember (a pass's commit)
 
@@ -378,11 +390,12 @@ class RedisStore(Store):
         raise RuntimeError(f"run {run_id}: too many concurrent writers")
 
     def _changed(self, run_id: str, change: Callable[[Run], Run | None],
-                 fresh: bool = False) -> tuple[str, Run, Run | None]:
+                 fresh: bool = False, kept: bool = False) -> tuple[str, Run, Run | None]:
         """(the stored document, the run, the run changed): read, or remembered. Only a change to write is
         judged on a remembered copy: where `change` refuses it or finds nothing to write, the run is read again
-        and judged on that (a copy another replica's write left stale must not refuse, nor skip, a change)."""
-        got = self._read(run_id, fresh=fresh)
+        and judged on that (a copy another replica's write left stale must not refuse, nor skip, a change).
+        `kept`: _read's (the run returned is not to be changed, nor handed out)."""
+        got = self._read(run_id, fresh=fresh, kept=kept)
         if got is None:
             raise NotFound(run_id)
         doc, old = got
@@ -904,12 +917,13 @@ class _Sends(Sends):
         # new document dumped) is made at take(), for all of them in one loop
         self.pending: list[tuple[str, Run, Run, bool, int | None, Callable[[], Run] | None, bool]] = []
         self.flying: tuple[_Flight, list[_Send]] | None = None  # sent with overlap=True, answers not read yet
+        store._created.prune()  # (an idle scheduler holds no run created long ago)
 
     def _judged(self, run_id: str, change: Callable[[Run], Run | None]) -> tuple[str, Run, Run | None]:
         """RedisStore._changed, the documents of the runs queued after a run not remembered read with its own."""
         if run_id not in self.redis._docs_seen:
             self.redis._remember_queued(run_id)
-        return self.redis._changed(run_id, change)
+        return self.redis._changed(run_id, change, kept=True)
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         doc, old, new = self._judged(run_id, lambda run: run.changed(to, **fields))

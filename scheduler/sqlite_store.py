@@ -237,7 +237,7 @@ class SQLiteStore(Store):
         # [transaction nesting, the last run seq given in the open transaction or 0, writes _Sends holds back in
         # it] (guarded by _lock)
         self._depth = [0, 0, 0]
-        self._created = Created()  # the runs created here, parsed, for their placement (guarded by _lock)
+        self._created = Created()  # the runs created here, parsed, for their placement
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss, not only a crash of this process.
@@ -898,8 +898,7 @@ class _Sends(Sends):
         # run id -> (as it will be written, as read, how: to, quota limit, fields)
         self._pending: dict[str, tuple[Run, str, tuple[RunStatus, int | None, dict[str, object]]]] = {}
         self._failed: dict[str, Run | Exception] = {}
-        with store._lock:
-            store._created.prune()  # (an idle scheduler holds no run created long ago)
+        store._created.prune()  # (an idle scheduler holds no run created long ago)
 
     def transition(self, run_id: str, to: RunStatus, *, quota_limit: int | None = None, **fields: object) -> Run:
         store = self.sqlite

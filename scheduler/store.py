@@ -90,36 +90,41 @@ class Created:
     parsing the document read back (~35 us, a tenth of a placement at 10,000 nodes, and the garbage that makes
     the collector run).
 
-    A kept run is used only where the document read from the store is the same text, and only as the base of
+    A kept run is used only where the document the write is judged on is the same text, and only as the base of
     Run.changed (a copy): it is never handed out, so nothing changes it; it is a copy of the run created, so
     nothing the creator does to its own changes it either. Bounded: MAX runs, none kept past AGE seconds (a run
-    that waited longer is placed as a slot frees, where a parse is a small part of the pass). The caller holds
-    the store's lock."""
+    that waited longer is placed as a slot frees, where a parse is a small part of the pass)."""
 
     MAX = 8192  # ~12 KB each at most (the parsed job spec, shared with the creator's copy while it lives)
     AGE = 60.0
 
     def __init__(self) -> None:
         self._runs: dict[str, tuple[float, str, Run]] = {}  # run id -> (kept at, its document, the run parsed)
+        self._lock = threading.Lock()  # (request threads create, the pass takes)
 
     def keep(self, run: Run, doc: str) -> None:
-        now = time.monotonic()
-        self.prune(now)
-        if len(self._runs) < self.MAX:
-            self._runs[run.id] = (now, doc, run.model_copy())
+        copy, now = run.model_copy(), time.monotonic()
+        with self._lock:
+            self._prune(now)
+            if len(self._runs) < self.MAX:
+                self._runs[run.id] = (now, doc, copy)
 
-    def prune(self, now: float | None = None) -> None:
-        """Forget the runs kept past AGE (the oldest are first)."""
-        runs = self._runs
-        if runs:
-            too_old = (time.monotonic() if now is None else now) - self.AGE
-            for run_id in [i for i, _ in itertools.takewhile(lambda kv: kv[1][0] < too_old, runs.items())]:
-                del runs[run_id]
+    def prune(self) -> None:
+        """Forget the runs kept past AGE."""
+        if self._runs:
+            with self._lock:
+                self._prune(time.monotonic())
+
+    def _prune(self, now: float) -> None:
+        runs, too_old = self._runs, now - self.AGE
+        for run_id in [i for i, _ in itertools.takewhile(lambda kv: kv[1][0] < too_old, runs.items())]:
+            del runs[run_id]  # (the oldest are first)
 
     def parsed(self, run_id: str, doc: str) -> Run:
         """The run whose stored document is `doc`: kept (and forgotten now), or parsed. Not to be changed: only
         the base of a copy (Run.changed)."""
-        got = self._runs.pop(run_id, None)
+        with self._lock:
+            got = self._runs.pop(run_id, None)
         if got is not None and got[1] == doc:
             return got[2]
         return Run.model_validate_json(doc)
