@@ -75,7 +75,7 @@ class Handle(abc.ABC):
 
     @abc.abstractmethod
     def stop(self, grace: float) -> None:
-        """Ask the job to end, wait up to `grace` seconds, then kill everything it started."""
+        """Ask the job to end, wait up to `grace` seconds, then kill everything it started (no grace: at once)."""
 
     @abc.abstractmethod
     def log_files(self) -> dict[str, Path]:

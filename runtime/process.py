@@ -101,12 +101,15 @@ class ProcessHandle(Handle):
             pass
 
     def stop(self, grace: float) -> None:
-        self._kill_group(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not self._alive() and not self._group_alive():
-                break
-            time.sleep(0.05)
+        # With no grace (the fence's kill), SIGKILL alone: a SIGTERM just before it gives no one time to save
+        # anything, but can let the job's shell print "Terminated" for a child it lost, a line the job never wrote.
+        if grace > 0:
+            self._kill_group(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                if not self._alive() and not self._group_alive():
+                    break
+                time.sleep(0.05)
         self._kill_group(signal.SIGKILL)
         sweep(self.run_dir, self.uid)
         self._swept = True  # poll() need not walk every process again
