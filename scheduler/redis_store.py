@@ -168,8 +168,7 @@ class RedisStore(Store):
         if run.sweep is not None:  # with its sweep's set, in one transaction
             return self.create_runs([run])[0]
         doc = self._put("", None, run)
-        if run.status == RunStatus.QUEUED:
-            self._created.keep(run, doc)
+        self._created.keep(run, doc)
         return run
 
     def create_each(self, runs: list[Run]) -> list[Exception | None]:
@@ -183,8 +182,7 @@ class RedisStore(Store):
             if isinstance(said, str) and said.startswith("ok\t"):
                 self._remember(run.id, args[2])
                 run._version = int(said[3:])
-                if run.status == RunStatus.QUEUED:
-                    self._created.keep(run, args[2])
+                self._created.keep(run, args[2])
                 out.append(None)
             elif said == "exists":
                 out.append(AlreadyExists(f"run {run.id} exists already"))
@@ -221,8 +219,7 @@ class RedisStore(Store):
         for (_, args), run, g in zip(calls, runs, said, strict=True):
             self._remember(run.id, args[2])
             run._version = int(g[3:])
-            if run.status == RunStatus.QUEUED:
-                self._created.keep(run, args[2])
+            self._created.keep(run, args[2])
         return runs
 
     def _puts(self, calls: list[tuple[list[str], list[Any]]],

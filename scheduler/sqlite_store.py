@@ -390,8 +390,7 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO runs (id, status, node_id, owner, priority, created_at, doc, seq) "
                            "VALUES (?,?,?,?,?,?,?,?)", (*row, seq))
                 self._index(db, run)
-                if run.status == RunStatus.QUEUED:
-                    self._created.keep(run, row[6])
+                self._created.keep(run, row[6])
                 if run.sweep is not None:
                     db.execute("INSERT INTO sweep_runs (sweep_id, run_id) VALUES (?,?)", (run.sweep.id, run.id))
                 if run.endpoint is not None:

@@ -103,6 +103,9 @@ class Created:
         self._lock = threading.Lock()  # (request threads create, the pass takes)
 
     def keep(self, run: Run, doc: str) -> None:
+        """Keep `run`, just written as `doc`, if it is queued (only a queued run is placed)."""
+        if run.status != RunStatus.QUEUED:
+            return
         copy, now = run.model_copy(), time.monotonic()
         with self._lock:
             self._prune(now)
