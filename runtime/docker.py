@@ -275,11 +275,20 @@ class DockerRuntime(Runtime):
         return DockerHandle(self, run_id, run_dir, found[0], labels)
 
     def remove(self, container: str) -> None:
+        """Remove the container, stopping it first. Podman refuses a forced remove of a container caught in
+        the middle of stopping (500 "could not be stopped ... container state improper"): that answer is tried
+        again, briefly (5 tries, 0.1 s to 1 s apart), since the stop it waits for ends on its own."""
         import docker
+        import tenacity
 
+        retry = tenacity.Retrying(stop=tenacity.stop_after_attempt(5),
+                                  wait=tenacity.wait_exponential(multiplier=0.1, max=1.0),
+                                  retry=tenacity.retry_if_exception(_stopping), reraise=True)
         with contextlib.suppress(docker.errors.NotFound):
             try:
-                self.client.api.remove_container(container, force=True, v=True)
+                for attempt in retry:
+                    with attempt:
+                        self.client.api.remove_container(container, force=True, v=True)
             except docker.errors.APIError as exc:
                 if exc.status_code != 404:
                     raise
@@ -296,6 +305,15 @@ class DockerRuntime(Runtime):
                 self.remove(row["Id"])
                 n += 1
         return n
+
+
+def _stopping(exc: BaseException) -> bool:
+    """The engine's answer to removing a container that is stopping at that moment (podman 4)."""
+    import docker
+
+    text = str(getattr(exc, "explanation", "") or exc).lower()
+    return (isinstance(exc, docker.errors.APIError) and exc.status_code == 500
+            and ("state improper" in text or "could not be stopped" in text))
 
 
 def listed(client: Any, filters: dict[str, Any]) -> list[Any]:

@@ -382,3 +382,61 @@ def test_image_pull_policy_and_registry_credentials_from_yaml_or_env(local: Loca
     assert env.returncode == 0 and env.stdout == "pw=absent\n", env.stderr
     # IfNotPresent with the image here does not pull (no credentials needed)
     assert launch("present", f"  image: {image}\n", "IfNotPresent").returncode == 0
+
+
+class _Answer:
+    def __init__(self, status: int) -> None:
+        self.status_code = status
+        self.reason = "engine"
+        self.url = "http://engine/containers/c1"
+
+
+class _Api:
+    """An engine that answers a forced remove with the given errors, in order, then removes."""
+
+    def __init__(self, errors: list[tuple[int, str]]) -> None:
+        self.errors = errors
+        self.calls = 0
+
+    def remove_container(self, container: str, force: bool, v: bool) -> None:
+        import docker
+
+        self.calls += 1
+        if self.errors:
+            status, text = self.errors.pop(0)
+            raise docker.errors.APIError(text, response=_Answer(status), explanation=text)
+
+
+def _runtime(api: _Api) -> Any:
+    from runtime.docker import DockerRuntime
+
+    rt = DockerRuntime()
+    rt._client = type("Client", (), {"api": api})()
+    return rt
+
+
+STOPPING = (500, "cannot remove container c1 as it could not be stopped: container state improper: stopped")
+
+
+def test_remove_tries_again_while_podman_says_the_container_is_stopping() -> None:
+    # Seen in CI: podman refused the agent's forced remove of a container stopping at that moment, and the
+    # container was left until the agent's next start.
+    api = _Api([STOPPING, STOPPING])
+    _runtime(api).remove("c1")
+    assert api.calls == 3
+
+
+def test_remove_gives_up_on_other_errors_and_forgets_a_gone_container() -> None:
+    import docker
+
+    api = _Api([(500, "no space left on device")])
+    with pytest.raises(docker.errors.APIError):
+        _runtime(api).remove("c1")
+    assert api.calls == 1
+    gone = _Api([(404, "no such container")])
+    _runtime(gone).remove("c1")
+    assert gone.calls == 1
+    stuck = _Api([STOPPING] * 10)
+    with pytest.raises(docker.errors.APIError):
+        _runtime(stuck).remove("c1")
+    assert stuck.calls == 5
