@@ -68,7 +68,7 @@ def write_help_cache() -> None:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--version"]:  # (FedML's scripts ask this way)
+    if sys.argv[1:] in (["--version"], ["version"]):  # (FedML's scripts ask the first way)
         from scheduler.contract import __version__
 
         sys.stdout.write(f"fedml launch {__version__}\n")

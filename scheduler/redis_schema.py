@@ -294,6 +294,15 @@ return out
 """
 
 
+# HEARTBEAT unless the node is marked OFFLINE (0): Store.heartbeat_unless_offline (a registration). 1: recorded.
+HEARTBEAT_UNLESS_OFFLINE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and tonumber(old) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 # HEARTBEAT for a node heard from before only (Store.heartbeat_if_seen): a node with no heartbeat, or one marked
 # OFFLINE (0), is left as it is and answers {''} (its first heartbeat persists its state: the poll's thread does).
 HEARTBEAT_IF_SEEN = """

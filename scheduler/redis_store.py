@@ -43,6 +43,7 @@ from .redis_schema import (
     DEL_NODE,
     HEARTBEAT,
     HEARTBEAT_IF_SEEN,
+    HEARTBEAT_UNLESS_OFFLINE,
     LOG_CHUNK,
     PUT_KEY,
     PUT_NODE,
@@ -104,6 +105,7 @@ class RedisStore(Store):
         self._put_key = self.r.register_script(PUT_KEY)
         self._heartbeat = self.r.register_script(HEARTBEAT)
         self._heartbeat_if_seen = self.r.register_script(HEARTBEAT_IF_SEEN)
+        self._heartbeat_unless_offline = self.r.register_script(HEARTBEAT_UNLESS_OFFLINE)
         self._append_series = self.r.register_script(APPEND_SERIES)
         self._locks = threading.local()
         self._notifier: RelayNotifier | None = None
@@ -735,6 +737,9 @@ class RedisStore(Store):
     def heartbeat_if_seen(self, node_id: str, ts: float) -> float | None:
         got = self._heartbeat_if_seen(keys=[self.k.seen, self.k.node_runs(node_id)], args=[node_id, repr(ts)])
         return float(got[0]) if got[0] else None
+
+    def heartbeat_unless_offline(self, node_id: str, ts: float) -> bool:
+        return bool(self._heartbeat_unless_offline(keys=[self.k.seen], args=[node_id, repr(ts)]))
 
     async def poll_reads(self, node_id: str, ts: float,
                          status: Iterable[RunStatus]) -> tuple[float | None, list[Run]] | None:

@@ -590,6 +590,17 @@ class Store(abc.ABC):
                 self._seen[node_id] = ts
         return before
 
+    def heartbeat_unless_offline(self, node_id: str, ts: float) -> bool:
+        """`heartbeat`, unless the node is marked OFFLINE (0.0), in one step; whether it was recorded. For a
+        registration, just written with the node ONLINE: its agent was heard from, so its first poll need not
+        write that again. A node marked OFFLINE meanwhile (a sweep racing a re-registration) stays marked: its
+        next poll persists ONLINE, as any node's coming back does."""
+        with self._soft:
+            if self._seen.get(node_id) == 0.0:
+                return False
+            self._seen[node_id] = ts
+        return True
+
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Snapshot | None]:
         """Reads that never wait (Snapshot), for the block: an event loop reads itself instead of handing a

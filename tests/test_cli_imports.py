@@ -45,6 +45,21 @@ def test_help_and_version_import_almost_nothing(tmp_path: Path, args: list[str])
     assert len(mods) <= 200, f"{len(mods)} modules for fedml {' '.join(args)}"
 
 
+def test_the_entry_answers_version_as_the_cli_does(tmp_path: Path) -> None:
+    """`fedml version` and `--version` are answered by the entry point before typer is imported (0.016 s, not
+    0.12 s): the same text as the command prints."""
+    env = {**os.environ, "FEDML_HOME": str(tmp_path / "home")}
+    code = "import sys; from fedml_cli.entry import main; sys.argv = ['fedml', *sys.argv[1:]]; main(); " \
+           "print('typer' in sys.modules, file=sys.stderr)"
+    by_cli = subprocess.run([sys.executable, "-c", PROBE, json.dumps(["version"])], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    for args in (["version"], ["--version"]):
+        got = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert got.returncode == 0 and got.stdout == by_cli.stdout != "", (got, by_cli)
+        assert got.stderr.strip() == "False", got.stderr
+
+
 def test_a_dry_run_validates_without_the_server_or_heavy_sdks(tmp_path: Path) -> None:
     mods = imported(tmp_path, "launch", str(REPO / "job_templates" / "hello" / "job.yaml"), "--dry-run")
     assert "scheduler.contract.jobspec" in mods  # it did validate

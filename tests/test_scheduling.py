@@ -317,7 +317,8 @@ def test_a_pass_asks_the_store_only_for_heartbeats_it_has_not_just_heard(sched: 
         return store_beats(ids)
 
     sched.store.heartbeats = heartbeats  # type: ignore[method-assign]
-    sched.poll_once(a, [])  # a is heard now; b joined but never polled
+    del sched._heard[b]  # b joined through another replica: not heard here
+    sched.poll_once(a, [])  # a is heard now
     first = submit(sched, computing={"minimum_num_gpus": 1})
     sched.schedule_pass()
     assert asked[-1] == [b] and sched.get_run(first).status == RunStatus.STARTING
@@ -447,16 +448,50 @@ def test_user_keys_see_only_their_runs_and_node_keys_only_their_node(sched: Sche
 def test_heartbeats_stay_in_memory_and_only_state_changes_are_written(sched: Scheduler) -> None:
     a = join(sched, "a", 1)
     writes: list[str] = []
-    orig = sched.store.touch_node
-    sched.store.touch_node = lambda nid, ts: (writes.append(nid), orig(nid, ts))[1]  # type: ignore[method-assign]
+
+    def counted(s: Scheduler) -> Scheduler:
+        orig = s.store.touch_node
+        s.store.touch_node = lambda nid, ts: (writes.append(nid), orig(nid, ts))[1]  # type: ignore[method-assign]
+        return s
+
+    counted(sched)
     for _ in range(50):
         sched.poll_once(a, [])
-    assert writes == [a]  # the first heartbeat since start only
+    assert writes == []  # its registration, just written ONLINE, was its agent heard from
+    assert sched.poll_now(a, []) is not None  # (answered on the event loop: nothing to write)
+    sched.store.close()
+    sched = counted(Scheduler(SQLiteStore(sched.store.path), Notifier(), heartbeat_interval=1.0))  # restarted
+    for _ in range(50):
+        sched.poll_once(a, [])
+    assert writes == [a]  # the first heartbeat since the start only
     silence(sched, a)
     sched.check_heartbeats()
     assert sched.store.get_node(a).state == "OFFLINE"
     sched.poll_once(a, [])
     assert sched.store.get_node(a).state == "ONLINE" and writes == [a, a]
+
+
+def test_a_node_marked_offline_while_it_registers_again_stays_marked_until_it_polls(sched: Scheduler) -> None:
+    """A sweep racing a node's coming back (its key): where the sweep's OFFLINE lands after the registration's
+    write, the registration does not record a heartbeat over the mark, so the node's next poll persists ONLINE
+    again rather than heartbeating forever as a node the store says is OFFLINE."""
+    a = join(sched, "a", 1)
+    key = [k for k in sched.store.list_keys() if k.scope == "node" and k.owner == a][0]
+    node_key = Principal(scope="node", owner=a, key_id=key.id)
+    orig = sched.store.upsert_node
+
+    def then_swept(node: Any) -> None:
+        orig(node)
+        orig(node.model_copy(update={"state": "OFFLINE"}))  # the sweep's write, from the doc it read before
+        sched.store.heartbeat(node.id, 0.0)
+
+    sched.store.upsert_node = then_swept  # type: ignore[method-assign]
+    sched.register_node(NodeInfo(name="a", gpus=gpus("NVIDIA A100 80GB PCIe", 1), job_user="fedml-job"), node_key)
+    sched.store.upsert_node = orig  # type: ignore[method-assign]
+    assert sched.store.get_node(a).state == "OFFLINE" and sched.store.heartbeats()[a] == 0.0
+    assert sched.poll_now(a, []) is None  # a write: in a thread
+    sched.poll_once(a, [])
+    assert sched.store.get_node(a).state == "ONLINE"
 
 
 def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothing(sched: Scheduler) -> None:
@@ -466,9 +501,8 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
     changes the node."""
     a = join(sched, "a", 2)
     beats = sched.store.heartbeats
-    assert sched.poll_now(a, []) is None and a not in beats()  # first heartbeat: written (touch_node)
-    sched.poll_once(a, [])
-    before = beats()[a]
+    before = beats()[a]  # its registration, just written: its agent heard from
+    sched.nodes()  # (the node cache read again, as the pass that a registration kicks does)
     got = sched.poll_now(a, [])
     assert got is not None and got.start == [] and got.stop == [] and beats()[a] > before
 
@@ -525,9 +559,8 @@ def test_a_poll_awaited_on_the_loop_answers_as_one_in_a_thread(kind: str, tmp_pa
     async def body() -> None:
         a = join(sched, "a", 2)
         beats = sched.store.heartbeats
-        assert await sched.poll_soon(a, []) is None and a not in beats()  # first heartbeat: written (touch_node)
-        sched.poll_once(a, [])
-        before = beats()[a]
+        before = beats()[a]  # its registration, just written: its agent heard from
+        sched.nodes()  # (the node cache read again, as the pass that a registration kicks does)
         got = await sched.poll_soon(a, [])
         assert got is not None and got.start == [] and got.stop == [] and beats()[a] > before
         rid = submit(sched, **{"computing": {"minimum_num_gpus": 1}})

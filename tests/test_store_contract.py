@@ -1204,6 +1204,13 @@ def test_a_snapshot_reads_the_last_commit_without_waiting(store: Store) -> None:
         assert snap is not None and len(snap.node_runs("node-a", RunStatus)) == 2  # committed now
 
 
+def test_a_registration_records_a_heartbeat_unless_the_node_is_marked_offline(store: Store) -> None:
+    assert store.heartbeat_unless_offline("node-r", 5.0) and store.heartbeats()["node-r"] == 5.0  # never heard
+    assert store.heartbeat_unless_offline("node-r", 6.0) and store.heartbeats()["node-r"] == 6.0
+    store.heartbeat("node-r", 0.0)  # marked OFFLINE: its next poll persists ONLINE, so the mark stays
+    assert not store.heartbeat_unless_offline("node-r", 7.0) and store.heartbeats()["node-r"] == 0.0
+
+
 def test_a_polls_reads_are_awaited_where_there_is_no_snapshot(store: Store) -> None:
     """poll_reads(): what an event loop awaits for a poll where snapshot() has none. Redis: heartbeat_if_seen and
     the node's runs in the given states, over a client of the loop's own. SQLite: none (its snapshot is read)."""

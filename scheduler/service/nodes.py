@@ -49,6 +49,7 @@ class NodesMixin(SchedulerBase):
                         registered_at=existing.registered_at, last_seen=now)
             self._group.write(self.store, lambda: self.store.upsert_node(node))  # (10,000 agents restarting)
             self._nodes_changed()
+            self._heard_on_join(node.id, now)
             self.kick()
             return Registered(node=node)
         access.require_may_register(who)
@@ -88,10 +89,18 @@ class NodesMixin(SchedulerBase):
 
         token_secret = self._group.write(self.store, write)
         self._nodes_changed()
+        self._heard_on_join(node.id, now)
         log.info("node %s (%s) registered by %s (%s)%s", node.name, node.id, who.owner, who.scope,
                  f", private to {owner}" if owner else "")
         self.kick()
         return Registered(node=node, node_token=token_secret)
+
+    def _heard_on_join(self, node_id: str, now: float) -> None:
+        """The registration just written (ONLINE, last_seen now) is its agent heard from: recorded as its
+        heartbeat, so that its first poll writes nothing (10,000 agents joining: 10,000 durable writes, not
+        20,000)."""
+        if self.store.heartbeat_unless_offline(node_id, now):
+            self._heard[node_id] = now
 
     def node_views(self) -> list[NodeView]:
         active = self.store.list_runs(status=ACTIVE, limit=1_000_000)
