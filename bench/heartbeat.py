@@ -54,7 +54,7 @@ TARGET_RATE = TARGET_AGENTS / INTERVAL  # heartbeats/s that 10,000 agents every 
 class SchedulerProc:
     """A scheduler process of our own in a temporary home; never the user's FEDML_HOME."""
 
-    def __init__(self, home: Path, store: str = "sqlite") -> None:
+    def __init__(self, home: Path, store: str = "sqlite", interval: float = INTERVAL) -> None:
         self.home = home
         self.log_path = home / "scheduler.out"
         env = {k: v for k, v in os.environ.items()
@@ -63,7 +63,7 @@ class SchedulerProc:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler.server", "--home", str(home), "--host", "127.0.0.1", "--port", "0",
-             "--no-agent", "--quiet", "--heartbeat-interval", str(INTERVAL), "--store", store],
+             "--no-agent", "--quiet", "--heartbeat-interval", str(interval), "--store", store],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
 
@@ -81,6 +81,13 @@ class SchedulerProc:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"scheduler did not write {state} within {timeout:.0f} s")
+
+    def offline(self) -> int:
+        """How many times the scheduler logged a node going OFFLINE (its heartbeat timed out)."""
+        try:
+            return self.log_path.read_text(errors="replace").count(" is offline: no heartbeat for ")
+        except OSError:
+            return 0
 
     def tail(self, n: int = 20) -> list[str]:
         try:
@@ -313,7 +320,10 @@ async def paced(bases: list[str], nodes: list[tuple[str, str]], rate: float, sec
     """Open loop: heartbeat i is due at start + i/rate (round-robin over the nodes), whatever the answers do,
     as agents on a timer send them. `concurrency` connections carry them; a heartbeat that finds none free waits
     for one, and its latency runs from when it was due (so a server that falls behind shows it in the
-    percentiles instead of slowing the client down: no coordinated omission)."""
+    percentiles instead of slowing the client down: no coordinated omission). With replicas, a node's heartbeats
+    all go to one of them (node i to replica i mod R, as in the closed loop), as an agent's kept-alive
+    connection behind a load balancer does: spread over both, each replica's first look at a node's key is a
+    read of the store, which this phase (every node once in 10 s at 5,000/s) would mostly measure."""
     lat: list[float] = []
     errors: dict[str, int] = {}
     body = poll_body()
@@ -321,14 +331,14 @@ async def paced(bases: list[str], nodes: list[tuple[str, str]], rate: float, sec
     conns = [RawConn(urls[i % len(urls)].hostname or "127.0.0.1", urls[i % len(urls)].port or 80)
              for i in range(concurrency)]
     total = int(rate * seconds)
-    ticket = [0]
+    ticket = list(range(len(urls)))  # per replica: the next heartbeat (its index) that goes to it
     t_start = time.perf_counter() + 0.05
     cpu0 = cpu_seconds(scheds)
 
-    async def worker(conn: RawConn) -> None:
-        while ticket[0] < total:
-            i = ticket[0]
-            ticket[0] += 1
+    async def worker(conn: RawConn, r: int) -> None:
+        while ticket[r] < total:
+            i = ticket[r]
+            ticket[r] += len(urls)
             due = t_start + i / rate
             delay = due - time.perf_counter()
             if delay > 0:
@@ -346,7 +356,7 @@ async def paced(bases: list[str], nodes: list[tuple[str, str]], rate: float, sec
                 errors[why] = errors.get(why, 0) + 1
 
     try:
-        await asyncio.gather(*(worker(c) for c in conns))
+        await asyncio.gather(*(worker(c, i % len(urls)) for i, c in enumerate(conns)))
     finally:
         for c in conns:
             await c.close()
@@ -417,6 +427,11 @@ def main() -> int:
     ap.add_argument("--gpus", default="0",
                     help="GPU samples in each heartbeat (GPU telemetry on: 8 for an 8-GPU node; default 0); several, "
                          "separated by commas (0,8), are measured one after the other on the same scheduler and nodes")
+    ap.add_argument("--heartbeat-interval", type=float, default=INTERVAL,
+                    help="the scheduler's heartbeat interval (default 10 s; a node silent for 3 is OFFLINE). A "
+                         "node this bench reaches less often than that times out and comes back, each a durable "
+                         "write: at 50,000 nodes on 2 cores, registering alone takes longer, so give 60 there to "
+                         "measure the polls alone. The rate is still read as agents every 10 s.")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="heartbeat client: a lean hand-written HTTP/1.1 one (default) or httpx.AsyncClient")
     args = ap.parse_args()
@@ -440,14 +455,14 @@ def main() -> int:
     try:
         t0 = time.perf_counter()
         store = "sqlite" if args.store == "sqlite" else f"redis://127.0.0.1:6379/7?prefix=fedml-bench-{os.getpid()}:"
-        sched = SchedulerProc(home, store)
+        sched = SchedulerProc(home, store, args.heartbeat_interval)
         url, admin = sched.wait_ready()
         print(f"# scheduler pid {sched.proc.pid} at {url} (home {home}, store {args.store}), up in "
               f"{time.perf_counter() - t0:.2f} s")
         urls = [url]
         for i in range(1, args.replicas):
             (home / f"replica-{i}").mkdir()
-            others.append(SchedulerProc(home / f"replica-{i}", store))
+            others.append(SchedulerProc(home / f"replica-{i}", store, args.heartbeat_interval))
             urls.append(others[-1].wait_ready(token_too=False)[0])
             print(f"# replica {i}: pid {others[-1].proc.pid} at {urls[-1]}")
         procs = [sched.ps] + [o.ps for o in others]
@@ -477,6 +492,11 @@ def main() -> int:
                 result["cpu_per_heartbeat_vs_none"] = {g: round(c / cost["0"], 2) for g, c in cost.items() if g != "0"}
                 print("CPU per heartbeat against none (the same run): " + ", ".join(
                     f"{g} GPU samples {x:.2f}x" for g, x in result["cpu_per_heartbeat_vs_none"].items()))
+        offline = sum(x.offline() for x in [sched, *others])
+        result["went_offline"] = offline
+        result["heartbeat_interval"] = args.heartbeat_interval
+        print(f"nodes that went OFFLINE meanwhile (not heard within {3 * args.heartbeat_interval:g} s): {offline}"
+              + ("  (the figures include their state writes)" if offline else ""))
         keep = failed
         return 1 if failed else 0
     except BrokenPipeError:  # stdout went away (`| head`): nothing to report, nothing worth keeping

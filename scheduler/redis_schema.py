@@ -263,12 +263,14 @@ end
 return 1
 """
 
-# KEYS: keys, key_docs, keys_version. ARGV: id, sha256, doc.
+# KEYS: keys, key_docs, keys_version. ARGV: id, sha256, doc. The version moves when a key changes, not when one
+# is added: caches hold only keys found, so a new one cannot make any of them wrong ('new' is answered then).
 PUT_KEY = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[2] then redis.call('HDEL', KEYS[2], old) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if not old then return 'new' end
 redis.call('INCR', KEYS[3])
 return 'ok'
 """

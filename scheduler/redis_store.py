@@ -666,8 +666,10 @@ class RedisStore(Store):
 
     # -- API keys ----------------------------------------------------------------------------------------
     def put_key(self, key: ApiKey) -> None:
-        self._put_key(keys=[self.k.keys, self.k.key_docs, self.k.keys_version],
-                      args=[key.id, key.hash, key.model_dump_json()])
+        got = self._put_key(keys=[self.k.keys, self.k.key_docs, self.k.keys_version],
+                            args=[key.id, key.hash, key.model_dump_json()])
+        if got == b"new":  # (no cache holds it: a mass join does not empty every replica's cache per node)
+            return
         self._keys_changed()  # after the write: the next request re-reads the version the write moved
         if self._notifier is not None:
             self._notifier.notify("keys")  # other replicas drop their cached keys

@@ -159,7 +159,9 @@ INSERT OR IGNORE INTO meta (k, v) VALUES ('nodes', 0);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('claims', 0);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('endpoints', 0);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('keys', 0);
-CREATE TRIGGER IF NOT EXISTS keys_ins AFTER INSERT ON api_keys BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys'; END;
+-- The keys version moves when a key changes or goes, not when one is added: KeyCache holds only keys found, so a
+-- new one cannot make an entry wrong (an insert emptied the cache: 10,000 agents joining missed it at every poll).
+DROP TRIGGER IF EXISTS keys_ins;
 CREATE TRIGGER IF NOT EXISTS keys_upd AFTER UPDATE ON api_keys BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys'; END;
 CREATE TRIGGER IF NOT EXISTS keys_del AFTER DELETE ON api_keys BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys'; END;
 CREATE TRIGGER IF NOT EXISTS nodes_ins AFTER INSERT ON nodes BEGIN
@@ -829,9 +831,11 @@ class SQLiteStore(Store):
     # -- API keys ----------------------------------------------------------------------------------------
     def put_key(self, key: ApiKey) -> None:
         with self._tx() as db:
+            new = db.execute("SELECT 1 FROM api_keys WHERE id=?", (key.id,)).fetchone() is None
             db.execute("INSERT INTO api_keys (id, hash, doc) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
                        "hash=excluded.hash, doc=excluded.doc", (key.id, key.hash, key.model_dump_json()))
-        self._keys.changed()  # after the commit: the next request re-reads the version the write moved
+        if not new:  # (a new key is in no cache: see keys_ins in SCHEMA)
+            self._keys.changed()  # after the commit: the next request re-reads the version the write moved
 
     def key_by_hash(self, digest: str) -> ApiKey | None:
         return self._keys.get(digest)

@@ -1160,6 +1160,29 @@ def test_keys_are_found_by_digest_and_revocation_sticks(pair: tuple[Store, Store
     assert len(b.list_keys()) == 2
 
 
+def test_a_new_key_leaves_the_keys_cached_everywhere_cached(pair: tuple[Store, Store]) -> None:
+    """Caches hold only keys found, so a key added cannot make one wrong: adding it moves no version and
+    empties no cache (10,000 agents joining emptied every replica's cache per join, and every poll missed it).
+    A key that changes still does, on both."""
+    a, b = pair
+    k1 = ApiKey(id="key-1", name="ci", scope="user", owner="ci", hash="a" * 64, prefix="fml_u_x", created_at=1.0)
+    a.put_key(k1)
+    assert a.key_by_hash("a" * 64) == b.key_by_hash("a" * 64) == k1  # (cached on both)
+    for i in range(2, 5):
+        a.put_key(ApiKey(id=f"key-{i}", name=f"node {i}", scope="node", owner=f"node-{i}", hash=str(i) * 64,
+                         prefix="fml_n_x", created_at=float(i)))
+        for store in (a, b):
+            store._keys._checked -= store._keys.TTL  # type: ignore[attr-defined]  # (the version looked at again)
+            got = store.key_by_hash(str(i) * 64)
+            assert got is not None and got.id == f"key-{i}"  # the new one, read where it is first asked for
+            assert store.key_cached("a" * 64) == k1  # and the one cached before still is
+    a.put_key(k1.model_copy(update={"revoked_at": 5.0}))
+    assert a.key_cached("a" * 64) is MISS
+    b._keys._checked -= b._keys.TTL  # type: ignore[attr-defined]
+    got = b.key_by_hash("a" * 64)
+    assert got is not None and got.revoked_at == 5.0
+
+
 # ---- what replicas share -----------------------------------------------------------------------------------
 
 def test_heartbeats_return_the_one_before(pair: tuple[Store, Store]) -> None:
