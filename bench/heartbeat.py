@@ -430,7 +430,7 @@ def main() -> int:
     ap.add_argument("--heartbeat-interval", type=float, default=INTERVAL,
                     help="the scheduler's heartbeat interval (default 10 s; a node silent for 3 is OFFLINE). A "
                          "node this bench reaches less often than that times out and comes back, each a durable "
-                         "write: at 50,000 nodes on 2 cores, registering alone takes longer, so give 60 there to "
+                         "write: at 50,000 nodes on 2 cores, registering alone takes 2-3 minutes, so give 120 there to "
                          "measure the polls alone. The rate is still read as agents every 10 s.")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="heartbeat client: a lean hand-written HTTP/1.1 one (default) or httpx.AsyncClient")
@@ -441,8 +441,8 @@ def main() -> int:
         gpu_counts = [-1]
     if any(g < 0 for g in gpu_counts):
         ap.error("--gpus: a number of GPU samples, or several separated by commas (0,8)")
-    if args.nodes < 1 or args.concurrency < 1 or args.seconds <= 0:
-        ap.error("--nodes, --concurrency and --seconds must be positive")
+    if args.nodes < 1 or args.concurrency < 1 or args.seconds <= 0 or args.heartbeat_interval <= 0:
+        ap.error("--nodes, --concurrency, --seconds and --heartbeat-interval must be positive")
     if args.replicas < 1 or (args.replicas > 1 and args.store != "redis"):
         ap.error("--replicas: at least 1, and more than 1 only with --store redis")
 
