@@ -238,6 +238,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     for kind in (OSError, sqlite3.Error, *_redis_errors()):
         app.add_exception_handler(kind, _storage)
 
+    app.add_middleware(nodes.FastPoll, ctx=c, handlers=app.exception_handlers)  # (added first: behind the Guard)
     app.add_middleware(Guard, identify=c.identify, identify_cached=c.identify_cached, caps=[
         (re.compile(rf"^{API}/blobs/[^/]+$"), settings.max_workspace_mb * 1024 * 1024,
          f"archive is larger than the limit of {settings.max_workspace_mb} MiB; add large files to .gitignore or "

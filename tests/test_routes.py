@@ -4,8 +4,10 @@ What the end-to-end tests check over real HTTP, these check at the speed of a fu
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -304,3 +306,59 @@ def test_no_route_answers_another_routes_paths() -> None:
     assert clashes == [overlap], clashes
     ui = [r.path for m, r in routes if m == overlap[0]]
     assert ui.index("/ui/session") < ui.index("/ui/{asset}")  # (the literal path first, or it is an asset)
+
+
+def test_a_poll_answered_in_front_of_fastapi_reads_as_the_route_does(
+        client: tuple[TestClient, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents' polls are answered by routes/nodes.py's FastPoll, in front of FastAPI's routing: every answer,
+    an assignment, a refusal (the app's own handlers) or a body that does not parse (handed to the route, whose
+    422 it is), reads as the route's own answer to the same request."""
+    import re
+
+    from scheduler.routes import nodes
+
+    c, keys = client
+    gpu = [{"index": 0, "name": "NVIDIA A100 80GB PCIe", "memory_mb": 81920}]
+    reg = c.post("/api/v1/nodes/register", json={"name": "n1", "job_user": "fedml-job", "gpus": gpu},
+                 headers=as_(keys, "admin")).json()
+    other = c.post("/api/v1/nodes/register", json={"name": "n2", "job_user": "fedml-job", "gpus": gpu},
+                   headers=as_(keys, "admin")).json()
+    node, nh = reg["node"]["id"], {"Authorization": f"Bearer {reg['node_token']}"}
+    run = c.post("/api/v1/runs", json={"job": {"job": "echo hi", "computing": {"minimum_num_gpus": 1}}},
+                 headers=as_(keys, "alice")).json()
+    c.app.state.scheduler.schedule_pass()  # type: ignore[attr-defined]
+    placed = c.get(f"/api/v1/runs/{run['id']}", headers=as_(keys, "alice")).json()
+    mine = placed["node_id"] == node
+    asks: list[tuple[str, Any]] = [
+        (f"/api/v1/nodes/{node if mine else other['node']['id']}/poll", {"running": [], "wait": 0}),
+        (f"/api/v1/nodes/{node}/poll", {"running": "not a list", "wait": 0}),
+        (f"/api/v1/nodes/{node}/poll", {"running": [], "wait": 99}),
+        (f"/api/v1/nodes/{node}/poll", b"{not json"),
+        (f"/api/v1/nodes/{other['node']['id'] if mine else node}/poll", {"running": [], "wait": 0}),  # not its own
+        ("/api/v1/nodes/node-gone/poll", {"running": [], "wait": 0}),
+    ]
+    if not mine:
+        nh = {"Authorization": f"Bearer {other['node_token']}"}
+
+    def answers() -> list[tuple[int, Any]]:
+        out = []
+        for path, body in asks:
+            r = c.post(path, headers=nh, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+            out.append((r.status_code, r.json()))
+        return out
+
+    calls: list[str] = []
+    real = nodes.answer_poll
+
+    async def counted(*args: Any) -> Any:
+        calls.append(sys._getframe(1).f_code.co_qualname)  # who asked: FastPoll, or the route
+        return await real(*args)
+
+    monkeypatch.setattr(nodes, "answer_poll", counted)
+    fast = answers()
+    monkeypatch.setattr(nodes, "POLL_PATH", re.compile("^$"))  # FastPoll passes every request on: the route
+    routed = answers()
+    assert fast == routed
+    assert [s for s, _ in fast] == [200, 422, 422, 422, 403, 403]
+    assert fast[0][1]["start"][0]["run"]["id"] == run["id"]  # (the assignment, the same both ways)
+    assert calls == ["FastPoll.__call__"] * 3 + ["poll"] * 3  # the three that parse, each way
