@@ -501,6 +501,10 @@ def test_a_poll_is_answered_on_the_loop_only_where_it_writes_and_waits_for_nothi
     changes the node."""
     a = join(sched, "a", 2)
     beats = sched.store.heartbeats
+    restarted = Scheduler(SQLiteStore(sched.store.path), Notifier(), heartbeat_interval=1.0)
+    restarted.nodes()
+    assert restarted.poll_now(a, []) is None and a not in restarted.store.heartbeats()  # its first since a start
+    restarted.store.close()
     before = beats()[a]  # its registration, just written: its agent heard from
     sched.nodes()  # (the node cache read again, as the pass that a registration kicks does)
     got = sched.poll_now(a, [])
